@@ -6,7 +6,15 @@ from slimlm.cli.app import app, err_console
 from slimlm.errors import SlimlmError
 
 # Each import registers that area's commands on `app`.
-from slimlm.cli import inspect_cmds  # noqa: F401,E402
+from slimlm.cli import (  # noqa: F401,E402
+    distill_cmds,
+    eval_cmds,
+    explain_cmds,
+    inspect_cmds,
+    quantize_cmds,
+    recommend_cmds,
+    runtime_cmds,
+)
 
 
 def main() -> None:

@@ -21,6 +21,11 @@ app = typer.Typer(
 console = Console()
 err_console = Console(stderr=True)
 
+
+@app.callback()
+def _root() -> None:
+    """slimlm: inspect, quantize, evaluate, benchmark, distill and choose LLM variants."""
+
 JSON_OPTION = typer.Option(False, "--json", help="Print machine-readable JSON instead of tables.")
 
 
@@ -28,3 +33,21 @@ def print_json(data: Any) -> None:
     """Write JSON to stdout untouched by rich, so tools can parse it."""
     sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
     sys.stdout.flush()
+
+
+@app.command()
+def version(json_out: bool = JSON_OPTION) -> None:
+    """Print slimlm's version and the versions of the engines it uses."""
+    import importlib.metadata as md
+
+    versions = {"slimlm": md.version("slimlm")}
+    for dist in ("torch", "transformers", "gguf", "safetensors", "compressed-tensors", "llama-cpp-python"):
+        try:
+            versions[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            versions[dist] = None
+    if json_out:
+        print_json(versions)
+    else:
+        for name, ver in versions.items():
+            console.print(f"{name:20} {ver or '-'}")

@@ -1,3 +1,3 @@
-"""CLI: inspect, explain, fit (parameters, names, memory)."""
+"""CLI commands of the inspect area: parse, call slimlm.api, render with rich."""
 
-from slimlm.cli.app import app  # noqa: F401
+from slimlm.cli.app import JSON_OPTION, app, console, print_json  # noqa: F401

@@ -1,0 +1,3 @@
+"""CLI commands of the explain area: parse, call slimlm.api, render with rich."""
+
+from slimlm.cli.app import JSON_OPTION, app, console, print_json  # noqa: F401
