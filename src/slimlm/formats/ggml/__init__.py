@@ -1,0 +1,146 @@
+"""Bit-exact GGML block codecs: float rows in, the bytes llama.cpp would write out (and back).
+
+Written by hand (not via gguf-py) because gguf-py has no k-quant/IQ4_NL encoders and no importance-matrix
+paths, and its legacy encoders do not reproduce llama.cpp's bytes. Each block family lives in its own
+module and registers an ``encode``/``decode`` pair in ``REGISTRY``:
+
+- ``encode(x, imatrix) -> bytes``: x is float32 ``[rows, n]`` (n a multiple of the block size), imatrix is
+  None or a float32 ``[rows, n]`` (often a broadcast view) of per-column importances; returns uint8
+  ``[rows, n // block * type_size]``. Without an imatrix the bytes equal llama.cpp's ``ggml_quantize_chunk``.
+- ``decode(data) -> x``: uint8 ``[rows, row_bytes]`` to float32 ``[rows, n]``, as ggml's dequantize_row_*.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+from slimlm.errors import SlimlmError
+
+Encoder = Callable[[np.ndarray, "np.ndarray | None"], np.ndarray]
+Decoder = Callable[[np.ndarray], np.ndarray]
+
+# Rows per call into a codec: bounds the temporaries (a few times the chunk) and keeps them in cache.
+_CHUNK_ELEMENTS = 1 << 18
+
+
+class Codec(NamedTuple):
+    encode: Encoder
+    decode: Decoder
+
+
+REGISTRY: dict[GGMLQuantizationType, Codec] = {}
+
+
+def qtype_of(qtype: GGMLQuantizationType | str | int) -> GGMLQuantizationType:
+    """Accept a GGMLQuantizationType, its llama.cpp name ('Q4_K', 'q8_0') or its number."""
+    if isinstance(qtype, GGMLQuantizationType):
+        return qtype
+    if isinstance(qtype, str):
+        try:
+            return GGMLQuantizationType[qtype.upper()]
+        except KeyError:
+            raise SlimlmError(f"unknown GGML type {qtype!r}; supported: {', '.join(supported_names())}") from None
+    return GGMLQuantizationType(int(qtype))
+
+
+def supported_names() -> list[str]:
+    return [t.name for t in REGISTRY]
+
+
+def block_size(qtype: GGMLQuantizationType | str) -> int:
+    return GGML_QUANT_SIZES[qtype_of(qtype)][0]
+
+
+def row_bytes(qtype: GGMLQuantizationType | str, n: int) -> int:
+    """Bytes of one row of ``n`` values (n must be a multiple of the block size)."""
+    bs, ts = GGML_QUANT_SIZES[qtype_of(qtype)]
+    return n // bs * ts
+
+
+def _codec(qtype: GGMLQuantizationType) -> Codec:
+    codec = REGISTRY.get(qtype)
+    if codec is None:
+        raise SlimlmError(f"GGML type {qtype.name} has no codec; supported: {', '.join(supported_names())}")
+    return codec
+
+
+def quantize(x: np.ndarray, qtype: GGMLQuantizationType | str, imatrix: np.ndarray | None = None) -> np.ndarray:
+    """Encode float rows ``[..., n]`` to GGML blocks ``[..., row_bytes]`` (uint8), like llama.cpp.
+
+    ``imatrix``: per-column importance, shape ``[n]`` or anything broadcastable to ``x.shape`` (e.g. one
+    row per expert); types whose llama.cpp quantizer ignores it (F16, Q8_0, ...) ignore it too.
+    """
+    qt = qtype_of(qtype)
+    codec = _codec(qt)
+    x = np.asarray(x)
+    if x.ndim == 0:
+        raise SlimlmError("cannot quantize a scalar; expected rows of values")
+    n = x.shape[-1]
+    bs, ts = GGML_QUANT_SIZES[qt]
+    if n % bs:
+        raise SlimlmError(f"{qt.name} needs rows that are a multiple of {bs} values, got {n}")
+    rows = x.reshape(-1, n)
+    qw = None
+    if imatrix is not None:
+        imatrix = np.asarray(imatrix, dtype=np.float32)
+        try:
+            qw = np.broadcast_to(imatrix, x.shape).reshape(-1, n)
+        except ValueError:
+            raise SlimlmError(f"importance matrix of shape {imatrix.shape} does not fit a tensor of shape "
+                              f"{x.shape}") from None
+    out = np.empty((rows.shape[0], n // bs * ts), dtype=np.uint8)
+    step = max(1, _CHUNK_ELEMENTS // n)
+    for start in range(0, rows.shape[0], step):
+        part = np.ascontiguousarray(rows[start:start + step], dtype=np.float32)
+        part_qw = None if qw is None else np.ascontiguousarray(qw[start:start + step])
+        out[start:start + step] = codec.encode(part, part_qw)
+    return out.reshape(*x.shape[:-1], n // bs * ts)
+
+
+def dequantize(data: np.ndarray, qtype: GGMLQuantizationType | str, shape: tuple[int, ...] | list[int]) -> np.ndarray:
+    """Decode GGML blocks back to float32 of ``shape`` (numpy order, last axis = row)."""
+    qt = qtype_of(qtype)
+    codec = _codec(qt)
+    shape = tuple(int(s) for s in shape)
+    n = shape[-1]
+    bs, ts = GGML_QUANT_SIZES[qt]
+    if n % bs:
+        raise SlimlmError(f"{qt.name} needs rows that are a multiple of {bs} values, got {n}")
+    nrows = int(np.prod(shape[:-1], dtype=np.int64))
+    rb = n // bs * ts
+    raw = np.asarray(data).view(np.uint8).reshape(-1)
+    if raw.size != nrows * rb:
+        raise SlimlmError(f"{qt.name} data has {raw.size} bytes, a tensor of shape {shape} needs {nrows * rb}")
+    raw = raw.reshape(nrows, rb)
+    out = np.empty((nrows, n), dtype=np.float32)
+    step = max(1, _CHUNK_ELEMENTS // n)
+    for start in range(0, nrows, step):
+        out[start:start + step] = codec.decode(raw[start:start + step])
+    return out.reshape(shape)
+
+
+def _register() -> None:
+    from . import floats, iq4_nl, legacy, q3_k, q6_k
+
+    T = GGMLQuantizationType
+    REGISTRY[T.F32] = Codec(floats.encode_f32, floats.decode_f32)
+    REGISTRY[T.F16] = Codec(floats.encode_f16, floats.decode_f16)
+    REGISTRY[T.BF16] = Codec(floats.encode_bf16, floats.decode_bf16)
+    REGISTRY[T.Q8_0] = Codec(legacy.encode_q8_0, legacy.decode_q8_0)
+    REGISTRY[T.Q4_0] = Codec(legacy.encode_q4_0, legacy.decode_q4_0)
+    REGISTRY[T.Q4_1] = Codec(legacy.encode_q4_1, legacy.decode_q4_1)
+    REGISTRY[T.Q5_0] = Codec(legacy.encode_q5_0, legacy.decode_q5_0)
+    REGISTRY[T.Q5_1] = Codec(legacy.encode_q5_1, legacy.decode_q5_1)
+    REGISTRY[T.IQ4_NL] = Codec(iq4_nl.encode, iq4_nl.decode)
+    REGISTRY[T.Q6_K] = Codec(q6_k.encode, q6_k.decode)
+    REGISTRY[T.Q3_K] = Codec(q3_k.encode, q3_k.decode)
+    # k-quants of the other codec modules, one line each, e.g.:
+    # from . import q4_k; REGISTRY[T.Q4_K] = Codec(q4_k.encode, q4_k.decode)
+
+
+_register()
+
+__all__ = ["Codec", "REGISTRY", "quantize", "dequantize", "qtype_of", "row_bytes", "block_size", "supported_names"]

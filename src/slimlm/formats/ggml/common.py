@@ -1,0 +1,218 @@
+"""Float32 building blocks that reproduce llama.cpp's scalar quantizers bit for bit.
+
+llama.cpp's reference quantizers (ggml-quants.c) are plain C loops in float32: sums run left to right,
+``nearest_int`` rounds half to even through a magic-number add, scales are stored as IEEE fp16 with
+round-to-nearest-even. To produce the same bytes we keep every intermediate in float32, evaluate
+products in C's left-to-right order, and accumulate sums sequentially (numpy's ``sum`` is pairwise, so
+it is not used for anything that decides a byte).
+
+Arrays here are laid out *element-major*: a group of ``n`` values that C walks with ``for i < n`` is an
+array of shape ``[n, G]`` (G = number of groups, all processed at once), so a sequential sum is ``n``
+vector additions over all groups.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+F32 = np.float32
+GROUP_MAX_EPS = F32(1e-15)
+
+
+def f32(value: float) -> np.float32:
+    """A C ``float`` literal such as ``0.1f``."""
+    return F32(value)
+
+
+def fp16_bits(x: np.ndarray) -> np.ndarray:
+    """GGML_FP32_TO_FP16: IEEE half, round to nearest even, as uint16 bits."""
+    return np.asarray(x, dtype=F32).astype(np.float16).view(np.uint16)
+
+
+def fp16_round(x: np.ndarray) -> np.ndarray:
+    """The float32 value a scale has after a trip through fp16 (what the decoder will see)."""
+    return np.asarray(x, dtype=F32).astype(np.float16).astype(F32)
+
+
+def nearest_int(x: np.ndarray) -> np.ndarray:
+    """llama.cpp's ``nearest_int``: round half to even (valid for |x| < 2**22, like the C version)."""
+    with np.errstate(invalid="ignore"):
+        r = np.rint(np.clip(x, F32(-4194303.0), F32(4194303.0)))
+    return np.nan_to_num(r, nan=0.0).astype(np.int32)
+
+
+def seq_sum(terms: np.ndarray) -> np.ndarray:
+    """Left-to-right float32 sum over axis 0 (C's ``for (i...) s += t[i]``)."""
+    total = terms[0].astype(F32, copy=True)
+    for i in range(1, terms.shape[0]):
+        total += terms[i]
+    return total
+
+
+def seq_sum_last(terms: np.ndarray) -> np.ndarray:
+    """Left-to-right float32 sum over the last axis; ``cumsum`` accumulates sequentially in float32."""
+    return np.cumsum(terms, axis=-1, dtype=F32)[..., -1]
+
+
+def safe_div(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    """``num/den`` in float32 where den != 0, else 0 (the C code guards these divisions)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = np.divide(num, den, dtype=F32)
+    return np.where(den != 0, out, F32(0)).astype(F32)
+
+
+def first_absmax(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(amax, max): the largest |x| over axis 0 and the signed value where it first occurs.
+
+    Matches C's ``if (ax > amax) { amax = ax; max = x[i]; }`` (strict ``>``, so the first one wins).
+    """
+    ax = np.abs(x)
+    idx = np.argmax(ax, axis=0)
+    signed = np.take_along_axis(x, idx[None], axis=0)[0]
+    amax = np.take_along_axis(ax, idx[None], axis=0)[0]
+    return amax.astype(F32), signed.astype(F32)
+
+
+def make_qx_quants(x: np.ndarray, nmax: int, qw: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric scale search of ggml-quants.c ``make_qx_quants`` with ``rmse_type == 1``.
+
+    x: [n, G] float32 (element-major). qw: optional [n, G] weights; without them the weight is x*x.
+    Returns (scale [G] float32, L [n, G] int32 in 0..2*nmax-1). Tries the plain max scale, then 18
+    nudged scales, keeping the one with the best weighted least-squares fit.
+    """
+    x = np.asarray(x, dtype=F32)
+    w = (x * x) if qw is None else np.asarray(qw, dtype=F32)
+    amax, vmax = first_absmax(x)
+    zero = amax < GROUP_MAX_EPS
+    vmax = np.where(zero, F32(1), vmax).astype(F32)
+    wx = w * x
+    fnmax = F32(nmax)
+
+    def fit(iscale: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        l = np.clip(nearest_int(iscale * x), -nmax, nmax - 1)
+        lf = l.astype(F32)
+        return l, seq_sum(wx * lf), seq_sum((w * lf) * lf)
+
+    l, sumlx, suml2 = fit(-fnmax / vmax)
+    L = l + nmax
+    scale = safe_div(sumlx, suml2)
+    best = scale * sumlx
+    for step in range(-9, 10):
+        if step == 0:
+            continue
+        iscale = -(fnmax + F32(0.1) * F32(step)) / vmax
+        l, sumlx, suml2 = fit(iscale)
+        better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
+        if better.any():
+            L = np.where(better[None], l + nmax, L)
+            scale = np.where(better, safe_div(sumlx, suml2), scale)
+            best = np.where(better, scale * sumlx, best)
+    L = np.where(zero[None], 0, L)
+    scale = np.where(zero, F32(0), scale).astype(F32)
+    return scale, L.astype(np.int32)
+
+
+def make_q3_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
+    """ggml-quants.c ``make_q3_quants(..., do_rmse=true)``: start from the max scale, then up to five
+    sweeps of coordinate descent moving one quant at a time while the x*x-weighted fit improves.
+
+    x: [n, G]. Returns (scale [G], L [n, G] int32 in 0..2*nmax-1). Groups that converge early simply
+    repeat a sweep with no change, which is what C's ``break`` would have left.
+    """
+    x = np.asarray(x, dtype=F32)
+    amax, vmax = first_absmax(x)
+    zero = amax < GROUP_MAX_EPS
+    vmax = np.where(zero, F32(1), vmax).astype(F32)
+    w = x * x
+    wx = w * x
+    iscale = -F32(nmax) / vmax
+    l = np.clip(nearest_int(iscale * x), -nmax, nmax - 1).astype(np.int32)
+    lf = l.astype(F32)
+    sumlx = seq_sum(wx * lf)
+    suml2 = seq_sum((w * lf) * lf)
+    n = x.shape[0]
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        for _ in range(5):
+            changed = np.zeros(x.shape[1], dtype=bool)
+            for i in range(n):
+                li = l[i].astype(F32)
+                slx = sumlx - wx[i] * li
+                sl2 = suml2 - (w[i] * li) * li
+                # nearest_int(x * sl2 / slx): (x*sl2)/slx in C's order
+                new_l = np.clip(nearest_int((x[i] * sl2) / np.where(slx > 0, slx, F32(1))), -nmax, nmax - 1)
+                nlf = new_l.astype(F32)
+                slx2 = slx + wx[i] * nlf
+                sl22 = sl2 + (w[i] * nlf) * nlf
+                accept = ((slx > 0) & (new_l != l[i]) & (sl22 > 0)
+                          & ((slx2 * slx2) * suml2 > (sumlx * sumlx) * sl22))
+                if accept.any():
+                    l[i] = np.where(accept, new_l, l[i])
+                    sumlx = np.where(accept, slx2, sumlx).astype(F32)
+                    suml2 = np.where(accept, sl22, suml2).astype(F32)
+                    changed |= accept
+            if not changed.any():
+                break
+    scale = np.where(zero | ~(suml2 > 0), F32(0), safe_div(sumlx, suml2)).astype(F32)
+    L = np.where(zero[None], 0, l + nmax)
+    return scale, L.astype(np.int32)
+
+
+def make_qkx3_quants(x: np.ndarray, weights: np.ndarray, nmax: int, rmin: float = -0.9, rdelta: float = 0.05,
+                     nstep: int = 36) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """ggml-quants.c ``make_qkx3_quants`` (use_mad=false): asymmetric scale+min by weighted least squares
+    over ``nstep+1`` candidate inverse scales. x, weights: [n, G].
+
+    Returns (scale [G], the_min [G] (positive = subtract), L [n, G] int32 in 0..nmax).
+    """
+    x = np.asarray(x, dtype=F32)
+    w = np.asarray(weights, dtype=F32)
+    vmin = np.minimum.reduce(x, axis=0)
+    vmax = np.maximum.reduce(x, axis=0)
+    sum_w = seq_sum(w)
+    sum_x = seq_sum(w * x)
+    vmin = np.where(vmin > 0, F32(0), vmin).astype(F32)
+    flat = vmax <= vmin
+    span = np.where(flat, F32(1), vmax - vmin).astype(F32)
+    fnmax = F32(nmax)
+    iscale = fnmax / span
+    scale = F32(1) / iscale
+    L = np.clip(nearest_int(iscale * (x - vmin)), 0, nmax)
+    diff = (scale * L.astype(F32) + vmin) - x
+    best = seq_sum(w * (diff * diff))
+    cur_min = vmin.copy()
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        for step in range(nstep + 1):
+            # C divides by (max - min) with min = the best fit so far
+            cur_span = np.where(flat, F32(1), vmax - cur_min).astype(F32)
+            iscale = ((F32(rmin) + F32(rdelta) * F32(step)) + fnmax) / cur_span
+            v = iscale * (x - cur_min)
+            laux = np.where(v > 0, nearest_int(np.minimum(v, fnmax)), 0)
+            lf = laux.astype(F32)
+            wl = w * lf
+            sum_l = seq_sum(wl)
+            sum_l2 = seq_sum(wl * lf)
+            sum_xl = seq_sum(wl * x)
+            D = sum_w * sum_l2 - sum_l * sum_l
+            ok = D > 0
+            Ds = np.where(ok, D, F32(1))
+            this_scale = (sum_w * sum_xl - sum_x * sum_l) / Ds
+            this_min = (sum_l2 * sum_x - sum_l * sum_xl) / Ds
+            pos = this_min > 0
+            this_min = np.where(pos, F32(0), this_min).astype(F32)
+            this_scale = np.where(pos, sum_xl / np.where(sum_l2 != 0, sum_l2, F32(1)), this_scale).astype(F32)
+            d = (this_scale * lf + this_min) - x
+            mad = seq_sum(w * (d * d))
+            better = ok & (mad < best)
+            if better.any():
+                L = np.where(better[None], laux, L)
+                best = np.where(better, mad, best)
+                scale = np.where(better, this_scale, scale).astype(F32)
+                cur_min = np.where(better, this_min, cur_min).astype(F32)
+    L = np.where(flat[None], 0, L)
+    scale = np.where(flat, F32(0), scale).astype(F32)
+    return scale, (-cur_min).astype(F32), L.astype(np.int32)
+
+
+def element_major(x: np.ndarray, group: int) -> np.ndarray:
+    """[..., k*group] -> [group, N] float32 with one column per group (C's inner index first)."""
+    return np.ascontiguousarray(np.asarray(x, dtype=F32).reshape(-1, group).T)

@@ -1,0 +1,73 @@
+"""IQ4_NL: 32-value blocks of 4-bit indices into a fixed non-linear table, one fp16 scale per block.
+
+Layout: d f16 + 16 bytes (index j low nibble, j+16 high). Encoding follows ggml-quants.c
+``quantize_iq4_nl`` (what llama_model_quantize calls, with or without an imatrix): weights x^2 (or
+imatrix * sqrt(2*mean(x^2) + x^2) over the block), a least-squares scale from the block max and 15
+nudged inverse scales, then the indices re-picked with the chosen scale.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .common import F32, GROUP_MAX_EPS, element_major, first_absmax, fp16_bits, seq_sum
+
+QK = 32
+VALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], dtype=np.int8)
+_VALUES_F = VALUES.astype(F32)
+# index i is chosen once 2x reaches val[i-1] + val[i] (ggml's best_index_int8, exact in float32)
+_THRESHOLDS = (VALUES[:-1].astype(F32) + VALUES[1:].astype(F32))
+NTRY = 7
+
+
+def best_index(x: np.ndarray) -> np.ndarray:
+    """Nearest table entry index for each value (ties go up, as in ggml)."""
+    with np.errstate(invalid="ignore"):
+        return np.searchsorted(_THRESHOLDS, x + x, side="right").astype(np.int32)
+
+
+def _fit(xe: np.ndarray, w: np.ndarray, inv_scale: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    idx = best_index(inv_scale[None] * xe)
+    q = _VALUES_F[idx]
+    wq = w * q
+    return idx, seq_sum(wq * xe), seq_sum(wq * q)
+
+
+def encode(x: np.ndarray, imatrix: np.ndarray | None = None) -> np.ndarray:
+    rows = x.shape[0]
+    xe = element_major(x, QK)
+    if imatrix is None:
+        w = xe * xe
+    else:
+        sigma2 = seq_sum(xe * xe) * (F32(2) / F32(QK))
+        w = element_major(imatrix, QK) * np.sqrt(sigma2[None] + xe * xe)
+    amax, vmax = first_absmax(xe)
+    zero = amax < GROUP_MAX_EPS
+    vmax = np.where(zero, F32(1), vmax).astype(F32)
+    v0 = _VALUES_F[0]
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        d = -vmax / v0
+        _, sumqx, sumq2 = _fit(xe, w, F32(1) / d)
+        d = np.where(sumq2 > 0, sumqx / np.where(sumq2 > 0, sumq2, F32(1)), F32(0)).astype(F32)
+        best = d * sumqx
+        for itry in range(-NTRY, NTRY + 1):
+            inv = F32(itry + int(VALUES[0])) / vmax
+            _, sqx, sq2 = _fit(xe, w, inv)
+            better = (sq2 > 0) & (sqx * sqx > best * sq2)
+            if better.any():
+                d = np.where(better, sqx / np.where(sq2 > 0, sq2, F32(1)), d).astype(F32)
+                best = np.where(better, d * sqx, best).astype(F32)
+        d = np.where(zero, F32(0), d).astype(F32)
+        inv = np.where(d != 0, F32(1) / np.where(d != 0, d, F32(1)), F32(0)).astype(F32)
+    L = best_index(inv[None] * xe).T  # [B, 32]
+    qs = (L[:, :16] | (L[:, 16:] << 4)).astype(np.uint8)
+    dbytes = fp16_bits(d).astype("<u2").view(np.uint8).reshape(-1, 2)
+    return np.concatenate([dbytes, qs], axis=1).reshape(rows, -1)
+
+
+def decode(data: np.ndarray) -> np.ndarray:
+    b = np.ascontiguousarray(data).reshape(-1, 18)
+    d = b[:, :2].copy().view("<f2").astype(F32)
+    qs = b[:, 2:]
+    idx = np.concatenate([qs & 0xF, qs >> 4], axis=1)
+    return (d * _VALUES_F[idx]).reshape(data.shape[0], -1)

@@ -1,0 +1,186 @@
+"""The 32-value block types Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 (llama.cpp's original formats).
+
+Layouts (little endian): Q4_0 = d f16 + 16 nibble bytes; Q4_1 = d, m + 16; Q5_0 = d + qh u32 + 16;
+Q5_1 = d, m + qh u32 + 16; Q8_0 = d + 32 int8. Nibble byte j holds value j (low) and j+16 (high); bit j
+of qh is the fifth bit of value j. Without an imatrix these are ggml's quantize_row_*_ref (round from
+the block's max); with one, the *_impl searches of ggml-quants.c (weighted least squares per block, the
+weight being imatrix * sqrt(row mean of x^2 + x^2)).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .common import F32, element_major, fp16_bits, make_qkx3_quants, make_qx_quants, seq_sum_last
+
+QK = 32
+
+
+def _blocks(x: np.ndarray) -> np.ndarray:
+    return np.asarray(x, dtype=F32).reshape(-1, QK)
+
+
+def _absmax_signed(xb: np.ndarray) -> np.ndarray:
+    """The value with the largest |x| in each block, first one on ties (C's strict ``<``)."""
+    idx = np.argmax(np.abs(xb), axis=1)
+    return np.take_along_axis(xb, idx[:, None], axis=1)[:, 0]
+
+
+def _inv(d: np.ndarray) -> np.ndarray:
+    with np.errstate(divide="ignore"):
+        return np.where(d != 0, F32(1) / np.where(d != 0, d, F32(1)), F32(0)).astype(F32)
+
+
+def _trunc_u8(v: np.ndarray) -> np.ndarray:
+    """C's float -> (u)int8_t conversion for the non-negative values these encoders produce."""
+    return np.trunc(v).astype(np.int32)
+
+
+def _f16_bytes(v: np.ndarray) -> np.ndarray:
+    return fp16_bits(v).astype("<u2").view(np.uint8).reshape(-1, 2)
+
+
+def _nibbles(L: np.ndarray) -> np.ndarray:
+    """[B, 32] values 0..15 -> [B, 16] bytes: value j low, value j+16 high."""
+    return ((L[:, :16] & 0xF) | ((L[:, 16:] & 0xF) << 4)).astype(np.uint8)
+
+
+def _high_bits(L: np.ndarray) -> np.ndarray:
+    """[B, 32] 5-bit values -> [B, 4] bytes of the little-endian u32 of fifth bits."""
+    bits = ((L >> 4) & 1).astype(np.uint32) << np.arange(32, dtype=np.uint32)
+    return np.bitwise_or.reduce(bits, axis=1).astype("<u4").view(np.uint8).reshape(-1, 4)
+
+
+def _sigma2_rows(x: np.ndarray) -> np.ndarray:
+    """Per-row ``sum(x*x)/n`` in C's order, broadcast to the row's blocks: [rows * n/32]."""
+    n = x.shape[1]
+    sigma2 = seq_sum_last(x * x) / F32(n)
+    return np.repeat(sigma2.astype(F32), n // QK)
+
+
+def _weights(x: np.ndarray, imatrix: np.ndarray) -> np.ndarray:
+    """Element-major [32, B] weights qw * sqrt(sigma2 + x^2) of the *_impl quantizers."""
+    xe = element_major(x, QK)
+    sigma2 = _sigma2_rows(x)
+    return element_major(imatrix, QK) * np.sqrt(sigma2[None] + xe * xe), xe
+
+
+def _out(rows: int, parts: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate(parts, axis=1).reshape(rows, -1)
+
+
+# ---- Q8_0 ------------------------------------------------------------------------------------------
+
+def encode_q8_0(x: np.ndarray, imatrix: np.ndarray | None = None) -> np.ndarray:
+    """quantize_row_q8_0_ref (llama.cpp ignores the imatrix for Q8_0)."""
+    xb = _blocks(x)
+    amax = np.max(np.abs(xb), axis=1)
+    d = (amax / F32(127)).astype(F32)
+    v = xb * _inv(d)[:, None]
+    # roundf: half away from zero
+    t = np.trunc(v)
+    q = t + np.where(np.abs(v - t) >= F32(0.5), np.sign(v), F32(0))
+    return _out(x.shape[0], [_f16_bytes(d), q.astype(np.int8).view(np.uint8)])
+
+
+def decode_q8_0(data: np.ndarray) -> np.ndarray:
+    b = np.ascontiguousarray(data).reshape(-1, 34)
+    d = b[:, :2].copy().view("<f2").astype(F32)
+    q = b[:, 2:].view(np.int8).astype(F32)
+    return (q * d).reshape(data.shape[0], -1)
+
+
+# ---- Q4_0 / Q5_0 (symmetric) -------------------------------------------------------------------------
+
+def _sym_ref(x: np.ndarray, nlev: int) -> tuple[np.ndarray, np.ndarray]:
+    """quantize_row_q{4,5}_0_ref: d = max / -half, q = (int)(x/d + half + 0.5), capped at nlev-1."""
+    half = nlev // 2
+    xb = _blocks(x)
+    d = (_absmax_signed(xb) / F32(-half)).astype(F32)
+    v = xb * _inv(d)[:, None]
+    L = np.minimum(nlev - 1, _trunc_u8(v + F32(half + 0.5)))
+    return d, L
+
+
+def _sym_weighted(x: np.ndarray, imatrix: np.ndarray, nlev: int) -> tuple[np.ndarray, np.ndarray]:
+    w, xe = _weights(x, imatrix)
+    d, L = make_qx_quants(xe, nlev // 2, w)
+    return d, np.ascontiguousarray(L.T)
+
+
+def encode_q4_0(x: np.ndarray, imatrix: np.ndarray | None = None) -> np.ndarray:
+    d, L = _sym_ref(x, 16) if imatrix is None else _sym_weighted(x, imatrix, 16)
+    return _out(x.shape[0], [_f16_bytes(d), _nibbles(L)])
+
+
+def encode_q5_0(x: np.ndarray, imatrix: np.ndarray | None = None) -> np.ndarray:
+    d, L = _sym_ref(x, 32) if imatrix is None else _sym_weighted(x, imatrix, 32)
+    return _out(x.shape[0], [_f16_bytes(d), _high_bits(L), _nibbles(L)])
+
+
+def _unpack_nibbles(qs: np.ndarray) -> np.ndarray:
+    return np.concatenate([qs & 0xF, qs >> 4], axis=1).astype(np.int32)
+
+
+def _unpack_high(qh: np.ndarray) -> np.ndarray:
+    u = np.ascontiguousarray(qh).view("<u4").astype(np.uint32)
+    return (((u >> np.arange(32, dtype=np.uint32)) & 1) << 4).astype(np.int32)
+
+
+def decode_q4_0(data: np.ndarray) -> np.ndarray:
+    b = np.ascontiguousarray(data).reshape(-1, 18)
+    d = b[:, :2].copy().view("<f2").astype(F32)
+    q = (_unpack_nibbles(b[:, 2:]) - 8).astype(F32)
+    return (q * d).reshape(data.shape[0], -1)
+
+
+def decode_q5_0(data: np.ndarray) -> np.ndarray:
+    b = np.ascontiguousarray(data).reshape(-1, 22)
+    d = b[:, :2].copy().view("<f2").astype(F32)
+    q = ((_unpack_nibbles(b[:, 6:]) | _unpack_high(b[:, 2:6])) - 16).astype(F32)
+    return (q * d).reshape(data.shape[0], -1)
+
+
+# ---- Q4_1 / Q5_1 (scale + min) -----------------------------------------------------------------------
+
+def _affine_ref(x: np.ndarray, nlev: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """quantize_row_q{4,5}_1_ref: d = (max-min)/(nlev-1), q = (int)((x-min)/d + 0.5)."""
+    xb = _blocks(x)
+    vmin = np.min(xb, axis=1)
+    vmax = np.max(xb, axis=1)
+    d = ((vmax - vmin) / F32(nlev - 1)).astype(F32)
+    v = (xb - vmin[:, None]) * _inv(d)[:, None]
+    L = _trunc_u8(v + F32(0.5))
+    if nlev == 16:
+        L = np.minimum(15, L)
+    return d, vmin, L
+
+
+def _affine_weighted(x: np.ndarray, imatrix: np.ndarray, nlev: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    w, xe = _weights(x, imatrix)
+    d, the_min, L = make_qkx3_quants(xe, w, nlev - 1)
+    return d, -the_min, np.ascontiguousarray(L.T)
+
+
+def encode_q4_1(x: np.ndarray, imatrix: np.ndarray | None = None) -> np.ndarray:
+    d, m, L = _affine_ref(x, 16) if imatrix is None else _affine_weighted(x, imatrix, 16)
+    return _out(x.shape[0], [_f16_bytes(d), _f16_bytes(m), _nibbles(L)])
+
+
+def encode_q5_1(x: np.ndarray, imatrix: np.ndarray | None = None) -> np.ndarray:
+    d, m, L = _affine_ref(x, 32) if imatrix is None else _affine_weighted(x, imatrix, 32)
+    return _out(x.shape[0], [_f16_bytes(d), _f16_bytes(m), _high_bits(L), _nibbles(L)])
+
+
+def decode_q4_1(data: np.ndarray) -> np.ndarray:
+    b = np.ascontiguousarray(data).reshape(-1, 20)
+    dm = b[:, :4].copy().view("<f2").astype(F32)
+    q = _unpack_nibbles(b[:, 4:]).astype(F32)
+    return (q * dm[:, :1] + dm[:, 1:]).reshape(data.shape[0], -1)
+
+
+def decode_q5_1(data: np.ndarray) -> np.ndarray:
+    b = np.ascontiguousarray(data).reshape(-1, 24)
+    dm = b[:, :4].copy().view("<f2").astype(F32)
+    q = (_unpack_nibbles(b[:, 8:]) | _unpack_high(b[:, 4:8])).astype(F32)
+    return (q * dm[:, :1] + dm[:, 1:]).reshape(data.shape[0], -1)
