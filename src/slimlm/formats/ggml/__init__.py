@@ -139,6 +139,9 @@ def _register() -> None:
     REGISTRY[T.Q3_K] = Codec(q3_k.encode, q3_k.decode)
     # k-quants of the other codec modules, one line each, e.g.:
     # from . import q4_k; REGISTRY[T.Q4_K] = Codec(q4_k.encode, q4_k.decode)
+    from . import q2_k; REGISTRY[T.Q2_K] = Codec(q2_k.encode, q2_k.decode)  # noqa: E702
+    from . import q4_k; REGISTRY[T.Q4_K] = Codec(q4_k.encode, q4_k.decode)  # noqa: E702
+    from . import q5_k; REGISTRY[T.Q5_K] = Codec(q5_k.encode, q5_k.decode)  # noqa: E702
 
 
 _register()
