@@ -5,3 +5,7 @@
 
 Each area re-exports its entry points below (one section per area).
 """
+
+# --- GGUF quantization and importance matrices (gguf_io) ---
+from slimlm.gguf_io.imatrix import Imatrix, make_imatrix as imatrix, read_imatrix, write_imatrix  # noqa: E402,F401
+from slimlm.gguf_io.quantize import QuantizeResult, quantize_gguf  # noqa: E402,F401

@@ -1,3 +1,95 @@
 """CLI commands of the quantize area: parse, call slimlm.api, render with rich."""
 
-from slimlm.cli.app import JSON_OPTION, app, console, print_json  # noqa: F401
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from slimlm.cli.app import JSON_OPTION, app, console, err_console, print_json  # noqa: F401
+
+
+def _progress_bar(description: str, quiet: bool) -> Progress:
+    return Progress(TextColumn(description), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TextColumn("{task.fields[item]}"), console=err_console, transient=True, disable=quiet)
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return str(n)
+
+
+@app.command()
+def quantize(
+    model: Path = typer.Argument(..., help="Hugging Face model dir, or a .gguf to re-quantize."),
+    to: str = typer.Option(..., "--to", help="GGUF type mix as llama.cpp names it: Q4_K_M, Q8_0, Q2_K, ..., or f32/f16/bf16."),
+    out: Optional[Path] = typer.Option(None, "-o", "--out", help="Output .gguf path."),
+    imatrix: Optional[Path] = typer.Option(None, "--imatrix", help="llama.cpp importance matrix (.gguf or legacy .dat)."),
+    calib: Optional[Path] = typer.Option(None, "--calib", help="Text file: compute the importance matrix from it first."),
+    calib_chunks: int = typer.Option(100, "--calib-chunks", help="512-token windows of --calib to use."),
+    tensor_type: List[str] = typer.Option([], "--tensor-type", help="REGEX=TYPE override, e.g. 'attn_v=q8_0' (repeatable)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the per-tensor plan and size; write nothing."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file."),
+    show_plan: bool = typer.Option(False, "--plan", help="List every tensor's type (implied by --dry-run)."),
+    json_out: bool = JSON_OPTION,
+) -> None:
+    """Quantize a model to a llama.cpp GGUF in one streaming pass (tensors are read, encoded and written one at a time)."""
+    from slimlm import api
+
+    with _progress_bar(f"quantizing to {to}", json_out or dry_run) as bar:
+        task = bar.add_task("", total=None, item="")
+
+        def progress(done: int, total: int, name: str) -> None:
+            bar.update(task, completed=done, total=total, item=name)
+
+        result = api.quantize_gguf(model, to, out, imatrix=imatrix, calib=calib, calib_chunks=calib_chunks,
+                                   tensor_types=tensor_type, dry_run=dry_run, overwrite=overwrite, progress=progress)
+    if json_out:
+        print_json(result.to_dict())
+        return
+    for w in result.warnings:
+        err_console.print(f"[yellow]warning:[/] {w}", highlight=False)
+    if dry_run or show_plan:
+        table = Table(title=f"{result.ftype} plan for {Path(result.model).name}")
+        for col in ("tensor", "shape", "type", "bytes"):
+            table.add_column(col, justify="right" if col == "bytes" else "left")
+        for t in result.tensors:
+            table.add_row(t.name, "×".join(map(str, t.shape)), t.type, f"{t.bytes:,}")
+        console.print(table)
+    mix = ", ".join(f"{k} ×{v}" for k, v in sorted(result.type_counts.items()))
+    size = result.file_bytes if result.file_bytes is not None else result.tensor_bytes
+    what = "would write" if dry_run else f"wrote {result.out}"
+    console.print(f"{what}: {result.ftype}, {_human(size)} ({size:,} bytes{' of tensor data' if dry_run else ''}), "
+                  f"{result.bits_per_weight:.2f} bits/weight, {result.n_params:,} params; {mix}"
+                  + (f"; imatrix covers {result.imatrix_entries} tensors" if result.imatrix_entries else "")
+                  + ("" if dry_run else f"; {result.seconds:.1f} s"), highlight=False)
+
+
+@app.command("imatrix")
+def imatrix_cmd(
+    model: Path = typer.Argument(..., help="Hugging Face model dir or .gguf."),
+    calib: Path = typer.Option(..., "--calib", help="Calibration text file (e.g. wikitext-2 valid)."),
+    out: Path = typer.Option(..., "-o", "--out", help="Output imatrix: .gguf (llama.cpp's current form) or .dat (legacy)."),
+    chunks: Optional[int] = typer.Option(None, "--chunks", help="Use at most this many windows (default: all)."),
+    ctx: int = typer.Option(512, "--ctx", help="Window length in tokens (llama-imatrix -c)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file."),
+    json_out: bool = JSON_OPTION,
+) -> None:
+    """Compute llama.cpp's importance matrix (sum of squared activations per input column of every matrix)."""
+    from slimlm import api
+
+    with _progress_bar("imatrix", json_out) as bar:
+        task = bar.add_task("", total=None, item="")
+        result = api.imatrix(model, calib, out, chunks=chunks, ctx=ctx, overwrite=overwrite,
+                             progress=lambda d, t: bar.update(task, completed=d, total=t, item="windows"))
+    if json_out:
+        print_json(result)
+        return
+    console.print(f"wrote {result['out']}: {result['entries']} matrices, {result['chunks']} windows × "
+                  f"{result['chunk_size']} tokens ({result['format']})", highlight=False)

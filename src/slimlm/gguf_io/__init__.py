@@ -1,0 +1,1 @@
+"""GGUF input/output: HF checkpoint → GGUF metadata and tensors, streaming quantization, importance matrices."""

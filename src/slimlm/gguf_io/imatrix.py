@@ -1,0 +1,305 @@
+"""Importance matrices exactly as llama.cpp defines them: per weight matrix, the sum over calibration tokens of
+each input column's squared activation, plus the token count.
+
+Files are llama.cpp's: the GGUF form (``NAME.in_sum2`` F32 [n_mat, n_in] and ``NAME.counts`` F32 [n_mat, 1],
+keys imatrix.datasets / imatrix.chunk_count / imatrix.chunk_size) and the legacy ``.dat`` form (per entry:
+name, ncall, nval, values = sum/count*ncall; then the chunk count and the dataset name). Collection runs the
+model in transformers with forward hooks on every Linear inside the decoder layers (llama.cpp skips the
+output matrix by default, and so do we).
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import gguf
+import numpy as np
+
+from slimlm.errors import SlimlmError
+
+log = logging.getLogger(__name__)
+
+KEY_DATASETS = "imatrix.datasets"
+KEY_CHUNK_COUNT = "imatrix.chunk_count"
+KEY_CHUNK_SIZE = "imatrix.chunk_size"
+
+
+@dataclass
+class ImatrixEntry:
+    sums: np.ndarray  # float32 [n_mat, n_in]: sum of x_j^2 over tokens
+    counts: np.ndarray  # float32 [n_mat]: tokens seen
+
+    def importance(self) -> np.ndarray:
+        """Mean squared activation per input column ([n_in], or [n_mat, n_in] for experts) as llama-quantize uses it."""
+        counts = self.counts.astype(np.float64)[:, None]
+        values = np.where(counts > 0, self.sums / np.maximum(counts, 1), 1.0).astype(np.float32)
+        return values[0] if values.shape[0] == 1 else values
+
+
+@dataclass
+class Imatrix:
+    entries: dict[str, ImatrixEntry] = field(default_factory=dict)
+    datasets: list[str] = field(default_factory=list)
+    chunk_count: int = 0
+    chunk_size: int = 0
+
+    def importance(self, name: str) -> np.ndarray | None:
+        entry = self.entries.get(name)
+        return None if entry is None else entry.importance()
+
+
+# ---------------------------------------------------------------- files
+
+def read_imatrix(path: Path) -> Imatrix:
+    """Read a llama.cpp imatrix file of either form (GGUF is recognised by its magic)."""
+    path = Path(path)
+    if not path.is_file():
+        raise SlimlmError(f"imatrix file {path} does not exist")
+    with path.open("rb") as f:
+        magic = f.read(4)
+    try:
+        return _read_gguf(path) if magic == b"GGUF" else _read_dat(path)
+    except (struct.error, ValueError, IndexError, UnicodeDecodeError) as exc:
+        raise SlimlmError(f"{path} is not a valid llama.cpp imatrix file ({exc})") from None
+
+
+def _read_gguf(path: Path) -> Imatrix:
+    reader = gguf.GGUFReader(path, "r")
+    out = Imatrix()
+    if (f := reader.fields.get(KEY_DATASETS)) is not None:
+        out.datasets = list(f.contents())
+    if (f := reader.fields.get(KEY_CHUNK_COUNT)) is not None:
+        out.chunk_count = int(f.contents())
+    if (f := reader.fields.get(KEY_CHUNK_SIZE)) is not None:
+        out.chunk_size = int(f.contents())
+    sums, counts = {}, {}
+    for t in reader.tensors:
+        if t.name.endswith(".in_sum2"):
+            sums[t.name[: -len(".in_sum2")]] = t
+        elif t.name.endswith(".counts"):
+            counts[t.name[: -len(".counts")]] = t
+    if not sums:
+        raise SlimlmError(f"{path} is a GGUF file but holds no imatrix data (no *.in_sum2 tensors)")
+    for name, s in sums.items():
+        if name not in counts:
+            raise SlimlmError(f"{path}: {name} has sums but no counts")
+        c = np.asarray(counts[name].data, dtype=np.float32).reshape(-1)
+        v = np.asarray(s.data, dtype=np.float32).reshape(len(c), -1)
+        out.entries[name] = ImatrixEntry(v.copy(), c.copy())
+    return out
+
+
+def _read_dat(path: Path) -> Imatrix:
+    buf = path.read_bytes()
+    pos = 0
+
+    def take(fmt: str):
+        nonlocal pos
+        vals = struct.unpack_from(fmt, buf, pos)
+        pos += struct.calcsize(fmt)
+        return vals
+
+    (n_entries,) = take("<i")
+    if n_entries < 1 or n_entries > 1_000_000:
+        raise ValueError(f"implausible entry count {n_entries}")
+    out = Imatrix()
+    for _ in range(n_entries):
+        (length,) = take("<i")
+        name = buf[pos:pos + length].decode("utf-8")
+        pos += length
+        ncall, nval = take("<ii")
+        if nval < 1 or pos + 4 * nval > len(buf):
+            raise ValueError(f"entry {name!r} claims {nval} values")
+        values = np.frombuffer(buf, dtype="<f4", count=nval, offset=pos).astype(np.float32)
+        pos += 4 * nval
+        # Legacy values are mean * ncall; store them as sums over ncall "tokens" so importance() = mean.
+        out.entries[name] = ImatrixEntry(values[None, :].copy(), np.array([max(ncall, 0)], dtype=np.float32))
+        if ncall <= 0:
+            out.entries[name].counts[:] = 1.0
+    if pos + 4 <= len(buf):
+        (out.chunk_count,) = take("<i")
+        if pos + 4 <= len(buf):
+            (length,) = take("<i")
+            if length > 0:
+                out.datasets.append(buf[pos:pos + length].decode("utf-8", errors="replace"))
+    return out
+
+
+def write_imatrix(imatrix: Imatrix, path: Path, fmt: str | None = None) -> Path:
+    """Write llama.cpp's GGUF form (default, or for a .gguf name) or the legacy form (``fmt='dat'``/.dat)."""
+    from slimlm.gguf_io.writer import atomic_path
+
+    path = Path(path)
+    fmt = fmt or ("dat" if path.suffix.lower() == ".dat" else "gguf")
+    if fmt not in ("gguf", "dat"):
+        raise SlimlmError(f"unknown imatrix format {fmt!r}; use gguf or dat")
+    with atomic_path(path) as tmp:
+        (_write_gguf if fmt == "gguf" else _write_dat)(imatrix, tmp)
+    return path
+
+
+def _write_gguf(im: Imatrix, path: Path) -> None:
+    writer = gguf.GGUFWriter(path, arch="")
+    writer.kv_data[0].pop(gguf.Keys.General.ARCHITECTURE, None)  # llama.cpp's imatrix files carry none
+    writer.add_type("imatrix")
+    writer.add_array(KEY_DATASETS, list(im.datasets))
+    writer.add_uint32(KEY_CHUNK_COUNT, int(im.chunk_count))
+    writer.add_uint32(KEY_CHUNK_SIZE, int(im.chunk_size))
+    for name in sorted(im.entries):
+        e = im.entries[name]
+        writer.add_tensor(f"{name}.in_sum2", np.ascontiguousarray(e.sums, dtype=np.float32))
+        writer.add_tensor(f"{name}.counts", np.ascontiguousarray(e.counts, dtype=np.float32).reshape(-1, 1))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def _write_dat(im: Imatrix, path: Path) -> None:
+    chunk = max(im.chunk_size, 1)
+    parts = [struct.pack("<i", len(im.entries))]
+    for name in sorted(im.entries):
+        e = im.entries[name]
+        encoded = name.encode("utf-8")
+        ncall = int((float(e.counts.max()) + chunk - 1) // chunk) if im.chunk_size else int(e.counts.max())
+        n_mat = e.sums.shape[0]
+        counts = np.repeat(e.counts.astype(np.float32), e.sums.shape[1])
+        sums = e.sums.reshape(-1).astype(np.float32)
+        values = np.where(counts > 0, sums / np.where(counts > 0, counts, 1), 1.0) * np.float32(ncall)
+        parts += [struct.pack("<i", len(encoded)), encoded, struct.pack("<ii", ncall, e.sums.size),
+                  values.astype("<f4").tobytes()]
+        del n_mat
+    dataset = (im.datasets[-1] if im.datasets else "").encode("utf-8")
+    parts += [struct.pack("<i", int(im.chunk_count)), struct.pack("<i", len(dataset)), dataset]
+    path.write_bytes(b"".join(parts))
+
+
+# ---------------------------------------------------------------- checks
+
+def check_compatible(imatrix: Imatrix, row_lengths: dict[str, int], source: str = "imatrix") -> int:
+    """Raise if the imatrix cannot be from this model; return how many of the model's tensors it covers."""
+    matched = 0
+    for name, n in row_lengths.items():
+        entry = imatrix.entries.get(name)
+        if entry is None:
+            continue
+        if entry.sums.shape[-1] != n:
+            raise SlimlmError(
+                f"{source} does not fit this model: {name} has rows of {n} values but the imatrix has "
+                f"{entry.sums.shape[-1]} (made for another model?)")
+        matched += 1
+    if imatrix.entries and matched == 0:
+        some = ", ".join(sorted(imatrix.entries)[:3])
+        raise SlimlmError(f"{source} has no entry for any tensor of this model (it has e.g. {some}); "
+                          "made for another model?")
+    return matched
+
+
+# ---------------------------------------------------------------- collection
+
+def calibration_windows(tokenizer, text: str, ctx: int, chunks: int | None) -> tuple[np.ndarray, bool]:
+    """llama.cpp's windows: the whole text tokenized once, cut into ctx-long chunks, BOS first if the model adds one."""
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    with_special = tokenizer.encode("hello", add_special_tokens=True)
+    add_bos = tokenizer.bos_token_id is not None and with_special[:1] == [tokenizer.bos_token_id] and \
+        len(with_special) > len(tokenizer.encode("hello", add_special_tokens=False))
+    if add_bos:
+        ids = [tokenizer.bos_token_id] + ids
+    n = len(ids) // ctx
+    if chunks is not None:
+        n = min(n, chunks)
+    if n < 1:
+        raise SlimlmError(f"calibration text has {len(ids)} tokens, fewer than one window of {ctx}")
+    windows = np.asarray(ids[: n * ctx], dtype=np.int64).reshape(n, ctx)
+    if add_bos:
+        windows[:, 0] = tokenizer.bos_token_id
+    return windows, add_bos
+
+
+def linear_gguf_names(model, arch_name: str | None = None) -> dict[str, str]:
+    """HF module name -> GGUF tensor name (without '.weight') for every Linear inside the decoder layers."""
+    import torch
+
+    from slimlm.gguf_io.architectures import SUPPORTED_ARCHITECTURES
+
+    hf_arch = (model.config.architectures or [type(model).__name__])[0]
+    spec = SUPPORTED_ARCHITECTURES.get(hf_arch) or SUPPORTED_ARCHITECTURES.get(type(model).__name__)
+    if spec is None:
+        raise SlimlmError(f"unsupported architecture {hf_arch}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+    name_map = gguf.get_tensor_name_map(spec.gguf_arch, model.config.num_hidden_layers)
+    out = {}
+    for mod_name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            gname = name_map.get_name(mod_name)
+            if gname is not None and gname.startswith("blk."):
+                out[mod_name] = gname
+    return out
+
+
+def collect_imatrix(
+    model_path: Path,
+    calib: Path,
+    *,
+    ctx: int = 512,
+    chunks: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> Imatrix:
+    """Run the model over ``calib`` (plain text) in ctx-token windows and sum squared Linear inputs."""
+    import torch
+
+    from slimlm.gguf_io.hf_model import load_hf_model
+
+    calib = Path(calib)
+    if not calib.is_file():
+        raise SlimlmError(f"calibration file {calib} does not exist")
+    model, tokenizer = load_hf_model(Path(model_path))
+    windows, _ = calibration_windows(tokenizer, calib.read_text(encoding="utf-8"), ctx, chunks)
+    names = linear_gguf_names(model)
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+    hooks = []
+
+    def hook_for(gname: str):
+        def hook(_module, inputs):
+            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).to(torch.float32)
+            s = (x * x).sum(0, dtype=torch.float64)
+            sums[gname] = sums[gname] + s if gname in sums else s
+            counts[gname] = counts.get(gname, 0) + x.shape[0]
+        return hook
+
+    for mod_name, module in model.named_modules():
+        if mod_name in names:
+            hooks.append(module.register_forward_pre_hook(hook_for(names[mod_name] + ".weight")))
+    try:
+        with torch.inference_mode():
+            for i, window in enumerate(windows):
+                model(torch.from_numpy(window)[None], use_cache=False)
+                if progress:
+                    progress(i + 1, len(windows))
+    finally:
+        for h in hooks:
+            h.remove()
+    im = Imatrix(datasets=[calib.name], chunk_count=len(windows), chunk_size=ctx)
+    for name, s in sums.items():
+        im.entries[name] = ImatrixEntry(s.to(torch.float32).numpy()[None, :].copy(),
+                                        np.array([counts[name]], dtype=np.float32))
+    return im
+
+
+def make_imatrix(model: str | Path, calib: str | Path, out: str | Path, *, chunks: int | None = None, ctx: int = 512,
+                 overwrite: bool = False, fmt: str | None = None,
+                 progress: Callable[[int, int], None] | None = None) -> dict:
+    """``slimlm imatrix``: collect over ``calib`` and write llama.cpp's file (GGUF form unless ``out`` ends in .dat)."""
+    from slimlm.gguf_io.writer import check_output
+
+    out = Path(out)
+    check_output(out, overwrite)
+    im = collect_imatrix(Path(model), Path(calib), ctx=ctx, chunks=chunks, progress=progress)
+    write_imatrix(im, out, fmt)
+    return {"out": str(out), "entries": len(im.entries), "chunks": im.chunk_count, "chunk_size": im.chunk_size,
+            "tokens": im.chunk_count * im.chunk_size,
+            "format": fmt or ("dat" if out.suffix.lower() == ".dat" else "gguf")}

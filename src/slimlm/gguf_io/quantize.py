@@ -1,0 +1,222 @@
+"""Streaming quantization to GGUF: read one tensor (mmap), encode it with the type the mix plan gives it,
+write it, drop it. Peak memory is a few tensors whatever the model size.
+
+Source: a Hugging Face dir (converted on the fly: names, rope permutation, metadata, tokenizer) or a GGUF
+(re-quantized, with a warning: error compounds). Plan: llama.cpp's per-tensor rules (formats.gguf_mix) plus
+``--tensor-type`` overrides. Codecs: formats.ggml (bit-exact llama.cpp blocks, importance-weighted when an
+imatrix is given).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import gguf
+import numpy as np
+
+from slimlm.errors import SlimlmError
+from slimlm.formats import gguf_mix
+from slimlm.gguf_io.imatrix import Imatrix, check_compatible, collect_imatrix, read_imatrix
+from slimlm.gguf_io.sources import ModelSource, open_source
+from slimlm.gguf_io.writer import check_output, tensor_nbytes, write_gguf
+
+log = logging.getLogger(__name__)
+T = gguf.GGMLQuantizationType
+_FLOATS = (T.F32, T.F16, T.BF16)
+
+# Tensors encoded ahead of the one being written: overlaps encoding with I/O, bounds memory to a few tensors.
+LOOKAHEAD = 2
+
+Progress = Callable[[int, int, str], None]
+
+
+@dataclass
+class PlannedTensor:
+    name: str
+    shape: list[int]
+    type: str
+    bytes: int
+
+
+@dataclass
+class QuantizeResult:
+    """What was (or, with dry_run, would be) written."""
+
+    model: str
+    out: str | None
+    ftype: str
+    tensors: list[PlannedTensor]
+    tensor_bytes: int
+    file_bytes: int | None
+    n_params: int
+    bits_per_weight: float
+    seconds: float
+    imatrix_entries: int = 0
+    dry_run: bool = False
+    warnings: list[str] = field(default_factory=list)
+    type_counts: dict[str, int] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def file_type_of(ftype: str) -> gguf.LlamaFileType:
+    return gguf.LlamaFileType.ALL_F32 if ftype == "F32" else gguf.LlamaFileType[f"MOSTLY_{ftype}"]
+
+
+def _tensor_infos(source: ModelSource) -> list[gguf_mix.TensorInfo]:
+    infos = []
+    for t in source.tensors:
+        base = t.source_type if t.source_type in _FLOATS else T.F32
+        if len(t.shape) <= 1:
+            base = T.F32  # llama.cpp keeps 1-D tensors (norms, biases) in F32
+        infos.append(gguf_mix.TensorInfo(t.name, tuple(t.shape), base))
+    return infos
+
+
+def plan_for(source: ModelSource, ftype: str, tensor_types: Sequence[str] = (), has_imatrix: bool = False
+             ) -> dict[str, T]:
+    facts = gguf_mix.ArchFacts(n_layers=source.facts["n_layers"], n_head=source.facts["n_head"],
+                               n_head_kv=source.facts["n_head_kv"], arch=source.arch)
+    overrides = gguf_mix.parse_overrides(tensor_types)
+    plan = gguf_mix.plan_types(_tensor_infos(source), facts, ftype, overrides=overrides, has_imatrix=has_imatrix)
+    from slimlm.formats import ggml
+
+    missing = sorted({q.name for q in plan.values() if q not in ggml.REGISTRY})
+    if missing:
+        raise SlimlmError(f"no encoder for {', '.join(missing)} yet; slimlm can write: {', '.join(ggml.supported_names())}")
+    return plan
+
+
+def load_importance(imatrix: Path | Imatrix | None, calib: Path | None, model: Path, calib_chunks: int | None,
+                    ctx: int = 512) -> Imatrix | None:
+    if imatrix is not None and calib is not None:
+        raise SlimlmError("pass either --imatrix or --calib, not both")
+    if isinstance(imatrix, Imatrix):
+        return imatrix
+    if imatrix is not None:
+        return read_imatrix(Path(imatrix))
+    if calib is not None:
+        return collect_imatrix(model, Path(calib), ctx=ctx, chunks=calib_chunks)
+    return None
+
+
+def quantize_gguf(
+    model: str | Path,
+    to: str,
+    out: str | Path | None = None,
+    *,
+    imatrix: str | Path | Imatrix | None = None,
+    calib: str | Path | None = None,
+    calib_chunks: int | None = 100,
+    tensor_types: Sequence[str] = (),
+    dry_run: bool = False,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+    encoder: Callable[[np.ndarray, T, np.ndarray | None, str], np.ndarray] | None = None,
+    transform: Callable[[ModelSource, Imatrix | None], tuple[ModelSource, Imatrix | None]] | None = None,
+) -> QuantizeResult:
+    """Write ``model`` (HF dir or GGUF) as a GGUF of mix ``to`` (Q4_K_M, Q8_0, F16, ...) to ``out``.
+
+    ``encoder(x, qtype, importance, name)`` replaces the plain llama.cpp encoding (used by the searches in
+    slimlm.algorithms.gguf_search); ``transform`` may rewrite the source before planning (e.g. folding
+    per-channel scales into norms) and adjust the imatrix to match.
+    """
+    start = time.perf_counter()
+    ftype = gguf_mix.normalize_ftype(to)
+    model = Path(model)
+    if not dry_run:
+        if out is None:
+            raise SlimlmError("an output path is needed (-o out.gguf), or use --dry-run")
+        out = Path(out)
+        check_output(out, overwrite)
+    source = open_source(model)
+    warnings = []
+    if source.kind == "gguf":
+        msg = (f"re-quantizing {model.name}, which is already quantized: errors compound; quantize from the "
+               "original Hugging Face checkpoint when you can") if source.quantized_source else \
+              f"converting from the GGUF {model.name}; metadata copied as is"
+        log.warning(msg)
+        warnings.append(msg)
+    im = load_importance(imatrix, Path(calib) if calib else None, model, calib_chunks)
+    if transform is not None:
+        source, im = transform(source, im)
+    plan = plan_for(source, ftype, tensor_types, has_imatrix=im is not None)
+    n_params = int(sum(np.prod(t.shape, dtype=np.int64) for t in source.tensors))
+    rows = {t.name: int(t.shape[-1]) for t in source.tensors if len(t.shape) >= 2 and plan[t.name] not in _FLOATS}
+    matched = check_compatible(im, rows, "the importance matrix") if im is not None else 0
+    planned = [PlannedTensor(t.name, list(t.shape), plan[t.name].name, tensor_nbytes(t.shape, plan[t.name]))
+               for t in source.tensors]
+    total = sum(p.bytes for p in planned)
+    counts: dict[str, int] = {}
+    for p in planned:
+        counts[p.type] = counts.get(p.type, 0) + 1
+    result = QuantizeResult(str(model), None if out is None else str(out), ftype, planned, total, None, n_params,
+                            total * 8 / max(n_params, 1), 0.0, matched, dry_run, warnings, counts)
+    if dry_run:
+        result.seconds = time.perf_counter() - start
+        return result
+
+    encode = encoder or _plain_encode
+    tensors = source.tensors
+
+    def produce(i: int) -> np.ndarray:
+        t = tensors[i]
+        qtype = plan[t.name]
+        values = t.load()
+        if tuple(values.shape) != tuple(t.shape):
+            raise SlimlmError(f"{t.name}: loaded shape {values.shape} differs from the declared {t.shape}")
+        importance = im.importance(t.name) if (im is not None and qtype not in _FLOATS) else None
+        return encode(values, qtype, importance, t.name)
+
+    def metadata(writer: gguf.GGUFWriter) -> Any:
+        meta = source.write_metadata(writer)
+        writer.add_file_type(int(file_type_of(ftype)))
+        if any(q not in _FLOATS for q in plan.values()):
+            writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        if im is not None:
+            if isinstance(imatrix, (str, Path)):
+                writer.add_string("quantize.imatrix.file", str(imatrix))
+            if im.datasets:
+                writer.add_string("quantize.imatrix.dataset", im.datasets[0])
+            writer.add_int32("quantize.imatrix.entries_count", len(im.entries))
+            if im.chunk_count:
+                writer.add_int32("quantize.imatrix.chunks_count", int(im.chunk_count))
+        return meta
+
+    with ThreadPoolExecutor(max_workers=LOOKAHEAD) as pool:
+        pending: dict[int, Future] = {}
+
+        def produce_ahead(i: int) -> np.ndarray:
+            for j in range(i, min(i + LOOKAHEAD + 1, len(tensors))):
+                if j not in pending:
+                    pending[j] = pool.submit(produce, j)
+            data = pending.pop(i).result()
+            if progress:
+                progress(i + 1, len(tensors), tensors[i].name)
+            return data
+
+        try:
+            write_gguf(out, source.arch, metadata, [(t.name, tuple(t.shape), plan[t.name]) for t in tensors],
+                       produce_ahead)
+        finally:
+            for f in pending.values():
+                f.cancel()
+    result.file_bytes = out.stat().st_size
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _plain_encode(values: np.ndarray, qtype: T, importance: np.ndarray | None, name: str) -> np.ndarray:
+    from slimlm.formats import ggml
+
+    if qtype == T.F32:
+        return np.ascontiguousarray(values, dtype=np.float32)
+    if qtype == T.F16:
+        return values.astype(np.float16)
+    return ggml.quantize(values, qtype, importance)

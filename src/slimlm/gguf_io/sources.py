@@ -1,0 +1,208 @@
+"""Lazy tensor sources for GGUF writing: a Hugging Face dir (safetensors, mmap) or an existing GGUF file.
+
+Each source lists its tensors under their GGUF names with shapes, and loads one tensor at a time as float32
+with llama.cpp's layout already applied (Q/K rope permutation, Gemma's norm + 1), so a writer can stream.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import gguf
+import numpy as np
+
+from slimlm.errors import SlimlmError
+from slimlm.gguf_io.architectures import ArchSpec, arch_spec, llama3_rope_factors, rope_parameters
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SourceTensor:
+    """One tensor as it will be written: GGUF name, PyTorch-order shape, and a loader of float32 values."""
+
+    name: str
+    shape: tuple[int, ...]
+    load: Callable[[], np.ndarray]
+    source_type: gguf.GGMLQuantizationType = gguf.GGMLQuantizationType.F32
+    hf_name: str | None = None
+
+
+@dataclass
+class ModelSource:
+    """Everything a GGUF writer needs, with tensors loaded on demand."""
+
+    arch: str  # GGUF general.architecture
+    tensors: list[SourceTensor]
+    config: dict[str, Any]
+    write_metadata: Callable[[gguf.GGUFWriter], dict[str, Any]]
+    kind: str  # "hf" or "gguf"
+    path: Path
+    quantized_source: bool = False
+    facts: dict[str, int] = field(default_factory=dict)  # n_layers, n_head, n_head_kv
+
+
+def permute_for_rope(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's Q/K row order: HF keeps the two rope halves apart, GGUF interleaves them per head."""
+    rows = w.shape[0]
+    return (w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape))
+
+
+def _safetensors_files(model_dir: Path) -> list[Path]:
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return [model_dir / f for f in sorted(set(weight_map.values()))]
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise SlimlmError(f"{model_dir} holds no .safetensors weights (pickled .bin checkpoints are not loaded)")
+    return files
+
+
+def _tensor_loader(path: Path, name: str, transform: Callable[[np.ndarray], np.ndarray]) -> Callable[[], np.ndarray]:
+    def load() -> np.ndarray:
+        import torch
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:  # mmap: only this tensor's pages are read
+            t = f.get_tensor(name)
+        arr = t.to(torch.float32).numpy() if t.dtype != torch.float32 else t.numpy()
+        return transform(arr)
+    return load
+
+
+def _layer_key(name: str) -> tuple[int, int, str]:
+    m = re.match(r"blk\.(\d+)\.", name)
+    if m:
+        return (1, int(m.group(1)), name)
+    return (0 if name.startswith("token_embd") or name == "rope_freqs.weight" else 2, 0, name)
+
+
+def open_hf_dir(model_dir: Path) -> ModelSource:
+    """A lazy source over a Hugging Face model dir of a supported architecture."""
+    from slimlm.gguf_io.architectures import write_hparams
+    from slimlm.gguf_io.tokenizer import write_tokenizer
+
+    cfg_path = model_dir / "config.json"
+    if not cfg_path.is_file():
+        raise SlimlmError(f"{model_dir} has no config.json; expected a Hugging Face model dir or a .gguf file")
+    config = json.loads(cfg_path.read_text())
+    if "text_config" in config and "num_hidden_layers" not in config:
+        config = {**config, **config["text_config"]}
+    hf_arch, spec = arch_spec(config)
+    n_layers = int(config["num_hidden_layers"])
+    n_head = int(config["num_attention_heads"])
+    n_head_kv = int(config.get("num_key_value_heads") or n_head)
+    name_map = gguf.get_tensor_name_map(spec.gguf_arch, n_layers)
+    tie = bool(config.get("tie_word_embeddings", spec.drop_lm_head))
+
+    from safetensors import safe_open
+
+    tensors: list[SourceTensor] = []
+    for path in _safetensors_files(model_dir):
+        with safe_open(str(path), framework="pt") as f:
+            for hf_name in f.keys():
+                if hf_name.endswith("rotary_emb.inv_freq"):
+                    continue
+                if hf_name == "lm_head.weight" and (tie or spec.drop_lm_head):
+                    continue
+                name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+                if name is None:
+                    raise SlimlmError(f"{hf_name} in {path.name} has no GGUF name for {hf_arch}")
+                shape = tuple(int(d) for d in f.get_slice(hf_name).get_shape())
+                tensors.append(SourceTensor(name, shape, _tensor_loader(path, hf_name, _transform(
+                    hf_name, spec, n_head, n_head_kv)), hf_name=hf_name))
+    rope = rope_parameters(config)
+    if rope.get("rope_type") == "llama3":
+        factors = llama3_rope_factors(config, rope)
+        tensors.append(SourceTensor("rope_freqs.weight", factors.shape, lambda: factors))
+    tensors.sort(key=lambda t: _layer_key(t.name))
+    gguf_arch = gguf.MODEL_ARCH_NAMES[spec.gguf_arch]
+
+    def write_metadata(writer: gguf.GGUFWriter) -> dict[str, Any]:
+        writer.add_type(gguf.GGUFType.MODEL)
+        writer.add_name(str(config.get("_name_or_path") or model_dir.name).split("/")[-1] or model_dir.name)
+        write_hparams(writer, config, spec)
+        return write_tokenizer(writer, model_dir, int(config["vocab_size"]))
+
+    return ModelSource(gguf_arch, tensors, config, write_metadata, "hf", model_dir,
+                       facts={"n_layers": n_layers, "n_head": n_head, "n_head_kv": n_head_kv})
+
+
+def _transform(hf_name: str, spec: ArchSpec, n_head: int, n_head_kv: int) -> Callable[[np.ndarray], np.ndarray]:
+    if spec.permute_qk and hf_name.endswith(("q_proj.weight", "q_proj.bias")):
+        return lambda a: permute_for_rope(a, n_head)
+    if spec.permute_qk and hf_name.endswith(("k_proj.weight", "k_proj.bias")):
+        return lambda a: permute_for_rope(a, n_head_kv)
+    if spec.norm_plus_one and hf_name.endswith("norm.weight"):
+        return lambda a: a + np.float32(1.0)
+    return lambda a: a
+
+
+# Keys that describe the file's encoding, not the model: rewritten by whoever writes a new file.
+_ENCODING_KEYS = ("general.file_type", "general.quantization_version", "general.architecture")
+
+
+def open_gguf(path: Path) -> ModelSource:
+    """A lazy source over an existing GGUF (for re-quantizing): metadata copied, tensors dequantized on load."""
+    from slimlm.formats import ggml
+
+    try:
+        reader = gguf.GGUFReader(path, "r")
+    except (ValueError, OSError) as exc:
+        raise SlimlmError(f"{path} is not a readable GGUF file: {exc}") from exc
+    arch_field = reader.fields.get("general.architecture")
+    if arch_field is None:
+        raise SlimlmError(f"{path} has no general.architecture")
+    arch = arch_field.contents()
+
+    def field_int(key: str, default: int = 0) -> int:
+        f = reader.fields.get(f"{arch}.{key}")
+        return int(f.contents()) if f is not None else default
+
+    facts = {"n_layers": field_int("block_count"), "n_head": field_int("attention.head_count"),
+             "n_head_kv": field_int("attention.head_count_kv", field_int("attention.head_count"))}
+    tensors = []
+    quantized = False
+    for t in reader.tensors:
+        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+        qtype = gguf.GGMLQuantizationType(int(t.tensor_type))
+        quantized |= qtype not in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16,
+                                   gguf.GGMLQuantizationType.BF16)
+
+        def load(t=t, qtype=qtype, shape=shape) -> np.ndarray:
+            if qtype in ggml.REGISTRY:
+                return ggml.dequantize(np.asarray(t.data), qtype, shape)
+            return gguf.quants.dequantize(np.asarray(t.data), qtype).reshape(shape).astype(np.float32)
+        tensors.append(SourceTensor(t.name, shape, load, source_type=qtype))
+
+    def write_metadata(writer: gguf.GGUFWriter) -> dict[str, Any]:
+        for key, f in reader.fields.items():
+            if key.startswith("GGUF.") or key in _ENCODING_KEYS or key.startswith("quantize."):
+                continue
+            vtype = f.types[0]
+            sub = f.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
+            writer.add_key_value(key, f.contents(), vtype, sub)
+        return {"model": "copied"}
+
+    return ModelSource(arch, tensors, {}, write_metadata, "gguf", path, quantized_source=quantized, facts=facts)
+
+
+def open_source(path: Path) -> ModelSource:
+    path = Path(path)
+    if not path.exists():
+        raise SlimlmError(f"{path} does not exist")
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise SlimlmError(f"{path} is a file but not .gguf; pass a Hugging Face model dir or a .gguf")
+        return open_gguf(path)
+    return open_hf_dir(path)
+
+
+def iter_names(source: ModelSource) -> Iterator[str]:
+    return (t.name for t in source.tensors)
