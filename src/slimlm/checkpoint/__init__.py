@@ -1,0 +1,157 @@
+"""Open model checkpoints lazily: HF dirs (single or sharded safetensors), .safetensors, .gguf, config.json.
+
+Only headers and JSON are read; tensor data is never touched, so a 700 GB checkpoint opens in
+milliseconds, and a partial download opens too (with a warning saying how many bytes are missing).
+Pickle-based weights (.bin/.pt/.pth/.ckpt) are refused: loading them can run arbitrary code.
+
+    from slimlm.checkpoint import open_checkpoint
+    ckpt = open_checkpoint("path/to/model")   # Checkpoint(format=..., tensors=[TensorInfo...], config=...)
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from slimlm.checkpoint.gguf_file import config_from_gguf, read_gguf
+from slimlm.checkpoint.safetensors_header import read_safetensors_header
+from slimlm.checkpoint.types import Checkpoint, TensorInfo
+from slimlm.errors import SlimlmError
+
+__all__ = ["Checkpoint", "TensorInfo", "open_checkpoint", "read_config", "PICKLE_SUFFIXES"]
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+_MAX_JSON_BYTES = 50_000_000
+_INDEX_NAME = "model.safetensors.index.json"
+
+
+def open_checkpoint(path: str | Path) -> Checkpoint:
+    """Open a model file or folder from its headers only; bad input raises a one-line SlimlmError."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise SlimlmError(f"{path} does not exist")
+    if path.is_dir():
+        return _open_dir(path)
+    suffix = path.suffix.lower()
+    if suffix in PICKLE_SUFFIXES:
+        raise SlimlmError(_pickle_message(path))
+    if suffix == ".safetensors":
+        return _open_safetensors_files(path, [path], "safetensors", _sibling_config(path))
+    if suffix == ".gguf" or _has_gguf_magic(path):
+        return _open_gguf(path)
+    if suffix == ".json":
+        return Checkpoint(path=path, format="config", config=read_config(path))
+    raise SlimlmError(f"{path}: unrecognised file type (expected .safetensors, .gguf, config.json or a model dir)")
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    """A config.json as a dict; unreadable or non-object JSON is a user error."""
+    try:
+        if path.stat().st_size > _MAX_JSON_BYTES:
+            raise SlimlmError(f"{path}: too large for a config file ({path.stat().st_size} bytes)")
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise SlimlmError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise SlimlmError(f"{path}: not valid JSON ({str(exc).splitlines()[0][:120]})") from None
+    if not isinstance(data, dict):
+        raise SlimlmError(f"{path}: expected a JSON object")
+    return data
+
+
+def _pickle_message(path: Path) -> str:
+    return (f"{path}: pickle weights ({path.suffix}) are refused because loading them can run arbitrary code; "
+            "use a safetensors or GGUF export of this model")
+
+
+def _has_gguf_magic(path: Path) -> bool:
+    try:
+        with path.open("rb") as f:
+            return f.read(4) == b"GGUF"
+    except OSError:
+        return False
+
+
+def _sibling_config(path: Path) -> dict[str, Any] | None:
+    candidate = path.parent / "config.json"
+    return read_config(candidate) if candidate.is_file() else None
+
+
+def _open_dir(path: Path) -> Checkpoint:
+    config_path = path / "config.json"
+    config = read_config(config_path) if config_path.is_file() else None
+    index = path / _INDEX_NAME
+    if index.is_file():
+        files = _shards_from_index(index)
+    else:
+        files = sorted(p for p in path.glob("*.safetensors") if p.is_file())
+    if files:
+        if config is None:
+            raise SlimlmError(f"{path}: has safetensors weights but no config.json")
+        return _open_safetensors_files(path, files, "hf-dir", config)
+    ggufs = sorted(path.glob("*.gguf"))
+    if len(ggufs) == 1 and config is None:
+        return _open_gguf(ggufs[0])
+    if len(ggufs) > 1 and config is None:
+        names = ", ".join(p.name for p in ggufs[:5])
+        raise SlimlmError(f"{path}: holds several GGUF files ({names}); name the one to inspect")
+    pickles = sorted(p.name for p in path.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
+    if pickles:
+        raise SlimlmError(f"{path}: only pickle weights ({', '.join(pickles[:3])}) which slimlm refuses to load "
+                          "because they can run arbitrary code; use a safetensors or GGUF export")
+    if config is None:
+        raise SlimlmError(f"{path}: no config.json and no .safetensors or .gguf weights in this folder")
+    return Checkpoint(path=path, format="config", config=config)
+
+
+def _shards_from_index(index: Path) -> list[Path]:
+    data = read_config(index)
+    weight_map = data.get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(v, str) for v in weight_map.values()):
+        raise SlimlmError(f"{index}: no valid weight_map")
+    files = []
+    for name in sorted(set(weight_map.values())):
+        shard = (index.parent / name)
+        if Path(name).name != name:
+            raise SlimlmError(f"{index}: shard name {name!r} is not a plain file name")
+        if not shard.is_file():
+            raise SlimlmError(f"{index}: lists shard {name} which is not in the folder (incomplete download?)")
+        files.append(shard)
+    return files
+
+
+def _open_safetensors_files(path: Path, files: list[Path], fmt: str, config: dict[str, Any] | None) -> Checkpoint:
+    ckpt = Checkpoint(path=path, format=fmt, config=config)  # type: ignore[arg-type]
+    seen: set[str] = set()
+    for file in files:
+        tensors, _meta, expected, actual = read_safetensors_header(file)
+        for t in tensors:
+            if t.name in seen:
+                raise SlimlmError(f"{file}: tensor {t.name!r} appears in more than one shard")
+            seen.add(t.name)
+        ckpt.tensors.extend(tensors)
+        ckpt.file_bytes += actual
+        _note_missing(ckpt, file, expected, actual)
+    return ckpt
+
+
+def _open_gguf(path: Path) -> Checkpoint:
+    tensors, metadata, expected, actual = read_gguf(path)
+    ckpt = Checkpoint(path=path, format="gguf", tensors=tensors, gguf_metadata=metadata, file_bytes=actual)
+    ckpt.config = config_from_gguf(metadata, tensors)
+    if ckpt.config is None:
+        ckpt.warnings.append(f"GGUF architecture {metadata.get('general.architecture')!r} has no config mapping; "
+                             "counts come from the tensor table only")
+    _note_missing(ckpt, path, expected, actual)
+    return ckpt
+
+
+def _note_missing(ckpt: Checkpoint, file: Path, expected: int, actual: int) -> None:
+    if actual < expected:
+        missing = expected - actual
+        ckpt.missing_bytes += missing
+        ckpt.warnings.append(
+            f"{file.name}: tensor data is {missing:,} bytes short of what its header describes "
+            f"({actual:,} of {expected:,} bytes; a partial download?); inspected from the header"
+        )

@@ -1,0 +1,108 @@
+"""Read a safetensors file's header (names, dtypes, shapes, offsets) without touching tensor data.
+
+Written by hand on purpose: the format's header is 8 bytes of little-endian length followed by that many
+bytes of JSON, so reading it ourselves is a few lines, and it lets us (1) never map or read tensor data,
+(2) inspect partial downloads whose data is cut short (the safetensors library refuses those), and
+(3) turn every malformation into a one-line SlimlmError with the exact reason.
+Validation follows the format's rules: bounded header, known dtypes, non-negative integer shapes,
+``end - begin == numel * bits / 8``, and non-overlapping data ranges.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+from typing import Any
+
+from slimlm.checkpoint.types import TensorInfo
+from slimlm.errors import SlimlmError
+
+# The safetensors library refuses headers above 100 MB; a real header with a million tensors is ~100 MB.
+MAX_HEADER_BYTES = 100_000_000
+
+# Bits per element of each safetensors dtype (sub-byte float formats pack elements across bytes).
+DTYPE_BITS = {
+    "BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8,
+    "I16": 16, "U16": 16, "F16": 16, "BF16": 16,
+    "I32": 32, "U32": 32, "F32": 32,
+    "I64": 64, "U64": 64, "F64": 64, "C64": 64,
+    "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6,
+}
+
+
+def read_safetensors_header(path: Path) -> tuple[list[TensorInfo], dict[str, str], int, int]:
+    """Return (tensors, __metadata__, expected file size, actual file size) of a safetensors file."""
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise SlimlmError(f"{path}: not a safetensors file (only {size} bytes, no header length)")
+            (header_len,) = struct.unpack("<Q", prefix)
+            if header_len > MAX_HEADER_BYTES:
+                raise SlimlmError(
+                    f"{path}: corrupt safetensors header (declared length {header_len} bytes exceeds the "
+                    f"{MAX_HEADER_BYTES} byte limit)"
+                )
+            if header_len < 2:
+                raise SlimlmError(f"{path}: corrupt safetensors header (declared length {header_len} bytes)")
+            if 8 + header_len > size:
+                raise SlimlmError(
+                    f"{path}: truncated safetensors header ({size} bytes on disk, the header alone needs "
+                    f"{8 + header_len})"
+                )
+            raw = f.read(header_len)
+    except OSError as exc:
+        raise SlimlmError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        reason = str(exc).splitlines()[0][:120]
+        raise SlimlmError(f"{path}: corrupt safetensors header (not valid JSON: {reason})") from None
+    if not isinstance(header, dict):
+        raise SlimlmError(f"{path}: corrupt safetensors header (expected a JSON object)")
+    data_start = 8 + header_len
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict):
+        raise SlimlmError(f"{path}: corrupt safetensors header (__metadata__ is not an object)")
+    tensors = [_tensor_info(path, name, entry, data_start) for name, entry in header.items()]
+    _check_no_overlap(path, tensors)
+    data_end = max((t.offset + t.nbytes for t in tensors if t.offset is not None), default=data_start)
+    return tensors, metadata, data_end, size
+
+
+def _tensor_info(path: Path, name: str, entry: Any, data_start: int) -> TensorInfo:
+    def bad(why: str) -> SlimlmError:
+        return SlimlmError(f"{path}: corrupt safetensors header (tensor {name[:80]!r}: {why})")
+
+    if not isinstance(entry, dict):
+        raise bad("entry is not an object")
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if dtype not in DTYPE_BITS:
+        raise bad(f"unknown dtype {str(dtype)[:20]!r}")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                              for d in shape):
+        raise bad("shape is not a list of non-negative integers")
+    if (not isinstance(offsets, list) or len(offsets) != 2
+            or not all(isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offsets)
+            or offsets[1] < offsets[0]):
+        raise bad("data_offsets is not [begin, end] with 0 <= begin <= end")
+    numel = 1
+    for dim in shape:
+        numel *= dim
+    bits = numel * DTYPE_BITS[dtype]
+    if bits % 8:
+        raise bad(f"{numel} elements of {dtype} do not fill whole bytes")
+    nbytes = bits // 8
+    if offsets[1] - offsets[0] != nbytes:
+        raise bad(f"data_offsets span {offsets[1] - offsets[0]} bytes but shape {shape} of {dtype} needs {nbytes}")
+    return TensorInfo(name=name, shape=tuple(shape), dtype=dtype, nbytes=nbytes, file=str(path),
+                      offset=data_start + offsets[0])
+
+
+def _check_no_overlap(path: Path, tensors: list[TensorInfo]) -> None:
+    spans = sorted((t.offset, t.offset + t.nbytes, t.name) for t in tensors if t.nbytes)  # type: ignore[operator]
+    for (_, end, name), (begin, _, nxt) in zip(spans, spans[1:]):
+        if begin < end:
+            raise SlimlmError(f"{path}: corrupt safetensors header (tensors {name!r} and {nxt!r} overlap)")
