@@ -152,10 +152,15 @@ def test_encoder_bytes_match_llama_cpp_with_imatrix(oracle, qt: T) -> None:
         assert match >= 0.999, f"{qt.name} {name} (imatrix): only {match:.4%} of blocks identical"
 
 
+@pytest.fixture(scope="module")
+def smollm2_ffn_down(oracle, smollm2_gguf) -> list[np.ndarray]:
+    return oracle.smollm2_ffn_down(smollm2_gguf, layers=(0, 29))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("qt", KTYPES)
-def test_encoder_bytes_match_llama_cpp_on_smollm2_ffn_down(oracle, smollm2_gguf, qt: T) -> None:
-    mats = oracle.smollm2_ffn_down(smollm2_gguf, layers=(0, 29))
+def test_encoder_bytes_match_llama_cpp_on_smollm2_ffn_down(oracle, smollm2_ffn_down, qt: T) -> None:
+    mats = smollm2_ffn_down
     imp = np.random.default_rng(7).gamma(0.5, 2.0, mats[0].shape[1]).astype(np.float32)
     refs = oracle.llama_quantize_rows(mats + mats[:1], qt, [None, None, imp])
     for x, im, ref in zip(mats + mats[:1], [None, None, imp], refs):
