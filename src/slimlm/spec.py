@@ -204,9 +204,9 @@ def _layer_types(config: dict[str, Any], model_type: str, n_layers: int,
 
 def _sliding_window(config: dict[str, Any], model_type: str) -> int | None:
     window = config.get("sliding_window")
-    if window is None:
+    if window is None or window == 0:  # some configs write 0 for "no window"
         return None
-    if isinstance(window, bool) or not isinstance(window, int) or window <= 0:
+    if isinstance(window, bool) or not isinstance(window, int) or window < 0:
         raise SlimlmError(f"model config has sliding_window={window!r}; expected a positive integer or null")
     # Qwen configs carry a sliding_window value even when use_sliding_window is false (then it is unused).
     if model_type in ("qwen2", "qwen3", "qwen2_moe") and not config.get("use_sliding_window", False):
@@ -323,8 +323,10 @@ def _deepseek(config: dict[str, Any], common: dict[str, Any]) -> ModelSpec:
         n_shared_experts=n_shared if moe_layers else 0,
         moe_intermediate_size=moe_inter if moe_layers else 0,
         shared_expert_intermediate_size=n_shared * moe_inter if moe_layers else 0,
-        # V3's aux-loss-free routing keeps a per-expert bias (e_score_correction_bias) in the checkpoint.
-        router_bias=config.get("topk_method") == "noaux_tc" and bool(moe_layers),
+        # V3's aux-loss-free routing keeps a per-expert bias (e_score_correction_bias) in the checkpoint;
+        # V2 has it only when its config asks for that routing.
+        router_bias=bool(moe_layers) and config.get("topk_method", "noaux_tc" if common["model_type"] == "deepseek_v3"
+                                                    else None) == "noaux_tc",
         first_dense_layers=min(first_dense, n_layers),
         moe_layers=moe_layers,
         mtp_layers=_int(config, "num_nextn_predict_layers", 0),
