@@ -1,0 +1,85 @@
+"""GPTQ (Frantar et al. 2023): quantize columns in order, pushing each column's error onto the columns not yet
+quantized through the inverse Hessian of the layer's input.
+
+Blocked ("lazy batch") form: inside a block of columns the updates touch only the block; the accumulated
+error is applied to the rest of the matrix with one matmul per block. The inverse Hessian comes from a
+Cholesky factorisation (upper factor of H⁻¹). Rows are independent given H, so Linears that share an input
+(q/k/v, gate/up) are quantized as one stacked matrix. Group scales are chosen from the *updated* weights when
+a group starts, as in the reference implementation and llm-compressor.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from slimlm.errors import SlimlmError
+from slimlm.formats.groupint import QuantizedWeight, QuantSpec, minmax_params, qrange
+
+DEFAULT_DAMPENING = 0.01
+DEFAULT_BLOCK = 128
+
+
+def _inverse_hessian_factor(h: torch.Tensor, dampening: float) -> torch.Tensor:
+    """Upper Cholesky factor of (H + λI)⁻¹, increasing λ if H is numerically indefinite."""
+    diag_mean = torch.diag(h).mean().clamp(min=1e-8)
+    eye = torch.eye(h.shape[0], dtype=h.dtype)
+    for attempt in range(6):
+        damp = dampening * (10 ** attempt) * diag_mean
+        chol, info = torch.linalg.cholesky_ex(h + damp * eye)
+        if int(info) == 0:
+            hinv = torch.cholesky_inverse(chol)
+            upper, info = torch.linalg.cholesky_ex(hinv, upper=True)
+            if int(info) == 0:
+                return upper
+    raise SlimlmError("GPTQ: the calibration Hessian is not positive definite even with heavy dampening")
+
+
+def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec,
+                  dampening: float = DEFAULT_DAMPENING, block_size: int = DEFAULT_BLOCK) -> QuantizedWeight:
+    """GPTQ-quantize ``weight`` (out, in) given ``hessian`` = mean x xᵀ of its inputs (in, in)."""
+    w = weight.detach().float().clone()
+    out_f, in_f = w.shape
+    h = hessian.detach().float().clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    hinv = _inverse_hessian_factor(h, dampening)
+    qmin, qmax = qrange(spec.bits)
+    gs = spec.group_size
+    n_groups = spec.groups(in_f)
+    if gs is not None:
+        block_size = gs * max(1, block_size // gs)  # groups never straddle blocks
+    scale = torch.empty(out_f, n_groups)
+    zero = None if spec.symmetric else torch.empty(out_f, n_groups)
+    if gs is None:
+        s0, z0 = minmax_params(w, spec.bits, None, spec.symmetric)
+        scale[:] = s0
+        if zero is not None:
+            zero[:] = z0
+    codes = torch.empty(out_f, in_f)
+
+    for i1 in range(0, in_f, block_size):
+        i2 = min(i1 + block_size, in_f)
+        w1 = w[:, i1:i2].clone()
+        err1 = torch.empty_like(w1)
+        hinv1 = hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            if gs is not None and col % gs == 0:
+                g = col // gs
+                s_g, z_g = minmax_params(w1[:, i:i + gs], spec.bits, None, spec.symmetric)
+                scale[:, g] = s_g[:, 0]
+                if zero is not None:
+                    zero[:, g] = z_g[:, 0]
+            g = 0 if gs is None else col // gs
+            s_c = scale[:, g]
+            z_c = 0.0 if zero is None else zero[:, g]
+            x = w1[:, i]
+            q = torch.round(x / s_c + z_c).clamp_(qmin, qmax)
+            codes[:, col] = q
+            err = (x - (q - z_c) * s_c) / hinv1[i, i]
+            w1[:, i:] -= err[:, None] * hinv1[i, i:][None, :]
+            err1[:, i] = err
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+
+    return QuantizedWeight(codes.to(torch.int8), scale, None if zero is None else zero.to(torch.int8), spec)

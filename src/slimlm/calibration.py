@@ -1,0 +1,166 @@
+"""Calibration token sequences: from a text file, a JSONL file, a Hugging Face dataset, or the model itself.
+
+Every source ends as an ``(n, seq_len)`` tensor of token ids. Text is tokenized once and cut into
+consecutive windows (the tokenizer adds BOS only if it is configured to). With no source, the model writes
+its own calibration text — sampled from random first tokens, as in LLM-QAT's data-free calibration — so
+``slimlm quantize`` works offline with no data at all.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from slimlm.errors import SlimlmError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SAMPLES = 16
+DEFAULT_SEQ_LEN = 512
+
+
+@dataclass
+class Calibration:
+    """Token ids ``(n, seq_len)`` and a one-line description of where they came from."""
+
+    input_ids: torch.Tensor
+    source: str
+    warning: str | None = None
+
+    @property
+    def tokens(self) -> int:
+        return int(self.input_ids.numel())
+
+
+def _read_jsonl(path: Path) -> str:
+    texts = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise SlimlmError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+            if isinstance(row, str):
+                texts.append(row)
+            elif isinstance(row, dict):
+                text = row.get("text")
+                if not isinstance(text, str):
+                    text = next((v for v in row.values() if isinstance(v, str)), None)
+                if text is None:
+                    raise SlimlmError(f"{path}:{lineno}: no 'text' field (or any string field)")
+                texts.append(text)
+            else:
+                raise SlimlmError(f"{path}:{lineno}: expected an object with a 'text' field")
+    if not texts:
+        raise SlimlmError(f"{path} holds no text")
+    return "\n\n".join(texts)
+
+
+def _read_hf_dataset(spec: str, max_chars: int) -> str:
+    """``name[:config][:split]`` through the ``datasets`` library (only when installed and online)."""
+    try:
+        import datasets  # noqa: F401
+    except ImportError:
+        raise SlimlmError(f"'{spec}' is not a file; loading a Hugging Face dataset needs "
+                          f"`pip install datasets` and network access") from None
+    parts = spec.split(":")
+    name, config = parts[0], (parts[1] if len(parts) > 1 and parts[1] else None)
+    split = parts[2] if len(parts) > 2 else "train"
+    try:
+        ds = datasets.load_dataset(name, config, split=split, streaming=True)
+    except Exception as exc:  # network, missing dataset, ...: one line for the user
+        raise SlimlmError(f"could not load dataset '{spec}': {str(exc).splitlines()[0]}") from None
+    texts, total = [], 0
+    for row in ds:
+        text = row.get("text") if isinstance(row, dict) else None
+        if text is None:
+            text = next((v for v in row.values() if isinstance(v, str)), "")
+        if text.strip():
+            texts.append(text)
+            total += len(text)
+        if total >= max_chars:
+            break
+    return "\n\n".join(texts)
+
+
+def windows(ids: torch.Tensor, n_samples: int, seq_len: int, source: str) -> Calibration:
+    """Cut a 1-D token stream into ``n_samples`` windows of ``seq_len``; warn when it is too short."""
+    have = ids.numel() // seq_len
+    warning = None
+    if have >= n_samples:
+        out = ids[: n_samples * seq_len].reshape(n_samples, seq_len)
+    elif have >= 1:
+        out = ids[: have * seq_len].reshape(have, seq_len)
+        warning = (f"calibration text is shorter than asked: {ids.numel()} tokens give {have} × {seq_len} "
+                   f"= {out.numel()} tokens, not {n_samples} × {seq_len}")
+    else:
+        if ids.numel() < 2:
+            raise SlimlmError(f"calibration text from {source} holds fewer than 2 tokens")
+        out = ids.reshape(1, -1)
+        warning = (f"calibration text is shorter than asked: only {ids.numel()} tokens used "
+                   f"(asked {n_samples} × {seq_len})")
+    if warning:
+        log.warning(warning)
+    return Calibration(out.long(), source, warning)
+
+
+def from_text(text: str, tokenizer, n_samples: int, seq_len: int, source: str) -> Calibration:
+    if tokenizer is None:
+        raise SlimlmError("calibration text needs a tokenizer, and the model dir has none")
+    ids = torch.tensor(tokenizer(text, return_attention_mask=False)["input_ids"], dtype=torch.long)
+    return windows(ids, n_samples, seq_len, source)
+
+
+def self_generated(model: torch.nn.Module, vocab_size: int, n_samples: int, seq_len: int,
+                   seed: int = 0, batch: int = 8) -> Calibration:
+    """Text the model samples itself (temperature 1, top-k 50) from random first tokens."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    with torch.no_grad():
+        for b0 in range(0, n_samples, batch):
+            nb = min(batch, n_samples - b0)
+            first = torch.randint(0, vocab_size, (nb, 1), generator=gen)
+            torch.manual_seed(seed + b0)
+            out = model.generate(first, attention_mask=torch.ones_like(first), do_sample=True, top_k=50,
+                                 temperature=1.0, max_new_tokens=seq_len - 1, min_new_tokens=seq_len - 1,
+                                 pad_token_id=0)
+            rows.append(out[:, :seq_len])
+    return Calibration(torch.cat(rows).long(), f"self-generated by the model ({n_samples} × {seq_len} tokens)")
+
+
+def load_calibration(source: str | Path | torch.Tensor | None, *, tokenizer=None, model_loader=None,
+                     vocab_size: int | None = None, n_samples: int = DEFAULT_SAMPLES,
+                     seq_len: int = DEFAULT_SEQ_LEN) -> Calibration:
+    """Calibration ids from ``source``: a token tensor, a .txt/.jsonl path, a dataset name, or None.
+
+    ``model_loader`` (called only for None) returns the full model for self-generated calibration.
+    """
+    if n_samples < 1 or seq_len < 2:
+        raise SlimlmError(f"need at least 1 sample of 2 tokens, got {n_samples} × {seq_len}")
+    if isinstance(source, torch.Tensor):
+        ids = source.long()
+        if ids.ndim == 2:
+            return Calibration(ids, f"given token ids ({ids.shape[0]} × {ids.shape[1]})")
+        return windows(ids.reshape(-1), n_samples, seq_len, "given token ids")
+    if source is None:
+        if model_loader is None or vocab_size is None:
+            raise SlimlmError("no calibration source given and the model cannot generate its own")
+        return self_generated(model_loader(), vocab_size, n_samples, seq_len)
+    path = Path(source)
+    if path.is_file():
+        if path.suffix.lower() in (".jsonl", ".json"):
+            text = _read_jsonl(path)
+        else:
+            text = path.read_text(encoding="utf-8", errors="replace")
+        return from_text(text, tokenizer, n_samples, seq_len, str(path))
+    if path.suffix.lower() in (".txt", ".jsonl", ".json") or "/" in str(source) and path.parent.exists():
+        raise SlimlmError(f"calibration file {source} does not exist")
+    text = _read_hf_dataset(str(source), max_chars=n_samples * seq_len * 8)
+    return from_text(text, tokenizer, n_samples, seq_len, f"dataset {source}")

@@ -1,0 +1,265 @@
+"""Write (and read back) checkpoints in compressed-tensors' format, exactly as vLLM and transformers load them.
+
+Per quantized Linear ``name``:
+- ``pack-quantized`` (W4A16, W8A16): ``name.weight_packed`` int32 (out, in·bits/32), ``name.weight_scale`` (out, groups),
+  ``name.weight_shape`` int64 [out, in], and when asymmetric ``name.weight_zero_point`` int32 packed along
+  the output dim (out/8, groups).
+- ``int-quantized`` (W8A8): ``name.weight`` int8 (out, in), ``name.weight_scale`` (out, 1) or
+  (out, groups); for static activations ``name.input_scale`` (1,).
+``config.json`` gains ``quantization_config`` built with compressed-tensors' own pydantic models. Tensors are
+written in shards as layers finish, into a temporary dir that is renamed only when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from slimlm.errors import SlimlmError
+from slimlm.formats.groupint import (
+    QuantizedWeight,
+    QuantSpec,
+    dequantize,
+    pack_codes,
+    pack_zero_points,
+    unpack_codes,
+    unpack_zero_points,
+)
+
+MAX_SHARD_BYTES = 2 * 1024**3
+AUX_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+             "vocab.json", "merges.txt", "generation_config.json", "chat_template.jinja", "added_tokens.json")
+
+
+def compress_linear(name: str, qw: QuantizedWeight, fmt: str, scale_dtype: torch.dtype,
+                    input_scale: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """The tensors compressed-tensors stores for one quantized Linear."""
+    out: dict[str, torch.Tensor] = {}
+    if fmt == "pack-quantized":
+        out[f"{name}.weight_packed"] = pack_codes(qw.q, qw.spec.bits)
+        out[f"{name}.weight_shape"] = torch.tensor(list(qw.q.shape), dtype=torch.int64)
+        if qw.zero is not None:
+            out[f"{name}.weight_zero_point"] = pack_zero_points(qw.zero, qw.spec.bits)
+    elif fmt == "int-quantized":
+        if qw.spec.bits != 8:
+            raise SlimlmError(f"int-quantized export expects 8-bit weights, got {qw.spec.bits}")
+        out[f"{name}.weight"] = qw.q.to(torch.int8).contiguous()
+        if qw.zero is not None:
+            out[f"{name}.weight_zero_point"] = qw.zero.to(torch.int8).contiguous()
+    else:
+        raise SlimlmError(f"unknown compressed-tensors format {fmt}")
+    out[f"{name}.weight_scale"] = qw.scale.to(scale_dtype).contiguous()
+    if input_scale is not None:
+        out[f"{name}.input_scale"] = input_scale.reshape(1).to(scale_dtype)
+    return out
+
+
+def quantization_config(groups: dict[tuple, list[str]], fmt: str, ignore: list[str],
+                        act: dict | None) -> dict:
+    """``quantization_config`` for config.json: one config group per distinct weight spec.
+
+    ``groups`` maps ``(bits, group_size, symmetric)`` to the Linear name suffixes (e.g. ``mlp.down_proj``)
+    that use it; with one group the target is simply ``Linear`` (minus ``ignore``), with several their targets
+    are anchored regexes, so groups never overlap.
+    """
+    import compressed_tensors
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
+
+    config_groups = {}
+    for i, ((bits, gs, sym), suffixes) in enumerate(sorted(groups.items(), key=lambda kv: str(kv[0]))):
+        weights = QuantizationArgs(num_bits=bits, type="int", symmetric=sym,
+                                   strategy="channel" if gs is None else "group", group_size=gs, dynamic=False)
+        inputs = None
+        if act is not None:
+            inputs = QuantizationArgs(num_bits=act["bits"], type="int", symmetric=True,
+                                      strategy="token" if act["dynamic"] else "tensor", dynamic=act["dynamic"])
+        targets = ["Linear"] if len(groups) == 1 else [f"re:.*{re.escape(s)}$" for s in sorted(suffixes)]
+        config_groups[f"group_{i}"] = QuantizationScheme(targets=targets, weights=weights,
+                                                         input_activations=inputs, format=fmt)
+    qc = QuantizationConfig(config_groups=config_groups, format=fmt, quantization_status="compressed",
+                            ignore=sorted(ignore), quant_method="compressed-tensors")
+    data = qc.model_dump()
+    data["version"] = compressed_tensors.__version__
+    return data
+
+
+class ShardWriter:
+    """Accumulates tensors and writes safetensors shards of at most ``max_bytes`` into a temporary dir."""
+
+    def __init__(self, target: Path, max_bytes: int = MAX_SHARD_BYTES):
+        self.target = Path(target)
+        self.target.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.tmp-", dir=self.target.parent))
+        self.max_bytes = max_bytes
+        self._pending: dict[str, torch.Tensor] = {}
+        self._pending_bytes = 0
+        self._shards: list[list[str]] = []
+        self.total_bytes = 0
+
+    def add(self, tensors: dict[str, torch.Tensor]) -> None:
+        for name, t in tensors.items():
+            self._pending[name] = t.detach().contiguous().cpu()
+            self._pending_bytes += t.numel() * t.element_size()
+        if self._pending_bytes >= self.max_bytes:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        save_file(self._pending, str(self.tmp / f"shard-{len(self._shards):05d}.safetensors"),
+                  metadata={"format": "pt"})
+        self._shards.append(list(self._pending))
+        self.total_bytes += self._pending_bytes
+        self._pending, self._pending_bytes = {}, 0
+
+    def finish(self, config: dict, source_dir: Path | None, overwrite: bool) -> Path:
+        """Write config.json, shard names/index and tokenizer files, then move into place atomically."""
+        self._flush()
+        n = len(self._shards)
+        weight_map = {}
+        for i, names in enumerate(self._shards):
+            final = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            os.replace(self.tmp / f"shard-{i:05d}.safetensors", self.tmp / final)
+            weight_map.update({name: final for name in names})
+        if n > 1:
+            index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+            (self.tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        (self.tmp / "config.json").write_text(json.dumps(config, indent=2, default=str))
+        if source_dir is not None:
+            for aux in AUX_FILES:
+                if (Path(source_dir) / aux).is_file():
+                    shutil.copy2(Path(source_dir) / aux, self.tmp / aux)
+        if self.target.exists():
+            if not overwrite:
+                self.abort()
+                raise SlimlmError(f"{self.target} exists; pass --overwrite to replace it")
+            shutil.rmtree(self.target)
+        os.replace(self.tmp, self.target)
+        return self.target
+
+    def abort(self) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def _read_state(model_dir: Path) -> dict[str, torch.Tensor]:
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        raise SlimlmError(f"{model_dir} holds no .safetensors file")
+    state = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as sf:
+            for k in sf.keys():
+                state[k] = sf.get_tensor(k)
+    return state
+
+
+def _args_for(qcfg: dict, module: str) -> dict | None:
+    """The config group (weights/input_activations dicts) whose targets match ``module``, else None."""
+    for pattern in qcfg.get("ignore") or []:
+        if (pattern.startswith("re:") and re.match(pattern[3:], module)) or pattern == module:
+            return None
+    for group in qcfg["config_groups"].values():
+        for target in group["targets"]:
+            if target.startswith("re:") and re.match(target[3:], module):
+                return group
+    for group in qcfg["config_groups"].values():
+        if "Linear" in group["targets"]:
+            return group
+    return None
+
+
+def dequantized_state_dict(model_dir: str | Path, dtype: torch.dtype = torch.float32
+                           ) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
+    """Our own reading of a compressed-tensors checkpoint (no compressed-tensors decompression code).
+
+    Returns float weights and, per Linear with quantized activations, its ``input_activations`` args (and
+    ``input_scale`` when static), used by :func:`load_reference_model`.
+    """
+    model_dir = Path(model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    qcfg = config.get("quantization_config")
+    if not qcfg or qcfg.get("quant_method") != "compressed-tensors":
+        raise SlimlmError(f"{model_dir} is not a compressed-tensors checkpoint")
+    raw = _read_state(model_dir)
+    out: dict[str, torch.Tensor] = {}
+    acts: dict[str, dict] = {}
+    modules = {k.rsplit(".", 1)[0] for k in raw if k.endswith((".weight_scale",))}
+    for key, t in raw.items():
+        mod = key.rsplit(".", 1)[0]
+        if mod not in modules:
+            out[key] = t.to(dtype) if t.is_floating_point() else t
+    for mod in modules:
+        group = _args_for(qcfg, mod)
+        if group is None:
+            raise SlimlmError(f"{mod} has quantized tensors but no config group matches it")
+        w = group["weights"]
+        gs = w["group_size"] if w["strategy"] == "group" else None
+        scale = raw[f"{mod}.weight_scale"].float()
+        if f"{mod}.weight_packed" in raw:
+            shape = tuple(int(v) for v in raw[f"{mod}.weight_shape"])
+            bits = int(w["num_bits"])
+            q = unpack_codes(raw[f"{mod}.weight_packed"], shape, bits)
+            zero = None
+            if f"{mod}.weight_zero_point" in raw:
+                zero = unpack_zero_points(raw[f"{mod}.weight_zero_point"], (shape[0], scale.shape[1]), bits)
+        else:
+            q = raw[f"{mod}.weight"]
+            zero = raw.get(f"{mod}.weight_zero_point")
+        out[f"{mod}.weight"] = dequantize(q, scale, zero, gs).to(dtype)
+        if group.get("input_activations"):
+            acts[mod] = dict(group["input_activations"])
+            if f"{mod}.input_scale" in raw:
+                acts[mod]["scale"] = raw[f"{mod}.input_scale"].float()
+    return out, acts
+
+
+def fake_quant_activation(x: torch.Tensor, bits: int, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Symmetric int activation quant-dequant: per token (dynamic) or with a static per-tensor ``scale``.
+
+    Same rule as compressed-tensors' dynamic path: scale = max|x| / ((2^bits - 1) / 2), codes clamped to
+    [-2^(bits-1), 2^(bits-1) - 1], round half to even.
+    """
+    qmin, qmax = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    if scale is None:
+        scale = x.abs().amax(dim=-1, keepdim=True) / ((qmax - qmin) / 2)
+        scale = torch.where(scale == 0, torch.full_like(scale, torch.finfo(scale.dtype).eps), scale)
+    return torch.clamp(torch.round(x / scale), qmin, qmax) * scale
+
+
+def attach_activation_quant(module: torch.nn.Linear, bits: int, scale: torch.Tensor | None = None):
+    """Fake-quantize a Linear's input on every forward (W8A8 as the int8 kernels see it)."""
+
+    def pre_hook(_mod, args):
+        return (fake_quant_activation(args[0], bits, scale), *args[1:])
+
+    return module.register_forward_pre_hook(pre_hook)
+
+
+def load_reference_model(model_dir: str | Path, dtype: torch.dtype = torch.float32):
+    """A transformers model holding our own dequantization of the checkpoint (activation quant attached)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model_dir = Path(model_dir)
+    state, acts = dequantized_state_dict(model_dir, dtype)
+    config = AutoConfig.from_pretrained(model_dir)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not (k == "lm_head.weight" and getattr(config, "tie_word_embeddings", False))]
+    if missing or unexpected:
+        raise SlimlmError(f"checkpoint does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    modules = dict(model.named_modules())
+    for name, args in acts.items():
+        attach_activation_quant(modules[name], int(args["num_bits"]), args.get("scale"))
+    return model.eval()

@@ -1,0 +1,175 @@
+"""Integer group-wise weight quantization (int4/int8), in compressed-tensors' conventions.
+
+Codes are signed: int4 in [-8, 7], int8 in [-128, 127]; ``w ≈ (q - zero) * scale`` with one scale (and, when
+asymmetric, one zero point) per output row and group of ``group_size`` input columns, or per row when the
+group is the whole row ("channel"). These are exactly the values compressed-tensors' ``pack-quantized`` and
+``int-quantized`` formats store, so what we evaluate is what vLLM and transformers will run.
+
+Written by hand (not via compressed_tensors.quantize) because the algorithms need the integer codes, the
+scales they chose and cheap batched fake-quantization over many candidate scales; packing to int32 words is
+compressed-tensors' own ``pack_to_int32``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from slimlm.errors import SlimlmError
+
+GROUP_SIZES = (32, 64, 128)
+
+
+def qrange(bits: int) -> tuple[int, int]:
+    """Signed code range of a ``bits``-bit integer, as compressed-tensors uses it."""
+    return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How one weight tensor is quantized: bits, group size (None = one group per row), symmetry."""
+
+    bits: int
+    group_size: int | None
+    symmetric: bool
+
+    def groups(self, in_features: int) -> int:
+        return 1 if self.group_size is None else in_features // self.group_size
+
+    @property
+    def strategy(self) -> str:
+        return "channel" if self.group_size is None else "group"
+
+
+@dataclass
+class QuantizedWeight:
+    """Integer codes and their parameters for one ``(out, in)`` weight.
+
+    ``q`` int8 codes ``(out, in)``; ``scale`` float ``(out, groups)``; ``zero`` int8 ``(out, groups)`` or None
+    when symmetric.
+    """
+
+    q: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor | None
+    spec: QuantSpec
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return dequantize(self.q, self.scale, self.zero, self.spec.group_size).to(dtype)
+
+
+def choose_group_size(in_features: int, requested: int | None) -> tuple[int | None, str]:
+    """The group size to use for a tensor with ``in_features`` columns, and why.
+
+    compressed-tensors (and vLLM) need the group size to divide the columns: a padded last group cannot be
+    represented in the ``group`` strategy. So we take the largest power-of-two group size ≤ requested that
+    divides (never below 16), else one group per row ("channel"), which every kernel supports.
+    """
+    if requested is None:
+        return None, "channel"
+    if requested <= 0:
+        raise SlimlmError(f"group size must be positive, got {requested}")
+    if in_features % requested == 0:
+        return requested, "as requested"
+    size = requested // 2
+    while size >= 16:
+        if in_features % size == 0:
+            return size, f"{requested} does not divide {in_features}; largest dividing group size is {size}"
+        size //= 2
+    return None, f"no group size ≤ {requested} divides {in_features}; one scale per row (channel)"
+
+
+def _grouped(w: torch.Tensor, group_size: int | None) -> torch.Tensor:
+    """View ``(out, in)`` as ``(out, groups, group)``."""
+    out, cols = w.shape[-2], w.shape[-1]
+    g = cols if group_size is None else group_size
+    return w.reshape(*w.shape[:-2], out, cols // g, g)
+
+
+def minmax_params(w: torch.Tensor, bits: int, group_size: int | None, symmetric: bool,
+                  clip: torch.Tensor | float = 1.0) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scale and zero point from each group's range (compressed-tensors' ``calculate_qparams`` rule).
+
+    ``clip`` (scalar or broadcastable to ``(..., out, groups)``) shrinks the range, for clipping searches.
+    Leading batch dims of ``w`` are kept, so many candidates are computed at once.
+    """
+    qmin, qmax = qrange(bits)
+    g = _grouped(w, group_size)
+    lo = g.amin(-1).clamp(max=0) * clip
+    hi = g.amax(-1).clamp(min=0) * clip
+    if symmetric:
+        scale = torch.maximum(lo.abs(), hi) / ((qmax - qmin) / 2)
+        zero = None
+    else:
+        scale = (hi - lo) / (qmax - qmin)
+    tiny = torch.finfo(scale.dtype).eps
+    scale = torch.where(scale == 0, torch.full_like(scale, tiny), scale)
+    if not symmetric:
+        zero = torch.round(qmin - lo / scale).clamp(qmin, qmax)
+    return scale, zero
+
+
+def quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int,
+             group_size: int | None) -> torch.Tensor:
+    """Integer codes (same float dtype as ``w``; cast with ``.to(torch.int8)``)."""
+    qmin, qmax = qrange(bits)
+    g = _grouped(w, group_size)
+    x = g / scale.unsqueeze(-1)
+    if zero is not None:
+        x = x + zero.unsqueeze(-1).to(x.dtype)
+    return torch.round(x).clamp_(qmin, qmax).reshape(w.shape)
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+               group_size: int | None) -> torch.Tensor:
+    """``(q - zero) * scale`` per group, in the scale's dtype."""
+    g = _grouped(q.to(scale.dtype), group_size)
+    if zero is not None:
+        g = g - zero.to(scale.dtype).unsqueeze(-1)
+    return (g * scale.unsqueeze(-1)).reshape(q.shape)
+
+
+def fake_quantize(w: torch.Tensor, spec: QuantSpec, clip: torch.Tensor | float = 1.0) -> torch.Tensor:
+    """Quantize then dequantize with min/max parameters (batched over leading dims of ``w``)."""
+    scale, zero = minmax_params(w, spec.bits, spec.group_size, spec.symmetric, clip)
+    return dequantize(quantize(w, scale, zero, spec.bits, spec.group_size), scale, zero, spec.group_size)
+
+
+def quantize_weight(w: torch.Tensor, spec: QuantSpec, clip: torch.Tensor | float = 1.0) -> QuantizedWeight:
+    """Round-to-nearest with min/max (optionally clipped) parameters."""
+    w = w.float()
+    scale, zero = minmax_params(w, spec.bits, spec.group_size, spec.symmetric, clip)
+    q = quantize(w, scale, zero, spec.bits, spec.group_size).to(torch.int8)
+    return QuantizedWeight(q, scale, None if zero is None else zero.to(torch.int8), spec)
+
+
+def pack_codes(q: torch.Tensor, bits: int = 4) -> torch.Tensor:
+    """Pack signed codes (int8 tensor) 32/bits per int32 word along the last dim.
+
+    compressed-tensors' ``pack-quantized`` layout: code + 2^(bits-1), element i at bit bits·i of the row's
+    dense bit stream (int4: bits 4·(i mod 8) of word i // 8).
+    """
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+
+    return pack_to_int32(q.to(torch.int8).contiguous(), bits)
+
+
+def unpack_codes(packed: torch.Tensor, shape: tuple[int, int], bits: int = 4) -> torch.Tensor:
+    """Inverse of :func:`pack_codes`."""
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+
+    return unpack_from_int32(packed, bits, torch.Size(shape))
+
+
+def pack_zero_points(zero: torch.Tensor, bits: int = 4) -> torch.Tensor:
+    """Zero points ``(out, groups)`` packed along the output dim, as pack-quantized stores them."""
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+
+    return pack_to_int32(zero.to(torch.int8).contiguous(), bits, packed_dim=0).contiguous()
+
+
+def unpack_zero_points(packed: torch.Tensor, shape: tuple[int, int], bits: int = 4) -> torch.Tensor:
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+
+    return unpack_from_int32(packed, bits, torch.Size(shape), packed_dim=0)

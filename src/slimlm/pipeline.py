@@ -1,0 +1,418 @@
+"""Layer-by-layer streaming quantization with calibration, writing compressed-tensors as layers finish.
+
+For each decoder layer in order: load its weights (only that layer is materialised), run the calibration
+inputs through it in float while hooks gather input statistics, let the algorithm pick scales (AWQ,
+SmoothQuant folding, GPTQ), quantize, then run the *quantized* layer (with activation fake-quant for W8A8)
+so the next layer calibrates on what it will really receive. Memory: one layer + the calibration activations
+(``spill_dir`` keeps those on disk between layers). RTN needs no calibration and skips the forward passes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import resource
+import tempfile
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from slimlm.algorithms.awq import awq_layer
+from slimlm.algorithms.gptq import gptq_quantize
+from slimlm.algorithms.mappings import smoothing_pairs
+from slimlm.algorithms.rtn import rtn_quantize
+from slimlm.algorithms.smoothquant import DEFAULT_STRENGTH, smooth_layer
+from slimlm.algorithms.stats import LayerStats, StatsCollector
+from slimlm.calibration import DEFAULT_SAMPLES, DEFAULT_SEQ_LEN, Calibration, load_calibration
+from slimlm.errors import SlimlmError
+from slimlm.export.compressed_tensors import (
+    ShardWriter,
+    attach_activation_quant,
+    compress_linear,
+    quantization_config,
+)
+from slimlm.formats.groupint import QuantizedWeight, QuantSpec, quantize_weight
+from slimlm.schemes import QuantConfig, check_method, get_scheme
+
+log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------- lazy checkpoint (one layer at a time)
+class _Checkpoint:
+    """Tensor name → safetensors file of an HF model dir (sharded or not); tensors read on demand (mmap)."""
+
+    def __init__(self, model_dir: Path):
+        self.dir = model_dir
+        files = sorted(model_dir.glob("*.safetensors"))
+        if not files:
+            raise SlimlmError(f"{model_dir} holds no .safetensors weights (an HF model dir is needed)")
+        self.where: dict[str, Path] = {}
+        self.dtypes: dict[str, torch.dtype] = {}
+        self._handles = {}
+        for f in files:
+            h = safe_open(str(f), framework="pt")
+            self._handles[f] = h
+            for k in h.keys():
+                self.where[k] = f
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self.where:
+            raise SlimlmError(f"{self.dir}: tensor {name} is missing")
+        return self._handles[self.where[name]].get_tensor(name)
+
+    def keys_with_prefix(self, prefix: str) -> list[str]:
+        return [k for k in self.where if k.startswith(prefix)]
+
+
+def _materialize(module: torch.nn.Module, prefix: str, ckpt: _Checkpoint, dtype: torch.dtype) -> None:
+    state = {}
+    for name, p in module.named_parameters():
+        state[name] = ckpt.get(prefix + name).to(dtype)
+    module.load_state_dict(state, strict=False, assign=True)
+
+
+def _decoder(model: torch.nn.Module) -> tuple[torch.nn.Module, str]:
+    """The decoder stack holding ``.layers`` and its name prefix in the checkpoint."""
+    for prefix in ("model", "transformer", "model.decoder"):
+        mod = model
+        for part in prefix.split("."):
+            mod = getattr(mod, part, None)
+            if mod is None:
+                break
+        if mod is not None and isinstance(getattr(mod, "layers", None), torch.nn.ModuleList):
+            return mod, prefix + "."
+    raise SlimlmError(f"{type(model).__name__}: no decoder with a .layers list found; architecture not supported")
+
+
+# ---------------------------------------------------------------- activation store (memory or disk)
+class _Activations:
+    """Hidden states per calibration batch; kept in memory or spilled to safetensors files."""
+
+    def __init__(self, spill_dir: Path | None):
+        self.spill_dir = spill_dir
+        self._mem: dict[int, torch.Tensor] = {}
+
+    def put(self, i: int, t: torch.Tensor) -> None:
+        if self.spill_dir is None:
+            self._mem[i] = t
+        else:
+            save_file({"h": t.contiguous()}, str(self.spill_dir / f"batch-{i}.safetensors"))
+
+    def get(self, i: int) -> torch.Tensor:
+        if self.spill_dir is None:
+            return self._mem[i]
+        return load_file(str(self.spill_dir / f"batch-{i}.safetensors"))["h"]
+
+
+class _Stop(Exception):
+    pass
+
+
+# ---------------------------------------------------------------- result
+@dataclass
+class GroupChoice:
+    linear: str  # name suffix inside a layer, e.g. mlp.down_proj
+    in_features: int
+    group_size: int | None
+    note: str
+
+
+@dataclass
+class QuantizeResult:
+    output: str
+    scheme: str
+    method: str
+    format: str
+    group_size: int | None
+    symmetric: bool
+    activations: str
+    layers: int
+    quantized_linears: int
+    ignored: list[str]
+    group_choices: list[GroupChoice]
+    calibration: str
+    calibration_tokens: int
+    calibration_warning: str | None
+    seconds: float
+    peak_rss_mb: float
+    output_bytes: int
+    layer_reports: list[dict] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _run_layer(layer, acts: _Activations, kwargs_list: list[dict], n_batches: int,
+               store_out: _Activations | None) -> None:
+    with torch.no_grad():
+        for b in range(n_batches):
+            out = layer(acts.get(b), **kwargs_list[b])
+            if isinstance(out, tuple):
+                out = out[0]
+            if store_out is not None:
+                store_out.put(b, out)
+
+
+def _gptq_shared(linears: dict[str, torch.nn.Linear], names: list[str], stats: LayerStats,
+                 specs: dict[str, QuantSpec]) -> dict[str, QuantizedWeight]:
+    """GPTQ for Linears grouped by shared input statistics: one stacked run per distinct input."""
+    out: dict[str, QuantizedWeight] = {}
+    groups: dict[int, list[str]] = {}
+    for n in names:
+        groups.setdefault(id(stats[n]), []).append(n)
+    for members in groups.values():
+        spec = specs[members[0]]
+        same = [m for m in members if specs[m] == spec]
+        for batch in (same, [m for m in members if specs[m] != spec]):
+            if not batch:
+                continue
+            if len(batch) > 1 and len({specs[m] for m in batch}) > 1:
+                for m in batch:
+                    out[m] = gptq_quantize(linears[m].weight, stats[m].hessian, specs[m])
+                continue
+            w = torch.cat([linears[m].weight.float() for m in batch], 0)
+            qw = gptq_quantize(w, stats[batch[0]].hessian, specs[batch[0]])
+            row = 0
+            for m in batch:
+                rows = linears[m].out_features
+                out[m] = QuantizedWeight(qw.q[row:row + rows], qw.scale[row:row + rows],
+                                         None if qw.zero is None else qw.zero[row:row + rows], specs[m])
+                row += rows
+    return out
+
+
+def quantize_model(model: str | Path, output: str | Path, *, scheme: str | QuantConfig = "w4a16",
+                   method: str | None = None, group_size: int | str | None = "default",
+                   symmetric: bool | None = None, ignore: list[str] | None = None,
+                   calib: str | Path | torch.Tensor | None = None, samples: int = DEFAULT_SAMPLES,
+                   seq_len: int = DEFAULT_SEQ_LEN, act_dynamic: bool = True,
+                   smoothing_strength: float = DEFAULT_STRENGTH, batch_size: int = 4,
+                   spill_dir: str | Path | None = None, threads: int | None = None,
+                   uniform_groups: bool = True, overwrite: bool = False, progress: Callable[[int, int, str], None] | None = None,
+                   ) -> QuantizeResult:
+    """Quantize an HF model dir to a compressed-tensors dir; see module docstring for the streaming order."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    start = time.perf_counter()
+    model_dir = Path(model)
+    out_dir = Path(output)
+    if not (model_dir / "config.json").is_file():
+        raise SlimlmError(f"{model_dir} is not a Hugging Face model dir (no config.json)")
+    if out_dir.exists() and not overwrite:
+        raise SlimlmError(f"{out_dir} exists; pass --overwrite to replace it")
+    cfg = scheme if isinstance(scheme, QuantConfig) else get_scheme(
+        scheme, group_size=group_size, symmetric=symmetric, ignore=ignore, act_dynamic=act_dynamic)
+    method = check_method(cfg, method)
+    if threads:
+        torch.set_num_threads(int(threads))
+
+    hf_config = AutoConfig.from_pretrained(model_dir)
+    if getattr(hf_config, "quantization_config", None):
+        raise SlimlmError(f"{model_dir} is already quantized; start from the float model")
+    model_type = getattr(hf_config, "model_type", "?")
+    ckpt = _Checkpoint(model_dir)
+    with init_empty_weights(include_buffers=False):
+        skeleton = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
+    skeleton.eval()
+    decoder, dprefix = _decoder(skeleton)
+    layers = decoder.layers
+    n_layers = len(layers)
+    # Fail fast (before any calibration work) when the method has no mapping for this architecture.
+    needs_pairs = method in ("awq", "smoothquant", "smoothquant+gptq")
+    if needs_pairs:
+        smoothing_pairs(model_type, layers[0], "awq" if method == "awq" else "smoothquant")
+
+    tokenizer = None
+    try:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    except Exception:  # a dir without tokenizer files: only token-id / self-generated calibration works
+        tokenizer = None
+
+    need_calib = method != "rtn" or (cfg.act_bits is not None and not cfg.act_dynamic)
+    calibration: Calibration | None = None
+    if need_calib:
+        def full_model():
+            return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+        calibration = load_calibration(calib, tokenizer=tokenizer, model_loader=full_model,
+                                       vocab_size=hf_config.vocab_size, n_samples=samples, seq_len=seq_len)
+        if calibration.input_ids.max() >= hf_config.vocab_size:
+            raise SlimlmError("calibration token ids exceed the model's vocabulary")
+
+    spill_ctx = tempfile.TemporaryDirectory(prefix="slimlm-spill-", dir=spill_dir) if spill_dir else nullcontext()
+    writer = ShardWriter(out_dir)
+    try:
+        with spill_ctx as spill_path, torch.no_grad():
+            acts = _Activations(Path(spill_path) if spill_path else None)
+            kwargs_list: list[dict] = []
+            n_batches = 0
+            if calibration is not None:
+                for name, mod in decoder.named_children():
+                    if name != "layers" and any(p.is_meta for p in mod.parameters()):
+                        _materialize(mod, f"{dprefix}{name}.", ckpt, torch.float32)
+                captured: list[tuple] = []
+
+                def grab(_mod, args, kwargs):
+                    captured.append((args, kwargs))
+                    raise _Stop
+
+                handle = layers[0].register_forward_pre_hook(grab, with_kwargs=True)
+                ids = calibration.input_ids
+                for b0 in range(0, ids.shape[0], batch_size):
+                    try:
+                        decoder(input_ids=ids[b0:b0 + batch_size], use_cache=False)
+                    except _Stop:
+                        pass
+                handle.remove()
+                for b, (args, kwargs) in enumerate(captured):
+                    kwargs = dict(kwargs)
+                    hidden = args[0] if args else kwargs.pop("hidden_states")
+                    acts.put(b, hidden)
+                    kwargs_list.append(kwargs)
+                n_batches = len(captured)
+
+            group_choices: dict[str, GroupChoice] = {}
+            spec_groups: dict[tuple, set[str]] = {}
+            ignored: list[str] = []
+            layer_reports = []
+            n_quantized = 0
+            fmt = cfg.format
+            store_dtype = getattr(hf_config, "dtype", None)
+            store_dtype = getattr(torch, str(store_dtype).replace("torch.", "")) if store_dtype else torch.float32
+            act = {"bits": cfg.act_bits, "dynamic": cfg.act_dynamic} if cfg.act_bits else None
+
+            widths = {m.in_features for j, lyr in enumerate(layers) for n, m in lyr.named_modules()
+                      if isinstance(m, torch.nn.Linear) and not cfg.is_ignored(f"{dprefix}layers.{j}.{n}")}
+            plan = cfg.plan_group_sizes(widths, uniform=uniform_groups)
+            for i in range(n_layers):
+                layer = layers[i]
+                prefix = f"{dprefix}layers.{i}."
+                _materialize(layer, prefix, ckpt, torch.float32)
+                linears = {n: m for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
+                quant_names = [n for n in linears if not cfg.is_ignored(prefix + n)]
+                ignored += [prefix + n for n in linears if n not in quant_names]
+                specs = {}
+                for n in quant_names:
+                    gs, why = plan[linears[n].in_features]
+                    spec = QuantSpec(cfg.weight_bits, gs, cfg.symmetric)
+                    specs[n] = spec
+                    group_choices.setdefault(n, GroupChoice(n, linears[n].in_features, spec.group_size, why))
+                t0 = time.perf_counter()
+                report: dict = {"layer": i}
+                stats = None
+                if calibration is not None:
+                    need_gram = method in ("awq", "gptq", "smoothquant+gptq")
+                    with StatsCollector({n: linears[n] for n in quant_names}, need_gram=need_gram) as col:
+                        _run_layer(layer, acts, kwargs_list, n_batches, None)
+                    stats = col.stats
+                qws: dict[str, QuantizedWeight] = {}
+                if method == "awq":
+                    pairs = [p for p in smoothing_pairs(model_type, layer, "awq")
+                             if all(n in specs for n in p.linears)]
+                    clips, rep = awq_layer(layer, stats, pairs, specs)
+                    report["awq"] = rep
+                    for n in quant_names:
+                        qws[n] = quantize_weight(linears[n].weight, specs[n], clip=clips[n])
+                elif method in ("smoothquant", "smoothquant+gptq"):
+                    pairs = [p for p in smoothing_pairs(model_type, layer, "smoothquant")
+                             if all(n in specs for n in p.linears)]
+                    smooth_layer(layer, stats, pairs, smoothing_strength)
+                    if method == "smoothquant":
+                        qws = {n: rtn_quantize(linears[n].weight, specs[n]) for n in quant_names}
+                    else:
+                        qws = _gptq_shared(linears, quant_names, stats, specs)
+                elif method == "gptq":
+                    qws = _gptq_shared(linears, quant_names, stats, specs)
+                else:
+                    qws = {n: rtn_quantize(linears[n].weight, specs[n]) for n in quant_names}
+
+                tensors: dict[str, torch.Tensor] = {}
+                hooks = []
+                for n in quant_names:
+                    qw = qws[n]
+                    in_scale = None
+                    if act is not None and not cfg.act_dynamic:
+                        in_scale = stats[n].abs_max.max().reshape(1) / ((2 ** cfg.act_bits - 1) / 2)
+                        in_scale = in_scale.clamp(min=torch.finfo(torch.float32).eps)
+                    tensors.update(compress_linear(prefix + n, qw, fmt, store_dtype, in_scale))
+                    spec_groups.setdefault((qw.spec.bits, qw.spec.group_size, qw.spec.symmetric), set()).add(n)
+                    # The forward below must see exactly what was stored (scales in the stored dtype).
+                    deq = QuantizedWeight(qw.q, qw.scale.to(store_dtype).float(), qw.zero, qw.spec).dequantize()
+                    linears[n].weight.data = deq
+                    if act is not None:
+                        s = None if in_scale is None else in_scale.to(store_dtype).float()
+                        hooks.append(attach_activation_quant(linears[n], cfg.act_bits, s))
+                    n_quantized += 1
+                for pname, p in layer.named_parameters():
+                    owner = pname.rsplit(".", 1)[0]
+                    if owner in quant_names and pname.endswith(".weight"):
+                        continue
+                    tensors[prefix + pname] = p.detach().to(ckpt.get(prefix + pname).dtype)
+                for key in ckpt.keys_with_prefix(prefix):
+                    if key not in tensors and not any(key.startswith(prefix + n + ".") for n in quant_names):
+                        tensors[key] = ckpt.get(key)
+                writer.add(tensors)
+
+                if calibration is not None and i + 1 < n_layers:
+                    _run_layer(layer, acts, kwargs_list, n_batches, acts)
+                for h in hooks:
+                    h.remove()
+                layer.to("meta")
+                report["seconds"] = round(time.perf_counter() - t0, 3)
+                layer_reports.append(report)
+                if progress is not None:
+                    progress(i + 1, n_layers, f"layer {i}")
+
+            # Everything outside the decoder layers (embeddings, final norm, lm_head) is kept as stored.
+            layer_prefix = f"{dprefix}layers."
+            rest = {k: ckpt.get(k) for k in ckpt.where if not k.startswith(layer_prefix)}
+            ignored += [k.rsplit(".", 1)[0] for k in rest
+                        if k.endswith(".weight") and isinstance(_module_at(skeleton, k.rsplit(".", 1)[0]),
+                                                                torch.nn.Linear)]
+            if getattr(hf_config, "tie_word_embeddings", False) and "lm_head" not in ignored:
+                ignored.append("lm_head")
+            writer.add(rest)
+
+            config = json.loads((model_dir / "config.json").read_text())
+            groups = {k: sorted(v) for k, v in spec_groups.items()}
+            config["quantization_config"] = quantization_config(groups, fmt, sorted(set(ignored)), act)
+            writer.finish(config, model_dir, overwrite)
+    except BaseException:
+        writer.abort()
+        raise
+
+    activations = "16-bit"
+    if cfg.act_bits:
+        activations = f"int{cfg.act_bits} " + ("dynamic per-token" if cfg.act_dynamic else "static per-tensor")
+    size = sum(f.stat().st_size for f in out_dir.glob("*.safetensors"))
+    return QuantizeResult(
+        output=str(out_dir), scheme=cfg.name, method=method, format=cfg.format, group_size=cfg.group_size,
+        symmetric=cfg.symmetric, activations=activations, layers=n_layers, quantized_linears=n_quantized,
+        ignored=sorted(set(ignored)), group_choices=list(group_choices.values()),
+        calibration=calibration.source if calibration else "none (rtn needs no calibration)",
+        calibration_tokens=calibration.tokens if calibration else 0,
+        calibration_warning=calibration.warning if calibration else None,
+        seconds=round(time.perf_counter() - start, 3), peak_rss_mb=round(_peak_rss_mb(), 1),
+        output_bytes=size, layer_reports=layer_reports)
+
+
+def _module_at(model: torch.nn.Module, name: str):
+    mod = model
+    for part in name.split("."):
+        mod = getattr(mod, part, None)
+        if mod is None:
+            return None
+    return mod
