@@ -139,7 +139,10 @@ def _open_safetensors_files(path: Path, files: list[Path], fmt: str, config: dic
 def _open_gguf(path: Path) -> Checkpoint:
     tensors, metadata, expected, actual = read_gguf(path)
     ckpt = Checkpoint(path=path, format="gguf", tensors=tensors, gguf_metadata=metadata, file_bytes=actual)
-    ckpt.config = config_from_gguf(metadata, tensors)
+    try:
+        ckpt.config = config_from_gguf(metadata, tensors)
+    except (TypeError, ValueError, AttributeError):
+        ckpt.config = None  # metadata values of the wrong type: fall back to the tensor table
     if ckpt.config is None:
         ckpt.warnings.append(f"GGUF architecture {metadata.get('general.architecture')!r} has no config mapping; "
                              "counts come from the tensor table only")

@@ -79,7 +79,7 @@ def read_gguf(path: Path) -> tuple[list[TensorInfo], dict[str, Any], int, int]:
         raise
     except _HeaderTruncated as exc:
         raise SlimlmError(f"{path}: truncated GGUF header ({exc})") from None
-    except (ValueError, KeyError, IndexError, TypeError, OverflowError, UnicodeDecodeError, MemoryError) as exc:
+    except (ValueError, KeyError, IndexError, TypeError, OverflowError, MemoryError, RecursionError) as exc:
         reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
         raise SlimlmError(f"{path}: corrupt GGUF header ({reason})") from None
     data_end = max((t.offset + t.nbytes for t in tensors), default=size)  # type: ignore[operator]
