@@ -14,3 +14,10 @@ from slimlm.spec import ModelSpec  # noqa: E402,F401
 # --- GGUF quantization and importance matrices (gguf_io) ---
 from slimlm.gguf_io.imatrix import Imatrix, make_imatrix as imatrix, read_imatrix, write_imatrix  # noqa: E402,F401
 from slimlm.gguf_io.quantize import QuantizeResult, quantize_gguf  # noqa: E402,F401
+
+# --- compressed-tensors schemes W4A16/W8A16/W8A8 (RTN, AWQ, GPTQ, SmoothQuant), streaming pipeline ---
+from slimlm.pipeline import QuantizeResult as SchemeQuantizeResult, quantize_model  # noqa: E402,F401
+from slimlm.schemes import (  # noqa: E402,F401
+    QuantConfig, W4A16Config, W8A8Config, W8A16Config, check_model as check, get_scheme, quantize_,
+)
+from slimlm.export.compressed_tensors import load_reference_model  # noqa: E402,F401

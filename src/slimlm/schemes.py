@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from slimlm.errors import SlimlmError
-from slimlm.formats.groupint import QuantSpec, choose_group_size
+from slimlm.formats.groupint import GROUP_SIZES, QuantSpec, choose_group_size
 
 SCHEMES = ("w4a16", "w8a16", "w8a8")
 METHODS = ("rtn", "awq", "gptq", "smoothquant", "smoothquant+gptq")
@@ -153,3 +153,81 @@ def quantize_(model: torch.nn.Module, config: QuantConfig) -> list[str]:
                 module.weight.copy_(rtn_quantize(module.weight, spec).dequantize(module.weight.dtype))
             applied.names.append(name)
     return applied.names
+
+
+# ---------------------------------------------------------------- lint: what a model can take, before any work
+ROW_PARALLEL = ("o_proj", "down_proj", "out_proj", "dense_4h_to_h", "fc2", "w2", "c_proj")
+MARLIN_MIN_N, MARLIN_MIN_K = 64, 128  # vLLM's GPTQ-Marlin kernel: per-shard output % 64, input % 128
+TP_DEGREES = (2, 4, 8)
+
+
+def _tp_verdict(in_f: int, out_f: int, row: bool, tp: int, group_size: int | None) -> str:
+    """'ok' or why vLLM cannot shard this Linear ``tp`` ways with the given weight group size."""
+    if row:
+        if in_f % tp:
+            return f"in {in_f} not divisible by {tp}"
+        shard = in_f // tp
+        if group_size is not None and shard % group_size:
+            return f"shard in {shard} not divisible by group {group_size}"
+    elif out_f % tp:
+        return f"out {out_f} not divisible by {tp}"
+    return "ok"
+
+
+def check_model(model: str, *, group_size: int | None = 128, tp_degrees: tuple[int, ...] = TP_DEGREES) -> dict:
+    """Per Linear shape of a model (from config.json only): which group sizes divide, which TP degrees work.
+
+    Attention-head rules are vLLM's: heads % tp == 0; KV heads divisible by tp, or tp a multiple of them
+    (replicated). ``marlin`` says whether the one-GPU shape fits vLLM's Marlin W4A16 kernel.
+    """
+    from pathlib import Path
+
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(model)
+    if not (path / "config.json").is_file():
+        raise SlimlmError(f"{model} is not a Hugging Face model dir (no config.json)")
+    config = AutoConfig.from_pretrained(path)
+    with init_empty_weights():
+        skeleton = AutoModelForCausalLM.from_config(config)
+    rows: dict[tuple, dict] = {}
+    linears = [(n, m) for n, m in skeleton.named_modules() if isinstance(m, torch.nn.Linear)]
+    cfg = W4A16Config(group_size=group_size)
+    plan = cfg.plan_group_sizes({m.in_features for n, m in linears if not cfg.is_ignored(n)})
+    for name, mod in linears:
+        parts = name.split(".")
+        suffix = ".".join(parts[parts.index("layers") + 2:]) if "layers" in parts else name
+        key = (suffix, mod.in_features, mod.out_features)
+        if key in rows:
+            rows[key]["count"] += 1
+            continue
+        row_parallel = suffix.endswith(ROW_PARALLEL)
+        gs, note = plan.get(mod.in_features) or choose_group_size(mod.in_features, group_size)
+        rows[key] = {
+            "linear": suffix, "count": 1, "in": mod.in_features, "out": mod.out_features,
+            "parallel": "row" if row_parallel else "column",
+            "group_sizes_dividing": [g for g in GROUP_SIZES if mod.in_features % g == 0],
+            "group_size_used": gs, "group_note": note,
+            "marlin": mod.out_features % MARLIN_MIN_N == 0 and mod.in_features % MARLIN_MIN_K == 0,
+            "tp": {str(t): _tp_verdict(mod.in_features, mod.out_features, row_parallel, t, gs)
+                   for t in tp_degrees},
+            "ignored_by_default": suffix == "lm_head",
+        }
+    heads = getattr(config, "num_attention_heads", None)
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    model_tp = {}
+    for t in tp_degrees:
+        reasons = []
+        if heads and heads % t:
+            reasons.append(f"{heads} attention heads not divisible by {t}")
+        if kv and kv % t and t % kv:
+            reasons.append(f"{kv} KV heads neither divisible by {t} nor dividing it")
+        layer_bad = [f"{r['linear']}: {r['tp'][str(t)]}" for r in rows.values()
+                     if r["tp"][str(t)] != "ok" and not r["ignored_by_default"]]
+        reasons += layer_bad
+        model_tp[str(t)] = "ok" if not reasons else "; ".join(reasons)
+    return {"model": str(path), "model_type": getattr(config, "model_type", None), "attention_heads": heads,
+            "kv_heads": kv, "group_size_requested": group_size, "linears": list(rows.values()),
+            "tensor_parallel": model_tp}
+

@@ -28,19 +28,46 @@ def _human(n: float) -> str:
 @app.command()
 def quantize(
     model: Path = typer.Argument(..., help="Hugging Face model dir, or a .gguf to re-quantize."),
-    to: str = typer.Option(..., "--to", help="GGUF type mix as llama.cpp names it: Q4_K_M, Q8_0, Q2_K, ..., or f32/f16/bf16."),
-    out: Optional[Path] = typer.Option(None, "-o", "--out", help="Output .gguf path."),
+    to: Optional[str] = typer.Option(None, "--to", help="GGUF type mix as llama.cpp names it: Q4_K_M, Q8_0, Q2_K, ..., or f32/f16/bf16."),
+    out: Optional[Path] = typer.Option(None, "-o", "--out", help="Output .gguf path (--to), or output dir (--scheme)."),
     imatrix: Optional[Path] = typer.Option(None, "--imatrix", help="llama.cpp importance matrix (.gguf or legacy .dat)."),
-    calib: Optional[Path] = typer.Option(None, "--calib", help="Text file: compute the importance matrix from it first."),
+    calib: Optional[Path] = typer.Option(None, "--calib", help="Text file: compute the importance matrix from it first (--to); calibration .txt/.jsonl/HF dataset for --scheme (default: text the model writes itself)."),
     calib_chunks: int = typer.Option(100, "--calib-chunks", help="512-token windows of --calib to use."),
     tensor_type: List[str] = typer.Option([], "--tensor-type", help="REGEX=TYPE override, e.g. 'attn_v=q8_0' (repeatable)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the per-tensor plan and size; write nothing."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file."),
     show_plan: bool = typer.Option(False, "--plan", help="List every tensor's type (implied by --dry-run)."),
+    # --- compressed-tensors schemes (W4A16/W8A16/W8A8): see slimlm/cli/scheme_quantize.py ---
+    scheme: Optional[str] = typer.Option(None, "--scheme", help="w4a16 | w8a16 | w8a8: write a compressed-tensors dir (vLLM/transformers) instead of GGUF."),
+    method: Optional[str] = typer.Option(None, "--method", help="rtn | awq | gptq | smoothquant | smoothquant+gptq (default: awq for w4a16, rtn for w8a16, smoothquant for w8a8)."),
+    group_size: Optional[str] = typer.Option(None, "--group-size", help="32 | 64 | 128 | channel (default 128 for w4a16; a size that does not divide is adapted and reported)."),
+    sym: Optional[bool] = typer.Option(None, "--sym/--asym", help="Symmetric or asymmetric weights (default: asym for w4a16, sym for w8)."),
+    ignore: List[str] = typer.Option([], "--ignore", help="Module name or 're:REGEX' kept in full precision (repeatable; lm_head always kept)."),
+    samples: int = typer.Option(16, "--samples", help="Calibration sequences (of --seq-len tokens)."),
+    seq_len: int = typer.Option(512, "--seq-len", help="Tokens per calibration sequence."),
+    static_acts: bool = typer.Option(False, "--static-acts", help="w8a8: static per-tensor activation scales instead of dynamic per-token."),
+    spill: Optional[Path] = typer.Option(None, "--spill", help="Keep calibration activations in this dir between layers (bounded RAM)."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch."),
+    check: bool = typer.Option(False, "--check", help="Lint only: per layer which group sizes divide and which vLLM TP degrees (2/4/8) work."),
     json_out: bool = JSON_OPTION,
 ) -> None:
-    """Quantize a model to a llama.cpp GGUF in one streaming pass (tensors are read, encoded and written one at a time)."""
+    """Quantize a model: to a llama.cpp GGUF (--to TYPE, one streaming pass), or to compressed-tensors
+    (--scheme w4a16|w8a16|w8a8 --method ..., layer-by-layer calibration), or lint it (--check)."""
     from slimlm import api
+    from slimlm.cli import scheme_quantize
+    from slimlm.errors import SlimlmError
+
+    if check:
+        return scheme_quantize.run_check(model, group_size, json_out)
+    if scheme is not None:
+        if to is not None:
+            raise SlimlmError("give either --to TYPE (GGUF) or --scheme (compressed-tensors), not both")
+        return scheme_quantize.run_scheme(
+            model, out, scheme=scheme, method=method, group_size=group_size, sym=sym, ignore=ignore, calib=calib,
+            samples=samples, seq_len=seq_len, static_acts=static_acts, spill=spill, threads=threads,
+            overwrite=overwrite, json_out=json_out)
+    if to is None:
+        raise SlimlmError("give --to TYPE (a GGUF mix such as Q4_K_M) or --scheme w4a16|w8a16|w8a8, or --check")
 
     with _progress_bar(f"quantizing to {to}", json_out or dry_run) as bar:
         task = bar.add_task("", total=None, item="")
