@@ -35,7 +35,13 @@ def nearest_int(v: np.ndarray) -> np.ndarray:
 
 
 def seq_sum(terms: np.ndarray) -> np.ndarray:
-    """C's ``s = 0; for (i...) s += t[i]`` over axis 0, in float32, strictly left to right."""
+    """C's ``s = 0; for (i...) s += t[i]`` over axis 0, in float32, strictly left to right.
+
+    For a C-contiguous array numpy reduces an outer axis row by row (out += t[i]), which is this order;
+    pairwise summation only applies along the contiguous axis. Other layouts take the explicit loop.
+    """
+    if terms.dtype == F32 and terms.flags.c_contiguous:
+        return np.add.reduce(terms, axis=0)
     total = terms[0].astype(F32, copy=True)
     for i in range(1, terms.shape[0]):
         total += terms[i]
@@ -76,6 +82,19 @@ def imatrix_weights(imatrix: np.ndarray | None, x_rows: np.ndarray, name: str) -
     return np.broadcast_to(qw, x_rows.shape)
 
 
+def _levels(x: np.ndarray, mn: np.ndarray, iscale: np.ndarray, nmax: F32, out: np.ndarray) -> np.ndarray:
+    """clamp(nearest_int(iscale*(x - mn)), 0, nmax) as float32, written into ``out``.
+
+    Rounds in the float domain: ``np.rint`` is round-half-even, which is what nearest_int computes for
+    |v| < 2**22; here |v| <= nmax + 1 because x - mn never exceeds max - mn, so no out-of-range case arises.
+    """
+    np.subtract(x, mn, out=out)
+    out *= iscale
+    np.rint(out, out=out)
+    np.clip(out, F32(0), nmax, out=out)
+    return out
+
+
 def make_qkx_quants(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int,
                     use_mad: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """ggml's ``make_qkx2_quants`` / ``make_qkx3_quants`` (same arithmetic once weights are given).
@@ -86,8 +105,8 @@ def make_qkx_quants(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta
     grid is anchored at the best ``min`` found so far. x, w: [n, G] float32.
     Returns (scale [G], the_min [G], L [n, G] int32).
     """
-    x = np.asarray(x, dtype=F32)
-    w = np.asarray(w, dtype=F32)
+    x = np.ascontiguousarray(x, dtype=F32)
+    w = np.ascontiguousarray(w, dtype=F32)
     fnmax = F32(nmax)
     vmin = np.minimum.reduce(x, axis=0)
     vmax = np.maximum.reduce(x, axis=0)
@@ -95,27 +114,36 @@ def make_qkx_quants(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta
     sum_x = seq_sum(w * x)
     vmin = np.where(vmin > 0, F32(0), vmin).astype(F32)
     flat = ~(vmax > vmin)  # C returns early on max == min (qkx2) / max <= min (qkx3)
+    lf = np.empty_like(x)
+    tmp = np.empty_like(x)
 
-    def err(scale: np.ndarray, mn: np.ndarray, lf: np.ndarray) -> np.ndarray:
-        d = (scale * lf + mn) - x
-        d = np.abs(d) if use_mad else d * d
-        return seq_sum(w * d)
+    def err(scale: np.ndarray, mn: np.ndarray, levels: np.ndarray) -> np.ndarray:
+        d = np.multiply(scale, levels, out=tmp)  # ((scale*L + min) - x), then |.| or squared, times w
+        d += mn
+        d -= x
+        if use_mad:
+            np.abs(d, out=d)
+        else:
+            d *= d
+        d *= w
+        return seq_sum(d)
 
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         span = np.where(flat, F32(1), vmax - vmin).astype(F32)
         iscale = fnmax / span
         scale = (F32(1) / iscale).astype(F32)
-        L = np.clip(nearest_int(iscale * (x - vmin)), 0, nmax)
-        best = err(scale, vmin, L.astype(F32))
+        best = err(scale, vmin, _levels(x, vmin, iscale, fnmax, lf))
         cur_min = vmin
+        # the winning grid is remembered as (iscale, anchor min) and its levels recomputed once at the end
+        best_iscale, best_anchor = iscale, vmin
         for step in range(nstep + 1):
             iscale = ((F32(rmin) + F32(rdelta) * F32(step)) + fnmax) / (vmax - cur_min)
-            laux = np.clip(nearest_int(iscale * (x - cur_min)), 0, nmax)
-            lf = laux.astype(F32)
-            wl = w * lf
-            sum_l = seq_sum(wl)
-            sum_l2 = seq_sum(wl * lf)
-            sum_xl = seq_sum(wl * x)
+            _levels(x, cur_min, iscale, fnmax, lf)
+            np.multiply(w, lf, out=tmp)
+            sum_l = seq_sum(tmp)
+            sum_xl = seq_sum(tmp * x)
+            tmp *= lf
+            sum_l2 = seq_sum(tmp)
             D = sum_w * sum_l2 - sum_l * sum_l
             ok = (D > 0) & ~flat
             this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
@@ -126,12 +154,14 @@ def make_qkx_quants(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta
             cur = err(this_scale, this_min, lf)
             better = ok & (cur < best)
             if better.any():
-                L = np.where(better, laux, L)
+                best_iscale = np.where(better, iscale, best_iscale)
+                best_anchor = np.where(better, cur_min, best_anchor)
                 best = np.where(better, cur, best)
                 scale = np.where(better, this_scale, scale)
                 cur_min = np.where(better, this_min, cur_min)
+        L = _levels(x, best_anchor, best_iscale, fnmax, lf).astype(np.int32)
     scale = np.where(flat, F32(0), scale).astype(F32)
-    L = np.where(flat, 0, L).astype(np.int32)
+    L[:, flat] = 0
     return scale, (-cur_min).astype(F32), L
 
 
