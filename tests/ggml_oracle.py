@@ -6,6 +6,10 @@ layers each hold one matrix as ``blk.{i}.ffn_down.weight``), runs llama.cpp's ow
 optionally with an importance matrix) and returns the raw quantized bytes of each matrix, one row of
 bytes per matrix row, read back with ``gguf.GGUFReader``.  Tests compare those bytes with ours.
 
+``ggml_quantize_chunk`` calls the function llama_model_quantize runs for each slab of rows
+(ggml's ``ggml_quantize_chunk`` in libggml-base, through ctypes) directly on an array: no files, so it
+is the fair peer for timing the codecs.
+
 ``smollm2_ffn_down`` gives real weights: the SmolLM2 ffn_down matrices of the shipped Q4_1 GGUF,
 dequantized to float32 with ``gguf.quants.dequantize``.
 
@@ -113,6 +117,35 @@ def llama_quantize_rows(mats: Sequence[np.ndarray], qtype: T,
 def llama_quantize(x: np.ndarray, qtype: T, imatrix: np.ndarray | None = None) -> np.ndarray:
     """One matrix: llama.cpp's bytes for ``x`` (float32 [rows, cols]) as uint8 [rows, bytes_per_row]."""
     return llama_quantize_rows([x], qtype, None if imatrix is None else [imatrix])[0]
+
+
+_GGML_QUANTIZE_CHUNK = None
+
+
+def ggml_quantize_chunk(x: np.ndarray, qtype: T, imatrix: np.ndarray | None = None) -> np.ndarray:
+    """llama.cpp's ``ggml_quantize_chunk`` on float32 [rows, n] -> uint8 [rows, bytes_per_row]."""
+    global _GGML_QUANTIZE_CHUNK
+    if _GGML_QUANTIZE_CHUNK is None:
+        import llama_cpp
+
+        lib = ctypes.CDLL(str(Path(llama_cpp.__file__).parent / "lib" / "libggml-base.so"))
+        fn = lib.ggml_quantize_chunk
+        fn.restype = ctypes.c_size_t
+        fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+                       ctypes.c_int64, ctypes.c_void_p]
+        _GGML_QUANTIZE_CHUNK = fn
+    from gguf import GGML_QUANT_SIZES
+
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    rows, n = x.shape
+    bs, ts = GGML_QUANT_SIZES[T(qtype)]
+    out = np.empty((rows, n // bs * ts), dtype=np.uint8)
+    im = None if imatrix is None else np.ascontiguousarray(imatrix, dtype=np.float32)
+    written = _GGML_QUANTIZE_CHUNK(int(qtype), x.ctypes.data, out.ctypes.data, 0, rows, n,
+                                   None if im is None else im.ctypes.data)
+    if written != out.nbytes:
+        raise RuntimeError(f"ggml_quantize_chunk wrote {written} bytes, expected {out.nbytes}")
+    return out
 
 
 def smollm2_ffn_down(gguf_path: Path, layers: Sequence[int] = (0,)) -> list[np.ndarray]:
