@@ -1,0 +1,97 @@
+"""Tiny HF model dirs with a real (trained in-process) byte-level BPE tokenizer, for GGUF export tests.
+
+Also checks the one thing the helpers themselves promise: llama.cpp tokenizes text exactly like
+transformers does from the tokenizer metadata we write.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "A model is quantized to fewer bits per weight, and its perplexity rises a little.",
+    "llama.cpp reads GGUF files; slimlm writes them from Hugging Face checkpoints.",
+    "Numbers like 12345 and 3.14159 are split into digits by some tokenizers.",
+    "She sells sea shells by the sea shore, and the shells she sells are sea shells.",
+] * 20
+
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                 "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def make_tokenizer(path: Path, vocab_size: int = 300, add_bos: bool = False):
+    """Train a byte-level BPE (GPT-2 style pre-tokenizer) and save it as a transformers fast tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(CORPUS, trainer)
+    if add_bos:
+        tok.post_processor = processors.TemplateProcessing(single="<|im_start|> $A", special_tokens=[
+            ("<|im_start|>", tok.token_to_id("<|im_start|>"))])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                   unk_token="<|endoftext|>", pad_token="<|im_end|>")
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(path)
+    return fast
+
+
+def make_tiny_model(path: Path, arch: str = "llama", *, hidden: int = 256, ffn: int = 512, layers: int = 2,
+                    heads: int = 4, kv_heads: int = 2, tie: bool = True, seed: int = 0,
+                    config_extra: dict | None = None, add_bos: bool = False) -> Path:
+    """A tiny random model of ``arch`` (llama, mistral, qwen2, gemma) with a trained tokenizer in ``path``."""
+    import transformers
+
+    tok = make_tokenizer(path, add_bos=add_bos)
+    vocab = len(tok)
+    common = dict(hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers, num_attention_heads=heads,
+                  num_key_value_heads=kv_heads, vocab_size=vocab, max_position_embeddings=1024,
+                  tie_word_embeddings=tie, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    common.update(config_extra or {})
+    cls = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "mistral": ("MistralConfig", "MistralForCausalLM"),
+           "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"), "gemma": ("GemmaConfig", "GemmaForCausalLM")}[arch]
+    if arch == "gemma":
+        common["head_dim"] = hidden // heads
+        common["tie_word_embeddings"] = True
+    torch.manual_seed(seed)
+    config = getattr(transformers, cls[0])(**common)
+    model = getattr(transformers, cls[1])(config)
+    with torch.no_grad():  # random init is tiny; make weights and norms less uniform so errors show
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1.0 + 0.3 * torch.randn_like(p) if arch != "gemma" else 0.3 * torch.randn_like(p))
+            elif p.ndim == 2:
+                p.normal_(0.0, 0.08)
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def tiny_dir(tmp_path: Path) -> Path:
+    return make_tiny_model(tmp_path / "tiny")
+
+
+def test_llama_cpp_tokenizes_like_transformers(tiny_dir: Path, tmp_path: Path) -> None:
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from transformers import AutoTokenizer
+
+    from slimlm.gguf_io.quantize import quantize_gguf
+
+    out = tmp_path / "tiny.gguf"
+    quantize_gguf(tiny_dir, "f32", out)
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    llm = llama_cpp.Llama(str(out), n_ctx=128, verbose=False)
+    for text in ["The quick brown fox.", "Numbers 12345 and shells, sea shore!", " leading space and\nnewline"]:
+        assert llm.tokenize(text.encode(), add_bos=False, special=False) == tok.encode(text, add_special_tokens=False)
+    assert llm.tokenize(b"<|im_start|>user", add_bos=False, special=True)[0] == tok.convert_tokens_to_ids("<|im_start|>")
+    assert json.loads(json.dumps(llm.metadata))["tokenizer.chat_template"] == CHAT_TEMPLATE
