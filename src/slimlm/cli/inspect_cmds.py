@@ -30,9 +30,11 @@ def inspect(
     json_out: bool = JSON_OPTION,
 ) -> None:
     """Count a model's parameters (total, by role, active per token for MoE) from headers alone, no weights loaded."""
-    from slimlm import api
+    # The area's function itself (re-exported as slimlm.api.inspect): importing slimlm.api would load torch
+    # for other areas, and inspecting must stay instant.
+    from slimlm.inspect import inspect as inspect_target
 
-    report = api.inspect(target)
+    report = inspect_target(target)
     data = report.to_dict()
     if json_out:
         print_json(data)
