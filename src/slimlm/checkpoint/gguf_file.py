@@ -1,8 +1,8 @@
 """Read a GGUF file's metadata and tensor table with the `gguf` package, never its tensor data.
 
 ``gguf.GGUFReader`` memory-maps the file and parses the header. Two additions make it safe on files from
-the wild: every header read is bounds-checked against the file size (a corrupt length would otherwise
-make the reader loop for billions of iterations over empty slices), and the tensor table is recorded
+the wild: every header read is bounds-checked against the file size (a corrupt array length would otherwise
+send the reader through as many iterations over empty slices as the length says), and the tensor table is recorded
 without building data views, so a file whose data is cut short (a partial download) still opens.
 """
 
