@@ -9,7 +9,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from test_gguf_tiny import make_tiny_model
+from test_gguf_tiny import make_tiny_model, open_llama
 
 from slimlm.errors import SlimlmError
 from slimlm.gguf_io.quantize import quantize_gguf
@@ -107,7 +107,7 @@ def test_f16_and_bf16_values(tmp_path: Path) -> None:
 @pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "gemma"])
 def test_llama_cpp_logits_match_transformers(arch: str, tmp_path: Path) -> None:
     """The oracle: llama.cpp running our F32 GGUF computes the same logits as transformers on the HF dir."""
-    llama_cpp = pytest.importorskip("llama_cpp")
+    pytest.importorskip("llama_cpp")
     from transformers import AutoModelForCausalLM
 
     src = make_tiny_model(tmp_path / "m", arch, tie=arch != "qwen2",
@@ -119,7 +119,7 @@ def test_llama_cpp_logits_match_transformers(arch: str, tmp_path: Path) -> None:
     model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
     with torch.no_grad():
         ref = model(torch.tensor([ids])).logits[0].numpy()
-    llm = llama_cpp.Llama(str(out), n_ctx=64, logits_all=True, verbose=False)
+    llm = open_llama(out, n_ctx=64, logits_all=True)
     llm.eval(ids)
     got = np.asarray(llm.scores[: len(ids)])
     assert np.abs(got - ref).max() < 2e-3 * max(1.0, np.abs(ref).max())
