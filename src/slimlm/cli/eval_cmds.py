@@ -1,3 +1,81 @@
-"""CLI commands of the eval area: parse, call slimlm.api, render with rich."""
+"""CLI commands of the eval area (`eval`, `bench`): parse, call slimlm.api, render with rich."""
 
-from slimlm.cli.app import JSON_OPTION, app, console, print_json  # noqa: F401
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Iterator, Optional
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from slimlm.cli.app import JSON_OPTION, app, console, err_console, print_json
+
+
+@contextlib.contextmanager
+def _progress_bar(description: str) -> Iterator:
+    """A rich progress bar on stderr; yields a (done, total) callback."""
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TimeRemainingColumn()]
+    with Progress(*columns, console=err_console, transient=True) as bar:
+        task = bar.add_task(description, total=None)
+
+        def update(done: int, total: int, label: str | None = None) -> None:
+            bar.update(task, completed=done, total=total, **({"description": label} if label else {}))
+
+        yield update
+
+
+@app.command("eval")
+def eval_cmd(
+    model: Path = typer.Argument(..., help="Model: HF dir, GGUF file, or any model file slimlm writes."),
+    data: str = typer.Option(..., "--data", help="Text file, JSONL (see --text-field), or hf:NAME[:CONFIG][@SPLIT]."),
+    ref: Optional[Path] = typer.Option(None, "--ref", help="Reference model, or a file written by --save-ref: "
+                                       "adds KL(P_ref||P_model) and top-1 agreement."),
+    ctx: int = typer.Option(512, "--ctx", help="Window length in tokens (llama-perplexity's -c)."),
+    chunks: Optional[int] = typer.Option(None, "--chunks", help="Evaluate only the first N windows."),
+    batch_size: int = typer.Option(1, "--batch-size", help="Windows per forward pass."),
+    dtype: str = typer.Option("fp32", "--dtype", help="Compute dtype of the torch model(s): fp32, bf16, fp16."),
+    save_ref: Optional[Path] = typer.Option(None, "--save-ref", help="Store the reference's log-probs (REF, or "
+                                            "MODEL when no --ref) in this .safetensors file for later --ref."),
+    ref_top_k: int = typer.Option(0, "--ref-top-k", help="With --save-ref: 0 stores all log-probs (float16); "
+                                  "K stores the top K per token plus a tail bucket (KLD becomes a lower bound)."),
+    tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="Tokenizer dir or GGUF, for models "
+                                             "saved without one."),
+    text_field: str = typer.Option("text", "--text-field", help="JSONL / dataset field holding the text."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --save-ref file."),
+    json_out: bool = JSON_OPTION,
+) -> None:
+    """Perplexity ± standard error with llama.cpp's protocol; with --ref, KL divergence and top-1 agreement."""
+    from slimlm import api
+
+    with _progress_bar("evaluating windows") as update:
+        report = api.evaluate(model, data, ref=ref, ctx=ctx, chunks=chunks, batch_size=batch_size, dtype=dtype,
+                              save_ref=save_ref, ref_top_k=ref_top_k, tokenizer=tokenizer, text_field=text_field,
+                              overwrite=overwrite, progress=update)
+    if json_out:
+        print_json(report)
+        return
+    ppl = report["perplexity"]
+    table = Table(title=f"{Path(report['model']['path']).name} on {Path(report['data']).name}", show_header=True)
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    table.add_row("windows x ctx", f"{report['chunks']} x {report['ctx']} ({ppl['n_tokens']} scored tokens)")
+    table.add_row("perplexity", f"{ppl['ppl']:.4f} ± {ppl['ppl_stderr']:.4f}")
+    if "kld" in report:
+        k = report["kld"]
+        table.add_row("reference perplexity", f"{report['ref_perplexity']['ppl']:.4f} "
+                      f"± {report['ref_perplexity']['ppl_stderr']:.4f}")
+        table.add_row("ln(PPL/PPL_ref)", f"{k['ln_ppl_ratio']:.5f}")
+        table.add_row("KLD mean (nats)", f"{k['kld_mean']:.6f} ± {k['kld_stderr']:.6f}")
+        table.add_row("KLD median", f"{k['kld_median']:.6f}")
+        table.add_row("KLD p99", f"{k['kld_p99']:.6f}")
+        table.add_row("KLD max", f"{k['kld_max']:.6f}")
+        table.add_row("top-1 agreement", f"{100 * k['top1_agreement']:.3f} ± {100 * k['top1_stderr']:.3f} %")
+        if report["ref"]["kind"] == "file":
+            table.add_row("reference", f"{report['ref']['path']} ({report['ref']['layout']})")
+    if "saved_ref" in report:
+        table.add_row("saved reference", f"{report['saved_ref']['path']} ({report['saved_ref']['layout']})")
+    table.add_row("time", f"{report['seconds']:.1f} s ({report['scored_tokens_per_second']:.0f} scored tok/s)")
+    console.print(table)
