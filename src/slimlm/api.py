@@ -21,3 +21,7 @@ from slimlm.schemes import (  # noqa: E402,F401
     QuantConfig, W4A16Config, W8A8Config, W8A16Config, check_model as check, get_scheme, quantize_,
 )
 from slimlm.export.compressed_tensors import load_reference_model  # noqa: E402,F401
+
+# --- evaluation: model loading, perplexity / KL divergence / top-1, speed (models, evaluate) ---
+from slimlm.evaluate import evaluate  # noqa: E402,F401
+from slimlm.models import LoadedModel, ModelInfo, load_model  # noqa: E402,F401
