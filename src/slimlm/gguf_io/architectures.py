@@ -34,9 +34,15 @@ SUPPORTED_ARCHITECTURES: dict[str, ArchSpec] = {
 }
 
 
+_BY_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                  "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM"}
+
+
 def arch_spec(config: dict[str, Any]) -> tuple[str, ArchSpec]:
     """The (HF architecture name, spec) of a config.json, or a clear error listing what is supported."""
-    names = config.get("architectures") or []
+    names = list(config.get("architectures") or [])
+    if not names and config.get("model_type") in _BY_MODEL_TYPE:  # configs saved without "architectures"
+        names = [_BY_MODEL_TYPE[config["model_type"]]]
     for name in names:
         if name in SUPPORTED_ARCHITECTURES:
             return name, SUPPORTED_ARCHITECTURES[name]

@@ -64,14 +64,24 @@ def _safetensors_files(model_dir: Path) -> list[Path]:
     return files
 
 
-def _tensor_loader(path: Path, name: str, transform: Callable[[np.ndarray], np.ndarray]) -> Callable[[], np.ndarray]:
-    def load() -> np.ndarray:
-        import torch
-        from safetensors import safe_open
+_NUMPY_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64}
 
-        with safe_open(str(path), framework="pt") as f:  # mmap: only this tensor's pages are read
-            t = f.get_tensor(name)
-        arr = t.to(torch.float32).numpy() if t.dtype != torch.float32 else t.numpy()
+
+def _tensor_loader(path: Path, offset: int, dtype: str, shape: tuple[int, ...],
+                   transform: Callable[[np.ndarray], np.ndarray]) -> Callable[[], np.ndarray]:
+    """Read one tensor through a read-only shared mapping of just its bytes.
+
+    Not safetensors' own loader: that maps the whole file copy-on-write, which counts as private memory
+    for the whole file, while a read-only shared map of one tensor is page cache the kernel can drop.
+    """
+    def load() -> np.ndarray:
+        raw = np.memmap(path, dtype=_NUMPY_DTYPES[dtype], mode="r", offset=offset, shape=shape)
+        if dtype == "BF16":  # bfloat16 is the top half of a float32
+            arr = (raw.astype(np.uint32) << 16).view(np.float32)
+        elif dtype == "F32":
+            arr = np.asarray(raw)
+        else:
+            arr = raw.astype(np.float32)
         return transform(arr)
     return load
 
@@ -101,22 +111,27 @@ def open_hf_dir(model_dir: Path) -> ModelSource:
     name_map = gguf.get_tensor_name_map(spec.gguf_arch, n_layers)
     tie = bool(config.get("tie_word_embeddings", spec.drop_lm_head))
 
-    from safetensors import safe_open
+    from slimlm.checkpoint.safetensors_header import read_safetensors_header
 
     tensors: list[SourceTensor] = []
     for path in _safetensors_files(model_dir):
-        with safe_open(str(path), framework="pt") as f:
-            for hf_name in f.keys():
-                if hf_name.endswith("rotary_emb.inv_freq"):
-                    continue
-                if hf_name == "lm_head.weight" and (tie or spec.drop_lm_head):
-                    continue
-                name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
-                if name is None:
-                    raise SlimlmError(f"{hf_name} in {path.name} has no GGUF name for {hf_arch}")
-                shape = tuple(int(d) for d in f.get_slice(hf_name).get_shape())
-                tensors.append(SourceTensor(name, shape, _tensor_loader(path, hf_name, _transform(
-                    hf_name, spec, n_head, n_head_kv)), hf_name=hf_name))
+        infos, _, expected, actual = read_safetensors_header(path)
+        if actual < expected:
+            raise SlimlmError(f"{path} is truncated ({actual:,} of {expected:,} bytes): an incomplete download?")
+        for info in infos:
+            hf_name = info.name
+            if hf_name.endswith("rotary_emb.inv_freq"):
+                continue
+            if hf_name == "lm_head.weight" and (tie or spec.drop_lm_head):
+                continue
+            name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+            if name is None:
+                raise SlimlmError(f"{hf_name} in {path.name} has no GGUF name for {hf_arch}")
+            if info.dtype not in _NUMPY_DTYPES:
+                raise SlimlmError(f"{hf_name} is stored as {info.dtype}; GGUF export reads F32, F16 and BF16 weights")
+            shape = tuple(int(d) for d in info.shape)
+            tensors.append(SourceTensor(name, shape, _tensor_loader(path, int(info.offset), info.dtype, shape, _transform(
+                hf_name, spec, n_head, n_head_kv)), hf_name=hf_name))
     rope = rope_parameters(config)
     if rope.get("rope_type") == "llama3":
         factors = llama3_rope_factors(config, rope)
