@@ -1,0 +1,18 @@
+"""Quantized runtime: low-bit Linear modules on real kernels, loaders that swap them in, generation."""
+
+from slimlm.runtime.generate import GenerationResult, SamplingConfig, generate, generate_ids
+from slimlm.runtime.linear import DequantLinear, W4A16Linear, W8A8Linear, W8A16Linear
+from slimlm.runtime.loader import load_quantized, load_tokenizer
+from slimlm.runtime.quantize import (
+    W4A16Config,
+    W8A8Config,
+    W8A16Config,
+    config_for,
+    kernel_report,
+    quantize_,
+    to_reference_,
+)
+
+__all__ = ["DequantLinear", "GenerationResult", "SamplingConfig", "W4A16Config", "W4A16Linear", "W8A8Config",
+           "W8A8Linear", "W8A16Config", "W8A16Linear", "config_for", "generate", "generate_ids", "kernel_report",
+           "load_quantized", "load_tokenizer", "quantize_", "to_reference_"]

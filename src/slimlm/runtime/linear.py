@@ -1,0 +1,220 @@
+"""Quantized replacements for ``nn.Linear`` that run on low-bit kernels, and their plain references.
+
+Each fast module is built from plain tensors (integer codes, scales, zero points, group size), keeps only
+the low-bit data the kernel reads, says which kernel it uses (``kernel``) and can build its reference
+(``to_reference()``): a ``DequantLinear`` holding the same weights dequantized to fp32, multiplied in fp32.
+Tests compare the two; the fallback for formats without a fast path is the same ``DequantLinear``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from slimlm.runtime import int4pack, kernels
+
+
+class QuantLinear(nn.Module):
+    """Common shape bookkeeping; subclasses define ``forward``, ``kernel`` and ``to_reference``."""
+
+    scheme = "?"
+
+    def __init__(self, in_features: int, out_features: int, bias: torch.Tensor | None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
+
+    @property
+    def kernel(self) -> str:
+        raise NotImplementedError
+
+    def to_reference(self) -> "DequantLinear":
+        raise NotImplementedError
+
+    def weight_bytes(self) -> int:
+        return sum(b.numel() * b.element_size() for name, b in self.named_buffers() if name != "bias")
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, kernel={self.kernel}"
+
+    def _add_bias(self, y: torch.Tensor) -> torch.Tensor:
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+
+class DequantLinear(QuantLinear):
+    """Weights held dequantized in ``dtype``; the reference for every scheme and the fallback for any format.
+
+    ``act_bits=8`` fake-quantizes activations per token exactly as W8A8Linear does, so the W8A8 reference
+    differs from the fast path only by fp32 vs int32 accumulation.
+    """
+
+    scheme = "dequant"
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, dtype: torch.dtype = torch.float32,
+                 act_bits: int | None = None):
+        super().__init__(weight.shape[1], weight.shape[0], bias)
+        self.register_buffer("weight", weight.detach().to(dtype).contiguous())
+        self.act_bits = act_bits
+
+    @property
+    def kernel(self) -> str:
+        act = ", int8 per-token fake-quant activations" if self.act_bits == 8 else ""
+        return f"F.linear {str(self.weight.dtype).removeprefix('torch.')}{act}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x
+        if self.act_bits == 8:
+            q, s = kernels.quantize_per_token(x.reshape(-1, self.in_features))
+            h = (q.float() * s).reshape(x.shape)
+        y = F.linear(h.to(self.weight.dtype), self.weight)
+        return self._add_bias(y).to(x.dtype)
+
+    def to_reference(self) -> "DequantLinear":
+        return DequantLinear(self.weight.float(), self.bias, torch.float32, self.act_bits)
+
+
+class W8A8Linear(QuantLinear):
+    """int8 per-channel weights × dynamic per-token int8 activations on ``torch._int_mm`` (int32 accumulate).
+
+    ``w = q * scale[n]``; activations are quantized per row at run time (symmetric, absmax/127).
+    """
+
+    scheme = "w8a8"
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None):
+        n, k = q.shape
+        super().__init__(k, n, bias)
+        self.layout = kernels.int8_weight_layout(k, n)
+        q = q.to(torch.int8)
+        # Stored as the kernel wants B: a contiguous (K, N) copy, or the (N, K) weight read transposed.
+        self.register_buffer("qweight", q.t().contiguous() if self.layout == "kn" else q.contiguous())
+        self.register_buffer("scale", scale.detach().float().reshape(1, n).contiguous())
+
+    @property
+    def kernel(self) -> str:
+        return f"torch._int_mm int8×int8→int32 (B {self.layout}), per-token int8 activations"
+
+    def _w_kn(self) -> torch.Tensor:
+        return self.qweight if self.layout == "kn" else self.qweight.t()
+
+    def int_weight(self) -> torch.Tensor:
+        return self._w_kn().t()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features)
+        xq, xs = kernels.quantize_per_token(x2)
+        y = kernels.int8_matmul_rescale(xq, xs, self._w_kn(), self.scale)
+        return self._add_bias(y).to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+    def to_reference(self) -> DequantLinear:
+        w = self.int_weight().float() * self.scale.reshape(-1, 1)
+        return DequantLinear(w, self.bias, torch.float32, act_bits=8)
+
+
+class W8A16Linear(QuantLinear):
+    """int8 per-channel weights, bf16 activations, on ``aten._weight_int8pack_mm`` (weight-only int8)."""
+
+    scheme = "w8a16"
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None):
+        n, k = q.shape
+        super().__init__(k, n, bias)
+        self.register_buffer("qweight", q.to(torch.int8).contiguous())
+        self.register_buffer("scale", scale.detach().reshape(n).to(torch.bfloat16).contiguous())
+
+    @property
+    def kernel(self) -> str:
+        return "aten._weight_int8pack_mm bf16"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()
+        y = torch.ops.aten._weight_int8pack_mm(x2, self.qweight, self.scale)
+        return self._add_bias(y).to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+    def to_reference(self) -> DequantLinear:
+        return DequantLinear(self.qweight.float() * self.scale.float().reshape(-1, 1), self.bias)
+
+
+class W4A16Linear(QuantLinear):
+    """int4 group-wise weights, bf16 activations, on torch's tinygemm int4 kernels.
+
+    ``w[n, k] = (u[n, k] - 8) * scale[n, g] + zero[n, g]`` (u in 0..15; the kernels' own convention).
+    Short activations (decode) run ``_weight_int4pack_mm_for_cpu`` (CUDA: ``_weight_int4pack_mm``); on CPU,
+    activations of ``W4A16_DEQUANT_MIN_ROWS`` rows or more (prefill) dequantize the int4 weight to bf16
+    and run oneDNN's bf16 GEMM, which is faster there. When K is not a multiple of the group size, or N of
+    16, the weight is padded with zero columns/rows (and the activation with zeros) so any shape runs.
+    """
+
+    scheme = "w4a16"
+
+    def __init__(self, u: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int,
+                 bias: torch.Tensor | None = None, device: str | torch.device = "cpu"):
+        n, k = u.shape
+        super().__init__(k, n, bias)
+        self.group_size = group_size
+        self.device_type = torch.device(device).type
+        kp = -(-k // group_size) * group_size
+        np_ = -(-n // 16) * 16
+        groups = kp // group_size
+        if (kp, np_) != (k, n):  # pad: zero codes at u=8 with zero offset dequantize to exactly 0
+            u = F.pad(u, (0, kp - k, 0, np_ - n), value=8)
+            scale = F.pad(scale.float(), (0, groups - scale.shape[1], 0, np_ - n), value=1.0)
+            zero = F.pad(zero.float(), (0, groups - zero.shape[1], 0, np_ - n), value=0.0)
+        self.k_padded, self.n_padded = kp, np_
+        u = u.to(torch.uint8)
+        if self.device_type == "cuda":
+            self.register_buffer("packed", int4pack.pack_cuda(u.to(device).to(torch.int32)))
+        else:
+            self.register_buffer("packed", int4pack.pack_cpu(u))
+        self.register_buffer("scale_zero", int4pack.pack_scale_zero(scale.float(), zero.float(),
+                                                                     torch.bfloat16).to(device))
+        # If this torch build lays int4 out differently from what unpack_cpu reads, keep plain codes aside.
+        keep_plain = self.device_type == "cpu" and not int4pack.cpu_layout_ok()
+        self.register_buffer("plain_codes", u if keep_plain else None)
+
+    @classmethod
+    def from_signed(cls, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, group_size: int,
+                    bias: torch.Tensor | None = None, device: str | torch.device = "cpu") -> "W4A16Linear":
+        """From compressed-tensors' convention ``w = (q - zero) * scale``, q in -8..7, integer zero or None."""
+        u = (q.to(torch.int16) + 8).to(torch.uint8)
+        zf = torch.zeros_like(scale, dtype=torch.float32) if zero is None else -zero.float() * scale.float()
+        return cls(u, scale.float(), zf, group_size, bias, device)
+
+    @property
+    def kernel(self) -> str:
+        if self.device_type == "cuda":
+            return f"aten._weight_int4pack_mm (CUDA tinygemm) g{self.group_size} bf16"
+        pad = f", padded to {self.n_padded}x{self.k_padded}" if (self.n_padded, self.k_padded) != (
+            self.out_features, self.in_features) else ""
+        return (f"aten._weight_int4pack_mm_for_cpu g{self.group_size} bf16 (<{kernels.W4A16_DEQUANT_MIN_ROWS} "
+                f"rows), dequant→bf16 GEMM (longer){pad}")
+
+    def codes(self) -> torch.Tensor:
+        """The (padded) u codes, read back from the packed kernel layout."""
+        if self.plain_codes is not None:
+            return self.plain_codes
+        return int4pack.unpack_cpu(self.packed, self.n_padded, self.k_padded)
+
+    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
+        sz = self.scale_zero.float()
+        return int4pack.dequantize(self.codes(), sz[..., 0].t(), sz[..., 1].t(), self.group_size, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        if self.k_padded != self.in_features:
+            x2 = F.pad(x2, (0, self.k_padded - self.in_features))
+        x2 = x2.contiguous()
+        if self.device_type == "cuda":
+            y = torch.ops.aten._weight_int4pack_mm(x2, self.packed, self.group_size, self.scale_zero)
+        elif x2.shape[0] >= kernels.W4A16_DEQUANT_MIN_ROWS:
+            y = F.linear(x2, self.dequantized(torch.bfloat16))
+        else:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, self.scale_zero)
+        if self.n_padded != self.out_features:
+            y = y[:, : self.out_features]
+        return self._add_bias(y).to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+    def to_reference(self) -> DequantLinear:
+        w = self.dequantized(torch.float32)[: self.out_features, : self.in_features]
+        return DequantLinear(w, self.bias, torch.float32)

@@ -1,0 +1,285 @@
+"""``load_quantized(path)``: a transformers model whose Linear layers run on our low-bit kernels.
+
+Reads the files directly (no fp32 round trip of the quantized weights):
+- compressed-tensors dirs (config.json ``quantization_config``, safetensors), as slimlm, llm-compressor and
+  vLLM write them: ``pack-quantized`` int4 → W4A16Linear; ``int-quantized`` int8 with dynamic int8
+  activations → W8A8Linear; 8-bit weights without activation quantization → W8A16Linear.
+- GGUF files: Q4_0, Q4_1, Q4_K → W4A16Linear at group 32 (codes exact; scale and zero rounded to bf16, the
+  kernel's dtype); Q8_0 → W8A8Linear after re-scaling each row to one scale (measured loss, see
+  ``MAPPINGS``); every other type is dequantized on load (gguf-py's decoder) to a bf16 DequantLinear.
+Non-Linear tensors (norms, embeddings) are loaded in the model dtype. ``reference=True`` builds each
+module's fp32 reference instead (same integer weights), for accuracy comparisons.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from slimlm.errors import SlimlmError
+from slimlm.runtime import gguf_blocks
+from slimlm.runtime.linear import DequantLinear, QuantLinear, W4A16Linear, W8A8Linear, W8A16Linear
+from slimlm.runtime.quantize import set_module, untie_lm_head
+
+# How each GGUF type runs, and what the mapping loses (stated in reports and tested).
+MAPPINGS = {
+    "Q4_0": "W4A16 g32: codes exact, scale rounded to bf16 (≤ 2^-9 relative)",
+    "Q4_1": "W4A16 g32: codes exact, scale and zero (8d+m) rounded to bf16",
+    "Q4_K": "W4A16 g32: codes exact, scale d·sc and zero 8·d·sc−dmin·m rounded to bf16",
+    "Q8_0": "W8A8: per-32 scales re-expressed as one scale per row (codes re-rounded; error measured)",
+}
+
+
+def _empty_model(config, dtype: torch.dtype) -> nn.Module:
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model
+
+
+def _finish(model: nn.Module, plain: dict[str, torch.Tensor], dtype: torch.dtype) -> nn.Module:
+    """Load the non-quantized tensors, materialize buffers (rotary tables) and check nothing is missing."""
+    missing = [n for n, p in model.named_parameters() if p.device.type == "meta" and n not in plain]
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    if tied and "lm_head.weight" in missing and "model.embed_tokens.weight" in plain:
+        missing.remove("lm_head.weight")
+    if missing:
+        raise SlimlmError(f"the file lacks {len(missing)} tensors the model needs, e.g. {missing[0]}")
+    model.load_state_dict({k: v.to(dtype) for k, v in plain.items()}, strict=False, assign=True)
+    if tied and isinstance(getattr(model, "lm_head", None), nn.Linear):
+        model.tie_weights()
+    for name, buf in list(model.named_buffers()):
+        if buf is not None and buf.device.type == "meta":
+            raise SlimlmError(f"buffer {name} was not initialised")
+    return model.eval()
+
+
+def _reinit_rotary(model: nn.Module) -> None:
+    """Rotary inverse frequencies are computed, not stored: rebuild them after an empty-weights init."""
+    for module in model.modules():
+        if hasattr(module, "inv_freq") and module.inv_freq.device.type == "meta":
+            inv_freq, scaling = module.rope_init_fn(module.config, "cpu")
+            module.register_buffer("inv_freq", inv_freq, persistent=False)
+            module.original_inv_freq = inv_freq
+            module.attention_scaling = scaling
+
+
+# ---------------------------------------------------------------- compressed-tensors
+def _read_safetensors(model_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise SlimlmError(f"{model_dir} holds no .safetensors file")
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        state.update(load_file(f))
+    return state
+
+
+def _group_for(qcfg: dict, module: str) -> dict | None:
+    """The config group whose targets match ``module`` (``Linear`` or ``re:`` patterns), unless ignored."""
+    for pattern in qcfg.get("ignore") or []:
+        if module == pattern or (pattern.startswith("re:") and re.match(pattern[3:], module)):
+            return None
+    for group in qcfg.get("config_groups", {}).values():
+        for target in group.get("targets", []):
+            if target == "Linear" or module == target or (target.startswith("re:") and re.match(target[3:], module)):
+                return group
+    return None
+
+
+def _ct_module(name: str, state: dict[str, torch.Tensor], group: dict, bias: torch.Tensor | None,
+               reference: bool) -> QuantLinear:
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+
+    wargs = group["weights"]
+    bits, gsize = wargs["num_bits"], wargs.get("group_size")
+    scale = state[f"{name}.weight_scale"].float()
+    if f"{name}.weight_packed" in state:
+        shape = torch.Size(state[f"{name}.weight_shape"].tolist())
+        q = unpack_from_int32(state[f"{name}.weight_packed"], bits, shape)
+        zp = state.get(f"{name}.weight_zero_point")
+        zero = None if zp is None else unpack_from_int32(zp, bits, torch.Size(scale.shape), packed_dim=0)
+    else:
+        q = state[f"{name}.weight"]
+        zero = state.get(f"{name}.weight_zero_point")
+    n, k = q.shape
+    if gsize is None:  # channel strategy: one scale per row = the same scale repeated over kernel groups
+        gsize = next((g for g in (128, 64, 32) if k % g == 0), 32)
+        reps = -(-k // gsize)
+        scale = scale.reshape(n, 1).expand(n, reps).contiguous()
+        zero = None if zero is None else zero.reshape(n, 1).expand(n, reps).contiguous()
+    act = group.get("input_activations")
+    if bits == 4:
+        module = W4A16Linear.from_signed(q, scale, zero, gsize, bias)
+    elif bits == 8 and zero is None and scale.shape[1] == 1 or bits == 8 and zero is None and (scale == scale[:, :1]).all():
+        cls = W8A8Linear if act is not None and act.get("num_bits") == 8 else W8A16Linear
+        module = cls(q, scale[:, 0], bias)
+    else:  # other bit widths, or asymmetric int8: correct but without a fast kernel
+        g = q.float().reshape(n, scale.shape[1], -1)
+        if zero is not None:
+            g = g - zero.float().reshape(n, -1, 1)
+        module = DequantLinear((g * scale.reshape(n, -1, 1)).reshape(n, k), bias, torch.bfloat16)
+    return module.to_reference() if reference else module
+
+
+def load_compressed_tensors(model_dir: Path, reference: bool = False,
+                            progress: Callable[[str], None] | None = None) -> nn.Module:
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_dir)
+    qcfg = getattr(config, "quantization_config", None)
+    qcfg = qcfg if isinstance(qcfg, dict) else (qcfg.to_dict() if qcfg is not None else None)
+    if not qcfg or qcfg.get("quant_method") != "compressed-tensors":
+        raise SlimlmError(f"{model_dir} is not a compressed-tensors model (no quantization_config)")
+    del config.quantization_config
+    state = _read_safetensors(model_dir)
+    bits = {g["weights"]["num_bits"] for g in qcfg["config_groups"].values()}
+    acts = any(g.get("input_activations") for g in qcfg["config_groups"].values())
+    dtype = torch.float32 if reference or (bits == {8} and acts) else torch.bfloat16
+    model = _empty_model(config, dtype)
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    plain = {k: v for k, v in state.items()
+             if not k.rsplit(".", 1)[-1].startswith(("weight_packed", "weight_scale", "weight_zero_point",
+                                                     "weight_shape", "input_scale"))}
+    for name in linears:
+        group = _group_for(qcfg, name)
+        quantized = f"{name}.weight_scale" in state
+        if group is None or not quantized:
+            continue
+        bias = state.get(f"{name}.bias")
+        if name.endswith("lm_head"):
+            untie_lm_head(model)
+        set_module(model, name, _ct_module(name, state, group, bias, reference))
+        plain.pop(f"{name}.weight", None)
+        plain.pop(f"{name}.bias", None)
+        if progress:
+            progress(name)
+    _reinit_rotary(model)
+    return _finish(model, plain, dtype)
+
+
+# ---------------------------------------------------------------- GGUF
+def _gguf_module(raw: np.ndarray, qtype: str, perm: torch.Tensor | None, reference: bool,
+                 dequant: Callable[[], np.ndarray]) -> QuantLinear:
+    if qtype in gguf_blocks.INT4_SPLITTERS:
+        u, scale, zero = gguf_blocks.INT4_SPLITTERS[qtype](raw)
+        if perm is not None:
+            u, scale, zero = u[perm], scale[perm], zero[perm]
+        module: QuantLinear = W4A16Linear(u, scale, zero, 32)
+    elif qtype == "Q8_0":
+        q, d = gguf_blocks.split_q8_0(raw)
+        if perm is not None:
+            q, d = q[perm], d[perm]
+        w = (q.view(q.shape[0], -1, 32).float() * d[..., None]).reshape(q.shape)
+        row_scale = w.abs().amax(1).clamp_(min=1e-10) / 127.0
+        module = W8A8Linear(torch.round(w / row_scale[:, None]).to(torch.int8), row_scale)
+    else:
+        w = torch.from_numpy(np.ascontiguousarray(dequant(), dtype=np.float32))
+        if perm is not None:
+            w = w[perm]
+        module = DequantLinear(w, None, torch.bfloat16)
+    return module.to_reference() if reference else module
+
+
+def load_gguf(path: Path, reference: bool = False, progress: Callable[[str], None] | None = None) -> nn.Module:
+    import gguf
+    from transformers import AutoConfig
+    from transformers.modeling_gguf_pytorch_utils import (
+        TENSOR_PROCESSORS,
+        LlamaTensorProcessor,
+        TensorProcessor,
+        get_gguf_hf_weights_map,
+    )
+
+    config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    dtype = torch.float32 if reference else torch.bfloat16
+    model = _empty_model(config, dtype)
+    processor_cls = TENSOR_PROCESSORS.get(config.model_type, TensorProcessor)
+    processor = processor_cls(config=config.to_dict())
+    name_map = get_gguf_hf_weights_map(model, processor)
+    reader = gguf.GGUFReader(path)
+    linears = {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    plain: dict[str, torch.Tensor] = {}
+    for tensor in reader.tensors:
+        hf_name = name_map.get(tensor.name)
+        if hf_name is None:
+            continue
+        qtype = tensor.tensor_type.name
+        raw = np.asarray(tensor.data)
+        module_name = hf_name.removesuffix(".weight")
+
+        def dequant(raw=raw, tensor=tensor):
+            return gguf.quants.dequantize(raw, tensor.tensor_type).reshape(
+                [int(s) for s in reversed(tensor.shape.tolist())])
+
+        perm = None
+        if isinstance(processor, LlamaTensorProcessor) and (".attn_q." in tensor.name or ".attn_k." in tensor.name):
+            rows = dequant().shape[0] if raw.ndim == 1 else raw.shape[0]
+            perm = torch.from_numpy(processor.process(np.arange(rows)[:, None], tensor.name).weights[:, 0].copy())
+        elif type(processor) not in (TensorProcessor, LlamaTensorProcessor) and module_name in linears:
+            raise SlimlmError(f"GGUF {config.model_type} needs tensor processing slimlm does not map yet")
+        if module_name in linears and hf_name.endswith(".weight") and raw.ndim == 2:
+            set_module(model, module_name, _gguf_module(raw, qtype, perm, reference, dequant))
+            if progress:
+                progress(module_name)
+        else:
+            w = torch.from_numpy(np.ascontiguousarray(dequant(), dtype=np.float32))
+            plain[hf_name] = w if perm is None else w[perm]
+    # Tied output: llama.cpp files without output.weight reuse token_embd for lm_head.
+    head = getattr(model, "lm_head", None)
+    if isinstance(head, nn.Linear) and head.weight.device.type == "meta":
+        emb = next((t for t in reader.tensors if t.tensor_type.name and name_map.get(t.name) ==
+                    "model.embed_tokens.weight"), None)
+        if emb is not None:
+            untie_lm_head(model)
+            raw = np.asarray(emb.data)
+            set_module(model, "lm_head", _gguf_module(
+                raw, emb.tensor_type.name, None, reference,
+                lambda: gguf.quants.dequantize(raw, emb.tensor_type).reshape(
+                    [int(s) for s in reversed(emb.shape.tolist())])))
+    _reinit_rotary(model)
+    return _finish(model, plain, dtype)
+
+
+def load_tokenizer(path: str | Path):
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    if path.is_file():
+        return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    return AutoTokenizer.from_pretrained(path)
+
+
+def load_quantized(path: str | Path, reference: bool = False,
+                   progress: Callable[[str], None] | None = None) -> nn.Module:
+    """Model from a compressed-tensors dir or a GGUF file, its Linear layers on low-bit kernels."""
+    path = Path(path)
+    if not path.exists():
+        raise SlimlmError(f"{path} does not exist")
+    if path.is_file():
+        with path.open("rb") as f:
+            if f.read(4) != b"GGUF":
+                raise SlimlmError(f"{path} is not a GGUF file (bad magic)")
+        model = load_gguf(path, reference, progress)
+    else:
+        config_path = path / "config.json"
+        if not config_path.is_file():
+            raise SlimlmError(f"{path} has no config.json")
+        if "quantization_config" not in json.loads(config_path.read_text()):
+            raise SlimlmError(f"{path} holds no quantized weights (config.json has no quantization_config); "
+                              "use quantize_(model, config) to quantize an fp model")
+        model = load_compressed_tensors(path, reference, progress)
+    model.slimlm_scheme = ("reference-" if reference else "") + "file"
+    return model
