@@ -318,6 +318,7 @@ def quantize_model(model: str | Path, output: str | Path, *, scheme: str | Quant
                     with StatsCollector({n: linears[n] for n in quant_names}, need_gram=need_gram) as col:
                         _run_layer(layer, acts, kwargs_list, n_batches, None)
                     stats = col.stats
+                report["stats_s"] = round(time.perf_counter() - t0, 3)
                 qws: dict[str, QuantizedWeight] = {}
                 if method == "awq":
                     pairs = [p for p in smoothing_pairs(model_type, layer, "awq")
@@ -339,8 +340,10 @@ def quantize_model(model: str | Path, output: str | Path, *, scheme: str | Quant
                 else:
                     qws = {n: rtn_quantize(linears[n].weight, specs[n]) for n in quant_names}
 
+                report["algorithm_s"] = round(time.perf_counter() - t0 - report["stats_s"], 3)
                 tensors: dict[str, torch.Tensor] = {}
                 hooks = []
+                run_next = calibration is not None and i + 1 < n_layers
                 for n in quant_names:
                     qw = qws[n]
                     in_scale = None
@@ -349,10 +352,11 @@ def quantize_model(model: str | Path, output: str | Path, *, scheme: str | Quant
                         in_scale = in_scale.clamp(min=torch.finfo(torch.float32).eps)
                     tensors.update(compress_linear(prefix + n, qw, fmt, store_dtype, in_scale))
                     spec_groups.setdefault((qw.spec.bits, qw.spec.group_size, qw.spec.symmetric), set()).add(n)
-                    # The forward below must see exactly what was stored (scales in the stored dtype).
-                    deq = QuantizedWeight(qw.q, qw.scale.to(store_dtype).float(), qw.zero, qw.spec).dequantize()
-                    linears[n].weight.data = deq
-                    if act is not None:
+                    if run_next:
+                        # The forward below must see exactly what was stored (scales in the stored dtype).
+                        deq = QuantizedWeight(qw.q, qw.scale.to(store_dtype).float(), qw.zero, qw.spec).dequantize()
+                        linears[n].weight.data = deq
+                    if run_next and act is not None:
                         s = None if in_scale is None else in_scale.to(store_dtype).float()
                         hooks.append(attach_activation_quant(linears[n], cfg.act_bits, s))
                     n_quantized += 1
@@ -366,8 +370,10 @@ def quantize_model(model: str | Path, output: str | Path, *, scheme: str | Quant
                         tensors[key] = ckpt.get(key)
                 writer.add(tensors)
 
-                if calibration is not None and i + 1 < n_layers:
+                if run_next:
+                    t1 = time.perf_counter()
                     _run_layer(layer, acts, kwargs_list, n_batches, acts)
+                    report["forward_s"] = round(time.perf_counter() - t1, 3)
                 for h in hooks:
                     h.remove()
                 layer.to("meta")

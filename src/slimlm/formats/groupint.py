@@ -148,7 +148,7 @@ def pack_codes(q: torch.Tensor, bits: int = 4) -> torch.Tensor:
     """Pack signed codes (int8 tensor) 32/bits per int32 word along the last dim.
 
     compressed-tensors' ``pack-quantized`` layout: code + 2^(bits-1), element i at bit bits·i of the row's
-    dense bit stream (int4: bits 4·(i mod 8) of word i // 8).
+    dense bit stream (int4: bits 4·(i mod 8) of word i // 8). Done by compressed-tensors' own packer.
     """
     from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
 

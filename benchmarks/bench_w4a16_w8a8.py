@@ -1,0 +1,132 @@
+"""W4A16 (RTN, AWQ, GPTQ) and W8A8 (SmoothQuant, SmoothQuant+GPTQ) on SmolLM2-135M: time and quality.
+
+Same run, same machine: each method quantizes the built-in fp32 SmolLM2-135M-Instruct with the same
+calibration (wikitext-2 valid, SAMPLES × 512 tokens); each output is loaded back from its compressed-tensors
+dir with our own dequantization (activation fake-quant for W8A8) and scored on wikitext-2 test with
+llama-perplexity's protocol (ctx 512, second half of each window) and KL divergence against fp32.
+One output per scheme is also loaded by transformers (compressed-tensors decompressing on CPU) and its
+perplexity compared with ours.
+
+    flock /tmp/slimlm-heavy.lock python benchmarks/bench_w4a16_w8a8.py [--chunks 40] [--samples 16] [--group 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import append_section, markdown_table  # noqa: E402
+
+from slimlm import resources  # noqa: E402
+from slimlm.export.compressed_tensors import load_reference_model  # noqa: E402
+from slimlm.pipeline import quantize_model  # noqa: E402
+
+CTX = 512
+
+
+def windows_of(tokenizer, path: Path, chunks: int) -> torch.Tensor:
+    ids = torch.tensor(tokenizer(path.read_text(), return_attention_mask=False)["input_ids"])
+    n = min(chunks, ids.numel() // CTX)
+    return ids[: n * CTX].reshape(n, CTX)
+
+
+@torch.no_grad()
+def scored_logprobs(model, windows: torch.Tensor, batch: int = 4) -> torch.Tensor:
+    """log-probs (n, 255, V) at positions ctx/2 .. ctx-2 (llama-perplexity's scored half)."""
+    first = CTX // 2
+    out = []
+    for b0 in range(0, windows.shape[0], batch):
+        logits = model(windows[b0:b0 + batch]).logits[:, first:CTX - 1].float()
+        out.append(torch.log_softmax(logits, -1))
+    return torch.cat(out)
+
+
+def ppl_and_kld(logp: torch.Tensor, ref_logp: torch.Tensor | None, windows: torch.Tensor) -> dict:
+    first = CTX // 2
+    targets = windows[:, first + 1:CTX]
+    nll = -logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    res = {"ppl": math.exp(float(nll.mean()))}
+    if ref_logp is not None:
+        kld = (ref_logp.exp() * (ref_logp - logp)).sum(-1)
+        res["kld"] = float(kld.mean())
+        res["kld_p99"] = float(torch.quantile(kld.flatten(), 0.99))
+        res["top1"] = float((ref_logp.argmax(-1) == logp.argmax(-1)).float().mean())
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--chunks", type=int, default=40)
+    ap.add_argument("--samples", type=int, default=16)
+    ap.add_argument("--group", type=int, default=64)
+    ap.add_argument("--methods", default="w4a16:rtn,w4a16:awq,w4a16:gptq,w8a8:rtn,w8a8:smoothquant,w8a8:smoothquant+gptq")
+    ap.add_argument("--no-append", action="store_true")
+    args = ap.parse_args()
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils.quantization_config import CompressedTensorsConfig
+
+    src = resources.builtin_hf_dir()
+    tok = AutoTokenizer.from_pretrained(src)
+    windows = windows_of(tok, resources.wikitext_path("test"), args.chunks)
+    fp32 = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    ref_logp = scored_logprobs(fp32, windows)
+    base = ppl_and_kld(ref_logp, None, windows)
+    del fp32
+    rows = [["fp32", "-", "-", "-", f"{base['ppl']:.3f}", "0", "-", "1.000", "-"]]
+    crosscheck = []
+    with tempfile.TemporaryDirectory(prefix="bench-w4a16-") as tmp:
+        for item in args.methods.split(","):
+            scheme, method = item.split(":")
+            out = Path(tmp) / f"{scheme}-{method}"
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            t0 = time.perf_counter()
+            res = quantize_model(src, out, scheme=scheme, method=method,
+                                 group_size=args.group if scheme == "w4a16" else "default",
+                                 calib=resources.wikitext_path("valid"), samples=args.samples, seq_len=512)
+            secs = time.perf_counter() - t0
+            model = load_reference_model(out)
+            logp = scored_logprobs(model, windows)
+            q = ppl_and_kld(logp, ref_logp, windows)
+            del model
+            size = res.output_bytes / 2**20
+            rows.append([scheme, method, f"{secs:.1f}", f"{size:.1f}", f"{q['ppl']:.3f}", f"{q['kld']:.5f}",
+                         f"{q['kld_p99']:.4f}", f"{q['top1']:.3f}", f"{res.peak_rss_mb:.0f}"])
+            print(rows[-1], flush=True)
+            if method in ("awq", "smoothquant"):
+                # transformers reading the same dir: compressed-tensors decompresses on CPU.
+                hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32,
+                                                          quantization_config=CompressedTensorsConfig(dequantize=True))
+                if scheme == "w8a8":
+                    # dequantize=True drops activation quantization; the default path keeps it.
+                    hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+                hf_ppl = ppl_and_kld(scored_logprobs(hf.eval(), windows), None, windows)["ppl"]
+                crosscheck.append([f"{scheme} {method}", f"{q['ppl']:.4f}", f"{hf_ppl:.4f}",
+                                   f"{100 * abs(hf_ppl - q['ppl']) / q['ppl']:.3f}%"])
+                del hf
+            _ = before
+    table = markdown_table(["scheme", "method", "quantize s", "MiB", "ppl", "KLD mean", "KLD p99", "top-1",
+                            "peak RSS MiB"], rows)
+    body = (f"SmolLM2-135M-Instruct (fp32 from the shipped Q4_1), W4A16 group {args.group} asymmetric, W8A8 int8 "
+            f"per-channel weights + dynamic per-token int8 activations. Calibration: wikitext-2 valid, "
+            f"{args.samples} × 512 tokens. Eval: wikitext-2 test, ctx 512, {windows.shape[0]} chunks, KLD vs fp32. "
+            f"Peak RSS is the process's high-water mark so far (cumulative over rows).\n\n{table}\n\n"
+            "Cross-check, same outputs loaded by transformers + compressed-tensors (W4A16: `dequantize=True`; "
+            "W8A8: default path, which fake-quantizes activations per token):\n\n"
+            + markdown_table(["output", "slimlm ppl", "transformers ppl", "difference"], crosscheck))
+    if args.no_append:
+        print(body)
+    else:
+        append_section("W4A16 / W8A8 quantization (bench_w4a16_w8a8.py)", body)
+
+
+if __name__ == "__main__":
+    main()
