@@ -1,3 +1,55 @@
 """CLI commands of the runtime area: parse, call slimlm.api, render with rich."""
 
-from slimlm.cli.app import JSON_OPTION, app, console, print_json  # noqa: F401
+import sys
+from typing import Optional
+
+import typer
+
+from slimlm.cli.app import JSON_OPTION, app, console, err_console, print_json  # noqa: F401
+
+
+@app.command()
+def generate(
+    model: str = typer.Argument(..., help="GGUF file, compressed-tensors dir, HF model dir, or 'builtin'."),
+    prompt: str = typer.Argument(..., help="Text to continue."),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n", help="Most tokens to generate."),
+    greedy: bool = typer.Option(False, "--greedy", help="Always take the most likely token (the default "
+                                "unless --temperature or --top-p is given)."),
+    temperature: Optional[float] = typer.Option(None, "--temperature", "-t", help="Sample at this temperature."),
+    top_p: Optional[float] = typer.Option(None, "--top-p", help="Sample from the smallest set with this mass."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed for sampling (reproducible text)."),
+    scheme: str = typer.Option("native", "--scheme", help="native (the file's own scheme), fp32, bf16, w8a8, "
+                               "w8a16 or w4a16 (quantized on load)."),
+    chat: bool = typer.Option(False, "--chat", help="Wrap the prompt in the model's chat template."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads (default: torch's choice)."),
+    json_out: bool = JSON_OPTION,
+) -> None:
+    """Generate text from PROMPT, streaming it as it is made; report speed and the kernels each layer used."""
+    from slimlm import api
+
+    sampling = api.SamplingConfig(greedy=greedy or (temperature is None and top_p is None),
+                                  temperature=1.0 if temperature is None else temperature,
+                                  top_p=1.0 if top_p is None else top_p, seed=seed)
+    with err_console.status("loading model", spinner="dots"):
+        net, tokenizer, kernels = api.open_model(model, scheme, threads)
+
+    def stream(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    result = api.generate(net, tokenizer, prompt, max_new_tokens, sampling,
+                          on_text=None if json_out else stream, chat=chat)
+    summary = api.summarize_kernels(kernels)
+    if json_out:
+        data = result.to_dict()
+        data.update(text=result.texts[0], scheme=scheme, kernels=kernels, kernel_counts=summary,
+                    threads=__import__("torch").get_num_threads())
+        print_json(data)
+        return
+    sys.stdout.write("\n")
+    d = result.to_dict()
+    err_console.print(f"[dim]{d['new_tokens']} tokens · prompt {result.prompt_lengths[0]} tokens · "
+                      f"TTFT {d['ttft_ms']:.0f} ms · decode {d['decode_tokens_per_s']:.1f} tok/s · "
+                      f"ITL p50 {d['itl_p50_ms']:.1f} ms[/]", highlight=False)
+    for kernel, count in summary.items():
+        err_console.print(f"[dim]  {count:4d} layers: {kernel}[/]", highlight=False)

@@ -40,29 +40,56 @@ def _block_n() -> int:
     return 64 if cap.startswith("AVX512") else 32
 
 
-def unpack_cpu(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
-    """Inverse of ``pack_cpu``: packed uint8 → ``(N, K)`` uint8 codes in 0..15 (vectorized, no copies of W)."""
+def unpack_cpu_kn(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """Inverse of ``pack_cpu``, transposed: packed uint8 → ``(K, N)`` uint8 codes in 0..15.
+
+    (K, N) is the order the packed blocks are stored in (k-major inside each block of rows), so this costs
+    two nibble masks and one copy, and the dequantized result feeds ``x @ W.T`` directly.
+    """
     cap = torch.backends.cpu.get_cpu_capability()
     block = _block_n()
     flat = packed.reshape(-1)
     full = n // block
-    out = torch.empty(n, k, dtype=torch.uint8)
+    parts = []
     if full:
         blk = flat[: full * k * block // 2].view(full, k, block // 2)
-        lo, hi = blk & 15, blk >> 4
-        if cap.startswith("AVX512"):
-            # byte d holds rows d | d+32, byte 16+d holds rows d+16 | d+48
-            rows = torch.cat([lo[..., :16], lo[..., 16:], hi[..., :16], hi[..., 16:]], dim=-1)
-        elif cap.startswith("AVX2"):
-            rows = torch.cat([lo, hi], dim=-1)  # byte d holds rows d | d+16
+        if cap.startswith(("AVX512", "AVX2")):
+            # AVX512: byte d = rows d | d+32, byte 16+d = rows d+16 | d+48; AVX2: byte d = rows d | d+16.
+            # Either way low nibbles are the first half of the block's rows, high nibbles the second half.
+            rows = torch.cat([blk & 15, blk >> 4], dim=-1)
         else:
-            rows = torch.stack([lo, hi], dim=-1).reshape(full, k, block)  # byte j holds rows 2j | 2j+1
-        out[: full * block] = rows.permute(0, 2, 1).reshape(full * block, k)
+            rows = torch.stack([blk & 15, blk >> 4], dim=-1).reshape(full, k, block)  # byte j = rows 2j | 2j+1
+        parts.append(rows.transpose(0, 1).reshape(k, full * block))
     tail = n - full * block
     if tail:
         blk = flat[full * k * block // 2:].view(k, tail // 2)
-        out[full * block:] = torch.stack([blk & 15, blk >> 4], dim=-1).reshape(k, tail).t()
-    return out
+        parts.append(torch.stack([blk & 15, blk >> 4], dim=-1).reshape(k, tail))
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
+def unpack_cpu(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """Inverse of ``pack_cpu``: packed uint8 → ``(N, K)`` uint8 codes in 0..15."""
+    return unpack_cpu_kn(packed, n, k).t().contiguous()
+
+
+def prefill_params(scale_zero: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Contiguous bf16 ``(G, 1, N)`` scale and ``zero - 8·scale`` for ``dequantize_kn_bf16``.
+
+    Folding the -8 into the zero saves a pass over the weight; the folded zero is rounded to bf16 once.
+    """
+    sz = scale_zero.float()
+    scale, zero = sz[..., 0], sz[..., 1] - 8 * sz[..., 0]
+    return scale.to(torch.bfloat16)[:, None, :].contiguous(), zero.to(torch.bfloat16)[:, None, :].contiguous()
+
+
+def dequantize_kn_bf16(packed: torch.Tensor, scale: torch.Tensor, zero8: torch.Tensor, n: int, k: int,
+                       group_size: int) -> torch.Tensor:
+    """The kernel's weights as a bf16 ``(K, N)`` matrix for long activations: ``u * scale + zero8``.
+
+    ``scale``/``zero8`` from ``prefill_params``; addcmul evaluates each value in fp32 and rounds once.
+    """
+    t = unpack_cpu_kn(packed, n, k).to(torch.bfloat16).view(k // group_size, group_size, n)
+    return torch.addcmul(zero8, t, scale).view(k, n)
 
 
 @functools.cache

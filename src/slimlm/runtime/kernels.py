@@ -16,7 +16,7 @@ import torch
 # Activations with more rows than this take the "dequantize to bf16, then bf16 GEMM" path in W4A16: the
 # int4 tinygemm CPU kernel is a GEMV-style kernel (4-row blocks) and loses to oneDNN's bf16 GEMM on long
 # prompts. Measured on SmolLM2 shapes: see BENCHMARKS.md "runtime kernels".
-W4A16_DEQUANT_MIN_ROWS = 64
+W4A16_DEQUANT_MIN_ROWS = 48
 
 
 def autotune_enabled() -> bool:

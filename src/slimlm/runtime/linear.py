@@ -172,6 +172,7 @@ class W4A16Linear(QuantLinear):
         # If this torch build lays int4 out differently from what unpack_cpu reads, keep plain codes aside.
         keep_plain = self.device_type == "cpu" and not int4pack.cpu_layout_ok()
         self.register_buffer("plain_codes", u if keep_plain else None)
+        self._prefill_params: tuple[torch.Tensor, torch.Tensor] | None = None  # made on first long input
 
     @classmethod
     def from_signed(cls, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, group_size: int,
@@ -207,8 +208,11 @@ class W4A16Linear(QuantLinear):
         x2 = x2.contiguous()
         if self.device_type == "cuda":
             y = torch.ops.aten._weight_int4pack_mm(x2, self.packed, self.group_size, self.scale_zero)
-        elif x2.shape[0] >= kernels.W4A16_DEQUANT_MIN_ROWS:
-            y = F.linear(x2, self.dequantized(torch.bfloat16))
+        elif x2.shape[0] >= kernels.W4A16_DEQUANT_MIN_ROWS and self.plain_codes is None:
+            if self._prefill_params is None:
+                self._prefill_params = int4pack.prefill_params(self.scale_zero)
+            y = x2 @ int4pack.dequantize_kn_bf16(self.packed, *self._prefill_params, self.n_padded,
+                                                 self.k_padded, self.group_size)
         else:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, self.scale_zero)
         if self.n_padded != self.out_features:

@@ -1,0 +1,112 @@
+"""Fast low-bit Linear modules against their plain references (dequantize, then fp32 matmul)."""
+
+import pytest
+import torch
+
+from slimlm.runtime import int4pack, kernels
+from slimlm.runtime.linear import DequantLinear, W4A16Linear, W8A8Linear, W8A16Linear
+from slimlm.runtime.quantize import rtn_int4_groups, rtn_int8_per_channel
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+@pytest.fixture(autouse=True)
+def _no_autotune(monkeypatch):
+    monkeypatch.setenv("SLIMLM_AUTOTUNE", "0")
+
+
+def _weight(n: int, k: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, k, generator=torch.Generator().manual_seed(seed)) * 0.05
+
+
+@pytest.mark.parametrize("n,k", [(64, 64), (208, 576), (48, 1536), (1536, 576)])
+def test_int4_cpu_unpack_inverts_torch_packing(n, k):
+    u = torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=torch.Generator().manual_seed(n))
+    assert int4pack.cpu_layout_ok()
+    assert torch.equal(int4pack.unpack_cpu(int4pack.pack_cpu(u), n, k), u)
+
+
+def test_int4_prefill_dequant_matches_kernel_weights():
+    n, k, gs = 176, 128, 32
+    u = torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    sz = (torch.rand(k // gs, n, 2) - 0.5).bfloat16()
+    w_kn = int4pack.dequantize_kn_bf16(int4pack.pack_cpu(u), *int4pack.prefill_params(sz), n, k, gs)
+    exact = int4pack.dequantize(u, sz[..., 0].t(), sz[..., 1].t(), gs).t()
+    # only the folded zero (zero - 8*scale, rounded to bf16) and the final bf16 rounding differ
+    assert (w_kn.float() - exact).abs().max() <= 2 * 2**-8 * exact.abs().max()
+
+
+def test_w8a8_matches_reference_to_int32_exactness():
+    w = _weight(200, 576)
+    q, s = rtn_int8_per_channel(w)
+    fast = W8A8Linear(q, s, bias=torch.randn(200))
+    ref = fast.to_reference()
+    assert isinstance(ref, DequantLinear) and ref.act_bits == 8
+    assert torch.equal(ref.weight, q.float() * s[:, None])
+    x = torch.randn(3, 7, 576)
+    y = fast(x)
+    assert y.shape == (3, 7, 200) and y.dtype == torch.float32
+    assert rel_err(y, ref(x)) < 1e-5  # int32 accumulation is exact; fp32 reference rounds a little
+    # and int8 weights + int8 activations stay close to the unquantized layer
+    assert rel_err(y, x @ w.t() + fast.bias) < 0.02
+
+
+@pytest.mark.parametrize("layout", ["nk", "kn"])
+def test_w8a8_both_weight_layouts_agree(layout, monkeypatch):
+    q, s = rtn_int8_per_channel(_weight(64, 128))
+    kernels.int8_weight_layout.cache_clear()
+    monkeypatch.setattr(kernels, "int8_weight_layout", lambda k, n: layout)
+    m = W8A8Linear(q, s)
+    assert m.layout == layout and torch.equal(m.int_weight(), q)
+    x = torch.randn(5, 128)
+    assert rel_err(m(x), m.to_reference()(x)) < 1e-5
+
+
+def test_w8a16_matches_reference_within_bf16():
+    q, s = rtn_int8_per_channel(_weight(96, 576))
+    fast = W8A16Linear(q, s)
+    x = torch.randn(4, 576)
+    assert rel_err(fast(x), fast.to_reference()(x)) < 1e-2  # bf16 activations and scales
+
+
+@pytest.mark.parametrize("rows", [1, 8, 100])  # decode kernel (< 48 rows) and the prefill dequant path
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_w4a16_matches_reference(rows, symmetric):
+    w = _weight(200, 576, seed=rows)
+    q, s, z = rtn_int4_groups(w, 64, symmetric)
+    fast = W4A16Linear.from_signed(q, s, z, 64)
+    ref = fast.to_reference()
+    # the reference holds exactly (q - zero) * scale with scale and zero as the kernel stores them (bf16)
+    s16 = s.bfloat16().float()
+    z16 = torch.zeros_like(s) if z is None else (-z * s).bfloat16().float()
+    expect = ((q.float().view(200, 9, 64) * s16[..., None]) + z16[..., None]).reshape(200, 576)
+    assert torch.allclose(ref.weight, expect, rtol=0, atol=1e-6)
+    x = torch.randn(rows, 576)
+    y = fast(x)
+    assert y.dtype == torch.float32 and y.shape == (rows, 576 // 576 * 200)
+    assert rel_err(y, ref(x)) < 1e-2  # bf16 activations
+    assert rel_err(y, x @ w.t()) < 0.15  # 4-bit weights: RTN error of a random Gaussian matrix
+
+
+def test_w4a16_pads_shapes_the_kernel_cannot_take():
+    w = _weight(200, 500)  # 500 is no multiple of 64, 200 no multiple of 16
+    q, s, z = rtn_int4_groups(torch.nn.functional.pad(w, (0, 12)), 64, False)
+    fast = W4A16Linear.from_signed(q[:, :500], s, z, 64)
+    assert (fast.n_padded, fast.k_padded) == (208, 512)
+    assert "padded to 208x512" in fast.kernel
+    ref = fast.to_reference()
+    assert ref.weight.shape == (200, 500)
+    for rows in (2, 64):
+        x = torch.randn(rows, 500)
+        assert fast(x).shape == (rows, 200)
+        assert rel_err(fast(x), ref(x)) < 1e-2
+
+
+def test_kernel_names_say_what_runs():
+    q, s = rtn_int8_per_channel(_weight(32, 64))
+    assert "_int_mm" in W8A8Linear(q, s).kernel
+    assert "_weight_int8pack_mm" in W8A16Linear(q, s).kernel
+    q4, s4, z4 = rtn_int4_groups(_weight(32, 64), 32, False)
+    assert "_weight_int4pack_mm_for_cpu g32" in W4A16Linear.from_signed(q4, s4, z4, 32).kernel
