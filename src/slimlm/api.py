@@ -25,3 +25,11 @@ from slimlm.export.compressed_tensors import load_reference_model  # noqa: E402,
 # --- evaluation: model loading, perplexity / KL divergence / top-1, speed (models, evaluate) ---
 from slimlm.evaluate import evaluate  # noqa: E402,F401
 from slimlm.models import LoadedModel, ModelInfo, load_model  # noqa: E402,F401
+
+# --- quantized runtime: low-bit kernels, loading quantized files, generation (runtime) ---
+# (F's fake-quant quantize_ above keeps its name; the kernel-swapping one is runtime_quantize_ / runtime.quantize_)
+from slimlm import runtime  # noqa: E402,F401
+from slimlm.runtime import (  # noqa: E402,F401
+    GenerationResult, SamplingConfig, generate, kernel_report, load_quantized, open_model, summarize_kernels,
+    quantize_ as runtime_quantize_,
+)
