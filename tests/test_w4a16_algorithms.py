@@ -1,0 +1,146 @@
+"""W4A16 algorithms: GPTQ and AWQ beat round-to-nearest on the error they minimise; folding is exact."""
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+
+from slimlm.algorithms.awq import awq_layer, search_clip, search_scale
+from slimlm.algorithms.gptq import gptq_quantize
+from slimlm.algorithms.mappings import smoothing_pairs
+from slimlm.algorithms.stats import StatsCollector
+from slimlm.errors import SlimlmError
+from slimlm.formats.groupint import QuantSpec, quantize_weight
+
+from conftest import make_tiny_llama
+
+
+def _correlated_inputs(n: int, d: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(d, d, generator=g) / d**0.5
+    x = torch.randn(n, d, generator=g) @ mix
+    x[:, :4] *= 20  # a few outlier channels, as in real LLM activations
+    return x
+
+
+def _err(w_hat: torch.Tensor, w: torch.Tensor, x: torch.Tensor) -> float:
+    return float(((x @ (w_hat - w).T) ** 2).mean())
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(4, 32, False), QuantSpec(4, 64, True), QuantSpec(4, None, False),
+                                  QuantSpec(8, None, True)])
+def test_gptq_beats_rtn_on_output_error(spec):
+    torch.manual_seed(1)
+    x = _correlated_inputs(2048, 128)
+    w = torch.randn(96, 128)
+    h = x.T @ x / x.shape[0]
+    q_rtn = quantize_weight(w, spec).dequantize()
+    qw = gptq_quantize(w, h, spec, block_size=64)
+    q_gptq = qw.dequantize()
+    lo, hi = (-8, 7) if spec.bits == 4 else (-128, 127)
+    assert qw.q.dtype == torch.int8 and int(qw.q.min()) >= lo and int(qw.q.max()) <= hi
+    assert qw.scale.shape == (96, spec.groups(128))
+    assert _err(q_gptq, w, x) < 0.8 * _err(q_rtn, w, x)
+
+
+def test_gptq_stacked_rows_equal_separate_runs():
+    """Rows are independent given H, which is why q/k/v (and gate/up) are quantized as one matrix."""
+    x = _correlated_inputs(512, 64)
+    h = x.T @ x / 512
+    a, b = torch.randn(32, 64), torch.randn(16, 64)
+    spec = QuantSpec(4, 32, False)
+    both = gptq_quantize(torch.cat([a, b]), h, spec)
+    assert torch.equal(both.q[:32], gptq_quantize(a, h, spec).q)
+    assert torch.equal(both.q[32:], gptq_quantize(b, h, spec).q)
+
+
+def test_awq_scale_and_clip_search_never_lose_to_rtn():
+    x = _correlated_inputs(1024, 128, seed=3)
+    h = x.T @ x / 1024
+    w = torch.randn(64, 128)
+    spec = QuantSpec(4, 32, False)
+    s, err, err_unscaled = search_scale([w], [spec], x.abs().mean(0), h)
+    assert err <= err_unscaled and s.shape == (128,) and bool((s > 0).all())
+    w_scaled = w * s
+    clip = search_clip(w_scaled, spec, h / (s[:, None] * s[None, :]))
+    assert clip.shape == (64, 4) and float(clip.min()) >= 0.5 and float(clip.max()) <= 1.0
+    awq_hat = quantize_weight(w_scaled, spec, clip=clip).dequantize() / s
+    assert _err(awq_hat, w, x) < _err(quantize_weight(w, spec).dequantize(), w, x)
+
+
+def _layer_and_inputs(tmp_path: Path):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(make_tiny_llama(tmp_path / "m", layers=1), dtype=torch.float32)
+    layer = model.model.layers[0]
+    captured = {}
+
+    def grab(_m, args, kwargs):
+        captured["x"], captured["kw"] = args[0], kwargs
+
+    h = layer.register_forward_pre_hook(grab, with_kwargs=True)
+    with torch.no_grad():
+        model(torch.randint(0, 256, (2, 32)))
+    h.remove()
+    return layer, captured["x"], captured["kw"]
+
+
+def test_awq_folding_keeps_the_float_layer_exact(tmp_path):
+    layer, x, kw = _layer_and_inputs(tmp_path)
+    before = layer(x, **kw)
+    linears = {n: m for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
+    with StatsCollector(linears) as col, torch.no_grad():
+        layer(x, **kw)
+    specs = {n: QuantSpec(4, 32, False) for n in linears}
+    ref = copy.deepcopy(layer)
+    with torch.no_grad():
+        clips, report = awq_layer(layer, col.stats, smoothing_pairs("llama", layer, "awq"), specs)
+        torch.testing.assert_close(layer(x, **kw), before, rtol=1e-4, atol=1e-5)
+    assert set(report) == {"input_layernorm", "post_attention_layernorm", "mlp.up_proj"}  # no v→o under GQA
+    assert not torch.equal(ref.input_layernorm.weight, layer.input_layernorm.weight)
+    assert bool((clips["self_attn.q_proj"] == 1).all())  # q/k are never clipped (AutoAWQ's rule)
+    # the statistics followed the folding: q/k/v share one accumulator, rescaled once
+    assert col.stats["self_attn.q_proj"] is col.stats["self_attn.v_proj"]
+
+
+def test_awq_refuses_architectures_without_a_mapping(tmp_path):
+    from transformers import GemmaConfig, GemmaForCausalLM
+
+    from slimlm.pipeline import quantize_model
+
+    cfg = GemmaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=16, vocab_size=256)
+    GemmaForCausalLM(cfg).save_pretrained(tmp_path / "gemma")
+    with pytest.raises(SlimlmError, match="awq has no smoothing-pair mapping for model_type 'gemma'"):
+        quantize_model(tmp_path / "gemma", tmp_path / "out", scheme="w4a16", method="awq",
+                       calib=torch.randint(0, 256, (2, 16)))
+    assert not (tmp_path / "out").exists()
+    # RTN and GPTQ need no mapping
+    quantize_model(tmp_path / "gemma", tmp_path / "out", scheme="w4a16", method="gptq",
+                   calib=torch.randint(0, 256, (2, 16)), group_size=32)
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_calibrated_methods_beat_rtn_on_a_tiny_model(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from slimlm.export.compressed_tensors import load_reference_model
+    from slimlm.pipeline import quantize_model
+
+    src = make_tiny_llama(tmp_path / "m", hidden=128, ffn=256, layers=2)
+    fp = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    calib = torch.randint(0, 256, (8, 64), generator=torch.Generator().manual_seed(0))
+    held_out = torch.randint(0, 256, (4, 64), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = torch.log_softmax(fp(held_out).logits, -1)
+
+    def kld(method):
+        out = tmp_path / method
+        quantize_model(src, out, scheme="w4a16", method=method, group_size=32, calib=calib)
+        with torch.no_grad():
+            lp = torch.log_softmax(load_reference_model(out)(held_out).logits, -1)
+        return float((ref.exp() * (ref - lp)).sum(-1).mean())
+
+    rtn, awq, gptq = kld("rtn"), kld("awq"), kld("gptq")
+    assert awq < rtn and gptq < rtn
