@@ -99,3 +99,32 @@ def test_bad_configs_raise_clear_errors(config, message):
     with pytest.raises(SlimlmError, match=message.replace("(", r"\(").replace(")", r"\)")):
         ModelSpec.from_config(config)
     assert "deepseek_v3" in SUPPORTED_MODEL_TYPES
+
+
+def test_deepseek_v3_checkpoint_layout_mtp_and_fp8_scales():
+    """A DeepSeek-V3-layout tensor table: MTP module stored as layer n_layers (as in the released weights)
+    and FP8 block scales (weight_scale_inv) beside each weight; counts must match the config's."""
+    kwargs = dict(FAMILIES["deepseek_v3"], num_nextn_predict_layers=1)
+    config, model = _hf_model("deepseek_v3", kwargs)
+    spec = ModelSpec.from_config(config.to_dict())
+    state = model.state_dict()
+    n, h, v = spec.n_layers, spec.hidden_size, spec.vocab_size
+    tensors = [TensorInfo(k, tuple(t.shape), "F8_E4M3", 0) for k, t in state.items()]
+    tensors += [TensorInfo(k.replace(".weight", ".weight_scale_inv"), (1, 1), "F32", 0)
+                for k, t in state.items() if k.endswith("proj.weight")]
+    last = f"model.layers.{n - 1}."
+    tensors += [TensorInfo(k.replace(last, f"model.layers.{n}."), tuple(t.shape), "F8_E4M3", 0)
+                for k, t in state.items() if k.startswith(last)]
+    mtp = f"model.layers.{n}."
+    tensors += [TensorInfo(mtp + "embed_tokens.weight", (v, h), "BF16", 0),
+                TensorInfo(mtp + "enorm.weight", (h,), "BF16", 0), TensorInfo(mtp + "hnorm.weight", (h,), "BF16", 0),
+                TensorInfo(mtp + "eh_proj.weight", (h, 2 * h), "BF16", 0),
+                TensorInfo(mtp + "shared_head.norm.weight", (h,), "BF16", 0),
+                TensorInfo(mtp + "shared_head.head.weight", (v, h), "BF16", 0)]
+    from_tensors = count_tensors(tensors, spec)
+    from_spec = count_spec(spec)
+    assert from_tensors.total == from_spec.total and from_tensors.roles == from_spec.roles
+    assert from_tensors.mtp == from_spec.mtp > 0
+    assert from_tensors.mtp_shared_copies == from_spec.mtp_shared_copies == 2 * v * h
+    assert any("quantization scales" in note for note in from_tensors.notes)
+    assert from_tensors.active == from_spec.active
