@@ -30,6 +30,12 @@ def _distributions(rows: int = 24, n: int = 1024, seed: int = 0) -> dict[str, np
         "weights_like": rng.laplace(0, 0.02, (rows, n)),
     }
     d["mixed_rows"] = np.concatenate([d["normal"][:8], d["all_zero"][:8], d["tiny"][:8]])
+    d["cauchy"] = rng.standard_cauchy((rows, n))
+    d["negative"] = -rng.random((rows, n)) - 0.1
+    d["huge"] = rng.standard_normal((rows, n)) * 1e4
+    d["grid_ties"] = rng.integers(0, 31, (rows, n)) * 0.5 - 3.0  # values exactly on quantization grids
+    # sub-blocks of 16 whose magnitudes differ by up to 1e6 inside one super-block
+    d["sub_scales"] = rng.standard_normal((rows, n)) * np.repeat(10.0 ** rng.uniform(-4, 2, (rows, n // 16)), 16, 1)
     return {k: v.astype(np.float32) for k, v in d.items()}
 
 
@@ -111,6 +117,16 @@ def test_scale_min_packing_round_trips() -> None:
     sc, m = kc.unpack_scale_min_k4(packed)
     np.testing.assert_array_equal(sc, ls)
     np.testing.assert_array_equal(m, lm)
+
+
+def test_seq_sum_is_left_to_right() -> None:
+    rng = np.random.default_rng(8)
+    a = (rng.standard_normal((32, 999)) * 10.0 ** rng.integers(-4, 4, (32, 999))).astype(np.float32)
+    expected = np.zeros(999, np.float32)
+    for row in a:
+        expected = expected + row
+    np.testing.assert_array_equal(kc.seq_sum(a), expected)
+    np.testing.assert_array_equal(kc.seq_sum(np.asfortranarray(a)), expected)
 
 
 def test_nearest_int_rounds_half_to_even() -> None:

@@ -116,6 +116,7 @@ def make_qkx_quants(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta
     flat = ~(vmax > vmin)  # C returns early on max == min (qkx2) / max <= min (qkx3)
     lf = np.empty_like(x)
     tmp = np.empty_like(x)
+    tmp2 = np.empty_like(x)
 
     def err(scale: np.ndarray, mn: np.ndarray, levels: np.ndarray) -> np.ndarray:
         d = np.multiply(scale, levels, out=tmp)  # ((scale*L + min) - x), then |.| or squared, times w
@@ -141,7 +142,7 @@ def make_qkx_quants(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta
             _levels(x, cur_min, iscale, fnmax, lf)
             np.multiply(w, lf, out=tmp)
             sum_l = seq_sum(tmp)
-            sum_xl = seq_sum(tmp * x)
+            sum_xl = seq_sum(np.multiply(tmp, x, out=tmp2))
             tmp *= lf
             sum_l2 = seq_sum(tmp)
             D = sum_w * sum_l2 - sum_l * sum_l
