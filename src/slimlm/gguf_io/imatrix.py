@@ -247,8 +247,13 @@ def collect_imatrix(
     ctx: int = 512,
     chunks: int | None = None,
     progress: Callable[[int, int], None] | None = None,
+    hessians: dict[str, "np.ndarray"] | None = None,
 ) -> Imatrix:
-    """Run the model over ``calib`` (plain text) in ctx-token windows and sum squared Linear inputs."""
+    """Run the model over ``calib`` (plain text) in ctx-token windows and sum squared Linear inputs.
+
+    With ``hessians`` (a dict to fill), also accumulate each matrix's full input covariance X^T X / tokens
+    (float32 [n_in, n_in]; matrices reading the same input share one array), for GPTQ-style searches.
+    """
     import torch
 
     from slimlm.gguf_io.hf_model import load_hf_model
@@ -263,17 +268,31 @@ def collect_imatrix(
     counts: dict[str, int] = {}
     hooks = []
 
-    def hook_for(gname: str):
+    covs: dict[str, torch.Tensor] = {}
+    # q/k/v (and gate/up) receive the same input tensor object: compute X^T X once and share it. Holding a
+    # reference to the last input keeps its memory from being reused by another tensor in the meantime.
+    last_input: dict[str, tuple[torch.Tensor, str]] = {}
+
+    def hook_for(gname: str, group: str):
         def hook(_module, inputs):
             x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).to(torch.float32)
             s = (x * x).sum(0, dtype=torch.float64)
             sums[gname] = sums[gname] + s if gname in sums else s
             counts[gname] = counts.get(gname, 0) + x.shape[0]
+            if hessians is not None:
+                previous = last_input.get(group)
+                if previous is not None and previous[0] is inputs[0]:
+                    covs[gname] = covs[previous[1]]
+                    return
+                xtx = x.T @ x
+                covs[gname] = covs[gname] + xtx if gname in covs else xtx
+                last_input[group] = (inputs[0], gname)
         return hook
 
     for mod_name, module in model.named_modules():
         if mod_name in names:
-            hooks.append(module.register_forward_pre_hook(hook_for(names[mod_name] + ".weight")))
+            group = mod_name.rsplit(".", 1)[0]  # the parent (self_attn / mlp) of the projection
+            hooks.append(module.register_forward_pre_hook(hook_for(names[mod_name] + ".weight", group)))
     try:
         with torch.inference_mode():
             for i, window in enumerate(windows):
@@ -287,6 +306,12 @@ def collect_imatrix(
     for name, s in sums.items():
         im.entries[name] = ImatrixEntry(s.to(torch.float32).numpy()[None, :].copy(),
                                         np.array([counts[name]], dtype=np.float32))
+    if hessians is not None:
+        done: dict[int, np.ndarray] = {}
+        for name, cov in covs.items():
+            if id(cov) not in done:
+                done[id(cov)] = (cov / counts[name]).numpy()
+            hessians[name] = done[id(cov)]
     return im
 
 

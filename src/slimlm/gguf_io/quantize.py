@@ -33,6 +33,7 @@ _FLOATS = (T.F32, T.F16, T.BF16)
 LOOKAHEAD = 2
 
 Progress = Callable[[int, int, str], None]
+METHODS = ("llama.cpp", "gptq")
 
 
 @dataclass
@@ -118,11 +119,17 @@ def quantize_gguf(
     dry_run: bool = False,
     overwrite: bool = False,
     progress: Progress | None = None,
+    method: str = "llama.cpp",
+    hessians: dict[str, np.ndarray] | None = None,
+    gptq_damp: float = 0.01,
     encoder: Callable[[np.ndarray, T, np.ndarray | None, str], np.ndarray] | None = None,
     transform: Callable[[ModelSource, Imatrix | None], tuple[ModelSource, Imatrix | None]] | None = None,
 ) -> QuantizeResult:
     """Write ``model`` (HF dir or GGUF) as a GGUF of mix ``to`` (Q4_K_M, Q8_0, F16, ...) to ``out``.
 
+    ``method``: "llama.cpp" (each block rounded on its own, as llama-quantize does) or "gptq" (same codecs
+    and bytes layout, but each block's rounding error is compensated in the later columns using the
+    calibration inputs' covariance; needs ``calib``, or ``imatrix`` plus ``hessians`` from the API).
     ``encoder(x, qtype, importance, name)`` replaces the plain llama.cpp encoding (used by the searches in
     slimlm.algorithms.gguf_search); ``transform`` may rewrite the source before planning (e.g. folding
     per-channel scales into norms) and adjust the imatrix to match.
@@ -143,7 +150,21 @@ def quantize_gguf(
               f"converting from the GGUF {model.name}; metadata copied as is"
         log.warning(msg)
         warnings.append(msg)
-    im = load_importance(imatrix, Path(calib) if calib else None, model, calib_chunks)
+    if method not in METHODS:
+        raise SlimlmError(f"unknown GGUF method {method!r}; choose one of: {', '.join(METHODS)}")
+    if method == "gptq" and hessians is None:
+        if calib is None:
+            raise SlimlmError("--method gptq needs calibration text (--calib FILE): it uses the inputs' covariance")
+        if imatrix is not None:
+            raise SlimlmError("--method gptq computes its own importance matrix from --calib; drop --imatrix")
+        hessians = {}
+        im = collect_imatrix(model, Path(calib), chunks=calib_chunks, hessians=hessians)
+    else:
+        im = load_importance(imatrix, Path(calib) if calib else None, model, calib_chunks)
+    if method == "gptq" and encoder is None:
+        from slimlm.algorithms.gguf_search import gptq_encoder
+
+        encoder = gptq_encoder(hessians, damp=gptq_damp)
     if transform is not None:
         source, im = transform(source, im)
     plan = plan_for(source, ftype, tensor_types, has_imatrix=im is not None)

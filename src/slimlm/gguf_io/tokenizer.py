@@ -52,13 +52,29 @@ def bpe_pre_tokenizer_name(tokenizer_json: dict[str, Any]) -> str:
     return "default"
 
 
-def _adds_special(tokenizer: Any) -> tuple[bool, bool]:
+def _adds_special(encode: Any, bos: int | None, eos: int | None) -> tuple[bool, bool]:
     """Whether encoding adds BOS / EOS, found by encoding a word with and without special tokens."""
-    with_special = tokenizer.encode("hello", add_special_tokens=True)
-    without = tokenizer.encode("hello", add_special_tokens=False)
-    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
-    add_bos = bos is not None and len(with_special) > len(without) and with_special[0] == bos
-    add_eos = eos is not None and len(with_special) > len(without) and with_special[-1] == eos
+    with_special, without = encode("hello", True), encode("hello", False)
+    extra = len(with_special) > len(without)
+    return (bos is not None and extra and with_special[0] == bos,
+            eos is not None and extra and with_special[-1] == eos)
+
+
+def _tokenizer_adds(model_dir: Path, tok_json_path: Path, special: gguf.SpecialVocab) -> tuple[bool, bool]:
+    """add_bos/add_eos as the tokenizer behaves (tokenizers' post-processor), else as tokenizer_config says."""
+    bos, eos = special.special_token_ids.get("bos"), special.special_token_ids.get("eos")
+    if tok_json_path.is_file():
+        from tokenizers import Tokenizer  # light: no transformers import on the quantize path
+
+        tok = Tokenizer.from_file(str(tok_json_path))
+        add_bos, add_eos = _adds_special(lambda t, s: tok.encode(t, add_special_tokens=s).ids, bos, eos)
+    else:
+        add_bos, add_eos = True, False  # SentencePiece models default to a leading BOS
+    cfg_path = model_dir / "tokenizer_config.json"
+    if cfg_path.is_file():  # slow (python) tokenizers add BOS/EOS themselves according to these flags
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+        add_bos = bool(cfg.get("add_bos_token", add_bos))
+        add_eos = bool(cfg.get("add_eos_token", add_eos))
     return add_bos, add_eos
 
 
@@ -67,10 +83,12 @@ def _looks_special(text: str) -> bool:
         text.startswith("<unused") and text.endswith(">"))
 
 
-def _gpt2_vocab(tokenizer: Any, vocab_size: int) -> tuple[list[str], list[int]]:
-    """Token strings and llama.cpp token types for a byte-level BPE vocab, padded to the model's vocab size."""
-    by_id = {i: t for t, i in tokenizer.get_vocab().items()}
-    added = tokenizer.added_tokens_decoder  # id -> AddedToken
+def _gpt2_vocab(tok_json: dict[str, Any], vocab_size: int) -> tuple[list[str], list[int]]:
+    """Token strings and llama.cpp token types of a byte-level BPE tokenizer.json, padded to the model's vocab."""
+    by_id = {int(i): t for t, i in tok_json["model"]["vocab"].items()}
+    added = {int(a["id"]): a for a in tok_json.get("added_tokens", [])}
+    for i, a in added.items():
+        by_id[i] = a["content"]
     tokens: list[str] = []
     types: list[int] = []
     for i in range(vocab_size):
@@ -80,7 +98,7 @@ def _gpt2_vocab(tokenizer: Any, vocab_size: int) -> tuple[list[str], list[int]]:
             continue
         text = by_id[i]
         if i in added:
-            special = added[i].special or _looks_special(text)
+            special = bool(added[i].get("special")) or _looks_special(text)
             types.append(gguf.TokenType.CONTROL if special else gguf.TokenType.USER_DEFINED)
         else:
             types.append(gguf.TokenType.NORMAL)
@@ -99,13 +117,10 @@ def write_tokenizer(writer: gguf.GGUFWriter, model_dir: Path, vocab_size: int) -
     if not tok_json_path.is_file() and not has_spm:
         log.warning("%s has no tokenizer files; the GGUF will carry no tokenizer", model_dir)
         return {"model": None}
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
     tok_json = json.loads(tok_json_path.read_text(encoding="utf-8")) if tok_json_path.is_file() else {}
     model = tok_json.get("model", {})
     if model.get("type") == "BPE" and not model.get("byte_fallback"):
-        tokens, types = _gpt2_vocab(tokenizer, vocab_size)
+        tokens, types = _gpt2_vocab(tok_json, vocab_size)
         pre = bpe_pre_tokenizer_name(tok_json)
         writer.add_tokenizer_model("gpt2")
         writer.add_tokenizer_pre(pre)
@@ -135,7 +150,7 @@ def write_tokenizer(writer: gguf.GGUFWriter, model_dir: Path, vocab_size: int) -
         pre, tokens = "default", texts
         kind = "llama"
     special.add_to_gguf(writer, quiet=True)
-    add_bos, add_eos = _adds_special(tokenizer)
+    add_bos, add_eos = _tokenizer_adds(model_dir, tok_json_path, special)
     # SpecialVocab may have set these from tokenizer_config; the behaviour of the tokenizer is what counts.
     for key in (gguf.Keys.Tokenizer.ADD_BOS, gguf.Keys.Tokenizer.ADD_EOS):
         writer.kv_data[0].pop(key, None)

@@ -1,0 +1,326 @@
+"""GGUF quantization of SmolLM2-135M: slimlm vs llama.cpp, same model, same evaluator, same run.
+
+Stages (each appends a table to BENCHMARKS.md; intermediate files are cached in --work):
+  mixes    every type mix: file size, tensor bytes identical?, KLD vs the fp32 model (wikitext-2 test, ctx 512,
+           --chunks windows) with slimlm's evaluator on both files
+  f16      F16 round trip: perplexity of our F16 GGUF vs the HF dir
+  imatrix  importance matrix from wikitext-2 valid (--calib-chunks windows of 512 for both tools), then
+           Q4_K_M / Q3_K_M / Q2_K: llama.cpp + its imatrix vs slimlm + its imatrix (llama.cpp's rounding)
+           vs slimlm --method gptq (error-compensated blocks, same bytes layout)
+  speed    wall time of `slimlm quantize --to Q4_K_M` vs `llama-quantize ... Q4_K_M` (median of --repeats)
+  greedy   Q8_0: llama.cpp's greedy tokens vs slimlm's runtime (transformers on the dequantized GGUF)
+
+llama.cpp: llama-cpp-python (loading, generating, llama_model_quantize) and the llama-quantize / llama-imatrix
+tools built from the llama.cpp source vendored in llama-cpp-python's sdist ($LLAMA_CPP_BIN).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import gguf
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import append_section, markdown_table  # noqa: E402
+
+MIXES = ["Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q5_1", "Q5_0", "Q4_K_M", "Q4_K_S", "Q4_1", "Q4_0",
+         "Q3_K_L", "Q3_K_M", "Q3_K_S", "Q2_K"]
+IMATRIX_MIXES = ["Q4_K_M", "Q3_K_M", "Q2_K"]
+
+
+def lcpp_bin(name: str) -> Path | None:
+    path = Path(os.environ.get("LLAMA_CPP_BIN", "/tmp/lcpp_build/bin")) / name
+    return path if path.is_file() else None
+
+
+def lcpp_quantize(src: Path, dst: Path, mix: str, imatrix: Path | None = None) -> float:
+    """llama.cpp's quantizer (the llama-quantize tool when built, else the same code via llama-cpp-python)."""
+    start = time.perf_counter()
+    tool = lcpp_bin("llama-quantize")
+    if tool is not None:
+        cmd = [str(tool)] + (["--imatrix", str(imatrix)] if imatrix else []) + [str(src), str(dst), mix, "2"]
+        subprocess.run(cmd, check=True, capture_output=True)
+    else:
+        if imatrix is not None:
+            raise SystemExit("llama.cpp with an imatrix needs the llama-quantize tool ($LLAMA_CPP_BIN)")
+        import llama_cpp
+
+        from slimlm.gguf_io.quantize import file_type_of
+
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype, params.nthread = int(file_type_of(mix)), 2
+        assert llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params)) == 0
+    return time.perf_counter() - start
+
+
+def tensor_bytes(path: Path) -> dict[str, bytes]:
+    return {t.name: np.asarray(t.data).tobytes() for t in gguf.GGUFReader(path).tensors}
+
+
+def evaluate_kld(model: Path, ref_file: Path, chunks: int, cache: Path) -> dict:
+    """slimlm's evaluator against the saved fp32 reference log-probs; cached by file path + mtime."""
+    key = cache / f"{model.name}.{int(model.stat().st_mtime)}.eval.json"
+    if key.is_file():
+        return json.loads(key.read_text())
+    from slimlm import resources
+    from slimlm.evaluate.run import evaluate
+
+    r = evaluate(model, resources.wikitext_path("test"), ref=ref_file, ctx=512, chunks=chunks)
+    key.write_text(json.dumps(r))
+    return r
+
+
+def reference(work: Path, chunks: int) -> Path:
+    from slimlm import resources
+    from slimlm.evaluate.run import evaluate
+
+    ref = work / f"ref-{chunks}.slimref"
+    if not ref.exists():
+        r = evaluate(resources.builtin_hf_dir(), resources.wikitext_path("test"), ctx=512, chunks=chunks,
+                     save_ref=ref)
+        (work / "ref-eval.json").write_text(json.dumps(r))
+    return ref
+
+
+def f32_gguf(work: Path) -> Path:
+    from slimlm import resources
+    from slimlm.gguf_io.quantize import quantize_gguf
+
+    out = work / "smollm2-f32.gguf"
+    if not out.exists():
+        quantize_gguf(resources.builtin_hf_dir(), "f32", out)
+    return out
+
+
+def kld_cell(r: dict) -> str:
+    k = r["kld"]
+    return f"{k['kld_mean']:.5f} ± {k['kld_stderr']:.5f}"
+
+
+def stage_mixes(work: Path, chunks: int, mixes: list[str]) -> None:
+    from slimlm import resources
+    from slimlm.gguf_io.quantize import quantize_gguf
+
+    ref, f32 = reference(work, chunks), f32_gguf(work)
+    rows = []
+    for mix in mixes:
+        ours, theirs = work / f"ours-{mix}.gguf", work / f"lcpp-{mix}.gguf"
+        if not ours.exists():
+            quantize_gguf(resources.builtin_hf_dir(), mix, ours)
+        if not theirs.exists():
+            lcpp_quantize(f32, theirs, mix)
+        a, b = tensor_bytes(ours), tensor_bytes(theirs)
+        same = a == b
+        n_diff = sum(a[k] != b.get(k) for k in a)
+        r_ours = evaluate_kld(ours, ref, chunks, work)
+        r_theirs = r_ours if same else evaluate_kld(theirs, ref, chunks, work)
+        sa, sb = ours.stat().st_size, theirs.stat().st_size
+        rows.append([mix, f"{sa:,}", f"{sb:,}", f"{(sa / sb - 1) * 100:+.3f}%",
+                     "all identical" if same else f"{n_diff} differ", kld_cell(r_ours),
+                     kld_cell(r_theirs) + (" (same bytes)" if same else ""),
+                     f"{r_ours['kld']['top1_agreement']:.4f}", f"{r_ours['perplexity']['ppl']:.3f}"])
+    ref_ppl = json.loads((work / "ref-eval.json").read_text())["perplexity"]["ppl"]
+    body = (f"SmolLM2-135M-Instruct (fp32 HF dir = reference, ppl {ref_ppl:.3f}); wikitext-2 test, ctx 512, "
+            f"{chunks} windows; slimlm's evaluator for both files. slimlm quantizes from the HF dir, llama.cpp "
+            "(llama-quantize, 2 threads) from slimlm's F32 GGUF.\n\n" + markdown_table(
+                ["mix", "slimlm bytes", "llama.cpp bytes", "size diff", "tensor bytes", "KLD slimlm",
+                 "KLD llama.cpp", "top-1 slimlm", "ppl slimlm"], rows)
+            + "\n\nCommand: `python benchmarks/bench_gguf.py --stages mixes`")
+    append_section("GGUF type mixes: slimlm vs llama.cpp (bench_gguf.py)", body)
+
+
+def stage_f16(work: Path, chunks: int) -> None:
+    from slimlm import resources
+    from slimlm.evaluate.run import evaluate
+    from slimlm.gguf_io.quantize import quantize_gguf
+
+    out = work / "ours-F16.gguf"
+    if not out.exists():
+        quantize_gguf(resources.builtin_hf_dir(), "f16", out)
+    ref, f32 = reference(work, chunks), f32_gguf(work)
+    r16 = evaluate_kld(out, ref, chunks, work)
+    r32 = evaluate_kld(f32, ref, chunks, work)
+    hf = json.loads((work / "ref-eval.json").read_text())["perplexity"]
+    rows = [["HF dir (fp32)", f"{hf['ppl']:.4f} ± {hf['ppl_stderr']:.4f}", "-", "-"]]
+    for name, r in (("slimlm F32 GGUF", r32), ("slimlm F16 GGUF", r16)):
+        rows.append([name, f"{r['perplexity']['ppl']:.4f} ± {r['perplexity']['ppl_stderr']:.4f}",
+                     f"{r['kld']['kld_mean']:.2e}", f"{r['kld']['top1_agreement']:.4f}"])
+    body = (f"wikitext-2 test, ctx 512, {chunks} windows; GGUFs written by `slimlm quantize --to f32|f16` "
+            "from the HF dir (rope_theta read from transformers-5 `rope_parameters`).\n\n"
+            + markdown_table(["model", "perplexity", "KLD vs HF", "top-1 vs HF"], rows)
+            + "\n\nCommand: `python benchmarks/bench_gguf.py --stages f16`")
+    append_section("GGUF F32/F16 round trip (bench_gguf.py)", body)
+
+
+def stage_imatrix(work: Path, chunks: int, calib_chunks: int, mixes: list[str], damps: list[float]) -> None:
+    from slimlm import resources
+    from slimlm.gguf_io.imatrix import collect_imatrix, write_imatrix
+    from slimlm.gguf_io.quantize import quantize_gguf
+
+    tool = lcpp_bin("llama-imatrix")
+    if tool is None:
+        raise SystemExit("the imatrix stage needs llama.cpp's llama-imatrix tool ($LLAMA_CPP_BIN)")
+    ref, f32 = reference(work, chunks), f32_gguf(work)
+    valid = resources.wikitext_path("valid")
+    lcpp_im = work / f"lcpp-imatrix-{calib_chunks}.gguf"
+    t_lcpp_im = None
+    if not lcpp_im.exists():
+        start = time.perf_counter()
+        subprocess.run([str(tool), "-m", str(f32), "-f", str(valid), "-o", str(lcpp_im), "-c", "512",
+                        "--chunks", str(calib_chunks), "-t", "2", "--no-ppl"], check=True, capture_output=True)
+        t_lcpp_im = time.perf_counter() - start
+    ours_im = work / f"slimlm-imatrix-{calib_chunks}.gguf"
+    hess_path = work / f"slimlm-hessians-{calib_chunks}.npz"
+    t_ours_im = None
+    if not ours_im.exists() or not hess_path.exists():
+        hessians: dict[str, np.ndarray] = {}
+        start = time.perf_counter()
+        im = collect_imatrix(resources.builtin_hf_dir(), valid, ctx=512, chunks=calib_chunks, hessians=hessians)
+        t_ours_im = time.perf_counter() - start
+        write_imatrix(im, ours_im)
+        np.savez(hess_path, **hessians)
+    from slimlm.gguf_io.imatrix import read_imatrix
+
+    im_ours, im_lcpp = read_imatrix(ours_im), read_imatrix(lcpp_im)
+    common = sorted(set(im_ours.entries) & set(im_lcpp.entries))
+    rel = [np.abs(im_ours.importance(n) - im_lcpp.importance(n)).sum() / np.abs(im_lcpp.importance(n)).sum()
+           for n in common]
+    hessians = dict(np.load(hess_path))
+    rows = []
+    for mix in mixes:
+        variants = [("llama.cpp + llama.cpp imatrix", work / f"lcpp-{mix}-im.gguf",
+                     lambda out: lcpp_quantize(f32, out, mix, lcpp_im)),
+                    ("slimlm + slimlm imatrix (llama.cpp rounding)", work / f"ours-{mix}-im.gguf",
+                     lambda out: quantize_gguf(resources.builtin_hf_dir(), mix, out, imatrix=ours_im)),
+                    ("slimlm + llama.cpp imatrix (llama.cpp rounding)", work / f"ours-{mix}-lcppim.gguf",
+                     lambda out: quantize_gguf(resources.builtin_hf_dir(), mix, out, imatrix=lcpp_im))]
+        for damp in damps:
+            variants.append((f"slimlm --method gptq (damp {damp})", work / f"ours-{mix}-gptq-{damp}.gguf",
+                             lambda out, damp=damp: quantize_gguf(resources.builtin_hf_dir(), mix, out,
+                                                                  imatrix=im_ours, hessians=hessians,
+                                                                  method="gptq", gptq_damp=damp)))
+        base = None
+        for label, path, make in variants:
+            seconds = None
+            if not path.exists():
+                start = time.perf_counter()
+                make(path)
+                seconds = time.perf_counter() - start
+            r = evaluate_kld(path, ref, chunks, work)
+            base = base or r["kld"]["kld_mean"]
+            rows.append([mix, label, f"{path.stat().st_size:,}", kld_cell(r),
+                         f"{r['kld']['kld_mean'] / base:.3f}", f"{r['kld']['top1_agreement']:.4f}",
+                         f"{r['perplexity']['ppl']:.3f}", "-" if seconds is None else f"{seconds:.1f}"])
+    body = (f"Importance matrices from wikitext-2 valid, {calib_chunks} windows of 512 tokens for both tools "
+            f"(slimlm: transformers forward hooks, {t_ours_im and f'{t_ours_im:.0f} s' or 'cached'}; llama.cpp: "
+            f"llama-imatrix on slimlm's F32 GGUF, {t_lcpp_im and f'{t_lcpp_im:.0f} s' or 'cached'}). The two "
+            f"imatrices differ by {np.median(rel) * 100:.2f}% (median relative L1 over {len(common)} matrices). "
+            f"KLD vs fp32 on wikitext-2 test, ctx 512, {chunks} windows, slimlm's evaluator; ratio = KLD / "
+            "llama.cpp-with-its-imatrix.\n\n"
+            + markdown_table(["mix", "variant", "bytes", "KLD", "ratio", "top-1", "ppl", "quantize s"], rows)
+            + "\n\nCommand: `python benchmarks/bench_gguf.py --stages imatrix`")
+    append_section("GGUF with an importance matrix: slimlm vs llama.cpp (bench_gguf.py)", body)
+
+
+def stage_speed(work: Path, repeats: int) -> None:
+    from slimlm import resources
+
+    f32 = f32_gguf(work)
+    tool = lcpp_bin("llama-quantize")
+    ours_cmd = [sys.executable, "-c", "from slimlm.cli import main; main()", "quantize", str(resources.builtin_hf_dir()), "--to", "Q4_K_M",
+                "-o", str(work / "speed-ours.gguf"), "--overwrite", "--json"]
+    lcpp_cmd = [str(tool), str(f32), str(work / "speed-lcpp.gguf"), "Q4_K_M", "2"] if tool else None
+
+    def wall(cmd: list[str]) -> float:
+        start = time.perf_counter()
+        subprocess.run(cmd, check=True, capture_output=True)
+        return time.perf_counter() - start
+
+    ours = [wall(ours_cmd) for _ in range(repeats)]
+    if lcpp_cmd:
+        theirs = [wall(lcpp_cmd) for _ in range(repeats)]
+    else:
+        theirs = [lcpp_quantize(f32, work / "speed-lcpp.gguf", "Q4_K_M") for _ in range(repeats)]
+    mo, mt = statistics.median(ours), statistics.median(theirs)
+    body = (f"SmolLM2-135M to Q4_K_M, whole command wall time (process start to file closed), median of {repeats}, "
+            "interleaved on the same 2-core machine; slimlm from the HF dir (safetensors), llama-quantize "
+            "(2 threads) from slimlm's F32 GGUF.\n\n"
+            + markdown_table(["quantizer", "median s", "runs", "ratio vs llama.cpp"],
+                             [["slimlm quantize", f"{mo:.2f}", ", ".join(f"{t:.2f}" for t in ours), f"{mo / mt:.2f}x"],
+                              ["llama-quantize", f"{mt:.2f}", ", ".join(f"{t:.2f}" for t in theirs), "1.00x"]])
+            + "\n\nCommand: `python benchmarks/bench_gguf.py --stages speed`")
+    append_section("GGUF quantize wall time (bench_gguf.py)", body)
+
+
+def stage_greedy(work: Path, n_tokens: int = 32) -> None:
+    import torch
+
+    from slimlm import resources
+    from slimlm.gguf_io.quantize import quantize_gguf
+    from slimlm.models import load_model
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    from test_gguf_tiny import open_llama
+
+    out = work / "ours-Q8_0.gguf"
+    if not out.exists():
+        quantize_gguf(resources.builtin_hf_dir(), "Q8_0", out)
+    rows = []
+    for prompt in ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,"]:
+        loaded = load_model(out)
+        ids = loaded.tokenizer.encode(prompt, add_special_tokens=False)
+        with torch.no_grad():
+            ours = loaded.model.generate(torch.tensor([ids]), max_new_tokens=n_tokens, do_sample=False,
+                                         min_new_tokens=n_tokens)[0, len(ids):].tolist()
+        llm = open_llama(out, n_ctx=256)
+        theirs = []
+        for tok in llm.generate(ids, temp=0.0, top_k=1):
+            theirs.append(tok)
+            if len(theirs) == n_tokens:
+                break
+        same = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), n_tokens)
+        rows.append([repr(prompt), same, repr(loaded.tokenizer.decode(ours))[:60]])
+    body = (f"Q8_0 GGUF written by slimlm; greedy decoding of {n_tokens} tokens by llama.cpp (llama-cpp-python) and "
+            "by slimlm's runtime (transformers on the dequantized GGUF, slimlm.models.load_model).\n\n"
+            + markdown_table(["prompt", "identical leading tokens", "slimlm continuation"], rows)
+            + "\n\nCommand: `python benchmarks/bench_gguf.py --stages greedy`")
+    append_section("GGUF Q8_0: llama.cpp vs slimlm greedy tokens (bench_gguf.py)", body)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--stages", default="mixes,f16,imatrix,speed,greedy")
+    ap.add_argument("--work", type=Path, default=Path("/tmp/bench_gguf"))
+    ap.add_argument("--chunks", type=int, default=40)
+    ap.add_argument("--calib-chunks", type=int, default=100)
+    ap.add_argument("--mixes", default=",".join(MIXES))
+    ap.add_argument("--imatrix-mixes", default=",".join(IMATRIX_MIXES))
+    ap.add_argument("--damps", default="0.01")
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    stages = args.stages.split(",")
+    if "mixes" in stages:
+        stage_mixes(args.work, args.chunks, args.mixes.split(","))
+    if "f16" in stages:
+        stage_f16(args.work, args.chunks)
+    if "imatrix" in stages:
+        stage_imatrix(args.work, args.chunks, args.calib_chunks, args.imatrix_mixes.split(","),
+                      [float(d) for d in args.damps.split(",")])
+    if "speed" in stages:
+        stage_speed(args.work, args.repeats)
+    if "greedy" in stages:
+        stage_greedy(args.work)
+
+
+if __name__ == "__main__":
+    main()
