@@ -38,10 +38,25 @@ def test_gptq_beats_rtn_on_output_error(spec):
     q_rtn = quantize_weight(w, spec).dequantize()
     qw = gptq_quantize(w, h, spec, block_size=64)
     q_gptq = qw.dequantize()
+    q_act = gptq_quantize(w, h, spec, actorder=True).dequantize()
+    assert _err(q_act, w, x) < 0.8 * _err(q_rtn, w, x)
     lo, hi = (-8, 7) if spec.bits == 4 else (-128, 127)
     assert qw.q.dtype == torch.int8 and int(qw.q.min()) >= lo and int(qw.q.max()) <= hi
     assert qw.scale.shape == (96, spec.groups(128))
     assert _err(q_gptq, w, x) < 0.8 * _err(q_rtn, w, x)
+
+
+@pytest.mark.parametrize("actorder", [False, True])
+def test_gptq_with_uncorrelated_inputs_is_rtn(actorder):
+    """With a diagonal Hessian no error propagates, so GPTQ must round exactly like RTN (also after its
+    activation-order permutation is undone)."""
+    torch.manual_seed(2)
+    w = torch.randn(40, 128)
+    h = torch.diag(torch.rand(128) + 0.5)
+    spec = QuantSpec(4, 32, False)
+    qw, rtn = gptq_quantize(w, h, spec, actorder=actorder), quantize_weight(w, spec)
+    assert torch.equal(qw.q, rtn.q) and torch.equal(qw.zero, rtn.zero)
+    torch.testing.assert_close(qw.scale, rtn.scale)
 
 
 def test_gptq_stacked_rows_equal_separate_runs():

@@ -164,7 +164,7 @@ def _run_layer(layer, acts: _Activations, kwargs_list: list[dict], n_batches: in
 
 
 def _gptq_shared(linears: dict[str, torch.nn.Linear], names: list[str], stats: LayerStats,
-                 specs: dict[str, QuantSpec]) -> dict[str, QuantizedWeight]:
+                 specs: dict[str, QuantSpec], actorder: bool) -> dict[str, QuantizedWeight]:
     """GPTQ for Linears grouped by shared input statistics: one stacked run per distinct input."""
     out: dict[str, QuantizedWeight] = {}
     groups: dict[int, list[str]] = {}
@@ -178,10 +178,10 @@ def _gptq_shared(linears: dict[str, torch.nn.Linear], names: list[str], stats: L
                 continue
             if len(batch) > 1 and len({specs[m] for m in batch}) > 1:
                 for m in batch:
-                    out[m] = gptq_quantize(linears[m].weight, stats[m].hessian, specs[m])
+                    out[m] = gptq_quantize(linears[m].weight, stats[m].hessian, specs[m], actorder=actorder)
                 continue
             w = torch.cat([linears[m].weight.float() for m in batch], 0)
-            qw = gptq_quantize(w, stats[batch[0]].hessian, specs[batch[0]])
+            qw = gptq_quantize(w, stats[batch[0]].hessian, specs[batch[0]], actorder=actorder)
             row = 0
             for m in batch:
                 rows = linears[m].out_features
@@ -196,7 +196,7 @@ def quantize_model(model: str | Path, output: str | Path, *, scheme: str | Quant
                    symmetric: bool | None = None, ignore: list[str] | None = None,
                    calib: str | Path | torch.Tensor | None = None, samples: int = DEFAULT_SAMPLES,
                    seq_len: int = DEFAULT_SEQ_LEN, act_dynamic: bool = True,
-                   smoothing_strength: float = DEFAULT_STRENGTH, batch_size: int = 4,
+                   smoothing_strength: float = DEFAULT_STRENGTH, actorder: bool = True, batch_size: int = 4,
                    spill_dir: str | Path | None = None, threads: int | None = None,
                    uniform_groups: bool = True, overwrite: bool = False, progress: Callable[[int, int, str], None] | None = None,
                    ) -> QuantizeResult:
@@ -334,9 +334,9 @@ def quantize_model(model: str | Path, output: str | Path, *, scheme: str | Quant
                     if method == "smoothquant":
                         qws = {n: rtn_quantize(linears[n].weight, specs[n]) for n in quant_names}
                     else:
-                        qws = _gptq_shared(linears, quant_names, stats, specs)
+                        qws = _gptq_shared(linears, quant_names, stats, specs, actorder)
                 elif method == "gptq":
-                    qws = _gptq_shared(linears, quant_names, stats, specs)
+                    qws = _gptq_shared(linears, quant_names, stats, specs, actorder)
                 else:
                     qws = {n: rtn_quantize(linears[n].weight, specs[n]) for n in quant_names}
 

@@ -35,27 +35,39 @@ def _inverse_hessian_factor(h: torch.Tensor, dampening: float) -> torch.Tensor:
 
 
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec,
-                  dampening: float = DEFAULT_DAMPENING, block_size: int = DEFAULT_BLOCK) -> QuantizedWeight:
-    """GPTQ-quantize ``weight`` (out, in) given ``hessian`` = mean x xᵀ of its inputs (in, in)."""
+                  dampening: float = DEFAULT_DAMPENING, block_size: int = DEFAULT_BLOCK,
+                  actorder: bool = False) -> QuantizedWeight:
+    """GPTQ-quantize ``weight`` (out, in) given ``hessian`` = mean x xᵀ of its inputs (in, in).
+
+    ``actorder`` ("static" activation ordering, as llm-compressor calls it): group scales are fixed up front
+    from the original weights, then columns are quantized in order of decreasing Hessian diagonal, so the
+    most-used input channels are rounded first and the rest absorb their error.
+    """
     w = weight.detach().float().clone()
     out_f, in_f = w.shape
     h = hessian.detach().float().clone()
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
-    hinv = _inverse_hessian_factor(h, dampening)
     qmin, qmax = qrange(spec.bits)
     gs = spec.group_size
     n_groups = spec.groups(in_f)
-    if gs is not None:
-        block_size = gs * max(1, block_size // gs)  # groups never straddle blocks
     scale = torch.empty(out_f, n_groups)
     zero = None if spec.symmetric else torch.empty(out_f, n_groups)
-    if gs is None:
-        s0, z0 = minmax_params(w, spec.bits, None, spec.symmetric)
+    fixed = gs is None or actorder
+    if fixed:
+        s0, z0 = minmax_params(w, spec.bits, gs, spec.symmetric)
         scale[:] = s0
         if zero is not None:
             zero[:] = z0
+    perm = torch.argsort(torch.diag(h), descending=True) if actorder else None
+    if perm is not None:
+        w = w[:, perm]
+        h = h[perm][:, perm]
+    group_of = (torch.arange(in_f) if perm is None else perm) // (gs or in_f)
+    hinv = _inverse_hessian_factor(h, dampening)
+    if gs is not None and not fixed:
+        block_size = gs * max(1, block_size // gs)  # groups never straddle blocks
     codes = torch.empty(out_f, in_f)
 
     for i1 in range(0, in_f, block_size):
@@ -65,13 +77,13 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec,
         hinv1 = hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = i1 + i
-            if gs is not None and col % gs == 0:
+            if not fixed and col % gs == 0:
                 g = col // gs
                 s_g, z_g = minmax_params(w1[:, i:i + gs], spec.bits, None, spec.symmetric)
                 scale[:, g] = s_g[:, 0]
                 if zero is not None:
                     zero[:, g] = z_g[:, 0]
-            g = 0 if gs is None else col // gs
+            g = int(group_of[col])
             s_c = scale[:, g]
             z_c = 0.0 if zero is None else zero[:, g]
             x = w1[:, i]
@@ -82,4 +94,6 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec,
             err1[:, i] = err
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
 
+    if perm is not None:
+        codes = codes[:, torch.argsort(perm)]
     return QuantizedWeight(codes.to(torch.int8), scale, None if zero is None else zero.to(torch.int8), spec)
