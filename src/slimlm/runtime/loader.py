@@ -113,18 +113,18 @@ def _ct_module(name: str, state: dict[str, torch.Tensor], group: dict, bias: tor
         q = state[f"{name}.weight"]
         zero = state.get(f"{name}.weight_zero_point")
     n, k = q.shape
-    if gsize is None:  # channel strategy: one scale per row = the same scale repeated over kernel groups
-        gsize = next((g for g in (128, 64, 32) if k % g == 0), 32)
-        reps = -(-k // gsize)
-        scale = scale.reshape(n, 1).expand(n, reps).contiguous()
-        zero = None if zero is None else zero.reshape(n, 1).expand(n, reps).contiguous()
     act = group.get("input_activations")
-    if bits == 4:
-        module = W4A16Linear.from_signed(q, scale, zero, gsize, bias)
-    elif bits == 8 and zero is None and scale.shape[1] == 1 or bits == 8 and zero is None and (scale == scale[:, :1]).all():
+    if bits == 8 and zero is None and scale.shape[1] == 1:
         cls = W8A8Linear if act is not None and act.get("num_bits") == 8 else W8A16Linear
-        module = cls(q, scale[:, 0], bias)
-    else:  # other bit widths, or asymmetric int8: correct but without a fast kernel
+        module: QuantLinear = cls(q, scale[:, 0], bias)
+    elif bits == 4:
+        if gsize is None:  # channel strategy: the row's scale repeated over kernel-sized groups (exact)
+            gsize = next((g for g in (128, 64, 32) if k % g == 0), 32)
+            reps = -(-k // gsize)
+            scale = scale.reshape(n, 1).expand(n, reps).contiguous()
+            zero = None if zero is None else zero.reshape(n, 1).expand(n, reps).contiguous()
+        module = W4A16Linear.from_signed(q, scale, zero, gsize, bias)
+    else:  # other bit widths, grouped or asymmetric int8: correct but without a fast kernel
         g = q.float().reshape(n, scale.shape[1], -1)
         if zero is not None:
             g = g - zero.float().reshape(n, -1, 1)
@@ -191,64 +191,76 @@ def _gguf_module(raw: np.ndarray, qtype: str, perm: torch.Tensor | None, referen
     return module.to_reference() if reference else module
 
 
+def _gguf_name_map(model: nn.Module) -> dict[str, str]:
+    """GGUF tensor name → HF parameter name, with gguf-py's own tensor-name tables (one table build)."""
+    from gguf import MODEL_ARCH_NAMES, get_tensor_name_map
+
+    model_type = model.config.model_type
+    arch = next((key for key, value in MODEL_ARCH_NAMES.items() if value == model_type), None)
+    if arch is None:
+        raise SlimlmError(f"GGUF architecture {model_type!r} is not known to gguf-py")
+    table = get_tensor_name_map(arch, model.config.num_hidden_layers)
+    out = {}
+    for hf_name in model.state_dict():
+        base, _, suffix = hf_name.rpartition(".")
+        gguf_name = table.get_name(base)
+        if gguf_name is not None:
+            out[f"{gguf_name}.{suffix}"] = hf_name
+    return out
+
+
 def load_gguf(path: Path, reference: bool = False, progress: Callable[[str], None] | None = None) -> nn.Module:
     import gguf
     from transformers import AutoConfig
-    from transformers.modeling_gguf_pytorch_utils import (
-        TENSOR_PROCESSORS,
-        LlamaTensorProcessor,
-        TensorProcessor,
-        get_gguf_hf_weights_map,
-    )
+    from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, LlamaTensorProcessor, TensorProcessor
+
+    from slimlm.checkpoint.gguf_file import read_gguf
 
     config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     dtype = torch.float32 if reference else torch.bfloat16
     model = _empty_model(config, dtype)
-    processor_cls = TENSOR_PROCESSORS.get(config.model_type, TensorProcessor)
-    processor = processor_cls(config=config.to_dict())
-    name_map = get_gguf_hf_weights_map(model, processor)
-    reader = gguf.GGUFReader(path)
+    processor = TENSOR_PROCESSORS.get(config.model_type, TensorProcessor)(config=config.to_dict())
+    if type(processor) not in (TensorProcessor, LlamaTensorProcessor):
+        raise SlimlmError(f"GGUF {config.model_type} needs tensor processing slimlm's runtime does not map yet")
+    name_map = _gguf_name_map(model)
+    tensors, _, _, _ = read_gguf(path)
+    data = np.memmap(path, dtype=np.uint8, mode="r")
     linears = {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     plain: dict[str, torch.Tensor] = {}
-    for tensor in reader.tensors:
-        hf_name = name_map.get(tensor.name)
+    embedding_raw = None
+    for info in tensors:
+        hf_name = name_map.get(info.name)
         if hf_name is None:
             continue
-        qtype = tensor.tensor_type.name
-        raw = np.asarray(tensor.data)
-        module_name = hf_name.removesuffix(".weight")
+        rows = int(np.prod(info.shape[:-1])) if len(info.shape) > 1 else 1
+        raw = data[info.offset: info.offset + info.nbytes].reshape(rows, -1)
+        qtype = gguf.GGMLQuantizationType[info.ggml_type]
 
-        def dequant(raw=raw, tensor=tensor):
-            return gguf.quants.dequantize(raw, tensor.tensor_type).reshape(
-                [int(s) for s in reversed(tensor.shape.tolist())])
+        def dequant(raw=raw, qtype=qtype, shape=info.shape):
+            return gguf.quants.dequantize(np.asarray(raw), qtype).reshape(shape)
 
         perm = None
-        if isinstance(processor, LlamaTensorProcessor) and (".attn_q." in tensor.name or ".attn_k." in tensor.name):
-            rows = dequant().shape[0] if raw.ndim == 1 else raw.shape[0]
-            perm = torch.from_numpy(processor.process(np.arange(rows)[:, None], tensor.name).weights[:, 0].copy())
-        elif type(processor) not in (TensorProcessor, LlamaTensorProcessor) and module_name in linears:
-            raise SlimlmError(f"GGUF {config.model_type} needs tensor processing slimlm does not map yet")
-        if module_name in linears and hf_name.endswith(".weight") and raw.ndim == 2:
-            set_module(model, module_name, _gguf_module(raw, qtype, perm, reference, dequant))
+        if isinstance(processor, LlamaTensorProcessor) and (".attn_q." in info.name or ".attn_k." in info.name):
+            # llama.cpp stores q/k rows permuted for its rope; undo it as a row permutation of the codes
+            perm = torch.from_numpy(processor.process(np.arange(info.shape[0])[:, None], info.name).weights[:, 0].copy())
+        module_name = hf_name.removesuffix(".weight")
+        if module_name in linears and hf_name.endswith(".weight"):
+            set_module(model, module_name, _gguf_module(np.asarray(raw), info.ggml_type, perm, reference, dequant))
             if progress:
                 progress(module_name)
         else:
-            w = torch.from_numpy(np.ascontiguousarray(dequant(), dtype=np.float32))
+            w = torch.from_numpy(np.array(dequant(), dtype=np.float32))
             plain[hf_name] = w if perm is None else w[perm]
+            if hf_name == "model.embed_tokens.weight":
+                embedding_raw = (np.asarray(raw), info.ggml_type, dequant)
     # Tied output: llama.cpp files without output.weight reuse token_embd for lm_head.
     head = getattr(model, "lm_head", None)
-    if isinstance(head, nn.Linear) and head.weight.device.type == "meta":
-        emb = next((t for t in reader.tensors if t.tensor_type.name and name_map.get(t.name) ==
-                    "model.embed_tokens.weight"), None)
-        if emb is not None:
-            untie_lm_head(model)
-            raw = np.asarray(emb.data)
-            set_module(model, "lm_head", _gguf_module(
-                raw, emb.tensor_type.name, None, reference,
-                lambda: gguf.quants.dequantize(raw, emb.tensor_type).reshape(
-                    [int(s) for s in reversed(emb.shape.tolist())])))
+    if isinstance(head, nn.Linear) and head.weight.device.type == "meta" and embedding_raw is not None:
+        untie_lm_head(model)
+        set_module(model, "lm_head", _gguf_module(embedding_raw[0], embedding_raw[1], None, reference,
+                                                  embedding_raw[2]))
     _reinit_rotary(model)
     return _finish(model, plain, dtype)
 
