@@ -306,7 +306,12 @@ def main() -> None:
     ap.add_argument("--imatrix-mixes", default=",".join(IMATRIX_MIXES))
     ap.add_argument("--damps", default="0.01")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--scratch", action="store_true", help="append tables to WORK/BENCHMARKS.md, not the repo's")
     args = ap.parse_args()
+    if args.scratch:
+        import _common
+
+        _common.BENCHMARKS_MD = args.work / "BENCHMARKS.md"
     args.work.mkdir(parents=True, exist_ok=True)
     stages = args.stages.split(",")
     if "mixes" in stages:

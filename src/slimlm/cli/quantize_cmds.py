@@ -39,7 +39,7 @@ def quantize(
     show_plan: bool = typer.Option(False, "--plan", help="List every tensor's type (implied by --dry-run)."),
     # --- compressed-tensors schemes (W4A16/W8A16/W8A8): see slimlm/cli/scheme_quantize.py ---
     scheme: Optional[str] = typer.Option(None, "--scheme", help="w4a16 | w8a16 | w8a8: write a compressed-tensors dir (vLLM/transformers) instead of GGUF."),
-    method: Optional[str] = typer.Option(None, "--method", help="rtn | awq | gptq | smoothquant | smoothquant+gptq (default: awq for w4a16, rtn for w8a16, smoothquant for w8a8)."),
+    method: Optional[str] = typer.Option(None, "--method", help="--scheme: rtn | awq | gptq | smoothquant | smoothquant+gptq (default: awq for w4a16, rtn for w8a16, smoothquant for w8a8). --to (GGUF): llama.cpp (default) | gptq (needs --calib)."),
     group_size: Optional[str] = typer.Option(None, "--group-size", help="32 | 64 | 128 | channel (default 128 for w4a16; a size that does not divide is adapted and reported)."),
     sym: Optional[bool] = typer.Option(None, "--sym/--asym", help="Symmetric or asymmetric weights (default: asym for w4a16, sym for w8)."),
     ignore: List[str] = typer.Option([], "--ignore", help="Module name or 're:REGEX' kept in full precision (repeatable; lm_head always kept)."),
@@ -75,8 +75,12 @@ def quantize(
         def progress(done: int, total: int, name: str) -> None:
             bar.update(task, completed=done, total=total, item=name)
 
+        gguf_method = method or "llama.cpp"
+        if gguf_method not in api.GGUF_METHODS:
+            raise SlimlmError(f"--method {method} is for --scheme; GGUF (--to) methods: {', '.join(api.GGUF_METHODS)}")
         result = api.quantize_gguf(model, to, out, imatrix=imatrix, calib=calib, calib_chunks=calib_chunks,
-                                   tensor_types=tensor_type, dry_run=dry_run, overwrite=overwrite, progress=progress)
+                                   tensor_types=tensor_type, dry_run=dry_run, overwrite=overwrite, progress=progress,
+                                   method=gguf_method)
     if json_out:
         print_json(result.to_dict())
         return
