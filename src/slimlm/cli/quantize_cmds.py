@@ -53,7 +53,6 @@ def quantize(
 ) -> None:
     """Quantize a model: to a llama.cpp GGUF (--to TYPE, one streaming pass), or to compressed-tensors
     (--scheme w4a16|w8a16|w8a8 --method ..., layer-by-layer calibration), or lint it (--check)."""
-    from slimlm import api
     from slimlm.cli import scheme_quantize
     from slimlm.errors import SlimlmError
 
@@ -75,10 +74,12 @@ def quantize(
         def progress(done: int, total: int, name: str) -> None:
             bar.update(task, completed=done, total=total, item=name)
 
+        from slimlm.gguf_io.quantize import METHODS as GGUF_METHODS, quantize_gguf  # = api's; lighter import
+
         gguf_method = method or "llama.cpp"
-        if gguf_method not in api.GGUF_METHODS:
-            raise SlimlmError(f"--method {method} is for --scheme; GGUF (--to) methods: {', '.join(api.GGUF_METHODS)}")
-        result = api.quantize_gguf(model, to, out, imatrix=imatrix, calib=calib, calib_chunks=calib_chunks,
+        if gguf_method not in GGUF_METHODS:
+            raise SlimlmError(f"--method {method} is for --scheme; GGUF (--to) methods: {', '.join(GGUF_METHODS)}")
+        result = quantize_gguf(model, to, out, imatrix=imatrix, calib=calib, calib_chunks=calib_chunks,
                                    tensor_types=tensor_type, dry_run=dry_run, overwrite=overwrite, progress=progress,
                                    method=gguf_method)
     if json_out:

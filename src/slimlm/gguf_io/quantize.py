@@ -10,8 +10,10 @@ imatrix is given).
 from __future__ import annotations
 
 import logging
+import multiprocessing
+import os
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -31,6 +33,8 @@ _FLOATS = (T.F32, T.F16, T.BF16)
 
 # Tensors encoded ahead of the one being written: overlaps encoding with I/O, bounds memory to a few tensors.
 LOOKAHEAD = 2
+# Encoder processes for the plain codecs (at most the CPU count).
+WORKERS = 2
 
 Progress = Callable[[int, int, str], None]
 METHODS = ("llama.cpp", "gptq")
@@ -183,17 +187,16 @@ def quantize_gguf(
         result.seconds = time.perf_counter() - start
         return result
 
-    encode = encoder or _plain_encode
     tensors = source.tensors
 
-    def produce(i: int) -> np.ndarray:
+    def load(i: int) -> tuple[np.ndarray, T, np.ndarray | None]:
         t = tensors[i]
         qtype = plan[t.name]
         values = t.load()
         if tuple(values.shape) != tuple(t.shape):
             raise SlimlmError(f"{t.name}: loaded shape {values.shape} differs from the declared {t.shape}")
         importance = im.importance(t.name) if (im is not None and qtype not in _FLOATS) else None
-        return encode(values, qtype, importance, t.name)
+        return values, qtype, importance
 
     def metadata(writer: gguf.GGUFWriter) -> Any:
         meta = source.write_metadata(writer)
@@ -210,13 +213,31 @@ def quantize_gguf(
                 writer.add_int32("quantize.imatrix.chunks_count", int(im.chunk_count))
         return meta
 
-    with ThreadPoolExecutor(max_workers=LOOKAHEAD) as pool:
+    # The plain codecs are numpy code that holds the GIL, so they run in forked worker processes (which only
+    # run numpy: no torch/OpenMP state is touched after the fork); custom encoders (closures over Hessians,
+    # test hooks) run in threads.
+    workers = max(1, min(WORKERS, os.cpu_count() or 1))
+    use_processes = (encoder is None and workers > 1 and len(tensors) > 8
+                     and "fork" in multiprocessing.get_all_start_methods())
+    pool_cls = ProcessPoolExecutor if use_processes else ThreadPoolExecutor
+    pool_kwargs = {"mp_context": multiprocessing.get_context("fork")} if use_processes else {}
+    with pool_cls(max_workers=workers if use_processes else LOOKAHEAD, **pool_kwargs) as pool:
         pending: dict[int, Future] = {}
+
+        def submit(j: int) -> Future:
+            if use_processes:
+                values, qtype, importance = load(j)
+                if values.size < 1 << 16:  # not worth a round trip to a worker
+                    done: Future = Future()
+                    done.set_result(_plain_encode(values, qtype, importance, tensors[j].name))
+                    return done
+                return pool.submit(_encode_job, values, int(qtype), importance)
+            return pool.submit(lambda: (encoder or _plain_encode)(*load(j), tensors[j].name))
 
         def produce_ahead(i: int) -> np.ndarray:
             for j in range(i, min(i + LOOKAHEAD + 1, len(tensors))):
                 if j not in pending:
-                    pending[j] = pool.submit(produce, j)
+                    pending[j] = submit(j)
             data = pending.pop(i).result()
             if progress:
                 progress(i + 1, len(tensors), tensors[i].name)
@@ -231,6 +252,11 @@ def quantize_gguf(
     result.file_bytes = out.stat().st_size
     result.seconds = time.perf_counter() - start
     return result
+
+
+def _encode_job(values: np.ndarray, qtype: int, importance: np.ndarray | None) -> np.ndarray:
+    """Worker-process entry point (module level so it pickles)."""
+    return _plain_encode(values, T(qtype), importance, "")
 
 
 def _plain_encode(values: np.ndarray, qtype: T, importance: np.ndarray | None, name: str) -> np.ndarray:
