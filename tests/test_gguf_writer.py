@@ -185,3 +185,19 @@ def test_cli_convert_json_and_errors(tiny_llama_dir: Path, tmp_path: Path) -> No
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "unknown GGUF type mix 'q9_k'" in proc.stderr
+
+
+def test_add_bos_follows_the_tokenizer(tmp_path: Path) -> None:
+    """A tokenizer whose post-processor prepends BOS must say add_bos_token=True, and llama.cpp must do the same."""
+    pytest.importorskip("llama_cpp")
+    from transformers import AutoTokenizer
+
+    src = make_tiny_model(tmp_path / "m", add_bos=True)
+    out = tmp_path / "m.gguf"
+    quantize_gguf(src, "f16", out)
+    meta = _fields(out)
+    tok = AutoTokenizer.from_pretrained(src)
+    assert meta["tokenizer.ggml.add_bos_token"] is True and meta["tokenizer.ggml.add_eos_token"] is False
+    assert meta["tokenizer.ggml.bos_token_id"] == tok.bos_token_id
+    llm = open_llama(out, n_ctx=64)
+    assert llm.tokenize(b"sea shells", add_bos=True) == tok.encode("sea shells")
