@@ -201,6 +201,8 @@ def stage_imatrix(work: Path, chunks: int, calib_chunks: int, mixes: list[str], 
                      lambda out: lcpp_quantize(f32, out, mix, lcpp_im)),
                     ("slimlm + slimlm imatrix (llama.cpp rounding)", work / f"ours-{mix}-im.gguf",
                      lambda out: quantize_gguf(resources.builtin_hf_dir(), mix, out, imatrix=ours_im)),
+                    ("llama.cpp + slimlm imatrix file", work / f"lcpp-{mix}-oursim.gguf",
+                     lambda out: lcpp_quantize(f32, out, mix, ours_im)),
                     ("slimlm + llama.cpp imatrix (llama.cpp rounding)", work / f"ours-{mix}-lcppim.gguf",
                      lambda out: quantize_gguf(resources.builtin_hf_dir(), mix, out, imatrix=lcpp_im))]
         for damp in damps:

@@ -46,13 +46,32 @@ def make_tokenizer(path: Path, vocab_size: int = 300, add_bos: bool = False):
     return fast
 
 
+def make_spm_tokenizer(path: Path, vocab_size: int = 600):
+    """A Llama-2/Mistral style tokenizer.json: BPE with byte fallback, '▁' for spaces, BOS added."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>", fuse_unk=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    specials = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
+    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                                        show_progress=False))
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    fast.save_pretrained(path)
+    return fast
+
+
 def make_tiny_model(path: Path, arch: str = "llama", *, hidden: int = 256, ffn: int = 512, layers: int = 2,
                     heads: int = 4, kv_heads: int = 2, tie: bool = True, seed: int = 0,
-                    config_extra: dict | None = None, add_bos: bool = False, vocab_size: int | None = None) -> Path:
+                    config_extra: dict | None = None, add_bos: bool = False, vocab_size: int | None = None,
+                    spm: bool = False) -> Path:
     """A tiny random model of ``arch`` (llama, mistral, qwen2, gemma) with a trained tokenizer in ``path``."""
     import transformers
 
-    tok = make_tokenizer(path, add_bos=add_bos)
+    tok = make_spm_tokenizer(path) if spm else make_tokenizer(path, add_bos=add_bos)
     vocab = max(len(tok), vocab_size or 0)
     common = dict(hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers, num_attention_heads=heads,
                   num_key_value_heads=kv_heads, vocab_size=vocab, max_position_embeddings=1024,
@@ -115,3 +134,20 @@ def test_llama_cpp_tokenizes_like_transformers(tiny_dir: Path, tmp_path: Path) -
         assert llm.tokenize(text.encode(), add_bos=False, special=False) == tok.encode(text, add_special_tokens=False)
     assert llm.tokenize(b"<|im_start|>user", add_bos=False, special=True)[0] == tok.convert_tokens_to_ids("<|im_start|>")
     assert json.loads(json.dumps(llm.metadata))["tokenizer.chat_template"] == CHAT_TEMPLATE
+
+
+def test_llama_cpp_tokenizes_spm_style_like_transformers(tmp_path: Path) -> None:
+    """Byte-fallback BPE (Llama 2 / Mistral style): llama.cpp merges by our scores in Hugging Face's order."""
+    pytest.importorskip("llama_cpp")
+    from transformers import AutoTokenizer
+
+    from slimlm.gguf_io.quantize import quantize_gguf
+
+    src = make_tiny_model(tmp_path / "m", "mistral", spm=True)
+    out = tmp_path / "m.gguf"
+    quantize_gguf(src, "f16", out)
+    tok = AutoTokenizer.from_pretrained(src)
+    llm = open_llama(out, n_ctx=64)
+    assert llm.metadata["tokenizer.ggml.model"] == "llama" and llm.metadata["tokenizer.ggml.add_bos_token"] == "true"
+    for text in ["She sells sea shells by the sea shore.", "quantized to fewer bits", "Numbers 12345 ünïcode"]:
+        assert llm.tokenize(text.encode(), add_bos=True) == tok.encode(text)

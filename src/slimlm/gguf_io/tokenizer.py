@@ -60,6 +60,24 @@ def _adds_special(encode: Any, bos: int | None, eos: int | None) -> tuple[bool, 
             eos is not None and extra and with_special[-1] == eos)
 
 
+def _merge_rank_scores(texts: list[bytes], scores: list[float], tok_json: dict[str, Any]) -> list[float]:
+    """Scores for llama.cpp's SentencePiece-style merging from a byte-fallback BPE tokenizer.json.
+
+    llama.cpp merges the adjacent pair whose concatenation has the highest score; Hugging Face BPE merges
+    the pair with the lowest merge rank. Scoring each merge product by minus its rank makes the two agree
+    (gguf's LlamaHfVocab leaves every score at -1000, which makes llama.cpp merge in the wrong order).
+    """
+    rank: dict[str, int] = {}
+    for i, merge in enumerate(tok_json.get("model", {}).get("merges", [])):
+        left, right = merge if isinstance(merge, list) else merge.split(" ", 1)
+        rank.setdefault(left + right, i)
+    out = []
+    for text, score in zip(texts, scores):
+        r = rank.get(text.decode("utf-8", errors="replace"))
+        out.append(float(-r) if r is not None else (0.0 if score == -1000.0 else score))
+    return out
+
+
 def _tokenizer_adds(model_dir: Path, tok_json_path: Path, special: gguf.SpecialVocab) -> tuple[bool, bool]:
     """add_bos/add_eos as the tokenizer behaves (tokenizers' post-processor), else as tokenizer_config says."""
     bos, eos = special.special_token_ids.get("bos"), special.special_token_ids.get("eos")
@@ -130,13 +148,18 @@ def write_tokenizer(writer: gguf.GGUFWriter, model_dir: Path, vocab_size: int) -
         kind = "gpt2"
     else:
         try:
-            vocab = gguf.LlamaHfVocab(model_dir) if tok_json else gguf.SentencePieceVocab(model_dir)
+            if has_spm:  # the SentencePiece model itself carries the scores llama.cpp merges by
+                vocab = gguf.SentencePieceVocab(model_dir)
+            else:
+                vocab = gguf.LlamaHfVocab(model_dir)
         except (ImportError, FileNotFoundError, TypeError, ValueError) as exc:
             raise SlimlmError(f"cannot read the SentencePiece tokenizer in {model_dir}: {exc}") from exc
         entries = list(vocab.all_tokens())
         texts = [t for t, _, _ in entries]
         scores = [s for _, s, _ in entries]
         types = [int(k) for _, _, k in entries]
+        if not has_spm:
+            scores = _merge_rank_scores(texts, scores, tok_json)
         while len(texts) < vocab_size:  # the embedding may have more rows than the tokenizer has tokens
             texts.append(f"[PAD{len(texts)}]".encode())
             scores.append(-1000.0)
