@@ -11,7 +11,9 @@ def load_hf_model(path: Path):
     """(model in eval mode, tokenizer) in float32 on CPU."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # our own progress bar reports calibration; no per-weight bar
     path = Path(path)
     if not path.exists():
         raise SlimlmError(f"{path} does not exist")

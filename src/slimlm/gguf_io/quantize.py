@@ -152,7 +152,7 @@ def quantize_gguf(
         msg = (f"re-quantizing {model.name}, which is already quantized: errors compound; quantize from the "
                "original Hugging Face checkpoint when you can") if source.quantized_source else \
               f"converting from the GGUF {model.name}; metadata copied as is"
-        log.warning(msg)
+        log.info(msg)  # returned in result.warnings; the CLI prints it once
         warnings.append(msg)
     if method not in METHODS:
         raise SlimlmError(f"unknown GGUF method {method!r}; choose one of: {', '.join(METHODS)}")
