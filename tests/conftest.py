@@ -47,3 +47,31 @@ def make_tiny_llama(path: Path, *, hidden: int = 64, layers: int = 2, heads: int
 def tiny_llama_dir(tmp_path: Path) -> Path:
     """A fresh tiny random Llama HF dir (no tokenizer) per test."""
     return make_tiny_llama(tmp_path / "tiny-llama")
+
+
+def make_byte_tokenizer(path: Path, *, add_bos: bool = False) -> Path:
+    """Save a byte-level tokenizer (one token per UTF-8 byte, ids 0-255; <s>=256, </s>=257) to ``path``.
+
+    Token counts are exact byte counts, which makes windowing tests precise; ``add_bos`` makes it
+    prepend <s> like Llama-2 tokenizers do (SmolLM2's adds nothing).
+    """
+    from tokenizers import Tokenizer, decoders, models, processors
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {c: i for i, c in enumerate(sorted(ByteLevel.alphabet()))}
+    vocab.update({"<s>": 256, "</s>": 257})
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    if add_bos:
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 256)])
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>").save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def tiny_lm_dir(tmp_path: Path) -> Path:
+    """A tiny random Llama (vocab 258) with a byte-level tokenizer: a complete model eval and bench can run."""
+    path = make_tiny_llama(tmp_path / "tiny-lm", vocab=258)
+    return make_byte_tokenizer(path)
