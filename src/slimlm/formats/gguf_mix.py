@@ -1,0 +1,453 @@
+"""llama.cpp's per-tensor type choice for a GGUF "file type" mix (Q4_K_M, Q3_K_S, ...).
+
+A GGUF file called Q4_K_M is not Q4_K everywhere: llama.cpp's quantizer gives some tensors more bits
+(the output matrix, half of the attn_v / ffn_down layers, ...) and falls back to 32-wide block types when a
+row length is not a multiple of 256. Sizing a file, or making one llama.cpp would make, needs the same
+plan. This module re-states those rules (``llama_tensor_get_type`` and helpers in llama.cpp's
+src/llama-quant.cpp) as a pure function over a tensor list; it is our own code, checked tensor by tensor
+against the llama.cpp bundled with llama-cpp-python (tests/test_gguf_mix_llamacpp.py).
+
+Rules followed: llama.cpp commit 007dbbf3fd17eefe9b47fee45f48f7ba5e62b714 (src/llama-quant.cpp), which agrees
+with the library vendored in llama-cpp-python 0.3.36 (ggml commit 0c1e570) on every tensor of SmolLM2 for
+every ftype tested. Notably, in this version Q2_K/Q3_K fall back to Q4_0 (older releases used IQ4_NL),
+Q4_K to Q5_0, Q5_K to Q5_1, Q6_K to Q8_0, and IQ types to IQ4_NL.
+
+Shapes are given in PyTorch order (outermost first), so the row length llama.cpp calls ``ne[0]`` is
+``shape[-1]``; a 3-D expert tensor is ``(n_expert, rows, row_length)``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Iterable, Mapping, Sequence
+
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
+
+from slimlm.errors import SlimlmError
+
+LLAMA_CPP_RULES_COMMIT = "007dbbf3fd17eefe9b47fee45f48f7ba5e62b714"
+
+# ftype name (as llama-quantize spells it) -> the default tensor type of that mix.
+FTYPE_DEFAULT: dict[str, T] = {
+    "F32": T.F32, "F16": T.F16, "BF16": T.BF16,
+    "Q4_0": T.Q4_0, "Q4_1": T.Q4_1, "Q5_0": T.Q5_0, "Q5_1": T.Q5_1, "Q8_0": T.Q8_0,
+    "Q2_K": T.Q2_K, "Q2_K_S": T.Q2_K,
+    "Q3_K_S": T.Q3_K, "Q3_K_M": T.Q3_K, "Q3_K_L": T.Q3_K,
+    "Q4_K_S": T.Q4_K, "Q4_K_M": T.Q4_K,
+    "Q5_K_S": T.Q5_K, "Q5_K_M": T.Q5_K,
+    "Q6_K": T.Q6_K,
+    "IQ1_S": T.IQ1_S, "IQ1_M": T.IQ1_M,
+    "IQ2_XXS": T.IQ2_XXS, "IQ2_XS": T.IQ2_XS, "IQ2_S": T.IQ2_XS, "IQ2_M": T.IQ2_S,
+    "IQ3_XXS": T.IQ3_XXS, "IQ3_XS": T.IQ3_S, "IQ3_S": T.IQ3_S, "IQ3_M": T.IQ3_S,
+    "IQ4_NL": T.IQ4_NL, "IQ4_XS": T.IQ4_XS,
+    "TQ1_0": T.TQ1_0, "TQ2_0": T.TQ2_0,
+}
+FTYPES: tuple[str, ...] = tuple(FTYPE_DEFAULT)
+
+_FLOAT_TYPES = {T.F32, T.F16, T.BF16, T.F64, T.I8, T.I16, T.I32, T.I64}
+_IQ_LOW = {"IQ2_XXS", "IQ2_XS", "IQ1_S", "IQ2_S", "IQ2_M", "IQ1_M"}
+
+# Where a type whose block does not divide the row length is replaced (tensor_type_fallback).
+_FALLBACK: dict[T, T] = {
+    T.IQ1_S: T.IQ4_NL, T.IQ1_M: T.IQ4_NL, T.IQ2_XXS: T.IQ4_NL, T.IQ2_XS: T.IQ4_NL, T.IQ2_S: T.IQ4_NL,
+    T.IQ3_XXS: T.IQ4_NL, T.IQ3_S: T.IQ4_NL, T.IQ4_XS: T.IQ4_NL,
+    T.Q2_K: T.Q4_0, T.Q3_K: T.Q4_0, T.TQ1_0: T.Q4_0, T.TQ2_0: T.Q4_0,
+    T.Q4_K: T.Q5_0, T.Q5_K: T.Q5_1, T.Q6_K: T.Q8_0,
+}
+
+# Substrings of names llama.cpp never quantizes, though they are 2-D and end in "weight".
+_NEVER_QUANTIZED = (
+    "_norm.weight", "ffn_gate_inp.weight", "ffn_gate_tid2eid.weight", "altup", "laurel",
+    "per_layer_model_proj", "ssm_conv1d", "shortconv.conv.weight", "indexer.k_proj.weight",
+    "indexer.q_proj.weight", "time_mix_first.weight", "time_mix_w0.weight", "time_mix_w1.weight",
+    "time_mix_w2.weight", "time_mix_v0.weight", "time_mix_v1.weight", "time_mix_v2.weight",
+    "time_mix_a0.weight", "time_mix_a1.weight", "time_mix_a2.weight", "time_mix_g1.weight",
+    "time_mix_g2.weight", "time_mix_decay_w1.weight", "time_mix_decay_w2.weight",
+    "time_mix_lerp_fused.weight", "attn_rel_b.weight", ".position_embd", "sam.pos_embd", "sam.neck.",
+    "sam.net_", ".rel_pos", ".patch_embd", ".patch_merger", "a.rvq.codebook", "mm.a.code_embd",
+)
+_NEVER_QUANTIZED_EXACT = ("position_embd.weight", "token_types.weight")
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor of a GGUF model: llama.cpp name, PyTorch-order shape, and its type before quantizing."""
+
+    name: str
+    shape: tuple[int, ...]
+    type: T = T.F32
+
+    @property
+    def row_length(self) -> int:
+        return int(self.shape[-1]) if self.shape else 1
+
+    @property
+    def n_elements(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= int(d)
+        return n
+
+    @property
+    def n_dims(self) -> int:
+        """ggml_n_dims: dimensions after dropping outer sizes of 1 (a (1, n) tensor is 1-D)."""
+        dims = list(self.shape)
+        while len(dims) > 1 and dims[0] == 1:
+            dims.pop(0)
+        return len(dims)
+
+
+@dataclass(frozen=True)
+class ArchFacts:
+    """The hyper-parameters llama.cpp's rules look at."""
+
+    n_layers: int
+    n_head: int
+    n_head_kv: int
+    n_expert: int = 0
+    arch: str = "llama"  # GGUF general.architecture
+
+    @property
+    def n_gqa(self) -> int:
+        return self.n_head // self.n_head_kv if self.n_head_kv else 0
+
+    @property
+    def is_70b(self) -> bool:
+        """llama.cpp's LLM_TYPE_70B (a Llama with 80 layers and GQA): its attn_v gets extra bits."""
+        return self.arch == "llama" and self.n_layers == 80 and self.n_head != self.n_head_kv
+
+
+def type_by_name(name: str) -> T:
+    """A GGML tensor type from its llama.cpp name (case-insensitive)."""
+    try:
+        return T[name.strip().upper()]
+    except KeyError:
+        raise SlimlmError(f"unknown GGML tensor type {name!r}; known: "
+                          f"{', '.join(t.name for t in T)}") from None
+
+
+def normalize_ftype(ftype: str) -> str:
+    """'q4_k_m' -> 'Q4_K_M'; unknown mixes raise SlimlmError naming the close ones."""
+    key = ftype.strip().upper().replace("-", "_")
+    if key == "FP16":
+        key = "F16"
+    if key == "FP32":
+        key = "F32"
+    if key not in FTYPE_DEFAULT:
+        import difflib
+
+        close = difflib.get_close_matches(key, FTYPES, n=3, cutoff=0.5)
+        hint = f"; did you mean {', '.join(close)}?" if close else f"; known: {', '.join(FTYPES)}"
+        raise SlimlmError(f"unknown GGUF type mix {ftype!r}{hint}")
+    return key
+
+
+def parse_overrides(specs: Iterable[str]) -> list[tuple[str, T]]:
+    """``--tensor-type REGEX=TYPE`` strings -> [(regex, type)], checked now so bad ones fail early."""
+    out = []
+    for spec in specs:
+        pattern, sep, type_name = spec.rpartition("=")
+        if not sep or not pattern:
+            raise SlimlmError(f"--tensor-type {spec!r}: expected REGEX=TYPE, e.g. attn_v=q8_0")
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise SlimlmError(f"--tensor-type {spec!r}: bad regular expression ({exc})") from None
+        out.append((pattern, type_by_name(type_name)))
+    return out
+
+
+def _category(name: str) -> str:
+    """tensor_get_category: broad roles by substring, in llama.cpp's order of tests."""
+    if name == "output.weight":
+        return "output"
+    if name in ("token_embd.weight", "per_layer_token_embd.weight"):
+        return "token_embd"
+    for key, cat in (("attn_qkv.weight", "attn_qkv"), ("attn_kv_b.weight", "attn_kv_b"),
+                     ("attn_v.weight", "attn_v"), ("attn_k.weight", "attn_k"), ("attn_q.weight", "attn_q"),
+                     ("attn_output.weight", "attn_output"), ("ffn_up", "ffn_up"), ("ffn_gate", "ffn_gate"),
+                     ("ffn_down", "ffn_down")):
+        if key in name:
+            return cat
+    return "other"
+
+
+def _is_attn_v_like(cat: str) -> bool:
+    return cat in ("attn_v", "attn_qkv", "attn_kv_b")
+
+
+def allows_quantization(tensor: TensorInfo, *, quantize_output: bool = True) -> bool:
+    """tensor_allows_quantization: 2-D/3-D weights, except norms, routers and a few tiny special tensors."""
+    name = tensor.name
+    if tensor.n_dims < 2 or not name.endswith("weight"):
+        return False
+    if not quantize_output and name == "output.weight":
+        return False
+    if name in _NEVER_QUANTIZED_EXACT:
+        return False
+    return not any(s in name for s in _NEVER_QUANTIZED)
+
+
+def _use_more_bits(i_layer: int, n_layers: int) -> bool:
+    """The layers llama.cpp favours: the first and last eighth, and every third one in between."""
+    return i_layer < n_layers // 8 or i_layer >= 7 * n_layers // 8 or (i_layer - n_layers // 8) % 3 == 2
+
+
+def _block_size(t: T) -> int:
+    return GGML_QUANT_SIZES[t][0]
+
+
+def _is_quantized(t: T) -> bool:
+    return t not in _FLOAT_TYPES
+
+
+def layer_sort_key(name: str) -> tuple[int, str]:
+    """llama.cpp's weight order (weight_name_comparer): non-block tensors first, then by block, then name."""
+    m = re.match(r"blk\.(\d+)\.", name)
+    return (int(m.group(1)) if m else -1, name)
+
+
+class _State:
+    """The counters llama.cpp keeps while it walks the tensors (quantize_state_impl)."""
+
+    def __init__(self, tensors: Sequence[TensorInfo], arch: ArchFacts, has_imatrix: bool) -> None:
+        self.n_attention_wv = sum(_is_attn_v_like(_category(t.name)) for t in tensors)
+        self.n_ffn = arch.n_layers
+        self.i_attention_wv = 0
+        self.i_ffn_down = self.i_ffn_gate = self.i_ffn_up = 0
+        self.tied = not any(t.name == "output.weight" for t in tensors)
+        self.has_imatrix = has_imatrix
+
+
+def _layer_of(counter: int, n_layers: int, name: str, arch: ArchFacts) -> int:
+    """Which layer an FFN tensor belongs to: the running counter, or (MoE) the number in its name."""
+    if max(1, arch.n_expert) > 1:
+        m = re.match(r"blk\.(\d+)\.", name)
+        if not m:
+            raise SlimlmError(f"cannot tell the layer of tensor {name}")
+        layer = int(m.group(1))
+        if layer >= n_layers:
+            raise SlimlmError(f"tensor {name} is in layer {layer} but the model has {n_layers} layers")
+        return layer
+    return counter
+
+
+def _mix_rule(st: _State, new: T, tensor: TensorInfo, ftype: str, cat: str, arch: ArchFacts,
+              output_type: T | None) -> T:
+    """llama_tensor_get_type_impl: the per-category adjustments of each mix."""
+    name, f = tensor.name, ftype
+    falcon = arch.arch == "falcon"
+    gqa, n_exp = arch.n_gqa, arch.n_expert
+
+    if cat == "output" or (st.tied and cat == "token_embd"):
+        if output_type is not None:
+            return output_type
+        if falcon or tensor.row_length % _block_size(new) != 0:
+            return T.Q8_0
+        if f in ("IQ2_XXS", "IQ2_XS", "IQ3_XXS", "IQ1_S", "IQ2_S", "IQ2_M", "IQ1_M"):
+            return T.Q5_K
+        return T.Q6_K if new != T.Q8_0 else new
+
+    if cat == "token_embd":
+        if f in ("IQ2_XXS", "IQ2_XS", "IQ1_S", "IQ1_M"):
+            return T.Q2_K
+        if f in ("IQ2_S", "IQ2_M", "IQ3_XXS"):
+            return T.IQ3_S
+        if f in ("TQ1_0", "TQ2_0"):
+            return T.Q4_K
+        return new
+
+    if f in _IQ_LOW:
+        iq2s = f in ("IQ2_S", "IQ2_M")
+        if _is_attn_v_like(cat):
+            new = T.Q4_K if (gqa >= 4 or n_exp >= 4) else (T.IQ3_S if iq2s else T.Q2_K)
+            st.i_attention_wv += 1
+        elif n_exp == 8 and cat == "attn_k":
+            new = T.Q4_K
+        elif cat == "ffn_down":
+            if st.i_ffn_down < st.n_ffn // 8:
+                new = T.IQ3_S if iq2s else T.Q2_K
+            st.i_ffn_down += 1
+        elif cat == "attn_output":
+            if n_exp == 8:
+                new = T.Q5_K
+            elif f in ("IQ1_S", "IQ1_M"):
+                new = T.IQ2_XXS
+            elif iq2s:
+                new = T.IQ3_S
+        return new
+
+    if _is_attn_v_like(cat):
+        i, n = st.i_attention_wv, st.n_attention_wv
+        if f == "Q2_K":
+            new = T.Q4_K if gqa >= 4 else T.Q3_K
+        elif f == "Q2_K_S" and gqa >= 4:
+            new = T.Q4_K
+        elif f == "IQ3_XXS":
+            new = T.Q4_K if gqa >= 4 else (T.IQ3_S if not st.has_imatrix else T.IQ3_XXS)
+        elif f in ("IQ3_XS", "IQ3_S") and gqa >= 4:
+            new = T.Q4_K
+        elif f == "IQ3_M":
+            new = T.Q4_K
+        elif f == "Q3_K_M":
+            new = T.Q5_K if i < 2 else T.Q4_K
+        elif f == "Q3_K_L":
+            new = T.Q5_K
+        elif f in ("IQ4_NL", "IQ4_XS") and gqa >= 4:
+            new = T.Q5_K
+        elif f in ("Q4_K_M", "Q5_K_M") and _use_more_bits(i, n):
+            new = T.Q6_K
+        elif f == "Q4_K_S" and i < 4:
+            new = T.Q5_K
+        if arch.is_70b and new in (T.Q3_K, T.Q4_K):
+            new = T.Q5_K
+        if n_exp == 8:
+            new = T.Q8_0
+        st.i_attention_wv += 1
+        return new
+
+    if cat == "attn_k":
+        if n_exp == 8:
+            return T.Q8_0
+        if f == "IQ3_XS":
+            return T.IQ3_XXS
+        if f == "IQ3_XXS":
+            return T.IQ2_S
+        return new
+
+    if cat == "attn_q":
+        if f == "IQ3_XS":
+            return T.IQ3_XXS
+        if f == "IQ3_XXS":
+            return T.IQ2_S
+        return new
+
+    if cat == "ffn_down":
+        i, n = _layer_of(st.i_ffn_down, st.n_ffn, name, arch), st.n_ffn
+        if f == "Q2_K":
+            new = T.Q3_K
+        elif f == "Q2_K_S":
+            if i < n // 8:
+                new = T.Q4_K
+        elif f == "IQ3_XXS" and not st.has_imatrix:
+            new = T.Q4_K if i < n // 8 else T.Q3_K
+        elif f == "Q3_K_M":
+            new = (T.Q5_K if i < n // 16
+                   else T.Q4_K if (not falcon or _use_more_bits(i, n)) else T.Q3_K)
+        elif f == "IQ3_M" and (i < n // 8 or (n_exp == 8 and _use_more_bits(i, n))):
+            new = T.Q4_K
+        elif f == "Q3_K_L":
+            new = T.Q4_K if falcon else T.Q5_K
+        elif f == "Q4_K_M":
+            if falcon:
+                new = T.Q6_K if i < n // 16 else T.Q5_K if _use_more_bits(i, n) else T.Q4_K
+            elif _use_more_bits(i, n):
+                new = T.Q6_K
+        elif i < n // 8 and f in ("IQ4_NL", "IQ4_XS") and not st.has_imatrix:
+            new = T.Q5_K
+        elif f == "Q5_K_M" and _use_more_bits(i, n):
+            new = T.Q6_K
+        elif f == "Q4_K_S" and not falcon and i < n // 8:
+            new = T.Q5_K
+        elif f in ("Q4_0", "Q5_0") and st.has_imatrix and i < n // 8:
+            new = T.Q4_1 if f == "Q4_0" else T.Q5_1
+        st.i_ffn_down += 1
+        return new
+
+    if cat == "attn_output":
+        if not falcon:
+            if n_exp == 8:
+                if f in ("Q2_K", "IQ3_XS", "IQ3_XXS", "Q3_K_S", "Q3_K_M", "IQ4_NL", "Q4_K_S", "Q4_K_M",
+                         "IQ3_S", "IQ3_M", "IQ4_XS"):
+                    new = T.Q5_K
+            else:
+                new = {"Q2_K": T.Q3_K, "IQ3_XXS": T.IQ3_S, "Q3_K_M": T.Q4_K, "Q3_K_L": T.Q5_K,
+                       "IQ3_M": T.Q4_K}.get(f, new)
+        elif f == "Q3_K_L":
+            new = T.Q4_K
+        return new
+
+    if cat in ("ffn_gate", "ffn_up"):
+        counter = st.i_ffn_gate if cat == "ffn_gate" else st.i_ffn_up
+        i, n = _layer_of(counter, st.n_ffn, name, arch), st.n_ffn
+        if f == "IQ3_XS" and n // 8 <= i < 7 * n // 8:
+            new = T.IQ3_XXS
+        if cat == "ffn_gate":
+            st.i_ffn_gate += 1
+        else:
+            st.i_ffn_up += 1
+        return new
+    return new
+
+
+def _fallback(tensor: TensorInfo, target: T) -> T:
+    """tensor_type_fallback: a 32-wide block type when the row length does not fit the target's block."""
+    if tensor.row_length % _block_size(target) == 0:
+        return target
+    if target not in _FALLBACK:
+        raise SlimlmError(f"tensor {tensor.name} has rows of {tensor.row_length} values, not a multiple of "
+                          f"{_block_size(target)} as {target.name} needs, and llama.cpp defines no fallback")
+    fallback = _FALLBACK[target]
+    if tensor.row_length % _block_size(fallback) != 0:
+        return T.F16
+    return fallback
+
+
+def plan_types(
+    tensors: Iterable[TensorInfo],
+    arch: ArchFacts,
+    ftype: str,
+    *,
+    overrides: Sequence[tuple[str, T]] | Mapping[str, T] = (),
+    output_type: T | None = None,
+    token_embedding_type: T | None = None,
+    has_imatrix: bool = False,
+    pure: bool = False,
+    quantize_output: bool = True,
+) -> dict[str, T]:
+    """The GGML type llama.cpp's quantizer gives each tensor for the mix ``ftype`` (e.g. 'Q4_K_M').
+
+    ``overrides`` are ``--tensor-type`` rules (regex searched in the name, first match wins); like in
+    llama.cpp they replace the mix rule for that tensor and still get the block-size fallback.
+    ``output_type`` / ``token_embedding_type`` are llama-quantize's --output-tensor-type /
+    --token-embedding-type. Tensors that are never quantized (1-D, norms, routers) keep their type.
+    """
+    f = normalize_ftype(ftype)
+    default = FTYPE_DEFAULT[f]
+    ordered = sorted(tensors, key=lambda t: layer_sort_key(t.name))
+    rules = list(overrides.items()) if isinstance(overrides, Mapping) else list(overrides)
+    compiled = [(re.compile(p), t) for p, t in rules]
+    st = _State(ordered, arch, has_imatrix)
+    plan: dict[str, T] = {}
+    for tensor in ordered:
+        if not allows_quantization(tensor, quantize_output=quantize_output):
+            plan[tensor.name] = tensor.type
+            continue
+        cat = _category(tensor.name)
+        if token_embedding_type is not None and cat == "token_embd":
+            plan[tensor.name] = token_embedding_type
+            continue
+        if output_type is not None and cat == "output":
+            plan[tensor.name] = output_type
+            continue
+        new = default
+        if _is_quantized(default):
+            manual = False
+            for pattern, qtype in compiled:
+                if pattern.search(tensor.name):
+                    new, manual = qtype, True
+                    break
+            if not manual and not pure:
+                new = _mix_rule(st, new, tensor, f, cat, arch, output_type)
+            new = _fallback(tensor, new)
+        plan[tensor.name] = new
+    return plan
+
+
+def tensor_bytes(tensor: TensorInfo, qtype: T) -> int:
+    """Bytes of the tensor's data stored as ``qtype`` (whole blocks per row; block scales included)."""
+    block, size = GGML_QUANT_SIZES[qtype]
+    if tensor.row_length % block:
+        raise SlimlmError(f"{tensor.name}: rows of {tensor.row_length} do not fit {qtype.name} blocks of {block}")
+    return tensor.n_elements // block * size
