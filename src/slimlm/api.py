@@ -23,7 +23,7 @@ from slimlm.schemes import (  # noqa: E402,F401
 from slimlm.export.compressed_tensors import load_reference_model  # noqa: E402,F401
 
 # --- evaluation: model loading, perplexity / KL divergence / top-1, speed (models, evaluate) ---
-from slimlm.evaluate import evaluate  # noqa: E402,F401
+from slimlm.evaluate import BACKENDS as BENCH_BACKENDS, bench, evaluate  # noqa: E402,F401
 from slimlm.models import LoadedModel, ModelInfo, load_model  # noqa: E402,F401
 
 # --- quantized runtime: low-bit kernels, loading quantized files, generation (runtime) ---

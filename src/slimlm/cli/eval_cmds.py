@@ -79,3 +79,42 @@ def eval_cmd(
         table.add_row("saved reference", f"{report['saved_ref']['path']} ({report['saved_ref']['layout']})")
     table.add_row("time", f"{report['seconds']:.1f} s ({report['scored_tokens_per_second']:.0f} scored tok/s)")
     console.print(table)
+
+
+@app.command("bench")
+def bench_cmd(
+    model: Path = typer.Argument(..., help="Model: HF dir or GGUF file (llama.cpp runs GGUF files)."),
+    prompt: int = typer.Option(512, "--prompt", help="Prompt length in tokens."),
+    gen: int = typer.Option(128, "--gen", help="New tokens per run (greedy, EOS ignored)."),
+    batch: str = typer.Option("1,8", "--batch", help="Comma-separated batch sizes."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads (default: all cores)."),
+    backend: Optional[str] = typer.Option(None, "--backend", help="Comma-separated backends (default: "
+                                          "torch-fp32,torch-bf16, plus llama.cpp for GGUF files)."),
+    runs: int = typer.Option(3, "--runs", help="Timed runs after one warm-up; figures are medians."),
+    json_out: bool = JSON_OPTION,
+) -> None:
+    """Prefill and decode tokens/s, time to first token, inter-token latency p50/p95, peak RSS per backend."""
+    from slimlm import api
+    from slimlm.errors import SlimlmError
+
+    try:
+        batches = [int(b) for b in batch.split(",") if b.strip()]
+    except ValueError:
+        raise SlimlmError(f"--batch takes comma-separated integers, not {batch!r}") from None
+    backends = [b.strip() for b in backend.split(",") if b.strip()] if backend else None
+    with _progress_bar("bench") as update:
+        report = api.bench(model, prompt=prompt, gen=gen, batches=batches, threads=threads, backends=backends,
+                           runs=runs, progress=update)
+    if json_out:
+        print_json(report)
+        return
+    table = Table(title=f"{Path(report['model']).name}: prompt {prompt}, gen {gen}, {report['threads']} threads, "
+                        f"median of {runs}")
+    for col in ("backend", "batch", "prefill tok/s", "decode tok/s", "TTFT ms", "ITL p50 ms", "ITL p95 ms",
+                "peak RSS MiB"):
+        table.add_column(col, justify="left" if col == "backend" else "right")
+    for r in report["rows"]:
+        table.add_row(r["backend"], str(r["batch"]), f"{r['prefill_tok_s']:.1f}", f"{r['decode_tok_s']:.1f}",
+                      f"{r['ttft_ms']:.1f}", f"{r['itl_p50_ms']:.2f}", f"{r['itl_p95_ms']:.2f}",
+                      f"{r['peak_rss_mb']:.0f}")
+    console.print(table)

@@ -29,6 +29,7 @@ from slimlm.errors import SlimlmError
 
 REF_FORMAT = "slimlm-ref-logprobs/1"
 _ROW_CHUNK = 64
+_TAIL_EPS = 1e-5
 
 
 # ---- KLD math ---------------------------------------------------------------------------------------
@@ -52,9 +53,12 @@ def kld_topk(ref_top_logprobs: torch.Tensor, ref_top_ids: torch.Tensor, logprobs
     p_top_log = ref_top_logprobs.float()
     p_top = p_top_log.exp()
     head = (p_top * (p_top_log - q_top)).sum(-1).double()
-    tail_p = (1.0 - p_top.double().sum(-1)).clamp(min=0.0)
+    tail_p = 1.0 - p_top.double().sum(-1)
     tail_q = (1.0 - q_top.double().exp().sum(-1)).clamp(min=1e-30)
-    tail = torch.where(tail_p > 0, tail_p * (tail_p.clamp(min=1e-30).log() - tail_q.log()), torch.zeros_like(tail_p))
+    # float32 log-softmax rows sum to 1 only within ~1e-6: smaller tails are rounding, not probability.
+    has_tail = tail_p > _TAIL_EPS
+    tail = torch.where(has_tail, tail_p.clamp(min=_TAIL_EPS) * (tail_p.clamp(min=_TAIL_EPS).log() - tail_q.log()),
+                       torch.zeros_like(tail_p))
     return head + tail
 
 
