@@ -161,7 +161,8 @@ def stage_f16(work: Path, chunks: int) -> None:
     append_section("GGUF F32/F16 round trip (bench_gguf.py)", body)
 
 
-def stage_imatrix(work: Path, chunks: int, calib_chunks: int, mixes: list[str], damps: list[float]) -> None:
+def stage_imatrix(work: Path, chunks: int, calib_chunks: int, mixes: list[str], damps: list[float],
+                  methods: list[str]) -> None:
     from slimlm import resources
     from slimlm.gguf_io.imatrix import collect_imatrix, write_imatrix
     from slimlm.gguf_io.quantize import quantize_gguf
@@ -205,11 +206,13 @@ def stage_imatrix(work: Path, chunks: int, calib_chunks: int, mixes: list[str], 
                      lambda out: lcpp_quantize(f32, out, mix, ours_im)),
                     ("slimlm + llama.cpp imatrix (llama.cpp rounding)", work / f"ours-{mix}-lcppim.gguf",
                      lambda out: quantize_gguf(resources.builtin_hf_dir(), mix, out, imatrix=lcpp_im))]
-        for damp in damps:
-            variants.append((f"slimlm --method gptq (damp {damp})", work / f"ours-{mix}-gptq-{damp}.gguf",
-                             lambda out, damp=damp: quantize_gguf(resources.builtin_hf_dir(), mix, out,
-                                                                  imatrix=im_ours, hessians=hessians,
-                                                                  method="gptq", gptq_damp=damp)))
+        for method in methods:
+            for damp in (damps if "gptq" in method else [None]):
+                label = f"slimlm --method {method}" + (f" (damp {damp})" if damp is not None else "")
+                variants.append((label, work / f"ours-{mix}-{method}-{damp}.gguf",
+                                 lambda out, damp=damp, method=method: quantize_gguf(
+                                     resources.builtin_hf_dir(), mix, out, imatrix=im_ours, hessians=hessians,
+                                     method=method, gptq_damp=damp or 0.01)))
         base = None
         for label, path, make in variants:
             seconds = None
@@ -307,6 +310,7 @@ def main() -> None:
     ap.add_argument("--mixes", default=",".join(MIXES))
     ap.add_argument("--imatrix-mixes", default=",".join(IMATRIX_MIXES))
     ap.add_argument("--damps", default="0.01")
+    ap.add_argument("--methods", default="gptq,awq,awq+gptq", help="slimlm methods beyond llama.cpp's rounding")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--scratch", action="store_true", help="append tables to WORK/BENCHMARKS.md, not the repo's")
     args = ap.parse_args()
@@ -322,7 +326,7 @@ def main() -> None:
         stage_f16(args.work, args.chunks)
     if "imatrix" in stages:
         stage_imatrix(args.work, args.chunks, args.calib_chunks, args.imatrix_mixes.split(","),
-                      [float(d) for d in args.damps.split(",")])
+                      [float(d) for d in args.damps.split(",")], args.methods.split(","))
     if "speed" in stages:
         stage_speed(args.work, args.repeats)
     if "greedy" in stages:

@@ -39,7 +39,7 @@ def quantize(
     show_plan: bool = typer.Option(False, "--plan", help="List every tensor's type (implied by --dry-run)."),
     # --- compressed-tensors schemes (W4A16/W8A16/W8A8): see slimlm/cli/scheme_quantize.py ---
     scheme: Optional[str] = typer.Option(None, "--scheme", help="w4a16 | w8a16 | w8a8: write a compressed-tensors dir (vLLM/transformers) instead of GGUF."),
-    method: Optional[str] = typer.Option(None, "--method", help="--scheme: rtn | awq | gptq | smoothquant | smoothquant+gptq (default: awq for w4a16, rtn for w8a16, smoothquant for w8a8). --to (GGUF): llama.cpp (default) | gptq (needs --calib)."),
+    method: Optional[str] = typer.Option(None, "--method", help="--scheme: rtn | awq | gptq | smoothquant | smoothquant+gptq (default: awq for w4a16, rtn for w8a16, smoothquant for w8a8). --to (GGUF): llama.cpp (default) | gptq | awq | awq+gptq (need --calib; awq also works with --imatrix)."),
     group_size: Optional[str] = typer.Option(None, "--group-size", help="32 | 64 | 128 | channel (default 128 for w4a16; a size that does not divide is adapted and reported)."),
     sym: Optional[bool] = typer.Option(None, "--sym/--asym", help="Symmetric or asymmetric weights (default: asym for w4a16, sym for w8)."),
     ignore: List[str] = typer.Option([], "--ignore", help="Module name or 're:REGEX' kept in full precision (repeatable; lm_head always kept)."),

@@ -37,7 +37,7 @@ LOOKAHEAD = 2
 WORKERS = 2
 
 Progress = Callable[[int, int, str], None]
-METHODS = ("llama.cpp", "gptq")
+METHODS = ("llama.cpp", "gptq", "awq", "awq+gptq")
 
 
 @dataclass
@@ -156,25 +156,31 @@ def quantize_gguf(
         warnings.append(msg)
     if method not in METHODS:
         raise SlimlmError(f"unknown GGUF method {method!r}; choose one of: {', '.join(METHODS)}")
-    if method == "gptq" and hessians is None:
+    uses_gptq, uses_awq = "gptq" in method, "awq" in method
+    if uses_awq and imatrix is None and calib is None:
+        raise SlimlmError(f"--method {method} needs calibration: --calib FILE (or --imatrix FILE for awq)")
+    if (uses_gptq or (uses_awq and calib is not None)) and hessians is None:
         if calib is None:
-            raise SlimlmError("--method gptq needs calibration text (--calib FILE): it uses the inputs' covariance")
+            raise SlimlmError(f"--method {method} needs calibration text (--calib FILE): it uses the inputs' covariance")
         if imatrix is not None:
-            raise SlimlmError("--method gptq computes its own importance matrix from --calib; drop --imatrix")
+            raise SlimlmError(f"--method {method} computes its own importance matrix from --calib; drop --imatrix")
         hessians = {}
         im = collect_imatrix(model, Path(calib), chunks=calib_chunks, hessians=hessians)
     else:
         im = load_importance(imatrix, Path(calib) if calib else None, model, calib_chunks)
-    if method == "gptq" and encoder is None:
-        from slimlm.algorithms.gguf_search import gptq_encoder
-
-        encoder = gptq_encoder(hessians, damp=gptq_damp)
     if transform is not None:
         source, im = transform(source, im)
     plan = plan_for(source, ftype, tensor_types, has_imatrix=im is not None)
-    n_params = int(sum(np.prod(t.shape, dtype=np.int64) for t in source.tensors))
     rows = {t.name: int(t.shape[-1]) for t in source.tensors if len(t.shape) >= 2 and plan[t.name] not in _FLOATS}
     matched = check_compatible(im, rows, "the importance matrix") if im is not None else 0
+    importance_of = (lambda name: im.importance(name)) if im is not None else (lambda name: None)
+    if uses_awq and not dry_run:
+        source, importance_of, hessians = _equalize(source, plan, importance_of, hessians)
+    if uses_gptq and encoder is None:
+        from slimlm.algorithms.gguf_search import gptq_encoder
+
+        encoder = gptq_encoder(hessians, damp=gptq_damp)
+    n_params = int(sum(np.prod(t.shape, dtype=np.int64) for t in source.tensors))
     planned = [PlannedTensor(t.name, list(t.shape), plan[t.name].name, tensor_nbytes(t.shape, plan[t.name]))
                for t in source.tensors]
     total = sum(p.bytes for p in planned)
@@ -195,12 +201,14 @@ def quantize_gguf(
         values = t.load()
         if tuple(values.shape) != tuple(t.shape):
             raise SlimlmError(f"{t.name}: loaded shape {values.shape} differs from the declared {t.shape}")
-        importance = im.importance(t.name) if (im is not None and qtype not in _FLOATS) else None
+        importance = importance_of(t.name) if qtype not in _FLOATS else None
         return values, qtype, importance
 
     def metadata(writer: gguf.GGUFWriter) -> Any:
         meta = source.write_metadata(writer)
         writer.add_file_type(int(file_type_of(ftype)))
+        if method != "llama.cpp":
+            writer.add_string("slimlm.quantize.method", method)
         if any(q not in _FLOATS for q in plan.values()):
             writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         if im is not None:
@@ -252,6 +260,41 @@ def quantize_gguf(
     result.file_bytes = out.stat().st_size
     result.seconds = time.perf_counter() - start
     return result
+
+
+def _equalize(source: ModelSource, plan: dict[str, T], importance_of: Callable[[str], np.ndarray | None],
+              hessians: dict[str, np.ndarray] | None):
+    """Fold searched per-channel scales into the norms (AWQ-style); adjust importances and covariances to match."""
+    import dataclasses
+
+    from slimlm.algorithms import gguf_search
+
+    by_name = {t.name: t for t in source.tensors}
+    scales = gguf_search.equalization_plan(lambda n: by_name[n].load(), set(by_name), plan,
+                                           source.facts["n_layers"], importance_of, hessians)
+    transforms = gguf_search.apply_equalization(scales, source.facts["n_layers"])
+    tensors = []
+    for t in source.tensors:
+        fn = transforms.get(t.name)
+        tensors.append(t if fn is None else dataclasses.replace(t, load=lambda t=t, fn=fn: fn(t.load())))
+    new_h = None if hessians is None else dict(hessians)
+    cache: dict[tuple[int, int], np.ndarray] = {}
+    overrides: dict[str, np.ndarray] = {}
+    for name in by_name:
+        s = gguf_search.input_scale_of(scales, name)
+        if s is None:
+            continue
+        imp = importance_of(name)
+        if imp is not None:
+            overrides[name] = imp / (s * s)
+        if new_h is not None and name in hessians:
+            key = (id(hessians[name]), id(s))
+            if key not in cache:
+                cache[key] = hessians[name] / np.outer(s, s)
+            new_h[name] = cache[key]
+    log.info("equalized %d groups", len(scales))
+    return (dataclasses.replace(source, tensors=tensors),
+            lambda name: overrides[name] if name in overrides else importance_of(name), new_h)
 
 
 def _encode_job(values: np.ndarray, qtype: int, importance: np.ndarray | None) -> np.ndarray:
