@@ -231,3 +231,60 @@ def test_index_naming_a_missing_shard_is_an_error(tmp_path):
     next(model.glob("model-00002-*.safetensors")).unlink()
     with pytest.raises(SlimlmError, match="lists shard model-00002-of-00002.safetensors which is not in the folder"):
         open_checkpoint(model)
+
+
+def test_moe_gguf_roles_and_derived_config_match_the_hf_count(tmp_path):
+    """A Qwen2-MoE GGUF with llama.cpp's tensor names (stacked *_exps experts, *_shexp shared expert,
+    ffn_gate_inp router, q/k/v biases): the config derived from its metadata and its tensor table agree
+    with the count computed for the equivalent HF config."""
+    import gguf
+
+    from slimlm.inspect.params import count_spec
+    from slimlm.spec import ModelSpec
+
+    h, layers, heads, kv_heads, vocab, n_exp, k, moe_ff, shared_ff = 64, 2, 4, 2, 128, 4, 2, 32, 96
+    hd = h // heads
+    w = gguf.GGUFWriter(str(tmp_path / "moe.gguf"), "qwen2moe")
+    w.add_block_count(layers)
+    w.add_context_length(256)
+    w.add_embedding_length(h)
+    w.add_feed_forward_length(moe_ff)
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv_heads)
+    w.add_expert_count(n_exp)
+    w.add_expert_used_count(k)
+    w.add_expert_feed_forward_length(moe_ff)
+    w.add_expert_shared_feed_forward_length(shared_ff)
+    zeros = lambda *shape: np.zeros(shape, dtype=np.float32)  # noqa: E731
+    w.add_tensor("token_embd.weight", zeros(vocab, h))
+    w.add_tensor("output.weight", zeros(vocab, h))
+    w.add_tensor("output_norm.weight", zeros(h))
+    for i in range(layers):
+        p = f"blk.{i}."
+        for name, shape in (("attn_q.weight", (heads * hd, h)), ("attn_k.weight", (kv_heads * hd, h)),
+                            ("attn_v.weight", (kv_heads * hd, h)), ("attn_output.weight", (h, heads * hd)),
+                            ("attn_q.bias", (heads * hd,)), ("attn_k.bias", (kv_heads * hd,)),
+                            ("attn_v.bias", (kv_heads * hd,)), ("attn_norm.weight", (h,)), ("ffn_norm.weight", (h,)),
+                            ("ffn_gate_inp.weight", (n_exp, h)), ("ffn_gate_exps.weight", (n_exp, moe_ff, h)),
+                            ("ffn_up_exps.weight", (n_exp, moe_ff, h)), ("ffn_down_exps.weight", (n_exp, h, moe_ff)),
+                            ("ffn_gate_inp_shexp.weight", (1, h)), ("ffn_gate_shexp.weight", (shared_ff, h)),
+                            ("ffn_up_shexp.weight", (shared_ff, h)), ("ffn_down_shexp.weight", (h, shared_ff))):
+            w.add_tensor(p + name, zeros(*shape))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+    report = inspect(tmp_path / "moe.gguf")
+    hf_config = {"model_type": "qwen2_moe", "hidden_size": h, "intermediate_size": moe_ff, "num_hidden_layers": layers,
+                 "num_attention_heads": heads, "num_key_value_heads": kv_heads, "vocab_size": vocab,
+                 "num_experts": n_exp, "num_experts_per_tok": k, "moe_intermediate_size": moe_ff,
+                 "shared_expert_intermediate_size": shared_ff}
+    expected = count_spec(ModelSpec.from_config(hf_config))
+    spec = report.spec
+    assert (spec.model_type, spec.n_experts, spec.n_experts_per_tok, spec.moe_layers, spec.shared_expert_gate) == \
+        ("qwen2_moe", n_exp, k, (0, 1), True)
+    assert report.total_params == expected.total == report.config_total_params
+    assert report.params.roles == expected.roles
+    assert report.params.active == expected.active and report.params.router == layers * n_exp * h
+    assert report.warnings == []
