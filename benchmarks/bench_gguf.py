@@ -162,7 +162,7 @@ def stage_f16(work: Path, chunks: int) -> None:
 
 
 def stage_imatrix(work: Path, chunks: int, calib_chunks: int, mixes: list[str], damps: list[float],
-                  methods: list[str]) -> None:
+                  methods: list[str], hessian_chunks: int) -> None:
     from slimlm import resources
     from slimlm.gguf_io.imatrix import collect_imatrix, write_imatrix
     from slimlm.gguf_io.quantize import quantize_gguf
@@ -180,12 +180,13 @@ def stage_imatrix(work: Path, chunks: int, calib_chunks: int, mixes: list[str], 
                         "--chunks", str(calib_chunks), "-t", "2", "--no-ppl"], check=True, capture_output=True)
         t_lcpp_im = time.perf_counter() - start
     ours_im = work / f"slimlm-imatrix-{calib_chunks}.gguf"
-    hess_path = work / f"slimlm-hessians-{calib_chunks}.npz"
+    hess_path = work / f"slimlm-hessians-{hessian_chunks}.npz"
     t_ours_im = None
     if not ours_im.exists() or not hess_path.exists():
         hessians: dict[str, np.ndarray] = {}
         start = time.perf_counter()
-        im = collect_imatrix(resources.builtin_hf_dir(), valid, ctx=512, chunks=calib_chunks, hessians=hessians)
+        im = collect_imatrix(resources.builtin_hf_dir(), valid, ctx=512, chunks=calib_chunks, hessians=hessians,
+                             hessian_chunks=hessian_chunks)
         t_ours_im = time.perf_counter() - start
         write_imatrix(im, ours_im)
         np.savez(hess_path, **hessians)
@@ -229,7 +230,7 @@ def stage_imatrix(work: Path, chunks: int, calib_chunks: int, mixes: list[str], 
             f"(slimlm: transformers forward hooks, {t_ours_im and f'{t_ours_im:.0f} s' or 'cached'}; llama.cpp: "
             f"llama-imatrix on slimlm's F32 GGUF, {t_lcpp_im and f'{t_lcpp_im:.0f} s' or 'cached'}). The two "
             f"imatrices differ by {np.median(rel) * 100:.2f}% (median relative L1 over {len(common)} matrices). "
-            f"KLD vs fp32 on wikitext-2 test, ctx 512, {chunks} windows, slimlm's evaluator; ratio = KLD / "
+            f"gptq/awq use X^T X from the first {hessian_chunks} of those windows. KLD vs fp32 on wikitext-2 test, ctx 512, {chunks} windows, slimlm's evaluator; ratio = KLD / "
             "llama.cpp-with-its-imatrix.\n\n"
             + markdown_table(["mix", "variant", "bytes", "KLD", "ratio", "top-1", "ppl", "quantize s"], rows)
             + "\n\nCommand: `python benchmarks/bench_gguf.py --stages imatrix`")
@@ -310,6 +311,7 @@ def main() -> None:
     ap.add_argument("--mixes", default=",".join(MIXES))
     ap.add_argument("--imatrix-mixes", default=",".join(IMATRIX_MIXES))
     ap.add_argument("--damps", default="0.01")
+    ap.add_argument("--hessian-chunks", type=int, default=40, help="windows of the calibration text used for X^T X")
     ap.add_argument("--methods", default="gptq,awq,awq+gptq", help="slimlm methods beyond llama.cpp's rounding")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--scratch", action="store_true", help="append tables to WORK/BENCHMARKS.md, not the repo's")
@@ -326,7 +328,7 @@ def main() -> None:
         stage_f16(args.work, args.chunks)
     if "imatrix" in stages:
         stage_imatrix(args.work, args.chunks, args.calib_chunks, args.imatrix_mixes.split(","),
-                      [float(d) for d in args.damps.split(",")], args.methods.split(","))
+                      [float(d) for d in args.damps.split(",")], args.methods.split(","), args.hessian_chunks)
     if "speed" in stages:
         stage_speed(args.work, args.repeats)
     if "greedy" in stages:

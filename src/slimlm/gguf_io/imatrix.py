@@ -248,11 +248,13 @@ def collect_imatrix(
     chunks: int | None = None,
     progress: Callable[[int, int], None] | None = None,
     hessians: dict[str, "np.ndarray"] | None = None,
+    hessian_chunks: int | None = None,
 ) -> Imatrix:
     """Run the model over ``calib`` (plain text) in ctx-token windows and sum squared Linear inputs.
 
     With ``hessians`` (a dict to fill), also accumulate each matrix's full input covariance X^T X / tokens
-    (float32 [n_in, n_in]; matrices reading the same input share one array), for GPTQ-style searches.
+    (float32 [n_in, n_in]; matrices reading the same input share one array), for GPTQ-style searches,
+    from the first ``hessian_chunks`` windows (default: all; X^T X costs more than the forward pass).
     """
     import torch
 
@@ -269,6 +271,8 @@ def collect_imatrix(
     hooks = []
 
     covs: dict[str, torch.Tensor] = {}
+    cov_counts: dict[str, int] = {}
+    windows_done = [0]
     # q/k/v (and gate/up) receive the same input tensor object: compute X^T X once and share it. Holding a
     # reference to the last input keeps its memory from being reused by another tensor in the meantime.
     last_input: dict[str, tuple[torch.Tensor, str]] = {}
@@ -279,13 +283,15 @@ def collect_imatrix(
             s = (x * x).sum(0, dtype=torch.float64)
             sums[gname] = sums[gname] + s if gname in sums else s
             counts[gname] = counts.get(gname, 0) + x.shape[0]
-            if hessians is not None:
+            if hessians is not None and windows_done[0] < (hessian_chunks or len(windows)):
                 previous = last_input.get(group)
                 if previous is not None and previous[0] is inputs[0]:
                     covs[gname] = covs[previous[1]]
+                    cov_counts[gname] = cov_counts[previous[1]]
                     return
                 xtx = x.T @ x
                 covs[gname] = covs[gname] + xtx if gname in covs else xtx
+                cov_counts[gname] = cov_counts.get(gname, 0) + x.shape[0]
                 last_input[group] = (inputs[0], gname)
         return hook
 
@@ -297,6 +303,7 @@ def collect_imatrix(
         with torch.inference_mode():
             for i, window in enumerate(windows):
                 model(torch.from_numpy(window)[None], use_cache=False)
+                windows_done[0] += 1
                 if progress:
                     progress(i + 1, len(windows))
     finally:
@@ -310,7 +317,7 @@ def collect_imatrix(
         done: dict[int, np.ndarray] = {}
         for name, cov in covs.items():
             if id(cov) not in done:
-                done[id(cov)] = (cov / counts[name]).numpy()
+                done[id(cov)] = (cov / cov_counts[name]).numpy()
             hessians[name] = done[id(cov)]
     return im
 

@@ -126,6 +126,7 @@ def quantize_gguf(
     method: str = "llama.cpp",
     hessians: dict[str, np.ndarray] | None = None,
     gptq_damp: float = 0.01,
+    hessian_chunks: int | None = 32,
     encoder: Callable[[np.ndarray, T, np.ndarray | None, str], np.ndarray] | None = None,
     transform: Callable[[ModelSource, Imatrix | None], tuple[ModelSource, Imatrix | None]] | None = None,
 ) -> QuantizeResult:
@@ -165,7 +166,7 @@ def quantize_gguf(
         if imatrix is not None:
             raise SlimlmError(f"--method {method} computes its own importance matrix from --calib; drop --imatrix")
         hessians = {}
-        im = collect_imatrix(model, Path(calib), chunks=calib_chunks, hessians=hessians)
+        im = collect_imatrix(model, Path(calib), chunks=calib_chunks, hessians=hessians, hessian_chunks=hessian_chunks)
     else:
         im = load_importance(imatrix, Path(calib) if calib else None, model, calib_chunks)
     if transform is not None:
