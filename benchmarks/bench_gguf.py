@@ -205,8 +205,7 @@ def stage_imatrix(work: Path, chunks: int, calib_chunks: int, mixes: list[str], 
                      lambda out: quantize_gguf(resources.builtin_hf_dir(), mix, out, imatrix=ours_im)),
                     ("llama.cpp + slimlm imatrix file", work / f"lcpp-{mix}-oursim.gguf",
                      lambda out: lcpp_quantize(f32, out, mix, ours_im)),
-                    ("slimlm + llama.cpp imatrix (llama.cpp rounding)", work / f"ours-{mix}-lcppim.gguf",
-                     lambda out: quantize_gguf(resources.builtin_hf_dir(), mix, out, imatrix=lcpp_im))]
+                    ]
         for method in methods:
             for damp in (damps if "gptq" in method else [None]):
                 label = f"slimlm --method {method}" + (f" (damp {damp})" if damp is not None else "")
