@@ -12,6 +12,8 @@ module and registers an ``encode``/``decode`` pair in ``REGISTRY``:
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, NamedTuple
 
 import numpy as np
@@ -23,7 +25,7 @@ Encoder = Callable[[np.ndarray, "np.ndarray | None"], np.ndarray]
 Decoder = Callable[[np.ndarray], np.ndarray]
 
 # Rows per call into a codec: bounds the temporaries (a few times the chunk) and keeps them in cache.
-_CHUNK_ELEMENTS = 1 << 18
+_CHUNK_ELEMENTS = 1 << 17
 
 
 class Codec(NamedTuple):
@@ -67,11 +69,13 @@ def _codec(qtype: GGMLQuantizationType) -> Codec:
     return codec
 
 
-def quantize(x: np.ndarray, qtype: GGMLQuantizationType | str, imatrix: np.ndarray | None = None) -> np.ndarray:
+def quantize(x: np.ndarray, qtype: GGMLQuantizationType | str, imatrix: np.ndarray | None = None,
+             threads: int | None = None) -> np.ndarray:
     """Encode float rows ``[..., n]`` to GGML blocks ``[..., row_bytes]`` (uint8), like llama.cpp.
 
     ``imatrix``: per-column importance, shape ``[n]`` or anything broadcastable to ``x.shape`` (e.g. one
     row per expert); types whose llama.cpp quantizer ignores it (F16, Q8_0, ...) ignore it too.
+    ``threads``: worker threads over row chunks (default: all cores); the bytes do not depend on it.
     """
     qt = qtype_of(qtype)
     codec = _codec(qt)
@@ -93,11 +97,28 @@ def quantize(x: np.ndarray, qtype: GGMLQuantizationType | str, imatrix: np.ndarr
                               f"{x.shape}") from None
     out = np.empty((rows.shape[0], n // bs * ts), dtype=np.uint8)
     step = max(1, _CHUNK_ELEMENTS // n)
-    for start in range(0, rows.shape[0], step):
+
+    def encode_chunk(start: int) -> None:
         part = np.ascontiguousarray(rows[start:start + step], dtype=np.float32)
         part_qw = None if qw is None else np.ascontiguousarray(qw[start:start + step])
+        if bs > 1 and not np.isfinite(part).all():
+            raise SlimlmError(f"cannot quantize a tensor with NaN or infinite values to {qt.name}")
         out[start:start + step] = codec.encode(part, part_qw)
+
+    _run_chunks(encode_chunk, range(0, rows.shape[0], step), threads)
     return out.reshape(*x.shape[:-1], n // bs * ts)
+
+
+def _run_chunks(fn: Callable[[int], None], starts: range, threads: int | None) -> None:
+    """Run ``fn`` on every chunk start; numpy releases the GIL inside its loops, so threads scale."""
+    workers = min(len(starts), threads if threads else (os.cpu_count() or 1))
+    if workers <= 1:
+        for start in starts:
+            fn(start)
+        return
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for future in [pool.submit(fn, start) for start in starts]:
+            future.result()
 
 
 def dequantize(data: np.ndarray, qtype: GGMLQuantizationType | str, shape: tuple[int, ...] | list[int]) -> np.ndarray:

@@ -73,6 +73,17 @@ def first_absmax(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return amax.astype(F32), signed.astype(F32)
 
 
+def round_clip(v: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """``MAX(lo, MIN(hi, nearest_int(v)))`` kept in float32, computed in place (``v`` is consumed).
+
+    ``np.rint`` is round-half-even, the same as nearest_int's magic-number add for |v| < 2**22.
+    """
+    np.rint(v, out=v)
+    np.minimum(v, F32(hi), out=v)
+    np.maximum(v, F32(lo), out=v)
+    return v
+
+
 def make_qx_quants(x: np.ndarray, nmax: int, qw: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Symmetric scale search of ggml-quants.c ``make_qx_quants`` with ``rmse_type == 1``.
 
@@ -87,37 +98,41 @@ def make_qx_quants(x: np.ndarray, nmax: int, qw: np.ndarray | None = None) -> tu
     vmax = np.where(zero, F32(1), vmax).astype(F32)
     wx = w * x
     fnmax = F32(nmax)
+    tmp = np.empty_like(x)
 
     def fit(iscale: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        l = np.clip(nearest_int(iscale * x), -nmax, nmax - 1)
-        lf = l.astype(F32)
-        return l, seq_sum(wx * lf), seq_sum((w * lf) * lf)
+        lf = round_clip(np.multiply(iscale, x), -nmax, nmax - 1)
+        sumlx = seq_sum(np.multiply(wx, lf, out=tmp))
+        np.multiply(w, lf, out=tmp)
+        suml2 = seq_sum(np.multiply(tmp, lf, out=tmp))
+        return lf, sumlx, suml2
 
-    l, sumlx, suml2 = fit(-fnmax / vmax)
-    L = l + nmax
+    lf, sumlx, suml2 = fit(-fnmax / vmax)
+    L = lf
     scale = safe_div(sumlx, suml2)
     best = scale * sumlx
     for step in range(-9, 10):
         if step == 0:
             continue
         iscale = -(fnmax + F32(0.1) * F32(step)) / vmax
-        l, sumlx, suml2 = fit(iscale)
+        lf, sumlx, suml2 = fit(iscale)
         better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
         if better.any():
-            L = np.where(better[None], l + nmax, L)
+            np.copyto(L, lf, where=better[None])
             scale = np.where(better, safe_div(sumlx, suml2), scale)
             best = np.where(better, scale * sumlx, best)
-    L = np.where(zero[None], 0, L)
+    L = (L.astype(np.int32) + nmax)
+    L[:, zero] = 0
     scale = np.where(zero, F32(0), scale).astype(F32)
-    return scale, L.astype(np.int32)
+    return scale, L
 
 
 def make_q3_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
     """ggml-quants.c ``make_q3_quants(..., do_rmse=true)``: start from the max scale, then up to five
     sweeps of coordinate descent moving one quant at a time while the x*x-weighted fit improves.
 
-    x: [n, G]. Returns (scale [G], L [n, G] int32 in 0..2*nmax-1). Groups that converge early simply
-    repeat a sweep with no change, which is what C's ``break`` would have left.
+    x: [n, G]. Returns (scale [G], L [n, G] int32 in 0..2*nmax-1). After each sweep only the groups that
+    changed stay in play, which is C's per-group ``break``.
     """
     x = np.asarray(x, dtype=F32)
     amax, vmax = first_absmax(x)
@@ -125,36 +140,42 @@ def make_q3_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
     vmax = np.where(zero, F32(1), vmax).astype(F32)
     w = x * x
     wx = w * x
-    iscale = -F32(nmax) / vmax
-    l = np.clip(nearest_int(iscale * x), -nmax, nmax - 1).astype(np.int32)
-    lf = l.astype(F32)
+    lf = round_clip((-F32(nmax) / vmax) * x, -nmax, nmax - 1)
     sumlx = seq_sum(wx * lf)
     suml2 = seq_sum((w * lf) * lf)
     n = x.shape[0]
+    active = np.arange(x.shape[1])
+    xa, wa, wxa, la, slx_a, sl2_a = x, w, wx, lf, sumlx, suml2
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         for _ in range(5):
-            changed = np.zeros(x.shape[1], dtype=bool)
+            changed = np.zeros(active.size, dtype=bool)
             for i in range(n):
-                li = l[i].astype(F32)
-                slx = sumlx - wx[i] * li
-                sl2 = suml2 - (w[i] * li) * li
+                li = la[i]
+                slx = slx_a - wxa[i] * li
+                sl2 = sl2_a - (wa[i] * li) * li
                 # nearest_int(x * sl2 / slx): (x*sl2)/slx in C's order
-                new_l = np.clip(nearest_int((x[i] * sl2) / np.where(slx > 0, slx, F32(1))), -nmax, nmax - 1)
-                nlf = new_l.astype(F32)
-                slx2 = slx + wx[i] * nlf
-                sl22 = sl2 + (w[i] * nlf) * nlf
-                accept = ((slx > 0) & (new_l != l[i]) & (sl22 > 0)
-                          & ((slx2 * slx2) * suml2 > (sumlx * sumlx) * sl22))
+                new_l = round_clip((xa[i] * sl2) / slx, -nmax, nmax - 1)
+                slx2 = slx + wxa[i] * new_l
+                sl22 = sl2 + (wa[i] * new_l) * new_l
+                accept = (slx > 0) & (new_l != li) & (sl22 > 0) & ((slx2 * slx2) * sl2_a > (slx_a * slx_a) * sl22)
                 if accept.any():
-                    l[i] = np.where(accept, new_l, l[i])
-                    sumlx = np.where(accept, slx2, sumlx).astype(F32)
-                    suml2 = np.where(accept, sl22, suml2).astype(F32)
+                    np.copyto(li, new_l, where=accept)
+                    np.copyto(slx_a, slx2, where=accept)
+                    np.copyto(sl2_a, sl22, where=accept)
                     changed |= accept
+            # write the active groups back, keep only those that moved
+            lf[:, active] = la
+            sumlx[active] = slx_a
+            suml2[active] = sl2_a
             if not changed.any():
                 break
+            active = active[changed]
+            xa, wa, wxa = x[:, active], w[:, active], wx[:, active]
+            la, slx_a, sl2_a = lf[:, active], sumlx[active], suml2[active]
     scale = np.where(zero | ~(suml2 > 0), F32(0), safe_div(sumlx, suml2)).astype(F32)
-    L = np.where(zero[None], 0, l + nmax)
-    return scale, L.astype(np.int32)
+    L = lf.astype(np.int32) + nmax
+    L[:, zero] = 0
+    return scale, L
 
 
 def make_qkx3_quants(x: np.ndarray, weights: np.ndarray, nmax: int, rmin: float = -0.9, rdelta: float = 0.05,

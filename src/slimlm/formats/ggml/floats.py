@@ -18,7 +18,8 @@ def decode_f32(data: np.ndarray) -> np.ndarray:
 
 
 def encode_f16(x: np.ndarray, imatrix: np.ndarray | None = None) -> np.ndarray:
-    return np.asarray(x, dtype=np.float32).astype("<f2").view(np.uint8).reshape(x.shape[0], -1)
+    with np.errstate(over="ignore"):  # beyond 65504 becomes inf, as in ggml
+        return np.asarray(x, dtype=np.float32).astype("<f2").view(np.uint8).reshape(x.shape[0], -1)
 
 
 def decode_f16(data: np.ndarray) -> np.ndarray:

@@ -15,22 +15,35 @@ from .common import F32, GROUP_MAX_EPS, element_major, first_absmax, fp16_bits, 
 QK = 32
 VALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], dtype=np.int8)
 _VALUES_F = VALUES.astype(F32)
-# index i is chosen once 2x reaches val[i-1] + val[i] (ggml's best_index_int8, exact in float32)
-_THRESHOLDS = (VALUES[:-1].astype(F32) + VALUES[1:].astype(F32))
+# ggml's best_index_int8 picks index i once 2x reaches val[i-1] + val[i]. Those midpoints are integers, so
+# 2x >= t  <=>  floor(2x) >= t, and a lookup table on floor(2x) replaces the binary search.
+_THRESHOLDS = (VALUES[:-1].astype(np.int32) + VALUES[1:].astype(np.int32))
+_LO, _HI = int(_THRESHOLDS[0]) - 1, int(_THRESHOLDS[-1])
+_INDEX_LUT = np.searchsorted(_THRESHOLDS, np.arange(_LO, _HI + 1), side="right").astype(np.int32)
+_VALUE_LUT = _VALUES_F[_INDEX_LUT]
 NTRY = 7
+
+
+def _lut_pos(x: np.ndarray) -> np.ndarray:
+    v = np.add(x, x)
+    np.floor(v, out=v)
+    np.minimum(v, F32(_HI), out=v)
+    np.maximum(v, F32(_LO), out=v)
+    v -= F32(_LO)
+    return v.astype(np.intp)
 
 
 def best_index(x: np.ndarray) -> np.ndarray:
     """Nearest table entry index for each value (ties go up, as in ggml)."""
     with np.errstate(invalid="ignore"):
-        return np.searchsorted(_THRESHOLDS, x + x, side="right").astype(np.int32)
+        return _INDEX_LUT[_lut_pos(x)]
 
 
-def _fit(xe: np.ndarray, w: np.ndarray, inv_scale: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    idx = best_index(inv_scale[None] * xe)
-    q = _VALUES_F[idx]
+def _fit(xe: np.ndarray, w: np.ndarray, inv_scale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    q = _VALUE_LUT[_lut_pos(inv_scale[None] * xe)]
     wq = w * q
-    return idx, seq_sum(wq * xe), seq_sum(wq * q)
+    sumq2 = seq_sum(wq * q)
+    return seq_sum(np.multiply(wq, xe, out=wq)), sumq2
 
 
 def encode(x: np.ndarray, imatrix: np.ndarray | None = None) -> np.ndarray:
@@ -47,12 +60,12 @@ def encode(x: np.ndarray, imatrix: np.ndarray | None = None) -> np.ndarray:
     v0 = _VALUES_F[0]
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         d = -vmax / v0
-        _, sumqx, sumq2 = _fit(xe, w, F32(1) / d)
+        sumqx, sumq2 = _fit(xe, w, F32(1) / d)
         d = np.where(sumq2 > 0, sumqx / np.where(sumq2 > 0, sumq2, F32(1)), F32(0)).astype(F32)
         best = d * sumqx
         for itry in range(-NTRY, NTRY + 1):
             inv = F32(itry + int(VALUES[0])) / vmax
-            _, sqx, sq2 = _fit(xe, w, inv)
+            sqx, sq2 = _fit(xe, w, inv)
             better = (sq2 > 0) & (sqx * sqx > best * sq2)
             if better.any():
                 d = np.where(better, sqx / np.where(sq2 > 0, sq2, F32(1)), d).astype(F32)

@@ -22,8 +22,14 @@ def _blocks(x: np.ndarray) -> np.ndarray:
 
 def _absmax_signed(xb: np.ndarray) -> np.ndarray:
     """The value with the largest |x| in each block, first one on ties (C's strict ``<``)."""
-    idx = np.argmax(np.abs(xb), axis=1)
-    return np.take_along_axis(xb, idx[:, None], axis=1)[:, 0]
+    hi = np.max(xb, axis=1)
+    lo = np.min(xb, axis=1)
+    out = np.where(hi >= -lo, hi, lo)
+    tie = np.flatnonzero((hi == -lo) & (hi != 0))  # +a and -a both present: the first one wins
+    if tie.size:
+        sub = xb[tie]
+        out[tie] = sub[np.arange(tie.size), np.argmax(np.abs(sub), axis=1)]
+    return out
 
 
 def _inv(d: np.ndarray) -> np.ndarray:
@@ -47,8 +53,7 @@ def _nibbles(L: np.ndarray) -> np.ndarray:
 
 def _high_bits(L: np.ndarray) -> np.ndarray:
     """[B, 32] 5-bit values -> [B, 4] bytes of the little-endian u32 of fifth bits."""
-    bits = ((L >> 4) & 1).astype(np.uint32) << np.arange(32, dtype=np.uint32)
-    return np.bitwise_or.reduce(bits, axis=1).astype("<u4").view(np.uint8).reshape(-1, 4)
+    return np.packbits((L >> 4) & 1, axis=1, bitorder="little")
 
 
 def _sigma2_rows(x: np.ndarray) -> np.ndarray:
@@ -76,10 +81,9 @@ def encode_q8_0(x: np.ndarray, imatrix: np.ndarray | None = None) -> np.ndarray:
     xb = _blocks(x)
     amax = np.max(np.abs(xb), axis=1)
     d = (amax / F32(127)).astype(F32)
-    v = xb * _inv(d)[:, None]
-    # roundf: half away from zero
-    t = np.trunc(v)
-    q = t + np.where(np.abs(v - t) >= F32(0.5), np.sign(v), F32(0))
+    v = (xb * _inv(d)[:, None]).astype(np.float64)
+    # roundf (half away from zero); exact in float64 since v has 24 significant bits
+    q = np.trunc(v + np.copysign(0.5, v))
     return _out(x.shape[0], [_f16_bytes(d), q.astype(np.int8).view(np.uint8)])
 
 
