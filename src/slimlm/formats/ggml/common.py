@@ -42,7 +42,13 @@ def nearest_int(x: np.ndarray) -> np.ndarray:
 
 
 def seq_sum(terms: np.ndarray) -> np.ndarray:
-    """Left-to-right float32 sum over axis 0 (C's ``for (i...) s += t[i]``)."""
+    """Left-to-right float32 sum over axis 0 (C's ``for (i...) s += t[i]``).
+
+    numpy reduces the outer axis of a C-contiguous array row by row (pairwise summation only applies
+    along the contiguous axis), which is exactly this order; other layouts take the explicit loop.
+    """
+    if terms.dtype == F32 and terms.flags.c_contiguous:
+        return np.add.reduce(terms, axis=0)
     total = terms[0].astype(F32, copy=True)
     for i in range(1, terms.shape[0]):
         total += terms[i]
@@ -176,62 +182,6 @@ def make_q3_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
     L = lf.astype(np.int32) + nmax
     L[:, zero] = 0
     return scale, L
-
-
-def make_qkx3_quants(x: np.ndarray, weights: np.ndarray, nmax: int, rmin: float = -0.9, rdelta: float = 0.05,
-                     nstep: int = 36) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """ggml-quants.c ``make_qkx3_quants`` (use_mad=false): asymmetric scale+min by weighted least squares
-    over ``nstep+1`` candidate inverse scales. x, weights: [n, G].
-
-    Returns (scale [G], the_min [G] (positive = subtract), L [n, G] int32 in 0..nmax).
-    """
-    x = np.asarray(x, dtype=F32)
-    w = np.asarray(weights, dtype=F32)
-    vmin = np.minimum.reduce(x, axis=0)
-    vmax = np.maximum.reduce(x, axis=0)
-    sum_w = seq_sum(w)
-    sum_x = seq_sum(w * x)
-    vmin = np.where(vmin > 0, F32(0), vmin).astype(F32)
-    flat = vmax <= vmin
-    span = np.where(flat, F32(1), vmax - vmin).astype(F32)
-    fnmax = F32(nmax)
-    iscale = fnmax / span
-    scale = F32(1) / iscale
-    L = np.clip(nearest_int(iscale * (x - vmin)), 0, nmax)
-    diff = (scale * L.astype(F32) + vmin) - x
-    best = seq_sum(w * (diff * diff))
-    cur_min = vmin.copy()
-    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        for step in range(nstep + 1):
-            # C divides by (max - min) with min = the best fit so far
-            cur_span = np.where(flat, F32(1), vmax - cur_min).astype(F32)
-            iscale = ((F32(rmin) + F32(rdelta) * F32(step)) + fnmax) / cur_span
-            v = iscale * (x - cur_min)
-            laux = np.where(v > 0, nearest_int(np.minimum(v, fnmax)), 0)
-            lf = laux.astype(F32)
-            wl = w * lf
-            sum_l = seq_sum(wl)
-            sum_l2 = seq_sum(wl * lf)
-            sum_xl = seq_sum(wl * x)
-            D = sum_w * sum_l2 - sum_l * sum_l
-            ok = D > 0
-            Ds = np.where(ok, D, F32(1))
-            this_scale = (sum_w * sum_xl - sum_x * sum_l) / Ds
-            this_min = (sum_l2 * sum_x - sum_l * sum_xl) / Ds
-            pos = this_min > 0
-            this_min = np.where(pos, F32(0), this_min).astype(F32)
-            this_scale = np.where(pos, sum_xl / np.where(sum_l2 != 0, sum_l2, F32(1)), this_scale).astype(F32)
-            d = (this_scale * lf + this_min) - x
-            mad = seq_sum(w * (d * d))
-            better = ok & (mad < best)
-            if better.any():
-                L = np.where(better[None], laux, L)
-                best = np.where(better, mad, best)
-                scale = np.where(better, this_scale, scale).astype(F32)
-                cur_min = np.where(better, this_min, cur_min).astype(F32)
-    L = np.where(flat[None], 0, L)
-    scale = np.where(flat, F32(0), scale).astype(F32)
-    return scale, (-cur_min).astype(F32), L.astype(np.int32)
 
 
 def element_major(x: np.ndarray, group: int) -> np.ndarray:

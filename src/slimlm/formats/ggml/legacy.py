@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .common import F32, element_major, fp16_bits, make_qkx3_quants, make_qx_quants, seq_sum_last
+from .common import F32, element_major, fp16_bits, make_qx_quants, seq_sum_last
+from .kquants_common import make_qkx_quants
 
 QK = 32
 
@@ -162,7 +163,8 @@ def _affine_ref(x: np.ndarray, nlev: int) -> tuple[np.ndarray, np.ndarray, np.nd
 
 def _affine_weighted(x: np.ndarray, imatrix: np.ndarray, nlev: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     w, xe = _weights(x, imatrix)
-    d, the_min, L = make_qkx3_quants(xe, w, nlev - 1)
+    # ggml's make_qkx3_quants(..., -0.9f, 0.05f, 36, false), shared with the k-quants
+    d, the_min, L = make_qkx_quants(xe, w, nlev - 1, -0.9, 0.05, 36, use_mad=False)
     return d, -the_min, np.ascontiguousarray(L.T)
 
 
