@@ -1,0 +1,436 @@
+"""How many bytes a model needs: weights per format, GGUF file size, KV cache, runtime overhead.
+
+Weights are sized tensor by tensor with each format's true storage cost (GGML block scales included, from
+``gguf.GGML_QUANT_SIZES``; compressed-tensors scales, zero points and shape tensors as it stores them), and
+GGUF mixes (Q4_K_M, ...) use llama.cpp's per-tensor plan (formats.gguf_mix). The tensor list comes from a
+real checkpoint or is synthesized from a ModelSpec with llama.cpp's GGUF tensor names.
+
+Memory to run = weights + KV cache + a stated overhead (RUNTIME_OVERHEAD_DOC). Estimates, not measurements.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
+
+import gguf
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
+
+from slimlm.errors import SlimlmError
+from slimlm.formats.gguf_mix import (
+    ArchFacts,
+    TensorInfo,
+    allows_quantization,
+    normalize_ftype,
+    plan_types,
+    tensor_bytes,
+)
+from slimlm.spec import ModelSpec
+
+# The variants `fit` considers, best quality first (F32 first only for an F32 checkpoint; see fit.py).
+GGUF_VARIANTS = ("F32", "BF16", "F16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q4_K_M", "Q4_K_S", "Q4_0",
+                 "Q3_K_M", "Q2_K")
+CT_VARIANTS = ("W8A8", "W4A16")
+# 4-bit formats of AutoAWQ / AutoGPTQ checkpoints (group 128, scales + packed zero points), sized by explain.
+INT4_FORMATS = ("AWQ", "GPTQ")
+VARIANTS = ("F32", "BF16", "F16", "Q8_0", "W8A8", "Q6_K", "Q5_K_M", "Q5_K_S", "Q4_K_M", "W4A16", "Q4_K_S",
+            "Q4_0", "Q3_K_M", "Q2_K")
+
+W4A16_GROUP = 128
+GGUF_ALIGNMENT = gguf.GGUF_DEFAULT_ALIGNMENT
+
+# KV cache element types (llama.cpp --cache-type-k/v): bytes per element.
+CACHE_TYPES = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q5_1": 24 / 32, "q5_0": 22 / 32,
+               "q4_1": 20 / 32, "q4_0": 18 / 32}
+
+RUNTIME_FIXED_BYTES = 256 * 2**20
+MICRO_BATCH = 512
+RUNTIME_OVERHEAD_DOC = (
+    "runtime overhead = 256 MiB (runtime, buffers) + one micro-batch's compute buffer: "
+    "min(512, context x batch) tokens x (vocab logits + n_heads x context attention scores) x 4 bytes"
+)
+
+# GGUF key-value metadata when only the vocabulary size is known. It is mostly the tokenizer: per entry the
+# token string (8-byte length + text), its type (4 bytes) and a BPE merge or a SentencePiece score. The
+# SmolLM2-135M GGUF holds 1,769,483 bytes of metadata for 49,152 entries: 36.0 bytes per entry, all
+# other keys (architecture, chat template) included. Used for estimates from a config alone.
+METADATA_BYTES_PER_VOCAB_ENTRY = 36
+
+
+# ------------------------------------------------------------------------------------ tensor lists
+
+_GGUF_ARCH = {"llama": "llama", "mistral": "llama", "mixtral": "llama", "qwen2": "qwen2", "qwen3": "qwen3",
+              "gemma": "gemma", "gemma2": "gemma2", "gemma3_text": "gemma3", "qwen2_moe": "qwen2moe",
+              "deepseek_v2": "deepseek2", "deepseek_v3": "deepseek2"}
+
+
+def arch_facts(spec: ModelSpec) -> ArchFacts:
+    """The hyper-parameters llama.cpp's type rules read, from a ModelSpec."""
+    return ArchFacts(n_layers=spec.n_layers, n_head=spec.n_heads, n_head_kv=spec.n_kv_heads,
+                     n_expert=spec.n_experts, arch=_GGUF_ARCH.get(spec.model_type, spec.model_type))
+
+
+def gguf_tensors_from_spec(spec: ModelSpec) -> list[TensorInfo]:
+    """The tensors llama.cpp's converter writes for this architecture (names, PyTorch-order shapes).
+
+    1-D tensors and MoE routers are F32 as the converter writes them; matrices are listed as F32 too (the
+    source type only matters for tensors a mix never quantizes). DeepSeek's kv_b projection is split into
+    attn_k_b / attn_v_b as current llama.cpp converters do; MTP modules are left out, like the model
+    used for generation.
+    """
+    h, v = spec.hidden_size, spec.vocab_size
+    out = [TensorInfo("token_embd.weight", (v, h)), TensorInfo("output_norm.weight", (h,))]
+    if not spec.tie_word_embeddings:
+        out.append(TensorInfo("output.weight", (v, h)))
+    moe = set(spec.moe_layers)
+    for i in range(spec.n_layers):
+        out += _layer_tensors(spec, i, i in moe)
+    return out
+
+
+def _layer_tensors(s: ModelSpec, i: int, is_moe: bool) -> list[TensorInfo]:
+    b = f"blk.{i}."
+    h = s.hidden_size
+    ts = [TensorInfo(b + "attn_norm.weight", (h,)), TensorInfo(b + "ffn_norm.weight", (h,))]
+    if s.norms_per_layer >= 4:
+        ts += [TensorInfo(b + "post_attention_norm.weight", (h,)), TensorInfo(b + "post_ffw_norm.weight", (h,))]
+    if s.is_mla:
+        rope, nope, kv_rank = s.qk_rope_head_dim or 0, s.qk_nope_head_dim or 0, s.kv_lora_rank or 0
+        if s.q_lora_rank:
+            ts += [TensorInfo(b + "attn_q_a.weight", (s.q_lora_rank, h)),
+                   TensorInfo(b + "attn_q_a_norm.weight", (s.q_lora_rank,)),
+                   TensorInfo(b + "attn_q_b.weight", (s.n_heads * s.head_dim, s.q_lora_rank))]
+        else:
+            ts.append(TensorInfo(b + "attn_q.weight", (s.n_heads * s.head_dim, h)))
+        ts += [TensorInfo(b + "attn_kv_a_mqa.weight", (kv_rank + rope, h)),
+               TensorInfo(b + "attn_kv_a_norm.weight", (kv_rank,)),
+               TensorInfo(b + "attn_k_b.weight", (s.n_heads, kv_rank, nope)),
+               TensorInfo(b + "attn_v_b.weight", (s.n_heads, s.v_head_dim, kv_rank)),
+               TensorInfo(b + "attn_output.weight", (h, s.n_heads * s.v_head_dim))]
+    else:
+        q, kv = s.n_heads * s.head_dim, s.n_kv_heads * s.head_dim
+        ts += [TensorInfo(b + "attn_q.weight", (q, h)), TensorInfo(b + "attn_k.weight", (kv, h)),
+               TensorInfo(b + "attn_v.weight", (s.n_kv_heads * s.v_head_dim, h)),
+               TensorInfo(b + "attn_output.weight", (h, s.n_heads * s.v_head_dim))]
+        if s.attention_bias:
+            ts += [TensorInfo(b + "attn_q.bias", (q,)), TensorInfo(b + "attn_k.bias", (kv,)),
+                   TensorInfo(b + "attn_v.bias", (s.n_kv_heads * s.v_head_dim,))]
+        if s.attention_out_bias:
+            ts.append(TensorInfo(b + "attn_output.bias", (h,)))
+        if s.qk_norm:
+            ts += [TensorInfo(b + "attn_q_norm.weight", (s.head_dim,)),
+                   TensorInfo(b + "attn_k_norm.weight", (s.head_dim,))]
+    if is_moe:
+        e, f = s.n_experts, s.moe_intermediate_size
+        ts += [TensorInfo(b + "ffn_gate_inp.weight", (e, h)),
+               TensorInfo(b + "ffn_gate_exps.weight", (e, f, h)), TensorInfo(b + "ffn_up_exps.weight", (e, f, h)),
+               TensorInfo(b + "ffn_down_exps.weight", (e, h, f))]
+        if s.router_bias:
+            ts.append(TensorInfo(b + "exp_probs_b.bias", (e,)))
+        if s.shared_expert_intermediate_size:
+            fs = s.shared_expert_intermediate_size
+            ts += [TensorInfo(b + "ffn_gate_shexp.weight", (fs, h)), TensorInfo(b + "ffn_up_shexp.weight", (fs, h)),
+                   TensorInfo(b + "ffn_down_shexp.weight", (h, fs))]
+            if s.shared_expert_gate:
+                ts.append(TensorInfo(b + "ffn_gate_inp_shexp.weight", (h,)))
+    else:
+        f = s.intermediate_size
+        ts += [TensorInfo(b + "ffn_gate.weight", (f, h)), TensorInfo(b + "ffn_up.weight", (f, h)),
+               TensorInfo(b + "ffn_down.weight", (h, f))]
+        if s.mlp_bias:
+            ts += [TensorInfo(b + "ffn_gate.bias", (f,)), TensorInfo(b + "ffn_up.bias", (f,)),
+                   TensorInfo(b + "ffn_down.bias", (h,))]
+    return ts
+
+
+def gguf_tensors_from_checkpoint(ckpt: Any) -> list[TensorInfo]:
+    """A checkpoint's own tensor list in GGUF terms: a GGUF's tensors as they are, HF names mapped with the
+    gguf package's TensorNameMap (per-expert matrices stacked as the converter does)."""
+    if ckpt.format == "gguf":
+        return [TensorInfo(t.name, tuple(t.shape), T[t.ggml_type] if t.ggml_type else T.F32)
+                for t in ckpt.tensors]
+    spec = ModelSpec.from_config(ckpt.config or {})
+    return hf_to_gguf_tensors([(t.name, tuple(t.shape)) for t in ckpt.tensors], spec)
+
+
+_EXPERT = re.compile(r"\.experts\.(\d+)\.")
+
+
+def hf_to_gguf_tensors(named_shapes: Iterable[tuple[str, tuple[int, ...]]], spec: ModelSpec) -> list[TensorInfo]:
+    """Map HF tensor names to llama.cpp's; tensors with no GGUF counterpart (e.g. MTP layers) are dropped."""
+    arch_enum = _gguf_arch_enum(spec)
+    name_map = gguf.get_tensor_name_map(arch_enum, spec.n_layers + spec.mtp_layers)
+    stacked: dict[str, list[tuple[int, ...]]] = {}
+    out: list[TensorInfo] = []
+    for name, shape in named_shapes:
+        m = re.search(r"(?:^|\.)layers\.(\d+)\.", name)
+        if m and int(m.group(1)) >= spec.n_layers:
+            continue  # MTP modules are not part of the model llama.cpp runs
+        if _EXPERT.search(name):
+            stacked.setdefault(_EXPERT.sub(".experts.", name), []).append(shape)
+            continue
+        if name.endswith("kv_b_proj.weight") and spec.is_mla:
+            mapped = name_map.get_name(name, try_suffixes=(".weight",))
+            if mapped:
+                kv_rank, heads = spec.kv_lora_rank or 0, spec.n_heads
+                blk = mapped.rsplit(".", 2)[0]
+                out += [TensorInfo(f"{blk}.attn_k_b.weight", (heads, kv_rank, spec.qk_nope_head_dim or 0)),
+                        TensorInfo(f"{blk}.attn_v_b.weight", (heads, spec.v_head_dim, kv_rank))]
+            continue
+        mapped = name_map.get_name(name, try_suffixes=(".weight", ".bias"))
+        if mapped is None:
+            continue
+        out.append(TensorInfo(mapped, shape))
+    for name, shapes in stacked.items():
+        mapped = name_map.get_name(name, try_suffixes=(".weight",))
+        if mapped:
+            out.append(TensorInfo(mapped, (len(shapes), *shapes[0])))
+    if spec.tie_word_embeddings:
+        out = [t for t in out if t.name != "output.weight"]
+    return out
+
+
+def _gguf_arch_enum(spec: ModelSpec) -> "gguf.MODEL_ARCH":
+    name = _GGUF_ARCH.get(spec.model_type, spec.model_type)
+    for arch, arch_name in gguf.MODEL_ARCH_NAMES.items():
+        if arch_name == name:
+            return arch
+    raise SlimlmError(f"no GGUF architecture for model_type {spec.model_type!r}")
+
+
+# ----------------------------------------------------------------------------------------- weights
+
+@dataclass
+class WeightEstimate:
+    """Bytes of a model's weights in one format, with the types used and their share of parameters."""
+
+    variant: str
+    bytes: int
+    params: int
+    type_counts: dict[str, int] = field(default_factory=dict)  # type -> parameters stored that way
+    high_precision: list[str] = field(default_factory=list)
+
+    @property
+    def bits_per_weight(self) -> float:
+        return self.bytes * 8 / self.params if self.params else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"variant": self.variant, "bytes": self.bytes, "params": self.params,
+                "bits_per_weight": round(self.bits_per_weight, 3), "types": dict(self.type_counts),
+                "high_precision": list(self.high_precision)}
+
+
+def normalize_variant(name: str) -> str:
+    """'q4_k_m' -> 'Q4_K_M', 'fp16' -> 'F16', 'w4a16' -> 'W4A16'; unknown names raise SlimlmError."""
+    key = name.strip().upper().replace("-", "_")
+    if key in CT_VARIANTS or key in INT4_FORMATS:
+        return key
+    return normalize_ftype(key)
+
+
+def gguf_weight_estimate(tensors: Sequence[TensorInfo], arch: ArchFacts, ftype: str,
+                         **plan_options: Any) -> tuple[WeightEstimate, dict[str, T]]:
+    """Tensor-data bytes of the GGUF mix ``ftype`` and the plan that gives them."""
+    plan = plan_types(tensors, arch, ftype, **plan_options)
+    total = 0
+    counts: dict[str, int] = {}
+    for t in tensors:
+        qtype = plan[t.name]
+        total += tensor_bytes(t, qtype)
+        counts[qtype.name] = counts.get(qtype.name, 0) + t.n_elements
+    params = sum(t.n_elements for t in tensors)
+    f = normalize_ftype(ftype)
+    kept = sorted({plan[t.name].name for t in tensors if not allows_quantization(t)})
+    high = [f"1-D tensors (norms, biases) and routers stay {'/'.join(kept) or 'F32'}"]
+    special = [t.name for t in tensors if t.name in ("output.weight", "token_embd.weight")]
+    for name in special:
+        high.append(f"{name} stored as {plan[name].name}")
+    estimate = WeightEstimate(f, total, params, dict(sorted(counts.items(), key=lambda kv: -kv[1])), high)
+    return estimate, plan
+
+
+def ct_weight_estimate(tensors: Sequence[TensorInfo], variant: str, dtype_bytes: int = 2,
+                       symmetric: bool = True) -> WeightEstimate:
+    """Bytes of a compressed-tensors checkpoint (W8A8 or W4A16) made from these tensors.
+
+    Linear weights inside the decoder blocks are quantized; embeddings, lm_head, norms, biases and routers
+    stay at ``dtype_bytes`` (the checkpoint's float type). W8A8: int8 weights + one scale per output
+    channel (activations quantized dynamically at run time, nothing stored). W4A16: int4 packed 8 per
+    int32 + one scale per 128 inputs per row + a 2-value int64 weight_shape; asymmetric adds int4 zero
+    points packed along the rows.
+    """
+    v = variant.upper()
+    total = 0
+    quantized = 0
+    params = 0
+    for t in tensors:
+        params += t.n_elements
+        if not (t.name.startswith("blk.") and allows_quantization(t)):
+            total += t.n_elements * (4 if t.type == T.F32 and t.n_dims == 1 and dtype_bytes == 4 else dtype_bytes)
+            continue
+        quantized += t.n_elements
+        mats = t.n_elements // (t.shape[-1] * t.shape[-2])
+        rows, cols = t.shape[-2], t.shape[-1]
+        if v == "W8A8":
+            per = rows * cols + rows * dtype_bytes + (0 if symmetric else rows * dtype_bytes)
+        elif v == "W4A16":
+            groups = math.ceil(cols / W4A16_GROUP)
+            per = rows * math.ceil(cols * 4 / 32) * 4 + rows * groups * dtype_bytes + 16
+            if not symmetric:
+                per += math.ceil(rows * 4 / 32) * groups * 4
+        elif v in INT4_FORMATS:
+            # qweight: 8 int4 per int32; scales: fp16 per (group, row); qzeros: 8 int4 per int32 per group;
+            # GPTQ adds g_idx, one int32 per input column.
+            groups = math.ceil(cols / W4A16_GROUP)
+            per = rows * cols // 2 + groups * rows * 2 + groups * math.ceil(rows / 8) * 4
+            if v == "GPTQ":
+                per += cols * 4
+        else:
+            raise SlimlmError(f"unknown compressed-tensors scheme {variant!r}; known: {', '.join(CT_VARIANTS)}")
+        total += mats * per
+    float_name = {2: "BF16", 4: "F32"}.get(dtype_bytes, f"{dtype_bytes * 8}-bit float")
+    if v in INT4_FORMATS:
+        float_name = "F16"
+    counts = {"INT8" if v == "W8A8" else "INT4": quantized, float_name: params - quantized}
+    high = [f"embeddings, lm_head, norms and biases stay {float_name}",
+            "one scale per output channel" if v == "W8A8" else f"one scale per {W4A16_GROUP} weights"]
+    return WeightEstimate(v, total, params, counts, high)
+
+
+def weight_estimate(tensors: Sequence[TensorInfo], arch: ArchFacts, variant: str,
+                    dtype_bytes: int = 2) -> WeightEstimate:
+    """Weights of any variant: a GGUF mix or a compressed-tensors scheme."""
+    v = normalize_variant(variant)
+    if v in CT_VARIANTS or v in INT4_FORMATS:
+        return ct_weight_estimate(tensors, v, dtype_bytes)
+    return gguf_weight_estimate(tensors, arch, v)[0]
+
+
+# ------------------------------------------------------------------------------------- GGUF files
+
+def gguf_header_bytes(tensors: Sequence[TensorInfo], metadata_bytes: int) -> int:
+    """Bytes before the tensor data: fixed header, key-value metadata, tensor infos, alignment padding."""
+    infos = sum(8 + len(t.name.encode()) + 4 + 8 * len(t.shape) + 4 + 8 for t in tensors)
+    raw = 4 + 4 + 8 + 8 + metadata_bytes + infos
+    return -(-raw // GGUF_ALIGNMENT) * GGUF_ALIGNMENT
+
+
+def gguf_file_bytes(tensors: Sequence[TensorInfo], plan: dict[str, T], metadata_bytes: int) -> int:
+    """Size of the GGUF file: header + each tensor's data padded to the 32-byte alignment."""
+    data = sum(-(-tensor_bytes(t, plan[t.name]) // GGUF_ALIGNMENT) * GGUF_ALIGNMENT for t in tensors)
+    return gguf_header_bytes(tensors, metadata_bytes) + data
+
+
+def estimate_metadata_bytes(vocab_size: int) -> int:
+    """Key-value metadata of a converted model when only the vocabulary size is known (mostly tokenizer)."""
+    return vocab_size * METADATA_BYTES_PER_VOCAB_ENTRY
+
+
+def gguf_metadata_bytes(path: str) -> int:
+    """The exact key-value metadata size of an existing GGUF file (header only, no tensor data read)."""
+    reader = gguf.GGUFReader(path)
+    return sum(sum(int(p.nbytes) for p in f.parts) for f in reader.fields.values() if not f.name.startswith("GGUF."))
+
+
+# ------------------------------------------------------------------------------------------ KV cache
+
+@dataclass
+class KVCache:
+    bytes: int
+    per_token_bytes: float  # for one sequence, averaged over layers at this context
+    cache_type: str
+    context: int
+    batch: int
+    kind: str  # "gqa", "mha", "mqa", "mla"
+    sliding_layers: int = 0
+    note: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"bytes": self.bytes, "per_token_bytes": round(self.per_token_bytes, 1), "cache_type": self.cache_type,
+                "context": self.context, "batch": self.batch, "attention": self.kind,
+                "sliding_layers": self.sliding_layers, "note": self.note}
+
+
+def kv_cache(spec: ModelSpec, context: int, batch: int = 1, cache_type: str = "f16") -> KVCache:
+    """KV-cache bytes for ``batch`` sequences of ``context`` tokens.
+
+    GQA/MQA/MHA: K and V, n_kv_heads x head size each, per token per layer. MLA (DeepSeek-V2/V3): one
+    latent of kv_lora_rank + qk_rope_head_dim per token per layer, not doubled (K and V are both rebuilt
+    from it). Sliding-window layers hold at most ``sliding_window`` tokens.
+    """
+    if context <= 0 or batch <= 0:
+        raise SlimlmError("context and batch must be positive")
+    ct = cache_type.lower()
+    if ct not in CACHE_TYPES:
+        raise SlimlmError(f"unknown KV cache type {cache_type!r}; known: {', '.join(CACHE_TYPES)}")
+    if spec.is_mla:
+        per_layer = (spec.kv_lora_rank or 0) + (spec.qk_rope_head_dim or 0)
+        kind, note = "mla", "MLA: one compressed latent (kv_lora_rank + rope dim) per token per layer"
+    else:
+        per_layer = spec.n_kv_heads * (spec.head_dim + spec.v_head_dim)
+        kind = "mqa" if spec.n_kv_heads == 1 else "mha" if spec.n_kv_heads == spec.n_heads else "gqa"
+        note = f"{spec.n_kv_heads} KV heads for {spec.n_heads} query heads"
+    layer_types = spec.layer_types or ("full",) * spec.n_layers
+    elements = 0
+    sliding = 0
+    for kind_i in layer_types:
+        tokens = context
+        if kind_i == "sliding" and spec.sliding_window:
+            tokens = min(context, spec.sliding_window)
+            sliding += 1
+        elements += per_layer * tokens
+    total = elements * batch * CACHE_TYPES[ct]
+    if sliding:
+        note += f"; {sliding} sliding-window layers keep at most {spec.sliding_window} tokens"
+    return KVCache(int(math.ceil(total)), total / (context * batch), ct, context, batch, kind, sliding, note)
+
+
+def runtime_overhead(spec: ModelSpec, context: int, batch: int = 1) -> int:
+    """The stated runtime overhead (RUNTIME_OVERHEAD_DOC): fixed buffers plus one micro-batch's compute."""
+    ubatch = min(MICRO_BATCH, context * batch)
+    compute = ubatch * (spec.vocab_size + spec.n_heads * context) * 4
+    return RUNTIME_FIXED_BYTES + compute
+
+
+# --------------------------------------------------------------------------------------- summaries
+
+@dataclass
+class MemoryEstimate:
+    variant: str
+    weights: WeightEstimate
+    kv: KVCache
+    overhead: int
+    file_bytes: int | None = None
+
+    @property
+    def total(self) -> int:
+        return self.weights.bytes + self.kv.bytes + self.overhead
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"variant": self.variant, "weights": self.weights.to_dict(), "kv_cache": self.kv.to_dict(),
+                "overhead_bytes": self.overhead, "overhead_rule": RUNTIME_OVERHEAD_DOC,
+                "total_bytes": self.total, "file_bytes": self.file_bytes}
+
+
+def estimate_memory(spec: ModelSpec, variant: str, *, context: int = 4096, batch: int = 1,
+                    cache_type: str = "f16", tensors: Sequence[TensorInfo] | None = None,
+                    metadata_bytes: int | None = None, dtype_bytes: int = 2) -> MemoryEstimate:
+    """Weights + KV cache + overhead to run ``spec`` as ``variant``, and (GGUF) the file size.
+
+    ``tensors`` defaults to the list synthesized from the spec; ``metadata_bytes`` to an estimate from the
+    vocabulary size.
+    """
+    tensors = list(tensors) if tensors is not None else gguf_tensors_from_spec(spec)
+    arch = arch_facts(spec)
+    v = normalize_variant(variant)
+    file_bytes = None
+    if v in CT_VARIANTS or v in INT4_FORMATS:
+        weights = ct_weight_estimate(tensors, v, dtype_bytes)
+    else:
+        weights, plan = gguf_weight_estimate(tensors, arch, v)
+        meta = metadata_bytes if metadata_bytes is not None else estimate_metadata_bytes(spec.vocab_size)
+        file_bytes = gguf_file_bytes(tensors, plan, meta)
+    kv = kv_cache(spec, context, batch, cache_type)
+    return MemoryEstimate(v, weights, kv, runtime_overhead(spec, context, batch), file_bytes)
