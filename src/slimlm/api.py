@@ -33,3 +33,9 @@ from slimlm.runtime import (  # noqa: E402,F401
     GenerationResult, SamplingConfig, generate, kernel_report, load_quantized, open_model, summarize_kernels,
     quantize_ as runtime_quantize_,
 )
+
+# --- explain / memory / fit, llama.cpp GGUF type plans (inspect.names, inspect.memory, inspect.fit, formats.gguf_mix) ---
+from slimlm.formats.gguf_mix import plan_types  # noqa: E402,F401
+from slimlm.inspect.fit import fit, parse_memory  # noqa: E402,F401
+from slimlm.inspect.memory import estimate_memory, kv_cache  # noqa: E402,F401
+from slimlm.inspect.names import explain  # noqa: E402,F401
