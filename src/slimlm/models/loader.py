@@ -200,7 +200,13 @@ def _load_gguf(path: Path, dtype: torch.dtype, trust_remote_code: bool) -> tuple
         del model.config.quantization_config
     model.hf_quantizer = None
     model.is_quantized = False
-    return model, load_tokenizer(path)
+    try:
+        tok = load_tokenizer(path)
+    except (SlimlmError, KeyError, TypeError):
+        # transformers rebuilds tokenizers from GGUF metadata for common types only; the weights still
+        # load (bench needs no tokenizer) and eval asks for --tokenizer.
+        tok = None
+    return model, tok
 
 
 register_loader("hf", _is_hf_dir, _load_hf)

@@ -1,0 +1,219 @@
+"""slimlm eval against independent computations of the same protocol, on SmolLM2-135M and wikitext-2 test.
+
+1. Perplexity of the fp32 HF dir: slimlm eval vs a minimal plain-transformers loop (one window at a time,
+   whole-window logits, torch.log_softmax) -- must agree within 0.1%.
+2. Perplexity of an F16 GGUF (made by llama.cpp's quantizer from the shipped Q4_1 GGUF, i.e. the
+   dequantized Q4_1 weights rounded to f16): slimlm eval (GGUF dequantized into torch) vs llama.cpp
+   (llama-cpp-python, logits_all, its own tokenizer, the llama-perplexity windows, NLL in float64 numpy)
+   -- within 0.5%.
+3. KLD of a Q4_K_M GGUF (llama.cpp's quantizer, from the F16 file) against the F16 file: slimlm eval
+   vs the KLD computed from llama.cpp's logits of both files -- within 5%; top-1 agreement of both.
+4. Speed: slimlm eval vs the plain loop on the same loaded model, median of runs, peak RSS of each.
+
+    flock /tmp/slimlm-heavy.lock python benchmarks/bench_eval.py [--chunks 40] [--speed-chunks 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import append_section, markdown_table  # noqa: E402
+
+from slimlm import resources  # noqa: E402
+from slimlm.evaluate import evaluate  # noqa: E402
+from slimlm.models import load_model  # noqa: E402
+
+CTX = 512
+
+
+def _rss_reset() -> float:
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return _status("VmRSS:")
+
+
+def _status(field: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def plain_transformers_nll(model, tokenizer, text: str, chunks: int) -> np.ndarray:
+    """The independent reference loop: what a user would write with transformers alone."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    nll = []
+    first = CTX // 2
+    with torch.no_grad():
+        for i in range(chunks):
+            window = torch.tensor(ids[i * CTX:(i + 1) * CTX])
+            logp = torch.log_softmax(model(window[None]).logits[0].float(), dim=-1)
+            nll.append(-logp[first:CTX - 1].gather(-1, window[first + 1:, None]).squeeze(-1))
+    return torch.cat(nll).double().numpy()
+
+
+def llama_cpp_open(path: Path):
+    """llama_cpp.Llama with every logit kept; weight repacking off (its AMX path crashes on these Xeons)."""
+    import llama_cpp
+    import llama_cpp.llama_cpp as lib
+
+    original = lib.llama_model_default_params
+
+    def no_repack():
+        params = original()
+        params.use_extra_bufts = False
+        return params
+
+    lib.llama_model_default_params = no_repack
+    try:
+        return llama_cpp.Llama(str(path), n_ctx=CTX, n_batch=CTX, n_ubatch=CTX, logits_all=True, verbose=False,
+                               n_threads=torch.get_num_threads())
+    finally:
+        lib.llama_model_default_params = original
+
+
+def llama_cpp_logprobs(llm, text: str, chunks: int):
+    """Yield (scored log-probs float64 (255, V), targets) per window, llama-perplexity's protocol."""
+    tokens = llm.tokenize(text.encode("utf-8"), add_bos=True, special=False)  # add_bos honours the vocab's flag
+    add_bos = llm.metadata.get("tokenizer.ggml.add_bos_token") == "true"
+    first = CTX // 2
+    for i in range(chunks):
+        window = list(tokens[i * CTX:(i + 1) * CTX])
+        if add_bos:
+            window[0] = llm.token_bos()
+        llm.reset()
+        llm.eval(window)
+        logits = np.array(llm.scores[first:CTX - 1], dtype=np.float64)
+        logits -= logits.max(axis=1, keepdims=True)
+        logits -= np.log(np.exp(logits).sum(axis=1, keepdims=True))
+        yield logits, np.array(window[first + 1:])
+
+
+def llama_cpp_ppl(path: Path, text: str, chunks: int) -> tuple[float, float]:
+    llm = llama_cpp_open(path)
+    start = time.perf_counter()
+    nll = np.concatenate([-lp[np.arange(len(t)), t] for lp, t in llama_cpp_logprobs(llm, text, chunks)])
+    seconds = time.perf_counter() - start
+    del llm
+    return float(np.exp(nll.mean())), seconds
+
+
+def llama_cpp_kld(ref_path: Path, path: Path, text: str, chunks: int) -> tuple[float, float]:
+    """Mean KL(P_ref || P) and top-1 agreement from llama.cpp's logits of both files, float64 numpy."""
+    ref_llm, llm = llama_cpp_open(ref_path), llama_cpp_open(path)
+    kld, same = [], []
+    for (ref_lp, _), (lp, _) in zip(llama_cpp_logprobs(ref_llm, text, chunks), llama_cpp_logprobs(llm, text, chunks)):
+        kld.append((np.exp(ref_lp) * (ref_lp - lp)).sum(axis=1))
+        same.append(ref_lp.argmax(axis=1) == lp.argmax(axis=1))
+    del ref_llm, llm
+    return float(np.concatenate(kld).mean()), float(np.concatenate(same).mean())
+
+
+def make_ggufs() -> tuple[Path, Path]:
+    """F16 (from the shipped Q4_1) and Q4_K_M (from that F16) GGUFs, made once with llama.cpp's quantizer."""
+    import llama_cpp
+    import llama_cpp._logger as llama_logger
+
+    llama_logger.set_verbose(False)
+    out = resources.cache_dir() / "bench"
+    out.mkdir(exist_ok=True)
+    f16, q4km = out / "SmolLM2-135M-Instruct-F16.gguf", out / "SmolLM2-135M-Instruct-Q4_K_M.gguf"
+    for src, dst, ftype in ((resources.smollm2_gguf_path(), f16, llama_cpp.LLAMA_FTYPE_MOSTLY_F16),
+                            (f16, q4km, llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M)):
+        if dst.is_file():
+            continue
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype, params.allow_requantize, params.nthread = ftype, True, torch.get_num_threads()
+        tmp = dst.with_name(f".tmp-{dst.name}")
+        if llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params)) != 0:
+            raise SystemExit(f"llama.cpp could not write {dst}")
+        tmp.rename(dst)
+    return f16, q4km
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--chunks", type=int, default=40)
+    ap.add_argument("--speed-chunks", type=int, default=10)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--no-append", action="store_true")
+    args = ap.parse_args()
+    data = resources.wikitext_path("test")
+    text = data.read_text()
+    hf_dir = resources.builtin_hf_dir()
+    f16, q4km = make_ggufs()
+    rows = []
+
+    # 1. ours vs plain transformers, fp32 HF dir
+    lm = load_model(hf_dir)
+    ours = evaluate(lm, data, ctx=CTX, chunks=args.chunks)
+    plain_nll = plain_transformers_nll(lm.model, lm.tokenizer, text, args.chunks)
+    plain_ppl = float(np.exp(plain_nll.mean()))
+    rows.append(["fp32 HF dir: slimlm vs plain transformers loop", f"{ours['perplexity']['ppl']:.4f}",
+                 f"{plain_ppl:.4f}", f"{100 * (ours['perplexity']['ppl'] / plain_ppl - 1):+.4f}%", "0.1%"])
+
+    # 2. ours vs llama.cpp, F16 GGUF
+    ours_f16 = evaluate(f16, data, ctx=CTX, chunks=args.chunks)
+    cpp_ppl, cpp_seconds = llama_cpp_ppl(f16, text, args.chunks)
+    rows.append(["F16 GGUF: slimlm vs llama.cpp", f"{ours_f16['perplexity']['ppl']:.4f}", f"{cpp_ppl:.4f}",
+                 f"{100 * (ours_f16['perplexity']['ppl'] / cpp_ppl - 1):+.4f}%", "0.5%"])
+
+    # 3. KLD Q4_K_M vs F16
+    ours_kld = evaluate(q4km, data, ref=f16, ctx=CTX, chunks=args.chunks)
+    cpp_kld, cpp_top1 = llama_cpp_kld(f16, q4km, text, args.chunks)
+    k = ours_kld["kld"]
+    rows.append(["KLD(F16 ‖ Q4_K_M) mean, nats", f"{k['kld_mean']:.5f}", f"{cpp_kld:.5f}",
+                 f"{100 * (k['kld_mean'] / cpp_kld - 1):+.2f}%", "5%"])
+    rows.append(["top-1 agreement Q4_K_M vs F16", f"{k['top1_agreement']:.4f}", f"{cpp_top1:.4f}",
+                 f"{100 * (k['top1_agreement'] - cpp_top1):+.2f} pts", "-"])
+    rows.append(["Q4_K_M perplexity: slimlm (llama.cpp's own in row 2 is F16)", f"{ours_kld['perplexity']['ppl']:.4f}",
+                 "", "", ""])
+    acc = markdown_table(["check (wikitext-2 test, ctx 512, %d chunks)" % args.chunks, "slimlm", "independent",
+                          "difference", "bound"], rows)
+    acc += (f"\n\nKLD median {k['kld_median']:.5f}, p99 {k['kld_p99']:.5f}; slimlm tokenizes with transformers, "
+            f"llama.cpp with its own (identical ids over these {args.chunks} windows). The F16 GGUF is llama.cpp's "
+            "requantization of the shipped Q4_1 file (Q4_1 values rounded to f16); Q4_K_M is quantized from it.")
+
+    # 4. speed: same loaded model, same text
+    timings: dict[str, list[float]] = {"slimlm eval": [], "plain transformers loop": []}
+    peaks: dict[str, float] = {}
+    for name, fn in (("slimlm eval", lambda: evaluate(lm, data, ctx=CTX, chunks=args.speed_chunks)),
+                     ("plain transformers loop", lambda: plain_transformers_nll(lm.model, lm.tokenizer, text,
+                                                                                args.speed_chunks))):
+        fn()  # warm-up
+        base = _rss_reset()
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            fn()
+            timings[name].append(time.perf_counter() - start)
+        peaks[name] = (base, _status("VmHWM:"))
+    ours_t = statistics.median(timings["slimlm eval"])
+    plain_t = statistics.median(timings["plain transformers loop"])
+    speed_rows = [[name, f"{statistics.median(t):.2f}", f"{statistics.median(t) / plain_t:.3f}",
+                   f"{peaks[name][1]:.0f}", f"{peaks[name][1] - peaks[name][0]:.0f}"] for name, t in timings.items()]
+    speed = markdown_table([f"fp32 SmolLM2, {args.speed_chunks} windows incl. tokenization", "median s",
+                            "× plain loop", "peak RSS MiB", "peak above model MiB"], speed_rows)
+    speed += (f"\n\nslimlm eval / plain loop = {ours_t / plain_t:.3f} (bound 1.1); median of {args.repeats} "
+              f"after a warm-up. llama.cpp's own F16 pass over {args.chunks} windows took {cpp_seconds:.1f} s "
+              f"(logits_all copies every position's logits).")
+    body = acc + "\n\n" + speed
+    if args.no_append:
+        print(body)
+    else:
+        append_section("slimlm eval vs plain transformers and llama.cpp (SmolLM2-135M, wikitext-2 test)", body)
+
+
+if __name__ == "__main__":
+    main()
