@@ -11,6 +11,7 @@ Run: ``flock /tmp/slimlm-heavy.lock python benchmarks/bench_codecs.py [--layers 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as T
 from gguf.quants import dequantize as gguf_dequantize
+from gguf.quants import quantize as gguf_quantize
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
@@ -46,20 +48,32 @@ def synthetic_imatrix(n: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).gamma(0.5, 2.0, n).astype(np.float32)
 
 
+def gguf_py_encode_time(x: np.ndarray, qt: T, repeats: int) -> float | None:
+    """gguf-py's own numpy quantizer, where it has one (legacy types and BF16; no k-quants, no imatrix)."""
+    try:
+        gguf_quantize(x[:1], qt)
+    except (NotImplementedError, ValueError):
+        return None
+    return median_time(lambda: gguf_quantize(x, qt), repeats=repeats)
+
+
 def measure(x: np.ndarray, qt: T, im: np.ndarray | None, rms: float, repeats: int) -> list[str]:
     """One table row: identity with llama.cpp, encode/decode times against the peers, round-trip error."""
     ours = ggml.quantize(x, qt, im)
     ref = ggml_quantize_chunk(x, qt, im)
     bs = GGML_QUANT_SIZES[qt][1]
     same = (ours.reshape(-1, bs) == ref.reshape(-1, bs)).all(axis=1)
-    t_ours = median_time(lambda: ggml.quantize(x, qt, im), repeats=repeats)
+    t_ours = median_time(lambda: ggml.quantize(x, qt, im, threads=1), repeats=repeats)
+    t_ours_mt = median_time(lambda: ggml.quantize(x, qt, im), repeats=repeats)
     t_ref = median_time(lambda: ggml_quantize_chunk(x, qt, im), repeats=repeats)
     d_ours = median_time(lambda: ggml.dequantize(ours, qt, x.shape), repeats=repeats)
     d_ref = median_time(lambda: gguf_dequantize(ref, qt), repeats=repeats)
+    t_gguf = gguf_py_encode_time(x, qt, repeats) if im is None else None
     y = ggml.dequantize(ours, qt, x.shape)
     rel = float(np.sqrt(np.mean((y.astype(np.float64) - x) ** 2))) / rms
     return [qt.name, "yes" if im is not None else "no", f"{same.mean():.4%}", f"{int((~same).sum())}/{same.size}",
-            f"{t_ours * 1e3:.0f}", f"{t_ref * 1e3:.0f}", f"{t_ours / t_ref:.2f}",
+            f"{t_ours * 1e3:.0f}", f"{t_ref * 1e3:.0f}", f"{t_ours / t_ref:.2f}", f"{t_ours_mt * 1e3:.0f}",
+            "—" if t_gguf is None else f"{t_gguf * 1e3:.0f}",
             f"{d_ours * 1e3:.0f}", f"{d_ref * 1e3:.0f}", f"{rel:.4f}"]
 
 
@@ -86,8 +100,8 @@ def main() -> None:
             rows.append([data_name] + measure(x, qt, imatrix if use_im else None, rms, args.repeats))
             print(" | ".join(rows[-1]), flush=True)
 
-    headers = ["data", "type", "imatrix", "blocks identical to llama.cpp", "differing", "encode ms (slimlm)",
-               "encode ms (llama.cpp, 1 thread)", "encode ratio", "decode ms (slimlm)", "decode ms (gguf-py)",
+    headers = ["data", "type", "imatrix", "blocks identical to llama.cpp", "differing", "encode ms (slimlm, 1 thread)",
+               "encode ms (llama.cpp, 1 thread)", "encode ratio", f"encode ms (slimlm, {os.cpu_count()} threads)", "encode ms (gguf-py)", "decode ms (slimlm)", "decode ms (gguf-py)",
                "rel. RMSE"]
     body = (f"SmolLM2-135M ffn_down: {args.layers} matrices ({smol.shape[0]}x{smol.shape[1]}, {smol.size:,} "
             f"values; the shipped GGUF is Q4_1, so re-encoding it as Q4_1/Q5_1 is lossless), and as many "

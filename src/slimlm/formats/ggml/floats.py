@@ -29,10 +29,14 @@ def decode_f16(data: np.ndarray) -> np.ndarray:
 def fp32_to_bf16_bits(x: np.ndarray) -> np.ndarray:
     """uint16 bf16 bits of float32 values, exactly as ggml_compute_fp32_to_bf16."""
     u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
-    nan = (u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)
-    rounded = (u + (np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1)))) >> np.uint32(16)
-    quiet = (u >> np.uint32(16)) | np.uint32(64)
-    return np.where(nan, quiet, rounded).astype(np.uint16)
+    odd = (u >> np.uint32(16)) & np.uint32(1)
+    odd += np.uint32(0x7FFF)
+    odd += u
+    bits = (odd >> np.uint32(16)).astype(np.uint16)
+    nan = np.isnan(x)
+    if nan.any():
+        bits[nan] = ((u[nan] >> np.uint32(16)) | np.uint32(64)).astype(np.uint16)
+    return bits
 
 
 def encode_bf16(x: np.ndarray, imatrix: np.ndarray | None = None) -> np.ndarray:

@@ -82,9 +82,12 @@ def encode_q8_0(x: np.ndarray, imatrix: np.ndarray | None = None) -> np.ndarray:
     xb = _blocks(x)
     amax = np.max(np.abs(xb), axis=1)
     d = (amax / F32(127)).astype(F32)
-    v = (xb * _inv(d)[:, None]).astype(np.float64)
-    # roundf (half away from zero); exact in float64 since v has 24 significant bits
-    q = np.trunc(v + np.copysign(0.5, v))
+    v = xb * _inv(d)[:, None]
+    # roundf rounds halves away from zero, rint to even: they differ only on exact .5 (v - rint(v) is exact)
+    q = np.rint(v)
+    ties = np.abs(v - q) == F32(0.5)
+    if ties.any():
+        q[ties] = np.trunc(v[ties]) + np.sign(v[ties])
     return _out(x.shape[0], [_f16_bytes(d), q.astype(np.int8).view(np.uint8)])
 
 
