@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, NamedTuple
@@ -256,7 +257,10 @@ def _quiet_transformers() -> Iterator[None]:
     if original_tqdm is not None:
         gguf_utils.tqdm = lambda iterable, *args, **kwargs: iterable
     try:
-        yield
+        with warnings.catch_warnings():
+            # e.g. "you passed quantization_config ... the model's will be used": expected for decompression
+            warnings.filterwarnings("ignore", message=".*quantization_config.*")
+            yield
     finally:
         if original_tqdm is not None:
             gguf_utils.tqdm = original_tqdm
