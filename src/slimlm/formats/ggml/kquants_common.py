@@ -72,16 +72,6 @@ def element_major(x: np.ndarray, group: int) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(x, dtype=F32).reshape(-1, group).T)
 
 
-def imatrix_weights(imatrix: np.ndarray | None, x_rows: np.ndarray, name: str) -> np.ndarray | None:
-    """Importance weights for every element of ``x_rows`` [rows, n] (llama.cpp: one vector per row length)."""
-    if imatrix is None:
-        return None
-    qw = np.asarray(imatrix, dtype=F32).reshape(-1)
-    if qw.shape[0] != x_rows.shape[1]:
-        raise SlimlmError(f"{name}: importance matrix has {qw.shape[0]} entries, rows have {x_rows.shape[1]}")
-    return np.broadcast_to(qw, x_rows.shape)
-
-
 def _levels(x: np.ndarray, mn: np.ndarray, iscale: np.ndarray, nmax: F32, out: np.ndarray) -> np.ndarray:
     """clamp(nearest_int(iscale*(x - mn)), 0, nmax) as float32, written into ``out``.
 
