@@ -48,8 +48,9 @@ CACHE_TYPES = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q5_1": 24 
 RUNTIME_FIXED_BYTES = 256 * 2**20
 MICRO_BATCH = 512
 RUNTIME_OVERHEAD_DOC = (
-    "runtime overhead = 256 MiB (runtime, buffers) + one micro-batch's compute buffer: "
-    "min(512, context x batch) tokens x (vocab logits + n_heads x context attention scores) x 4 bytes"
+    "runtime overhead = 256 MiB (runtime, scratch buffers) + the logits of one micro-batch: "
+    "min(512, context x batch) tokens x vocab x 4 bytes (flash attention assumed, so no context x context "
+    "score matrix)"
 )
 
 # GGUF key-value metadata when only the vocabulary size is known. It is mostly the tokenizer: per entry the
@@ -388,10 +389,9 @@ def kv_cache(spec: ModelSpec, context: int, batch: int = 1, cache_type: str = "f
 
 
 def runtime_overhead(spec: ModelSpec, context: int, batch: int = 1) -> int:
-    """The stated runtime overhead (RUNTIME_OVERHEAD_DOC): fixed buffers plus one micro-batch's compute."""
+    """The stated runtime overhead (RUNTIME_OVERHEAD_DOC): fixed buffers plus one micro-batch's logits."""
     ubatch = min(MICRO_BATCH, context * batch)
-    compute = ubatch * (spec.vocab_size + spec.n_heads * context) * 4
-    return RUNTIME_FIXED_BYTES + compute
+    return RUNTIME_FIXED_BYTES + ubatch * spec.vocab_size * 4
 
 
 # --------------------------------------------------------------------------------------- summaries
