@@ -30,6 +30,10 @@ def generate(
     sampling = api.SamplingConfig(greedy=greedy or (temperature is None and top_p is None),
                                   temperature=1.0 if temperature is None else temperature,
                                   top_p=1.0 if top_p is None else top_p, seed=seed)
+    sampling.check()  # bad settings fail before the model loads
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     with err_console.status("loading model", spinner="dots"):
         net, tokenizer, kernels = api.open_model(model, scheme, threads)
 

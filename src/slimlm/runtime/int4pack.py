@@ -29,10 +29,22 @@ def pack_cpu(u: torch.Tensor) -> torch.Tensor:
     return torch.ops.aten._convert_weight_to_int4pack_for_cpu(u.to(torch.int32).contiguous(), 1)
 
 
-def pack_cuda(u: torch.Tensor, inner_k_tiles: int = 8) -> torch.Tensor:
-    """``(N, K)`` codes in 0..15 → the CUDA tinygemm layout (uint8 ``(N, K/2)`` input, as torch ≥ 2.5 wants)."""
+def cuda_inner_k_tiles(k: int) -> int:
+    """Largest of 8/4/2 k-tiles of 16 that divides K (the CUDA kernel needs K % (16·tiles) == 0)."""
+    for tiles in (8, 4, 2):
+        if k % (16 * tiles) == 0:
+            return tiles
+    raise ValueError(f"K={k} is not a multiple of 32, which the CUDA int4 kernel needs")
+
+
+def pack_cuda(u: torch.Tensor) -> torch.Tensor:
+    """``(N, K)`` codes in 0..15 (on the GPU) → the CUDA tinygemm layout.
+
+    torch ≥ 2.5 takes uint8 ``(N, K/2)`` with the even column in the high nibble (as torchao packs it).
+    """
+    u = u.to(torch.int32)
     packed_bytes = (u[:, ::2] << 4 | u[:, 1::2]).to(torch.uint8)
-    return torch.ops.aten._convert_weight_to_int4pack(packed_bytes.contiguous(), inner_k_tiles)
+    return torch.ops.aten._convert_weight_to_int4pack(packed_bytes.contiguous(), cuda_inner_k_tiles(u.shape[1]))
 
 
 def _block_n() -> int:

@@ -155,7 +155,7 @@ class W4A16Linear(QuantLinear):
         self.group_size = group_size
         self.device_type = torch.device(device).type
         kp = -(-k // group_size) * group_size
-        np_ = -(-n // 16) * 16
+        np_ = -(-n // 16) * 16  # CPU kernel: N % 16; CUDA: N % 8
         groups = kp // group_size
         if (kp, np_) != (k, n):  # pad: zero codes at u=8 with zero offset dequantize to exactly 0
             u = F.pad(u, (0, kp - k, 0, np_ - n), value=8)
@@ -164,14 +164,15 @@ class W4A16Linear(QuantLinear):
         self.k_padded, self.n_padded = kp, np_
         u = u.to(torch.uint8)
         if self.device_type == "cuda":
-            self.register_buffer("packed", int4pack.pack_cuda(u.to(device).to(torch.int32)))
+            self.register_buffer("packed", int4pack.pack_cuda(u.to(device)))
         else:
             self.register_buffer("packed", int4pack.pack_cpu(u))
         self.register_buffer("scale_zero", int4pack.pack_scale_zero(scale.float(), zero.float(),
                                                                      torch.bfloat16).to(device))
-        # If this torch build lays int4 out differently from what unpack_cpu reads, keep plain codes aside.
-        keep_plain = self.device_type == "cpu" and not int4pack.cpu_layout_ok()
-        self.register_buffer("plain_codes", u if keep_plain else None)
+        # On CUDA (opaque tiled layout), or if this torch build lays int4 out differently from what
+        # unpack_cpu reads, keep plain codes aside for to_reference() and the long-activation path.
+        keep_plain = self.device_type == "cuda" or not int4pack.cpu_layout_ok()
+        self.register_buffer("plain_codes", u.to(device) if keep_plain else None)
         self._prefill_params: tuple[torch.Tensor, torch.Tensor] | None = None  # made on first long input
 
     @classmethod

@@ -1,0 +1,228 @@
+"""Quantized runtime on SmolLM2-135M: fp32 vs bf16 vs W8A8 vs W4A16 (and GGUF files vs llama.cpp).
+
+All models are loaded in one process and measured in interleaved rounds (fp32, bf16, w8a8, ... then again),
+so load changes on a shared machine hit every variant alike; figures are medians over rounds and every
+ratio is against fp32 measured in the same rounds. Greedy decoding through transformers' forward with its
+KV cache (slimlm.runtime.generate_ids), EOS ignored.
+
+    flock /tmp/slimlm-heavy.lock python benchmarks/bench_runtime.py [--rounds 3] [--gen 32] [--gguf]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import append_section, markdown_table  # noqa: E402
+
+from slimlm import resources  # noqa: E402
+from slimlm.runtime import (  # noqa: E402
+    W4A16Config, W8A8Config, generate_ids, kernel_report, load_quantized, quantize_, summarize_kernels,
+)
+from slimlm.runtime import int4pack, kernels  # noqa: E402
+from slimlm.runtime.linear import W4A16Linear, W8A8Linear  # noqa: E402
+
+
+def load_variants(hf_dir: Path, with_files: bool, tmp: Path) -> dict[str, torch.nn.Module]:
+    from transformers import AutoModelForCausalLM
+
+    def fp(dtype=torch.float32):
+        return AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype).eval()
+
+    models = {"fp32": fp(), "bf16": fp(torch.bfloat16)}
+    models["w8a8"] = fp()
+    quantize_(models["w8a8"], W8A8Config())
+    models["w4a16"] = fp()
+    quantize_(models["w4a16"], W4A16Config(group_size=128))
+    if with_files:  # the same schemes from compressed-tensors dirs written by slimlm's quantizer (RTN)
+        from slimlm.pipeline import quantize_model
+
+        for scheme in ("w8a8", "w4a16"):
+            out = tmp / f"smollm2-{scheme}"
+            if not (out / "config.json").is_file():
+                quantize_model(hf_dir, out, scheme=scheme, method="rtn")
+            models[f"{scheme} (file)"] = load_quantized(out)
+    return models
+
+
+@torch.inference_mode()
+def prefill_s(model, ids) -> float:
+    start = time.perf_counter()
+    model(input_ids=ids, use_cache=False, logits_to_keep=1)
+    return time.perf_counter() - start
+
+
+def measure(models, prompt: int, decode_prompt: int, gen: int, rounds: int) -> dict[str, dict[str, float]]:
+    gen_ids = torch.Generator().manual_seed(0)
+    vocab = int(next(iter(models.values())).config.vocab_size)
+    long = torch.randint(0, vocab, (1, prompt), generator=gen_ids)
+    short1 = torch.randint(0, vocab, (1, decode_prompt), generator=gen_ids)
+    short8 = torch.randint(0, vocab, (8, decode_prompt), generator=gen_ids)
+    samples = {name: {"prefill": [], "d1": [], "d8": [], "ttft": [], "p50": [], "p95": []} for name in models}
+    for r in range(rounds + 1):  # round 0 warms up (oneDNN primitive caches, first-touch memory)
+        for name, model in models.items():
+            p = prefill_s(model, long)
+            one = generate_ids(model, short1, max_new_tokens=gen if r else 4)
+            eight = generate_ids(model, short8, max_new_tokens=gen if r else 4)
+            if r:
+                s = samples[name]
+                s["prefill"].append(prompt / p)
+                s["d1"].append(one.decode_tokens_per_s)
+                s["d8"].append(eight.decode_tokens_per_s)
+                s["ttft"].append(one.ttft_s * 1e3)
+                s["p50"].append(one.itl_ms(0.5))
+                s["p95"].append(one.itl_ms(0.95))
+            print(f"round {r} {name}: prefill {prompt / p:.0f} tok/s, decode b1 {one.decode_tokens_per_s:.1f}, "
+                  f"b8 {eight.decode_tokens_per_s:.1f}", file=sys.stderr, flush=True)
+    return {name: {k: statistics.median(v) for k, v in s.items()} for name, s in samples.items()}
+
+
+def weight_mb(model) -> float:
+    seen, total = set(), 0
+    for t in [*model.parameters(), *model.buffers()]:
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total / 2**20
+
+
+def speed_section(models, med, args) -> tuple[str, list[str]]:
+    base = med["fp32"]
+    rows = []
+    for name, m in med.items():
+        rows.append([name, f"{m['prefill']:.0f}", f"{m['prefill'] / base['prefill']:.2f}x",
+                     f"{m['d1']:.1f}", f"{m['d1'] / base['d1']:.2f}x", f"{m['d8']:.1f}",
+                     f"{m['d8'] / base['d8']:.2f}x", f"{m['ttft']:.0f}", f"{m['p50']:.1f}", f"{m['p95']:.1f}",
+                     f"{weight_mb(models[name]):.0f}"])
+    table = markdown_table(["variant", f"prefill tok/s (p{args.prompt})", "vs fp32", "decode b1 tok/s", "vs fp32",
+                            "decode b8 tok/s", "vs fp32", f"TTFT ms (p{args.decode_prompt})", "ITL p50 ms",
+                            "ITL p95 ms", "weights+buffers MB"], rows)
+    checks = []
+    w8, w4 = med["w8a8"], med["w4a16"]
+    checks.append(f"W8A8 prefill {w8['prefill'] / base['prefill']:.2f}x fp32 (target ≥ 2), "
+                  f"{w8['prefill'] / med['bf16']['prefill']:.2f}x bf16 (target ≥ 1)")
+    checks.append(f"W4A16 decode b1 {w4['d1'] / base['d1']:.2f}x fp32 (target ≥ 2.5)")
+    checks.append(f"W8A8 decode b8 {w8['d8'] / base['d8']:.2f}x fp32 (target ≥ 1.5)")
+    kern = []
+    for name, model in models.items():
+        counts = summarize_kernels(kernel_report(model))
+        kern.append([name, "; ".join(f"{n}× {k}" for k, n in counts.items()) or "torch F.linear (nn.Linear)"])
+    body = (f"SmolLM2-135M-Instruct (builtin fp32 dir; W8A8/W4A16 = RTN by `quantize_`, lm_head included, "
+            f"W4A16 group 128→64 where 576 columns), {torch.get_num_threads()} threads. Medians of {args.rounds} "
+            f"interleaved rounds after a warm-up round. Prefill: one forward of {args.prompt} random tokens. "
+            f"Decode: {args.gen} greedy tokens after a {args.decode_prompt}-token prompt, tokens/s over the decode "
+            f"steps (all rows); TTFT/ITL from the batch-1 run.\n\n{table}\n\n"
+            + "\n".join(f"- {c}" for c in checks) + "\n\nKernels per variant:\n\n"
+            + markdown_table(["variant", "layers × kernel"], kern))
+    return body, checks
+
+
+def accuracy_section(hf_dir: Path, wikitext: Path, chunks: int) -> str:
+    """Fast path vs its reference: logits relative error and perplexity on the first wikitext-2 test windows."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from slimlm.evaluate.perplexity import iter_scored_logprobs, make_windows, perplexity_stats, token_nll, \
+        window_targets
+    from slimlm.evaluate.data import TokenizedText
+
+    tok = AutoTokenizer.from_pretrained(hf_dir)
+    ids = torch.tensor(tok(wikitext.read_text()[:200_000], add_special_tokens=False)["input_ids"])
+    windows = make_windows(TokenizedText(ids, False, None, "wikitext-2 test"), 512, chunks)
+
+    def ppl(model):
+        nll = torch.cat([token_nll(lp, window_targets(windows[lo:hi]))
+                         for lo, hi, lp in iter_scored_logprobs(model, windows)])
+        return perplexity_stats(nll).ppl
+
+    rows = []
+    for name, cfg in (("w8a8", W8A8Config()), ("w4a16", W4A16Config())):
+        fast = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+        quantize_(fast, cfg)
+        ref = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+        quantize_(ref, cfg, reference=True)
+        with torch.inference_mode():
+            lf, lr = fast(windows[:1]).logits.float(), ref(windows[:1]).logits
+        err = float((lf - lr).norm() / lr.norm())
+        pf, pr = ppl(fast), ppl(ref)
+        rows.append([name, f"{err:.2e}", f"{pf:.4f}", f"{pr:.4f}", f"{100 * (pf / pr - 1):+.3f}%"])
+    fp = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    rows.append(["fp32 (no quantization)", "-", f"{ppl(fp):.4f}", "-", "-"])
+    return (f"Fast path vs its reference (same integer weights dequantized to fp32, fp32 matmul; W8A8's reference "
+            f"also fake-quantizes activations per token). wikitext-2 test, first {chunks} windows of 512 "
+            f"(llama.cpp protocol).\n\n" + markdown_table(
+                ["scheme", "logits rel. error fast vs ref (1×512)", "ppl fast", "ppl reference", "difference"], rows))
+
+
+def kernel_section() -> str:
+    """Why the per-shape choices are what they are: measured here, now."""
+    def t(fn, n=15):
+        fn()
+        times = []
+        for _ in range(n):
+            s = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - s)
+        return statistics.median(times) * 1e6
+
+    rows = []
+    for k, n in ((576, 576), (576, 1536), (1536, 576), (576, 49152)):
+        w = torch.randn(n, k) * 0.05
+        s = w.abs().amax(1) / 127
+        q = torch.round(w / s[:, None]).to(torch.int8)
+        xq = torch.randint(-127, 128, (128, k), dtype=torch.int8)
+        wt = q.t().contiguous()
+        nk, kn = t(lambda: torch._int_mm(xq, q.t())), t(lambda: torch._int_mm(xq, wt))
+        choice = kernels.int8_weight_layout(k, n)
+        u = torch.randint(0, 16, (n, k), dtype=torch.uint8)
+        gs = 64 if k % 128 else 128
+        m4 = W4A16Linear(u, torch.rand(n, k // gs) * 0.01, torch.zeros(n, k // gs), gs)
+        x = torch.randn(128, k).bfloat16()
+        xb = x.contiguous()
+        kern = t(lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(xb, m4.packed, gs, m4.scale_zero))
+        params = int4pack.prefill_params(m4.scale_zero)
+        deq = t(lambda: xb @ int4pack.dequantize_kn_bf16(m4.packed, *params, n, k, gs))
+        rows.append([f"{k}→{n}", f"{nk:.0f}", f"{kn:.0f}", choice, f"{kern:.0f}", f"{deq:.0f}"])
+    return ("Per-shape kernel choices (µs, median of 15, 128 activation rows). W8A8: `torch._int_mm` with the "
+            "int8 weight passed as a transposed N×K view (`nk`) or as a contiguous K×N copy (`kn`); the layout "
+            "each layer uses is measured once per shape at load (`chosen`). W4A16 at 128 rows: the int4 "
+            f"tinygemm kernel vs dequantize-to-bf16 + GEMM (used from {kernels.W4A16_DEQUANT_MIN_ROWS} rows).\n\n"
+            + markdown_table(["shape K→N", "_int_mm nk", "_int_mm kn", "chosen", "int4 kernel", "dequant+bf16 GEMM"],
+                             rows))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--prompt", type=int, default=512)
+    ap.add_argument("--decode-prompt", type=int, default=128)
+    ap.add_argument("--gen", type=int, default=32)
+    ap.add_argument("--chunks", type=int, default=4)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--files", action="store_true", help="also run W8A8/W4A16 from compressed-tensors dirs")
+    ap.add_argument("--no-write", action="store_true", help="print only; do not append to BENCHMARKS.md")
+    ap.add_argument("--model", default=None, help="HF dir (default: the built-in SmolLM2-135M fp32 dir)")
+    ap.add_argument("--no-accuracy", action="store_true", help="skip the perplexity/accuracy table")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    hf_dir = Path(args.model) if args.model else resources.builtin_hf_dir()
+    models = load_variants(hf_dir, args.files, resources.cache_dir())
+    med = measure(models, args.prompt, args.decode_prompt, args.gen, args.rounds)
+    speed, checks = speed_section(models, med, args)
+    del models
+    accuracy = "" if args.no_accuracy else accuracy_section(hf_dir, resources.wikitext_path("test"), args.chunks)
+    body = "\n\n".join(part for part in (speed, accuracy, kernel_section()) if part)
+    if args.no_write:
+        print(body)
+    else:
+        append_section("Quantized runtime: fp32 vs bf16 vs W8A8 vs W4A16 (bench_runtime.py)", body)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,57 @@
+"""The runtime's engines for ``slimlm bench``: fp weights quantized on load (w8a8, w8a16, w4a16) and
+quantized files run on their own kernels (native / gguf), registered in slimlm.evaluate.bench.BACKENDS.
+
+They reuse the torch backend's prefill/decode (transformers forward with its KV cache); only loading
+differs, through ``slimlm.runtime.open_model``. Each reports which kernels its layers use.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+
+from slimlm.evaluate.bench import BACKENDS, TorchBackend
+from slimlm.runtime.generate import cache_kwarg
+from slimlm.runtime.session import open_model, summarize_kernels
+
+
+class RuntimeBackend(TorchBackend):
+    scheme = "native"
+
+    def load(self, model_path: Path, threads: int) -> dict[str, Any]:
+        net, _tokenizer, kernels = open_model(model_path, self.scheme, threads=threads)
+        vocab = int(net.config.vocab_size)
+        self.loaded = SimpleNamespace(model=net, info=SimpleNamespace(vocab_size=vocab))
+        self._cache_kw = cache_kwarg(net)
+        self._cache = None
+        counts = summarize_kernels(kernels)
+        return {"format": "slimlm runtime", "dtype": self.scheme,
+                "kernels": "; ".join(f"{n}x {k}" for k, n in counts.items()) or "torch F.linear",
+                "weight_mb": round(sum(b.numel() * b.element_size() for b in
+                                       [*net.parameters(), *net.buffers()]) / 2**20, 1)}
+
+
+class W8A8Backend(RuntimeBackend):
+    name, scheme = "w8a8", "w8a8"
+
+
+class W8A16Backend(RuntimeBackend):
+    name, scheme = "w8a16", "w8a16"
+
+
+class W4A16Backend(RuntimeBackend):
+    name, scheme = "w4a16", "w4a16"
+
+
+class NativeBackend(RuntimeBackend):
+    """A GGUF file or compressed-tensors dir on the kernels its types map to (see runtime.loader)."""
+
+    name, scheme = "native", "native"
+
+
+for _cls in (W8A8Backend, W8A16Backend, W4A16Backend, NativeBackend):
+    BACKENDS.setdefault(_cls.name, _cls)
+BACKENDS.setdefault("gguf", NativeBackend)  # the runtime on a GGUF file's own types

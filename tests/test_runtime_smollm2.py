@@ -1,0 +1,86 @@
+"""The runtime on the real SmolLM2-135M: perplexity through the fast kernels equals the dequantized
+reference, the shipped GGUF runs on int4 kernels, and `slimlm generate` as users run it."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from slimlm.runtime import W4A16Config, W8A8Config, kernel_report, load_quantized, load_tokenizer, quantize_
+from slimlm.runtime.generate import generate
+from slimlm.runtime.linear import W4A16Linear, W8A8Linear
+
+pytestmark = pytest.mark.slow
+CLI = [sys.executable, "-c", "from slimlm.cli import main; main()"]
+
+
+def _ppl(model, windows) -> float:
+    from slimlm.evaluate.perplexity import iter_scored_logprobs, perplexity_stats, token_nll, window_targets
+
+    nll = torch.cat([token_nll(lp, window_targets(windows[lo:hi])) for lo, hi, lp in
+                     iter_scored_logprobs(model, windows)])
+    return perplexity_stats(nll).ppl
+
+
+@pytest.fixture(scope="module")
+def windows(smollm2_hf_dir, wikitext_test):
+    from transformers import AutoTokenizer
+
+    from slimlm.evaluate.data import TokenizedText
+    from slimlm.evaluate.perplexity import make_windows
+
+    tok = AutoTokenizer.from_pretrained(smollm2_hf_dir)
+    ids = torch.tensor(tok(Path(wikitext_test).read_text()[:20_000], add_special_tokens=False)["input_ids"])
+    return make_windows(TokenizedText(ids, False, None, "wikitext-2 test"), 512, 2)
+
+
+@pytest.mark.parametrize("config", [W8A8Config(), W4A16Config()], ids=["w8a8", "w4a16"])
+def test_perplexity_through_fast_kernels_equals_reference(smollm2_hf_dir, windows, config):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    fast = AutoModelForCausalLM.from_pretrained(smollm2_hf_dir, dtype=torch.float32).eval()
+    quantize_(fast, config)
+    assert len(kernel_report(fast)) == 30 * 7 + 1
+    ref = AutoModelForCausalLM.from_pretrained(smollm2_hf_dir, dtype=torch.float32).eval()
+    quantize_(ref, config, reference=True)
+    p_fast, p_ref = _ppl(fast, windows), _ppl(ref, windows)
+    assert abs(p_fast / p_ref - 1) < 0.005, (p_fast, p_ref)
+    assert 5 < p_ref < 100  # a working model on wikitext, not noise
+
+
+def test_shipped_gguf_runs_on_int4_kernels(smollm2_gguf, smollm2_hf_dir):
+    from transformers import AutoModelForCausalLM
+
+    model = load_quantized(smollm2_gguf)
+    kinds = kernel_report(model)
+    # 210 Q4_1 projections → int4 kernels; the Q8_0 token embedding doubles as lm_head → int8 kernel
+    assert sum(isinstance(model.get_submodule(n), W4A16Linear) for n in kinds) == 210
+    assert isinstance(model.lm_head, W8A8Linear)
+    tok = load_tokenizer(smollm2_gguf)
+    assert "Paris" in generate(model, tok, "The capital of France is", max_new_tokens=4).texts[0]
+    # the fp32 dir is transformers' dequantization of the same file: logits agree to bf16-activation level
+    fp32 = AutoModelForCausalLM.from_pretrained(smollm2_hf_dir, dtype=torch.float32).eval()
+    ids = tok("The quick brown fox jumps over the lazy dog. " * 6, return_tensors="pt").input_ids
+    with torch.inference_mode():
+        a, b = model(ids).logits.float(), fp32(ids).logits
+    assert float((a - b).norm() / b.norm()) < 0.06
+
+
+def test_cli_generate_json_and_errors():
+    out = subprocess.run([*CLI, "generate", "builtin", "The capital of France is", "-n", "4", "--scheme", "w8a8",
+                          "--threads", "1", "--json"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    assert "Paris" in data["text"] and data["new_tokens"] == len(data["new_ids"][0]) <= 4
+    assert sum(data["kernel_counts"].values()) == 211 and data["threads"] == 1
+    assert all("_int_mm" in k for k in data["kernel_counts"])
+    bad = subprocess.run([*CLI, "generate", "builtin", "x", "--top-p", "0"], capture_output=True, text=True,
+                         timeout=120)
+    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "top-p" in bad.stderr
+    bad = subprocess.run([*CLI, "generate", "builtin", "x", "--scheme", "w3a3"], capture_output=True, text=True,
+                         timeout=120)
+    assert bad.returncode == 2 and "unknown scheme" in bad.stderr and "Traceback" not in bad.stderr
