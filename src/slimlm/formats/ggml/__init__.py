@@ -26,7 +26,7 @@ Encoder = Callable[[np.ndarray, "np.ndarray | None"], np.ndarray]
 Decoder = Callable[[np.ndarray], np.ndarray]
 
 # Rows per call into a codec: bounds the temporaries (a few times the chunk) and keeps them in cache.
-_CHUNK_ELEMENTS = 1 << 17
+_CHUNK_ELEMENTS = 1 << 16
 
 
 class Codec(NamedTuple):
