@@ -122,8 +122,9 @@ def _run_chunks(fn: Callable[[int], None], starts: range, threads: int | None) -
             future.result()
 
 
-def dequantize(data: np.ndarray, qtype: GGMLQuantizationType | str, shape: tuple[int, ...] | list[int]) -> np.ndarray:
-    """Decode GGML blocks back to float32 of ``shape`` (numpy order, last axis = row)."""
+def dequantize(data: np.ndarray, qtype: GGMLQuantizationType | str, shape: tuple[int, ...] | list[int],
+               threads: int | None = None) -> np.ndarray:
+    """Decode GGML blocks back to float32 of ``shape`` (numpy order, last axis = row), as ggml does."""
     qt = qtype_of(qtype)
     codec = _codec(qt)
     shape = tuple(int(s) for s in shape)
@@ -138,9 +139,12 @@ def dequantize(data: np.ndarray, qtype: GGMLQuantizationType | str, shape: tuple
         raise SlimlmError(f"{qt.name} data has {raw.size} bytes, a tensor of shape {shape} needs {nrows * rb}")
     raw = raw.reshape(nrows, rb)
     out = np.empty((nrows, n), dtype=np.float32)
-    step = max(1, _CHUNK_ELEMENTS // n)
-    for start in range(0, nrows, step):
+    step = max(1, 4 * _CHUNK_ELEMENTS // n)
+
+    def decode_chunk(start: int) -> None:
         out[start:start + step] = codec.decode(raw[start:start + step])
+
+    _run_chunks(decode_chunk, range(0, nrows, step), threads)
     return out.reshape(shape)
 
 
