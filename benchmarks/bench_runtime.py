@@ -196,6 +196,45 @@ def kernel_section() -> str:
                              rows))
 
 
+def gguf_section(hf_dir: Path, work: Path, types: list[str], gen: int, runs: int) -> str:
+    """The same GGUF files on slimlm's runtime ("native": int4/int8 kernels) and on llama.cpp, side by side.
+
+    Uses slimlm.evaluate.bench (its protocol: random prompt, greedy, medians of ``runs``); files are made
+    from the fp32 dir by slimlm's GGUF quantizer (llama.cpp's rounding) and cached in ``work``.
+    """
+    import importlib.util
+
+    from slimlm.evaluate.bench import bench
+    from slimlm.gguf_io.quantize import quantize_gguf
+
+    have_llama = importlib.util.find_spec("llama_cpp") is not None
+    rows = []
+    for qtype in types:
+        path = work / f"smollm2-{qtype}.gguf"
+        if not path.is_file():
+            quantize_gguf(hf_dir, qtype, path)
+        backends = ["native"] + (["llama.cpp"] if have_llama else [])
+        result = bench(path, prompt=512, gen=gen, batches=[1, 8], threads=torch.get_num_threads(),
+                       backends=backends, runs=runs)
+        by = {(r["backend"], r["batch"]): r for r in result["rows"]}
+        for batch in (1, 8):
+            ours, theirs = by[("native", batch)], by.get(("llama.cpp", batch))
+            def ratio(key):
+                return f"{ours[key] / theirs[key]:.2f}x" if theirs else "-"
+            rows.append([qtype, batch, f"{ours['prefill_tok_s']:.0f}",
+                         f"{theirs['prefill_tok_s']:.0f}" if theirs else "-", ratio("prefill_tok_s"),
+                         f"{ours['decode_tok_s']:.1f}", f"{theirs['decode_tok_s']:.1f}" if theirs else "-",
+                         ratio("decode_tok_s"), f"{ours['peak_rss_mb']:.0f}",
+                         f"{theirs['peak_rss_mb']:.0f}" if theirs else "-"])
+    return (f"GGUF files (made from the fp32 dir with slimlm's llama.cpp-rounding quantizer) on slimlm's runtime "
+            f"(`native`: Q4_0/Q4_K → int4 tinygemm, Q8_0 → W8A8 `_int_mm`, Q6_K and others dequantized to bf16) vs "
+            f"llama.cpp (llama-cpp-python) in the same process and threads. slimlm.evaluate.bench protocol: "
+            f"prompt 512 random tokens, {gen} greedy tokens, median of {runs} runs.\n\n" + markdown_table(
+                ["file", "batch", "slimlm prefill tok/s", "llama.cpp prefill tok/s", "slimlm/llama.cpp",
+                 "slimlm decode tok/s", "llama.cpp decode tok/s", "slimlm/llama.cpp", "slimlm peak RSS MB",
+                 "llama.cpp peak RSS MB"], rows))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--rounds", type=int, default=3)
@@ -208,10 +247,19 @@ def main() -> None:
     ap.add_argument("--no-write", action="store_true", help="print only; do not append to BENCHMARKS.md")
     ap.add_argument("--model", default=None, help="HF dir (default: the built-in SmolLM2-135M fp32 dir)")
     ap.add_argument("--no-accuracy", action="store_true", help="skip the perplexity/accuracy table")
+    ap.add_argument("--gguf", default="", help="comma-separated GGUF types to compare with llama.cpp "
+                    "(e.g. Q8_0,Q4_0,Q4_K_M); only this section runs")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     hf_dir = Path(args.model) if args.model else resources.builtin_hf_dir()
+    if args.gguf:
+        body = gguf_section(hf_dir, resources.cache_dir(), args.gguf.split(","), args.gen, args.rounds)
+        if args.no_write:
+            print(body)
+        else:
+            append_section("Quantized runtime on GGUF files vs llama.cpp (bench_runtime.py --gguf)", body)
+        return
     models = load_variants(hf_dir, args.files, resources.cache_dir())
     med = measure(models, args.prompt, args.decode_prompt, args.gen, args.rounds)
     speed, checks = speed_section(models, med, args)

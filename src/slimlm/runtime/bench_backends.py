@@ -22,7 +22,7 @@ class RuntimeBackend(TorchBackend):
     scheme = "native"
 
     def load(self, model_path: Path, threads: int) -> dict[str, Any]:
-        net, _tokenizer, kernels = open_model(model_path, self.scheme, threads=threads)
+        net, _, kernels = open_model(model_path, self.scheme, threads=threads, with_tokenizer=False)
         vocab = int(net.config.vocab_size)
         self.loaded = SimpleNamespace(model=net, info=SimpleNamespace(vocab_size=vocab))
         self._cache_kw = cache_kwarg(net)

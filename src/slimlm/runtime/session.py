@@ -35,7 +35,8 @@ def is_quantized_file(path: Path) -> bool:
 
 
 def open_model(model: str | Path, scheme: str | None = None, threads: int | None = None,
-               progress: Callable[[str], None] | None = None) -> tuple[nn.Module, object, dict[str, str]]:
+               progress: Callable[[str], None] | None = None, with_tokenizer: bool = True
+               ) -> tuple[nn.Module, object, dict[str, str]]:
     """(model, tokenizer, {layer: kernel}) ready for generation.
 
     ``scheme`` None/"native" runs a quantized file (GGUF, compressed-tensors) on its own scheme and an fp
@@ -66,7 +67,7 @@ def open_model(model: str | Path, scheme: str | None = None, threads: int | None
     elif scheme in ("w8a8", "w8a16", "w4a16"):
         _plain_linears(net)
         quantize_(net, config_for(scheme), progress=progress)
-    tokenizer = load_tokenizer(path)
+    tokenizer = load_tokenizer(path) if with_tokenizer else None
     return net.eval(), tokenizer, kernel_report(net)
 
 
