@@ -10,7 +10,6 @@ weight being imatrix * sqrt(row mean of x^2 + x^2)).
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 from .common import F32, element_major, fp16_bits, make_qx_quants, seq_sum_last
 from .kquants_common import make_qkx_quants
@@ -22,19 +21,17 @@ def _blocks(x: np.ndarray) -> np.ndarray:
     return np.asarray(x, dtype=F32).reshape(-1, QK)
 
 
-def _row_max(a: np.ndarray) -> np.ndarray:
-    """Max over each 32-value block. torch's reduction over a short inner axis is ~7x numpy's; exact."""
-    return torch.from_numpy(np.ascontiguousarray(a)).amax(dim=1).numpy()
-
-
-def _row_min(a: np.ndarray) -> np.ndarray:
-    return torch.from_numpy(np.ascontiguousarray(a)).amin(dim=1).numpy()
+def _hi_lo(xb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-block max and min. numpy reduces a short contiguous axis slowly, so reduce the transposed copy
+    (element-major) instead: ~2x faster including the copy. torch is avoided here on purpose: the GGUF
+    writer runs codecs in forked processes, where OpenMP must not be touched."""
+    xt = np.ascontiguousarray(xb.T)
+    return np.maximum.reduce(xt, axis=0), np.minimum.reduce(xt, axis=0)
 
 
 def _absmax_signed(xb: np.ndarray) -> np.ndarray:
     """The value with the largest |x| in each block, first one on ties (C's strict ``<``)."""
-    hi = _row_max(xb)
-    lo = _row_min(xb)
+    hi, lo = _hi_lo(xb)
     out = np.where(hi >= -lo, hi, lo)
     tie = np.flatnonzero((hi == -lo) & (hi != 0))  # +a and -a both present: the first one wins
     if tie.size:
@@ -90,7 +87,7 @@ def _out(rows: int, parts: list[np.ndarray]) -> np.ndarray:
 def encode_q8_0(x: np.ndarray, imatrix: np.ndarray | None = None) -> np.ndarray:
     """quantize_row_q8_0_ref (llama.cpp ignores the imatrix for Q8_0)."""
     xb = _blocks(x)
-    amax = _row_max(np.abs(xb))
+    amax = np.maximum.reduce(np.abs(np.ascontiguousarray(xb.T)), axis=0)
     d = (amax / F32(127)).astype(F32)
     v = xb * _inv(d)[:, None]
     # roundf rounds halves away from zero, rint to even: they differ only on exact .5 (v - rint(v) is exact)
@@ -164,8 +161,7 @@ def decode_q5_0(data: np.ndarray) -> np.ndarray:
 def _affine_ref(x: np.ndarray, nlev: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """quantize_row_q{4,5}_1_ref: d = (max-min)/(nlev-1), q = (int)((x-min)/d + 0.5)."""
     xb = _blocks(x)
-    vmin = _row_min(xb)
-    vmax = _row_max(xb)
+    vmax, vmin = _hi_lo(xb)
     d = ((vmax - vmin) / F32(nlev - 1)).astype(F32)
     v = (xb - vmin[:, None]) * _inv(d)[:, None]
     L = _trunc_u8(v + F32(0.5))
