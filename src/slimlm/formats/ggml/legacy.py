@@ -33,6 +33,7 @@ def _absmax_signed(xb: np.ndarray) -> np.ndarray:
     """The value with the largest |x| in each block, first one on ties (C's strict ``<``)."""
     hi, lo = _hi_lo(xb)
     out = np.where(hi >= -lo, hi, lo)
+    out[(hi == 0) & (lo == 0)] = F32(0)  # all (+/-)zero: C's max keeps its +0.0 start value
     tie = np.flatnonzero((hi == -lo) & (hi != 0))  # +a and -a both present: the first one wins
     if tie.size:
         sub = xb[tie]
@@ -162,6 +163,8 @@ def _affine_ref(x: np.ndarray, nlev: int) -> tuple[np.ndarray, np.ndarray, np.nd
     """quantize_row_q{4,5}_1_ref: d = (max-min)/(nlev-1), q = (int)((x-min)/d + 0.5)."""
     xb = _blocks(x)
     vmax, vmin = _hi_lo(xb)
+    _first_zero_sign(xb, vmin)
+    vmax = np.where(vmax == vmin, vmin, vmax)  # C's max and min are then the same element: d = +0
     d = ((vmax - vmin) / F32(nlev - 1)).astype(F32)
     v = (xb - vmin[:, None]) * _inv(d)[:, None]
     L = _trunc_u8(v + F32(0.5))
@@ -170,11 +173,23 @@ def _affine_ref(x: np.ndarray, nlev: int) -> tuple[np.ndarray, np.ndarray, np.nd
     return d, vmin, L
 
 
+def _first_zero_sign(xb: np.ndarray, vmin: np.ndarray) -> None:
+    """Where a block's minimum is zero, give it the sign of the block's first zero, as C's strict ``<``
+    scan does (-0.0 and +0.0 compare equal, and the sign ends up in the stored fp16 min)."""
+    rows = np.flatnonzero(vmin == 0)
+    if rows.size:
+        sub = xb[rows]
+        vmin[rows] = sub[np.arange(rows.size), np.argmax(sub == 0, axis=1)]
+
+
 def _affine_weighted(x: np.ndarray, imatrix: np.ndarray, nlev: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     w, xe = _weights(x, imatrix)
     # ggml's make_qkx3_quants(..., -0.9f, 0.05f, 36, false), shared with the k-quants
     d, the_min, L = make_qkx_quants(xe, w, nlev - 1, -0.9, 0.05, 36, use_mad=False)
-    return d, -the_min, np.ascontiguousarray(L.T.astype(np.uint8))
+    m = -the_min
+    zero = np.maximum.reduce(np.abs(xe), axis=0) == 0
+    m[zero] = xe[0, zero]  # all-zero block: C's min is its first element, with that element's sign
+    return d, m, np.ascontiguousarray(L.T.astype(np.uint8))
 
 
 def encode_q4_1(x: np.ndarray, imatrix: np.ndarray | None = None) -> np.ndarray:
