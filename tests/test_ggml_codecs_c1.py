@@ -26,7 +26,8 @@ def _distributions(rng: np.random.Generator, rows: int, n: int) -> dict[str, np.
     sparse = rng.standard_normal((rows, n))
     sparse[rng.random((rows, n)) < 0.7] = 0
     signed_zeros = np.where(rng.random((rows, n)) < 0.5, -0.0, 0.0)  # -0.0 vs +0.0 reaches the fp16 fields
-    signed_zeros[::2] += np.where(rng.random((rows // 2, n)) < 0.8, 0.0, np.abs(rng.standard_normal((rows // 2, n))))
+    positive = np.abs(rng.standard_normal((rows // 2, n)))
+    signed_zeros[::2] = np.where(rng.random((rows // 2, n)) < 0.8, signed_zeros[::2], positive)
     d = {
         "signed_zeros": signed_zeros,
         "normal": rng.standard_normal((rows, n)) * 0.02,
