@@ -184,6 +184,86 @@ def make_q3_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
     return scale, L
 
 
+def make_qkx3_quants(x: np.ndarray, weights: np.ndarray, nmax: int, rmin: float = -0.9, rdelta: float = 0.05,
+                     nstep: int = 36) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """ggml-quants.c ``make_qkx3_quants`` (use_mad=false) for Q4_1/Q5_1 with an imatrix: asymmetric
+    scale+min by weighted least squares over ``nstep+1`` candidate inverse scales, each anchored at the
+    best min so far. x, weights: [n, G].
+
+    Kept beside the k-quants' shared search because here the min is stored as-is in fp16, so even the
+    sign of a zero min must follow C (the first zero of the group wins its strict ``<`` scan).
+    Returns (scale [G], the_min [G] (positive = subtract), L [n, G] int32 in 0..nmax).
+    """
+    x = np.ascontiguousarray(x, dtype=F32)
+    w = np.ascontiguousarray(weights, dtype=F32)
+    vmin = np.minimum.reduce(x, axis=0)
+    vmax = np.maximum.reduce(x, axis=0)
+    zero_min = np.flatnonzero(vmin == 0)
+    if zero_min.size:
+        sub = x[:, zero_min]
+        vmin[zero_min] = sub[np.argmax(sub == 0, axis=0), np.arange(zero_min.size)]
+    sum_w = seq_sum(w)
+    sum_x = seq_sum(w * x)
+    vmin = np.where(vmin > 0, F32(0), vmin).astype(F32)
+    flat = ~(vmax > vmin)
+    fnmax = F32(nmax)
+    lf = np.empty_like(x)
+    tmp = np.empty_like(x)
+    tmp2 = np.empty_like(x)
+
+    def levels(mn: np.ndarray, iscale: np.ndarray, out: np.ndarray) -> np.ndarray:
+        # v > 0 ? nearest_int(MIN(v, nmax)) : 0, in float32
+        np.subtract(x, mn, out=out)
+        out *= iscale
+        np.minimum(out, fnmax, out=out)
+        np.rint(out, out=out)
+        np.maximum(out, F32(0), out=out)
+        return out
+
+    def sq_err(scale: np.ndarray, mn: np.ndarray, lv: np.ndarray) -> np.ndarray:
+        d = np.multiply(scale, lv, out=tmp)
+        d += mn
+        d -= x
+        d *= d
+        d *= w
+        return seq_sum(d)
+
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        span = np.where(flat, F32(1), vmax - vmin).astype(F32)
+        iscale = fnmax / span
+        scale = (F32(1) / iscale).astype(F32)
+        L = levels(vmin, iscale, np.empty_like(x))
+        best = sq_err(scale, vmin, L)
+        cur_min = vmin.copy()
+        for step in range(nstep + 1):
+            span = np.where(flat, F32(1), vmax - cur_min).astype(F32)
+            iscale = ((F32(rmin) + F32(rdelta) * F32(step)) + fnmax) / span
+            levels(cur_min, iscale, lf)
+            wl = np.multiply(w, lf, out=tmp2)
+            sum_l = seq_sum(wl)
+            sum_xl = seq_sum(np.multiply(wl, x, out=tmp))
+            wl *= lf
+            sum_l2 = seq_sum(wl)
+            D = sum_w * sum_l2 - sum_l * sum_l
+            ok = (D > 0) & ~flat
+            this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
+            this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
+            pos = this_min > 0
+            this_min = np.where(pos, F32(0), this_min).astype(F32)
+            this_scale = np.where(pos, sum_xl / sum_l2, this_scale).astype(F32)
+            err = sq_err(this_scale, this_min, lf)
+            better = ok & (err < best)
+            if better.any():
+                np.copyto(L, lf, where=better[None])
+                best = np.where(better, err, best)
+                scale = np.where(better, this_scale, scale).astype(F32)
+                cur_min = np.where(better, this_min, cur_min).astype(F32)
+    L = L.astype(np.int32)
+    L[:, flat] = 0
+    scale = np.where(flat, F32(0), scale).astype(F32)
+    return scale, (-cur_min).astype(F32), L
+
+
 def element_major(x: np.ndarray, group: int) -> np.ndarray:
     """[..., k*group] -> [group, N] float32 with one column per group (C's inner index first)."""
     return np.ascontiguousarray(np.asarray(x, dtype=F32).reshape(-1, group).T)

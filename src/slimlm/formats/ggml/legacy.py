@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .common import F32, element_major, fp16_bits, make_qx_quants, seq_sum_last
-from .kquants_common import make_qkx_quants
+from .common import F32, element_major, fp16_bits, make_qkx3_quants, make_qx_quants, seq_sum_last
 
 QK = 32
 
@@ -184,12 +183,8 @@ def _first_zero_sign(xb: np.ndarray, vmin: np.ndarray) -> None:
 
 def _affine_weighted(x: np.ndarray, imatrix: np.ndarray, nlev: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     w, xe = _weights(x, imatrix)
-    # ggml's make_qkx3_quants(..., -0.9f, 0.05f, 36, false), shared with the k-quants
-    d, the_min, L = make_qkx_quants(xe, w, nlev - 1, -0.9, 0.05, 36, use_mad=False)
-    m = -the_min
-    zero = np.maximum.reduce(np.abs(xe), axis=0) == 0
-    m[zero] = xe[0, zero]  # all-zero block: C's min is its first element, with that element's sign
-    return d, m, np.ascontiguousarray(L.T.astype(np.uint8))
+    d, the_min, L = make_qkx3_quants(xe, w, nlev - 1, -0.9, 0.05, 36)
+    return d, -the_min, np.ascontiguousarray(L.T.astype(np.uint8))
 
 
 def encode_q4_1(x: np.ndarray, imatrix: np.ndarray | None = None) -> np.ndarray:
