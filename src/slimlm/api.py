@@ -11,6 +11,9 @@ from slimlm.checkpoint import Checkpoint, TensorInfo, open_checkpoint  # noqa: E
 from slimlm.inspect import InspectReport, inspect  # noqa: E402,F401
 from slimlm.spec import ModelSpec  # noqa: E402,F401
 
+# --- GGML block codecs: bit-exact llama.cpp blocks for one tensor (formats.ggml) ---
+from slimlm.formats.ggml import dequantize as ggml_dequantize, quantize as ggml_quantize  # noqa: E402,F401
+
 # --- GGUF quantization and importance matrices (gguf_io) ---
 from slimlm.gguf_io.imatrix import Imatrix, make_imatrix as imatrix, read_imatrix, write_imatrix  # noqa: E402,F401
 from slimlm.gguf_io.quantize import METHODS as GGUF_METHODS, QuantizeResult, quantize_gguf  # noqa: E402,F401
