@@ -128,16 +128,16 @@ def quantize_gguf(
     gptq_damp: float = 0.01,
     hessian_chunks: int | None = 32,
     encoder: Callable[[np.ndarray, T, np.ndarray | None, str], np.ndarray] | None = None,
-    transform: Callable[[ModelSource, Imatrix | None], tuple[ModelSource, Imatrix | None]] | None = None,
 ) -> QuantizeResult:
     """Write ``model`` (HF dir or GGUF) as a GGUF of mix ``to`` (Q4_K_M, Q8_0, F16, ...) to ``out``.
 
-    ``method``: "llama.cpp" (each block rounded on its own, as llama-quantize does) or "gptq" (same codecs
-    and bytes layout, but each block's rounding error is compensated in the later columns using the
-    calibration inputs' covariance; needs ``calib``, or ``imatrix`` plus ``hessians`` from the API).
-    ``encoder(x, qtype, importance, name)`` replaces the plain llama.cpp encoding (used by the searches in
-    slimlm.algorithms.gguf_search); ``transform`` may rewrite the source before planning (e.g. folding
-    per-channel scales into norms) and adjust the imatrix to match.
+    ``method`` (all write the same tensor types and sizes; see slimlm.algorithms.gguf_search):
+    "llama.cpp" rounds each block on its own, as llama-quantize does; "gptq" compensates each block's
+    rounding error in the later columns using the calibration inputs' covariance; "awq" folds searched
+    per-channel scales into the norms first; "awq+gptq" does both. gptq needs ``calib`` (or, from the API,
+    ``imatrix`` plus ``hessians``); awq needs ``calib`` or ``imatrix``.
+    ``encoder(x, qtype, importance, name)`` replaces the block encoding altogether (tests, experiments).
+    With ``dry_run`` no calibration runs: the plan assumes an imatrix when one is asked for.
     """
     start = time.perf_counter()
     ftype = gguf_mix.normalize_ftype(to)
@@ -160,7 +160,9 @@ def quantize_gguf(
     uses_gptq, uses_awq = "gptq" in method, "awq" in method
     if uses_awq and imatrix is None and calib is None:
         raise SlimlmError(f"--method {method} needs calibration: --calib FILE (or --imatrix FILE for awq)")
-    if (uses_gptq or (uses_awq and calib is not None)) and hessians is None:
+    if dry_run and calib is not None:
+        im = None  # the plan only needs to know one will exist
+    elif (uses_gptq or (uses_awq and calib is not None)) and hessians is None:
         if calib is None:
             raise SlimlmError(f"--method {method} needs calibration text (--calib FILE): it uses the inputs' covariance")
         if imatrix is not None:
@@ -169,9 +171,7 @@ def quantize_gguf(
         im = collect_imatrix(model, Path(calib), chunks=calib_chunks, hessians=hessians, hessian_chunks=hessian_chunks)
     else:
         im = load_importance(imatrix, Path(calib) if calib else None, model, calib_chunks)
-    if transform is not None:
-        source, im = transform(source, im)
-    plan = plan_for(source, ftype, tensor_types, has_imatrix=im is not None)
+    plan = plan_for(source, ftype, tensor_types, has_imatrix=im is not None or calib is not None)
     rows = {t.name: int(t.shape[-1]) for t in source.tensors if len(t.shape) >= 2 and plan[t.name] not in _FLOATS}
     matched = check_compatible(im, rows, "the importance matrix") if im is not None else 0
     importance_of = (lambda name: im.importance(name)) if im is not None else (lambda name: None)
