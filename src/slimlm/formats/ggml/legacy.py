@@ -71,8 +71,8 @@ def _sigma2_rows(x: np.ndarray) -> np.ndarray:
     return np.repeat(sigma2.astype(F32), n // QK)
 
 
-def _weights(x: np.ndarray, imatrix: np.ndarray) -> np.ndarray:
-    """Element-major [32, B] weights qw * sqrt(sigma2 + x^2) of the *_impl quantizers."""
+def _weights(x: np.ndarray, imatrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Element-major [32, B] weights qw * sqrt(sigma2 + x^2) of the *_impl quantizers, and x likewise."""
     xe = element_major(x, QK)
     sigma2 = _sigma2_rows(x)
     return element_major(imatrix, QK) * np.sqrt(sigma2[None] + xe * xe), xe
