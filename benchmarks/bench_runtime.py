@@ -26,7 +26,8 @@ from slimlm.runtime import (  # noqa: E402
     W4A16Config, W8A8Config, generate_ids, kernel_report, load_quantized, quantize_, summarize_kernels,
 )
 from slimlm.runtime import int4pack, kernels  # noqa: E402
-from slimlm.runtime.linear import W4A16Linear, W8A8Linear  # noqa: E402
+from slimlm.runtime.linear import W4A16Linear  # noqa: E402
+from slimlm.runtime.quantize import model_weight_bytes  # noqa: E402
 
 
 def load_variants(hf_dir: Path, with_files: bool, tmp: Path) -> dict[str, torch.nn.Module]:
@@ -84,12 +85,7 @@ def measure(models, prompt: int, decode_prompt: int, gen: int, rounds: int) -> d
 
 
 def weight_mb(model) -> float:
-    seen, total = set(), 0
-    for t in [*model.parameters(), *model.buffers()]:
-        if t.data_ptr() not in seen:
-            seen.add(t.data_ptr())
-            total += t.numel() * t.element_size()
-    return total / 2**20
+    return model_weight_bytes(model) / 2**20
 
 
 def speed_section(models, med, args) -> tuple[str, list[str]]:
@@ -176,9 +172,15 @@ def kernel_section() -> str:
         s = w.abs().amax(1) / 127
         q = torch.round(w / s[:, None]).to(torch.int8)
         xq = torch.randint(-127, 128, (128, k), dtype=torch.int8)
+        xs, ws = torch.ones(128, 1), torch.ones(n)
         wt = q.t().contiguous()
-        nk, kn = t(lambda: torch._int_mm(xq, q.t())), t(lambda: torch._int_mm(xq, wt))
-        choice = kernels.int8_weight_layout(k, n)
+        nk = t(lambda: kernels.int8_matmul_rescale(xq, xs, q.t(), ws))
+        kn = t(lambda: kernels.int8_matmul_rescale(xq, xs, wt, ws))
+        packed, zeros = kernels.onednn_prepack(q), torch.zeros(n, dtype=torch.int64)
+        dnn = t(lambda: kernels.onednn_int8_linear(xq, packed, ws, zeros).mul_(xs))
+        xb, wb = torch.randn(128, k).bfloat16(), w.bfloat16()
+        bf = t(lambda: torch.nn.functional.linear(xb, wb))
+        choice = kernels.int8_backend(k, n)
         u = torch.randint(0, 16, (n, k), dtype=torch.uint8)
         gs = 64 if k % 128 else 128
         m4 = W4A16Linear(u, torch.rand(n, k // gs) * 0.01, torch.zeros(n, k // gs), gs)
@@ -187,13 +189,16 @@ def kernel_section() -> str:
         kern = t(lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(xb, m4.packed, gs, m4.scale_zero))
         params = int4pack.prefill_params(m4.scale_zero)
         deq = t(lambda: xb @ int4pack.dequantize_kn_bf16(m4.packed, *params, n, k, gs))
-        rows.append([f"{k}→{n}", f"{nk:.0f}", f"{kn:.0f}", choice, f"{kern:.0f}", f"{deq:.0f}"])
-    return ("Per-shape kernel choices (µs, median of 15, 128 activation rows). W8A8: `torch._int_mm` with the "
-            "int8 weight passed as a transposed N×K view (`nk`) or as a contiguous K×N copy (`kn`); the layout "
-            "each layer uses is measured once per shape at load (`chosen`). W4A16 at 128 rows: the int4 "
-            f"tinygemm kernel vs dequantize-to-bf16 + GEMM (used from {kernels.W4A16_DEQUANT_MIN_ROWS} rows).\n\n"
-            + markdown_table(["shape K→N", "_int_mm nk", "_int_mm kn", "chosen", "int4 kernel", "dequant+bf16 GEMM"],
-                             rows))
+        rows.append([f"{k}→{n}", f"{dnn:.0f}", f"{nk:.0f}", f"{kn:.0f}", choice, f"{bf:.0f}", f"{kern:.0f}",
+                     f"{deq:.0f}"])
+    return ("Per-shape kernel choices (µs, median of 15, 128 activation rows, int8 GEMM + its rescale). W8A8: "
+            "oneDNN `qlinear_pointwise` (weight scales fused in the epilogue, then the per-token scale pass) vs "
+            "`torch._int_mm` with the int8 weight as a transposed N×K view (`nk`) or a contiguous K×N copy (`kn`), "
+            "then the int32→fp32 rescale; each layer takes the one measured fastest for its shape at load "
+            "(`chosen`); bf16 GEMM for comparison. W4A16 at 128 rows: the int4 tinygemm kernel vs "
+            f"dequantize-to-bf16 + GEMM (the path used from {kernels.W4A16_DEQUANT_MIN_ROWS} rows).\n\n"
+            + markdown_table(["shape K→N", "oneDNN int8", "_int_mm nk", "_int_mm kn", "chosen", "bf16 GEMM",
+                              "int4 kernel", "dequant+bf16 GEMM"], rows))
 
 
 def gguf_section(hf_dir: Path, work: Path, types: list[str], gen: int, runs: int) -> str:

@@ -53,15 +53,19 @@ def test_w8a8_matches_reference_to_int32_exactness():
     assert rel_err(y, x @ w.t() + fast.bias) < 0.02
 
 
-@pytest.mark.parametrize("layout", ["nk", "kn"])
-def test_w8a8_both_weight_layouts_agree(layout, monkeypatch):
-    q, s = rtn_int8_per_channel(_weight(64, 128))
-    kernels.int8_weight_layout.cache_clear()
-    monkeypatch.setattr(kernels, "int8_weight_layout", lambda k, n: layout)
-    m = W8A8Linear(q, s)
-    assert m.layout == layout and torch.equal(m.int_weight(), q)
-    x = torch.randn(5, 128)
-    assert rel_err(m(x), m.to_reference()(x)) < 1e-5
+@pytest.mark.parametrize("backend", kernels.INT8_BACKENDS)
+def test_w8a8_every_int8_backend_agrees(backend, monkeypatch):
+    if backend == "onednn" and not kernels.onednn_int8_available():
+        pytest.skip("no oneDNN int8 linear in this torch build")
+    q, s = rtn_int8_per_channel(_weight(200, 500))  # odd sizes on purpose
+    monkeypatch.setattr(kernels, "int8_backend", lambda k, n: backend)
+    m = W8A8Linear(q, s, bias=torch.randn(200))
+    assert m.backend == backend and torch.equal(m.int_weight(), q)
+    m.to(torch.float32)  # casting the model must leave the packed weight alone
+    for rows in (1, 5, 130):
+        x = torch.randn(rows, 500)
+        assert rel_err(m(x), m.to_reference()(x)) < 1e-5
+    assert m.weight_bytes() == 200 * 500 + 200 * 4
 
 
 def test_w8a16_matches_reference_within_bf16():
@@ -106,7 +110,7 @@ def test_w4a16_pads_shapes_the_kernel_cannot_take():
 
 def test_kernel_names_say_what_runs():
     q, s = rtn_int8_per_channel(_weight(32, 64))
-    assert "_int_mm" in W8A8Linear(q, s).kernel
+    assert "int8×int8→int32" in W8A8Linear(q, s).kernel
     assert "_weight_int8pack_mm" in W8A16Linear(q, s).kernel
     q4, s4, z4 = rtn_int4_groups(_weight(32, 64), 32, False)
     assert "_weight_int4pack_mm_for_cpu g32" in W4A16Linear.from_signed(q4, s4, z4, 32).kernel

@@ -15,6 +15,7 @@ import torch
 
 from slimlm.evaluate.bench import BACKENDS, TorchBackend
 from slimlm.runtime.generate import cache_kwarg
+from slimlm.runtime.quantize import model_weight_bytes
 from slimlm.runtime.session import open_model, summarize_kernels
 
 
@@ -30,8 +31,7 @@ class RuntimeBackend(TorchBackend):
         counts = summarize_kernels(kernels)
         return {"format": "slimlm runtime", "dtype": self.scheme,
                 "kernels": "; ".join(f"{n}x {k}" for k, n in counts.items()) or "torch F.linear",
-                "weight_mb": round(sum(b.numel() * b.element_size() for b in
-                                       [*net.parameters(), *net.buffers()]) / 2**20, 1)}
+                "weight_mb": round(model_weight_bytes(net) / 2**20, 1)}
 
 
 class W8A8Backend(RuntimeBackend):

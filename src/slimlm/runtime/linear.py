@@ -75,9 +75,12 @@ class DequantLinear(QuantLinear):
 
 
 class W8A8Linear(QuantLinear):
-    """int8 per-channel weights × dynamic per-token int8 activations on ``torch._int_mm`` (int32 accumulate).
+    """int8 per-channel weights × dynamic per-token int8 activations, int32 accumulation.
 
-    ``w = q * scale[n]``; activations are quantized per row at run time (symmetric, absmax/127).
+    ``w = q * scale[n]``; activations are quantized per row at run time (symmetric, absmax/127). The GEMM is
+    oneDNN's int8 linear (weight scales fused in its epilogue, then one in-place pass for the per-token
+    scales) or ``torch._int_mm`` (then one rescale pass), whichever ``kernels.int8_backend`` measured faster
+    for this layer's shape.
     """
 
     scheme = "w8a8"
@@ -85,27 +88,50 @@ class W8A8Linear(QuantLinear):
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None):
         n, k = q.shape
         super().__init__(k, n, bias)
-        self.layout = kernels.int8_weight_layout(k, n)
+        self.backend = kernels.int8_backend(k, n)
         q = q.to(torch.int8)
-        # Stored as the kernel wants B: a contiguous (K, N) copy, or the (N, K) weight read transposed.
-        self.register_buffer("qweight", q.t().contiguous() if self.layout == "kn" else q.contiguous())
-        self.register_buffer("scale", scale.detach().float().reshape(1, n).contiguous())
+        if self.backend == "onednn":
+            self.register_buffer("qweight", kernels.onednn_prepack(q))
+            self.register_buffer("zero", torch.zeros(n, dtype=torch.int64))
+        else:  # B as _int_mm reads it: a contiguous (K, N) copy, or the (N, K) weight read transposed
+            self.register_buffer("qweight", q.t().contiguous() if self.backend == "int_mm_kn" else q.contiguous())
+        self.register_buffer("scale", scale.detach().float().reshape(n).contiguous())
 
     @property
     def kernel(self) -> str:
-        return f"torch._int_mm int8×int8→int32 (B {self.layout}), per-token int8 activations"
-
-    def _w_kn(self) -> torch.Tensor:
-        return self.qweight if self.layout == "kn" else self.qweight.t()
+        if self.backend == "onednn":
+            return "onednn.qlinear_pointwise int8×int8→int32 (weight scales fused), per-token int8 activations"
+        layout = "kn" if self.backend == "int_mm_kn" else "nk"
+        return f"torch._int_mm int8×int8→int32 (B {layout}), per-token int8 activations"
 
     def int_weight(self) -> torch.Tensor:
-        return self._w_kn().t()
+        """The (N, K) int8 codes, whatever the storage."""
+        if self.backend == "onednn":
+            return self.qweight.to_dense().t()
+        return self.qweight.t() if self.backend == "int_mm_kn" else self.qweight
+
+    def weight_bytes(self) -> int:
+        return self.in_features * self.out_features + self.scale.numel() * 4
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)
         xq, xs = kernels.quantize_per_token(x2)
-        y = kernels.int8_matmul_rescale(xq, xs, self._w_kn(), self.scale)
+        if self.backend == "onednn":
+            y = kernels.onednn_int8_linear(xq, self.qweight, self.scale, self.zero).mul_(xs)
+        else:
+            w = self.qweight if self.backend == "int_mm_kn" else self.qweight.t()
+            y = kernels.int8_matmul_rescale(xq, xs, w, self.scale)
         return self._add_bias(y).to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+    def _apply(self, fn, recurse=True):
+        # The packed oneDNN weight is an opaque tensor that dtype/device casts must not touch.
+        if self.backend != "onednn":
+            return super()._apply(fn, recurse)
+        packed = self._buffers.pop("qweight")
+        try:
+            return super()._apply(fn, recurse)
+        finally:
+            self._buffers["qweight"] = packed
 
     def to_reference(self) -> DequantLinear:
         w = self.int_weight().float() * self.scale.reshape(-1, 1)

@@ -166,6 +166,21 @@ def kernel_report(model: nn.Module) -> dict[str, str]:
     return {n: m.kernel for n, m in model.named_modules() if isinstance(m, QuantLinear)}
 
 
+def model_weight_bytes(model: nn.Module) -> int:
+    """Bytes of weights and buffers (quantized modules: their low-bit data; tied tensors counted once)."""
+    seen: set[int] = set()
+    total = 0
+    for module in model.modules():
+        if isinstance(module, QuantLinear):
+            total += module.weight_bytes()
+            continue
+        for t in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
+            if id(t) not in seen:
+                seen.add(id(t))
+                total += t.numel() * t.element_size()
+    return total
+
+
 def to_reference_(model: nn.Module) -> nn.Module:
     """Replace every quantized module by its fp32 reference, in place (model cast to fp32)."""
     for name, module in [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLinear)]:
@@ -173,5 +188,6 @@ def to_reference_(model: nn.Module) -> nn.Module:
     return model.to(torch.float32)
 
 
-__all__ = ["W8A8Config", "W8A16Config", "W4A16Config", "quantize_", "kernel_report", "to_reference_",
+__all__ = ["W8A8Config", "W8A16Config", "W4A16Config", "quantize_", "kernel_report", "model_weight_bytes",
+           "to_reference_",
            "config_for", "DequantLinear"]
