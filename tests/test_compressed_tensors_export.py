@@ -180,3 +180,25 @@ def test_scheme_errors_are_one_line():
         get_scheme("w4a16", ignore=["re:("])
     with pytest.raises(SlimlmError, match="w8a8 uses per-channel"):
         get_scheme("w8a8", group_size=128)
+
+
+def test_w8a16_bf16_model_keeps_its_dtype_and_loads(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    src = make_tiny_llama(tmp_path / "m")
+    AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16).save_pretrained(src)
+    out = tmp_path / "q"
+    quantize_model(src, out, scheme="w8a16", method="gptq", calib=torch.randint(0, 256, (4, 32)))
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    (group,) = qc["config_groups"].values()
+    assert qc["format"] == "pack-quantized" and group["weights"]["num_bits"] == 8
+    assert group["weights"]["strategy"] == "channel" and group["weights"]["symmetric"] is True
+    t = _tensors(out)
+    p = "model.layers.0.mlp.up_proj"
+    assert t[f"{p}.weight_packed"].shape == (128, 16)  # 4 int8 codes per int32 word
+    assert t[f"{p}.weight_scale"].dtype == torch.bfloat16 and t[f"{p}.weight_scale"].shape == (128, 1)
+    assert t["model.norm.weight"].dtype == torch.bfloat16
+    ids = torch.randint(0, 256, (2, 24))
+    theirs = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    with torch.no_grad():
+        torch.testing.assert_close(load_reference_model(out)(ids).logits, theirs(ids).logits, rtol=1e-4, atol=1e-4)

@@ -221,6 +221,9 @@ def quantize_model(model: str | Path, output: str | Path, *, scheme: str | Quant
     if getattr(hf_config, "quantization_config", None):
         raise SlimlmError(f"{model_dir} is already quantized; start from the float model")
     model_type = getattr(hf_config, "model_type", "?")
+    # Scales are stored in the model's own dtype (read before from_config, which overwrites config.dtype).
+    store_dtype = getattr(hf_config, "dtype", None)
+    store_dtype = getattr(torch, str(store_dtype).replace("torch.", "")) if store_dtype else torch.float32
     ckpt = _Checkpoint(model_dir)
     with init_empty_weights(include_buffers=False):
         skeleton = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
@@ -290,8 +293,6 @@ def quantize_model(model: str | Path, output: str | Path, *, scheme: str | Quant
             layer_reports = []
             n_quantized = 0
             fmt = cfg.format
-            store_dtype = getattr(hf_config, "dtype", None)
-            store_dtype = getattr(torch, str(store_dtype).replace("torch.", "")) if store_dtype else torch.float32
             act = {"bits": cfg.act_bits, "dynamic": cfg.act_dynamic} if cfg.act_bits else None
 
             widths = {m.in_features for j, lyr in enumerate(layers) for n, m in lyr.named_modules()
