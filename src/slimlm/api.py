@@ -24,6 +24,7 @@ from slimlm.schemes import (  # noqa: E402,F401
     QuantConfig, W4A16Config, W8A8Config, W8A16Config, check_model as check, get_scheme, quantize_,
 )
 from slimlm.export.compressed_tensors import load_reference_model  # noqa: E402,F401
+from slimlm.export.gguf_equivalent import export_gguf_equivalent  # noqa: E402,F401
 
 # --- evaluation: model loading, perplexity / KL divergence / top-1, speed (models, evaluate) ---
 from slimlm.evaluate import BACKENDS as BENCH_BACKENDS, bench, evaluate  # noqa: E402,F401
