@@ -105,23 +105,24 @@ def make_qx_quants(x: np.ndarray, nmax: int, qw: np.ndarray | None = None) -> tu
     wx = w * x
     fnmax = F32(nmax)
     tmp = np.empty_like(x)
+    lf = np.empty_like(x)
 
-    def fit(iscale: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        lf = round_clip(np.multiply(iscale, x), -nmax, nmax - 1)
+    def fit(iscale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        round_clip(np.multiply(iscale, x, out=lf), -nmax, nmax - 1)
         sumlx = seq_sum(np.multiply(wx, lf, out=tmp))
         np.multiply(w, lf, out=tmp)
         suml2 = seq_sum(np.multiply(tmp, lf, out=tmp))
-        return lf, sumlx, suml2
+        return sumlx, suml2
 
-    lf, sumlx, suml2 = fit(-fnmax / vmax)
-    L = lf
+    sumlx, suml2 = fit(-fnmax / vmax)
+    L = lf.copy()
     scale = safe_div(sumlx, suml2)
     best = scale * sumlx
     for step in range(-9, 10):
         if step == 0:
             continue
         iscale = -(fnmax + F32(0.1) * F32(step)) / vmax
-        lf, sumlx, suml2 = fit(iscale)
+        sumlx, suml2 = fit(iscale)
         better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
         if better.any():
             np.copyto(L, lf, where=better[None])
