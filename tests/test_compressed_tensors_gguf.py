@@ -46,7 +46,8 @@ def test_codes_carry_over_exactly(tmp_path, scheme, kw, expected):
         q = f.get_tensor("model.layers.1.mlp.down_proj.weight_packed")
     assert np.array_equal(codes, unpack_codes(q, (64, 128), 8 if expected == "Q8_0" else 4).numpy())
     back = gguf.quants.dequantize(t.data, t.tensor_type)
-    np.testing.assert_allclose(back, ours, rtol=0, atol=float(scale.max()) * 16 * 2**-10)
+    max_code = 128 if expected == "Q8_0" else 16
+    np.testing.assert_allclose(back, ours, rtol=0, atol=float(scale.max()) * max_code * 2**-11)
     assert not np.array_equal(back, ours)  # ... but not bit-exact: llama.cpp keeps scales in fp16
     # d is the scale rounded to fp16: the only change
     reps = 4 // scale.shape[1]
