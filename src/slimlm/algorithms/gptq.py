@@ -70,30 +70,42 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec,
         block_size = gs * max(1, block_size // gs)  # groups never straddle blocks
     codes = torch.empty(out_f, in_f)
 
+    threads = torch.get_num_threads()
     for i1 in range(0, in_f, block_size):
         i2 = min(i1 + block_size, in_f)
         w1 = w[:, i1:i2].clone()
         err1 = torch.empty_like(w1)
         hinv1 = hinv[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            col = i1 + i
-            if not fixed and col % gs == 0:
-                g = col // gs
-                s_g, z_g = minmax_params(w1[:, i:i + gs], spec.bits, None, spec.symmetric)
-                scale[:, g] = s_g[:, 0]
-                if zero is not None:
-                    zero[:, g] = z_g[:, 0]
-            g = int(group_of[col])
-            s_c = scale[:, g]
-            z_c = 0.0 if zero is None else zero[:, g]
-            x = w1[:, i]
-            q = torch.round(x / s_c + z_c).clamp_(qmin, qmax)
-            codes[:, col] = q
-            err = (x - (q - z_c) * s_c) / hinv1[i, i]
-            w1[:, i:] -= err[:, None] * hinv1[i, i:][None, :]
-            err1[:, i] = err
+        # The column loop is many small ops: one thread avoids per-op fork/join cost (25x faster on a busy
+        # 2-core machine); the block update below is a real matmul and gets all threads back.
+        torch.set_num_threads(1)
+        try:
+            _quantize_block(w1, err1, hinv1, codes, scale, zero, i1, gs, fixed, group_of, spec, qmin, qmax)
+        finally:
+            torch.set_num_threads(threads)
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
 
     if perm is not None:
         codes = codes[:, torch.argsort(perm)]
     return QuantizedWeight(codes.to(torch.int8), scale, None if zero is None else zero.to(torch.int8), spec)
+
+
+def _quantize_block(w1, err1, hinv1, codes, scale, zero, i1, gs, fixed, group_of, spec, qmin, qmax) -> None:
+    """GPTQ's sequential part over one block of columns (in place on ``w1``, ``err1``, ``codes``)."""
+    for i in range(w1.shape[1]):
+        col = i1 + i
+        if not fixed and col % gs == 0:
+            g = col // gs
+            s_g, z_g = minmax_params(w1[:, i:i + gs], spec.bits, None, spec.symmetric)
+            scale[:, g] = s_g[:, 0]
+            if zero is not None:
+                zero[:, g] = z_g[:, 0]
+        g = int(group_of[col])
+        s_c = scale[:, g]
+        z_c = 0.0 if zero is None else zero[:, g]
+        x = w1[:, i]
+        q = torch.round(x / s_c + z_c).clamp_(qmin, qmax)
+        codes[:, col] = q
+        err = (x - (q - z_c) * s_c) / hinv1[i, i]
+        w1[:, i:] -= err[:, None] * hinv1[i, i:][None, :]
+        err1[:, i] = err
