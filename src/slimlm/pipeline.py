@@ -286,6 +286,7 @@ def quantize_model(model: str | Path, output: str | Path, *, scheme: str | Quant
                     acts.put(b, hidden)
                     kwargs_list.append(kwargs)
                 n_batches = len(captured)
+                captured.clear()  # the store (memory or disk) now owns the hidden states
 
             group_choices: dict[str, GroupChoice] = {}
             spec_groups: dict[tuple, set[str]] = {}
