@@ -116,3 +116,45 @@ def test_variant_names():
     assert normalize_variant("w4a16") == "W4A16"
     with pytest.raises(SlimlmError, match="did you mean"):
         normalize_variant("Q4_K_X")
+
+
+def _deepseek_hf_names(spec: ModelSpec) -> list[tuple[str, tuple[int, ...]]]:
+    """Tensor names and shapes of a DeepSeek-V3 HF checkpoint (per-expert matrices, kv_b unsplit, one MTP layer)."""
+    h, f, fe = spec.hidden_size, spec.intermediate_size, spec.moe_intermediate_size
+    names = [("model.embed_tokens.weight", (spec.vocab_size, h)), ("model.norm.weight", (h,)),
+             ("lm_head.weight", (spec.vocab_size, h))]
+    for i in range(spec.n_layers + spec.mtp_layers):
+        p = f"model.layers.{i}."
+        names += [(p + "input_layernorm.weight", (h,)), (p + "post_attention_layernorm.weight", (h,)),
+                  (p + "self_attn.q_a_proj.weight", (spec.q_lora_rank, h)),
+                  (p + "self_attn.q_a_layernorm.weight", (spec.q_lora_rank,)),
+                  (p + "self_attn.q_b_proj.weight", (spec.n_heads * spec.head_dim, spec.q_lora_rank)),
+                  (p + "self_attn.kv_a_proj_with_mqa.weight", (spec.kv_lora_rank + spec.qk_rope_head_dim, h)),
+                  (p + "self_attn.kv_a_layernorm.weight", (spec.kv_lora_rank,)),
+                  (p + "self_attn.kv_b_proj.weight",
+                   (spec.n_heads * (spec.qk_nope_head_dim + spec.v_head_dim), spec.kv_lora_rank)),
+                  (p + "self_attn.o_proj.weight", (h, spec.n_heads * spec.v_head_dim))]
+        if i in spec.moe_layers or i >= spec.n_layers:
+            names += [(p + "mlp.gate.weight", (spec.n_experts, h)),
+                      (p + "mlp.gate.e_score_correction_bias", (spec.n_experts,))]
+            for e in range(spec.n_experts):
+                names += [(p + f"mlp.experts.{e}.gate_proj.weight", (fe, h)),
+                          (p + f"mlp.experts.{e}.up_proj.weight", (fe, h)),
+                          (p + f"mlp.experts.{e}.down_proj.weight", (h, fe))]
+            fs = spec.shared_expert_intermediate_size
+            names += [(p + "mlp.shared_experts.gate_proj.weight", (fs, h)),
+                      (p + "mlp.shared_experts.up_proj.weight", (fs, h)),
+                      (p + "mlp.shared_experts.down_proj.weight", (h, fs))]
+        else:
+            names += [(p + "mlp.gate_proj.weight", (f, h)), (p + "mlp.up_proj.weight", (f, h)),
+                      (p + "mlp.down_proj.weight", (h, f))]
+    return names
+
+
+def test_hf_moe_names_map_to_the_same_gguf_tensors_as_the_spec():
+    from slimlm.inspect.memory import hf_to_gguf_tensors
+
+    config = dict(catalog.lookup("deepseek-r1").config, num_hidden_layers=5, n_routed_experts=8)
+    spec = ModelSpec.from_config(config)
+    mapped = hf_to_gguf_tensors(_deepseek_hf_names(spec), spec)
+    assert sorted((t.name, t.shape) for t in mapped) == sorted((t.name, t.shape) for t in gguf_tensors_from_spec(spec))

@@ -169,6 +169,8 @@ def hf_to_gguf_tensors(named_shapes: Iterable[tuple[str, tuple[int, ...]]], spec
         m = re.search(r"(?:^|\.)layers\.(\d+)\.", name)
         if m and int(m.group(1)) >= spec.n_layers:
             continue  # MTP modules are not part of the model llama.cpp runs
+        if name.endswith("e_score_correction_bias"):  # the converter's renaming, before the map
+            name = name[: -len("_bias")] + ".bias"
         if _EXPERT.search(name):
             stacked.setdefault(_EXPERT.sub(".experts.", name), []).append(shape)
             continue
