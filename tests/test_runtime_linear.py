@@ -114,3 +114,26 @@ def test_kernel_names_say_what_runs():
     assert "_weight_int8pack_mm" in W8A16Linear(q, s).kernel
     q4, s4, z4 = rtn_int4_groups(_weight(32, 64), 32, False)
     assert "_weight_int4pack_mm_for_cpu g32" in W4A16Linear.from_signed(q4, s4, z4, 32).kernel
+
+
+def test_w8a8_siblings_share_one_gemm_and_never_return_a_stale_output():
+    from slimlm.runtime.quantize import fuse_siblings
+
+    if not kernels.onednn_int8_available():
+        pytest.skip("no oneDNN int8 linear in this torch build")
+    parent = torch.nn.Module()
+    for i, (name, n) in enumerate((("q_proj", 64), ("k_proj", 32), ("v_proj", 32))):
+        setattr(parent, name, W8A8Linear(*rtn_int8_per_channel(_weight(n, 64, seed=i))))
+    refs = {name: getattr(parent, name).to_reference() for name in ("q_proj", "k_proj", "v_proj")}
+    assert fuse_siblings(parent) == 1
+    group = parent.q_proj.group
+    assert group is parent.k_proj.group is parent.v_proj.group and parent.k_proj.qweight is None
+    assert "one GEMM with siblings (q_proj+k_proj+v_proj)" in parent.v_proj.kernel
+    assert torch.equal(parent.k_proj.to_reference().weight, refs["k_proj"].weight)  # codes read back exactly
+    x, other = torch.randn(2, 3, 64), torch.randn(2, 3, 64)
+    for name in ("q_proj", "k_proj", "v_proj"):
+        assert rel_err(getattr(parent, name)(x), refs[name](x)) < 1e-5
+    assert rel_err(parent.k_proj(other), refs["k_proj"](other)) < 1e-5  # a different input: recomputed
+    parent.q_proj(x)
+    x.add_(1.0)  # modified in place after the first sibling ran: the version counter forces a recompute
+    assert rel_err(parent.v_proj(x), refs["v_proj"](x)) < 1e-5

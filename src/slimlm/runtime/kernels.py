@@ -1,8 +1,8 @@
 """The low-bit matmul kernels we call, and the per-shape choices between them.
 
-Every choice is measured on this machine (once per shape per process) rather than assumed, and recorded so
-``slimlm generate``/``bench`` can say which kernel each layer used. ``SLIMLM_AUTOTUNE=0`` skips the
-measurements and takes the defaults (useful in tests, where timings mean nothing).
+Choices come from measurements (benchmarks/bench_runtime.py's kernel table, and optionally per shape at
+load with ``SLIMLM_AUTOTUNE=1``) and are recorded on each layer so ``slimlm generate``/``bench`` can say
+which kernel each layer used.
 """
 
 from __future__ import annotations
@@ -20,18 +20,25 @@ W4A16_DEQUANT_MIN_ROWS = 48
 
 
 def autotune_enabled() -> bool:
-    return os.environ.get("SLIMLM_AUTOTUNE", "1") != "0"
+    """Per-shape timing at load is opt-in (``SLIMLM_AUTOTUNE=1``): on a shared, busy machine a few
+    milliseconds of timing pick noise, so by default each scheme takes the kernel the benchmark tables in
+    BENCHMARKS.md measured fastest on every SmolLM2 shape (oneDNN int8 for W8A8)."""
+    return os.environ.get("SLIMLM_AUTOTUNE", "0") == "1"
 
 
-def _best_of(fns: dict[str, callable], repeats: int = 5) -> str:
-    """Name of the fastest function (minimum of ``repeats`` timed calls after one warm-up each)."""
-    best, best_t = None, float("inf")
-    for name, fn in fns.items():
+def _best_of(fns: dict[str, callable], rounds: int = 7, margin: float = 0.1) -> str:
+    """Name of the fastest function: medians over ``rounds`` interleaved timings (so a busy machine slows
+    every candidate alike); the first candidate (the default) is kept unless another beats it by ``margin``."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for fn in fns.values():
         fn()
-        t = min(_timed(fn) for _ in range(repeats))
-        if t < best_t:
-            best, best_t = name, t
-    return best
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            times[name].append(_timed(fn))
+    medians = {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+    default = next(iter(fns))
+    best = min(medians, key=medians.get)
+    return best if medians[best] < (1 - margin) * medians[default] else default
 
 
 def _timed(fn) -> float:
@@ -65,11 +72,12 @@ def int8_backend(k: int, n: int) -> str:
     x = torch.randint(-127, 128, (128, k), dtype=torch.int8, generator=gen)
     w = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=gen)
     x_scale, w_scale, w_kn = torch.ones(128, 1), torch.ones(n), w.t().contiguous()
-    fns = {"int_mm_nk": lambda: int8_matmul_rescale(x, x_scale, w.t(), w_scale),
-           "int_mm_kn": lambda: int8_matmul_rescale(x, x_scale, w_kn, w_scale)}
-    if "onednn" in candidates:
+    fns = {}
+    if "onednn" in candidates:  # first = the default, kept unless another is clearly faster
         packed, zeros = onednn_prepack(w), torch.zeros(n, dtype=torch.int64)
         fns["onednn"] = lambda: onednn_int8_linear(x, packed, w_scale, zeros).mul_(x_scale)
+    fns["int_mm_nk"] = lambda: int8_matmul_rescale(x, x_scale, w.t(), w_scale)
+    fns["int_mm_kn"] = lambda: int8_matmul_rescale(x, x_scale, w_kn, w_scale)
     return _best_of(fns)
 
 
@@ -78,21 +86,64 @@ def onednn_prepack(q: torch.Tensor) -> torch.Tensor:
     return torch.ops.onednn.qlinear_prepack(q.contiguous(), None)
 
 
-def onednn_int8_linear(xq: torch.Tensor, packed: torch.Tensor, w_scale: torch.Tensor, w_zero: torch.Tensor
-                       ) -> torch.Tensor:
-    """fp32 ``(xq @ W.T) * w_scale`` with int32 accumulation; activation scale 1 (applied by the caller)."""
-    return torch.ops.onednn.qlinear_pointwise(xq, 1.0, 0, packed, w_scale, w_zero, None, 1.0, 0, torch.float32,
+def onednn_int8_linear(xq: torch.Tensor, packed: torch.Tensor, w_scale: torch.Tensor, w_zero: torch.Tensor,
+                       out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``(xq @ W.T) * w_scale`` in ``out_dtype`` with int32 accumulation; activation scale 1 (the caller
+    applies the per-token scales: oneDNN's epilogue takes one activation scale, not one per row)."""
+    return torch.ops.onednn.qlinear_pointwise(xq, 1.0, 0, packed, w_scale, w_zero, None, 1.0, 0, out_dtype,
                                               "none", [], "")
+
+
+def scale_rows_(y: torch.Tensor, x_scale: torch.Tensor) -> torch.Tensor:
+    """``y *= x_scale`` per row, in place, with the scales in y's dtype (a bf16 tensor times fp32 scales
+    takes a slow mixed-dtype path: ~8x slower than casting the (M, 1) scales first)."""
+    return y.mul_(x_scale.to(y.dtype))
 
 
 def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric dynamic int8 quantization of each row of a 2-D activation: codes and fp32 scales (M, 1).
 
-    Five cheap passes (abs, amax, div, round in place, cast); |x/scale| <= 127 by construction: no clamp.
+    Works on fp32 or bf16 rows without an up-cast copy (the max of bf16 values is exact; the division
+    promotes to fp32); |x/scale| <= 127 by construction, so no clamp.
     """
-    x = x.float()
-    scale = x.abs().amax(dim=1, keepdim=True).clamp_(min=1e-10).div_(127.0)
-    return torch.div(x, scale).round_().to(torch.int8), scale
+    scale = x.abs().amax(dim=1, keepdim=True).float().clamp_(min=1e-10).div_(127.0)
+    scaled = torch.div(x, scale) if x.dtype == torch.float32 else x.float().div_(scale)
+    return scaled.round_().to(torch.int8), scale
+
+
+class SharedInputQuantizer:
+    """Per-token quantization of one activation, reused by the sibling layers that read the same tensor.
+
+    q/k/v projections read the same normed hidden state, gate/up the same MLP input: quantizing it once
+    instead of once per layer removes 3 of 7 quantization passes per decoder layer. Only layers marked as
+    siblings (``reuse=True``: k/v after q, up after gate) look the memo up; it matches only the very same
+    tensor object (weak reference) with the same version counter where one exists (inference tensors have
+    none; nothing between sibling calls modifies the input in transformers' models).
+    """
+
+    def __init__(self) -> None:
+        self._ref = None
+        self._version: int | None = None
+        self._result: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @staticmethod
+    def _version_of(x: torch.Tensor) -> int | None:
+        try:
+            return x._version
+        except RuntimeError:  # inference tensors do not track versions
+            return None
+
+    def __call__(self, x: torch.Tensor, k: int, reuse: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        import weakref
+
+        if reuse and self._ref is not None and self._ref() is x and self._version_of(x) == self._version:
+            return self._result
+        result = quantize_per_token(x.reshape(-1, k))
+        self._ref, self._version, self._result = weakref.ref(x), self._version_of(x), result
+        return result
+
+
+SHARED_QUANTIZER = SharedInputQuantizer()
 
 
 def int8_matmul_rescale(xq: torch.Tensor, x_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor

@@ -65,7 +65,7 @@ class DequantLinear(QuantLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = x
         if self.act_bits == 8:
-            q, s = kernels.quantize_per_token(x.reshape(-1, self.in_features))
+            q, s = kernels.quantize_per_token(x.reshape(-1, self.in_features).float())
             h = (q.float() * s).reshape(x.shape)
         y = F.linear(h.to(self.weight.dtype), self.weight)
         return self._add_bias(y).to(x.dtype)
@@ -74,13 +74,55 @@ class DequantLinear(QuantLinear):
         return DequantLinear(self.weight.float(), self.bias, torch.float32, self.act_bits)
 
 
+class FusedInt8Group:
+    """One oneDNN int8 GEMM for sibling W8A8 layers that read the same input (q/k/v, gate/up).
+
+    Their weights are concatenated along N and packed once; the first sibling's call quantizes the input
+    and runs the whole GEMM, the later siblings take their column slice of the memoized output (same input
+    object only, as in SharedInputQuantizer). Fewer, wider GEMMs: the k/v projections of small models cost
+    almost nothing extra this way, and the activation is quantized once.
+    """
+
+    def __init__(self, members: list["W8A8Linear"]):
+        self.k = members[0].in_features
+        codes = torch.cat([m.int_weight() for m in members], dim=0)
+        self.packed = kernels.onednn_prepack(codes)
+        self.scale = torch.cat([m.scale for m in members])
+        self.zero = torch.zeros(codes.shape[0], dtype=torch.int64)
+        self.names: list[str] = []
+        self.slices, start = [], 0
+        for m in members:
+            self.slices.append((start, start + m.out_features))
+            start += m.out_features
+        self._ref = None
+        self._version: int | None = None
+        self._out: torch.Tensor | None = None
+
+    def codes(self, index: int) -> torch.Tensor:
+        start, end = self.slices[index]
+        return self.packed.to_dense()[:, start:end].t()
+
+    def __call__(self, x: torch.Tensor, first: bool) -> torch.Tensor:
+        import weakref
+
+        version = kernels.SharedInputQuantizer._version_of(x)
+        if first or self._ref is None or self._ref() is not x or self._version != version:
+            xq, xs = kernels.quantize_per_token(x.reshape(-1, self.k))
+            out_dtype = x.dtype if x.dtype in (torch.float32, torch.bfloat16) else torch.float32
+            y = kernels.onednn_int8_linear(xq, self.packed, self.scale, self.zero, out_dtype)
+            self._out = kernels.scale_rows_(y, xs)
+            self._ref, self._version = weakref.ref(x), version
+        return self._out
+
+
 class W8A8Linear(QuantLinear):
     """int8 per-channel weights × dynamic per-token int8 activations, int32 accumulation.
 
     ``w = q * scale[n]``; activations are quantized per row at run time (symmetric, absmax/127). The GEMM is
-    oneDNN's int8 linear (weight scales fused in its epilogue, then one in-place pass for the per-token
-    scales) or ``torch._int_mm`` (then one rescale pass), whichever ``kernels.int8_backend`` measured faster
-    for this layer's shape.
+    oneDNN's int8 linear (weight scales fused in its epilogue, output in the activation dtype, then one
+    in-place pass for the per-token scales) or ``torch._int_mm`` (then one rescale pass), whichever
+    ``kernels.int8_backend`` measured faster for this layer's shape. Siblings reading the same input may
+    share one GEMM (``FusedInt8Group``, set up by ``fuse_siblings``).
     """
 
     scheme = "w8a8"
@@ -96,9 +138,15 @@ class W8A8Linear(QuantLinear):
         else:  # B as _int_mm reads it: a contiguous (K, N) copy, or the (N, K) weight read transposed
             self.register_buffer("qweight", q.t().contiguous() if self.backend == "int_mm_kn" else q.contiguous())
         self.register_buffer("scale", scale.detach().float().reshape(n).contiguous())
+        self.reuse_input = False  # set by fuse_siblings: same input as the sibling called just before
+        self.group: FusedInt8Group | None = None
+        self.group_index = 0
 
     @property
     def kernel(self) -> str:
+        if self.group is not None:
+            return (f"onednn.qlinear_pointwise int8×int8→int32, one GEMM with siblings "
+                    f"({'+'.join(self.group.names)}), per-token int8 activations")
         if self.backend == "onednn":
             return "onednn.qlinear_pointwise int8×int8→int32 (weight scales fused), per-token int8 activations"
         layout = "kn" if self.backend == "int_mm_kn" else "nk"
@@ -106,18 +154,30 @@ class W8A8Linear(QuantLinear):
 
     def int_weight(self) -> torch.Tensor:
         """The (N, K) int8 codes, whatever the storage."""
+        if self.group is not None:
+            return self.group.codes(self.group_index)
         if self.backend == "onednn":
             return self.qweight.to_dense().t()
         return self.qweight.t() if self.backend == "int_mm_kn" else self.qweight
+
+    def join(self, group: FusedInt8Group, index: int) -> None:
+        """Run through ``group``'s shared GEMM from now on; the layer's own packed copy is dropped."""
+        self.group, self.group_index = group, index
+        self.qweight = None
 
     def weight_bytes(self) -> int:
         return self.in_features * self.out_features + self.scale.numel() * 4
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = x.reshape(-1, self.in_features)
-        xq, xs = kernels.quantize_per_token(x2)
+        if self.group is not None:
+            start, end = self.group.slices[self.group_index]
+            y = self.group(x, first=self.group_index == 0)[:, start:end]
+            return self._add_bias(y).reshape(*x.shape[:-1], self.out_features)
+        xq, xs = kernels.SHARED_QUANTIZER(x, self.in_features, self.reuse_input)
         if self.backend == "onednn":
-            y = kernels.onednn_int8_linear(xq, self.qweight, self.scale, self.zero).mul_(xs)
+            out_dtype = x.dtype if x.dtype in (torch.float32, torch.bfloat16) else torch.float32
+            y = kernels.scale_rows_(kernels.onednn_int8_linear(xq, self.qweight, self.scale, self.zero, out_dtype),
+                                    xs)
         else:
             w = self.qweight if self.backend == "int_mm_kn" else self.qweight.t()
             y = kernels.int8_matmul_rescale(xq, xs, w, self.scale)
@@ -125,7 +185,7 @@ class W8A8Linear(QuantLinear):
 
     def _apply(self, fn, recurse=True):
         # The packed oneDNN weight is an opaque tensor that dtype/device casts must not touch.
-        if self.backend != "onednn":
+        if self.backend != "onednn" or self.qweight is None:
             return super()._apply(fn, recurse)
         packed = self._buffers.pop("qweight")
         try:

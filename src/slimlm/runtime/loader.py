@@ -25,7 +25,7 @@ from torch import nn
 from slimlm.errors import SlimlmError
 from slimlm.runtime import gguf_blocks
 from slimlm.runtime.linear import DequantLinear, QuantLinear, W4A16Linear, W8A8Linear, W8A16Linear
-from slimlm.runtime.quantize import set_module, untie_lm_head
+from slimlm.runtime.quantize import fuse_siblings, set_module, untie_lm_head
 
 # How each GGUF type runs, and what the mapping loses (stated in reports and tested).
 MAPPINGS = {
@@ -47,6 +47,7 @@ def _empty_model(config, dtype: torch.dtype) -> nn.Module:
 
 def _finish(model: nn.Module, plain: dict[str, torch.Tensor], dtype: torch.dtype) -> nn.Module:
     """Load the non-quantized tensors, materialize buffers (rotary tables) and check nothing is missing."""
+    fuse_siblings(model)
     missing = [n for n, p in model.named_parameters() if p.device.type == "meta" and n not in plain]
     tied = getattr(model.config, "tie_word_embeddings", False)
     if tied and "lm_head.weight" in missing and "model.embed_tokens.weight" in plain:
