@@ -77,7 +77,7 @@ def test_cli_generate_json_and_errors():
     data = json.loads(out.stdout)
     assert "Paris" in data["text"] and data["new_tokens"] == len(data["new_ids"][0]) <= 4
     assert sum(data["kernel_counts"].values()) == 211 and data["threads"] == 1
-    assert all("_int_mm" in k for k in data["kernel_counts"])
+    assert all("int8×int8→int32" in k for k in data["kernel_counts"])
     bad = subprocess.run([*CLI, "generate", "builtin", "x", "--top-p", "0"], capture_output=True, text=True,
                          timeout=120)
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "top-p" in bad.stderr
