@@ -35,6 +35,8 @@ def _distributions(rng: np.random.Generator, rows: int, n: int) -> dict[str, np.
         "positive": rng.uniform(0, 1, (rows, n)),
         "zeros": np.zeros((rows, n)),
         "tiny": rng.standard_normal((rows, n)) * 1e-16,  # around GGML's 1e-15 "all zero" threshold
+        "subnormal": rng.standard_normal((rows, n)) * 1e-40,  # inverse scales overflow to inf in C too
+        "large": rng.standard_normal((rows, n)) * 1e10,
         "student_t": rng.standard_t(2, (rows, n)),
         "outliers": outliers,
         "integers": rng.integers(-8, 8, (rows, n)).astype(float),  # exact rounding ties

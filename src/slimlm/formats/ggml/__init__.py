@@ -104,7 +104,8 @@ def quantize(x: np.ndarray, qtype: GGMLQuantizationType | str, imatrix: np.ndarr
         part_qw = None if qw is None else np.ascontiguousarray(qw[start:start + step])
         if bs > 1 and not np.isfinite(part).all():
             raise SlimlmError(f"cannot quantize a tensor with NaN or infinite values to {qt.name}")
-        out[start:start + step] = codec.encode(part, part_qw)
+        with np.errstate(all="ignore"):  # float32 overflow/underflow behave as in C; inputs are finite
+            out[start:start + step] = codec.encode(part, part_qw)
 
     _run_chunks(encode_chunk, range(0, rows.shape[0], step), threads)
     return out.reshape(*x.shape[:-1], n // bs * ts)

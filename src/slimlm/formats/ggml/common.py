@@ -34,11 +34,17 @@ def fp16_round(x: np.ndarray) -> np.ndarray:
     return np.asarray(x, dtype=F32).astype(np.float16).astype(F32)
 
 
+_MAGIC = F32(12582912.0)  # 1.5 * 2**23
+
+
 def nearest_int(x: np.ndarray) -> np.ndarray:
-    """llama.cpp's ``nearest_int``: round half to even (valid for |x| < 2**22, like the C version)."""
-    with np.errstate(invalid="ignore"):
-        r = np.rint(np.clip(x, F32(-4194303.0), F32(4194303.0)))
-    return np.nan_to_num(r, nan=0.0).astype(np.int32)
+    """llama.cpp's ``nearest_int``, bit for bit: add 1.5*2**23 in float32 and read the low mantissa bits.
+
+    Round half to even for |x| < 2**22; for inf/NaN/huge values (which only arise from degenerate
+    inputs) it returns the same arbitrary integers as C, so even those blocks keep C's bytes.
+    """
+    bits = (np.asarray(x, dtype=F32) + _MAGIC).view(np.int32)
+    return (bits & 0x007FFFFF) - 0x00400000
 
 
 def seq_sum(terms: np.ndarray) -> np.ndarray:
@@ -213,12 +219,12 @@ def make_qkx3_quants(x: np.ndarray, weights: np.ndarray, nmax: int, rmin: float 
     tmp2 = np.empty_like(x)
 
     def levels(mn: np.ndarray, iscale: np.ndarray, out: np.ndarray) -> np.ndarray:
-        # v > 0 ? nearest_int(MIN(v, nmax)) : 0, in float32
+        # v > 0 ? nearest_int(MIN(v, nmax)) : 0 in float32 (fmax first: NaN -> 0, inf -> nmax, as in C)
         np.subtract(x, mn, out=out)
         out *= iscale
-        np.minimum(out, fnmax, out=out)
+        np.fmax(out, F32(0), out=out)
+        np.fmin(out, fnmax, out=out)
         np.rint(out, out=out)
-        np.maximum(out, F32(0), out=out)
         return out
 
     def sq_err(scale: np.ndarray, mn: np.ndarray, lv: np.ndarray) -> np.ndarray:
@@ -233,7 +239,8 @@ def make_qkx3_quants(x: np.ndarray, weights: np.ndarray, nmax: int, rmin: float 
         span = np.where(flat, F32(1), vmax - vmin).astype(F32)
         iscale = fnmax / span
         scale = (F32(1) / iscale).astype(F32)
-        L = levels(vmin, iscale, np.empty_like(x))
+        # first grid: MAX(0, MIN(nmax, nearest_int(v))) with C's integer semantics (v may be inf for tiny spans)
+        L = np.clip(nearest_int(iscale * (x - vmin)), 0, nmax).astype(F32)
         best = sq_err(scale, vmin, L)
         cur_min = vmin.copy()
         for step in range(nstep + 1):

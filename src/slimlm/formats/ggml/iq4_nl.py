@@ -27,8 +27,8 @@ NTRY = 7
 def _lut_pos(x: np.ndarray) -> np.ndarray:
     v = np.add(x, x)
     np.floor(v, out=v)
-    np.minimum(v, F32(_HI), out=v)
-    np.maximum(v, F32(_LO), out=v)
+    np.fmax(v, F32(_LO), out=v)  # NaN (from overflowing inputs) -> index 0, as C's comparisons give
+    np.fmin(v, F32(_HI), out=v)
     v -= F32(_LO)
     return v.astype(np.intp)
 
