@@ -2,7 +2,6 @@
 
 import json
 
-import gguf
 import pytest
 
 from slimlm.checkpoint import open_checkpoint
@@ -91,12 +90,13 @@ def test_kv_cache_gqa_mla_and_sliding():
 
 
 def test_file_size_of_the_shipped_gguf_is_exact(smollm2_gguf):
-    reader = gguf.GGUFReader(smollm2_gguf)
-    from slimlm.formats.gguf_mix import TensorInfo
+    from slimlm.inspect.memory import metadata_bytes_of
 
-    tensors = [TensorInfo(t.name, tuple(int(d) for d in reversed(t.shape)), t.tensor_type) for t in reader.tensors]
+    ckpt = open_checkpoint(smollm2_gguf)
+    tensors = gguf_tensors_from_checkpoint(ckpt)
     plan = {t.name: t.type for t in tensors}
-    assert gguf_file_bytes(tensors, plan, gguf_metadata_bytes(str(smollm2_gguf))) == smollm2_gguf.stat().st_size
+    assert gguf_file_bytes(tensors, plan, metadata_bytes_of(ckpt.tensors)) == smollm2_gguf.stat().st_size
+    assert gguf_metadata_bytes(str(smollm2_gguf)) == metadata_bytes_of(ckpt.tensors)
 
 
 def test_checkpoint_tensor_lists_match_the_spec(tiny_llama_dir, smollm2_gguf):

@@ -19,7 +19,7 @@ from slimlm.inspect.memory import (
     RUNTIME_OVERHEAD_DOC,
     VARIANTS,
     estimate_memory,
-    gguf_metadata_bytes,
+    metadata_bytes_of,
     gguf_tensors_from_checkpoint,
     gguf_tensors_from_spec,
     kv_cache,
@@ -97,7 +97,7 @@ def load_model_facts(model: str | Path) -> ModelFacts:
         facts = ModelFacts(path.name, spec, tensors, source_dtype=_config_dtype(ckpt.config),
                            stored_bytes=sum(t.nbytes for t in ckpt.tensors), stored_format=ckpt.format)
         if ckpt.format == "gguf":
-            facts.metadata_bytes = gguf_metadata_bytes(str(path))
+            facts.metadata_bytes = metadata_bytes_of(ckpt.tensors)
             facts.source_dtype = None
         return facts
     from slimlm.inspect import catalog

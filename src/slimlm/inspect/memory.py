@@ -332,9 +332,22 @@ def estimate_metadata_bytes(vocab_size: int) -> int:
 
 
 def gguf_metadata_bytes(path: str) -> int:
-    """The exact key-value metadata size of an existing GGUF file (header only, no tensor data read)."""
-    reader = gguf.GGUFReader(path)
-    return sum(sum(int(p.nbytes) for p in f.parts) for f in reader.fields.values() if not f.name.startswith("GGUF."))
+    """Key-value metadata bytes of an existing GGUF file, alignment padding included (header only)."""
+    from pathlib import Path
+
+    from slimlm.checkpoint.gguf_file import read_gguf
+
+    return metadata_bytes_of(read_gguf(Path(path))[0])
+
+
+def metadata_bytes_of(gguf_tensors: Sequence[Any]) -> int:
+    """Metadata bytes of an opened GGUF from its tensors' absolute offsets: the data starts right after the
+    fixed header, the key-value pairs, the tensor infos and the alignment padding."""
+    if not gguf_tensors:
+        return 0
+    start = min(int(t.offset) for t in gguf_tensors)
+    infos = sum(8 + len(t.name.encode()) + 4 + 8 * len(t.shape) + 4 + 8 for t in gguf_tensors)
+    return start - 24 - infos
 
 
 # ------------------------------------------------------------------------------------------ KV cache
