@@ -144,9 +144,8 @@ def load_compressed_tensors(model_dir: Path, reference: bool = False,
         raise SlimlmError(f"{model_dir} is not a compressed-tensors model (no quantization_config)")
     del config.quantization_config
     state = _read_safetensors(model_dir)
-    bits = {g["weights"]["num_bits"] for g in qcfg["config_groups"].values()}
-    acts = any(g.get("input_activations") for g in qcfg["config_groups"].values())
-    dtype = torch.float32 if reference or (bits == {8} and acts) else torch.bfloat16
+    # bf16 around the low-bit kernels (what they take and give); fp32 for the reference
+    dtype = torch.float32 if reference else torch.bfloat16
     model = _empty_model(config, dtype)
     linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     plain = {k: v for k, v in state.items()
