@@ -35,6 +35,8 @@ GGUF_VARIANTS = ("F32", "BF16", "F16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q4_K
 CT_VARIANTS = ("W8A8", "W4A16")
 # 4-bit formats of AutoAWQ / AutoGPTQ checkpoints (group 128, scales + packed zero points), sized by explain.
 INT4_FORMATS = ("AWQ", "GPTQ")
+# DeepSeek-V3/R1's published format: FP8 (E4M3) weights with one float32 inverse scale per 128 x 128 block.
+FP8_BLOCK = 128
 VARIANTS = ("F32", "BF16", "F16", "Q8_0", "W8A8", "Q6_K", "Q5_K_M", "Q5_K_S", "Q4_K_M", "W4A16", "Q4_K_S",
             "Q4_0", "Q3_K_M", "Q2_K")
 
@@ -228,7 +230,7 @@ class WeightEstimate:
 def normalize_variant(name: str) -> str:
     """'q4_k_m' -> 'Q4_K_M', 'fp16' -> 'F16', 'w4a16' -> 'W4A16'; unknown names raise SlimlmError."""
     key = name.strip().upper().replace("-", "_")
-    if key in CT_VARIANTS or key in INT4_FORMATS:
+    if key in CT_VARIANTS or key in INT4_FORMATS or key == "FP8":
         return key
     return normalize_ftype(key)
 
@@ -290,15 +292,19 @@ def ct_weight_estimate(tensors: Sequence[TensorInfo], variant: str, dtype_bytes:
             per = rows * cols // 2 + groups * rows * 2 + groups * math.ceil(rows / 8) * 4
             if v == "GPTQ":
                 per += cols * 4
+        elif v == "FP8":
+            per = rows * cols + math.ceil(rows / FP8_BLOCK) * math.ceil(cols / FP8_BLOCK) * 4
         else:
             raise SlimlmError(f"unknown compressed-tensors scheme {variant!r}; known: {', '.join(CT_VARIANTS)}")
         total += mats * per
     float_name = {2: "BF16", 4: "F32"}.get(dtype_bytes, f"{dtype_bytes * 8}-bit float")
     if v in INT4_FORMATS:
         float_name = "F16"
-    counts = {"INT8" if v == "W8A8" else "INT4": quantized, float_name: params - quantized}
+    qname = {"W8A8": "INT8", "FP8": "FP8"}.get(v, "INT4")
+    counts = {qname: quantized, float_name: params - quantized}
     high = [f"embeddings, lm_head, norms and biases stay {float_name}",
-            "one scale per output channel" if v == "W8A8" else f"one scale per {W4A16_GROUP} weights"]
+            {"W8A8": "one scale per output channel",
+             "FP8": f"one float32 scale per {FP8_BLOCK}x{FP8_BLOCK} block"}.get(v, f"one scale per {W4A16_GROUP} weights")]
     return WeightEstimate(v, total, params, counts, high)
 
 
@@ -306,7 +312,7 @@ def weight_estimate(tensors: Sequence[TensorInfo], arch: ArchFacts, variant: str
                     dtype_bytes: int = 2) -> WeightEstimate:
     """Weights of any variant: a GGUF mix or a compressed-tensors scheme."""
     v = normalize_variant(variant)
-    if v in CT_VARIANTS or v in INT4_FORMATS:
+    if v in CT_VARIANTS or v in INT4_FORMATS or v == "FP8":
         return ct_weight_estimate(tensors, v, dtype_bytes)
     return gguf_weight_estimate(tensors, arch, v)[0]
 
@@ -441,7 +447,7 @@ def estimate_memory(spec: ModelSpec, variant: str, *, context: int = 4096, batch
     arch = arch_facts(spec)
     v = normalize_variant(variant)
     file_bytes = None
-    if v in CT_VARIANTS or v in INT4_FORMATS:
+    if v in CT_VARIANTS or v in INT4_FORMATS or v == "FP8":
         weights = ct_weight_estimate(tensors, v, dtype_bytes)
     else:
         weights, plan = gguf_weight_estimate(tensors, arch, v)

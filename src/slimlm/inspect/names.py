@@ -122,6 +122,7 @@ _QUANT_TOKEN = re.compile(
 
 _FAMILY_WORDS = {
     "deepseek": "DeepSeek: models from the Chinese lab DeepSeek-AI",
+    "meta": "Meta: the company that publishes Llama",
     "r1": "R1: DeepSeek's first reasoning model, trained with reinforcement learning to think step by step "
           "before it answers (built on the DeepSeek-V3 architecture, 671B parameters, mixture of experts)",
     "v3": "V3: DeepSeek's 671B mixture-of-experts base model, with multi-head latent attention",
@@ -328,6 +329,10 @@ def explain(name: str, *, context: int = 4096, batch: int = 1) -> dict[str, Any]
         if count.active is not None:
             params.update(active=count.active, active_billions=round(count.active / 1e9, 1))
         params["note"] = _label_note(entry.label, count.total, spec)
+        if count.mtp:
+            notes.append(f"the checkpoint also stores a multi-token-prediction module ({count.mtp / 1e9:.1f}B "
+                         "parameters) used only for speculative decoding; counts and sizes here leave it out, "
+                         "as llama.cpp does")
         out["model"] = entry.name
     else:
         spec = None
@@ -361,10 +366,13 @@ def explain(name: str, *, context: int = 4096, batch: int = 1) -> dict[str, Any]
     else:
         out["quantization"] = None
         if spec is not None:
-            notes.append("the name gives no quantization; sizes below are for the BF16 original")
-            est = estimate_memory(spec, "BF16", context=context, batch=batch)
-            out["estimated_file_bytes"] = est.file_bytes
-            out["estimated_file_gb"] = round(est.file_bytes / 1e9, 2) if est.file_bytes else None
+            qc = (entry.config.get("quantization_config") or {}) if entry is not None else {}
+            original = "FP8" if qc.get("quant_method") == "fp8" else "BF16"
+            notes.append(f"the name gives no quantization; sizes below are for the {original} original"
+                         + (" (FP8 weights with 128x128-block scales, as published)" if original == "FP8" else ""))
+            est = estimate_memory(spec, original, context=context, batch=batch)
+            out["estimated_file_bytes"] = est.file_bytes if est.file_bytes is not None else est.weights.bytes
+            out["estimated_file_gb"] = round(out["estimated_file_bytes"] / 1e9, 2)
             out["memory"] = {"context": context, "batch": batch, "weights_bytes": est.weights.bytes,
                              "kv_cache_bytes": est.kv.bytes, "overhead_bytes": est.overhead,
                              "total_bytes": est.total, "total_gib": round(est.total / 2**30, 2)}
