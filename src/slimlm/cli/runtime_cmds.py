@@ -54,6 +54,6 @@ def generate(
     d = result.to_dict()
     err_console.print(f"[dim]{d['new_tokens']} tokens · prompt {result.prompt_lengths[0]} tokens · "
                       f"TTFT {d['ttft_ms']:.0f} ms · decode {d['decode_tokens_per_s']:.1f} tok/s · "
-                      f"ITL p50 {d['itl_p50_ms']:.1f} ms[/]", highlight=False)
+                      f"ITL p50 {d['itl_p50_ms']:.1f} ms[/]", highlight=False, soft_wrap=True)
     for kernel, count in summary.items():
-        err_console.print(f"[dim]  {count:4d} layers: {kernel}[/]", highlight=False)
+        err_console.print(f"[dim]  {count:4d} layers: {kernel}[/]", highlight=False, soft_wrap=True)
