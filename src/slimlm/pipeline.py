@@ -198,9 +198,28 @@ def quantize_model(model: str | Path, output: str | Path, *, scheme: str | Quant
                    seq_len: int = DEFAULT_SEQ_LEN, act_dynamic: bool = True,
                    smoothing_strength: float = DEFAULT_STRENGTH, actorder: bool = True, batch_size: int = 4,
                    spill_dir: str | Path | None = None, threads: int | None = None,
-                   uniform_groups: bool = True, overwrite: bool = False, progress: Callable[[int, int, str], None] | None = None,
-                   ) -> QuantizeResult:
-    """Quantize an HF model dir to a compressed-tensors dir; see module docstring for the streaming order."""
+                   uniform_groups: bool = True, overwrite: bool = False,
+                   progress: Callable[[int, int, str], None] | None = None) -> QuantizeResult:
+    """Quantize an HF model dir to a compressed-tensors dir; see module docstring for the streaming order.
+
+    ``threads`` sets torch's CPU threads for the run (restored afterwards).
+    """
+    previous = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(int(threads))
+    try:
+        return _quantize_model(model, output, scheme=scheme, method=method, group_size=group_size,
+                               symmetric=symmetric, ignore=ignore, calib=calib, samples=samples, seq_len=seq_len,
+                               act_dynamic=act_dynamic, smoothing_strength=smoothing_strength, actorder=actorder,
+                               batch_size=batch_size, spill_dir=spill_dir, uniform_groups=uniform_groups,
+                               overwrite=overwrite, progress=progress)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _quantize_model(model, output, *, scheme, method, group_size, symmetric, ignore, calib, samples, seq_len,
+                    act_dynamic, smoothing_strength, actorder, batch_size, spill_dir, uniform_groups, overwrite,
+                    progress) -> QuantizeResult:
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -214,8 +233,6 @@ def quantize_model(model: str | Path, output: str | Path, *, scheme: str | Quant
     cfg = scheme if isinstance(scheme, QuantConfig) else get_scheme(
         scheme, group_size=group_size, symmetric=symmetric, ignore=ignore, act_dynamic=act_dynamic)
     method = check_method(cfg, method)
-    if threads:
-        torch.set_num_threads(int(threads))
 
     hf_config = AutoConfig.from_pretrained(model_dir)
     if getattr(hf_config, "quantization_config", None):
