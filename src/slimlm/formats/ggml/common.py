@@ -91,9 +91,7 @@ def round_clip(v: np.ndarray, lo: float, hi: float) -> np.ndarray:
     ``np.rint`` is round-half-even, the same as nearest_int's magic-number add for |v| < 2**22.
     """
     np.rint(v, out=v)
-    np.minimum(v, F32(hi), out=v)
-    np.maximum(v, F32(lo), out=v)
-    return v
+    return np.clip(v, F32(lo), F32(hi), out=v)
 
 
 def make_qx_quants(x: np.ndarray, nmax: int, qw: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -120,21 +118,24 @@ def make_qx_quants(x: np.ndarray, nmax: int, qw: np.ndarray | None = None) -> tu
         suml2 = seq_sum(np.multiply(tmp, lf, out=tmp))
         return sumlx, suml2
 
-    sumlx, suml2 = fit(-fnmax / vmax)
-    L = lf.copy()
+    best_iscale = (-fnmax / vmax).astype(F32)
+    sumlx, suml2 = fit(best_iscale)
     scale = safe_div(sumlx, suml2)
     best = scale * sumlx
-    for step in range(-9, 10):
-        if step == 0:
-            continue
-        iscale = -(fnmax + F32(0.1) * F32(step)) / vmax
-        sumlx, suml2 = fit(iscale)
-        better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
-        if better.any():
-            np.copyto(L, lf, where=better[None])
-            scale = np.where(better, safe_div(sumlx, suml2), scale)
-            best = np.where(better, scale * sumlx, best)
-    L = (L.astype(np.int32) + nmax)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        for step in range(-9, 10):
+            if step == 0:
+                continue
+            iscale = -(fnmax + F32(0.1) * F32(step)) / vmax
+            sumlx, suml2 = fit(iscale)
+            better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
+            if better.any():
+                # remember the winning grid; its levels are recomputed once at the end
+                best_iscale = np.where(better, iscale, best_iscale)
+                scale = np.where(better, sumlx / suml2, scale)
+                best = np.where(better, scale * sumlx, best)
+    round_clip(np.multiply(best_iscale, x, out=lf), -nmax, nmax - 1)
+    L = (lf.astype(np.int32) + nmax)
     L[:, zero] = 0
     scale = np.where(zero, F32(0), scale).astype(F32)
     return scale, L
@@ -243,6 +244,9 @@ def make_qkx3_quants(x: np.ndarray, weights: np.ndarray, nmax: int, rmin: float 
         L = np.clip(nearest_int(iscale * (x - vmin)), 0, nmax).astype(F32)
         best = sq_err(scale, vmin, L)
         cur_min = vmin.copy()
+        # a winning grid is remembered as (iscale, anchor min); its levels are recomputed once at the end
+        won = np.zeros(x.shape[1], dtype=bool)
+        best_iscale, best_anchor = iscale, vmin
         for step in range(nstep + 1):
             span = np.where(flat, F32(1), vmax - cur_min).astype(F32)
             iscale = ((F32(rmin) + F32(rdelta) * F32(step)) + fnmax) / span
@@ -262,10 +266,14 @@ def make_qkx3_quants(x: np.ndarray, weights: np.ndarray, nmax: int, rmin: float 
             err = sq_err(this_scale, this_min, lf)
             better = ok & (err < best)
             if better.any():
-                np.copyto(L, lf, where=better[None])
+                won |= better
+                best_iscale = np.where(better, iscale, best_iscale)
+                best_anchor = np.where(better, cur_min, best_anchor)
                 best = np.where(better, err, best)
                 scale = np.where(better, this_scale, scale).astype(F32)
                 cur_min = np.where(better, this_min, cur_min).astype(F32)
+        if won.any():
+            np.copyto(L, levels(best_anchor, best_iscale, lf), where=won[None])
     L = L.astype(np.int32)
     L[:, flat] = 0
     scale = np.where(flat, F32(0), scale).astype(F32)
