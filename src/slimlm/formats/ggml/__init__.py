@@ -32,6 +32,7 @@ _CHUNK_ELEMENTS = 1 << 16
 class Codec(NamedTuple):
     encode: Encoder
     decode: Decoder
+    chunk: int = _CHUNK_ELEMENTS  # values per encode call; searches with many small steps like bigger ones
 
 
 REGISTRY: dict[GGMLQuantizationType, Codec] = {}
@@ -97,7 +98,7 @@ def quantize(x: np.ndarray, qtype: GGMLQuantizationType | str, imatrix: np.ndarr
             raise SlimlmError(f"importance matrix of shape {imatrix.shape} does not fit a tensor of shape "
                               f"{x.shape}") from None
     out = np.empty((rows.shape[0], n // bs * ts), dtype=np.uint8)
-    step = max(1, _CHUNK_ELEMENTS // n)
+    step = max(1, codec.chunk // n)
 
     def encode_chunk(start: int) -> None:
         part = np.ascontiguousarray(rows[start:start + step], dtype=np.float32)
@@ -163,7 +164,7 @@ def _register() -> None:
     REGISTRY[T.Q5_1] = Codec(legacy.encode_q5_1, legacy.decode_q5_1)
     REGISTRY[T.IQ4_NL] = Codec(iq4_nl.encode, iq4_nl.decode)
     REGISTRY[T.Q6_K] = Codec(q6_k.encode, q6_k.decode)
-    REGISTRY[T.Q3_K] = Codec(q3_k.encode, q3_k.decode)
+    REGISTRY[T.Q3_K] = Codec(q3_k.encode, q3_k.decode, chunk=1 << 17)
     # k-quants of the other codec modules, one line each, e.g.:
     # from . import q4_k; REGISTRY[T.Q4_K] = Codec(q4_k.encode, q4_k.decode)
     from . import q2_k; REGISTRY[T.Q2_K] = Codec(q2_k.encode, q2_k.decode)  # noqa: E702
