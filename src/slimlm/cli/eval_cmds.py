@@ -45,6 +45,9 @@ def eval_cmd(
                                              "saved without one."),
     text_field: str = typer.Option("text", "--text-field", help="JSONL / dataset field holding the text."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --save-ref file."),
+    act_quant: str = typer.Option("none", "--act-quant", help="none: evaluate a GGUF's dequantized weights "
+                                  "exactly; llama.cpp: also round each matmul input as llama.cpp's CPU kernels do "
+                                  "(Q8_K / Q8_0 / f16 by weight type), to compare with llama.cpp's numbers."),
     json_out: bool = JSON_OPTION,
 ) -> None:
     """Perplexity ± standard error with llama.cpp's protocol; with --ref, KL divergence and top-1 agreement."""
@@ -53,7 +56,7 @@ def eval_cmd(
     with _progress_bar("evaluating windows") as update:
         report = api.evaluate(model, data, ref=ref, ctx=ctx, chunks=chunks, batch_size=batch_size, dtype=dtype,
                               save_ref=save_ref, ref_top_k=ref_top_k, tokenizer=tokenizer, text_field=text_field,
-                              overwrite=overwrite, progress=update)
+                              overwrite=overwrite, act_quant=act_quant, progress=update)
     if json_out:
         print_json(report)
         return

@@ -32,12 +32,18 @@ Progress = Callable[[int, int], None]  # (windows done, windows total)
 def evaluate(model: str | Path | LoadedModel, data: str | Path, *, ref: str | Path | LoadedModel | None = None,
              ctx: int = 512, chunks: int | None = None, batch_size: int = 1, dtype: str = "fp32",
              save_ref: str | Path | None = None, ref_top_k: int = 0, tokenizer: str | Path | None = None,
-             text_field: str = "text", overwrite: bool = False, progress: Progress | None = None) -> dict[str, Any]:
+             text_field: str = "text", overwrite: bool = False, act_quant: str = "none",
+             progress: Progress | None = None) -> dict[str, Any]:
     """Perplexity (± standard error) of ``model`` on ``data``; with ``ref``, KL(P_ref ‖ P_model) and top-1.
 
     ``save_ref`` stores the reference's log-probs (``ref`` when it is a model, else ``model`` itself):
     full float16 when ``ref_top_k`` is 0, else the top-k per token plus a tail bucket.
+    ``act_quant="llama.cpp"`` rounds the Linear inputs of GGUF models as llama.cpp's CPU kernels do
+    (see slimlm.evaluate.act_quant), to reproduce llama.cpp's numbers; the default evaluates the
+    dequantized weights exactly.
     """
+    if act_quant not in ("none", "llama.cpp"):
+        raise SlimlmError(f"--act-quant must be none or llama.cpp, not {act_quant!r}")
     started = time.perf_counter()
     ref_file = RefReader(ref) if ref is not None and not isinstance(ref, LoadedModel) and is_ref_file(ref) else None
     main = model if isinstance(model, LoadedModel) else load_model(model, dtype, tokenizer=tokenizer)
@@ -56,6 +62,8 @@ def evaluate(model: str | Path | LoadedModel, data: str | Path, *, ref: str | Pa
         if ref_model.info.vocab_size != main.info.vocab_size:
             raise SlimlmError(f"MODEL has {main.info.vocab_size} output logits but REF has "
                               f"{ref_model.info.vocab_size}: KLD needs the same vocabulary")
+    if act_quant == "llama.cpp" and not any(lm is not None and lm.info.format == "gguf" for lm in (main, ref_model)):
+        raise SlimlmError("--act-quant llama.cpp applies to GGUF models; neither MODEL nor REF is one")
     if ref_file is not None and ref_file.vocab != main.info.vocab_size:
         raise SlimlmError(f"{ref_file.path} holds {ref_file.vocab}-way log-probs but MODEL has "
                           f"{main.info.vocab_size} logits: not the same vocabulary")
@@ -66,7 +74,16 @@ def evaluate(model: str | Path | LoadedModel, data: str | Path, *, ref: str | Pa
         _, n_scored = scored_span(ctx)
         writer = RefWriter(save_ref, windows, n_scored, source.info.vocab_size, ref_top_k,
                            metadata={"model": source.info.path, "data": str(data)}, overwrite=overwrite)
+    emulated: dict[str, Any] = {}
+    handles: list[Any] = []
     try:
+        if act_quant == "llama.cpp":
+            from slimlm.evaluate.act_quant import emulate_llama_cpp_activations
+
+            for role, lm in (("model", main), ("ref", ref_model)):
+                if lm is not None and lm.info.format == "gguf":
+                    emulated[role], hs = emulate_llama_cpp_activations(lm.model, lm.info.path)
+                    handles += hs
         result = _run(main, ref_model, ref_file, windows, batch_size, writer, progress)
         if writer is not None:
             writer.finish()
@@ -74,6 +91,9 @@ def evaluate(model: str | Path | LoadedModel, data: str | Path, *, ref: str | Pa
         if writer is not None:
             writer.abort()
         raise
+    finally:
+        for handle in handles:  # a caller's LoadedModel goes back unchanged
+            handle.remove()
     seconds = time.perf_counter() - started
     n_scored_total = result["perplexity"]["n_tokens"]
     report: dict[str, Any] = {
@@ -85,6 +105,7 @@ def evaluate(model: str | Path | LoadedModel, data: str | Path, *, ref: str | Pa
         **result,
         "seconds": seconds,
         "scored_tokens_per_second": n_scored_total / seconds,
+        "act_quant": {"mode": act_quant, **({"linears": emulated} if emulated else {})},
     }
     if ref_model is not None:
         report["ref"] = {"kind": "model", **ref_model.info.to_dict()}

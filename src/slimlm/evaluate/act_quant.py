@@ -1,0 +1,101 @@
+"""Optional: evaluate a GGUF model with llama.cpp's CPU activation rounding, to reproduce its numbers.
+
+slimlm evaluates a GGUF file's dequantized weights in fp32: the quality the weights themselves allow.
+llama.cpp's CPU matmuls additionally quantize each matmul's input activations to the weight type's
+"vec_dot" type: Q8_K blocks of 256 for K-quants and IQ types, Q8_0 / Q8_1 blocks of 32 for legacy
+quants, f16 for F16 weights. The integer dot products it then computes equal dequant(W) . dequant(x)
+(up to summation order), so rounding the Linear inputs the same way in torch adds the same kind and
+amount of noise. It is an approximation, not a bit-exact replica: on a tiny Q8_0 model it removes about
+a third of the logit gap to llama.cpp, and on SmolLM2 Q4_K_M the emulated and llama.cpp outputs still
+differ by a KLD of the same size as the rounding itself (~0.0035 nats); see BENCHMARKS.md.
+
+The roundings below follow ggml's reference quantizers (quantize_row_q8_K_ref / q8_0 / q8_1); they are
+written here because no field library exposes activation fake-quantization in these exact formats.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from slimlm.errors import SlimlmError
+
+QK_K, QK8_0 = 256, 32
+
+
+def fake_q8_K(x: torch.Tensor) -> torch.Tensor:
+    """Round to Q8_K and back: per 256 values, scale -127/(signed value of largest magnitude)."""
+    shape, dtype = x.shape, x.dtype
+    xb = x.reshape(-1, QK_K).float()
+    signed_max = xb.gather(-1, xb.abs().argmax(-1, keepdim=True))  # first largest magnitude, as ggml
+    nonzero = signed_max != 0
+    iscale = torch.where(nonzero, -127.0 / torch.where(nonzero, signed_max, 1.0), 0.0)
+    q = torch.round(iscale * xb).clamp(max=127)
+    d = torch.where(nonzero, 1.0 / torch.where(nonzero, iscale, 1.0), 0.0)
+    return (q * d).reshape(shape).to(dtype)
+
+
+def fake_q8_0(x: torch.Tensor) -> torch.Tensor:
+    """Round to Q8_0 (= Q8_1's values) and back: per 32 values, d = amax/127 stored as f16."""
+    shape, dtype = x.shape, x.dtype
+    xb = x.reshape(-1, QK8_0).float()
+    d = xb.abs().amax(-1, keepdim=True) / 127.0
+    inv = torch.where(d != 0, 1.0 / torch.where(d != 0, d, 1.0), 0.0)
+    q = torch.round(xb * inv)
+    return (q * d.half().float()).reshape(shape).to(dtype)
+
+
+def _via(dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
+    return lambda x: x.to(dtype).to(x.dtype)
+
+
+# ggml weight type -> how ggml-cpu rounds the other operand (its type_traits_cpu vec_dot_type)
+_ROUNDING: dict[str, Callable[[torch.Tensor], torch.Tensor] | None] = {
+    "F32": None, "F16": _via(torch.float16), "BF16": _via(torch.bfloat16),
+    "Q4_0": fake_q8_0, "Q4_1": fake_q8_0, "Q5_0": fake_q8_0, "Q5_1": fake_q8_0, "Q8_0": fake_q8_0,
+    "IQ4_NL": fake_q8_0,
+    "Q2_K": fake_q8_K, "Q3_K": fake_q8_K, "Q4_K": fake_q8_K, "Q5_K": fake_q8_K, "Q6_K": fake_q8_K,
+    "IQ2_XXS": fake_q8_K, "IQ2_XS": fake_q8_K, "IQ2_S": fake_q8_K, "IQ3_XXS": fake_q8_K, "IQ3_S": fake_q8_K,
+    "IQ1_S": fake_q8_K, "IQ1_M": fake_q8_K, "IQ4_XS": fake_q8_K, "TQ1_0": fake_q8_K, "TQ2_0": fake_q8_K,
+}
+
+
+def emulate_llama_cpp_activations(model: torch.nn.Module, gguf_path: str | Path
+                                  ) -> tuple[dict[str, int], list[torch.utils.hooks.RemovableHandle]]:
+    """Round every Linear's input as llama.cpp's CPU backend does for that tensor's type in ``gguf_path``.
+
+    Returns how many Linear layers got each rounding (e.g. {"Q8_K": 91, "Q8_0": 120}) and the hook
+    handles (``handle.remove()`` restores plain fp32 evaluation).
+    """
+    import gguf
+
+    reader = gguf.GGUFReader(str(gguf_path))
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    field = reader.get_field("general.architecture")
+    arch_name = field.contents() if field is not None else "llama"
+    arch = next((a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch_name), None)
+    if arch is None:
+        raise SlimlmError(f"{gguf_path}: unknown GGUF architecture {arch_name!r}")
+    n_layers = int(getattr(model.config, "num_hidden_layers", 0))
+    name_map = gguf.get_tensor_name_map(arch, n_layers)
+    counts: dict[str, int] = {}
+    handles = []
+    for module_name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear):
+            continue
+        gname = name_map.get_name(module_name)
+        if gname == "output" and "output.weight" not in types:
+            gname = "token_embd"  # tied embeddings: llama.cpp multiplies by token_embd
+        qtype = types.get(f"{gname}.weight") if gname else None
+        if qtype is None:
+            raise SlimlmError(f"{gguf_path}: no GGUF tensor for {module_name}; cannot emulate llama.cpp")
+        if qtype not in _ROUNDING:
+            raise SlimlmError(f"{gguf_path}: llama.cpp activation rounding for {qtype} is not known to slimlm")
+        rounding = _ROUNDING[qtype]
+        label = {fake_q8_K: "Q8_K", fake_q8_0: "Q8_0"}.get(rounding, qtype if rounding else "none")
+        counts[label] = counts.get(label, 0) + 1
+        if rounding is not None:
+            handles.append(module.register_forward_pre_hook(lambda _m, args, r=rounding: (r(args[0]), *args[1:])))
+    return counts, handles
