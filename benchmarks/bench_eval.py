@@ -123,7 +123,8 @@ def kld_decomposition(f16_path: Path, q_path: Path, f16_lm, q_lm, q_emu_lm, wind
     sums: dict[str, list[np.ndarray]] = {"cpp": [], "cpp_top1": [], "q_cross": [], "f16_cross": [],
                                          "q_emu_cross": []}
     streams = zip(llama_cpp_logprobs(cpp_f16, text, chunks), llama_cpp_logprobs(cpp_q, text, chunks),
-                  iter_scored_logprobs(f16_lm.model, windows[:chunks]), iter_scored_logprobs(q_lm.model, windows[:chunks]),
+                  iter_scored_logprobs(f16_lm.model, windows[:chunks]),
+                  iter_scored_logprobs(q_lm.model, windows[:chunks]),
                   iter_scored_logprobs(q_emu_lm.model, windows[:chunks]))
     for (a, targets), (b, _), (_, _, ours_f16), (_, _, ours_q), (_, _, ours_q_emu) in streams:
         of16, oq, oqe = ours_f16[0].double().numpy(), ours_q[0].double().numpy(), ours_q_emu[0].double().numpy()

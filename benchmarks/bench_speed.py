@@ -48,7 +48,8 @@ def main() -> None:
     table_rows = []
     for label, r in sorted(rows, key=lambda x: x[1]["batch"]):
         b = base[r["batch"]]
-        table_rows.append([label, r["batch"], f"{r['prefill_tok_s']:.0f}", f"{r['prefill_tok_s'] / b['prefill_tok_s']:.2f}×",
+        table_rows.append([label, r["batch"], f"{r['prefill_tok_s']:.0f}",
+                           f"{r['prefill_tok_s'] / b['prefill_tok_s']:.2f}×",
                            f"{r['decode_tok_s']:.1f}", f"{r['decode_tok_s'] / b['decode_tok_s']:.2f}×",
                            f"{r['ttft_ms']:.0f}", f"{r['itl_p50_ms']:.1f}", f"{r['itl_p95_ms']:.1f}",
                            f"{r['peak_rss_mb']:.0f}"])
@@ -58,7 +59,8 @@ def main() -> None:
              f"one warm-up then the median of {args.runs} runs per row (`slimlm bench`). Decode tok/s counts "
              "all sequences of the batch. Peak RSS is the process high-water mark over that row's runs, reset "
              "before them; it includes the interpreter, libraries and the loaded model (RSS just before the "
-             f"runs ranged {min(r['rss_before_mb'] for _, r in rows):.0f}-{max(r['rss_before_mb'] for _, r in rows):.0f}"
+             f"runs ranged {min(r['rss_before_mb'] for _, r in rows):.0f}-"
+             f"{max(r['rss_before_mb'] for _, r in rows):.0f}"
              " MiB).")
     if args.no_append:
         print(body)

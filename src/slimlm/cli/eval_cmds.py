@@ -30,7 +30,8 @@ def _progress_bar(description: str) -> Iterator:
 @app.command("eval")
 def eval_cmd(
     model: Path = typer.Argument(..., help="Model: HF dir, GGUF file, or any model file slimlm writes."),
-    data: str = typer.Option(..., "--data", help="Text file, JSONL (see --text-field), or hf:NAME[:CONFIG][@SPLIT]."),
+    data: str = typer.Option(..., "--data", help="Text file, JSONL (see --text-field), or hf:NAME:CONFIG@SPLIT "
+                             "(a Hugging Face dataset; config and split optional)."),
     ref: Optional[Path] = typer.Option(None, "--ref", help="Reference model, or a file written by --save-ref: "
                                        "adds KL(P_ref||P_model) and top-1 agreement."),
     ctx: int = typer.Option(512, "--ctx", help="Window length in tokens (llama-perplexity's -c)."),

@@ -34,8 +34,8 @@ def read_text(source: str | Path, *, field: str = "text") -> str:
     - a ``.jsonl`` file: the ``field`` of every line, joined by blank lines;
     - any other file: read as UTF-8 text;
     - ``hf:NAME[:CONFIG][@SPLIT]`` (e.g. ``hf:Salesforce/wikitext:wikitext-2-raw-v1@test``): the
-      ``field`` column of a Hugging Face dataset (rows joined as the raw file has them); needs ``datasets`` and a network
-      (or its cache). Tests never use this.
+      ``field`` column of a Hugging Face dataset (rows joined as the raw file has them); needs
+      ``datasets`` and a network (or its cache). Tests never use this.
     """
     text_source = str(source)
     if text_source.startswith(HF_PREFIX):
