@@ -69,10 +69,23 @@ def assert_same_plan(src: Path, quantized: Path, ftype: str, **kw) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("ftype", MIXES)
-def test_smollm2_plan_equals_llama_cpp(smollm2_gguf, tmp_path, ftype):
+def test_smollm2_plan_and_file_size_equal_llama_cpp(smollm2_gguf, tmp_path, ftype):
     out = tmp_path / f"smollm2-{ftype}.gguf"
     llama_quantize(smollm2_gguf, out, ftype)
     assert_same_plan(smollm2_gguf, out, ftype)
+    # File size: from the GGUF's tensor list and metadata, and from the config alone (SmolLM2-135M's
+    # catalog entry, metadata estimated from the vocabulary size): both within 2% of llama.cpp's file.
+    from slimlm.inspect import catalog
+    from slimlm.inspect.memory import estimate_memory, gguf_metadata_bytes
+    from slimlm.spec import ModelSpec
+
+    real = out.stat().st_size
+    tensors, _ = tensor_list(smollm2_gguf)
+    spec = ModelSpec.from_config(catalog.lookup("SmolLM2-135M").config)
+    from_file = estimate_memory(spec, ftype, tensors=tensors, metadata_bytes=gguf_metadata_bytes(str(smollm2_gguf)))
+    from_config = estimate_memory(spec, ftype)
+    assert abs(from_file.file_bytes / real - 1) < 0.02
+    assert abs(from_config.file_bytes / real - 1) < 0.02
 
 
 @pytest.mark.slow
