@@ -83,7 +83,7 @@ def reference(work: Path, chunks: int) -> Path:
     from slimlm import resources
     from slimlm.evaluate.run import evaluate
 
-    ref = work / f"ref-{chunks}.slimref"
+    ref = work / f"ref-{chunks}.safetensors"
     if not ref.exists():
         r = evaluate(resources.builtin_hf_dir(), resources.wikitext_path("test"), ctx=512, chunks=chunks,
                      save_ref=ref)
