@@ -320,19 +320,17 @@ def main() -> None:
 
         _common.BENCHMARKS_MD = args.work / "BENCHMARKS.md"
     args.work.mkdir(parents=True, exist_ok=True)
-    stages = args.stages.split(",")
-    if "mixes" in stages:
-        stage_mixes(args.work, args.chunks, args.mixes.split(","))
-    if "f16" in stages:
-        stage_f16(args.work, args.chunks)
-    if "imatrix" in stages:
-        stage_imatrix(args.work, args.chunks, args.calib_chunks, args.imatrix_mixes.split(","),
-                      [float(d) for d in args.damps.split(",")], args.methods.split(","), args.hessian_chunks)
-    if "speed" in stages:
-        stage_speed(args.work, args.repeats)
-    if "greedy" in stages:
-        stage_greedy(args.work)
-
+    runners = {
+        "mixes": lambda: stage_mixes(args.work, args.chunks, args.mixes.split(",")),
+        "f16": lambda: stage_f16(args.work, args.chunks),
+        "imatrix": lambda: stage_imatrix(args.work, args.chunks, args.calib_chunks, args.imatrix_mixes.split(","),
+                                         [float(d) for d in args.damps.split(",")], args.methods.split(","),
+                                         args.hessian_chunks),
+        "speed": lambda: stage_speed(args.work, args.repeats),
+        "greedy": lambda: stage_greedy(args.work),
+    }
+    for stage in args.stages.split(","):  # in the order given
+        runners[stage]()
 
 if __name__ == "__main__":
     main()
