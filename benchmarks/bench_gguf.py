@@ -283,9 +283,10 @@ def stage_greedy(work: Path, n_tokens: int = 32) -> None:
     for prompt in ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,"]:
         loaded = load_model(out)
         ids = loaded.tokenizer.encode(prompt, add_special_tokens=False)
+        loaded.model.generation_config.eos_token_id = None  # like llama.cpp's generate: keep going after EOS
         with torch.no_grad():
             ours = loaded.model.generate(torch.tensor([ids]), max_new_tokens=n_tokens, do_sample=False,
-                                         min_new_tokens=n_tokens)[0, len(ids):].tolist()
+                                         eos_token_id=None, pad_token_id=0)[0, len(ids):].tolist()
         llm = open_llama(out, n_ctx=256)
         theirs = []
         for tok in llm.generate(ids, temp=0.0, top_k=1):

@@ -46,8 +46,9 @@ def test_q8_0_greedy_tokens_match_llama_cpp(smollm2_hf_dir: Path, gguf_dir: Path
     loaded = load_model(out)
     ids = loaded.tokenizer.encode("The capital of France is", add_special_tokens=False)
     with torch.no_grad():
-        ours = loaded.model.generate(torch.tensor([ids]), max_new_tokens=32, min_new_tokens=32,
-                                     do_sample=False)[0, len(ids):].tolist()
+        loaded.model.generation_config.eos_token_id = None  # like llama.cpp's generate: keep going after EOS
+        ours = loaded.model.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False, eos_token_id=None,
+                                     pad_token_id=0)[0, len(ids):].tolist()
     llm = open_llama(out, n_ctx=128)
     theirs = []
     for tok in llm.generate(ids, temp=0.0, top_k=1):
