@@ -43,3 +43,8 @@ from slimlm.formats.gguf_mix import plan_types  # noqa: E402,F401
 from slimlm.inspect.fit import fit, parse_memory  # noqa: E402,F401
 from slimlm.inspect.memory import estimate_memory, kv_cache  # noqa: E402,F401
 from slimlm.inspect.names import explain  # noqa: E402,F401
+
+# --- choosing: measured recommendation, report, demo (recommend, report, demo) ---
+from slimlm.demo import run_demo as demo  # noqa: E402,F401
+from slimlm.recommend import Recommendation, Variant, recommend  # noqa: E402,F401
+from slimlm.report import write_report as report  # noqa: E402,F401

@@ -1,3 +1,103 @@
-"""CLI commands of the recommend area: parse, call slimlm.api, render with rich."""
+"""CLI: recommend (measured choice per device and goal), report (HTML + PNG), demo (the whole journey)."""
 
-from slimlm.cli.app import JSON_OPTION, app, console, print_json  # noqa: F401
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from slimlm.cli.app import JSON_OPTION, app, console, err_console, print_json
+
+
+def _say(message: str) -> None:
+    err_console.print(f"[dim]…[/] {message}", highlight=False)
+
+
+def _render(result: dict) -> None:
+    from slimlm.inspect.fit import format_bytes
+
+    table = Table(title=f"{Path(result['model']).name}: goal {result['goal']}, memory "
+                        f"{format_bytes(result['memory_bytes'])}", title_justify="left")
+    for col in ("variant", "memory", "KLD", "top-1", "ppl", "prefill tok/s", "decode tok/s", "ITL p50 ms",
+                "engine", ""):
+        table.add_column(col, justify="left" if col in ("variant", "engine", "") else "right")
+    for r in sorted(result["measured"], key=lambda r: r["memory_bytes"]):
+        mark = "← chosen" if r["name"] == result["choice"] else ("Pareto" if r["name"] in result["pareto"] else "")
+        table.add_row(r["name"], format_bytes(r["memory_bytes"]), f"{r['kld_mean']:.4f}", f"{100 * r['top1']:.1f}%",
+                      f"{r['ppl']:.2f}", f"{r['prefill_tok_s']:.0f}", f"{r['decode_tok_s']:.1f}",
+                      f"{r['itl_p50_ms']:.1f}", r["engine"], mark,
+                      style="bold yellow" if r["name"] == result["choice"] else None)
+    console.print(table)
+    for e in result["excluded"]:
+        console.print(f"[dim]excluded {e['name']}: {e['reason']}[/]")
+    for s in result["skipped"]:
+        console.print(f"[dim]skipped {s['name']}: {s['reason']}[/]")
+    console.print(f"[bold green]Recommended:[/] {result['why']}")
+
+
+@app.command()
+def recommend(
+    model: Path = typer.Argument(..., help="Hugging Face model dir to make and measure variants of."),
+    memory: str = typer.Option(..., "--memory", help="Memory of the device, e.g. 8GiB, 512MiB."),
+    goal: str = typer.Option("throughput", "--goal", help="throughput | latency | quality | size"),
+    context: int = typer.Option(4096, "--context", help="Context length the device must hold."),
+    batch: int = typer.Option(1, "--batch", help="Concurrent sequences (KV cache and bench batch)."),
+    budget_minutes: Optional[float] = typer.Option(None, "--budget-minutes", help="Stop measuring new variants after this."),
+    calib: Optional[Path] = typer.Option(None, "--calib", help="Calibration text for AWQ/SmoothQuant (default: self-generated)."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Evaluation text (default: wikitext-2 test)."),
+    student: list[Path] = typer.Option([], "--student", help="A distilled student checkpoint to weigh too (repeatable)."),
+    max_kld: float = typer.Option(0.1, "--max-kld", help="Variants above this KLD are too lossy for speed/size goals."),
+    chunks: int = typer.Option(4, "--chunks", help="Evaluation windows of 512 tokens."),
+    save: Optional[Path] = typer.Option(None, "--save", help="Also write the result JSON here (input for `slimlm report`)."),
+    json_out: bool = JSON_OPTION,
+) -> None:
+    """Measure the variants that fit --memory on this machine and recommend one for --goal."""
+    from slimlm.recommend import recommend as run
+
+    result = run(model, memory=memory, goal=goal, context=context, batch=batch, budget_minutes=budget_minutes,
+                 calib=calib, data=data, students=list(student), max_kld=max_kld, chunks=chunks,
+                 progress=_say).to_dict()
+    if save:
+        save.write_text(json.dumps(result, indent=1, default=str))
+    if json_out:
+        print_json(result)
+    else:
+        _render(result)
+
+
+@app.command()
+def report(
+    results: list[Path] = typer.Argument(..., help="Result JSON files from `slimlm recommend --save` (one model)."),
+    output: Path = typer.Option(Path("report.html"), "-o", "--output", help="HTML file to write."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing report."),
+    json_out: bool = JSON_OPTION,
+) -> None:
+    """Write one self-contained HTML report (Pareto plots, tables, memory) plus PNG plots beside it."""
+    from slimlm.report.html import load_results, write_report
+
+    written = write_report(load_results(results), output, overwrite=overwrite)
+    if json_out:
+        print_json(written)
+    else:
+        console.print(f"report: {written['report']}")
+        for p in written["plots"]:
+            console.print(f"plot:   {p}")
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("slimlm-demo"), "--out", help="Folder for the results and the report."),
+    json_out: bool = JSON_OPTION,
+) -> None:
+    """The whole journey on the built-in SmolLM2-135M, no download: inspect, explain, quantize, evaluate,
+    bench, recommend for three goals, write the report."""
+    from slimlm.demo import run_demo
+
+    summary = run_demo(out, say=_say, show=None if json_out else _render)
+    if json_out:
+        print_json(summary)
+    else:
+        console.print(f"[bold]Report:[/] {summary['report']}")

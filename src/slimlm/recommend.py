@@ -1,0 +1,378 @@
+"""Choose a variant for a device and goal from measurements made on this machine.
+
+For one model: build the candidates (original, BF16, GGUF mixes, W4A16 AWQ, W8A8 SmoothQuant, students),
+drop what cannot fit the memory budget (the `fit` memory model), make and measure the rest (`eval`: KLD and
+top-1 against the original from one saved reference; `bench`: prefill/decode/TTFT/ITL/peak RSS) within a
+time budget, cache each measurement by model fingerprint + variant + settings, then pick per goal on the
+Pareto front (quality vs memory vs speed).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from slimlm.errors import SlimlmError
+from slimlm.inspect.fit import format_bytes, parse_memory
+
+GOALS = ("throughput", "latency", "quality", "size")
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One way to run the model: how to make it, how to size it, which engine benchmarks it."""
+
+    name: str
+    kind: str  # "original" | "bf16" | "gguf" | "compressed-tensors" | "student"
+    memory_variant: str | None  # name in slimlm.inspect.memory.VARIANTS (None: size from the files)
+    quant: str | None = None  # GGUF mix or compressed-tensors scheme
+    method: str | None = None
+    backend: str = "torch-fp32"
+    path: str | None = None  # students: their own dir
+
+    def settings(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def default_variants(llama_cpp: bool) -> list[Variant]:
+    """The candidate set a user of llama.cpp, vLLM and transformers would weigh."""
+    gguf_engine = "llama.cpp" if llama_cpp else "gguf"
+    return [
+        Variant("FP32 (original)", "original", "F32", backend="torch-fp32"),
+        Variant("BF16", "bf16", "BF16", backend="torch-bf16"),
+        Variant("W8A8 SmoothQuant", "compressed-tensors", "W8A8", "w8a8", "smoothquant", backend="native"),
+        Variant("W4A16 AWQ", "compressed-tensors", "W4A16", "w4a16", "awq", backend="native"),
+        Variant("Q8_0", "gguf", "Q8_0", "Q8_0", backend=gguf_engine),
+        Variant("Q6_K", "gguf", "Q6_K", "Q6_K", backend=gguf_engine),
+        Variant("Q4_K_M", "gguf", "Q4_K_M", "Q4_K_M", backend=gguf_engine),
+        Variant("Q3_K_M", "gguf", "Q3_K_M", "Q3_K_M", backend=gguf_engine),
+        Variant("Q2_K", "gguf", "Q2_K", "Q2_K", backend=gguf_engine),
+    ]
+
+
+@dataclass
+class Settings:
+    """Everything that changes a measurement; part of every cache key."""
+
+    data: str
+    calib: str | None
+    chunks: int = 4
+    ctx: int = 512
+    prompt: int = 128
+    gen: int = 32
+    batch: int = 1
+    runs: int = 3
+    threads: int | None = None
+
+
+@dataclass
+class Measurement:
+    variant: dict[str, Any]
+    file_bytes: int
+    kld_mean: float
+    kld_p99: float
+    top1: float
+    ppl: float
+    ppl_err: float
+    prefill_tok_s: float
+    decode_tok_s: float
+    ttft_ms: float
+    itl_p50_ms: float
+    itl_p95_ms: float
+    peak_rss_mb: float
+    engine: str
+    make_seconds: float
+    measure_seconds: float
+    cached: bool = False
+
+
+@dataclass
+class Recommendation:
+    model: str
+    fingerprint: str
+    goal: str
+    memory_bytes: int
+    context: int
+    batch: int
+    max_kld: float
+    choice: str | None
+    why: str
+    measured: list[dict[str, Any]] = field(default_factory=list)
+    pareto: list[str] = field(default_factory=list)
+    excluded: list[dict[str, Any]] = field(default_factory=list)
+    skipped: list[dict[str, Any]] = field(default_factory=list)
+    reference: dict[str, Any] = field(default_factory=dict)
+    memory: list[dict[str, Any]] = field(default_factory=list)
+    settings: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def model_fingerprint(model: Path) -> str:
+    """A content fingerprint that is cheap for large checkpoints.
+
+    Hashes config.json, every weight file's size and safetensors header, and 64 KiB read at 16 evenly
+    spaced offsets of each file: any re-export or re-quantization changes it, and it costs milliseconds
+    instead of hashing tens of GB (a deliberate trade: an in-place edit of a few bytes could slip by).
+    """
+    h = hashlib.sha256()
+    files = sorted(p for p in (model.iterdir() if model.is_dir() else [model])
+                   if p.suffix in (".safetensors", ".gguf", ".json") and p.is_file())
+    if not files:
+        raise SlimlmError(f"{model} holds no config.json, .safetensors or .gguf file to measure")
+    for path in files:
+        size = path.stat().st_size
+        h.update(f"{path.name}:{size}".encode())
+        with path.open("rb") as f:
+            if path.suffix == ".json":
+                h.update(f.read(1 << 20))
+                continue
+            for i in range(16):
+                f.seek(max(0, (size - 65536) * i // 15))
+                h.update(f.read(65536))
+    return h.hexdigest()[:16]
+
+
+class ResultCache:
+    """JSON files under cache_dir/recommend/<fingerprint>/, one per (variant, settings)."""
+
+    def __init__(self, root: Path, fingerprint: str):
+        self.dir = root / "recommend" / fingerprint
+        self.files = self.dir / "files"
+        self.files.mkdir(parents=True, exist_ok=True)
+
+    @staticmethod
+    def key(*parts: Any) -> str:
+        return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        path = self.dir / f"{key}.json"
+        if not path.is_file():
+            return None
+        try:
+            return json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+
+    def put(self, key: str, value: dict[str, Any]) -> None:
+        tmp = self.dir / f".{key}.json.tmp"
+        tmp.write_text(json.dumps(value, indent=1, default=str))
+        tmp.replace(self.dir / f"{key}.json")
+
+
+def _file_bytes(path: Path) -> int:
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.glob("*.safetensors"))
+    return path.stat().st_size
+
+
+def _make(variant: Variant, model: Path, cache: ResultCache, settings: Settings) -> tuple[Path, float]:
+    """Produce the variant's files (cached); return its path and the seconds it took to make."""
+    start = time.perf_counter()
+    if variant.kind in ("original", "bf16"):
+        return model, 0.0
+    if variant.kind == "student":
+        return Path(variant.path or ""), 0.0
+    key = cache.key("file", variant.settings(), settings.calib)
+    if variant.kind == "gguf":
+        out = cache.files / f"{key}.gguf"
+        if not out.is_file():
+            from slimlm.gguf_io.quantize import quantize_gguf
+
+            quantize_gguf(model, variant.quant or "", out)
+        return out, time.perf_counter() - start
+    out = cache.files / key
+    if not (out / "config.json").is_file():
+        from slimlm.pipeline import quantize_model
+
+        quantize_model(model, out, scheme=variant.quant or "w4a16", method=variant.method,
+                       calib=settings.calib, overwrite=True)
+    return out, time.perf_counter() - start
+
+
+def _measure(variant: Variant, path: Path, ref_file: Path, settings: Settings) -> dict[str, Any]:
+    from slimlm.evaluate import bench, evaluate
+
+    start = time.perf_counter()
+    dtype = "bf16" if variant.kind == "bf16" else "fp32"
+    quality = evaluate(path, settings.data, ref=ref_file, ctx=settings.ctx, chunks=settings.chunks, dtype=dtype)
+    speed = bench(path, prompt=settings.prompt, gen=settings.gen, batches=(settings.batch,),
+                  threads=settings.threads, backends=[variant.backend], runs=settings.runs)
+    row = speed["rows"][0]
+    kld = quality["kld"]
+    return {
+        "kld_mean": kld["kld_mean"], "kld_p99": kld["kld_p99"], "top1": kld["top1_agreement"],
+        "ppl": quality["perplexity"]["ppl"], "ppl_err": quality["perplexity"]["ppl_stderr"],
+        "prefill_tok_s": row["prefill_tok_s"], "decode_tok_s": row["decode_tok_s"], "ttft_ms": row["ttft_ms"],
+        "itl_p50_ms": row["itl_p50_ms"], "itl_p95_ms": row["itl_p95_ms"], "peak_rss_mb": row["peak_rss_mb"],
+        "engine": variant.backend, "measure_seconds": time.perf_counter() - start,
+    }
+
+
+def pareto_front(rows: list[dict[str, Any]], speed_key: str) -> list[str]:
+    """Names not dominated on (lower KLD, lower memory, higher speed)."""
+    front = []
+    for a in rows:
+        dominated = any(
+            b is not a and b["kld_mean"] <= a["kld_mean"] and b["memory_bytes"] <= a["memory_bytes"]
+            and b[speed_key] >= a[speed_key]
+            and (b["kld_mean"] < a["kld_mean"] or b["memory_bytes"] < a["memory_bytes"] or b[speed_key] > a[speed_key])
+            for b in rows)
+        if not dominated:
+            front.append(a["name"])
+    return front
+
+
+SPEED_KEY = {"throughput": "prefill_tok_s", "latency": "decode_tok_s", "quality": "decode_tok_s",
+             "size": "decode_tok_s"}
+
+
+def choose(rows: list[dict[str, Any]], goal: str, max_kld: float) -> tuple[dict[str, Any] | None, str]:
+    """The pick for ``goal`` among measured rows that fit, and whether quality excluded any."""
+    usable = [r for r in rows if r["kld_mean"] <= max_kld] or []
+    if goal == "quality":
+        usable = rows
+    if not usable:
+        return None, "no measured variant that fits stays under the KLD limit"
+    if goal == "throughput":
+        best = max(usable, key=lambda r: r["prefill_tok_s"])
+    elif goal == "latency":
+        best = min(usable, key=lambda r: r["itl_p50_ms"])
+    elif goal == "size":
+        best = min(usable, key=lambda r: (r["memory_bytes"], r["kld_mean"]))
+    else:
+        best = min(usable, key=lambda r: (r["kld_mean"], r["memory_bytes"]))
+    return best, ""
+
+
+def _why(best: dict[str, Any], rows: list[dict[str, Any]], goal: str, budget: int) -> str:
+    base = next((r for r in rows if r["name"] == "BF16"), None) or next(
+        (r for r in rows if r["kind"] == "original"), None)
+    fit_text = f"fits {format_bytes(budget)} with {format_bytes(budget - best['memory_bytes'])} headroom"
+    quality = f"KLD {best['kld_mean']:.4f}, top-1 {100 * best['top1']:.1f}%"
+    if goal == "throughput":
+        ratio = best["prefill_tok_s"] / base["prefill_tok_s"] if base else float("nan")
+        return (f"{best['name']}: {ratio:.2f}x the prefill tokens/s of {base['name'] if base else '-'} "
+                f"({best['prefill_tok_s']:.0f} tok/s) at {quality}; {fit_text}")
+    if goal == "latency":
+        ratio = base["itl_p50_ms"] / best["itl_p50_ms"] if base else float("nan")
+        return (f"{best['name']}: {best['itl_p50_ms']:.1f} ms per token (p50), {ratio:.2f}x faster than "
+                f"{base['name'] if base else '-'} at {quality}; {fit_text}")
+    if goal == "size":
+        return f"{best['name']}: the smallest that stays under the KLD limit, {format_bytes(best['memory_bytes'])} in memory at {quality}; {fit_text}"
+    return f"{best['name']}: the lowest KLD among the variants that fit ({quality}); {fit_text}"
+
+
+def recommend(model: str | Path, *, memory: str | int, goal: str = "throughput", context: int = 4096,
+              batch: int = 1, budget_minutes: float | None = None, calib: str | Path | None = None,
+              data: str | Path | None = None, students: list[str | Path] = (), variants: list[Variant] | None = None,
+              max_kld: float = 0.1, chunks: int = 4, prompt: int = 128, gen: int = 32, runs: int = 3,
+              threads: int | None = None, cache_dir: str | Path | None = None,
+              progress: Progress | None = None) -> Recommendation:
+    """Measure the variants of ``model`` that fit ``memory`` and pick the one that best serves ``goal``."""
+    from slimlm import resources
+    from slimlm.evaluate import evaluate
+    from slimlm.inspect.fit import fit
+
+    started = time.perf_counter()
+    say = progress or (lambda _msg: None)
+    if goal not in GOALS:
+        raise SlimlmError(f"unknown goal {goal!r}; choose one of: {', '.join(GOALS)}")
+    model = Path(model).expanduser()
+    if not model.exists():
+        raise SlimlmError(f"{model} does not exist")
+    if not (model / "config.json").is_file():
+        raise SlimlmError(f"{model} is not a Hugging Face model dir: recommend makes its variants from one")
+    budget = parse_memory(memory) if isinstance(memory, str) else int(memory)
+    data = Path(data) if data else resources.wikitext_path("test")
+    calib = str(calib) if calib else None
+    settings = Settings(data=str(data), calib=calib, chunks=chunks, prompt=prompt, gen=gen, batch=batch,
+                        runs=runs, threads=threads)
+    fingerprint = model_fingerprint(model)
+    cache = ResultCache(Path(cache_dir) if cache_dir else resources.cache_dir(), fingerprint)
+    llama_cpp = _has_llama_cpp()
+    candidates = list(variants or default_variants(llama_cpp))
+    for s in students:
+        candidates.append(Variant(f"student {Path(s).name}", "student", None, backend="torch-fp32", path=str(s)))
+
+    sizing = fit(model, budget, context=context, batch=batch,
+                 variants=[v.memory_variant for v in candidates if v.memory_variant])
+    need = {r["variant"]: r for r in sizing["variants"]}
+    memory_rows, fitting, excluded = [], [], []
+    for v in candidates:
+        if v.memory_variant is None:  # a student: size it with its own spec
+            row = fit(v.path, budget, context=context, batch=batch, variants=["F32"])["variants"][0]
+        else:
+            row = need[v.memory_variant]
+        memory_rows.append({"name": v.name, **row})
+        (fitting if row["fits"] else excluded).append((v, row))
+    if not fitting:
+        smallest = min(memory_rows, key=lambda r: r["total_bytes"])
+        raise SlimlmError(f"nothing fits {format_bytes(budget)} at context {context} x batch {batch}: the smallest "
+                          f"variant, {smallest['name']}, needs {format_bytes(smallest['total_bytes'])}")
+
+    ref_key = cache.key("ref", str(data), settings.ctx, settings.chunks)
+    ref_file = cache.dir / f"ref-{ref_key}.safetensors"
+    reference = cache.get(f"ref-{ref_key}")
+    if reference is None or not ref_file.is_file():
+        say("reference: scoring the original once")
+        report = evaluate(model, data, ctx=settings.ctx, chunks=settings.chunks, save_ref=ref_file, overwrite=True)
+        reference = {"ppl": report["perplexity"]["ppl"], "ppl_err": report["perplexity"]["ppl_stderr"],
+                     "chunks": report["chunks"], "ref_file": str(ref_file)}
+        cache.put(f"ref-{ref_key}", reference)
+
+    rows, skipped = [], []
+    deadline = started + budget_minutes * 60 if budget_minutes else None
+    for i, (v, mem) in enumerate(fitting):
+        key = cache.key("measure", v.settings(), asdict(settings), ref_key)
+        hit = cache.get(key)
+        if hit is None:
+            if deadline is not None and time.perf_counter() > deadline:
+                skipped.append({"name": v.name, "reason": "time budget used up"})
+                continue
+            say(f"[{i + 1}/{len(fitting)}] {v.name}: making")
+            try:
+                path, make_seconds = _make(v, model, cache, settings)
+                say(f"[{i + 1}/{len(fitting)}] {v.name}: measuring ({v.backend})")
+                figures = _measure(v, path, ref_file, settings)
+            except SlimlmError as exc:
+                skipped.append({"name": v.name, "reason": str(exc)})
+                continue
+            hit = {"file_bytes": _file_bytes(path), "make_seconds": make_seconds, **figures}
+            cache.put(key, hit)
+            cached = False
+        else:
+            cached = True
+        rows.append({"name": v.name, "kind": v.kind, "quant": v.quant, "method": v.method, "cached": cached,
+                     "memory_bytes": mem["total_bytes"], "headroom_bytes": mem["headroom_bytes"], **hit})
+    if not rows:
+        raise SlimlmError("the time budget was too small to measure anything: skipped "
+                          + ", ".join(s["name"] for s in skipped))
+
+    best, problem = choose(rows, goal, max_kld)
+    why = _why(best, rows, goal, budget) if best else problem
+    return Recommendation(
+        model=str(model), fingerprint=fingerprint, goal=goal, memory_bytes=budget, context=context, batch=batch,
+        max_kld=max_kld, choice=best["name"] if best else None, why=why, measured=rows,
+        pareto=pareto_front(rows, SPEED_KEY[goal]),
+        excluded=[{"name": v.name, "needs_bytes": r["total_bytes"], "reason": "does not fit"} for v, r in excluded]
+        + [{"name": r["name"], "kld_mean": r["kld_mean"], "reason": f"KLD above {max_kld}"}
+           for r in rows if r["kld_mean"] > max_kld and goal != "quality"],
+        skipped=skipped, reference=reference, memory=memory_rows, settings=asdict(settings),
+        seconds=time.perf_counter() - started)
+
+
+def _has_llama_cpp() -> bool:
+    if os.environ.get("SLIMLM_NO_LLAMA_CPP"):
+        return False
+    import importlib.util
+
+    return importlib.util.find_spec("llama_cpp") is not None
