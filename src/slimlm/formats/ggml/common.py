@@ -219,13 +219,19 @@ def make_qkx3_quants(x: np.ndarray, weights: np.ndarray, nmax: int, rmin: float 
     tmp = np.empty_like(x)
     tmp2 = np.empty_like(x)
 
+    xlo = np.minimum.reduce(x, axis=0)
+
     def levels(mn: np.ndarray, iscale: np.ndarray, out: np.ndarray) -> np.ndarray:
-        # v > 0 ? nearest_int(MIN(v, nmax)) : 0 in float32 (fmax first: NaN -> 0, inf -> nmax, as in C)
+        # MAX(0, MIN(nmax, nearest_int(iscale*(x - min)))). The candidate grid is anchored at the best min so
+        # far, which can make v huge; llama.cpp's integer bit trick then decides. v is monotone in x, so the
+        # group's extremes bound it: only if one is out of rint's exact range is the bit trick needed.
         np.subtract(x, mn, out=out)
         out *= iscale
-        np.fmax(out, F32(0), out=out)
-        np.fmin(out, fnmax, out=out)
-        np.rint(out, out=out)
+        ends = np.abs(np.concatenate([iscale * (xlo - mn), iscale * (vmax - mn)]))
+        if np.all(ends < F32(4194303.0)):
+            np.rint(out, out=out)
+            return np.clip(out, F32(0), fnmax, out=out)
+        out[...] = np.clip(nearest_int(out), 0, nmax)
         return out
 
     def sq_err(scale: np.ndarray, mn: np.ndarray, lv: np.ndarray) -> np.ndarray:
