@@ -47,17 +47,26 @@ def nearest_int(x: np.ndarray) -> np.ndarray:
     return (bits & 0x007FFFFF) - 0x00400000
 
 
-def seq_sum(terms: np.ndarray) -> np.ndarray:
-    """Left-to-right float32 sum over axis 0 (C's ``for (i...) s += t[i]``).
+def seq_sum(terms: np.ndarray, from_zero: bool = True) -> np.ndarray:
+    """Left-to-right float32 sum over axis 0: C's ``float s = 0; for (i...) s += t[i]``.
 
     numpy reduces the outer axis of a C-contiguous array row by row (pairwise summation only applies
     along the contiguous axis), which is exactly this order; other layouts take the explicit loop.
+    ``from_zero``: C starts from +0.0, which turns an all -0.0 sum into +0.0 (the sign can reach an fp16
+    field); pass False for sums C starts from the first term.
     """
     if terms.dtype == F32 and terms.flags.c_contiguous:
-        return np.add.reduce(terms, axis=0)
-    total = terms[0].astype(F32, copy=True)
-    for i in range(1, terms.shape[0]):
-        total += terms[i]
+        total = np.add.reduce(terms, axis=0)  # numpy starts from its +0.0 identity
+    else:
+        total = terms[0].astype(F32, copy=True)
+        for i in range(1, terms.shape[0]):
+            total += terms[i]
+        total += F32(0)
+    if not from_zero:
+        # started from the first term: a sum of only -0.0 stays -0.0
+        zero = np.flatnonzero(total == 0)
+        if zero.size:
+            total[zero[np.signbit(terms[:, zero]).all(axis=0)]] = F32(-0.0)
     return total
 
 
@@ -210,8 +219,8 @@ def make_qkx3_quants(x: np.ndarray, weights: np.ndarray, nmax: int, rmin: float 
     if zero_min.size:
         sub = x[:, zero_min]
         vmin[zero_min] = sub[np.argmax(sub == 0, axis=0), np.arange(zero_min.size)]
-    sum_w = seq_sum(w)
-    sum_x = seq_sum(w * x)
+    sum_w = seq_sum(w, from_zero=False)  # C starts these two from the first term
+    sum_x = seq_sum(w * x, from_zero=False)
     vmin = np.where(vmin > 0, F32(0), vmin).astype(F32)
     flat = ~(vmax > vmin)
     fnmax = F32(nmax)
