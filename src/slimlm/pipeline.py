@@ -149,6 +149,14 @@ class QuantizeResult:
 
 
 def _peak_rss_mb() -> float:
+    """This process's peak resident memory (MiB). Linux's VmHWM, because ru_maxrss survives exec and so
+    reports a parent's peak in a freshly started child."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
