@@ -8,6 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as T
 from gguf.quants import dequantize as gguf_dequantize
@@ -152,6 +155,21 @@ def test_ctypes_oracle_is_what_llama_model_quantize_writes(smollm2_gguf, oracle)
         written = llama_quantize(w, T[name], im)
         assert np.array_equal(written, oracle(w, T[name], im))
         assert np.array_equal(written, ggml.quantize(w, T[name], im))
+
+
+_edge_floats = st.one_of(
+    st.sampled_from([0.0, -0.0, 1.0, -1.0, 0.5, -0.5, 2.5, -3.0, 7.0, -8.0, 1e-20, 1e-39]),
+    st.floats(min_value=-1e6, max_value=1e6, width=32, allow_subnormal=True))
+
+
+@pytest.mark.llamacpp
+@settings(max_examples=150, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(name=st.sampled_from(TYPES), x=hnp.arrays(np.float32, (2, 256), elements=_edge_floats),
+       imat=st.one_of(st.none(), hnp.arrays(np.float32, (256,), elements=st.one_of(
+           st.just(0.0), st.floats(min_value=0, max_value=1e4, width=32)))))
+def test_bytes_match_llamacpp_for_any_input(oracle, name, x, imat):
+    """Ties, signed zeros, subnormals, outliers with zero importance: every byte as llama.cpp writes it."""
+    assert np.array_equal(ggml.quantize(x, T[name], imat), oracle(x, T[name], imat))
 
 
 # ---- decoders ----------------------------------------------------------------------------------------
