@@ -282,3 +282,14 @@ def test_bad_input_raises_one_line_errors():
         ggml.dequantize(np.zeros(35, dtype=np.uint8), T.Q4_0, (2, 32))
     with pytest.raises(SlimlmError, match="no codec"):
         ggml.quantize(np.ones((1, 256), dtype=np.float32), T.IQ2_XXS)
+    bad = np.ones((2, 256), dtype=np.float32)
+    bad[1, 7] = np.nan
+    with pytest.raises(SlimlmError, match="NaN or infinite"):
+        ggml.quantize(bad, T.Q4_0)
+    assert np.isnan(ggml.dequantize(ggml.quantize(bad, T.F16), T.F16, bad.shape)[1, 7])  # floats keep NaN
+
+
+def test_threads_do_not_change_bytes():
+    x = np.random.default_rng(13).standard_normal((300, 512)).astype(np.float32)
+    for name in ["Q3_K", "IQ4_NL", "Q4_1"]:
+        assert np.array_equal(ggml.quantize(x, T[name], threads=1), ggml.quantize(x, T[name], threads=3))
