@@ -137,18 +137,29 @@ def accuracy_section(hf_dir: Path, wikitext: Path, chunks: int) -> str:
         return perplexity_stats(nll).ppl
 
     rows = []
-    for name, cfg in (("w8a8", W8A8Config()), ("w4a16", W4A16Config())):
-        fast = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
-        quantize_(fast, cfg)
-        ref = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
-        quantize_(ref, cfg, reference=True)
-        with torch.inference_mode():
-            lf, lr = fast(windows[:1]).logits.float(), ref(windows[:1]).logits
-        err = float((lf - lr).norm() / lr.norm())
-        pf, pr = ppl(fast), ppl(ref)
+    variants = (("w8a8 (bf16 around, default)", W8A8Config()), ("w8a8 (fp32 around)", W8A8Config(dtype=torch.float32)),
+                ("w4a16 (bf16 around, default)", W4A16Config()),
+                ("w4a16 (fp32 around, int4 kernel forced)", W4A16Config(dtype=torch.float32)))
+    for name, cfg in variants:
+        forced = "forced" in name
+        saved = kernels.W4A16_DEQUANT_MIN_ROWS
+        kernels.W4A16_DEQUANT_MIN_ROWS = 10**9 if forced else saved
+        try:
+            fast = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+            quantize_(fast, cfg)
+            ref = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+            quantize_(ref, cfg, reference=True)
+            with torch.inference_mode():
+                lf, lr = fast(windows[:1]).logits.float(), ref(windows[:1]).logits
+            err = float((lf - lr).norm() / lr.norm())
+            pf, pr = ppl(fast), ppl(ref)
+        finally:
+            kernels.W4A16_DEQUANT_MIN_ROWS = saved
         rows.append([name, f"{err:.2e}", f"{pf:.4f}", f"{pr:.4f}", f"{100 * (pf / pr - 1):+.3f}%"])
+        del fast, ref
     fp = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
-    rows.append(["fp32 (no quantization)", "-", f"{ppl(fp):.4f}", "-", "-"])
+    rows.append(["fp32 model (no quantization)", "-", f"{ppl(fp):.4f}", "-", "-"])
+    rows.append(["bf16 model (no quantization)", "-", f"{ppl(fp.to(torch.bfloat16)):.4f}", "-", "-"])
     return (f"Fast path vs its reference (same integer weights dequantized to fp32, fp32 matmul; W8A8's reference "
             f"also fake-quantizes activations per token). wikitext-2 test, first {chunks} windows of 512 "
             f"(llama.cpp protocol).\n\n" + markdown_table(
@@ -246,7 +257,7 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=512)
     ap.add_argument("--decode-prompt", type=int, default=128)
     ap.add_argument("--gen", type=int, default=32)
-    ap.add_argument("--chunks", type=int, default=4)
+    ap.add_argument("--chunks", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--files", action="store_true", help="also run W8A8/W4A16 from compressed-tensors dirs")
     ap.add_argument("--no-write", action="store_true", help="print only; do not append to BENCHMARKS.md")
