@@ -280,12 +280,22 @@ def main() -> None:
     med = measure(models, args.prompt, args.decode_prompt, args.gen, args.rounds)
     speed, checks = speed_section(models, med, args)
     del models
-    accuracy = "" if args.no_accuracy else accuracy_section(hf_dir, resources.wikitext_path("test"), args.chunks)
-    body = "\n\n".join(part for part in (speed, accuracy, kernel_section()) if part)
+    # Each part is written as soon as it is measured, so a later failure cannot lose it.
+    title = "Quantized runtime: fp32 vs bf16 vs W8A8 vs W4A16 (bench_runtime.py)"
     if args.no_write:
-        print(body)
+        print(speed)
     else:
-        append_section("Quantized runtime: fp32 vs bf16 vs W8A8 vs W4A16 (bench_runtime.py)", body)
+        append_section(title, speed)
+    parts = [("kernel choices", kernel_section)]
+    if not args.no_accuracy:
+        parts.insert(0, ("fast path vs reference", lambda: accuracy_section(
+            hf_dir, resources.wikitext_path("test"), args.chunks)))
+    for name, make in parts:
+        body = make()
+        if args.no_write:
+            print(body)
+        else:
+            append_section(f"Quantized runtime: {name} (bench_runtime.py)", body)
 
 
 if __name__ == "__main__":
