@@ -39,6 +39,8 @@ def load_variants(hf_dir: Path, with_files: bool, tmp: Path) -> dict[str, torch.
     models = {"fp32": fp(), "bf16": fp(torch.bfloat16)}
     models["w8a8"] = fp()
     quantize_(models["w8a8"], W8A8Config())
+    models["w8a8 (fp32 around)"] = fp()
+    quantize_(models["w8a8 (fp32 around)"], W8A8Config(dtype=torch.float32))
     models["w4a16"] = fp()
     quantize_(models["w4a16"], W4A16Config(group_size=128))
     if with_files:  # the same schemes from compressed-tensors dirs written by slimlm's quantizer (RTN)
