@@ -13,9 +13,10 @@ import time
 
 import torch
 
-# Activations with more rows than this take the "dequantize to bf16, then bf16 GEMM" path in W4A16: the
-# int4 tinygemm CPU kernel is a GEMV-style kernel (4-row blocks) and loses to oneDNN's bf16 GEMM on long
-# prompts. Measured on SmolLM2 shapes: see BENCHMARKS.md "runtime kernels".
+# Activations with at least this many rows take the "dequantize to bf16, then bf16 GEMM" path in W4A16:
+# the CPU int4 tinygemm kernel works in 4-row blocks, so its cost grows linearly with rows (576→1536, one
+# thread: ~20 µs per row), while unpacking + dequantizing the weight costs ~0.8 ms once and oneDNN's bf16
+# GEMM is cheap; they cross near 48 rows. bench_runtime.py's kernel table re-measures both at 128 rows.
 W4A16_DEQUANT_MIN_ROWS = 48
 
 
