@@ -65,7 +65,8 @@ def ppl_and_kld(logp: torch.Tensor, ref_logp: torch.Tensor | None, windows: torc
     nll = -logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     res = {"ppl": math.exp(float(nll.mean()))}
     if ref_logp is not None:
-        kld = (ref_logp.exp() * (ref_logp - logp)).sum(-1)
+        # one window at a time: the full (chunks, 255, vocab) temporaries would take several GB
+        kld = torch.stack([(r.exp() * (r - q)).sum(-1) for r, q in zip(ref_logp, logp)])
         res["kld"] = float(kld.mean())
         res["kld_p99"] = float(torch.quantile(kld.flatten(), 0.99))
         res["top1"] = float((ref_logp.argmax(-1) == logp.argmax(-1)).float().mean())
