@@ -48,3 +48,7 @@ from slimlm.inspect.names import explain  # noqa: E402,F401
 from slimlm.demo import run_demo as demo  # noqa: E402,F401
 from slimlm.recommend import Recommendation, Variant, recommend  # noqa: E402,F401
 from slimlm.report import write_report as report  # noqa: E402,F401
+
+# --- distillation: logits KD / teacher-generated data, pruned students (distill) ---
+from slimlm.distill.run import distill  # noqa: E402,F401
+from slimlm.distill.trainer import TrainConfig  # noqa: E402,F401

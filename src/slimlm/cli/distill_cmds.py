@@ -1,3 +1,114 @@
-"""CLI commands of the distill area: parse, call slimlm.api, render with rich."""
+"""CLI: distill (logits KD or teacher-generated data) and distill cache-teacher."""
 
-from slimlm.cli.app import JSON_OPTION, app, console, print_json  # noqa: F401
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from slimlm.cli.app import JSON_OPTION, app, console, err_console, print_json
+
+distill_app = typer.Typer(help="Distill a teacher into a smaller student (logits KD or teacher-generated data).",
+                          invoke_without_command=True, no_args_is_help=False)
+app.add_typer(distill_app, name="distill")
+
+
+@distill_app.callback(invoke_without_command=True)
+def distill(
+    ctx: typer.Context,
+    teacher: Optional[Path] = typer.Option(None, "--teacher", help="Teacher: HF dir or GGUF file."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Training text (.txt or .jsonl with a text field)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output dir: student/, checkpoints/, report.json."),
+    method: str = typer.Option("logits", "--method", help="logits | sequence"),
+    student: Optional[Path] = typer.Option(None, "--student", help="An existing student checkpoint (HF dir)."),
+    student_config: Optional[Path] = typer.Option(None, "--student-config", help="A config.json: random-init student."),
+    prune_layers: int = typer.Option(0, "--prune-layers", help="Derive the student: drop N least-influential layers."),
+    prune_mlp: float = typer.Option(1.0, "--prune-mlp", help="Derive the student: keep this fraction of MLP channels."),
+    alpha: float = typer.Option(0.5, "--alpha", help="Weight of CE on labels; 1 - alpha on the divergence."),
+    temperature: float = typer.Option(1.0, "--temperature"),
+    divergence: str = typer.Option("forward_kl", "--divergence", help="forward_kl | reverse_kl | jsd"),
+    beta: float = typer.Option(0.5, "--beta", help="Generalized JSD mixing weight."),
+    top_k: int = typer.Option(16, "--top-k", help="Teacher logits cached per token."),
+    teacher_cache: Optional[Path] = typer.Option(None, "--teacher-cache", help="A cache from `distill cache-teacher`."),
+    prompts: Optional[Path] = typer.Option(None, "--prompts", help="sequence: prompts the teacher answers."),
+    verifier: Optional[str] = typer.Option(None, "--verifier", help="sequence: module:function(prompt, response) -> bool."),
+    max_new_tokens: int = typer.Option(128, "--max-new-tokens"),
+    sample_temperature: float = typer.Option(0.7, "--sample-temperature"),
+    top_p: float = typer.Option(0.95, "--top-p"),
+    seq_len: int = typer.Option(256, "--seq-len"),
+    steps: int = typer.Option(50, "--steps"),
+    batch_size: int = typer.Option(8, "--batch-size", help="Global sequences per optimizer step."),
+    grad_accum: int = typer.Option(1, "--grad-accum"),
+    lr: float = typer.Option(1e-4, "--lr"),
+    warmup: int = typer.Option(5, "--warmup"),
+    grad_clip: float = typer.Option(1.0, "--grad-clip"),
+    dtype: str = typer.Option("fp32", "--dtype", help="fp32 | bf16"),
+    eval_every: int = typer.Option(25, "--eval-every"),
+    save_every: int = typer.Option(0, "--save-every", help="Checkpoint every N steps (0: only the final student)."),
+    seed: int = typer.Option(0, "--seed"),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint in --out."),
+    overwrite: bool = typer.Option(False, "--overwrite"),
+    json_out: bool = JSON_OPTION,
+) -> None:
+    """Distill --teacher into a student on --data; see `slimlm distill cache-teacher` to cache the teacher once."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from slimlm.distill.run import distill as run
+    from slimlm.distill.trainer import TrainConfig
+    from slimlm.errors import SlimlmError
+
+    if teacher is None or data is None or out is None:
+        raise SlimlmError("slimlm distill needs --teacher, --data and --out")
+    config = TrainConfig(alpha=alpha, temperature=temperature, divergence=divergence, beta=beta, lr=lr,
+                         warmup_steps=warmup, max_steps=steps, batch_size=batch_size, grad_accum=grad_accum,
+                         grad_clip=grad_clip, dtype=dtype, eval_every=eval_every, save_every=save_every, seed=seed)
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+    with Progress(*columns, console=err_console, transient=True) as bar:
+        task = bar.add_task("distilling", total=steps)
+
+        def update(step: int, total: int, rec: dict) -> None:
+            bar.update(task, completed=step, description=f"loss {rec['loss']:.4f} | {rec['tokens_per_s']:.0f} tok/s")
+
+        report = run(teacher, data, out, method=method, student=student, student_config=student_config,
+                     prune_layers=prune_layers, prune_mlp=prune_mlp, seq_len=seq_len, top_k=top_k,
+                     teacher_cache=teacher_cache, prompts=prompts, verifier=verifier,
+                     max_new_tokens=max_new_tokens, temperature=sample_temperature, top_p=top_p, config=config,
+                     resume=resume, overwrite=overwrite, progress=update)
+    if not report:
+        return  # a non-main process under accelerate launch
+    if json_out:
+        print_json(report)
+        return
+    b, a, t = report["before"], report["after"], report["teacher_heldout"]
+    console.print(f"student: {report['student_parameters']:,} parameters (teacher {report['teacher_parameters']:,})")
+    console.print(f"held-out perplexity: {b['ppl']:.2f} → {a['ppl']:.2f} (teacher {t['ppl']:.2f})")
+    if "kld" in a:
+        console.print(f"KL(teacher ‖ student): {b['kld']:.4f} → {a['kld']:.4f}")
+    console.print(f"{report['steps']} steps, {report['tokens_per_s']:.0f} tokens/s; student in {report['student_dir']}")
+
+
+@distill_app.command("cache-teacher")
+def cache_teacher_cmd(
+    teacher: Path = typer.Option(..., "--teacher"),
+    data: Path = typer.Option(..., "--data"),
+    output: Path = typer.Option(..., "-o", "--output", help="The cache file (.safetensors)."),
+    top_k: int = typer.Option(16, "--top-k"),
+    seq_len: int = typer.Option(256, "--seq-len"),
+    eval_sequences: int = typer.Option(8, "--eval-sequences", help="Held out at the end, as distill does."),
+    json_out: bool = JSON_OPTION,
+) -> None:
+    """Run the teacher once over the training text and store its top-k log-probs compactly."""
+    from slimlm.distill.data import split_heldout, text_sequences
+    from slimlm.distill.run import _load_teacher
+    from slimlm.distill.teacher_cache import cache_teacher
+
+    model, tok = _load_teacher(teacher)
+    train_ids, _ = split_heldout(text_sequences(tok, data, seq_len), eval_sequences)
+    info = cache_teacher(model, train_ids, output, top_k=top_k)
+    if json_out:
+        print_json(info)
+    else:
+        console.print(f"{info['sequences']} sequences x {info['seq_len']} tokens, top-{info['top_k']}: "
+                      f"{info['bytes_per_token']} bytes per token, {info['file_bytes']:,} bytes in {info['path']}")

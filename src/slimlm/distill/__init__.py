@@ -1,0 +1,1 @@
+"""Distillation: a teacher's knowledge into a smaller student, by logits (KD) or by generated text."""

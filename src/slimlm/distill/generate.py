@@ -1,0 +1,119 @@
+"""Teacher-generated training data (the R1-Distill recipe): prompts in, verified unique responses out (JSONL).
+
+Only text passes from teacher to student, so this works across tokenizers and architectures.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from slimlm.errors import SlimlmError
+
+
+def read_prompts(path: Path, field: str = "prompt") -> list[str]:
+    """Prompts from a .jsonl (``field``) or a text file (one per non-empty line)."""
+    if not Path(path).is_file():
+        raise SlimlmError(f"{path} does not exist")
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    if str(path).endswith(".jsonl"):
+        prompts = []
+        for i, line in enumerate(lines, 1):
+            if line.strip():
+                try:
+                    prompts.append(str(json.loads(line)[field]))
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    raise SlimlmError(f"{path}:{i} is not a JSON object with a {field!r} field") from None
+    else:
+        prompts = [ln.strip() for ln in lines if ln.strip()]
+    if not prompts:
+        raise SlimlmError(f"{path} holds no prompts")
+    return prompts
+
+
+def load_verifier(spec: str | None) -> Callable[[str, str], bool] | None:
+    """``module:function`` taking (prompt, response) -> bool; responses it rejects are dropped."""
+    if not spec:
+        return None
+    module, _, name = spec.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        raise SlimlmError(f"cannot import verifier {spec!r} (expected module:function)") from None
+    return fn
+
+
+def chat_prompt(tokenizer, prompt: str) -> str:
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+    return prompt
+
+
+@torch.no_grad()
+def generate_responses(teacher: torch.nn.Module, tokenizer, prompts: list[str], out: Path, *,
+                       max_new_tokens: int = 128, temperature: float = 0.7, top_p: float = 0.95,
+                       samples_per_prompt: int = 1, seed: int = 0, batch_size: int = 4,
+                       verifier: Callable[[str, str], bool] | None = None,
+                       progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+    """Sample responses (chat template applied), drop duplicates and rejected ones, write JSONL atomically."""
+    torch.manual_seed(seed)
+    teacher.eval()
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    seen: set[tuple[str, str]] = set()
+    rows, rejected, duplicates = [], 0, 0
+    jobs = [p for p in prompts for _ in range(samples_per_prompt)]
+    for lo in range(0, len(jobs), batch_size):
+        batch = jobs[lo:lo + batch_size]
+        enc = tokenizer([chat_prompt(tokenizer, p) for p in batch], return_tensors="pt", padding=True,
+                        add_special_tokens=False)
+        gen = teacher.generate(**enc, max_new_tokens=max_new_tokens, do_sample=temperature > 0,
+                               temperature=temperature if temperature > 0 else None,
+                               top_p=top_p if temperature > 0 else None, pad_token_id=tokenizer.pad_token_id)
+        texts = tokenizer.batch_decode(gen[:, enc.input_ids.shape[1]:], skip_special_tokens=True)
+        for prompt, response in zip(batch, texts):
+            response = response.strip()
+            if (prompt, response) in seen:
+                duplicates += 1
+                continue
+            seen.add((prompt, response))
+            if verifier is not None and not verifier(prompt, response):
+                rejected += 1
+                continue
+            rows.append({"prompt": prompt, "response": response})
+        if progress:
+            progress(min(lo + batch_size, len(jobs)), len(jobs))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    os.replace(tmp, out)
+    return {"path": str(out), "prompts": len(prompts), "generated": len(jobs), "kept": len(rows),
+            "duplicates": duplicates, "rejected": rejected,
+            "sampling": {"temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens,
+                         "samples_per_prompt": samples_per_prompt, "seed": seed}}
+
+
+def sft_sequences(tokenizer, jsonl: Path, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pack (chat-formatted prompt, response + EOS) pairs into [N, seq_len]; prompt tokens are not scored."""
+    ids, scored = [], []
+    for line in Path(jsonl).read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        row = json.loads(line)
+        p = tokenizer(chat_prompt(tokenizer, row["prompt"]), add_special_tokens=False).input_ids
+        r = tokenizer(row["response"], add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+        ids += p + r
+        scored += [False] * len(p) + [True] * len(r)
+    n = len(ids) // seq_len
+    if n == 0:
+        raise SlimlmError(f"{jsonl} gives {len(ids)} tokens, fewer than one sequence of {seq_len}")
+    t = torch.tensor(ids[: n * seq_len]).view(n, seq_len)
+    prompt_mask = ~torch.tensor(scored[: n * seq_len]).view(n, seq_len)
+    return t, prompt_mask

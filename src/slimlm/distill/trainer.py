@@ -1,0 +1,236 @@
+"""The distillation training loop: one code path for one process and for `accelerate launch` (DDP).
+
+Determinism is a feature: the data order is a seeded permutation per epoch, each optimizer step takes
+the next global batch of fixed-length sequences, and each rank takes its equal slice of it, so the loss
+curve of N processes matches one process at the same global batch, and `--resume` continues
+bit-for-bit (weights, AdamW moments and the schedule are saved in safetensors + JSON, never pickle).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from slimlm.distill.losses import DIVERGENCES, kd_loss
+from slimlm.errors import SlimlmError
+
+
+@dataclass
+class TrainConfig:
+    alpha: float = 0.5  # weight of CE on the labels; 1 - alpha goes to the divergence
+    temperature: float = 1.0
+    divergence: str = "forward_kl"
+    beta: float = 0.5  # generalized JSD mixing
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 5
+    max_steps: int = 50
+    batch_size: int = 8  # global sequences per optimizer step
+    grad_accum: int = 1
+    grad_clip: float = 1.0
+    dtype: str = "fp32"  # or bf16 (autocast)
+    eval_every: int = 25
+    save_every: int = 0
+    seed: int = 0
+
+    def check(self, world: int) -> None:
+        if self.divergence not in DIVERGENCES:
+            raise SlimlmError(f"unknown divergence {self.divergence!r}; choose one of {', '.join(DIVERGENCES)}")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise SlimlmError("--alpha must be between 0 and 1")
+        if self.batch_size % (world * self.grad_accum):
+            raise SlimlmError(f"--batch-size {self.batch_size} must be a multiple of processes x --grad-accum "
+                              f"({world} x {self.grad_accum})")
+        if self.dtype not in ("fp32", "bf16"):
+            raise SlimlmError("--dtype must be fp32 or bf16")
+
+
+@dataclass
+class TrainData:
+    """Fixed-length training sequences with labels (-100 where not scored) and an optional top-k teacher."""
+
+    input_ids: torch.Tensor  # [N, L]
+    labels: torch.Tensor  # [N, L], already aligned with the logits (label[t] is the token after input[t])
+    topk_idx: torch.Tensor | None = None  # [N, L, k]
+    topk_logprobs: torch.Tensor | None = None  # [N, L, k]
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+    evals: list[dict[str, float]] = field(default_factory=list)
+
+
+def _order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=gen)
+
+
+def global_batch_indices(n: int, step: int, batch: int, seed: int) -> torch.Tensor:
+    """The sequences of optimizer step ``step``: consecutive slices of a seeded permutation per epoch."""
+    per_epoch = n // batch
+    if per_epoch == 0:
+        raise SlimlmError(f"only {n} training sequences for a global batch of {batch}: give more data or a smaller batch")
+    epoch, pos = divmod(step, per_epoch)
+    return _order(n, seed, epoch)[pos * batch:(pos + 1) * batch]
+
+
+def save_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+                    state: TrainState, config: TrainConfig) -> None:
+    """Weights via save_pretrained, AdamW moments in safetensors, counters in JSON; written then renamed."""
+    tmp = path.parent / f".{path.name}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    model.save_pretrained(tmp)
+    tensors, scalars = {}, {}
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for i, p in enumerate(params):
+        st = optimizer.state.get(p, {})
+        for key, value in st.items():
+            if torch.is_tensor(value) and value.dim() > 0:
+                tensors[f"{i}.{key}"] = value.detach().contiguous().cpu()
+            else:
+                scalars[f"{i}.{key}"] = float(value)
+    save_file(tensors, str(tmp / "optimizer.safetensors"))
+    (tmp / "trainer_state.json").write_text(json.dumps({
+        "state": asdict(state), "scheduler": scheduler.state_dict(), "optimizer_scalars": scalars,
+        "config": asdict(config)}, default=float))
+    if path.exists():
+        shutil.rmtree(path)
+    tmp.rename(path)
+
+
+def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> TrainState:
+    from safetensors.torch import load_model
+
+    try:
+        load_model(model, str(path / "model.safetensors"), strict=False)
+        moments = load_file(str(path / "optimizer.safetensors"))
+        meta = json.loads((path / "trainer_state.json").read_text())
+    except (OSError, ValueError, KeyError) as exc:
+        raise SlimlmError(f"cannot resume from {path}: {exc}") from None
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for i, p in enumerate(params):
+        st = {}
+        for key in ("exp_avg", "exp_avg_sq"):
+            if f"{i}.{key}" in moments:
+                st[key] = moments[f"{i}.{key}"].to(p.device)
+        if f"{i}.step" in meta["optimizer_scalars"]:
+            st["step"] = torch.tensor(meta["optimizer_scalars"][f"{i}.step"])
+        if st:
+            optimizer.state[p] = st
+    # Put the schedule at the saved step, computed from this run's schedule (so --steps may grow on resume).
+    step = int(meta["scheduler"]["last_epoch"])
+    scheduler.last_epoch = step
+    for group, base, lam in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * lam(step)
+    scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
+    s = meta["state"]
+    return TrainState(step=s["step"], history=s["history"], evals=s["evals"])
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    ckpts = sorted((out / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+    return ckpts[-1] if ckpts else None
+
+
+def train(student: torch.nn.Module, data: TrainData, config: TrainConfig, out: Path, *,
+          teacher: torch.nn.Module | None = None, evaluate: Callable[[torch.nn.Module], dict[str, float]] | None = None,
+          resume: bool = False, progress: Callable[[int, int, dict[str, float]], None] | None = None) -> dict[str, Any]:
+    """Train ``student`` on ``data``: CE on labels plus the divergence to the teacher (live or cached).
+
+    Runs under `accelerate launch` unchanged: the Accelerator wraps the model for DDP and each rank
+    takes its slice of every global batch.
+    """
+    from accelerate import Accelerator
+    from transformers import get_cosine_schedule_with_warmup
+
+    acc = Accelerator(cpu=not torch.cuda.is_available())
+    world, rank = acc.num_processes, acc.process_index
+    config.check(world)
+    torch.manual_seed(config.seed)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, config.warmup_steps, config.max_steps)
+    state = TrainState()
+    ckpt = latest_checkpoint(out) if resume else None
+    if resume and ckpt is None:
+        raise SlimlmError(f"--resume: no checkpoint under {out / 'checkpoints'}")
+    if ckpt is not None:
+        state = load_checkpoint(ckpt, student, optimizer, scheduler)
+    model, optimizer = acc.prepare(student, optimizer)
+    if teacher is not None:
+        teacher = teacher.to(acc.device).eval()
+    n = data.input_ids.shape[0]
+    per_rank = config.batch_size // world
+    micro = per_rank // config.grad_accum
+    autocast = torch.autocast(acc.device.type, dtype=torch.bfloat16) if config.dtype == "bf16" else None
+    started, tokens_done = time.perf_counter(), 0
+    while state.step < config.max_steps:
+        idx = global_batch_indices(n, state.step, config.batch_size, config.seed)
+        mine = idx[rank * per_rank:(rank + 1) * per_rank]
+        model.train()
+        totals = {"loss": 0.0, "ce": 0.0, "kd": 0.0}
+        for m in range(config.grad_accum):
+            part = mine[m * micro:(m + 1) * micro]
+            ids, labels = data.input_ids[part].to(acc.device), data.labels[part].to(acc.device)
+            ctx = acc.no_sync(model) if m < config.grad_accum - 1 else _null()
+            with ctx:
+                with autocast or _null():
+                    logits = model(input_ids=ids).logits
+                    teacher_kw: dict[str, torch.Tensor] = {}
+                    if config.alpha < 1.0:
+                        if data.topk_idx is not None:
+                            teacher_kw = {"teacher_topk_idx": data.topk_idx[part].to(acc.device),
+                                          "teacher_topk_logprobs": data.topk_logprobs[part].to(acc.device)}
+                        elif teacher is not None:
+                            with torch.no_grad():
+                                teacher_kw = {"teacher_logits": teacher(input_ids=ids).logits}
+                        else:
+                            raise SlimlmError("alpha < 1 needs a teacher (live or a cached top-k file)")
+                    loss, parts = kd_loss(logits, labels, alpha=config.alpha, temperature=config.temperature,
+                                          divergence=config.divergence, beta=config.beta, **teacher_kw)
+                acc.backward(loss / config.grad_accum)
+            totals["loss"] += float(loss) / config.grad_accum
+            totals["ce"] += parts["ce"] / config.grad_accum
+            totals["kd"] += parts["kd"] / config.grad_accum
+        grad_norm = acc.clip_grad_norm_(model.parameters(), config.grad_clip) if config.grad_clip > 0 else None
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        reduced = acc.reduce(torch.tensor([totals["loss"], totals["ce"], totals["kd"]], device=acc.device), "mean")
+        tokens_done += int(data.input_ids[idx].numel())
+        state.step += 1
+        record = {"step": state.step, "loss": float(reduced[0]), "ce": float(reduced[1]), "kd": float(reduced[2]),
+                  "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm) if grad_norm is not None else math.nan,
+                  "tokens_per_s": tokens_done / (time.perf_counter() - started)}
+        state.history.append(record)
+        if progress and acc.is_main_process:
+            progress(state.step, config.max_steps, record)
+        if evaluate and config.eval_every and (state.step % config.eval_every == 0 or state.step == config.max_steps):
+            if acc.is_main_process:
+                state.evals.append({"step": state.step, **evaluate(acc.unwrap_model(model))})
+            acc.wait_for_everyone()
+        if config.save_every and state.step % config.save_every == 0 and acc.is_main_process:
+            save_checkpoint(out / "checkpoints" / f"step-{state.step}", acc.unwrap_model(model), optimizer,
+                            scheduler, state, config)
+        acc.wait_for_everyone()
+    final = acc.unwrap_model(model)
+    return {"state": state, "model": final, "world_size": world, "is_main": acc.is_main_process,
+            "seconds": time.perf_counter() - started}
+
+
+class _null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
