@@ -371,6 +371,10 @@ def explain(name: str, *, context: int = 4096, batch: int = 1) -> dict[str, Any]
             notes.append(f"the name gives no quantization; sizes below are for the {original} original"
                          + (" (FP8 weights with 128x128-block scales, as published)" if original == "FP8" else ""))
             est = estimate_memory(spec, original, context=context, batch=batch)
+            if any(p.kind == "ollama_tag" for p in parts):
+                q4 = estimate_memory(spec, "Q4_K_M", context=context, batch=batch)
+                notes.append(f"Ollama's tags without a quantization download a Q4_K_M GGUF (about "
+                             f"{q4.file_bytes / 1e9:.2f} GB, {q4.total / 2**30:.2f} GiB to run at context {context})")
             out["estimated_file_bytes"] = est.file_bytes if est.file_bytes is not None else est.weights.bytes
             out["estimated_file_gb"] = round(out["estimated_file_bytes"] / 1e9, 2)
             out["memory"] = {"context": context, "batch": batch, "weights_bytes": est.weights.bytes,
