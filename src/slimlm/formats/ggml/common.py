@@ -183,8 +183,9 @@ def make_q3_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
                 li = la[i]
                 slx = slx_a - wxa[i] * li
                 sl2 = sl2_a - (wa[i] * li) * li
-                # nearest_int(x * sl2 / slx): (x*sl2)/slx in C's order
-                new_l = round_clip((xa[i] * sl2) / slx, -nmax, nmax - 1)
+                # nearest_int(x * sl2 / slx): (x*sl2)/slx in C's order; a tiny slx makes it huge, where
+                # only the integer bit trick gives C's value
+                new_l = np.clip(nearest_int((xa[i] * sl2) / slx), -nmax, nmax - 1).astype(F32)
                 slx2 = slx + wxa[i] * new_l
                 sl22 = sl2 + (wa[i] * new_l) * new_l
                 accept = (slx > 0) & (new_l != li) & (sl22 > 0) & ((slx2 * slx2) * sl2_a > (slx_a * slx_a) * sl22)
