@@ -1,0 +1,345 @@
+"""Generation speed of one model on several engines: prefill and decode tokens/s, TTFT, ITL, peak RSS.
+
+Each backend is a small class with ``load`` / ``prefill`` / ``decode`` registered by name in
+``BACKENDS``; other areas add theirs with one line (``BACKENDS["w4a16"] = MyBackend``). For every
+(backend, batch) the measurement is: one warm-up run, then ``runs`` timed runs of greedy generation
+(prompt of ``prompt`` random ids, ``gen`` new tokens, EOS ignored) and the median of each figure.
+
+- prefill tokens/s = batch x prompt / TTFT, TTFT = time until the first new tokens exist;
+- decode tokens/s = batch x (gen - 1) / time of the gen - 1 decode steps (KV cache);
+- ITL p50/p95 = percentiles of the per-step decode latency;
+- peak RSS = the process's resident-memory high-water mark over that batch's runs, reset before them
+  (Linux /proc/self/clear_refs), so it covers weights + KV cache + activations of that backend, on
+  top of the process's baseline (reported as ``rss_before_mb``: interpreter, libraries, the model).
+"""
+
+from __future__ import annotations
+
+import gc
+import inspect
+import os
+import resource
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from slimlm.errors import SlimlmError
+
+Progress = Callable[[int, int, str], None]  # (runs done, runs total, label)
+
+
+class Backend:
+    """One inference engine. ``prefill`` and ``decode`` return the next token ids, one per sequence."""
+
+    name = "?"
+
+    def load(self, model_path: Path, threads: int) -> dict[str, Any]:
+        """Load the model; return facts for the report (dtype, format...)."""
+        raise NotImplementedError
+
+    def vocab_size(self) -> int:
+        raise NotImplementedError
+
+    def prepare(self, batch: int, max_tokens: int) -> None:
+        """Called before the runs of one batch size: sequences will hold at most ``max_tokens`` tokens."""
+
+    def prefill(self, prompt: np.ndarray) -> np.ndarray:
+        """Run the (batch, prompt_len) prompt from an empty cache; return the first new tokens (batch,)."""
+        raise NotImplementedError
+
+    def decode(self, tokens: np.ndarray) -> np.ndarray:
+        """Append one token per sequence using the KV cache; return the next tokens (batch,)."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Free the model (so the next backend's peak memory is its own)."""
+
+
+class TorchBackend(Backend):
+    """transformers model in torch (CPU), greedy decoding with its KV cache."""
+
+    dtype = "fp32"
+
+    def load(self, model_path: Path, threads: int) -> dict[str, Any]:
+        from slimlm.models import load_model
+
+        torch.set_num_threads(threads)
+        self.loaded = load_model(model_path, self.dtype)
+        names = set(inspect.signature(self.loaded.model.forward).parameters)
+        # transformers 5 renamed past_key_values to cache; accept either.
+        self._cache_kw = "cache" if "cache" in names else "past_key_values"
+        self._cache = None
+        return {"format": self.loaded.info.format, "dtype": self.loaded.info.dtype}
+
+    def vocab_size(self) -> int:
+        return self.loaded.info.vocab_size
+
+    @torch.inference_mode()
+    def _step(self, ids: torch.Tensor) -> np.ndarray:
+        kwargs = {self._cache_kw: self._cache} if self._cache is not None else {}
+        out = self.loaded.model(input_ids=ids, use_cache=True, logits_to_keep=1, **kwargs)
+        self._cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+        return out.logits[:, -1].argmax(-1).numpy()
+
+    def prefill(self, prompt: np.ndarray) -> np.ndarray:
+        self._cache = None
+        return self._step(torch.from_numpy(prompt).long())
+
+    def decode(self, tokens: np.ndarray) -> np.ndarray:
+        return self._step(torch.from_numpy(tokens).long()[:, None])
+
+    def close(self) -> None:
+        self.loaded = None
+        self._cache = None
+
+
+class TorchFp32Backend(TorchBackend):
+    name, dtype = "torch-fp32", "fp32"
+
+
+class TorchBf16Backend(TorchBackend):
+    name, dtype = "torch-bf16", "bf16"
+
+
+class LlamaCppBackend(Backend):
+    """llama.cpp through llama-cpp-python's C API: one context with a sequence per batch row.
+
+    The low-level API is used (not ``Llama``) because batches of several sequences need
+    ``n_seq_max`` > 1 and per-token sequence ids. Weight repacking (``use_extra_bufts``) is off: its AMX
+    path in llama-cpp-python 0.3.36 crashes on some Xeons for quantized weights.
+    """
+
+    name = "llama.cpp"
+
+    def load(self, model_path: Path, threads: int) -> dict[str, Any]:
+        try:
+            import llama_cpp
+            import llama_cpp._logger as llama_logger
+        except ImportError:
+            raise SlimlmError("the llama.cpp backend needs llama-cpp-python: pip install 'slimlm[llama]'") from None
+        if not Path(model_path).is_file():
+            raise SlimlmError(f"the llama.cpp backend runs GGUF files; {model_path} is not one")
+        llama_logger.set_verbose(False)
+        llama_cpp.llama_backend_init()
+        self.lib, self.threads = llama_cpp, threads
+        params = llama_cpp.llama_model_default_params()
+        params.use_extra_bufts = False
+        self.model = llama_cpp.llama_model_load_from_file(str(model_path).encode(), params)
+        if not self.model:
+            raise SlimlmError(f"llama.cpp cannot load {model_path}")
+        self.vocab = llama_cpp.llama_model_get_vocab(self.model)
+        self._n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
+        self.ctx = None
+        self._shape: tuple[int, int] | None = None
+        return {"format": "gguf", "dtype": "gguf weights"}
+
+    def vocab_size(self) -> int:
+        return self._n_vocab
+
+    def prepare(self, batch: int, max_tokens: int) -> None:
+        self._max_tokens = max_tokens
+
+    def _ensure_context(self, batch: int, prompt_len: int) -> None:
+        """A context sized for this batch (made once per batch size; reused across runs)."""
+        if self._shape == (batch, prompt_len):
+            return
+        self._free_context()
+        lib = self.lib
+        params = lib.llama_context_default_params()
+        params.n_seq_max = batch
+        params.n_ctx = batch * max(getattr(self, "_max_tokens", 0), prompt_len + 256)
+        params.kv_unified = True
+        params.n_batch = batch * prompt_len
+        params.n_ubatch = min(512, batch * prompt_len)
+        params.n_threads = params.n_threads_batch = self.threads
+        self.ctx = lib.llama_init_from_model(self.model, params)
+        if not self.ctx:
+            raise SlimlmError("llama.cpp could not create a context for this batch size")
+        self.prefill_batch = lib.llama_batch_init(batch * prompt_len, 0, 1)
+        self.decode_batch = lib.llama_batch_init(batch, 0, 1)
+        # Sequence ids and output flags never change: set them once, outside the timed runs.
+        for b_ptr, per_seq in ((self.prefill_batch, prompt_len), (self.decode_batch, 1)):
+            n = batch * per_seq
+            for i in range(n):
+                b_ptr.n_seq_id[i] = 1
+                b_ptr.seq_id[i][0] = i // per_seq
+            logits = np.ctypeslib.as_array(b_ptr.logits, shape=(n,))
+            logits[:] = 0
+            logits[per_seq - 1::per_seq] = 1  # only each sequence's last position needs logits
+            b_ptr.n_tokens = n
+        self._shape = (batch, prompt_len)
+
+    def _run(self, batch_ptr: Any, tokens: np.ndarray, positions: np.ndarray, batch: int) -> np.ndarray:
+        n = tokens.size
+        np.ctypeslib.as_array(batch_ptr.token, shape=(n,))[:] = tokens.reshape(-1)
+        np.ctypeslib.as_array(batch_ptr.pos, shape=(n,))[:] = positions.reshape(-1)
+        if self.lib.llama_decode(self.ctx, batch_ptr) != 0:
+            raise SlimlmError("llama.cpp decode failed")
+        # One output row per sequence, in batch order: a view of llama.cpp's logits buffer, no copy.
+        logits = np.ctypeslib.as_array(self.lib.llama_get_logits(self.ctx), shape=(batch, self._n_vocab))
+        return logits.argmax(axis=1).astype(np.int64)
+
+    def prefill(self, prompt: np.ndarray) -> np.ndarray:
+        batch, plen = prompt.shape
+        self._ensure_context(batch, plen)
+        self.lib.llama_memory_clear(self.lib.llama_get_memory(self.ctx), True)
+        self._pos = plen
+        positions = np.tile(np.arange(plen, dtype=np.int32), batch)
+        return self._run(self.prefill_batch, prompt.astype(np.int32), positions, batch)
+
+    def decode(self, tokens: np.ndarray) -> np.ndarray:
+        batch = tokens.shape[0]
+        positions = np.full(batch, self._pos, dtype=np.int32)
+        self._pos += 1
+        return self._run(self.decode_batch, tokens.astype(np.int32), positions, batch)
+
+    def _free_context(self) -> None:
+        if self.ctx:
+            self.lib.llama_batch_free(self.prefill_batch)
+            self.lib.llama_batch_free(self.decode_batch)
+            self.lib.llama_free(self.ctx)
+        self.ctx, self._shape = None, None
+
+    def close(self) -> None:
+        self._free_context()
+        if getattr(self, "model", None):
+            self.lib.llama_model_free(self.model)
+            self.model = None
+
+
+BACKENDS: dict[str, type[Backend]] = {
+    "torch-fp32": TorchFp32Backend,
+    "torch-bf16": TorchBf16Backend,
+    "llama.cpp": LlamaCppBackend,
+}
+
+
+def default_backends(model_path: Path) -> list[str]:
+    """torch fp32 and bf16, plus llama.cpp for a GGUF file when llama-cpp-python is installed."""
+    names = ["torch-fp32", "torch-bf16"]
+    if Path(model_path).is_file() and _llama_cpp_available():
+        names.append("llama.cpp")
+    return names
+
+
+def bench(model: str | Path, *, prompt: int = 512, gen: int = 128, batches: tuple[int, ...] | list[int] = (1, 8),
+          threads: int | None = None, backends: list[str] | None = None, runs: int = 3, warmup: int = 1,
+          seed: int = 0, progress: Progress | None = None) -> dict[str, Any]:
+    """Measure every (backend, batch); the result's ``rows`` hold one dict of figures per pair."""
+    model_path = Path(model).expanduser()
+    if not model_path.exists():
+        raise SlimlmError(f"{model_path} does not exist")
+    if prompt < 1 or gen < 2:
+        raise SlimlmError("--prompt must be at least 1 and --gen at least 2 (one prefill token + decode steps)")
+    if runs < 1 or not batches or any(b < 1 for b in batches):
+        raise SlimlmError("--runs and every --batch size must be at least 1")
+    threads = threads or os.cpu_count() or 1
+    names = backends or default_backends(model_path)
+    unknown = [n for n in names if n not in BACKENDS]
+    if unknown:
+        raise SlimlmError(f"unknown backend {unknown[0]!r}; available: {', '.join(BACKENDS)}")
+    total = len(names) * len(batches) * (runs + warmup)
+    done = 0
+    rows = []
+    for name in names:
+        backend = BACKENDS[name]()
+        label = f"{name}: loading"
+        if progress:
+            progress(done, total, label)
+        facts = backend.load(model_path, threads)
+        rng = np.random.default_rng(seed)
+        try:
+            for batch in batches:
+                ids = rng.integers(low=min(100, backend.vocab_size() - 1), high=backend.vocab_size(),
+                                   size=(batch, prompt), dtype=np.int64)
+                backend.prepare(batch, prompt + gen)
+                base_rss = _reset_peak_rss()
+                samples = []
+                for i in range(warmup + runs):
+                    if progress:
+                        step = "warm-up" if i < warmup else f"run {i - warmup + 1}"
+                        progress(done, total, f"{name} batch {batch}: {step}")
+                    sample = _one_run(backend, ids, gen if i >= warmup else min(gen, 8))
+                    if i >= warmup:
+                        samples.append(sample)
+                    done += 1
+                rows.append({"backend": name, **facts, "batch": batch, "prompt": prompt, "gen": gen,
+                             **_median_figures(samples), "peak_rss_mb": _peak_rss_mb(),
+                             "rss_before_mb": base_rss, "runs": runs,
+                             "threads": threads})
+        finally:
+            backend.close()
+            del backend
+            gc.collect()
+    if progress:
+        progress(total, total, "done")
+    return {"model": str(model_path), "threads": threads, "rows": rows}
+
+
+def _one_run(backend: Backend, ids: np.ndarray, gen: int) -> dict[str, Any]:
+    batch = ids.shape[0]
+    start = time.perf_counter()
+    tokens = backend.prefill(ids)
+    ttft = time.perf_counter() - start
+    steps = []
+    for _ in range(gen - 1):  # sequential by nature: each step needs the previous token
+        t0 = time.perf_counter()
+        tokens = backend.decode(tokens)
+        steps.append(time.perf_counter() - t0)
+    return {"ttft": ttft, "steps": steps, "batch": batch, "prompt": ids.shape[1]}
+
+
+def _median_figures(samples: list[dict[str, Any]]) -> dict[str, float]:
+    def med(values: list[float]) -> float:
+        return float(statistics.median(values))
+
+    batch, prompt = samples[0]["batch"], samples[0]["prompt"]
+    return {
+        "prefill_tok_s": med([batch * prompt / s["ttft"] for s in samples]),
+        "decode_tok_s": med([batch * len(s["steps"]) / sum(s["steps"]) for s in samples]),
+        "ttft_ms": med([1000 * s["ttft"] for s in samples]),
+        "itl_p50_ms": med([1000 * float(np.percentile(s["steps"], 50)) for s in samples]),
+        "itl_p95_ms": med([1000 * float(np.percentile(s["steps"], 95)) for s in samples]),
+    }
+
+
+def _reset_peak_rss() -> float:
+    """Reset the kernel's RSS high-water mark to the current RSS (Linux); return that RSS in MiB."""
+    gc.collect()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+    return _status_mb("VmRSS:")
+
+
+def _peak_rss_mb() -> float:
+    return _status_mb("VmHWM:")
+
+
+def _status_mb(field: str) -> float:
+    """A memory line of /proc/self/status in MiB; elsewhere the whole-process peak from getrusage."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def _llama_cpp_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("llama_cpp") is not None
+
+
+__all__ = ["BACKENDS", "Backend", "LlamaCppBackend", "TorchBackend", "bench", "default_backends"]
+
+import slimlm.runtime.bench_backends  # noqa: E402,F401  (runtime area: registers w8a8, w8a16, w4a16, native/gguf)
