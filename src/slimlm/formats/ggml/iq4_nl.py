@@ -15,8 +15,9 @@ from .common import F32, GROUP_MAX_EPS, element_major, first_absmax, fp16_bits, 
 QK = 32
 VALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], dtype=np.int8)
 _VALUES_F = VALUES.astype(F32)
-# ggml's best_index_int8 picks index i once 2x reaches val[i-1] + val[i]. Those midpoints are integers, so
-# 2x >= t  <=>  floor(2x) >= t, and a lookup table on floor(2x) replaces the binary search.
+# ggml's best_index_int8 picks index i once 2x reaches val[i-1] + val[i] (its float compares are exact for
+# these magnitudes; ties go up). Those midpoints are integers, so 2x >= t  <=>  floor(2x) >= t, and a lookup
+# table on floor(2x) replaces the binary search.
 _THRESHOLDS = (VALUES[:-1].astype(np.int32) + VALUES[1:].astype(np.int32))
 _LO, _HI = int(_THRESHOLDS[0]) - 1, int(_THRESHOLDS[-1])
 _INDEX_LUT = np.searchsorted(_THRESHOLDS, np.arange(_LO, _HI + 1), side="right").astype(np.int32)
@@ -27,8 +28,8 @@ NTRY = 7
 def _lut_pos(x: np.ndarray) -> np.ndarray:
     v = np.add(x, x)
     np.floor(v, out=v)
-    np.fmax(v, F32(_LO), out=v)  # NaN (from overflowing inputs) -> index 0, as C's comparisons give
-    np.fmin(v, F32(_HI), out=v)
+    np.fmin(v, F32(_HI), out=v)  # NaN (inf scale times 0) -> last index, where C's binary search ends
+    np.fmax(v, F32(_LO), out=v)
     v -= F32(_LO)
     return v.astype(np.intp)
 
