@@ -110,3 +110,21 @@ def test_eos_stops_a_row_and_bad_settings_are_refused(tmp_path):
         generate_ids(model, ids, sampling=SamplingConfig(greedy=False, top_p=0))
     with pytest.raises(SlimlmError, match="max-new-tokens"):
         generate_ids(model, ids, max_new_tokens=0)
+
+
+def test_open_model_schemes(tmp_path):
+    from conftest import make_tiny_llama
+
+    from slimlm.runtime import open_model
+
+    src = make_tiny_llama(tmp_path / "m", hidden=64, ffn=128, vocab=128)
+    net, tok, kernels = open_model(src, "w4a16", threads=1, with_tokenizer=False)
+    assert tok is None and len(kernels) == 15 and all("int4pack" in k for k in kernels.values())
+    net, _, kernels = open_model(src, "bf16", with_tokenizer=False)
+    assert kernels == {} and net.lm_head.weight.dtype == torch.bfloat16
+    net, _, kernels = open_model(src, None, with_tokenizer=False)
+    assert kernels == {} and net.lm_head.weight.dtype == torch.float32
+    with pytest.raises(SlimlmError, match="unknown scheme"):
+        open_model(src, "w2a2", with_tokenizer=False)
+    with pytest.raises(SlimlmError, match="threads"):
+        open_model(src, "fp32", threads=0, with_tokenizer=False)

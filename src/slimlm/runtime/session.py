@@ -10,7 +10,7 @@ from torch import nn
 
 from slimlm.errors import SlimlmError
 from slimlm.runtime.loader import load_quantized, load_tokenizer
-from slimlm.runtime.quantize import config_for, kernel_report, quantize_, to_reference_
+from slimlm.runtime.quantize import config_for, kernel_report, quantize_
 
 SCHEMES = ("native", "fp32", "bf16", "w8a8", "w8a16", "w4a16")
 
@@ -55,7 +55,7 @@ def open_model(model: str | Path, scheme: str | None = None, threads: int | None
     if quantized:
         net = load_quantized(path, reference=scheme != "native", progress=progress)
         if scheme != "native":
-            to_reference_(net)  # already fp32 references: plain dequantized weights
+            _plain_linears(net)  # the file's weights dequantized to fp32, as ordinary nn.Linear layers
     else:
         from transformers import AutoModelForCausalLM
 
@@ -65,7 +65,6 @@ def open_model(model: str | Path, scheme: str | None = None, threads: int | None
     if scheme == "bf16":
         net.to(torch.bfloat16)
     elif scheme in ("w8a8", "w8a16", "w4a16"):
-        _plain_linears(net)
         quantize_(net, config_for(scheme), progress=progress)
     tokenizer = load_tokenizer(path) if with_tokenizer else None
     return net.eval(), tokenizer, kernel_report(net)
