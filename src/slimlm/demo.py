@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from slimlm import resources
+from slimlm.errors import SlimlmError
 
 # Three situations that should lead to three different answers: a roomy machine that serves many prompts,
 # a roomy machine answering one user, and a small device where only the compact variants fit.
@@ -39,11 +40,16 @@ def run_demo(out: Path, *, say: Callable[[str], None] = print,
     explained = explain(name)
     say(f"explain {name}: {explained['summary']}")
     model = resources.builtin_hf_dir()
+    # Calibrate AWQ/SmoothQuant on wikitext-2 valid when it is here; otherwise on text the model writes itself.
+    try:
+        calib = resources.wikitext_path("valid")
+    except SlimlmError:  # no shared data here: self-generated calibration, still offline
+        calib = None
     results = []
     for situation in SITUATIONS:
         say(f"recommend for {situation['goal']} with {situation['memory']}")
         result = recommend(model, memory=situation["memory"], goal=situation["goal"], context=situation["context"],
-                           chunks=chunks, progress=say).to_dict()
+                           chunks=chunks, calib=calib, calib_samples=8, progress=say).to_dict()
         roles = info.to_dict()["roles"]
         result["parameters"] = {"total": f"{info.total_params:,}", "label": info.label,
                                 "tied embeddings": info.params.tied_embeddings,

@@ -62,6 +62,7 @@ class Settings:
 
     data: str
     calib: str | None
+    calib_samples: int = 16
     chunks: int = 4
     ctx: int = 512
     prompt: int = 128
@@ -181,7 +182,7 @@ def _make(variant: Variant, model: Path, cache: ResultCache, settings: Settings)
         return model, 0.0
     if variant.kind == "student":
         return Path(variant.path or ""), 0.0
-    key = cache.key("file", variant.settings(), settings.calib)
+    key = cache.key("file", variant.settings(), settings.calib, settings.calib_samples)
     if variant.kind == "gguf":
         out = cache.files / f"{key}.gguf"
         if not out.is_file():
@@ -194,7 +195,7 @@ def _make(variant: Variant, model: Path, cache: ResultCache, settings: Settings)
         from slimlm.pipeline import quantize_model
 
         quantize_model(model, out, scheme=variant.quant or "w4a16", method=variant.method,
-                       calib=settings.calib, overwrite=True)
+                       calib=settings.calib, samples=settings.calib_samples, overwrite=True)
     return out, time.perf_counter() - start
 
 
@@ -274,7 +275,7 @@ def _why(best: dict[str, Any], rows: list[dict[str, Any]], goal: str, budget: in
 def recommend(model: str | Path, *, memory: str | int, goal: str = "throughput", context: int = 4096,
               batch: int = 1, budget_minutes: float | None = None, calib: str | Path | None = None,
               data: str | Path | None = None, students: list[str | Path] = (), variants: list[Variant] | None = None,
-              max_kld: float = 0.1, chunks: int = 4, prompt: int = 128, gen: int = 32, runs: int = 3,
+              max_kld: float = 0.1, chunks: int = 4, calib_samples: int = 16, prompt: int = 128, gen: int = 32, runs: int = 3,
               threads: int | None = None, cache_dir: str | Path | None = None,
               progress: Progress | None = None) -> Recommendation:
     """Measure the variants of ``model`` that fit ``memory`` and pick the one that best serves ``goal``."""
@@ -294,7 +295,7 @@ def recommend(model: str | Path, *, memory: str | int, goal: str = "throughput",
     budget = parse_memory(memory) if isinstance(memory, str) else int(memory)
     data = Path(data) if data else resources.wikitext_path("test")
     calib = str(calib) if calib else None
-    settings = Settings(data=str(data), calib=calib, chunks=chunks, prompt=prompt, gen=gen, batch=batch,
+    settings = Settings(data=str(data), calib=calib, calib_samples=calib_samples, chunks=chunks, prompt=prompt, gen=gen, batch=batch,
                         runs=runs, threads=threads)
     fingerprint = model_fingerprint(model)
     cache = ResultCache(Path(cache_dir) if cache_dir else resources.cache_dir(), fingerprint)
