@@ -26,11 +26,6 @@ F32 = np.float32
 GROUP_MAX_EPS = F32(1e-15)
 
 
-def f32(value: float) -> np.float32:
-    """A C ``float`` literal such as ``0.1f``."""
-    return F32(value)
-
-
 def fp16_bits(x: np.ndarray) -> np.ndarray:
     """GGML_FP32_TO_FP16: IEEE half, round to nearest even, as uint16 bits."""
     return np.asarray(x, dtype=F32).astype(np.float16).view(np.uint16)
