@@ -321,7 +321,7 @@ def main() -> None:
     ap.add_argument("--imatrix-mixes", default=",".join(IMATRIX_MIXES))
     ap.add_argument("--damps", default="0.01")
     ap.add_argument("--hessian-chunks", type=int, default=40, help="windows of the calibration text used for X^T X")
-    ap.add_argument("--methods", default="gptq,awq+gptq", help="slimlm methods beyond llama.cpp's rounding")
+    ap.add_argument("--methods", default="gptq", help="slimlm methods beyond llama.cpp's rounding")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--scratch", action="store_true", help="append tables to WORK/BENCHMARKS.md, not the repo's")
     args = ap.parse_args()
