@@ -19,7 +19,7 @@ from slimlm.errors import SlimlmError
 SITUATIONS = (
     {"goal": "throughput", "memory": "8GiB", "context": 4096},
     {"goal": "latency", "memory": "8GiB", "context": 4096},
-    {"goal": "quality", "memory": "600MiB", "context": 4096},
+    {"goal": "quality", "memory": "560MiB", "context": 4096},
 )
 
 

@@ -109,5 +109,6 @@ def write_report(results: list[dict[str, Any]], out: str | Path, *, overwrite: b
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile("w", dir=out.parent, prefix=f".{out.name}.", delete=False) as f:
         f.write(page)
+    Path(f.name).chmod(0o644)  # NamedTemporaryFile makes it owner-only; a report is for sharing
     Path(f.name).replace(out)
     return {"report": str(out), "plots": [str(p) for p in pngs], "results": len(results)}
