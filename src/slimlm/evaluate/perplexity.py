@@ -75,17 +75,20 @@ def iter_scored_logprobs(model: torch.nn.Module, windows: torch.Tensor, batch_si
     keep = torch.arange(first, first + count)
     accepts_keep = "logits_to_keep" in _forward_kwargs(model)
     device = next(model.parameters()).device
-    with torch.inference_mode():
-        for lo in range(0, windows.shape[0], batch_size):
-            hi = min(lo + batch_size, windows.shape[0])
-            ids = windows[lo:hi].to(device)
+    for lo in range(0, windows.shape[0], batch_size):
+        hi = min(lo + batch_size, windows.shape[0])
+        ids = windows[lo:hi].to(device)
+        # Inference mode only around the forward, never across the yield: a generator suspended inside the
+        # context would leak the mode into its caller (and two interleaved ones restore it out of order).
+        with torch.inference_mode():
             if accepts_keep:
                 logits = model(input_ids=ids, use_cache=False, logits_to_keep=keep.to(device)).logits
             else:
                 logits = model(input_ids=ids, use_cache=False).logits[:, first:first + count]
             if logits.dtype != torch.float32 or not logits.is_contiguous() or logits.device.type != "cpu":
                 logits = logits.float().contiguous().cpu()
-            yield lo, hi, log_softmax_(logits)
+            logprobs = log_softmax_(logits)
+        yield lo, hi, logprobs
 
 
 def window_targets(windows: torch.Tensor) -> torch.Tensor:
