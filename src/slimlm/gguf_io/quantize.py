@@ -32,7 +32,7 @@ T = gguf.GGMLQuantizationType
 _FLOATS = (T.F32, T.F16, T.BF16)
 
 # Tensors encoded ahead of the one being written: overlaps encoding with I/O, bounds memory to a few tensors.
-LOOKAHEAD = 2
+LOOKAHEAD = 4
 # Encoder processes for the plain codecs (at most the CPU count).
 WORKERS = 2
 
@@ -223,41 +223,52 @@ def quantize_gguf(
         return meta
 
     # The plain codecs are numpy code that holds the GIL, so they run in forked worker processes (which only
-    # run numpy: no torch/OpenMP state is touched after the fork); custom encoders (closures over Hessians,
-    # test hooks) run in threads.
+    # run numpy: no torch/OpenMP state is touched after the fork). A worker loads its tensor itself (the
+    # source's mmap loaders are inherited through the fork), so only a tensor index goes out and only the
+    # encoded bytes come back. Custom encoders (closures over Hessians, test hooks) run in threads.
+    global _FORKED
     workers = max(1, min(WORKERS, os.cpu_count() or 1))
     use_processes = (encoder is None and workers > 1 and len(tensors) > 8
                      and "fork" in multiprocessing.get_all_start_methods())
     pool_cls = ProcessPoolExecutor if use_processes else ThreadPoolExecutor
     pool_kwargs = {"mp_context": multiprocessing.get_context("fork")} if use_processes else {}
-    with pool_cls(max_workers=workers if use_processes else LOOKAHEAD, **pool_kwargs) as pool:
-        pending: dict[int, Future] = {}
+    if use_processes:
+        _FORKED = load  # read by _encode_index in the workers, which fork on the first submit
+    try:
+        with pool_cls(max_workers=workers if use_processes else 2, **pool_kwargs) as pool:
+            pending: dict[int, Future] = {}
 
-        def submit(j: int) -> Future:
-            if use_processes:
-                values, qtype, importance = load(j)
-                if values.size < 1 << 16:  # not worth a round trip to a worker
-                    done: Future = Future()
-                    done.set_result(_plain_encode(values, qtype, importance, tensors[j].name))
-                    return done
-                return pool.submit(_encode_job, values, int(qtype), importance)
-            return pool.submit(lambda: (encoder or _plain_encode)(*load(j), tensors[j].name))
+            def submit(j: int) -> Future:
+                if use_processes:
+                    if int(np.prod(tensors[j].shape, dtype=np.int64)) < 1 << 16:  # not worth a round trip
+                        done: Future = Future()
+                        done.set_result(_plain_encode(*load(j), tensors[j].name))
+                        return done
+                    return pool.submit(_encode_index, j)
+                return pool.submit(lambda: (encoder or _plain_encode)(*load(j), tensors[j].name))
 
-        def produce_ahead(i: int) -> np.ndarray:
-            for j in range(i, min(i + LOOKAHEAD + 1, len(tensors))):
-                if j not in pending:
-                    pending[j] = submit(j)
-            data = pending.pop(i).result()
-            if progress:
-                progress(i + 1, len(tensors), tensors[i].name)
-            return data
+            def fill(i: int) -> None:
+                for j in range(i, min(i + LOOKAHEAD + 1, len(tensors))):
+                    if j not in pending:
+                        pending[j] = submit(j)
 
-        try:
-            write_gguf(out, source.arch, metadata, [(t.name, tuple(t.shape), plan[t.name]) for t in tensors],
-                       produce_ahead)
-        finally:
-            for f in pending.values():
-                f.cancel()
+            def produce_ahead(i: int) -> np.ndarray:
+                fill(i)
+                data = pending.pop(i).result()
+                fill(i + 1)  # keep the workers busy while this one is written
+                if progress:
+                    progress(i + 1, len(tensors), tensors[i].name)
+                return data
+
+            fill(0)  # the first tensors encode while the metadata (tokenizer) is built and written
+            try:
+                write_gguf(out, source.arch, metadata, [(t.name, tuple(t.shape), plan[t.name]) for t in tensors],
+                           produce_ahead)
+            finally:
+                for f in pending.values():
+                    f.cancel()
+    finally:
+        _FORKED = None
     result.file_bytes = out.stat().st_size
     result.seconds = time.perf_counter() - start
     return result
@@ -298,9 +309,15 @@ def _equalize(source: ModelSource, plan: dict[str, T], importance_of: Callable[[
             lambda name: overrides[name] if name in overrides else importance_of(name), new_h)
 
 
-def _encode_job(values: np.ndarray, qtype: int, importance: np.ndarray | None) -> np.ndarray:
-    """Worker-process entry point (module level so it pickles)."""
-    return _plain_encode(values, T(qtype), importance, "")
+# The tensor loader the forked encoder processes call (set by quantize_gguf just before its pool forks).
+_FORKED: Callable[[int], tuple[np.ndarray, T, np.ndarray | None]] | None = None
+
+
+def _encode_index(i: int) -> np.ndarray:
+    """Worker-process entry point (module level so it pickles): load tensor ``i`` and encode it."""
+    assert _FORKED is not None, "encoder worker without a forked source"
+    values, qtype, importance = _FORKED(i)
+    return _plain_encode(values, qtype, importance, "")
 
 
 def _plain_encode(values: np.ndarray, qtype: T, importance: np.ndarray | None, name: str) -> np.ndarray:
