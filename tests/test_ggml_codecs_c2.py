@@ -11,7 +11,7 @@ from gguf.quants import dequantize as gguf_dequantize
 
 from slimlm.errors import SlimlmError
 from slimlm.formats import ggml
-from slimlm.formats.ggml import kquants_common as kc
+from slimlm.formats.ggml import common as kc
 
 KTYPES = [T.Q2_K, T.Q4_K, T.Q5_K]
 # byte offsets of the fp16 super-block scales (d, dmin) inside one block

@@ -1,10 +1,12 @@
-"""Float32 building blocks that reproduce llama.cpp's scalar quantizers bit for bit.
+"""Float32 building blocks that reproduce llama.cpp's scalar quantizers bit for bit (all block families).
 
 llama.cpp's reference quantizers (ggml-quants.c) are plain C loops in float32: sums run left to right,
 ``nearest_int`` rounds half to even through a magic-number add, scales are stored as IEEE fp16 with
 round-to-nearest-even. To produce the same bytes we keep every intermediate in float32, evaluate
 products in C's left-to-right order, and accumulate sums sequentially (numpy's ``sum`` is pairwise, so
-it is not used for anything that decides a byte).
+it is not used for anything that decides a byte). The state a C loop carries from one candidate to the
+next (the running ``min`` of ``make_qkx2/3_quants``, the running sums of ``make_qp_quants``) is carried
+the same way.
 
 Details that decide bytes and are reproduced here: nearest_int's integer bit trick (also for inf/NaN/huge
 inputs, which degenerate blocks produce), C's strict ``>``/``<`` scans (first extreme wins, which also fixes
@@ -15,39 +17,88 @@ float32 to inf/NaN in both implementations and then take different comparison pa
 
 Arrays here are laid out *element-major*: a group of ``n`` values that C walks with ``for i < n`` is an
 array of shape ``[n, G]`` (G = number of groups, all processed at once), so a sequential sum is ``n``
-vector additions over all groups.
+vector additions over all groups. Loops run over element positions or candidate steps, never over blocks.
+Rounding uses ``np.rint`` (round half to even, what nearest_int computes for |v| < 2**22) wherever the
+values are provably in that range, and the bit trick otherwise.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from slimlm.errors import SlimlmError
+
 F32 = np.float32
+QK_K = 256
+K_SCALE_SIZE = 12
 GROUP_MAX_EPS = F32(1e-15)
-
-
-def fp16_bits(x: np.ndarray) -> np.ndarray:
-    """GGML_FP32_TO_FP16: IEEE half, round to nearest even, as uint16 bits."""
-    return np.asarray(x, dtype=F32).astype(np.float16).view(np.uint16)
-
-
-def fp16_round(x: np.ndarray) -> np.ndarray:
-    """The float32 value a scale has after a trip through fp16 (what the decoder will see)."""
-    return np.asarray(x, dtype=F32).astype(np.float16).astype(F32)
-
-
 _MAGIC = F32(12582912.0)  # 1.5 * 2**23
+# nearest_int and np.rint agree below 2**22; stay clear of it so float32 rounding of a bound cannot matter
+_RINT_SAFE = F32(4.0e6)
 
+
+# ---- scalar conversions ------------------------------------------------------------------------------
 
 def nearest_int(x: np.ndarray) -> np.ndarray:
     """llama.cpp's ``nearest_int``, bit for bit: add 1.5*2**23 in float32 and read the low mantissa bits.
 
     Round half to even for |x| < 2**22; for inf/NaN/huge values (which only arise from degenerate
-    inputs) it returns the same arbitrary integers as C, so even those blocks keep C's bytes.
+    inputs, and which C's release build does not assert on) it returns the same arbitrary integers as C.
     """
-    bits = (np.asarray(x, dtype=F32) + _MAGIC).view(np.int32)
+    with np.errstate(invalid="ignore", over="ignore"):
+        bits = (np.asarray(x, dtype=F32) + _MAGIC).view(np.int32)
     return (bits & 0x007FFFFF) - 0x00400000
 
+
+def fp16_bits(x: np.ndarray) -> np.ndarray:
+    """GGML_FP32_TO_FP16: IEEE half, round to nearest even, as uint16 bits."""
+    with np.errstate(over="ignore"):
+        return np.asarray(x, dtype=F32).astype(np.float16).view(np.uint16)
+
+
+def fp16_round(x: np.ndarray) -> np.ndarray:
+    """The float32 value a scale has after a trip through fp16 (what the decoder will see)."""
+    with np.errstate(over="ignore"):
+        return np.asarray(x, dtype=F32).astype(np.float16).astype(F32)
+
+
+def fp16_value(bits: np.ndarray) -> np.ndarray:
+    """GGML_FP16_TO_FP32 of stored bits."""
+    return np.asarray(bits, dtype=np.uint16).view(np.float16).astype(F32)
+
+
+def safe_div(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    """``num/den`` in float32 where den != 0, else 0 (the C code guards these divisions)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = np.divide(num, den, dtype=F32)
+    return np.where(den != 0, out, F32(0)).astype(F32)
+
+
+def round_clip(v: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """``MAX(lo, MIN(hi, nearest_int(v)))`` kept in float32, computed in place (``v`` is consumed).
+
+    ``np.rint`` is round-half-even, the same as nearest_int's magic-number add for |v| < 2**22.
+    """
+    np.rint(v, out=v)
+    return np.clip(v, F32(lo), F32(hi), out=v)
+
+
+# ---- layouts -----------------------------------------------------------------------------------------
+
+def element_major(x: np.ndarray, group: int) -> np.ndarray:
+    """[..., k*group] -> [group, N] float32 with one column per group (C's inner index first)."""
+    return np.ascontiguousarray(np.asarray(x, dtype=F32).reshape(-1, group).T)
+
+
+def superblock_rows(x: np.ndarray, name: str) -> np.ndarray:
+    """Check a float tensor for a k-quant and return it as float32 [rows, n] (n a multiple of 256)."""
+    x = np.asarray(x)
+    if x.ndim == 0 or x.shape[-1] % QK_K != 0:
+        raise SlimlmError(f"{name} needs rows whose length is a multiple of {QK_K}, got shape {x.shape}")
+    return np.ascontiguousarray(x, dtype=F32).reshape(-1, x.shape[-1])
+
+
+# ---- reductions in C's order -------------------------------------------------------------------------
 
 def seq_sum(terms: np.ndarray, from_zero: bool = True) -> np.ndarray:
     """Left-to-right float32 sum over axis 0: C's ``float s = 0; for (i...) s += t[i]``.
@@ -77,33 +128,36 @@ def seq_sum_last(terms: np.ndarray) -> np.ndarray:
     return np.cumsum(terms, axis=-1, dtype=F32)[..., -1]
 
 
-def safe_div(num: np.ndarray, den: np.ndarray) -> np.ndarray:
-    """``num/den`` in float32 where den != 0, else 0 (the C code guards these divisions)."""
-    with np.errstate(divide="ignore", invalid="ignore"):
-        out = np.divide(num, den, dtype=F32)
-    return np.where(den != 0, out, F32(0)).astype(F32)
-
-
 def first_absmax(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(amax, max): the largest |x| over axis 0 and the signed value where it first occurs.
 
-    Matches C's ``if (ax > amax) { amax = ax; max = x[i]; }`` (strict ``>``, so the first one wins).
+    Matches C's ``if (ax > amax) { amax = ax; max = x[i]; }`` (strict ``>``, so the first one wins) for
+    any group with a nonzero value; an all-zero group gives (0, 0) of either sign, which every caller
+    treats as empty. Two reductions instead of an argmax; only groups holding both +a and -a look for
+    the first one.
     """
-    ax = np.abs(x)
-    idx = np.argmax(ax, axis=0)
-    signed = np.take_along_axis(x, idx[None], axis=0)[0]
-    amax = np.take_along_axis(ax, idx[None], axis=0)[0]
-    return amax.astype(F32), signed.astype(F32)
+    hi = np.fmax.reduce(x, axis=0)  # fmax/fmin skip NaN, as C's comparisons do
+    lo = np.fmin.reduce(x, axis=0)
+    neg = np.negative(lo)
+    amax = np.maximum(hi, neg)
+    signed = np.where(hi >= neg, hi, lo)
+    tie = np.flatnonzero((hi == neg) & (hi != 0))
+    if tie.size:
+        sub = x[:, tie]
+        signed[tie] = sub[np.argmax(np.abs(sub), axis=0), np.arange(tie.size)]
+    return amax.astype(F32, copy=False), signed.astype(F32, copy=False)
 
 
-def round_clip(v: np.ndarray, lo: float, hi: float) -> np.ndarray:
-    """``MAX(lo, MIN(hi, nearest_int(v)))`` kept in float32, computed in place (``v`` is consumed).
+def _first_zero_sign(x: np.ndarray, vmin: np.ndarray) -> None:
+    """Where a group's minimum is zero, give it the sign of the group's first zero, as C's strict ``<``
+    scan starting from x[0] does (-0.0 and +0.0 compare equal; the sign can reach an fp16 field)."""
+    zero_min = np.flatnonzero(vmin == 0)
+    if zero_min.size:
+        sub = x[:, zero_min]
+        vmin[zero_min] = sub[np.argmax(sub == 0, axis=0), np.arange(zero_min.size)]
 
-    ``np.rint`` is round-half-even, the same as nearest_int's magic-number add for |v| < 2**22.
-    """
-    np.rint(v, out=v)
-    return np.clip(v, F32(lo), F32(hi), out=v)
 
+# ---- scale searches ----------------------------------------------------------------------------------
 
 def make_qx_quants(x: np.ndarray, nmax: int, qw: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Symmetric scale search of ggml-quants.c ``make_qx_quants`` with ``rmse_type == 1``.
@@ -112,43 +166,54 @@ def make_qx_quants(x: np.ndarray, nmax: int, qw: np.ndarray | None = None) -> tu
     Returns (scale [G] float32, L [n, G] int32 in 0..2*nmax-1). Tries the plain max scale, then 18
     nudged scales, keeping the one with the best weighted least-squares fit.
     """
-    x = np.asarray(x, dtype=F32)
-    w = (x * x) if qw is None else np.asarray(qw, dtype=F32)
+    x = np.ascontiguousarray(x, dtype=F32)
+    w = (x * x) if qw is None else np.ascontiguousarray(qw, dtype=F32)
     amax, vmax = first_absmax(x)
     zero = amax < GROUP_MAX_EPS
-    vmax = np.where(zero, F32(1), vmax).astype(F32)
+    vmax[zero] = F32(1)
     wx = w * x
     fnmax = F32(nmax)
+    lo, hi = F32(-nmax), F32(nmax - 1)
     tmp = np.empty_like(x)
     lf = np.empty_like(x)
+    G = x.shape[1]
+    sumlx, suml2 = np.empty(G, F32), np.empty(G, F32)
+    better, t1, t2 = np.empty(G, bool), np.empty(G, F32), np.empty(G, F32)
 
-    def fit(iscale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        round_clip(np.multiply(iscale, x, out=lf), -nmax, nmax - 1)
-        sumlx = seq_sum(np.multiply(wx, lf, out=tmp))
+    def fit(iscale: np.ndarray) -> None:
+        # |iscale*x| <= nmax + 1 (x is bounded by the group's absmax), so rint is nearest_int here
+        np.multiply(x, iscale, out=lf)
+        np.rint(lf, out=lf)
+        np.clip(lf, lo, hi, out=lf)
+        np.add.reduce(np.multiply(wx, lf, out=tmp), axis=0, out=sumlx)  # sum (w*x)*l
         np.multiply(w, lf, out=tmp)
-        suml2 = seq_sum(np.multiply(tmp, lf, out=tmp))
-        return sumlx, suml2
+        np.add.reduce(np.multiply(tmp, lf, out=tmp), axis=0, out=suml2)  # sum (w*l)*l
 
-    best_iscale = (-fnmax / vmax).astype(F32)
-    sumlx, suml2 = fit(best_iscale)
-    scale = safe_div(sumlx, suml2)
-    best = scale * sumlx
-    with np.errstate(divide="ignore", invalid="ignore"):
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        best_iscale = (-fnmax / vmax).astype(F32)
+        fit(best_iscale)
+        scale = safe_div(sumlx, suml2)
+        best = scale * sumlx
         for step in range(-9, 10):
             if step == 0:
                 continue
             iscale = -(fnmax + F32(0.1) * F32(step)) / vmax
-            sumlx, suml2 = fit(iscale)
-            better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
-            if better.any():
-                # remember the winning grid; its levels are recomputed once at the end
-                best_iscale = np.where(better, iscale, best_iscale)
-                scale = np.where(better, sumlx / suml2, scale)
-                best = np.where(better, scale * sumlx, best)
-    round_clip(np.multiply(best_iscale, x, out=lf), -nmax, nmax - 1)
-    L = (lf.astype(np.int32) + nmax)
+            fit(iscale)
+            # suml2 > 0 && sumlx*sumlx > best*suml2
+            np.multiply(sumlx, sumlx, out=t1)
+            np.multiply(best, suml2, out=t2)
+            np.greater(t1, t2, out=better)
+            better &= suml2 > 0
+            # remember the winning grid; its levels are recomputed once at the end
+            np.copyto(best_iscale, iscale, where=better)
+            np.divide(sumlx, suml2, out=scale, where=better)
+            np.multiply(scale, sumlx, out=best, where=better)
+    np.multiply(x, best_iscale, out=lf)
+    round_clip(lf, -nmax, nmax - 1)
+    L = lf.astype(np.int32)
+    L += nmax
     L[:, zero] = 0
-    scale = np.where(zero, F32(0), scale).astype(F32)
+    scale[zero] = F32(0)
     return scale, L
 
 
@@ -159,7 +224,7 @@ def make_q3_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
     x: [n, G]. Returns (scale [G], L [n, G] int32 in 0..2*nmax-1). After each sweep only the groups that
     changed stay in play, which is C's per-group ``break``.
     """
-    x = np.asarray(x, dtype=F32)
+    x = np.ascontiguousarray(x, dtype=F32)
     amax, vmax = first_absmax(x)
     zero = amax < GROUP_MAX_EPS
     vmax = np.where(zero, F32(1), vmax).astype(F32)
@@ -204,100 +269,289 @@ def make_q3_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
     return scale, L
 
 
-def make_qkx3_quants(x: np.ndarray, weights: np.ndarray, nmax: int, rmin: float = -0.9, rdelta: float = 0.05,
-                     nstep: int = 36) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """ggml-quants.c ``make_qkx3_quants`` (use_mad=false) for Q4_1/Q5_1 with an imatrix: asymmetric
-    scale+min by weighted least squares over ``nstep+1`` candidate inverse scales, each anchored at the
-    best min so far. x, weights: [n, G].
+class _Grid:
+    """Levels ``MAX(0, MIN(nmax, nearest_int(iscale*(x - anchor))))`` of ``make_qkx2/3_quants`` for one
+    anchor (the running min) per group, as float32.
 
-    Kept beside the k-quants' shared search because here the min is stored as-is in fp16, so even the
-    sign of a zero min must follow C (the first zero of the group wins its strict ``<`` scan).
-    Returns (scale [G], the_min [G] (positive = subtract), L [n, G] int32 in 0..nmax).
+    ``x - anchor`` is kept between candidates (the anchor only moves when a candidate wins, which is rare).
+    Where every |iscale*(x - anchor)| is provably below 2**22 the rounding is ``np.rint``; otherwise (an
+    anchored grid whose span collapsed, subnormal spans giving inf scales) it is C's integer bit trick.
+    """
+
+    def __init__(self, x: np.ndarray, xlo: np.ndarray, vmax: np.ndarray, live: np.ndarray, nmax: int) -> None:
+        self.x, self.xlo, self.vmax, self.live = x, xlo, vmax, live
+        self.nmax, self.fnmax = nmax, F32(nmax)
+        self.xm = np.empty_like(x)
+
+    def anchor(self, mn: np.ndarray) -> None:
+        """Move the anchor; afterwards ``span`` = max - anchor and ``far`` bounds |x - anchor| (float32
+        subtraction is monotone, so the group's extremes bound every element)."""
+        np.subtract(self.x, mn, out=self.xm)
+        self.span = self.vmax - mn
+        self.far = np.maximum(np.abs(self.xlo - mn), np.abs(self.vmax - mn))
+        ratio = self.far[self.live] / np.abs(self.span[self.live])
+        self.reach = F32(np.max(ratio)) if ratio.size else F32(0)  # NaN (0/0) forces the exact path
+
+    def levels(self, iscale: np.ndarray, out: np.ndarray, fac: np.floating | None = None) -> np.ndarray:
+        """Levels for ``iscale`` [G] into ``out``. ``fac``: iscale = fac/span, so one scalar product bounds
+        the scaled values; otherwise each group's bound is checked."""
+        np.multiply(self.xm, iscale, out=out)
+        if fac is not None:
+            safe = abs(fac) * self.reach < _RINT_SAFE
+        else:
+            safe = bool(np.all(np.abs(iscale[self.live]) * self.far[self.live] < _RINT_SAFE))
+        if safe:
+            np.rint(out, out=out)
+            return np.clip(out, F32(0), self.fnmax, out=out)
+        out[...] = np.clip(nearest_int(out), 0, self.nmax)
+        return out
+
+
+def make_qkx_quants(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int,
+                    use_mad: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """ggml's ``make_qkx2_quants`` / ``make_qkx3_quants`` (the same arithmetic once weights are given).
+
+    Fits x ~ scale*L - the_min with L in 0..nmax: starts from the min/max grid, then tries ``nstep+1``
+    inverse scales ``(rmin + rdelta*is + nmax)/(max - min)`` and keeps the weighted least-squares
+    (scale, min) with the lowest weighted error (|d| if ``use_mad`` else d*d). As in C, each candidate
+    grid is anchored at the best ``min`` found so far, the sums of w and w*x start from the first term, and
+    a zero min has the sign of the group's first zero (the min is stored as is by Q4_1/Q5_1).
+    x, w: [n, G] float32. Returns (scale [G], the_min [G] (positive = subtract), L [n, G] int32).
     """
     x = np.ascontiguousarray(x, dtype=F32)
-    w = np.ascontiguousarray(weights, dtype=F32)
-    vmin = np.minimum.reduce(x, axis=0)
+    w = np.ascontiguousarray(w, dtype=F32)
+    G = x.shape[1]
+    fnmax = F32(nmax)
+    xlo = np.minimum.reduce(x, axis=0)
     vmax = np.maximum.reduce(x, axis=0)
-    zero_min = np.flatnonzero(vmin == 0)
-    if zero_min.size:
-        sub = x[:, zero_min]
-        vmin[zero_min] = sub[np.argmax(sub == 0, axis=0), np.arange(zero_min.size)]
+    vmin = xlo.copy()
+    _first_zero_sign(x, vmin)
     sum_w = seq_sum(w, from_zero=False)  # C starts these two from the first term
     sum_x = seq_sum(w * x, from_zero=False)
-    vmin = np.where(vmin > 0, F32(0), vmin).astype(F32)
-    flat = ~(vmax > vmin)
-    fnmax = F32(nmax)
+    vmin[vmin > 0] = F32(0)
+    flat = ~(vmax > vmin)  # C returns early on max == min (qkx2) / max <= min (qkx3)
+    live = ~flat
+    grid = _Grid(x, xlo, vmax, live, nmax)
     lf = np.empty_like(x)
     tmp = np.empty_like(x)
     tmp2 = np.empty_like(x)
+    sum_l, sum_l2, sum_xl = np.empty(G, F32), np.empty(G, F32), np.empty(G, F32)
+    D, t1, t2, cur = np.empty(G, F32), np.empty(G, F32), np.empty(G, F32), np.empty(G, F32)
+    this_scale, this_min, iscale = np.empty(G, F32), np.empty(G, F32), np.empty(G, F32)
+    better, pos = np.empty(G, bool), np.empty(G, bool)
 
-    xlo = np.minimum.reduce(x, axis=0)
-
-    def levels(mn: np.ndarray, iscale: np.ndarray, out: np.ndarray) -> np.ndarray:
-        # MAX(0, MIN(nmax, nearest_int(iscale*(x - min)))). The candidate grid is anchored at the best min so
-        # far, which can make v huge; llama.cpp's integer bit trick then decides. v is monotone in x, so the
-        # group's extremes bound it: only if one is out of rint's exact range is the bit trick needed.
-        np.subtract(x, mn, out=out)
-        out *= iscale
-        ends = np.abs(np.concatenate([iscale * (xlo - mn), iscale * (vmax - mn)]))
-        if np.all(ends < F32(4194303.0)):
-            np.rint(out, out=out)
-            return np.clip(out, F32(0), fnmax, out=out)
-        out[...] = np.clip(nearest_int(out), 0, nmax)
-        return out
-
-    def sq_err(scale: np.ndarray, mn: np.ndarray, lv: np.ndarray) -> np.ndarray:
-        d = np.multiply(scale, lv, out=tmp)
+    def err(scale: np.ndarray, mn: np.ndarray, levels: np.ndarray) -> np.ndarray:
+        d = np.multiply(levels, scale, out=tmp)  # ((scale*L + min) - x), then |.| or squared, times w
         d += mn
         d -= x
-        d *= d
+        if use_mad:
+            np.abs(d, out=d)
+        else:
+            d *= d
         d *= w
-        return seq_sum(d)
+        return np.add.reduce(d, axis=0, out=cur)
 
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        span = np.where(flat, F32(1), vmax - vmin).astype(F32)
-        iscale = fnmax / span
-        scale = (F32(1) / iscale).astype(F32)
-        # first grid: MAX(0, MIN(nmax, nearest_int(v))) with C's integer semantics (v may be inf for tiny spans)
-        L = np.clip(nearest_int(iscale * (x - vmin)), 0, nmax).astype(F32)
-        best = sq_err(scale, vmin, L)
         cur_min = vmin.copy()
-        # a winning grid is remembered as (iscale, anchor min); its levels are recomputed once at the end
-        won = np.zeros(x.shape[1], dtype=bool)
-        best_iscale, best_anchor = iscale, vmin
+        grid.anchor(cur_min)
+        span = np.where(flat, F32(1), grid.span).astype(F32)
+        iscale0 = fnmax / span
+        scale = (F32(1) / iscale0).astype(F32)
+        best = err(scale, cur_min, grid.levels(iscale0, lf, fnmax)).copy()
+        best[flat] = -np.inf  # C returned early: no candidate may win
+        # a winning grid is remembered as (iscale, anchor); its levels are recomputed once at the end
+        best_iscale, best_anchor = iscale0, cur_min.copy()
         for step in range(nstep + 1):
-            span = np.where(flat, F32(1), vmax - cur_min).astype(F32)
-            iscale = ((F32(rmin) + F32(rdelta) * F32(step)) + fnmax) / span
-            levels(cur_min, iscale, lf)
-            wl = np.multiply(w, lf, out=tmp2)
-            sum_l = seq_sum(wl)
-            sum_xl = seq_sum(np.multiply(wl, x, out=tmp))
-            wl *= lf
-            sum_l2 = seq_sum(wl)
-            D = sum_w * sum_l2 - sum_l * sum_l
-            ok = (D > 0) & ~flat
-            this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
-            this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
-            pos = this_min > 0
-            this_min = np.where(pos, F32(0), this_min).astype(F32)
-            this_scale = np.where(pos, sum_xl / sum_l2, this_scale).astype(F32)
-            err = sq_err(this_scale, this_min, lf)
-            better = ok & (err < best)
+            fac = (F32(rmin) + F32(rdelta) * F32(step)) + fnmax
+            np.divide(fac, grid.span, out=iscale)
+            grid.levels(iscale, lf, fac)
+            np.multiply(w, lf, out=tmp)
+            np.add.reduce(tmp, axis=0, out=sum_l)  # sum w*l
+            np.add.reduce(np.multiply(tmp, x, out=tmp2), axis=0, out=sum_xl)  # sum (w*l)*x
+            tmp *= lf
+            np.add.reduce(tmp, axis=0, out=sum_l2)  # sum (w*l)*l
+            # D = sum_w*sum_l2 - sum_l*sum_l
+            np.multiply(sum_w, sum_l2, out=D)
+            D -= np.multiply(sum_l, sum_l, out=t1)
+            # this_scale = (sum_w*sum_xl - sum_x*sum_l)/D, this_min = (sum_l2*sum_x - sum_l*sum_xl)/D
+            np.multiply(sum_w, sum_xl, out=this_scale)
+            this_scale -= np.multiply(sum_x, sum_l, out=t1)
+            this_scale /= D
+            np.multiply(sum_l2, sum_x, out=this_min)
+            this_min -= np.multiply(sum_l, sum_xl, out=t2)
+            this_min /= D
+            np.greater(this_min, 0, out=pos)
+            if pos.any():
+                this_min[pos] = F32(0)
+                np.divide(sum_xl, sum_l2, out=this_scale, where=pos)
+            err(this_scale, this_min, lf)
+            np.less(cur, best, out=better)
+            better &= D > 0
             if better.any():
-                won |= better
-                best_iscale = np.where(better, iscale, best_iscale)
-                best_anchor = np.where(better, cur_min, best_anchor)
-                best = np.where(better, err, best)
-                scale = np.where(better, this_scale, scale).astype(F32)
-                cur_min = np.where(better, this_min, cur_min).astype(F32)
-        if won.any():
-            np.copyto(L, levels(best_anchor, best_iscale, lf), where=won[None])
-    L = L.astype(np.int32)
+                np.copyto(best_iscale, iscale, where=better)
+                np.copyto(best_anchor, cur_min, where=better)
+                np.copyto(best, cur, where=better)
+                np.copyto(scale, this_scale, where=better)
+                np.copyto(cur_min, this_min, where=better)
+                grid.anchor(cur_min)
+        grid.anchor(best_anchor)
+        L = grid.levels(best_iscale, lf).astype(np.int32)
     L[:, flat] = 0
-    scale = np.where(flat, F32(0), scale).astype(F32)
-    return scale, (-cur_min).astype(F32), L
+    scale[flat] = F32(0)
+    return scale, np.negative(cur_min), L
 
 
-def element_major(x: np.ndarray, group: int) -> np.ndarray:
-    """[..., k*group] -> [group, N] float32 with one column per group (C's inner index first)."""
-    return np.ascontiguousarray(np.asarray(x, dtype=F32).reshape(-1, group).T)
+def make_qp_quants(x: np.ndarray, nmax: int, qw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """ggml's ``make_qp_quants``: a scale for non-negative values (sub-block scales or mins), L in 0..nmax.
+
+    Tries 9 inverse scales around nmax/max under weights ``qw``, then up to 5 sweeps of coordinate
+    descent moving one L at a time while the weighted fit improves. x, qw: [n, G].
+    Returns (scale [G], L [n, G] int32 holding the uint8 C stores).
+    A group whose sweep changed nothing would repeat the same sweep with the same result, so C's
+    early ``break`` needs no mask here.
+    """
+    x = np.asarray(x, dtype=F32)
+    qw = np.asarray(qw, dtype=F32)
+    fnmax = F32(nmax)
+    vmax = np.maximum(np.maximum.reduce(x, axis=0), F32(0))
+    zero = vmax < GROUP_MAX_EPS
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        safe_max = np.where(zero, F32(1), vmax).astype(F32)
+        iscale = fnmax / safe_max
+        L0 = nearest_int(iscale * x) & 0xFF  # C stores into uint8
+        scale = F32(1) / iscale
+        diff = x - scale * L0.astype(F32)
+        best = seq_sum((qw * diff) * diff)
+        for step in range(-4, 5):
+            if step == 0:
+                continue
+            iscale_is = (F32(0.1) * F32(step) + fnmax) / safe_max
+            scale_is = F32(1) / iscale_is
+            l = np.minimum(nearest_int(iscale_is * x), nmax)
+            diff = x - scale_is * l.astype(F32)
+            mse = seq_sum((qw * diff) * diff)
+            better = mse < best
+            best = np.where(better, mse, best)
+            iscale = np.where(better, iscale_is, iscale).astype(F32)
+        l = np.minimum(nearest_int(iscale * x), nmax)
+        lf = l.astype(F32)
+        wx = qw * x
+        sumlx = seq_sum(wx * lf)
+        suml2 = seq_sum((qw * lf) * lf)
+        L = l & 0xFF  # C stores into uint8
+        for _ in range(5):
+            for i in range(x.shape[0]):
+                Li = L[i].astype(F32)
+                slx = sumlx - wx[i] * Li
+                sl2 = suml2 - (qw[i] * Li) * Li
+                new_l = np.minimum(nearest_int((x[i] * sl2) / slx), nmax)
+                nl = new_l.astype(F32)
+                slx2 = slx + wx[i] * nl
+                sl22 = sl2 + (qw[i] * nl) * nl
+                accept = ((slx > 0) & (sl2 > 0) & (new_l != L[i])
+                          & ((slx2 * slx2) * suml2 > (sumlx * sumlx) * sl22))
+                if accept.any():
+                    L[i] = np.where(accept, new_l & 0xFF, L[i])
+                    sumlx = np.where(accept, slx2, sumlx).astype(F32)
+                    suml2 = np.where(accept, sl22, suml2).astype(F32)
+        out = np.where(suml2 > 0, sumlx / suml2, F32(0)).astype(F32)
+    out = np.where(zero, F32(0), out).astype(F32)
+    L = np.where(zero, 0, L).astype(np.int32)
+    return out, L
+
+
+def pack_scale_min_k4(ls: np.ndarray, lm: np.ndarray) -> np.ndarray:
+    """Eight 6-bit scales and mins per super-block -> the 12 bytes Q4_K/Q5_K store ([S, 8] -> [S, 12]).
+
+    Bytes 0-3: low 6 bits of scales 0-3, top bits = bits 4-5 of scales 4-7; bytes 4-7 the same for mins;
+    bytes 8-11: low nibbles of scales 4-7 | low nibbles of mins 4-7 << 4 (C's uint8 truncation kept).
+    """
+    ls = np.asarray(ls, dtype=np.int32) & 0xFF
+    lm = np.asarray(lm, dtype=np.int32) & 0xFF
+    out = np.empty(ls.shape[:-1] + (K_SCALE_SIZE,), dtype=np.uint8)
+    out[..., 0:4] = (ls[..., 0:4] | ((ls[..., 4:8] >> 4) << 6)) & 0xFF
+    out[..., 4:8] = (lm[..., 0:4] | ((lm[..., 4:8] >> 4) << 6)) & 0xFF
+    out[..., 8:12] = ((ls[..., 4:8] & 0xF) | ((lm[..., 4:8] & 0xF) << 4)) & 0xFF
+    return out
+
+
+def unpack_scale_min_k4(q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """ggml's ``get_scale_min_k4`` for all eight sub-blocks: [S, 12] uint8 -> (scales, mins) [S, 8] int32."""
+    q = np.asarray(q, dtype=np.uint8).astype(np.int32)
+    sc = np.concatenate([q[..., 0:4] & 63, (q[..., 8:12] & 0xF) | ((q[..., 0:4] >> 6) << 4)], axis=-1)
+    mn = np.concatenate([q[..., 4:8] & 63, (q[..., 8:12] >> 4) | ((q[..., 4:8] >> 6) << 4)], axis=-1)
+    return sc, mn
+
+
+def requantize_levels(x: np.ndarray, d: np.ndarray, dm: np.ndarray, nmax: int, L: np.ndarray) -> np.ndarray:
+    """Final pass of every k-quant: L = clamp(nearest_int((x + dm)/d), 0, nmax) where d != 0, else keep L.
+
+    x, L: [n, G]; d, dm: [G] float32 (the decoded sub-block scale and min).
+    """
+    nz = d != 0
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        new = np.clip(nearest_int((x + dm) / np.where(nz, d, F32(1))), 0, nmax)
+    return np.where(nz, new, L).astype(np.int32)
+
+
+def k4_superblocks(x_rows: np.ndarray, qw_rows: np.ndarray | None, nmax: int, ref_search: tuple[float, float, int],
+                   clamp_qp: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The part Q4_K and Q5_K share: 8 sub-blocks of 32 with 6-bit scales and mins per super-block.
+
+    Without importance weights this is ``quantize_row_q{4,5}_K_ref``: per sub-block weights
+    ``rms(x) + |x|``, ``make_qkx2_quants`` with ``ref_search = (rmin, rdelta, nstep)``, then scales and
+    mins quantized linearly against their maxima. With weights it is ``quantize_row_q{4,5}_K_impl``:
+    weights ``qw * sqrt(2*mean(x^2) + x^2)``, ``make_qkx3_quants(-0.9, 0.05, 36)``, then scales and mins
+    fitted by ``make_qp_quants`` under the summed sub-block weights (``clamp_qp``: Q5_K's extra MIN(63)).
+
+    x_rows: [rows, n] float32. Returns (d bits [S] uint16, dmin bits [S] uint16, scales [S, 12] uint8,
+    L [S, 256] int32), S = number of super-blocks.
+    """
+    S = x_rows.size // QK_K
+    xe = element_major(x_rows, 32)  # [32, 8S]
+    if qw_rows is None:
+        sum_x2 = seq_sum(xe * xe)
+        av_x = np.sqrt(sum_x2 / F32(32))
+        w = av_x + np.abs(xe)
+        rmin, rdelta, nstep = ref_search
+        scales, mins, L = make_qkx_quants(xe, w, nmax, rmin, rdelta, nstep, use_mad=False)
+        scales, mins = scales.reshape(S, 8), mins.reshape(S, 8)
+        max_scale = np.maximum(np.maximum.reduce(scales, axis=1), F32(0))
+        max_min = np.maximum(np.maximum.reduce(mins, axis=1), F32(0))
+        with np.errstate(divide="ignore"):
+            inv_scale = np.where(max_scale > 0, F32(63) / max_scale, F32(0)).astype(F32)
+            inv_min = np.where(max_min > 0, F32(63) / max_min, F32(0)).astype(F32)
+        ls = np.minimum(63, nearest_int(inv_scale[:, None] * scales) & 0xFF)
+        lm = np.minimum(63, nearest_int(inv_min[:, None] * mins) & 0xFF)
+        d_bits = fp16_bits(max_scale / F32(63))
+        dmin_bits = fp16_bits(max_min / F32(63))
+    else:
+        xs = element_major(x_rows, QK_K)  # [256, S]
+        sigma2 = (F32(2) * seq_sum(xs * xs)) / F32(QK_K)  # [S]
+        qw = element_major(qw_rows, 32)
+        sig = np.repeat(sigma2, 8)[None, :]  # per sub-block column
+        w = qw * np.sqrt(sig + xe * xe)
+        sw = seq_sum(w)
+        scales, mins, L = make_qkx_quants(xe, w, nmax, -0.9, 0.05, 36, use_mad=False)
+        swT = np.ascontiguousarray(sw.reshape(S, 8).T)
+        d_block, ls = make_qp_quants(np.ascontiguousarray(scales.reshape(S, 8).T), 63, swT)
+        m_block, lm = make_qp_quants(np.ascontiguousarray(mins.reshape(S, 8).T), 63, swT)
+        ls, lm = ls.T, lm.T
+        if clamp_qp:
+            ls, lm = np.minimum(63, ls), np.minimum(63, lm)
+        d_bits = fp16_bits(d_block)
+        dmin_bits = fp16_bits(m_block)
+    packed = pack_scale_min_k4(ls, lm)
+    sc, m = unpack_scale_min_k4(packed)
+    dsub = (fp16_value(d_bits)[:, None] * sc.astype(F32)).reshape(-1)
+    msub = (fp16_value(dmin_bits)[:, None] * m.astype(F32)).reshape(-1)
+    L = requantize_levels(xe, dsub, msub, nmax, L)
+    return d_bits, dmin_bits, packed, np.ascontiguousarray(L.T).reshape(S, QK_K)
+
+
+def k4_dequantize_scales(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Decoded sub-block scale and min ([S, 8] float32 each) of Q4_K/Q5_K blocks (d, dmin, scales[12] first)."""
+    d = fp16_value(blocks[:, 0:2].copy().view("<u2")[:, 0])
+    dmin = fp16_value(blocks[:, 2:4].copy().view("<u2")[:, 0])
+    sc, m = unpack_scale_min_k4(blocks[:, 4:16])
+    return d[:, None] * sc.astype(F32), dmin[:, None] * m.astype(F32)

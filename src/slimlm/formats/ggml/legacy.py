@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .common import F32, element_major, fp16_bits, make_qkx3_quants, make_qx_quants, seq_sum_last
+from .common import F32, element_major, fp16_bits, make_qkx_quants, make_qx_quants, seq_sum_last
 
 QK = 32
 
@@ -183,7 +183,7 @@ def _first_zero_sign(xb: np.ndarray, vmin: np.ndarray) -> None:
 
 def _affine_weighted(x: np.ndarray, imatrix: np.ndarray, nlev: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     w, xe = _weights(x, imatrix)
-    d, the_min, L = make_qkx3_quants(xe, w, nlev - 1, -0.9, 0.05, 36)
+    d, the_min, L = make_qkx_quants(xe, w, nlev - 1, -0.9, 0.05, 36)
     return d, -the_min, np.ascontiguousarray(L.T.astype(np.uint8))
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .kquants_common import (F32, QK_K, element_major, fp16_bits, fp16_value, make_qkx_quants, make_qp_quants,
+from .common import (F32, QK_K, element_major, fp16_bits, fp16_value, make_qkx_quants, make_qp_quants,
                              nearest_int, requantize_levels, seq_sum, superblock_rows)
 
 BLOCK_BYTES = 84

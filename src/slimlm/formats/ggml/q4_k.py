@@ -1,6 +1,6 @@
 """Q4_K: 256-value super-blocks of 8 sub-blocks of 32, 4-bit quants, 6-bit sub-block scales and mins.
 
-Layout (144 bytes): d f16, dmin f16, scales[12] (packed 6-bit scales/mins, see kquants_common),
+Layout (144 bytes): d f16, dmin f16, scales[12] (packed 6-bit scales/mins, see common),
 qs[128]: within each 64 values, byte l holds value l (low nibble) and value l+32 (high nibble).
 x ~ d*sc[j]*q - dmin*m[j]. Encoding follows ggml-quants.c ``quantize_row_q4_K_ref`` without an
 importance matrix (what ``llama_model_quantize`` uses then) and ``quantize_row_q4_K_impl`` with one.
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .kquants_common import F32, QK_K, k4_dequantize_scales, k4_superblocks, superblock_rows
+from .common import F32, QK_K, k4_dequantize_scales, k4_superblocks, superblock_rows
 
 BLOCK_BYTES = 144
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .kquants_common import F32, QK_K, k4_dequantize_scales, k4_superblocks, superblock_rows
+from .common import F32, QK_K, k4_dequantize_scales, k4_superblocks, superblock_rows
 
 BLOCK_BYTES = 176
 _BIT = (1 << np.arange(8, dtype=np.int32)).reshape(1, 8, 1)
