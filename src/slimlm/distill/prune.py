@@ -1,8 +1,10 @@
-"""Derive a smaller student from the teacher, Minitron-style: drop layers and MLP channels that matter least.
+"""Derive a smaller student from the teacher, Minitron-style: drop layers, attention heads and MLP channels
+that matter least.
 
 Importance is measured on calibration text: a layer's is 1 - cos(h_in, h_out) averaged over tokens (how
-much it changes the hidden state; ShortGPT's "block influence"); an MLP channel's is the mean |act(gate) *
-up| it feeds into down_proj. The pruned student is then distilled to recover.
+much it changes the hidden state; ShortGPT's "block influence"); an attention head's is the mean L2 norm
+of what it writes into the residual stream (its slice of o_proj applied to its output); an MLP channel's
+is the mean |act(gate) * up| it feeds into down_proj. The pruned student is then distilled to recover.
 """
 
 from __future__ import annotations
@@ -62,15 +64,117 @@ def mlp_channel_importance(model: torch.nn.Module, calib_ids: torch.Tensor) -> l
     return sums
 
 
+@torch.no_grad()
+def head_importance(model: torch.nn.Module, calib_ids: torch.Tensor) -> list[torch.Tensor]:
+    """Per layer, per query head: mean over tokens of ||o_proj[:, head] @ head_output||.
+
+    Measured at o_proj's input, so it is what the head actually adds to the residual stream (a head whose
+    output o_proj scales down counts as unimportant even if its attention output is large).
+    """
+    scores: list[torch.Tensor] = []
+    hooks = []
+    for layer in _layers(model):
+        attn = layer.self_attn
+
+        def hook(module, args, store=scores, attn=attn):
+            x = args[0].float()
+            head_dim = int(attn.head_dim)
+            n_heads = x.shape[-1] // head_dim
+            x = x.reshape(-1, n_heads, head_dim)  # [tokens, H, d]
+            w = module.weight.float().view(module.out_features, n_heads, head_dim)  # [hidden, H, d]
+            contrib = torch.einsum("thd,ehd->the", x, w)
+            store.append(contrib.norm(dim=-1).mean(0))
+
+        hooks.append(attn.o_proj.register_forward_pre_hook(hook))
+    try:
+        model(input_ids=calib_ids)
+    finally:
+        for h in hooks:
+            h.remove()
+    return scores
+
+
+def _rows(lin: torch.nn.Linear, rows: torch.Tensor) -> None:
+    lin.weight = torch.nn.Parameter(lin.weight.data[rows].clone())
+    if lin.bias is not None:
+        lin.bias = torch.nn.Parameter(lin.bias.data[rows].clone())
+    lin.out_features = int(rows.numel())
+
+
+def _head_rows(heads: list[int], head_dim: int) -> torch.Tensor:
+    return torch.cat([torch.arange(h * head_dim, (h + 1) * head_dim) for h in heads])
+
+
+def heads_to_keep(scores: torch.Tensor, n_heads: int, n_kv: int, keep: float) -> tuple[list[int], int]:
+    """Which query heads of one layer survive (sorted), and the new number of KV heads.
+
+    With grouped-query attention (n_heads > n_kv) every KV group keeps the same number of its most important
+    query heads, round(group * keep) (at least one), and all KV heads stay. Why not drop whole KV groups:
+    a KV head serves several query heads of different importance, whole groups are a coarse step (SmolLM2
+    has 3 groups, so only thirds could go), and the per-group rule keeps n_heads a multiple of n_kv, as
+    transformers requires. Without grouping (n_heads == n_kv) a head goes with its own K and V.
+    """
+    group = n_heads // n_kv
+    if group > 1:
+        per_group = max(1, int(round(group * keep)))
+        kept: list[int] = []
+        for g in range(n_kv):
+            members = torch.arange(g * group, (g + 1) * group)
+            best = members[scores[members].topk(per_group).indices]
+            kept += sorted(int(h) for h in best)
+        return kept, n_kv
+    new = max(1, int(round(n_heads * keep)))
+    return sorted(int(h) for h in scores.topk(new).indices), new
+
+
+def prune_heads(model: torch.nn.Module, calib_ids: torch.Tensor, keep: float) -> dict:
+    """Narrow every layer's attention in place to ``keep`` of its query heads (see ``heads_to_keep``)."""
+    cfg = model.config
+    n_heads, n_kv = int(cfg.num_attention_heads), int(cfg.num_key_value_heads)
+    head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads)
+    group = n_heads // n_kv
+    kept0, new_kv = heads_to_keep(torch.arange(n_heads, dtype=torch.float32), n_heads, n_kv, keep)
+    new_heads = len(kept0)
+    if new_heads == n_heads:
+        step = f"1/{group} (one query head per KV group)" if group > 1 else f"1/{n_heads}"
+        raise SlimlmError(f"--prune-heads {keep} removes no head of {n_heads} ({n_kv} KV heads); "
+                          f"the fraction moves in steps of {step}")
+    scores = head_importance(model, calib_ids)
+    kept_all: list[list[int]] = []
+    for layer, s in zip(_layers(model), scores):
+        kept, _ = heads_to_keep(s, n_heads, n_kv, keep)
+        attn = layer.self_attn
+        _rows(attn.q_proj, _head_rows(kept, head_dim))
+        if group == 1:
+            _rows(attn.k_proj, _head_rows(kept, head_dim))
+            _rows(attn.v_proj, _head_rows(kept, head_dim))
+        cols = _head_rows(kept, head_dim)
+        attn.o_proj.weight = torch.nn.Parameter(attn.o_proj.weight.data[:, cols].clone())
+        attn.o_proj.in_features = int(cols.numel())
+        attn.num_key_value_groups = new_heads // new_kv
+        for name, value in (("num_heads", new_heads), ("num_key_value_heads", new_kv)):
+            if hasattr(attn, name):
+                setattr(attn, name, value)
+        kept_all.append(kept)
+    cfg.num_attention_heads, cfg.num_key_value_heads = new_heads, new_kv
+    cfg.head_dim = head_dim  # hidden_size / heads no longer gives it
+    return {"head_scores": [s.tolist() for s in scores], "kept_heads": kept_all,
+            "num_attention_heads": new_heads, "num_key_value_heads": new_kv}
+
+
 def prune(teacher: torch.nn.Module, calib_ids: torch.Tensor, *, drop_layers: int = 0,
-          mlp_keep: float = 1.0) -> tuple[torch.nn.Module, dict]:
-    """A copy of ``teacher`` with ``drop_layers`` fewest-influence layers removed and MLPs narrowed to ``mlp_keep``."""
+          mlp_keep: float = 1.0, heads_keep: float = 1.0) -> tuple[torch.nn.Module, dict]:
+    """A copy of ``teacher`` with ``drop_layers`` fewest-influence layers removed, then attention narrowed to
+    ``heads_keep`` of its query heads and MLPs to ``mlp_keep`` of their channels (importance re-measured on the
+    shallower model each time, so it reflects the network that will actually run)."""
     layers = _layers(teacher)
     n = len(layers)
     if not 0 <= drop_layers < n:
         raise SlimlmError(f"--prune-layers must be between 0 and {n - 1} for a {n}-layer model")
     if not 0 < mlp_keep <= 1:
         raise SlimlmError("--prune-mlp keeps a fraction of MLP channels: give a value in (0, 1]")
+    if not 0 < heads_keep <= 1:
+        raise SlimlmError("--prune-heads keeps a fraction of attention heads: give a value in (0, 1]")
     teacher.eval()
     scores = layer_importance(teacher, calib_ids)
     drop = sorted(sorted(range(n), key=lambda i: scores[i])[:drop_layers])
@@ -84,7 +188,9 @@ def prune(teacher: torch.nn.Module, calib_ids: torch.Tensor, *, drop_layers: int
     cfg.num_hidden_layers = len(keep)
     if getattr(cfg, "layer_types", None):
         cfg.layer_types = [cfg.layer_types[i] for i in keep]
-    info = {"layer_scores": scores, "dropped_layers": drop, "mlp_keep": mlp_keep}
+    info = {"layer_scores": scores, "dropped_layers": drop, "mlp_keep": mlp_keep, "heads_keep": heads_keep}
+    if heads_keep < 1:
+        info.update(prune_heads(student, calib_ids, heads_keep))
     if mlp_keep < 1:
         channel_scores = mlp_channel_importance(student, calib_ids)
         width = int(cfg.intermediate_size)
