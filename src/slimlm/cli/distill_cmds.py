@@ -26,12 +26,20 @@ def distill(
     student_config: Optional[Path] = typer.Option(None, "--student-config", help="A config.json: random-init student."),
     prune_layers: int = typer.Option(0, "--prune-layers", help="Derive the student: drop N least-influential layers."),
     prune_mlp: float = typer.Option(1.0, "--prune-mlp", help="Derive the student: keep this fraction of MLP channels."),
+    prune_heads: float = typer.Option(1.0, "--prune-heads",
+                                      help="Derive the student: keep this fraction of attention heads "
+                                           "(with GQA, of the query heads in every KV group)."),
     alpha: float = typer.Option(0.5, "--alpha", help="Weight of CE on labels; 1 - alpha on the divergence."),
     temperature: float = typer.Option(1.0, "--temperature"),
     divergence: str = typer.Option("forward_kl", "--divergence", help="forward_kl | reverse_kl | jsd"),
     beta: float = typer.Option(0.5, "--beta", help="Generalized JSD mixing weight."),
     top_k: int = typer.Option(16, "--top-k", help="Teacher logits cached per token."),
     teacher_cache: Optional[Path] = typer.Option(None, "--teacher-cache", help="A cache from `distill cache-teacher`."),
+    on_policy: float = typer.Option(0.0, "--on-policy",
+                                    help="logits: share of steps where the student samples and the teacher scores."),
+    on_policy_prompt: int = typer.Option(0, "--on-policy-prompt",
+                                         help="Prompt tokens kept from each sequence on those steps (0: half)."),
+    on_policy_temperature: float = typer.Option(1.0, "--on-policy-temperature", help="The student's sampling temperature."),
     prompts: Optional[Path] = typer.Option(None, "--prompts", help="sequence: prompts the teacher answers."),
     verifier: Optional[str] = typer.Option(None, "--verifier", help="sequence: module:function(prompt, response) -> bool."),
     max_new_tokens: int = typer.Option(128, "--max-new-tokens"),
@@ -63,7 +71,9 @@ def distill(
         raise SlimlmError("slimlm distill needs --teacher, --data and --out")
     config = TrainConfig(alpha=alpha, temperature=temperature, divergence=divergence, beta=beta, lr=lr,
                          warmup_steps=warmup, max_steps=steps, batch_size=batch_size, grad_accum=grad_accum,
-                         grad_clip=grad_clip, dtype=dtype, eval_every=eval_every, save_every=save_every, seed=seed)
+                         grad_clip=grad_clip, dtype=dtype, eval_every=eval_every, save_every=save_every, seed=seed,
+                         on_policy=on_policy, on_policy_prompt=on_policy_prompt,
+                         on_policy_temperature=on_policy_temperature)
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
     with Progress(*columns, console=err_console, transient=True) as bar:
         task = bar.add_task("distilling", total=steps)
@@ -72,7 +82,8 @@ def distill(
             bar.update(task, completed=step, description=f"loss {rec['loss']:.4f} | {rec['tokens_per_s']:.0f} tok/s")
 
         report = run(teacher, data, out, method=method, student=student, student_config=student_config,
-                     prune_layers=prune_layers, prune_mlp=prune_mlp, seq_len=seq_len, top_k=top_k,
+                     prune_layers=prune_layers, prune_mlp=prune_mlp, prune_heads=prune_heads, seq_len=seq_len,
+                     top_k=top_k,
                      teacher_cache=teacher_cache, prompts=prompts, verifier=verifier,
                      max_new_tokens=max_new_tokens, temperature=sample_temperature, top_p=top_p, config=config,
                      resume=resume, overwrite=overwrite, progress=update)
@@ -83,7 +94,11 @@ def distill(
         return
     b, a, t = report["before"], report["after"], report["teacher_heldout"]
     console.print(f"student: {report['student_parameters']:,} parameters (teacher {report['teacher_parameters']:,})")
-    console.print(f"held-out perplexity: {b['ppl']:.2f} → {a['ppl']:.2f} (teacher {t['ppl']:.2f})")
+    if "bits_per_byte" in a:
+        console.print(f"held-out bits per byte (tokenizers differ): {b['bits_per_byte']:.3f} → "
+                      f"{a['bits_per_byte']:.3f} (teacher {t['bits_per_byte']:.3f})")
+    else:
+        console.print(f"held-out perplexity: {b['ppl']:.2f} → {a['ppl']:.2f} (teacher {t['ppl']:.2f})")
     if "kld" in a:
         console.print(f"KL(teacher ‖ student): {b['kld']:.4f} → {a['kld']:.4f}")
     console.print(f"{report['steps']} steps, {report['tokens_per_s']:.0f} tokens/s; student in {report['student_dir']}")

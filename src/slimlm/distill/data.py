@@ -13,6 +13,9 @@ def text_sequences(tokenizer, source: str | Path, seq_len: int, *, field: str = 
     """Tokenize the whole text once and cut it into [N, seq_len] non-overlapping sequences."""
     from slimlm.evaluate.data import read_text
 
+    path = Path(str(source)).expanduser()
+    if path.is_file() and path.suffix.lower() not in (".jsonl", ".json") and not path.read_bytes().strip():
+        raise SlimlmError(f"{source} is empty: no training text")
     text = read_text(source, field=field)
     ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0]
     n = ids.numel() // seq_len

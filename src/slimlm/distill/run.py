@@ -29,12 +29,15 @@ def _load_teacher(path: str | Path):
 
 
 def _load_student(teacher: torch.nn.Module, *, student: str | Path | None, student_config: str | Path | None,
-                  prune_layers: int, prune_mlp: float, calib_ids: torch.Tensor) -> tuple[torch.nn.Module, dict]:
+                  prune_layers: int, prune_mlp: float, calib_ids: torch.Tensor,
+                  prune_heads: float = 1.0) -> tuple[torch.nn.Module, dict]:
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    chosen = [x for x in (student, student_config) if x] + (["prune"] if prune_layers or prune_mlp < 1 else [])
+    pruning = prune_layers or prune_mlp < 1 or prune_heads < 1
+    chosen = [x for x in (student, student_config) if x] + (["prune"] if pruning else [])
     if len(chosen) != 1:
-        raise SlimlmError("give exactly one student: --student DIR, --student-config FILE, or --prune-layers/--prune-mlp")
+        raise SlimlmError("give exactly one student: --student DIR, --student-config FILE, or "
+                          "--prune-layers/--prune-heads/--prune-mlp")
     if student:
         if not (Path(student) / "config.json").is_file():
             raise SlimlmError(f"{student} is not a Hugging Face model dir (no config.json)")
@@ -48,7 +51,7 @@ def _load_student(teacher: torch.nn.Module, *, student: str | Path | None, stude
         return AutoModelForCausalLM.from_config(cfg, dtype=torch.float32), {"source": f"random init from {student_config}"}
     from slimlm.distill.prune import prune
 
-    model, info = prune(teacher, calib_ids, drop_layers=prune_layers, mlp_keep=prune_mlp)
+    model, info = prune(teacher, calib_ids, drop_layers=prune_layers, mlp_keep=prune_mlp, heads_keep=prune_heads)
     for p in model.parameters():
         p.requires_grad_(True)
     return model, {"source": "pruned teacher", **info}
@@ -56,8 +59,12 @@ def _load_student(teacher: torch.nn.Module, *, student: str | Path | None, stude
 
 @torch.no_grad()
 def heldout_metrics(student: torch.nn.Module, teacher: torch.nn.Module | None, eval_ids: torch.Tensor,
-                    eval_labels: torch.Tensor, batch_size: int = 4) -> dict[str, float]:
-    """Held-out perplexity of the student and, with a same-vocabulary teacher, KL(teacher ‖ student) per token."""
+                    eval_labels: torch.Tensor, batch_size: int = 4, tokenizer=None) -> dict[str, float]:
+    """Held-out perplexity of the student and, with a same-vocabulary teacher, KL(teacher ‖ student) per token.
+
+    With ``tokenizer``, also bits per byte of the scored text: the measure that compares models whose
+    tokenizers differ (per-token perplexities do not).
+    """
     was_training = student.training
     student.eval()
     nll_sum, kld_sum, count = 0.0, 0.0, 0
@@ -72,28 +79,96 @@ def heldout_metrics(student: torch.nn.Module, teacher: torch.nn.Module | None, e
         count += int(mask.sum())
     student.train(was_training)
     out = {"ppl": math.exp(nll_sum / count), "tokens": count}
+    if tokenizer is not None:
+        n_bytes = sum(len(tokenizer.decode(row[1:].tolist()).encode("utf-8")) for row in eval_ids)
+        out["bits_per_byte"] = nll_sum / math.log(2) / max(n_bytes, 1)
     if teacher is not None:
         out["kld"] = kld_sum / count
     return out
 
 
+# What a run writes under OUT; --overwrite removes these (and only these) before starting again.
+OUTPUTS = ("student", "checkpoints", "report.json", "teacher_topk.safetensors", "teacher_data.jsonl")
+
+
+def _prepare_out(out: Path, *, overwrite: bool, resume: bool) -> None:
+    """Refuse a non-empty OUT unless --overwrite (start over) or --resume (continue its checkpoints).
+
+    Under `accelerate launch` every process checks before any of them writes (so they all agree), and only
+    the main process clears the old outputs.
+    """
+    from accelerate import PartialState
+
+    if out.exists() and not out.is_dir():
+        raise SlimlmError(f"{out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not (overwrite or resume):
+        raise SlimlmError(f"{out} already exists and is not empty; pass --overwrite to start over "
+                          "or --resume to continue from its last checkpoint")
+    state = PartialState(cpu=not torch.cuda.is_available())
+    state.wait_for_everyone()
+    if overwrite and not resume and state.is_main_process:
+        import shutil
+
+        for name in OUTPUTS:
+            target = out / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+    state.wait_for_everyone()
+
+
+def _student_tokenizer(student: str | Path | None, teacher_tokenizer):
+    """The student's own tokenizer when its dir has one, else the teacher's (a pruned or config-built student)."""
+    if not student:
+        return teacher_tokenizer
+    from transformers import AutoTokenizer
+
+    has_tokenizer = any((Path(student) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json",
+                                                                 "tokenizer.model", "vocab.json"))
+    if not has_tokenizer:
+        return teacher_tokenizer
+    try:
+        return AutoTokenizer.from_pretrained(student)
+    except (OSError, ValueError) as exc:
+        raise SlimlmError(f"cannot load the tokenizer in {student}: {exc}") from None
+
+
+def _same_tokenizer(a, b) -> bool:
+    return a is b or a.get_vocab() == b.get_vocab()
+
+
+def _eos_ids(tokenizer) -> set[int]:
+    return {int(tokenizer.eos_token_id)} if tokenizer.eos_token_id is not None else set()
+
+
 def distill(teacher: str | Path, data: str | Path, out: str | Path, *, method: str = "logits",
             student: str | Path | None = None, student_config: str | Path | None = None, prune_layers: int = 0,
-            prune_mlp: float = 1.0, seq_len: int = 256, eval_sequences: int = 8, top_k: int = 16,
-            teacher_cache: str | Path | None = None, prompts: str | Path | None = None,
+            prune_mlp: float = 1.0, prune_heads: float = 1.0, seq_len: int = 256, eval_sequences: int = 8,
+            top_k: int = 16, teacher_cache: str | Path | None = None, prompts: str | Path | None = None,
             eval_data: str | Path | None = None, verifier: str | None = None, max_new_tokens: int = 128,
             temperature: float = 0.7, top_p: float = 0.95, samples_per_prompt: int = 1,
             config: TrainConfig | None = None, resume: bool = False, overwrite: bool = False,
             progress: Callable[[int, int, dict[str, float]], None] | None = None) -> dict[str, Any]:
-    """Distill ``teacher`` into a student; returns the report (also written to OUT/report.json)."""
+    """Distill ``teacher`` into a student; returns the report (also written to OUT/report.json).
+
+    ``logits``: the student (same tokenizer) matches the teacher's next-token distributions on ``data``,
+    from a top-k cache and, with ``config.on_policy``, on its own samples scored by the live teacher.
+    ``sequence``: the teacher answers ``prompts`` and the student is fine-tuned on that text, so the two may
+    have different tokenizers (held-out quality is then compared in bits per byte).
+    """
     if method not in METHODS:
         raise SlimlmError(f"unknown --method {method!r}; choose one of {', '.join(METHODS)}")
     out = Path(out)
-    if (out / "report.json").exists() and not (overwrite or resume):
-        raise SlimlmError(f"{out} already holds a distilled student; pass --overwrite or --resume")
     config = config or TrainConfig()
     if method == "sequence":
+        if config.on_policy > 0:
+            raise SlimlmError("--on-policy applies to --method logits (the teacher scores the student's samples)")
         config.alpha = 1.0  # the teacher's knowledge is in the text; the loss is plain CE on its responses
+    config.check(1)
+    if config.on_policy > 0:
+        config.prompt_len(seq_len)
+    _prepare_out(out, overwrite=overwrite, resume=resume)
     torch.manual_seed(config.seed)
     teacher_model, tokenizer = _load_teacher(teacher)
     text_ids = text_sequences(tokenizer, eval_data or data, seq_len) if method == "sequence" else \
@@ -101,22 +176,32 @@ def distill(teacher: str | Path, data: str | Path, out: str | Path, *, method: s
     train_ids, eval_ids = split_heldout(text_ids, eval_sequences)
     student_model, student_info = _load_student(teacher_model, student=student, student_config=student_config,
                                                 prune_layers=prune_layers, prune_mlp=prune_mlp,
+                                                prune_heads=prune_heads,
                                                 calib_ids=train_ids[: min(4, train_ids.shape[0])])
-    same_vocab = int(student_model.config.vocab_size) == int(teacher_model.config.vocab_size)
+    student_tok = _student_tokenizer(student, tokenizer)
+    same_vocab = (int(student_model.config.vocab_size) == int(teacher_model.config.vocab_size)
+                  and _same_tokenizer(student_tok, tokenizer))
     report: dict[str, Any] = {"teacher": str(teacher), "method": method, "student": student_info,
                               "student_parameters": sum(p.numel() for p in student_model.parameters()),
                               "teacher_parameters": sum(p.numel() for p in teacher_model.parameters()),
-                              "config": asdict(config), "seq_len": seq_len}
+                              "config": asdict(config), "seq_len": seq_len, "same_tokenizer": same_vocab}
     eval_labels = shifted_labels(eval_ids)
+    student_eval_ids, student_eval_labels = eval_ids, eval_labels
+    teacher_arg = None
     out.mkdir(parents=True, exist_ok=True)
     if method == "logits":
         if not same_vocab:
-            raise SlimlmError("--method logits needs the same vocabulary in teacher and student; "
+            raise SlimlmError("--method logits needs the same tokenizer and vocabulary in teacher and student; "
                               "use --method sequence across tokenizers")
         cache_path = Path(teacher_cache) if teacher_cache else out / "teacher_topk.safetensors"
         from slimlm.distill.teacher_cache import cache_teacher, load_teacher_cache
 
-        if config.alpha < 1.0:
+        if config.on_policy > 0:
+            teacher_arg = teacher_model  # on-policy steps need its full logits on the student's samples
+            report["on_policy"] = {"fraction": config.on_policy, "prompt_tokens": config.prompt_len(seq_len),
+                                   "sampled_tokens": seq_len - config.prompt_len(seq_len),
+                                   "temperature": config.on_policy_temperature}
+        if config.alpha < 1.0 and config.on_policy < 1.0:
             if not cache_path.is_file():
                 from accelerate import PartialState
 
@@ -133,34 +218,48 @@ def distill(teacher: str | Path, data: str | Path, out: str | Path, *, method: s
         else:
             data_t = TrainData(train_ids, shifted_labels(train_ids))
     else:
-        from transformers import AutoTokenizer
-
         from slimlm.distill.generate import generate_responses, load_verifier, read_prompts, sft_sequences
 
         if not prompts:
             raise SlimlmError("--method sequence needs --prompts FILE (the teacher answers them)")
+        if int(student_model.config.vocab_size) < len(student_tok):
+            raise SlimlmError(f"the student has {student_model.config.vocab_size} embeddings but its tokenizer "
+                              f"{len(student_tok)} tokens; give --student a dir with its own tokenizer")
         gen_path = out / "teacher_data.jsonl"
         if not gen_path.is_file():
             report["generation"] = generate_responses(
                 teacher_model, tokenizer, read_prompts(Path(prompts)), gen_path, max_new_tokens=max_new_tokens,
                 temperature=temperature, top_p=top_p, samples_per_prompt=samples_per_prompt, seed=config.seed,
                 verifier=load_verifier(verifier))
-        student_tok = AutoTokenizer.from_pretrained(student) if student else tokenizer
         seq_ids, prompt_mask = sft_sequences(student_tok, gen_path, seq_len)
         data_t = TrainData(seq_ids, shifted_labels(seq_ids, prompt_mask))
+        if not same_vocab:
+            # The student reads the held-out text through its own tokenizer.
+            _, student_eval_ids = split_heldout(text_sequences(student_tok, eval_data or data, seq_len),
+                                                eval_sequences)
+            student_eval_labels = shifted_labels(student_eval_ids)
     kld_teacher = teacher_model if same_vocab else None
-    before = heldout_metrics(student_model, kld_teacher, eval_ids, eval_labels)
-    result = train(student_model, data_t, config, out, teacher=None,
-                   evaluate=lambda m: heldout_metrics(m, kld_teacher, eval_ids, eval_labels),
-                   resume=resume, progress=progress)
+    bpb_tok = None if same_vocab else student_tok
+
+    def evaluate(model: torch.nn.Module) -> dict[str, float]:
+        return heldout_metrics(model, kld_teacher, student_eval_ids, student_eval_labels, tokenizer=bpb_tok)
+
+    before = evaluate(student_model)
+    result = train(student_model, data_t, config, out, teacher=teacher_arg, evaluate=evaluate, resume=resume,
+                   progress=progress, eos_ids=_eos_ids(student_tok), tokenizer=student_tok)
     if not result["is_main"]:
         return {}
     final = result["model"]
-    after = heldout_metrics(final, kld_teacher, eval_ids, eval_labels)
-    teacher_eval = heldout_metrics(teacher_model, None, eval_ids, eval_labels)
+    after = evaluate(final)
+    teacher_eval = heldout_metrics(teacher_model, None, eval_ids, eval_labels,
+                                   tokenizer=None if same_vocab else tokenizer)
     tmp = out / ".student.tmp"
+    if tmp.exists():
+        import shutil
+
+        shutil.rmtree(tmp)
     final.save_pretrained(tmp)
-    (student_tok if method == "sequence" else tokenizer).save_pretrained(tmp)
+    student_tok.save_pretrained(tmp)
     final_dir = out / "student"
     if final_dir.exists():
         import shutil
@@ -172,5 +271,7 @@ def distill(teacher: str | Path, data: str | Path, out: str | Path, *, method: s
                    "evals": state.evals, "before": before, "after": after, "teacher_heldout": teacher_eval,
                    "student_dir": str(final_dir), "train_seconds": result["seconds"],
                    "tokens_per_s": state.history[-1]["tokens_per_s"] if state.history else None})
-    (out / "report.json").write_text(json.dumps(report, indent=1, default=float))
+    report_tmp = out / ".report.json.tmp"
+    report_tmp.write_text(json.dumps(report, indent=1, default=float))
+    os.replace(report_tmp, out / "report.json")
     return report

@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from slimlm.distill.losses import DIVERGENCES, kd_loss
+from slimlm.distill.onpolicy import is_on_policy_step, on_policy_labels, sample_continuations, step_uniforms
 from slimlm.errors import SlimlmError
 
 
@@ -40,6 +41,9 @@ class TrainConfig:
     eval_every: int = 25
     save_every: int = 0
     seed: int = 0
+    on_policy: float = 0.0  # share of steps where the student samples and the live teacher scores (GKD's lambda)
+    on_policy_prompt: int = 0  # tokens of each sequence kept as the prompt on those steps (0: half)
+    on_policy_temperature: float = 1.0  # the student's sampling temperature (0: greedy)
 
     def check(self, world: int) -> None:
         if self.divergence not in DIVERGENCES:
@@ -51,6 +55,17 @@ class TrainConfig:
                               f"({world} x {self.grad_accum})")
         if self.dtype not in ("fp32", "bf16"):
             raise SlimlmError("--dtype must be fp32 or bf16")
+        if not 0.0 <= self.on_policy <= 1.0:
+            raise SlimlmError("--on-policy is the share of steps sampled by the student: give a value in [0, 1]")
+        if self.on_policy_temperature < 0:
+            raise SlimlmError("--on-policy-temperature must be >= 0")
+
+    def prompt_len(self, seq_len: int) -> int:
+        """Prompt tokens of an on-policy sequence; the student samples the remaining ones."""
+        p = self.on_policy_prompt or seq_len // 2
+        if not 1 <= p < seq_len:
+            raise SlimlmError(f"--on-policy-prompt must be between 1 and {seq_len - 1} (the sequence length - 1)")
+        return p
 
 
 @dataclass
@@ -85,12 +100,16 @@ def global_batch_indices(n: int, step: int, batch: int, seed: int) -> torch.Tens
 
 
 def save_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-                    state: TrainState, config: TrainConfig) -> None:
-    """Weights via save_pretrained, AdamW moments in safetensors, counters in JSON; written then renamed."""
+                    state: TrainState, config: TrainConfig, tokenizer: Any = None) -> None:
+    """Weights via save_pretrained (+ the tokenizer, so the checkpoint is a usable model dir), AdamW moments in
+    safetensors, counters in JSON. All of it goes to a hidden temp dir that is renamed when complete, so a
+    crash leaves the previous checkpoints intact and never a half-written ``step-N`` (which --resume reads)."""
     tmp = path.parent / f".{path.name}.tmp"
     if tmp.exists():
         shutil.rmtree(tmp)
     model.save_pretrained(tmp)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
     tensors, scalars = {}, {}
     params = [p for group in optimizer.param_groups for p in group["params"]]
     for i, p in enumerate(params):
@@ -139,14 +158,23 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
 
 
 def latest_checkpoint(out: Path) -> Path | None:
-    ckpts = sorted((out / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
-    return ckpts[-1] if ckpts else None
+    """The highest complete ``checkpoints/step-N`` (temp dirs of an interrupted save are hidden and skipped)."""
+    ckpts = [p for p in (out / "checkpoints").glob("step-*")
+             if p.name[5:].isdigit() and (p / "trainer_state.json").is_file()]
+    return max(ckpts, key=lambda p: int(p.name[5:])) if ckpts else None
 
 
 def train(student: torch.nn.Module, data: TrainData, config: TrainConfig, out: Path, *,
           teacher: torch.nn.Module | None = None, evaluate: Callable[[torch.nn.Module], dict[str, float]] | None = None,
-          resume: bool = False, progress: Callable[[int, int, dict[str, float]], None] | None = None) -> dict[str, Any]:
+          resume: bool = False, progress: Callable[[int, int, dict[str, float]], None] | None = None,
+          eos_ids: set[int] | None = None, tokenizer: Any = None) -> dict[str, Any]:
     """Train ``student`` on ``data``: CE on labels plus the divergence to the teacher (live or cached).
+
+    With ``config.on_policy`` > 0 a seeded share of the steps is on-policy (see slimlm.distill.onpolicy):
+    each sequence keeps its first tokens as the prompt, the student samples the rest, and the loss is the
+    divergence to the live ``teacher``'s full logits on the sampled tokens only (no CE: the labels would be
+    the student's own samples). ``eos_ids``: tokens after a sampled end-of-text are not scored.
+    ``tokenizer`` is saved into every checkpoint.
 
     Runs under `accelerate launch` unchanged: the Accelerator wraps the model for DDP and each rank
     takes its slice of every global batch.
@@ -169,7 +197,10 @@ def train(student: torch.nn.Module, data: TrainData, config: TrainConfig, out: P
     model, optimizer = acc.prepare(student, optimizer)
     if teacher is not None:
         teacher = teacher.to(acc.device).eval()
-    n = data.input_ids.shape[0]
+    if config.on_policy > 0 and teacher is None:
+        raise SlimlmError("--on-policy needs the live teacher (its full logits score the student's samples)")
+    n, seq_len = data.input_ids.shape
+    prompt_len = config.prompt_len(seq_len) if config.on_policy > 0 else 0
     per_rank = config.batch_size // world
     micro = per_rank // config.grad_accum
     autocast = torch.autocast(acc.device.type, dtype=torch.bfloat16) if config.dtype == "bf16" else None
@@ -178,6 +209,10 @@ def train(student: torch.nn.Module, data: TrainData, config: TrainConfig, out: P
         idx = global_batch_indices(n, state.step, config.batch_size, config.seed)
         mine = idx[rank * per_rank:(rank + 1) * per_rank]
         model.train()
+        on_policy = is_on_policy_step(config.seed, state.step, config.on_policy)
+        if on_policy:
+            uniforms = step_uniforms(config.seed, state.step, config.batch_size, seq_len - prompt_len)
+            my_uniforms = uniforms[rank * per_rank:(rank + 1) * per_rank]
         totals = {"loss": 0.0, "ce": 0.0, "kd": 0.0}
         for m in range(config.grad_accum):
             part = mine[m * micro:(m + 1) * micro]
@@ -185,9 +220,17 @@ def train(student: torch.nn.Module, data: TrainData, config: TrainConfig, out: P
             ctx = acc.no_sync(model) if m < config.grad_accum - 1 else _null()
             with ctx:
                 with autocast or _null():
+                    if on_policy:
+                        ids = sample_continuations(acc.unwrap_model(model), ids[:, :prompt_len],
+                                                   my_uniforms[m * micro:(m + 1) * micro],
+                                                   config.on_policy_temperature)
+                        labels = on_policy_labels(ids, prompt_len, eos_ids)
                     logits = model(input_ids=ids).logits
                     teacher_kw: dict[str, torch.Tensor] = {}
-                    if config.alpha < 1.0:
+                    if on_policy:
+                        with torch.no_grad():
+                            teacher_kw = {"teacher_logits": teacher(input_ids=ids).logits}
+                    elif config.alpha < 1.0:
                         if data.topk_idx is not None:
                             teacher_kw = {"teacher_topk_idx": data.topk_idx[part].to(acc.device),
                                           "teacher_topk_logprobs": data.topk_logprobs[part].to(acc.device)}
@@ -196,10 +239,11 @@ def train(student: torch.nn.Module, data: TrainData, config: TrainConfig, out: P
                                 teacher_kw = {"teacher_logits": teacher(input_ids=ids).logits}
                         else:
                             raise SlimlmError("alpha < 1 needs a teacher (live or a cached top-k file)")
-                    loss, parts = kd_loss(logits, labels, alpha=config.alpha, temperature=config.temperature,
+                    loss, parts = kd_loss(logits, labels, alpha=0.0 if on_policy else config.alpha,
+                                          temperature=config.temperature,
                                           divergence=config.divergence, beta=config.beta, **teacher_kw)
                 acc.backward(loss / config.grad_accum)
-            totals["loss"] += float(loss) / config.grad_accum
+            totals["loss"] += float(loss.detach()) / config.grad_accum
             totals["ce"] += parts["ce"] / config.grad_accum
             totals["kd"] += parts["kd"] / config.grad_accum
         grad_norm = acc.clip_grad_norm_(model.parameters(), config.grad_clip) if config.grad_clip > 0 else None
@@ -211,7 +255,7 @@ def train(student: torch.nn.Module, data: TrainData, config: TrainConfig, out: P
         state.step += 1
         record = {"step": state.step, "loss": float(reduced[0]), "ce": float(reduced[1]), "kd": float(reduced[2]),
                   "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm) if grad_norm is not None else math.nan,
-                  "tokens_per_s": tokens_done / (time.perf_counter() - started)}
+                  "tokens_per_s": tokens_done / (time.perf_counter() - started), "on_policy": on_policy}
         state.history.append(record)
         if progress and acc.is_main_process:
             progress(state.step, config.max_steps, record)
@@ -221,7 +265,7 @@ def train(student: torch.nn.Module, data: TrainData, config: TrainConfig, out: P
             acc.wait_for_everyone()
         if config.save_every and state.step % config.save_every == 0 and acc.is_main_process:
             save_checkpoint(out / "checkpoints" / f"step-{state.step}", acc.unwrap_model(model), optimizer,
-                            scheduler, state, config)
+                            scheduler, state, config, tokenizer)
         acc.wait_for_everyone()
     final = acc.unwrap_model(model)
     return {"state": state, "model": final, "world_size": world, "is_main": acc.is_main_process,
