@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -18,6 +19,7 @@ import numpy as np
 
 from slimlm.errors import SlimlmError
 from slimlm.gguf_io.architectures import ArchSpec, arch_spec, llama3_rope_factors, rope_parameters
+from slimlm.gguf_io.writer import FastGGUFWriter, RawValue, tensor_nbytes
 
 log = logging.getLogger(__name__)
 
@@ -165,6 +167,70 @@ _ENCODING_KEYS = ("general.file_type", "general.quantization_version", "general.
 
 def open_gguf(path: Path) -> ModelSource:
     """A lazy source over an existing GGUF (for re-quantizing): metadata copied, tensors dequantized on load."""
+    from slimlm.gguf_io.gguf_header import read_header
+
+    try:
+        header = read_header(path)
+    except (ValueError, OSError, struct.error) as exc:
+        raise SlimlmError(f"{path} is not a readable GGUF file: {exc}") from exc
+    if header is None:  # big-endian or GGUF v1: gguf's reader knows those
+        return _open_gguf_reader(path)
+    fields, infos = header
+    by_key = {f.key: f for f in fields}
+    arch_field = by_key.get("general.architecture")
+    if arch_field is None or arch_field.type != gguf.GGUFValueType.STRING:
+        raise SlimlmError(f"{path} has no general.architecture")
+    arch = arch_field.scalar()
+
+    def field_int(key: str, default: int = 0) -> int:
+        f = by_key.get(f"{arch}.{key}")
+        return int(f.scalar()) if f is not None and f.type != gguf.GGUFValueType.ARRAY else default
+
+    facts = {"n_layers": field_int("block_count"), "n_head": field_int("attention.head_count"),
+             "n_head_kv": field_int("attention.head_count_kv", field_int("attention.head_count"))}
+    size = path.stat().st_size
+    tensors = []
+    quantized = False
+    for t in infos:
+        shape = tuple(reversed(t.dims))
+        quantized |= t.type not in _FLOAT_TYPES
+        if t.offset + tensor_nbytes(shape, t.type) > size:
+            raise SlimlmError(f"{path} is truncated: {t.name} ends past the end of the file")
+        tensors.append(SourceTensor(t.name, shape, _gguf_loader(path, t.offset, t.type, shape), source_type=t.type))
+
+    def write_metadata(writer: gguf.GGUFWriter) -> dict[str, Any]:
+        if not isinstance(writer, FastGGUFWriter):
+            raise TypeError("copying GGUF metadata as bytes needs slimlm.gguf_io.writer.FastGGUFWriter")
+        for f in fields:
+            if f.key.startswith("GGUF.") or f.key in _ENCODING_KEYS or f.key.startswith("quantize."):
+                continue
+            writer.add_key_value(f.key, RawValue(f.raw), f.type, f.sub_type)
+        return {"model": "copied"}
+
+    return ModelSource(arch, tensors, {}, write_metadata, "gguf", path, quantized_source=quantized, facts=facts)
+
+
+_FLOAT_TYPES = (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.BF16)
+
+
+def _gguf_loader(path: Path, offset: int, qtype: gguf.GGMLQuantizationType, shape: tuple[int, ...]
+                 ) -> Callable[[], np.ndarray]:
+    """Float32 values of one GGUF tensor, through a read-only map of just its bytes (as for safetensors)."""
+    if qtype in _FLOAT_TYPES:
+        return _tensor_loader(path, offset, qtype.name, shape, lambda a: a)
+
+    def load() -> np.ndarray:
+        from slimlm.formats import ggml
+
+        raw = np.memmap(path, dtype=np.uint8, mode="r", offset=offset, shape=(tensor_nbytes(shape, qtype),))
+        if qtype in ggml.REGISTRY:
+            return ggml.dequantize(raw, qtype, shape)
+        return gguf.quants.dequantize(np.asarray(raw), qtype).reshape(shape).astype(np.float32)
+    return load
+
+
+def _open_gguf_reader(path: Path) -> ModelSource:
+    """open_gguf through gguf's GGUFReader (slow on large vocabularies; for the files read_header leaves)."""
     from slimlm.formats import ggml
 
     try:
@@ -187,8 +253,7 @@ def open_gguf(path: Path) -> ModelSource:
     for t in reader.tensors:
         shape = tuple(int(d) for d in reversed(t.shape.tolist()))
         qtype = gguf.GGMLQuantizationType(int(t.tensor_type))
-        quantized |= qtype not in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16,
-                                   gguf.GGMLQuantizationType.BF16)
+        quantized |= qtype not in _FLOAT_TYPES
 
         def load(t=t, qtype=qtype, shape=shape) -> np.ndarray:
             if qtype in ggml.REGISTRY:

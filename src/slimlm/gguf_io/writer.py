@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import struct
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
@@ -18,6 +20,76 @@ import numpy as np
 from slimlm.errors import SlimlmError
 
 T = gguf.GGMLQuantizationType
+V = gguf.GGUFValueType
+
+
+@dataclass(frozen=True)
+class RawValue:
+    """A metadata value already in GGUF's little-endian encoding (what follows the value type), copied
+    byte for byte from another GGUF."""
+
+    payload: bytes
+
+
+# little-endian numpy dtypes of gguf's scalar types (the same bytes as its struct formats)
+_ARRAY_DTYPES = {V.UINT8: "<u1", V.INT8: "<i1", V.UINT16: "<u2", V.INT16: "<i2", V.UINT32: "<u4", V.INT32: "<i4",
+                 V.FLOAT32: "<f4", V.UINT64: "<u8", V.INT64: "<i8", V.FLOAT64: "<f8", V.BOOL: "?"}
+# Python types gguf.GGUFValueType.get_type maps to each inferred array item type
+_INFERRED = {V.STRING: (str, bytes, bytearray), V.FLOAT32: (float,), V.INT32: (int,), V.BOOL: (bool,)}
+
+
+class FastGGUFWriter(gguf.GGUFWriter):
+    """gguf's GGUFWriter with bulk packing of long metadata arrays (a vocabulary holds ~10^5 strings, which
+    gguf packs one struct call at a time) and pass-through of :class:`RawValue`; the bytes are the same."""
+
+    def _pack_val(self, val: Any, vtype: gguf.GGUFValueType, add_vtype: bool,
+                  sub_type: gguf.GGUFValueType | None = None) -> bytes:
+        if isinstance(val, RawValue):
+            return (struct.pack("<I", vtype) if add_vtype else b"") + val.payload
+        if (vtype == V.ARRAY and isinstance(val, (list, tuple)) and len(val) > 64
+                and self.endianess == gguf.GGUFEndian.LITTLE):
+            packed = _pack_array_items(val, sub_type)
+            if packed is not None:
+                ltype, body = packed
+                head = struct.pack("<I", vtype) if add_vtype else b""
+                return head + struct.pack("<IQ", ltype, len(val)) + body
+        return super()._pack_val(val, vtype, add_vtype, sub_type)
+
+
+def _pack_array_items(val: list | tuple, sub_type: gguf.GGUFValueType | None) -> tuple[int, bytes] | None:
+    """(item type, packed items) as gguf would write them, or None to leave the array to gguf."""
+    types = set(map(type, val))
+    if sub_type is not None:
+        ltype = sub_type
+    else:  # gguf infers the type from the first item and requires every item to infer the same
+        ltype = gguf.GGUFValueType.get_type(val[0])
+        allowed = _INFERRED.get(ltype)
+        if allowed is None or not all(issubclass(t, allowed) for t in types):
+            return None
+        if ltype == V.INT32 and any(issubclass(t, (bool, float)) for t in types):
+            return None
+        if ltype == V.FLOAT32 and any(issubclass(t, (str, bytes, bytearray)) for t in types):
+            return None
+    if ltype == V.STRING:
+        if not all(issubclass(t, (str, bytes, bytearray)) for t in types):
+            return None
+        enc = [v.encode("utf-8") if isinstance(v, str) else bytes(v) for v in val]
+        lengths = struct.pack(f"<{len(enc)}Q", *map(len, enc))
+        return ltype, b"".join(lengths[8 * i:8 * i + 8] + b for i, b in enumerate(enc))
+    dtype = _ARRAY_DTYPES.get(ltype)
+    if dtype is None or not all(issubclass(t, (int, float, np.number, np.bool_)) for t in types):
+        return None
+    try:
+        if ltype in (V.FLOAT32, V.FLOAT64):
+            arr = np.array(val, dtype=np.float64)
+            out = arr.astype(dtype)
+            if not np.array_equal(np.isfinite(out), np.isfinite(arr)):
+                return None  # struct refuses floats beyond float32's range; let gguf raise
+        else:
+            out = np.array(val, dtype=dtype)
+    except (OverflowError, ValueError, TypeError):
+        return None
+    return ltype, out.tobytes()
 
 
 def tensor_nbytes(shape: tuple[int, ...], qtype: T) -> int:
@@ -63,7 +135,7 @@ def write_gguf(
     """
     infos = list(tensors)
     with atomic_path(out) as tmp:
-        writer = gguf.GGUFWriter(tmp, arch)
+        writer = FastGGUFWriter(tmp, arch)
         try:
             meta = write_metadata(writer)
             for name, shape, qtype in infos:
