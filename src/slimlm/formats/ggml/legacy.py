@@ -21,8 +21,10 @@ def _blocks(x: np.ndarray) -> np.ndarray:
 
 
 def _hi_lo(xb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-block max and min. numpy reduces a short contiguous axis slowly, so reduce the transposed copy
-    (element-major) instead: ~2x faster including the copy. torch is avoided here on purpose: the GGUF
+    """Per-block max and min (the sign of a zero result is unspecified; callers fix it where it matters).
+
+    numpy reduces a short contiguous axis slowly, so reduce the transposed copy (element-major) instead:
+    ~5x faster including the copy on a cache-sized chunk. torch is avoided here on purpose: the GGUF
     writer runs codecs in forked processes, where OpenMP must not be touched."""
     xt = np.ascontiguousarray(xb.T)
     return np.maximum.reduce(xt, axis=0), np.minimum.reduce(xt, axis=0)
@@ -50,18 +52,56 @@ def _trunc_u8(v: np.ndarray) -> np.ndarray:
     return v.astype(np.uint8)
 
 
+def _cap(L: np.ndarray, top: int) -> np.ndarray:
+    """MIN(top, L) in place (numpy's uint8 minimum against a full array is vectorized, against a scalar not)."""
+    return np.minimum(L, np.full(L.shape, top, dtype=np.uint8), out=L)
+
+
 def _f16_bytes(v: np.ndarray) -> np.ndarray:
     return fp16_bits(v).astype("<u2").view(np.uint8).reshape(-1, 2)
 
 
+_NIB = np.uint64(0x0F0F0F0F0F0F0F0F)
+_ONES = np.uint64(0x0101010101010101)
+# times a word of eight 0/1 bytes, puts byte k's bit at bit 56 + k (the partial products never collide)
+_GATHER = np.uint64(0x0102040810204080)
+
+
+def _words(L: np.ndarray) -> np.ndarray:
+    """[B, 32] uint8 -> [B, 4] little-endian uint64 words (eight values each), for bytewise bit tricks."""
+    return np.ascontiguousarray(L, dtype=np.uint8).view("<u8")
+
+
 def _nibbles(L: np.ndarray) -> np.ndarray:
     """[B, 32] values 0..31 (uint8) -> [B, 16] bytes: value j low nibble, value j+16 high nibble."""
-    return (L[:, :16] & 0xF) | (L[:, 16:] << 4)
+    w = _words(L)
+    low = w[:, :2] & _NIB
+    low |= (w[:, 2:] & _NIB) << np.uint64(4)
+    return low.view(np.uint8)
 
 
 def _high_bits(L: np.ndarray) -> np.ndarray:
     """[B, 32] 5-bit values -> [B, 4] bytes of the little-endian u32 of fifth bits."""
-    return np.packbits(L >> 4, axis=1, bitorder="little")
+    bits = (_words(L) >> np.uint64(4)) & _ONES
+    bits *= _GATHER  # wraps modulo 2**64, as intended
+    return (bits >> np.uint64(56)).astype(np.uint8)
+
+
+def _blocks_out(nb: int, d: np.ndarray, L: np.ndarray, m: np.ndarray | None = None, high: bool = False
+                ) -> np.ndarray:
+    """[B, type size] bytes: fp16 d, fp16 m (Q*_1), the fifth bits (Q5_*), then the nibbles of L."""
+    size = 2 + (2 if m is not None else 0) + (4 if high else 0) + QK // 2
+    out = np.empty((nb, size), dtype=np.uint8)
+    out[:, 0:2] = _f16_bytes(d)
+    pos = 2
+    if m is not None:
+        out[:, 2:4] = _f16_bytes(m)
+        pos = 4
+    if high:
+        out[:, pos:pos + 4] = _high_bits(L)
+        pos += 4
+    out[:, pos:] = _nibbles(L)
+    return out
 
 
 def _sigma2_rows(x: np.ndarray) -> np.ndarray:
@@ -78,24 +118,26 @@ def _weights(x: np.ndarray, imatrix: np.ndarray) -> tuple[np.ndarray, np.ndarray
     return element_major(imatrix, QK) * np.sqrt(sigma2[None] + xe * xe), xe
 
 
-def _out(rows: int, parts: list[np.ndarray]) -> np.ndarray:
-    return np.concatenate(parts, axis=1).reshape(rows, -1)
-
-
 # ---- Q8_0 ------------------------------------------------------------------------------------------
 
 def encode_q8_0(x: np.ndarray, imatrix: np.ndarray | None = None) -> np.ndarray:
     """quantize_row_q8_0_ref (llama.cpp ignores the imatrix for Q8_0)."""
     xb = _blocks(x)
-    amax = np.maximum.reduce(np.abs(np.ascontiguousarray(xb.T)), axis=0)
-    d = (amax / F32(127)).astype(F32)
-    v = xb * _inv(d)[:, None]
+    hi, lo = _hi_lo(xb)
+    amax = np.maximum(np.abs(hi), np.abs(lo))  # max |x|, +0 for an all-zero block as in C
+    d = amax / F32(127)
+    v = np.multiply(xb, _inv(d)[:, None])
     # roundf rounds halves away from zero, rint to even: they differ only on exact .5 (v - rint(v) is exact)
     q = np.rint(v)
-    ties = np.abs(v - q) == F32(0.5)
-    if ties.any():
+    frac = np.subtract(v, q)
+    np.abs(frac, out=frac)
+    if np.max(frac) == F32(0.5):
+        ties = frac == F32(0.5)
         q[ties] = np.trunc(v[ties]) + np.sign(v[ties])
-    return _out(x.shape[0], [_f16_bytes(d), q.astype(np.int8).view(np.uint8)])
+    out = np.empty((xb.shape[0], 34), dtype=np.uint8)
+    out[:, 0:2] = _f16_bytes(d)
+    out[:, 2:] = q.astype(np.int8).view(np.uint8)
+    return out.reshape(x.shape[0], -1)
 
 
 def decode_q8_0(data: np.ndarray) -> np.ndarray:
@@ -111,10 +153,10 @@ def _sym_ref(x: np.ndarray, nlev: int) -> tuple[np.ndarray, np.ndarray]:
     """quantize_row_q{4,5}_0_ref: d = max / -half, q = (int)(x/d + half + 0.5), capped at nlev-1."""
     half = nlev // 2
     xb = _blocks(x)
-    d = (_absmax_signed(xb) / F32(-half)).astype(F32)
-    v = xb * _inv(d)[:, None]
-    L = np.minimum(np.uint8(nlev - 1), _trunc_u8(v + F32(half + 0.5)))
-    return d, L
+    d = _absmax_signed(xb) / F32(-half)
+    v = np.multiply(xb, _inv(d)[:, None])
+    v += F32(half + 0.5)
+    return d, _cap(_trunc_u8(v), nlev - 1)
 
 
 def _sym_weighted(x: np.ndarray, imatrix: np.ndarray, nlev: int) -> tuple[np.ndarray, np.ndarray]:
@@ -125,12 +167,12 @@ def _sym_weighted(x: np.ndarray, imatrix: np.ndarray, nlev: int) -> tuple[np.nda
 
 def encode_q4_0(x: np.ndarray, imatrix: np.ndarray | None = None) -> np.ndarray:
     d, L = _sym_ref(x, 16) if imatrix is None else _sym_weighted(x, imatrix, 16)
-    return _out(x.shape[0], [_f16_bytes(d), _nibbles(L)])
+    return _blocks_out(L.shape[0], d, L).reshape(x.shape[0], -1)
 
 
 def encode_q5_0(x: np.ndarray, imatrix: np.ndarray | None = None) -> np.ndarray:
     d, L = _sym_ref(x, 32) if imatrix is None else _sym_weighted(x, imatrix, 32)
-    return _out(x.shape[0], [_f16_bytes(d), _high_bits(L), _nibbles(L)])
+    return _blocks_out(L.shape[0], d, L, high=True).reshape(x.shape[0], -1)
 
 
 def _unpack_nibbles(qs: np.ndarray) -> np.ndarray:
@@ -168,7 +210,7 @@ def _affine_ref(x: np.ndarray, nlev: int) -> tuple[np.ndarray, np.ndarray, np.nd
     v = (xb - vmin[:, None]) * _inv(d)[:, None]
     L = _trunc_u8(v + F32(0.5))
     if nlev == 16:
-        L = np.minimum(np.uint8(15), L)
+        _cap(L, 15)
     return d, vmin, L
 
 
@@ -189,12 +231,12 @@ def _affine_weighted(x: np.ndarray, imatrix: np.ndarray, nlev: int) -> tuple[np.
 
 def encode_q4_1(x: np.ndarray, imatrix: np.ndarray | None = None) -> np.ndarray:
     d, m, L = _affine_ref(x, 16) if imatrix is None else _affine_weighted(x, imatrix, 16)
-    return _out(x.shape[0], [_f16_bytes(d), _f16_bytes(m), _nibbles(L)])
+    return _blocks_out(L.shape[0], d, L, m).reshape(x.shape[0], -1)
 
 
 def encode_q5_1(x: np.ndarray, imatrix: np.ndarray | None = None) -> np.ndarray:
     d, m, L = _affine_ref(x, 32) if imatrix is None else _affine_weighted(x, imatrix, 32)
-    return _out(x.shape[0], [_f16_bytes(d), _f16_bytes(m), _high_bits(L), _nibbles(L)])
+    return _blocks_out(L.shape[0], d, L, m, high=True).reshape(x.shape[0], -1)
 
 
 def decode_q4_1(data: np.ndarray) -> np.ndarray:
