@@ -242,7 +242,7 @@ def quantize_gguf(
                 if use_processes:
                     if int(np.prod(tensors[j].shape, dtype=np.int64)) < 1 << 16:  # not worth a round trip
                         done: Future = Future()
-                        done.set_result(_plain_encode(*load(j), tensors[j].name))
+                        done.set_result(_plain_encode(*load(j), tensors[j].name, threads=1))
                         return done
                     return pool.submit(_encode_index, j)
                 return pool.submit(lambda: (encoder or _plain_encode)(*load(j), tensors[j].name))
@@ -317,14 +317,15 @@ def _encode_index(i: int) -> np.ndarray:
     """Worker-process entry point (module level so it pickles): load tensor ``i`` and encode it."""
     assert _FORKED is not None, "encoder worker without a forked source"
     values, qtype, importance = _FORKED(i)
-    return _plain_encode(values, qtype, importance, "")
+    return _plain_encode(values, qtype, importance, "", threads=1)  # the processes are the parallelism
 
 
-def _plain_encode(values: np.ndarray, qtype: T, importance: np.ndarray | None, name: str) -> np.ndarray:
+def _plain_encode(values: np.ndarray, qtype: T, importance: np.ndarray | None, name: str,
+                  threads: int | None = None) -> np.ndarray:
     from slimlm.formats import ggml
 
     if qtype == T.F32:
         return np.ascontiguousarray(values, dtype=np.float32)
     if qtype == T.F16:
         return values.astype(np.float16)
-    return ggml.quantize(values, qtype, importance)
+    return ggml.quantize(values, qtype, importance, threads=threads)
