@@ -65,23 +65,11 @@ def plain_transformers_nll(model, tokenizer, text: str, chunks: int) -> np.ndarr
 
 
 def llama_cpp_open(path: Path):
-    """llama_cpp.Llama with every logit kept; weight repacking off (its AMX path crashes on these Xeons)."""
-    import llama_cpp
-    import llama_cpp.llama_cpp as lib
+    """llama_cpp.Llama with every logit kept (weight repacking off: see slimlm.evaluate.llamacpp)."""
+    from slimlm.evaluate.llamacpp import open_llama
 
-    original = lib.llama_model_default_params
-
-    def no_repack():
-        params = original()
-        params.use_extra_bufts = False
-        return params
-
-    lib.llama_model_default_params = no_repack
-    try:
-        return llama_cpp.Llama(str(path), n_ctx=CTX, n_batch=CTX, n_ubatch=CTX, logits_all=True, verbose=False,
-                               n_threads=torch.get_num_threads())
-    finally:
-        lib.llama_model_default_params = original
+    return open_llama(path, n_ctx=CTX, n_batch=CTX, n_ubatch=CTX, logits_all=True,
+                      n_threads=torch.get_num_threads())
 
 
 def llama_cpp_logprobs(llm, text: str, chunks: int):

@@ -79,7 +79,7 @@ def test_hooks_follow_the_gguf_tensor_types(tmp_path: Path) -> None:
     assert torch.equal(plain, again)
     if importlib.util.find_spec("llama_cpp") is not None:
         # the rounded model is closer to what llama.cpp computes from the same file than the plain one
-        from test_gguf_tiny import open_llama
+        from slimlm.evaluate.llamacpp import open_llama
 
         llm = open_llama(q8, n_ctx=64, logits_all=True)
         llm.eval(ids[0].tolist())

@@ -7,7 +7,9 @@ from pathlib import Path
 import gguf
 import numpy as np
 import pytest
-from test_gguf_tiny import CORPUS, make_tiny_model, open_llama
+from test_gguf_tiny import CORPUS, make_tiny_model
+
+from slimlm.evaluate.llamacpp import open_llama
 
 from slimlm.algorithms.gguf_search import gptq_encode
 from slimlm.errors import SlimlmError

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from slimlm.evaluate.llamacpp import open_llama
+
 CORPUS = [
     "The quick brown fox jumps over the lazy dog.",
     "A model is quantized to fewer bits per weight, and its perplexity rises a little.",
@@ -93,26 +95,6 @@ def make_tiny_model(path: Path, arch: str = "llama", *, hidden: int = 256, ffn: 
                 p.normal_(0.0, 0.08)
     model.save_pretrained(path)
     return path
-
-
-def open_llama(path: Path, **kwargs):
-    """llama_cpp.Llama with weight repacking off: the AMX repack path of llama-cpp-python 0.3.36 crashes on
-    this machine's CPUs for quantized weights (the same files load fine without it)."""
-    import llama_cpp
-    import llama_cpp.llama_cpp as lib
-
-    original = lib.llama_model_default_params
-
-    def no_repack():
-        params = original()
-        params.use_extra_bufts = False
-        return params
-
-    lib.llama_model_default_params = no_repack
-    try:
-        return llama_cpp.Llama(str(path), verbose=False, **kwargs)
-    finally:
-        lib.llama_model_default_params = original
 
 
 @pytest.fixture

@@ -9,7 +9,9 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from test_gguf_tiny import make_tiny_model, open_llama
+from test_gguf_tiny import make_tiny_model
+
+from slimlm.evaluate.llamacpp import open_llama
 
 from slimlm.errors import SlimlmError
 from slimlm.gguf_io.quantize import quantize_gguf

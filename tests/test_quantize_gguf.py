@@ -10,7 +10,9 @@ from pathlib import Path
 import gguf
 import numpy as np
 import pytest
-from test_gguf_tiny import make_tiny_model, open_llama
+from test_gguf_tiny import make_tiny_model
+
+from slimlm.evaluate.llamacpp import open_llama
 
 from slimlm.errors import SlimlmError
 from slimlm.gguf_io.quantize import file_type_of, quantize_gguf

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_gguf_tiny import open_llama
+from slimlm.evaluate.llamacpp import open_llama
 
 from slimlm.gguf_io.quantize import quantize_gguf
 
