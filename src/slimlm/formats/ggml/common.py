@@ -273,38 +273,59 @@ class _Grid:
     """Levels ``MAX(0, MIN(nmax, nearest_int(iscale*(x - anchor))))`` of ``make_qkx2/3_quants`` for one
     anchor (the running min) per group, as float32.
 
-    ``x - anchor`` is kept between candidates (the anchor only moves when a candidate wins, which is rare).
     Where every |iscale*(x - anchor)| is provably below 2**22 the rounding is ``np.rint``; otherwise (an
-    anchored grid whose span collapsed, subnormal spans giving inf scales) it is C's integer bit trick.
+    anchored grid whose span collapsed, subnormal spans giving inf scales) it is C's integer bit trick. The
+    bounds are recomputed only when the anchor moves (when a candidate wins). For a candidate ``iscale = fac/span`` the clamp is skipped where the group extremes prove it idle (a
+    value rounding to -0.0 instead of 0 changes no product, sum or level).
     """
 
-    def __init__(self, x: np.ndarray, xlo: np.ndarray, vmax: np.ndarray, live: np.ndarray, nmax: int) -> None:
-        self.x, self.xlo, self.vmax, self.live = x, xlo, vmax, live
-        self.nmax, self.fnmax = nmax, F32(nmax)
-        self.xm = np.empty_like(x)
+    def __init__(self, x: np.ndarray, xlo: np.ndarray, vmax: np.ndarray, flat: np.ndarray, nmax: int) -> None:
+        self.x, self.xlo, self.nmax, self.fnmax = x, xlo, nmax, F32(nmax)
+        # a flat group (C returned early; its results are discarded) gets a span of 1, so it bounds nothing
+        self.vmax = np.where(flat, xlo + F32(1), vmax).astype(F32)
+        self.live = ~flat
+        self.span = np.empty_like(xlo)
+        self.lo = np.empty_like(xlo)
+        self.ratio = np.empty_like(xlo)
 
     def anchor(self, mn: np.ndarray) -> None:
-        """Move the anchor; afterwards ``span`` = max - anchor and ``far`` bounds |x - anchor| (float32
-        subtraction is monotone, so the group's extremes bound every element)."""
-        np.subtract(self.x, mn, out=self.xm)
-        self.span = self.vmax - mn
-        self.far = np.maximum(np.abs(self.xlo - mn), np.abs(self.vmax - mn))
-        ratio = self.far[self.live] / np.abs(self.span[self.live])
-        self.reach = F32(np.max(ratio)) if ratio.size else F32(0)  # NaN (0/0) forces the exact path
+        """Move the anchor (``mn`` is read, not copied; flat groups keep theirs at their min). Afterwards
+        ``span`` = max - anchor, ``reach`` bounds |x - anchor| / |span| and ``low`` (when every span is
+        positive and finite) bounds (x - anchor) / span from below: float32 subtraction is monotone, so the
+        group's extremes bound every element."""
+        self.mn = mn
+        span, lo = self.span, self.lo
+        np.subtract(self.vmax, mn, out=span)
+        np.subtract(self.xlo, mn, out=lo)
+        self.far = None
+        if np.minimum.reduce(span) > 0 and np.maximum.reduce(span) < np.inf:
+            self.low = np.minimum.reduce(np.divide(lo, span, out=self.ratio))
+            self.reach = np.maximum(F32(1), -self.low)  # NaN forces the exact path
+        else:  # a collapsed or overflowing span somewhere: bound by magnitudes
+            self.low = None
+            self.far = np.maximum(np.abs(lo), np.abs(span))
+            self.reach = F32(np.max(self.far / np.abs(span), where=self.live, initial=0))
 
     def levels(self, iscale: np.ndarray, out: np.ndarray, fac: np.floating | None = None) -> np.ndarray:
         """Levels for ``iscale`` [G] into ``out``. ``fac``: iscale = fac/span, so one scalar product bounds
         the scaled values; otherwise each group's bound is checked."""
-        np.multiply(self.xm, iscale, out=out)
+        np.subtract(self.x, self.mn, out=out)
+        out *= iscale
         if fac is not None:
             safe = abs(fac) * self.reach < _RINT_SAFE
         else:
-            safe = bool(np.all(np.abs(iscale[self.live]) * self.far[self.live] < _RINT_SAFE))
-        if safe:
-            np.rint(out, out=out)
+            if self.far is None:
+                self.far = np.maximum(np.abs(self.lo), np.abs(self.span))
+            safe = bool(np.all(np.abs(iscale) * self.far < _RINT_SAFE, where=self.live))
+        if not safe:
+            out[...] = np.clip(nearest_int(out), 0, self.nmax)
+            return out
+        np.rint(out, out=out)
+        if fac is None or self.low is None or not fac * self.low > F32(-0.49):
             return np.clip(out, F32(0), self.fnmax, out=out)
-        out[...] = np.clip(nearest_int(out), 0, self.nmax)
-        return out
+        if fac < self.fnmax + F32(0.49):
+            return out  # every value already rounds into 0..nmax
+        return np.minimum(out, self.fnmax, out=out)
 
 
 def make_qkx_quants(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int,
@@ -330,8 +351,7 @@ def make_qkx_quants(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta
     sum_x = seq_sum(w * x, from_zero=False)
     vmin[vmin > 0] = F32(0)
     flat = ~(vmax > vmin)  # C returns early on max == min (qkx2) / max <= min (qkx3)
-    live = ~flat
-    grid = _Grid(x, xlo, vmax, live, nmax)
+    grid = _Grid(x, xlo, vmax, flat, nmax)
     lf = np.empty_like(x)
     tmp = np.empty_like(x)
     tmp2 = np.empty_like(x)
@@ -354,8 +374,7 @@ def make_qkx_quants(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         cur_min = vmin.copy()
         grid.anchor(cur_min)
-        span = np.where(flat, F32(1), grid.span).astype(F32)
-        iscale0 = fnmax / span
+        iscale0 = fnmax / grid.span  # a flat group's span is 1 here
         scale = (F32(1) / iscale0).astype(F32)
         best = err(scale, cur_min, grid.levels(iscale0, lf, fnmax)).copy()
         best[flat] = -np.inf  # C returned early: no candidate may win
@@ -386,7 +405,7 @@ def make_qkx_quants(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta
                 np.divide(sum_xl, sum_l2, out=this_scale, where=pos)
             err(this_scale, this_min, lf)
             np.less(cur, best, out=better)
-            better &= D > 0
+            better &= np.greater(D, 0, out=pos)
             if better.any():
                 np.copyto(best_iscale, iscale, where=better)
                 np.copyto(best_anchor, cur_min, where=better)
