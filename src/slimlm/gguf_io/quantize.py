@@ -13,7 +13,7 @@ import logging
 import multiprocessing
 import os
 import time
-from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -25,13 +25,13 @@ from slimlm.errors import SlimlmError
 from slimlm.formats import gguf_mix
 from slimlm.gguf_io.imatrix import Imatrix, check_compatible, collect_imatrix, read_imatrix
 from slimlm.gguf_io.sources import ModelSource, open_source
-from slimlm.gguf_io.writer import check_output, tensor_nbytes, write_gguf
+from slimlm.gguf_io.writer import atomic_path, check_output, data_layout, tensor_nbytes, write_gguf, write_gguf_header
 
 log = logging.getLogger(__name__)
 T = gguf.GGMLQuantizationType
 _FLOATS = (T.F32, T.F16, T.BF16)
 
-# Tensors encoded ahead of the one being written: overlaps encoding with I/O, bounds memory to a few tensors.
+# Custom encoders (threads): tensors encoded ahead of the one being written; bounds memory to a few tensors.
 LOOKAHEAD = 4
 # Encoder processes for the plain codecs (at most the CPU count).
 WORKERS = 2
@@ -222,56 +222,118 @@ def quantize_gguf(
                 writer.add_int32("quantize.imatrix.chunks_count", int(im.chunk_count))
         return meta
 
-    # The plain codecs are numpy code that holds the GIL, so they run in forked worker processes (which only
-    # run numpy: no torch/OpenMP state is touched after the fork). A worker loads its tensor itself (the
-    # source's mmap loaders are inherited through the fork), so only a tensor index goes out and only the
-    # encoded bytes come back. Custom encoders (closures over Hessians, test hooks) run in threads.
-    global _FORKED
+    entries = [(t.name, tuple(t.shape), plan[t.name]) for t in tensors]
     workers = max(1, min(WORKERS, os.cpu_count() or 1))
-    use_processes = (encoder is None and workers > 1 and len(tensors) > 8
-                     and "fork" in multiprocessing.get_all_start_methods())
-    pool_cls = ProcessPoolExecutor if use_processes else ThreadPoolExecutor
-    pool_kwargs = {"mp_context": multiprocessing.get_context("fork")} if use_processes else {}
-    if use_processes:
-        _FORKED = load  # read by _encode_index in the workers, which fork on the first submit
-    try:
-        with pool_cls(max_workers=workers if use_processes else 2, **pool_kwargs) as pool:
-            pending: dict[int, Future] = {}
-
-            def submit(j: int) -> Future:
-                if use_processes:
-                    if int(np.prod(tensors[j].shape, dtype=np.int64)) < 1 << 16:  # not worth a round trip
-                        done: Future = Future()
-                        done.set_result(_plain_encode(*load(j), tensors[j].name, threads=1))
-                        return done
-                    return pool.submit(_encode_index, j)
-                return pool.submit(lambda: (encoder or _plain_encode)(*load(j), tensors[j].name))
-
-            def fill(i: int) -> None:
-                for j in range(i, min(i + LOOKAHEAD + 1, len(tensors))):
-                    if j not in pending:
-                        pending[j] = submit(j)
-
-            def produce_ahead(i: int) -> np.ndarray:
-                fill(i)
-                data = pending.pop(i).result()
-                fill(i + 1)  # keep the workers busy while this one is written
-                if progress:
-                    progress(i + 1, len(tensors), tensors[i].name)
-                return data
-
-            fill(0)  # the first tensors encode while the metadata (tokenizer) is built and written
-            try:
-                write_gguf(out, source.arch, metadata, [(t.name, tuple(t.shape), plan[t.name]) for t in tensors],
-                           produce_ahead)
-            finally:
-                for f in pending.values():
-                    f.cancel()
-    finally:
-        _FORKED = None
+    if encoder is None and workers > 1 and len(tensors) > 8 and "fork" in multiprocessing.get_all_start_methods():
+        _write_forked(out, source.arch, metadata, entries, load, workers, progress)
+    else:
+        _write_threaded(out, source.arch, metadata, entries, load, encoder or _plain_encode, progress)
     result.file_bytes = out.stat().st_size
     result.seconds = time.perf_counter() - start
     return result
+
+
+Entry = tuple[str, tuple[int, ...], T]
+Loader = Callable[[int], tuple[np.ndarray, T, np.ndarray | None]]
+
+
+def _write_threaded(out: Path, arch: str, metadata: Callable[[gguf.GGUFWriter], Any], entries: list[Entry],
+                    load: Loader, encode: Callable[..., np.ndarray], progress: Progress | None) -> None:
+    """Custom encoders (closures over Hessians, test hooks) in two threads, written in order, LOOKAHEAD ahead."""
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        pending: dict[int, Future] = {}
+
+        def fill(i: int) -> None:
+            for j in range(i, min(i + LOOKAHEAD + 1, len(entries))):
+                if j not in pending:
+                    pending[j] = pool.submit(lambda j=j: encode(*load(j), entries[j][0]))
+
+        def produce_ahead(i: int) -> np.ndarray:
+            fill(i)
+            data = pending.pop(i).result()
+            fill(i + 1)  # keep the threads busy while this one is written
+            if progress:
+                progress(i + 1, len(entries), entries[i][0])
+            return data
+
+        fill(0)  # the first tensors encode while the metadata (tokenizer) is built and written
+        try:
+            write_gguf(out, arch, metadata, entries, produce_ahead)
+        finally:
+            for f in pending.values():
+                f.cancel()
+
+
+@dataclass
+class _ForkedJob:
+    """What the forked encoder processes share with the parent (inherited through the fork, never pickled)."""
+
+    load: Loader
+    entries: list[Entry]
+    path: str  # the temporary output file
+    offsets: list[int]  # of each tensor within the data section
+    data_start: Any  # multiprocessing Value: the data section's file offset once the header is written, else -1
+    ready: Any  # multiprocessing Event, set once data_start is final (or the parent gave up)
+
+
+def _write_forked(out: Path, arch: str, metadata: Callable[[gguf.GGUFWriter], Any], entries: list[Entry],
+                  load: Loader, workers: int, progress: Progress | None) -> None:
+    """The plain codecs (numpy code holding the GIL) in forked processes that load their tensor themselves
+    (the source's mmap loaders are inherited through the fork) and write its bytes straight into the file
+    at its final offset: nothing but an index goes through a pipe, and no process waits for another's
+    tensor to finish first. The parent builds and writes the metadata (tokenizer) meanwhile, then releases
+    the workers' writes; tensors too small for a round trip are encoded in the parent. The bytes are those
+    of ``write_gguf``: same header, same offsets, zero padding (the file is sized at the end)."""
+    global _FORKED
+    ctx = multiprocessing.get_context("fork")
+    offsets, data_bytes = data_layout(entries)
+    small = [i for i, (_, shape, _) in enumerate(entries) if int(np.prod(shape, dtype=np.int64)) < 1 << 16]
+    big = sorted(set(range(len(entries))) - set(small))
+    with atomic_path(out) as tmp:
+        # The header goes on disk (truncating tmp) before any worker opens the file.
+        _FORKED = job = _ForkedJob(load, entries, str(tmp), offsets, ctx.Value("q", -1, lock=False), ctx.Event())
+        try:
+            with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+                futures = {pool.submit(_encode_index, i): i for i in big}
+                try:
+                    try:
+                        _, data_start = write_gguf_header(tmp, arch, metadata, entries)
+                        job.data_start.value = data_start
+                    finally:
+                        job.ready.set()  # the workers write now, or give up if data_start is still -1
+                    done = 0
+                    fd = os.open(tmp, os.O_WRONLY)
+                    try:
+                        for i in small:
+                            _write_tensor(fd, i, _plain_encode(*load(i), entries[i][0], threads=1), job)
+                            done += 1
+                            if progress:
+                                progress(done, len(entries), entries[i][0])
+                        for f in as_completed(futures):
+                            f.result()
+                            done += 1
+                            if progress:
+                                progress(done, len(entries), entries[futures[f]][0])
+                        os.ftruncate(fd, data_start + data_bytes)
+                    finally:
+                        os.close(fd)
+                except BaseException:
+                    pool.shutdown(wait=True, cancel_futures=True)
+                    raise
+        finally:
+            _FORKED = None
+
+
+def _write_tensor(fd: int, i: int, data: np.ndarray, job: _ForkedJob) -> None:
+    name, shape, qtype = job.entries[i]
+    expected = tensor_nbytes(shape, qtype)
+    if data.nbytes != expected:
+        raise RuntimeError(f"{name}: encoder returned {data.nbytes} bytes, {qtype.name} needs {expected}")
+    view = memoryview(np.ascontiguousarray(data)).cast("B")
+    pos = job.data_start.value + job.offsets[i]
+    while view:
+        n = os.pwrite(fd, view, pos)
+        view, pos = view[n:], pos + n
 
 
 def _equalize(source: ModelSource, plan: dict[str, T], importance_of: Callable[[str], np.ndarray | None],
@@ -309,15 +371,25 @@ def _equalize(source: ModelSource, plan: dict[str, T], importance_of: Callable[[
             lambda name: overrides[name] if name in overrides else importance_of(name), new_h)
 
 
-# The tensor loader the forked encoder processes call (set by quantize_gguf just before its pool forks).
-_FORKED: Callable[[int], tuple[np.ndarray, T, np.ndarray | None]] | None = None
+# Set by _write_forked just before its pool forks; read by _encode_index in the workers.
+_FORKED: _ForkedJob | None = None
+_WORKER_FD: int | None = None  # the output file, opened once per worker process
 
 
-def _encode_index(i: int) -> np.ndarray:
-    """Worker-process entry point (module level so it pickles): load tensor ``i`` and encode it."""
-    assert _FORKED is not None, "encoder worker without a forked source"
-    values, qtype, importance = _FORKED(i)
-    return _plain_encode(values, qtype, importance, "", threads=1)  # the processes are the parallelism
+def _encode_index(i: int) -> None:
+    """Worker-process entry point (module level so it pickles): encode tensor ``i`` into the output file."""
+    global _WORKER_FD
+    job = _FORKED
+    assert job is not None, "encoder worker without a forked source"
+    values, qtype, importance = job.load(i)
+    data = _plain_encode(values, qtype, importance, "", threads=1)  # the processes are the parallelism
+    del values
+    job.ready.wait()
+    if job.data_start.value < 0:
+        raise RuntimeError("the output header was not written")
+    if _WORKER_FD is None:
+        _WORKER_FD = os.open(job.path, os.O_WRONLY)
+    _write_tensor(_WORKER_FD, i, data, job)
 
 
 def _plain_encode(values: np.ndarray, qtype: T, importance: np.ndarray | None, name: str,

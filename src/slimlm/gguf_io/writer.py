@@ -120,6 +120,39 @@ def atomic_path(out: Path) -> Iterator[Path]:
             tmp.unlink()
 
 
+def data_layout(tensors: Iterable[tuple[str, tuple[int, ...], T]], alignment: int = gguf.GGUF_DEFAULT_ALIGNMENT
+                ) -> tuple[list[int], int]:
+    """Each tensor's offset within the data section, and the section's size (every tensor padded to
+    ``alignment``), as GGUFWriter lays them out."""
+    offsets, pos = [], 0
+    for _, shape, qtype in tensors:
+        offsets.append(pos)
+        pos += gguf.GGUFWriter.ggml_pad(tensor_nbytes(shape, qtype), alignment)
+    return offsets, pos
+
+
+def write_gguf_header(path: Path, arch: str, write_metadata: Callable[[gguf.GGUFWriter], Any],
+                      tensors: Iterable[tuple[str, tuple[int, ...], T]]) -> tuple[Any, int]:
+    """Write header, metadata and tensor table to ``path`` (truncating it); returns what ``write_metadata``
+    returned and the file offset where the data section starts (tensor i at that plus ``data_layout``'s
+    offset i). Whoever writes the tensors there must also size the file (zero padding after the last)."""
+    writer = FastGGUFWriter(path, arch)
+    try:
+        meta = write_metadata(writer)
+        for name, shape, qtype in tensors:
+            writer.add_tensor_info(name, shape, np.dtype(np.float32), tensor_nbytes(shape, qtype), raw_dtype=qtype)
+        writer.write_header_to_file(path)
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        writer.flush()
+        end = writer.fout[0].tell()
+    finally:
+        writer.close()
+    if writer.data_alignment != gguf.GGUF_DEFAULT_ALIGNMENT:
+        raise RuntimeError("write_gguf_header assumes gguf's default data alignment")
+    return meta, gguf.GGUFWriter.ggml_pad(end, writer.data_alignment)
+
+
 def write_gguf(
     out: Path,
     arch: str,
