@@ -7,7 +7,8 @@ Stages (each appends a table to BENCHMARKS.md; intermediate files are cached in 
   imatrix  importance matrix from wikitext-2 valid (--calib-chunks windows of 512 for both tools), then
            Q4_K_M / Q3_K_M / Q2_K: llama.cpp + its imatrix vs slimlm + its imatrix (llama.cpp's rounding)
            vs slimlm --method gptq (error-compensated blocks, same bytes layout)
-  speed    wall time of `slimlm quantize --to Q4_K_M` vs `llama-quantize ... Q4_K_M` (median of --repeats)
+  speed    wall and CPU time of `slimlm quantize --to Q4_K_M` (from the F32 GGUF and from the HF dir) vs
+           `llama-quantize f32.gguf out.gguf Q4_K_M 2`, interleaved rounds (median of --repeats)
   greedy   Q8_0: llama.cpp's greedy tokens vs slimlm's runtime (transformers on the dequantized GGUF)
 
 llama.cpp: llama-cpp-python (loading, generating, llama_model_quantize) and the llama-quantize / llama-imatrix
@@ -246,31 +247,56 @@ def stage_imatrix(work: Path, chunks: int, calib_chunks: int, mixes: list[str], 
 
 
 def stage_speed(work: Path, repeats: int) -> None:
+    """Whole-command wall time (process start to exit, both sides) of each quantizer, runs interleaved round by
+    round so that load from other processes hits all of them alike; also each command's CPU time (user + sys
+    of the process and its children), which other load disturbs less. slimlm runs twice: from the same F32
+    GGUF llama-quantize reads (like with like) and from the HF dir (which adds the safetensors -> GGUF
+    conversion: tensor renaming, rope permutation, tokenizer metadata)."""
+    import resource
+
     from slimlm import resources
 
     f32 = f32_gguf(work)
     tool = lcpp_bin("llama-quantize")
-    ours_cmd = [sys.executable, "-c", "from slimlm.cli import main; main()", "quantize", str(resources.builtin_hf_dir()), "--to", "Q4_K_M",
-                "-o", str(work / "speed-ours.gguf"), "--overwrite", "--json"]
-    lcpp_cmd = [str(tool), str(f32), str(work / "speed-lcpp.gguf"), "Q4_K_M", "2"] if tool else None
+    if tool is None:
+        raise SystemExit("the speed stage needs the llama-quantize tool ($LLAMA_CPP_BIN)")
+    cli = [sys.executable, "-c", "from slimlm.cli import main; main()", "quantize"]
+    cmds = {
+        "llama-quantize (F32 GGUF, 2 threads)": [str(tool), str(f32), str(work / "speed-lcpp.gguf"), "Q4_K_M", "2"],
+        "slimlm quantize (same F32 GGUF)": cli + [str(f32), "--to", "Q4_K_M", "-o", str(work / "speed-ours-gguf.gguf"),
+                                                  "--overwrite", "--json"],
+        "slimlm quantize (HF dir)": cli + [str(resources.builtin_hf_dir()), "--to", "Q4_K_M", "-o",
+                                           str(work / "speed-ours-hf.gguf"), "--overwrite", "--json"],
+    }
 
-    def wall(cmd: list[str]) -> float:
+    def run(cmd: list[str]) -> tuple[float, float]:
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         start = time.perf_counter()
         subprocess.run(cmd, check=True, capture_output=True)
-        return time.perf_counter() - start
+        wall = time.perf_counter() - start
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
-    ours = [wall(ours_cmd) for _ in range(repeats)]
-    if lcpp_cmd:
-        theirs = [wall(lcpp_cmd) for _ in range(repeats)]
-    else:
-        theirs = [lcpp_quantize(f32, work / "speed-lcpp.gguf", "Q4_K_M") for _ in range(repeats)]
-    mo, mt = statistics.median(ours), statistics.median(theirs)
-    body = (f"SmolLM2-135M to Q4_K_M, whole command wall time (process start to file closed), median of {repeats}, "
-            "interleaved on the same 2-core machine; slimlm from the HF dir (safetensors), llama-quantize "
-            "(2 threads) from slimlm's F32 GGUF.\n\n"
-            + markdown_table(["quantizer", "median s", "runs", "ratio vs llama.cpp"],
-                             [["slimlm quantize", f"{mo:.2f}", ", ".join(f"{t:.2f}" for t in ours), f"{mo / mt:.2f}x"],
-                              ["llama-quantize", f"{mt:.2f}", ", ".join(f"{t:.2f}" for t in theirs), "1.00x"]])
+    times: dict[str, list[tuple[float, float]]] = {k: [] for k in cmds}
+    for _ in range(repeats):
+        for name, cmd in cmds.items():
+            times[name].append(run(cmd))
+    ref = tensor_bytes(work / "speed-lcpp.gguf")
+    same = all(tensor_bytes(work / f) == ref for f in ("speed-ours-gguf.gguf", "speed-ours-hf.gguf"))
+    base_wall = statistics.median(t for t, _ in times[next(iter(cmds))])
+    base_cpu = statistics.median(c for _, c in times[next(iter(cmds))])
+    rows = []
+    for name, ts in times.items():
+        wall, cpu = statistics.median(t for t, _ in ts), statistics.median(c for _, c in ts)
+        rows.append([name, f"{wall:.2f}", ", ".join(f"{t:.2f}" for t, _ in ts), f"{wall / base_wall:.2f}x",
+                     f"{cpu:.2f}", f"{cpu / base_cpu:.2f}x"])
+    load = os.getloadavg()[0]
+    body = (f"SmolLM2-135M-Instruct to Q4_K_M: whole command wall time (process start to exit), median of {repeats} "
+            f"rounds, the three commands interleaved in each round on the same {os.cpu_count()}-core machine "
+            f"(load average {load:.1f} at the end); CPU = user + sys of the command and its children. Tensor bytes "
+            f"of all three files {'identical' if same else 'DIFFER'}.\n\n"
+            + markdown_table(["quantizer", "median wall s", "runs", "wall vs llama.cpp", "median CPU s",
+                              "CPU vs llama.cpp"], rows)
             + "\n\nCommand: `python benchmarks/bench_gguf.py --stages speed`")
     append_section("GGUF quantize wall time (bench_gguf.py)", body)
 
