@@ -283,12 +283,14 @@ def _write_forked(out: Path, arch: str, metadata: Callable[[gguf.GGUFWriter], An
     at its final offset: nothing but an index goes through a pipe, and no process waits for another's
     tensor to finish first. The parent builds and writes the metadata (tokenizer) meanwhile, then releases
     the workers' writes; tensors too small for a round trip are encoded in the parent. The bytes are those
-    of ``write_gguf``: same header, same offsets, zero padding (the file is sized at the end)."""
+    of ``write_gguf``: same header, same offsets, zero padding (the file is sized at the end). The most
+    expensive tensors go first, so that neither process is left alone with a long one at the end; those
+    finished before the header is on disk come back through the pipe instead of waiting."""
     global _FORKED
     ctx = multiprocessing.get_context("fork")
     offsets, data_bytes = data_layout(entries)
     small = [i for i, (_, shape, _) in enumerate(entries) if int(np.prod(shape, dtype=np.int64)) < 1 << 16]
-    big = sorted(set(range(len(entries))) - set(small))
+    big = sorted(set(range(len(entries))) - set(small), key=lambda i: -_encode_cost(entries[i]))
     with atomic_path(out) as tmp:
         # The header goes on disk (truncating tmp) before any worker opens the file.
         _FORKED = job = _ForkedJob(load, entries, str(tmp), offsets, ctx.Value("q", -1, lock=False), ctx.Event())
@@ -310,7 +312,9 @@ def _write_forked(out: Path, arch: str, metadata: Callable[[gguf.GGUFWriter], An
                             if progress:
                                 progress(done, len(entries), entries[i][0])
                         for f in as_completed(futures):
-                            f.result()
+                            data = f.result()
+                            if data is not None:
+                                _write_tensor(fd, futures[f], data, job)
                             done += 1
                             if progress:
                                 progress(done, len(entries), entries[futures[f]][0])
@@ -322,6 +326,16 @@ def _write_forked(out: Path, arch: str, metadata: Callable[[gguf.GGUFWriter], An
                     raise
         finally:
             _FORKED = None
+
+
+# Rough single-thread encoding cost per value (ns) of the plain codecs, to schedule the longest tensors first.
+_COST = {T.F32: 1, T.F16: 1, T.BF16: 1, T.Q8_0: 4, T.Q4_0: 4, T.Q4_1: 4, T.Q5_0: 4, T.Q5_1: 4, T.IQ4_NL: 30,
+         T.Q6_K: 50, T.Q3_K: 60, T.Q5_K: 65, T.Q4_K: 65, T.Q2_K: 70}
+
+
+def _encode_cost(entry: Entry) -> float:
+    _, shape, qtype = entry
+    return float(np.prod(shape, dtype=np.float64)) * _COST.get(qtype, 50)
 
 
 def _write_tensor(fd: int, i: int, data: np.ndarray, job: _ForkedJob) -> None:
@@ -376,20 +390,22 @@ _FORKED: _ForkedJob | None = None
 _WORKER_FD: int | None = None  # the output file, opened once per worker process
 
 
-def _encode_index(i: int) -> None:
-    """Worker-process entry point (module level so it pickles): encode tensor ``i`` into the output file."""
+def _encode_index(i: int) -> np.ndarray | None:
+    """Worker-process entry point (module level so it pickles): encode tensor ``i`` into the output file,
+    or return its bytes when the header is not on disk yet."""
     global _WORKER_FD
     job = _FORKED
     assert job is not None, "encoder worker without a forked source"
     values, qtype, importance = job.load(i)
     data = _plain_encode(values, qtype, importance, "", threads=1)  # the processes are the parallelism
-    del values
-    job.ready.wait()
+    if not job.ready.is_set():
+        return data  # the header is still being built: the parent writes this one
     if job.data_start.value < 0:
         raise RuntimeError("the output header was not written")
     if _WORKER_FD is None:
         _WORKER_FD = os.open(job.path, os.O_WRONLY)
     _write_tensor(_WORKER_FD, i, data, job)
+    return None
 
 
 def _plain_encode(values: np.ndarray, qtype: T, importance: np.ndarray | None, name: str,
