@@ -205,9 +205,10 @@ def make_qx_quants(x: np.ndarray, nmax: int, qw: np.ndarray | None = None) -> tu
             np.greater(t1, t2, out=better)
             better &= suml2 > 0
             # remember the winning grid; its levels are recomputed once at the end
-            np.copyto(best_iscale, iscale, where=better)
-            np.divide(sumlx, suml2, out=scale, where=better)
-            np.multiply(scale, sumlx, out=best, where=better)
+            # (putmask: numpy's masked ufuncs and copyto(where=) are several times slower on these sizes)
+            np.putmask(best_iscale, better, iscale)
+            np.putmask(scale, better, sumlx / suml2)
+            np.putmask(best, better, scale * sumlx)
     np.multiply(x, best_iscale, out=lf)
     round_clip(lf, -nmax, nmax - 1)
     L = lf.astype(np.int32)
@@ -250,9 +251,9 @@ def make_q3_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
                 sl22 = sl2 + (wa[i] * new_l) * new_l
                 accept = (slx > 0) & (new_l != li) & (sl22 > 0) & ((slx2 * slx2) * sl2_a > (slx_a * slx_a) * sl22)
                 if accept.any():
-                    np.copyto(li, new_l, where=accept)
-                    np.copyto(slx_a, slx2, where=accept)
-                    np.copyto(sl2_a, sl22, where=accept)
+                    np.putmask(li, accept, new_l)
+                    np.putmask(slx_a, accept, slx2)
+                    np.putmask(sl2_a, accept, sl22)
                     changed |= accept
             # write the active groups back, keep only those that moved
             lf[:, active] = la
@@ -401,17 +402,17 @@ def make_qkx_quants(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta
             this_min /= D
             np.greater(this_min, 0, out=pos)
             if pos.any():
-                this_min[pos] = F32(0)
-                np.divide(sum_xl, sum_l2, out=this_scale, where=pos)
+                np.putmask(this_min, pos, F32(0))
+                np.putmask(this_scale, pos, sum_xl / sum_l2)
             err(this_scale, this_min, lf)
             np.less(cur, best, out=better)
             better &= np.greater(D, 0, out=pos)
             if better.any():
-                np.copyto(best_iscale, iscale, where=better)
-                np.copyto(best_anchor, cur_min, where=better)
-                np.copyto(best, cur, where=better)
-                np.copyto(scale, this_scale, where=better)
-                np.copyto(cur_min, this_min, where=better)
+                np.putmask(best_iscale, better, iscale)
+                np.putmask(best_anchor, better, cur_min)
+                np.putmask(best, better, cur)
+                np.putmask(scale, better, this_scale)
+                np.putmask(cur_min, better, this_min)
                 grid.anchor(cur_min)
         grid.anchor(best_anchor)
         L = grid.levels(best_iscale, lf).astype(np.int32)
