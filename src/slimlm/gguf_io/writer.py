@@ -74,8 +74,10 @@ def _pack_array_items(val: list | tuple, sub_type: gguf.GGUFValueType | None) ->
         if not all(issubclass(t, (str, bytes, bytearray)) for t in types):
             return None
         enc = [v.encode("utf-8") if isinstance(v, str) else bytes(v) for v in val]
-        lengths = struct.pack(f"<{len(enc)}Q", *map(len, enc))
-        return ltype, b"".join(lengths[8 * i:8 * i + 8] + b for i, b in enumerate(enc))
+        parts: list[bytes] = [b""] * (2 * len(enc))  # length, bytes, length, bytes, ...
+        parts[0::2] = map(struct.Struct("<Q").pack, map(len, enc))
+        parts[1::2] = enc
+        return ltype, b"".join(parts)
     dtype = _ARRAY_DTYPES.get(ltype)
     if dtype is None or not all(issubclass(t, (int, float, np.number, np.bool_)) for t in types):
         return None
