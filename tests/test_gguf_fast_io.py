@@ -1,5 +1,6 @@
-"""The fast GGUF paths give gguf's bytes: FastGGUFWriter packs metadata arrays in bulk to the same bytes as
-GGUFWriter, read_header finds what GGUFReader finds, and re-quantizing through it equals the GGUFReader path."""
+"""The fast GGUF paths give the slow paths' results: FastGGUFWriter packs metadata arrays in bulk to the same
+bytes as GGUFWriter, read_header finds what GGUFReader finds, re-quantizing through it equals the GGUFReader
+path, and the post-processor probe says what the full tokenizer says about BOS/EOS."""
 
 from __future__ import annotations
 
@@ -108,3 +109,32 @@ def test_truncated_gguf_is_a_clear_error(tmp_path: Path, tiny_llama_dir: Path) -
     (tmp_path / "cut.gguf").write_bytes(data[:-1000])
     with pytest.raises(SlimlmError, match="truncated"):
         quantize_gguf(tmp_path / "cut.gguf", "Q8_0", tmp_path / "out.gguf")
+
+
+@pytest.mark.parametrize("template", ["none", "<s> $A", "<s> $A </s>", "$A </s>", "roberta", "bert", "sequence"])
+def test_post_processor_probe_adds_what_the_tokenizer_adds(tmp_path: Path, template: str) -> None:
+    import json
+
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    from slimlm.gguf_io.tokenizer import _adds_special, _post_processor_tokenizer
+
+    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))} | {"<s>": 256, "</s>": 257}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    specials = [("<s>", 256), ("</s>", 257)]
+    processors_by_name = {
+        "roberta": processors.RobertaProcessing(("</s>", 257), ("<s>", 256)),
+        "bert": processors.BertProcessing(("</s>", 257), ("<s>", 256)),
+        "sequence": processors.Sequence([processors.ByteLevel(),
+                                         processors.TemplateProcessing(single="<s> $A", special_tokens=specials)]),
+    }
+    if template != "none":
+        tok.post_processor = processors_by_name.get(template) or processors.TemplateProcessing(
+            single=template, special_tokens=specials)
+    path = tmp_path / "tokenizer.json"
+    tok.save(str(path))
+    probe = _post_processor_tokenizer(json.loads(path.read_text()), path)
+    for bos, eos in [(256, 257), (0, 1), (None, None), (256, None)]:
+        assert (_adds_special(lambda t, s: probe.encode(t, add_special_tokens=s).ids, bos, eos)
+                == _adds_special(lambda t, s: tok.encode(t, add_special_tokens=s).ids, bos, eos))
