@@ -74,6 +74,17 @@ def safe_div(num: np.ndarray, den: np.ndarray) -> np.ndarray:
     return np.where(den != 0, out, F32(0)).astype(F32)
 
 
+def clip_nearest(v: np.ndarray, lo: int, hi: int) -> np.ndarray:
+    """``MAX(lo, MIN(hi, nearest_int(v)))`` as int32 (``v``, float32, is consumed): ``np.rint`` when two
+    reductions show every value inside its exact range, C's bit trick otherwise (huge, inf or NaN values)."""
+    with np.errstate(invalid="ignore"):
+        inside = np.minimum.reduce(v, axis=None) > -_RINT_SAFE and np.maximum.reduce(v, axis=None) < _RINT_SAFE
+    if not inside:
+        return np.clip(nearest_int(v), lo, hi)
+    np.rint(v, out=v)
+    return np.clip(v, F32(lo), F32(hi), out=v).astype(np.int32)
+
+
 def round_clip(v: np.ndarray, lo: float, hi: float) -> np.ndarray:
     """``MAX(lo, MIN(hi, nearest_int(v)))`` kept in float32, computed in place (``v`` is consumed).
 
@@ -510,8 +521,9 @@ def requantize_levels(x: np.ndarray, d: np.ndarray, dm: np.ndarray, nmax: int, L
     """
     nz = d != 0
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        new = np.clip(nearest_int((x + dm) / np.where(nz, d, F32(1))), 0, nmax)
-    return np.where(nz, new, L).astype(np.int32)
+        v = np.add(x, dm)
+        v /= np.where(nz, d, F32(1))
+    return np.where(nz, clip_nearest(v, 0, nmax), L).astype(np.int32)
 
 
 def k4_superblocks(x_rows: np.ndarray, qw_rows: np.ndarray | None, nmax: int, ref_search: tuple[float, float, int],

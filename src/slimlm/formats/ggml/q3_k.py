@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .common import (F32, first_absmax, fp16_bits, fp16_round, make_q3_quants, make_qx_quants, nearest_int,
+from .common import (F32, clip_nearest, first_absmax, fp16_bits, fp16_round, make_q3_quants, make_qx_quants, nearest_int,
                      seq_sum, seq_sum_last)
 
 
@@ -66,7 +66,7 @@ def encode(x: np.ndarray, imatrix: np.ndarray | None = None) -> np.ndarray:
     scale_bytes = _pack_scales(ls)
     dq = fp16_round(d)[:, None] * _unpack_scales(scale_bytes).astype(F32)  # [B, 16]
     with np.errstate(divide="ignore", invalid="ignore"):
-        lq = np.clip(nearest_int(xs / np.where(dq != 0, dq, F32(1))[:, :, None]), -4, 3) + 4
+        lq = clip_nearest(xs / np.where(dq != 0, dq, F32(1))[:, :, None], -4, 3) + 4
     L = np.where((dq != 0)[:, :, None], lq, L).reshape(nb, 256)
 
     hbit = (L > 3).reshape(nb, 8, 32).astype(np.uint8)  # [B, bit, m]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .common import F32, GROUP_MAX_EPS, first_absmax, fp16_bits, fp16_round, make_qx_quants, nearest_int
+from .common import F32, GROUP_MAX_EPS, clip_nearest, first_absmax, fp16_bits, fp16_round, make_qx_quants, nearest_int
 
 QK_K = 256
 
@@ -34,7 +34,7 @@ def encode(x: np.ndarray, imatrix: np.ndarray | None = None) -> np.ndarray:
     sc = np.minimum(127, nearest_int(iscale[:, None] * scales)).astype(np.int8)
     dq = fp16_round(d)[:, None] * sc.astype(F32)  # [B, 16]
     with np.errstate(divide="ignore", invalid="ignore"):
-        lq = np.clip(nearest_int(xs / np.where(dq != 0, dq, F32(1))[:, :, None]), -32, 31) + 32
+        lq = clip_nearest(xs / np.where(dq != 0, dq, F32(1))[:, :, None], -32, 31) + 32
     L = np.where((dq != 0)[:, :, None], lq, L).reshape(nb, 2, 4, 32)
 
     ql = np.empty((nb, 2, 2, 32), dtype=np.uint8)
