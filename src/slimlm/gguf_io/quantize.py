@@ -273,7 +273,8 @@ class _ForkedJob:
     path: str  # the temporary output file
     offsets: list[int]  # of each tensor within the data section
     data_start: Any  # multiprocessing Value: the data section's file offset once the header is written, else -1
-    ready: Any  # multiprocessing Event, set once data_start is final (or the parent gave up)
+    ready: Any  # multiprocessing Event, set once data_start is final (or the parent gave up); until then a
+    # worker hands its encoded tensor back to the parent instead of writing it
 
 
 def _write_forked(out: Path, arch: str, metadata: Callable[[gguf.GGUFWriter], Any], entries: list[Entry],
@@ -281,8 +282,8 @@ def _write_forked(out: Path, arch: str, metadata: Callable[[gguf.GGUFWriter], An
     """The plain codecs (numpy code holding the GIL) in forked processes that load their tensor themselves
     (the source's mmap loaders are inherited through the fork) and write its bytes straight into the file
     at its final offset: nothing but an index goes through a pipe, and no process waits for another's
-    tensor to finish first. The parent builds and writes the metadata (tokenizer) meanwhile, then releases
-    the workers' writes; tensors too small for a round trip are encoded in the parent. The bytes are those
+    tensor to finish first. The parent builds and writes the metadata (tokenizer) meanwhile, then lets the
+    workers write; tensors too small for a round trip are encoded in the parent. The bytes are those
     of ``write_gguf``: same header, same offsets, zero padding (the file is sized at the end). The most
     expensive tensors go first, so that neither process is left alone with a long one at the end; those
     finished before the header is on disk come back through the pipe instead of waiting."""
