@@ -182,3 +182,17 @@ def test_encoder_bytes_match_llama_cpp_on_smollm2_ffn_down(oracle, smollm2_ffn_d
     for x, im, ref in zip(mats + mats[:1], [None, None, imp], refs):
         match = _block_match(ggml.quantize(x, qt, im), ref, qt)
         assert match >= 0.999, f"{qt.name} SmolLM2 ffn_down: only {match:.4%} of blocks identical"
+
+
+@pytest.mark.parametrize("qt", KTYPES)
+def test_degenerate_spans_match_llama_cpp(oracle, qt: T) -> None:
+    """Subnormal sub-blocks (their spans give inf inverse scales) and 1e-38..1e30 ranges (anchored grids far
+    outside rint's exact range): llama.cpp's nearest_int bit trick decides these bytes, and so does ours."""
+    rng = np.random.default_rng(11)
+    rows = [rng.standard_normal(512) * 1e-41, rng.standard_normal(512) * 1e-39]
+    rows += [rng.standard_normal(512) * 10.0 ** rng.uniform(-38, 30) for _ in range(6)]
+    x = np.stack(rows).astype(np.float32)
+    imp = (rng.random(512) * (rng.random(512) > 0.2)).astype(np.float32)
+    for im in (None, imp):
+        ref = oracle.ggml_quantize_chunk(x, qt, im)
+        np.testing.assert_array_equal(ggml.quantize(x, qt, im), ref)
