@@ -75,3 +75,29 @@ def tiny_lm_dir(tmp_path: Path) -> Path:
     """A tiny random Llama (vocab 258) with a byte-level tokenizer: a complete model eval and bench can run."""
     path = make_tiny_llama(tmp_path / "tiny-lm", vocab=258)
     return make_byte_tokenizer(path)
+
+
+def sharpen(model_dir: Path, factor: float = 8.0) -> Path:
+    """Scale a tied-embedding model's embeddings (so its logits) by ``factor`` and save it in place: a random
+    tiny LM then has peaked next-token distributions that a distilled student can measurably learn."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    with torch.no_grad():
+        model.get_input_embeddings().weight.mul_(factor)
+    model.save_pretrained(model_dir)
+    return model_dir
+
+
+@pytest.fixture
+def sharp_teacher_dir(tiny_lm_dir: Path) -> Path:
+    """The tiny random LM with 8x sharper logits: a teacher whose distributions carry information."""
+    return sharpen(tiny_lm_dir)
+
+
+@pytest.fixture
+def distill_text(tmp_path: Path, wikitext_valid: Path) -> Path:
+    """The first 20,000 characters of wikitext-2 valid: enough sequences for tiny distillation runs."""
+    path = tmp_path / "train.txt"
+    path.write_text(wikitext_valid.read_text()[:20000])
+    return path

@@ -23,18 +23,6 @@ def text(tmp_path: Path, wikitext_valid: Path) -> Path:
     return path
 
 
-@pytest.fixture
-def teacher_dir(tiny_lm_dir: Path) -> Path:
-    """The tiny random LM with sharpened logits, so its next-token distributions carry real information."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(tiny_lm_dir)
-    with torch.no_grad():
-        model.get_input_embeddings().weight.mul_(8.0)  # tied: logits get 8x sharper
-    model.save_pretrained(tiny_lm_dir)
-    return tiny_lm_dir
-
-
 def _cfg(**kw) -> TrainConfig:
     base = dict(max_steps=12, batch_size=4, lr=2e-3, warmup_steps=2, eval_every=0, seed=0)
     base.update(kw)
@@ -58,10 +46,10 @@ def test_losses_are_zero_for_identical_and_positive_otherwise():
     assert float(full) == pytest.approx(float(topk), rel=1e-5)
 
 
-def test_kd_beats_the_same_student_without_teacher(teacher_dir: Path, text: Path, tmp_path: Path):
-    kd = distill(teacher_dir, text, tmp_path / "kd", prune_layers=1, seq_len=64, top_k=32,
+def test_kd_beats_the_same_student_without_teacher(sharp_teacher_dir: Path, text: Path, tmp_path: Path):
+    kd = distill(sharp_teacher_dir, text, tmp_path / "kd", prune_layers=1, seq_len=64, top_k=32,
                  config=_cfg(alpha=0.0))
-    ce = distill(teacher_dir, text, tmp_path / "ce", prune_layers=1, seq_len=64, config=_cfg(alpha=1.0))
+    ce = distill(sharp_teacher_dir, text, tmp_path / "ce", prune_layers=1, seq_len=64, config=_cfg(alpha=1.0))
     assert kd["student_parameters"] < kd["teacher_parameters"]
     assert kd["student"]["dropped_layers"] and len(kd["student"]["layer_scores"]) == 2
     assert kd["teacher_cache"]["bytes_per_token"] == 32 * (2 + 2)

@@ -19,23 +19,6 @@ from slimlm.distill.run import distill
 from slimlm.distill.trainer import TrainConfig
 
 
-@pytest.fixture
-def text(tmp_path: Path, wikitext_valid: Path) -> Path:
-    path = tmp_path / "train.txt"
-    path.write_text(wikitext_valid.read_text()[:20000])
-    return path
-
-
-@pytest.fixture
-def teacher_dir(tiny_lm_dir: Path) -> Path:
-    """The tiny random LM with 8x sharper logits, so the teacher's distributions carry information."""
-    model = AutoModelForCausalLM.from_pretrained(tiny_lm_dir)
-    with torch.no_grad():
-        model.get_input_embeddings().weight.mul_(8.0)
-    model.save_pretrained(tiny_lm_dir)
-    return tiny_lm_dir
-
-
 def _cfg(**kw) -> TrainConfig:
     base = dict(max_steps=8, batch_size=4, lr=2e-3, warmup_steps=1, eval_every=0, seed=0, alpha=0.0,
                 on_policy=1.0, on_policy_prompt=16)
@@ -85,9 +68,9 @@ def test_step_choice_is_seeded_with_the_requested_share():
     assert all(is_on_policy_step(0, s, 1.0) for s in range(50))
 
 
-def test_on_policy_training_pulls_the_student_to_the_teacher(teacher_dir: Path, text: Path, tmp_path: Path):
+def test_on_policy_training_pulls_the_student_to_the_teacher(sharp_teacher_dir: Path, distill_text: Path, tmp_path: Path):
     student = make_byte_tokenizer(make_tiny_llama(tmp_path / "student", vocab=258, layers=1, seed=1))
-    rep = distill(teacher_dir, text, tmp_path / "op", student=student, seq_len=48, config=_cfg(lr=1e-2))
+    rep = distill(sharp_teacher_dir, distill_text, tmp_path / "op", student=student, seq_len=48, config=_cfg(lr=1e-2))
     assert all(h["on_policy"] for h in rep["history"])
     assert "teacher_cache" not in rep  # every step used the live teacher
     assert rep["on_policy"] == {"fraction": 1.0, "prompt_tokens": 16, "sampled_tokens": 32, "temperature": 1.0}
@@ -97,10 +80,10 @@ def test_on_policy_training_pulls_the_student_to_the_teacher(teacher_dir: Path, 
     assert rep["history"][-1]["kd"] < 0.85 * rep["history"][0]["kd"]
 
 
-def test_mixed_on_policy_resume_is_bit_for_bit(tiny_lm_dir: Path, text: Path, tmp_path: Path):
+def test_mixed_on_policy_resume_is_bit_for_bit(tiny_lm_dir: Path, distill_text: Path, tmp_path: Path):
     """A run stopped after its step-3 checkpoint and resumed ends with the same weights as one run."""
     cfg = dict(on_policy=0.5, max_steps=6, save_every=3)
-    full = distill(tiny_lm_dir, text, tmp_path / "full", prune_layers=1, seq_len=32, config=_cfg(**cfg))
+    full = distill(tiny_lm_dir, distill_text, tmp_path / "full", prune_layers=1, seq_len=32, config=_cfg(**cfg))
     kinds = [h["on_policy"] for h in full["history"]]
     assert any(kinds[3:]) and not all(kinds)  # seed 0: both kinds of step, and on-policy ones after the resume
 
@@ -109,9 +92,9 @@ def test_mixed_on_policy_resume_is_bit_for_bit(tiny_lm_dir: Path, text: Path, tm
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        distill(tiny_lm_dir, text, tmp_path / "part", prune_layers=1, seq_len=32, config=_cfg(**cfg),
+        distill(tiny_lm_dir, distill_text, tmp_path / "part", prune_layers=1, seq_len=32, config=_cfg(**cfg),
                 progress=stop_at_4)
-    resumed = distill(tiny_lm_dir, text, tmp_path / "part", prune_layers=1, seq_len=32, config=_cfg(**cfg),
+    resumed = distill(tiny_lm_dir, distill_text, tmp_path / "part", prune_layers=1, seq_len=32, config=_cfg(**cfg),
                       resume=True)
     assert [h["loss"] for h in resumed["history"]] == [h["loss"] for h in full["history"]]
     from safetensors.torch import load_file

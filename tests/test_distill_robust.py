@@ -16,13 +16,6 @@ from slimlm.distill.trainer import TrainConfig
 from slimlm.errors import SlimlmError
 
 
-@pytest.fixture
-def text(tmp_path: Path, wikitext_valid: Path) -> Path:
-    path = tmp_path / "train.txt"
-    path.write_text(wikitext_valid.read_text()[:20000])
-    return path
-
-
 def _cfg(**kw) -> TrainConfig:
     base = dict(max_steps=6, batch_size=4, lr=2e-3, warmup_steps=2, eval_every=0, seed=0)
     base.update(kw)
@@ -48,22 +41,19 @@ def _run_cli(*args: str) -> subprocess.CompletedProcess:
                           timeout=300)
 
 
-def test_sequence_method_across_different_tokenizers(tiny_lm_dir: Path, text: Path, tmp_path: Path):
+def test_sequence_method_across_different_tokenizers(sharp_teacher_dir: Path, distill_text: Path, tmp_path: Path):
     # Teacher: the tiny LM with a byte tokenizer (258 ids), sharpened so its samples are learnable.
-    teacher = AutoModelForCausalLM.from_pretrained(tiny_lm_dir)
-    with torch.no_grad():
-        teacher.get_input_embeddings().weight.mul_(8.0)
-    teacher.save_pretrained(tiny_lm_dir)
+    tiny_lm_dir = sharp_teacher_dir
     # Student: its own BPE tokenizer (400 ids, merges) and a model of that vocabulary.
     student = tmp_path / "student"
-    tok = AutoTokenizer.from_pretrained(_bpe_tokenizer(student, text.read_text()))
+    tok = AutoTokenizer.from_pretrained(_bpe_tokenizer(student, distill_text.read_text()))
     make_tiny_llama(student, vocab=len(tok), layers=1, seed=1)
     assert len(tok) == 400 and tok.get_vocab() != AutoTokenizer.from_pretrained(tiny_lm_dir).get_vocab()
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(f"The history of the town number {i} is" for i in range(16)))
     with pytest.raises(SlimlmError, match="use --method sequence across tokenizers"):
-        distill(tiny_lm_dir, text, tmp_path / "logits", student=student, config=_cfg())
-    rep = distill(tiny_lm_dir, text, tmp_path / "seq", method="sequence", student=student, prompts=prompts,
+        distill(tiny_lm_dir, distill_text, tmp_path / "logits", student=student, config=_cfg())
+    rep = distill(tiny_lm_dir, distill_text, tmp_path / "seq", method="sequence", student=student, prompts=prompts,
                   max_new_tokens=40, seq_len=32, config=_cfg(max_steps=8, lr=5e-3))
     assert rep["same_tokenizer"] is False and rep["generation"]["kept"] == 16
     # Held-out quality is compared in bits per byte (KLD needs one vocabulary, so there is none).
@@ -91,11 +81,11 @@ def test_empty_data_is_one_line_exit_2(tiny_lm_dir: Path, tmp_path: Path):
     assert not (tmp_path / "o").exists()
 
 
-def test_existing_output_dir_needs_overwrite(tiny_lm_dir: Path, text: Path, tmp_path: Path):
+def test_existing_output_dir_needs_overwrite(tiny_lm_dir: Path, distill_text: Path, tmp_path: Path):
     out = tmp_path / "o"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
-    result = _run_cli("--teacher", str(tiny_lm_dir), "--data", str(text), "--out", str(out),
+    result = _run_cli("--teacher", str(tiny_lm_dir), "--data", str(distill_text), "--out", str(out),
                       "--prune-layers", "1", "--seq-len", "32", "--steps", "2", "--batch-size", "2")
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert "--overwrite" in result.stderr and "already exists" in result.stderr
@@ -103,15 +93,15 @@ def test_existing_output_dir_needs_overwrite(tiny_lm_dir: Path, text: Path, tmp_
     stale = out / "checkpoints" / "step-99"
     stale.mkdir(parents=True)
     (stale / "trainer_state.json").write_text("{}")
-    rep = distill(tiny_lm_dir, text, out, prune_layers=1, seq_len=32, config=_cfg(max_steps=2, batch_size=2),
+    rep = distill(tiny_lm_dir, distill_text, out, prune_layers=1, seq_len=32, config=_cfg(max_steps=2, batch_size=2),
                   overwrite=True)
     assert rep["steps"] == 2 and not stale.exists() and (out / "notes.txt").read_text() == "mine"
 
 
-def test_crash_mid_run_leaves_a_usable_checkpoint_and_resume_matches(tiny_lm_dir: Path, text: Path,
+def test_crash_mid_run_leaves_a_usable_checkpoint_and_resume_matches(tiny_lm_dir: Path, distill_text: Path,
                                                                      tmp_path: Path, monkeypatch):
     cfg = dict(max_steps=6, save_every=2, alpha=0.5)
-    full = distill(tiny_lm_dir, text, tmp_path / "full", prune_layers=1, seq_len=32, config=_cfg(**cfg))
+    full = distill(tiny_lm_dir, distill_text, tmp_path / "full", prune_layers=1, seq_len=32, config=_cfg(**cfg))
 
     # Crash while writing the step-4 checkpoint: the weights are written, the optimizer state is not.
     real_save_file = trainer.save_file
@@ -126,7 +116,7 @@ def test_crash_mid_run_leaves_a_usable_checkpoint_and_resume_matches(tiny_lm_dir
     monkeypatch.setattr(trainer, "save_file", crashing_save_file)
     out = tmp_path / "crashed"
     with pytest.raises(RuntimeError, match="simulated crash"):
-        distill(tiny_lm_dir, text, out, prune_layers=1, seq_len=32, config=_cfg(**cfg))
+        distill(tiny_lm_dir, distill_text, out, prune_layers=1, seq_len=32, config=_cfg(**cfg))
     monkeypatch.setattr(trainer, "save_file", real_save_file)
     ckpts = out / "checkpoints"
     assert sorted(p.name for p in ckpts.iterdir()) == [".step-4.tmp", "step-2"]
@@ -139,8 +129,8 @@ def test_crash_mid_run_leaves_a_usable_checkpoint_and_resume_matches(tiny_lm_dir
     assert torch.isfinite(model(input_ids=ids).logits).all()
     # Re-running without --resume or --overwrite is refused; --resume finishes as if nothing happened.
     with pytest.raises(SlimlmError, match="--resume"):
-        distill(tiny_lm_dir, text, out, prune_layers=1, seq_len=32, config=_cfg(**cfg))
-    resumed = distill(tiny_lm_dir, text, out, prune_layers=1, seq_len=32, config=_cfg(**cfg), resume=True)
+        distill(tiny_lm_dir, distill_text, out, prune_layers=1, seq_len=32, config=_cfg(**cfg))
+    resumed = distill(tiny_lm_dir, distill_text, out, prune_layers=1, seq_len=32, config=_cfg(**cfg), resume=True)
     assert [h["loss"] for h in resumed["history"]] == [h["loss"] for h in full["history"]]
     from safetensors.torch import load_file
 
@@ -150,8 +140,8 @@ def test_crash_mid_run_leaves_a_usable_checkpoint_and_resume_matches(tiny_lm_dir
     assert sorted(p.name for p in ckpts.iterdir()) == ["step-2", "step-4", "step-6"]
 
 
-def test_cli_prune_heads(tiny_lm_dir: Path, text: Path, tmp_path: Path):
-    result = _run_cli("--teacher", str(tiny_lm_dir), "--data", str(text), "--out", str(tmp_path / "o"),
+def test_cli_prune_heads(tiny_lm_dir: Path, distill_text: Path, tmp_path: Path):
+    result = _run_cli("--teacher", str(tiny_lm_dir), "--data", str(distill_text), "--out", str(tmp_path / "o"),
                       "--prune-heads", "0.5", "--prune-mlp", "0.5", "--seq-len", "32", "--steps", "2",
                       "--batch-size", "2", "--eval-every", "0", "--json")
     assert result.returncode == 0, result.stderr[-2000:]

@@ -23,6 +23,15 @@ def _layers(model: torch.nn.Module) -> torch.nn.ModuleList:
     return layers
 
 
+def _forward_with_hooks(model: torch.nn.Module, calib_ids: torch.Tensor, hooks: list) -> None:
+    """One forward pass over the calibration ids with measurement hooks installed, removed whatever happens."""
+    try:
+        model(input_ids=calib_ids)
+    finally:
+        for h in hooks:
+            h.remove()
+
+
 @torch.no_grad()
 def layer_importance(model: torch.nn.Module, calib_ids: torch.Tensor) -> list[float]:
     """Per decoder layer: mean over tokens of 1 - cos(input hidden state, output hidden state)."""
@@ -34,11 +43,7 @@ def layer_importance(model: torch.nn.Module, calib_ids: torch.Tensor) -> list[fl
         scores.append(float((1 - torch.nn.functional.cosine_similarity(x.float(), y.float(), dim=-1)).mean()))
 
     hooks = [layer.register_forward_hook(hook, with_kwargs=True) for layer in _layers(model)]
-    try:
-        model(input_ids=calib_ids)
-    finally:
-        for h in hooks:
-            h.remove()
+    _forward_with_hooks(model, calib_ids, hooks)
     return scores
 
 
@@ -56,11 +61,7 @@ def mlp_channel_importance(model: torch.nn.Module, calib_ids: torch.Tensor) -> l
             store.append(h.reshape(-1, h.shape[-1]).mean(0))
 
         hooks.append(mlp.register_forward_hook(hook))
-    try:
-        model(input_ids=calib_ids)
-    finally:
-        for h in hooks:
-            h.remove()
+    _forward_with_hooks(model, calib_ids, hooks)
     return sums
 
 
@@ -86,11 +87,7 @@ def head_importance(model: torch.nn.Module, calib_ids: torch.Tensor) -> list[tor
             store.append(contrib.norm(dim=-1).mean(0))
 
         hooks.append(attn.o_proj.register_forward_pre_hook(hook))
-    try:
-        model(input_ids=calib_ids)
-    finally:
-        for h in hooks:
-            h.remove()
+    _forward_with_hooks(model, calib_ids, hooks)
     return scores
 
 
