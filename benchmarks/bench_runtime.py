@@ -2,8 +2,10 @@
 
 All models are loaded in one process and measured in interleaved rounds (fp32, bf16, w8a8, ... then again),
 so load changes on a shared machine hit every variant alike; figures are medians over rounds and every
-ratio is against fp32 measured in the same rounds. Greedy decoding through transformers' forward with its
-KV cache (slimlm.runtime.generate_ids), EOS ignored.
+ratio is against fp32 measured in the same rounds. Greedy decoding (slimlm.runtime.generate_ids), EOS ignored.
+Every variant runs on slimlm's runtime path, the lean forward with a static KV cache (runtime.fastpath), so
+fp32/bf16 and the low-bit schemes differ only in their weights and kernels; the "(transformers forward)"
+rows run the fp models through transformers' forward and DynamicCache, for what the lean path alone buys.
 
     flock /tmp/slimlm-heavy.lock python benchmarks/bench_runtime.py [--rounds 3] [--gen 32] [--gguf]
 """
@@ -25,18 +27,23 @@ from slimlm import resources  # noqa: E402
 from slimlm.runtime import (  # noqa: E402
     W4A16Config, W8A8Config, generate_ids, kernel_report, load_quantized, quantize_, summarize_kernels,
 )
+from slimlm.runtime.generate import forward_logits  # noqa: E402
 from slimlm.runtime import int4pack, kernels  # noqa: E402
 from slimlm.runtime.linear import W4A16Linear  # noqa: E402
 from slimlm.runtime.quantize import model_weight_bytes  # noqa: E402
 
 
-def load_variants(hf_dir: Path, with_files: bool, tmp: Path) -> dict[str, torch.nn.Module]:
+def load_variants(hf_dir: Path, with_files: bool, tmp: Path, with_hf_rows: bool = True
+                  ) -> dict[str, torch.nn.Module]:
     from transformers import AutoModelForCausalLM
 
     def fp(dtype=torch.float32):
         return AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype).eval()
 
     models = {"fp32": fp(), "bf16": fp(torch.bfloat16)}
+    if with_hf_rows:  # the same fp models through transformers' forward: what the lean forward alone buys
+        models["fp32" + HF_SUFFIX] = models["fp32"]
+        models["bf16" + HF_SUFFIX] = models["bf16"]
     models["w8a8"] = fp()
     quantize_(models["w8a8"], W8A8Config())
     models["w8a8 (fp32 around)"] = fp()
@@ -54,10 +61,16 @@ def load_variants(hf_dir: Path, with_files: bool, tmp: Path) -> dict[str, torch.
     return models
 
 
-@torch.inference_mode()
-def prefill_s(model, ids) -> float:
+HF_SUFFIX = " (transformers forward)"  # rows run through transformers' own forward and DynamicCache
+
+
+def uses_lean(name: str) -> bool:
+    return not name.endswith(HF_SUFFIX)
+
+
+def prefill_s(model, ids, lean: bool = True) -> float:
     start = time.perf_counter()
-    model(input_ids=ids, use_cache=False, logits_to_keep=1)
+    forward_logits(model, ids, logits_to_keep=1, lean=lean)
     return time.perf_counter() - start
 
 
@@ -70,9 +83,10 @@ def measure(models, prompt: int, decode_prompt: int, gen: int, rounds: int) -> d
     samples = {name: {"prefill": [], "d1": [], "d8": [], "ttft": [], "p50": [], "p95": []} for name in models}
     for r in range(rounds + 1):  # round 0 warms up (oneDNN primitive caches, first-touch memory)
         for name, model in models.items():
-            p = prefill_s(model, long)
-            one = generate_ids(model, short1, max_new_tokens=gen if r else 4)
-            eight = generate_ids(model, short8, max_new_tokens=gen if r else 4)
+            lean = uses_lean(name)
+            p = prefill_s(model, long, lean)
+            one = generate_ids(model, short1, max_new_tokens=gen if r else 4, lean=lean)
+            eight = generate_ids(model, short8, max_new_tokens=gen if r else 4, lean=lean)
             if r:
                 s = samples[name]
                 s["prefill"].append(prompt / p)
@@ -112,6 +126,7 @@ def speed_section(models, med, args) -> tuple[str, list[str]]:
         counts = summarize_kernels(kernel_report(model))
         kern.append([name, "; ".join(f"{n}× {k}" for k, n in counts.items()) or "torch F.linear (nn.Linear)"])
     body = (f"SmolLM2-135M-Instruct (builtin fp32 dir; W8A8/W4A16 = RTN by `quantize_`, lm_head included, "
+            f"all rows on slimlm's lean forward with a static KV cache except those marked transformers forward; "
             f"W4A16 group 128→64 where 576 columns), {torch.get_num_threads()} threads. Medians of {args.rounds} "
             f"interleaved rounds after a warm-up round. Prefill: one forward of {args.prompt} random tokens. "
             f"Decode: {args.gen} greedy tokens after a {args.decode_prompt}-token prompt, tokens/s over the decode "
@@ -264,6 +279,8 @@ def main() -> None:
     ap.add_argument("--files", action="store_true", help="also run W8A8/W4A16 from compressed-tensors dirs")
     ap.add_argument("--no-write", action="store_true", help="print only; do not append to BENCHMARKS.md")
     ap.add_argument("--model", default=None, help="HF dir (default: the built-in SmolLM2-135M fp32 dir)")
+    ap.add_argument("--no-hf-rows", action="store_true",
+                    help="skip the fp32/bf16 rows through transformers' forward (the pre-lean baseline)")
     ap.add_argument("--no-accuracy", action="store_true", help="skip the perplexity/accuracy table")
     ap.add_argument("--gguf", default="", help="comma-separated GGUF types to compare with llama.cpp "
                     "(e.g. Q8_0,Q4_0,Q4_K_M); only this section runs")
@@ -278,7 +295,7 @@ def main() -> None:
         else:
             append_section("Quantized runtime on GGUF files vs llama.cpp (bench_runtime.py --gguf)", body)
         return
-    models = load_variants(hf_dir, args.files, resources.cache_dir())
+    models = load_variants(hf_dir, args.files, resources.cache_dir(), not args.no_hf_rows)
     med = measure(models, args.prompt, args.decode_prompt, args.gen, args.rounds)
     speed, checks = speed_section(models, med, args)
     del models

@@ -56,6 +56,17 @@ def test_perplexity_through_fast_kernels_equals_reference(smollm2_hf_dir, window
     p_fast, p_ref = _ppl(fast, windows), _ppl(ref, windows)
     assert abs(p_fast / p_ref - 1) < 0.005, (p_fast, p_ref)
     assert 5 < p_ref < 100  # a working model on wikitext, not noise
+    # the runtime's lean forward (fused sibling GEMMs; W8A8: int8 layers with fused epilogues) on the same modules
+    from slimlm.runtime.fastpath import LeanModule
+
+    lean = LeanModule(fast)
+    assert scheme != "w8a8" or lean.lean.int8
+    p_lean = _ppl(lean, windows)
+    # W8A8 on SmolLM2 is chaotic at this level: per-token int8 codes of activations with massive outlier
+    # channels flip on fp32 reordering, and perturbing the embeddings by 1e-6 (relative) moves the fast
+    # path's own perplexity by +0.4..+1.9% (measured on 8 windows). The lean forward reorders fp32 work (GQA
+    # attention, fused epilogues), so it is held to that band; W4A16 (weight-only, not chaotic) to 0.5%.
+    assert abs(p_lean / p_ref - 1) < (0.02 if scheme == "w8a8" else 0.005), (p_lean, p_ref)
 
 
 def test_shipped_gguf_runs_on_int4_kernels(smollm2_gguf, smollm2_hf_dir):

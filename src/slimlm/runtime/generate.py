@@ -1,6 +1,7 @@
 """Text generation with a KV cache on any transformers causal LM (quantized or not), batch 1 or batched.
 
-Written as a plain loop over the model's forward (not ``model.generate``) so every step is timed: time to
+Written as a plain loop over the model's forward (the lean one in runtime.fastpath where it applies; not
+``model.generate``) so every step is timed: time to
 first token, inter-token latencies and tokens/s come from the same run that produced the text, and a
 callback sees each new token as it is made (streaming). Batches are left-padded, so all rows decode in step.
 """
@@ -17,6 +18,7 @@ import torch
 from transformers import DynamicCache
 
 from slimlm.errors import SlimlmError
+from slimlm.runtime.fastpath import lean_model
 
 
 @dataclass
@@ -90,13 +92,26 @@ def choose_next(logits: torch.Tensor, sampling: SamplingConfig, gen: torch.Gener
 
 
 @torch.inference_mode()
+def forward_logits(model: torch.nn.Module, input_ids: torch.Tensor, logits_to_keep: int = 1, lean: bool = True
+                   ) -> torch.Tensor:
+    """One cache-free forward (a prompt's prefill), through the lean forward where it applies."""
+    fast = lean_model(model) if lean and input_ids.device.type == "cpu" else None
+    if fast is not None:
+        return fast.forward(input_ids, logits_to_keep=logits_to_keep)
+    return model(input_ids=input_ids, use_cache=False, logits_to_keep=logits_to_keep).logits
+
+
+@torch.inference_mode()
 def generate_ids(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                  max_new_tokens: int = 32, sampling: SamplingConfig | None = None, eos_ids: set[int] | None = None,
-                 pad_id: int = 0, on_step: Callable[[torch.Tensor], None] | None = None) -> GenerationResult:
+                 pad_id: int = 0, on_step: Callable[[torch.Tensor], None] | None = None,
+                 lean: bool = True) -> GenerationResult:
     """Decode up to ``max_new_tokens`` per row from left-padded ``input_ids`` ``(B, T)``.
 
     Rows that emit an id in ``eos_ids`` stop (later positions get ``pad_id`` and are not reported); the loop
-    ends when all rows stopped. ``on_step`` gets each step's ``(B,)`` new tokens (streaming).
+    ends when all rows stopped. ``on_step`` gets each step's ``(B,)`` new tokens (streaming). Llama-style
+    models run on the lean forward with a static KV cache (``runtime.fastpath``) unless ``lean=False``;
+    others through transformers' forward and its dynamic cache.
     """
     sampling = sampling or SamplingConfig()
     sampling.check()
@@ -113,16 +128,26 @@ def generate_ids(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask
     batch = input_ids.shape[0]
     prompt_lengths = attention_mask.sum(1).tolist()
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_(min=0)
-    cache = {cache_kwarg(model): DynamicCache()}
+    fast = lean_model(model) if lean and device.type == "cpu" else None
+    if fast is not None:
+        static = fast.new_cache(batch, input_ids.shape[1] + max_new_tokens)
+
+        def forward(ids, mask, positions, keep=0):
+            return fast.forward(ids, positions, mask, static, logits_to_keep=keep)
+    else:
+        cache = {cache_kwarg(model): DynamicCache()}
+
+        def forward(ids, mask, positions, keep=0):
+            return model(input_ids=ids, attention_mask=mask, position_ids=positions, **cache, use_cache=True,
+                         logits_to_keep=keep).logits
     eos = torch.tensor(sorted(eos_ids or []), dtype=torch.long, device=device)
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     new_tokens: list[torch.Tensor] = []
     step_s: list[float] = []
 
     start = time.perf_counter()
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                **cache, use_cache=True, logits_to_keep=1)
-    token = choose_next(out.logits[:, -1, :], sampling, gen)
+    logits = forward(input_ids, attention_mask, position_ids, 1)
+    token = choose_next(logits[:, -1, :], sampling, gen)
     ttft = time.perf_counter() - start
     for step in range(max_new_tokens):
         token = torch.where(done, torch.full_like(token, pad_id), token)
@@ -136,9 +161,8 @@ def generate_ids(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask
         t0 = time.perf_counter()
         attention_mask = torch.cat([attention_mask, (~done).long()[:, None]], dim=1)
         position_ids = position_ids[:, -1:] + 1
-        out = model(input_ids=token[:, None], attention_mask=attention_mask, position_ids=position_ids,
-                    **cache, use_cache=True)
-        token = choose_next(out.logits[:, -1, :], sampling, gen)
+        logits = forward(token[:, None], attention_mask, position_ids)
+        token = choose_next(logits[:, -1, :], sampling, gen)
         step_s.append(time.perf_counter() - t0)
     ids = torch.stack(new_tokens, dim=1).tolist()
     rows = [[t for t in row if t >= 0] for row in ids]

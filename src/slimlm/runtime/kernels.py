@@ -12,6 +12,7 @@ import os
 import time
 
 import torch
+import torch.nn.functional as F
 
 # Activations with at least this many rows take the "dequantize to bf16, then bf16 GEMM" path in W4A16:
 # the CPU int4 tinygemm kernel works in 4-row blocks, so its cost grows linearly with rows (576→1536, one
@@ -161,3 +162,90 @@ def int8_matmul_rescale(xq: torch.Tensor, x_scale: torch.Tensor, w: torch.Tensor
 def int4_cpu_ok(k: int, n: int, group_size: int) -> bool:
     """Whether the CPU tinygemm kernel takes this shape directly (else we pad K/N, see W4A16Linear)."""
     return group_size in (32, 64, 128, 256) and k % group_size == 0 and n % 16 == 0
+
+
+# ---------------------------------------------------------------- fused elementwise epilogues (W8A8)
+# Around each int8 GEMM, eager torch spends more time than the GEMM itself on a 512-token prompt: per-token
+# quantization is abs, amax, a dtype cast, div, round and a cast to int8 (six passes), and the per-token
+# rescale of the output one more. The lean W8A8 forward (runtime.fastpath) instead calls the functions below,
+# which do each step's elementwise work (residual add, RMSNorm, SiLU·up, quantization) in one pass when
+# compiled by torch.compile (inductor's generated C++), for activations of COMPILE_MIN_ROWS rows or more;
+# shorter ones (decode) run them eagerly, where a compiled call's guard/launch overhead is not repaid.
+COMPILE_MIN_ROWS = 16
+
+
+def _quant_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    xf = x.float()
+    scale = xf.abs().amax(dim=-1, keepdim=True).clamp(min=1e-10) / 127.0
+    return torch.round(xf / scale).to(torch.int8), scale
+
+
+def residual_norm_quant(h: torch.Tensor, y: torch.Tensor, y_scale: torch.Tensor, weight: torch.Tensor, eps: float
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``h + y·y_scale`` (rounded to h's dtype: the residual stream), then RMSNorm·weight quantized per token."""
+    h = (h.float() + y.float() * y_scale).to(h.dtype)
+    hf = h.float()
+    x = hf / torch.sqrt(hf.pow(2).mean(-1, keepdim=True) + eps) * weight.float()
+    q, s = _quant_rows(x)
+    return h, q, s
+
+
+def norm_quant(h: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """RMSNorm·weight of ``h``, quantized per token (the first layer's input)."""
+    hf = h.float()
+    return _quant_rows(hf / torch.sqrt(hf.pow(2).mean(-1, keepdim=True) + eps) * weight.float())
+
+
+def silu_mul_quant(gate_up: torch.Tensor, scale: torch.Tensor, inter: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``silu(gate·scale) · (up·scale)`` from the fused gate/up GEMM output, quantized per token."""
+    g = gate_up[:, :inter].float() * scale
+    u = gate_up[:, inter:].float() * scale
+    return _quant_rows(F.silu(g) * u)
+
+
+def quant_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token int8 codes and fp32 scales of a 2-D activation (the attention output before o_proj)."""
+    return _quant_rows(x)
+
+
+def residual_add(h: torch.Tensor, y: torch.Tensor, y_scale: torch.Tensor) -> torch.Tensor:
+    return (h.float() + y.float() * y_scale).to(h.dtype)
+
+
+def compile_enabled() -> bool:
+    """torch.compile for the fused epilogues: on unless ``SLIMLM_COMPILE=0`` (and only where it works)."""
+    return os.environ.get("SLIMLM_COMPILE", "1") != "0"
+
+
+class _Fused:
+    """A function run compiled for long activations, eagerly for short ones; compiled lazily on first long
+    call, and if compiling fails (no C++ compiler, an inductor error) the eager function is kept for good."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.compiled = None
+        self.failed = False
+        functools.update_wrapper(self, fn)
+
+    def __call__(self, *args):
+        if args[0].shape[0] < COMPILE_MIN_ROWS or self.failed or not compile_enabled():
+            return self.fn(*args)
+        if self.compiled is None:
+            try:
+                self.compiled = torch.compile(self.fn, dynamic=True)
+                return self.compiled(*args)
+            except Exception as exc:  # noqa: BLE001 - any compiler failure falls back to eager
+                import warnings
+
+                warnings.warn(f"slimlm: torch.compile unavailable for {self.fn.__name__} ({exc!s:.200}); "
+                              "running it eagerly", stacklevel=2)
+                self.failed = True
+                return self.fn(*args)
+        return self.compiled(*args)
+
+
+residual_norm_quant_f = _Fused(residual_norm_quant)
+norm_quant_f = _Fused(norm_quant)
+silu_mul_quant_f = _Fused(silu_mul_quant)
+quant_rows_f = _Fused(quant_rows)
+residual_add_f = _Fused(residual_add)

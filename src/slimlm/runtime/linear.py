@@ -102,15 +102,18 @@ class FusedInt8Group:
         start, end = self.slices[index]
         return self.packed.to_dense()[:, start:end].t()
 
+    def run(self, x2: torch.Tensor) -> torch.Tensor:
+        """The whole group's output ``(M, sum of N)`` for a 2-D input (no memo: the lean path's call)."""
+        xq, xs = kernels.quantize_per_token(x2)
+        out_dtype = x2.dtype if x2.dtype in (torch.float32, torch.bfloat16) else torch.float32
+        return kernels.scale_rows_(kernels.onednn_int8_linear(xq, self.packed, self.scale, self.zero, out_dtype), xs)
+
     def __call__(self, x: torch.Tensor, first: bool) -> torch.Tensor:
         import weakref
 
         version = kernels.SharedInputQuantizer._version_of(x)
         if first or self._ref is None or self._ref() is not x or self._version != version:
-            xq, xs = kernels.quantize_per_token(x.reshape(-1, self.k))
-            out_dtype = x.dtype if x.dtype in (torch.float32, torch.bfloat16) else torch.float32
-            y = kernels.onednn_int8_linear(xq, self.packed, self.scale, self.zero, out_dtype)
-            self._out = kernels.scale_rows_(y, xs)
+            self._out = self.run(x.reshape(-1, self.k))
             self._ref, self._version = weakref.ref(x), version
         return self._out
 
@@ -260,6 +263,7 @@ class W4A16Linear(QuantLinear):
         keep_plain = self.device_type == "cuda" or not int4pack.cpu_layout_ok()
         self.register_buffer("plain_codes", u.to(device) if keep_plain else None)
         self._prefill_params: tuple[torch.Tensor, torch.Tensor] | None = None  # made on first long input
+        self.fused: "FusedW4A16 | None" = None  # set by quantize.fuse_siblings: packed shared with siblings
 
     @classmethod
     def from_signed(cls, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, group_size: int,
@@ -275,8 +279,9 @@ class W4A16Linear(QuantLinear):
             return f"aten._weight_int4pack_mm (CUDA tinygemm) g{self.group_size} bf16"
         pad = f", padded to {self.n_padded}x{self.k_padded}" if (self.n_padded, self.k_padded) != (
             self.out_features, self.in_features) else ""
+        shared = ", one GEMM with siblings in the lean forward" if self.fused is not None else ""
         return (f"aten._weight_int4pack_mm_for_cpu g{self.group_size} bf16 (<{kernels.W4A16_DEQUANT_MIN_ROWS} "
-                f"rows), dequant→bf16 GEMM (longer){pad}")
+                f"rows), dequant→bf16 GEMM (longer){pad}{shared}")
 
     def codes(self) -> torch.Tensor:
         """The (padded) u codes, read back from the packed kernel layout."""
@@ -298,8 +303,8 @@ class W4A16Linear(QuantLinear):
         elif x2.shape[0] >= kernels.W4A16_DEQUANT_MIN_ROWS and self.plain_codes is None:
             if self._prefill_params is None:
                 self._prefill_params = int4pack.prefill_params(self.scale_zero)
-            y = x2 @ int4pack.dequantize_kn_bf16(self.packed, *self._prefill_params, self.n_padded,
-                                                 self.k_padded, self.group_size)
+            y = _int4_dequant_matmul(x2, self.packed, self._prefill_params, self.n_padded, self.k_padded,
+                                     self.group_size)
         else:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, self.scale_zero)
         if self.n_padded != self.out_features:
@@ -309,3 +314,56 @@ class W4A16Linear(QuantLinear):
     def to_reference(self) -> DequantLinear:
         w = self.dequantized(torch.float32)[: self.out_features, : self.in_features]
         return DequantLinear(w, self.bias, torch.float32)
+
+
+def _int4_dequant_matmul(x2: torch.Tensor, packed: torch.Tensor, params: tuple[torch.Tensor, torch.Tensor], n: int,
+                         k: int, group_size: int) -> torch.Tensor:
+    """Long activations: dequantize the int4 weight to bf16 (K, N) and run oneDNN's bf16 GEMM."""
+    return x2 @ int4pack.dequantize_kn_bf16(packed, *params, n, k, group_size)
+
+
+class FusedW4A16:
+    """One int4 GEMM for sibling W4A16 layers that read the same input (q/k/v, gate/up), on CPU.
+
+    The CPU packed layout stores blocks of 64 (AVX512; 32 otherwise) output rows one after another, so when
+    every member's N is a multiple of the block, the members' packed weights concatenated along N are the
+    packing of the concatenated weight. The members keep contiguous views into the shared buffer (no second
+    copy); their small scale/zero tensors are concatenated. Used by the lean forward (runtime.fastpath).
+    """
+
+    def __init__(self, members: list[W4A16Linear]):
+        self.group_size = members[0].group_size
+        self.k = members[0].k_padded
+        self.n = sum(m.out_features for m in members)
+        self.packed = torch.cat([m.packed for m in members], dim=0)
+        self.scale_zero = torch.cat([m.scale_zero for m in members], dim=1).contiguous()
+        start = 0
+        for m in members:
+            m.packed = self.packed[start: start + m.out_features]
+            start += m.out_features
+        self._prefill_params: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @staticmethod
+    def fusable(members: list[nn.Module]) -> bool:
+        block = int4pack._block_n()
+        return (len(members) > 1 and all(isinstance(m, W4A16Linear) for m in members)
+                and all(m.device_type == "cpu" and m.plain_codes is None and m.bias is None
+                        and m.n_padded == m.out_features and m.out_features % block == 0
+                        and m.in_features == m.k_padded for m in members)
+                and len({(m.group_size, m.in_features) for m in members}) == 1)
+
+    @staticmethod
+    def build(members: list[nn.Module]) -> "FusedW4A16 | None":
+        """The group the members already share (set by ``quantize.fuse_siblings``), if any."""
+        group = getattr(members[0], "fused", None)
+        return group if group is not None and all(getattr(m, "fused", None) is group for m in members) else None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.to(torch.bfloat16).contiguous()
+        if x2.shape[0] >= kernels.W4A16_DEQUANT_MIN_ROWS:
+            if self._prefill_params is None:
+                self._prefill_params = int4pack.prefill_params(self.scale_zero)
+            y = _int4_dequant_matmul(x2, self.packed, self._prefill_params, self.n, self.k, self.group_size)
+        else:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, self.scale_zero)
+        return y.to(x.dtype)

@@ -171,13 +171,20 @@ SIBLING_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # l
 
 def fuse_siblings(model: nn.Module) -> int:
     """Give W8A8 layers that read the same input one shared GEMM (oneDNN) or, failing that, one shared
-    activation quantization; returns the number of groups fused."""
-    from slimlm.runtime.linear import FusedInt8Group
+    activation quantization, and W4A16 siblings one shared packed int4 weight (the lean forward runs it as
+    one GEMM); returns the number of groups fused."""
+    from slimlm.runtime.linear import FusedInt8Group, FusedW4A16
 
     fused = 0
     for parent_name, parent in model.named_modules():
         for names in SIBLING_GROUPS:
             members = [getattr(parent, n, None) for n in names]
+            if FusedW4A16.fusable(members) and not any(getattr(m, "fused", None) for m in members):
+                group4 = FusedW4A16(members)
+                for m in members:
+                    m.fused = group4
+                fused += 1
+                continue
             if not all(isinstance(m, W8A8Linear) and m.group is None for m in members):
                 continue
             if len({m.in_features for m in members}) != 1:
