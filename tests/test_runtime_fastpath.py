@@ -116,3 +116,34 @@ def test_unsupported_models_fall_back(tmp_path):
     assert lean_model(model) is None and "gpt2" in unsupported_reason(model)
     ids = torch.randint(1, 320, (1, 6), generator=torch.Generator().manual_seed(6))
     assert len(generate_ids(model, ids, max_new_tokens=3).new_ids[0]) == 3
+
+
+def test_static_cache_grows_past_its_first_size(tmp_path):
+    model = _tiny(tmp_path)
+    lean = lean_model(model)
+    ids = torch.randint(1, 320, (1, 12), generator=torch.Generator().manual_seed(7))
+    with torch.inference_mode():
+        want = model(ids).logits
+        cache = lean.new_cache(1, 4)
+        steps = [lean.forward(ids[:, :3], cache=cache)] + [lean.forward(ids[:, t:t + 1], cache=cache)
+                                                          for t in range(3, 12)]
+    assert cache.max_len >= 12 and rel_err(torch.cat(steps, 1), want) < 1e-5
+
+
+def test_runtime_bench_backend_decodes_on_the_lean_path(tmp_path):
+    import numpy as np
+
+    from conftest import make_tiny_llama
+
+    from slimlm.runtime.bench_backends import W8A8Backend
+
+    src = make_tiny_llama(tmp_path / "m", hidden=128, heads=4, kv_heads=2, ffn=256, vocab=320)
+    backend = W8A8Backend()
+    backend.load(src, threads=1)
+    prompt = np.random.default_rng(0).integers(1, 320, (2, 9))
+    first = backend.prefill(prompt)
+    assert backend._lean is not None and first.shape == (2,)
+    for _ in range(3):
+        first = backend.decode(first)
+    assert backend._static.length == 12
+    backend.close()

@@ -69,9 +69,19 @@ class StaticCache:
 
     def update(self, i: int, k: torch.Tensor, v: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
         end = start + k.shape[2]
+        if end > self.max_len:  # outgrown (callers that cannot know the length up front): double, copy once
+            self._grow(max(end, 2 * self.max_len))
         self.k[i][:, :, start:end].copy_(k)
         self.v[i][:, :, start:end].copy_(v)
         return self.k[i][:, :, :end], self.v[i][:, :, :end]
+
+    def _grow(self, max_len: int) -> None:
+        for store in (self.k, self.v):
+            for j, t in enumerate(store):
+                bigger = t.new_empty(*t.shape[:2], max_len, t.shape[3])
+                bigger[:, :, : t.shape[2]].copy_(t)
+                store[j] = bigger
+        self.max_len = max_len
 
 
 def _fused_group(modules: list[nn.Module]) -> FusedInt8Group | None:
