@@ -104,12 +104,17 @@ class _Projections:
         self.int8 = _fused_group(modules)
         self.int4 = FusedW4A16.build(modules)
 
-    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
+    def __call__(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        """The siblings' outputs side by side ``(tokens, sum of N)`` where one GEMM made them, else a list."""
         if self.int8 is not None:
-            return list(self.int8.run(x.reshape(-1, x.shape[-1])).split(self.sizes, dim=-1))
+            return self.int8.run(x.reshape(-1, x.shape[-1]))
         if self.int4 is not None:
-            return list(self.int4(x.reshape(-1, x.shape[-1])).split(self.sizes, dim=-1))
+            return self.int4(x.reshape(-1, x.shape[-1]))
         return [m(x).reshape(-1, n) for m, n in zip(self.modules, self.sizes)]
+
+    def parts(self, x: torch.Tensor) -> list[torch.Tensor]:
+        out = self(x)
+        return list(out.split(self.sizes, dim=-1)) if isinstance(out, torch.Tensor) else out
 
 
 class _Layer:
@@ -139,10 +144,10 @@ def _eps(norm: nn.Module) -> float:
     return float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return torch.addcmul(x * cos, rotated, sin)
+def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """RoPE as transformers applies it (``x·cos + rotate_half(x)·sin``), with rotate_half's sign folded
+    into ``signed_sin`` once per forward so the rotation is one ``roll``."""
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), signed_sin)
 
 
 class LeanModel:
@@ -192,6 +197,8 @@ class LeanModel:
         if position_ids is None:
             position_ids = torch.arange(start, start + length)[None].expand(batch, length)
         cos, sin = self.rope(position_ids)
+        half = self.head_dim // 2
+        sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
         mask = None
         if attention_mask is not None and not bool(attention_mask.all()):
             keys = attention_mask[:, None, None, : start + length].bool()  # (B, 1, 1, S)
@@ -208,10 +215,18 @@ class LeanModel:
         q_shape = (batch, length, self.heads, self.head_dim)
         kv_shape = (batch, length, self.kv_heads, self.head_dim)
 
-        def attend(i: int, q, k, v) -> torch.Tensor:
-            q = _rotate(q.reshape(q_shape).transpose(1, 2), cos, sin)
-            k = _rotate(k.reshape(kv_shape).transpose(1, 2), cos, sin)
-            v = v.reshape(kv_shape).transpose(1, 2)
+        nq, nk = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        qk_shape = (batch, length, self.heads + self.kv_heads, self.head_dim)
+
+        def attend(i: int, qkv: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
+            if isinstance(qkv, torch.Tensor):  # one GEMM's output: q and k side by side, rotated in one go
+                qk = _rotate(qkv[:, : nq + nk].reshape(qk_shape).transpose(1, 2), cos, sin)
+                q, k = qk[:, : self.heads], qk[:, self.heads:]
+                v = qkv[:, nq + nk:].reshape(kv_shape).transpose(1, 2)
+            else:
+                q = _rotate(qkv[0].reshape(q_shape).transpose(1, 2), cos, sin)
+                k = _rotate(qkv[1].reshape(kv_shape).transpose(1, 2), cos, sin)
+                v = qkv[2].reshape(kv_shape).transpose(1, 2)
             if cache is not None:
                 k, v = cache.update(i, k, v, start)
             a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=self.scale,
@@ -224,11 +239,10 @@ class LeanModel:
             return self._head(h, hidden, logits_to_keep)
         for i, layer in enumerate(self.layers):
             x = F.rms_norm(h, (hidden,), layer.norm1, layer.eps1)
-            q, k, v = layer.qkv(x)
-            a = attend(i, q, k, v).reshape(batch, length, -1)
+            a = attend(i, layer.qkv(x)).reshape(batch, length, -1)
             h = h + layer.o(a).reshape(batch, length, hidden)
             x = F.rms_norm(h, (hidden,), layer.norm2, layer.eps2)
-            gate, up = layer.gate_up(x)
+            gate, up = layer.gate_up.parts(x)
             h = h + layer.down((F.silu(gate) * up).reshape(batch, length, -1)).reshape(batch, length, hidden)
         self.layers_done(cache, start, length)
         return self._head(h, hidden, logits_to_keep)
@@ -255,8 +269,7 @@ class LeanModel:
         xq, xs = kernels.norm_quant_f(h, first.norm1, first.eps1)
         for i, layer in enumerate(self.layers):
             qkv = kernels.scale_rows_(_int8_gemm(xq, layer.qkv.int8, dtype), xs)
-            q, k, v = qkv.split(layer.qkv.sizes, dim=-1)
-            aq, a_s = kernels.quant_rows_f(attend(i, q, k, v))
+            aq, a_s = kernels.quant_rows_f(attend(i, qkv))
             y = _int8_gemm(aq, layer.o, dtype)
             h, xq, xs = kernels.residual_norm_quant_f(h, y, a_s, layer.norm2, layer.eps2)
             gq, g_s = kernels.silu_mul_quant_f(_int8_gemm(xq, layer.gate_up.int8, dtype), xs, layer.inter)
