@@ -121,6 +121,10 @@ def speed_section(models, med, args) -> tuple[str, list[str]]:
                   f"{w8['prefill'] / med['bf16']['prefill']:.2f}x bf16 (target ≥ 1)")
     checks.append(f"W4A16 decode b1 {w4['d1'] / base['d1']:.2f}x fp32 (target ≥ 2.5)")
     checks.append(f"W8A8 decode b8 {w8['d8'] / base['d8']:.2f}x fp32 (target ≥ 1.5)")
+    hf = med.get("fp32" + HF_SUFFIX)
+    if hf:  # the same targets against the fp32 model on transformers' own forward
+        checks.append(f"against fp32{HF_SUFFIX}: W8A8 prefill {w8['prefill'] / hf['prefill']:.2f}x, W4A16 decode b1 "
+                      f"{w4['d1'] / hf['d1']:.2f}x, W8A8 decode b8 {w8['d8'] / hf['d8']:.2f}x")
     kern = []
     for name, model in models.items():
         counts = summarize_kernels(kernel_report(model))
@@ -260,7 +264,9 @@ def gguf_section(hf_dir: Path, work: Path, types: list[str], gen: int, runs: int
                          ratio("decode_tok_s"), f"{ours['peak_rss_mb']:.0f}",
                          f"{theirs['peak_rss_mb']:.0f}" if theirs else "-"])
     return (f"GGUF files (made from the fp32 dir with slimlm's llama.cpp-rounding quantizer) on slimlm's runtime "
-            f"(`native`: Q4_0/Q4_K → int4 tinygemm, Q8_0 → W8A8 `_int_mm`, Q6_K and others dequantized to bf16) vs "
+            f"(`native`: lean forward; Q4_0/Q4_K → int4 tinygemm, Q8_0 → W8A8 oneDNN int8, Q5_0/Q6_K and others "
+            f"dequantized to bf16 F.linear — on SmolLM2's 576-wide rows llama.cpp's Q4_K_M falls back to Q5_0 "
+            f"for most tensors) vs "
             f"llama.cpp (llama-cpp-python) in the same process and threads. slimlm.evaluate.bench protocol: "
             f"prompt 512 random tokens, {gen} greedy tokens, median of {runs} runs.\n\n" + markdown_table(
                 ["file", "batch", "slimlm prefill tok/s", "llama.cpp prefill tok/s", "slimlm/llama.cpp",
