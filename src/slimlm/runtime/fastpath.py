@@ -137,7 +137,7 @@ def _int8_gemm(xq: torch.Tensor, module: W8A8Linear | FusedInt8Group, dtype: tor
     """int8 codes × a layer's (or a sibling group's) packed int8 weight, weight scales applied; the caller
     applies the per-token activation scales in its fused epilogue."""
     packed = module.packed if isinstance(module, FusedInt8Group) else module.qweight
-    return kernels.onednn_int8_linear(xq, packed, module.scale, module.zero, dtype)
+    return kernels.int8_gemm(xq, packed, module.scale, module.zero, dtype, module.w_kn)
 
 
 def _eps(norm: nn.Module) -> float:

@@ -249,3 +249,41 @@ norm_quant_f = _Fused(norm_quant)
 silu_mul_quant_f = _Fused(silu_mul_quant)
 quant_rows_f = _Fused(quant_rows)
 residual_add_f = _Fused(residual_add)
+
+
+# ---------------------------------------------------------------- oneDNN's one-row pathology
+# oneDNN's int8 linear (torch 2.13, this Xeon) takes 1-2 ms for ONE activation row on some narrow shapes
+# (576→128/192/256: ~1.5 ms, against ~15 µs on torch._int_mm; 8 rows: ~30 µs on either). Decoding at batch 1
+# hits exactly that, e.g. the unfused v_proj of GGUF files whose q/k/v have mixed types. Such layers keep a
+# (K, N) int8 copy of their weight and run rows below ONE_ROW_MAX on _int_mm; measured once per shape.
+ONE_ROW_MAX = 4
+
+
+@functools.cache
+def onednn_slow_at_one_row(k: int, n: int) -> bool:
+    """Whether oneDNN's int8 linear at one row is over 4x slower than ``torch._int_mm`` for (K → N)."""
+    if not onednn_int8_available():
+        return False
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=gen)
+    x = torch.randint(-127, 128, (1, k), dtype=torch.int8, generator=gen)
+    packed, scale, zero, w_kn = onednn_prepack(w), torch.ones(n), torch.zeros(n, dtype=torch.int64), w.t().contiguous()
+    fns = {"onednn": lambda: onednn_int8_linear(x, packed, scale, zero),
+           "int_mm": lambda: torch._int_mm(x, w_kn)}
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for fn in fns.values():
+        fn()
+    for _ in range(5):
+        for name, fn in fns.items():
+            times[name].append(_timed(fn))
+    med = {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+    return med["onednn"] > 4 * med["int_mm"]
+
+
+def int8_gemm(xq: torch.Tensor, packed: torch.Tensor, w_scale: torch.Tensor, w_zero: torch.Tensor,
+              out_dtype: torch.dtype, w_kn: torch.Tensor | None = None) -> torch.Tensor:
+    """``(xq @ W.T) * w_scale`` on oneDNN, or on ``_int_mm`` with the (K, N) copy ``w_kn`` for the few-row
+    calls of shapes where oneDNN is pathologically slow (``onednn_slow_at_one_row``)."""
+    if w_kn is not None and xq.shape[0] <= ONE_ROW_MAX:
+        return torch._int_mm(xq, w_kn).mul(w_scale).to(out_dtype)
+    return onednn_int8_linear(xq, packed, w_scale, w_zero, out_dtype)

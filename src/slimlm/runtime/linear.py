@@ -58,11 +58,34 @@ class DequantLinear(QuantLinear):
         self.act_bits = act_bits
 
     @property
+    def packed(self) -> bool:
+        return self.weight.is_mkldnn
+
+    @property
     def kernel(self) -> str:
         act = ", int8 per-token fake-quant activations" if self.act_bits == 8 else ""
+        if self.packed:
+            return f"oneDNN linear on a prepacked bf16 weight (mkldnn._linear_pointwise){act}"
         return f"F.linear {str(self.weight.dtype).removeprefix('torch.')}{act}"
 
+    def pack_(self) -> "DequantLinear":
+        """Hold a bf16 weight in oneDNN's packed layout (CPU) instead of the plain one: at 1-8 rows its
+        linear takes about half the time of ``F.linear`` on the plain weight (which repacks per call), and
+        no more at 512 rows; same values, no second copy. A no-op where oneDNN or bf16 do not apply."""
+        if (self.weight.dtype == torch.bfloat16 and self.weight.device.type == "cpu" and self.act_bits is None
+                and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+                and not self.packed):
+            self.weight = torch.ops.mkldnn._reorder_linear_weight(self.weight, None)
+        return self
+
+    def dense_weight(self) -> torch.Tensor:
+        return self.weight.to_dense() if self.packed else self.weight
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed:
+            x2 = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()
+            y = torch.ops.mkldnn._linear_pointwise(x2, self.weight, None, "none", [], "")
+            return self._add_bias(y).to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         h = x
         if self.act_bits == 8:
             q, s = kernels.quantize_per_token(x.reshape(-1, self.in_features).float())
@@ -70,8 +93,18 @@ class DequantLinear(QuantLinear):
         y = F.linear(h.to(self.weight.dtype), self.weight)
         return self._add_bias(y).to(x.dtype)
 
+    def _apply(self, fn, recurse=True):
+        # The packed oneDNN weight is an opaque tensor that dtype/device casts must not touch.
+        if not self.packed:
+            return super()._apply(fn, recurse)
+        packed = self._buffers.pop("weight")
+        try:
+            return super()._apply(fn, recurse)
+        finally:
+            self._buffers["weight"] = packed
+
     def to_reference(self) -> "DequantLinear":
-        return DequantLinear(self.weight.float(), self.bias, torch.float32, self.act_bits)
+        return DequantLinear(self.dense_weight().float(), self.bias, torch.float32, self.act_bits)
 
 
 class FusedInt8Group:
@@ -89,6 +122,7 @@ class FusedInt8Group:
         self.packed = kernels.onednn_prepack(codes)
         self.scale = torch.cat([m.scale for m in members])
         self.zero = torch.zeros(codes.shape[0], dtype=torch.int64)
+        self.w_kn = codes.t().contiguous() if kernels.onednn_slow_at_one_row(self.k, codes.shape[0]) else None
         self.names: list[str] = []
         self.slices, start = [], 0
         for m in members:
@@ -106,7 +140,7 @@ class FusedInt8Group:
         """The whole group's output ``(M, sum of N)`` for a 2-D input (no memo: the lean path's call)."""
         xq, xs = kernels.quantize_per_token(x2)
         out_dtype = x2.dtype if x2.dtype in (torch.float32, torch.bfloat16) else torch.float32
-        return kernels.scale_rows_(kernels.onednn_int8_linear(xq, self.packed, self.scale, self.zero, out_dtype), xs)
+        return kernels.scale_rows_(kernels.int8_gemm(xq, self.packed, self.scale, self.zero, out_dtype, self.w_kn), xs)
 
     def __call__(self, x: torch.Tensor, first: bool) -> torch.Tensor:
         import weakref
@@ -135,9 +169,12 @@ class W8A8Linear(QuantLinear):
         super().__init__(k, n, bias)
         self.backend = kernels.int8_backend(k, n)
         q = q.to(torch.int8)
+        self.w_kn: torch.Tensor | None = None  # (K, N) copy for few-row calls where oneDNN is slow
         if self.backend == "onednn":
             self.register_buffer("qweight", kernels.onednn_prepack(q))
             self.register_buffer("zero", torch.zeros(n, dtype=torch.int64))
+            if kernels.onednn_slow_at_one_row(k, n):
+                self.w_kn = q.t().contiguous()
         else:  # B as _int_mm reads it: a contiguous (K, N) copy, or the (N, K) weight read transposed
             self.register_buffer("qweight", q.t().contiguous() if self.backend == "int_mm_kn" else q.contiguous())
         self.register_buffer("scale", scale.detach().float().reshape(n).contiguous())
@@ -151,7 +188,10 @@ class W8A8Linear(QuantLinear):
             return (f"onednn.qlinear_pointwise int8×int8→int32, one GEMM with siblings "
                     f"({'+'.join(self.group.names)}), per-token int8 activations")
         if self.backend == "onednn":
-            return "onednn.qlinear_pointwise int8×int8→int32 (weight scales fused), per-token int8 activations"
+            few = (f"; torch._int_mm for ≤{kernels.ONE_ROW_MAX} rows (oneDNN measured slow there)"
+                   if self.w_kn is not None else "")
+            return ("onednn.qlinear_pointwise int8×int8→int32 (weight scales fused), per-token int8 activations"
+                    + few)
         layout = "kn" if self.backend == "int_mm_kn" else "nk"
         return f"torch._int_mm int8×int8→int32 (B {layout}), per-token int8 activations"
 
@@ -167,9 +207,12 @@ class W8A8Linear(QuantLinear):
         """Run through ``group``'s shared GEMM from now on; the layer's own packed copy is dropped."""
         self.group, self.group_index = group, index
         self.qweight = None
+        self.w_kn = None
 
     def weight_bytes(self) -> int:
-        return self.in_features * self.out_features + self.scale.numel() * 4
+        """int8 codes and scales, plus the (K, N) copy where one is kept for few-row calls (own or group's)."""
+        kn = self.w_kn is not None or (self.group is not None and self.group.w_kn is not None)
+        return self.in_features * self.out_features * (2 if kn else 1) + self.scale.numel() * 4
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.group is not None:
@@ -179,8 +222,8 @@ class W8A8Linear(QuantLinear):
         xq, xs = kernels.SHARED_QUANTIZER(x, self.in_features, self.reuse_input)
         if self.backend == "onednn":
             out_dtype = x.dtype if x.dtype in (torch.float32, torch.bfloat16) else torch.float32
-            y = kernels.scale_rows_(kernels.onednn_int8_linear(xq, self.qweight, self.scale, self.zero, out_dtype),
-                                    xs)
+            y = kernels.scale_rows_(kernels.int8_gemm(xq, self.qweight, self.scale, self.zero, out_dtype,
+                                                      self.w_kn), xs)
         else:
             w = self.qweight if self.backend == "int_mm_kn" else self.qweight.t()
             y = kernels.int8_matmul_rescale(xq, xs, w, self.scale)

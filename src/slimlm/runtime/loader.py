@@ -129,7 +129,7 @@ def _ct_module(name: str, state: dict[str, torch.Tensor], group: dict, bias: tor
         g = q.float().reshape(n, scale.shape[1], -1)
         if zero is not None:
             g = g - zero.float().reshape(n, -1, 1)
-        module = DequantLinear((g * scale.reshape(n, -1, 1)).reshape(n, k), bias, torch.bfloat16)
+        module = DequantLinear((g * scale.reshape(n, -1, 1)).reshape(n, k), bias, torch.bfloat16).pack_()
     return module.to_reference() if reference else module
 
 
@@ -187,7 +187,7 @@ def _gguf_module(raw: np.ndarray, qtype: str, perm: torch.Tensor | None, referen
         w = torch.from_numpy(np.ascontiguousarray(dequant(), dtype=np.float32))
         if perm is not None:
             w = w[perm]
-        module = DequantLinear(w, None, torch.bfloat16)
+        module = DequantLinear(w, None, torch.bfloat16).pack_()
     return module.to_reference() if reference else module
 
 

@@ -77,7 +77,7 @@ def _plain_linears(model: nn.Module) -> None:
 
     for name, module in [(n, m) for n, m in model.named_modules() if isinstance(m, DequantLinear)]:
         linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
-        linear.weight = nn.Parameter(module.weight.float(), requires_grad=False)
+        linear.weight = nn.Parameter(module.dense_weight().float(), requires_grad=False)
         if module.bias is not None:
             linear.bias = nn.Parameter(module.bias.float(), requires_grad=False)
         set_module(model, name, linear)
