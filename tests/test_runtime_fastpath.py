@@ -147,3 +147,14 @@ def test_runtime_bench_backend_decodes_on_the_lean_path(tmp_path):
         first = backend.decode(first)
     assert backend._static.length == 12
     backend.close()
+
+
+def test_lean_model_follows_a_cast(tmp_path):
+    model = _tiny(tmp_path)
+    ids = torch.randint(1, 320, (1, 8), generator=torch.Generator().manual_seed(8))
+    with torch.inference_mode():
+        lean_model(model).forward(ids)
+        model.to(torch.bfloat16)
+        got = lean_model(model).forward(ids)
+        want = model(ids).logits
+    assert got.dtype == torch.bfloat16 and rel_err(got, want) < 0.05

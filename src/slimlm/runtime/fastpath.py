@@ -285,13 +285,14 @@ class LeanModel:
 def lean_model(model: nn.Module) -> LeanModel | None:
     """The model's lean forward (built once and kept on the model), or None where it does not apply.
 
-    Rebuilt when the model's Linear modules were swapped since (``quantize_`` after a first use).
+    Rebuilt when the model's Linear modules were swapped since (``quantize_`` after a first use) or it was cast.
     """
     if unsupported_reason(model) is not None:
         return None
     from slimlm.runtime.linear import QuantLinear
 
-    key = tuple(id(m) for m in model.modules() if isinstance(m, (nn.Linear, QuantLinear)))
+    key = (model.model.embed_tokens.weight.dtype,  # a cast model gets new RoPE tables / cache dtype
+           *(id(m) for m in model.modules() if isinstance(m, (nn.Linear, QuantLinear))))
     lean = getattr(model, "_slimlm_lean", None)
     if lean is None or lean[0] != key:
         lean = (key, LeanModel(model))
