@@ -278,7 +278,9 @@ def gguf_section(hf_dir: Path, work: Path, types: list[str], gen: int, runs: int
             f"dequantized to bf16 F.linear — on SmolLM2's 576-wide rows llama.cpp's Q4_K_M falls back to Q5_0 "
             f"for most tensors) vs "
             f"llama.cpp (llama-cpp-python) in the same process and threads. slimlm.evaluate.bench protocol: "
-            f"prompt 512 random tokens, {gen} greedy tokens, median of {runs} runs.\n\n" + markdown_table(
+            f"prompt 512 random tokens, {gen} greedy tokens, median of {runs} runs. llama.cpp runs with weight "
+            f"repacking off (slimlm.evaluate.bench: llama-cpp-python 0.3.36's AMX repack crashes on some Xeons), so "
+            f"its prefill gets no AMX; decode is the fairer comparison.\n\n" + markdown_table(
                 ["file", "batch", "slimlm prefill tok/s", "llama.cpp prefill tok/s", "slimlm/llama.cpp",
                  "slimlm decode tok/s", "llama.cpp decode tok/s", "slimlm/llama.cpp", "slimlm peak RSS MB",
                  "llama.cpp peak RSS MB"], rows))
