@@ -133,6 +133,18 @@ def data_layout(tensors: Iterable[tuple[str, tuple[int, ...], T]], alignment: in
     return offsets, pos
 
 
+def _write_header(writer: gguf.GGUFWriter, path: Path, write_metadata: Callable[[gguf.GGUFWriter], Any],
+                  tensors: Iterable[tuple[str, tuple[int, ...], T]]) -> Any:
+    """Metadata, tensor table and header into ``writer``'s file; returns what ``write_metadata`` returned."""
+    meta = write_metadata(writer)
+    for name, shape, qtype in tensors:
+        writer.add_tensor_info(name, shape, np.dtype(np.float32), tensor_nbytes(shape, qtype), raw_dtype=qtype)
+    writer.write_header_to_file(path)
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    return meta
+
+
 def write_gguf_header(path: Path, arch: str, write_metadata: Callable[[gguf.GGUFWriter], Any],
                       tensors: Iterable[tuple[str, tuple[int, ...], T]]) -> tuple[Any, int]:
     """Write header, metadata and tensor table to ``path`` (truncating it); returns what ``write_metadata``
@@ -140,12 +152,7 @@ def write_gguf_header(path: Path, arch: str, write_metadata: Callable[[gguf.GGUF
     offset i). Whoever writes the tensors there must also size the file (zero padding after the last)."""
     writer = FastGGUFWriter(path, arch)
     try:
-        meta = write_metadata(writer)
-        for name, shape, qtype in tensors:
-            writer.add_tensor_info(name, shape, np.dtype(np.float32), tensor_nbytes(shape, qtype), raw_dtype=qtype)
-        writer.write_header_to_file(path)
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
+        meta = _write_header(writer, path, write_metadata, tensors)
         writer.flush()
         end = writer.fout[0].tell()
     finally:
@@ -172,12 +179,7 @@ def write_gguf(
     with atomic_path(out) as tmp:
         writer = FastGGUFWriter(tmp, arch)
         try:
-            meta = write_metadata(writer)
-            for name, shape, qtype in infos:
-                writer.add_tensor_info(name, shape, np.dtype(np.float32), tensor_nbytes(shape, qtype), raw_dtype=qtype)
-            writer.write_header_to_file(tmp)
-            writer.write_kv_data_to_file()
-            writer.write_ti_data_to_file()
+            meta = _write_header(writer, tmp, write_metadata, infos)
             for i, (name, shape, qtype) in enumerate(infos):
                 data = produce(i)
                 expected = tensor_nbytes(shape, qtype)

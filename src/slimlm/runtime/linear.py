@@ -8,11 +8,25 @@ Tests compare the two; the fallback for formats without a fast path is the same 
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from slimlm.runtime import int4pack, kernels
+
+
+def _apply_sparing(module: torch.nn.Module, buffer: str | None, apply: Callable[[], torch.nn.Module]):
+    """Run ``nn.Module._apply`` (dtype/device casts) without touching ``buffer``: a packed oneDNN weight is an
+    opaque tensor that casts must not convert."""
+    if buffer is None:
+        return apply()
+    packed = module._buffers.pop(buffer)
+    try:
+        return apply()
+    finally:
+        module._buffers[buffer] = packed
 
 
 class QuantLinear(nn.Module):
@@ -94,14 +108,8 @@ class DequantLinear(QuantLinear):
         return self._add_bias(y).to(x.dtype)
 
     def _apply(self, fn, recurse=True):
-        # The packed oneDNN weight is an opaque tensor that dtype/device casts must not touch.
-        if not self.packed:
-            return super()._apply(fn, recurse)
-        packed = self._buffers.pop("weight")
-        try:
-            return super()._apply(fn, recurse)
-        finally:
-            self._buffers["weight"] = packed
+        return _apply_sparing(self, "weight" if self.packed else None,
+                              lambda: super(DequantLinear, self)._apply(fn, recurse))
 
     def to_reference(self) -> "DequantLinear":
         return DequantLinear(self.dense_weight().float(), self.bias, torch.float32, self.act_bits)
@@ -230,14 +238,8 @@ class W8A8Linear(QuantLinear):
         return self._add_bias(y).to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
     def _apply(self, fn, recurse=True):
-        # The packed oneDNN weight is an opaque tensor that dtype/device casts must not touch.
-        if self.backend != "onednn" or self.qweight is None:
-            return super()._apply(fn, recurse)
-        packed = self._buffers.pop("qweight")
-        try:
-            return super()._apply(fn, recurse)
-        finally:
-            self._buffers["qweight"] = packed
+        spared = "qweight" if self.backend == "onednn" and self.qweight is not None else None
+        return _apply_sparing(self, spared, lambda: super(W8A8Linear, self)._apply(fn, recurse))
 
     def to_reference(self) -> DequantLinear:
         w = self.int_weight().float() * self.scale.reshape(-1, 1)
