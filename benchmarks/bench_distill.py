@@ -8,11 +8,13 @@ initialisation; the only difference is the loss:
   the tied 49152 x 384 embedding) with SmolLM2's tokenizer, randomly initialised.
 
 (i) CE only: alpha = 1. (ii) KD: alpha * CE + (1 - alpha) * KL(teacher || student) from a top-k teacher cache,
-computed once and shared by both students. Default alpha = 0.5: the cache holds the teacher's top-16 only and
-the divergence is renormalised over that support, so it says nothing about the probability the student puts
-outside it; the CE half keeps the full distribution normalised (it matters for the fresh student B, whose
-mass starts uniform over 49k tokens). Test perplexity: slimlm's evaluator (llama.cpp protocol, ctx 512,
-the second half of every window scored) on wikitext-2 test.txt, the same chunks for every model.
+computed once and shared by both students.
+Default alpha = 0.5. The cache holds the teacher's top-16 log-probs (full-vocabulary values), and the divergence
+compares 17 buckets: those 16 tokens and "the rest" (the teacher's residual mass against the student's mass
+outside them), so the student's whole distribution is constrained.
+
+Test perplexity: slimlm's evaluator (llama.cpp protocol, ctx 512, the second half of every window scored) on
+wikitext-2 test.txt, the same chunks for every model.
 
 Also measured: student A straight after pruning (no training), and what share of its gap to the teacher the
 KD run closed; the stated margin (--margin, default 1.5x the teacher's test perplexity) is checked and the

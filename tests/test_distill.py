@@ -46,6 +46,56 @@ def test_losses_are_zero_for_identical_and_positive_otherwise():
     assert float(full) == pytest.approx(float(topk), rel=1e-5)
 
 
+def test_losses_match_hand_computed_values():
+    """Three-token vocabulary, one position: the divergences and the alpha/T^2 mix worked out by hand."""
+    import math
+
+    p = [0.7, 0.2, 0.1]  # teacher
+    q = [0.5, 0.3, 0.2]  # student
+    teacher = torch.tensor([p]).log().view(1, 1, 3)
+    student = torch.tensor([q]).log().view(1, 1, 3)
+    labels = torch.tensor([[1]])
+    fkl = sum(a * math.log(a / b) for a, b in zip(p, q))  # 0.7 ln 1.4 + 0.2 ln(2/3) + 0.1 ln 0.5 = 0.085123
+    rkl = sum(b * math.log(b / a) for a, b in zip(p, q))  # 0.5 ln(5/7) + 0.3 ln 1.5 + 0.2 ln 2 = 0.092033
+    m = [(a + b) / 2 for a, b in zip(p, q)]
+    jsd = 0.5 * sum(a * math.log(a / c) for a, c in zip(p, m)) + 0.5 * sum(b * math.log(b / c) for b, c in zip(q, m))
+    assert fkl == pytest.approx(0.085123, abs=1e-6) and rkl == pytest.approx(0.092033, abs=1e-6)
+    for div, want in (("forward_kl", fkl), ("reverse_kl", rkl), ("jsd", jsd)):
+        _, parts = kd_loss(student, labels, teacher_logits=teacher, alpha=0.0, divergence=div)
+        assert parts["kd"] == pytest.approx(want, rel=1e-5)
+    # alpha mixes CE (-log 0.3) with T^2 * KL at temperature 2 (both distributions re-tempered: p^(1/2) / Z)
+    pt = [a**0.5 / sum(x**0.5 for x in p) for a in p]
+    qt = [b**0.5 / sum(x**0.5 for x in q) for b in q]
+    kl_t = sum(a * math.log(a / b) for a, b in zip(pt, qt))
+    loss, parts = kd_loss(student, labels, teacher_logits=teacher, alpha=0.25, temperature=2.0)
+    assert parts["ce"] == pytest.approx(-math.log(0.3), rel=1e-6)
+    assert float(loss) == pytest.approx(0.25 * -math.log(0.3) + 0.75 * 4 * kl_t, rel=1e-5)
+
+
+def test_topk_cache_compares_k_plus_one_buckets():
+    """Top-1 cache of p = (0.7, 0.2, 0.1): buckets (0.7, 0.3) against the student's (0.5, 0.5) - the mass the
+    student puts outside the teacher's top-k counts, where renormalising over the top-k alone would give 0."""
+    import math
+
+    teacher_lp = torch.tensor([0.7, 0.2, 0.1]).log()
+    student = torch.tensor([0.5, 0.3, 0.2]).log().view(1, 1, 3).requires_grad_()
+    labels = torch.tensor([[0]])
+    idx = teacher_lp.topk(1).indices.view(1, 1, 1)
+    _, parts = kd_loss(student, labels, teacher_topk_idx=idx, teacher_topk_logprobs=teacher_lp[:1].view(1, 1, 1),
+                       alpha=0.0)
+    assert parts["kd"] == pytest.approx(0.7 * math.log(0.7 / 0.5) + 0.3 * math.log(0.3 / 0.5), rel=1e-5)
+    # the gradient pushes mass onto the teacher's top token, away from the rest
+    loss, _ = kd_loss(student, labels, teacher_topk_idx=idx, teacher_topk_logprobs=teacher_lp[:1].view(1, 1, 1),
+                      alpha=0.0)
+    loss.backward()
+    assert student.grad[0, 0, 0] < 0 < student.grad[0, 0, 1]
+    # the student matching the teacher's buckets exactly costs nothing, whatever it does inside "the rest"
+    same = torch.tensor([0.7, 0.05, 0.25]).log().view(1, 1, 3)
+    _, parts = kd_loss(same, labels, teacher_topk_idx=idx, teacher_topk_logprobs=teacher_lp[:1].view(1, 1, 1),
+                       alpha=0.0)
+    assert parts["kd"] == pytest.approx(0.0, abs=1e-6)
+
+
 def test_kd_beats_the_same_student_without_teacher(sharp_teacher_dir: Path, text: Path, tmp_path: Path):
     kd = distill(sharp_teacher_dir, text, tmp_path / "kd", prune_layers=1, seq_len=64, top_k=32,
                  config=_cfg(alpha=0.0))
