@@ -32,6 +32,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
 from _common import append_section, markdown_table
 
 from slimlm import resources
@@ -67,6 +69,27 @@ def training_text(teacher: Path, out: Path, n_tokens: int) -> int:
     cut = enc.offset_mapping[min(total, n_tokens + 64) - 1][1]
     out.write_text(text[:cut], encoding="utf-8")
     return len(tok(text[:cut], add_special_tokens=False).input_ids)
+
+
+def window_nll(model_dir: Path, test_txt: Path, chunks: int) -> torch.Tensor:
+    """Mean NLL per scored token of each test window (the windows and tokens of slimlm evaluate)."""
+    from slimlm.evaluate.data import read_text
+    from slimlm.evaluate.perplexity import iter_scored_logprobs, make_windows, token_nll, window_targets
+    from slimlm.evaluate.run import _tokenize
+    from slimlm.models import load_model
+
+    loaded = load_model(model_dir, "fp32")
+    windows = make_windows(_tokenize(loaded, read_text(test_txt), str(test_txt)), 512, chunks)
+    per_window = [token_nll(lp, window_targets(windows[lo:hi])).reshape(hi - lo, -1).mean(1)
+                  for lo, hi, lp in iter_scored_logprobs(loaded.model, windows)]
+    return torch.cat(per_window)
+
+
+def paired_difference(kd_dir: Path, ce_dir: Path, test_txt: Path, chunks: int) -> tuple[float, float]:
+    """KD minus CE mean NLL per token over the same windows, and its standard error across windows (paired:
+    the window-to-window spread that both models share cancels, unlike the two perplexities' own errors)."""
+    d = window_nll(kd_dir, test_txt, chunks) - window_nll(ce_dir, test_txt, chunks)
+    return float(d.mean()), float(d.std() / d.numel() ** 0.5)
 
 
 def main() -> None:
@@ -166,6 +189,8 @@ def main() -> None:
                 print(f"{student}-{kind}: {rep['student_parameters']:,} params, train {rep['train_seconds']:.0f} s "
                       f"({rep['tokens_per_s']:.0f} tok/s), run {wall:.0f} s, test ppl {ev['perplexity']['ppl']:.2f} "
                       f"(eval {ev['seconds']:.0f} s)", flush=True)
+        paired = {student: paired_difference(work / f"{student}-KD" / "student", work / f"{student}-CE" / "student",
+                                             test_txt, args.chunks) for student in students}
         t_ev = evaluate(teacher, test_txt, ctx=512, chunks=args.chunks)
         print(f"teacher: test ppl {t_ev['perplexity']['ppl']:.2f} (eval {t_ev['seconds']:.0f} s)", flush=True)
     finally:
@@ -192,8 +217,11 @@ def main() -> None:
     verdicts = []
     for student in students:
         ce, kd = runs[(student, "CE")]["test"]["ppl"], runs[(student, "KD")]["test"]["ppl"]
+        diff, se = paired[student]
         verdicts.append(f"student {student}: KD {kd:.2f} vs CE-only {ce:.2f} at {tokens:,} tokens -> "
-                        f"{'KD better' if kd < ce else 'KD NOT better'} ({(kd / ce - 1) * 100:+.1f}% ppl)")
+                        f"{'KD better' if kd < ce else 'KD NOT better'} ({(kd / ce - 1) * 100:+.1f}% ppl); paired over "
+                        f"the {args.chunks} windows, KD - CE NLL = {diff:+.4f} ± {se:.4f} nats/token "
+                        f"({abs(diff) / se:.1f} standard errors)")
     if before_a is not None:
         a_kd = runs[("A", "KD")]["test"]["ppl"]
         gap = (before_a["ppl"] - a_kd) / (before_a["ppl"] - teacher_ppl) * 100
