@@ -89,6 +89,12 @@ def test_topk_cache_compares_k_plus_one_buckets():
                       alpha=0.0)
     loss.backward()
     assert student.grad[0, 0, 0] < 0 < student.grad[0, 0, 1]
+    # at T = 2 the buckets are tempered as two categories: (sqrt .7, sqrt .3) / Z against (.5, .5), times T^2
+    pt = [math.sqrt(0.7) / (math.sqrt(0.7) + math.sqrt(0.3)), math.sqrt(0.3) / (math.sqrt(0.7) + math.sqrt(0.3))]
+    loss, parts = kd_loss(student, labels, teacher_topk_idx=idx, teacher_topk_logprobs=teacher_lp[:1].view(1, 1, 1),
+                          alpha=0.0, temperature=2.0)
+    assert parts["kd"] == pytest.approx(sum(p * math.log(p / 0.5) for p in pt), rel=1e-5)
+    assert float(loss.detach()) == pytest.approx(4 * parts["kd"], rel=1e-6)
     # the student matching the teacher's buckets exactly costs nothing, whatever it does inside "the rest"
     same = torch.tensor([0.7, 0.05, 0.25]).log().view(1, 1, 3)
     _, parts = kd_loss(same, labels, teacher_topk_idx=idx, teacher_topk_logprobs=teacher_lp[:1].view(1, 1, 1),
