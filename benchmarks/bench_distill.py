@@ -21,9 +21,10 @@ KD run closed; the stated margin (--margin, default 1.5x the teacher's test perp
 verdict printed either way.
 
 Usage: python benchmarks/bench_distill.py [--steps N --batch B --seq-len L] [--no-append]
-Defaults (50 steps x 4 x 256 = 51,200 tokens per run, 40 test chunks) take about 18 minutes on an idle 2-core
-CPU: per run-token ~6.5 ms for student A, ~0.8 ms for B and ~3.8 ms for the one teacher-cache pass, plus about
-2.5 minutes of loading, pruning and evaluation; each 10 more steps add about 3 minutes.
+Defaults (50 steps x 4 x 256 = 51,200 tokens per run, 40 test chunks) took 11 minutes on an idle 2-core CPU
+(2026-11-28: 598 s with the teacher cache reused from --keep, plus 58 s to make it): per run-token ~3.1 ms for
+student A, ~1.2 ms for B and ~1.1 ms for the one teacher-cache pass, plus about 2.6 minutes of loading,
+pruning and evaluation; each 10 more steps add about 1.7 minutes.
 """
 
 import argparse
@@ -74,15 +75,13 @@ def training_text(teacher: Path, out: Path, n_tokens: int) -> int:
 def window_nll(model_dir: Path, test_txt: Path, chunks: int) -> torch.Tensor:
     """Mean NLL per scored token of each test window (the windows and tokens of slimlm evaluate)."""
     from slimlm.evaluate.data import read_text
-    from slimlm.evaluate.perplexity import iter_scored_logprobs, make_windows, token_nll, window_targets
-    from slimlm.evaluate.run import _tokenize
+    from slimlm.evaluate.perplexity import make_windows, windows_nll
+    from slimlm.evaluate.run import tokenize_for
     from slimlm.models import load_model
 
     loaded = load_model(model_dir, "fp32")
-    windows = make_windows(_tokenize(loaded, read_text(test_txt), str(test_txt)), 512, chunks)
-    per_window = [token_nll(lp, window_targets(windows[lo:hi])).reshape(hi - lo, -1).mean(1)
-                  for lo, hi, lp in iter_scored_logprobs(loaded.model, windows)]
-    return torch.cat(per_window)
+    windows = make_windows(tokenize_for(loaded, read_text(test_txt), str(test_txt)), 512, chunks)
+    return windows_nll(loaded.model, windows).mean(1)
 
 
 def paired_difference(kd_dir: Path, ce_dir: Path, test_txt: Path, chunks: int) -> tuple[float, float]:

@@ -156,8 +156,7 @@ def accuracy_section(hf_dir: Path, wikitext: Path, chunks: int, work: Path) -> s
     """Fast path vs its reference: first-layer and logits relative error, perplexity on wikitext-2 test windows."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from slimlm.evaluate.perplexity import iter_scored_logprobs, make_windows, perplexity_stats, token_nll, \
-        window_targets
+    from slimlm.evaluate.perplexity import make_windows, perplexity_stats, windows_nll
     from slimlm.evaluate.data import TokenizedText
     from slimlm.runtime.fastpath import LeanModule
 
@@ -166,9 +165,7 @@ def accuracy_section(hf_dir: Path, wikitext: Path, chunks: int, work: Path) -> s
     windows = make_windows(TokenizedText(ids, False, None, "wikitext-2 test"), 512, chunks)
 
     def ppl(model):
-        nll = torch.cat([token_nll(lp, window_targets(windows[lo:hi]))
-                         for lo, hi, lp in iter_scored_logprobs(model, windows)])
-        return perplexity_stats(nll).ppl
+        return perplexity_stats(windows_nll(model, windows).reshape(-1)).ppl
 
     def first_layer_and_logits(fast, ref) -> tuple[float, float]:
         outs = []

@@ -1,6 +1,7 @@
 """Distillation on tiny random models: KD beats no-teacher, resume is bit-for-bit, DDP matches one process."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -48,8 +49,6 @@ def test_losses_are_zero_for_identical_and_positive_otherwise():
 
 def test_losses_match_hand_computed_values():
     """Three-token vocabulary, one position: the divergences and the alpha/T^2 mix worked out by hand."""
-    import math
-
     p = [0.7, 0.2, 0.1]  # teacher
     q = [0.5, 0.3, 0.2]  # student
     teacher = torch.tensor([p]).log().view(1, 1, 3)
@@ -75,8 +74,6 @@ def test_losses_match_hand_computed_values():
 def test_topk_cache_compares_k_plus_one_buckets():
     """Top-1 cache of p = (0.7, 0.2, 0.1): buckets (0.7, 0.3) against the student's (0.5, 0.5) - the mass the
     student puts outside the teacher's top-k counts, where renormalising over the top-k alone would give 0."""
-    import math
-
     teacher_lp = torch.tensor([0.7, 0.2, 0.1]).log()
     student = torch.tensor([0.5, 0.3, 0.2]).log().view(1, 1, 3).requires_grad_()
     labels = torch.tensor([[0]])

@@ -18,11 +18,9 @@ CLI = [sys.executable, "-c", "from slimlm.cli import main; main()"]
 
 
 def _ppl(model, windows) -> float:
-    from slimlm.evaluate.perplexity import iter_scored_logprobs, perplexity_stats, token_nll, window_targets
+    from slimlm.evaluate.perplexity import perplexity_stats, windows_nll
 
-    nll = torch.cat([token_nll(lp, window_targets(windows[lo:hi])) for lo, hi, lp in
-                     iter_scored_logprobs(model, windows)])
-    return perplexity_stats(nll).ppl
+    return perplexity_stats(windows_nll(model, windows).reshape(-1)).ppl
 
 
 @pytest.fixture(scope="module")

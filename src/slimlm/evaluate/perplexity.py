@@ -102,6 +102,12 @@ def token_nll(logprobs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return -logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1).reshape(-1).double()
 
 
+def windows_nll(model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 1) -> torch.Tensor:
+    """Per-token NLL (float64) of every scored position, ``(n_windows, n_scored)``, window by window."""
+    return torch.cat([token_nll(lp, window_targets(windows[lo:hi])).reshape(hi - lo, -1)
+                      for lo, hi, lp in iter_scored_logprobs(model, windows, batch_size)])
+
+
 @dataclass
 class PerplexityStats:
     ppl: float

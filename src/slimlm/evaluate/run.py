@@ -52,13 +52,13 @@ def evaluate(model: str | Path | LoadedModel, data: str | Path, *, ref: str | Pa
         ref_model = ref if isinstance(ref, LoadedModel) else load_model(ref, dtype, tokenizer=tokenizer)
 
     text = read_text(data, field=text_field)
-    tokens = _tokenize(main, text, str(data))
+    tokens = tokenize_for(main, text, str(data))
     if ref_file is not None:
         windows = _windows_from_ref_file(ref_file, tokens, ctx, chunks)
     else:
         windows = make_windows(tokens, ctx, chunks)
     if ref_model is not None:
-        _check_same_tokens(tokens, _tokenize(ref_model, text, str(data)))
+        _check_same_tokens(tokens, tokenize_for(ref_model, text, str(data)))
         if ref_model.info.vocab_size != main.info.vocab_size:
             raise SlimlmError(f"MODEL has {main.info.vocab_size} output logits but REF has "
                               f"{ref_model.info.vocab_size}: KLD needs the same vocabulary")
@@ -157,7 +157,8 @@ def _run(main: LoadedModel, ref_model: LoadedModel | None, ref_file: RefReader |
     return out
 
 
-def _tokenize(loaded: LoadedModel, text: str, source: str) -> TokenizedText:
+def tokenize_for(loaded: LoadedModel, text: str, source: str) -> TokenizedText:
+    """``text`` as ``loaded``'s tokenizer reads it for evaluation (BOS as the model expects)."""
     return tokenize_text(loaded.tokenizer, text, add_bos=loaded.info.add_bos, bos_token_id=loaded.info.bos_token_id,
                          source=source)
 

@@ -102,7 +102,7 @@ class _Projections:
         self.modules = modules
         self.sizes = [m.out_features for m in modules]
         self.int8 = _fused_group(modules)
-        self.int4 = FusedW4A16.build(modules)
+        self.int4 = FusedW4A16.shared_by(modules)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         """The siblings' outputs side by side ``(tokens, sum of N)`` where one GEMM made them, else a list."""

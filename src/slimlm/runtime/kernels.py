@@ -174,38 +174,27 @@ def int4_cpu_ok(k: int, n: int, group_size: int) -> bool:
 COMPILE_MIN_ROWS = 16
 
 
-def _quant_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    xf = x.float()
-    scale = xf.abs().amax(dim=-1, keepdim=True).clamp(min=1e-10) / 127.0
-    return torch.round(xf / scale).to(torch.int8), scale
-
-
 def residual_norm_quant(h: torch.Tensor, y: torch.Tensor, y_scale: torch.Tensor, weight: torch.Tensor, eps: float
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``h + y·y_scale`` (rounded to h's dtype: the residual stream), then RMSNorm·weight quantized per token."""
     h = (h.float() + y.float() * y_scale).to(h.dtype)
     hf = h.float()
     x = hf / torch.sqrt(hf.pow(2).mean(-1, keepdim=True) + eps) * weight.float()
-    q, s = _quant_rows(x)
+    q, s = quantize_per_token(x)
     return h, q, s
 
 
 def norm_quant(h: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """RMSNorm·weight of ``h``, quantized per token (the first layer's input)."""
     hf = h.float()
-    return _quant_rows(hf / torch.sqrt(hf.pow(2).mean(-1, keepdim=True) + eps) * weight.float())
+    return quantize_per_token(hf / torch.sqrt(hf.pow(2).mean(-1, keepdim=True) + eps) * weight.float())
 
 
 def silu_mul_quant(gate_up: torch.Tensor, scale: torch.Tensor, inter: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``silu(gate·scale) · (up·scale)`` from the fused gate/up GEMM output, quantized per token."""
     g = gate_up[:, :inter].float() * scale
     u = gate_up[:, inter:].float() * scale
-    return _quant_rows(F.silu(g) * u)
-
-
-def quant_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token int8 codes and fp32 scales of a 2-D activation (the attention output before o_proj)."""
-    return _quant_rows(x)
+    return quantize_per_token(F.silu(g) * u)
 
 
 def residual_add(h: torch.Tensor, y: torch.Tensor, y_scale: torch.Tensor) -> torch.Tensor:
@@ -247,7 +236,7 @@ class _Fused:
 residual_norm_quant_f = _Fused(residual_norm_quant)
 norm_quant_f = _Fused(norm_quant)
 silu_mul_quant_f = _Fused(silu_mul_quant)
-quant_rows_f = _Fused(quant_rows)
+quant_rows_f = _Fused(quantize_per_token)  # the attention output before o_proj
 residual_add_f = _Fused(residual_add)
 
 
@@ -278,6 +267,14 @@ def onednn_slow_at_one_row(k: int, n: int) -> bool:
             times[name].append(_timed(fn))
     med = {name: sorted(t)[len(t) // 2] for name, t in times.items()}
     return med["onednn"] > 4 * med["int_mm"]
+
+
+def int8_linear(xq: torch.Tensor, xs: torch.Tensor, packed: torch.Tensor, w_scale: torch.Tensor,
+                w_zero: torch.Tensor, like: torch.dtype, w_kn: torch.Tensor | None = None) -> torch.Tensor:
+    """``int8_gemm`` with the per-token activation scales ``xs`` applied too, in ``like`` (the activation's
+    dtype) where that is fp32 or bf16, else fp32: one W8A8 layer's (or sibling group's) whole output."""
+    out_dtype = like if like in (torch.float32, torch.bfloat16) else torch.float32
+    return scale_rows_(int8_gemm(xq, packed, w_scale, w_zero, out_dtype, w_kn), xs)
 
 
 def int8_gemm(xq: torch.Tensor, packed: torch.Tensor, w_scale: torch.Tensor, w_zero: torch.Tensor,

@@ -147,8 +147,7 @@ class FusedInt8Group:
     def run(self, x2: torch.Tensor) -> torch.Tensor:
         """The whole group's output ``(M, sum of N)`` for a 2-D input (no memo: the lean path's call)."""
         xq, xs = kernels.quantize_per_token(x2)
-        out_dtype = x2.dtype if x2.dtype in (torch.float32, torch.bfloat16) else torch.float32
-        return kernels.scale_rows_(kernels.int8_gemm(xq, self.packed, self.scale, self.zero, out_dtype, self.w_kn), xs)
+        return kernels.int8_linear(xq, xs, self.packed, self.scale, self.zero, x2.dtype, self.w_kn)
 
     def __call__(self, x: torch.Tensor, first: bool) -> torch.Tensor:
         import weakref
@@ -229,9 +228,7 @@ class W8A8Linear(QuantLinear):
             return self._add_bias(y).reshape(*x.shape[:-1], self.out_features)
         xq, xs = kernels.SHARED_QUANTIZER(x, self.in_features, self.reuse_input)
         if self.backend == "onednn":
-            out_dtype = x.dtype if x.dtype in (torch.float32, torch.bfloat16) else torch.float32
-            y = kernels.scale_rows_(kernels.int8_gemm(xq, self.qweight, self.scale, self.zero, out_dtype,
-                                                      self.w_kn), xs)
+            y = kernels.int8_linear(xq, xs, self.qweight, self.scale, self.zero, x.dtype, self.w_kn)
         else:
             w = self.qweight if self.backend == "int_mm_kn" else self.qweight.t()
             y = kernels.int8_matmul_rescale(xq, xs, w, self.scale)
@@ -345,13 +342,8 @@ class W4A16Linear(QuantLinear):
         x2 = x2.contiguous()
         if self.device_type == "cuda":
             y = torch.ops.aten._weight_int4pack_mm(x2, self.packed, self.group_size, self.scale_zero)
-        elif x2.shape[0] >= kernels.W4A16_DEQUANT_MIN_ROWS and self.plain_codes is None:
-            if self._prefill_params is None:
-                self._prefill_params = int4pack.prefill_params(self.scale_zero)
-            y = _int4_dequant_matmul(x2, self.packed, self._prefill_params, self.n_padded, self.k_padded,
-                                     self.group_size)
-        else:
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, self.scale_zero)
+        else:  # plain codes kept: the packed layout is not the one dequantize_kn_bf16 reads, stay on the kernel
+            y = _int4_cpu_gemm(self, x2, self.n_padded, self.k_padded, long_ok=self.plain_codes is None)
         if self.n_padded != self.out_features:
             y = y[:, : self.out_features]
         return self._add_bias(y).to(x.dtype).reshape(*x.shape[:-1], self.out_features)
@@ -361,10 +353,16 @@ class W4A16Linear(QuantLinear):
         return DequantLinear(w, self.bias, torch.float32)
 
 
-def _int4_dequant_matmul(x2: torch.Tensor, packed: torch.Tensor, params: tuple[torch.Tensor, torch.Tensor], n: int,
-                         k: int, group_size: int) -> torch.Tensor:
-    """Long activations: dequantize the int4 weight to bf16 (K, N) and run oneDNN's bf16 GEMM."""
-    return x2 @ int4pack.dequantize_kn_bf16(packed, *params, n, k, group_size)
+def _int4_cpu_gemm(owner: "W4A16Linear | FusedW4A16", x2: torch.Tensor, n: int, k: int, long_ok: bool = True
+                   ) -> torch.Tensor:
+    """``x2 @ W.T`` for a CPU-packed int4 weight (a layer's or a sibling group's ``packed``/``scale_zero``):
+    the tinygemm kernel for short activations; from ``W4A16_DEQUANT_MIN_ROWS`` rows (when ``long_ok``) the
+    weight dequantized to bf16 (K, N) and oneDNN's bf16 GEMM, with the dequantization parameters made once."""
+    if long_ok and x2.shape[0] >= kernels.W4A16_DEQUANT_MIN_ROWS:
+        if owner._prefill_params is None:
+            owner._prefill_params = int4pack.prefill_params(owner.scale_zero)
+        return x2 @ int4pack.dequantize_kn_bf16(owner.packed, *owner._prefill_params, n, k, owner.group_size)
+    return torch.ops.aten._weight_int4pack_mm_for_cpu(x2, owner.packed, owner.group_size, owner.scale_zero)
 
 
 class FusedW4A16:
@@ -398,17 +396,10 @@ class FusedW4A16:
                 and len({(m.group_size, m.in_features) for m in members}) == 1)
 
     @staticmethod
-    def build(members: list[nn.Module]) -> "FusedW4A16 | None":
+    def shared_by(members: list[nn.Module]) -> "FusedW4A16 | None":
         """The group the members already share (set by ``quantize.fuse_siblings``), if any."""
         group = getattr(members[0], "fused", None)
         return group if group is not None and all(getattr(m, "fused", None) is group for m in members) else None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = x.to(torch.bfloat16).contiguous()
-        if x2.shape[0] >= kernels.W4A16_DEQUANT_MIN_ROWS:
-            if self._prefill_params is None:
-                self._prefill_params = int4pack.prefill_params(self.scale_zero)
-            y = _int4_dequant_matmul(x2, self.packed, self._prefill_params, self.n, self.k, self.group_size)
-        else:
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, self.scale_zero)
-        return y.to(x.dtype)
+        return _int4_cpu_gemm(self, x.to(torch.bfloat16).contiguous(), self.n, self.k).to(x.dtype)
