@@ -50,12 +50,18 @@ def dir_digests(path: Path) -> dict[str, str]:
     return out
 
 
-def fingerprint(work: Path, only: set[str] | None) -> dict:
+def fingerprint(work: Path, only: set[str] | None, save: Path | None = None) -> dict:
     from slimlm import api, resources
 
     model = resources.builtin_hf_dir()
     calib = resources.wikitext_path("valid")
     results: dict[str, object] = {}
+
+    def record(key: str, value: object) -> None:
+        """Keep the result, and rewrite ``save`` after every output (a long run can be cut short)."""
+        results[key] = value
+        if save is not None:
+            save.write_text(json.dumps(results, indent=1, sort_keys=True))
 
     def want(key: str) -> bool:
         return only is None or key in only or key.split(":")[0] in only
@@ -66,7 +72,7 @@ def fingerprint(work: Path, only: set[str] | None) -> dict:
             t0 = time.perf_counter()
             out = work / f"{mix}.gguf"
             api.quantize_gguf(model, mix, out)
-            results[key] = file_digest(out)
+            record(key, file_digest(out))
             out.unlink()
             print(f"{key} {results[key][:16]} {time.perf_counter() - t0:.1f}s", file=sys.stderr)
     for method, kwargs in [("imatrix", {}), ("gptq", {"method": "gptq"}), ("awq", {"method": "awq"}),
@@ -76,7 +82,7 @@ def fingerprint(work: Path, only: set[str] | None) -> dict:
             t0 = time.perf_counter()
             out = work / f"search-{method}.gguf"
             api.quantize_gguf(model, "Q4_K_M", out, calib=calib, calib_chunks=4, hessian_chunks=4, **kwargs)
-            results[key] = file_digest(out)
+            record(key, file_digest(out))
             out.unlink()
             print(f"{key} {results[key][:16]} {time.perf_counter() - t0:.1f}s", file=sys.stderr)
     schemes = [("w4a16", "rtn", {}), ("w4a16", "rtn", {"group_size": 32, "symmetric": True}),
@@ -90,21 +96,30 @@ def fingerprint(work: Path, only: set[str] | None) -> dict:
         out = work / f"ct-{scheme}-{method}-{len(results)}"
         api.quantize_model(model, out, scheme=scheme, method=method, calib=calib, samples=4, seq_len=256,
                            **extra)
-        results[key] = dir_digests(out)
+        record(key, dir_digests(out))
         if extra.get("group_size") == 32:
             eq = work / "equivalent.gguf"
             api.export_gguf_equivalent(out, eq)
-            results["gguf-equivalent:" + key] = file_digest(eq)
+            record("gguf-equivalent:" + key, file_digest(eq))
             eq.unlink()
         print(f"{key} {len(results[key])} tensors {time.perf_counter() - t0:.1f}s", file=sys.stderr)
     return results
 
 
+def same(x: object, y: object) -> bool:
+    """Equal digests; a 16-hex-digit prefix (a run's log line) counts as equal to the digest it starts."""
+    if isinstance(x, str) and isinstance(y, str) and min(len(x), len(y)) >= 16:
+        return x.startswith(y) or y.startswith(x)
+    return x == y
+
+
 def compare(a: dict, b: dict) -> int:
+    """Compare the keys present in both runs (a partial run checks what it ran)."""
     bad = 0
-    for key in sorted(set(a) | set(b)):
+    keys = sorted(set(a) & set(b))
+    for key in keys:
         x, y = a.get(key), b.get(key)
-        if x == y:
+        if same(x, y):
             print(f"same      {key}")
             continue
         bad += 1
@@ -113,7 +128,7 @@ def compare(a: dict, b: dict) -> int:
             print(f"DIFFERENT {key}: {len(diff)} tensors, e.g. {diff[:3]}")
         else:
             print(f"DIFFERENT {key}")
-    print(f"{len(set(a) | set(b)) - bad} identical, {bad} different")
+    print(f"{len(keys) - bad} identical, {bad} different; only in one run: {sorted(set(a) ^ set(b))}")
     return 1 if bad else 0
 
 
@@ -121,12 +136,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path)
     ap.add_argument("--only", help="comma-separated keys or prefixes (gguf, gguf-search, ct)")
-    ap.add_argument("--compare", nargs=2, type=Path)
+    ap.add_argument("--compare", nargs="+", type=Path, help="BEFORE.json... AFTER.json (several befores merge)")
     args = ap.parse_args()
     if args.compare:
-        sys.exit(compare(*(json.loads(p.read_text()) for p in args.compare)))
+        before: dict = {}
+        for p in args.compare[:-1]:
+            before.update(json.loads(p.read_text()))
+        sys.exit(compare(before, json.loads(args.compare[-1].read_text())))
     with tempfile.TemporaryDirectory(prefix="slimlm-identity-") as tmp:
-        results = fingerprint(Path(tmp), set(args.only.split(",")) if args.only else None)
+        results = fingerprint(Path(tmp), set(args.only.split(",")) if args.only else None, args.out)
     text = json.dumps(results, indent=1, sort_keys=True)
     if args.out:
         args.out.write_text(text)
