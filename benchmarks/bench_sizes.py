@@ -26,7 +26,7 @@ import llama_cpp  # noqa: E402
 
 from _common import append_section, markdown_table  # noqa: E402
 from slimlm import resources  # noqa: E402
-from slimlm.formats.gguf_mix import LLAMA_CPP_RULES_COMMIT, ArchFacts, TensorInfo, plan_types  # noqa: E402
+from slimlm.formats.gguf_mix import LLAMA_CPP_RULES_COMMIT, ArchFacts, PlanTensor, plan_types  # noqa: E402
 from slimlm.inspect import catalog  # noqa: E402
 from slimlm.inspect.memory import estimate_memory, gguf_metadata_bytes  # noqa: E402
 from slimlm.spec import ModelSpec  # noqa: E402
@@ -48,9 +48,9 @@ def llama_quantize(src: Path, dst: Path, ftype: str) -> float:
     return time.perf_counter() - start
 
 
-def tensor_list(path: Path) -> list[TensorInfo]:
+def tensor_list(path: Path) -> list[PlanTensor]:
     reader = gguf.GGUFReader(path)
-    return [TensorInfo(t.name, tuple(int(d) for d in reversed(t.shape)), t.tensor_type) for t in reader.tensors]
+    return [PlanTensor(t.name, tuple(int(d) for d in reversed(t.shape)), t.tensor_type) for t in reader.tensors]
 
 
 def main() -> None:
@@ -93,7 +93,7 @@ def main() -> None:
         append_section("GGUF file size: slimlm estimate vs llama.cpp's quantizer (bench_sizes.py)", body)
 
 
-def spec_params(tensors: list[TensorInfo]) -> int:
+def spec_params(tensors: list[PlanTensor]) -> int:
     return sum(t.n_elements for t in tensors)
 
 

@@ -6,7 +6,7 @@ from gguf import GGMLQuantizationType as T
 from slimlm.errors import SlimlmError
 from slimlm.formats.gguf_mix import (
     ArchFacts,
-    TensorInfo,
+    PlanTensor,
     normalize_ftype,
     parse_overrides,
     plan_types,
@@ -16,17 +16,17 @@ from slimlm.formats.gguf_mix import (
 
 def llama_tensors(n_layers=16, hidden=512, heads=8, kv=2, ffn=1024, vocab=1000, tied=False):
     hd = hidden // heads
-    out = [TensorInfo("token_embd.weight", (vocab, hidden)), TensorInfo("output_norm.weight", (hidden,))]
+    out = [PlanTensor("token_embd.weight", (vocab, hidden)), PlanTensor("output_norm.weight", (hidden,))]
     if not tied:
-        out.append(TensorInfo("output.weight", (vocab, hidden)))
+        out.append(PlanTensor("output.weight", (vocab, hidden)))
     for i in range(n_layers):
         b = f"blk.{i}."
-        out += [TensorInfo(b + "attn_norm.weight", (hidden,)), TensorInfo(b + "ffn_norm.weight", (hidden,)),
-                TensorInfo(b + "attn_q.weight", (heads * hd, hidden)), TensorInfo(b + "attn_k.weight", (kv * hd, hidden)),
-                TensorInfo(b + "attn_v.weight", (kv * hd, hidden)),
-                TensorInfo(b + "attn_output.weight", (hidden, heads * hd)),
-                TensorInfo(b + "ffn_gate.weight", (ffn, hidden)), TensorInfo(b + "ffn_up.weight", (ffn, hidden)),
-                TensorInfo(b + "ffn_down.weight", (hidden, ffn))]
+        out += [PlanTensor(b + "attn_norm.weight", (hidden,)), PlanTensor(b + "ffn_norm.weight", (hidden,)),
+                PlanTensor(b + "attn_q.weight", (heads * hd, hidden)), PlanTensor(b + "attn_k.weight", (kv * hd, hidden)),
+                PlanTensor(b + "attn_v.weight", (kv * hd, hidden)),
+                PlanTensor(b + "attn_output.weight", (hidden, heads * hd)),
+                PlanTensor(b + "ffn_gate.weight", (ffn, hidden)), PlanTensor(b + "ffn_up.weight", (ffn, hidden)),
+                PlanTensor(b + "ffn_down.weight", (hidden, ffn))]
     return out
 
 
@@ -93,7 +93,7 @@ def test_float_mixes_keep_every_matrix_at_that_type():
 
 
 def test_tensor_bytes_use_block_sizes():
-    t = TensorInfo("x.weight", (10, 512))
+    t = PlanTensor("x.weight", (10, 512))
     assert tensor_bytes(t, T.Q4_K) == 10 * 2 * 144
     assert tensor_bytes(t, T.Q8_0) == 10 * 16 * 34
     assert tensor_bytes(t, T.F16) == 10 * 512 * 2

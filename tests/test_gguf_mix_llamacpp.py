@@ -15,7 +15,7 @@ import pytest
 llama_cpp = pytest.importorskip("llama_cpp")
 import gguf  # noqa: E402
 
-from slimlm.formats.gguf_mix import ArchFacts, TensorInfo, plan_types  # noqa: E402
+from slimlm.formats.gguf_mix import ArchFacts, PlanTensor, plan_types  # noqa: E402
 
 pytestmark = pytest.mark.llamacpp
 
@@ -49,9 +49,9 @@ def read_types(path: Path) -> dict[str, gguf.GGMLQuantizationType]:
 
 
 @functools.lru_cache(maxsize=4)
-def tensor_list(path: Path) -> tuple[list[TensorInfo], ArchFacts]:
+def tensor_list(path: Path) -> tuple[list[PlanTensor], ArchFacts]:
     reader = gguf.GGUFReader(path)
-    tensors = [TensorInfo(t.name, tuple(int(d) for d in reversed(t.shape)), t.tensor_type) for t in reader.tensors]
+    tensors = [PlanTensor(t.name, tuple(int(d) for d in reversed(t.shape)), t.tensor_type) for t in reader.tensors]
     arch_name = bytes(reader.fields["general.architecture"].parts[-1]).decode()
 
     def u32(key: str, default: int = 0) -> int:

@@ -161,9 +161,9 @@ def test_hf_moe_names_map_to_the_same_gguf_tensors_as_the_spec():
 
 
 def test_fp8_awq_gptq_layouts_per_matrix():
-    from slimlm.formats.gguf_mix import TensorInfo
+    from slimlm.formats.gguf_mix import PlanTensor
 
-    t = [TensorInfo("blk.0.attn_q.weight", (256, 384)), TensorInfo("blk.0.attn_norm.weight", (384,))]
+    t = [PlanTensor("blk.0.attn_q.weight", (256, 384)), PlanTensor("blk.0.attn_norm.weight", (384,))]
     norm = 384 * 2
     assert ct_weight_estimate(t, "FP8").bytes == 256 * 384 + 2 * 3 * 4 + norm        # 128x128 blocks, f32 scales
     awq = 256 * 384 // 2 + 3 * 256 * 2 + 3 * (256 // 8) * 4                          # qweight, scales, qzeros

@@ -25,30 +25,58 @@ def _human(n: float) -> str:
     return str(n)
 
 
+# --help shows the options in these panels, so a user sees which apply to the target chosen.
+_OUTPUT, _BOTH = "Output", "Method and calibration (--to and --scheme)"
+_GGUF, _CT, _LINT = "GGUF (--to)", "compressed-tensors (--scheme)", "Lint (--check)"
+
+
 @app.command()
 def quantize(
     model: Path = typer.Argument(..., help="Hugging Face model dir, or a .gguf to re-quantize."),
-    to: Optional[str] = typer.Option(None, "--to", help="GGUF type mix as llama.cpp names it: Q4_K_M, Q8_0, Q2_K, ..., or f32/f16/bf16."),
-    out: Optional[Path] = typer.Option(None, "-o", "--out", help="Output .gguf path (--to), or output dir (--scheme)."),
-    imatrix: Optional[Path] = typer.Option(None, "--imatrix", help="llama.cpp importance matrix (.gguf or legacy .dat)."),
-    calib: Optional[Path] = typer.Option(None, "--calib", help="Text file: compute the importance matrix from it first (--to); calibration .txt/.jsonl/HF dataset for --scheme (default: text the model writes itself)."),
-    calib_chunks: int = typer.Option(100, "--calib-chunks", help="512-token windows of --calib to use."),
-    tensor_type: List[str] = typer.Option([], "--tensor-type", help="REGEX=TYPE override, e.g. 'attn_v=q8_0' (repeatable)."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Print the per-tensor plan and size; write nothing."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file."),
-    show_plan: bool = typer.Option(False, "--plan", help="List every tensor's type (implied by --dry-run)."),
+    out: Optional[Path] = typer.Option(None, "-o", "--out", rich_help_panel=_OUTPUT,
+                                       help="Output .gguf file (--to), or output dir (--scheme)."),
+    overwrite: bool = typer.Option(False, "--overwrite", rich_help_panel=_OUTPUT, help="Replace an existing output."),
+    method: Optional[str] = typer.Option(None, "--method", rich_help_panel=_BOTH, help=(
+        "The algorithm. --to: llama.cpp (default) | gptq | awq | awq+gptq (these need --calib; awq also works "
+        "with --imatrix). --scheme: rtn | awq | gptq | smoothquant | smoothquant+gptq (default: awq for w4a16, "
+        "rtn for w8a16, smoothquant for w8a8).")),
+    calib: Optional[Path] = typer.Option(None, "--calib", rich_help_panel=_BOTH, help=(
+        "Calibration text. --to: a text file the importance matrix (and for gptq/awq the inputs' covariance) "
+        "is computed from first, instead of --imatrix (--calib-chunks windows of 512 tokens). --scheme: a "
+        ".txt/.jsonl file or HF dataset (--samples sequences of --seq-len tokens; default: text the model "
+        "writes itself).")),
+    to: Optional[str] = typer.Option(None, "--to", rich_help_panel=_GGUF, help=(
+        "GGUF type mix as llama.cpp names it: Q4_K_M, Q8_0, Q2_K, ..., or f32/f16/bf16.")),
+    imatrix: Optional[Path] = typer.Option(None, "--imatrix", rich_help_panel=_GGUF,
+                                           help="llama.cpp importance matrix (.gguf or legacy .dat)."),
+    calib_chunks: int = typer.Option(100, "--calib-chunks", rich_help_panel=_GGUF,
+                                     help="512-token windows of --calib to use."),
+    tensor_type: List[str] = typer.Option([], "--tensor-type", rich_help_panel=_GGUF,
+                                          help="REGEX=TYPE override, e.g. 'attn_v=q8_0' (repeatable)."),
+    dry_run: bool = typer.Option(False, "--dry-run", rich_help_panel=_GGUF,
+                                 help="Print the per-tensor plan and size; write nothing."),
+    show_plan: bool = typer.Option(False, "--plan", rich_help_panel=_GGUF,
+                                   help="List every tensor's type (implied by --dry-run)."),
     # --- compressed-tensors schemes (W4A16/W8A16/W8A8): see slimlm/cli/scheme_quantize.py ---
-    scheme: Optional[str] = typer.Option(None, "--scheme", help="w4a16 | w8a16 | w8a8: write a compressed-tensors dir (vLLM/transformers) instead of GGUF."),
-    method: Optional[str] = typer.Option(None, "--method", help="--scheme: rtn | awq | gptq | smoothquant | smoothquant+gptq (default: awq for w4a16, rtn for w8a16, smoothquant for w8a8). --to (GGUF): llama.cpp (default) | gptq | awq | awq+gptq (need --calib; awq also works with --imatrix)."),
-    group_size: Optional[str] = typer.Option(None, "--group-size", help="32 | 64 | 128 | channel (default 128 for w4a16; a size that does not divide is adapted and reported)."),
-    sym: Optional[bool] = typer.Option(None, "--sym/--asym", help="Symmetric or asymmetric weights (default: asym for w4a16, sym for w8)."),
-    ignore: List[str] = typer.Option([], "--ignore", help="Module name or 're:REGEX' kept in full precision (repeatable; lm_head always kept)."),
-    samples: int = typer.Option(16, "--samples", help="Calibration sequences (of --seq-len tokens)."),
-    seq_len: int = typer.Option(512, "--seq-len", help="Tokens per calibration sequence."),
-    static_acts: bool = typer.Option(False, "--static-acts", help="w8a8: static per-tensor activation scales instead of dynamic per-token."),
-    spill: Optional[Path] = typer.Option(None, "--spill", help="Keep calibration activations in this dir between layers (bounded RAM)."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch."),
-    check: bool = typer.Option(False, "--check", help="Lint only: per layer which group sizes divide and which vLLM TP degrees (2/4/8) work."),
+    scheme: Optional[str] = typer.Option(None, "--scheme", rich_help_panel=_CT, help=(
+        "w4a16 | w8a16 | w8a8: write a compressed-tensors dir (vLLM/transformers) instead of GGUF.")),
+    group_size: Optional[str] = typer.Option(None, "--group-size", rich_help_panel=_CT, help=(
+        "32 | 64 | 128 | channel (default 128 for w4a16; a size that does not divide is adapted and reported; "
+        "also the size --check tests).")),
+    sym: Optional[bool] = typer.Option(None, "--sym/--asym", rich_help_panel=_CT, help=(
+        "Symmetric or asymmetric weights (default: asym for w4a16, sym for w8).")),
+    ignore: List[str] = typer.Option([], "--ignore", rich_help_panel=_CT, help=(
+        "Module name or 're:REGEX' kept in full precision (repeatable; lm_head always kept).")),
+    samples: int = typer.Option(16, "--samples", rich_help_panel=_CT,
+                                help="Calibration sequences (of --seq-len tokens)."),
+    seq_len: int = typer.Option(512, "--seq-len", rich_help_panel=_CT, help="Tokens per calibration sequence."),
+    static_acts: bool = typer.Option(False, "--static-acts", rich_help_panel=_CT, help=(
+        "w8a8: static per-tensor activation scales instead of dynamic per-token.")),
+    spill: Optional[Path] = typer.Option(None, "--spill", rich_help_panel=_CT, help=(
+        "Keep calibration activations in this dir between layers (bounded RAM).")),
+    threads: Optional[int] = typer.Option(None, "--threads", rich_help_panel=_CT, help="CPU threads for torch."),
+    check: bool = typer.Option(False, "--check", rich_help_panel=_LINT, help=(
+        "Lint only, write nothing: per layer which group sizes divide and which vLLM TP degrees (2/4/8) work.")),
     json_out: bool = JSON_OPTION,
 ) -> None:
     """Quantize a model: to a llama.cpp GGUF (--to TYPE, one streaming pass), or to compressed-tensors

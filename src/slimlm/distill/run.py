@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -142,6 +142,162 @@ def _eos_ids(tokenizer) -> set[int]:
     return {int(tokenizer.eos_token_id)} if tokenizer.eos_token_id is not None else set()
 
 
+@dataclass
+class _Run:
+    """What the steps of one distill run share: models, tokenizers, token ids, OUT and the growing report."""
+
+    out: Path
+    config: TrainConfig
+    seq_len: int
+    teacher: torch.nn.Module
+    tokenizer: Any  # the teacher's
+    student: torch.nn.Module
+    student_tok: Any
+    same_vocab: bool
+    train_ids: torch.Tensor
+    eval_ids: torch.Tensor
+    report: dict[str, Any]
+
+
+def _checked_config(method: str, config: TrainConfig, seq_len: int) -> TrainConfig:
+    """Refuse option combinations the method cannot honour, before anything is loaded or written."""
+    if method not in METHODS:
+        raise SlimlmError(f"unknown --method {method!r}; choose one of {', '.join(METHODS)}")
+    if method == "sequence":
+        if config.on_policy > 0:
+            raise SlimlmError("--on-policy applies to --method logits (the teacher scores the student's samples)")
+        config.alpha = 1.0  # the teacher's knowledge is in the text; the loss is plain CE on its responses
+    config.check(1)
+    if config.on_policy > 0:
+        config.prompt_len(seq_len)
+    return config
+
+
+def _open_run(teacher: str | Path, text: str | Path, out: Path, config: TrainConfig, *, method: str, seq_len: int,
+              eval_sequences: int, student: str | Path | None, student_config: str | Path | None,
+              prune_layers: int, prune_mlp: float, prune_heads: float) -> _Run:
+    """Load the teacher, cut ``text`` into train and held-out sequences, and get the student and its tokenizer."""
+    torch.manual_seed(config.seed)
+    teacher_model, tokenizer = _load_teacher(teacher)
+    train_ids, eval_ids = split_heldout(text_sequences(tokenizer, text, seq_len), eval_sequences)
+    student_model, student_info = _load_student(teacher_model, student=student, student_config=student_config,
+                                                prune_layers=prune_layers, prune_mlp=prune_mlp,
+                                                prune_heads=prune_heads,
+                                                calib_ids=train_ids[: min(4, train_ids.shape[0])])
+    student_tok = _student_tokenizer(student, tokenizer)
+    same_vocab = (int(student_model.config.vocab_size) == int(teacher_model.config.vocab_size)
+                  and _same_tokenizer(student_tok, tokenizer))
+    report: dict[str, Any] = {"teacher": str(teacher), "method": method, "student": student_info,
+                              "student_parameters": sum(p.numel() for p in student_model.parameters()),
+                              "teacher_parameters": sum(p.numel() for p in teacher_model.parameters()),
+                              "config": asdict(config), "seq_len": seq_len, "same_tokenizer": same_vocab}
+    return _Run(out, config, seq_len, teacher_model, tokenizer, student_model, student_tok, same_vocab,
+                train_ids, eval_ids, report)
+
+
+def _logits_data(run: _Run, *, teacher_cache: str | Path | None, top_k: int) -> TrainData:
+    """--method logits: the training ids with the teacher's top-k log-probs (cached once, by the main process)."""
+    if not run.same_vocab:
+        raise SlimlmError("--method logits needs the same tokenizer and vocabulary in teacher and student; "
+                          "use --method sequence across tokenizers")
+    config, train_ids = run.config, run.train_ids
+    cache_path = Path(teacher_cache) if teacher_cache else run.out / "teacher_topk.safetensors"
+    from slimlm.distill.teacher_cache import cache_teacher, load_teacher_cache
+
+    if config.on_policy > 0:
+        run.report["on_policy"] = {"fraction": config.on_policy, "prompt_tokens": config.prompt_len(run.seq_len),
+                                   "sampled_tokens": run.seq_len - config.prompt_len(run.seq_len),
+                                   "temperature": config.on_policy_temperature}
+    if not (config.alpha < 1.0 and config.on_policy < 1.0):
+        return TrainData(train_ids, shifted_labels(train_ids))
+    if not cache_path.is_file():
+        from accelerate import PartialState
+
+        # cpu=True without CUDA: a bare PartialState() would settle on "not distributed" for good.
+        with PartialState(cpu=not torch.cuda.is_available()).main_process_first():
+            if not cache_path.is_file():
+                run.report["teacher_cache"] = cache_teacher(run.teacher, train_ids, cache_path, top_k=top_k)
+    ids, idx, lp, meta = load_teacher_cache(cache_path)
+    if ids.shape != train_ids.shape or not torch.equal(ids, train_ids):
+        raise SlimlmError(f"{cache_path} was made from other text or another sequence length")
+    run.report.setdefault("teacher_cache", {"path": str(cache_path), "top_k": int(meta["top_k"]),
+                                            "bytes_per_token": idx.shape[-1] * (2 if int(meta["vocab_size"]) <= 65536 else 4) + idx.shape[-1] * 2})
+    return TrainData(train_ids, shifted_labels(train_ids), idx, lp)
+
+
+def _sequence_data(run: _Run, *, prompts: str | Path | None, verifier: str | None, eval_text: str | Path,
+                   eval_sequences: int, **generation: Any) -> tuple[TrainData, tuple[torch.Tensor, torch.Tensor]]:
+    """--method sequence: the teacher answers the prompts (once, into OUT/teacher_data.jsonl) and the student
+    trains on that text; returns the data and the held-out ids/labels in the student's tokens."""
+    from slimlm.distill.generate import generate_responses, load_verifier, read_prompts, sft_sequences
+
+    student_tok, seq_len = run.student_tok, run.seq_len
+    if not prompts:
+        raise SlimlmError("--method sequence needs --prompts FILE (the teacher answers them)")
+    if int(run.student.config.vocab_size) < len(student_tok):
+        raise SlimlmError(f"the student has {run.student.config.vocab_size} embeddings but its tokenizer "
+                          f"{len(student_tok)} tokens; give --student a dir with its own tokenizer")
+    gen_path = run.out / "teacher_data.jsonl"
+    if not gen_path.is_file():
+        run.report["generation"] = generate_responses(
+            run.teacher, run.tokenizer, read_prompts(Path(prompts)), gen_path, seed=run.config.seed,
+            verifier=load_verifier(verifier), **generation)
+    seq_ids, prompt_mask = sft_sequences(student_tok, gen_path, seq_len)
+    eval_ids = run.eval_ids
+    if not run.same_vocab:
+        # The student reads the held-out text through its own tokenizer.
+        _, eval_ids = split_heldout(text_sequences(student_tok, eval_text, seq_len), eval_sequences)
+    return TrainData(seq_ids, shifted_labels(seq_ids, prompt_mask)), (eval_ids, shifted_labels(eval_ids))
+
+
+def _save_student(model: torch.nn.Module, tokenizer, out: Path) -> Path:
+    """OUT/student, written beside it first and swapped in, so a crash never leaves half a model there."""
+    import shutil
+
+    tmp = out / ".student.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    final_dir = out / "student"
+    if final_dir.exists():
+        shutil.rmtree(final_dir)
+    os.replace(tmp, final_dir)
+    return final_dir
+
+
+def _train_and_report(run: _Run, data_t: TrainData, student_eval: tuple[torch.Tensor, torch.Tensor], *,
+                      teacher_arg: torch.nn.Module | None, resume: bool,
+                      progress: Callable[[int, int, dict[str, float]], None] | None) -> dict[str, Any]:
+    """Train, compare student and teacher on the held-out text, save the student and OUT/report.json."""
+    out, report, eval_ids = run.out, run.report, run.eval_ids
+    kld_teacher = run.teacher if run.same_vocab else None
+    bpb_tok = None if run.same_vocab else run.student_tok
+
+    def evaluate(model: torch.nn.Module) -> dict[str, float]:
+        return heldout_metrics(model, kld_teacher, *student_eval, tokenizer=bpb_tok)
+
+    before = evaluate(run.student)
+    result = train(run.student, data_t, run.config, out, teacher=teacher_arg, evaluate=evaluate, resume=resume,
+                   progress=progress, eos_ids=_eos_ids(run.student_tok), tokenizer=run.student_tok)
+    if not result["is_main"]:
+        return {}
+    final = result["model"]
+    after = evaluate(final)
+    teacher_eval = heldout_metrics(run.teacher, None, eval_ids, shifted_labels(eval_ids),
+                                   tokenizer=None if run.same_vocab else run.tokenizer)
+    final_dir = _save_student(final, run.student_tok, out)
+    state = result["state"]
+    report.update({"world_size": result["world_size"], "steps": state.step, "history": state.history,
+                   "evals": state.evals, "before": before, "after": after, "teacher_heldout": teacher_eval,
+                   "student_dir": str(final_dir), "train_seconds": result["seconds"],
+                   "tokens_per_s": state.history[-1]["tokens_per_s"] if state.history else None})
+    report_tmp = out / ".report.json.tmp"
+    report_tmp.write_text(json.dumps(report, indent=1, default=float))
+    os.replace(report_tmp, out / "report.json")
+    return report
+
+
 def distill(teacher: str | Path, data: str | Path, out: str | Path, *, method: str = "logits",
             student: str | Path | None = None, student_config: str | Path | None = None, prune_layers: int = 0,
             prune_mlp: float = 1.0, prune_heads: float = 1.0, seq_len: int = 256, eval_sequences: int = 8,
@@ -157,121 +313,23 @@ def distill(teacher: str | Path, data: str | Path, out: str | Path, *, method: s
     ``sequence``: the teacher answers ``prompts`` and the student is fine-tuned on that text, so the two may
     have different tokenizers (held-out quality is then compared in bits per byte).
     """
-    if method not in METHODS:
-        raise SlimlmError(f"unknown --method {method!r}; choose one of {', '.join(METHODS)}")
     out = Path(out)
-    config = config or TrainConfig()
-    if method == "sequence":
-        if config.on_policy > 0:
-            raise SlimlmError("--on-policy applies to --method logits (the teacher scores the student's samples)")
-        config.alpha = 1.0  # the teacher's knowledge is in the text; the loss is plain CE on its responses
-    config.check(1)
-    if config.on_policy > 0:
-        config.prompt_len(seq_len)
+    config = _checked_config(method, config or TrainConfig(), seq_len)
     _prepare_out(out, overwrite=overwrite, resume=resume)
-    torch.manual_seed(config.seed)
-    teacher_model, tokenizer = _load_teacher(teacher)
-    text_ids = text_sequences(tokenizer, eval_data or data, seq_len) if method == "sequence" else \
-        text_sequences(tokenizer, data, seq_len)
-    train_ids, eval_ids = split_heldout(text_ids, eval_sequences)
-    student_model, student_info = _load_student(teacher_model, student=student, student_config=student_config,
-                                                prune_layers=prune_layers, prune_mlp=prune_mlp,
-                                                prune_heads=prune_heads,
-                                                calib_ids=train_ids[: min(4, train_ids.shape[0])])
-    student_tok = _student_tokenizer(student, tokenizer)
-    same_vocab = (int(student_model.config.vocab_size) == int(teacher_model.config.vocab_size)
-                  and _same_tokenizer(student_tok, tokenizer))
-    report: dict[str, Any] = {"teacher": str(teacher), "method": method, "student": student_info,
-                              "student_parameters": sum(p.numel() for p in student_model.parameters()),
-                              "teacher_parameters": sum(p.numel() for p in teacher_model.parameters()),
-                              "config": asdict(config), "seq_len": seq_len, "same_tokenizer": same_vocab}
-    eval_labels = shifted_labels(eval_ids)
-    student_eval_ids, student_eval_labels = eval_ids, eval_labels
-    teacher_arg = None
+    text = (eval_data or data) if method == "sequence" else data
+    run = _open_run(teacher, text, out, config, method=method, seq_len=seq_len, eval_sequences=eval_sequences,
+                    student=student, student_config=student_config, prune_layers=prune_layers,
+                    prune_mlp=prune_mlp, prune_heads=prune_heads)
     out.mkdir(parents=True, exist_ok=True)
     if method == "logits":
-        if not same_vocab:
-            raise SlimlmError("--method logits needs the same tokenizer and vocabulary in teacher and student; "
-                              "use --method sequence across tokenizers")
-        cache_path = Path(teacher_cache) if teacher_cache else out / "teacher_topk.safetensors"
-        from slimlm.distill.teacher_cache import cache_teacher, load_teacher_cache
-
-        if config.on_policy > 0:
-            teacher_arg = teacher_model  # on-policy steps need its full logits on the student's samples
-            report["on_policy"] = {"fraction": config.on_policy, "prompt_tokens": config.prompt_len(seq_len),
-                                   "sampled_tokens": seq_len - config.prompt_len(seq_len),
-                                   "temperature": config.on_policy_temperature}
-        if config.alpha < 1.0 and config.on_policy < 1.0:
-            if not cache_path.is_file():
-                from accelerate import PartialState
-
-                # cpu=True without CUDA: a bare PartialState() would settle on "not distributed" for good.
-                with PartialState(cpu=not torch.cuda.is_available()).main_process_first():
-                    if not cache_path.is_file():
-                        report["teacher_cache"] = cache_teacher(teacher_model, train_ids, cache_path, top_k=top_k)
-            ids, idx, lp, meta = load_teacher_cache(cache_path)
-            if ids.shape != train_ids.shape or not torch.equal(ids, train_ids):
-                raise SlimlmError(f"{cache_path} was made from other text or another sequence length")
-            report.setdefault("teacher_cache", {"path": str(cache_path), "top_k": int(meta["top_k"]),
-                                                "bytes_per_token": idx.shape[-1] * (2 if int(meta["vocab_size"]) <= 65536 else 4) + idx.shape[-1] * 2})
-            data_t = TrainData(train_ids, shifted_labels(train_ids), idx, lp)
-        else:
-            data_t = TrainData(train_ids, shifted_labels(train_ids))
+        data_t = _logits_data(run, teacher_cache=teacher_cache, top_k=top_k)
+        # on-policy steps need the teacher's full logits on the student's samples
+        teacher_arg = run.teacher if config.on_policy > 0 else None
+        student_eval = (run.eval_ids, shifted_labels(run.eval_ids))
     else:
-        from slimlm.distill.generate import generate_responses, load_verifier, read_prompts, sft_sequences
-
-        if not prompts:
-            raise SlimlmError("--method sequence needs --prompts FILE (the teacher answers them)")
-        if int(student_model.config.vocab_size) < len(student_tok):
-            raise SlimlmError(f"the student has {student_model.config.vocab_size} embeddings but its tokenizer "
-                              f"{len(student_tok)} tokens; give --student a dir with its own tokenizer")
-        gen_path = out / "teacher_data.jsonl"
-        if not gen_path.is_file():
-            report["generation"] = generate_responses(
-                teacher_model, tokenizer, read_prompts(Path(prompts)), gen_path, max_new_tokens=max_new_tokens,
-                temperature=temperature, top_p=top_p, samples_per_prompt=samples_per_prompt, seed=config.seed,
-                verifier=load_verifier(verifier))
-        seq_ids, prompt_mask = sft_sequences(student_tok, gen_path, seq_len)
-        data_t = TrainData(seq_ids, shifted_labels(seq_ids, prompt_mask))
-        if not same_vocab:
-            # The student reads the held-out text through its own tokenizer.
-            _, student_eval_ids = split_heldout(text_sequences(student_tok, eval_data or data, seq_len),
-                                                eval_sequences)
-            student_eval_labels = shifted_labels(student_eval_ids)
-    kld_teacher = teacher_model if same_vocab else None
-    bpb_tok = None if same_vocab else student_tok
-
-    def evaluate(model: torch.nn.Module) -> dict[str, float]:
-        return heldout_metrics(model, kld_teacher, student_eval_ids, student_eval_labels, tokenizer=bpb_tok)
-
-    before = evaluate(student_model)
-    result = train(student_model, data_t, config, out, teacher=teacher_arg, evaluate=evaluate, resume=resume,
-                   progress=progress, eos_ids=_eos_ids(student_tok), tokenizer=student_tok)
-    if not result["is_main"]:
-        return {}
-    final = result["model"]
-    after = evaluate(final)
-    teacher_eval = heldout_metrics(teacher_model, None, eval_ids, eval_labels,
-                                   tokenizer=None if same_vocab else tokenizer)
-    tmp = out / ".student.tmp"
-    if tmp.exists():
-        import shutil
-
-        shutil.rmtree(tmp)
-    final.save_pretrained(tmp)
-    student_tok.save_pretrained(tmp)
-    final_dir = out / "student"
-    if final_dir.exists():
-        import shutil
-
-        shutil.rmtree(final_dir)
-    os.replace(tmp, final_dir)
-    state = result["state"]
-    report.update({"world_size": result["world_size"], "steps": state.step, "history": state.history,
-                   "evals": state.evals, "before": before, "after": after, "teacher_heldout": teacher_eval,
-                   "student_dir": str(final_dir), "train_seconds": result["seconds"],
-                   "tokens_per_s": state.history[-1]["tokens_per_s"] if state.history else None})
-    report_tmp = out / ".report.json.tmp"
-    report_tmp.write_text(json.dumps(report, indent=1, default=float))
-    os.replace(report_tmp, out / "report.json")
-    return report
+        data_t, student_eval = _sequence_data(run, prompts=prompts, verifier=verifier, eval_text=eval_data or data,
+                                              eval_sequences=eval_sequences, max_new_tokens=max_new_tokens,
+                                              temperature=temperature, top_p=top_p,
+                                              samples_per_prompt=samples_per_prompt)
+        teacher_arg = None
+    return _train_and_report(run, data_t, student_eval, teacher_arg=teacher_arg, resume=resume, progress=progress)

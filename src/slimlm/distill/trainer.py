@@ -180,20 +180,12 @@ def train(student: torch.nn.Module, data: TrainData, config: TrainConfig, out: P
     takes its slice of every global batch.
     """
     from accelerate import Accelerator
-    from transformers import get_cosine_schedule_with_warmup
 
     acc = Accelerator(cpu=not torch.cuda.is_available())
     world, rank = acc.num_processes, acc.process_index
     config.check(world)
     torch.manual_seed(config.seed)
-    optimizer = torch.optim.AdamW(student.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, config.warmup_steps, config.max_steps)
-    state = TrainState()
-    ckpt = latest_checkpoint(out) if resume else None
-    if resume and ckpt is None:
-        raise SlimlmError(f"--resume: no checkpoint under {out / 'checkpoints'}")
-    if ckpt is not None:
-        state = load_checkpoint(ckpt, student, optimizer, scheduler)
+    optimizer, scheduler, state = _optimizer_state(student, config, out, resume)
     model, optimizer = acc.prepare(student, optimizer)
     if teacher is not None:
         teacher = teacher.to(acc.device).eval()
@@ -226,19 +218,7 @@ def train(student: torch.nn.Module, data: TrainData, config: TrainConfig, out: P
                                                    config.on_policy_temperature)
                         labels = on_policy_labels(ids, prompt_len, eos_ids)
                     logits = model(input_ids=ids).logits
-                    teacher_kw: dict[str, torch.Tensor] = {}
-                    if on_policy:
-                        with torch.no_grad():
-                            teacher_kw = {"teacher_logits": teacher(input_ids=ids).logits}
-                    elif config.alpha < 1.0:
-                        if data.topk_idx is not None:
-                            teacher_kw = {"teacher_topk_idx": data.topk_idx[part].to(acc.device),
-                                          "teacher_topk_logprobs": data.topk_logprobs[part].to(acc.device)}
-                        elif teacher is not None:
-                            with torch.no_grad():
-                                teacher_kw = {"teacher_logits": teacher(input_ids=ids).logits}
-                        else:
-                            raise SlimlmError("alpha < 1 needs a teacher (live or a cached top-k file)")
+                    teacher_kw = _teacher_targets(data, part, ids, teacher, config, on_policy, acc.device)
                     loss, parts = kd_loss(logits, labels, alpha=0.0 if on_policy else config.alpha,
                                           temperature=config.temperature,
                                           divergence=config.divergence, beta=config.beta, **teacher_kw)
@@ -259,17 +239,58 @@ def train(student: torch.nn.Module, data: TrainData, config: TrainConfig, out: P
         state.history.append(record)
         if progress and acc.is_main_process:
             progress(state.step, config.max_steps, record)
-        if evaluate and config.eval_every and (state.step % config.eval_every == 0 or state.step == config.max_steps):
-            if acc.is_main_process:
-                state.evals.append({"step": state.step, **evaluate(acc.unwrap_model(model))})
-            acc.wait_for_everyone()
-        if config.save_every and state.step % config.save_every == 0 and acc.is_main_process:
-            save_checkpoint(out / "checkpoints" / f"step-{state.step}", acc.unwrap_model(model), optimizer,
-                            scheduler, state, config, tokenizer)
-        acc.wait_for_everyone()
+        _eval_and_save(acc, model, optimizer, scheduler, state, config, out, evaluate, tokenizer)
     final = acc.unwrap_model(model)
     return {"state": state, "model": final, "world_size": world, "is_main": acc.is_main_process,
             "seconds": time.perf_counter() - started}
+
+
+def _eval_and_save(acc: Any, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+                   state: TrainState, config: TrainConfig, out: Path,
+                   evaluate: Callable[[torch.nn.Module], dict[str, float]] | None, tokenizer: Any) -> None:
+    """After a step: the held-out evaluation and the checkpoint when due (main process), then all ranks meet."""
+    if evaluate and config.eval_every and (state.step % config.eval_every == 0 or state.step == config.max_steps):
+        if acc.is_main_process:
+            state.evals.append({"step": state.step, **evaluate(acc.unwrap_model(model))})
+        acc.wait_for_everyone()
+    if config.save_every and state.step % config.save_every == 0 and acc.is_main_process:
+        save_checkpoint(out / "checkpoints" / f"step-{state.step}", acc.unwrap_model(model), optimizer,
+                        scheduler, state, config, tokenizer)
+    acc.wait_for_everyone()
+
+
+def _optimizer_state(student: torch.nn.Module, config: TrainConfig, out: Path,
+                     resume: bool) -> tuple[torch.optim.Optimizer, Any, TrainState]:
+    """AdamW with a cosine schedule, and the state to start from: fresh, or OUT's latest checkpoint (--resume)."""
+    from transformers import get_cosine_schedule_with_warmup
+
+    optimizer = torch.optim.AdamW(student.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, config.warmup_steps, config.max_steps)
+    state = TrainState()
+    ckpt = latest_checkpoint(out) if resume else None
+    if resume and ckpt is None:
+        raise SlimlmError(f"--resume: no checkpoint under {out / 'checkpoints'}")
+    if ckpt is not None:
+        state = load_checkpoint(ckpt, student, optimizer, scheduler)
+    return optimizer, scheduler, state
+
+
+def _teacher_targets(data: TrainData, part: torch.Tensor, ids: torch.Tensor, teacher: torch.nn.Module | None,
+                     config: TrainConfig, on_policy: bool, device: torch.device) -> dict[str, torch.Tensor]:
+    """The teacher side of kd_loss for one micro-batch: live logits (on-policy steps, or no cache), the cached
+    top-k, or nothing when the loss is plain CE (alpha 1)."""
+    if on_policy:
+        with torch.no_grad():
+            return {"teacher_logits": teacher(input_ids=ids).logits}
+    if not config.alpha < 1.0:
+        return {}
+    if data.topk_idx is not None:
+        return {"teacher_topk_idx": data.topk_idx[part].to(device),
+                "teacher_topk_logprobs": data.topk_logprobs[part].to(device)}
+    if teacher is not None:
+        with torch.no_grad():
+            return {"teacher_logits": teacher(input_ids=ids).logits}
+    raise SlimlmError("alpha < 1 needs a teacher (live or a cached top-k file)")
 
 
 class _null:

@@ -57,43 +57,14 @@ def evaluate(model: str | Path | LoadedModel, data: str | Path, *, ref: str | Pa
         windows = _windows_from_ref_file(ref_file, tokens, ctx, chunks)
     else:
         windows = make_windows(tokens, ctx, chunks)
-    if ref_model is not None:
-        _check_same_tokens(tokens, tokenize_for(ref_model, text, str(data)))
-        if ref_model.info.vocab_size != main.info.vocab_size:
-            raise SlimlmError(f"MODEL has {main.info.vocab_size} output logits but REF has "
-                              f"{ref_model.info.vocab_size}: KLD needs the same vocabulary")
-    if act_quant == "llama.cpp" and not any(lm is not None and lm.info.format == "gguf" for lm in (main, ref_model)):
-        raise SlimlmError("--act-quant llama.cpp applies to GGUF models; neither MODEL nor REF is one")
-    if ref_file is not None and ref_file.vocab != main.info.vocab_size:
-        raise SlimlmError(f"{ref_file.path} holds {ref_file.vocab}-way log-probs but MODEL has "
-                          f"{main.info.vocab_size} logits: not the same vocabulary")
-
+    _check_comparable(main, ref_model, ref_file, tokens, text, str(data), act_quant)
     writer = None
     if save_ref is not None:
         source = ref_model or main
         _, n_scored = scored_span(ctx)
         writer = RefWriter(save_ref, windows, n_scored, source.info.vocab_size, ref_top_k,
                            metadata={"model": source.info.path, "data": str(data)}, overwrite=overwrite)
-    emulated: dict[str, Any] = {}
-    handles: list[Any] = []
-    try:
-        if act_quant == "llama.cpp":
-            from slimlm.evaluate.act_quant import emulate_llama_cpp_activations
-
-            for role, lm in (("model", main), ("ref", ref_model)):
-                if lm is not None and lm.info.format == "gguf":
-                    emulated[role], hs = emulate_llama_cpp_activations(lm.model, lm.info.path)
-                    handles += hs
-        result = _run(main, ref_model, ref_file, windows, batch_size, writer, progress)
-        if writer is not None:
-            writer.finish()
-    except BaseException:
-        if writer is not None:
-            writer.abort()
-        raise
-    finally:
-        for handle in handles:  # a caller's LoadedModel goes back unchanged
-            handle.remove()
+    result, emulated = _score(main, ref_model, ref_file, windows, batch_size, writer, progress, act_quant)
     seconds = time.perf_counter() - started
     n_scored_total = result["perplexity"]["n_tokens"]
     report: dict[str, Any] = {
@@ -116,6 +87,49 @@ def evaluate(model: str | Path | LoadedModel, data: str | Path, *, ref: str | Pa
         report["saved_ref"] = {"path": str(writer.path), "layout": "full-f16" if not ref_top_k else f"top-{ref_top_k}",
                                "model": (ref_model or main).info.path}
     return report
+
+
+def _check_comparable(main: LoadedModel, ref_model: LoadedModel | None, ref_file: RefReader | None,
+                      tokens: TokenizedText, text: str, source: str, act_quant: str) -> None:
+    """Refuse a REF that does not score the same tokens over the same vocabulary, and a pointless --act-quant."""
+    if ref_model is not None:
+        _check_same_tokens(tokens, tokenize_for(ref_model, text, source))
+        if ref_model.info.vocab_size != main.info.vocab_size:
+            raise SlimlmError(f"MODEL has {main.info.vocab_size} output logits but REF has "
+                              f"{ref_model.info.vocab_size}: KLD needs the same vocabulary")
+    if act_quant == "llama.cpp" and not any(lm is not None and lm.info.format == "gguf" for lm in (main, ref_model)):
+        raise SlimlmError("--act-quant llama.cpp applies to GGUF models; neither MODEL nor REF is one")
+    if ref_file is not None and ref_file.vocab != main.info.vocab_size:
+        raise SlimlmError(f"{ref_file.path} holds {ref_file.vocab}-way log-probs but MODEL has "
+                          f"{main.info.vocab_size} logits: not the same vocabulary")
+
+
+def _score(main: LoadedModel, ref_model: LoadedModel | None, ref_file: RefReader | None, windows: torch.Tensor,
+           batch_size: int, writer: RefWriter | None, progress: Progress | None,
+           act_quant: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """_run with llama.cpp's activation rounding hooked in for the run (then removed: a caller's LoadedModel
+    goes back unchanged), and the saved reference finished, or removed on failure. Returns (result, emulated)."""
+    emulated: dict[str, Any] = {}
+    handles: list[Any] = []
+    try:
+        if act_quant == "llama.cpp":
+            from slimlm.evaluate.act_quant import emulate_llama_cpp_activations
+
+            for role, lm in (("model", main), ("ref", ref_model)):
+                if lm is not None and lm.info.format == "gguf":
+                    emulated[role], hs = emulate_llama_cpp_activations(lm.model, lm.info.path)
+                    handles += hs
+        result = _run(main, ref_model, ref_file, windows, batch_size, writer, progress)
+        if writer is not None:
+            writer.finish()
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    finally:
+        for handle in handles:
+            handle.remove()
+    return result, emulated
 
 
 def _run(main: LoadedModel, ref_model: LoadedModel | None, ref_file: RefReader | None, windows: torch.Tensor,

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
 
@@ -71,7 +71,7 @@ _NEVER_QUANTIZED_EXACT = ("position_embd.weight", "token_types.weight")
 
 
 @dataclass(frozen=True)
-class TensorInfo:
+class PlanTensor:
     """One tensor of a GGUF model: llama.cpp name, PyTorch-order shape, and its type before quantizing."""
 
     name: str
@@ -177,7 +177,7 @@ def _is_attn_v_like(cat: str) -> bool:
     return cat in ("attn_v", "attn_qkv", "attn_kv_b")
 
 
-def allows_quantization(tensor: TensorInfo, *, quantize_output: bool = True) -> bool:
+def allows_quantization(tensor: PlanTensor, *, quantize_output: bool = True) -> bool:
     """tensor_allows_quantization: 2-D/3-D weights, except norms, routers and a few tiny special tensors."""
     name = tensor.name
     if tensor.n_dims < 2 or not name.endswith("weight"):
@@ -211,13 +211,18 @@ def layer_sort_key(name: str) -> tuple[int, str]:
 class _State:
     """The counters llama.cpp keeps while it walks the tensors (quantize_state_impl)."""
 
-    def __init__(self, tensors: Sequence[TensorInfo], arch: ArchFacts, has_imatrix: bool) -> None:
+    def __init__(self, tensors: Sequence[PlanTensor], arch: ArchFacts, has_imatrix: bool) -> None:
         self.n_attention_wv = sum(_is_attn_v_like(_category(t.name)) for t in tensors)
         self.n_ffn = arch.n_layers
-        self.i_attention_wv = 0
-        self.i_ffn_down = self.i_ffn_gate = self.i_ffn_up = 0
+        self.seen = {"attn_v": 0, "ffn_down": 0, "ffn_gate": 0, "ffn_up": 0}  # i_attention_wv, i_ffn_down, ...
         self.tied = not any(t.name == "output.weight" for t in tensors)
         self.has_imatrix = has_imatrix
+
+    def take(self, kind: str) -> int:
+        """The index of this tensor among those of its kind seen so far (then counts it)."""
+        i = self.seen[kind]
+        self.seen[kind] = i + 1
+        return i
 
 
 def _layer_of(counter: int, n_layers: int, name: str, arch: ArchFacts) -> int:
@@ -233,155 +238,164 @@ def _layer_of(counter: int, n_layers: int, name: str, arch: ArchFacts) -> int:
     return counter
 
 
-def _mix_rule(st: _State, new: T, tensor: TensorInfo, ftype: str, cat: str, arch: ArchFacts,
-              output_type: T | None) -> T:
-    """llama_tensor_get_type_impl: the per-category adjustments of each mix."""
-    name, f = tensor.name, ftype
-    falcon = arch.arch == "falcon"
-    gqa, n_exp = arch.n_gqa, arch.n_expert
+_Rule = Callable[["_Site"], "T | None"]
 
-    if cat == "output" or (st.tied and cat == "token_embd"):
-        if output_type is not None:
-            return output_type
-        if falcon or tensor.row_length % _block_size(new) != 0:
-            return T.Q8_0
-        if f in ("IQ2_XXS", "IQ2_XS", "IQ3_XXS", "IQ1_S", "IQ2_S", "IQ2_M", "IQ1_M"):
-            return T.Q5_K
-        return T.Q6_K if new != T.Q8_0 else new
 
-    if cat == "token_embd":
-        if f in ("IQ2_XXS", "IQ2_XS", "IQ1_S", "IQ1_M"):
-            return T.Q2_K
-        if f in ("IQ2_S", "IQ2_M", "IQ3_XXS"):
-            return T.IQ3_S
-        if f in ("TQ1_0", "TQ2_0"):
-            return T.Q4_K
-        return new
+@dataclass(frozen=True)
+class _Site:
+    """What a per-mix rule looks at: the tensor's index ``i`` among the ``n`` of its kind, and the model."""
 
-    if f in _IQ_LOW:
-        iq2s = f in ("IQ2_S", "IQ2_M")
-        if _is_attn_v_like(cat):
-            new = T.Q4_K if (gqa >= 4 or n_exp >= 4) else (T.IQ3_S if iq2s else T.Q2_K)
-            st.i_attention_wv += 1
-        elif n_exp == 8 and cat == "attn_k":
-            new = T.Q4_K
-        elif cat == "ffn_down":
-            if st.i_ffn_down < st.n_ffn // 8:
-                new = T.IQ3_S if iq2s else T.Q2_K
-            st.i_ffn_down += 1
-        elif cat == "attn_output":
-            if n_exp == 8:
-                new = T.Q5_K
-            elif f in ("IQ1_S", "IQ1_M"):
-                new = T.IQ2_XXS
-            elif iq2s:
-                new = T.IQ3_S
-        return new
+    i: int
+    n: int
+    arch: ArchFacts
+    has_imatrix: bool
 
+    @property
+    def gqa4(self) -> bool:
+        return self.arch.n_gqa >= 4
+
+    @property
+    def falcon(self) -> bool:
+        return self.arch.arch == "falcon"
+
+    @property
+    def first_eighth(self) -> bool:
+        return self.i < self.n // 8
+
+    @property
+    def more_bits(self) -> bool:
+        return _use_more_bits(self.i, self.n)
+
+
+# Per-mix tables of llama_tensor_get_type_impl: mix -> the type for that tensor kind. A rule returning None
+# keeps the mix's default type.
+_OUTPUT_LOW_BIT = frozenset(("IQ2_XXS", "IQ2_XS", "IQ3_XXS", "IQ1_S", "IQ2_S", "IQ2_M", "IQ1_M"))
+_TOKEN_EMBD: dict[str, T] = {
+    "IQ2_XXS": T.Q2_K, "IQ2_XS": T.Q2_K, "IQ1_S": T.Q2_K, "IQ1_M": T.Q2_K,
+    "IQ2_S": T.IQ3_S, "IQ2_M": T.IQ3_S, "IQ3_XXS": T.IQ3_S, "TQ1_0": T.Q4_K, "TQ2_0": T.Q4_K,
+}
+_ATTN_QK: dict[str, T] = {"IQ3_XS": T.IQ3_XXS, "IQ3_XXS": T.IQ2_S}
+_ATTN_OUTPUT: dict[str, T] = {"Q2_K": T.Q3_K, "IQ3_XXS": T.IQ3_S, "Q3_K_M": T.Q4_K, "Q3_K_L": T.Q5_K,
+                              "IQ3_M": T.Q4_K}
+_ATTN_OUTPUT_MOE8 = frozenset(("Q2_K", "IQ3_XS", "IQ3_XXS", "Q3_K_S", "Q3_K_M", "IQ4_NL", "Q4_K_S", "Q4_K_M",
+                               "IQ3_S", "IQ3_M", "IQ4_XS"))
+_ATTN_V: dict[str, _Rule] = {
+    "Q2_K": lambda s: T.Q4_K if s.gqa4 else T.Q3_K,
+    "Q2_K_S": lambda s: T.Q4_K if s.gqa4 else None,
+    "IQ3_XXS": lambda s: T.Q4_K if s.gqa4 else (T.IQ3_XXS if s.has_imatrix else T.IQ3_S),
+    "IQ3_XS": lambda s: T.Q4_K if s.gqa4 else None,
+    "IQ3_S": lambda s: T.Q4_K if s.gqa4 else None,
+    "IQ3_M": lambda s: T.Q4_K,
+    "Q3_K_M": lambda s: T.Q5_K if s.i < 2 else T.Q4_K,
+    "Q3_K_L": lambda s: T.Q5_K,
+    "IQ4_NL": lambda s: T.Q5_K if s.gqa4 else None,
+    "IQ4_XS": lambda s: T.Q5_K if s.gqa4 else None,
+    "Q4_K_M": lambda s: T.Q6_K if s.more_bits else None,
+    "Q5_K_M": lambda s: T.Q6_K if s.more_bits else None,
+    "Q4_K_S": lambda s: T.Q5_K if s.i < 4 else None,
+}
+_FFN_DOWN: dict[str, _Rule] = {
+    "Q2_K": lambda s: T.Q3_K,
+    "Q2_K_S": lambda s: T.Q4_K if s.first_eighth else None,
+    "IQ3_XXS": lambda s: None if s.has_imatrix else (T.Q4_K if s.first_eighth else T.Q3_K),
+    "Q3_K_M": lambda s: (T.Q5_K if s.i < s.n // 16
+                         else T.Q4_K if (not s.falcon or s.more_bits) else T.Q3_K),
+    "IQ3_M": lambda s: T.Q4_K if s.first_eighth or (s.arch.n_expert == 8 and s.more_bits) else None,
+    "Q3_K_L": lambda s: T.Q4_K if s.falcon else T.Q5_K,
+    "Q4_K_M": lambda s: ((T.Q6_K if s.i < s.n // 16 else T.Q5_K if s.more_bits else T.Q4_K) if s.falcon
+                         else T.Q6_K if s.more_bits else None),
+    "IQ4_NL": lambda s: T.Q5_K if s.first_eighth and not s.has_imatrix else None,
+    "IQ4_XS": lambda s: T.Q5_K if s.first_eighth and not s.has_imatrix else None,
+    "Q5_K_M": lambda s: T.Q6_K if s.more_bits else None,
+    "Q4_K_S": lambda s: T.Q5_K if not s.falcon and s.first_eighth else None,
+    "Q4_0": lambda s: T.Q4_1 if s.has_imatrix and s.first_eighth else None,
+    "Q5_0": lambda s: T.Q5_1 if s.has_imatrix and s.first_eighth else None,
+}
+_FFN_GATE_UP: dict[str, _Rule] = {"IQ3_XS": lambda s: T.IQ3_XXS if s.n // 8 <= s.i < 7 * s.n // 8 else None}
+
+
+def _by_mix(table: Mapping[str, _Rule], ftype: str, site: _Site, new: T) -> T:
+    """The table's type for this mix and site, else ``new``."""
+    rule = table.get(ftype)
+    chosen = rule(site) if rule else None
+    return new if chosen is None else chosen
+
+
+def _output_rule(new: T, tensor: PlanTensor, ftype: str, arch: ArchFacts, output_type: T | None) -> T:
+    """The output matrix (or the tied token embedding): more bits than the rest."""
+    if output_type is not None:
+        return output_type
+    if arch.arch == "falcon" or tensor.row_length % _block_size(new) != 0:
+        return T.Q8_0
+    if ftype in _OUTPUT_LOW_BIT:
+        return T.Q5_K
+    return T.Q6_K if new != T.Q8_0 else new
+
+
+def _iq_low_rule(st: _State, new: T, ftype: str, cat: str, arch: ArchFacts) -> T:
+    """The 1- and 2-bit IQ mixes, which llama.cpp handles in one branch of their own."""
+    iq2s, n_exp = ftype in ("IQ2_S", "IQ2_M"), arch.n_expert
     if _is_attn_v_like(cat):
-        i, n = st.i_attention_wv, st.n_attention_wv
-        if f == "Q2_K":
-            new = T.Q4_K if gqa >= 4 else T.Q3_K
-        elif f == "Q2_K_S" and gqa >= 4:
-            new = T.Q4_K
-        elif f == "IQ3_XXS":
-            new = T.Q4_K if gqa >= 4 else (T.IQ3_S if not st.has_imatrix else T.IQ3_XXS)
-        elif f in ("IQ3_XS", "IQ3_S") and gqa >= 4:
-            new = T.Q4_K
-        elif f == "IQ3_M":
-            new = T.Q4_K
-        elif f == "Q3_K_M":
-            new = T.Q5_K if i < 2 else T.Q4_K
-        elif f == "Q3_K_L":
-            new = T.Q5_K
-        elif f in ("IQ4_NL", "IQ4_XS") and gqa >= 4:
-            new = T.Q5_K
-        elif f in ("Q4_K_M", "Q5_K_M") and _use_more_bits(i, n):
-            new = T.Q6_K
-        elif f == "Q4_K_S" and i < 4:
-            new = T.Q5_K
-        if arch.is_70b and new in (T.Q3_K, T.Q4_K):
-            new = T.Q5_K
-        if n_exp == 8:
-            new = T.Q8_0
-        st.i_attention_wv += 1
-        return new
-
-    if cat == "attn_k":
-        if n_exp == 8:
-            return T.Q8_0
-        if f == "IQ3_XS":
-            return T.IQ3_XXS
-        if f == "IQ3_XXS":
-            return T.IQ2_S
-        return new
-
-    if cat == "attn_q":
-        if f == "IQ3_XS":
-            return T.IQ3_XXS
-        if f == "IQ3_XXS":
-            return T.IQ2_S
-        return new
-
+        st.take("attn_v")
+        return T.Q4_K if (arch.n_gqa >= 4 or n_exp >= 4) else (T.IQ3_S if iq2s else T.Q2_K)
+    if n_exp == 8 and cat == "attn_k":
+        return T.Q4_K
     if cat == "ffn_down":
-        i, n = _layer_of(st.i_ffn_down, st.n_ffn, name, arch), st.n_ffn
-        if f == "Q2_K":
-            new = T.Q3_K
-        elif f == "Q2_K_S":
-            if i < n // 8:
-                new = T.Q4_K
-        elif f == "IQ3_XXS" and not st.has_imatrix:
-            new = T.Q4_K if i < n // 8 else T.Q3_K
-        elif f == "Q3_K_M":
-            new = (T.Q5_K if i < n // 16
-                   else T.Q4_K if (not falcon or _use_more_bits(i, n)) else T.Q3_K)
-        elif f == "IQ3_M" and (i < n // 8 or (n_exp == 8 and _use_more_bits(i, n))):
-            new = T.Q4_K
-        elif f == "Q3_K_L":
-            new = T.Q4_K if falcon else T.Q5_K
-        elif f == "Q4_K_M":
-            if falcon:
-                new = T.Q6_K if i < n // 16 else T.Q5_K if _use_more_bits(i, n) else T.Q4_K
-            elif _use_more_bits(i, n):
-                new = T.Q6_K
-        elif i < n // 8 and f in ("IQ4_NL", "IQ4_XS") and not st.has_imatrix:
-            new = T.Q5_K
-        elif f == "Q5_K_M" and _use_more_bits(i, n):
-            new = T.Q6_K
-        elif f == "Q4_K_S" and not falcon and i < n // 8:
-            new = T.Q5_K
-        elif f in ("Q4_0", "Q5_0") and st.has_imatrix and i < n // 8:
-            new = T.Q4_1 if f == "Q4_0" else T.Q5_1
-        st.i_ffn_down += 1
-        return new
-
+        return (T.IQ3_S if iq2s else T.Q2_K) if st.take("ffn_down") < st.n_ffn // 8 else new
     if cat == "attn_output":
-        if not falcon:
-            if n_exp == 8:
-                if f in ("Q2_K", "IQ3_XS", "IQ3_XXS", "Q3_K_S", "Q3_K_M", "IQ4_NL", "Q4_K_S", "Q4_K_M",
-                         "IQ3_S", "IQ3_M", "IQ4_XS"):
-                    new = T.Q5_K
-            else:
-                new = {"Q2_K": T.Q3_K, "IQ3_XXS": T.IQ3_S, "Q3_K_M": T.Q4_K, "Q3_K_L": T.Q5_K,
-                       "IQ3_M": T.Q4_K}.get(f, new)
-        elif f == "Q3_K_L":
-            new = T.Q4_K
-        return new
-
-    if cat in ("ffn_gate", "ffn_up"):
-        counter = st.i_ffn_gate if cat == "ffn_gate" else st.i_ffn_up
-        i, n = _layer_of(counter, st.n_ffn, name, arch), st.n_ffn
-        if f == "IQ3_XS" and n // 8 <= i < 7 * n // 8:
-            new = T.IQ3_XXS
-        if cat == "ffn_gate":
-            st.i_ffn_gate += 1
-        else:
-            st.i_ffn_up += 1
-        return new
+        if n_exp == 8:
+            return T.Q5_K
+        if ftype in ("IQ1_S", "IQ1_M"):
+            return T.IQ2_XXS
+        return T.IQ3_S if iq2s else new
     return new
 
 
-def _fallback(tensor: TensorInfo, target: T) -> T:
+def _attn_v_rule(st: _State, new: T, ftype: str, arch: ArchFacts) -> T:
+    """attn_v (and the fused attn_qkv / attn_kv_b): the tensors most sensitive to quantization."""
+    new = _by_mix(_ATTN_V, ftype, _Site(st.take("attn_v"), st.n_attention_wv, arch, st.has_imatrix), new)
+    if arch.is_70b and new in (T.Q3_K, T.Q4_K):
+        new = T.Q5_K
+    return T.Q8_0 if arch.n_expert == 8 else new
+
+
+def _attn_output_rule(new: T, ftype: str, arch: ArchFacts) -> T:
+    """attn_output: by mix, except for Falcon and 8-expert models."""
+    if arch.arch == "falcon":
+        return T.Q4_K if ftype == "Q3_K_L" else new
+    if arch.n_expert == 8:
+        return T.Q5_K if ftype in _ATTN_OUTPUT_MOE8 else new
+    return _ATTN_OUTPUT.get(ftype, new)
+
+
+def _ffn_rule(st: _State, new: T, name: str, ftype: str, cat: str, arch: ArchFacts) -> T:
+    """ffn_down / ffn_gate / ffn_up: by layer (the running count, or the block number of an expert tensor)."""
+    i = _layer_of(st.take(cat), st.n_ffn, name, arch)
+    table = _FFN_DOWN if cat == "ffn_down" else _FFN_GATE_UP
+    return _by_mix(table, ftype, _Site(i, st.n_ffn, arch, st.has_imatrix), new)
+
+
+def _mix_rule(st: _State, new: T, tensor: PlanTensor, ftype: str, cat: str, arch: ArchFacts,
+              output_type: T | None) -> T:
+    """llama_tensor_get_type_impl: the per-category adjustments of each mix, in llama.cpp's order."""
+    if cat == "output" or (st.tied and cat == "token_embd"):
+        return _output_rule(new, tensor, ftype, arch, output_type)
+    if cat == "token_embd":
+        return _TOKEN_EMBD.get(ftype, new)
+    if ftype in _IQ_LOW:
+        return _iq_low_rule(st, new, ftype, cat, arch)
+    if _is_attn_v_like(cat):
+        return _attn_v_rule(st, new, ftype, arch)
+    if cat in ("attn_k", "attn_q"):
+        return T.Q8_0 if cat == "attn_k" and arch.n_expert == 8 else _ATTN_QK.get(ftype, new)
+    if cat == "attn_output":
+        return _attn_output_rule(new, ftype, arch)
+    if cat in ("ffn_down", "ffn_gate", "ffn_up"):
+        return _ffn_rule(st, new, tensor.name, ftype, cat, arch)
+    return new
+
+
+def _fallback(tensor: PlanTensor, target: T) -> T:
     """tensor_type_fallback: a 32-wide block type when the row length does not fit the target's block."""
     if tensor.row_length % _block_size(target) == 0:
         return target
@@ -395,7 +409,7 @@ def _fallback(tensor: TensorInfo, target: T) -> T:
 
 
 def plan_types(
-    tensors: Iterable[TensorInfo],
+    tensors: Iterable[PlanTensor],
     arch: ArchFacts,
     ftype: str,
     *,
@@ -445,7 +459,7 @@ def plan_types(
     return plan
 
 
-def tensor_bytes(tensor: TensorInfo, qtype: T) -> int:
+def tensor_bytes(tensor: PlanTensor, qtype: T) -> int:
     """Bytes of the tensor's data stored as ``qtype`` (whole blocks per row; block scales included)."""
     block, size = GGML_QUANT_SIZES[qtype]
     if tensor.row_length % block:

@@ -74,13 +74,13 @@ def file_type_of(ftype: str) -> gguf.LlamaFileType:
     return gguf.LlamaFileType.ALL_F32 if ftype == "F32" else gguf.LlamaFileType[f"MOSTLY_{ftype}"]
 
 
-def _tensor_infos(source: ModelSource) -> list[gguf_mix.TensorInfo]:
+def _tensor_infos(source: ModelSource) -> list[gguf_mix.PlanTensor]:
     infos = []
     for t in source.tensors:
         base = t.source_type if t.source_type in _FLOATS else T.F32
         if len(t.shape) <= 1:
             base = T.F32  # llama.cpp keeps 1-D tensors (norms, biases) in F32
-        infos.append(gguf_mix.TensorInfo(t.name, tuple(t.shape), base))
+        infos.append(gguf_mix.PlanTensor(t.name, tuple(t.shape), base))
     return infos
 
 

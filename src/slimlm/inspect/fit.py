@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from slimlm.errors import SlimlmError
-from slimlm.formats.gguf_mix import TensorInfo
+from slimlm.formats.gguf_mix import PlanTensor
 from slimlm.inspect.memory import (
     RUNTIME_OVERHEAD_DOC,
     VARIANTS,
@@ -64,7 +64,7 @@ class ModelFacts:
 
     name: str
     spec: ModelSpec
-    tensors: list[TensorInfo]
+    tensors: list[PlanTensor]
     metadata_bytes: int | None = None
     source_dtype: str | None = None  # "bfloat16", "float16", "float32" when known
     stored_bytes: int | None = None  # tensor bytes of the checkpoint as it is on disk

@@ -21,7 +21,7 @@ from gguf import GGMLQuantizationType as T
 from slimlm.errors import SlimlmError
 from slimlm.formats.gguf_mix import (
     ArchFacts,
-    TensorInfo,
+    PlanTensor,
     allows_quantization,
     normalize_ftype,
     plan_types,
@@ -75,7 +75,7 @@ def arch_facts(spec: ModelSpec) -> ArchFacts:
                      n_expert=spec.n_experts, arch=_GGUF_ARCH.get(spec.model_type, spec.model_type))
 
 
-def gguf_tensors_from_spec(spec: ModelSpec) -> list[TensorInfo]:
+def gguf_tensors_from_spec(spec: ModelSpec) -> list[PlanTensor]:
     """The tensors llama.cpp's converter writes for this architecture (names, PyTorch-order shapes).
 
     1-D tensors and MoE routers are F32 as the converter writes them; matrices are listed as F32 too (the
@@ -84,75 +84,75 @@ def gguf_tensors_from_spec(spec: ModelSpec) -> list[TensorInfo]:
     used for generation.
     """
     h, v = spec.hidden_size, spec.vocab_size
-    out = [TensorInfo("token_embd.weight", (v, h)), TensorInfo("output_norm.weight", (h,))]
+    out = [PlanTensor("token_embd.weight", (v, h)), PlanTensor("output_norm.weight", (h,))]
     if not spec.tie_word_embeddings:
-        out.append(TensorInfo("output.weight", (v, h)))
+        out.append(PlanTensor("output.weight", (v, h)))
     moe = set(spec.moe_layers)
     for i in range(spec.n_layers):
         out += _layer_tensors(spec, i, i in moe)
     return out
 
 
-def _layer_tensors(s: ModelSpec, i: int, is_moe: bool) -> list[TensorInfo]:
+def _layer_tensors(s: ModelSpec, i: int, is_moe: bool) -> list[PlanTensor]:
     b = f"blk.{i}."
     h = s.hidden_size
-    ts = [TensorInfo(b + "attn_norm.weight", (h,)), TensorInfo(b + "ffn_norm.weight", (h,))]
+    ts = [PlanTensor(b + "attn_norm.weight", (h,)), PlanTensor(b + "ffn_norm.weight", (h,))]
     if s.norms_per_layer >= 4:
-        ts += [TensorInfo(b + "post_attention_norm.weight", (h,)), TensorInfo(b + "post_ffw_norm.weight", (h,))]
+        ts += [PlanTensor(b + "post_attention_norm.weight", (h,)), PlanTensor(b + "post_ffw_norm.weight", (h,))]
     if s.is_mla:
         rope, nope, kv_rank = s.qk_rope_head_dim or 0, s.qk_nope_head_dim or 0, s.kv_lora_rank or 0
         if s.q_lora_rank:
-            ts += [TensorInfo(b + "attn_q_a.weight", (s.q_lora_rank, h)),
-                   TensorInfo(b + "attn_q_a_norm.weight", (s.q_lora_rank,)),
-                   TensorInfo(b + "attn_q_b.weight", (s.n_heads * s.head_dim, s.q_lora_rank))]
+            ts += [PlanTensor(b + "attn_q_a.weight", (s.q_lora_rank, h)),
+                   PlanTensor(b + "attn_q_a_norm.weight", (s.q_lora_rank,)),
+                   PlanTensor(b + "attn_q_b.weight", (s.n_heads * s.head_dim, s.q_lora_rank))]
         else:
-            ts.append(TensorInfo(b + "attn_q.weight", (s.n_heads * s.head_dim, h)))
-        ts += [TensorInfo(b + "attn_kv_a_mqa.weight", (kv_rank + rope, h)),
-               TensorInfo(b + "attn_kv_a_norm.weight", (kv_rank,)),
-               TensorInfo(b + "attn_k_b.weight", (s.n_heads, kv_rank, nope)),
-               TensorInfo(b + "attn_v_b.weight", (s.n_heads, s.v_head_dim, kv_rank)),
-               TensorInfo(b + "attn_output.weight", (h, s.n_heads * s.v_head_dim))]
+            ts.append(PlanTensor(b + "attn_q.weight", (s.n_heads * s.head_dim, h)))
+        ts += [PlanTensor(b + "attn_kv_a_mqa.weight", (kv_rank + rope, h)),
+               PlanTensor(b + "attn_kv_a_norm.weight", (kv_rank,)),
+               PlanTensor(b + "attn_k_b.weight", (s.n_heads, kv_rank, nope)),
+               PlanTensor(b + "attn_v_b.weight", (s.n_heads, s.v_head_dim, kv_rank)),
+               PlanTensor(b + "attn_output.weight", (h, s.n_heads * s.v_head_dim))]
     else:
         q, kv = s.n_heads * s.head_dim, s.n_kv_heads * s.head_dim
-        ts += [TensorInfo(b + "attn_q.weight", (q, h)), TensorInfo(b + "attn_k.weight", (kv, h)),
-               TensorInfo(b + "attn_v.weight", (s.n_kv_heads * s.v_head_dim, h)),
-               TensorInfo(b + "attn_output.weight", (h, s.n_heads * s.v_head_dim))]
+        ts += [PlanTensor(b + "attn_q.weight", (q, h)), PlanTensor(b + "attn_k.weight", (kv, h)),
+               PlanTensor(b + "attn_v.weight", (s.n_kv_heads * s.v_head_dim, h)),
+               PlanTensor(b + "attn_output.weight", (h, s.n_heads * s.v_head_dim))]
         if s.attention_bias:
-            ts += [TensorInfo(b + "attn_q.bias", (q,)), TensorInfo(b + "attn_k.bias", (kv,)),
-                   TensorInfo(b + "attn_v.bias", (s.n_kv_heads * s.v_head_dim,))]
+            ts += [PlanTensor(b + "attn_q.bias", (q,)), PlanTensor(b + "attn_k.bias", (kv,)),
+                   PlanTensor(b + "attn_v.bias", (s.n_kv_heads * s.v_head_dim,))]
         if s.attention_out_bias:
-            ts.append(TensorInfo(b + "attn_output.bias", (h,)))
+            ts.append(PlanTensor(b + "attn_output.bias", (h,)))
         if s.qk_norm:
-            ts += [TensorInfo(b + "attn_q_norm.weight", (s.head_dim,)),
-                   TensorInfo(b + "attn_k_norm.weight", (s.head_dim,))]
+            ts += [PlanTensor(b + "attn_q_norm.weight", (s.head_dim,)),
+                   PlanTensor(b + "attn_k_norm.weight", (s.head_dim,))]
     if is_moe:
         e, f = s.n_experts, s.moe_intermediate_size
-        ts += [TensorInfo(b + "ffn_gate_inp.weight", (e, h)),
-               TensorInfo(b + "ffn_gate_exps.weight", (e, f, h)), TensorInfo(b + "ffn_up_exps.weight", (e, f, h)),
-               TensorInfo(b + "ffn_down_exps.weight", (e, h, f))]
+        ts += [PlanTensor(b + "ffn_gate_inp.weight", (e, h)),
+               PlanTensor(b + "ffn_gate_exps.weight", (e, f, h)), PlanTensor(b + "ffn_up_exps.weight", (e, f, h)),
+               PlanTensor(b + "ffn_down_exps.weight", (e, h, f))]
         if s.router_bias:
-            ts.append(TensorInfo(b + "exp_probs_b.bias", (e,)))
+            ts.append(PlanTensor(b + "exp_probs_b.bias", (e,)))
         if s.shared_expert_intermediate_size:
             fs = s.shared_expert_intermediate_size
-            ts += [TensorInfo(b + "ffn_gate_shexp.weight", (fs, h)), TensorInfo(b + "ffn_up_shexp.weight", (fs, h)),
-                   TensorInfo(b + "ffn_down_shexp.weight", (h, fs))]
+            ts += [PlanTensor(b + "ffn_gate_shexp.weight", (fs, h)), PlanTensor(b + "ffn_up_shexp.weight", (fs, h)),
+                   PlanTensor(b + "ffn_down_shexp.weight", (h, fs))]
             if s.shared_expert_gate:
-                ts.append(TensorInfo(b + "ffn_gate_inp_shexp.weight", (h,)))
+                ts.append(PlanTensor(b + "ffn_gate_inp_shexp.weight", (h,)))
     else:
         f = s.intermediate_size
-        ts += [TensorInfo(b + "ffn_gate.weight", (f, h)), TensorInfo(b + "ffn_up.weight", (f, h)),
-               TensorInfo(b + "ffn_down.weight", (h, f))]
+        ts += [PlanTensor(b + "ffn_gate.weight", (f, h)), PlanTensor(b + "ffn_up.weight", (f, h)),
+               PlanTensor(b + "ffn_down.weight", (h, f))]
         if s.mlp_bias:
-            ts += [TensorInfo(b + "ffn_gate.bias", (f,)), TensorInfo(b + "ffn_up.bias", (f,)),
-                   TensorInfo(b + "ffn_down.bias", (h,))]
+            ts += [PlanTensor(b + "ffn_gate.bias", (f,)), PlanTensor(b + "ffn_up.bias", (f,)),
+                   PlanTensor(b + "ffn_down.bias", (h,))]
     return ts
 
 
-def gguf_tensors_from_checkpoint(ckpt: Any) -> list[TensorInfo]:
+def gguf_tensors_from_checkpoint(ckpt: Any) -> list[PlanTensor]:
     """A checkpoint's own tensor list in GGUF terms: a GGUF's tensors as they are, HF names mapped with the
     gguf package's TensorNameMap (per-expert matrices stacked as the converter does)."""
     if ckpt.format == "gguf":
-        return [TensorInfo(t.name, tuple(t.shape), T[t.ggml_type] if t.ggml_type else T.F32)
+        return [PlanTensor(t.name, tuple(t.shape), T[t.ggml_type] if t.ggml_type else T.F32)
                 for t in ckpt.tensors]
     spec = ModelSpec.from_config(ckpt.config or {})
     return hf_to_gguf_tensors([(t.name, tuple(t.shape)) for t in ckpt.tensors], spec)
@@ -161,12 +161,12 @@ def gguf_tensors_from_checkpoint(ckpt: Any) -> list[TensorInfo]:
 _EXPERT = re.compile(r"\.experts\.(\d+)\.")
 
 
-def hf_to_gguf_tensors(named_shapes: Iterable[tuple[str, tuple[int, ...]]], spec: ModelSpec) -> list[TensorInfo]:
+def hf_to_gguf_tensors(named_shapes: Iterable[tuple[str, tuple[int, ...]]], spec: ModelSpec) -> list[PlanTensor]:
     """Map HF tensor names to llama.cpp's; tensors with no GGUF counterpart (e.g. MTP layers) are dropped."""
     arch_enum = _gguf_arch_enum(spec)
     name_map = gguf.get_tensor_name_map(arch_enum, spec.n_layers + spec.mtp_layers)
     stacked: dict[str, list[tuple[int, ...]]] = {}
-    out: list[TensorInfo] = []
+    out: list[PlanTensor] = []
     for name, shape in named_shapes:
         m = re.search(r"(?:^|\.)layers\.(\d+)\.", name)
         if m and int(m.group(1)) >= spec.n_layers:
@@ -181,17 +181,17 @@ def hf_to_gguf_tensors(named_shapes: Iterable[tuple[str, tuple[int, ...]]], spec
             if mapped:
                 kv_rank, heads = spec.kv_lora_rank or 0, spec.n_heads
                 blk = mapped.rsplit(".", 2)[0]
-                out += [TensorInfo(f"{blk}.attn_k_b.weight", (heads, kv_rank, spec.qk_nope_head_dim or 0)),
-                        TensorInfo(f"{blk}.attn_v_b.weight", (heads, spec.v_head_dim, kv_rank))]
+                out += [PlanTensor(f"{blk}.attn_k_b.weight", (heads, kv_rank, spec.qk_nope_head_dim or 0)),
+                        PlanTensor(f"{blk}.attn_v_b.weight", (heads, spec.v_head_dim, kv_rank))]
             continue
         mapped = name_map.get_name(name, try_suffixes=(".weight", ".bias"))
         if mapped is None:
             continue
-        out.append(TensorInfo(mapped, shape))
+        out.append(PlanTensor(mapped, shape))
     for name, shapes in stacked.items():
         mapped = name_map.get_name(name, try_suffixes=(".weight",))
         if mapped:
-            out.append(TensorInfo(mapped, (len(shapes), *shapes[0])))
+            out.append(PlanTensor(mapped, (len(shapes), *shapes[0])))
     if spec.tie_word_embeddings:
         out = [t for t in out if t.name != "output.weight"]
     return out
@@ -235,7 +235,7 @@ def normalize_variant(name: str) -> str:
     return normalize_ftype(key)
 
 
-def gguf_weight_estimate(tensors: Sequence[TensorInfo], arch: ArchFacts, ftype: str,
+def gguf_weight_estimate(tensors: Sequence[PlanTensor], arch: ArchFacts, ftype: str,
                          **plan_options: Any) -> tuple[WeightEstimate, dict[str, T]]:
     """Tensor-data bytes of the GGUF mix ``ftype`` and the plan that gives them."""
     plan = plan_types(tensors, arch, ftype, **plan_options)
@@ -256,7 +256,7 @@ def gguf_weight_estimate(tensors: Sequence[TensorInfo], arch: ArchFacts, ftype: 
     return estimate, plan
 
 
-def ct_weight_estimate(tensors: Sequence[TensorInfo], variant: str, dtype_bytes: int = 2,
+def ct_weight_estimate(tensors: Sequence[PlanTensor], variant: str, dtype_bytes: int = 2,
                        symmetric: bool = True) -> WeightEstimate:
     """Bytes of a compressed-tensors checkpoint (W8A8 or W4A16) made from these tensors.
 
@@ -308,7 +308,7 @@ def ct_weight_estimate(tensors: Sequence[TensorInfo], variant: str, dtype_bytes:
     return WeightEstimate(v, total, params, counts, high)
 
 
-def weight_estimate(tensors: Sequence[TensorInfo], arch: ArchFacts, variant: str,
+def weight_estimate(tensors: Sequence[PlanTensor], arch: ArchFacts, variant: str,
                     dtype_bytes: int = 2) -> WeightEstimate:
     """Weights of any variant: a GGUF mix or a compressed-tensors scheme."""
     v = normalize_variant(variant)
@@ -319,14 +319,14 @@ def weight_estimate(tensors: Sequence[TensorInfo], arch: ArchFacts, variant: str
 
 # ------------------------------------------------------------------------------------- GGUF files
 
-def gguf_header_bytes(tensors: Sequence[TensorInfo], metadata_bytes: int) -> int:
+def gguf_header_bytes(tensors: Sequence[PlanTensor], metadata_bytes: int) -> int:
     """Bytes before the tensor data: fixed header, key-value metadata, tensor infos, alignment padding."""
     infos = sum(8 + len(t.name.encode()) + 4 + 8 * len(t.shape) + 4 + 8 for t in tensors)
     raw = 4 + 4 + 8 + 8 + metadata_bytes + infos
     return -(-raw // GGUF_ALIGNMENT) * GGUF_ALIGNMENT
 
 
-def gguf_file_bytes(tensors: Sequence[TensorInfo], plan: dict[str, T], metadata_bytes: int) -> int:
+def gguf_file_bytes(tensors: Sequence[PlanTensor], plan: dict[str, T], metadata_bytes: int) -> int:
     """Size of the GGUF file: header + each tensor's data padded to the 32-byte alignment."""
     data = sum(-(-tensor_bytes(t, plan[t.name]) // GGUF_ALIGNMENT) * GGUF_ALIGNMENT for t in tensors)
     return gguf_header_bytes(tensors, metadata_bytes) + data
@@ -436,7 +436,7 @@ class MemoryEstimate:
 
 
 def estimate_memory(spec: ModelSpec, variant: str, *, context: int = 4096, batch: int = 1,
-                    cache_type: str = "f16", tensors: Sequence[TensorInfo] | None = None,
+                    cache_type: str = "f16", tensors: Sequence[PlanTensor] | None = None,
                     metadata_bytes: int | None = None, dtype_bytes: int = 2) -> MemoryEstimate:
     """Weights + KV cache + overhead to run ``spec`` as ``variant``, and (GGUF) the file size.
 

@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
 
 from slimlm.errors import SlimlmError
 from slimlm.formats.gguf_mix import FTYPE_DEFAULT
+
+if TYPE_CHECKING:
+    from slimlm.inspect.catalog import CatalogEntry
+    from slimlm.spec import ModelSpec
 
 # ----------------------------------------------------------------------------------- quantizations
 
@@ -280,24 +284,37 @@ def _catalog_entry(model_name: str, parts: list[Part]):
 
 def explain(name: str, *, context: int = 4096, batch: int = 1) -> dict[str, Any]:
     """Explain a model name: parts, family, variant, parameters, quantization, file size and memory."""
-    from slimlm.inspect.memory import estimate_memory
-    from slimlm.inspect.params import count_spec, size_label
-    from slimlm.spec import ModelSpec
-
     model_name, parts, quant, notes = split_name(name)
     entry, entry_note = _catalog_entry(model_name, parts)
     if entry_note:
         notes.append(entry_note)
     out: dict[str, Any] = {"input": name, "parts": [p.to_dict() for p in parts], "notes": notes}
     unknown = [p.text for p in parts if p.kind == "unknown"]
-
     family = next((p.text for p in parts if p.kind == "family"), None)
     out["family"] = entry.family if entry else family
-    variant: dict[str, Any] = {}
+    out["variant"] = _variant(parts, entry, family)
+    out["architecture"] = entry.architecture if entry else None
+    spec = _explain_parameters(out, parts, entry, model_name, unknown)
+    if quant is not None:
+        out.update(_explain_quant(quant, spec, context, batch))
+        unknown += quant.unknown
+    else:
+        out["quantization"] = None
+        if spec is not None:
+            out.update(_original_size(spec, entry, parts, notes, context, batch))
+    if not parts:
+        raise SlimlmError(f"nothing to explain in {name!r}")
+    out["unknown"] = unknown
+    out["summary"] = _summary(out)
+    return out
+
+
+def _variant(parts: list[Part], entry: CatalogEntry | None, family: str | None) -> dict[str, Any] | None:
+    """What the variant words (Instruct, Distill, Zero, Base) say about how the model was trained."""
     words = {p.text.lower() for p in parts if p.kind in ("variant", "student")}
     if "zero" in words:
-        variant = {"kind": "zero", "meaning": "trained by reinforcement learning alone (no supervised fine-tuning)"}
-    elif "distill" in words:
+        return {"kind": "zero", "meaning": "trained by reinforcement learning alone (no supervised fine-tuning)"}
+    if "distill" in words:
         student = next((p.text for p in parts if p.kind == "student"), None)
         variant = {"kind": "distill", "teacher": entry.teacher if entry and entry.teacher else
                    (family if family and family.lower() != "deepseek" else None),
@@ -308,19 +325,27 @@ def explain(name: str, *, context: int = 4096, batch: int = 1) -> dict[str, Any]
         variant["meaning"] = (f"{variant['teacher'] or 'a teacher model'} distilled into a "
                               f"{variant['student_architecture'] or 'student (architecture unknown)'} student"
                               + (f" ({variant['student_base']})" if variant.get("student_base") else ""))
-    elif entry is not None and entry.teacher:
-        variant = {"kind": "distill", "teacher": entry.teacher, "student_architecture": entry.architecture,
-                   "student_base": entry.student_base,
-                   "meaning": f"{entry.teacher} distilled into a {entry.architecture} student ({entry.student_base})"}
-    elif "instruct" in words or "chat" in words or "it" in words:
-        variant = {"kind": "instruct", "meaning": "instruction-tuned"}
-    elif "base" in words:
-        variant = {"kind": "base", "meaning": "pretrained only"}
-    out["variant"] = variant or None
-    out["architecture"] = entry.architecture if entry else None
+        return variant
+    if entry is not None and entry.teacher:
+        return {"kind": "distill", "teacher": entry.teacher, "student_architecture": entry.architecture,
+                "student_base": entry.student_base,
+                "meaning": f"{entry.teacher} distilled into a {entry.architecture} student ({entry.student_base})"}
+    if "instruct" in words or "chat" in words or "it" in words:
+        return {"kind": "instruct", "meaning": "instruction-tuned"}
+    if "base" in words:
+        return {"kind": "base", "meaning": "pretrained only"}
+    return None
+
+
+def _explain_parameters(out: dict[str, Any], parts: list[Part], entry: CatalogEntry | None,
+                        model_name: str | None, unknown: list[str]) -> ModelSpec | None:
+    """Fill out["model"] and out["parameters"] (counted when the catalog knows the model); its ModelSpec or None."""
+    from slimlm.inspect.params import count_spec, size_label
+    from slimlm.spec import ModelSpec
 
     labels = [p.text for p in parts if p.kind == "size"]
     params: dict[str, Any] = {"name_label": labels[0] if labels else (entry.label if entry else None)}
+    spec = None
     if entry is not None:
         spec = ModelSpec.from_config(entry.config)
         count = count_spec(spec)
@@ -330,12 +355,11 @@ def explain(name: str, *, context: int = 4096, batch: int = 1) -> dict[str, Any]
             params.update(active=count.active, active_billions=round(count.active / 1e9, 1))
         params["note"] = _label_note(entry.label, count.total, spec)
         if count.mtp:
-            notes.append(f"the checkpoint also stores a multi-token-prediction module ({count.mtp / 1e9:.1f}B "
-                         "parameters) used only for speculative decoding; counts and sizes here leave it out, "
-                         "as llama.cpp does")
+            out["notes"].append(f"the checkpoint also stores a multi-token-prediction module ({count.mtp / 1e9:.1f}B "
+                                "parameters) used only for speculative decoding; counts and sizes here leave it out, "
+                                "as llama.cpp does")
         out["model"] = entry.name
     else:
-        spec = None
         params.update(count=None, label=None,
                       note="the model is not in the built-in catalog, so its exact size is unknown" if model_name
                       else "the name names no model")
@@ -343,48 +367,53 @@ def explain(name: str, *, context: int = 4096, batch: int = 1) -> dict[str, Any]
         if model_name:
             unknown.append(f"model {model_name!r} (not in the catalog)")
     out["parameters"] = params
+    return spec
 
-    if quant is not None:
-        q = quant.to_dict()
-        if spec is not None and quant.variant is not None:
-            est = estimate_memory(spec, quant.variant, context=context, batch=batch)
-            q["bits_per_weight"] = round(est.weights.bits_per_weight, 2)
-            q["types"] = est.weights.type_counts
-            q["high_precision"] = est.weights.high_precision
-            out["estimated_file_bytes"] = est.file_bytes if est.file_bytes is not None else est.weights.bytes
-            out["estimated_file_gb"] = round(out["estimated_file_bytes"] / 1e9, 2)
-            out["memory"] = {"context": context, "batch": batch, "weights_bytes": est.weights.bytes,
-                             "kv_cache_bytes": est.kv.bytes, "overhead_bytes": est.overhead,
-                             "total_bytes": est.total, "total_gib": round(est.total / 2**30, 2)}
-        else:
-            q["bits_per_weight"] = quant.nominal_bits
-            if quant.format == "GGUF":
-                q["bits_per_weight_note"] = ("bits of the mix's main type; a whole file averages more because "
-                                             "some tensors get more bits (name a known model to compute it)")
-        out["quantization"] = q
-        unknown += quant.unknown
+
+def _sizes(est: Any, context: int, batch: int) -> dict[str, Any]:
+    """File size and memory to run, from an estimate_memory result."""
+    file_bytes = est.file_bytes if est.file_bytes is not None else est.weights.bytes
+    return {"estimated_file_bytes": file_bytes, "estimated_file_gb": round(file_bytes / 1e9, 2),
+            "memory": {"context": context, "batch": batch, "weights_bytes": est.weights.bytes,
+                       "kv_cache_bytes": est.kv.bytes, "overhead_bytes": est.overhead,
+                       "total_bytes": est.total, "total_gib": round(est.total / 2**30, 2)}}
+
+
+def _explain_quant(quant: QuantInfo, spec: ModelSpec | None, context: int, batch: int) -> dict[str, Any]:
+    """The quantization the name gives, with sizes when the model is known (else the mix's nominal bits)."""
+    from slimlm.inspect.memory import estimate_memory
+
+    q = quant.to_dict()
+    sizes: dict[str, Any] = {}
+    if spec is not None and quant.variant is not None:
+        est = estimate_memory(spec, quant.variant, context=context, batch=batch)
+        q["bits_per_weight"] = round(est.weights.bits_per_weight, 2)
+        q["types"] = est.weights.type_counts
+        q["high_precision"] = est.weights.high_precision
+        sizes = _sizes(est, context, batch)
     else:
-        out["quantization"] = None
-        if spec is not None:
-            qc = (entry.config.get("quantization_config") or {}) if entry is not None else {}
-            original = "FP8" if qc.get("quant_method") == "fp8" else "BF16"
-            notes.append(f"the name gives no quantization; sizes below are for the {original} original"
-                         + (" (FP8 weights with 128x128-block scales, as published)" if original == "FP8" else ""))
-            est = estimate_memory(spec, original, context=context, batch=batch)
-            if any(p.kind == "ollama_tag" for p in parts):
-                q4 = estimate_memory(spec, "Q4_K_M", context=context, batch=batch)
-                notes.append(f"Ollama's tags without a quantization download a Q4_K_M GGUF (about "
-                             f"{q4.file_bytes / 1e9:.2f} GB, {q4.total / 2**30:.2f} GiB to run at context {context})")
-            out["estimated_file_bytes"] = est.file_bytes if est.file_bytes is not None else est.weights.bytes
-            out["estimated_file_gb"] = round(out["estimated_file_bytes"] / 1e9, 2)
-            out["memory"] = {"context": context, "batch": batch, "weights_bytes": est.weights.bytes,
-                             "kv_cache_bytes": est.kv.bytes, "overhead_bytes": est.overhead,
-                             "total_bytes": est.total, "total_gib": round(est.total / 2**30, 2)}
-    if not parts:
-        raise SlimlmError(f"nothing to explain in {name!r}")
-    out["unknown"] = unknown
-    out["summary"] = _summary(out)
-    return out
+        q["bits_per_weight"] = quant.nominal_bits
+        if quant.format == "GGUF":
+            q["bits_per_weight_note"] = ("bits of the mix's main type; a whole file averages more because "
+                                         "some tensors get more bits (name a known model to compute it)")
+    return {**sizes, "quantization": q}
+
+
+def _original_size(spec: ModelSpec, entry: CatalogEntry | None, parts: list[Part], notes: list[str], context: int,
+                   batch: int) -> dict[str, Any]:
+    """No quantization in the name: sizes of the original weights as published (BF16, or FP8 where so)."""
+    from slimlm.inspect.memory import estimate_memory
+
+    qc = (entry.config.get("quantization_config") or {}) if entry is not None else {}
+    original = "FP8" if qc.get("quant_method") == "fp8" else "BF16"
+    notes.append(f"the name gives no quantization; sizes below are for the {original} original"
+                 + (" (FP8 weights with 128x128-block scales, as published)" if original == "FP8" else ""))
+    est = estimate_memory(spec, original, context=context, batch=batch)
+    if any(p.kind == "ollama_tag" for p in parts):
+        q4 = estimate_memory(spec, "Q4_K_M", context=context, batch=batch)
+        notes.append(f"Ollama's tags without a quantization download a Q4_K_M GGUF (about "
+                     f"{q4.file_bytes / 1e9:.2f} GB, {q4.total / 2**30:.2f} GiB to run at context {context})")
+    return _sizes(est, context, batch)
 
 
 def _label_note(label: str, total: int, spec: Any) -> str:
