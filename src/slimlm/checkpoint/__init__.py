@@ -16,14 +16,17 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from slimlm.checkpoint.gguf_file import config_from_gguf, read_gguf_header
 from slimlm.checkpoint.safetensors_header import read_safetensors_header
 from slimlm.checkpoint.types import Checkpoint, TensorInfo
 from slimlm.errors import SlimlmError
 
-__all__ = ["Checkpoint", "TensorInfo", "open_checkpoint", "read_config", "PICKLE_SUFFIXES"]
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["Checkpoint", "TensorInfo", "open_checkpoint", "read_config", "read_state_dict", "PICKLE_SUFFIXES"]
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 _MAX_JSON_BYTES = 50_000_000
@@ -47,6 +50,15 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     if suffix == ".json":
         return Checkpoint(path=path, format="config", config=read_config(path))
     raise SlimlmError(f"{path}: unrecognised file type (expected .safetensors, .gguf, config.json or a model dir)")
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a complete checkpoint, as private torch copies in their stored dtypes."""
+    ckpt = open_checkpoint(path)
+    if not ckpt.tensors:
+        raise SlimlmError(f"{path} holds no .safetensors file")
+    ckpt.check_complete()
+    return {t.name: ckpt.load_torch(t) for t in ckpt.tensors}
 
 
 def read_config(path: Path) -> dict[str, Any]:
