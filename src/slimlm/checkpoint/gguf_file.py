@@ -29,7 +29,6 @@ V = GGUFValueType
 _CODES = {V.UINT8: "B", V.INT8: "b", V.UINT16: "H", V.INT16: "h", V.UINT32: "I", V.INT32: "i", V.FLOAT32: "f",
           V.BOOL: "?", V.UINT64: "Q", V.INT64: "q", V.FLOAT64: "d"}
 _SIZES = {vtype: struct.calcsize("<" + code) for vtype, code in _CODES.items()}
-_VALUE_TYPES = {int(v): v for v in V}
 _MAX_DIMS = 4  # GGML_MAX_DIMS
 # Metadata arrays longer than this (tokenizer vocabularies, merges) are summarised, not decoded.
 _MAX_ARRAY_ITEMS = 64
@@ -162,23 +161,16 @@ def _read_str(buf: Any, pos: int, order: str) -> tuple[bytes, int]:
     return bytes(buf[pos + 8:end]), end
 
 
-def _value_type(raw: int) -> GGUFValueType:
-    vtype = _VALUE_TYPES.get(raw)
-    if vtype is None:
-        raise ValueError(f"unknown GGUF value type {raw}")
-    return vtype
-
-
 def _scan_fields(buf: Any, pos: int, count: int, order: str) -> tuple[list[GGUFField], int]:
     fields = []
     seen = {"GGUF.version", "GGUF.tensor_count", "GGUF.kv_count"}  # GGUFReader's own keys
     for _ in range(count):
         raw_key, pos = _read_str(buf, pos, order)
         _need(buf, pos + 4)
-        vtype = _value_type(struct.unpack_from(order + "I", buf, pos)[0])
+        vtype = V(struct.unpack_from(order + "I", buf, pos)[0])
         start = pos + 4
         end = _skip(buf, start, vtype, order)
-        sub = _value_type(struct.unpack_from(order + "I", buf, start)[0]) if vtype == V.ARRAY else None
+        sub = V(struct.unpack_from(order + "I", buf, start)[0]) if vtype == V.ARRAY else None
         key = raw_key.decode("utf-8")
         if key in seen:
             raise KeyError(f"duplicate key {key!r}")
@@ -199,7 +191,7 @@ def _skip(buf: Any, pos: int, vtype: GGUFValueType, order: str) -> int:
     # an array: item type, count, items
     _need(buf, pos + 12)
     raw_itype, count = struct.unpack_from(order + "IQ", buf, pos)
-    itype = _value_type(raw_itype)
+    itype = V(raw_itype)
     pos += 12
     size = _SIZES.get(itype)
     if size is not None:
@@ -276,7 +268,7 @@ def _decode(raw: bytes, pos: int, vtype: GGUFValueType, order: str) -> tuple[Any
         end = pos + 8 + struct.unpack_from(order + "Q", raw, pos)[0]
         return bytes(raw[pos + 8:end]).decode("utf-8"), end
     itype_raw, count = struct.unpack_from(order + "IQ", raw, pos)
-    itype, pos = _value_type(itype_raw), pos + 12
+    itype, pos = V(itype_raw), pos + 12
     if itype in _CODES:
         dtype = np.dtype(order + _CODES[itype]) if itype != V.BOOL else np.dtype(np.bool_)
         return np.frombuffer(raw, dtype, count, pos).tolist(), pos + _SIZES[itype] * count
@@ -294,7 +286,7 @@ def _leaves(raw: bytes, pos: int, order: str) -> tuple[int, GGUFValueType, int]:
     """(leaf count, leaf type, end) of the array at ``pos``, as GGUFReader counts and types an array's data:
     nested arrays flattened, the type of the first item's innermost value (ARRAY when an array is empty)."""
     itype_raw, count = struct.unpack_from(order + "IQ", raw, pos)
-    itype = _value_type(itype_raw)
+    itype = V(itype_raw)
     if itype != V.ARRAY:
         return count, itype if count else V.ARRAY, _skip(raw, pos, V.ARRAY, order)
     total, leaf, pos = 0, V.ARRAY, pos + 12

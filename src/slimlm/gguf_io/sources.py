@@ -7,11 +7,10 @@ with llama.cpp's layout already applied (Q/K rope permutation, Gemma's norm + 1)
 
 from __future__ import annotations
 
-import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import gguf
 import numpy as np
@@ -21,8 +20,6 @@ from slimlm.checkpoint.gguf_file import GGUFHeader
 from slimlm.checkpoint.names import TensorNames, permute_for_rope
 from slimlm.errors import SlimlmError
 from slimlm.gguf_io.architectures import ArchSpec, arch_spec, llama3_rope_factors, rope_parameters
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -152,6 +149,3 @@ def open_source(path: Path) -> ModelSource:
         return open_gguf(path)
     return open_hf_dir(path)
 
-
-def iter_names(source: ModelSource) -> Iterator[str]:
-    return (t.name for t in source.tensors)
