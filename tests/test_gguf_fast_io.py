@@ -1,5 +1,5 @@
 """The fast GGUF paths give the slow paths' results: FastGGUFWriter packs metadata arrays in bulk to the same
-bytes as GGUFWriter, read_header finds what GGUFReader finds, re-quantizing through it equals the GGUFReader
+bytes as GGUFWriter, read_gguf_header finds what GGUFReader finds, re-quantizing through it equals the GGUFReader
 path, and the post-processor probe says what the full tokenizer says about BOS/EOS."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import gguf
 import numpy as np
 import pytest
 
-from slimlm.gguf_io.gguf_header import read_header
+from slimlm.checkpoint.gguf_file import read_gguf_header
 from slimlm.gguf_io.writer import FastGGUFWriter
 
 V = gguf.GGUFValueType
@@ -73,7 +73,8 @@ def test_fast_writer_leaves_mixed_arrays_to_gguf(tmp_path: Path) -> None:
 def test_read_header_matches_gguf_reader(tmp_path: Path) -> None:
     path = tmp_path / "m.gguf"
     _write(gguf.GGUFWriter, path)
-    fields, tensors = read_header(path)
+    header = read_gguf_header(path)
+    fields, tensors = header.fields, header.tensors
     reader = gguf.GGUFReader(path)
     assert [f.key for f in fields] == [k for k in reader.fields if not k.startswith("GGUF.")]
     for f in fields:
@@ -82,10 +83,20 @@ def test_read_header_matches_gguf_reader(tmp_path: Path) -> None:
         if f.type == V.ARRAY:
             assert f.sub_type == ref.types[1]
         else:
-            assert f.scalar() == pytest.approx(ref.contents())
-    assert [(t.name, t.dims, t.type) for t in tensors] == [
+            assert f.value() == pytest.approx(ref.contents())
+    assert [(t.name, tuple(reversed(t.shape)), gguf.GGMLQuantizationType[t.ggml_type]) for t in tensors] == [
         (t.name, tuple(int(d) for d in t.shape), t.tensor_type) for t in reader.tensors]
     assert [t.offset for t in tensors] == [t.data_offset for t in reader.tensors]  # absolute offsets
+
+
+def _copy_with_gguf_reader(writer: gguf.GGUFWriter, source) -> dict:
+    """The GGUFReader path of copying a GGUF's metadata: every value decoded, then encoded again."""
+    for key, f in gguf.GGUFReader(source.path).fields.items():
+        if key.startswith(("GGUF.", "quantize.")) or key in ("general.file_type", "general.quantization_version",
+                                                             "general.architecture"):
+            continue
+        writer.add_key_value(key, f.contents(), f.types[0], f.types[-1] if f.types[0] == V.ARRAY else None)
+    return {"model": "copied"}
 
 
 def test_requantize_through_header_equals_gguf_reader(tmp_path: Path, tiny_llama_dir: Path, monkeypatch) -> None:
@@ -94,7 +105,7 @@ def test_requantize_through_header_equals_gguf_reader(tmp_path: Path, tiny_llama
     src = tmp_path / "src.gguf"
     quantize_gguf(tiny_llama_dir, "Q8_0", src)
     quantize_gguf(src, "Q4_0", tmp_path / "fast.gguf")
-    monkeypatch.setattr("slimlm.gguf_io.gguf_header.read_header", lambda path: None)
+    monkeypatch.setattr("slimlm.gguf_io.quantize.write_source_metadata", _copy_with_gguf_reader)
     quantize_gguf(src, "Q4_0", tmp_path / "reader.gguf")
     assert (tmp_path / "fast.gguf").read_bytes() == (tmp_path / "reader.gguf").read_bytes()
 

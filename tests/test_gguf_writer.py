@@ -15,7 +15,7 @@ from slimlm.evaluate.llamacpp import open_llama
 
 from slimlm.errors import SlimlmError
 from slimlm.gguf_io.quantize import quantize_gguf
-from slimlm.gguf_io.sources import permute_for_rope
+from slimlm.checkpoint.names import permute_for_rope
 
 
 def _fields(path: Path) -> dict:

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from slimlm.algorithms.awq import awq_layer
@@ -30,6 +29,8 @@ from slimlm.algorithms.rtn import rtn_quantize
 from slimlm.algorithms.smoothquant import DEFAULT_STRENGTH, smooth_layer
 from slimlm.algorithms.stats import LayerStats, StatsCollector
 from slimlm.calibration import DEFAULT_SAMPLES, DEFAULT_SEQ_LEN, Calibration, load_calibration
+from slimlm.checkpoint import Checkpoint, open_checkpoint
+from slimlm.checkpoint.tensor_data import torch_dtype
 from slimlm.errors import SlimlmError
 from slimlm.export.compressed_tensors import (
     ShardWriter,
@@ -43,37 +44,10 @@ from slimlm.schemes import QuantConfig, check_method, get_scheme
 log = logging.getLogger(__name__)
 
 
-# ---------------------------------------------------------------- lazy checkpoint (one layer at a time)
-class _Checkpoint:
-    """Tensor name → safetensors file of an HF model dir (sharded or not); tensors read on demand (mmap)."""
-
-    def __init__(self, model_dir: Path):
-        self.dir = model_dir
-        files = sorted(model_dir.glob("*.safetensors"))
-        if not files:
-            raise SlimlmError(f"{model_dir} holds no .safetensors weights (an HF model dir is needed)")
-        self.where: dict[str, Path] = {}
-        self.dtypes: dict[str, torch.dtype] = {}
-        self._handles = {}
-        for f in files:
-            h = safe_open(str(f), framework="pt")
-            self._handles[f] = h
-            for k in h.keys():
-                self.where[k] = f
-
-    def get(self, name: str) -> torch.Tensor:
-        if name not in self.where:
-            raise SlimlmError(f"{self.dir}: tensor {name} is missing")
-        return self._handles[self.where[name]].get_tensor(name)
-
-    def keys_with_prefix(self, prefix: str) -> list[str]:
-        return [k for k in self.where if k.startswith(prefix)]
-
-
-def _materialize(module: torch.nn.Module, prefix: str, ckpt: _Checkpoint, dtype: torch.dtype) -> None:
+def _materialize(module: torch.nn.Module, prefix: str, ckpt: Checkpoint, dtype: torch.dtype) -> None:
     state = {}
     for name, p in module.named_parameters():
-        state[name] = ckpt.get(prefix + name).to(dtype)
+        state[name] = ckpt.load_torch(prefix + name).to(dtype)
     module.load_state_dict(state, strict=False, assign=True)
 
 
@@ -249,7 +223,10 @@ def _quantize_model(model, output, *, scheme, method, group_size, symmetric, ign
     # Scales are stored in the model's own dtype (read before from_config, which overwrites config.dtype).
     store_dtype = getattr(hf_config, "dtype", None)
     store_dtype = getattr(torch, str(store_dtype).replace("torch.", "")) if store_dtype else torch.float32
-    ckpt = _Checkpoint(model_dir)
+    ckpt = open_checkpoint(model_dir)  # tensors read one layer at a time
+    if not ckpt.tensors:
+        raise SlimlmError(f"{model_dir} holds no .safetensors weights (an HF model dir is needed)")
+    ckpt.check_complete()
     with init_empty_weights(include_buffers=False):
         skeleton = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
     skeleton.eval()
@@ -391,10 +368,10 @@ def _quantize_model(model, output, *, scheme, method, group_size, symmetric, ign
                     owner = pname.rsplit(".", 1)[0]
                     if owner in quant_names and pname.endswith(".weight"):
                         continue
-                    tensors[prefix + pname] = p.detach().to(ckpt.get(prefix + pname).dtype)
-                for key in ckpt.keys_with_prefix(prefix):
+                    tensors[prefix + pname] = p.detach().to(torch_dtype(ckpt.tensor(prefix + pname)))
+                for key in [t.name for t in ckpt.tensors if t.name.startswith(prefix)]:
                     if key not in tensors and not any(key.startswith(prefix + n + ".") for n in quant_names):
-                        tensors[key] = ckpt.get(key)
+                        tensors[key] = ckpt.load_torch(key)
                 writer.add(tensors)
 
                 if run_next:
@@ -411,7 +388,7 @@ def _quantize_model(model, output, *, scheme, method, group_size, symmetric, ign
 
             # Everything outside the decoder layers (embeddings, final norm, lm_head) is kept as stored.
             layer_prefix = f"{dprefix}layers."
-            rest = {k: ckpt.get(k) for k in ckpt.where if not k.startswith(layer_prefix)}
+            rest = {t.name: ckpt.load_torch(t) for t in ckpt.tensors if not t.name.startswith(layer_prefix)}
             ignored += [k.rsplit(".", 1)[0] for k in rest
                         if k.endswith(".weight") and isinstance(_module_at(skeleton, k.rsplit(".", 1)[0]),
                                                                 torch.nn.Linear)]

@@ -1,25 +1,32 @@
 """Open model checkpoints lazily: HF dirs (single or sharded safetensors), .safetensors, .gguf, config.json.
 
-Only headers and JSON are read; tensor data is never touched, so a 700 GB checkpoint opens in
-milliseconds, and a partial download opens too (with a warning saying how many bytes are missing).
+Only headers and JSON are read on opening; tensor data is never touched, so a 700 GB checkpoint opens in
+milliseconds, and a partial download opens too (with a warning saying how many bytes are missing). Tensors
+are then loaded one at a time, mapped from the file (``ckpt.load_array / load_raw / load_torch``).
 Pickle-based weights (.bin/.pt/.pth/.ckpt) are refused: loading them can run arbitrary code.
+This package is slimlm's one reader: the one GGUF header parser (gguf_file), the one safetensors header
+parser (safetensors_header) and the one HF<->GGUF tensor-name map (names).
 
     from slimlm.checkpoint import open_checkpoint
     ckpt = open_checkpoint("path/to/model")   # Checkpoint(format=..., tensors=[TensorInfo...], config=...)
+    w = ckpt.load_array("model.layers.0.mlp.down_proj.weight")   # float32
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from slimlm.checkpoint.gguf_file import config_from_gguf, read_gguf
+from slimlm.checkpoint.gguf_file import config_from_gguf, read_gguf_header
 from slimlm.checkpoint.safetensors_header import read_safetensors_header
 from slimlm.checkpoint.types import Checkpoint, TensorInfo
 from slimlm.errors import SlimlmError
 
-__all__ = ["Checkpoint", "TensorInfo", "open_checkpoint", "read_config", "PICKLE_SUFFIXES"]
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["Checkpoint", "TensorInfo", "open_checkpoint", "read_config", "read_state_dict", "PICKLE_SUFFIXES"]
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 _MAX_JSON_BYTES = 50_000_000
@@ -43,6 +50,15 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     if suffix == ".json":
         return Checkpoint(path=path, format="config", config=read_config(path))
     raise SlimlmError(f"{path}: unrecognised file type (expected .safetensors, .gguf, config.json or a model dir)")
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a complete checkpoint, as private torch copies in their stored dtypes."""
+    ckpt = open_checkpoint(path)
+    if not ckpt.tensors:
+        raise SlimlmError(f"{path} holds no .safetensors file")
+    ckpt.check_complete()
+    return {t.name: ckpt.load_torch(t) for t in ckpt.tensors}
 
 
 def read_config(path: Path) -> dict[str, Any]:
@@ -137,8 +153,10 @@ def _open_safetensors_files(path: Path, files: list[Path], fmt: str, config: dic
 
 
 def _open_gguf(path: Path) -> Checkpoint:
-    tensors, metadata, expected, actual = read_gguf(path)
-    ckpt = Checkpoint(path=path, format="gguf", tensors=tensors, gguf_metadata=metadata, file_bytes=actual)
+    header = read_gguf_header(path)
+    tensors, metadata, expected, actual = header.tensors, header.metadata(), header.data_end, header.file_size
+    ckpt = Checkpoint(path=path, format="gguf", tensors=tensors, gguf_metadata=metadata, file_bytes=actual,
+                      gguf_header=header)
     try:
         ckpt.config = config_from_gguf(metadata, tensors)
     except (TypeError, ValueError, AttributeError):

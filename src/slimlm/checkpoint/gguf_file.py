@@ -1,92 +1,246 @@
-"""Read a GGUF file's metadata and tensor table with the `gguf` package, never its tensor data.
+"""Read a GGUF file's header (metadata and tensor table), never its tensor data: slimlm's one GGUF parser.
 
-``gguf.GGUFReader`` memory-maps the file and parses the header. Two additions make it safe on files from
-the wild: every header read is bounds-checked against the file size (a corrupt array length would otherwise
-send the reader through as many iterations over empty slices as the length says), and the tensor table is recorded
-without building data views, so a file whose data is cut short (a partial download) still opens.
+A raw scan over a read-only mmap, not gguf's GGUFReader: the reader builds a numpy view for every part of
+every field, seconds on a ~150k-token vocabulary, while the scan reads only lengths and keeps each metadata
+value as its encoded bytes, decoded when asked (so re-quantizing copies metadata byte for byte). Two rules
+make it safe on files from the wild: every read is bounds-checked against the file size (a corrupt count or
+length is a "truncated GGUF header", never a loop over empty reads), and the tensor table is recorded without
+touching the data, so a partial download still opens. Both byte orders are read, as GGUFReader does (a
+big-endian file's version reads as a multiple of 2^16 on a little-endian host).
 """
 
 from __future__ import annotations
 
+import mmap
+import struct
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from gguf import GGUFReader, GGUFValueType
-from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf import GGML_QUANT_SIZES, GGUF_DEFAULT_ALIGNMENT, GGMLQuantizationType, GGUFValueType
 
 from slimlm.checkpoint.types import TensorInfo
 from slimlm.errors import SlimlmError
 
-# Metadata arrays longer than this (tokenizer vocabularies, merges) are summarised, not copied.
+V = GGUFValueType
+# struct codes of the fixed-size value types (without byte order)
+_CODES = {V.UINT8: "B", V.INT8: "b", V.UINT16: "H", V.INT16: "h", V.UINT32: "I", V.INT32: "i", V.FLOAT32: "f",
+          V.BOOL: "?", V.UINT64: "Q", V.INT64: "q", V.FLOAT64: "d"}
+_SIZES = {vtype: struct.calcsize("<" + code) for vtype, code in _CODES.items()}
+_MAX_DIMS = 4  # GGML_MAX_DIMS
+# Metadata arrays longer than this (tokenizer vocabularies, merges) are summarised, not decoded.
 _MAX_ARRAY_ITEMS = 64
 
 
-class _HeaderTruncated(Exception):
+class _Truncated(Exception):
     pass
 
 
-class _HeaderOnlyReader(GGUFReader):
-    """GGUFReader that refuses reads past the end of the file and records tensors without data views."""
+@dataclass(frozen=True)
+class GGUFField:
+    """One metadata key-value as stored: ``raw`` is the encoded value (what follows the value type)."""
 
-    # GGUFReader stores np.memmap(path) in ``self.data``; keeping a plain ndarray view of the same mapping
-    # instead skips numpy's memmap bookkeeping on each of the ~10^5 small header reads (3x faster).
+    key: str
+    type: GGUFValueType
+    sub_type: GGUFValueType | None  # item type of an array
+    raw: bytes
+    byte_order: str = "<"  # struct's "<" or ">"
+
+    def value(self) -> Any:
+        """The value as plain Python; nested arrays are flattened, as GGUFReader.contents() does."""
+        return _decode(self.raw, 0, self.type, self.byte_order)[0]
+
+    def summary(self) -> Any:
+        """The value, or "<array of N item>" for arrays longer than 64 items (left undecoded)."""
+        if self.type != V.ARRAY:
+            return self.value()
+        count, leaf, _ = _leaves(self.raw, 0, self.byte_order)
+        if count > _MAX_ARRAY_ITEMS:
+            return f"<array of {count} {leaf.name.lower()}>"
+        return self.value()
+
+
+@dataclass(frozen=True)
+class GGUFHeader:
+    """A GGUF file's header: fields in file order, tensors (absolute data offsets), where the data starts."""
+
+    path: Path
+    version: int
+    big_endian: bool
+    fields: list[GGUFField]
+    tensors: list[TensorInfo]
+    data_offset: int
+    file_size: int
+
+    def field(self, key: str) -> GGUFField | None:
+        return next((f for f in self.fields if f.key == key), None)
+
+    def metadata(self) -> dict[str, Any]:
+        """Every key as plain Python, long arrays summarised (GGUFReader's GGUF.* header keys included)."""
+        meta: dict[str, Any] = {"GGUF.version": self.version, "GGUF.tensor_count": len(self.tensors),
+                                "GGUF.kv_count": len(self.fields)}
+        try:
+            meta.update((f.key, f.summary()) for f in self.fields)
+        except ValueError as exc:  # a string that is not UTF-8
+            raise _corrupt(self.path, exc) from None
+        return meta
+
     @property
-    def data(self) -> np.ndarray:
-        return self._plain_data
-
-    @data.setter
-    def data(self, value: np.ndarray) -> None:
-        self._plain_data = value.view(np.ndarray)
-
-    def _get(self, offset, dtype, count=1, override_order=None):  # type: ignore[override]
-        count = int(count)
-        end = int(offset) + np.dtype(dtype).itemsize * count
-        if offset < 0 or count < 0 or end > len(self.data):
-            raise _HeaderTruncated(f"header needs byte {end} but the file has {len(self.data)}")
-        return super()._get(offset, dtype, count, override_order)
-
-    def _build_tensors(self, start_offs, fields):  # type: ignore[override]
-        infos: list[tuple[str, int, list[int], int]] = []
-        seen: set[str] = set()
-        for fld in fields:
-            _len, name_data, _ndims, dims, raw_type, offset = fld.parts
-            name = bytes(name_data).decode("utf-8")
-            if name in seen:
-                raise ValueError(f"duplicate tensor {name!r}")
-            seen.add(name)
-            infos.append((name, int(raw_type[0]), [int(d) for d in dims], int(start_offs + offset[0])))
-        self.tensor_infos = infos
-        self.tensors = []
+    def data_end(self) -> int:
+        """The file size the tensor table describes (the actual size is ``file_size``)."""
+        return max((t.offset + t.nbytes for t in self.tensors), default=self.file_size)  # type: ignore[operator]
 
 
-def read_gguf(path: Path) -> tuple[list[TensorInfo], dict[str, Any], int, int]:
-    """Return (tensors, metadata, expected file size, actual file size) of a GGUF file."""
+def read_gguf_header(path: Path) -> GGUFHeader:
+    """Parse the header of a GGUF file; anything malformed is a one-line SlimlmError naming the file."""
+    path = Path(path)
     try:
         size = path.stat().st_size
     except OSError as exc:
         raise SlimlmError(f"{path}: cannot read ({exc.strerror or exc})") from None
     if size < 24:
         raise SlimlmError(f"{path}: not a GGUF file ({size} bytes, shorter than a GGUF header)")
-    with path.open("rb") as f:
-        if f.read(4) != b"GGUF":
-            raise SlimlmError(f"{path}: not a GGUF file (bad magic bytes)")
     try:
-        reader = _HeaderOnlyReader(path, "r")
-        tensors = [_tensor_info(path, *info) for info in reader.tensor_infos]
-        metadata = {name: _field_value(fld) for name, fld in reader.fields.items()}
-    except SlimlmError:
-        raise
-    except _HeaderTruncated as exc:
+        with path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            if buf[:4] != b"GGUF":
+                raise SlimlmError(f"{path}: not a GGUF file (bad magic bytes)")
+            return _scan(path, buf)
+    except OSError as exc:
+        raise SlimlmError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    except _Truncated as exc:
         raise SlimlmError(f"{path}: truncated GGUF header ({exc})") from None
     except (ValueError, KeyError, IndexError, TypeError, OverflowError, MemoryError, RecursionError) as exc:
-        reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
-        raise SlimlmError(f"{path}: corrupt GGUF header ({reason})") from None
-    data_end = max((t.offset + t.nbytes for t in tensors), default=size)  # type: ignore[operator]
-    return tensors, metadata, data_end, size
+        raise _corrupt(path, exc) from None
 
 
-def _tensor_info(path: Path, name: str, raw_type: int, dims: list[int], offset: int) -> TensorInfo:
+def _corrupt(path: Path, exc: Exception) -> SlimlmError:
+    reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+    return SlimlmError(f"{path}: corrupt GGUF header ({reason})")
+
+
+def read_gguf(path: Path) -> tuple[list[TensorInfo], dict[str, Any], int, int]:
+    """(tensors, metadata, expected file size, actual file size) of a GGUF file."""
+    header = read_gguf_header(path)
+    return header.tensors, header.metadata(), header.data_end, header.file_size
+
+
+def _scan(path: Path, buf: Any) -> GGUFHeader:
+    (version,) = struct.unpack_from("<I", buf, 4)
+    order = "<"
+    if version & 0xFFFF == 0:  # written for the other byte order
+        order, version = ">", struct.unpack_from(">I", buf, 4)[0]
+    if version not in (2, 3):
+        raise ValueError(f"GGUF version {version} is not supported (2 and 3 are)")
+    n_tensors, n_kv = struct.unpack_from(order + "QQ", buf, 8)
+    fields, pos = _scan_fields(buf, 24, n_kv, order)
+    table, pos = _scan_tensor_table(buf, pos, n_tensors, order)
+    alignment = GGUF_DEFAULT_ALIGNMENT
+    align_field = next((f for f in fields if f.key == "general.alignment"), None)
+    if align_field is not None:
+        if align_field.type != V.UINT32:
+            raise ValueError("general.alignment is not a UINT32")
+        alignment = align_field.value()
+        if alignment == 0 or alignment & (alignment - 1):
+            raise ValueError(f"general.alignment {alignment} is not a power of two")
+    data_offset = (pos + alignment - 1) // alignment * alignment
+    tensors = [_tensor_info(path, name, raw_type, dims, data_offset + offset)
+               for name, raw_type, dims, offset in table]
+    return GGUFHeader(path, version, order == ">", fields, tensors, data_offset, len(buf))
+
+
+def _need(buf: Any, end: int) -> None:
+    if end > len(buf):
+        raise _Truncated(f"header needs byte {end} but the file has {len(buf)}")
+
+
+def _read_str(buf: Any, pos: int, order: str) -> tuple[bytes, int]:
+    """A string's bytes (decoded by the caller once the whole entry is read, as GGUFReader orders its errors)."""
+    end = _read_len(buf, pos, order)
+    return bytes(buf[pos + 8:end]), end
+
+
+def _scan_fields(buf: Any, pos: int, count: int, order: str) -> tuple[list[GGUFField], int]:
+    fields = []
+    seen = {"GGUF.version", "GGUF.tensor_count", "GGUF.kv_count"}  # GGUFReader's own keys
+    for _ in range(count):
+        raw_key, pos = _read_str(buf, pos, order)
+        _need(buf, pos + 4)
+        vtype = V(struct.unpack_from(order + "I", buf, pos)[0])
+        start = pos + 4
+        end = _skip(buf, start, vtype, order)
+        sub = V(struct.unpack_from(order + "I", buf, start)[0]) if vtype == V.ARRAY else None
+        key = raw_key.decode("utf-8")
+        if key in seen:
+            raise KeyError(f"duplicate key {key!r}")
+        seen.add(key)
+        fields.append(GGUFField(key, vtype, sub, bytes(buf[start:end]), order))
+        pos = end
+    return fields, pos
+
+
+def _skip(buf: Any, pos: int, vtype: GGUFValueType, order: str) -> int:
+    """Position just past a value of type ``vtype`` starting at ``pos`` (bounds-checked)."""
+    size = _SIZES.get(vtype)
+    if size is not None:
+        _need(buf, pos + size)
+        return pos + size
+    if vtype == V.STRING:
+        return _read_len(buf, pos, order)
+    # an array: item type, count, items
+    _need(buf, pos + 12)
+    raw_itype, count = struct.unpack_from(order + "IQ", buf, pos)
+    itype = V(raw_itype)
+    pos += 12
+    size = _SIZES.get(itype)
+    if size is not None:
+        _need(buf, pos + size * count)
+        return pos + size * count
+    if itype == V.STRING:  # the hot loop: ~10^5 tokens in a vocabulary
+        unpack = struct.Struct(order + "Q").unpack_from
+        try:
+            for _ in range(count):
+                pos += 8 + unpack(buf, pos)[0]
+        except (struct.error, OverflowError):  # a length that points past the end
+            raise _Truncated(f"a string array runs past the end of the file ({len(buf)} bytes)") from None
+        _need(buf, pos)
+        return pos
+    for _ in range(count):
+        pos = _skip(buf, pos, itype, order)
+    return pos
+
+
+def _read_len(buf: Any, pos: int, order: str) -> int:
+    """Position just past the length-prefixed string at ``pos``."""
+    _need(buf, pos + 8)
+    end = pos + 8 + struct.unpack_from(order + "Q", buf, pos)[0]
+    _need(buf, end)
+    return end
+
+
+def _scan_tensor_table(buf: Any, pos: int, count: int, order: str
+                       ) -> tuple[list[tuple[str, int, tuple[int, ...], int]], int]:
+    table = []
+    seen: set[str] = set()
+    for _ in range(count):
+        raw_name, pos = _read_str(buf, pos, order)
+        _need(buf, pos + 4)
+        (n_dims,) = struct.unpack_from(order + "I", buf, pos)
+        if n_dims > _MAX_DIMS:
+            raise ValueError(f"a tensor has {n_dims} dimensions (at most {_MAX_DIMS})")
+        _need(buf, pos + 4 + 8 * n_dims + 12)
+        dims = struct.unpack_from(f"{order}{n_dims}Q", buf, pos + 4)
+        raw_type, offset = struct.unpack_from(order + "IQ", buf, pos + 4 + 8 * n_dims)
+        pos += 4 + 8 * n_dims + 12
+        table.append((raw_name.decode("utf-8"), raw_type, dims, offset))
+    for name, count in Counter(name for name, *_ in table).items():  # after the table, as GGUFReader checks
+        if count > 1:
+            raise ValueError(f"duplicate tensor {name[:80]!r}")
+    return table, pos
+
+
+def _tensor_info(path: Path, name: str, raw_type: int, dims: tuple[int, ...], offset: int) -> TensorInfo:
     try:
         ggml_type = GGMLQuantizationType(raw_type)
     except ValueError:
@@ -105,17 +259,42 @@ def _tensor_info(path: Path, name: str, raw_type: int, dims: list[int], offset: 
                       offset=offset)
 
 
-def _field_value(fld: Any) -> Any:
-    """A metadata value as plain Python; long arrays become a short description."""
-    if not fld.types:
-        return None
-    if fld.types[0] == GGUFValueType.ARRAY:
-        if len(fld.data) > _MAX_ARRAY_ITEMS:
-            item = fld.types[-1].name.lower() if len(fld.types) > 1 else "item"
-            return f"<array of {len(fld.data)} {item}>"
-        return fld.contents()
-    value = fld.contents()
-    return value
+def _decode(raw: bytes, pos: int, vtype: GGUFValueType, order: str) -> tuple[Any, int]:
+    """(value, end) of the encoded value at ``pos``; arrays decode to flat lists of their leaves."""
+    code = _CODES.get(vtype)
+    if code is not None:
+        return struct.unpack_from(order + code, raw, pos)[0], pos + _SIZES[vtype]
+    if vtype == V.STRING:
+        end = pos + 8 + struct.unpack_from(order + "Q", raw, pos)[0]
+        return bytes(raw[pos + 8:end]).decode("utf-8"), end
+    itype_raw, count = struct.unpack_from(order + "IQ", raw, pos)
+    itype, pos = V(itype_raw), pos + 12
+    if itype in _CODES:
+        dtype = np.dtype(order + _CODES[itype]) if itype != V.BOOL else np.dtype(np.bool_)
+        return np.frombuffer(raw, dtype, count, pos).tolist(), pos + _SIZES[itype] * count
+    items: list[Any] = []
+    for _ in range(count):
+        value, pos = _decode(raw, pos, itype, order)
+        if itype == V.ARRAY:
+            items.extend(value)
+        else:
+            items.append(value)
+    return items, pos
+
+
+def _leaves(raw: bytes, pos: int, order: str) -> tuple[int, GGUFValueType, int]:
+    """(leaf count, leaf type, end) of the array at ``pos``, as GGUFReader counts and types an array's data:
+    nested arrays flattened, the type of the first item's innermost value (ARRAY when an array is empty)."""
+    itype_raw, count = struct.unpack_from(order + "IQ", raw, pos)
+    itype = V(itype_raw)
+    if itype != V.ARRAY:
+        return count, itype if count else V.ARRAY, _skip(raw, pos, V.ARRAY, order)
+    total, leaf, pos = 0, V.ARRAY, pos + 12
+    for i in range(count):
+        n, inner, pos = _leaves(raw, pos, order)
+        total += n
+        leaf = inner if i == 0 else leaf
+    return total, leaf, pos
 
 
 # ------------------------------------------------------------------------ HF-style config from metadata

@@ -3,8 +3,18 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
+
+from slimlm.checkpoint import tensor_data
+from slimlm.errors import SlimlmError
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+
+    from slimlm.checkpoint.gguf_file import GGUFHeader
 
 CheckpointFormat = Literal["hf-dir", "safetensors", "gguf", "config"]
 
@@ -37,10 +47,12 @@ class TensorInfo:
 
 @dataclass
 class Checkpoint:
-    """A model file or folder opened lazily: names, shapes, dtypes, config; no tensor data.
+    """A model file or folder opened lazily: names, shapes, dtypes, config; tensor data loaded on demand,
+    one tensor at a time (see checkpoint.tensor_data).
 
-    ``config`` is the HF config dict (for GGUF: one derived from the GGUF metadata, see checkpoint.gguf),
+    ``config`` is the HF config dict (for GGUF: one derived from the GGUF metadata, see checkpoint.gguf_file),
     ``missing_bytes`` > 0 when files are shorter than their headers promise (a partial download).
+    ``gguf_header`` keeps a GGUF's fields as stored (raw bytes), for copying them into a new file.
     """
 
     path: Path
@@ -51,3 +63,40 @@ class Checkpoint:
     missing_bytes: int = 0
     file_bytes: int = 0
     warnings: list[str] = field(default_factory=list)
+    gguf_header: GGUFHeader | None = None
+
+    @cached_property
+    def _by_name(self) -> dict[str, TensorInfo]:
+        return {t.name: t for t in self.tensors}
+
+    def tensor(self, name: str) -> TensorInfo:
+        """A tensor's description by name; a missing one is a user error."""
+        info = self._by_name.get(name)
+        if info is None:
+            raise SlimlmError(f"{self.path}: tensor {name} is missing")
+        return info
+
+    def check_complete(self) -> None:
+        """Refuse to load from a partial download (opening and inspecting one is fine)."""
+        if self.missing_bytes:
+            raise SlimlmError(f"{self.path} is truncated ({self.missing_bytes:,} bytes of tensor data missing): "
+                              "an incomplete download?")
+
+    @property
+    def _big_endian(self) -> bool:
+        return self.gguf_header is not None and self.gguf_header.big_endian
+
+    def load_array(self, name: str | TensorInfo) -> np.ndarray:
+        """Float32 values (GGML blocks dequantized); F32 data is a read-only view of the file."""
+        return tensor_data.load_array(self._info(name), self._big_endian)
+
+    def load_raw(self, name: str | TensorInfo) -> np.ndarray:
+        """The stored bytes (e.g. GGML blocks) as a read-only uint8 view of the file."""
+        return tensor_data.raw_bytes(self._info(name))
+
+    def load_torch(self, name: str | TensorInfo) -> torch.Tensor:
+        """A private copy in the stored dtype (safe to change in place)."""
+        return tensor_data.load_torch(self._info(name), self._big_endian)
+
+    def _info(self, name: str | TensorInfo) -> TensorInfo:
+        return name if isinstance(name, TensorInfo) else self.tensor(name)

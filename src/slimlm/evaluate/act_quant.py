@@ -69,23 +69,21 @@ def emulate_llama_cpp_activations(model: torch.nn.Module, gguf_path: str | Path
     Returns how many Linear layers got each rounding (e.g. {"Q8_K": 91, "Q8_0": 120}) and the hook
     handles (``handle.remove()`` restores plain fp32 evaluation).
     """
-    import gguf
+    from slimlm.checkpoint.gguf_file import read_gguf_header
+    from slimlm.checkpoint.names import TensorNames, gguf_arch
 
-    reader = gguf.GGUFReader(str(gguf_path))
-    types = {t.name: t.tensor_type.name for t in reader.tensors}
-    field = reader.get_field("general.architecture")
-    arch_name = field.contents() if field is not None else "llama"
-    arch = next((a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch_name), None)
-    if arch is None:
-        raise SlimlmError(f"{gguf_path}: unknown GGUF architecture {arch_name!r}")
-    n_layers = int(getattr(model.config, "num_hidden_layers", 0))
-    name_map = gguf.get_tensor_name_map(arch, n_layers)
+    header = read_gguf_header(Path(gguf_path))
+    types = {t.name: t.dtype for t in header.tensors}
+    field = header.field("general.architecture")
+    arch_name = field.value() if field is not None else "llama"
+    try:
+        arch = gguf_arch(arch_name)
+    except SlimlmError:
+        raise SlimlmError(f"{gguf_path}: unknown GGUF architecture {arch_name!r}") from None
+    names = TensorNames(arch, int(getattr(model.config, "num_hidden_layers", 0)))
     counts: dict[str, int] = {}
     handles = []
-    for module_name, module in model.named_modules():
-        if not isinstance(module, torch.nn.Linear):
-            continue
-        gname = name_map.get_name(module_name)
+    for module_name, gname in names.linears(model).items():
         if gname == "output" and "output.weight" not in types:
             gname = "token_embd"  # tied embeddings: llama.cpp multiplies by token_embd
         qtype = types.get(f"{gname}.weight") if gname else None
@@ -97,5 +95,6 @@ def emulate_llama_cpp_activations(model: torch.nn.Module, gguf_path: str | Path
         label = {fake_q8_K: "Q8_K", fake_q8_0: "Q8_0"}.get(rounding, qtype if rounding else "none")
         counts[label] = counts.get(label, 0) + 1
         if rounding is not None:
+            module = model.get_submodule(module_name)
             handles.append(module.register_forward_pre_hook(lambda _m, args, r=rounding: (r(args[0]), *args[1:])))
     return counts, handles

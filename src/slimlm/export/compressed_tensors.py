@@ -20,9 +20,9 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
+from slimlm.checkpoint import read_state_dict
 from slimlm.errors import SlimlmError
 from slimlm.formats.groupint import (
     QuantizedWeight,
@@ -149,18 +149,6 @@ class ShardWriter:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-def _read_state(model_dir: Path) -> dict[str, torch.Tensor]:
-    files = sorted(Path(model_dir).glob("*.safetensors"))
-    if not files:
-        raise SlimlmError(f"{model_dir} holds no .safetensors file")
-    state = {}
-    for f in files:
-        with safe_open(str(f), framework="pt") as sf:
-            for k in sf.keys():
-                state[k] = sf.get_tensor(k)
-    return state
-
-
 def _args_for(qcfg: dict, module: str) -> dict | None:
     """The config group (weights/input_activations dicts) whose targets match ``module``, else None."""
     for pattern in qcfg.get("ignore") or []:
@@ -188,7 +176,7 @@ def dequantized_state_dict(model_dir: str | Path, dtype: torch.dtype = torch.flo
     qcfg = config.get("quantization_config")
     if not qcfg or qcfg.get("quant_method") != "compressed-tensors":
         raise SlimlmError(f"{model_dir} is not a compressed-tensors checkpoint")
-    raw = _read_state(model_dir)
+    raw = read_state_dict(model_dir)
     out: dict[str, torch.Tensor] = {}
     acts: dict[str, dict] = {}
     modules = {k.rsplit(".", 1)[0] for k in raw if k.endswith((".weight_scale",))}

@@ -24,8 +24,9 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
+from slimlm.checkpoint import read_state_dict
 from slimlm.errors import SlimlmError
-from slimlm.export.compressed_tensors import AUX_FILES, _args_for, _read_state
+from slimlm.export.compressed_tensors import AUX_FILES, _args_for
 from slimlm.formats.groupint import unpack_codes, unpack_zero_points
 
 
@@ -78,7 +79,7 @@ def export_gguf_equivalent(ct_dir: str | Path, out: str | Path, overwrite: bool 
     if qcfg.get("quant_method") != "compressed-tensors":
         raise SlimlmError(f"{ct_dir} is not a compressed-tensors checkpoint")
     target = gguf_equivalent_type(qcfg)
-    raw = _read_state(ct_dir)
+    raw = read_state_dict(ct_dir)
     dense: dict[str, torch.Tensor] = {}
     lookup: dict[bytes, tuple[np.ndarray, np.ndarray, np.ndarray | None]] = {}
     modules = {k.rsplit(".", 1)[0] for k in raw if k.endswith(".weight_scale")}

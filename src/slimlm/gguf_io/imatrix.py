@@ -19,6 +19,8 @@ from typing import Callable
 import gguf
 import numpy as np
 
+from slimlm.checkpoint import open_checkpoint
+from slimlm.checkpoint.names import TensorNames
 from slimlm.errors import SlimlmError
 
 log = logging.getLogger(__name__)
@@ -68,16 +70,22 @@ def read_imatrix(path: Path) -> Imatrix:
 
 
 def _read_gguf(path: Path) -> Imatrix:
-    reader = gguf.GGUFReader(path, "r")
+    try:
+        ckpt = open_checkpoint(path)
+        ckpt.check_complete()
+    except SlimlmError as exc:
+        raise SlimlmError(f"{path} is not a valid llama.cpp imatrix file ({exc})") from None
+    header = ckpt.gguf_header
+    assert header is not None
     out = Imatrix()
-    if (f := reader.fields.get(KEY_DATASETS)) is not None:
-        out.datasets = list(f.contents())
-    if (f := reader.fields.get(KEY_CHUNK_COUNT)) is not None:
-        out.chunk_count = int(f.contents())
-    if (f := reader.fields.get(KEY_CHUNK_SIZE)) is not None:
-        out.chunk_size = int(f.contents())
+    if (f := header.field(KEY_DATASETS)) is not None:
+        out.datasets = list(f.value())
+    if (f := header.field(KEY_CHUNK_COUNT)) is not None:
+        out.chunk_count = int(f.value())
+    if (f := header.field(KEY_CHUNK_SIZE)) is not None:
+        out.chunk_size = int(f.value())
     sums, counts = {}, {}
-    for t in reader.tensors:
+    for t in ckpt.tensors:
         if t.name.endswith(".in_sum2"):
             sums[t.name[: -len(".in_sum2")]] = t
         elif t.name.endswith(".counts"):
@@ -87,8 +95,8 @@ def _read_gguf(path: Path) -> Imatrix:
     for name, s in sums.items():
         if name not in counts:
             raise SlimlmError(f"{path}: {name} has sums but no counts")
-        c = np.asarray(counts[name].data, dtype=np.float32).reshape(-1)
-        v = np.asarray(s.data, dtype=np.float32).reshape(len(c), -1)
+        c = ckpt.load_array(counts[name]).reshape(-1)
+        v = ckpt.load_array(s).reshape(len(c), -1)
         out.entries[name] = ImatrixEntry(v.copy(), c.copy())
     return out
 
@@ -222,22 +230,14 @@ def calibration_windows(tokenizer, text: str, ctx: int, chunks: int | None) -> t
 
 def linear_gguf_names(model, arch_name: str | None = None) -> dict[str, str]:
     """HF module name -> GGUF tensor name (without '.weight') for every Linear inside the decoder layers."""
-    import torch
-
     from slimlm.gguf_io.architectures import SUPPORTED_ARCHITECTURES
 
     hf_arch = (model.config.architectures or [type(model).__name__])[0]
     spec = SUPPORTED_ARCHITECTURES.get(hf_arch) or SUPPORTED_ARCHITECTURES.get(type(model).__name__)
     if spec is None:
         raise SlimlmError(f"unsupported architecture {hf_arch}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
-    name_map = gguf.get_tensor_name_map(spec.gguf_arch, model.config.num_hidden_layers)
-    out = {}
-    for mod_name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear):
-            gname = name_map.get_name(mod_name)
-            if gname is not None and gname.startswith("blk."):
-                out[mod_name] = gname
-    return out
+    names = TensorNames(spec.gguf_arch, model.config.num_hidden_layers).linears(model)
+    return {mod_name: gname for mod_name, gname in names.items() if gname is not None and gname.startswith("blk.")}
 
 
 def collect_imatrix(

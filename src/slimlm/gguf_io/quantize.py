@@ -24,6 +24,7 @@ import numpy as np
 from slimlm.errors import SlimlmError
 from slimlm.formats import gguf_mix
 from slimlm.gguf_io.imatrix import Imatrix, check_compatible, collect_imatrix, read_imatrix
+from slimlm.gguf_io.metadata import write_source_metadata
 from slimlm.gguf_io.sources import ModelSource, open_source
 from slimlm.gguf_io.writer import atomic_path, check_output, data_layout, tensor_nbytes, write_gguf, write_gguf_header
 
@@ -206,7 +207,7 @@ def quantize_gguf(
         return values, qtype, importance
 
     def metadata(writer: gguf.GGUFWriter) -> Any:
-        meta = source.write_metadata(writer)
+        meta = write_source_metadata(writer, source)
         writer.add_file_type(int(file_type_of(ftype)))
         if method != "llama.cpp":
             writer.add_string("slimlm.quantize.method", method)

@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from slimlm.checkpoint import open_checkpoint, read_state_dict
+from slimlm.checkpoint.names import TensorNames, gguf_arch
 from slimlm.errors import SlimlmError
 from slimlm.runtime import gguf_blocks
 from slimlm.runtime.linear import DequantLinear, QuantLinear, W4A16Linear, W8A8Linear, W8A16Linear
@@ -74,18 +76,6 @@ def _reinit_rotary(model: nn.Module) -> None:
 
 
 # ---------------------------------------------------------------- compressed-tensors
-def _read_safetensors(model_dir: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    files = sorted(model_dir.glob("*.safetensors"))
-    if not files:
-        raise SlimlmError(f"{model_dir} holds no .safetensors file")
-    state: dict[str, torch.Tensor] = {}
-    for f in files:
-        state.update(load_file(f))
-    return state
-
-
 def _group_for(qcfg: dict, module: str) -> dict | None:
     """The config group whose targets match ``module`` (``Linear`` or ``re:`` patterns), unless ignored."""
     for pattern in qcfg.get("ignore") or []:
@@ -143,7 +133,7 @@ def load_compressed_tensors(model_dir: Path, reference: bool = False,
     if not qcfg or qcfg.get("quant_method") != "compressed-tensors":
         raise SlimlmError(f"{model_dir} is not a compressed-tensors model (no quantization_config)")
     del config.quantization_config
-    state = _read_safetensors(model_dir)
+    state = read_state_dict(model_dir)
     # bf16 around the low-bit kernels (what they take and give); fp32 for the reference
     dtype = torch.float32 if reference else torch.bfloat16
     model = _empty_model(config, dtype)
@@ -192,20 +182,13 @@ def _gguf_module(raw: np.ndarray, qtype: str, perm: torch.Tensor | None, referen
 
 
 def _gguf_name_map(model: nn.Module) -> dict[str, str]:
-    """GGUF tensor name → HF parameter name, with gguf-py's own tensor-name tables (one table build)."""
-    from gguf import MODEL_ARCH_NAMES, get_tensor_name_map
-
-    model_type = model.config.model_type
-    arch = next((key for key, value in MODEL_ARCH_NAMES.items() if value == model_type), None)
-    if arch is None:
-        raise SlimlmError(f"GGUF architecture {model_type!r} is not known to gguf-py")
-    table = get_tensor_name_map(arch, model.config.num_hidden_layers)
+    """GGUF tensor name → HF parameter name (checkpoint.names, one table build)."""
+    names = TensorNames(gguf_arch(model.config.model_type), model.config.num_hidden_layers)
     out = {}
     for hf_name in model.state_dict():
-        base, _, suffix = hf_name.rpartition(".")
-        gguf_name = table.get_name(base)
+        gguf_name = names.tensor(hf_name)
         if gguf_name is not None:
-            out[f"{gguf_name}.{suffix}"] = hf_name
+            out[gguf_name] = hf_name
     return out
 
 
@@ -213,8 +196,6 @@ def load_gguf(path: Path, reference: bool = False, progress: Callable[[str], Non
     import gguf
     from transformers import AutoConfig
     from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, LlamaTensorProcessor, TensorProcessor
-
-    from slimlm.checkpoint.gguf_file import read_gguf
 
     config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
     if hasattr(config, "quantization_config"):
@@ -225,17 +206,17 @@ def load_gguf(path: Path, reference: bool = False, progress: Callable[[str], Non
     if type(processor) not in (TensorProcessor, LlamaTensorProcessor):
         raise SlimlmError(f"GGUF {config.model_type} needs tensor processing slimlm's runtime does not map yet")
     name_map = _gguf_name_map(model)
-    tensors, _, _, _ = read_gguf(path)
-    data = np.memmap(path, dtype=np.uint8, mode="r")
+    ckpt = open_checkpoint(path)
+    ckpt.check_complete()
     linears = {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     plain: dict[str, torch.Tensor] = {}
     embedding_raw = None
-    for info in tensors:
+    for info in ckpt.tensors:
         hf_name = name_map.get(info.name)
         if hf_name is None:
             continue
         rows = int(np.prod(info.shape[:-1])) if len(info.shape) > 1 else 1
-        raw = data[info.offset: info.offset + info.nbytes].reshape(rows, -1)
+        raw = ckpt.load_raw(info).reshape(rows, -1)
         qtype = gguf.GGMLQuantizationType[info.ggml_type]
 
         def dequant(raw=raw, qtype=qtype, shape=info.shape):
