@@ -30,8 +30,7 @@ from slimlm.export.gguf_equivalent import export_gguf_equivalent  # noqa: E402,F
 from slimlm.evaluate import BACKENDS as BENCH_BACKENDS, bench, evaluate  # noqa: E402,F401
 from slimlm.models import LoadedModel, ModelInfo, load_model  # noqa: E402,F401
 
-# --- quantized runtime: the one quantize_ verb (kernels; reference="file" is fake-quant), loading quantized
-# files, generation (runtime) ---
+# --- quantized runtime: the one quantize_ verb (reference="file": fake-quant), quantized files, generation ---
 from slimlm import runtime  # noqa: E402,F401
 from slimlm.runtime import (  # noqa: E402,F401
     GenerationResult, SamplingConfig, generate, kernel_report, load_quantized, open_model, quantize_,

@@ -8,13 +8,13 @@ activations.
 
 Where a file and the runtime need different things, the config says so once:
 
-- ``ignore=None`` means "the target's default" (:func:`QuantConfig.ignore_for`): a file keeps ``lm_head`` in
+- ``ignore=None`` means "the target's default" (:data:`DEFAULT_IGNORE`): a file keeps ``lm_head`` in
   full precision (the compressed-tensors/vLLM convention; the pipeline writes everything outside the decoder
-  layers as stored), while the in-memory runtime quantizes every Linear, ``lm_head`` included (it is the
-  largest GEMM of a small model's decode step). An explicit tuple is used as given by both.
+  layers as stored), while the in-memory runtime quantizes every Linear, ``lm_head`` included (a small
+  model's largest Linear). An explicit tuple is used as given by both.
 - Group sizes that do not divide a width: files halve down to 16 and then fall back to one scale per row
   (a padded group cannot be stored); the int4 kernel halves down to 32 (its smallest group) and then pads
-  (:func:`kernel_group_size`).
+  (:meth:`QuantConfig.kernel_group_size`).
 - ``dtype`` is the runtime's dtype around the kernels (norms, attention, residual); files ignore it.
 """
 
@@ -30,9 +30,7 @@ from slimlm.formats.groupint import GROUP_SIZES, QuantSpec, choose_group_size
 
 SCHEMES = ("w4a16", "w8a16", "w8a8")
 METHODS = ("rtn", "awq", "gptq", "smoothquant", "smoothquant+gptq")
-TARGETS = ("file", "runtime")
 DEFAULT_IGNORE = {"file": ("lm_head",), "runtime": ()}  # what ``ignore=None`` means for each target
-KERNEL_MIN_GROUP = 32  # the int4 kernel's smallest group size
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -41,8 +39,8 @@ class QuantConfig:
 
     name: str
     weight_bits: int
-    group_size: int | None
-    symmetric: bool
+    group_size: int | None = None
+    symmetric: bool = True
     act_bits: int | None = None  # None: activations stay in 16/32 bits
     act_dynamic: bool = True  # per-token dynamic (True) or static per-tensor (False)
     ignore: tuple[str, ...] | None = None  # module names or "re:" regexes never quantized; None: the target's default
@@ -64,7 +62,7 @@ class QuantConfig:
         divides it, else the request itself (the layer is padded; see W4A16Linear)."""
         if self.group_size is None:
             raise SlimlmError(f"{self.name}: the int4 kernel needs a group size (got per channel)")
-        return choose_group_size(in_features, self.group_size, smallest=KERNEL_MIN_GROUP)[0] or self.group_size
+        return choose_group_size(in_features, self.group_size, smallest=32)[0] or self.group_size
 
     def plan_group_sizes(self, widths: set[int], uniform: bool = True) -> dict[int, tuple[int | None, str]]:
         """Group size per input width. When the request does not divide every width and ``uniform``, prefer
@@ -82,12 +80,9 @@ class QuantConfig:
             size //= 2
         return plan
 
-    def ignore_for(self, target: str = "file") -> tuple[str, ...]:
-        """The ignore patterns in force for ``target`` ("file" or "runtime")."""
-        return DEFAULT_IGNORE[target] if self.ignore is None else self.ignore
-
     def is_ignored(self, module_name: str, target: str = "file") -> bool:
-        for pattern in self.ignore_for(target):
+        """Whether ``target`` ("file" or "runtime") keeps this module in full precision."""
+        for pattern in DEFAULT_IGNORE[target] if self.ignore is None else self.ignore:
             if pattern.startswith("re:"):
                 if re.search(pattern[3:], module_name):
                     return True
@@ -113,9 +108,6 @@ class W8A16Config(QuantConfig):
 
     name: str = field(default="w8a16", init=False)
     weight_bits: int = field(default=8, init=False)
-    group_size: int | None = None
-    symmetric: bool = True
-    default_method: str = field(default="rtn", init=False)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -129,24 +121,11 @@ class W8A8Config(QuantConfig):
     name: str = field(default="w8a8", init=False)
     weight_bits: int = field(default=8, init=False)
     group_size: int | None = field(default=None, init=False)  # int-quantized stores per-channel scales
-    symmetric: bool = True
     act_bits: int | None = field(default=8, init=False)
     default_method: str = field(default="smoothquant", init=False)
 
 
 CONFIGS: dict[str, type[QuantConfig]] = {"w4a16": W4A16Config, "w8a16": W8A16Config, "w8a8": W8A8Config}
-
-
-def _parse_group_size(group_size: int | None | str) -> int | None:
-    if group_size in (None, "channel", "-1", -1):
-        return None
-    try:
-        gs = int(group_size)
-    except (TypeError, ValueError):
-        raise SlimlmError(f"group size must be an integer or 'channel', got '{group_size}'") from None
-    if gs <= 0:
-        raise SlimlmError(f"group size must be positive, got {gs}")
-    return gs
 
 
 def get_scheme(name: str, *, group_size: int | None | str = "default", symmetric: bool | None = None,
@@ -160,11 +139,18 @@ def get_scheme(name: str, *, group_size: int | None | str = "default", symmetric
         raise SlimlmError(f"unknown scheme '{name}'; choose one of {', '.join(SCHEMES)}")
     kw: dict = {} if key != "w8a8" else {"act_dynamic": act_dynamic}
     if group_size != "default":
-        gs = _parse_group_size(group_size)
-        if key == "w8a8":
-            if gs is not None:
-                raise SlimlmError("w8a8 uses per-channel weight scales (int-quantized); drop --group-size")
+        if group_size in (None, "channel", "-1", -1):
+            gs = None
         else:
+            try:
+                gs = int(group_size)
+            except (TypeError, ValueError):
+                raise SlimlmError(f"group size must be an integer or 'channel', got '{group_size}'") from None
+            if gs <= 0:
+                raise SlimlmError(f"group size must be positive, got {gs}")
+        if key == "w8a8" and gs is not None:
+            raise SlimlmError("w8a8 uses per-channel weight scales (int-quantized); drop --group-size")
+        elif key != "w8a8":
             kw["group_size"] = gs
     if symmetric is not None:
         kw["symmetric"] = symmetric

@@ -66,7 +66,6 @@ def choose_group_size(in_features: int, requested: int | None, smallest: int = 1
     compressed-tensors (and vLLM) need the group size to divide the columns: a padded last group cannot be
     represented in the ``group`` strategy. So we take the largest power-of-two group size ≤ requested that
     divides (never below ``smallest``), else one group per row ("channel"), which every kernel supports.
-    (The runtime's int4 kernel asks with ``smallest=32`` and pads instead of "channel".)
     """
     if requested is None:
         return None, "channel"
@@ -97,11 +96,9 @@ def minmax_params(w: torch.Tensor, bits: int, group_size: int | None, symmetric:
     ``clip`` (scalar or broadcastable to ``(..., out, groups)``) shrinks the range, for clipping searches.
     Leading batch dims of ``w`` are kept, so many candidates are computed at once. A group whose scale
     would be 0 gets ``tiny`` (None: the dtype's eps, as compressed-tensors; the runtime kernels use 1e-10).
-    ``restricted_range`` (symmetric only) is the runtime int8 kernels' rule: codes ±(2^(bits-1) - 1) and
-    scale ``max(max|w|, tiny) / qmax``, the floor applied to the range before the division.
+    ``restricted_range`` drops the most negative code; symmetric, it is the runtime int8 kernels' rule: codes
+    ±(2^(bits-1) - 1) and scale ``max(max|w|, tiny) / qmax``, the floor applied before the division.
     """
-    if restricted_range and not symmetric:
-        raise SlimlmError("restricted_range is a symmetric rule")
     qmin, qmax = qrange(bits, restricted_range)
     g = _grouped(w, group_size)
     lo = g.amin(-1).clamp(max=0) * clip

@@ -29,10 +29,8 @@ def check_kernel_config(config: QuantConfig) -> None:
             and (config.act_bits is None or (config.act_bits == 8 and config.act_dynamic)))
     int4 = config.weight_bits == 4 and config.act_bits is None and config.group_size is not None
     if not (int8 or int4):
-        raise SlimlmError(f"no runtime kernel for {config.name} (group size {config.group_size}, symmetric "
-                          f"{config.symmetric}, activations {config.act_bits}, dynamic {config.act_dynamic}): the "
-                          f"kernels run int8 per-channel symmetric weights (dynamic per-token int8 activations) "
-                          f"and int4 groups")
+        raise SlimlmError(f"no runtime kernel runs {config}: they take int8 per-channel symmetric weights "
+                          f"(dynamic per-token int8 activations) and int4 groups")
 
 
 def quantize_linear(linear: nn.Linear, config: QuantConfig, reference: bool = False) -> QuantLinear:
@@ -105,8 +103,7 @@ def quantize_(model: nn.Module, config: QuantConfig, *, reference: bool | str = 
 
 def fake_quantize_(model: nn.Module, config: QuantConfig, progress: Callable[[str], None] | None = None
                    ) -> dict[str, str]:
-    """``quantize_(..., reference="file")``: each non-ignored Linear's weight replaced, in place, by its
-    file RTN value (see :func:`quantize_`)."""
+    """``quantize_(..., reference="file")``: each Linear's weight, in place, by its file RTN value."""
     done: dict[str, str] = {}
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear) and not config.is_ignored(name, "file"):
