@@ -246,9 +246,8 @@ def check_model(model: str, *, group_size: int | None = 128, tp_degrees: tuple[i
             reasons.append(f"{heads} attention heads not divisible by {t}")
         if kv and kv % t and t % kv:
             reasons.append(f"{kv} KV heads neither divisible by {t} nor dividing it")
-        layer_bad = [f"{r['linear']}: {r['tp'][str(t)]}" for r in rows.values()
-                     if r["tp"][str(t)] != "ok" and not r["ignored_by_default"]]
-        reasons += layer_bad
+        reasons += [f"{r['linear']}: {r['tp'][str(t)]}" for r in rows.values()
+                    if r["tp"][str(t)] != "ok" and not r["ignored_by_default"]]
         model_tp[str(t)] = "ok" if not reasons else "; ".join(reasons)
     return {"model": str(path), "model_type": getattr(config, "model_type", None), "attention_heads": heads,
             "kv_heads": kv, "group_size_requested": group_size, "linears": list(rows.values()),

@@ -77,6 +77,9 @@ def quantize_(model: nn.Module, config: QuantConfig, *, reference: bool | str = 
       value a compressed-tensors export of ``config`` stores (file defaults: ``lm_head`` kept, group sizes
       down to 16 then per channel, int8 codes -128..127): what an RTN file is checked against.
       Activation quantization is not simulated.
+
+    Two references because kernels and files round differently (int8 ±127 vs -128..127; int4 groups ≥ 32
+    padded vs ≥ 16 then per channel; ``lm_head``): each fast path is held to its own integers.
     """
     if reference not in REFERENCE_MODES:
         raise SlimlmError(f"reference must be one of {REFERENCE_MODES}, got {reference!r}")
@@ -89,16 +92,13 @@ def quantize_(model: nn.Module, config: QuantConfig, *, reference: bool | str = 
     model.to(torch.float32 if reference else config.dtype)
     if any(n.endswith("lm_head") for n in names):
         untie_lm_head(model)
-    kernels: dict[str, str] = {}
     for name in names:
-        module = quantize_linear(model.get_submodule(name), config, bool(reference))
-        set_module(model, name, module)
-        kernels[name] = module.kernel
+        set_module(model, name, quantize_linear(model.get_submodule(name), config, bool(reference)))
         if progress:
             progress(name)
     fuse_siblings(model)
     model.slimlm_scheme = ("reference-" if reference else "") + config.name
-    return {name: model.get_submodule(name).kernel for name in kernels}
+    return {name: model.get_submodule(name).kernel for name in names}
 
 
 def fake_quantize_(model: nn.Module, config: QuantConfig, progress: Callable[[str], None] | None = None
