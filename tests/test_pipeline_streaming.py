@@ -13,7 +13,8 @@ from slimlm.calibration import load_calibration, windows
 from slimlm.errors import SlimlmError
 from slimlm.export.compressed_tensors import load_reference_model
 from slimlm.pipeline import quantize_model
-from slimlm.schemes import W4A16Config, quantize_
+from slimlm.runtime import quantize_
+from slimlm.schemes import W4A16Config
 
 from conftest import make_tiny_llama
 
@@ -65,7 +66,7 @@ def test_rtn_export_equals_in_memory_fake_quant(tmp_path):
     src = make_tiny_llama(tmp_path / "m", hidden=128, ffn=256)
     quantize_model(src, tmp_path / "q", scheme="w4a16", method="rtn", group_size=64)
     model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
-    changed = quantize_(model, W4A16Config(group_size=64))
+    changed = quantize_(model, W4A16Config(group_size=64), reference="file")
     assert len(changed) == 14 and "lm_head" not in changed
     ids = torch.randint(0, 256, (2, 32))
     with torch.no_grad():
@@ -156,7 +157,7 @@ def test_smollm2_awq_beats_rtn_and_transformers_agrees(smollm2_hf_dir, wikitext_
     fp = AutoModelForCausalLM.from_pretrained(smollm2_hf_dir, dtype=torch.float32)
     _, ref, _ = _ppl_kld(fp, win, None)
     # RTN in memory (identical to its export, see test_rtn_export_equals_in_memory_fake_quant)
-    quantize_(fp, W4A16Config(group_size=64))
+    quantize_(fp, W4A16Config(group_size=64), reference="file")
     _, _, kl_rtn = _ppl_kld(fp, win, ref)
     res = quantize_model(smollm2_hf_dir, tmp_path / "awq", scheme="w4a16", method="awq",
                          calib=wikitext_valid, samples=4, seq_len=256)

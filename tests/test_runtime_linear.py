@@ -5,7 +5,7 @@ import torch
 
 from slimlm.runtime import int4pack, kernels
 from slimlm.runtime.linear import DequantLinear, W4A16Linear, W8A8Linear, W8A16Linear
-from slimlm.runtime.quantize import rtn_int4_groups, rtn_int8_per_channel
+from slimlm.algorithms.rtn import rtn_int4_groups, rtn_int8_per_channel
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -21,7 +21,7 @@ from slimlm.gguf_io.quantize import METHODS as GGUF_METHODS, QuantizeResult, qua
 # --- compressed-tensors schemes W4A16/W8A16/W8A8 (RTN, AWQ, GPTQ, SmoothQuant), streaming pipeline ---
 from slimlm.pipeline import QuantizeResult as SchemeQuantizeResult, quantize_model  # noqa: E402,F401
 from slimlm.schemes import (  # noqa: E402,F401
-    QuantConfig, W4A16Config, W8A8Config, W8A16Config, check_model as check, get_scheme, quantize_,
+    QuantConfig, W4A16Config, W8A8Config, W8A16Config, check_model as check, get_scheme,
 )
 from slimlm.export.compressed_tensors import load_reference_model  # noqa: E402,F401
 from slimlm.export.gguf_equivalent import export_gguf_equivalent  # noqa: E402,F401
@@ -30,12 +30,11 @@ from slimlm.export.gguf_equivalent import export_gguf_equivalent  # noqa: E402,F
 from slimlm.evaluate import BACKENDS as BENCH_BACKENDS, bench, evaluate  # noqa: E402,F401
 from slimlm.models import LoadedModel, ModelInfo, load_model  # noqa: E402,F401
 
-# --- quantized runtime: low-bit kernels, loading quantized files, generation (runtime) ---
-# (F's fake-quant quantize_ above keeps its name; the kernel-swapping one is runtime_quantize_ / runtime.quantize_)
+# --- quantized runtime: the one quantize_ verb (reference="file": fake-quant), quantized files, generation ---
 from slimlm import runtime  # noqa: E402,F401
 from slimlm.runtime import (  # noqa: E402,F401
-    GenerationResult, SamplingConfig, generate, kernel_report, load_quantized, open_model, summarize_kernels,
-    quantize_ as runtime_quantize_,
+    GenerationResult, SamplingConfig, generate, kernel_report, load_quantized, open_model, quantize_,
+    summarize_kernels,
 )
 
 # --- explain / memory / fit, llama.cpp GGUF type plans (inspect.names, inspect.memory, inspect.fit, formats.gguf_mix) ---

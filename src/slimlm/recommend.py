@@ -42,12 +42,14 @@ class Variant:
 
 def default_variants(llama_cpp: bool) -> list[Variant]:
     """The candidate set a user of llama.cpp, vLLM and transformers would weigh."""
+    from slimlm.schemes import W4A16Config as W4, W8A8Config as W8
+
     gguf_engine = "llama.cpp" if llama_cpp else "gguf"
     return [
         Variant("FP32 (original)", "original", "F32", backend="torch-fp32"),
         Variant("BF16", "bf16", "BF16", backend="torch-bf16"),
-        Variant("W8A8 SmoothQuant", "compressed-tensors", "W8A8", "w8a8", "smoothquant", backend="native"),
-        Variant("W4A16 AWQ", "compressed-tensors", "W4A16", "w4a16", "awq", backend="native"),
+        Variant("W8A8 SmoothQuant", "compressed-tensors", "W8A8", W8.name, W8.default_method, backend="native"),
+        Variant("W4A16 AWQ", "compressed-tensors", "W4A16", W4.name, W4.default_method, backend="native"),
         Variant("Q8_0", "gguf", "Q8_0", "Q8_0", backend=gguf_engine),
         Variant("Q6_K", "gguf", "Q6_K", "Q6_K", backend=gguf_engine),
         Variant("Q4_K_M", "gguf", "Q4_K_M", "Q4_K_M", backend=gguf_engine),
@@ -193,8 +195,9 @@ def _make(variant: Variant, model: Path, cache: ResultCache, settings: Settings)
     out = cache.files / key
     if not (out / "config.json").is_file():
         from slimlm.pipeline import quantize_model
+        from slimlm.schemes import get_scheme
 
-        quantize_model(model, out, scheme=variant.quant or "w4a16", method=variant.method,
+        quantize_model(model, out, scheme=get_scheme(variant.quant or "w4a16"), method=variant.method,
                        calib=settings.calib, samples=settings.calib_samples, overwrite=True)
     return out, time.perf_counter() - start
 

@@ -1,18 +1,27 @@
-"""Named quantization schemes users type (w4a16, w8a16, w8a8) → config objects, and which methods fit each.
+"""The one scheme vocabulary (w4a16, w8a16, w8a8): a frozen config per scheme, shared by the compressed-tensors
+pipeline, the in-memory runtime (:func:`slimlm.runtime.quantize.quantize_`), ``recommend`` and the CLI.
 
 Defaults follow llm-compressor's presets as its users know them: W4A16 int4 groups of 128, asymmetric here
 by default (as the issue asks; llm-compressor's preset is symmetric, ``--sym`` gives that); W8A16 int8
 per-channel symmetric; W8A8 int8 per-channel symmetric weights + dynamic per-token symmetric int8
-activations. ``lm_head`` is never quantized by default.
+activations.
 
-``quantize_(model, W4A16Config())`` applies round-to-nearest fake quantization to an in-memory model's
-Linears (torchao's verb), handy for experiments; calibrated methods go through :mod:`slimlm.pipeline`.
+Where a file and the runtime need different things, the config says so once:
+
+- ``ignore=None`` means "the target's default" (:data:`DEFAULT_IGNORE`): a file keeps ``lm_head`` in
+  full precision (the compressed-tensors/vLLM convention; the pipeline writes everything outside the decoder
+  layers as stored), while the in-memory runtime quantizes every Linear, ``lm_head`` included (a small
+  model's largest Linear). An explicit tuple is used as given by both.
+- Group sizes that do not divide a width: files halve down to 16 and then fall back to one scale per row
+  (a padded group cannot be stored); the int4 kernel halves down to 32 (its smallest group) and then pads
+  (:meth:`QuantConfig.kernel_group_size`).
+- ``dtype`` is the runtime's dtype around the kernels (norms, attention, residual); files ignore it.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 
@@ -21,21 +30,22 @@ from slimlm.formats.groupint import GROUP_SIZES, QuantSpec, choose_group_size
 
 SCHEMES = ("w4a16", "w8a16", "w8a8")
 METHODS = ("rtn", "awq", "gptq", "smoothquant", "smoothquant+gptq")
-DEFAULT_IGNORE = ("lm_head",)
+DEFAULT_IGNORE = {"file": ("lm_head",), "runtime": ()}  # what ``ignore=None`` means for each target
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class QuantConfig:
     """A scheme: weight bits, group size (None = per channel), symmetry, activation quantization, ignores."""
 
     name: str
     weight_bits: int
-    group_size: int | None
-    symmetric: bool
+    group_size: int | None = None
+    symmetric: bool = True
     act_bits: int | None = None  # None: activations stay in 16/32 bits
     act_dynamic: bool = True  # per-token dynamic (True) or static per-tensor (False)
-    ignore: tuple[str, ...] = DEFAULT_IGNORE  # module names or "re:" regexes never quantized
+    ignore: tuple[str, ...] | None = None  # module names or "re:" regexes never quantized; None: the target's default
     default_method: str = "rtn"
+    dtype: torch.dtype = torch.bfloat16  # runtime only: dtype of everything that is not a quantized Linear
 
     @property
     def format(self) -> str:
@@ -43,9 +53,16 @@ class QuantConfig:
         return "int-quantized" if self.act_bits else "pack-quantized"  # W8A16 packs 4 codes per int32
 
     def weight_spec(self, in_features: int) -> tuple[QuantSpec, str]:
-        """The spec for one tensor, with the group size adapted to its width, and a note on the choice."""
+        """The file spec for one tensor, with the group size adapted to its width, and a note on the choice."""
         gs, why = choose_group_size(in_features, self.group_size)
         return QuantSpec(self.weight_bits, gs, self.symmetric), why
+
+    def kernel_group_size(self, in_features: int) -> int:
+        """The int4 kernel's group size for a width: the largest power of two ≥ 32 ≤ the request that
+        divides it, else the request itself (the layer is padded; see W4A16Linear)."""
+        if self.group_size is None:
+            raise SlimlmError(f"{self.name}: the int4 kernel needs a group size (got per channel)")
+        return choose_group_size(in_features, self.group_size, smallest=32)[0] or self.group_size
 
     def plan_group_sizes(self, widths: set[int], uniform: bool = True) -> dict[int, tuple[int | None, str]]:
         """Group size per input width. When the request does not divide every width and ``uniform``, prefer
@@ -63,8 +80,9 @@ class QuantConfig:
             size //= 2
         return plan
 
-    def is_ignored(self, module_name: str) -> bool:
-        for pattern in self.ignore:
+    def is_ignored(self, module_name: str, target: str = "file") -> bool:
+        """Whether ``target`` ("file" or "runtime") keeps this module in full precision."""
+        for pattern in DEFAULT_IGNORE[target] if self.ignore is None else self.ignore:
             if pattern.startswith("re:"):
                 if re.search(pattern[3:], module_name):
                     return True
@@ -73,27 +91,53 @@ class QuantConfig:
         return False
 
 
-def W4A16Config(group_size: int | None = 128, symmetric: bool = False, **kw) -> QuantConfig:  # noqa: N802
-    return QuantConfig("w4a16", 4, group_size, symmetric, default_method="awq", **kw)
+@dataclass(frozen=True, kw_only=True)
+class W4A16Config(QuantConfig):
+    """int4 group-wise weights (asymmetric by default, as tinygemm computes), 16-bit activations: latency."""
+
+    name: str = field(default="w4a16", init=False)
+    weight_bits: int = field(default=4, init=False)
+    group_size: int | None = 128
+    symmetric: bool = False
+    default_method: str = field(default="awq", init=False)
 
 
-def W8A16Config(group_size: int | None = None, symmetric: bool = True, **kw) -> QuantConfig:  # noqa: N802
-    return QuantConfig("w8a16", 8, group_size, symmetric, default_method="rtn", **kw)
+@dataclass(frozen=True, kw_only=True)
+class W8A16Config(QuantConfig):
+    """int8 per-channel symmetric weights, 16-bit activations."""
+
+    name: str = field(default="w8a16", init=False)
+    weight_bits: int = field(default=8, init=False)
 
 
-def W8A8Config(act_dynamic: bool = True, symmetric: bool = True, **kw) -> QuantConfig:  # noqa: N802
-    return QuantConfig("w8a8", 8, None, symmetric, act_bits=8, act_dynamic=act_dynamic,
-                       default_method="smoothquant", **kw)
+@dataclass(frozen=True, kw_only=True)
+class W8A8Config(QuantConfig):
+    """int8 per-channel symmetric weights, per-token dynamic int8 activations (throughput scheme).
+
+    At runtime the rest of the model runs in ``dtype``: bf16 by default, as fast as the bf16 model there, so
+    the int8 GEMMs' gain is not eaten by fp32 elementwise work.
+    """
+
+    name: str = field(default="w8a8", init=False)
+    weight_bits: int = field(default=8, init=False)
+    group_size: int | None = field(default=None, init=False)  # int-quantized stores per-channel scales
+    act_bits: int | None = field(default=8, init=False)
+    default_method: str = field(default="smoothquant", init=False)
+
+
+CONFIGS: dict[str, type[QuantConfig]] = {"w4a16": W4A16Config, "w8a16": W8A16Config, "w8a8": W8A8Config}
 
 
 def get_scheme(name: str, *, group_size: int | None | str = "default", symmetric: bool | None = None,
                ignore: list[str] | None = None, act_dynamic: bool = True) -> QuantConfig:
-    """Build a scheme from what the user typed; ``group_size`` may be an int, "channel" or "default"."""
+    """Build a scheme from what the user typed; ``group_size`` may be an int, "channel" or "default".
+
+    ``ignore`` patterns are added to the file default (``lm_head``), as the CLI's ``--ignore`` documents.
+    """
     key = name.lower()
     if key not in SCHEMES:
         raise SlimlmError(f"unknown scheme '{name}'; choose one of {', '.join(SCHEMES)}")
-    base = {"w4a16": W4A16Config, "w8a16": W8A16Config}.get(key)
-    cfg = W8A8Config(act_dynamic=act_dynamic) if base is None else base()
+    kw: dict = {} if key != "w8a8" else {"act_dynamic": act_dynamic}
     if group_size != "default":
         if group_size in (None, "channel", "-1", -1):
             gs = None
@@ -106,9 +150,10 @@ def get_scheme(name: str, *, group_size: int | None | str = "default", symmetric
                 raise SlimlmError(f"group size must be positive, got {gs}")
         if key == "w8a8" and gs is not None:
             raise SlimlmError("w8a8 uses per-channel weight scales (int-quantized); drop --group-size")
-        cfg = replace(cfg, group_size=gs)
+        elif key != "w8a8":
+            kw["group_size"] = gs
     if symmetric is not None:
-        cfg = replace(cfg, symmetric=symmetric)
+        kw["symmetric"] = symmetric
     if ignore:
         for pattern in ignore:
             if pattern.startswith("re:"):
@@ -116,8 +161,8 @@ def get_scheme(name: str, *, group_size: int | None | str = "default", symmetric
                     re.compile(pattern[3:])
                 except re.error as exc:
                     raise SlimlmError(f"--ignore {pattern!r} is not a valid regex: {exc}") from None
-        cfg = replace(cfg, ignore=tuple(dict.fromkeys([*cfg.ignore, *ignore])))
-    return cfg
+        kw["ignore"] = tuple(dict.fromkeys([*DEFAULT_IGNORE["file"], *ignore]))
+    return CONFIGS[key](**kw)
 
 
 def check_method(cfg: QuantConfig, method: str | None) -> str:
@@ -131,28 +176,6 @@ def check_method(cfg: QuantConfig, method: str | None) -> str:
     if method == "awq" and cfg.act_bits:
         raise SlimlmError("awq is a weight-only method; for w8a8 use smoothquant or smoothquant+gptq")
     return method
-
-
-@dataclass
-class _Applied:
-    names: list[str] = field(default_factory=list)
-
-
-def quantize_(model: torch.nn.Module, config: QuantConfig) -> list[str]:
-    """Replace every non-ignored Linear's weight by its round-to-nearest fake-quantized value, in place.
-
-    Returns the names of the Linears changed. Activation quantization is not simulated here.
-    """
-    from slimlm.algorithms.rtn import rtn_quantize
-
-    applied = _Applied()
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and not config.is_ignored(name):
-            spec, _ = config.weight_spec(module.in_features)
-            with torch.no_grad():
-                module.weight.copy_(rtn_quantize(module.weight, spec).dequantize(module.weight.dtype))
-            applied.names.append(name)
-    return applied.names
 
 
 # ---------------------------------------------------------------- lint: what a model can take, before any work
@@ -223,9 +246,8 @@ def check_model(model: str, *, group_size: int | None = 128, tp_degrees: tuple[i
             reasons.append(f"{heads} attention heads not divisible by {t}")
         if kv and kv % t and t % kv:
             reasons.append(f"{kv} KV heads neither divisible by {t} nor dividing it")
-        layer_bad = [f"{r['linear']}: {r['tp'][str(t)]}" for r in rows.values()
-                     if r["tp"][str(t)] != "ok" and not r["ignored_by_default"]]
-        reasons += layer_bad
+        reasons += [f"{r['linear']}: {r['tp'][str(t)]}" for r in rows.values()
+                    if r["tp"][str(t)] != "ok" and not r["ignored_by_default"]]
         model_tp[str(t)] = "ok" if not reasons else "; ".join(reasons)
     return {"model": str(path), "model_type": getattr(config, "model_type", None), "attention_heads": heads,
             "kv_heads": kv, "group_size_requested": group_size, "linears": list(rows.values()),

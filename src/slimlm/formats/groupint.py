@@ -21,9 +21,10 @@ from slimlm.errors import SlimlmError
 GROUP_SIZES = (32, 64, 128)
 
 
-def qrange(bits: int) -> tuple[int, int]:
-    """Signed code range of a ``bits``-bit integer, as compressed-tensors uses it."""
-    return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+def qrange(bits: int, restricted_range: bool = False) -> tuple[int, int]:
+    """Signed code range of a ``bits``-bit integer, as compressed-tensors uses it; ``restricted_range`` drops
+    the most negative code (int8: -127..127, symmetric around 0, as the runtime's int8 kernels take it)."""
+    return -(1 << (bits - 1)) + restricted_range, (1 << (bits - 1)) - 1
 
 
 @dataclass(frozen=True)
@@ -59,12 +60,12 @@ class QuantizedWeight:
         return dequantize(self.q, self.scale, self.zero, self.spec.group_size).to(dtype)
 
 
-def choose_group_size(in_features: int, requested: int | None) -> tuple[int | None, str]:
+def choose_group_size(in_features: int, requested: int | None, smallest: int = 16) -> tuple[int | None, str]:
     """The group size to use for a tensor with ``in_features`` columns, and why.
 
     compressed-tensors (and vLLM) need the group size to divide the columns: a padded last group cannot be
     represented in the ``group`` strategy. So we take the largest power-of-two group size ≤ requested that
-    divides (never below 16), else one group per row ("channel"), which every kernel supports.
+    divides (never below ``smallest``), else one group per row ("channel"), which every kernel supports.
     """
     if requested is None:
         return None, "channel"
@@ -73,7 +74,7 @@ def choose_group_size(in_features: int, requested: int | None) -> tuple[int | No
     if in_features % requested == 0:
         return requested, "as requested"
     size = requested // 2
-    while size >= 16:
+    while size >= smallest:
         if in_features % size == 0:
             return size, f"{requested} does not divide {in_features}; largest dividing group size is {size}"
         size //= 2
@@ -88,22 +89,29 @@ def _grouped(w: torch.Tensor, group_size: int | None) -> torch.Tensor:
 
 
 def minmax_params(w: torch.Tensor, bits: int, group_size: int | None, symmetric: bool,
-                  clip: torch.Tensor | float = 1.0) -> tuple[torch.Tensor, torch.Tensor | None]:
+                  clip: torch.Tensor | float = 1.0, *, restricted_range: bool = False, tiny: float | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Scale and zero point from each group's range (compressed-tensors' ``calculate_qparams`` rule).
 
     ``clip`` (scalar or broadcastable to ``(..., out, groups)``) shrinks the range, for clipping searches.
-    Leading batch dims of ``w`` are kept, so many candidates are computed at once.
+    Leading batch dims of ``w`` are kept, so many candidates are computed at once. A group whose scale
+    would be 0 gets ``tiny`` (None: the dtype's eps, as compressed-tensors; the runtime kernels use 1e-10).
+    ``restricted_range`` drops the most negative code; symmetric, it is the runtime int8 kernels' rule: codes
+    ±(2^(bits-1) - 1) and scale ``max(max|w|, tiny) / qmax``, the floor applied before the division.
     """
-    qmin, qmax = qrange(bits)
+    qmin, qmax = qrange(bits, restricted_range)
     g = _grouped(w, group_size)
     lo = g.amin(-1).clamp(max=0) * clip
     hi = g.amax(-1).clamp(min=0) * clip
     if symmetric:
-        scale = torch.maximum(lo.abs(), hi) / ((qmax - qmin) / 2)
+        half = torch.maximum(lo.abs(), hi)
+        if restricted_range:
+            half = half.clamp(min=torch.finfo(half.dtype).eps if tiny is None else tiny)
+        scale = half / ((qmax - qmin) / 2)
         zero = None
     else:
         scale = (hi - lo) / (qmax - qmin)
-    tiny = torch.finfo(scale.dtype).eps
+    tiny = torch.finfo(scale.dtype).eps if tiny is None else tiny
     scale = torch.where(scale == 0, torch.full_like(scale, tiny), scale)
     if not symmetric:
         zero = torch.round(qmin - lo / scale).clamp(qmin, qmax)
@@ -111,9 +119,9 @@ def minmax_params(w: torch.Tensor, bits: int, group_size: int | None, symmetric:
 
 
 def quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int,
-             group_size: int | None) -> torch.Tensor:
+             group_size: int | None, restricted_range: bool = False) -> torch.Tensor:
     """Integer codes (same float dtype as ``w``; cast with ``.to(torch.int8)``)."""
-    qmin, qmax = qrange(bits)
+    qmin, qmax = qrange(bits, restricted_range)
     g = _grouped(w, group_size)
     x = g / scale.unsqueeze(-1)
     if zero is not None:
@@ -136,11 +144,14 @@ def fake_quantize(w: torch.Tensor, spec: QuantSpec, clip: torch.Tensor | float =
     return dequantize(quantize(w, scale, zero, spec.bits, spec.group_size), scale, zero, spec.group_size)
 
 
-def quantize_weight(w: torch.Tensor, spec: QuantSpec, clip: torch.Tensor | float = 1.0) -> QuantizedWeight:
-    """Round-to-nearest with min/max (optionally clipped) parameters."""
-    w = w.float()
-    scale, zero = minmax_params(w, spec.bits, spec.group_size, spec.symmetric, clip)
-    q = quantize(w, scale, zero, spec.bits, spec.group_size).to(torch.int8)
+def quantize_weight(w: torch.Tensor, spec: QuantSpec, clip: torch.Tensor | float = 1.0, *,
+                    restricted_range: bool = False, tiny: float | None = None) -> QuantizedWeight:
+    """Round-to-nearest with min/max (optionally clipped) parameters, in fp32: THE RTN rule, for files
+    (defaults) and for the runtime kernels (``restricted_range``/``tiny``, see :func:`minmax_params`)."""
+    w = w.detach().float()
+    scale, zero = minmax_params(w, spec.bits, spec.group_size, spec.symmetric, clip,
+                                restricted_range=restricted_range, tiny=tiny)
+    q = quantize(w, scale, zero, spec.bits, spec.group_size, restricted_range).to(torch.int8)
     return QuantizedWeight(q, scale, None if zero is None else zero.to(torch.int8), spec)
 
 

@@ -1,131 +1,52 @@
-"""``quantize_(model, Config())``: swap a transformers model's ``nn.Linear`` layers for low-bit modules.
+"""``quantize_(model, config)``: THE quantize verb for an in-memory transformers model (torchao's verb).
 
-One verb plus one config object per scheme, as in torchao. The configs round weights to nearest (RTN) with
-min/max parameters here, so a model runs quantized with no file in between; ``load_quantized`` builds the
-same modules from files written by slimlm's quantizers (compressed-tensors dirs) or llama.cpp (GGUF).
+One verb, one config per scheme (:mod:`slimlm.schemes`, the same objects the file pipeline takes), one RTN
+rule (:mod:`slimlm.algorithms.rtn`). By default each ``nn.Linear`` becomes a low-bit kernel module, so a
+model runs quantized with no file in between; ``load_quantized`` builds the same modules from files written
+by slimlm's quantizers (compressed-tensors dirs) or llama.cpp (GGUF). Calibrated methods go through
+:mod:`slimlm.pipeline`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 from torch import nn
 
+from slimlm.algorithms.rtn import rtn_int4_groups, rtn_int8_per_channel, rtn_quantize
 from slimlm.errors import SlimlmError
 from slimlm.runtime.linear import DequantLinear, QuantLinear, W4A16Linear, W8A8Linear, W8A16Linear
+from slimlm.schemes import QuantConfig
+
+REFERENCE_MODES = (False, True, "kernel", "file")  # True is "kernel"
 
 
-@dataclass
-class W8A8Config:
-    """int8 per-channel symmetric weights, dynamic per-token int8 activations (throughput scheme).
-
-    The rest of the model (norms, attention, activations between layers) runs in ``dtype``: bf16 by
-    default, as fast as the bf16 model there, so the int8 GEMMs' gain is not eaten by fp32 elementwise work.
-    """
-
-    dtype: torch.dtype = torch.bfloat16  # dtype of everything that is not a quantized Linear
-    include_lm_head: bool = True
-    scheme: str = field(default="w8a8", init=False)
-
-
-@dataclass
-class W8A16Config:
-    """int8 per-channel symmetric weights, bf16 activations."""
-
-    dtype: torch.dtype = torch.bfloat16
-    include_lm_head: bool = True
-    scheme: str = field(default="w8a16", init=False)
-
-
-@dataclass
-class W4A16Config:
-    """int4 group-wise weights (asymmetric by default, as tinygemm computes), bf16 activations (latency scheme).
-
-    When ``group_size`` does not divide a layer's inputs, the largest power of two ≥ 32 below it that does is
-    used (SmolLM2's 576 takes 64 when 128 is asked); failing that the layer is padded (see W4A16Linear).
-    """
-
-    group_size: int = 128
-    symmetric: bool = False
-    dtype: torch.dtype = torch.bfloat16
-    include_lm_head: bool = True
-    scheme: str = field(default="w4a16", init=False)
-
-
-QuantConfig = W8A8Config | W8A16Config | W4A16Config
-
-CONFIGS: dict[str, Callable[[], QuantConfig]] = {"w8a8": W8A8Config, "w8a16": W8A16Config, "w4a16": W4A16Config}
-
-
-def config_for(scheme: str) -> QuantConfig:
-    try:
-        return CONFIGS[scheme.lower()]()
-    except KeyError:
-        raise SlimlmError(f"unknown runtime scheme {scheme!r}; choose one of {', '.join(CONFIGS)}") from None
-
-
-def rtn_int8_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int8 per output row: codes in -127..127 and fp32 scales ``(N,)``."""
-    w = w.detach().float()
-    scale = w.abs().amax(dim=1).clamp_(min=1e-10) / 127.0
-    return torch.round(w / scale[:, None]).to(torch.int8), scale
-
-
-def effective_group_size(k: int, requested: int) -> int:
-    size = requested
-    while size >= 32 and k % size:
-        size //= 2
-    return size if size >= 32 and k % size == 0 else requested
-
-
-def rtn_int4_groups(w: torch.Tensor, group_size: int, symmetric: bool
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Signed int4 codes (-8..7), scales ``(N, G)`` and integer zero points (None when symmetric).
-
-    compressed-tensors' min/max rule (``w ≈ (q - zero) * scale``), so RTN here equals an RTN export.
-    """
-    w = w.detach().float()
-    n, k = w.shape
-    g = w.reshape(n, k // group_size, group_size)
-    lo, hi = g.amin(-1).clamp(max=0), g.amax(-1).clamp(min=0)
-    if symmetric:
-        scale = torch.maximum(lo.abs(), hi) / 7.5
-        zero = None
-    else:
-        scale = (hi - lo) / 15.0
-    scale = torch.where(scale == 0, torch.full_like(scale, 1e-10), scale)
-    x = g / scale[..., None]
-    if not symmetric:
-        zero = torch.round(-8 - lo / scale).clamp(-8, 7)
-        x = x + zero[..., None]
-    q = torch.round(x).clamp_(-8, 7).to(torch.int8).reshape(n, k)
-    return q, scale, zero
+def check_kernel_config(config: QuantConfig) -> None:
+    """Refuse a scheme no runtime kernel runs: int8 per-channel symmetric (W8A16; W8A8 with per-token dynamic
+    activations) and int4 groups (W4A16)."""
+    int8 = (config.weight_bits == 8 and config.group_size is None and config.symmetric
+            and (config.act_bits is None or (config.act_bits == 8 and config.act_dynamic)))
+    int4 = config.weight_bits == 4 and config.act_bits is None and config.group_size is not None
+    if not (int8 or int4):
+        raise SlimlmError(f"no runtime kernel runs {config}: they take int8 per-channel symmetric weights "
+                          f"(dynamic per-token int8 activations) and int4 groups")
 
 
 def quantize_linear(linear: nn.Linear, config: QuantConfig, reference: bool = False) -> QuantLinear:
     """One ``nn.Linear`` → its quantized module (or that module's fp32 reference)."""
     w, bias = linear.weight, linear.bias
-    if config.scheme in ("w8a8", "w8a16"):
+    if config.weight_bits == 8:
         q, s = rtn_int8_per_channel(w)
-        module = (W8A8Linear if config.scheme == "w8a8" else W8A16Linear)(q, s, bias)
+        module = (W8A8Linear if config.act_bits else W8A16Linear)(q, s, bias)
     else:
-        gs = effective_group_size(w.shape[1], config.group_size)
+        gs = config.kernel_group_size(w.shape[1])
         if w.shape[1] % gs:
             k_pad = -(-w.shape[1] // gs) * gs
             w = torch.nn.functional.pad(w.detach().float(), (0, k_pad - w.shape[1]))
         q, s, z = rtn_int4_groups(w, gs, config.symmetric)
         module = W4A16Linear.from_signed(q[:, : linear.in_features], s, z, gs, bias)
     return module.to_reference() if reference else module
-
-
-def linear_names(model: nn.Module, include_lm_head: bool = True) -> list[str]:
-    """Names of the ``nn.Linear`` modules to quantize, in model order."""
-    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    if not include_lm_head:
-        names = [n for n in names if not n.endswith("lm_head")]
-    return names
 
 
 def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -141,29 +62,59 @@ def untie_lm_head(model: nn.Module) -> None:
             model._tied_weights_keys = None
 
 
-def quantize_(model: nn.Module, config: QuantConfig, *, reference: bool = False,
+def quantize_(model: nn.Module, config: QuantConfig, *, reference: bool | str = False,
               progress: Callable[[str], None] | None = None) -> dict[str, str]:
-    """Quantize ``model`` in place; returns ``{module name: kernel it uses}``.
+    """Quantize ``model``'s Linears in place with round-to-nearest; returns ``{module name: what runs it}``.
 
-    ``reference=True`` installs each module's plain fp32 reference (same integer weights, dequantized) —
-    what tests and perplexity comparisons measure the fast path against.
+    ``reference`` picks what "quantized" means, as each comparison needs:
+
+    - ``False`` (default): low-bit kernel modules (W8A8Linear, W8A16Linear, W4A16Linear), the model cast to
+      ``config.dtype``; runtime defaults (every Linear incl. ``lm_head`` unless ``config.ignore`` says
+      otherwise; int4 groups ≥ 32, padded where none divides; int8 codes ±127).
+    - ``True`` / ``"kernel"``: the same integer codes as fp32 ``DequantLinear`` modules, the model in fp32:
+      what the kernels' tests and perplexity comparisons measure the fast path against.
+    - ``"file"``: fake quantization: every Linear stays an ``nn.Linear`` in its dtype whose weight is the RTN
+      value a compressed-tensors export of ``config`` stores (file defaults: ``lm_head`` kept, group sizes
+      down to 16 then per channel, int8 codes -128..127): what an RTN file is checked against.
+      Activation quantization is not simulated.
+
+    Two references because kernels and files round differently (int8 ±127 vs -128..127; int4 groups ≥ 32
+    padded vs ≥ 16 then per channel; ``lm_head``): each fast path is held to its own integers.
     """
-    names = linear_names(model, config.include_lm_head)
+    if reference not in REFERENCE_MODES:
+        raise SlimlmError(f"reference must be one of {REFERENCE_MODES}, got {reference!r}")
+    if reference == "file":
+        return fake_quantize_(model, config, progress)
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not config.is_ignored(n, "runtime")]
     if not names:
         raise SlimlmError("the model has no nn.Linear layers to quantize")
+    check_kernel_config(config)
     model.to(torch.float32 if reference else config.dtype)
     if any(n.endswith("lm_head") for n in names):
         untie_lm_head(model)
-    kernels: dict[str, str] = {}
     for name in names:
-        module = quantize_linear(model.get_submodule(name), config, reference)
-        set_module(model, name, module)
-        kernels[name] = module.kernel
+        set_module(model, name, quantize_linear(model.get_submodule(name), config, bool(reference)))
         if progress:
             progress(name)
     fuse_siblings(model)
-    model.slimlm_scheme = ("reference-" if reference else "") + config.scheme
-    return {name: model.get_submodule(name).kernel for name in kernels}
+    model.slimlm_scheme = ("reference-" if reference else "") + config.name
+    return {name: model.get_submodule(name).kernel for name in names}
+
+
+def fake_quantize_(model: nn.Module, config: QuantConfig, progress: Callable[[str], None] | None = None
+                   ) -> dict[str, str]:
+    """``quantize_(..., reference="file")``: each Linear's weight, in place, by its file RTN value."""
+    done: dict[str, str] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and not config.is_ignored(name, "file"):
+            spec, _ = config.weight_spec(module.in_features)
+            with torch.no_grad():
+                module.weight.copy_(rtn_quantize(module.weight, spec).dequantize(module.weight.dtype))
+            groups = f"group {spec.group_size}" if spec.group_size else "per channel"
+            done[name] = f"nn.Linear, RTN fake-quant int{spec.bits} {groups}"
+            if progress:
+                progress(name)
+    return done
 
 
 SIBLING_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # layers reading one input
@@ -228,6 +179,4 @@ def to_reference_(model: nn.Module) -> nn.Module:
     return model.to(torch.float32)
 
 
-__all__ = ["W8A8Config", "W8A16Config", "W4A16Config", "quantize_", "kernel_report", "model_weight_bytes",
-           "to_reference_",
-           "config_for", "DequantLinear"]
+__all__ = ["quantize_", "kernel_report", "model_weight_bytes", "to_reference_", "DequantLinear"]

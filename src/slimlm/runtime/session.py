@@ -10,7 +10,8 @@ from torch import nn
 
 from slimlm.errors import SlimlmError
 from slimlm.runtime.loader import load_quantized, load_tokenizer
-from slimlm.runtime.quantize import config_for, kernel_report, quantize_
+from slimlm.runtime.quantize import kernel_report, quantize_
+from slimlm.schemes import get_scheme
 
 SCHEMES = ("native", "fp32", "bf16", "w8a8", "w8a16", "w4a16")
 
@@ -65,7 +66,7 @@ def open_model(model: str | Path, scheme: str | None = None, threads: int | None
     if scheme == "bf16":
         net.to(torch.bfloat16)
     elif scheme in ("w8a8", "w8a16", "w4a16"):
-        quantize_(net, config_for(scheme), progress=progress)
+        quantize_(net, get_scheme(scheme), progress=progress)
     tokenizer = load_tokenizer(path) if with_tokenizer else None
     return net.eval(), tokenizer, kernel_report(net)
 
