@@ -1,12 +1,10 @@
-"""Calibration: text from a file (plain or JSONL), a Hugging Face dataset or the model itself, cut into token
-windows, and the per-Linear input statistics gathered over them.
+"""Calibration: text (plain, JSONL, a Hugging Face dataset, or written by the model itself) → token windows →
+per-Linear input statistics.
 
-Every source ends as an ``(n, seq_len)`` tensor of token ids. Text is tokenized once and cut into
-consecutive windows (the tokenizer adds BOS only if it is configured to). With no source, the model writes
-its own calibration text — sampled from random first tokens, as in LLM-QAT's data-free calibration — so
-``slimlm quantize`` works offline with no data at all. The GGUF path cuts llama.cpp's windows instead
-(:func:`llama_windows`) and runs the whole model over them (:func:`linear_stats`): the importance matrix is
-the Gram diagonal of each Linear's inputs.
+Text is tokenized once and cut into consecutive ``(n, seq_len)`` windows (the tokenizer adds BOS only if
+configured to). With no source, the model samples its own text from random first tokens (LLM-QAT's data-free
+calibration), so ``slimlm quantize`` works offline. The GGUF path cuts llama.cpp's windows
+(:func:`llama_windows`) and runs the whole model over them (:func:`linear_stats`).
 """
 
 from __future__ import annotations
@@ -217,7 +215,7 @@ def linear_stats(model: torch.nn.Module, windows: np.ndarray, linears: dict[str,
     with StatsCollector(linears, wanted=wanted) as collector, torch.inference_mode():
         for i, window in enumerate(windows):
             if i == gram_windows:
-                collector.stop_gram()
+                collector.gram_open = False
             model(torch.from_numpy(window)[None], use_cache=False)
             if progress:
                 progress(i + 1, len(windows))

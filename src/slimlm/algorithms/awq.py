@@ -1,29 +1,26 @@
 """AWQ (Lin et al. 2024): protect salient input channels by scaling them up before quantization.
 
-One scale search, :func:`best_scale`: among candidate per-channel scales ``s``, keep the first whose quantized
-weights ``W·diag(s)`` reproduce the float outputs best. The candidates and the quantizer are the caller's:
+One scale search, :func:`best_scale`, keeps the first candidate per-channel scale ``s`` whose quantized
+``W·diag(s)`` best reproduces the float outputs; candidates and quantizer are the caller's. Both callers
+score with the exact output error ``tr(ΔW H ΔWᵀ)``, ``H = XᵀX/n`` gathered once (no pass over the tokens):
 
-- layer stream (:func:`search_scale`, group-int codes): for each smoothing pair (a norm or Linear feeding
-  some Linears) the duo-scaling grid ``s = mean|x|^r / mean|ŵ|^(1-r)`` (llm-compressor's default), scored by
-  fake quantization; ``1/s`` is folded into the feeding op and ``s`` into the weights. Then a per-group
-  clipping ratio is searched (AutoAWQ's ``auto_clip``) for every Linear except q/k.
-- tensor stream (:func:`equalization_plan`, GGML codecs): for each GGUF pair the grid ``s = E[x²]^(α/2)``,
-  scored by llama.cpp's own encoder round trip; the scales are folded into the norms (and ffn_up's rows)
-  by :func:`apply_equalization`.
-
-Both score with the exact output error ``‖X(Ŵ − W)ᵀ‖² = tr(ΔW H ΔWᵀ)`` with ``H = XᵀX/n`` gathered once, so
-every grid point costs one (out × in × in) product instead of a pass over the calibration tokens.
+- layer stream (:func:`search_scale`): duo-scaling grid ``s = mean|x|^r / mean|ŵ|^(1-r)`` (llm-compressor's
+  default) under group-int fake quantization, folded into the feeding norm or Linear; then a per-group clip
+  ratio (AutoAWQ's ``auto_clip``) for every Linear except q/k.
+- GGUF tensor stream (:func:`equalization_plan`): grid ``s = E[x²]^(α/2)`` under llama.cpp's encoder round
+  trip, folded into the norms and ffn_up's rows (:func:`apply_equalization`).
 """
 
 from __future__ import annotations
 
+from functools import reduce
 from typing import Callable, Iterable, Sequence, TypeVar
 
 import gguf
 import numpy as np
 import torch
 
-from slimlm.algorithms.mappings import SmoothPair, fold_scale, gguf_feeder, gguf_pairs
+from slimlm.algorithms.mappings import SmoothPair, fold_scale, gguf_pairs
 from slimlm.algorithms.stats import LayerStats
 from slimlm.formats import ggml
 from slimlm.formats.groupint import QuantSpec, fake_quantize, minmax_params, quantize, dequantize
@@ -168,12 +165,8 @@ def equalization_plan(load: Callable[[str], np.ndarray], names: set[str],
                       plan: dict[str, gguf.GGMLQuantizationType], n_layers: int,
                       importance: Callable[[str], np.ndarray | None], hessians: dict[str, np.ndarray] | None,
                       alphas: tuple[float, ...] = ALPHAS) -> dict[str, np.ndarray]:
-    """Per-channel scales {feeding tensor: s} for the GGUF pairs, α searched per pair.
-
-    ``s`` divides the feeding norm (or ffn_up's rows) and multiplies its matrices' columns: exact in real
-    arithmetic; the search keeps α = 0 (no change) unless the rounding error under the calibration
-    covariance drops.
-    """
+    """Per-channel scales {feeding tensor: s} for the GGUF pairs, α searched per pair; α = 0 (no change) is
+    kept unless the rounding error under the calibration covariance drops."""
     chosen: dict[str, np.ndarray] = {}
     for pair in gguf_pairs(n_layers):
         mats = pair.linears
@@ -184,18 +177,13 @@ def equalization_plan(load: Callable[[str], np.ndarray], names: set[str],
             continue
         weights = {m: load(m) for m in mats}
 
-        def errors(group: Sequence[np.ndarray], weights: dict[str, np.ndarray] = weights) -> list[float]:
-            out = []
-            for s in group:
-                err = 0.0
-                for m, w in weights.items():
-                    h = None if hessians is None or m not in hessians else hessians[m] / np.outer(s, s)
-                    err += ggml_output_error(w * s, plan[m], importance(m) / (s * s), h)
-                out.append(err)
-            return out
+        def error(s: np.ndarray, weights: dict[str, np.ndarray] = weights) -> float:
+            return sum(ggml_output_error(w * s, plan[m], importance(m) / (s * s),
+                                         hessians[m] / np.outer(s, s) if hessians and m in hessians else None)
+                       for m, w in weights.items())
 
         cands = [power_scales(imp, alpha) for alpha in alphas]
-        best = cands[best_scale(cands, errors)[0]]
+        best = cands[best_scale(cands, lambda group: [error(s) for s in group])[0]]
         if not np.all(best == 1.0):
             chosen[pair.prev] = best
     return chosen
@@ -212,18 +200,6 @@ def apply_equalization(scales: dict[str, np.ndarray], n_layers: int
         ops.setdefault(pair.prev, []).append(lambda a, s=s: a / s if a.ndim == 1 else a / s[:, None])
         for m in pair.linears:
             ops.setdefault(m, []).append(lambda a, s=s: a * s[None, :])
+    return {name: lambda a, fns=fns: np.ascontiguousarray(reduce(lambda v, fn: fn(v), fns, a), dtype=np.float32)
+            for name, fns in ops.items()}
 
-    def compose(fns: list[Callable[[np.ndarray], np.ndarray]]) -> Callable[[np.ndarray], np.ndarray]:
-        def run(a: np.ndarray) -> np.ndarray:
-            for fn in fns:
-                a = fn(a)
-            return np.ascontiguousarray(a, dtype=np.float32)
-        return run
-
-    return {name: compose(fns) for name, fns in ops.items()}
-
-
-def input_scale_of(scales: dict[str, np.ndarray], name: str) -> np.ndarray | None:
-    """The column scale s applied to matrix ``name`` (its inputs become x / s), if any."""
-    feeder = gguf_feeder(name)
-    return None if feeder is None else scales.get(feeder)

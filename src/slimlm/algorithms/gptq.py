@@ -1,16 +1,12 @@
 """GPTQ (Frantar et al. 2023): quantize columns in order, pushing each step's rounding error onto the columns
 not yet quantized through the inverse Hessian of the layer's input.
 
-One core, :func:`gptq_core`, for both outputs: a rounding callback turns the current (error-updated) columns
-of one step into their dequantized values and records the codes as it likes. :func:`gptq_quantize` rounds
-one column at a time to group-int codes (compressed-tensors); :func:`gptq_encode` rounds whole GGML codec
-blocks (32 or 256 columns) with llama.cpp's encoder as a black box, so the GGUF bytes stay those of a normal
-file of the same types. For a step of k columns the error pushed on is E = (W_s − Q_s) U_ss⁻¹ with
-H⁻¹ = UᵀU (upper Cholesky), which equals GPTQ's column recurrence for a fixed Q_s.
-
-Blocked ("lazy batch") form: inside a batch of columns the updates touch only the batch; the accumulated
-error reaches the rest of the matrix with one matmul per batch. Rows are independent given H, so Linears
-that share an input (q/k/v, gate/up) are quantized as one stacked matrix (:func:`gptq_linears`).
+One core (:func:`gptq_core`) with a rounding callback: :func:`gptq_quantize` rounds one column at a time to
+group-int codes; :func:`gptq_encode` rounds whole GGML codec blocks (32 or 256 columns) with llama.cpp's
+encoder as a black box, so the GGUF bytes are those of a normal file. For a step of k columns the error
+pushed on is E = (W_s − Q_s) U_ss⁻¹ with H⁻¹ = UᵀU (upper Cholesky): GPTQ's column recurrence for fixed Q_s.
+"Lazy batch": inside a batch of columns the updates touch only the batch; the rest of the matrix gets the
+batch's error in one matmul. Rows are independent given H, so Linears sharing an input are stacked.
 """
 
 from __future__ import annotations
@@ -44,7 +40,7 @@ def dead_inputs_fixed(hessian: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 
 
 def inverse_hessian_factor(h: torch.Tensor, dampening: float = DEFAULT_DAMPENING) -> torch.Tensor:
-    """Upper Cholesky factor of (H + λI)⁻¹ with λ = dampening · mean(diag H), ×10 while H is numerically indefinite."""
+    """Upper Cholesky factor of (H + λI)⁻¹, λ = dampening · mean(diag H), ×10 while H is indefinite."""
     diag_mean = torch.diag(h).mean().clamp(min=1e-8)
     eye = torch.eye(h.shape[0], dtype=h.dtype)
     for attempt in range(6):
@@ -152,11 +148,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec,
 
 def gptq_encode(w: np.ndarray, qtype: gguf.GGMLQuantizationType, hessian: np.ndarray,
                 importance: np.ndarray | None, damp: float = DEFAULT_DAMPENING) -> np.ndarray:
-    """Encode ``w`` [rows, n] to GGML blocks of ``qtype``, each codec block's error compensated under ``hessian``.
-
-    Float64 throughout; the blocks are llama.cpp's own encoding (importance-weighted when given) of the
-    updated weights, so the bytes are a normal GGUF tensor of that type.
-    """
+    """Encode ``w`` [rows, n] (float64 inside) to GGML blocks of ``qtype``, each block's error compensated."""
     qtype = ggml.qtype_of(qtype)
     block, type_size = gguf.GGML_QUANT_SIZES[qtype]
     rows = w.shape[0]
@@ -177,27 +169,17 @@ def gptq_encode(w: np.ndarray, qtype: gguf.GGMLQuantizationType, hessian: np.nda
 
 def gptq_linears(linears: dict[str, torch.nn.Linear], names: list[str], stats: LayerStats,
                  specs: dict[str, QuantSpec], actorder: bool) -> dict[str, QuantizedWeight]:
-    """GPTQ for Linears grouped by shared input statistics: one stacked run per distinct input and spec."""
-    out: dict[str, QuantizedWeight] = {}
-    groups: dict[int, list[str]] = {}
+    """GPTQ for Linears grouped by shared input statistics and spec: one stacked run per group."""
+    groups: dict[tuple[int, QuantSpec], list[str]] = {}
     for n in names:
-        groups.setdefault(id(stats[n]), []).append(n)
-    for members in groups.values():
-        spec = specs[members[0]]
-        same = [m for m in members if specs[m] == spec]
-        for batch in (same, [m for m in members if specs[m] != spec]):
-            if not batch:
-                continue
-            if len(batch) > 1 and len({specs[m] for m in batch}) > 1:
-                for m in batch:
-                    out[m] = gptq_quantize(linears[m].weight, stats[m].hessian, specs[m], actorder=actorder)
-                continue
-            w = torch.cat([linears[m].weight.float() for m in batch], 0)
-            qw = gptq_quantize(w, stats[batch[0]].hessian, specs[batch[0]], actorder=actorder)
-            row = 0
-            for m in batch:
-                rows = linears[m].out_features
-                out[m] = QuantizedWeight(qw.q[row:row + rows], qw.scale[row:row + rows],
-                                         None if qw.zero is None else qw.zero[row:row + rows], specs[m])
-                row += rows
+        groups.setdefault((id(stats[n]), specs[n]), []).append(n)
+    out: dict[str, QuantizedWeight] = {}
+    for (_, spec), batch in groups.items():
+        w = torch.cat([linears[m].weight.float() for m in batch], 0)
+        qw = gptq_quantize(w, stats[batch[0]].hessian, spec, actorder=actorder)
+        row = 0
+        for m in batch:
+            rows = slice(row, row + linears[m].out_features)
+            out[m] = QuantizedWeight(qw.q[rows], qw.scale[rows], None if qw.zero is None else qw.zero[rows], spec)
+            row = rows.stop
     return out

@@ -53,15 +53,6 @@ def gguf_pairs(n_layers: int) -> list[SmoothPair]:
             for i in range(n_layers) for p in GGUF_PAIRS]
 
 
-def gguf_feeder(name: str) -> str | None:
-    """The GGUF tensor whose output feeds matrix ``name`` in :data:`GGUF_PAIRS` (``None`` when in none)."""
-    parts = name.split(".")
-    if len(parts) != 4 or parts[0] != "blk" or not parts[1].isdigit() or parts[3] != "weight":
-        return None
-    prev = next((p.prev for p in GGUF_PAIRS if parts[2] in p.linears), None)
-    return None if prev is None else f"blk.{parts[1]}.{prev}.weight"
-
-
 def smoothing_pairs(model_type: str, layer: torch.nn.Module, method: str) -> list[SmoothPair]:
     """The pairs valid for this layer; a clear error naming what is missing when the model has none."""
     if model_type not in LLAMA_LIKE:

@@ -1,9 +1,8 @@
-"""Quantization methods by name: what each needs and which steps it runs, for both drivers.
+"""Quantization methods by name, for both drivers: at most one smoothing step (scales folded in before
+rounding: AWQ's search or SmoothQuant's formula), then a rounding (nearest, or GPTQ's error compensation).
 
-A method is at most one smoothing step (scales folded into the layer before rounding: AWQ's search or
-SmoothQuant's formula) followed by a rounding (nearest, or GPTQ's error compensation). The layer stream
-(``--scheme``, compressed-tensors) runs :meth:`Method.smooth` and :meth:`Method.round` per decoder layer; the
-GGUF tensor stream (``--to``) reads the same flags and runs its GGML forms (equalization, ``gptq_encode``).
+The layer stream (``--scheme``) runs :meth:`Method.smooth` and :meth:`Method.round` per decoder layer; the
+GGUF tensor stream (``--to``) reads the same flags and runs the GGML forms (equalization, ``gptq_encode``).
 """
 
 from __future__ import annotations
@@ -34,12 +33,11 @@ class Method:
 
     @property
     def calibration(self) -> bool:
-        """Needs calibration inputs (rounding to nearest alone needs none)."""
         return self.smoothing is not None or self.gptq
 
     @property
     def gram(self) -> bool:
-        """Needs the inputs' Gram matrix (GPTQ's Hessian, AWQ's error metric); SmoothQuant needs only max |x|."""
+        """GPTQ's Hessian, AWQ's error metric; SmoothQuant needs only max |x|."""
         return self.gptq or self.smoothing == "awq"
 
     def smooth(self, layer: torch.nn.Module, stats: LayerStats, pairs: list[SmoothPair],
@@ -79,9 +77,8 @@ GGUF_METHODS = tuple(m.name for m in _TABLE if "gguf" in m.drivers)
 
 def get_method(name: str, driver: str = "layers") -> Method:
     """The method ``name`` of ``driver`` ("layers" or "gguf"); a clear error listing the others."""
-    for m in _TABLE:
-        if m.name == name and driver in m.drivers:
-            return m
-    if driver == "gguf":
-        raise SlimlmError(f"unknown GGUF method {name!r}; choose one of: {', '.join(GGUF_METHODS)}")
-    raise SlimlmError(f"unknown method '{name}'; choose one of {', '.join(SCHEME_METHODS)}")
+    found = [m for m in _TABLE if m.name == name and driver in m.drivers]
+    if not found:
+        kind, names = ("GGUF method", GGUF_METHODS) if driver == "gguf" else ("method", SCHEME_METHODS)
+        raise SlimlmError(f"unknown {kind} {name!r}; choose one of: {', '.join(names)}")
+    return found[0]

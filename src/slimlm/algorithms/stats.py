@@ -16,8 +16,7 @@ import torch
 
 @dataclass(frozen=True)
 class Wanted:
-    """Which statistics to gather. ``gram_dtype`` accumulates XᵀX (None: no Gram matrix); the float32 products
-    are summed in float64 for the layer stream (many tokens) and in float32 for the GGUF covariance."""
+    """Which statistics to gather; ``gram_dtype`` sums the float32 products XᵀX (None: no Gram matrix)."""
 
     gram_dtype: torch.dtype | None = torch.float64
     abs_stats: bool = True  # mean and max |x|
@@ -34,21 +33,19 @@ class InputStats:
     sq_sum: torch.Tensor | None  # (in,) float64
     tokens: int = 0
     gram_tokens: int = 0
-    gram_open: bool = True  # still adding to gram (the GGUF covariance stops after some windows)
 
     @classmethod
-    def empty(cls, features: int, wanted: Wanted = Wanted()) -> "InputStats":
-        def zeros(*shape: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-            return torch.zeros(*shape, dtype=dtype)
+    def empty(cls, n: int, wanted: Wanted = Wanted()) -> "InputStats":
+        f64 = torch.float64
+        return cls(torch.zeros(n, n, dtype=wanted.gram_dtype) if wanted.gram_dtype else None,
+                   torch.zeros(n, dtype=f64) if wanted.abs_stats else None,
+                   torch.zeros(n) if wanted.abs_stats else None,
+                   torch.zeros(n, dtype=f64) if wanted.squares else None)
 
-        return cls(zeros(features, features, dtype=wanted.gram_dtype) if wanted.gram_dtype else None,
-                   zeros(features) if wanted.abs_stats else None,
-                   zeros(features, dtype=torch.float32) if wanted.abs_stats else None,
-                   zeros(features) if wanted.squares else None)
-
-    def add(self, x: torch.Tensor) -> None:
+    def add(self, x: torch.Tensor, gram: bool = True) -> None:
+        """Add a batch of inputs; to the Gram matrix only if ``gram`` (GGUF's covariance stops after some windows)."""
         x = x.reshape(-1, x.shape[-1]).float()
-        if self.gram is not None and self.gram_open:
+        if self.gram is not None and gram:
             # float32 matmul (fast), accumulated in the gram's dtype.
             self.gram += (x.T @ x).to(self.gram.dtype)
             self.gram_tokens += x.shape[0]
@@ -95,7 +92,7 @@ class StatsCollector:
         self.linears = linears
         self.wanted = wanted or (Wanted() if need_gram else Wanted(gram_dtype=None))
         self.stats = LayerStats()
-        self.gram_open = True
+        self.gram_open = True  # set False to stop adding to the Gram matrices
         self._handles: list = []
         self._last: tuple[torch.Tensor, InputStats] | None = None
 
@@ -108,24 +105,17 @@ class StatsCollector:
                 if name not in self.stats.by_linear:
                     self.stats.by_linear[name] = acc
                 elif self.stats.by_linear[name] is not acc:
-                    self.stats.by_linear[name].add(x)
+                    self.stats.by_linear[name].add(x, self.gram_open)
                 return
             acc = self.stats.by_linear.get(name)
             if acc is None:
                 acc = InputStats.empty(x.shape[-1], self.wanted)
-                acc.gram_open = self.gram_open
                 self.stats.by_linear[name] = acc
-            acc.add(x)
+            acc.add(x, self.gram_open)
             # Holding the tensor keeps its identity meaningful (no address reuse by a later tensor).
             self._last = (x, acc)
 
         return hook
-
-    def stop_gram(self) -> None:
-        """Stop adding to the Gram matrices (the other statistics go on)."""
-        self.gram_open = False
-        for acc in self.stats.by_linear.values():
-            acc.gram_open = False
 
     def __enter__(self) -> "StatsCollector":
         for name, lin in self.linears.items():

@@ -373,6 +373,7 @@ def _equalize(source: ModelSource, plan: dict[str, T], importance_of: Callable[[
     import dataclasses
 
     from slimlm.algorithms import awq
+    from slimlm.algorithms.mappings import gguf_pairs
 
     by_name = {t.name: t for t in source.tensors}
     scales = awq.equalization_plan(lambda n: by_name[n].load(), set(by_name), plan, source.facts["n_layers"],
@@ -385,18 +386,19 @@ def _equalize(source: ModelSource, plan: dict[str, T], importance_of: Callable[[
     new_h = None if hessians is None else dict(hessians)
     cache: dict[tuple[int, int], np.ndarray] = {}
     overrides: dict[str, np.ndarray] = {}
-    for name in by_name:
-        s = awq.input_scale_of(scales, name)
+    for pair in gguf_pairs(source.facts["n_layers"]):
+        s = scales.get(pair.prev)  # the inputs of pair.linears become x / s
         if s is None:
             continue
-        imp = importance_of(name)
-        if imp is not None:
-            overrides[name] = imp / (s * s)
-        if new_h is not None and name in hessians:
-            key = (id(hessians[name]), id(s))
-            if key not in cache:
-                cache[key] = hessians[name] / np.outer(s, s)
-            new_h[name] = cache[key]
+        for name in pair.linears:
+            imp = importance_of(name)
+            if imp is not None:
+                overrides[name] = imp / (s * s)
+            if new_h is not None and name in hessians:
+                key = (id(hessians[name]), id(s))
+                if key not in cache:
+                    cache[key] = hessians[name] / np.outer(s, s)
+                new_h[name] = cache[key]
     log.info("equalized %d groups", len(scales))
     return (dataclasses.replace(source, tensors=tensors),
             lambda name: overrides[name] if name in overrides else importance_of(name), new_h)
