@@ -16,7 +16,8 @@ from slimlm.formats.ggml import dequantize as ggml_dequantize, quantize as ggml_
 
 # --- GGUF quantization and importance matrices (gguf_io) ---
 from slimlm.gguf_io.imatrix import Imatrix, make_imatrix as imatrix, read_imatrix, write_imatrix  # noqa: E402,F401
-from slimlm.gguf_io.quantize import METHODS as GGUF_METHODS, QuantizeResult, quantize_gguf  # noqa: E402,F401
+from slimlm.algorithms.methods import GGUF_METHODS  # noqa: E402,F401
+from slimlm.gguf_io.quantize import QuantizeResult, quantize_gguf  # noqa: E402,F401
 
 # --- compressed-tensors schemes W4A16/W8A16/W8A8 (RTN, AWQ, GPTQ, SmoothQuant), streaming pipeline ---
 from slimlm.pipeline import QuantizeResult as SchemeQuantizeResult, quantize_model  # noqa: E402,F401

@@ -1,9 +1,10 @@
-"""Calibration token sequences: from a text file, a JSONL file, a Hugging Face dataset, or the model itself.
+"""Calibration: text (plain, JSONL, a Hugging Face dataset, or written by the model itself) → token windows →
+per-Linear input statistics.
 
-Every source ends as an ``(n, seq_len)`` tensor of token ids. Text is tokenized once and cut into
-consecutive windows (the tokenizer adds BOS only if it is configured to). With no source, the model writes
-its own calibration text — sampled from random first tokens, as in LLM-QAT's data-free calibration — so
-``slimlm quantize`` works offline with no data at all.
+Text is tokenized once and cut into consecutive ``(n, seq_len)`` windows (the tokenizer adds BOS only if
+configured to). With no source, the model samples its own text from random first tokens (LLM-QAT's data-free
+calibration), so ``slimlm quantize`` works offline. The GGUF path cuts llama.cpp's windows
+(:func:`llama_windows`) and runs the whole model over them (:func:`linear_stats`).
 """
 
 from __future__ import annotations
@@ -12,10 +13,14 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
+import numpy as np
 import torch
 
+from slimlm.algorithms.stats import LayerStats, StatsCollector, Wanted
 from slimlm.errors import SlimlmError
+from slimlm.models.loader import tokenizer_adds_bos
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +41,12 @@ class Calibration:
         return int(self.input_ids.numel())
 
 
-def _read_jsonl(path: Path) -> str:
+def read_jsonl(path: Path, field: str | None = None) -> list[str]:
+    """The text of every non-blank line of a JSONL file.
+
+    ``field`` None (calibration): a line is a string, or an object whose "text" field (else its first string
+    field) is taken. A field name (evaluation, ``--text-field``): every line is an object with that string field.
+    """
     texts = []
     with path.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
@@ -47,20 +57,37 @@ def _read_jsonl(path: Path) -> str:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise SlimlmError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
-            if isinstance(row, str):
-                texts.append(row)
-            elif isinstance(row, dict):
-                text = row.get("text")
-                if not isinstance(text, str):
-                    text = next((v for v in row.values() if isinstance(v, str)), None)
-                if text is None:
-                    raise SlimlmError(f"{path}:{lineno}: no 'text' field (or any string field)")
-                texts.append(text)
-            else:
-                raise SlimlmError(f"{path}:{lineno}: expected an object with a 'text' field")
-    if not texts:
-        raise SlimlmError(f"{path} holds no text")
-    return "\n\n".join(texts)
+            texts.append(_row_text(row, field, f"{path}:{lineno}"))
+    return texts
+
+
+def _row_text(row: Any, field: str | None, where: str) -> str:
+    if field is not None:
+        if not isinstance(row, dict) or field not in row:
+            raise SlimlmError(f"{where}: no {field!r} field (choose one with --text-field)")
+        if not isinstance(row[field], str):
+            raise SlimlmError(f"{where}: field {field!r} is not a string")
+        return row[field]
+    if isinstance(row, str):
+        return row
+    if not isinstance(row, dict):
+        raise SlimlmError(f"{where}: expected an object with a 'text' field")
+    text = row.get("text")
+    if not isinstance(text, str):
+        text = next((v for v in row.values() if isinstance(v, str)), None)
+    if text is None:
+        raise SlimlmError(f"{where}: no 'text' field (or any string field)")
+    return text
+
+
+def read_text_file(path: Path) -> str:
+    """Calibration text of a file: JSONL rows (.jsonl, .json) joined by blank lines, else the text itself."""
+    if path.suffix.lower() in (".jsonl", ".json"):
+        texts = read_jsonl(path)
+        if not texts:
+            raise SlimlmError(f"{path} holds no text")
+        return "\n\n".join(texts)
+    return path.read_text(encoding="utf-8", errors="replace")
 
 
 def _read_hf_dataset(spec: str, max_chars: int) -> str:
@@ -155,12 +182,41 @@ def load_calibration(source: str | Path | torch.Tensor | None, *, tokenizer=None
         return self_generated(model_loader(), vocab_size, n_samples, seq_len)
     path = Path(source)
     if path.is_file():
-        if path.suffix.lower() in (".jsonl", ".json"):
-            text = _read_jsonl(path)
-        else:
-            text = path.read_text(encoding="utf-8", errors="replace")
-        return from_text(text, tokenizer, n_samples, seq_len, str(path))
+        return from_text(read_text_file(path), tokenizer, n_samples, seq_len, str(path))
     if path.suffix.lower() in (".txt", ".jsonl", ".json") or "/" in str(source) and path.parent.exists():
         raise SlimlmError(f"calibration file {source} does not exist")
     text = _read_hf_dataset(str(source), max_chars=n_samples * seq_len * 8)
     return from_text(text, tokenizer, n_samples, seq_len, f"dataset {source}")
+
+
+def llama_windows(tokenizer: Any, text: str, ctx: int, chunks: int | None) -> np.ndarray:
+    """llama.cpp's windows (llama-imatrix): the whole text tokenized once, cut into ctx-long chunks, each
+    starting with BOS if the model adds one (the loader's rule)."""
+    add_bos, bos = tokenizer_adds_bos(tokenizer)
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    if add_bos:
+        ids = [bos] + ids
+    n = len(ids) // ctx
+    if chunks is not None:
+        n = min(n, chunks)
+    if n < 1:
+        raise SlimlmError(f"calibration text has {len(ids)} tokens, fewer than one window of {ctx}")
+    windows = np.asarray(ids[: n * ctx], dtype=np.int64).reshape(n, ctx)
+    if add_bos:
+        windows[:, 0] = bos
+    return windows
+
+
+def linear_stats(model: torch.nn.Module, windows: np.ndarray, linears: dict[str, torch.nn.Linear],
+                 wanted: Wanted, gram_windows: int | None = None,
+                 progress: Callable[[int, int], None] | None = None) -> LayerStats:
+    """Run ``model`` over ``windows`` one at a time and gather each Linear's input statistics; the Gram
+    matrices from the first ``gram_windows`` only (XᵀX costs more than the forward pass)."""
+    with StatsCollector(linears, wanted=wanted) as collector, torch.inference_mode():
+        for i, window in enumerate(windows):
+            if i == gram_windows:
+                collector.gram_open = False
+            model(torch.from_numpy(window)[None], use_cache=False)
+            if progress:
+                progress(i + 1, len(windows))
+    return collector.stats

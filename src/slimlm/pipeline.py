@@ -22,12 +22,10 @@ from typing import Callable
 import torch
 from safetensors.torch import load_file, save_file
 
-from slimlm.algorithms.awq import awq_layer
-from slimlm.algorithms.gptq import gptq_quantize
 from slimlm.algorithms.mappings import smoothing_pairs
-from slimlm.algorithms.rtn import rtn_quantize
-from slimlm.algorithms.smoothquant import DEFAULT_STRENGTH, smooth_layer
-from slimlm.algorithms.stats import LayerStats, StatsCollector
+from slimlm.algorithms.methods import get_method
+from slimlm.algorithms.smoothquant import DEFAULT_STRENGTH
+from slimlm.algorithms.stats import StatsCollector
 from slimlm.calibration import DEFAULT_SAMPLES, DEFAULT_SEQ_LEN, Calibration, load_calibration
 from slimlm.checkpoint import Checkpoint, open_checkpoint
 from slimlm.checkpoint.tensor_data import torch_dtype
@@ -38,7 +36,7 @@ from slimlm.export.compressed_tensors import (
     compress_linear,
     quantization_config,
 )
-from slimlm.formats.groupint import QuantizedWeight, QuantSpec, quantize_weight
+from slimlm.formats.groupint import QuantizedWeight, QuantSpec
 from slimlm.schemes import QuantConfig, check_method, get_scheme
 
 log = logging.getLogger(__name__)
@@ -145,34 +143,6 @@ def _run_layer(layer, acts: _Activations, kwargs_list: list[dict], n_batches: in
                 store_out.put(b, out)
 
 
-def _gptq_shared(linears: dict[str, torch.nn.Linear], names: list[str], stats: LayerStats,
-                 specs: dict[str, QuantSpec], actorder: bool) -> dict[str, QuantizedWeight]:
-    """GPTQ for Linears grouped by shared input statistics: one stacked run per distinct input."""
-    out: dict[str, QuantizedWeight] = {}
-    groups: dict[int, list[str]] = {}
-    for n in names:
-        groups.setdefault(id(stats[n]), []).append(n)
-    for members in groups.values():
-        spec = specs[members[0]]
-        same = [m for m in members if specs[m] == spec]
-        for batch in (same, [m for m in members if specs[m] != spec]):
-            if not batch:
-                continue
-            if len(batch) > 1 and len({specs[m] for m in batch}) > 1:
-                for m in batch:
-                    out[m] = gptq_quantize(linears[m].weight, stats[m].hessian, specs[m], actorder=actorder)
-                continue
-            w = torch.cat([linears[m].weight.float() for m in batch], 0)
-            qw = gptq_quantize(w, stats[batch[0]].hessian, specs[batch[0]], actorder=actorder)
-            row = 0
-            for m in batch:
-                rows = linears[m].out_features
-                out[m] = QuantizedWeight(qw.q[row:row + rows], qw.scale[row:row + rows],
-                                         None if qw.zero is None else qw.zero[row:row + rows], specs[m])
-                row += rows
-    return out
-
-
 def quantize_model(model: str | Path, output: str | Path, *, scheme: str | QuantConfig = "w4a16",
                    method: str | None = None, group_size: int | str | None = "default",
                    symmetric: bool | None = None, ignore: list[str] | None = None,
@@ -215,6 +185,7 @@ def _quantize_model(model, output, *, scheme, method, group_size, symmetric, ign
     cfg = scheme if isinstance(scheme, QuantConfig) else get_scheme(
         scheme, group_size=group_size, symmetric=symmetric, ignore=ignore, act_dynamic=act_dynamic)
     method = check_method(cfg, method)
+    algo = get_method(method)
 
     hf_config = AutoConfig.from_pretrained(model_dir)
     if getattr(hf_config, "quantization_config", None):
@@ -234,9 +205,8 @@ def _quantize_model(model, output, *, scheme, method, group_size, symmetric, ign
     layers = decoder.layers
     n_layers = len(layers)
     # Fail fast (before any calibration work) when the method has no mapping for this architecture.
-    needs_pairs = method in ("awq", "smoothquant", "smoothquant+gptq")
-    if needs_pairs:
-        smoothing_pairs(model_type, layers[0], "awq" if method == "awq" else "smoothquant")
+    if algo.smoothing:
+        smoothing_pairs(model_type, layers[0], algo.smoothing)
 
     tokenizer = None
     try:
@@ -246,7 +216,7 @@ def _quantize_model(model, output, *, scheme, method, group_size, symmetric, ign
     except Exception:  # a dir without tokenizer files: only token-id / self-generated calibration works
         tokenizer = None
 
-    need_calib = method != "rtn" or (cfg.act_bits is not None and not cfg.act_dynamic)
+    need_calib = algo.calibration or (cfg.act_bits is not None and not cfg.act_dynamic)
     calibration: Calibration | None = None
     if need_calib:
         def full_model():
@@ -318,31 +288,17 @@ def _quantize_model(model, output, *, scheme, method, group_size, symmetric, ign
                 report: dict = {"layer": i}
                 stats = None
                 if calibration is not None:
-                    need_gram = method in ("awq", "gptq", "smoothquant+gptq")
-                    with StatsCollector({n: linears[n] for n in quant_names}, need_gram=need_gram) as col:
+                    with StatsCollector({n: linears[n] for n in quant_names}, need_gram=algo.gram) as col:
                         _run_layer(layer, acts, kwargs_list, n_batches, None)
                     stats = col.stats
                 report["stats_s"] = round(time.perf_counter() - t0, 3)
-                qws: dict[str, QuantizedWeight] = {}
-                if method == "awq":
-                    pairs = [p for p in smoothing_pairs(model_type, layer, "awq")
+                clips = None
+                if algo.smoothing:
+                    pairs = [p for p in smoothing_pairs(model_type, layer, algo.smoothing)
                              if all(n in specs for n in p.linears)]
-                    clips, rep = awq_layer(layer, stats, pairs, specs)
-                    report["awq"] = rep
-                    for n in quant_names:
-                        qws[n] = quantize_weight(linears[n].weight, specs[n], clip=clips[n])
-                elif method in ("smoothquant", "smoothquant+gptq"):
-                    pairs = [p for p in smoothing_pairs(model_type, layer, "smoothquant")
-                             if all(n in specs for n in p.linears)]
-                    smooth_layer(layer, stats, pairs, smoothing_strength)
-                    if method == "smoothquant":
-                        qws = {n: rtn_quantize(linears[n].weight, specs[n]) for n in quant_names}
-                    else:
-                        qws = _gptq_shared(linears, quant_names, stats, specs, actorder)
-                elif method == "gptq":
-                    qws = _gptq_shared(linears, quant_names, stats, specs, actorder)
-                else:
-                    qws = {n: rtn_quantize(linears[n].weight, specs[n]) for n in quant_names}
+                    clips, rep = algo.smooth(layer, stats, pairs, specs, smoothing_strength)
+                    report.update(rep)
+                qws = algo.round(linears, quant_names, stats, specs, actorder, clips)
 
                 report["algorithm_s"] = round(time.perf_counter() - t0 - report["stats_s"], 3)
                 tensors: dict[str, torch.Tensor] = {}

@@ -25,11 +25,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from slimlm.algorithms.methods import SCHEME_METHODS
 from slimlm.errors import SlimlmError
 from slimlm.formats.groupint import GROUP_SIZES, QuantSpec, choose_group_size
 
 SCHEMES = ("w4a16", "w8a16", "w8a8")
-METHODS = ("rtn", "awq", "gptq", "smoothquant", "smoothquant+gptq")
 DEFAULT_IGNORE = {"file": ("lm_head",), "runtime": ()}  # what ``ignore=None`` means for each target
 
 
@@ -168,8 +168,8 @@ def get_scheme(name: str, *, group_size: int | None | str = "default", symmetric
 def check_method(cfg: QuantConfig, method: str | None) -> str:
     """The method to run (the scheme's default when None); refuses combinations that make no sense."""
     method = (method or cfg.default_method).lower()
-    if method not in METHODS:
-        raise SlimlmError(f"unknown method '{method}'; choose one of {', '.join(METHODS)}")
+    if method not in SCHEME_METHODS:
+        raise SlimlmError(f"unknown method '{method}'; choose one of {', '.join(SCHEME_METHODS)}")
     if method.startswith("smoothquant") and not cfg.act_bits:
         raise SlimlmError(f"smoothquant smooths activations for 8-bit activation quantization; "
                           f"it does not apply to {cfg.name} (use awq or gptq)")

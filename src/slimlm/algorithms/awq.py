@@ -1,27 +1,50 @@
 """AWQ (Lin et al. 2024): protect salient input channels by scaling them up before quantization.
 
-For each smoothing pair (a norm or Linear feeding some Linears), search ``s = mean|x|^r / mean|ŵ|^(1-r)``
-over a grid of r ("duo scaling", llm-compressor's default), fold ``1/s`` into the feeding op and ``s`` into the
-weights, and keep the r whose quantized Linears reproduce the float outputs best. Then search a per-group
-clipping ratio (AutoAWQ's ``auto_clip``) for every Linear except q/k.
+One scale search, :func:`best_scale`, keeps the first candidate per-channel scale ``s`` whose quantized
+``W·diag(s)`` best reproduces the float outputs; candidates and quantizer are the caller's. Both callers
+score with the exact output error ``tr(ΔW H ΔWᵀ)``, ``H = XᵀX/n`` gathered once (no pass over the tokens):
 
-Both searches use the exact output error ``‖X(Ŵ − W)ᵀ‖² = tr(ΔW H ΔWᵀ)`` with ``H = XᵀX/n`` gathered once,
-so every grid point costs one (out × in × in) product instead of a pass over the calibration tokens, and
-grid points are evaluated in batches.
+- layer stream (:func:`search_scale`): duo-scaling grid ``s = mean|x|^r / mean|ŵ|^(1-r)`` (llm-compressor's
+  default) under group-int fake quantization, folded into the feeding norm or Linear; then a per-group clip
+  ratio (AutoAWQ's ``auto_clip``) for every Linear except q/k.
+- GGUF tensor stream (:func:`equalization_plan`): grid ``s = E[x²]^(α/2)`` under llama.cpp's encoder round
+  trip, folded into the norms and ffn_up's rows (:func:`apply_equalization`).
 """
 
 from __future__ import annotations
 
+from functools import reduce
+from typing import Callable, Iterable, Sequence, TypeVar
+
+import gguf
+import numpy as np
 import torch
 
-from slimlm.algorithms.mappings import SmoothPair, fold_scale
+from slimlm.algorithms.mappings import SmoothPair, fold_scale, gguf_pairs
 from slimlm.algorithms.stats import LayerStats
+from slimlm.formats import ggml
 from slimlm.formats.groupint import QuantSpec, fake_quantize, minmax_params, quantize, dequantize
 
 N_GRID = 20
 CLIP_GRID = 20
 MAX_SHRINK = 0.5
 NO_CLIP = ("q_proj", "k_proj")  # AutoAWQ leaves q/k unclipped: attention logits are sensitive to them
+ALPHAS = (0.0, 0.25, 0.5, 0.75)  # the tensor stream's grid (α = 0: no scaling)
+
+S = TypeVar("S")
+
+
+def best_scale(candidates: Sequence[S], errors: Callable[[Sequence[S]], Iterable[float]],
+               batch: int = 1) -> tuple[int, list[float]]:
+    """The index of the first candidate with the least error, and every candidate's error.
+
+    ``errors`` scores a batch of (at most ``batch``) candidates: it quantizes the scaled weights its own way
+    and measures the output error.
+    """
+    errs: list[float] = []
+    for b0 in range(0, len(candidates), batch):
+        errs.extend(float(e) for e in errors(candidates[b0:b0 + batch]))
+    return min(range(len(errs)), key=errs.__getitem__), errs
 
 
 def _output_error(delta: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
@@ -51,17 +74,18 @@ def search_scale(weights: list[torch.Tensor], specs: list[QuantSpec], act_mean: 
         s = x_mean.pow(r) / w_mean.pow(1 - r)
         s = s / (s.max() * s.min()).sqrt()
         cands.append(s.clamp(min=1e-4))
-    errors = torch.zeros(len(cands))
-    for b0 in range(0, len(cands), batch):
-        s = torch.stack(cands[b0:b0 + batch])  # (B, in)
+
+    def errors(group: Sequence[torch.Tensor]) -> torch.Tensor:
+        s = torch.stack(list(group))  # (B, in): grid points evaluated in batches
         total = torch.zeros(s.shape[0])
         for w, spec in zip(ws, specs):
             scaled = w[None] * s[:, None, :]
             delta = fake_quantize(scaled, spec) / s[:, None, :] - w[None]
             total += _output_error(delta, h)
-        errors[b0:b0 + batch] = total
-    best = int(torch.argmin(errors))
-    return cands[best], float(errors[best]), float(errors[0])
+        return total
+
+    best, errs = best_scale(cands, errors, batch)
+    return cands[best], errs[best], errs[0]
 
 
 def search_clip(weight: torch.Tensor, spec: QuantSpec, h: torch.Tensor, n_grid: int = CLIP_GRID,
@@ -113,3 +137,69 @@ def awq_layer(layer: torch.nn.Module, stats: LayerStats, pairs: list[SmoothPair]
         else:
             clips[name] = torch.ones(w.shape[0], spec.groups(w.shape[1]))
     return clips, report
+
+
+# ---------------------------------------------------------------- tensor stream: GGML codecs, GGUF names
+
+def power_scales(mean_sq: np.ndarray, alpha: float) -> np.ndarray:
+    """AWQ's s = E|x|^α (here from E[x²]), normalised to geometric mean 1 so weights keep their range."""
+    s = np.maximum(mean_sq.astype(np.float64), 1e-12) ** (alpha / 2)
+    s /= np.exp(np.log(s).mean())
+    return s.astype(np.float32)
+
+
+def ggml_output_error(w: np.ndarray, qtype: gguf.GGMLQuantizationType, importance: np.ndarray | None,
+                      hessian: np.ndarray | None) -> float:
+    """Output error of rounding w the llama.cpp way: tr(ΔW H ΔWᵀ) with H the input covariance (or its diagonal)."""
+    if qtype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.BF16):
+        return 0.0
+    q = ggml.dequantize(ggml.quantize(w, qtype, importance), qtype, w.shape)
+    d = (w - q).astype(np.float64)
+    if hessian is not None:
+        return float(np.einsum("ij,jk,ik->", d, hessian, d))
+    diag = np.ones(w.shape[1]) if importance is None else importance.astype(np.float64)
+    return float(((d * d) * diag).sum())
+
+
+def equalization_plan(load: Callable[[str], np.ndarray], names: set[str],
+                      plan: dict[str, gguf.GGMLQuantizationType], n_layers: int,
+                      importance: Callable[[str], np.ndarray | None], hessians: dict[str, np.ndarray] | None,
+                      alphas: tuple[float, ...] = ALPHAS) -> dict[str, np.ndarray]:
+    """Per-channel scales {feeding tensor: s} for the GGUF pairs, α searched per pair; α = 0 (no change) is
+    kept unless the rounding error under the calibration covariance drops."""
+    chosen: dict[str, np.ndarray] = {}
+    for pair in gguf_pairs(n_layers):
+        mats = pair.linears
+        if not alphas or pair.prev not in names or not all(m in names for m in mats):
+            continue
+        imp = importance(mats[0])
+        if imp is None or np.ndim(imp) != 1:
+            continue
+        weights = {m: load(m) for m in mats}
+
+        def error(s: np.ndarray, weights: dict[str, np.ndarray] = weights) -> float:
+            return sum(ggml_output_error(w * s, plan[m], importance(m) / (s * s),
+                                         hessians[m] / np.outer(s, s) if hessians and m in hessians else None)
+                       for m, w in weights.items())
+
+        cands = [power_scales(imp, alpha) for alpha in alphas]
+        best = cands[best_scale(cands, lambda group: [error(s) for s in group])[0]]
+        if not np.all(best == 1.0):
+            chosen[pair.prev] = best
+    return chosen
+
+
+def apply_equalization(scales: dict[str, np.ndarray], n_layers: int
+                       ) -> dict[str, Callable[[np.ndarray], np.ndarray]]:
+    """Per-tensor value transforms that realise the chosen scales (composed where a tensor is in two pairs)."""
+    ops: dict[str, list[Callable[[np.ndarray], np.ndarray]]] = {}
+    for pair in gguf_pairs(n_layers):
+        s = scales.get(pair.prev)
+        if s is None:
+            continue
+        ops.setdefault(pair.prev, []).append(lambda a, s=s: a / s if a.ndim == 1 else a / s[:, None])
+        for m in pair.linears:
+            ops.setdefault(m, []).append(lambda a, s=s: a * s[None, :])
+    return {name: lambda a, fns=fns: np.ascontiguousarray(reduce(lambda v, fn: fn(v), fns, a), dtype=np.float32)
+            for name, fns in ops.items()}
+

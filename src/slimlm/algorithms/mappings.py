@@ -1,5 +1,8 @@
 """Which op feeds which Linears inside a decoder layer: the pairs AWQ and SmoothQuant may rescale.
 
+The same pairs name GGUF tensors in the tensor stream (``blk.N.attn_norm.weight`` → ``blk.N.attn_q.weight``, ...),
+less v → o, which the tensor stream does not search.
+
 A per-input-channel scale ``s`` can move from a Linear's input to its weight (``W·diag(s)``) only if the
 op producing that input can absorb ``1/s`` exactly: a norm's weight, or the output rows of a previous
 Linear whose output feeds nothing else. These are the pairs AutoAWQ and llm-compressor use for Llama-style
@@ -35,6 +38,19 @@ LLAMA_PAIRS = (
 
 # SmoothQuant smooths only the norm-fed inputs (llm-compressor's default Llama mappings).
 LLAMA_SMOOTHQUANT_PAIRS = (LLAMA_PAIRS[0], LLAMA_PAIRS[2])
+
+# The same pairs in GGUF tensor names (without the ``blk.N.`` prefix and ``.weight`` suffix).
+GGUF_PAIRS = (
+    SmoothPair("attn_norm", ("attn_q", "attn_k", "attn_v")),
+    SmoothPair("ffn_norm", ("ffn_gate", "ffn_up")),
+    SmoothPair("ffn_up", ("ffn_down",)),
+)
+
+
+def gguf_pairs(n_layers: int) -> list[SmoothPair]:
+    """:data:`GGUF_PAIRS` of every layer, with full GGUF tensor names, layer by layer."""
+    return [SmoothPair(f"blk.{i}.{p.prev}.weight", tuple(f"blk.{i}.{m}.weight" for m in p.linears))
+            for i in range(n_layers) for p in GGUF_PAIRS]
 
 
 def smoothing_pairs(model_type: str, layer: torch.nn.Module, method: str) -> list[SmoothPair]:

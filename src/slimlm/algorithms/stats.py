@@ -1,9 +1,10 @@
-"""Input statistics of a decoder layer's Linear modules, gathered by forward hooks in one pass.
+"""Input statistics of Linear modules, gathered by forward hooks in one pass.
 
-Every algorithm here needs only three per-input-channel summaries of a Linear's input X (tokens × in):
+Every algorithm here needs only a few per-input-channel summaries of a Linear's input X (tokens × in):
 the Gram matrix ``H = XᵀX / n`` (GPTQ's Hessian, AWQ's and the clip search's exact output-error metric),
-the mean ``|x|`` (AWQ's activation salience) and the max ``|x|`` (SmoothQuant). Linears fed the same tensor
-(q/k/v, gate/up) share one accumulator, so the Gram matrix is computed once per distinct input.
+the mean ``|x|`` (AWQ's activation salience), the max ``|x|`` (SmoothQuant) and the sum of ``x²`` (the Gram
+diagonal: llama.cpp's importance matrix). Linears fed the same tensor (q/k/v, gate/up) share one
+accumulator, so the Gram matrix is computed once per distinct input.
 """
 
 from __future__ import annotations
@@ -13,35 +14,53 @@ from dataclasses import dataclass, field
 import torch
 
 
+@dataclass(frozen=True)
+class Wanted:
+    """Which statistics to gather; ``gram_dtype`` sums the float32 products XᵀX (None: no Gram matrix)."""
+
+    gram_dtype: torch.dtype | None = torch.float64
+    abs_stats: bool = True  # mean and max |x|
+    squares: bool = False  # float64 sum of x² (the importance matrix)
+
+
 @dataclass
 class InputStats:
-    """Running sums over the tokens seen so far for one input tensor."""
+    """Running sums over the tokens seen so far for one input tensor (None: not gathered)."""
 
-    gram: torch.Tensor  # (in, in) float64 sum of x xᵀ
-    abs_sum: torch.Tensor  # (in,) float64
-    abs_max: torch.Tensor  # (in,) float32
+    gram: torch.Tensor | None  # (in, in) sum of x xᵀ over the first gram_tokens tokens
+    abs_sum: torch.Tensor | None  # (in,) float64
+    abs_max: torch.Tensor | None  # (in,) float32
+    sq_sum: torch.Tensor | None  # (in,) float64
     tokens: int = 0
-    need_gram: bool = True
+    gram_tokens: int = 0
 
     @classmethod
-    def empty(cls, features: int, need_gram: bool = True) -> "InputStats":
-        gram = torch.zeros(features, features, dtype=torch.float64) if need_gram else torch.zeros(0)
-        return cls(gram, torch.zeros(features, dtype=torch.float64), torch.zeros(features), 0, need_gram)
+    def empty(cls, n: int, wanted: Wanted = Wanted()) -> "InputStats":
+        f64 = torch.float64
+        return cls(torch.zeros(n, n, dtype=wanted.gram_dtype) if wanted.gram_dtype else None,
+                   torch.zeros(n, dtype=f64) if wanted.abs_stats else None,
+                   torch.zeros(n) if wanted.abs_stats else None,
+                   torch.zeros(n, dtype=f64) if wanted.squares else None)
 
-    def add(self, x: torch.Tensor) -> None:
+    def add(self, x: torch.Tensor, gram: bool = True) -> None:
+        """Add a batch of inputs; to the Gram matrix only if ``gram`` (GGUF's covariance stops after some windows)."""
         x = x.reshape(-1, x.shape[-1]).float()
-        if self.need_gram:
-            # float32 matmul (fast), accumulated across batches in float64 (many tokens).
-            self.gram += (x.T @ x).double()
-        a = x.abs()
-        self.abs_sum += a.sum(0).double()
-        self.abs_max = torch.maximum(self.abs_max, a.amax(0))
+        if self.gram is not None and gram:
+            # float32 matmul (fast), accumulated in the gram's dtype.
+            self.gram += (x.T @ x).to(self.gram.dtype)
+            self.gram_tokens += x.shape[0]
+        if self.abs_sum is not None:
+            a = x.abs()
+            self.abs_sum += a.sum(0).double()
+            self.abs_max = torch.maximum(self.abs_max, a.amax(0))
+        if self.sq_sum is not None:
+            self.sq_sum += (x * x).sum(0, dtype=torch.float64)
         self.tokens += x.shape[0]
 
     @property
     def hessian(self) -> torch.Tensor:
         """Mean ``x xᵀ`` (float32)."""
-        return (self.gram / max(self.tokens, 1)).float()
+        return (self.gram / max(self.gram_tokens, 1)).float()
 
     @property
     def abs_mean(self) -> torch.Tensor:
@@ -50,7 +69,7 @@ class InputStats:
     def rescale(self, s: torch.Tensor) -> None:
         """Statistics of ``x / s`` (after smoothing folded ``s`` out of this input), without re-running."""
         s64 = s.double()
-        if self.need_gram:
+        if self.gram is not None:
             self.gram /= s64[:, None] * s64[None, :]
         self.abs_sum /= s64
         self.abs_max = self.abs_max / s.float()
@@ -69,10 +88,11 @@ class LayerStats:
 class StatsCollector:
     """Forward hooks on a layer's Linears that accumulate :class:`InputStats`; use as a context manager."""
 
-    def __init__(self, linears: dict[str, torch.nn.Linear], need_gram: bool = True):
+    def __init__(self, linears: dict[str, torch.nn.Linear], need_gram: bool = True, wanted: Wanted | None = None):
         self.linears = linears
-        self.need_gram = need_gram
+        self.wanted = wanted or (Wanted() if need_gram else Wanted(gram_dtype=None))
         self.stats = LayerStats()
+        self.gram_open = True  # set False to stop adding to the Gram matrices
         self._handles: list = []
         self._last: tuple[torch.Tensor, InputStats] | None = None
 
@@ -85,13 +105,13 @@ class StatsCollector:
                 if name not in self.stats.by_linear:
                     self.stats.by_linear[name] = acc
                 elif self.stats.by_linear[name] is not acc:
-                    self.stats.by_linear[name].add(x)
+                    self.stats.by_linear[name].add(x, self.gram_open)
                 return
             acc = self.stats.by_linear.get(name)
             if acc is None:
-                acc = InputStats.empty(x.shape[-1], self.need_gram)
+                acc = InputStats.empty(x.shape[-1], self.wanted)
                 self.stats.by_linear[name] = acc
-            acc.add(x)
+            acc.add(x, self.gram_open)
             # Holding the tensor keeps its identity meaningful (no address reuse by a later tensor).
             self._last = (x, acc)
 

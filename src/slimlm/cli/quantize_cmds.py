@@ -102,7 +102,8 @@ def quantize(
         def progress(done: int, total: int, name: str) -> None:
             bar.update(task, completed=done, total=total, item=name)
 
-        from slimlm.gguf_io.quantize import METHODS as GGUF_METHODS, quantize_gguf  # = api's; lighter import
+        from slimlm.algorithms.methods import GGUF_METHODS
+        from slimlm.gguf_io.quantize import quantize_gguf  # = api's; lighter import
 
         gguf_method = method or "llama.cpp"
         if gguf_method not in GGUF_METHODS:

@@ -5,13 +5,13 @@ The text is tokenized once, whole, as llama.cpp's llama-perplexity does, and cut
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from slimlm.calibration import read_jsonl
 from slimlm.errors import SlimlmError
 
 HF_PREFIX = "hf:"
@@ -45,7 +45,7 @@ def read_text(source: str | Path, *, field: str = "text") -> str:
         if not path.is_file():
             raise SlimlmError(f"{path} does not exist (for a Hugging Face dataset write hf:NAME[:CONFIG][@SPLIT])")
         if path.suffix.lower() in _JSONL_SUFFIXES:
-            text = _read_jsonl(path, field)
+            text = "\n\n".join(read_jsonl(path, field))
         else:
             try:
                 text = path.read_text(encoding="utf-8")
@@ -66,24 +66,6 @@ def tokenize_text(tokenizer: Any, text: str, *, add_bos: bool, bos_token_id: int
     if add_bos:
         tensor = torch.cat([torch.tensor([bos_token_id], dtype=torch.int64), tensor])
     return TokenizedText(ids=tensor, add_bos=add_bos, bos_token_id=bos_token_id, source=source)
-
-
-def _read_jsonl(path: Path, field: str) -> str:
-    parts = []
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except ValueError:
-                raise SlimlmError(f"{path}:{number}: not valid JSON") from None
-            if not isinstance(record, dict) or field not in record:
-                raise SlimlmError(f"{path}:{number}: no {field!r} field (choose one with --text-field)")
-            if not isinstance(record[field], str):
-                raise SlimlmError(f"{path}:{number}: field {field!r} is not a string")
-            parts.append(record[field])
-    return "\n\n".join(parts)
 
 
 def _read_hf_dataset(spec: str, field: str) -> str:

@@ -4,8 +4,8 @@ each input column's squared activation, plus the token count.
 Files are llama.cpp's: the GGUF form (``NAME.in_sum2`` F32 [n_mat, n_in] and ``NAME.counts`` F32 [n_mat, 1],
 keys imatrix.datasets / imatrix.chunk_count / imatrix.chunk_size) and the legacy ``.dat`` form (per entry:
 name, ncall, nval, values = sum/count*ncall; then the chunk count and the dataset name). Collection runs the
-model in transformers with forward hooks on every Linear inside the decoder layers (llama.cpp skips the
-output matrix by default, and so do we).
+model in transformers with the statistics collector on every Linear inside the decoder layers (llama.cpp
+skips the output matrix by default, and so do we): the importance matrix is the diagonal of their Gram matrix.
 """
 
 from __future__ import annotations
@@ -209,25 +209,6 @@ def check_compatible(imatrix: Imatrix, row_lengths: dict[str, int], source: str 
 
 # ---------------------------------------------------------------- collection
 
-def calibration_windows(tokenizer, text: str, ctx: int, chunks: int | None) -> tuple[np.ndarray, bool]:
-    """llama.cpp's windows: the whole text tokenized once, cut into ctx-long chunks, BOS first if the model adds one."""
-    ids = tokenizer.encode(text, add_special_tokens=False)
-    with_special = tokenizer.encode("hello", add_special_tokens=True)
-    add_bos = tokenizer.bos_token_id is not None and with_special[:1] == [tokenizer.bos_token_id] and \
-        len(with_special) > len(tokenizer.encode("hello", add_special_tokens=False))
-    if add_bos:
-        ids = [tokenizer.bos_token_id] + ids
-    n = len(ids) // ctx
-    if chunks is not None:
-        n = min(n, chunks)
-    if n < 1:
-        raise SlimlmError(f"calibration text has {len(ids)} tokens, fewer than one window of {ctx}")
-    windows = np.asarray(ids[: n * ctx], dtype=np.int64).reshape(n, ctx)
-    if add_bos:
-        windows[:, 0] = tokenizer.bos_token_id
-    return windows, add_bos
-
-
 def linear_gguf_names(model, arch_name: str | None = None) -> dict[str, str]:
     """HF module name -> GGUF tensor name (without '.weight') for every Linear inside the decoder layers."""
     from slimlm.gguf_io.architectures import SUPPORTED_ARCHITECTURES
@@ -250,7 +231,7 @@ def collect_imatrix(
     hessians: dict[str, "np.ndarray"] | None = None,
     hessian_chunks: int | None = None,
 ) -> Imatrix:
-    """Run the model over ``calib`` (plain text) in ctx-token windows and sum squared Linear inputs.
+    """Run the model over ``calib`` (text or JSONL) in llama.cpp's ctx-token windows and sum squared Linear inputs.
 
     With ``hessians`` (a dict to fill), also accumulate each matrix's full input covariance X^T X / tokens
     (float32 [n_in, n_in]; matrices reading the same input share one array), for GPTQ-style searches,
@@ -258,67 +239,29 @@ def collect_imatrix(
     """
     import torch
 
+    from slimlm.algorithms.stats import Wanted
+    from slimlm.calibration import linear_stats, llama_windows, read_text_file
     from slimlm.gguf_io.hf_model import load_hf_model
 
     calib = Path(calib)
     if not calib.is_file():
         raise SlimlmError(f"calibration file {calib} does not exist")
     model, tokenizer = load_hf_model(Path(model_path))
-    windows, _ = calibration_windows(tokenizer, calib.read_text(encoding="utf-8"), ctx, chunks)
-    names = linear_gguf_names(model)
-    sums: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
-    hooks = []
-
-    covs: dict[str, torch.Tensor] = {}
-    cov_counts: dict[str, int] = {}
-    windows_done = [0]
-    # q/k/v (and gate/up) receive the same input tensor object: compute X^T X once and share it. Holding a
-    # reference to the last input keeps its memory from being reused by another tensor in the meantime.
-    last_input: dict[str, tuple[torch.Tensor, str]] = {}
-
-    def hook_for(gname: str, group: str):
-        def hook(_module, inputs):
-            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).to(torch.float32)
-            s = (x * x).sum(0, dtype=torch.float64)
-            sums[gname] = sums[gname] + s if gname in sums else s
-            counts[gname] = counts.get(gname, 0) + x.shape[0]
-            if hessians is not None and windows_done[0] < (hessian_chunks or len(windows)):
-                previous = last_input.get(group)
-                if previous is not None and previous[0] is inputs[0]:
-                    covs[gname] = covs[previous[1]]
-                    cov_counts[gname] = cov_counts[previous[1]]
-                    return
-                xtx = x.T @ x
-                covs[gname] = covs[gname] + xtx if gname in covs else xtx
-                cov_counts[gname] = cov_counts.get(gname, 0) + x.shape[0]
-                last_input[group] = (inputs[0], gname)
-        return hook
-
-    for mod_name, module in model.named_modules():
-        if mod_name in names:
-            group = mod_name.rsplit(".", 1)[0]  # the parent (self_attn / mlp) of the projection
-            hooks.append(module.register_forward_pre_hook(hook_for(names[mod_name] + ".weight", group)))
-    try:
-        with torch.inference_mode():
-            for i, window in enumerate(windows):
-                model(torch.from_numpy(window)[None], use_cache=False)
-                windows_done[0] += 1
-                if progress:
-                    progress(i + 1, len(windows))
-    finally:
-        for h in hooks:
-            h.remove()
+    windows = llama_windows(tokenizer, read_text_file(calib), ctx, chunks)
+    modules = dict(model.named_modules())
+    linears = {gname + ".weight": modules[name] for name, gname in linear_gguf_names(model).items()}
+    # The sums of x² in float64 (llama.cpp's imatrix); the covariance summed in float32, as GGUF searches had it.
+    wanted = Wanted(gram_dtype=None if hessians is None else torch.float32, abs_stats=False, squares=True)
+    stats = linear_stats(model, windows, linears, wanted, hessian_chunks or len(windows), progress)
     im = Imatrix(datasets=[calib.name], chunk_count=len(windows), chunk_size=ctx)
-    for name, s in sums.items():
-        im.entries[name] = ImatrixEntry(s.to(torch.float32).numpy()[None, :].copy(),
-                                        np.array([counts[name]], dtype=np.float32))
-    if hessians is not None:
-        done: dict[int, np.ndarray] = {}
-        for name, cov in covs.items():
-            if id(cov) not in done:
-                done[id(cov)] = (cov / cov_counts[name]).numpy()
-            hessians[name] = done[id(cov)]
+    shared: dict[int, np.ndarray] = {}
+    for name, st in stats.by_linear.items():
+        im.entries[name] = ImatrixEntry(st.sq_sum.to(torch.float32).numpy()[None, :].copy(),
+                                        np.array([st.tokens], dtype=np.float32))
+        if hessians is not None:
+            if id(st) not in shared:
+                shared[id(st)] = st.hessian.numpy()
+            hessians[name] = shared[id(st)]
     return im
 
 

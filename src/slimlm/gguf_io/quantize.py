@@ -21,6 +21,7 @@ from typing import Any, Callable, Sequence
 import gguf
 import numpy as np
 
+from slimlm.algorithms.methods import get_method
 from slimlm.errors import SlimlmError
 from slimlm.formats import gguf_mix
 from slimlm.gguf_io.imatrix import Imatrix, check_compatible, collect_imatrix, read_imatrix
@@ -38,7 +39,7 @@ LOOKAHEAD = 4
 WORKERS = 2
 
 Progress = Callable[[int, int, str], None]
-METHODS = ("llama.cpp", "gptq", "awq", "awq+gptq")
+Encoder = Callable[[np.ndarray, T, np.ndarray | None, str], np.ndarray]
 
 
 @dataclass
@@ -128,11 +129,11 @@ def quantize_gguf(
     hessians: dict[str, np.ndarray] | None = None,
     gptq_damp: float = 0.01,
     hessian_chunks: int | None = 32,
-    encoder: Callable[[np.ndarray, T, np.ndarray | None, str], np.ndarray] | None = None,
+    encoder: Encoder | None = None,
 ) -> QuantizeResult:
     """Write ``model`` (HF dir or GGUF) as a GGUF of mix ``to`` (Q4_K_M, Q8_0, F16, ...) to ``out``.
 
-    ``method`` (all write the same tensor types and sizes; see slimlm.algorithms.gguf_search):
+    ``method`` (all write the same tensor types and sizes; see slimlm.algorithms.methods):
     "llama.cpp" rounds each block on its own, as llama-quantize does; "gptq" compensates each block's
     rounding error in the later columns using the calibration inputs' covariance; "awq" folds searched
     per-channel scales into the norms first; "awq+gptq" does both. gptq needs ``calib`` (or, from the API,
@@ -156,9 +157,8 @@ def quantize_gguf(
               f"converting from the GGUF {model.name}; metadata copied as is"
         log.info(msg)  # returned in result.warnings; the CLI prints it once
         warnings.append(msg)
-    if method not in METHODS:
-        raise SlimlmError(f"unknown GGUF method {method!r}; choose one of: {', '.join(METHODS)}")
-    uses_gptq, uses_awq = "gptq" in method, "awq" in method
+    algo = get_method(method, "gguf")
+    uses_gptq, uses_awq = algo.gptq, algo.smoothing == "awq"
     if uses_awq and imatrix is None and calib is None:
         raise SlimlmError(f"--method {method} needs calibration: --calib FILE (or --imatrix FILE for awq)")
     if dry_run and calib is not None:
@@ -179,9 +179,7 @@ def quantize_gguf(
     if uses_awq and not dry_run:
         source, importance_of, hessians = _equalize(source, plan, importance_of, hessians)
     if uses_gptq and encoder is None:
-        from slimlm.algorithms.gguf_search import gptq_encoder
-
-        encoder = gptq_encoder(hessians, damp=gptq_damp)
+        encoder = _gptq_encoder(hessians, gptq_damp)
     n_params = int(sum(np.prod(t.shape, dtype=np.int64) for t in source.tensors))
     planned = [PlannedTensor(t.name, list(t.shape), plan[t.name].name, tensor_nbytes(t.shape, plan[t.name]))
                for t in source.tensors]
@@ -375,12 +373,13 @@ def _equalize(source: ModelSource, plan: dict[str, T], importance_of: Callable[[
     """Fold searched per-channel scales into the norms (AWQ-style); adjust importances and covariances to match."""
     import dataclasses
 
-    from slimlm.algorithms import gguf_search
+    from slimlm.algorithms import awq
+    from slimlm.algorithms.mappings import gguf_pairs
 
     by_name = {t.name: t for t in source.tensors}
-    scales = gguf_search.equalization_plan(lambda n: by_name[n].load(), set(by_name), plan,
-                                           source.facts["n_layers"], importance_of, hessians)
-    transforms = gguf_search.apply_equalization(scales, source.facts["n_layers"])
+    scales = awq.equalization_plan(lambda n: by_name[n].load(), set(by_name), plan, source.facts["n_layers"],
+                                   importance_of, hessians)
+    transforms = awq.apply_equalization(scales, source.facts["n_layers"])
     tensors = []
     for t in source.tensors:
         fn = transforms.get(t.name)
@@ -388,21 +387,35 @@ def _equalize(source: ModelSource, plan: dict[str, T], importance_of: Callable[[
     new_h = None if hessians is None else dict(hessians)
     cache: dict[tuple[int, int], np.ndarray] = {}
     overrides: dict[str, np.ndarray] = {}
-    for name in by_name:
-        s = gguf_search.input_scale_of(scales, name)
+    for pair in gguf_pairs(source.facts["n_layers"]):
+        s = scales.get(pair.prev)  # the inputs of pair.linears become x / s
         if s is None:
             continue
-        imp = importance_of(name)
-        if imp is not None:
-            overrides[name] = imp / (s * s)
-        if new_h is not None and name in hessians:
-            key = (id(hessians[name]), id(s))
-            if key not in cache:
-                cache[key] = hessians[name] / np.outer(s, s)
-            new_h[name] = cache[key]
+        for name in pair.linears:
+            imp = importance_of(name)
+            if imp is not None:
+                overrides[name] = imp / (s * s)
+            if new_h is not None and name in hessians:
+                key = (id(hessians[name]), id(s))
+                if key not in cache:
+                    cache[key] = hessians[name] / np.outer(s, s)
+                new_h[name] = cache[key]
     log.info("equalized %d groups", len(scales))
     return (dataclasses.replace(source, tensors=tensors),
             lambda name: overrides[name] if name in overrides else importance_of(name), new_h)
+
+
+def _gptq_encoder(hessians: dict[str, np.ndarray], damp: float) -> Encoder:
+    """GPTQ-compensated blocks for matrices with a Hessian, llama.cpp's plain encoding otherwise."""
+    from slimlm.algorithms.gptq import gptq_encode
+
+    def encode(values: np.ndarray, qtype: T, importance: np.ndarray | None, name: str) -> np.ndarray:
+        h = hessians.get(name)
+        if qtype in _FLOATS or h is None or values.ndim != 2 or h.shape[0] != values.shape[1]:
+            return _plain_encode(values, qtype, importance, name)
+        return gptq_encode(values, qtype, h, importance, damp)
+
+    return encode
 
 
 # Set by _write_forked just before its pool forks; read by _encode_index in the workers.
