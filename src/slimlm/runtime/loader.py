@@ -40,7 +40,7 @@ MAPPINGS = {
 
 
 def _finish(model: nn.Module, plain: dict[str, torch.Tensor], dtype: torch.dtype) -> nn.Module:
-    """Load the non-quantized tensors, materialize buffers (rotary tables) and check nothing is missing."""
+    """Load the non-quantized tensors and check nothing is missing (buffers: empty_model keeps them real)."""
     fuse_siblings(model)
     missing = [n for n, p in model.named_parameters() if p.device.type == "meta" and n not in plain]
     tied = getattr(model.config, "tie_word_embeddings", False)
@@ -55,16 +55,6 @@ def _finish(model: nn.Module, plain: dict[str, torch.Tensor], dtype: torch.dtype
         if buf is not None and buf.device.type == "meta":
             raise SlimlmError(f"buffer {name} was not initialised")
     return model.eval()
-
-
-def _reinit_rotary(model: nn.Module) -> None:
-    """Rotary inverse frequencies are computed, not stored: rebuild them after an empty-weights init."""
-    for module in model.modules():
-        if hasattr(module, "inv_freq") and module.inv_freq.device.type == "meta":
-            inv_freq, scaling = module.rope_init_fn(module.config, "cpu")
-            module.register_buffer("inv_freq", inv_freq, persistent=False)
-            module.original_inv_freq = inv_freq
-            module.attention_scaling = scaling
 
 
 # ---------------------------------------------------------------- compressed-tensors
@@ -155,7 +145,6 @@ def load_compressed_tensors(model_dir: Path, reference: bool = False, progress: 
         plain.pop(f"{name}.bias", None)
         if progress:
             progress(name)
-    _reinit_rotary(model)
     return _finish(model, plain, dtype)
 
 
@@ -250,7 +239,6 @@ def load_gguf(path: Path, reference: bool = False, progress: Callable[[str], Non
         untie_lm_head(model)
         set_module(model, "lm_head", _gguf_module(embedding_raw[0], embedding_raw[1], None, reference,
                                                   embedding_raw[2]))
-    _reinit_rotary(model)
     return _finish(model, plain, dtype)
 
 
