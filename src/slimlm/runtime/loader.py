@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from slimlm.errors import SlimlmError
-from slimlm.models.loader import empty_model, load_config
+from slimlm.models import empty_model, load_config
 from slimlm.runtime import gguf_blocks
 from slimlm.runtime.linear import DequantLinear, QuantLinear, W4A16Linear, W8A8Linear, W8A16Linear
 from slimlm.runtime.quantize import fuse_siblings, set_module, untie_lm_head

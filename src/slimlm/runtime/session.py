@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from slimlm.errors import SlimlmError
-from slimlm.models.loader import load_model
+from slimlm.models import load_model
 from slimlm.runtime.quantize import config_for, kernel_report, quantize_
 
 SCHEMES = ("native", "fp32", "bf16", "w8a8", "w8a16", "w4a16")
