@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from slimlm.runtime import W4A16Config, W8A8Config, kernel_report, load_quantized, load_tokenizer, quantize_
+from slimlm.models import load_tokenizer
+from slimlm.runtime import W4A16Config, W8A8Config, kernel_report, load_quantized, quantize_
 from slimlm.runtime.generate import generate
 from slimlm.runtime.linear import W4A16Linear, W8A8Linear
 

@@ -37,6 +37,7 @@ from slimlm.export.compressed_tensors import (
     quantization_config,
 )
 from slimlm.formats.groupint import QuantizedWeight, QuantSpec
+from slimlm.models import empty_model, load_config, load_model, load_tokenizer
 from slimlm.schemes import QuantConfig, check_method, get_scheme
 
 log = logging.getLogger(__name__)
@@ -172,9 +173,6 @@ def quantize_model(model: str | Path, output: str | Path, *, scheme: str | Quant
 def _quantize_model(model, output, *, scheme, method, group_size, symmetric, ignore, calib, samples, seq_len,
                     act_dynamic, smoothing_strength, actorder, batch_size, spill_dir, uniform_groups, overwrite,
                     progress) -> QuantizeResult:
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     start = time.perf_counter()
     model_dir = Path(model)
     out_dir = Path(output)
@@ -187,20 +185,18 @@ def _quantize_model(model, output, *, scheme, method, group_size, symmetric, ign
     method = check_method(cfg, method)
     algo = get_method(method)
 
-    hf_config = AutoConfig.from_pretrained(model_dir)
+    hf_config = load_config(model_dir)
     if getattr(hf_config, "quantization_config", None):
         raise SlimlmError(f"{model_dir} is already quantized; start from the float model")
     model_type = getattr(hf_config, "model_type", "?")
-    # Scales are stored in the model's own dtype (read before from_config, which overwrites config.dtype).
+    # Scales are stored in the model's own dtype (read before empty_model, which overwrites config.dtype).
     store_dtype = getattr(hf_config, "dtype", None)
     store_dtype = getattr(torch, str(store_dtype).replace("torch.", "")) if store_dtype else torch.float32
     ckpt = open_checkpoint(model_dir)  # tensors read one layer at a time
     if not ckpt.tensors:
         raise SlimlmError(f"{model_dir} holds no .safetensors weights (an HF model dir is needed)")
     ckpt.check_complete()
-    with init_empty_weights(include_buffers=False):
-        skeleton = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
-    skeleton.eval()
+    skeleton = empty_model(hf_config, torch.float32).eval()
     decoder, dprefix = _decoder(skeleton)
     layers = decoder.layers
     n_layers = len(layers)
@@ -208,11 +204,8 @@ def _quantize_model(model, output, *, scheme, method, group_size, symmetric, ign
     if algo.smoothing:
         smoothing_pairs(model_type, layers[0], algo.smoothing)
 
-    tokenizer = None
     try:
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        tokenizer = load_tokenizer(model_dir)
     except Exception:  # a dir without tokenizer files: only token-id / self-generated calibration works
         tokenizer = None
 
@@ -220,7 +213,7 @@ def _quantize_model(model, output, *, scheme, method, group_size, symmetric, ign
     calibration: Calibration | None = None
     if need_calib:
         def full_model():
-            return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+            return load_model(model_dir, "fp32", tokenizer=False).model
 
         calibration = load_calibration(calib, tokenizer=tokenizer, model_loader=full_model,
                                        vocab_size=hf_config.vocab_size, n_samples=samples, seq_len=seq_len)

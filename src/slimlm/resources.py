@@ -69,16 +69,10 @@ def builtin_hf_dir() -> Path:
     import shutil
     import tempfile
 
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from slimlm.models import load_model
 
     gguf = smollm2_gguf_path()
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    # The GGUF loader marks the model as "quantized by gguf"; the weights are plain fp32 now.
-    del model.config.quantization_config
-    model.hf_quantizer = None
-    model.is_quantized = False
+    model, tokenizer, _ = load_model(gguf, "fp32", tokenizer=gguf)  # an explicit tokenizer: its errors surface
     model.config._name_or_path = BUILTIN_MODEL_NAME
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
     try:

@@ -205,15 +205,13 @@ def check_model(model: str, *, group_size: int | None = 128, tp_degrees: tuple[i
     """
     from pathlib import Path
 
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from slimlm.models import empty_model, load_config
 
     path = Path(model)
     if not (path / "config.json").is_file():
         raise SlimlmError(f"{model} is not a Hugging Face model dir (no config.json)")
-    config = AutoConfig.from_pretrained(path)
-    with init_empty_weights():
-        skeleton = AutoModelForCausalLM.from_config(config)
+    config = load_config(path)
+    skeleton = empty_model(config)
     rows: dict[tuple, dict] = {}
     linears = [(n, m) for n, m in skeleton.named_modules() if isinstance(m, torch.nn.Linear)]
     cfg = W4A16Config(group_size=group_size)

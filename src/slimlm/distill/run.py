@@ -15,13 +15,12 @@ import torch
 from slimlm.distill.data import shifted_labels, split_heldout, text_sequences
 from slimlm.distill.trainer import TrainConfig, TrainData, train
 from slimlm.errors import SlimlmError
+from slimlm.models import load_config, load_model, load_tokenizer, random_model
 
 METHODS = ("logits", "sequence")
 
 
 def _load_teacher(path: str | Path):
-    from slimlm.models import load_model
-
     loaded = load_model(path, "fp32")
     for p in loaded.model.parameters():
         p.requires_grad_(False)
@@ -31,8 +30,6 @@ def _load_teacher(path: str | Path):
 def _load_student(teacher: torch.nn.Module, *, student: str | Path | None, student_config: str | Path | None,
                   prune_layers: int, prune_mlp: float, calib_ids: torch.Tensor,
                   prune_heads: float = 1.0) -> tuple[torch.nn.Module, dict]:
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     pruning = prune_layers or prune_mlp < 1 or prune_heads < 1
     chosen = [x for x in (student, student_config) if x] + (["prune"] if pruning else [])
     if len(chosen) != 1:
@@ -41,14 +38,13 @@ def _load_student(teacher: torch.nn.Module, *, student: str | Path | None, stude
     if student:
         if not (Path(student) / "config.json").is_file():
             raise SlimlmError(f"{student} is not a Hugging Face model dir (no config.json)")
-        model = AutoModelForCausalLM.from_pretrained(student, dtype=torch.float32)
-        return model, {"source": str(student)}
+        return load_model(student, "fp32", tokenizer=False).model, {"source": str(student)}
     if student_config:
         if not Path(student_config).is_file():
             raise SlimlmError(f"{student_config} does not exist")
-        cfg = AutoConfig.from_pretrained(Path(student_config).parent if Path(student_config).name == "config.json"
-                                         else student_config)
-        return AutoModelForCausalLM.from_config(cfg, dtype=torch.float32), {"source": f"random init from {student_config}"}
+        cfg = load_config(Path(student_config).parent if Path(student_config).name == "config.json"
+                          else student_config)
+        return random_model(cfg, torch.float32), {"source": f"random init from {student_config}"}
     from slimlm.distill.prune import prune
 
     model, info = prune(teacher, calib_ids, drop_layers=prune_layers, mlp_keep=prune_mlp, heads_keep=prune_heads)
@@ -122,16 +118,11 @@ def _student_tokenizer(student: str | Path | None, teacher_tokenizer):
     """The student's own tokenizer when its dir has one, else the teacher's (a pruned or config-built student)."""
     if not student:
         return teacher_tokenizer
-    from transformers import AutoTokenizer
-
     has_tokenizer = any((Path(student) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json",
                                                                  "tokenizer.model", "vocab.json"))
     if not has_tokenizer:
         return teacher_tokenizer
-    try:
-        return AutoTokenizer.from_pretrained(student)
-    except (OSError, ValueError) as exc:
-        raise SlimlmError(f"cannot load the tokenizer in {student}: {exc}") from None
+    return load_tokenizer(student)
 
 
 def _same_tokenizer(a, b) -> bool:

@@ -233,15 +233,15 @@ def attach_activation_quant(module: torch.nn.Linear, bits: int, scale: torch.Ten
 
 def load_reference_model(model_dir: str | Path, dtype: torch.dtype = torch.float32):
     """A transformers model holding our own dequantization of the checkpoint (activation quant attached)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from slimlm.models import empty_model, load_config
 
     model_dir = Path(model_dir)
     state, acts = dequantized_state_dict(model_dir, dtype)
-    config = AutoConfig.from_pretrained(model_dir)
+    config = load_config(model_dir)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    model = empty_model(config, dtype)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     missing = [k for k in missing if not (k == "lm_head.weight" and getattr(config, "tie_word_embeddings", False))]
     if missing or unexpected:
         raise SlimlmError(f"checkpoint does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")

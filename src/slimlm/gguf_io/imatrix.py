@@ -237,16 +237,24 @@ def collect_imatrix(
     (float32 [n_in, n_in]; matrices reading the same input share one array), for GPTQ-style searches,
     from the first ``hessian_chunks`` windows (default: all; X^T X costs more than the forward pass).
     """
+    import json
+
     import torch
 
     from slimlm.algorithms.stats import Wanted
     from slimlm.calibration import linear_stats, llama_windows, read_text_file
-    from slimlm.gguf_io.hf_model import load_hf_model
+    from slimlm.gguf_io.architectures import arch_spec
+    from slimlm.models import load_model
 
     calib = Path(calib)
     if not calib.is_file():
         raise SlimlmError(f"calibration file {calib} does not exist")
-    model, tokenizer = load_hf_model(Path(model_path))
+    config = Path(model_path) / "config.json"
+    if config.is_file():
+        arch_spec(json.loads(config.read_text()))  # clear error for architectures GGUF cannot hold
+    model, tokenizer, _ = load_model(model_path)
+    if tokenizer is None:
+        raise SlimlmError(f"{model_path} has no usable tokenizer for calibration text")
     windows = llama_windows(tokenizer, read_text_file(calib), ctx, chunks)
     modules = dict(model.named_modules())
     linears = {gname + ".weight": modules[name] for name, gname in linear_gguf_names(model).items()}

@@ -1,21 +1,25 @@
-"""Load any model file slimlm understands into a torch model + tokenizer, for eval, bench and distill.
+"""THE torch loader: any model file slimlm understands as a torch model + tokenizer, dense or on low-bit kernels.
 
     from slimlm.models import load_model
     model, tokenizer, info = load_model("path/to/model-or.gguf", dtype="bf16")
+    model, tokenizer, info = load_model("path/to/model.gguf", kernels=True)  # integer weights on our kernels
 
-Formats: Hugging Face dirs (safetensors), compressed-tensors dirs (decompressed to dense), and GGUF files
-(dequantized into torch by transformers' GGUF loader). Other areas add loaders with ``register_loader``.
+Formats: Hugging Face dirs (safetensors), compressed-tensors dirs (decompressed to dense, or kept on kernels),
+and GGUF files (dequantized into torch by transformers' GGUF loader, or kept on kernels).
 """
 
 from slimlm.models.loader import (
     LoadedModel,
     ModelInfo,
     detect_format,
+    empty_model,
+    load_config,
     load_model,
     load_tokenizer,
     parse_dtype,
-    register_loader,
+    random_model,
+    tokenizer_adds_bos,
 )
 
-__all__ = ["LoadedModel", "ModelInfo", "detect_format", "load_model", "load_tokenizer", "parse_dtype",
-           "register_loader"]
+__all__ = ["LoadedModel", "ModelInfo", "detect_format", "empty_model", "load_config", "load_model",
+           "load_tokenizer", "parse_dtype", "random_model", "tokenizer_adds_bos"]

@@ -1,10 +1,11 @@
-"""One entry point, ``load_model``, from a path to (torch model, tokenizer, facts about both).
+"""THE torch loader: ``load_model`` from a path to (torch model, tokenizer, facts about both).
 
-Loading is delegated to transformers (the field library): ``AutoModelForCausalLM`` for safetensors dirs
-and compressed-tensors dirs, its GGUF loader for ``.gguf`` files. What we add: format detection,
-dtype parsing, the BOS convention eval needs (does the tokenizer add one?), and one-line errors.
-Loaders are tried in reverse registration order, so a later, more specific loader (the quantized
-runtime's) wins over the generic ones registered here.
+Dense (``kernels=False``): transformers loads HF dirs, compressed-tensors dirs (decompressed) and GGUF files
+(dequantized by its GGUF loader). ``kernels=True``: a quantized file keeps its integer weights on slimlm's
+low-bit modules (``slimlm.runtime.loader``). What we add: format detection, dtype parsing, the BOS convention
+eval needs (does the tokenizer add one?) and one-line errors. Configs (``load_config``), meta-device
+skeletons (``empty_model``), random inits (``random_model``) and tokenizers (``load_tokenizer``) are built
+here too, so no other module calls transformers' Auto classes.
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ import json
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, NamedTuple
+from typing import Any, Callable, Iterator, Literal, NamedTuple
 
 import torch
+from torch import nn
 
 from slimlm.errors import SlimlmError
 
@@ -26,6 +28,7 @@ _DTYPES = {
     "fp16": torch.float16, "float16": torch.float16, "f16": torch.float16,
 }
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 
 
 @dataclass
@@ -33,7 +36,7 @@ class ModelInfo:
     """What eval and bench report about a loaded model."""
 
     path: str
-    format: str  # "hf" | "compressed-tensors" | "gguf" | names added by other loaders
+    format: str  # "hf" | "compressed-tensors" | "gguf"
     dtype: str
     n_params: int
     vocab_size: int  # rows of the output layer (logit width)
@@ -51,20 +54,6 @@ class LoadedModel(NamedTuple):
     info: ModelInfo
 
 
-# load(path, dtype, trust_remote_code) -> (model, tokenizer or None)
-Loader = Callable[[Path, torch.dtype, bool], tuple[torch.nn.Module, Any]]
-_LOADERS: list[tuple[str, Callable[[Path], bool], Loader]] = []
-
-
-def register_loader(name: str, detect: Callable[[Path], bool], load: Loader) -> None:
-    """Add a format: ``detect(path)`` says whether it applies; ``load(path, dtype, trust_remote_code)``
-    returns (model, tokenizer or None).
-
-    Later registrations are tried first, so a specific format can claim paths a generic one would take.
-    """
-    _LOADERS.append((name, detect, load))
-
-
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
@@ -75,38 +64,50 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 
 def detect_format(path: str | Path) -> str:
-    """The name of the loader that would load ``path``; a one-line error when none would."""
+    """"gguf", "compressed-tensors" or "hf": how ``path`` loads; a one-line error when it does not."""
     path = _existing(path)
-    for name, detect, _ in reversed(_LOADERS):
-        if detect(path):
-            return name
+    if _is_gguf_file(path):
+        return "gguf"
+    if path.is_dir() and (path / "config.json").is_file():
+        return "compressed-tensors" if _is_compressed_tensors_dir(path) else "hf"
     raise SlimlmError(_unknown_message(path))
 
 
-def load_model(path: str | Path, dtype: str | torch.dtype = "fp32", *, tokenizer: str | Path | None = None,
-               trust_remote_code: bool = False) -> LoadedModel:
-    """Load ``path`` (HF dir, compressed-tensors dir, GGUF file, ...) as an eval-mode torch model.
+def load_model(source: str | Path, dtype: str | torch.dtype | None = None, *, kernels: bool = False,
+               reference: bool = False, tokenizer: str | Path | Literal[False] | None = None,
+               trust_remote_code: bool = False, progress: Callable[[str], None] | None = None) -> LoadedModel:
+    """Load ``source`` (HF dir, compressed-tensors dir, GGUF file) as an eval-mode torch model.
 
-    ``tokenizer`` overrides where the tokenizer comes from (a model dir without one, e.g. a bare
-    safetensors export). ``trust_remote_code`` is passed to transformers only when asked for.
+    ``kernels=False``: dense weights in ``dtype`` (default fp32). ``kernels=True``: a quantized file's Linear
+    layers on low-bit kernel modules (``reference=True``: their fp32 reference modules, same integer weights),
+    the rest in ``dtype`` (default bf16, the kernels' dtype; fp32 for the reference). ``tokenizer``: None
+    takes the source's own when it has one, a path overrides it (a model dir without one, e.g. a bare
+    safetensors export), False loads none. ``trust_remote_code`` is passed to transformers only when asked for.
     """
-    path = _existing(path)
-    torch_dtype = parse_dtype(dtype)
+    path = _existing(source)
+    torch_dtype = None if dtype is None else parse_dtype(dtype)
     fmt = detect_format(path)
-    load = next(loader for name, _, loader in reversed(_LOADERS) if name == fmt)
     with _quiet_transformers():
-        model, tok = load(path, torch_dtype, trust_remote_code)
-        tok_source = str(path) if tok is not None else None
-        if tokenizer is not None:
+        if kernels:
+            # Lazy: runtime/loader.py's builders move under models/ (and this import to the top) later.
+            from slimlm.runtime.loader import load_quantized
+
+            model = load_quantized(path, reference=reference, progress=progress, dtype=torch_dtype)
+        else:
+            torch_dtype = torch_dtype or torch.float32
+            model = _load_dense(path, fmt, torch_dtype, trust_remote_code)
+        if tokenizer is False:
+            tok, tok_source = None, None
+        elif tokenizer is None:
+            tok, tok_source = _own_tokenizer(path, fmt), str(path)
+        else:
             tok, tok_source = load_tokenizer(tokenizer), str(tokenizer)
     model.eval()
     add_bos, bos_id = tokenizer_adds_bos(tok)
     info = ModelInfo(
-        path=str(path), format=fmt, dtype=str(torch_dtype).removeprefix("torch."),
-        n_params=sum(p.numel() for p in model.parameters()),
-        vocab_size=int(model.get_output_embeddings().weight.shape[0]) if model.get_output_embeddings() is not None
-        else int(model.config.vocab_size),
-        add_bos=add_bos, bos_token_id=bos_id, tokenizer=tok_source,
+        path=str(path), format=fmt, dtype=str(torch_dtype or model.dtype).removeprefix("torch."),
+        n_params=sum(p.numel() for p in model.parameters()), vocab_size=_logit_width(model),
+        add_bos=add_bos, bos_token_id=bos_id, tokenizer=tok_source if tok is not None else None,
     )
     return LoadedModel(model, tok, info)
 
@@ -137,15 +138,38 @@ def tokenizer_adds_bos(tokenizer: Any) -> tuple[bool, int | None]:
     return bool(len(special) > len(plain) and special[0] == bos and plain[:1] != [bos]), int(bos)
 
 
-# ---- built-in loaders -------------------------------------------------------------------------------
+def load_config(source: str | Path) -> Any:
+    """transformers' config of an HF dir, a config file or a GGUF file (without the GGUF loader's mark)."""
+    from transformers import AutoConfig
 
-def _is_hf_dir(path: Path) -> bool:
-    return path.is_dir() and (path / "config.json").is_file()
+    path = Path(source)
+    if _is_gguf_file(path):
+        config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+        _drop_gguf_mark(config)
+        return config
+    return AutoConfig.from_pretrained(path)
 
+
+def empty_model(config: Any, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The model's modules with parameters on the meta device (buffers real): shapes to plan with, or to fill
+    with ``load_state_dict(..., assign=True)``, at no memory cost."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights(include_buffers=False):
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
+def random_model(config: Any, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """A freshly initialised model of ``config`` (distill's student built from a config)."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
+# ---- dense loading ----------------------------------------------------------------------------------
 
 def _is_compressed_tensors_dir(path: Path) -> bool:
-    if not _is_hf_dir(path):
-        return False
     try:
         config = json.loads((path / "config.json").read_text())
     except (OSError, ValueError):
@@ -161,58 +185,62 @@ def _is_gguf_file(path: Path) -> bool:
         return f.read(4) == b"GGUF"
 
 
-def _load_hf(path: Path, dtype: torch.dtype, trust_remote_code: bool, compressed: bool = False) -> tuple[Any, Any]:
+def _load_dense(path: Path, fmt: str, dtype: torch.dtype, trust_remote_code: bool) -> nn.Module:
+    """transformers' model of a GGUF file (dequantized), an HF dir or a compressed-tensors dir (decompressed)."""
     from transformers import AutoModelForCausalLM
 
+    if fmt == "gguf":
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+        except (OSError, ValueError, KeyError, NotImplementedError) as exc:
+            raise SlimlmError(f"{path}: transformers cannot load this GGUF ({_first_line(exc)})") from None
+        _drop_gguf_mark(model.config, model)
+        return model
     if not any(path.glob("*.safetensors")):
         pickled = [p.name for p in path.iterdir() if p.suffix in _PICKLE_SUFFIXES]
         if pickled:
             raise SlimlmError(f"{path} holds only pickle weights ({pickled[0]}); slimlm loads safetensors only")
         raise SlimlmError(f"{path} has a config.json but no .safetensors weights")
     kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code, "use_safetensors": True}
-    if compressed:
+    if fmt == "compressed-tensors":
         # Decompress into dense torch weights: eval must see exactly the values the file stores.
         from transformers import CompressedTensorsConfig
 
         kwargs["quantization_config"] = CompressedTensorsConfig(run_compressed=False)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        return AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except (OSError, ValueError, KeyError) as exc:
         raise SlimlmError(f"{path}: transformers cannot load this model ({_first_line(exc)})") from None
-    tok = None
-    if any((path / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
-        tok = load_tokenizer(path)
-    return model, tok
 
 
-def _load_compressed_tensors(path: Path, dtype: torch.dtype, trust_remote_code: bool) -> tuple[Any, Any]:
-    return _load_hf(path, dtype, trust_remote_code, compressed=True)
+def _drop_gguf_mark(config: Any, model: nn.Module | None = None) -> None:
+    """transformers' GGUF loader marks config and model "quantized by gguf", but the weights are dense
+    (dequantized on load, or swapped for our own modules): drop the mark so casting and saving see a plain model."""
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    if model is not None:
+        model.hf_quantizer = None
+        model.is_quantized = False
 
 
-def _load_gguf(path: Path, dtype: torch.dtype, trust_remote_code: bool) -> tuple[Any, Any]:
-    from transformers import AutoModelForCausalLM
-
+def _own_tokenizer(path: Path, fmt: str) -> Any:
+    """The source's own tokenizer, or None when it holds none (eval then asks for --tokenizer)."""
+    if fmt != "gguf":
+        return load_tokenizer(path) if any((path / name).is_file() for name in _TOKENIZER_FILES) else None
     try:
-        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
-    except (OSError, ValueError, KeyError, NotImplementedError) as exc:
-        raise SlimlmError(f"{path}: transformers cannot load this GGUF ({_first_line(exc)})") from None
-    # The GGUF loader marks the model "quantized by gguf", but its weights are dequantized dense tensors.
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.hf_quantizer = None
-    model.is_quantized = False
-    try:
-        tok = load_tokenizer(path)
+        return load_tokenizer(path)
     except (SlimlmError, KeyError, TypeError):
         # transformers rebuilds tokenizers from GGUF metadata for common types only; the weights still
-        # load (bench needs no tokenizer) and eval asks for --tokenizer.
-        tok = None
-    return model, tok
+        # load (bench needs no tokenizer).
+        return None
 
 
-register_loader("hf", _is_hf_dir, _load_hf)
-register_loader("compressed-tensors", _is_compressed_tensors_dir, _load_compressed_tensors)
-register_loader("gguf", _is_gguf_file, _load_gguf)
+def _logit_width(model: nn.Module) -> int:
+    head = model.get_output_embeddings()
+    weight = getattr(head, "weight", None)
+    if isinstance(weight, torch.Tensor):
+        return int(weight.shape[0])
+    return int(getattr(head, "out_features", None) or model.config.vocab_size)
 
 
 # ---- helpers ----------------------------------------------------------------------------------------
@@ -245,7 +273,7 @@ def _quiet_transformers() -> Iterator[None]:
     """
     from transformers.utils import logging as hf_logging
 
-    level = hf_logging.get_verbosity()
+    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     gguf_utils = None
@@ -265,4 +293,5 @@ def _quiet_transformers() -> Iterator[None]:
         if original_tqdm is not None:
             gguf_utils.tqdm = original_tqdm
         hf_logging.set_verbosity(level)
-        hf_logging.enable_progress_bar()
+        if bars:  # as it was: a nested load must not turn bars back on inside an outer quiet load
+            hf_logging.enable_progress_bar()

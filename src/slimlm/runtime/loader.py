@@ -1,5 +1,7 @@
 """``load_quantized(path)``: a transformers model whose Linear layers run on our low-bit kernels.
 
+Reached through ``slimlm.models.load_model(path, kernels=True)``, which also gives the tokenizer and facts.
+
 Reads the files directly (no fp32 round trip of the quantized weights):
 - compressed-tensors dirs (config.json ``quantization_config``, safetensors), as slimlm, llm-compressor and
   vLLM write them: ``pack-quantized`` int4 → W4A16Linear; ``int-quantized`` int8 with dynamic int8
@@ -25,6 +27,7 @@ from torch import nn
 from slimlm.checkpoint import open_checkpoint, read_state_dict
 from slimlm.checkpoint.names import TensorNames, gguf_arch
 from slimlm.errors import SlimlmError
+from slimlm.models import empty_model, load_config
 from slimlm.runtime import gguf_blocks
 from slimlm.runtime.linear import DequantLinear, QuantLinear, W4A16Linear, W8A8Linear, W8A16Linear
 from slimlm.runtime.quantize import fuse_siblings, set_module, untie_lm_head
@@ -38,17 +41,8 @@ MAPPINGS = {
 }
 
 
-def _empty_model(config, dtype: torch.dtype) -> nn.Module:
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
-
-    with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    return model
-
-
 def _finish(model: nn.Module, plain: dict[str, torch.Tensor], dtype: torch.dtype) -> nn.Module:
-    """Load the non-quantized tensors, materialize buffers (rotary tables) and check nothing is missing."""
+    """Load the non-quantized tensors and check nothing is missing (buffers: empty_model keeps them real)."""
     fuse_siblings(model)
     missing = [n for n, p in model.named_parameters() if p.device.type == "meta" and n not in plain]
     tied = getattr(model.config, "tie_word_embeddings", False)
@@ -63,16 +57,6 @@ def _finish(model: nn.Module, plain: dict[str, torch.Tensor], dtype: torch.dtype
         if buf is not None and buf.device.type == "meta":
             raise SlimlmError(f"buffer {name} was not initialised")
     return model.eval()
-
-
-def _reinit_rotary(model: nn.Module) -> None:
-    """Rotary inverse frequencies are computed, not stored: rebuild them after an empty-weights init."""
-    for module in model.modules():
-        if hasattr(module, "inv_freq") and module.inv_freq.device.type == "meta":
-            inv_freq, scaling = module.rope_init_fn(module.config, "cpu")
-            module.register_buffer("inv_freq", inv_freq, persistent=False)
-            module.original_inv_freq = inv_freq
-            module.attention_scaling = scaling
 
 
 # ---------------------------------------------------------------- compressed-tensors
@@ -123,20 +107,17 @@ def _ct_module(name: str, state: dict[str, torch.Tensor], group: dict, bias: tor
     return module.to_reference() if reference else module
 
 
-def load_compressed_tensors(model_dir: Path, reference: bool = False,
-                            progress: Callable[[str], None] | None = None) -> nn.Module:
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(model_dir)
+def load_compressed_tensors(model_dir: Path, reference: bool = False, progress: Callable[[str], None] | None = None,
+                            dtype: torch.dtype | None = None) -> nn.Module:
+    config = load_config(model_dir)
     qcfg = getattr(config, "quantization_config", None)
     qcfg = qcfg if isinstance(qcfg, dict) else (qcfg.to_dict() if qcfg is not None else None)
     if not qcfg or qcfg.get("quant_method") != "compressed-tensors":
         raise SlimlmError(f"{model_dir} is not a compressed-tensors model (no quantization_config)")
     del config.quantization_config
     state = read_state_dict(model_dir)
-    # bf16 around the low-bit kernels (what they take and give); fp32 for the reference
-    dtype = torch.float32 if reference else torch.bfloat16
-    model = _empty_model(config, dtype)
+    dtype = dtype or _default_dtype(reference)
+    model = empty_model(config, dtype)
     linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     plain = {k: v for k, v in state.items()
              if not k.rsplit(".", 1)[-1].startswith(("weight_packed", "weight_scale", "weight_zero_point",
@@ -154,7 +135,6 @@ def load_compressed_tensors(model_dir: Path, reference: bool = False,
         plain.pop(f"{name}.bias", None)
         if progress:
             progress(name)
-    _reinit_rotary(model)
     return _finish(model, plain, dtype)
 
 
@@ -192,16 +172,14 @@ def _gguf_name_map(model: nn.Module) -> dict[str, str]:
     return out
 
 
-def load_gguf(path: Path, reference: bool = False, progress: Callable[[str], None] | None = None) -> nn.Module:
+def load_gguf(path: Path, reference: bool = False, progress: Callable[[str], None] | None = None,
+              dtype: torch.dtype | None = None) -> nn.Module:
     import gguf
-    from transformers import AutoConfig
     from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, LlamaTensorProcessor, TensorProcessor
 
-    config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    dtype = torch.float32 if reference else torch.bfloat16
-    model = _empty_model(config, dtype)
+    config = load_config(path)
+    dtype = dtype or _default_dtype(reference)
+    model = empty_model(config, dtype)
     processor = TENSOR_PROCESSORS.get(config.model_type, TensorProcessor)(config=config.to_dict())
     if type(processor) not in (TensorProcessor, LlamaTensorProcessor):
         raise SlimlmError(f"GGUF {config.model_type} needs tensor processing slimlm's runtime does not map yet")
@@ -242,22 +220,20 @@ def load_gguf(path: Path, reference: bool = False, progress: Callable[[str], Non
         untie_lm_head(model)
         set_module(model, "lm_head", _gguf_module(embedding_raw[0], embedding_raw[1], None, reference,
                                                   embedding_raw[2]))
-    _reinit_rotary(model)
     return _finish(model, plain, dtype)
 
 
-def load_tokenizer(path: str | Path):
-    from transformers import AutoTokenizer
-
-    path = Path(path)
-    if path.is_file():
-        return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    return AutoTokenizer.from_pretrained(path)
+def _default_dtype(reference: bool) -> torch.dtype:
+    """bf16 around the low-bit kernels (what they take and give); fp32 around the reference modules."""
+    return torch.float32 if reference else torch.bfloat16
 
 
-def load_quantized(path: str | Path, reference: bool = False,
-                   progress: Callable[[str], None] | None = None) -> nn.Module:
-    """Model from a compressed-tensors dir or a GGUF file, its Linear layers on low-bit kernels."""
+def load_quantized(path: str | Path, reference: bool = False, progress: Callable[[str], None] | None = None,
+                   dtype: torch.dtype | None = None) -> nn.Module:
+    """Model from a compressed-tensors dir or a GGUF file, its Linear layers on low-bit kernels.
+
+    ``dtype`` is the non-Linear tensors' dtype (default: see ``_default_dtype``).
+    """
     path = Path(path)
     if not path.exists():
         raise SlimlmError(f"{path} does not exist")
@@ -265,7 +241,7 @@ def load_quantized(path: str | Path, reference: bool = False,
         with path.open("rb") as f:
             if f.read(4) != b"GGUF":
                 raise SlimlmError(f"{path} is not a GGUF file (bad magic)")
-        model = load_gguf(path, reference, progress)
+        model = load_gguf(path, reference, progress, dtype)
     else:
         config_path = path / "config.json"
         if not config_path.is_file():
@@ -273,6 +249,6 @@ def load_quantized(path: str | Path, reference: bool = False,
         if "quantization_config" not in json.loads(config_path.read_text()):
             raise SlimlmError(f"{path} holds no quantized weights (config.json has no quantization_config); "
                               "use quantize_(model, config) to quantize an fp model")
-        model = load_compressed_tensors(path, reference, progress)
+        model = load_compressed_tensors(path, reference, progress, dtype)
     model.slimlm_scheme = ("reference-" if reference else "") + "file"
     return model

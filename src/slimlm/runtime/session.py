@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from slimlm.errors import SlimlmError
-from slimlm.runtime.loader import load_quantized, load_tokenizer
+from slimlm.models import load_model
 from slimlm.runtime.quantize import kernel_report, quantize_
 from slimlm.schemes import get_scheme
 
@@ -53,21 +53,16 @@ def open_model(model: str | Path, scheme: str | None = None, threads: int | None
         torch.set_num_threads(threads)
     path = resolve_model_path(model)
     quantized = is_quantized_file(path)
-    if quantized:
-        net = load_quantized(path, reference=scheme != "native", progress=progress)
-        if scheme != "native":
-            _plain_linears(net)  # the file's weights dequantized to fp32, as ordinary nn.Linear layers
-    else:
-        from transformers import AutoModelForCausalLM
-
-        if not (path / "config.json").is_file():
-            raise SlimlmError(f"{path} is neither a GGUF file nor a model dir with config.json")
-        net = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    net, tokenizer, _ = load_model(path, kernels=quantized, reference=scheme != "native", progress=progress,
+                                   tokenizer=None if with_tokenizer else False)
+    if with_tokenizer and tokenizer is None:
+        raise SlimlmError(f"{path} holds no usable tokenizer")
+    if quantized and scheme != "native":
+        _plain_linears(net)  # the file's weights dequantized to fp32, as ordinary nn.Linear layers
     if scheme == "bf16":
         net.to(torch.bfloat16)
     elif scheme in ("w8a8", "w8a16", "w4a16"):
         quantize_(net, get_scheme(scheme), progress=progress)
-    tokenizer = load_tokenizer(path) if with_tokenizer else None
     return net.eval(), tokenizer, kernel_report(net)
 
 
