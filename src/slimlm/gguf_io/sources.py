@@ -12,7 +12,7 @@ import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import gguf
 import numpy as np
@@ -69,8 +69,7 @@ def _safetensors_files(model_dir: Path) -> list[Path]:
 _NUMPY_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64}
 
 
-def _tensor_loader(path: Path, offset: int, dtype: str, shape: tuple[int, ...],
-                   transform: Callable[[np.ndarray], np.ndarray]) -> Callable[[], np.ndarray]:
+def _tensor_loader(path: Path, offset: int, dtype: str, shape: tuple[int, ...]) -> Callable[[], np.ndarray]:
     """Read one tensor through a read-only shared mapping of just its bytes.
 
     Not safetensors' own loader: that maps the whole file copy-on-write, which counts as private memory
@@ -79,13 +78,27 @@ def _tensor_loader(path: Path, offset: int, dtype: str, shape: tuple[int, ...],
     def load() -> np.ndarray:
         raw = np.memmap(path, dtype=_NUMPY_DTYPES[dtype], mode="r", offset=offset, shape=shape)
         if dtype == "BF16":  # bfloat16 is the top half of a float32
-            arr = (raw.astype(np.uint32) << 16).view(np.float32)
-        elif dtype == "F32":
-            arr = np.asarray(raw)
-        else:
-            arr = raw.astype(np.float32)
-        return transform(arr)
+            return (raw.astype(np.uint32) << 16).view(np.float32)
+        return np.asarray(raw) if dtype == "F32" else raw.astype(np.float32)
     return load
+
+
+HFTensor = tuple[str, tuple[int, ...], Callable[[], np.ndarray]]  # HF name, shape, float32 loader
+
+
+def _safetensors_tensors(model_dir: Path) -> Iterator[HFTensor]:
+    from slimlm.checkpoint.safetensors_header import read_safetensors_header
+
+    for path in _safetensors_files(model_dir):
+        infos, _, expected, actual = read_safetensors_header(path)
+        if actual < expected:
+            raise SlimlmError(f"{path} is truncated ({actual:,} of {expected:,} bytes): an incomplete download?")
+        for info in infos:
+            if info.dtype not in _NUMPY_DTYPES:
+                raise SlimlmError(f"{info.name} is stored as {info.dtype}; GGUF export reads F32, F16 and BF16 "
+                                  "weights")
+            shape = tuple(int(d) for d in info.shape)
+            yield info.name, shape, _tensor_loader(path, int(info.offset), info.dtype, shape)
 
 
 def _layer_key(name: str) -> tuple[int, int, str]:
@@ -95,8 +108,12 @@ def _layer_key(name: str) -> tuple[int, int, str]:
     return (0 if name.startswith("token_embd") or name == "rope_freqs.weight" else 2, 0, name)
 
 
-def open_hf_dir(model_dir: Path) -> ModelSource:
-    """A lazy source over a Hugging Face model dir of a supported architecture."""
+def open_hf_dir(model_dir: Path, tensors: Iterable[HFTensor] | None = None) -> ModelSource:
+    """A lazy source over a Hugging Face model dir of a supported architecture.
+
+    ``tensors`` replaces the dir's safetensors with (HF name, shape, float32 loader) triples, for a caller
+    that makes the values itself (the GGUF equivalent of a compressed-tensors dir); config, tokenizer, GGUF
+    names and llama.cpp's layout still come from the dir."""
     from slimlm.gguf_io.architectures import write_hparams
     from slimlm.gguf_io.tokenizer import write_tokenizer
 
@@ -113,27 +130,20 @@ def open_hf_dir(model_dir: Path) -> ModelSource:
     name_map = gguf.get_tensor_name_map(spec.gguf_arch, n_layers)
     tie = bool(config.get("tie_word_embeddings", spec.drop_lm_head))
 
-    from slimlm.checkpoint.safetensors_header import read_safetensors_header
-
-    tensors: list[SourceTensor] = []
-    for path in _safetensors_files(model_dir):
-        infos, _, expected, actual = read_safetensors_header(path)
-        if actual < expected:
-            raise SlimlmError(f"{path} is truncated ({actual:,} of {expected:,} bytes): an incomplete download?")
-        for info in infos:
-            hf_name = info.name
-            if hf_name.endswith("rotary_emb.inv_freq"):
-                continue
-            if hf_name == "lm_head.weight" and (tie or spec.drop_lm_head):
-                continue
-            name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
-            if name is None:
-                raise SlimlmError(f"{hf_name} in {path.name} has no GGUF name for {hf_arch}")
-            if info.dtype not in _NUMPY_DTYPES:
-                raise SlimlmError(f"{hf_name} is stored as {info.dtype}; GGUF export reads F32, F16 and BF16 weights")
-            shape = tuple(int(d) for d in info.shape)
-            tensors.append(SourceTensor(name, shape, _tensor_loader(path, int(info.offset), info.dtype, shape, _transform(
-                hf_name, spec, n_head, n_head_kv)), hf_name=hf_name))
+    listed = _safetensors_tensors(model_dir) if tensors is None else tensors
+    out: list[SourceTensor] = []
+    for hf_name, shape, load in listed:
+        if hf_name.endswith("rotary_emb.inv_freq"):
+            continue
+        if hf_name == "lm_head.weight" and (tie or spec.drop_lm_head):
+            continue
+        name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if name is None:
+            raise SlimlmError(f"{hf_name} in {model_dir} has no GGUF name for {hf_arch}")
+        transform = _transform(hf_name, spec, n_head, n_head_kv)
+        out.append(SourceTensor(name, shape, lambda load=load, transform=transform: transform(load()),
+                                hf_name=hf_name))
+    tensors = out
     rope = rope_parameters(config)
     if rope.get("rope_type") == "llama3":
         factors = llama3_rope_factors(config, rope)
@@ -151,11 +161,19 @@ def open_hf_dir(model_dir: Path) -> ModelSource:
                        facts={"n_layers": n_layers, "n_head": n_head, "n_head_kv": n_head_kv})
 
 
-def _transform(hf_name: str, spec: ArchSpec, n_head: int, n_head_kv: int) -> Callable[[np.ndarray], np.ndarray]:
+def rope_heads(hf_name: str, spec: ArchSpec, n_head: int, n_head_kv: int) -> int | None:
+    """The head count of llama.cpp's Q/K row permutation (:func:`permute_for_rope`) for this tensor, else None."""
     if spec.permute_qk and hf_name.endswith(("q_proj.weight", "q_proj.bias")):
-        return lambda a: permute_for_rope(a, n_head)
+        return n_head
     if spec.permute_qk and hf_name.endswith(("k_proj.weight", "k_proj.bias")):
-        return lambda a: permute_for_rope(a, n_head_kv)
+        return n_head_kv
+    return None
+
+
+def _transform(hf_name: str, spec: ArchSpec, n_head: int, n_head_kv: int) -> Callable[[np.ndarray], np.ndarray]:
+    heads = rope_heads(hf_name, spec, n_head, n_head_kv)
+    if heads is not None:
+        return lambda a: permute_for_rope(a, heads)
     if spec.norm_plus_one and hf_name.endswith("norm.weight"):
         return lambda a: a + np.float32(1.0)
     return lambda a: a
@@ -217,7 +235,7 @@ def _gguf_loader(path: Path, offset: int, qtype: gguf.GGMLQuantizationType, shap
                  ) -> Callable[[], np.ndarray]:
     """Float32 values of one GGUF tensor, through a read-only map of just its bytes (as for safetensors)."""
     if qtype in _FLOAT_TYPES:
-        return _tensor_loader(path, offset, qtype.name, shape, lambda a: a)
+        return _tensor_loader(path, offset, qtype.name, shape)
 
     def load() -> np.ndarray:
         from slimlm.formats import ggml

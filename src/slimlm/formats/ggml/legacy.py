@@ -134,10 +134,15 @@ def encode_q8_0(x: np.ndarray, imatrix: np.ndarray | None = None) -> np.ndarray:
     if np.max(frac) == F32(0.5):
         ties = frac == F32(0.5)
         q[ties] = np.trunc(v[ties]) + np.sign(v[ties])
-    out = np.empty((xb.shape[0], 34), dtype=np.uint8)
+    return _q8_0_out(d, q).reshape(x.shape[0], -1)
+
+
+def _q8_0_out(d: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """[B, 34] Q8_0 blocks: fp16 d, then the 32 codes as int8."""
+    out = np.empty((q.shape[0], 34), dtype=np.uint8)
     out[:, 0:2] = _f16_bytes(d)
     out[:, 2:] = q.astype(np.int8).view(np.uint8)
-    return out.reshape(x.shape[0], -1)
+    return out
 
 
 def decode_q8_0(data: np.ndarray) -> np.ndarray:
@@ -251,3 +256,23 @@ def decode_q5_1(data: np.ndarray) -> np.ndarray:
     dm = b[:, :4].copy().view("<f2").astype(F32)
     q = (_unpack_nibbles(b[:, 8:]) | _unpack_high(b[:, 4:8])).astype(F32)
     return (q * dm[:, :1] + dm[:, 1:]).reshape(data.shape[0], -1)
+
+
+# ---- blocks from a grid chosen elsewhere -------------------------------------------------------------
+
+def pack_q8_0(q: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """Q8_0 rows from int8 codes ``q`` [rows, n] and per-32-block scales ``d`` [rows, n/32]: x = d·q."""
+    return _q8_0_out(np.asarray(d, dtype=F32).reshape(-1), np.asarray(q).reshape(-1, QK)).reshape(q.shape[0], -1)
+
+
+def pack_q4_0(q: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """Q4_0 rows from codes 0..15 ``q`` [rows, n] and per-32-block scales ``d``: x = d·(q − 8)."""
+    L = np.ascontiguousarray(q, dtype=np.uint8).reshape(-1, QK)
+    return _blocks_out(L.shape[0], np.asarray(d, dtype=F32).reshape(-1), L).reshape(q.shape[0], -1)
+
+
+def pack_q4_1(q: np.ndarray, d: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """Q4_1 rows from codes 0..15 ``q`` [rows, n], per-32-block scales ``d`` and mins ``m``: x = d·q + m."""
+    L = np.ascontiguousarray(q, dtype=np.uint8).reshape(-1, QK)
+    return _blocks_out(L.shape[0], np.asarray(d, dtype=F32).reshape(-1), L,
+                       np.asarray(m, dtype=F32).reshape(-1)).reshape(q.shape[0], -1)
