@@ -82,47 +82,38 @@ class ForkPool:
                  initializer: Callable[[], None] | None = None) -> None:
         self._ctx = multiprocessing.get_context("fork")
         self._work, self._items, self._init = work, list(items), initializer
-        self._n = max(1, min(workers, len(self._items))) if self._items else 0
+        self._workers = min(workers, len(self._items))
         self._next = self._ctx.Value("q", 0)  # index of the next item to take
-        self._procs: list[Any] = []
-        self._conns: list[Connection] = []
-        self._finished = False
+        self._procs: dict[Connection, Any] = {}  # each worker's result pipe -> its process
 
     def __enter__(self) -> ForkPool:
-        for _ in range(self._n):
+        for _ in range(self._workers):
             recv, send = self._ctx.Pipe(duplex=False)
             proc = self._ctx.Process(target=self._run, args=(send,), daemon=True)
             proc.start()
-            send.close()
-            self._procs.append(proc)
-            self._conns.append(recv)
+            send.close()  # so that the pipe ends (EOF) when the worker does
+            self._procs[recv] = proc
         return self
 
-    def _take(self) -> int:
-        with self._next.get_lock():
-            k = self._next.value
-            self._next.value = k + 1
-        return k
-
     def _run(self, conn: Connection) -> None:
-        """The worker's loop (in the child): take items until none are left."""
+        """The worker's loop (in the child): take the next item until none is left."""
         if self._init is not None:
             self._init()
-        k = self._take()
-        while k < len(self._items):
-            item = self._items[k]
-            try:
-                result = self._work(item)
-            except BaseException as exc:  # noqa: BLE001 - handed to the parent, which re-raises it
-                conn.send(("error", item, exc))
+        while True:
+            with self._next.get_lock():
+                k = self._next.value
+                self._next.value = k + 1
+            if k >= len(self._items):
                 return
-            conn.send(("ok", item, result))
-            k = self._take()
+            try:
+                conn.send(("ok", self._items[k], self._work(self._items[k])))
+            except BaseException as exc:  # noqa: BLE001 - handed to the parent, which re-raises it
+                conn.send(("error", self._items[k], exc))
+                return
 
     def results(self) -> Iterator[tuple[Any, Any]]:
         """``(item, result)`` for every item, in the order they complete."""
-        pending = len(self._items)
-        live = dict(zip(self._conns, self._procs))
+        pending, live = len(self._items), dict(self._procs)
         while pending:
             if not live:
                 raise RuntimeError("the worker processes exited before finishing their work")
@@ -139,15 +130,11 @@ class ForkPool:
                     raise value
                 pending -= 1
                 yield item, value
-        self._finished = True
 
     def __exit__(self, *_: Any) -> None:
-        """Stop the workers: at once if not every result was collected (an error), else as they exit."""
-        with self._next.get_lock():
-            self._next.value = len(self._items)
-        for proc in self._procs:
-            if not self._finished:
-                proc.terminate()
+        """Stop the workers: after :meth:`results` they have nothing left to do; after an error in the
+        block, what they are doing is abandoned."""
+        for conn, proc in self._procs.items():
+            proc.terminate()
             proc.join()
-        for conn in self._conns:
             conn.close()

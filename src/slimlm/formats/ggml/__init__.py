@@ -158,15 +158,12 @@ def pack_blocks(qtype: GGMLQuantizationType | str, codes: np.ndarray, d: np.ndar
     rounded to fp16 as llama.cpp stores them. Q8_0: x = d·q, Q4_0: x = d·(q − 8), Q4_1: x = d·q + m."""
     from . import legacy
 
-    qt = qtype_of(qtype)
-    if qt == GGMLQuantizationType.Q8_0:
-        return legacy.pack_q8_0(codes, d)
-    if qt == GGMLQuantizationType.Q4_0:
-        return legacy.pack_q4_0(codes, d)
-    if qt == GGMLQuantizationType.Q4_1 and m is not None:
-        return legacy.pack_q4_1(codes, d, m)
-    raise SlimlmError(f"no block packer for {qt.name}{' without mins' if qt == GGMLQuantizationType.Q4_1 else ''}; "
-                      "packers exist for Q8_0, Q4_0 and Q4_1")
+    name = qtype_of(qtype).name
+    out = legacy.pack_blocks(name, codes, d, m)
+    if out is None:
+        raise SlimlmError(f"no block packer for {name}{' without mins' if name == 'Q4_1' else ''}; "
+                          "packers exist for Q8_0, Q4_0 and Q4_1")
+    return out
 
 
 def _register() -> None:

@@ -260,19 +260,17 @@ def decode_q5_1(data: np.ndarray) -> np.ndarray:
 
 # ---- blocks from a grid chosen elsewhere -------------------------------------------------------------
 
-def pack_q8_0(q: np.ndarray, d: np.ndarray) -> np.ndarray:
-    """Q8_0 rows from int8 codes ``q`` [rows, n] and per-32-block scales ``d`` [rows, n/32]: x = d·q."""
-    return _q8_0_out(np.asarray(d, dtype=F32).reshape(-1), np.asarray(q).reshape(-1, QK)).reshape(q.shape[0], -1)
-
-
-def pack_q4_0(q: np.ndarray, d: np.ndarray) -> np.ndarray:
-    """Q4_0 rows from codes 0..15 ``q`` [rows, n] and per-32-block scales ``d``: x = d·(q − 8)."""
-    L = np.ascontiguousarray(q, dtype=np.uint8).reshape(-1, QK)
-    return _blocks_out(L.shape[0], np.asarray(d, dtype=F32).reshape(-1), L).reshape(q.shape[0], -1)
-
-
-def pack_q4_1(q: np.ndarray, d: np.ndarray, m: np.ndarray) -> np.ndarray:
-    """Q4_1 rows from codes 0..15 ``q`` [rows, n], per-32-block scales ``d`` and mins ``m``: x = d·q + m."""
-    L = np.ascontiguousarray(q, dtype=np.uint8).reshape(-1, QK)
-    return _blocks_out(L.shape[0], np.asarray(d, dtype=F32).reshape(-1), L,
-                       np.asarray(m, dtype=F32).reshape(-1)).reshape(q.shape[0], -1)
+def pack_blocks(qtype: str, codes: np.ndarray, d: np.ndarray, m: np.ndarray | None = None) -> np.ndarray | None:
+    """Q8_0 / Q4_0 / Q4_1 rows from codes [rows, n] and per-32-block d (and m) [rows, n/32]; None for
+    other types (see ggml.pack_blocks)."""
+    d = np.asarray(d, dtype=F32).reshape(-1)
+    L = np.ascontiguousarray(codes).reshape(-1, QK)
+    if qtype == "Q8_0":
+        out = _q8_0_out(d, L)
+    elif qtype == "Q4_0":
+        out = _blocks_out(L.shape[0], d, L.astype(np.uint8))
+    elif qtype == "Q4_1" and m is not None:
+        out = _blocks_out(L.shape[0], d, L.astype(np.uint8), np.asarray(m, dtype=F32).reshape(-1))
+    else:
+        return None
+    return out.reshape(codes.shape[0], -1)
