@@ -77,11 +77,11 @@ def _open_ct_source(ct_dir: Path, qcfg: dict, target: str) -> tuple[ModelSource,
     """A GGUF source over the dir (quantized Linears as dequantized values) and, by GGUF tensor name, the
     block grid of each quantized Linear in llama.cpp's row order; plus the number of quantized Linears."""
     raw = read_state(ct_dir)
-    modules = sorted({k.rsplit(".", 1)[0] for k in raw if k.endswith(".weight_scale")})
+    modules = {k.rsplit(".", 1)[0] for k in raw if k.endswith(".weight_scale")}
     tensors = [(k, tuple(t.shape), lambda t=t: t.float().numpy())
                for k, t in raw.items() if k.rsplit(".", 1)[0] not in modules]
     grids: dict[str, BlockGrid] = {}
-    for mod in modules:
+    for mod in sorted(modules):
         w = args_for(qcfg, mod)["weights"]
         q, scale, zero = read_codes(raw, mod, int(w["num_bits"]))
         gs = w["group_size"] if w["strategy"] == "group" else None
