@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import gc
 import statistics
 import sys
 import time
@@ -32,23 +31,9 @@ from _common import append_section, markdown_table  # noqa: E402
 from slimlm import resources  # noqa: E402
 from slimlm.evaluate import evaluate  # noqa: E402
 from slimlm.models import load_model  # noqa: E402
+from slimlm.util.process import peak_rss_mb, reset_peak_rss  # noqa: E402
 
 CTX = 512
-
-
-def _rss_reset() -> float:
-    gc.collect()
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    return _status("VmRSS:")
-
-
-def _status(field: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def plain_transformers_nll(model, tokenizer, text: str, chunks: int) -> np.ndarray:
@@ -215,12 +200,12 @@ def main() -> None:
                      ("plain transformers loop", lambda: plain_transformers_nll(lm.model, lm.tokenizer, text,
                                                                                 args.speed_chunks))):
         fn()  # warm-up
-        base = _rss_reset()
+        base = reset_peak_rss()
         for _ in range(args.repeats):
             start = time.perf_counter()
             fn()
             timings[name].append(time.perf_counter() - start)
-        peaks[name] = (base, _status("VmHWM:"))
+        peaks[name] = (base, peak_rss_mb())
     ours_t = statistics.median(timings["slimlm eval"])
     plain_t = statistics.median(timings["plain transformers loop"])
     speed_rows = [[name, f"{statistics.median(t):.2f}", f"{statistics.median(t) / plain_t:.3f}",

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import resource
 import tempfile
 import time
 from contextlib import nullcontext
@@ -39,6 +38,7 @@ from slimlm.export.compressed_tensors import (
 from slimlm.formats.groupint import QuantizedWeight, QuantSpec
 from slimlm.models import empty_model, load_config, load_model, load_tokenizer
 from slimlm.schemes import QuantConfig, check_method, get_scheme
+from slimlm.util.process import peak_rss_mb
 
 log = logging.getLogger(__name__)
 
@@ -119,18 +119,6 @@ class QuantizeResult:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def _peak_rss_mb() -> float:
-    """This process's peak resident memory (MiB). Linux's VmHWM, because ru_maxrss survives exec and so
-    reports a parent's peak in a freshly started child."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _run_layer(layer, acts: _Activations, kwargs_list: list[dict], n_batches: int,
@@ -364,7 +352,7 @@ def _quantize_model(model, output, *, scheme, method, group_size, symmetric, ign
         calibration=calibration.source if calibration else "none (rtn needs no calibration)",
         calibration_tokens=calibration.tokens if calibration else 0,
         calibration_warning=calibration.warning if calibration else None,
-        seconds=round(time.perf_counter() - start, 3), peak_rss_mb=round(_peak_rss_mb(), 1),
+        seconds=round(time.perf_counter() - start, 3), peak_rss_mb=round(peak_rss_mb(), 1),
         output_bytes=size, layer_reports=layer_reports)
 
 

@@ -97,7 +97,6 @@ def search_clip(weight: torch.Tensor, spec: QuantSpec, h: torch.Tensor, n_grid: 
     n_groups = in_f // gs
     idx = torch.arange(n_groups)
     h_blocks = h.reshape(n_groups, gs, n_groups, gs)[idx, :, idx, :]  # (G, gs, gs) diagonal blocks
-    wg = w.reshape(out_f, n_groups, gs)
     ratios = [1.0 - i / n_grid for i in range(int(n_grid * max_shrink))]
     best_err = torch.full((out_f, n_groups), float("inf"))
     best_ratio = torch.ones(out_f, n_groups)

@@ -222,7 +222,6 @@ def _read_len(buf: Any, pos: int, order: str) -> int:
 def _scan_tensor_table(buf: Any, pos: int, count: int, order: str
                        ) -> tuple[list[tuple[str, int, tuple[int, ...], int]], int]:
     table = []
-    seen: set[str] = set()
     for _ in range(count):
         raw_name, pos = _read_str(buf, pos, order)
         _need(buf, pos + 4)

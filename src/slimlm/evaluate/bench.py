@@ -16,85 +16,21 @@ Each backend is a small class with ``load`` / ``prefill`` / ``decode`` registere
 from __future__ import annotations
 
 import gc
-import inspect
 import os
-import resource
 import statistics
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-import torch
 
 from slimlm.errors import SlimlmError
+from slimlm.runtime.bench_backends import (
+    Backend, NativeBackend, TorchBackend, W4A16Backend, W8A8Backend, W8A16Backend,
+)
+from slimlm.util.process import peak_rss_mb, reset_peak_rss
 
 Progress = Callable[[int, int, str], None]  # (runs done, runs total, label)
-
-
-class Backend:
-    """One inference engine. ``prefill`` and ``decode`` return the next token ids, one per sequence."""
-
-    name = "?"
-
-    def load(self, model_path: Path, threads: int) -> dict[str, Any]:
-        """Load the model; return facts for the report (dtype, format...)."""
-        raise NotImplementedError
-
-    def vocab_size(self) -> int:
-        raise NotImplementedError
-
-    def prepare(self, batch: int, max_tokens: int) -> None:
-        """Called before the runs of one batch size: sequences will hold at most ``max_tokens`` tokens."""
-
-    def prefill(self, prompt: np.ndarray) -> np.ndarray:
-        """Run the (batch, prompt_len) prompt from an empty cache; return the first new tokens (batch,)."""
-        raise NotImplementedError
-
-    def decode(self, tokens: np.ndarray) -> np.ndarray:
-        """Append one token per sequence using the KV cache; return the next tokens (batch,)."""
-        raise NotImplementedError
-
-    def close(self) -> None:
-        """Free the model (so the next backend's peak memory is its own)."""
-
-
-class TorchBackend(Backend):
-    """transformers model in torch (CPU), greedy decoding with its KV cache."""
-
-    dtype = "fp32"
-
-    def load(self, model_path: Path, threads: int) -> dict[str, Any]:
-        from slimlm.models import load_model
-
-        torch.set_num_threads(threads)
-        self.loaded = load_model(model_path, self.dtype)
-        names = set(inspect.signature(self.loaded.model.forward).parameters)
-        # transformers 5 renamed past_key_values to cache; accept either.
-        self._cache_kw = "cache" if "cache" in names else "past_key_values"
-        self._cache = None
-        return {"format": self.loaded.info.format, "dtype": self.loaded.info.dtype}
-
-    def vocab_size(self) -> int:
-        return self.loaded.info.vocab_size
-
-    @torch.inference_mode()
-    def _step(self, ids: torch.Tensor) -> np.ndarray:
-        kwargs = {self._cache_kw: self._cache} if self._cache is not None else {}
-        out = self.loaded.model(input_ids=ids, use_cache=True, logits_to_keep=1, **kwargs)
-        self._cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
-        return out.logits[:, -1].argmax(-1).numpy()
-
-    def prefill(self, prompt: np.ndarray) -> np.ndarray:
-        self._cache = None
-        return self._step(torch.from_numpy(prompt).long())
-
-    def decode(self, tokens: np.ndarray) -> np.ndarray:
-        return self._step(torch.from_numpy(tokens).long()[:, None])
-
-    def close(self) -> None:
-        self.loaded = None
-        self._cache = None
 
 
 class TorchFp32Backend(TorchBackend):
@@ -215,6 +151,8 @@ BACKENDS: dict[str, type[Backend]] = {
     "torch-fp32": TorchFp32Backend,
     "torch-bf16": TorchBf16Backend,
     "llama.cpp": LlamaCppBackend,
+    **{cls.name: cls for cls in (W8A8Backend, W8A16Backend, W4A16Backend, NativeBackend)},
+    "gguf": NativeBackend,  # the runtime on a GGUF file's own types
 }
 
 
@@ -257,7 +195,7 @@ def bench(model: str | Path, *, prompt: int = 512, gen: int = 128, batches: tupl
                 ids = rng.integers(low=min(100, backend.vocab_size() - 1), high=backend.vocab_size(),
                                    size=(batch, prompt), dtype=np.int64)
                 backend.prepare(batch, prompt + gen)
-                base_rss = _reset_peak_rss()
+                base_rss = reset_peak_rss()
                 samples = []
                 for i in range(warmup + runs):
                     if progress:
@@ -268,7 +206,7 @@ def bench(model: str | Path, *, prompt: int = 512, gen: int = 128, batches: tupl
                         samples.append(sample)
                     done += 1
                 rows.append({"backend": name, **facts, "batch": batch, "prompt": prompt, "gen": gen,
-                             **_median_figures(samples), "peak_rss_mb": _peak_rss_mb(),
+                             **_median_figures(samples), "peak_rss_mb": peak_rss_mb(),
                              "rss_before_mb": base_rss, "runs": runs,
                              "threads": threads})
         finally:
@@ -307,33 +245,6 @@ def _median_figures(samples: list[dict[str, Any]]) -> dict[str, float]:
     }
 
 
-def _reset_peak_rss() -> float:
-    """Reset the kernel's RSS high-water mark to the current RSS (Linux); return that RSS in MiB."""
-    gc.collect()
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-    return _status_mb("VmRSS:")
-
-
-def _peak_rss_mb() -> float:
-    return _status_mb("VmHWM:")
-
-
-def _status_mb(field: str) -> float:
-    """A memory line of /proc/self/status in MiB; elsewhere the whole-process peak from getrusage."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
 def _llama_cpp_available() -> bool:
     import importlib.util
 
@@ -341,5 +252,3 @@ def _llama_cpp_available() -> bool:
 
 
 __all__ = ["BACKENDS", "Backend", "LlamaCppBackend", "TorchBackend", "bench", "default_backends"]
-
-import slimlm.runtime.bench_backends  # noqa: E402,F401  (runtime area: registers w8a8, w8a16, w4a16, native/gguf)

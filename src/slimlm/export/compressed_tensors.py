@@ -26,7 +26,6 @@ from slimlm.checkpoint import read_state_dict
 from slimlm.errors import SlimlmError
 from slimlm.formats.groupint import (
     QuantizedWeight,
-    QuantSpec,
     dequantize,
     pack_codes,
     pack_zero_points,
@@ -149,7 +148,7 @@ class ShardWriter:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-def _args_for(qcfg: dict, module: str) -> dict | None:
+def args_for(qcfg: dict, module: str) -> dict | None:
     """The config group (weights/input_activations dicts) whose targets match ``module``, else None."""
     for pattern in qcfg.get("ignore") or []:
         if (pattern.startswith("re:") and re.match(pattern[3:], module)) or pattern == module:
@@ -162,6 +161,20 @@ def _args_for(qcfg: dict, module: str) -> dict | None:
         if "Linear" in group["targets"]:
             return group
     return None
+
+
+def read_codes(state: dict[str, torch.Tensor], module: str, bits: int
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """A quantized Linear's integer codes [out, in], float32 scales and zero points (None when symmetric)."""
+    scale = state[f"{module}.weight_scale"].float()
+    if f"{module}.weight_packed" not in state:
+        return state[f"{module}.weight"], scale, state.get(f"{module}.weight_zero_point")
+    shape = tuple(int(v) for v in state[f"{module}.weight_shape"])
+    q = unpack_codes(state[f"{module}.weight_packed"], shape, bits)
+    zero = None
+    if f"{module}.weight_zero_point" in state:
+        zero = unpack_zero_points(state[f"{module}.weight_zero_point"], (shape[0], scale.shape[1]), bits)
+    return q, scale, zero
 
 
 def dequantized_state_dict(model_dir: str | Path, dtype: torch.dtype = torch.float32
@@ -185,22 +198,12 @@ def dequantized_state_dict(model_dir: str | Path, dtype: torch.dtype = torch.flo
         if mod not in modules:
             out[key] = t.to(dtype) if t.is_floating_point() else t
     for mod in modules:
-        group = _args_for(qcfg, mod)
+        group = args_for(qcfg, mod)
         if group is None:
             raise SlimlmError(f"{mod} has quantized tensors but no config group matches it")
         w = group["weights"]
         gs = w["group_size"] if w["strategy"] == "group" else None
-        scale = raw[f"{mod}.weight_scale"].float()
-        if f"{mod}.weight_packed" in raw:
-            shape = tuple(int(v) for v in raw[f"{mod}.weight_shape"])
-            bits = int(w["num_bits"])
-            q = unpack_codes(raw[f"{mod}.weight_packed"], shape, bits)
-            zero = None
-            if f"{mod}.weight_zero_point" in raw:
-                zero = unpack_zero_points(raw[f"{mod}.weight_zero_point"], (shape[0], scale.shape[1]), bits)
-        else:
-            q = raw[f"{mod}.weight"]
-            zero = raw.get(f"{mod}.weight_zero_point")
+        q, scale, zero = read_codes(raw, mod, int(w["num_bits"]))
         out[f"{mod}.weight"] = dequantize(q, scale, zero, gs).to(dtype)
         if group.get("input_activations"):
             acts[mod] = dict(group["input_activations"])

@@ -9,11 +9,12 @@ imatrix is given).
 
 from __future__ import annotations
 
+import itertools
 import logging
 import multiprocessing
 import os
 import time
-from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor, as_completed
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -28,6 +29,7 @@ from slimlm.gguf_io.imatrix import Imatrix, check_compatible, collect_imatrix, r
 from slimlm.gguf_io.metadata import write_source_metadata
 from slimlm.gguf_io.sources import ModelSource, open_source
 from slimlm.gguf_io.writer import atomic_path, check_output, data_layout, tensor_nbytes, write_gguf, write_gguf_header
+from slimlm.util.process import ForkPool, fork_available, keep_heap
 
 log = logging.getLogger(__name__)
 T = gguf.GGMLQuantizationType
@@ -114,7 +116,7 @@ def load_importance(imatrix: Path | Imatrix | None, calib: Path | None, model: P
 
 
 def quantize_gguf(
-    model: str | Path,
+    model: str | Path | ModelSource,
     to: str,
     out: str | Path | None = None,
     *,
@@ -131,7 +133,8 @@ def quantize_gguf(
     hessian_chunks: int | None = 32,
     encoder: Encoder | None = None,
 ) -> QuantizeResult:
-    """Write ``model`` (HF dir or GGUF) as a GGUF of mix ``to`` (Q4_K_M, Q8_0, F16, ...) to ``out``.
+    """Write ``model`` (HF dir, GGUF, or an opened ModelSource) as a GGUF of mix ``to`` (Q4_K_M, Q8_0, F16,
+    ...) to ``out``.
 
     ``method`` (all write the same tensor types and sizes; see slimlm.algorithms.methods):
     "llama.cpp" rounds each block on its own, as llama-quantize does; "gptq" compensates each block's
@@ -143,13 +146,14 @@ def quantize_gguf(
     """
     start = time.perf_counter()
     ftype = gguf_mix.normalize_ftype(to)
-    model = Path(model)
+    model = model if isinstance(model, ModelSource) else Path(model)
     if not dry_run:
         if out is None:
             raise SlimlmError("an output path is needed (-o out.gguf), or use --dry-run")
         out = Path(out)
         check_output(out, overwrite)
-    source = open_source(model)
+    source = model if isinstance(model, ModelSource) else open_source(model)
+    model = source.path
     warnings = []
     if source.kind == "gguf":
         msg = (f"re-quantizing {model.name}, which is already quantized: errors compound; quantize from the "
@@ -223,7 +227,7 @@ def quantize_gguf(
 
     entries = [(t.name, tuple(t.shape), plan[t.name]) for t in tensors]
     workers = max(1, min(WORKERS, os.cpu_count() or 1))
-    if encoder is None and workers > 1 and len(tensors) > 8 and "fork" in multiprocessing.get_all_start_methods():
+    if encoder is None and workers > 1 and len(tensors) > 8 and fork_available():
         _write_forked(out, source.arch, metadata, entries, load, workers, progress)
     else:
         _write_threaded(out, source.arch, metadata, entries, load, encoder or _plain_encode, progress)
@@ -263,69 +267,66 @@ def _write_threaded(out: Path, arch: str, metadata: Callable[[gguf.GGUFWriter], 
                 f.cancel()
 
 
-@dataclass
-class _ForkedJob:
-    """What the forked encoder processes share with the parent (inherited through the fork, never pickled)."""
-
-    load: Loader
-    entries: list[Entry]
-    path: str  # the temporary output file
-    offsets: list[int]  # of each tensor within the data section
-    data_start: Any  # multiprocessing Value: the data section's file offset once the header is written, else -1
-    ready: Any  # multiprocessing Event, set once data_start is final (or the parent gave up); until then a
-    # worker hands its encoded tensor back to the parent instead of writing it
-
-
 def _write_forked(out: Path, arch: str, metadata: Callable[[gguf.GGUFWriter], Any], entries: list[Entry],
                   load: Loader, workers: int, progress: Progress | None) -> None:
     """The plain codecs (numpy code holding the GIL) in forked processes that load their tensor themselves
     (the source's mmap loaders are inherited through the fork) and write its bytes straight into the file
-    at its final offset: nothing but an index goes through a pipe, and no process waits for another's
-    tensor to finish first. The parent builds and writes the metadata (tokenizer) meanwhile, then lets the
-    workers write; tensors too small for a round trip are encoded in the parent. The bytes are those
-    of ``write_gguf``: same header, same offsets, zero padding (the file is sized at the end). The most
-    expensive tensors go first, so that neither process is left alone with a long one at the end; those
-    finished before the header is on disk come back through the pipe instead of waiting."""
-    global _FORKED
+    at its final offset: nothing but the encoded bytes of early tensors goes through a pipe, and no process
+    waits for another's tensor to finish first. The parent builds and writes the metadata (tokenizer)
+    meanwhile, then lets the workers write; tensors too small for a round trip are encoded in the parent.
+    The bytes are those of ``write_gguf``: same header, same offsets, zero padding (the file is sized at the
+    end). The most expensive tensors go first, so that neither process is left alone with a long one at the
+    end; those finished before the header is on disk come back through the pipe instead of waiting."""
     ctx = multiprocessing.get_context("fork")
     offsets, data_bytes = data_layout(entries)
     small = [i for i, (_, shape, _) in enumerate(entries) if int(np.prod(shape, dtype=np.int64)) < 1 << 16]
     big = sorted(set(range(len(entries))) - set(small), key=lambda i: -_encode_cost(entries[i]))
+    data_start = ctx.Value("q", -1, lock=False)  # the data section's file offset once the header is written
+    ready = ctx.Event()  # set once data_start is final (or the parent gave up); until then workers hand back
+
+    def place(fd: int, i: int, data: np.ndarray) -> None:
+        name, shape, qtype = entries[i]
+        if data.nbytes != tensor_nbytes(shape, qtype):
+            raise RuntimeError(f"{name}: encoder returned {data.nbytes} bytes, {qtype.name} needs "
+                               f"{tensor_nbytes(shape, qtype)}")
+        view = memoryview(np.ascontiguousarray(data)).cast("B")
+        pos = data_start.value + offsets[i]
+        while view:
+            n = os.pwrite(fd, view, pos)
+            view, pos = view[n:], pos + n
+
     with atomic_path(out) as tmp:
-        # The header goes on disk (truncating tmp) before any worker opens the file.
-        _FORKED = job = _ForkedJob(load, entries, str(tmp), offsets, ctx.Value("q", -1, lock=False), ctx.Event())
-        try:
-            with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-                futures = {pool.submit(_encode_index, i): i for i in big}
-                try:
-                    try:
-                        _, data_start = write_gguf_header(tmp, arch, metadata, entries)
-                        job.data_start.value = data_start
-                    finally:
-                        job.ready.set()  # the workers write now, or give up if data_start is still -1
-                    done = 0
-                    fd = os.open(tmp, os.O_WRONLY)
-                    try:
-                        for i in small:
-                            _write_tensor(fd, i, _plain_encode(*load(i), entries[i][0], threads=1), job)
-                            done += 1
-                            if progress:
-                                progress(done, len(entries), entries[i][0])
-                        for f in as_completed(futures):
-                            data = f.result()
-                            if data is not None:
-                                _write_tensor(fd, futures[f], data, job)
-                            done += 1
-                            if progress:
-                                progress(done, len(entries), entries[futures[f]][0])
-                        os.ftruncate(fd, data_start + data_bytes)
-                    finally:
-                        os.close(fd)
-                except BaseException:
-                    pool.shutdown(wait=True, cancel_futures=True)
-                    raise
-        finally:
-            _FORKED = None
+        def encode(i: int) -> np.ndarray | None:
+            """In a worker: tensor ``i`` into the file, or its bytes when the header is not on disk yet."""
+            data = _plain_encode(*load(i), "", threads=1)  # the processes are the parallelism
+            if not ready.is_set():
+                return data
+            if data_start.value < 0:
+                raise RuntimeError("the output header was not written")
+            fd = os.open(tmp, os.O_WRONLY)
+            try:
+                place(fd, i, data)
+            finally:
+                os.close(fd)
+            return None
+
+        # The workers fork before the header is written (truncating tmp); they open the file only once ready.
+        with ForkPool(encode, big, workers, initializer=keep_heap) as pool:
+            try:
+                _, data_start.value = write_gguf_header(tmp, arch, metadata, entries)
+            finally:
+                ready.set()  # the workers write now, or give up if data_start is still -1
+            fd = os.open(tmp, os.O_WRONLY)
+            try:
+                order = ((i, _plain_encode(*load(i), entries[i][0], threads=1)) for i in small)
+                for done, (i, data) in enumerate(itertools.chain(order, pool.results()), 1):
+                    if data is not None:
+                        place(fd, i, data)
+                    if progress:
+                        progress(done, len(entries), entries[i][0])
+                os.ftruncate(fd, data_start.value + data_bytes)
+            finally:
+                os.close(fd)
 
 
 # Rough single-thread encoding cost per value (ns) of the plain codecs, to schedule the longest tensors first.
@@ -336,36 +337,6 @@ _COST = {T.F32: 1, T.F16: 1, T.BF16: 1, T.Q8_0: 4, T.Q4_0: 4, T.Q4_1: 4, T.Q5_0:
 def _encode_cost(entry: Entry) -> float:
     _, shape, qtype = entry
     return float(np.prod(shape, dtype=np.float64)) * _COST.get(qtype, 50)
-
-
-def _keep_heap() -> None:
-    """glibc only: keep freed buffers up to 32 MiB in the heap instead of returning them to the kernel. The
-    codecs allocate the same few cache-sized temporaries for every chunk; with glibc's adaptive defaults many
-    come back as fresh mmaps, each page faulted in again (~80k faults per SmolLM2 quantize)."""
-    try:
-        import ctypes
-
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return
-    global _HEAP_KEPT
-    _HEAP_KEPT = True
-    m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
-    mallopt(m_mmap_threshold, 32 << 20)
-    mallopt(m_trim_threshold, 128 << 20)
-    mallopt(m_top_pad, 16 << 20)
-
-
-def _write_tensor(fd: int, i: int, data: np.ndarray, job: _ForkedJob) -> None:
-    name, shape, qtype = job.entries[i]
-    expected = tensor_nbytes(shape, qtype)
-    if data.nbytes != expected:
-        raise RuntimeError(f"{name}: encoder returned {data.nbytes} bytes, {qtype.name} needs {expected}")
-    view = memoryview(np.ascontiguousarray(data)).cast("B")
-    pos = job.data_start.value + job.offsets[i]
-    while view:
-        n = os.pwrite(fd, view, pos)
-        view, pos = view[n:], pos + n
 
 
 def _equalize(source: ModelSource, plan: dict[str, T], importance_of: Callable[[str], np.ndarray | None],
@@ -416,32 +387,6 @@ def _gptq_encoder(hessians: dict[str, np.ndarray], damp: float) -> Encoder:
         return gptq_encode(values, qtype, h, importance, damp)
 
     return encode
-
-
-# Set by _write_forked just before its pool forks; read by _encode_index in the workers.
-_FORKED: _ForkedJob | None = None
-_WORKER_FD: int | None = None  # the output file, opened once per worker process
-_HEAP_KEPT = False  # _keep_heap ran in this process
-
-
-def _encode_index(i: int) -> np.ndarray | None:
-    """Worker-process entry point (module level so it pickles): encode tensor ``i`` into the output file,
-    or return its bytes when the header is not on disk yet."""
-    global _WORKER_FD
-    job = _FORKED
-    assert job is not None, "encoder worker without a forked source"
-    if not _HEAP_KEPT:
-        _keep_heap()
-    values, qtype, importance = job.load(i)
-    data = _plain_encode(values, qtype, importance, "", threads=1)  # the processes are the parallelism
-    if not job.ready.is_set():
-        return data  # the header is still being built: the parent writes this one
-    if job.data_start.value < 0:
-        raise RuntimeError("the output header was not written")
-    if _WORKER_FD is None:
-        _WORKER_FD = os.open(job.path, os.O_WRONLY)
-    _write_tensor(_WORKER_FD, i, data, job)
-    return None
 
 
 def _plain_encode(values: np.ndarray, qtype: T, importance: np.ndarray | None, name: str,

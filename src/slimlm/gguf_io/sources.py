@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import gguf
 import numpy as np
@@ -49,6 +49,19 @@ class ModelSource:
     header: GGUFHeader | None = None  # a GGUF source's header
 
 
+HFTensor = tuple[str, tuple[int, ...], Callable[[], np.ndarray]]  # HF name, shape, float32 loader
+
+
+def _checkpoint_tensors(ckpt) -> list[HFTensor]:
+    """The (HF name, shape, float32 loader) triples of an opened HF dir; float weights only."""
+    out = []
+    for info in ckpt.tensors:
+        if info.dtype not in _HF_DTYPES:
+            raise SlimlmError(f"{info.name} is stored as {info.dtype}; GGUF export reads F32, F16 and BF16 weights")
+        out.append((info.name, info.shape, lambda info=info: ckpt.load_array(info)))
+    return out
+
+
 def _layer_key(name: str) -> tuple[int, int, str]:
     m = re.match(r"blk\.(\d+)\.", name)
     if m:
@@ -59,8 +72,12 @@ def _layer_key(name: str) -> tuple[int, int, str]:
 _HF_DTYPES = ("F32", "F16", "BF16", "F64")
 
 
-def open_hf_dir(model_dir: Path) -> ModelSource:
-    """A lazy source over a Hugging Face model dir of a supported architecture."""
+def open_hf_dir(model_dir: Path, tensors: Iterable[HFTensor] | None = None) -> ModelSource:
+    """A lazy source over a Hugging Face model dir of a supported architecture.
+
+    ``tensors`` replaces the dir's weights with (HF name, shape, float32 loader) triples, for a caller that
+    makes the values itself (the GGUF equivalent of a compressed-tensors dir); config, tokenizer, GGUF
+    names and llama.cpp's layout still come from the dir."""
     if not (model_dir / "config.json").is_file():
         raise SlimlmError(f"{model_dir} has no config.json; expected a Hugging Face model dir or a .gguf file")
     ckpt = open_checkpoint(model_dir)
@@ -76,21 +93,20 @@ def open_hf_dir(model_dir: Path) -> ModelSource:
     n_head_kv = int(config.get("num_key_value_heads") or n_head)
     names = TensorNames(spec.gguf_arch, n_layers)
     tie = bool(config.get("tie_word_embeddings", spec.drop_lm_head))
-    tensors: list[SourceTensor] = []
-    for info in ckpt.tensors:
-        hf_name = info.name
+    if tensors is None:
+        tensors = _checkpoint_tensors(ckpt)
+    out: list[SourceTensor] = []
+    for hf_name, shape, load in tensors:
         if hf_name.endswith("rotary_emb.inv_freq"):
             continue
         if hf_name == "lm_head.weight" and (tie or spec.drop_lm_head):
             continue
         name = names.tensor(hf_name) if hf_name.endswith((".weight", ".bias")) else None
         if name is None:
-            raise SlimlmError(f"{hf_name} in {Path(info.file or '').name} has no GGUF name for {hf_arch}")
-        if info.dtype not in _HF_DTYPES:
-            raise SlimlmError(f"{hf_name} is stored as {info.dtype}; GGUF export reads F32, F16 and BF16 weights")
+            raise SlimlmError(f"{hf_name} in {model_dir} has no GGUF name for {hf_arch}")
         transform = _transform(hf_name, spec, n_head, n_head_kv)
-        tensors.append(SourceTensor(name, info.shape, lambda info=info, f=transform: f(ckpt.load_array(info)),
-                                    hf_name=hf_name))
+        out.append(SourceTensor(name, shape, lambda load=load, f=transform: f(load()), hf_name=hf_name))
+    tensors = out
     rope = rope_parameters(config)
     if rope.get("rope_type") == "llama3":
         factors = llama3_rope_factors(config, rope)
@@ -100,11 +116,19 @@ def open_hf_dir(model_dir: Path) -> ModelSource:
                        facts={"n_layers": n_layers, "n_head": n_head, "n_head_kv": n_head_kv})
 
 
-def _transform(hf_name: str, spec: ArchSpec, n_head: int, n_head_kv: int) -> Callable[[np.ndarray], np.ndarray]:
+def rope_heads(hf_name: str, spec: ArchSpec, n_head: int, n_head_kv: int) -> int | None:
+    """The head count of llama.cpp's Q/K row permutation (:func:`permute_for_rope`) for this tensor, else None."""
     if spec.permute_qk and hf_name.endswith(("q_proj.weight", "q_proj.bias")):
-        return lambda a: permute_for_rope(a, n_head)
+        return n_head
     if spec.permute_qk and hf_name.endswith(("k_proj.weight", "k_proj.bias")):
-        return lambda a: permute_for_rope(a, n_head_kv)
+        return n_head_kv
+    return None
+
+
+def _transform(hf_name: str, spec: ArchSpec, n_head: int, n_head_kv: int) -> Callable[[np.ndarray], np.ndarray]:
+    heads = rope_heads(hf_name, spec, n_head, n_head_kv)
+    if heads is not None:
+        return lambda a: permute_for_rope(a, heads)
     if spec.norm_plus_one and hf_name.endswith("norm.weight"):
         return lambda a: a + np.float32(1.0)
     return lambda a: a

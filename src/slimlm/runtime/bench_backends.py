@@ -1,5 +1,6 @@
-"""The runtime's engines for ``slimlm bench``: fp weights quantized on load (w8a8, w8a16, w4a16) and
-quantized files run on their own kernels (native / gguf), registered in slimlm.evaluate.bench.BACKENDS.
+"""The torch engines for ``slimlm bench``: the ``Backend`` interface, transformers in torch (``TorchBackend``),
+and the runtime's engines: fp weights quantized on load (w8a8, w8a16, w4a16) and quantized files run on their
+own kernels (native / gguf). slimlm.evaluate.bench registers them in its BACKENDS by name.
 
 Prefill/decode run slimlm's lean forward with a static KV cache (``runtime.fastpath``; transformers' forward
 for models it does not cover), loading goes through ``slimlm.runtime.open_model``. Each reports which kernels
@@ -8,6 +9,7 @@ its layers use.
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -15,11 +17,75 @@ from typing import Any
 import numpy as np
 import torch
 
-from slimlm.evaluate.bench import BACKENDS, TorchBackend
 from slimlm.runtime.fastpath import lean_model
 from slimlm.runtime.generate import cache_kwarg
 from slimlm.runtime.quantize import model_weight_bytes
 from slimlm.runtime.session import open_model, summarize_kernels
+
+
+class Backend:
+    """One inference engine. ``prefill`` and ``decode`` return the next token ids, one per sequence."""
+
+    name = "?"
+
+    def load(self, model_path: Path, threads: int) -> dict[str, Any]:
+        """Load the model; return facts for the report (dtype, format...)."""
+        raise NotImplementedError
+
+    def vocab_size(self) -> int:
+        raise NotImplementedError
+
+    def prepare(self, batch: int, max_tokens: int) -> None:
+        """Called before the runs of one batch size: sequences will hold at most ``max_tokens`` tokens."""
+
+    def prefill(self, prompt: np.ndarray) -> np.ndarray:
+        """Run the (batch, prompt_len) prompt from an empty cache; return the first new tokens (batch,)."""
+        raise NotImplementedError
+
+    def decode(self, tokens: np.ndarray) -> np.ndarray:
+        """Append one token per sequence using the KV cache; return the next tokens (batch,)."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Free the model (so the next backend's peak memory is its own)."""
+
+
+class TorchBackend(Backend):
+    """transformers model in torch (CPU), greedy decoding with its KV cache."""
+
+    dtype = "fp32"
+
+    def load(self, model_path: Path, threads: int) -> dict[str, Any]:
+        from slimlm.models import load_model
+
+        torch.set_num_threads(threads)
+        self.loaded = load_model(model_path, self.dtype)
+        names = set(inspect.signature(self.loaded.model.forward).parameters)
+        # transformers 5 renamed past_key_values to cache; accept either.
+        self._cache_kw = "cache" if "cache" in names else "past_key_values"
+        self._cache = None
+        return {"format": self.loaded.info.format, "dtype": self.loaded.info.dtype}
+
+    def vocab_size(self) -> int:
+        return self.loaded.info.vocab_size
+
+    @torch.inference_mode()
+    def _step(self, ids: torch.Tensor) -> np.ndarray:
+        kwargs = {self._cache_kw: self._cache} if self._cache is not None else {}
+        out = self.loaded.model(input_ids=ids, use_cache=True, logits_to_keep=1, **kwargs)
+        self._cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+        return out.logits[:, -1].argmax(-1).numpy()
+
+    def prefill(self, prompt: np.ndarray) -> np.ndarray:
+        self._cache = None
+        return self._step(torch.from_numpy(prompt).long())
+
+    def decode(self, tokens: np.ndarray) -> np.ndarray:
+        return self._step(torch.from_numpy(tokens).long()[:, None])
+
+    def close(self) -> None:
+        self.loaded = None
+        self._cache = None
 
 
 class RuntimeBackend(TorchBackend):
@@ -77,7 +143,3 @@ class NativeBackend(RuntimeBackend):
 
     name, scheme = "native", "native"
 
-
-for _cls in (W8A8Backend, W8A16Backend, W4A16Backend, NativeBackend):
-    BACKENDS.setdefault(_cls.name, _cls)
-BACKENDS.setdefault("gguf", NativeBackend)  # the runtime on a GGUF file's own types

@@ -150,6 +150,22 @@ def dequantize(data: np.ndarray, qtype: GGMLQuantizationType | str, shape: tuple
     return out.reshape(shape)
 
 
+def pack_blocks(qtype: GGMLQuantizationType | str, codes: np.ndarray, d: np.ndarray,
+                m: np.ndarray | None = None) -> np.ndarray:
+    """GGML blocks ``[rows, row_bytes]`` from a grid chosen elsewhere (e.g. a compressed-tensors checkpoint's
+    codes) instead of llama.cpp's rounding: ``codes`` [rows, n] as the block stores them (Q8_0: -128..127,
+    Q4_0/Q4_1: 0..15), one scale ``d`` (and for Q4_1 one min ``m``) per 32-value block, [rows, n/32],
+    rounded to fp16 as llama.cpp stores them. Q8_0: x = d·q, Q4_0: x = d·(q − 8), Q4_1: x = d·q + m."""
+    from . import legacy
+
+    name = qtype_of(qtype).name
+    out = legacy.pack_blocks(name, codes, d, m)
+    if out is None:
+        raise SlimlmError(f"no block packer for {name}{' without mins' if name == 'Q4_1' else ''}; "
+                          "packers exist for Q8_0, Q4_0 and Q4_1")
+    return out
+
+
 def _register() -> None:
     from . import floats, iq4_nl, legacy, q3_k, q6_k
 
@@ -174,4 +190,5 @@ def _register() -> None:
 
 _register()
 
-__all__ = ["Codec", "REGISTRY", "quantize", "dequantize", "qtype_of", "row_bytes", "block_size", "supported_names"]
+__all__ = ["Codec", "REGISTRY", "quantize", "dequantize", "pack_blocks", "qtype_of", "row_bytes", "block_size",
+           "supported_names"]

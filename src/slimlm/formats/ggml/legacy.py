@@ -134,10 +134,15 @@ def encode_q8_0(x: np.ndarray, imatrix: np.ndarray | None = None) -> np.ndarray:
     if np.max(frac) == F32(0.5):
         ties = frac == F32(0.5)
         q[ties] = np.trunc(v[ties]) + np.sign(v[ties])
-    out = np.empty((xb.shape[0], 34), dtype=np.uint8)
+    return _q8_0_out(d, q).reshape(x.shape[0], -1)
+
+
+def _q8_0_out(d: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """[B, 34] Q8_0 blocks: fp16 d, then the 32 codes as int8."""
+    out = np.empty((q.shape[0], 34), dtype=np.uint8)
     out[:, 0:2] = _f16_bytes(d)
     out[:, 2:] = q.astype(np.int8).view(np.uint8)
-    return out.reshape(x.shape[0], -1)
+    return out
 
 
 def decode_q8_0(data: np.ndarray) -> np.ndarray:
@@ -251,3 +256,21 @@ def decode_q5_1(data: np.ndarray) -> np.ndarray:
     dm = b[:, :4].copy().view("<f2").astype(F32)
     q = (_unpack_nibbles(b[:, 8:]) | _unpack_high(b[:, 4:8])).astype(F32)
     return (q * dm[:, :1] + dm[:, 1:]).reshape(data.shape[0], -1)
+
+
+# ---- blocks from a grid chosen elsewhere -------------------------------------------------------------
+
+def pack_blocks(qtype: str, codes: np.ndarray, d: np.ndarray, m: np.ndarray | None = None) -> np.ndarray | None:
+    """Q8_0 / Q4_0 / Q4_1 rows from codes [rows, n] and per-32-block d (and m) [rows, n/32]; None for
+    other types (see ggml.pack_blocks)."""
+    d = np.asarray(d, dtype=F32).reshape(-1)
+    L = np.ascontiguousarray(codes).reshape(-1, QK)
+    if qtype == "Q8_0":
+        out = _q8_0_out(d, L)
+    elif qtype == "Q4_0":
+        out = _blocks_out(L.shape[0], d, L.astype(np.uint8))
+    elif qtype == "Q4_1" and m is not None:
+        out = _blocks_out(L.shape[0], d, L.astype(np.uint8), np.asarray(m, dtype=F32).reshape(-1))
+    else:
+        return None
+    return out.reshape(codes.shape[0], -1)
