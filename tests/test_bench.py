@@ -97,7 +97,7 @@ def test_llama_cpp_backend_batches_sequences_like_torch(tmp_path: Path) -> None:
     from test_gguf_tiny import make_tiny_model
 
     from slimlm.evaluate.bench import LlamaCppBackend
-    from slimlm.gguf_io.quantize import quantize_gguf
+    from slimlm.quantize.gguf import quantize_gguf
 
     gguf = tmp_path / "tiny-f32.gguf"
     quantize_gguf(make_tiny_model(tmp_path / "tiny"), "F32", gguf)

@@ -73,7 +73,7 @@ def _big_endian_copy(src: Path, out: Path) -> Path:
 
 
 def test_big_endian_gguf_reads_and_requantizes_as_its_twin(tmp_path: Path) -> None:
-    from slimlm.gguf_io.quantize import quantize_gguf
+    from slimlm.quantize.gguf import quantize_gguf
 
     little = write_tiny_gguf(tmp_path / "le.gguf")
     big = _big_endian_copy(little, tmp_path / "be.gguf")

@@ -8,10 +8,10 @@ import torch
 from safetensors import safe_open
 
 from slimlm.errors import SlimlmError
-from slimlm.export.compressed_tensors import load_reference_model
+from slimlm.writers.compressed_tensors import load_reference_model
 from slimlm.formats import groupint as gi
-from slimlm.pipeline import quantize_model
-from slimlm.schemes import W4A16Config, get_scheme
+from slimlm.quantize.layers import quantize_model
+from slimlm.quantize.schemes import W4A16Config, get_scheme
 
 from conftest import make_tiny_llama
 

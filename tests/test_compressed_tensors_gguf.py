@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from slimlm.errors import SlimlmError
-from slimlm.export.compressed_tensors import dequantized_state_dict
-from slimlm.export.gguf_equivalent import export_gguf_equivalent
-from slimlm.pipeline import quantize_model
+from slimlm.writers.compressed_tensors import dequantized_state_dict
+from slimlm.writers.gguf_equivalent import export_gguf_equivalent
+from slimlm.quantize.layers import quantize_model
 
 from conftest import make_tiny_llama
 

@@ -12,7 +12,7 @@ import torch
 from typer.testing import CliRunner
 
 from slimlm.distill.losses import kd_loss
-from slimlm.distill.run import distill
+from slimlm.distill.recipe import distill
 from slimlm.distill.trainer import TrainConfig
 from slimlm.errors import SlimlmError
 

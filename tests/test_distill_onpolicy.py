@@ -15,7 +15,7 @@ from slimlm.distill.onpolicy import (
     sample_continuations,
     step_uniforms,
 )
-from slimlm.distill.run import distill
+from slimlm.distill.recipe import distill
 from slimlm.distill.trainer import TrainConfig
 
 

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import make_tiny_llama
 from slimlm.distill import trainer
-from slimlm.distill.run import distill
+from slimlm.distill.recipe import distill
 from slimlm.distill.trainer import TrainConfig
 from slimlm.errors import SlimlmError
 

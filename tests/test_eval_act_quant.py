@@ -57,7 +57,7 @@ def test_roundings_match_ggml_reference_formulas() -> None:
 def test_hooks_follow_the_gguf_tensor_types(tmp_path: Path) -> None:
     from test_gguf_tiny import make_tiny_model
 
-    from slimlm.gguf_io.quantize import quantize_gguf
+    from slimlm.quantize.gguf import quantize_gguf
 
     hf_dir = make_tiny_model(tmp_path / "tiny")
     f32, q8 = tmp_path / "f32.gguf", tmp_path / "q8.gguf"

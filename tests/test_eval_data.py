@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from slimlm.errors import SlimlmError
-from slimlm.evaluate.data import read_text
+from slimlm.data.text import read_text
 
 
 def test_plain_text_is_read_verbatim(tmp_path: Path) -> None:

@@ -24,7 +24,7 @@ def test_hf_dir_facts(tiny_lm_dir: Path) -> None:
 def test_gguf_is_dequantized_to_the_same_model(tmp_path: Path) -> None:
     from test_gguf_tiny import make_tiny_model
 
-    from slimlm.gguf_io.quantize import quantize_gguf
+    from slimlm.quantize.gguf import quantize_gguf
 
     hf_dir = make_tiny_model(tmp_path / "tiny")
     gguf = tmp_path / "tiny-f32.gguf"
@@ -43,8 +43,8 @@ def test_gguf_is_dequantized_to_the_same_model(tmp_path: Path) -> None:
 
 
 def test_compressed_tensors_dir_is_decompressed(tiny_lm_dir: Path, tmp_path: Path) -> None:
-    from slimlm.export.compressed_tensors import load_reference_model
-    from slimlm.pipeline import quantize_model
+    from slimlm.writers.compressed_tensors import load_reference_model
+    from slimlm.quantize.layers import quantize_model
 
     out = tmp_path / "w4a16"
     quantize_model(tiny_lm_dir, out, scheme="w4a16", method="rtn", group_size=32)

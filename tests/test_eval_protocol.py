@@ -12,7 +12,7 @@ from safetensors import safe_open
 from conftest import make_byte_tokenizer, make_tiny_llama
 from slimlm.errors import SlimlmError
 from slimlm.evaluate import evaluate
-from slimlm.evaluate.data import TokenizedText
+from slimlm.data.text import TokenizedText
 from slimlm.evaluate.perplexity import make_windows
 from slimlm.models import load_model
 

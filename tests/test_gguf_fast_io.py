@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from slimlm.checkpoint.gguf_file import read_gguf_header
-from slimlm.gguf_io.writer import FastGGUFWriter
+from slimlm.writers.gguf import FastGGUFWriter
 
 V = gguf.GGUFValueType
 RNG = np.random.default_rng(0)
@@ -100,19 +100,19 @@ def _copy_with_gguf_reader(writer: gguf.GGUFWriter, source) -> dict:
 
 
 def test_requantize_through_header_equals_gguf_reader(tmp_path: Path, tiny_llama_dir: Path, monkeypatch) -> None:
-    from slimlm.gguf_io.quantize import quantize_gguf
+    from slimlm.quantize.gguf import quantize_gguf
 
     src = tmp_path / "src.gguf"
     quantize_gguf(tiny_llama_dir, "Q8_0", src)
     quantize_gguf(src, "Q4_0", tmp_path / "fast.gguf")
-    monkeypatch.setattr("slimlm.gguf_io.quantize.write_source_metadata", _copy_with_gguf_reader)
+    monkeypatch.setattr("slimlm.quantize.gguf.write_source_metadata", _copy_with_gguf_reader)
     quantize_gguf(src, "Q4_0", tmp_path / "reader.gguf")
     assert (tmp_path / "fast.gguf").read_bytes() == (tmp_path / "reader.gguf").read_bytes()
 
 
 def test_truncated_gguf_is_a_clear_error(tmp_path: Path, tiny_llama_dir: Path) -> None:
     from slimlm.errors import SlimlmError
-    from slimlm.gguf_io.quantize import quantize_gguf
+    from slimlm.quantize.gguf import quantize_gguf
 
     src = tmp_path / "src.gguf"
     quantize_gguf(tiny_llama_dir, "F32", src)
@@ -128,7 +128,7 @@ def test_post_processor_probe_adds_what_the_tokenizer_adds(tmp_path: Path, templ
 
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
-    from slimlm.gguf_io.tokenizer import _adds_special, _post_processor_tokenizer
+    from slimlm.writers.gguf_tokenizer import _adds_special, _post_processor_tokenizer
 
     vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))} | {"<s>": 256, "</s>": 257}
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))

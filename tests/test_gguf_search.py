@@ -14,8 +14,8 @@ from slimlm.evaluate.llamacpp import open_llama
 from slimlm.algorithms.gptq import gptq_encode
 from slimlm.errors import SlimlmError
 from slimlm.formats import ggml
-from slimlm.gguf_io.imatrix import collect_imatrix
-from slimlm.gguf_io.quantize import quantize_gguf
+from slimlm.quantize.imatrix import collect_imatrix
+from slimlm.quantize.gguf import quantize_gguf
 
 
 def _output_error(w: np.ndarray, q: np.ndarray, h: np.ndarray) -> float:
@@ -81,7 +81,7 @@ def test_gptq_needs_calibration(tiny_llama_dir: Path, tmp_path: Path) -> None:
 def test_equalization_is_exact_in_float(tmp_path: Path) -> None:
     """Scales folded into norms (and ffn_up rows) leave the float model's function unchanged."""
     from slimlm.algorithms.awq import apply_equalization, equalization_plan
-    from slimlm.gguf_io.sources import open_source
+    from slimlm.quantize.sources import open_source
 
     src = make_tiny_model(tmp_path / "m", layers=1, hidden=256, ffn=512)
     calib = tmp_path / "calib.txt"

@@ -106,7 +106,7 @@ def test_llama_cpp_tokenizes_like_transformers(tiny_dir: Path, tmp_path: Path) -
     pytest.importorskip("llama_cpp")
     from transformers import AutoTokenizer
 
-    from slimlm.gguf_io.quantize import quantize_gguf
+    from slimlm.quantize.gguf import quantize_gguf
 
     out = tmp_path / "tiny.gguf"
     quantize_gguf(tiny_dir, "f32", out)
@@ -123,7 +123,7 @@ def test_llama_cpp_tokenizes_spm_style_like_transformers(tmp_path: Path) -> None
     pytest.importorskip("llama_cpp")
     from transformers import AutoTokenizer
 
-    from slimlm.gguf_io.quantize import quantize_gguf
+    from slimlm.quantize.gguf import quantize_gguf
 
     src = make_tiny_model(tmp_path / "m", "mistral", spm=True)
     out = tmp_path / "m.gguf"

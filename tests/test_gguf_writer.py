@@ -14,7 +14,7 @@ from test_gguf_tiny import make_tiny_model
 from slimlm.evaluate.llamacpp import open_llama
 
 from slimlm.errors import SlimlmError
-from slimlm.gguf_io.quantize import quantize_gguf
+from slimlm.quantize.gguf import quantize_gguf
 from slimlm.checkpoint.names import permute_for_rope
 
 

@@ -14,8 +14,8 @@ from test_gguf_tiny import CORPUS, make_tiny_model
 from test_quantize_gguf import tensor_bytes
 
 from slimlm.errors import SlimlmError
-from slimlm.gguf_io.imatrix import Imatrix, ImatrixEntry, collect_imatrix, read_imatrix, write_imatrix
-from slimlm.gguf_io.quantize import file_type_of, quantize_gguf
+from slimlm.quantize.imatrix import Imatrix, ImatrixEntry, collect_imatrix, read_imatrix, write_imatrix
+from slimlm.quantize.gguf import file_type_of, quantize_gguf
 
 
 @pytest.fixture(scope="module")

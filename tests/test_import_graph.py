@@ -1,7 +1,8 @@
 """No import circles in src/slimlm: the module graph from ``ast`` (module- and function-level imports) is a DAG.
 
 ``from pkg import submodule`` counts as an edge to the submodule (Python imports it on its own), ``from pkg
-import name`` as an edge to ``pkg``'s ``__init__``.
+import name`` as an edge to ``pkg``'s ``__init__``. Imports under ``if TYPE_CHECKING:`` never run, so they
+are no edge.
 """
 
 from __future__ import annotations
@@ -34,7 +35,12 @@ def import_graph() -> dict[str, set[str]]:
     graph: dict[str, set[str]] = {m: set() for m in mods}
     for mod, (path, is_pkg) in mods.items():
         pkg = mod if is_pkg else mod.rpartition(".")[0]
-        for node in ast.walk(ast.parse(path.read_text())):
+        tree = ast.parse(path.read_text())
+        typing_only = {id(n) for block in ast.walk(tree) if isinstance(block, ast.If)
+                       and getattr(block.test, "id", None) == "TYPE_CHECKING" for n in ast.walk(block)}
+        for node in ast.walk(tree):
+            if id(node) in typing_only:
+                continue
             if isinstance(node, ast.Import):
                 targets = [a.name for a in node.names]
             elif isinstance(node, ast.ImportFrom):

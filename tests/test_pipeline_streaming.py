@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from slimlm.calibration import load_calibration, windows
+from slimlm.data.calibration import load_calibration, windows
 from slimlm.errors import SlimlmError
-from slimlm.export.compressed_tensors import load_reference_model
-from slimlm.pipeline import quantize_model
+from slimlm.writers.compressed_tensors import load_reference_model
+from slimlm.quantize.layers import quantize_model
 from slimlm.runtime import quantize_
-from slimlm.schemes import W4A16Config
+from slimlm.quantize.schemes import W4A16Config
 
 from conftest import make_tiny_llama
 

@@ -15,7 +15,7 @@ from test_gguf_tiny import make_tiny_model
 from slimlm.evaluate.llamacpp import open_llama
 
 from slimlm.errors import SlimlmError
-from slimlm.gguf_io.quantize import file_type_of, quantize_gguf
+from slimlm.quantize.gguf import file_type_of, quantize_gguf
 
 MIXES = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M",
          "Q5_K_S", "Q5_K_M", "Q6_K"]

@@ -9,7 +9,7 @@ import pytest
 import torch
 from slimlm.evaluate.llamacpp import open_llama
 
-from slimlm.gguf_io.quantize import quantize_gguf
+from slimlm.quantize.gguf import quantize_gguf
 
 pytestmark = pytest.mark.slow
 

@@ -21,7 +21,7 @@ import torch
 
 QUANTIZE = r"""
 import json, sys
-from slimlm.gguf_io.quantize import quantize_gguf
+from slimlm.quantize.gguf import quantize_gguf
 r = quantize_gguf(sys.argv[1], sys.argv[2], sys.argv[3])
 status = dict(l.split(":", 1) for l in open("/proc/self/status"))
 print(json.dumps({"bytes": r.file_bytes, "hwm_kb": int(status["VmHWM"].split()[0])}))

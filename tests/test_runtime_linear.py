@@ -118,7 +118,7 @@ def test_kernel_names_say_what_runs():
 
 
 def test_w8a8_siblings_share_one_gemm_and_never_return_a_stale_output():
-    from slimlm.runtime.quantize import fuse_siblings
+    from slimlm.runtime.swap import fuse_siblings
 
     if not kernels.onednn_int8_available():
         pytest.skip("no oneDNN int8 linear in this torch build")

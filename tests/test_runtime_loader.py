@@ -10,7 +10,7 @@ from slimlm.errors import SlimlmError
 from slimlm.runtime import int4pack, kernel_report, load_quantized
 from slimlm.runtime.gguf_blocks import split_q4_0, split_q4_1, split_q4_k, split_q8_0
 from slimlm.runtime.linear import DequantLinear, W4A16Linear, W8A8Linear, W8A16Linear
-from slimlm.runtime.loader import _gguf_module
+from slimlm.models.quantized import _gguf_module
 
 
 @pytest.fixture(autouse=True)
@@ -36,7 +36,7 @@ def test_compressed_tensors_dir_runs_on_kernels_and_matches_transformers(tmp_pat
     from transformers import AutoModelForCausalLM
     from transformers.utils.quantization_config import CompressedTensorsConfig
 
-    from slimlm.pipeline import quantize_model
+    from slimlm.quantize.layers import quantize_model
 
     out = tmp_path / scheme
     quantize_model(tiny_src, out, scheme=scheme, method="rtn")

@@ -28,7 +28,7 @@ def _ppl(model, windows) -> float:
 def windows(smollm2_hf_dir, wikitext_test):
     from transformers import AutoTokenizer
 
-    from slimlm.evaluate.data import TokenizedText
+    from slimlm.data.text import TokenizedText
     from slimlm.evaluate.perplexity import make_windows
 
     tok = AutoTokenizer.from_pretrained(smollm2_hf_dir)

@@ -122,7 +122,7 @@ def test_awq_folding_keeps_the_float_layer_exact(tmp_path):
 def test_awq_refuses_architectures_without_a_mapping(tmp_path):
     from transformers import GemmaConfig, GemmaForCausalLM
 
-    from slimlm.pipeline import quantize_model
+    from slimlm.quantize.layers import quantize_model
 
     cfg = GemmaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
                       num_key_value_heads=2, head_dim=16, vocab_size=256)
@@ -140,8 +140,8 @@ def test_awq_refuses_architectures_without_a_mapping(tmp_path):
 def test_calibrated_methods_beat_rtn_on_a_tiny_model(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from slimlm.export.compressed_tensors import load_reference_model
-    from slimlm.pipeline import quantize_model
+    from slimlm.writers.compressed_tensors import load_reference_model
+    from slimlm.quantize.layers import quantize_model
 
     src = make_tiny_llama(tmp_path / "m", hidden=128, ffn=256, layers=2)
     fp = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)

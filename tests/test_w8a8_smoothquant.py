@@ -9,8 +9,8 @@ from slimlm.algorithms.mappings import smoothing_pairs
 from slimlm.algorithms.smoothquant import smooth_layer, smoothing_scales
 from slimlm.algorithms.stats import StatsCollector
 from slimlm.errors import SlimlmError
-from slimlm.export.compressed_tensors import fake_quant_activation
-from slimlm.schemes import check_method, get_scheme
+from slimlm.writers.compressed_tensors import fake_quant_activation
+from slimlm.quantize.schemes import check_method, get_scheme
 
 from conftest import make_tiny_llama
 
@@ -87,8 +87,8 @@ def test_methods_fit_schemes():
 def test_smoothquant_gptq_beats_plain_rtn_on_a_tiny_model(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from slimlm.export.compressed_tensors import load_reference_model
-    from slimlm.pipeline import quantize_model
+    from slimlm.writers.compressed_tensors import load_reference_model
+    from slimlm.quantize.layers import quantize_model
 
     src = make_tiny_llama(tmp_path / "m", hidden=128, ffn=256)
     fp = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)

@@ -14,18 +14,18 @@ from slimlm.spec import ModelSpec  # noqa: E402,F401
 # --- GGML block codecs: bit-exact llama.cpp blocks for one tensor (formats.ggml) ---
 from slimlm.formats.ggml import dequantize as ggml_dequantize, quantize as ggml_quantize  # noqa: E402,F401
 
-# --- GGUF quantization and importance matrices (gguf_io) ---
-from slimlm.gguf_io.imatrix import Imatrix, make_imatrix as imatrix, read_imatrix, write_imatrix  # noqa: E402,F401
+# --- GGUF quantization and importance matrices (quantize) ---
+from slimlm.quantize.imatrix import Imatrix, make_imatrix as imatrix, read_imatrix, write_imatrix  # noqa: E402,F401
 from slimlm.algorithms.methods import GGUF_METHODS  # noqa: E402,F401
-from slimlm.gguf_io.quantize import QuantizeResult, quantize_gguf  # noqa: E402,F401
+from slimlm.quantize.gguf import GGUFResult, quantize_gguf  # noqa: E402,F401
 
 # --- compressed-tensors schemes W4A16/W8A16/W8A8 (RTN, AWQ, GPTQ, SmoothQuant), streaming pipeline ---
-from slimlm.pipeline import QuantizeResult as SchemeQuantizeResult, quantize_model  # noqa: E402,F401
-from slimlm.schemes import (  # noqa: E402,F401
+from slimlm.quantize.layers import SchemeResult, quantize_model  # noqa: E402,F401
+from slimlm.quantize.schemes import (  # noqa: E402,F401
     QuantConfig, W4A16Config, W8A8Config, W8A16Config, check_model as check, get_scheme,
 )
-from slimlm.export.compressed_tensors import load_reference_model  # noqa: E402,F401
-from slimlm.export.gguf_equivalent import export_gguf_equivalent  # noqa: E402,F401
+from slimlm.writers.compressed_tensors import load_reference_model  # noqa: E402,F401
+from slimlm.writers.gguf_equivalent import export_gguf_equivalent  # noqa: E402,F401
 
 # --- evaluation: model loading, perplexity / KL divergence / top-1, speed (models, evaluate) ---
 from slimlm.evaluate import BACKENDS as BENCH_BACKENDS, bench, evaluate  # noqa: E402,F401
@@ -50,5 +50,5 @@ from slimlm.recommend import Recommendation, Variant, recommend  # noqa: E402,F4
 from slimlm.report import write_report as report  # noqa: E402,F401
 
 # --- distillation: logits KD / teacher-generated data, pruned students (distill) ---
-from slimlm.distill.run import distill  # noqa: E402,F401
+from slimlm.distill.recipe import distill  # noqa: E402,F401
 from slimlm.distill.trainer import TrainConfig  # noqa: E402,F401

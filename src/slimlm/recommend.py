@@ -42,7 +42,7 @@ class Variant:
 
 def default_variants(llama_cpp: bool) -> list[Variant]:
     """The candidate set a user of llama.cpp, vLLM and transformers would weigh."""
-    from slimlm.schemes import W4A16Config as W4, W8A8Config as W8
+    from slimlm.quantize.schemes import W4A16Config as W4, W8A8Config as W8
 
     gguf_engine = "llama.cpp" if llama_cpp else "gguf"
     return [
@@ -188,14 +188,14 @@ def _make(variant: Variant, model: Path, cache: ResultCache, settings: Settings)
     if variant.kind == "gguf":
         out = cache.files / f"{key}.gguf"
         if not out.is_file():
-            from slimlm.gguf_io.quantize import quantize_gguf
+            from slimlm.quantize.gguf import quantize_gguf
 
             quantize_gguf(model, variant.quant or "", out)
         return out, time.perf_counter() - start
     out = cache.files / key
     if not (out / "config.json").is_file():
-        from slimlm.pipeline import quantize_model
-        from slimlm.schemes import get_scheme
+        from slimlm.quantize.layers import quantize_model
+        from slimlm.quantize.schemes import get_scheme
 
         quantize_model(model, out, scheme=get_scheme(variant.quant or "w4a16"), method=variant.method,
                        calib=settings.calib, samples=settings.calib_samples, overwrite=True)

@@ -65,7 +65,7 @@ def distill(
     """Distill --teacher into a student on --data; see `slimlm distill cache-teacher` to cache the teacher once."""
     if ctx.invoked_subcommand is not None:
         return
-    from slimlm.distill.run import distill as run
+    from slimlm.distill.recipe import distill as run
     from slimlm.distill.trainer import TrainConfig
     from slimlm.errors import SlimlmError
 
@@ -118,8 +118,8 @@ def cache_teacher_cmd(
     json_out: bool = JSON_OPTION,
 ) -> None:
     """Run the teacher once over the training text and store its top-k log-probs compactly."""
-    from slimlm.distill.data import split_heldout, text_sequences
-    from slimlm.distill.run import _load_teacher
+    from slimlm.distill.sequences import split_heldout, text_sequences
+    from slimlm.distill.recipe import _load_teacher
     from slimlm.distill.teacher_cache import cache_teacher
 
     model, tok = _load_teacher(teacher)

@@ -103,7 +103,7 @@ def quantize(
             bar.update(task, completed=done, total=total, item=name)
 
         from slimlm.algorithms.methods import GGUF_METHODS
-        from slimlm.gguf_io.quantize import quantize_gguf  # = api's; lighter import
+        from slimlm.quantize.gguf import quantize_gguf  # = api's; lighter import
 
         gguf_method = method or "llama.cpp"
         if gguf_method not in GGUF_METHODS:

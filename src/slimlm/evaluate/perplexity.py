@@ -20,7 +20,7 @@ from typing import Iterator
 import torch
 
 from slimlm.errors import SlimlmError
-from slimlm.evaluate.data import TokenizedText
+from slimlm.data.text import TokenizedText
 
 _ROW_CHUNK = 64  # rows of the vocab-wide log-softmax done at a time: 64 x 49152 x 4 B = 12.6 MB scratch
 

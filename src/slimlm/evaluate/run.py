@@ -14,7 +14,7 @@ from typing import Any, Callable
 import torch
 
 from slimlm.errors import SlimlmError
-from slimlm.evaluate.data import TokenizedText, read_text, tokenize_text
+from slimlm.data.text import TokenizedText, read_text, tokenize_text
 from slimlm.evaluate.kld import RefBatch, RefReader, RefWriter, is_ref_file, kld_stats
 from slimlm.evaluate.perplexity import (
     iter_scored_logprobs,

@@ -12,14 +12,12 @@ from slimlm.models.loader import (
     LoadedModel,
     ModelInfo,
     detect_format,
-    empty_model,
-    load_config,
     load_model,
     load_tokenizer,
     parse_dtype,
-    random_model,
     tokenizer_adds_bos,
 )
+from slimlm.models.skeleton import empty_model, load_config, random_model
 
 __all__ = ["LoadedModel", "ModelInfo", "detect_format", "empty_model", "load_config", "load_model",
            "load_tokenizer", "parse_dtype", "random_model", "tokenizer_adds_bos"]

@@ -2,7 +2,7 @@
 
 Dense (``kernels=False``): transformers loads HF dirs, compressed-tensors dirs (decompressed) and GGUF files
 (dequantized by its GGUF loader). ``kernels=True``: a quantized file keeps its integer weights on slimlm's
-low-bit modules (``slimlm.runtime.loader``). What we add: format detection, dtype parsing, the BOS convention
+low-bit modules (``slimlm.models.quantized``). What we add: format detection, dtype parsing, the BOS convention
 eval needs (does the tokenizer add one?) and one-line errors. Configs (``load_config``), meta-device
 skeletons (``empty_model``), random inits (``random_model``) and tokenizers (``load_tokenizer``) are built
 here too, so no other module calls transformers' Auto classes.
@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from slimlm.errors import SlimlmError
+from slimlm.models.skeleton import drop_gguf_mark, is_gguf_file
 
 _DTYPES = {
     "fp32": torch.float32, "float32": torch.float32, "f32": torch.float32,
@@ -66,7 +67,7 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
 def detect_format(path: str | Path) -> str:
     """"gguf", "compressed-tensors" or "hf": how ``path`` loads; a one-line error when it does not."""
     path = _existing(path)
-    if _is_gguf_file(path):
+    if is_gguf_file(path):
         return "gguf"
     if path.is_dir() and (path / "config.json").is_file():
         return "compressed-tensors" if _is_compressed_tensors_dir(path) else "hf"
@@ -89,8 +90,8 @@ def load_model(source: str | Path, dtype: str | torch.dtype | None = None, *, ke
     fmt = detect_format(path)
     with _quiet_transformers():
         if kernels:
-            # Lazy: runtime/loader.py's builders move under models/ (and this import to the top) later.
-            from slimlm.runtime.loader import load_quantized
+            # Lazy: models.quantized needs the runtime kernels, which dense loading never imports.
+            from slimlm.models.quantized import load_quantized
 
             model = load_quantized(path, reference=reference, progress=progress, dtype=torch_dtype)
         else:
@@ -138,35 +139,6 @@ def tokenizer_adds_bos(tokenizer: Any) -> tuple[bool, int | None]:
     return bool(len(special) > len(plain) and special[0] == bos and plain[:1] != [bos]), int(bos)
 
 
-def load_config(source: str | Path) -> Any:
-    """transformers' config of an HF dir, a config file or a GGUF file (without the GGUF loader's mark)."""
-    from transformers import AutoConfig
-
-    path = Path(source)
-    if _is_gguf_file(path):
-        config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
-        _drop_gguf_mark(config)
-        return config
-    return AutoConfig.from_pretrained(path)
-
-
-def empty_model(config: Any, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """The model's modules with parameters on the meta device (buffers real): shapes to plan with, or to fill
-    with ``load_state_dict(..., assign=True)``, at no memory cost."""
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
-
-    with init_empty_weights(include_buffers=False):
-        return AutoModelForCausalLM.from_config(config, dtype=dtype)
-
-
-def random_model(config: Any, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """A freshly initialised model of ``config`` (distill's student built from a config)."""
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_config(config, dtype=dtype)
-
-
 # ---- dense loading ----------------------------------------------------------------------------------
 
 def _is_compressed_tensors_dir(path: Path) -> bool:
@@ -178,13 +150,6 @@ def _is_compressed_tensors_dir(path: Path) -> bool:
     return isinstance(qc, dict) and qc.get("quant_method") == "compressed-tensors"
 
 
-def _is_gguf_file(path: Path) -> bool:
-    if not path.is_file():
-        return False
-    with path.open("rb") as f:
-        return f.read(4) == b"GGUF"
-
-
 def _load_dense(path: Path, fmt: str, dtype: torch.dtype, trust_remote_code: bool) -> nn.Module:
     """transformers' model of a GGUF file (dequantized), an HF dir or a compressed-tensors dir (decompressed)."""
     from transformers import AutoModelForCausalLM
@@ -194,7 +159,7 @@ def _load_dense(path: Path, fmt: str, dtype: torch.dtype, trust_remote_code: boo
             model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
         except (OSError, ValueError, KeyError, NotImplementedError) as exc:
             raise SlimlmError(f"{path}: transformers cannot load this GGUF ({_first_line(exc)})") from None
-        _drop_gguf_mark(model.config, model)
+        drop_gguf_mark(model.config, model)
         return model
     if not any(path.glob("*.safetensors")):
         pickled = [p.name for p in path.iterdir() if p.suffix in _PICKLE_SUFFIXES]
@@ -211,16 +176,6 @@ def _load_dense(path: Path, fmt: str, dtype: torch.dtype, trust_remote_code: boo
         return AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except (OSError, ValueError, KeyError) as exc:
         raise SlimlmError(f"{path}: transformers cannot load this model ({_first_line(exc)})") from None
-
-
-def _drop_gguf_mark(config: Any, model: nn.Module | None = None) -> None:
-    """transformers' GGUF loader marks config and model "quantized by gguf", but the weights are dense
-    (dequantized on load, or swapped for our own modules): drop the mark so casting and saving see a plain model."""
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    if model is not None:
-        model.hf_quantizer = None
-        model.is_quantized = False
 
 
 def _own_tokenizer(path: Path, fmt: str) -> Any:

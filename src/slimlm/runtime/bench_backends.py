@@ -19,7 +19,7 @@ import torch
 
 from slimlm.runtime.fastpath import lean_model
 from slimlm.runtime.generate import cache_kwarg
-from slimlm.runtime.quantize import model_weight_bytes
+from slimlm.runtime.swap import model_weight_bytes
 from slimlm.runtime.session import open_model, summarize_kernels
 
 
@@ -139,7 +139,7 @@ class W4A16Backend(RuntimeBackend):
 
 
 class NativeBackend(RuntimeBackend):
-    """A GGUF file or compressed-tensors dir on the kernels its types map to (see runtime.loader)."""
+    """A GGUF file or compressed-tensors dir on the kernels its types map to (see models.quantized)."""
 
     name, scheme = "native", "native"
 

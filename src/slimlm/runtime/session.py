@@ -10,10 +10,10 @@ from torch import nn
 
 from slimlm.errors import SlimlmError
 from slimlm.models import load_model
-from slimlm.runtime.quantize import kernel_report, quantize_
-from slimlm.schemes import get_scheme
+from slimlm.runtime.swap import kernel_report, quantize_
+from slimlm.quantize.schemes import get_scheme
 
-SCHEMES = ("native", "fp32", "bf16", "w8a8", "w8a16", "w4a16")
+RUN_SCHEMES = ("native", "fp32", "bf16", "w8a8", "w8a16", "w4a16")
 
 
 def resolve_model_path(model: str | Path) -> Path:
@@ -45,8 +45,8 @@ def open_model(model: str | Path, scheme: str | None = None, threads: int | None
     quantize fp weights (or a file's dequantized weights) with round-to-nearest on load.
     """
     scheme = (scheme or "native").lower()
-    if scheme not in SCHEMES:
-        raise SlimlmError(f"unknown scheme {scheme!r}; choose one of {', '.join(SCHEMES)}")
+    if scheme not in RUN_SCHEMES:
+        raise SlimlmError(f"unknown scheme {scheme!r}; choose one of {', '.join(RUN_SCHEMES)}")
     if threads is not None:
         if threads < 1:
             raise SlimlmError(f"--threads must be >= 1, got {threads}")
@@ -69,7 +69,7 @@ def open_model(model: str | Path, scheme: str | None = None, threads: int | None
 def _plain_linears(model: nn.Module) -> None:
     """Turn reference modules back into nn.Linear so quantize_ sees ordinary layers."""
     from slimlm.runtime.linear import DequantLinear
-    from slimlm.runtime.quantize import set_module
+    from slimlm.runtime.swap import set_module
 
     for name, module in [(n, m) for n, m in model.named_modules() if isinstance(m, DequantLinear)]:
         linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)

@@ -25,11 +25,11 @@ from slimlm.algorithms.mappings import smoothing_pairs
 from slimlm.algorithms.methods import get_method
 from slimlm.algorithms.smoothquant import DEFAULT_STRENGTH
 from slimlm.algorithms.stats import StatsCollector
-from slimlm.calibration import DEFAULT_SAMPLES, DEFAULT_SEQ_LEN, Calibration, load_calibration
+from slimlm.data.calibration import DEFAULT_SAMPLES, DEFAULT_SEQ_LEN, Calibration, load_calibration
 from slimlm.checkpoint import Checkpoint, open_checkpoint
 from slimlm.checkpoint.tensor_data import torch_dtype
 from slimlm.errors import SlimlmError
-from slimlm.export.compressed_tensors import (
+from slimlm.writers.compressed_tensors import (
     ShardWriter,
     attach_activation_quant,
     compress_linear,
@@ -37,7 +37,7 @@ from slimlm.export.compressed_tensors import (
 )
 from slimlm.formats.groupint import QuantizedWeight, QuantSpec
 from slimlm.models import empty_model, load_config, load_model, load_tokenizer
-from slimlm.schemes import QuantConfig, check_method, get_scheme
+from slimlm.quantize.schemes import QuantConfig, check_method, get_scheme
 from slimlm.util.process import peak_rss_mb
 
 log = logging.getLogger(__name__)
@@ -97,7 +97,7 @@ class GroupChoice:
 
 
 @dataclass
-class QuantizeResult:
+class SchemeResult:
     output: str
     scheme: str
     method: str
@@ -140,7 +140,7 @@ def quantize_model(model: str | Path, output: str | Path, *, scheme: str | Quant
                    smoothing_strength: float = DEFAULT_STRENGTH, actorder: bool = True, batch_size: int = 4,
                    spill_dir: str | Path | None = None, threads: int | None = None,
                    uniform_groups: bool = True, overwrite: bool = False,
-                   progress: Callable[[int, int, str], None] | None = None) -> QuantizeResult:
+                   progress: Callable[[int, int, str], None] | None = None) -> SchemeResult:
     """Quantize an HF model dir to a compressed-tensors dir; see module docstring for the streaming order.
 
     ``threads`` sets torch's CPU threads for the run (restored afterwards).
@@ -160,7 +160,7 @@ def quantize_model(model: str | Path, output: str | Path, *, scheme: str | Quant
 
 def _quantize_model(model, output, *, scheme, method, group_size, symmetric, ignore, calib, samples, seq_len,
                     act_dynamic, smoothing_strength, actorder, batch_size, spill_dir, uniform_groups, overwrite,
-                    progress) -> QuantizeResult:
+                    progress) -> SchemeResult:
     start = time.perf_counter()
     model_dir = Path(model)
     out_dir = Path(output)
@@ -345,7 +345,7 @@ def _quantize_model(model, output, *, scheme, method, group_size, symmetric, ign
     if cfg.act_bits:
         activations = f"int{cfg.act_bits} " + ("dynamic per-token" if cfg.act_dynamic else "static per-tensor")
     size = sum(f.stat().st_size for f in out_dir.glob("*.safetensors"))
-    return QuantizeResult(
+    return SchemeResult(
         output=str(out_dir), scheme=cfg.name, method=method, format=cfg.format, group_size=cfg.group_size,
         symmetric=cfg.symmetric, activations=activations, layers=n_layers, quantized_linears=n_quantized,
         ignored=sorted(set(ignored)), group_choices=list(group_choices.values()),

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from slimlm.calibration import read_jsonl
+from slimlm.data.calibration import read_jsonl
 from slimlm.errors import SlimlmError
 
 HF_PREFIX = "hf:"

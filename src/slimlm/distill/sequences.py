@@ -11,7 +11,7 @@ from slimlm.errors import SlimlmError
 
 def text_sequences(tokenizer, source: str | Path, seq_len: int, *, field: str = "text") -> torch.Tensor:
     """Tokenize the whole text once and cut it into [N, seq_len] non-overlapping sequences."""
-    from slimlm.evaluate.data import read_text
+    from slimlm.data.text import read_text
 
     path = Path(str(source)).expanduser()
     if path.is_file() and path.suffix.lower() not in (".jsonl", ".json") and not path.read_bytes().strip():

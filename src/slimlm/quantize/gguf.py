@@ -25,10 +25,10 @@ import numpy as np
 from slimlm.algorithms.methods import get_method
 from slimlm.errors import SlimlmError
 from slimlm.formats import gguf_mix
-from slimlm.gguf_io.imatrix import Imatrix, check_compatible, collect_imatrix, read_imatrix
-from slimlm.gguf_io.metadata import write_source_metadata
-from slimlm.gguf_io.sources import ModelSource, open_source
-from slimlm.gguf_io.writer import atomic_path, check_output, data_layout, tensor_nbytes, write_gguf, write_gguf_header
+from slimlm.quantize.imatrix import Imatrix, check_compatible, collect_imatrix, read_imatrix
+from slimlm.writers.gguf_metadata import write_source_metadata
+from slimlm.quantize.sources import ModelSource, open_source
+from slimlm.writers.gguf import atomic_path, check_output, data_layout, tensor_nbytes, write_gguf, write_gguf_header
 from slimlm.util.process import ForkPool, fork_available, keep_heap
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,7 @@ class PlannedTensor:
 
 
 @dataclass
-class QuantizeResult:
+class GGUFResult:
     """What was (or, with dry_run, would be) written."""
 
     model: str
@@ -132,7 +132,7 @@ def quantize_gguf(
     gptq_damp: float = 0.01,
     hessian_chunks: int | None = 32,
     encoder: Encoder | None = None,
-) -> QuantizeResult:
+) -> GGUFResult:
     """Write ``model`` (HF dir, GGUF, or an opened ModelSource) as a GGUF of mix ``to`` (Q4_K_M, Q8_0, F16,
     ...) to ``out``.
 
@@ -191,7 +191,7 @@ def quantize_gguf(
     counts: dict[str, int] = {}
     for p in planned:
         counts[p.type] = counts.get(p.type, 0) + 1
-    result = QuantizeResult(str(model), None if out is None else str(out), ftype, planned, total, None, n_params,
+    result = GGUFResult(str(model), None if out is None else str(out), ftype, planned, total, None, n_params,
                             total * 8 / max(n_params, 1), 0.0, matched, dry_run, warnings, counts)
     if dry_run:
         result.seconds = time.perf_counter() - start

@@ -1,4 +1,4 @@
-"""Write a source's model metadata into a new GGUF: the write side of gguf_io.sources.
+"""Write a source's model metadata into a new GGUF: the write side of quantize.sources.
 
 For a Hugging Face dir: name, hyper-parameters (llama.cpp's keys for the architecture) and the tokenizer.
 For a GGUF: every field copied as stored, except the keys that describe the old file's encoding.
@@ -10,10 +10,10 @@ from typing import Any
 
 import gguf
 
-from slimlm.gguf_io.architectures import arch_spec, write_hparams
-from slimlm.gguf_io.sources import ModelSource
-from slimlm.gguf_io.tokenizer import write_tokenizer
-from slimlm.gguf_io.writer import FastGGUFWriter, RawValue
+from slimlm.archs import arch_spec, write_hparams
+from slimlm.quantize.sources import ModelSource
+from slimlm.writers.gguf_tokenizer import write_tokenizer
+from slimlm.writers.gguf import FastGGUFWriter, RawValue
 
 # Keys that describe the file's encoding, not the model: rewritten by whoever writes a new file.
 _ENCODING_KEYS = ("general.file_type", "general.quantization_version", "general.architecture")
@@ -28,7 +28,7 @@ def write_source_metadata(writer: gguf.GGUFWriter, source: ModelSource) -> dict[
         write_hparams(writer, config, arch_spec(config)[1])
         return write_tokenizer(writer, model_dir, int(config["vocab_size"]))
     if not isinstance(writer, FastGGUFWriter):
-        raise TypeError("copying GGUF metadata as bytes needs slimlm.gguf_io.writer.FastGGUFWriter")
+        raise TypeError("copying GGUF metadata as bytes needs slimlm.writers.gguf.FastGGUFWriter")
     for f in source.header.fields:
         if f.key.startswith(("GGUF.", "quantize.")) or f.key in _ENCODING_KEYS:
             continue

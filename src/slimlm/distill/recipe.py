@@ -12,12 +12,12 @@ from typing import Any, Callable
 
 import torch
 
-from slimlm.distill.data import shifted_labels, split_heldout, text_sequences
+from slimlm.distill.sequences import shifted_labels, split_heldout, text_sequences
 from slimlm.distill.trainer import TrainConfig, TrainData, train
 from slimlm.errors import SlimlmError
 from slimlm.models import load_config, load_model, load_tokenizer, random_model
 
-METHODS = ("logits", "sequence")
+DISTILL_METHODS = ("logits", "sequence")
 
 
 def _load_teacher(path: str | Path):
@@ -152,8 +152,8 @@ class _Run:
 
 def _checked_config(method: str, config: TrainConfig, seq_len: int) -> TrainConfig:
     """Refuse option combinations the method cannot honour, before anything is loaded or written."""
-    if method not in METHODS:
-        raise SlimlmError(f"unknown --method {method!r}; choose one of {', '.join(METHODS)}")
+    if method not in DISTILL_METHODS:
+        raise SlimlmError(f"unknown --method {method!r}; choose one of {', '.join(DISTILL_METHODS)}")
     if method == "sequence":
         if config.on_policy > 0:
             raise SlimlmError("--on-policy applies to --method logits (the teacher scores the student's samples)")
@@ -220,7 +220,7 @@ def _sequence_data(run: _Run, *, prompts: str | Path | None, verifier: str | Non
                    eval_sequences: int, **generation: Any) -> tuple[TrainData, tuple[torch.Tensor, torch.Tensor]]:
     """--method sequence: the teacher answers the prompts (once, into OUT/teacher_data.jsonl) and the student
     trains on that text; returns the data and the held-out ids/labels in the student's tokens."""
-    from slimlm.distill.generate import generate_responses, load_verifier, read_prompts, sft_sequences
+    from slimlm.distill.teacher_text import generate_responses, load_verifier, read_prompts, sft_sequences
 
     student_tok, seq_len = run.student_tok, run.seq_len
     if not prompts:

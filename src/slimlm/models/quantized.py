@@ -27,10 +27,10 @@ from torch import nn
 from slimlm.checkpoint import open_checkpoint, read_state_dict
 from slimlm.checkpoint.names import TensorNames, gguf_arch
 from slimlm.errors import SlimlmError
-from slimlm.models import empty_model, load_config
+from slimlm.models.skeleton import empty_model, load_config
 from slimlm.runtime import gguf_blocks
 from slimlm.runtime.linear import DequantLinear, QuantLinear, W4A16Linear, W8A8Linear, W8A16Linear
-from slimlm.runtime.quantize import fuse_siblings, set_module, untie_lm_head
+from slimlm.runtime.swap import fuse_siblings, set_module, untie_lm_head
 
 # How each GGUF type runs, and what the mapping loses (stated in reports and tested).
 MAPPINGS = {

@@ -27,12 +27,12 @@ import torch
 from slimlm.checkpoint import read_state_dict
 from slimlm.checkpoint.names import permute_for_rope
 from slimlm.errors import SlimlmError
-from slimlm.export.compressed_tensors import args_for, read_codes
+from slimlm.writers.compressed_tensors import args_for, read_codes
 from slimlm.formats import ggml
 from slimlm.formats.groupint import dequantize
-from slimlm.gguf_io.architectures import arch_spec
-from slimlm.gguf_io.quantize import quantize_gguf
-from slimlm.gguf_io.sources import ModelSource, open_hf_dir, rope_heads
+from slimlm.archs import arch_spec
+from slimlm.quantize.gguf import quantize_gguf
+from slimlm.quantize.sources import ModelSource, open_hf_dir, rope_heads
 
 
 class BlockGrid(NamedTuple):

@@ -1,5 +1,5 @@
 """The one scheme vocabulary (w4a16, w8a16, w8a8): a frozen config per scheme, shared by the compressed-tensors
-pipeline, the in-memory runtime (:func:`slimlm.runtime.quantize.quantize_`), ``recommend`` and the CLI.
+pipeline, the in-memory runtime (:func:`slimlm.runtime.swap.quantize_`), ``recommend`` and the CLI.
 
 Defaults follow llm-compressor's presets as its users know them: W4A16 int4 groups of 128, asymmetric here
 by default (as the issue asks; llm-compressor's preset is symmetric, ``--sym`` gives that); W8A16 int8
@@ -205,7 +205,7 @@ def check_model(model: str, *, group_size: int | None = 128, tp_degrees: tuple[i
     """
     from pathlib import Path
 
-    from slimlm.models import empty_model, load_config
+    from slimlm.models.skeleton import empty_model, load_config
 
     path = Path(model)
     if not (path / "config.json").is_file():

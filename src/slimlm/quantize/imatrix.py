@@ -139,7 +139,7 @@ def _read_dat(path: Path) -> Imatrix:
 
 def write_imatrix(imatrix: Imatrix, path: Path, fmt: str | None = None) -> Path:
     """Write llama.cpp's GGUF form (default, or for a .gguf name) or the legacy form (``fmt='dat'``/.dat)."""
-    from slimlm.gguf_io.writer import atomic_path
+    from slimlm.writers.gguf import atomic_path
 
     path = Path(path)
     fmt = fmt or ("dat" if path.suffix.lower() == ".dat" else "gguf")
@@ -211,7 +211,7 @@ def check_compatible(imatrix: Imatrix, row_lengths: dict[str, int], source: str 
 
 def linear_gguf_names(model, arch_name: str | None = None) -> dict[str, str]:
     """HF module name -> GGUF tensor name (without '.weight') for every Linear inside the decoder layers."""
-    from slimlm.gguf_io.architectures import SUPPORTED_ARCHITECTURES
+    from slimlm.archs import SUPPORTED_ARCHITECTURES
 
     hf_arch = (model.config.architectures or [type(model).__name__])[0]
     spec = SUPPORTED_ARCHITECTURES.get(hf_arch) or SUPPORTED_ARCHITECTURES.get(type(model).__name__)
@@ -242,8 +242,8 @@ def collect_imatrix(
     import torch
 
     from slimlm.algorithms.stats import Wanted
-    from slimlm.calibration import linear_stats, llama_windows, read_text_file
-    from slimlm.gguf_io.architectures import arch_spec
+    from slimlm.data.calibration import linear_stats, llama_windows, read_text_file
+    from slimlm.archs import arch_spec
     from slimlm.models import load_model
 
     calib = Path(calib)
@@ -277,7 +277,7 @@ def make_imatrix(model: str | Path, calib: str | Path, out: str | Path, *, chunk
                  overwrite: bool = False, fmt: str | None = None,
                  progress: Callable[[int, int], None] | None = None) -> dict:
     """``slimlm imatrix``: collect over ``calib`` and write llama.cpp's file (GGUF form unless ``out`` ends in .dat)."""
-    from slimlm.gguf_io.writer import check_output
+    from slimlm.writers.gguf import check_output
 
     out = Path(out)
     check_output(out, overwrite)

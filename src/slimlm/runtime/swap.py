@@ -1,10 +1,10 @@
 """``quantize_(model, config)``: THE quantize verb for an in-memory transformers model (torchao's verb).
 
-One verb, one config per scheme (:mod:`slimlm.schemes`, the same objects the file pipeline takes), one RTN
+One verb, one config per scheme (:mod:`slimlm.quantize.schemes`, the same objects the file pipeline takes), one RTN
 rule (:mod:`slimlm.algorithms.rtn`). By default each ``nn.Linear`` becomes a low-bit kernel module, so a
 model runs quantized with no file in between; ``load_quantized`` builds the same modules from files written
 by slimlm's quantizers (compressed-tensors dirs) or llama.cpp (GGUF). Calibrated methods go through
-:mod:`slimlm.pipeline`.
+:mod:`slimlm.quantize.layers`.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from torch import nn
 from slimlm.algorithms.rtn import rtn_int4_groups, rtn_int8_per_channel, rtn_quantize
 from slimlm.errors import SlimlmError
 from slimlm.runtime.linear import DequantLinear, QuantLinear, W4A16Linear, W8A8Linear, W8A16Linear
-from slimlm.schemes import QuantConfig
+from slimlm.quantize.schemes import QuantConfig
 
 REFERENCE_MODES = (False, True, "kernel", "file")  # True is "kernel"
 

@@ -19,7 +19,7 @@ from slimlm.checkpoint import open_checkpoint
 from slimlm.checkpoint.gguf_file import GGUFHeader
 from slimlm.checkpoint.names import TensorNames, permute_for_rope
 from slimlm.errors import SlimlmError
-from slimlm.gguf_io.architectures import ArchSpec, arch_spec, llama3_rope_factors, rope_parameters
+from slimlm.archs import ArchSpec, arch_spec, llama3_rope_factors, rope_parameters
 
 
 @dataclass
@@ -36,7 +36,7 @@ class SourceTensor:
 @dataclass
 class ModelSource:
     """Everything a GGUF writer needs, with tensors loaded on demand; the metadata is written from it by
-    ``gguf_io.metadata.write_source_metadata``: for an HF dir from ``config`` (hyper-parameters) and ``path``
+    ``writers.gguf_metadata.write_source_metadata``: for an HF dir from ``config`` (hyper-parameters) and ``path``
     (tokenizer files), for a GGUF from ``header`` (its fields, copied as stored)."""
 
     arch: str  # GGUF general.architecture

@@ -1,0 +1,56 @@
+"""Model skeletons from a config: transformers' config of any source, the modules on the meta device (to plan
+with, or to fill tensor by tensor), a fresh random model. Both torch loaders (dense and low-bit) build on these."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def is_gguf_file(path: Path) -> bool:
+    if not path.is_file():
+        return False
+    with path.open("rb") as f:
+        return f.read(4) == b"GGUF"
+
+
+def load_config(source: str | Path) -> Any:
+    """transformers' config of an HF dir, a config file or a GGUF file (without the GGUF loader's mark)."""
+    from transformers import AutoConfig
+
+    path = Path(source)
+    if is_gguf_file(path):
+        config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+        drop_gguf_mark(config)
+        return config
+    return AutoConfig.from_pretrained(path)
+
+
+def empty_model(config: Any, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The model's modules with parameters on the meta device (buffers real): shapes to plan with, or to fill
+    with ``load_state_dict(..., assign=True)``, at no memory cost."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights(include_buffers=False):
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
+def random_model(config: Any, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """A freshly initialised model of ``config`` (distill's student built from a config)."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
+def drop_gguf_mark(config: Any, model: nn.Module | None = None) -> None:
+    """transformers' GGUF loader marks config and model "quantized by gguf", but the weights are dense
+    (dequantized on load, or swapped for our own modules): drop the mark so casting and saving see a plain model."""
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    if model is not None:
+        model.hf_quantizer = None
+        model.is_quantized = False
