@@ -38,7 +38,7 @@ import torch
 from _common import append_section, markdown_table
 
 from slimlm import resources
-from slimlm.distill.run import distill
+from slimlm.distill.recipe import distill
 from slimlm.distill.trainer import TrainConfig
 from slimlm.evaluate import evaluate
 
@@ -74,7 +74,7 @@ def training_text(teacher: Path, out: Path, n_tokens: int) -> int:
 
 def window_nll(model_dir: Path, test_txt: Path, chunks: int) -> torch.Tensor:
     """Mean NLL per scored token of each test window (the windows and tokens of slimlm evaluate)."""
-    from slimlm.evaluate.data import read_text
+    from slimlm.data.text import read_text
     from slimlm.evaluate.perplexity import make_windows, windows_nll
     from slimlm.evaluate.run import tokenize_for
     from slimlm.models import load_model
@@ -117,9 +117,9 @@ def main() -> None:
 
     from transformers import AutoTokenizer
 
-    from slimlm.distill.data import split_heldout, text_sequences
+    from slimlm.distill.sequences import split_heldout, text_sequences
     from slimlm.distill.prune import prune
-    from slimlm.distill.run import _load_teacher
+    from slimlm.distill.recipe import _load_teacher
     from slimlm.distill.teacher_cache import cache_teacher, load_teacher_cache
 
     students = [x.strip().upper() for x in args.students.split(",") if x.strip()]

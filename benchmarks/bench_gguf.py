@@ -55,7 +55,7 @@ def lcpp_quantize(src: Path, dst: Path, mix: str, imatrix: Path | None = None) -
             raise SystemExit("llama.cpp with an imatrix needs the llama-quantize tool ($LLAMA_CPP_BIN)")
         import llama_cpp
 
-        from slimlm.gguf_io.quantize import file_type_of
+        from slimlm.quantize.gguf import file_type_of
 
         params = llama_cpp.llama_model_quantize_default_params()
         params.ftype, params.nthread = int(file_type_of(mix)), 2
@@ -94,7 +94,7 @@ def reference(work: Path, chunks: int) -> Path:
 
 def f32_gguf(work: Path) -> Path:
     from slimlm import resources
-    from slimlm.gguf_io.quantize import quantize_gguf
+    from slimlm.quantize.gguf import quantize_gguf
 
     out = work / "smollm2-f32.gguf"
     if not out.exists():
@@ -109,7 +109,7 @@ def kld_cell(r: dict) -> str:
 
 def stage_mixes(work: Path, chunks: int, mixes: list[str]) -> None:
     from slimlm import resources
-    from slimlm.gguf_io.quantize import quantize_gguf
+    from slimlm.quantize.gguf import quantize_gguf
 
     ref, f32 = reference(work, chunks), f32_gguf(work)
     rows = []
@@ -142,7 +142,7 @@ def stage_mixes(work: Path, chunks: int, mixes: list[str]) -> None:
 def stage_f16(work: Path, chunks: int) -> None:
     from slimlm import resources
     from slimlm.evaluate.run import evaluate
-    from slimlm.gguf_io.quantize import quantize_gguf
+    from slimlm.quantize.gguf import quantize_gguf
 
     out = work / "ours-F16.gguf"
     if not out.exists():
@@ -165,8 +165,8 @@ def stage_f16(work: Path, chunks: int) -> None:
 def stage_imatrix(work: Path, chunks: int, calib_chunks: int, mixes: list[str], damps: list[float],
                   methods: list[str], hessian_chunks: int) -> None:
     from slimlm import resources
-    from slimlm.gguf_io.imatrix import collect_imatrix, write_imatrix
-    from slimlm.gguf_io.quantize import quantize_gguf
+    from slimlm.quantize.imatrix import collect_imatrix, write_imatrix
+    from slimlm.quantize.gguf import quantize_gguf
 
     tool = lcpp_bin("llama-imatrix")
     if tool is None:
@@ -191,7 +191,7 @@ def stage_imatrix(work: Path, chunks: int, calib_chunks: int, mixes: list[str], 
         t_ours_im = time.perf_counter() - start
         write_imatrix(im, ours_im)
         np.savez(hess_path, **hessians)
-    from slimlm.gguf_io.imatrix import read_imatrix
+    from slimlm.quantize.imatrix import read_imatrix
 
     im_ours, im_lcpp = read_imatrix(ours_im), read_imatrix(lcpp_im)
     common = sorted(set(im_ours.entries) & set(im_lcpp.entries))
@@ -305,7 +305,7 @@ def stage_greedy(work: Path, n_tokens: int = 32) -> None:
     import torch
 
     from slimlm import resources
-    from slimlm.gguf_io.quantize import quantize_gguf
+    from slimlm.quantize.gguf import quantize_gguf
     from slimlm.models import load_model
 
     from slimlm.evaluate.act_quant import emulate_llama_cpp_activations

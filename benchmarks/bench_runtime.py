@@ -30,7 +30,7 @@ from slimlm.runtime import (  # noqa: E402
 from slimlm.runtime.generate import forward_logits  # noqa: E402
 from slimlm.runtime import int4pack, kernels  # noqa: E402
 from slimlm.runtime.linear import W4A16Linear  # noqa: E402
-from slimlm.runtime.quantize import model_weight_bytes  # noqa: E402
+from slimlm.runtime.swap import model_weight_bytes  # noqa: E402
 
 
 def load_variants(hf_dir: Path, with_files: bool, tmp: Path, with_hf_rows: bool = True
@@ -51,7 +51,7 @@ def load_variants(hf_dir: Path, with_files: bool, tmp: Path, with_hf_rows: bool 
     models["w4a16"] = fp()
     quantize_(models["w4a16"], W4A16Config(group_size=128))
     if with_files:  # compressed-tensors dirs written by slimlm's quantizer, loaded by load_quantized
-        from slimlm.pipeline import quantize_model
+        from slimlm.quantize.layers import quantize_model
 
         models["w8a8 SmoothQuant (file)"] = load_quantized(smoothquant_w8a8_dir(hf_dir, tmp))
         out = tmp / "smollm2-w4a16"
@@ -146,7 +146,7 @@ def smoothquant_w8a8_dir(hf_dir: Path, work: Path) -> Path:
     calibration) as a compressed-tensors dir, made once and cached in ``work``."""
     out = work / "smollm2-w8a8-smoothquant"
     if not (out / "config.json").is_file():
-        from slimlm.pipeline import quantize_model
+        from slimlm.quantize.layers import quantize_model
 
         quantize_model(hf_dir, out, scheme="w8a8", method="smoothquant")
     return out
@@ -157,7 +157,7 @@ def accuracy_section(hf_dir: Path, wikitext: Path, chunks: int, work: Path) -> s
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from slimlm.evaluate.perplexity import make_windows, perplexity_stats, windows_nll
-    from slimlm.evaluate.data import TokenizedText
+    from slimlm.data.text import TokenizedText
     from slimlm.runtime.fastpath import LeanModule
 
     tok = AutoTokenizer.from_pretrained(hf_dir)
@@ -291,7 +291,7 @@ def gguf_section(hf_dir: Path, work: Path, types: list[str], gen: int, runs: int
     import importlib.util
 
     from slimlm.evaluate.bench import bench
-    from slimlm.gguf_io.quantize import quantize_gguf
+    from slimlm.quantize.gguf import quantize_gguf
 
     have_llama = importlib.util.find_spec("llama_cpp") is not None
     rows = []

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import append_section, markdown_table  # noqa: E402
 
 from slimlm import resources  # noqa: E402
-from slimlm.export.compressed_tensors import load_reference_model  # noqa: E402
+from slimlm.writers.compressed_tensors import load_reference_model  # noqa: E402
 
 CTX = 512
 LLMCOMPRESSOR_NOTE = (

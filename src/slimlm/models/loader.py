@@ -3,9 +3,9 @@
 Dense (``kernels=False``): transformers loads HF dirs, compressed-tensors dirs (decompressed) and GGUF files
 (dequantized by its GGUF loader). ``kernels=True``: a quantized file keeps its integer weights on slimlm's
 low-bit modules (``slimlm.models.quantized``). What we add: format detection, dtype parsing, the BOS convention
-eval needs (does the tokenizer add one?) and one-line errors. Configs (``load_config``), meta-device
-skeletons (``empty_model``), random inits (``random_model``) and tokenizers (``load_tokenizer``) are built
-here too, so no other module calls transformers' Auto classes.
+eval needs (does the tokenizer add one?) and one-line errors. Tokenizers (``load_tokenizer``) are loaded here
+and configs, meta-device skeletons and random inits in ``models.skeleton``, so no other module calls
+transformers' Auto classes.
 """
 
 from __future__ import annotations
