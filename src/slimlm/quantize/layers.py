@@ -16,13 +16,13 @@ import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from slimlm.algorithms.mappings import smoothing_pairs
-from slimlm.algorithms.methods import get_method
+from slimlm.algorithms.methods import Method, get_method
 from slimlm.algorithms.smoothquant import DEFAULT_STRENGTH
 from slimlm.algorithms.stats import StatsCollector
 from slimlm.data.calibration import DEFAULT_SAMPLES, DEFAULT_SEQ_LEN, Calibration, load_calibration
@@ -158,26 +158,83 @@ def quantize_model(model: str | Path, output: str | Path, *, scheme: str | Quant
         torch.set_num_threads(previous)
 
 
+@dataclass
+class _Run:
+    """What the steps of one ``quantize_model`` run share: the scheme and method, the lazy checkpoint, the
+    meta-device skeleton, the calibration ids, and what the layers have reported so far."""
+
+    cfg: QuantConfig
+    method: str
+    algo: Method
+    model_dir: Path
+    out_dir: Path
+    hf_config: Any
+    ckpt: Checkpoint
+    skeleton: torch.nn.Module
+    decoder: torch.nn.Module
+    dprefix: str
+    store_dtype: torch.dtype  # scales are stored in the model's own dtype
+    calibration: Calibration | None
+    smoothing_strength: float
+    actorder: bool
+    group_choices: dict[str, GroupChoice] = field(default_factory=dict)
+    spec_groups: dict[tuple, set[str]] = field(default_factory=dict)
+    ignored: list[str] = field(default_factory=list)
+    layer_reports: list[dict] = field(default_factory=list)
+    n_quantized: int = 0
+
+    @property
+    def layers(self) -> torch.nn.ModuleList:
+        return self.decoder.layers
+
+    @property
+    def act(self) -> dict | None:
+        return {"bits": self.cfg.act_bits, "dynamic": self.cfg.act_dynamic} if self.cfg.act_bits else None
+
+
 def _quantize_model(model, output, *, scheme, method, group_size, symmetric, ignore, calib, samples, seq_len,
                     act_dynamic, smoothing_strength, actorder, batch_size, spill_dir, uniform_groups, overwrite,
                     progress) -> SchemeResult:
     start = time.perf_counter()
-    model_dir = Path(model)
-    out_dir = Path(output)
+    model_dir, out_dir = Path(model), Path(output)
     if not (model_dir / "config.json").is_file():
         raise SlimlmError(f"{model_dir} is not a Hugging Face model dir (no config.json)")
     if out_dir.exists() and not overwrite:
         raise SlimlmError(f"{out_dir} exists; pass --overwrite to replace it")
     cfg = scheme if isinstance(scheme, QuantConfig) else get_scheme(
         scheme, group_size=group_size, symmetric=symmetric, ignore=ignore, act_dynamic=act_dynamic)
+    run = _open_run(model_dir, out_dir, cfg, method, smoothing_strength, actorder)
+    if run.algo.calibration or (cfg.act_bits is not None and not cfg.act_dynamic):
+        run.calibration = _calibration(run, calib, samples, seq_len)
+    spill_ctx = tempfile.TemporaryDirectory(prefix="slimlm-spill-", dir=spill_dir) if spill_dir else nullcontext()
+    writer = ShardWriter(run.out_dir)
+    try:
+        with spill_ctx as spill_path, torch.no_grad():
+            acts = _Activations(Path(spill_path) if spill_path else None)
+            kwargs_list = _capture_inputs(run, acts, batch_size) if run.calibration is not None else []
+            widths = {m.in_features for j, lyr in enumerate(run.layers) for n, m in lyr.named_modules()
+                      if isinstance(m, torch.nn.Linear) and not cfg.is_ignored(f"{run.dprefix}layers.{j}.{n}")}
+            plan = cfg.plan_group_sizes(widths, uniform=uniform_groups)
+            for i in range(len(run.layers)):
+                _quantize_layer(run, i, plan, acts, kwargs_list, writer)
+                if progress is not None:
+                    progress(i + 1, len(run.layers), f"layer {i}")
+            _write_rest(run, writer, overwrite)
+    except BaseException:
+        writer.abort()
+        raise
+    return _result(run, start)
+
+
+def _open_run(model_dir: Path, out_dir: Path, cfg: QuantConfig, method: str | None, smoothing_strength: float,
+              actorder: bool) -> _Run:
+    """Check the request before any work (method for this scheme and architecture, float weights)."""
     method = check_method(cfg, method)
     algo = get_method(method)
-
     hf_config = load_config(model_dir)
     if getattr(hf_config, "quantization_config", None):
         raise SlimlmError(f"{model_dir} is already quantized; start from the float model")
-    model_type = getattr(hf_config, "model_type", "?")
-    # Scales are stored in the model's own dtype (read before empty_model, which overwrites config.dtype).
+    # Read before empty_model, which overwrites config.dtype.
     store_dtype = getattr(hf_config, "dtype", None)
     store_dtype = getattr(torch, str(store_dtype).replace("torch.", "")) if store_dtype else torch.float32
     ckpt = open_checkpoint(model_dir)  # tensors read one layer at a time
@@ -186,174 +243,170 @@ def _quantize_model(model, output, *, scheme, method, group_size, symmetric, ign
     ckpt.check_complete()
     skeleton = empty_model(hf_config, torch.float32).eval()
     decoder, dprefix = _decoder(skeleton)
-    layers = decoder.layers
-    n_layers = len(layers)
-    # Fail fast (before any calibration work) when the method has no mapping for this architecture.
-    if algo.smoothing:
-        smoothing_pairs(model_type, layers[0], algo.smoothing)
+    if algo.smoothing:  # fail fast when the method has no mapping for this architecture
+        smoothing_pairs(getattr(hf_config, "model_type", "?"), decoder.layers[0], algo.smoothing)
+    return _Run(cfg, method, algo, model_dir, out_dir, hf_config, ckpt, skeleton, decoder, dprefix, store_dtype,
+                None, smoothing_strength, actorder)
 
+
+def _calibration(run: _Run, calib, samples: int, seq_len: int) -> Calibration:
     try:
-        tokenizer = load_tokenizer(model_dir)
+        tokenizer = load_tokenizer(run.model_dir)
     except Exception:  # a dir without tokenizer files: only token-id / self-generated calibration works
         tokenizer = None
 
-    need_calib = algo.calibration or (cfg.act_bits is not None and not cfg.act_dynamic)
-    calibration: Calibration | None = None
-    if need_calib:
-        def full_model():
-            return load_model(model_dir, "fp32", tokenizer=False).model
+    def full_model():
+        return load_model(run.model_dir, "fp32", tokenizer=False).model
 
-        calibration = load_calibration(calib, tokenizer=tokenizer, model_loader=full_model,
-                                       vocab_size=hf_config.vocab_size, n_samples=samples, seq_len=seq_len)
-        if calibration.input_ids.max() >= hf_config.vocab_size:
-            raise SlimlmError("calibration token ids exceed the model's vocabulary")
+    vocab = run.hf_config.vocab_size
+    calibration = load_calibration(calib, tokenizer=tokenizer, model_loader=full_model, vocab_size=vocab,
+                                   n_samples=samples, seq_len=seq_len)
+    if calibration.input_ids.max() >= vocab:
+        raise SlimlmError("calibration token ids exceed the model's vocabulary")
+    return calibration
 
-    spill_ctx = tempfile.TemporaryDirectory(prefix="slimlm-spill-", dir=spill_dir) if spill_dir else nullcontext()
-    writer = ShardWriter(out_dir)
-    try:
-        with spill_ctx as spill_path, torch.no_grad():
-            acts = _Activations(Path(spill_path) if spill_path else None)
-            kwargs_list: list[dict] = []
-            n_batches = 0
-            if calibration is not None:
-                for name, mod in decoder.named_children():
-                    if name != "layers" and any(p.is_meta for p in mod.parameters()):
-                        _materialize(mod, f"{dprefix}{name}.", ckpt, torch.float32)
-                captured: list[tuple] = []
 
-                def grab(_mod, args, kwargs):
-                    captured.append((args, kwargs))
-                    raise _Stop
+def _capture_inputs(run: _Run, acts: _Activations, batch_size: int) -> list[dict]:
+    """Run the embeddings over the calibration ids and store what the first decoder layer receives: its hidden
+    states (in ``acts``) and keyword arguments (returned, one dict per batch)."""
+    for name, mod in run.decoder.named_children():
+        if name != "layers" and any(p.is_meta for p in mod.parameters()):
+            _materialize(mod, f"{run.dprefix}{name}.", run.ckpt, torch.float32)
+    captured: list[tuple] = []
 
-                handle = layers[0].register_forward_pre_hook(grab, with_kwargs=True)
-                ids = calibration.input_ids
-                for b0 in range(0, ids.shape[0], batch_size):
-                    try:
-                        decoder(input_ids=ids[b0:b0 + batch_size], use_cache=False)
-                    except _Stop:
-                        pass
-                handle.remove()
-                for b, (args, kwargs) in enumerate(captured):
-                    kwargs = dict(kwargs)
-                    hidden = args[0] if args else kwargs.pop("hidden_states")
-                    acts.put(b, hidden)
-                    kwargs_list.append(kwargs)
-                n_batches = len(captured)
-                captured.clear()  # the store (memory or disk) now owns the hidden states
+    def grab(_mod, args, kwargs):
+        captured.append((args, kwargs))
+        raise _Stop
 
-            group_choices: dict[str, GroupChoice] = {}
-            spec_groups: dict[tuple, set[str]] = {}
-            ignored: list[str] = []
-            layer_reports = []
-            n_quantized = 0
-            fmt = cfg.format
-            act = {"bits": cfg.act_bits, "dynamic": cfg.act_dynamic} if cfg.act_bits else None
+    handle = run.layers[0].register_forward_pre_hook(grab, with_kwargs=True)
+    ids = run.calibration.input_ids
+    for b0 in range(0, ids.shape[0], batch_size):
+        try:
+            run.decoder(input_ids=ids[b0:b0 + batch_size], use_cache=False)
+        except _Stop:
+            pass
+    handle.remove()
+    kwargs_list = []
+    for b, (args, kwargs) in enumerate(captured):
+        kwargs = dict(kwargs)
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        acts.put(b, hidden)
+        kwargs_list.append(kwargs)
+    captured.clear()  # the store (memory or disk) now owns the hidden states
+    return kwargs_list
 
-            widths = {m.in_features for j, lyr in enumerate(layers) for n, m in lyr.named_modules()
-                      if isinstance(m, torch.nn.Linear) and not cfg.is_ignored(f"{dprefix}layers.{j}.{n}")}
-            plan = cfg.plan_group_sizes(widths, uniform=uniform_groups)
-            for i in range(n_layers):
-                layer = layers[i]
-                prefix = f"{dprefix}layers.{i}."
-                _materialize(layer, prefix, ckpt, torch.float32)
-                linears = {n: m for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
-                quant_names = [n for n in linears if not cfg.is_ignored(prefix + n)]
-                ignored += [prefix + n for n in linears if n not in quant_names]
-                specs = {}
-                for n in quant_names:
-                    gs, why = plan[linears[n].in_features]
-                    spec = QuantSpec(cfg.weight_bits, gs, cfg.symmetric)
-                    specs[n] = spec
-                    group_choices.setdefault(n, GroupChoice(n, linears[n].in_features, spec.group_size, why))
-                t0 = time.perf_counter()
-                report: dict = {"layer": i}
-                stats = None
-                if calibration is not None:
-                    with StatsCollector({n: linears[n] for n in quant_names}, need_gram=algo.gram) as col:
-                        _run_layer(layer, acts, kwargs_list, n_batches, None)
-                    stats = col.stats
-                report["stats_s"] = round(time.perf_counter() - t0, 3)
-                clips = None
-                if algo.smoothing:
-                    pairs = [p for p in smoothing_pairs(model_type, layer, algo.smoothing)
-                             if all(n in specs for n in p.linears)]
-                    clips, rep = algo.smooth(layer, stats, pairs, specs, smoothing_strength)
-                    report.update(rep)
-                qws = algo.round(linears, quant_names, stats, specs, actorder, clips)
 
-                report["algorithm_s"] = round(time.perf_counter() - t0 - report["stats_s"], 3)
-                tensors: dict[str, torch.Tensor] = {}
-                hooks = []
-                run_next = calibration is not None and i + 1 < n_layers
-                for n in quant_names:
-                    qw = qws[n]
-                    in_scale = None
-                    if act is not None and not cfg.act_dynamic:
-                        in_scale = stats[n].abs_max.max().reshape(1) / ((2 ** cfg.act_bits - 1) / 2)
-                        in_scale = in_scale.clamp(min=torch.finfo(torch.float32).eps)
-                    tensors.update(compress_linear(prefix + n, qw, fmt, store_dtype, in_scale))
-                    spec_groups.setdefault((qw.spec.bits, qw.spec.group_size, qw.spec.symmetric), set()).add(n)
-                    if run_next:
-                        # The forward below must see exactly what was stored (scales in the stored dtype).
-                        deq = QuantizedWeight(qw.q, qw.scale.to(store_dtype).float(), qw.zero, qw.spec).dequantize()
-                        linears[n].weight.data = deq
-                    if run_next and act is not None:
-                        s = None if in_scale is None else in_scale.to(store_dtype).float()
-                        hooks.append(attach_activation_quant(linears[n], cfg.act_bits, s))
-                    n_quantized += 1
-                for pname, p in layer.named_parameters():
-                    owner = pname.rsplit(".", 1)[0]
-                    if owner in quant_names and pname.endswith(".weight"):
-                        continue
-                    tensors[prefix + pname] = p.detach().to(torch_dtype(ckpt.tensor(prefix + pname)))
-                for key in [t.name for t in ckpt.tensors if t.name.startswith(prefix)]:
-                    if key not in tensors and not any(key.startswith(prefix + n + ".") for n in quant_names):
-                        tensors[key] = ckpt.load_torch(key)
-                writer.add(tensors)
+def _quantize_layer(run: _Run, i: int, plan: dict, acts: _Activations, kwargs_list: list[dict],
+                    writer: ShardWriter) -> None:
+    """Layer ``i``: materialise, gather statistics, smooth and round, write, then run the quantized layer so the
+    next one calibrates on what it will really receive; the layer goes back to the meta device."""
+    layer, prefix, cfg = run.layers[i], f"{run.dprefix}layers.{i}.", run.cfg
+    _materialize(layer, prefix, run.ckpt, torch.float32)
+    linears = {n: m for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
+    quant_names = [n for n in linears if not cfg.is_ignored(prefix + n)]
+    run.ignored += [prefix + n for n in linears if n not in quant_names]
+    specs = {}
+    for n in quant_names:
+        gs, why = plan[linears[n].in_features]
+        specs[n] = QuantSpec(cfg.weight_bits, gs, cfg.symmetric)
+        run.group_choices.setdefault(n, GroupChoice(n, linears[n].in_features, gs, why))
+    t0 = time.perf_counter()
+    report: dict = {"layer": i}
+    stats = None
+    if run.calibration is not None:
+        with StatsCollector({n: linears[n] for n in quant_names}, need_gram=run.algo.gram) as col:
+            _run_layer(layer, acts, kwargs_list, len(kwargs_list), None)
+        stats = col.stats
+    report["stats_s"] = round(time.perf_counter() - t0, 3)
+    clips = None
+    if run.algo.smoothing:
+        model_type = getattr(run.hf_config, "model_type", "?")
+        pairs = [p for p in smoothing_pairs(model_type, layer, run.algo.smoothing)
+                 if all(n in specs for n in p.linears)]
+        clips, rep = run.algo.smooth(layer, stats, pairs, specs, run.smoothing_strength)
+        report.update(rep)
+    qws = run.algo.round(linears, quant_names, stats, specs, run.actorder, clips)
+    report["algorithm_s"] = round(time.perf_counter() - t0 - report["stats_s"], 3)
+    run_next = run.calibration is not None and i + 1 < len(run.layers)
+    tensors, hooks = _layer_tensors(run, layer, prefix, linears, quant_names, qws, stats, run_next)
+    writer.add(tensors)
+    if run_next:
+        t1 = time.perf_counter()
+        _run_layer(layer, acts, kwargs_list, len(kwargs_list), acts)
+        report["forward_s"] = round(time.perf_counter() - t1, 3)
+    for h in hooks:
+        h.remove()
+    layer.to("meta")
+    report["seconds"] = round(time.perf_counter() - t0, 3)
+    run.layer_reports.append(report)
 
-                if run_next:
-                    t1 = time.perf_counter()
-                    _run_layer(layer, acts, kwargs_list, n_batches, acts)
-                    report["forward_s"] = round(time.perf_counter() - t1, 3)
-                for h in hooks:
-                    h.remove()
-                layer.to("meta")
-                report["seconds"] = round(time.perf_counter() - t0, 3)
-                layer_reports.append(report)
-                if progress is not None:
-                    progress(i + 1, n_layers, f"layer {i}")
 
-            # Everything outside the decoder layers (embeddings, final norm, lm_head) is kept as stored.
-            layer_prefix = f"{dprefix}layers."
-            rest = {t.name: ckpt.load_torch(t) for t in ckpt.tensors if not t.name.startswith(layer_prefix)}
-            ignored += [k.rsplit(".", 1)[0] for k in rest
-                        if k.endswith(".weight") and isinstance(_module_at(skeleton, k.rsplit(".", 1)[0]),
-                                                                torch.nn.Linear)]
-            if getattr(hf_config, "tie_word_embeddings", False) and "lm_head" not in ignored:
-                ignored.append("lm_head")
-            writer.add(rest)
+def _layer_tensors(run: _Run, layer: torch.nn.Module, prefix: str, linears: dict[str, torch.nn.Linear],
+                   quant_names: list[str], qws: dict[str, QuantizedWeight], stats, run_next: bool
+                   ) -> tuple[dict[str, torch.Tensor], list]:
+    """The layer's tensors as stored (quantized Linears compressed, the rest as the checkpoint has them). With
+    ``run_next`` the Linears now hold exactly what was stored, with activation quantization hooked on for W8A8."""
+    cfg, act = run.cfg, run.act
+    tensors: dict[str, torch.Tensor] = {}
+    hooks = []
+    for n in quant_names:
+        qw = qws[n]
+        in_scale = None
+        if act is not None and not cfg.act_dynamic:
+            in_scale = stats[n].abs_max.max().reshape(1) / ((2 ** cfg.act_bits - 1) / 2)
+            in_scale = in_scale.clamp(min=torch.finfo(torch.float32).eps)
+        tensors.update(compress_linear(prefix + n, qw, cfg.format, run.store_dtype, in_scale))
+        run.spec_groups.setdefault((qw.spec.bits, qw.spec.group_size, qw.spec.symmetric), set()).add(n)
+        if run_next:
+            # The forward must see exactly what was stored (scales in the stored dtype).
+            deq = QuantizedWeight(qw.q, qw.scale.to(run.store_dtype).float(), qw.zero, qw.spec).dequantize()
+            linears[n].weight.data = deq
+        if run_next and act is not None:
+            s = None if in_scale is None else in_scale.to(run.store_dtype).float()
+            hooks.append(attach_activation_quant(linears[n], cfg.act_bits, s))
+        run.n_quantized += 1
+    for pname, p in layer.named_parameters():
+        owner = pname.rsplit(".", 1)[0]
+        if owner in quant_names and pname.endswith(".weight"):
+            continue
+        tensors[prefix + pname] = p.detach().to(torch_dtype(run.ckpt.tensor(prefix + pname)))
+    for key in [t.name for t in run.ckpt.tensors if t.name.startswith(prefix)]:
+        if key not in tensors and not any(key.startswith(prefix + n + ".") for n in quant_names):
+            tensors[key] = run.ckpt.load_torch(key)
+    return tensors, hooks
 
-            config = json.loads((model_dir / "config.json").read_text())
-            groups = {k: sorted(v) for k, v in spec_groups.items()}
-            config["quantization_config"] = quantization_config(groups, fmt, sorted(set(ignored)), act)
-            writer.finish(config, model_dir, overwrite)
-    except BaseException:
-        writer.abort()
-        raise
 
+def _write_rest(run: _Run, writer: ShardWriter, overwrite: bool) -> None:
+    """Everything outside the decoder layers (embeddings, final norm, lm_head) as stored, then config.json."""
+    layer_prefix = f"{run.dprefix}layers."
+    rest = {t.name: run.ckpt.load_torch(t) for t in run.ckpt.tensors if not t.name.startswith(layer_prefix)}
+    run.ignored += [k.rsplit(".", 1)[0] for k in rest
+                    if k.endswith(".weight") and isinstance(_module_at(run.skeleton, k.rsplit(".", 1)[0]),
+                                                            torch.nn.Linear)]
+    if getattr(run.hf_config, "tie_word_embeddings", False) and "lm_head" not in run.ignored:
+        run.ignored.append("lm_head")
+    writer.add(rest)
+    config = json.loads((run.model_dir / "config.json").read_text())
+    groups = {k: sorted(v) for k, v in run.spec_groups.items()}
+    config["quantization_config"] = quantization_config(groups, run.cfg.format, sorted(set(run.ignored)), run.act)
+    writer.finish(config, run.model_dir, overwrite)
+
+
+def _result(run: _Run, start: float) -> SchemeResult:
+    cfg, calibration = run.cfg, run.calibration
     activations = "16-bit"
     if cfg.act_bits:
         activations = f"int{cfg.act_bits} " + ("dynamic per-token" if cfg.act_dynamic else "static per-tensor")
-    size = sum(f.stat().st_size for f in out_dir.glob("*.safetensors"))
+    size = sum(f.stat().st_size for f in run.out_dir.glob("*.safetensors"))
     return SchemeResult(
-        output=str(out_dir), scheme=cfg.name, method=method, format=cfg.format, group_size=cfg.group_size,
-        symmetric=cfg.symmetric, activations=activations, layers=n_layers, quantized_linears=n_quantized,
-        ignored=sorted(set(ignored)), group_choices=list(group_choices.values()),
+        output=str(run.out_dir), scheme=cfg.name, method=run.method, format=cfg.format, group_size=cfg.group_size,
+        symmetric=cfg.symmetric, activations=activations, layers=len(run.layers), quantized_linears=run.n_quantized,
+        ignored=sorted(set(run.ignored)), group_choices=list(run.group_choices.values()),
         calibration=calibration.source if calibration else "none (rtn needs no calibration)",
         calibration_tokens=calibration.tokens if calibration else 0,
         calibration_warning=calibration.warning if calibration else None,
         seconds=round(time.perf_counter() - start, 3), peak_rss_mb=round(peak_rss_mb(), 1),
-        output_bytes=size, layer_reports=layer_reports)
+        output_bytes=size, layer_reports=run.layer_reports)
 
 
 def _module_at(model: torch.nn.Module, name: str):
