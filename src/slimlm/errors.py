@@ -6,8 +6,3 @@ The CLI turns a SlimlmError into a single line on stderr and exit code 2; anythi
 
 class SlimlmError(Exception):
     """Bad input or an impossible request, with a message meant for the user."""
-
-
-def fail(message: str) -> "SlimlmError":
-    """Build an error to ``raise``; keeps call sites one line long."""
-    return SlimlmError(message)

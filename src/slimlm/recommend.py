@@ -75,27 +75,6 @@ class Settings:
 
 
 @dataclass
-class Measurement:
-    variant: dict[str, Any]
-    file_bytes: int
-    kld_mean: float
-    kld_p99: float
-    top1: float
-    ppl: float
-    ppl_err: float
-    prefill_tok_s: float
-    decode_tok_s: float
-    ttft_ms: float
-    itl_p50_ms: float
-    itl_p95_ms: float
-    peak_rss_mb: float
-    engine: str
-    make_seconds: float
-    measure_seconds: float
-    cached: bool = False
-
-
-@dataclass
 class Recommendation:
     model: str
     fingerprint: str

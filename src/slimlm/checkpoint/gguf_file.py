@@ -11,6 +11,7 @@ big-endian file's version reads as a multiple of 2^16 on a little-endian host).
 
 from __future__ import annotations
 
+import math
 import mmap
 import struct
 from collections import Counter
@@ -245,16 +246,13 @@ def _tensor_info(path: Path, name: str, raw_type: int, dims: tuple[int, ...], of
     except ValueError:
         raise SlimlmError(f"{path}: corrupt GGUF header (tensor {name[:80]!r} has unknown type {raw_type})") from None
     block, type_size = GGML_QUANT_SIZES[ggml_type]
-    numel = 1
-    for dim in dims:
-        numel *= dim
     if dims and dims[0] % block:
         raise SlimlmError(
             f"{path}: corrupt GGUF header (tensor {name[:80]!r}: row of {dims[0]} is not a multiple of "
             f"the {ggml_type.name} block of {block})"
         )
     return TensorInfo(name=name, shape=tuple(reversed(dims)), dtype=ggml_type.name,
-                      nbytes=numel // block * type_size, ggml_type=ggml_type.name, file=str(path),
+                      nbytes=math.prod(dims) // block * type_size, ggml_type=ggml_type.name, file=str(path),
                       offset=offset)
 
 

@@ -90,20 +90,26 @@ def read_text_file(path: Path) -> str:
     return path.read_text(encoding="utf-8", errors="replace")
 
 
-def _read_hf_dataset(spec: str, max_chars: int) -> str:
-    """``name[:config][:split]`` through the ``datasets`` library (only when installed and online)."""
+def load_hf_dataset(spec: str, name: str, config: str | None, split: str, streaming: bool) -> Any:
+    """A Hugging Face dataset through ``datasets`` (optional: only when installed and online or cached);
+    ``spec`` is what the user wrote, for the error messages."""
     try:
-        import datasets  # noqa: F401
+        import datasets
     except ImportError:
-        raise SlimlmError(f"'{spec}' is not a file; loading a Hugging Face dataset needs "
-                          f"`pip install datasets` and network access") from None
-    parts = spec.split(":")
-    name, config = parts[0], (parts[1] if len(parts) > 1 and parts[1] else None)
-    split = parts[2] if len(parts) > 2 else "train"
+        raise SlimlmError(f"{spec!r} is read as a Hugging Face dataset, which needs `pip install datasets` "
+                          "and network access") from None
     try:
-        ds = datasets.load_dataset(name, config, split=split, streaming=True)
-    except Exception as exc:  # network, missing dataset, ...: one line for the user
-        raise SlimlmError(f"could not load dataset '{spec}': {str(exc).splitlines()[0]}") from None
+        return datasets.load_dataset(name, config or None, split=split, streaming=streaming)
+    except Exception as exc:  # network, missing dataset, bad config: one line for the user
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise SlimlmError(f"cannot load dataset {spec!r}: {first}") from None
+
+
+def _read_hf_dataset(spec: str, max_chars: int) -> str:
+    """``name[:config][:split]``: rows' "text" (else first string) fields, streamed until ``max_chars``."""
+    parts = spec.split(":")
+    ds = load_hf_dataset(spec, parts[0], parts[1] if len(parts) > 1 else None,
+                         parts[2] if len(parts) > 2 else "train", streaming=True)
     texts, total = [], 0
     for row in ds:
         text = row.get("text") if isinstance(row, dict) else None

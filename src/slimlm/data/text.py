@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from slimlm.data.calibration import read_jsonl
+from slimlm.data.calibration import load_hf_dataset, read_jsonl
 from slimlm.errors import SlimlmError
 
 HF_PREFIX = "hf:"
@@ -71,15 +71,7 @@ def tokenize_text(tokenizer: Any, text: str, *, add_bos: bool, bos_token_id: int
 def _read_hf_dataset(spec: str, field: str) -> str:
     name, _, split = spec.partition("@")
     name, _, config = name.partition(":")
-    try:
-        import datasets  # optional: only for users who evaluate on hub datasets
-    except ImportError:
-        raise SlimlmError("hf: datasets need the `datasets` package: pip install datasets") from None
-    try:
-        ds = datasets.load_dataset(name, config or None, split=split or "test")
-    except Exception as exc:  # network, missing dataset, bad config: all user-facing
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise SlimlmError(f"cannot load dataset {spec!r}: {first}") from None
+    ds = load_hf_dataset(HF_PREFIX + spec, name, config, split or "test", streaming=False)
     if field not in ds.column_names:
         raise SlimlmError(f"dataset {spec!r} has no column {field!r} (columns: {', '.join(ds.column_names)})")
     rows = ds[field]

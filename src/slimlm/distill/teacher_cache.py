@@ -7,7 +7,6 @@ vocabulary). Bytes per token = k * (2 or 4) + k * 2, e.g. 64 bytes for k = 16 wi
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any, Callable
@@ -63,7 +62,3 @@ def load_teacher_cache(path: Path) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     if "top_k" not in meta:
         raise SlimlmError(f"{path} is not a slimlm teacher cache (no top_k metadata)")
     return ids, idx, lp, meta
-
-
-def describe(meta: dict[str, str]) -> str:
-    return json.dumps(meta)

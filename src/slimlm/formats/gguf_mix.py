@@ -18,6 +18,7 @@ Shapes are given in PyTorch order (outermost first), so the row length llama.cpp
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping, Sequence
@@ -84,10 +85,7 @@ class PlanTensor:
 
     @property
     def n_elements(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= int(d)
-        return n
+        return math.prod(int(d) for d in self.shape)
 
     @property
     def n_dims(self) -> int:

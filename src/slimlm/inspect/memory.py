@@ -29,9 +29,6 @@ from slimlm.formats.gguf_mix import (
 )
 from slimlm.spec import ModelSpec
 
-# The variants `fit` considers, best quality first (F32 first only for an F32 checkpoint; see fit.py).
-GGUF_VARIANTS = ("F32", "BF16", "F16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q4_K_M", "Q4_K_S", "Q4_0",
-                 "Q3_K_M", "Q2_K")
 CT_VARIANTS = ("W8A8", "W4A16")
 # 4-bit formats of AutoAWQ / AutoGPTQ checkpoints (group 128, scales + packed zero points), sized by explain.
 INT4_FORMATS = ("AWQ", "GPTQ")
@@ -306,15 +303,6 @@ def ct_weight_estimate(tensors: Sequence[PlanTensor], variant: str, dtype_bytes:
             {"W8A8": "one scale per output channel",
              "FP8": f"one float32 scale per {FP8_BLOCK}x{FP8_BLOCK} block"}.get(v, f"one scale per {W4A16_GROUP} weights")]
     return WeightEstimate(v, total, params, counts, high)
-
-
-def weight_estimate(tensors: Sequence[PlanTensor], arch: ArchFacts, variant: str,
-                    dtype_bytes: int = 2) -> WeightEstimate:
-    """Weights of any variant: a GGUF mix or a compressed-tensors scheme."""
-    v = normalize_variant(variant)
-    if v in CT_VARIANTS or v in INT4_FORMATS or v == "FP8":
-        return ct_weight_estimate(tensors, v, dtype_bytes)
-    return gguf_weight_estimate(tensors, arch, v)[0]
 
 
 # ------------------------------------------------------------------------------------- GGUF files

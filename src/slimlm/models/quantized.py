@@ -16,7 +16,6 @@ module's fp32 reference instead (same integer weights), for accuracy comparisons
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Callable
 
@@ -31,6 +30,7 @@ from slimlm.models.skeleton import empty_model, load_config
 from slimlm.runtime import gguf_blocks
 from slimlm.runtime.linear import DequantLinear, QuantLinear, W4A16Linear, W8A8Linear, W8A16Linear
 from slimlm.runtime.swap import fuse_siblings, set_module, untie_lm_head
+from slimlm.writers.compressed_tensors import args_for, read_codes
 
 # How each GGUF type runs, and what the mapping loses (stated in reports and tested).
 MAPPINGS = {
@@ -60,33 +60,11 @@ def _finish(model: nn.Module, plain: dict[str, torch.Tensor], dtype: torch.dtype
 
 
 # ---------------------------------------------------------------- compressed-tensors
-def _group_for(qcfg: dict, module: str) -> dict | None:
-    """The config group whose targets match ``module`` (``Linear`` or ``re:`` patterns), unless ignored."""
-    for pattern in qcfg.get("ignore") or []:
-        if module == pattern or (pattern.startswith("re:") and re.match(pattern[3:], module)):
-            return None
-    for group in qcfg.get("config_groups", {}).values():
-        for target in group.get("targets", []):
-            if target == "Linear" or module == target or (target.startswith("re:") and re.match(target[3:], module)):
-                return group
-    return None
-
-
 def _ct_module(name: str, state: dict[str, torch.Tensor], group: dict, bias: torch.Tensor | None,
                reference: bool) -> QuantLinear:
-    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
-
     wargs = group["weights"]
     bits, gsize = wargs["num_bits"], wargs.get("group_size")
-    scale = state[f"{name}.weight_scale"].float()
-    if f"{name}.weight_packed" in state:
-        shape = torch.Size(state[f"{name}.weight_shape"].tolist())
-        q = unpack_from_int32(state[f"{name}.weight_packed"], bits, shape)
-        zp = state.get(f"{name}.weight_zero_point")
-        zero = None if zp is None else unpack_from_int32(zp, bits, torch.Size(scale.shape), packed_dim=0)
-    else:
-        q = state[f"{name}.weight"]
-        zero = state.get(f"{name}.weight_zero_point")
+    q, scale, zero = read_codes(state, name, bits)
     n, k = q.shape
     act = group.get("input_activations")
     if bits == 8 and zero is None and scale.shape[1] == 1:
@@ -123,7 +101,7 @@ def load_compressed_tensors(model_dir: Path, reference: bool = False, progress: 
              if not k.rsplit(".", 1)[-1].startswith(("weight_packed", "weight_scale", "weight_zero_point",
                                                      "weight_shape", "input_scale"))}
     for name in linears:
-        group = _group_for(qcfg, name)
+        group = args_for(qcfg, name)
         quantized = f"{name}.weight_scale" in state
         if group is None or not quantized:
             continue

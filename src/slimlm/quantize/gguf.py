@@ -14,6 +14,7 @@ import logging
 import multiprocessing
 import os
 import time
+from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -188,9 +189,7 @@ def quantize_gguf(
     planned = [PlannedTensor(t.name, list(t.shape), plan[t.name].name, tensor_nbytes(t.shape, plan[t.name]))
                for t in source.tensors]
     total = sum(p.bytes for p in planned)
-    counts: dict[str, int] = {}
-    for p in planned:
-        counts[p.type] = counts.get(p.type, 0) + 1
+    counts = dict(Counter(p.type for p in planned))
     result = GGUFResult(str(model), None if out is None else str(out), ftype, planned, total, None, n_params,
                             total * 8 / max(n_params, 1), 0.0, matched, dry_run, warnings, counts)
     if dry_run:

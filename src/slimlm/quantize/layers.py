@@ -44,20 +44,14 @@ log = logging.getLogger(__name__)
 
 
 def _materialize(module: torch.nn.Module, prefix: str, ckpt: Checkpoint, dtype: torch.dtype) -> None:
-    state = {}
-    for name, p in module.named_parameters():
-        state[name] = ckpt.load_torch(prefix + name).to(dtype)
+    state = {name: ckpt.load_torch(prefix + name).to(dtype) for name, _ in module.named_parameters()}
     module.load_state_dict(state, strict=False, assign=True)
 
 
 def _decoder(model: torch.nn.Module) -> tuple[torch.nn.Module, str]:
     """The decoder stack holding ``.layers`` and its name prefix in the checkpoint."""
     for prefix in ("model", "transformer", "model.decoder"):
-        mod = model
-        for part in prefix.split("."):
-            mod = getattr(mod, part, None)
-            if mod is None:
-                break
+        mod = _module_at(model, prefix)
         if mod is not None and isinstance(getattr(mod, "layers", None), torch.nn.ModuleList):
             return mod, prefix + "."
     raise SlimlmError(f"{type(model).__name__}: no decoder with a .layers list found; architecture not supported")

@@ -159,11 +159,6 @@ def int8_matmul_rescale(xq: torch.Tensor, x_scale: torch.Tensor, w: torch.Tensor
     return torch.mul(acc, x_scale).mul_(w_scale)
 
 
-def int4_cpu_ok(k: int, n: int, group_size: int) -> bool:
-    """Whether the CPU tinygemm kernel takes this shape directly (else we pad K/N, see W4A16Linear)."""
-    return group_size in (32, 64, 128, 256) and k % group_size == 0 and n % 16 == 0
-
-
 # ---------------------------------------------------------------- fused elementwise epilogues (W8A8)
 # Around each int8 GEMM, eager torch spends more time than the GEMM itself on a 512-token prompt: per-token
 # quantization is abs, amax, a dtype cast, div, round and a cast to int8 (six passes), and the per-token

@@ -149,17 +149,18 @@ class ShardWriter:
 
 
 def args_for(qcfg: dict, module: str) -> dict | None:
-    """The config group (weights/input_activations dicts) whose targets match ``module``, else None."""
+    """The config group (weights/input_activations dicts) whose targets match ``module``, unless ignored.
+
+    compressed-tensors' priority: an exact module name, then a ``re:`` pattern, then the class name ``Linear``.
+    """
     for pattern in qcfg.get("ignore") or []:
         if (pattern.startswith("re:") and re.match(pattern[3:], module)) or pattern == module:
             return None
-    for group in qcfg["config_groups"].values():
-        for target in group["targets"]:
-            if target.startswith("re:") and re.match(target[3:], module):
+    groups = list(qcfg.get("config_groups", {}).values())
+    for matches in (module.__eq__, lambda t: t.startswith("re:") and re.match(t[3:], module), "Linear".__eq__):
+        for group in groups:
+            if any(matches(target) for target in group.get("targets", [])):
                 return group
-    for group in qcfg["config_groups"].values():
-        if "Linear" in group["targets"]:
-            return group
     return None
 
 
@@ -236,7 +237,7 @@ def attach_activation_quant(module: torch.nn.Linear, bits: int, scale: torch.Ten
 
 def load_reference_model(model_dir: str | Path, dtype: torch.dtype = torch.float32):
     """A transformers model holding our own dequantization of the checkpoint (activation quant attached)."""
-    from slimlm.models import empty_model, load_config
+    from slimlm.models.skeleton import empty_model, load_config
 
     model_dir = Path(model_dir)
     state, acts = dequantized_state_dict(model_dir, dtype)
