@@ -147,66 +147,79 @@ def quantize_gguf(
     """
     start = time.perf_counter()
     ftype = gguf_mix.normalize_ftype(to)
-    model = model if isinstance(model, ModelSource) else Path(model)
     if not dry_run:
         if out is None:
             raise SlimlmError("an output path is needed (-o out.gguf), or use --dry-run")
         out = Path(out)
         check_output(out, overwrite)
-    source = model if isinstance(model, ModelSource) else open_source(model)
-    model = source.path
-    warnings = []
-    if source.kind == "gguf":
-        msg = (f"re-quantizing {model.name}, which is already quantized: errors compound; quantize from the "
-               "original Hugging Face checkpoint when you can") if source.quantized_source else \
-              f"converting from the GGUF {model.name}; metadata copied as is"
-        log.info(msg)  # returned in result.warnings; the CLI prints it once
-        warnings.append(msg)
+    source = model if isinstance(model, ModelSource) else open_source(Path(model))
+    warnings = _source_warnings(source)
     algo = get_method(method, "gguf")
+    im, hessians = _importance(algo, method, source.path, imatrix, calib, calib_chunks, dry_run, hessians,
+                               hessian_chunks)
+    plan = plan_for(source, ftype, tensor_types, has_imatrix=im is not None or calib is not None)
+    rows = {t.name: int(t.shape[-1]) for t in source.tensors if len(t.shape) >= 2 and plan[t.name] not in _FLOATS}
+    matched = check_compatible(im, rows, "the importance matrix") if im is not None else 0
+    importance_of = (lambda name: im.importance(name)) if im is not None else (lambda name: None)
+    if algo.smoothing == "awq" and not dry_run:
+        source, importance_of, hessians = _equalize(source, plan, importance_of, hessians)
+    if algo.gptq and encoder is None:
+        encoder = _gptq_encoder(hessians, gptq_damp)
+    result = _planned_result(source, ftype, plan, out, matched, dry_run, warnings)
+    if not dry_run:
+        metadata = _metadata_writer(source, ftype, plan, method, im, imatrix)
+        _write(out, source, plan, importance_of, metadata, encoder, progress)
+        result.file_bytes = out.stat().st_size
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _source_warnings(source: ModelSource) -> list[str]:
+    """What a user should know about a GGUF source (returned in result.warnings; the CLI prints it once)."""
+    if source.kind != "gguf":
+        return []
+    name = source.path.name
+    msg = (f"re-quantizing {name}, which is already quantized: errors compound; quantize from the "
+           "original Hugging Face checkpoint when you can") if source.quantized_source else \
+          f"converting from the GGUF {name}; metadata copied as is"
+    log.info(msg)
+    return [msg]
+
+
+def _importance(algo, method: str, model: Path, imatrix, calib, calib_chunks: int | None, dry_run: bool,
+                hessians: dict[str, np.ndarray] | None, hessian_chunks: int | None
+                ) -> tuple[Imatrix | None, dict[str, np.ndarray] | None]:
+    """The importance matrix (read, or collected from ``calib``) and, for the searches, the inputs' covariances."""
     uses_gptq, uses_awq = algo.gptq, algo.smoothing == "awq"
     if uses_awq and imatrix is None and calib is None:
         raise SlimlmError(f"--method {method} needs calibration: --calib FILE (or --imatrix FILE for awq)")
     if dry_run and calib is not None:
-        im = None  # the plan only needs to know one will exist
-    elif (uses_gptq or (uses_awq and calib is not None)) and hessians is None:
+        return None, hessians  # the plan only needs to know one will exist
+    if (uses_gptq or (uses_awq and calib is not None)) and hessians is None:
         if calib is None:
             raise SlimlmError(f"--method {method} needs calibration text (--calib FILE): it uses the inputs' covariance")
         if imatrix is not None:
             raise SlimlmError(f"--method {method} computes its own importance matrix from --calib; drop --imatrix")
         hessians = {}
         im = collect_imatrix(model, Path(calib), chunks=calib_chunks, hessians=hessians, hessian_chunks=hessian_chunks)
-    else:
-        im = load_importance(imatrix, Path(calib) if calib else None, model, calib_chunks)
-    plan = plan_for(source, ftype, tensor_types, has_imatrix=im is not None or calib is not None)
-    rows = {t.name: int(t.shape[-1]) for t in source.tensors if len(t.shape) >= 2 and plan[t.name] not in _FLOATS}
-    matched = check_compatible(im, rows, "the importance matrix") if im is not None else 0
-    importance_of = (lambda name: im.importance(name)) if im is not None else (lambda name: None)
-    if uses_awq and not dry_run:
-        source, importance_of, hessians = _equalize(source, plan, importance_of, hessians)
-    if uses_gptq and encoder is None:
-        encoder = _gptq_encoder(hessians, gptq_damp)
+        return im, hessians
+    return load_importance(imatrix, Path(calib) if calib else None, model, calib_chunks), hessians
+
+
+def _planned_result(source: ModelSource, ftype: str, plan: dict[str, T], out: Path | None, matched: int,
+                    dry_run: bool, warnings: list[str]) -> GGUFResult:
     n_params = int(sum(np.prod(t.shape, dtype=np.int64) for t in source.tensors))
     planned = [PlannedTensor(t.name, list(t.shape), plan[t.name].name, tensor_nbytes(t.shape, plan[t.name]))
                for t in source.tensors]
     total = sum(p.bytes for p in planned)
     counts = dict(Counter(p.type for p in planned))
-    result = GGUFResult(str(model), None if out is None else str(out), ftype, planned, total, None, n_params,
-                            total * 8 / max(n_params, 1), 0.0, matched, dry_run, warnings, counts)
-    if dry_run:
-        result.seconds = time.perf_counter() - start
-        return result
+    return GGUFResult(str(source.path), None if out is None else str(out), ftype, planned, total, None, n_params,
+                      total * 8 / max(n_params, 1), 0.0, matched, dry_run, warnings, counts)
 
-    tensors = source.tensors
 
-    def load(i: int) -> tuple[np.ndarray, T, np.ndarray | None]:
-        t = tensors[i]
-        qtype = plan[t.name]
-        values = t.load()
-        if tuple(values.shape) != tuple(t.shape):
-            raise SlimlmError(f"{t.name}: loaded shape {values.shape} differs from the declared {t.shape}")
-        importance = importance_of(t.name) if qtype not in _FLOATS else None
-        return values, qtype, importance
-
+def _metadata_writer(source: ModelSource, ftype: str, plan: dict[str, T], method: str, im: Imatrix | None,
+                     imatrix) -> Callable[[gguf.GGUFWriter], Any]:
+    """The header's metadata: the model's (from the source), then the encoding's and the imatrix's keys."""
     def metadata(writer: gguf.GGUFWriter) -> Any:
         meta = write_source_metadata(writer, source)
         writer.add_file_type(int(file_type_of(ftype)))
@@ -223,6 +236,22 @@ def quantize_gguf(
             if im.chunk_count:
                 writer.add_int32("quantize.imatrix.chunks_count", int(im.chunk_count))
         return meta
+    return metadata
+
+
+def _write(out: Path, source: ModelSource, plan: dict[str, T], importance_of: Callable[[str], np.ndarray | None],
+           metadata: Callable[[gguf.GGUFWriter], Any], encoder: Encoder | None, progress: Progress | None) -> None:
+    """Encode and write every tensor: the plain codecs in forked workers, custom encoders in threads."""
+    tensors = source.tensors
+
+    def load(i: int) -> tuple[np.ndarray, T, np.ndarray | None]:
+        t = tensors[i]
+        qtype = plan[t.name]
+        values = t.load()
+        if tuple(values.shape) != tuple(t.shape):
+            raise SlimlmError(f"{t.name}: loaded shape {values.shape} differs from the declared {t.shape}")
+        importance = importance_of(t.name) if qtype not in _FLOATS else None
+        return values, qtype, importance
 
     entries = [(t.name, tuple(t.shape), plan[t.name]) for t in tensors]
     workers = max(1, min(WORKERS, os.cpu_count() or 1))
@@ -230,9 +259,6 @@ def quantize_gguf(
         _write_forked(out, source.arch, metadata, entries, load, workers, progress)
     else:
         _write_threaded(out, source.arch, metadata, entries, load, encoder or _plain_encode, progress)
-    result.file_bytes = out.stat().st_size
-    result.seconds = time.perf_counter() - start
-    return result
 
 
 Entry = tuple[str, tuple[int, ...], T]
