@@ -344,6 +344,9 @@ def make_qkx_quants(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta
                     use_mad: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """ggml's ``make_qkx2_quants`` / ``make_qkx3_quants`` (the same arithmetic once weights are given).
 
+    Longer than our usual ~80 lines on purpose: it follows the C function step by step, because the bytes
+    must equal llama.cpp's and a restructured version would change the order of float operations.
+
     Fits x ~ scale*L - the_min with L in 0..nmax: starts from the min/max grid, then tries ``nstep+1``
     inverse scales ``(rmin + rdelta*is + nmax)/(max - min)`` and keeps the weighted least-squares
     (scale, min) with the lowest weighted error (|d| if ``use_mad`` else d*d). As in C, each candidate
