@@ -119,7 +119,7 @@ def main() -> None:
 
     from slimlm.distill.sequences import split_heldout, text_sequences
     from slimlm.distill.prune import prune
-    from slimlm.distill.recipe import _load_teacher
+    from slimlm.distill.recipe import load_teacher
     from slimlm.distill.teacher_cache import cache_teacher, load_teacher_cache
 
     students = [x.strip().upper() for x in args.students.split(",") if x.strip()]
@@ -139,7 +139,7 @@ def main() -> None:
         text_tokens = training_text(teacher, text, train_tokens + eval_sequences * args.seq_len)
 
         # The teacher cache, once, for both KD runs (and timed on its own); a matching one in --keep is reused.
-        t_model, tok = _load_teacher(teacher)
+        t_model, tok = load_teacher(teacher)
         train_ids, _ = split_heldout(text_sequences(tok, text, args.seq_len), eval_sequences)
         cache_path = work / "teacher_topk.safetensors"
         cache = None

@@ -119,10 +119,10 @@ def cache_teacher_cmd(
 ) -> None:
     """Run the teacher once over the training text and store its top-k log-probs compactly."""
     from slimlm.distill.sequences import split_heldout, text_sequences
-    from slimlm.distill.recipe import _load_teacher
+    from slimlm.distill.recipe import load_teacher
     from slimlm.distill.teacher_cache import cache_teacher
 
-    model, tok = _load_teacher(teacher)
+    model, tok = load_teacher(teacher)
     train_ids, _ = split_heldout(text_sequences(tok, data, seq_len), eval_sequences)
     info = cache_teacher(model, train_ids, output, top_k=top_k)
     if json_out:

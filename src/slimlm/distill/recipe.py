@@ -20,7 +20,7 @@ from slimlm.models import load_config, load_model, load_tokenizer, random_model
 DISTILL_METHODS = ("logits", "sequence")
 
 
-def _load_teacher(path: str | Path):
+def load_teacher(path: str | Path):
     loaded = load_model(path, "fp32")
     for p in loaded.model.parameters():
         p.requires_grad_(False)
@@ -169,7 +169,7 @@ def _open_run(teacher: str | Path, text: str | Path, out: Path, config: TrainCon
               prune_layers: int, prune_mlp: float, prune_heads: float) -> _Run:
     """Load the teacher, cut ``text`` into train and held-out sequences, and get the student and its tokenizer."""
     torch.manual_seed(config.seed)
-    teacher_model, tokenizer = _load_teacher(teacher)
+    teacher_model, tokenizer = load_teacher(teacher)
     train_ids, eval_ids = split_heldout(text_sequences(tokenizer, text, seq_len), eval_sequences)
     student_model, student_info = _load_student(teacher_model, student=student, student_config=student_config,
                                                 prune_layers=prune_layers, prune_mlp=prune_mlp,
