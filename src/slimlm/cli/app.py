@@ -6,10 +6,11 @@ arguments, call ``slimlm.api`` and render with rich. No logic lives in the CLI.
 
 import json
 import sys
-from typing import Any
+from typing import Any, Iterable
 
 import typer
 from rich.console import Console
+from rich.table import Table
 
 app = typer.Typer(
     name="slimlm",
@@ -33,6 +34,14 @@ def print_json(data: Any) -> None:
     """Write JSON to stdout untouched by rich, so tools can parse it."""
     sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
     sys.stdout.flush()
+
+
+def columns_table(title: str, columns: Iterable[str], left: Iterable[str], **kwargs: Any) -> Table:
+    """A rich Table of these columns: the ones named in ``left`` left-aligned, the rest (numbers) right."""
+    table = Table(title=title, **kwargs)
+    for col in columns:
+        table.add_column(col, justify="left" if col in left else "right")
+    return table
 
 
 @app.command()

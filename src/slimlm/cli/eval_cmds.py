@@ -8,9 +8,8 @@ from typing import Iterator, Optional
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-from rich.table import Table
 
-from slimlm.cli.app import JSON_OPTION, app, console, err_console, print_json
+from slimlm.cli.app import JSON_OPTION, app, columns_table, console, err_console, print_json
 
 
 @contextlib.contextmanager
@@ -62,9 +61,8 @@ def eval_cmd(
         print_json(report)
         return
     ppl = report["perplexity"]
-    table = Table(title=f"{Path(report['model']['path']).name} on {Path(report['data']).name}", show_header=True)
-    table.add_column("measure")
-    table.add_column("value", justify="right")
+    table = columns_table(f"{Path(report['model']['path']).name} on {Path(report['data']).name}",
+                          ("measure", "value"), ["measure"], show_header=True)
     table.add_row("windows x ctx", f"{report['chunks']} x {report['ctx']} ({ppl['n_tokens']} scored tokens)")
     table.add_row("perplexity", f"{ppl['ppl']:.4f} ± {ppl['ppl_stderr']:.4f}")
     if "kld" in report:
@@ -112,11 +110,9 @@ def bench_cmd(
     if json_out:
         print_json(report)
         return
-    table = Table(title=f"{Path(report['model']).name}: prompt {prompt}, gen {gen}, {report['threads']} threads, "
-                        f"median of {runs}")
-    for col in ("backend", "batch", "prefill tok/s", "decode tok/s", "TTFT ms", "ITL p50 ms", "ITL p95 ms",
-                "peak RSS MiB"):
-        table.add_column(col, justify="left" if col == "backend" else "right")
+    table = columns_table(f"{Path(report['model']).name}: prompt {prompt}, gen {gen}, {report['threads']} threads, "
+                          f"median of {runs}", ("backend", "batch", "prefill tok/s", "decode tok/s", "TTFT ms",
+                                                "ITL p50 ms", "ITL p95 ms", "peak RSS MiB"), ["backend"])
     for r in report["rows"]:
         table.add_row(r["backend"], str(r["batch"]), f"{r['prefill_tok_s']:.1f}", f"{r['decode_tok_s']:.1f}",
                       f"{r['ttft_ms']:.1f}", f"{r['itl_p50_ms']:.2f}", f"{r['itl_p95_ms']:.2f}",

@@ -7,9 +7,8 @@ from typing import List, Optional
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
-from slimlm.cli.app import JSON_OPTION, app, console, err_console, print_json  # noqa: F401
+from slimlm.cli.app import JSON_OPTION, app, columns_table, console, err_console, print_json  # noqa: F401
 
 
 def _progress_bar(description: str, quiet: bool) -> Progress:
@@ -117,9 +116,8 @@ def quantize(
     for w in result.warnings:
         err_console.print(f"[yellow]warning:[/] {w}", highlight=False)
     if dry_run or show_plan:
-        table = Table(title=f"{result.ftype} plan for {Path(result.model).name}")
-        for col in ("tensor", "shape", "type", "bytes"):
-            table.add_column(col, justify="right" if col == "bytes" else "left")
+        table = columns_table(f"{result.ftype} plan for {Path(result.model).name}",
+                              ("tensor", "shape", "type", "bytes"), ["tensor", "shape", "type"])
         for t in result.tensors:
             table.add_row(t.name, "×".join(map(str, t.shape)), t.type, f"{t.bytes:,}")
         console.print(table)
