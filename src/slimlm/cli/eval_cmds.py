@@ -2,28 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from slimlm.cli.app import JSON_OPTION, app, columns_table, console, err_console, print_json
-
-
-@contextlib.contextmanager
-def _progress_bar(description: str) -> Iterator:
-    """A rich progress bar on stderr; yields a (done, total) callback."""
-    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-               TimeRemainingColumn()]
-    with Progress(*columns, console=err_console, transient=True) as bar:
-        task = bar.add_task(description, total=None)
-
-        def update(done: int, total: int, label: str | None = None) -> None:
-            bar.update(task, completed=done, total=total, **({"description": label} if label else {}))
-
-        yield update
+from slimlm.cli.app import JSON_OPTION, app, columns_table, console, print_json, progress_task
 
 
 @app.command("eval")
@@ -53,10 +37,11 @@ def eval_cmd(
     """Perplexity ± standard error with llama.cpp's protocol; with --ref, KL divergence and top-1 agreement."""
     from slimlm import api
 
-    with _progress_bar("evaluating windows") as update:
+    with progress_task("evaluating windows", remaining=True) as update:
         report = api.evaluate(model, data, ref=ref, ctx=ctx, chunks=chunks, batch_size=batch_size, dtype=dtype,
                               save_ref=save_ref, ref_top_k=ref_top_k, tokenizer=tokenizer, text_field=text_field,
-                              overwrite=overwrite, act_quant=act_quant, progress=update)
+                              overwrite=overwrite, act_quant=act_quant,
+                              progress=lambda done, total: update(completed=done, total=total))
     if json_out:
         print_json(report)
         return
@@ -104,9 +89,10 @@ def bench_cmd(
     except ValueError:
         raise SlimlmError(f"--batch takes comma-separated integers, not {batch!r}") from None
     backends = [b.strip() for b in backend.split(",") if b.strip()] if backend else None
-    with _progress_bar("bench") as update:
+    with progress_task("bench", remaining=True) as update:
         report = api.bench(model, prompt=prompt, gen=gen, batches=batches, threads=threads, backends=backends,
-                           runs=runs, progress=update)
+                           runs=runs, progress=lambda done, total, label: update(completed=done, total=total,
+                                                                                 description=label))
     if json_out:
         print_json(report)
         return
