@@ -220,20 +220,17 @@ SPEED_KEY = {"throughput": "prefill_tok_s", "latency": "decode_tok_s", "quality"
 
 def choose(rows: list[dict[str, Any]], goal: str, max_kld: float) -> tuple[dict[str, Any] | None, str]:
     """The pick for ``goal`` among measured rows that fit, and whether quality excluded any."""
-    usable = [r for r in rows if r["kld_mean"] <= max_kld] or []
-    if goal == "quality":
-        usable = rows
+    usable = rows if goal == "quality" else [r for r in rows if r["kld_mean"] <= max_kld]
     if not usable:
         return None, "no measured variant that fits stays under the KLD limit"
     if goal == "throughput":
-        best = max(usable, key=lambda r: r["prefill_tok_s"])
-    elif goal == "latency":
-        best = min(usable, key=lambda r: r["itl_p50_ms"])
-    elif goal == "size":
-        best = min(usable, key=lambda r: (r["memory_bytes"], r["kld_mean"]))
-    else:
-        best = min(usable, key=lambda r: (r["kld_mean"], r["memory_bytes"]))
-    return best, ""
+        return max(usable, key=lambda r: r["prefill_tok_s"]), ""
+    return min(usable, key=_RANK.get(goal, _RANK["quality"])), ""
+
+
+# goal -> the key whose smallest value choose() picks (throughput picks the highest prefill speed)
+_RANK = {"latency": lambda r: r["itl_p50_ms"], "size": lambda r: (r["memory_bytes"], r["kld_mean"]),
+         "quality": lambda r: (r["kld_mean"], r["memory_bytes"])}
 
 
 def _why(best: dict[str, Any], rows: list[dict[str, Any]], goal: str, budget: int) -> str:
@@ -317,6 +314,7 @@ def recommend(model: str | Path, *, memory: str | int, goal: str = "throughput",
     for i, (v, mem) in enumerate(fitting):
         key = cache.key("measure", v.settings(), asdict(settings), ref_key)
         hit = cache.get(key)
+        cached = hit is not None
         if hit is None:
             if deadline is not None and time.perf_counter() > deadline:
                 skipped.append({"name": v.name, "reason": "time budget used up"})
@@ -331,9 +329,6 @@ def recommend(model: str | Path, *, memory: str | int, goal: str = "throughput",
                 continue
             hit = {"file_bytes": _file_bytes(path), "make_seconds": make_seconds, **figures}
             cache.put(key, hit)
-            cached = False
-        else:
-            cached = True
         rows.append({"name": v.name, "kind": v.kind, "quant": v.quant, "method": v.method, "cached": cached,
                      "memory_bytes": mem["total_bytes"], "headroom_bytes": mem["headroom_bytes"], **hit})
     if not rows:

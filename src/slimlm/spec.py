@@ -15,37 +15,24 @@ from slimlm.errors import SlimlmError
 
 LayerType = Literal["full", "sliding"]
 
-# model_type -> whether input embeddings and lm_head are tied when the config does not say
-# (the defaults of the transformers config classes).
-_TIE_DEFAULT = {
-    "llama": False,
-    "mistral": False,
-    "qwen2": False,
-    "qwen3": False,
-    "gemma": True,
-    "gemma2": True,
-    "gemma3_text": True,
-    "mixtral": False,
-    "qwen2_moe": False,
-    "deepseek_v2": False,
-    "deepseek_v3": False,
+# model_type -> (its HF `architectures` class name, for configs that lack model_type; whether input embeddings
+# and lm_head are tied when the config does not say: the defaults of the transformers config classes).
+_FAMILIES = {
+    "llama": ("LlamaForCausalLM", False),
+    "mistral": ("MistralForCausalLM", False),
+    "qwen2": ("Qwen2ForCausalLM", False),
+    "qwen3": ("Qwen3ForCausalLM", False),
+    "gemma": ("GemmaForCausalLM", True),
+    "gemma2": ("Gemma2ForCausalLM", True),
+    "gemma3_text": ("Gemma3ForCausalLM", True),
+    "mixtral": ("MixtralForCausalLM", False),
+    "qwen2_moe": ("Qwen2MoeForCausalLM", False),
+    "deepseek_v2": ("DeepseekV2ForCausalLM", False),
+    "deepseek_v3": ("DeepseekV3ForCausalLM", False),
 }
-SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(_TIE_DEFAULT)
-
-# HF `architectures` class name -> model_type, for configs that lack model_type.
-_ARCH_TO_TYPE = {
-    "LlamaForCausalLM": "llama",
-    "MistralForCausalLM": "mistral",
-    "Qwen2ForCausalLM": "qwen2",
-    "Qwen3ForCausalLM": "qwen3",
-    "GemmaForCausalLM": "gemma",
-    "Gemma2ForCausalLM": "gemma2",
-    "Gemma3ForCausalLM": "gemma3_text",
-    "MixtralForCausalLM": "mixtral",
-    "Qwen2MoeForCausalLM": "qwen2_moe",
-    "DeepseekV2ForCausalLM": "deepseek_v2",
-    "DeepseekV3ForCausalLM": "deepseek_v3",
-}
+_TIE_DEFAULT = {model_type: tie for model_type, (_, tie) in _FAMILIES.items()}
+_ARCH_TO_TYPE = {arch: model_type for model_type, (arch, _) in _FAMILIES.items()}
+SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(_FAMILIES)
 
 
 @dataclass(frozen=True)
@@ -217,8 +204,7 @@ def _sliding_window(config: dict[str, Any], model_type: str) -> int | None:
 def _from_config(config: dict[str, Any]) -> ModelSpec:
     if config.get("model_type") == "gemma3" and isinstance(config.get("text_config"), dict):
         # Gemma-3 multimodal checkpoints nest the language model's config.
-        config = {"model_type": "gemma3_text", **config["text_config"]}
-        config["model_type"] = "gemma3_text"
+        config = {**config["text_config"], "model_type": "gemma3_text"}
     model_type = _model_type(config)
     n_layers = _int(config, "num_hidden_layers", minimum=1)
     hidden = _int(config, "hidden_size", minimum=1)
@@ -290,9 +276,7 @@ def _from_config(config: dict[str, Any]) -> ModelSpec:
             shared_expert_gate=bool(shared),
             moe_layers=tuple(i for i in range(n_layers) if i not in dense_only and (i + 1) % step == 0),
         )
-    if intermediate == 0 and len(common.get("moe_layers", ())) < n_layers:
-        raise SlimlmError("model config lacks 'intermediate_size'")
-    return ModelSpec(**common)
+    return _spec(common)
 
 
 def _deepseek(config: dict[str, Any], common: dict[str, Any]) -> ModelSpec:
@@ -331,6 +315,11 @@ def _deepseek(config: dict[str, Any], common: dict[str, Any]) -> ModelSpec:
         moe_layers=moe_layers,
         mtp_layers=_int(config, "num_nextn_predict_layers", 0),
     )
-    if common["intermediate_size"] == 0 and len(moe_layers) < n_layers:
+    return _spec(common)
+
+
+def _spec(common: dict[str, Any]) -> ModelSpec:
+    """The ModelSpec of the parsed fields; layers with a dense MLP need intermediate_size."""
+    if common["intermediate_size"] == 0 and len(common.get("moe_layers", ())) < common["n_layers"]:
         raise SlimlmError("model config lacks 'intermediate_size'")
     return ModelSpec(**common)

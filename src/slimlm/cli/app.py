@@ -4,12 +4,16 @@ Each module under ``slimlm.cli`` registers its commands on ``app``; command func
 arguments, call ``slimlm.api`` and render with rich. No logic lives in the CLI.
 """
 
+import contextlib
+import functools
 import json
 import sys
-from typing import Any
+from typing import Any, Callable, Iterable, Iterator
 
 import typer
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
 
 app = typer.Typer(
     name="slimlm",
@@ -33,6 +37,27 @@ def print_json(data: Any) -> None:
     """Write JSON to stdout untouched by rich, so tools can parse it."""
     sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
     sys.stdout.flush()
+
+
+def columns_table(title: str, columns: Iterable[str], left: Iterable[str], **kwargs: Any) -> Table:
+    """A rich Table of these columns: the ones named in ``left`` left-aligned, the rest (numbers) right."""
+    table = Table(title=title, **kwargs)
+    for col in columns:
+        table.add_column(col, justify="left" if col in left else "right")
+    return table
+
+
+@contextlib.contextmanager
+def progress_task(description: str, *, total: int | None = None, item: str | None = None, remaining: bool = False,
+                  disable: bool = False) -> Iterator[Callable[..., None]]:
+    """A transient rich progress bar on stderr with one task; yields that task's ``update(completed=, total=,
+    description=, item=)``. ``item`` adds a column for the item being worked on; ``remaining`` an ETA column."""
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+    columns += [TimeRemainingColumn()] if remaining else []
+    columns += [TextColumn("{task.fields[item]}")] if item is not None else []
+    with Progress(*columns, console=err_console, transient=True, disable=disable) as bar:
+        task = bar.add_task(description, total=total, **({"item": item} if item is not None else {}))
+        yield functools.partial(bar.update, task)
 
 
 @app.command()

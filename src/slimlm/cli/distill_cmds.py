@@ -6,9 +6,8 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from slimlm.cli.app import JSON_OPTION, app, console, err_console, print_json
+from slimlm.cli.app import JSON_OPTION, app, console, print_json, progress_task
 
 distill_app = typer.Typer(help="Distill a teacher into a smaller student (logits KD or teacher-generated data).",
                           invoke_without_command=True, no_args_is_help=False)
@@ -76,12 +75,9 @@ def distill(
                          grad_clip=grad_clip, dtype=dtype, eval_every=eval_every, save_every=save_every, seed=seed,
                          on_policy=on_policy, on_policy_prompt=on_policy_prompt,
                          on_policy_temperature=on_policy_temperature)
-    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
-    with Progress(*columns, console=err_console, transient=True) as bar:
-        task = bar.add_task("distilling", total=steps)
-
+    with progress_task("distilling", total=steps) as bar:
         def update(step: int, total: int, rec: dict) -> None:
-            bar.update(task, completed=step, description=f"loss {rec['loss']:.4f} | {rec['tokens_per_s']:.0f} tok/s")
+            bar(completed=step, description=f"loss {rec['loss']:.4f} | {rec['tokens_per_s']:.0f} tok/s")
 
         report = run(teacher, data, out, method=method, student=student, student_config=student_config,
                      prune_layers=prune_layers, prune_mlp=prune_mlp, prune_heads=prune_heads, seq_len=seq_len,

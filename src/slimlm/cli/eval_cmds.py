@@ -2,29 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-from rich.table import Table
 
-from slimlm.cli.app import JSON_OPTION, app, console, err_console, print_json
-
-
-@contextlib.contextmanager
-def _progress_bar(description: str) -> Iterator:
-    """A rich progress bar on stderr; yields a (done, total) callback."""
-    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-               TimeRemainingColumn()]
-    with Progress(*columns, console=err_console, transient=True) as bar:
-        task = bar.add_task(description, total=None)
-
-        def update(done: int, total: int, label: str | None = None) -> None:
-            bar.update(task, completed=done, total=total, **({"description": label} if label else {}))
-
-        yield update
+from slimlm.cli.app import JSON_OPTION, app, columns_table, console, print_json, progress_task
 
 
 @app.command("eval")
@@ -54,17 +37,17 @@ def eval_cmd(
     """Perplexity ± standard error with llama.cpp's protocol; with --ref, KL divergence and top-1 agreement."""
     from slimlm import api
 
-    with _progress_bar("evaluating windows") as update:
+    with progress_task("evaluating windows", remaining=True) as update:
         report = api.evaluate(model, data, ref=ref, ctx=ctx, chunks=chunks, batch_size=batch_size, dtype=dtype,
                               save_ref=save_ref, ref_top_k=ref_top_k, tokenizer=tokenizer, text_field=text_field,
-                              overwrite=overwrite, act_quant=act_quant, progress=update)
+                              overwrite=overwrite, act_quant=act_quant,
+                              progress=lambda done, total: update(completed=done, total=total))
     if json_out:
         print_json(report)
         return
     ppl = report["perplexity"]
-    table = Table(title=f"{Path(report['model']['path']).name} on {Path(report['data']).name}", show_header=True)
-    table.add_column("measure")
-    table.add_column("value", justify="right")
+    table = columns_table(f"{Path(report['model']['path']).name} on {Path(report['data']).name}",
+                          ("measure", "value"), ["measure"], show_header=True)
     table.add_row("windows x ctx", f"{report['chunks']} x {report['ctx']} ({ppl['n_tokens']} scored tokens)")
     table.add_row("perplexity", f"{ppl['ppl']:.4f} ± {ppl['ppl_stderr']:.4f}")
     if "kld" in report:
@@ -106,17 +89,16 @@ def bench_cmd(
     except ValueError:
         raise SlimlmError(f"--batch takes comma-separated integers, not {batch!r}") from None
     backends = [b.strip() for b in backend.split(",") if b.strip()] if backend else None
-    with _progress_bar("bench") as update:
+    with progress_task("bench", remaining=True) as update:
         report = api.bench(model, prompt=prompt, gen=gen, batches=batches, threads=threads, backends=backends,
-                           runs=runs, progress=update)
+                           runs=runs, progress=lambda done, total, label: update(completed=done, total=total,
+                                                                                 description=label))
     if json_out:
         print_json(report)
         return
-    table = Table(title=f"{Path(report['model']).name}: prompt {prompt}, gen {gen}, {report['threads']} threads, "
-                        f"median of {runs}")
-    for col in ("backend", "batch", "prefill tok/s", "decode tok/s", "TTFT ms", "ITL p50 ms", "ITL p95 ms",
-                "peak RSS MiB"):
-        table.add_column(col, justify="left" if col == "backend" else "right")
+    table = columns_table(f"{Path(report['model']).name}: prompt {prompt}, gen {gen}, {report['threads']} threads, "
+                          f"median of {runs}", ("backend", "batch", "prefill tok/s", "decode tok/s", "TTFT ms",
+                                                "ITL p50 ms", "ITL p95 ms", "peak RSS MiB"), ["backend"])
     for r in report["rows"]:
         table.add_row(r["backend"], str(r["batch"]), f"{r['prefill_tok_s']:.1f}", f"{r['decode_tok_s']:.1f}",
                       f"{r['ttft_ms']:.1f}", f"{r['itl_p50_ms']:.2f}", f"{r['itl_p95_ms']:.2f}",

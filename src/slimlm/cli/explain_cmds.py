@@ -9,7 +9,7 @@ from __future__ import annotations
 import typer
 from rich.table import Table
 
-from slimlm.cli.app import JSON_OPTION, app, console, print_json  # noqa: F401
+from slimlm.cli.app import JSON_OPTION, app, columns_table, console, print_json  # noqa: F401
 
 
 def _gb(n: int | None) -> str:
@@ -103,10 +103,10 @@ def fit(
     if json_out:
         print_json(data)
         return
-    table = Table(title=f"{data['model']} in {_gib(data['memory_bytes'])} "
-                        f"(context {context} x batch {batch}, {cache_type} KV cache)", title_justify="left")
-    for col in ("variant", "bits/w", "weights", "KV", "overhead", "total", "headroom", "fits"):
-        table.add_column(col, justify="left" if col == "variant" else "right")
+    table = columns_table(f"{data['model']} in {_gib(data['memory_bytes'])} "
+                          f"(context {context} x batch {batch}, {cache_type} KV cache)",
+                          ("variant", "bits/w", "weights", "KV", "overhead", "total", "headroom", "fits"), ["variant"],
+                          title_justify="left")
     for row in data["variants"]:
         best = row["variant"] == data["best"]
         table.add_row(row["variant"] + (" *" if best else ""), f"{row['bits_per_weight']:.2f}",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 from rich.table import Table
 
-from slimlm.cli.app import JSON_OPTION, app, console, err_console, print_json  # noqa: F401
+from slimlm.cli.app import JSON_OPTION, app, columns_table, console, err_console, print_json  # noqa: F401
 
 _ROLE_NAMES = {
     "embeddings": "embeddings", "attention": "attention", "mlp": "MLP (dense)", "routed_experts": "routed experts",
@@ -14,12 +14,9 @@ _ROLE_NAMES = {
 
 
 def _bytes(n: int) -> str:
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{int(value)} B" if unit == "B" else f"{value:.2f} {unit}"
-        value /= 1024
-    return str(n)
+    from slimlm.inspect.fit import format_bytes
+
+    return format_bytes(n)
 
 
 @app.command()
@@ -82,10 +79,7 @@ def _print_summary(data: dict) -> None:
 
 
 def _print_roles(data: dict) -> None:
-    table = Table(title="parameters by role", title_justify="left")
-    table.add_column("role")
-    table.add_column("parameters", justify="right")
-    table.add_column("share", justify="right")
+    table = columns_table("parameters by role", ("role", "parameters", "share"), ["role"], title_justify="left")
     total = data["total_params"] or 1
     for role, count in data["roles"].items():
         if count:
@@ -95,19 +89,17 @@ def _print_roles(data: dict) -> None:
 
 
 def _print_dtypes(data: dict) -> None:
-    table = Table(title="storage by dtype", title_justify="left")
-    for col, justify in (("dtype", "left"), ("tensors", "right"), ("elements", "right"), ("bytes", "right")):
-        table.add_column(col, justify=justify)  # type: ignore[arg-type]
+    table = columns_table("storage by dtype", ("dtype", "tensors", "elements", "bytes"), ["dtype"],
+                          title_justify="left")
     for dtype, row in data["dtypes"].items():
         table.add_row(dtype, str(row["tensors"]), f"{row['params']:,}", f"{row['bytes']:,} ({_bytes(row['bytes'])})")
     console.print(table)
 
 
 def _print_gguf(gguf: dict) -> None:
-    table = Table(title=f"GGUF quant mix: {gguf['bits_per_weight']} bits per weight in tensors, "
-                        f"{gguf['file_bits_per_weight']} in the whole file", title_justify="left")
-    for col in ("type", "tensors", "share of params", "bits/weight"):
-        table.add_column(col, justify="left" if col == "type" else "right")
+    table = columns_table(f"GGUF quant mix: {gguf['bits_per_weight']} bits per weight in tensors, "
+                          f"{gguf['file_bits_per_weight']} in the whole file",
+                          ("type", "tensors", "share of params", "bits/weight"), ["type"], title_justify="left")
     for row in gguf["quant_mix"]:
         table.add_row(row["type"], str(row["tensors"]), f"{100 * row['share_of_params']:.2f}%",
                       f"{row['bits_per_weight']:.2f}")

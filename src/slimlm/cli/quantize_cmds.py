@@ -6,15 +6,8 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
-from slimlm.cli.app import JSON_OPTION, app, console, err_console, print_json  # noqa: F401
-
-
-def _progress_bar(description: str, quiet: bool) -> Progress:
-    return Progress(TextColumn(description), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    TextColumn("{task.fields[item]}"), console=err_console, transient=True, disable=quiet)
+from slimlm.cli.app import JSON_OPTION, app, columns_table, console, err_console, print_json, progress_task
 
 
 def _human(n: float) -> str:
@@ -96,12 +89,7 @@ def quantize(
     if to is None:
         raise SlimlmError("give --to TYPE (a GGUF mix such as Q4_K_M) or --scheme w4a16|w8a16|w8a8, or --check")
 
-    with _progress_bar(f"quantizing to {to}", json_out or dry_run) as bar:
-        task = bar.add_task("", total=None, item="")
-
-        def progress(done: int, total: int, name: str) -> None:
-            bar.update(task, completed=done, total=total, item=name)
-
+    with progress_task(f"quantizing to {to}", item="", disable=json_out or dry_run) as update:
         from slimlm.algorithms.methods import GGUF_METHODS
         from slimlm.quantize.gguf import quantize_gguf  # = api's; lighter import
 
@@ -109,17 +97,16 @@ def quantize(
         if gguf_method not in GGUF_METHODS:
             raise SlimlmError(f"--method {method} is for --scheme; GGUF (--to) methods: {', '.join(GGUF_METHODS)}")
         result = quantize_gguf(model, to, out, imatrix=imatrix, calib=calib, calib_chunks=calib_chunks,
-                                   tensor_types=tensor_type, dry_run=dry_run, overwrite=overwrite, progress=progress,
-                                   method=gguf_method)
+                                   tensor_types=tensor_type, dry_run=dry_run, overwrite=overwrite, method=gguf_method,
+                                   progress=lambda done, total, name: update(completed=done, total=total, item=name))
     if json_out:
         print_json(result.to_dict())
         return
     for w in result.warnings:
         err_console.print(f"[yellow]warning:[/] {w}", highlight=False)
     if dry_run or show_plan:
-        table = Table(title=f"{result.ftype} plan for {Path(result.model).name}")
-        for col in ("tensor", "shape", "type", "bytes"):
-            table.add_column(col, justify="right" if col == "bytes" else "left")
+        table = columns_table(f"{result.ftype} plan for {Path(result.model).name}",
+                              ("tensor", "shape", "type", "bytes"), ["tensor", "shape", "type"])
         for t in result.tensors:
             table.add_row(t.name, "×".join(map(str, t.shape)), t.type, f"{t.bytes:,}")
         console.print(table)
@@ -145,10 +132,9 @@ def imatrix_cmd(
     """Compute llama.cpp's importance matrix (sum of squared activations per input column of every matrix)."""
     from slimlm import api
 
-    with _progress_bar("imatrix", json_out) as bar:
-        task = bar.add_task("", total=None, item="")
+    with progress_task("imatrix", item="", disable=json_out) as update:
         result = api.imatrix(model, calib, out, chunks=chunks, ctx=ctx, overwrite=overwrite,
-                             progress=lambda d, t: bar.update(task, completed=d, total=t, item="windows"))
+                             progress=lambda d, t: update(completed=d, total=t, item="windows"))
     if json_out:
         print_json(result)
         return

@@ -7,9 +7,8 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.table import Table
 
-from slimlm.cli.app import JSON_OPTION, app, console, err_console, print_json
+from slimlm.cli.app import JSON_OPTION, app, columns_table, console, err_console, print_json
 
 
 def _say(message: str) -> None:
@@ -19,11 +18,10 @@ def _say(message: str) -> None:
 def _render(result: dict) -> None:
     from slimlm.inspect.fit import format_bytes
 
-    table = Table(title=f"{Path(result['model']).name}: goal {result['goal']}, memory "
-                        f"{format_bytes(result['memory_bytes'])}", title_justify="left")
-    for col in ("variant", "memory", "KLD", "top-1", "ppl", "prefill tok/s", "decode tok/s", "ITL p50 ms",
-                "engine", ""):
-        table.add_column(col, justify="left" if col in ("variant", "engine", "") else "right")
+    table = columns_table(f"{Path(result['model']).name}: goal {result['goal']}, memory "
+                          f"{format_bytes(result['memory_bytes'])}",
+                          ("variant", "memory", "KLD", "top-1", "ppl", "prefill tok/s", "decode tok/s", "ITL p50 ms",
+                           "engine", ""), ("variant", "engine", ""), title_justify="left")
     for r in sorted(result["measured"], key=lambda r: r["memory_bytes"]):
         mark = "← chosen" if r["name"] == result["choice"] else ("Pareto" if r["name"] in result["pareto"] else "")
         table.add_row(r["name"], format_bytes(r["memory_bytes"]), f"{r['kld_mean']:.4f}", f"{100 * r['top1']:.1f}%",

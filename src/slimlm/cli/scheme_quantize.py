@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from slimlm.cli.app import console, err_console, print_json
+from slimlm.cli.app import console, err_console, print_json, progress_task
 from slimlm.errors import SlimlmError
 
 
@@ -57,16 +56,12 @@ def run_scheme(model: Path, out: Path | None, *, scheme: str, method: str | None
 
     if out is None:
         raise SlimlmError("give the output dir with -o DIR")
-    progress = Progress(TextColumn(f"{scheme} {method or ''}"), BarColumn(), MofNCompleteColumn(),
-                        TimeElapsedColumn(), TextColumn("{task.fields[item]}"), console=err_console,
-                        transient=True, disable=json_out)
-    with progress as bar:
-        task = bar.add_task("", total=None, item="calibration")
+    with progress_task(f"{scheme} {method or ''}", item="calibration", disable=json_out) as update:
         result = api.quantize_model(
             model, out, scheme=scheme, method=method, group_size=_group_option(group_size), symmetric=sym,
             ignore=ignore or None, calib=str(calib) if calib is not None else None, samples=samples,
             seq_len=seq_len, act_dynamic=not static_acts, spill_dir=spill, threads=threads, overwrite=overwrite,
-            progress=lambda d, t, item: bar.update(task, completed=d, total=t, item=item))
+            progress=lambda d, t, item: update(completed=d, total=t, item=item))
     if json_out:
         print_json(result.to_dict())
         return

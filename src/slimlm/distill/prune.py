@@ -98,6 +98,11 @@ def _rows(lin: torch.nn.Linear, rows: torch.Tensor) -> None:
     lin.out_features = int(rows.numel())
 
 
+def _cols(lin: torch.nn.Linear, cols: torch.Tensor) -> None:
+    lin.weight = torch.nn.Parameter(lin.weight.data[:, cols].clone())
+    lin.in_features = int(cols.numel())
+
+
 def _head_rows(heads: list[int], head_dim: int) -> torch.Tensor:
     return torch.cat([torch.arange(h * head_dim, (h + 1) * head_dim) for h in heads])
 
@@ -141,13 +146,10 @@ def prune_heads(model: torch.nn.Module, calib_ids: torch.Tensor, keep: float) ->
     for layer, s in zip(_layers(model), scores):
         kept, _ = heads_to_keep(s, n_heads, n_kv, keep)
         attn = layer.self_attn
-        _rows(attn.q_proj, _head_rows(kept, head_dim))
-        if group == 1:
-            _rows(attn.k_proj, _head_rows(kept, head_dim))
-            _rows(attn.v_proj, _head_rows(kept, head_dim))
-        cols = _head_rows(kept, head_dim)
-        attn.o_proj.weight = torch.nn.Parameter(attn.o_proj.weight.data[:, cols].clone())
-        attn.o_proj.in_features = int(cols.numel())
+        rows = _head_rows(kept, head_dim)
+        for proj in (attn.q_proj, attn.k_proj, attn.v_proj) if group == 1 else (attn.q_proj,):
+            _rows(proj, rows)
+        _cols(attn.o_proj, rows)
         attn.num_key_value_groups = new_heads // new_kv
         for name, value in (("num_heads", new_heads), ("num_key_value_heads", new_kv)):
             if hasattr(attn, name):
@@ -194,13 +196,9 @@ def prune(teacher: torch.nn.Module, calib_ids: torch.Tensor, *, drop_layers: int
         new_width = max(1, int(round(width * mlp_keep / 32)) * 32) if width >= 64 else max(1, int(width * mlp_keep))
         for layer, s in zip(student.model.layers, channel_scores):
             top = s.topk(new_width).indices.sort().values
-            mlp = layer.mlp
-            for name in ("gate_proj", "up_proj"):
-                lin = getattr(mlp, name)
-                lin.weight = torch.nn.Parameter(lin.weight.data[top].clone())
-                lin.out_features = new_width
-            mlp.down_proj.weight = torch.nn.Parameter(mlp.down_proj.weight.data[:, top].clone())
-            mlp.down_proj.in_features = new_width
+            _rows(layer.mlp.gate_proj, top)
+            _rows(layer.mlp.up_proj, top)
+            _cols(layer.mlp.down_proj, top)
         cfg.intermediate_size = new_width
         info["intermediate_size"] = new_width
     info["parameters"] = sum(p.numel() for p in student.parameters())

@@ -12,6 +12,7 @@ import json
 import math
 import shutil
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -209,9 +210,8 @@ def train(student: torch.nn.Module, data: TrainData, config: TrainConfig, out: P
         for m in range(config.grad_accum):
             part = mine[m * micro:(m + 1) * micro]
             ids, labels = data.input_ids[part].to(acc.device), data.labels[part].to(acc.device)
-            ctx = acc.no_sync(model) if m < config.grad_accum - 1 else _null()
-            with ctx:
-                with autocast or _null():
+            with acc.no_sync(model) if m < config.grad_accum - 1 else nullcontext():
+                with autocast or nullcontext():
                     if on_policy:
                         ids = sample_continuations(acc.unwrap_model(model), ids[:, :prompt_len],
                                                    my_uniforms[m * micro:(m + 1) * micro],
@@ -223,9 +223,8 @@ def train(student: torch.nn.Module, data: TrainData, config: TrainConfig, out: P
                                           temperature=config.temperature,
                                           divergence=config.divergence, beta=config.beta, **teacher_kw)
                 acc.backward(loss / config.grad_accum)
-            totals["loss"] += float(loss.detach()) / config.grad_accum
-            totals["ce"] += parts["ce"] / config.grad_accum
-            totals["kd"] += parts["kd"] / config.grad_accum
+            for key, value in (("loss", float(loss.detach())), ("ce", parts["ce"]), ("kd", parts["kd"])):
+                totals[key] += value / config.grad_accum
         grad_norm = acc.clip_grad_norm_(model.parameters(), config.grad_clip) if config.grad_clip > 0 else None
         optimizer.step()
         scheduler.step()
@@ -291,11 +290,3 @@ def _teacher_targets(data: TrainData, part: torch.Tensor, ids: torch.Tensor, tea
         with torch.no_grad():
             return {"teacher_logits": teacher(input_ids=ids).logits}
     raise SlimlmError("alpha < 1 needs a teacher (live or a cached top-k file)")
-
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None

@@ -21,6 +21,7 @@ import torch
 
 from slimlm.errors import SlimlmError
 from slimlm.data.text import TokenizedText
+from slimlm.evaluate.kld import mean_and_stderr
 
 _ROW_CHUNK = 64  # rows of the vocab-wide log-softmax done at a time: 64 x 49152 x 4 B = 12.6 MB scratch
 
@@ -116,16 +117,11 @@ class PerplexityStats:
     n_tokens: int
 
     def to_dict(self) -> dict[str, float | int]:
-        return {"ppl": self.ppl, "ppl_stderr": self.ppl_stderr, "nll_mean": self.nll_mean,
-                "n_tokens": self.n_tokens}
+        return dict(self.__dict__)
 
 
 def perplexity_stats(nll: torch.Tensor) -> PerplexityStats:
     """exp(mean NLL) ± ppl·sqrt(var/(N-1)), the uncertainty llama-perplexity prints."""
-    nll = nll.double()
-    n = int(nll.numel())
-    mean = float(nll.mean())
-    var = float((nll * nll).mean()) - mean * mean
+    mean, stderr = mean_and_stderr(nll)
     ppl = math.exp(mean)
-    stderr = ppl * math.sqrt(var / (n - 1)) if var > 0 and n > 1 else 0.0
-    return PerplexityStats(ppl=ppl, ppl_stderr=stderr, nll_mean=mean, n_tokens=n)
+    return PerplexityStats(ppl=ppl, ppl_stderr=ppl * stderr, nll_mean=mean, n_tokens=int(nll.numel()))

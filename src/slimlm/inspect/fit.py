@@ -118,6 +118,15 @@ def quality_rank(variant: str, source_dtype: str | None) -> int:
     return rank
 
 
+def _fit_row(variant: str, bits_per_weight: float, weights: int, kv: int, overhead: int, file_bytes: int | None,
+             rank: int | None, budget: int) -> dict[str, Any]:
+    """One row of fit's table: the memory to run a variant, and whether it fits ``budget``."""
+    total = weights + kv + overhead
+    return {"variant": variant, "bits_per_weight": bits_per_weight, "weights_bytes": weights, "kv_cache_bytes": kv,
+            "overhead_bytes": overhead, "total_bytes": total, "file_bytes": file_bytes,
+            "headroom_bytes": budget - total, "fits": total <= budget, "quality_rank": rank}
+
+
 def fit(model: str | Path, memory: str | int, *, context: int = 4096, batch: int = 1, cache_type: str = "f16",
         variants: Sequence[str] | None = None) -> dict[str, Any]:
     """Size every variant of ``model`` against ``memory`` and name the highest-quality one that fits."""
@@ -133,25 +142,17 @@ def fit(model: str | Path, memory: str | int, *, context: int = 4096, batch: int
         est = estimate_memory(facts.spec, v, context=context, batch=batch, cache_type=cache_type,
                               tensors=facts.tensors, metadata_bytes=facts.metadata_bytes,
                               dtype_bytes=facts.dtype_bytes)
-        rows.append({
-            "variant": v, "bits_per_weight": round(est.weights.bits_per_weight, 2),
-            "weights_bytes": est.weights.bytes, "kv_cache_bytes": est.kv.bytes, "overhead_bytes": est.overhead,
-            "total_bytes": est.total, "file_bytes": est.file_bytes, "headroom_bytes": budget - est.total,
-            "fits": est.total <= budget, "quality_rank": quality_rank(v, facts.source_dtype),
-        })
+        rows.append(_fit_row(v, round(est.weights.bits_per_weight, 2), est.weights.bytes, est.kv.bytes,
+                             est.overhead, est.file_bytes, quality_rank(v, facts.source_dtype), budget))
+    kv_info = kv_cache(facts.spec, context, batch, cache_type)
     if facts.stored_bytes is not None:
-        kv = kv_cache(facts.spec, context, batch, cache_type)
-        over = runtime_overhead(facts.spec, context, batch)
-        total = facts.stored_bytes + kv.bytes + over
         params = sum(t.n_elements for t in facts.tensors) or 1
-        rows.append({"variant": f"as stored ({facts.stored_format})",
-                     "bits_per_weight": round(facts.stored_bytes * 8 / params, 2), "weights_bytes": facts.stored_bytes,
-                     "kv_cache_bytes": kv.bytes, "overhead_bytes": over, "total_bytes": total, "file_bytes": None,
-                     "headroom_bytes": budget - total, "fits": total <= budget, "quality_rank": None})
+        rows.append(_fit_row(f"as stored ({facts.stored_format})", round(facts.stored_bytes * 8 / params, 2),
+                             facts.stored_bytes, kv_info.bytes, runtime_overhead(facts.spec, context, batch), None,
+                             None, budget))
     ranked = sorted((r for r in rows if r["fits"] and r["quality_rank"] is not None),
                     key=lambda r: (r["quality_rank"], r["total_bytes"]))
     best = ranked[0]["variant"] if ranked else None
-    kv_info = kv_cache(facts.spec, context, batch, cache_type)
     result: dict[str, Any] = {
         "model": facts.name, "memory_bytes": budget, "context": context, "batch": batch, "cache_type": cache_type,
         "kv_cache": kv_info.to_dict(), "variants": rows, "best": best,

@@ -91,58 +91,48 @@ def gguf_tensors_from_spec(spec: ModelSpec) -> list[PlanTensor]:
 
 
 def _layer_tensors(s: ModelSpec, i: int, is_moe: bool) -> list[PlanTensor]:
-    b = f"blk.{i}."
     h = s.hidden_size
-    ts = [PlanTensor(b + "attn_norm.weight", (h,)), PlanTensor(b + "ffn_norm.weight", (h,))]
+    t: dict[str, tuple[int, ...]] = {"attn_norm.weight": (h,), "ffn_norm.weight": (h,)}  # name -> shape
     if s.norms_per_layer >= 4:
-        ts += [PlanTensor(b + "post_attention_norm.weight", (h,)), PlanTensor(b + "post_ffw_norm.weight", (h,))]
+        t.update({"post_attention_norm.weight": (h,), "post_ffw_norm.weight": (h,)})
     if s.is_mla:
         rope, nope, kv_rank = s.qk_rope_head_dim or 0, s.qk_nope_head_dim or 0, s.kv_lora_rank or 0
         if s.q_lora_rank:
-            ts += [PlanTensor(b + "attn_q_a.weight", (s.q_lora_rank, h)),
-                   PlanTensor(b + "attn_q_a_norm.weight", (s.q_lora_rank,)),
-                   PlanTensor(b + "attn_q_b.weight", (s.n_heads * s.head_dim, s.q_lora_rank))]
+            t.update({"attn_q_a.weight": (s.q_lora_rank, h), "attn_q_a_norm.weight": (s.q_lora_rank,),
+                      "attn_q_b.weight": (s.n_heads * s.head_dim, s.q_lora_rank)})
         else:
-            ts.append(PlanTensor(b + "attn_q.weight", (s.n_heads * s.head_dim, h)))
-        ts += [PlanTensor(b + "attn_kv_a_mqa.weight", (kv_rank + rope, h)),
-               PlanTensor(b + "attn_kv_a_norm.weight", (kv_rank,)),
-               PlanTensor(b + "attn_k_b.weight", (s.n_heads, kv_rank, nope)),
-               PlanTensor(b + "attn_v_b.weight", (s.n_heads, s.v_head_dim, kv_rank)),
-               PlanTensor(b + "attn_output.weight", (h, s.n_heads * s.v_head_dim))]
+            t["attn_q.weight"] = (s.n_heads * s.head_dim, h)
+        t.update({"attn_kv_a_mqa.weight": (kv_rank + rope, h), "attn_kv_a_norm.weight": (kv_rank,),
+                  "attn_k_b.weight": (s.n_heads, kv_rank, nope), "attn_v_b.weight": (s.n_heads, s.v_head_dim, kv_rank),
+                  "attn_output.weight": (h, s.n_heads * s.v_head_dim)})
     else:
-        q, kv = s.n_heads * s.head_dim, s.n_kv_heads * s.head_dim
-        ts += [PlanTensor(b + "attn_q.weight", (q, h)), PlanTensor(b + "attn_k.weight", (kv, h)),
-               PlanTensor(b + "attn_v.weight", (s.n_kv_heads * s.v_head_dim, h)),
-               PlanTensor(b + "attn_output.weight", (h, s.n_heads * s.v_head_dim))]
+        q, kv, v = s.n_heads * s.head_dim, s.n_kv_heads * s.head_dim, s.n_kv_heads * s.v_head_dim
+        t.update({"attn_q.weight": (q, h), "attn_k.weight": (kv, h), "attn_v.weight": (v, h),
+                  "attn_output.weight": (h, s.n_heads * s.v_head_dim)})
         if s.attention_bias:
-            ts += [PlanTensor(b + "attn_q.bias", (q,)), PlanTensor(b + "attn_k.bias", (kv,)),
-                   PlanTensor(b + "attn_v.bias", (s.n_kv_heads * s.v_head_dim,))]
+            t.update({"attn_q.bias": (q,), "attn_k.bias": (kv,), "attn_v.bias": (v,)})
         if s.attention_out_bias:
-            ts.append(PlanTensor(b + "attn_output.bias", (h,)))
+            t["attn_output.bias"] = (h,)
         if s.qk_norm:
-            ts += [PlanTensor(b + "attn_q_norm.weight", (s.head_dim,)),
-                   PlanTensor(b + "attn_k_norm.weight", (s.head_dim,))]
+            t.update({"attn_q_norm.weight": (s.head_dim,), "attn_k_norm.weight": (s.head_dim,)})
     if is_moe:
         e, f = s.n_experts, s.moe_intermediate_size
-        ts += [PlanTensor(b + "ffn_gate_inp.weight", (e, h)),
-               PlanTensor(b + "ffn_gate_exps.weight", (e, f, h)), PlanTensor(b + "ffn_up_exps.weight", (e, f, h)),
-               PlanTensor(b + "ffn_down_exps.weight", (e, h, f))]
+        t.update({"ffn_gate_inp.weight": (e, h), "ffn_gate_exps.weight": (e, f, h), "ffn_up_exps.weight": (e, f, h),
+                  "ffn_down_exps.weight": (e, h, f)})
         if s.router_bias:
-            ts.append(PlanTensor(b + "exp_probs_b.bias", (e,)))
+            t["exp_probs_b.bias"] = (e,)
         if s.shared_expert_intermediate_size:
             fs = s.shared_expert_intermediate_size
-            ts += [PlanTensor(b + "ffn_gate_shexp.weight", (fs, h)), PlanTensor(b + "ffn_up_shexp.weight", (fs, h)),
-                   PlanTensor(b + "ffn_down_shexp.weight", (h, fs))]
+            t.update({"ffn_gate_shexp.weight": (fs, h), "ffn_up_shexp.weight": (fs, h),
+                      "ffn_down_shexp.weight": (h, fs)})
             if s.shared_expert_gate:
-                ts.append(PlanTensor(b + "ffn_gate_inp_shexp.weight", (h,)))
+                t["ffn_gate_inp_shexp.weight"] = (h,)
     else:
         f = s.intermediate_size
-        ts += [PlanTensor(b + "ffn_gate.weight", (f, h)), PlanTensor(b + "ffn_up.weight", (f, h)),
-               PlanTensor(b + "ffn_down.weight", (h, f))]
+        t.update({"ffn_gate.weight": (f, h), "ffn_up.weight": (f, h), "ffn_down.weight": (h, f)})
         if s.mlp_bias:
-            ts += [PlanTensor(b + "ffn_gate.bias", (f,)), PlanTensor(b + "ffn_up.bias", (f,)),
-                   PlanTensor(b + "ffn_down.bias", (h,))]
-    return ts
+            t.update({"ffn_gate.bias": (f,), "ffn_up.bias": (f,), "ffn_down.bias": (h,)})
+    return [PlanTensor(f"blk.{i}.{name}", shape) for name, shape in t.items()]
 
 
 def gguf_tensors_from_checkpoint(ckpt: Any) -> list[PlanTensor]:

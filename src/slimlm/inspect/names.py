@@ -50,6 +50,27 @@ def _iq_note(name: str) -> str:
             "importance matrix (imatrix) from calibration text to make it well")
 
 
+_16BIT = ["embeddings, lm_head and norms stay 16-bit"]
+_ALIAS = {"FP16": "F16", "FP32": "F32", "FLOAT16": "F16", "FLOAT32": "F32", "BFLOAT16": "BF16", "HALF": "F16",
+          "F8": "FP8", "FP8_DYNAMIC": "FP8"}
+# scheme -> (format, sentence, nominal bits per weight, memory-model variant, what the name leaves unknown);
+# all of them keep embeddings, lm_head and norms at 16 bits.
+_NAMED_QUANTS: dict[str, tuple[str, str, float, str | None, list[str]]] = {
+    "AWQ": ("AWQ", "Activation-aware Weight Quantization: 4-bit integer weights in groups of 128 with a 16-bit "
+            "scale and a 4-bit zero point per group, scaled by activation statistics; activations stay 16-bit",
+            4.156, "AWQ", []),
+    "GPTQ": ("GPTQ", "GPTQ: 4-bit integer weights (usually groups of 128 with scales and zero points) whose "
+             "rounding errors are corrected with second-order (Hessian) information; activations stay 16-bit",
+             4.156, "GPTQ", ["bits and group size (the name does not say; 4-bit/128 is the common default)"]),
+    "W8A8": ("compressed-tensors", "8-bit integer weights with one scale per output channel, and activations "
+             "quantized to 8 bits per token at run time (int8 matrix multiplies)", 8.0, "W8A8", []),
+    "W4A16": ("compressed-tensors", "4-bit integer weights in groups of 128 with one 16-bit scale per group; "
+              "activations stay 16-bit", 4.125, "W4A16", []),
+    "FP8": ("compressed-tensors", "8-bit floating-point (E4M3) weights with per-channel or block scales", 8.0, None,
+            ["scale granularity"]),
+}
+
+
 @dataclass
 class QuantInfo:
     scheme: str
@@ -74,8 +95,7 @@ def _bits(t: T) -> float:
 def quant_info(token: str) -> QuantInfo | None:
     """Explain a quantization token (Q4_K_M, IQ2_XS, AWQ, W8A8, fp16, int4, ...); None if it is not one."""
     key = token.strip().upper().replace("-", "_")
-    alias = {"FP16": "F16", "FP32": "F32", "FLOAT16": "F16", "FLOAT32": "F32", "BFLOAT16": "BF16", "HALF": "F16"}
-    key = alias.get(key, key)
+    key = _ALIAS.get(key, key)
     if key in FTYPE_DEFAULT:
         base = FTYPE_DEFAULT[key]
         fmt = "float" if key in ("F16", "BF16", "F32") else "GGUF"
@@ -83,38 +103,18 @@ def quant_info(token: str) -> QuantInfo | None:
         high = [] if fmt == "float" else ["norms and other 1-D tensors stay F32",
                                            "the output matrix (and a tied embedding) get more bits (Q6_K or Q8_0)"]
         return QuantInfo(key, fmt, sentence, _bits(base), high, key)
-    if key == "AWQ":
-        return QuantInfo("AWQ", "AWQ", "Activation-aware Weight Quantization: 4-bit integer weights in groups of "
-                         "128 with a 16-bit scale and a 4-bit zero point per group, scaled by activation "
-                         "statistics; activations stay 16-bit", 4.156,
-                         ["embeddings, lm_head and norms stay 16-bit"], "AWQ")
-    if key == "GPTQ":
-        return QuantInfo("GPTQ", "GPTQ", "GPTQ: 4-bit integer weights (usually groups of 128 with scales and zero "
-                         "points) whose rounding errors are corrected with second-order (Hessian) information; "
-                         "activations stay 16-bit", 4.156, ["embeddings, lm_head and norms stay 16-bit"], "GPTQ",
-                         unknown=["bits and group size (the name does not say; 4-bit/128 is the common default)"])
+    if key in _NAMED_QUANTS:
+        fmt, sentence, bits, variant, unknown = _NAMED_QUANTS[key]
+        return QuantInfo(key, fmt, sentence, bits, list(_16BIT), variant, unknown=list(unknown))
     m = re.fullmatch(r"W(\d+)A(\d+)(?:_?(FP8|INT8))?", key)
     if m:
-        wb, ab = int(m.group(1)), int(m.group(2))
-        if key == "W8A8":
-            return QuantInfo("W8A8", "compressed-tensors", "8-bit integer weights with one scale per output channel, "
-                             "and activations quantized to 8 bits per token at run time (int8 matrix multiplies)",
-                             8.0, ["embeddings, lm_head and norms stay 16-bit"], "W8A8")
-        if key == "W4A16":
-            return QuantInfo("W4A16", "compressed-tensors", "4-bit integer weights in groups of 128 with one 16-bit "
-                             "scale per group; activations stay 16-bit", 4.125,
-                             ["embeddings, lm_head and norms stay 16-bit"], "W4A16")
-        return QuantInfo(key, "compressed-tensors", f"{wb}-bit weights, {ab}-bit activations", float(wb), [],
-                         None, unknown=["grouping and scale layout"])
+        return QuantInfo(key, "compressed-tensors", f"{m.group(1)}-bit weights, {m.group(2)}-bit activations",
+                         float(m.group(1)), [], None, unknown=["grouping and scale layout"])
     if key in ("INT4", "INT8", "4BIT", "8BIT"):
         bits = 4 if "4" in key else 8
         return QuantInfo(key, "unknown", f"{bits}-bit integer weights; the name does not say how they are grouped "
                          "or scaled, or which file format holds them", float(bits), [], None,
                          unknown=["grouping, scales and file format"])
-    if key in ("FP8", "F8", "FP8_DYNAMIC"):
-        return QuantInfo("FP8", "compressed-tensors", "8-bit floating-point (E4M3) weights with per-channel or "
-                         "block scales", 8.0, ["embeddings, lm_head and norms stay 16-bit"], None,
-                         unknown=["scale granularity"])
     return None
 
 

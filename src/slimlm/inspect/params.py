@@ -140,11 +140,8 @@ def count_tensors(tensors: Iterable[TensorInfo], spec: ModelSpec | None = None) 
     n_layers = spec.n_layers if spec else None
     roles = dict.fromkeys(ROLES, 0)
     mtp = mtp_shared = router = quant_meta = 0
-    names = set()
     tensors = list(tensors)
-    for t in tensors:
-        names.add(t.name)
-    has_lm_head = any(tensor_role(n)[0] == "lm_head" for n in names)
+    has_lm_head = any(tensor_role(n)[0] == "lm_head" for n in {t.name for t in tensors})
     tied = (spec.tie_word_embeddings if spec else False) or not has_lm_head
     notes = []
     if has_lm_head and spec and spec.tie_word_embeddings:

@@ -235,24 +235,16 @@ class LeanModel:
 
         if self.int8:
             h = self._int8_layers(h.reshape(batch * length, hidden), attend).reshape(batch, length, hidden)
-            self.layers_done(cache, start, length)
-            return self._head(h, hidden, logits_to_keep)
-        for i, layer in enumerate(self.layers):
-            x = F.rms_norm(h, (hidden,), layer.norm1, layer.eps1)
-            a = attend(i, layer.qkv(x)).reshape(batch, length, -1)
-            h = h + layer.o(a).reshape(batch, length, hidden)
-            x = F.rms_norm(h, (hidden,), layer.norm2, layer.eps2)
-            gate, up = layer.gate_up.parts(x)
-            h = h + layer.down((F.silu(gate) * up).reshape(batch, length, -1)).reshape(batch, length, hidden)
-        self.layers_done(cache, start, length)
-        return self._head(h, hidden, logits_to_keep)
-
-    @staticmethod
-    def layers_done(cache: StaticCache | None, start: int, length: int) -> None:
+        else:
+            for i, layer in enumerate(self.layers):
+                x = F.rms_norm(h, (hidden,), layer.norm1, layer.eps1)
+                a = attend(i, layer.qkv(x)).reshape(batch, length, -1)
+                h = h + layer.o(a).reshape(batch, length, hidden)
+                x = F.rms_norm(h, (hidden,), layer.norm2, layer.eps2)
+                gate, up = layer.gate_up.parts(x)
+                h = h + layer.down((F.silu(gate) * up).reshape(batch, length, -1)).reshape(batch, length, hidden)
         if cache is not None:
             cache.length = start + length
-
-    def _head(self, h: torch.Tensor, hidden: int, logits_to_keep: int) -> torch.Tensor:
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
         return self.lm_head(F.rms_norm(h, (hidden,), self.norm, self.norm_eps))
