@@ -53,12 +53,13 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a complete checkpoint, as private torch copies in their stored dtypes."""
+    """Every tensor of a complete checkpoint, as private torch copies in their stored dtypes, in safetensors'
+    own key order (file by file, names sorted): writers that follow the dict's order write the same bytes."""
     ckpt = open_checkpoint(path)
     if not ckpt.tensors:
         raise SlimlmError(f"{path} holds no .safetensors file")
     ckpt.check_complete()
-    return {t.name: ckpt.load_torch(t) for t in ckpt.tensors}
+    return {t.name: ckpt.load_torch(t) for t in sorted(ckpt.tensors, key=lambda t: (t.file or "", t.name))}
 
 
 def read_config(path: Path) -> dict[str, Any]:
