@@ -57,12 +57,16 @@ def main() -> None:
     ap.add_argument("--old", type=Path, required=True)
     ap.add_argument("--new", type=Path, required=True)
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--skip", default="gptq", help="comma-separated words: jobs whose name has one are skipped")
     ap.add_argument("--label", default="before vs after the issue-13 refactor")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
     load_before = os.getloadavg()
     rows, raw = [], {}
+    skip = [w for w in args.skip.split(",") if w]
     for name, code in JOBS.items():
+        if any(w in name for w in skip):
+            continue
         times: dict[str, list[float]] = {"old": [], "new": []}
         for i in range(args.runs):
             for tree in (("old", "new") if i % 2 == 0 else ("new", "old")):
