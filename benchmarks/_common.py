@@ -46,3 +46,11 @@ def append_section(title: str, body: str) -> None:
                                  "ratios are measured in the same run.\n")
     with BENCHMARKS_MD.open("a") as f:
         f.write(text)
+
+
+def publish(title: str, body: str, no_write: bool) -> None:
+    """Print ``body`` alone (``--no-write``), or print and append it to BENCHMARKS.md under ``title``."""
+    if no_write:
+        print(body)
+    else:
+        append_section(title, body)

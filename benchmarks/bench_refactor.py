@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import append_section, markdown_table  # noqa: E402
+from _common import markdown_table, publish  # noqa: E402
 
 # Each job: a few lines run in the child; it prints the seconds of the timed call.
 PREPARE = """
@@ -80,10 +80,7 @@ def main() -> None:
             + f"\n\nMedians of {args.runs} runs per tree, trees alternating, each run in a fresh process "
             f"(import excluded). Load average before {load_before[0]:.2f}, after {load_after[0]:.2f}.\n\n"
             f"Raw seconds: `{json.dumps(raw)}`")
-    if args.no_write:
-        print(body)
-    else:
-        append_section(f"Refactor speed check: {args.label}", body)
+    publish(f"Refactor speed check: {args.label}", body, args.no_write)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import append_section, markdown_table  # noqa: E402
+from _common import markdown_table, publish  # noqa: E402
 
 from slimlm import resources  # noqa: E402
 from slimlm.runtime import (  # noqa: E402
@@ -349,18 +349,12 @@ def main() -> None:
     hf_dir = Path(args.model) if args.model else resources.builtin_hf_dir()
     if args.gguf:
         body = gguf_section(hf_dir, resources.cache_dir(), args.gguf.split(","), args.gen, args.rounds)
-        if args.no_write:
-            print(body)
-        else:
-            append_section("Quantized runtime on GGUF files vs llama.cpp (bench_runtime.py --gguf)", body)
+        publish("Quantized runtime on GGUF files vs llama.cpp (bench_runtime.py --gguf)", body, args.no_write)
         return
     if args.accuracy_only:
         body = accuracy_section(hf_dir, resources.wikitext_path("test"), args.chunks, resources.cache_dir())
-        if args.no_write:
-            print(body)
-        else:
-            append_section(f"Quantized runtime: fast path vs reference over {args.chunks} windows "
-                           f"(bench_runtime.py --accuracy-only --chunks {args.chunks})", body)
+        publish(f"Quantized runtime: fast path vs reference over {args.chunks} windows "
+                f"(bench_runtime.py --accuracy-only --chunks {args.chunks})", body, args.no_write)
         return
     models = load_variants(hf_dir, args.files, resources.cache_dir(), not args.no_hf_rows)
     med = measure(models, args.prompt, args.decode_prompt, args.gen, args.rounds)
@@ -368,20 +362,13 @@ def main() -> None:
     del models
     # Each part is written as soon as it is measured, so a later failure cannot lose it.
     title = "Quantized runtime: fp32 vs bf16 vs W8A8 vs W4A16 (bench_runtime.py)"
-    if args.no_write:
-        print(speed)
-    else:
-        append_section(title, speed)
+    publish(title, speed, args.no_write)
     parts = [("kernel choices", kernel_section)]
     if not args.no_accuracy:
         parts.insert(0, ("fast path vs reference", lambda: accuracy_section(
             hf_dir, resources.wikitext_path("test"), args.chunks, resources.cache_dir())))
     for name, make in parts:
-        body = make()
-        if args.no_write:
-            print(body)
-        else:
-            append_section(f"Quantized runtime: {name} (bench_runtime.py)", body)
+        publish(f"Quantized runtime: {name} (bench_runtime.py)", make(), args.no_write)
 
 
 if __name__ == "__main__":

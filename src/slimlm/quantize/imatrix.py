@@ -209,7 +209,7 @@ def check_compatible(imatrix: Imatrix, row_lengths: dict[str, int], source: str 
 
 # ---------------------------------------------------------------- collection
 
-def linear_gguf_names(model, arch_name: str | None = None) -> dict[str, str]:
+def linear_gguf_names(model) -> dict[str, str]:
     """HF module name -> GGUF tensor name (without '.weight') for every Linear inside the decoder layers."""
     from slimlm.archs import SUPPORTED_ARCHITECTURES
 
