@@ -52,8 +52,27 @@ def test_perplexity_through_fast_kernels_equals_reference(smollm2_hf_dir, window
     assert len(kernel_report(fast)) == 30 * 7 + 1
     ref = AutoModelForCausalLM.from_pretrained(smollm2_hf_dir, dtype=torch.float32).eval()
     quantize_(ref, config, reference=True)
+    # each kernel layer, fed the reference layer's own input, gives the reference's output: to fp32 rounding
+    # for W8A8 (exact int32 sums), to bf16 rounding for W4A16 (its kernels take bf16 activations)
+    inputs: dict[str, torch.Tensor] = {}
+    hooks = [m.register_forward_hook(lambda mod, i, o, n=n: inputs.__setitem__(n, (i[0].detach(), o.detach())))
+             for n, m in ref.named_modules() if n in kernel_report(fast)]
+    with torch.no_grad():
+        ref(windows[:1, :128])
+    for h in hooks:
+        h.remove()
+    with torch.no_grad():
+        worst = max(float((fast.get_submodule(n)(x) - y).norm() / y.norm()) for n, (x, y) in inputs.items())
+    assert len(inputs) == 30 * 7 + 1 and worst < (1e-5 if scheme == "w8a8" else 1e-2), worst
     p_fast, p_ref = _ppl(fast, windows), _ppl(ref, windows)
-    assert abs(p_fast / p_ref - 1) < 0.005, (p_fast, p_ref)
+    # W8A8 on SmolLM2 is chaotic at model level: per-token int8 codes of activations with massive outlier
+    # channels flip on fp32 rounding differences (the layers above agree to ~3e-7; the first decoder layer's
+    # output to 6e-7, the second's already to 7e-4), and perturbing the embeddings by 1e-6 (relative) moves
+    # the fast path's own perplexity by +0.4..+1.9% (8 windows). Measured gaps on these 2 windows: <0.5% on
+    # a Xeon (oneDNN), 1.0% on an AMD EPYC (torch._int_mm), 2.0% on another AMD EPYC (oneDNN's reference
+    # kernel). So W8A8 is held to a 3% band here; W4A16 (weight-only, not chaotic) to 0.5%.
+    band = 0.03 if scheme == "w8a8" else 0.005
+    assert abs(p_fast / p_ref - 1) < band, (p_fast, p_ref)
     assert 5 < p_ref < 100  # a working model on wikitext, not noise
     # the runtime's lean forward (fused sibling GEMMs; W8A8: int8 layers with fused epilogues) on the same modules
     from slimlm.runtime.fastpath import LeanModule
@@ -61,11 +80,8 @@ def test_perplexity_through_fast_kernels_equals_reference(smollm2_hf_dir, window
     lean = LeanModule(fast)
     assert scheme != "w8a8" or lean.lean.int8
     p_lean = _ppl(lean, windows)
-    # W8A8 on SmolLM2 is chaotic at this level: per-token int8 codes of activations with massive outlier
-    # channels flip on fp32 reordering, and perturbing the embeddings by 1e-6 (relative) moves the fast
-    # path's own perplexity by +0.4..+1.9% (measured on 8 windows). The lean forward reorders fp32 work (GQA
-    # attention, fused epilogues), so it is held to that band; W4A16 (weight-only, not chaotic) to 0.5%.
-    assert abs(p_lean / p_ref - 1) < (0.02 if scheme == "w8a8" else 0.005), (p_lean, p_ref)
+    # the lean forward reorders fp32 work (GQA attention, fused epilogues): the same bands
+    assert abs(p_lean / p_ref - 1) < band, (p_lean, p_ref)
 
 
 def test_shipped_gguf_runs_on_int4_kernels(smollm2_gguf, smollm2_hf_dir):

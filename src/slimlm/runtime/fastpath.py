@@ -126,18 +126,11 @@ class _Layer:
         self.down = mlp.down_proj
         self.norm1, self.eps1 = layer.input_layernorm.weight, _eps(layer.input_layernorm)
         self.norm2, self.eps2 = layer.post_attention_layernorm.weight, _eps(layer.post_attention_layernorm)
-        # all-int8 layer: both sibling groups share oneDNN GEMMs and o/down are plain oneDNN W8A8 layers
+        # all-int8 layer: both sibling groups share int8 GEMMs and o/down are plain W8A8 layers
         self.int8 = (self.qkv.int8 is not None and self.gate_up.int8 is not None
-                     and all(isinstance(m, W8A8Linear) and m.backend == "onednn" and m.group is None
-                             and m.bias is None for m in (self.o, self.down)))
+                     and all(isinstance(m, W8A8Linear) and m.group is None and m.bias is None
+                             for m in (self.o, self.down)))
         self.inter = mlp.down_proj.in_features
-
-
-def _int8_gemm(xq: torch.Tensor, module: W8A8Linear | FusedInt8Group, dtype: torch.dtype) -> torch.Tensor:
-    """int8 codes × a layer's (or a sibling group's) packed int8 weight, weight scales applied; the caller
-    applies the per-token activation scales in its fused epilogue."""
-    packed = module.packed if isinstance(module, FusedInt8Group) else module.qweight
-    return kernels.int8_gemm(xq, packed, module.scale, module.zero, dtype, module.w_kn)
 
 
 def _eps(norm: nn.Module) -> float:
@@ -260,12 +253,12 @@ class LeanModel:
         first = self.layers[0]
         xq, xs = kernels.norm_quant_f(h, first.norm1, first.eps1)
         for i, layer in enumerate(self.layers):
-            qkv = kernels.scale_rows_(_int8_gemm(xq, layer.qkv.int8, dtype), xs)
+            qkv = kernels.scale_rows_(layer.qkv.int8.gemm(xq, dtype), xs)
             aq, a_s = kernels.quant_rows_f(attend(i, qkv))
-            y = _int8_gemm(aq, layer.o, dtype)
+            y = layer.o.gemm(aq, dtype)
             h, xq, xs = kernels.residual_norm_quant_f(h, y, a_s, layer.norm2, layer.eps2)
-            gq, g_s = kernels.silu_mul_quant_f(_int8_gemm(xq, layer.gate_up.int8, dtype), xs, layer.inter)
-            y = _int8_gemm(gq, layer.down, dtype)
+            gq, g_s = kernels.silu_mul_quant_f(layer.gate_up.int8.gemm(xq, dtype), xs, layer.inter)
+            y = layer.down.gemm(gq, dtype)
             if i + 1 < len(self.layers):
                 nxt = self.layers[i + 1]
                 h, xq, xs = kernels.residual_norm_quant_f(h, y, g_s, nxt.norm1, nxt.eps1)

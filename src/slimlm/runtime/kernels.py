@@ -31,16 +31,21 @@ def autotune_enabled() -> bool:
 def _best_of(fns: dict[str, callable], rounds: int = 7, margin: float = 0.1) -> str:
     """Name of the fastest function: medians over ``rounds`` interleaved timings (so a busy machine slows
     every candidate alike); the first candidate (the default) is kept unless another beats it by ``margin``."""
+    medians = _medians(fns, rounds)
+    default = next(iter(fns))
+    best = min(medians, key=medians.get)
+    return best if medians[best] < (1 - margin) * medians[default] else default
+
+
+def _medians(fns: dict[str, callable], rounds: int) -> dict[str, float]:
+    """Median seconds of each function over ``rounds`` interleaved timings, after one warm-up call each."""
     times: dict[str, list[float]] = {name: [] for name in fns}
     for fn in fns.values():
         fn()
     for _ in range(rounds):
         for name, fn in fns.items():
             times[name].append(_timed(fn))
-    medians = {name: sorted(t)[len(t) // 2] for name, t in times.items()}
-    default = next(iter(fns))
-    best = min(medians, key=medians.get)
-    return best if medians[best] < (1 - margin) * medians[default] else default
+    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
 
 
 def _timed(fn) -> float:
@@ -52,9 +57,22 @@ def _timed(fn) -> float:
 INT8_BACKENDS = ("onednn", "int_mm_nk", "int_mm_kn")
 
 
+@functools.cache
 def onednn_int8_available() -> bool:
-    """oneDNN's int8 linear (brgemm; AMX/VNNI where the CPU has them), as torch's x86 inductor path uses it."""
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_pointwise")
+    """oneDNN's int8 linear (brgemm; AMX/VNNI where the CPU has them), as torch's x86 inductor path uses it,
+    present in this torch build and not a reference fallback. On some CPUs (seen: an AMD EPYC with
+    AVX512-VNNI, torch 2.13) oneDNN picks a naive reference kernel: 0.5 s for 128×576×576 against 0.2 ms
+    on ``torch._int_mm``, turning a 7-minute test suite into an hour. One probe (32×256×256, a few ms
+    where oneDNN is fine) rules it out where it is over 4x slower than ``_int_mm``."""
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_pointwise")):
+        return False
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(-127, 128, (32, 256), dtype=torch.int8, generator=gen)
+    w = torch.randint(-127, 128, (256, 256), dtype=torch.int8, generator=gen)
+    packed, scale, zero, w_kn = onednn_prepack(w), torch.ones(256), torch.zeros(256, dtype=torch.int64), w.t().contiguous()
+    med = _medians({"onednn": lambda: onednn_int8_linear(x, packed, scale, zero),
+                    "int_mm": lambda: torch._int_mm(x, w_kn)}, rounds=3)
+    return med["onednn"] <= 4 * med["int_mm"] + 1e-4
 
 
 @functools.cache
@@ -252,30 +270,28 @@ def onednn_slow_at_one_row(k: int, n: int) -> bool:
     w = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=gen)
     x = torch.randint(-127, 128, (1, k), dtype=torch.int8, generator=gen)
     packed, scale, zero, w_kn = onednn_prepack(w), torch.ones(n), torch.zeros(n, dtype=torch.int64), w.t().contiguous()
-    fns = {"onednn": lambda: onednn_int8_linear(x, packed, scale, zero),
-           "int_mm": lambda: torch._int_mm(x, w_kn)}
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for fn in fns.values():
-        fn()
-    for _ in range(5):
-        for name, fn in fns.items():
-            times[name].append(_timed(fn))
-    med = {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+    med = _medians({"onednn": lambda: onednn_int8_linear(x, packed, scale, zero),
+                    "int_mm": lambda: torch._int_mm(x, w_kn)}, rounds=5)
     return med["onednn"] > 4 * med["int_mm"]
 
 
-def int8_linear(xq: torch.Tensor, xs: torch.Tensor, packed: torch.Tensor, w_scale: torch.Tensor,
-                w_zero: torch.Tensor, like: torch.dtype, w_kn: torch.Tensor | None = None) -> torch.Tensor:
+def int8_linear(xq: torch.Tensor, xs: torch.Tensor, packed: torch.Tensor | None, w_scale: torch.Tensor,
+                w_zero: torch.Tensor | None, like: torch.dtype, w_kn: torch.Tensor | None = None) -> torch.Tensor:
     """``int8_gemm`` with the per-token activation scales ``xs`` applied too, in ``like`` (the activation's
     dtype) where that is fp32 or bf16, else fp32: one W8A8 layer's (or sibling group's) whole output."""
-    out_dtype = like if like in (torch.float32, torch.bfloat16) else torch.float32
-    return scale_rows_(int8_gemm(xq, packed, w_scale, w_zero, out_dtype, w_kn), xs)
+    return scale_rows_(int8_gemm(xq, packed, w_scale, w_zero, int8_out_dtype(like), w_kn), xs)
 
 
-def int8_gemm(xq: torch.Tensor, packed: torch.Tensor, w_scale: torch.Tensor, w_zero: torch.Tensor,
+def int8_out_dtype(like: torch.dtype) -> torch.dtype:
+    """The int8 GEMMs' output dtype for an activation dtype: itself where fp32 or bf16, else fp32."""
+    return like if like in (torch.float32, torch.bfloat16) else torch.float32
+
+
+def int8_gemm(xq: torch.Tensor, packed: torch.Tensor | None, w_scale: torch.Tensor, w_zero: torch.Tensor | None,
               out_dtype: torch.dtype, w_kn: torch.Tensor | None = None) -> torch.Tensor:
-    """``(xq @ W.T) * w_scale`` on oneDNN, or on ``_int_mm`` with the (K, N) copy ``w_kn`` for the few-row
-    calls of shapes where oneDNN is pathologically slow (``onednn_slow_at_one_row``)."""
-    if w_kn is not None and xq.shape[0] <= ONE_ROW_MAX:
+    """``(xq @ W.T) * w_scale`` on oneDNN, or on ``_int_mm`` with the (K, N) weight ``w_kn`` where there is
+    no oneDNN copy (``packed`` None) or for the few-row calls of shapes where oneDNN is pathologically slow
+    (``onednn_slow_at_one_row``)."""
+    if packed is None or (w_kn is not None and xq.shape[0] <= ONE_ROW_MAX):
         return torch._int_mm(xq, w_kn).mul(w_scale).to(out_dtype)
     return onednn_int8_linear(xq, packed, w_scale, w_zero, out_dtype)

@@ -116,9 +116,10 @@ class DequantLinear(QuantLinear):
 
 
 class FusedInt8Group:
-    """One oneDNN int8 GEMM for sibling W8A8 layers that read the same input (q/k/v, gate/up).
+    """One int8 GEMM for sibling W8A8 layers that read the same input (q/k/v, gate/up).
 
-    Their weights are concatenated along N and packed once; the first sibling's call quantizes the input
+    Their weights are concatenated along N and stored once (packed for oneDNN, else a (K, N) copy for
+    ``torch._int_mm``); the first sibling's call quantizes the input
     and runs the whole GEMM, the later siblings take their column slice of the memoized output (same input
     object only, as in SharedInputQuantizer). Fewer, wider GEMMs: the k/v projections of small models cost
     almost nothing extra this way, and the activation is quantized once.
@@ -127,10 +128,13 @@ class FusedInt8Group:
     def __init__(self, members: list["W8A8Linear"]):
         self.k = members[0].in_features
         codes = torch.cat([m.int_weight() for m in members], dim=0)
-        self.packed = kernels.onednn_prepack(codes)
         self.scale = torch.cat([m.scale for m in members])
-        self.zero = torch.zeros(codes.shape[0], dtype=torch.int64)
-        self.w_kn = codes.t().contiguous() if kernels.onednn_slow_at_one_row(self.k, codes.shape[0]) else None
+        self.packed = self.zero = self.w_kn = None
+        if kernels.onednn_int8_available():
+            self.packed = kernels.onednn_prepack(codes)
+            self.zero = torch.zeros(codes.shape[0], dtype=torch.int64)
+        if self.packed is None or kernels.onednn_slow_at_one_row(self.k, codes.shape[0]):
+            self.w_kn = codes.t().contiguous()
         self.names: list[str] = []
         self.slices, start = [], 0
         for m in members:
@@ -142,12 +146,25 @@ class FusedInt8Group:
 
     def codes(self, index: int) -> torch.Tensor:
         start, end = self.slices[index]
-        return self.packed.to_dense()[:, start:end].t()
+        kn = self.w_kn if self.packed is None else self.packed.to_dense()
+        return kn[:, start:end].t()
+
+    @property
+    def kernel(self) -> str:
+        gemm = "onednn.qlinear_pointwise" if self.packed is not None else "torch._int_mm"
+        return f"{gemm} int8×int8→int32, one GEMM with siblings ({'+'.join(self.names)}), per-token int8 activations"
+
+    def weight_copies(self) -> int:
+        return 2 if self.packed is not None and self.w_kn is not None else 1
+
+    def gemm(self, xq: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        """``(xq @ W.T) * weight scales`` for the whole group, per-token scales left to the caller."""
+        return kernels.int8_gemm(xq, self.packed, self.scale, self.zero, out_dtype, self.w_kn)
 
     def run(self, x2: torch.Tensor) -> torch.Tensor:
         """The whole group's output ``(M, sum of N)`` for a 2-D input (no memo: the lean path's call)."""
         xq, xs = kernels.quantize_per_token(x2)
-        return kernels.int8_linear(xq, xs, self.packed, self.scale, self.zero, x2.dtype, self.w_kn)
+        return kernels.scale_rows_(self.gemm(xq, kernels.int8_out_dtype(x2.dtype)), xs)
 
     def __call__(self, x: torch.Tensor, first: bool) -> torch.Tensor:
         import weakref
@@ -192,8 +209,7 @@ class W8A8Linear(QuantLinear):
     @property
     def kernel(self) -> str:
         if self.group is not None:
-            return (f"onednn.qlinear_pointwise int8×int8→int32, one GEMM with siblings "
-                    f"({'+'.join(self.group.names)}), per-token int8 activations")
+            return self.group.kernel
         if self.backend == "onednn":
             few = (f"; torch._int_mm for ≤{kernels.ONE_ROW_MAX} rows (oneDNN measured slow there)"
                    if self.w_kn is not None else "")
@@ -218,8 +234,15 @@ class W8A8Linear(QuantLinear):
 
     def weight_bytes(self) -> int:
         """int8 codes and scales, plus the (K, N) copy where one is kept for few-row calls (own or group's)."""
-        kn = self.w_kn is not None or (self.group is not None and self.group.w_kn is not None)
-        return self.in_features * self.out_features * (2 if kn else 1) + self.scale.numel() * 4
+        copies = self.group.weight_copies() if self.group is not None else 2 if self.w_kn is not None else 1
+        return self.in_features * self.out_features * copies + self.scale.numel() * 4
+
+    def gemm(self, xq: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        """``(xq @ W.T) * weight scales`` (not in a group), per-token scales left to the caller."""
+        if self.backend == "onednn":
+            return kernels.int8_gemm(xq, self.qweight, self.scale, self.zero, out_dtype, self.w_kn)
+        w = self.qweight if self.backend == "int_mm_kn" else self.qweight.t()
+        return kernels.int8_gemm(xq, None, self.scale, None, out_dtype, w)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.group is not None:

@@ -140,7 +140,7 @@ def fuse_siblings(model: nn.Module) -> int:
                 continue
             if len({m.in_features for m in members}) != 1:
                 continue
-            if all(m.backend == "onednn" and m.bias is None for m in members):
+            if all(m.bias is None for m in members):
                 group = FusedInt8Group(members)
                 group.names = list(names)
                 for i, m in enumerate(members):
