@@ -1,19 +1,15 @@
 """llama.cpp's per-tensor type choice for a GGUF "file type" mix (Q4_K_M, Q3_K_S, ...).
 
-A GGUF file called Q4_K_M is not Q4_K everywhere: llama.cpp's quantizer gives some tensors more bits
-(the output matrix, half of the attn_v / ffn_down layers, ...) and falls back to 32-wide block types when a
-row length is not a multiple of 256. Sizing a file, or making one llama.cpp would make, needs the same
-plan. This module re-states those rules (``llama_tensor_get_type`` and helpers in llama.cpp's
-src/llama-quant.cpp) as a pure function over a tensor list; it is our own code, checked tensor by tensor
-against the llama.cpp bundled with llama-cpp-python (tests/test_gguf_mix_llamacpp.py).
+A GGUF file called Q4_K_M is not Q4_K everywhere: llama.cpp gives some tensors more bits (the output
+matrix, half of the attn_v / ffn_down layers, ...) and falls back to 32-wide block types when a row length
+is not a multiple of 256. Sizing a file, or making the one llama.cpp would make, needs the same plan, so
+this re-states ``llama_tensor_get_type`` (src/llama-quant.cpp) as a pure function over a tensor list,
+checked tensor by tensor against llama-cpp-python's llama.cpp (tests/test_gguf_mix_llamacpp.py).
 
-Rules followed: llama.cpp commit 007dbbf3fd17eefe9b47fee45f48f7ba5e62b714 (src/llama-quant.cpp), which agrees
-with the library vendored in llama-cpp-python 0.3.36 (ggml commit 0c1e570) on every tensor of SmolLM2 for
-every ftype tested. Notably, in this version Q2_K/Q3_K fall back to Q4_0 (older releases used IQ4_NL),
-Q4_K to Q5_0, Q5_K to Q5_1, Q6_K to Q8_0, and IQ types to IQ4_NL.
-
-Shapes are given in PyTorch order (outermost first), so the row length llama.cpp calls ``ne[0]`` is
-``shape[-1]``; a 3-D expert tensor is ``(n_expert, rows, row_length)``.
+Rules followed: llama.cpp commit 007dbbf3fd17eefe9b47fee45f48f7ba5e62b714, which agrees with llama-cpp-python
+0.3.36 (ggml 0c1e570) on every SmolLM2 tensor for every ftype tested. In this version Q2_K/Q3_K fall back to
+Q4_0 (older releases used IQ4_NL), Q4_K to Q5_0, Q5_K to Q5_1, Q6_K to Q8_0, and IQ types to IQ4_NL.
+Shapes are in PyTorch order, so llama.cpp's row length ``ne[0]`` is ``shape[-1]`` (3-D: n_expert, rows, row).
 """
 
 from __future__ import annotations
@@ -128,10 +124,7 @@ def type_by_name(name: str) -> T:
 def normalize_ftype(ftype: str) -> str:
     """'q4_k_m' -> 'Q4_K_M'; unknown mixes raise SlimlmError naming the close ones."""
     key = ftype.strip().upper().replace("-", "_")
-    if key == "FP16":
-        key = "F16"
-    if key == "FP32":
-        key = "F32"
+    key = {"FP16": "F16", "FP32": "F32"}.get(key, key)
     if key not in FTYPE_DEFAULT:
         import difflib
 
@@ -194,10 +187,6 @@ def _use_more_bits(i_layer: int, n_layers: int) -> bool:
 
 def _block_size(t: T) -> int:
     return GGML_QUANT_SIZES[t][0]
-
-
-def _is_quantized(t: T) -> bool:
-    return t not in _FLOAT_TYPES
 
 
 def layer_sort_key(name: str) -> tuple[int, str]:
@@ -401,23 +390,13 @@ def _fallback(tensor: PlanTensor, target: T) -> T:
         raise SlimlmError(f"tensor {tensor.name} has rows of {tensor.row_length} values, not a multiple of "
                           f"{_block_size(target)} as {target.name} needs, and llama.cpp defines no fallback")
     fallback = _FALLBACK[target]
-    if tensor.row_length % _block_size(fallback) != 0:
-        return T.F16
-    return fallback
+    return T.F16 if tensor.row_length % _block_size(fallback) != 0 else fallback
 
 
-def plan_types(
-    tensors: Iterable[PlanTensor],
-    arch: ArchFacts,
-    ftype: str,
-    *,
-    overrides: Sequence[tuple[str, T]] | Mapping[str, T] = (),
-    output_type: T | None = None,
-    token_embedding_type: T | None = None,
-    has_imatrix: bool = False,
-    pure: bool = False,
-    quantize_output: bool = True,
-) -> dict[str, T]:
+def plan_types(tensors: Iterable[PlanTensor], arch: ArchFacts, ftype: str, *,
+               overrides: Sequence[tuple[str, T]] | Mapping[str, T] = (), output_type: T | None = None,
+               token_embedding_type: T | None = None, has_imatrix: bool = False, pure: bool = False,
+               quantize_output: bool = True) -> dict[str, T]:
     """The GGML type llama.cpp's quantizer gives each tensor for the mix ``ftype`` (e.g. 'Q4_K_M').
 
     ``overrides`` are ``--tensor-type`` rules (regex searched in the name, first match wins); like in
@@ -444,7 +423,7 @@ def plan_types(
             plan[tensor.name] = output_type
             continue
         new = default
-        if _is_quantized(default):
+        if default not in _FLOAT_TYPES:
             manual = False
             for pattern, qtype in compiled:
                 if pattern.search(tensor.name):

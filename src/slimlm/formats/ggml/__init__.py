@@ -1,9 +1,8 @@
 """Bit-exact GGML block codecs: float rows in, the bytes llama.cpp would write out (and back).
 
 Written by hand (not via gguf-py) because gguf-py has no k-quant/IQ4_NL encoders and no importance-matrix
-paths (its Q4_0..Q8_0/BF16 encoders give the same bytes as ours; bench_codecs.py compares speed). Each
-block family lives in its own
-module and registers an ``encode``/``decode`` pair in ``REGISTRY``:
+paths (its Q4_0..Q8_0/BF16 encoders give the same bytes as ours; bench_codecs.py compares speed). Each block
+family lives in its own module and registers an ``encode``/``decode`` pair in ``REGISTRY``:
 
 - ``encode(x, imatrix) -> bytes``: x is float32 ``[rows, n]`` (n a multiple of the block size), imatrix is
   None or a float32 ``[rows, n]`` (often a broadcast view) of per-column importances; returns uint8
@@ -75,8 +74,7 @@ def quantize(x: np.ndarray, qtype: GGMLQuantizationType | str, imatrix: np.ndarr
              threads: int | None = None) -> np.ndarray:
     """Encode float rows ``[..., n]`` to GGML blocks ``[..., row_bytes]`` (uint8), like llama.cpp.
 
-    ``imatrix``: per-column importance, shape ``[n]`` or anything broadcastable to ``x.shape`` (e.g. one
-    row per expert); types whose llama.cpp quantizer ignores it (F16, Q8_0, ...) ignore it too.
+    ``imatrix``: per-column importance broadcastable to ``x.shape`` (ignored where llama.cpp ignores it);
     ``threads``: worker threads over row chunks (default: all cores); the bytes do not depend on it.
     """
     qt = qtype_of(qtype)
@@ -152,10 +150,8 @@ def dequantize(data: np.ndarray, qtype: GGMLQuantizationType | str, shape: tuple
 
 def pack_blocks(qtype: GGMLQuantizationType | str, codes: np.ndarray, d: np.ndarray,
                 m: np.ndarray | None = None) -> np.ndarray:
-    """GGML blocks ``[rows, row_bytes]`` from a grid chosen elsewhere (e.g. a compressed-tensors checkpoint's
-    codes) instead of llama.cpp's rounding: ``codes`` [rows, n] as the block stores them (Q8_0: -128..127,
-    Q4_0/Q4_1: 0..15), one scale ``d`` (and for Q4_1 one min ``m``) per 32-value block, [rows, n/32],
-    rounded to fp16 as llama.cpp stores them. Q8_0: x = d·q, Q4_0: x = d·(q − 8), Q4_1: x = d·q + m."""
+    """GGML blocks from a grid chosen elsewhere (a compressed-tensors checkpoint's codes): ``codes`` [rows, n]
+    as stored (Q8_0: x = d·q, Q4_0: x = d·(q − 8), Q4_1: x = d·q + m), ``d`` (and ``m``) [rows, n/32]."""
     from . import legacy
 
     name = qtype_of(qtype).name
@@ -167,7 +163,7 @@ def pack_blocks(qtype: GGMLQuantizationType | str, codes: np.ndarray, d: np.ndar
 
 
 def _register() -> None:
-    from . import floats, iq4_nl, legacy, q3_k, q6_k
+    from . import floats, iq4_nl, legacy, q2_k, q3_k, q4_k, q5_k, q6_k
 
     T = GGMLQuantizationType
     REGISTRY[T.F32] = Codec(floats.encode_f32, floats.decode_f32)
@@ -181,11 +177,9 @@ def _register() -> None:
     REGISTRY[T.IQ4_NL] = Codec(iq4_nl.encode, iq4_nl.decode)
     REGISTRY[T.Q6_K] = Codec(q6_k.encode, q6_k.decode)
     REGISTRY[T.Q3_K] = Codec(q3_k.encode, q3_k.decode, chunk=1 << 17)
-    # k-quants of the other codec modules, one line each, e.g.:
-    # from . import q4_k; REGISTRY[T.Q4_K] = Codec(q4_k.encode, q4_k.decode)
-    from . import q2_k; REGISTRY[T.Q2_K] = Codec(q2_k.encode, q2_k.decode)  # noqa: E702
-    from . import q4_k; REGISTRY[T.Q4_K] = Codec(q4_k.encode, q4_k.decode)  # noqa: E702
-    from . import q5_k; REGISTRY[T.Q5_K] = Codec(q5_k.encode, q5_k.decode)  # noqa: E702
+    REGISTRY[T.Q2_K] = Codec(q2_k.encode, q2_k.decode)
+    REGISTRY[T.Q4_K] = Codec(q4_k.encode, q4_k.decode)
+    REGISTRY[T.Q5_K] = Codec(q5_k.encode, q5_k.decode)
 
 
 _register()

@@ -1,16 +1,11 @@
 """Float32 building blocks that reproduce llama.cpp's scalar quantizers bit for bit (all block families).
 
-llama.cpp's reference quantizers (ggml-quants.c) are plain C loops in float32: sums run left to right,
-``nearest_int`` rounds half to even through a magic-number add, scales are stored as IEEE fp16 with
-round-to-nearest-even. To produce the same bytes we keep every intermediate in float32, evaluate
-products in C's left-to-right order, and accumulate sums sequentially (numpy's ``sum`` is pairwise, so
-it is not used for anything that decides a byte). The state a C loop carries from one candidate to the
-next (the running ``min`` of ``make_qkx2/3_quants``, the running sums of ``make_qp_quants``) is carried
-the same way.
-
-Details that decide bytes and are reproduced here: nearest_int's integer bit trick (also for inf/NaN/huge
-inputs, which degenerate blocks produce), C's strict ``>``/``<`` scans (first extreme wins, which also fixes
-the sign of a zero min/max), sums that start from +0.0 (or from the first term), and division guards.
+llama.cpp's reference quantizers (ggml-quants.c) are float32 C loops, so every intermediate stays float32,
+products run in C's left-to-right order and sums accumulate sequentially (numpy's pairwise ``sum`` never
+decides a byte); state a C loop carries between candidates (the running ``min`` of ``make_qkx2/3_quants``)
+is carried the same way. Also reproduced: nearest_int's bit trick (also for the inf/NaN/huge inputs of
+degenerate blocks), C's strict ``>``/``<`` scans (first extreme wins, fixing the sign of a zero min/max),
+sums that start from +0.0 (or from the first term), fp16 scales rounded to nearest even, division guards.
 Verified byte for byte against llama.cpp's ``ggml_quantize_chunk`` on random, edge-case (hypothesis) and
 SmolLM2 data; the known residual difference is inputs with |x| >~ 1e13, whose x^2-weighted sums overflow
 float32 to inf/NaN in both implementations and then take different comparison paths.
@@ -40,11 +35,8 @@ _RINT_SAFE = F32(4.0e6)
 # ---- scalar conversions ------------------------------------------------------------------------------
 
 def nearest_int(x: np.ndarray) -> np.ndarray:
-    """llama.cpp's ``nearest_int``, bit for bit: add 1.5*2**23 in float32 and read the low mantissa bits.
-
-    Round half to even for |x| < 2**22; for inf/NaN/huge values (which only arise from degenerate
-    inputs, and which C's release build does not assert on) it returns the same arbitrary integers as C.
-    """
+    """llama.cpp's ``nearest_int``, bit for bit: add 1.5*2**23 in float32 and read the low mantissa bits
+    (round half to even for |x| < 2**22; inf/NaN/huge values give the same arbitrary integers as C)."""
     with np.errstate(invalid="ignore", over="ignore"):
         bits = (np.asarray(x, dtype=F32) + _MAGIC).view(np.int32)
     return (bits & 0x007FFFFF) - 0x00400000
@@ -86,10 +78,7 @@ def clip_nearest(v: np.ndarray, lo: int, hi: int) -> np.ndarray:
 
 
 def round_clip(v: np.ndarray, lo: float, hi: float) -> np.ndarray:
-    """``MAX(lo, MIN(hi, nearest_int(v)))`` kept in float32, computed in place (``v`` is consumed).
-
-    ``np.rint`` is round-half-even, the same as nearest_int's magic-number add for |v| < 2**22.
-    """
+    """``MAX(lo, MIN(hi, nearest_int(v)))`` in float32, in place, for |v| < 2**22 (``v`` is consumed)."""
     np.rint(v, out=v)
     return np.clip(v, F32(lo), F32(hi), out=v)
 
@@ -112,12 +101,9 @@ def superblock_rows(x: np.ndarray, name: str) -> np.ndarray:
 # ---- reductions in C's order -------------------------------------------------------------------------
 
 def seq_sum(terms: np.ndarray, from_zero: bool = True) -> np.ndarray:
-    """Left-to-right float32 sum over axis 0: C's ``float s = 0; for (i...) s += t[i]``.
-
-    numpy reduces the outer axis of a C-contiguous array row by row (pairwise summation only applies
-    along the contiguous axis), which is exactly this order; other layouts take the explicit loop.
-    ``from_zero``: C starts from +0.0, which turns an all -0.0 sum into +0.0 (the sign can reach an fp16
-    field); pass False for sums C starts from the first term.
+    """Left-to-right float32 sum over axis 0: C's ``float s = 0; for (i...) s += t[i]``. numpy reduces the
+    outer axis of a C-contiguous array row by row (pairwise only along the contiguous axis), exactly this order.
+    ``from_zero=False``: C starts from the first term, so an all -0.0 sum stays -0.0 (it can reach an fp16 field).
     """
     if terms.dtype == F32 and terms.flags.c_contiguous:
         total = np.add.reduce(terms, axis=0)  # numpy starts from its +0.0 identity
@@ -140,12 +126,8 @@ def seq_sum_last(terms: np.ndarray) -> np.ndarray:
 
 
 def first_absmax(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(amax, max): the largest |x| over axis 0 and the signed value where it first occurs.
-
-    Matches C's ``if (ax > amax) { amax = ax; max = x[i]; }`` (strict ``>``, so the first one wins) for
-    any group with a nonzero value; an all-zero group gives (0, 0) of either sign, which every caller
-    treats as empty. Two reductions instead of an argmax; only groups holding both +a and -a look for
-    the first one.
+    """(amax, max): the largest |x| over axis 0 and the signed value where it first occurs, as C's strict
+    ``if (ax > amax)`` scan; an all-zero group gives (0, 0) of either sign, which every caller treats as empty.
     """
     hi = np.fmax.reduce(x, axis=0)  # fmax/fmin skip NaN, as C's comparisons do
     lo = np.fmin.reduce(x, axis=0)
@@ -171,12 +153,8 @@ def _first_zero_sign(x: np.ndarray, vmin: np.ndarray) -> None:
 # ---- scale searches ----------------------------------------------------------------------------------
 
 def make_qx_quants(x: np.ndarray, nmax: int, qw: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric scale search of ggml-quants.c ``make_qx_quants`` with ``rmse_type == 1``.
-
-    x: [n, G] float32 (element-major). qw: optional [n, G] weights; without them the weight is x*x.
-    Returns (scale [G] float32, L [n, G] int32 in 0..2*nmax-1). Tries the plain max scale, then 18
-    nudged scales, keeping the one with the best weighted least-squares fit.
-    """
+    """ggml-quants.c ``make_qx_quants`` (``rmse_type == 1``): the max scale and 18 nudged ones, keeping the best
+    weighted least-squares fit. x, qw: [n, G] (weights x*x without qw) -> (scale [G], L [n, G] in 0..2*nmax-1)."""
     x = np.ascontiguousarray(x, dtype=F32)
     w = (x * x) if qw is None else np.ascontiguousarray(qw, dtype=F32)
     amax, vmax = first_absmax(x)
@@ -230,12 +208,9 @@ def make_qx_quants(x: np.ndarray, nmax: int, qw: np.ndarray | None = None) -> tu
 
 
 def make_q3_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
-    """ggml-quants.c ``make_q3_quants(..., do_rmse=true)``: start from the max scale, then up to five
-    sweeps of coordinate descent moving one quant at a time while the x*x-weighted fit improves.
-
-    x: [n, G]. Returns (scale [G], L [n, G] int32 in 0..2*nmax-1). After each sweep only the groups that
-    changed stay in play, which is C's per-group ``break``.
-    """
+    """ggml-quants.c ``make_q3_quants(..., do_rmse=true)``: the max scale, then up to five sweeps of coordinate
+    descent while the x*x-weighted fit improves; only groups that changed stay in play (C's per-group ``break``).
+    x: [n, G] -> (scale [G], L [n, G] int32 in 0..2*nmax-1)."""
     x = np.ascontiguousarray(x, dtype=F32)
     amax, vmax = first_absmax(x)
     zero = amax < GROUP_MAX_EPS
@@ -282,13 +257,10 @@ def make_q3_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 class _Grid:
-    """Levels ``MAX(0, MIN(nmax, nearest_int(iscale*(x - anchor))))`` of ``make_qkx2/3_quants`` for one
-    anchor (the running min) per group, as float32.
-
-    Where every |iscale*(x - anchor)| is provably below 2**22 the rounding is ``np.rint``; otherwise (an
-    anchored grid whose span collapsed, subnormal spans giving inf scales) it is C's integer bit trick. The
-    bounds are recomputed only when the anchor moves (when a candidate wins). For a candidate ``iscale = fac/span`` the clamp is skipped where the group extremes prove it idle (a
-    value rounding to -0.0 instead of 0 changes no product, sum or level).
+    """Levels ``MAX(0, MIN(nmax, nearest_int(iscale*(x - anchor))))`` of ``make_qkx2/3_quants``, float32, one
+    anchor (the running min) per group. ``np.rint`` where every |iscale*(x - anchor)| is provably below 2**22,
+    else C's bit trick (collapsed spans, inf scales); bounds are recomputed only when the anchor moves. The clamp
+    is skipped where the group extremes prove it idle (-0.0 instead of 0 changes no product, sum or level).
     """
 
     def __init__(self, x: np.ndarray, xlo: np.ndarray, vmax: np.ndarray, flat: np.ndarray, nmax: int) -> None:
@@ -301,10 +273,8 @@ class _Grid:
         self.ratio = np.empty_like(xlo)
 
     def anchor(self, mn: np.ndarray) -> None:
-        """Move the anchor (``mn`` is read, not copied; flat groups keep theirs at their min). Afterwards
-        ``span`` = max - anchor, ``reach`` bounds |x - anchor| / |span| and ``low`` (when every span is
-        positive and finite) bounds (x - anchor) / span from below: float32 subtraction is monotone, so the
-        group's extremes bound every element."""
+        """Move the anchor (``mn`` is read, not copied). Then ``span`` = max - anchor, ``reach`` bounds
+        |x - anchor| / |span| and ``low`` (spans positive and finite) bounds (x - anchor) / span from below."""
         self.mn = mn
         span, lo = self.span, self.lo
         np.subtract(self.vmax, mn, out=span)
@@ -342,17 +312,11 @@ class _Grid:
 
 def make_qkx_quants(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int,
                     use_mad: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """ggml's ``make_qkx2_quants`` / ``make_qkx3_quants`` (the same arithmetic once weights are given).
-
-    Longer than our usual ~80 lines on purpose: it follows the C function step by step, because the bytes
-    must equal llama.cpp's and a restructured version would change the order of float operations.
-
-    Fits x ~ scale*L - the_min with L in 0..nmax: starts from the min/max grid, then tries ``nstep+1``
-    inverse scales ``(rmin + rdelta*is + nmax)/(max - min)`` and keeps the weighted least-squares
-    (scale, min) with the lowest weighted error (|d| if ``use_mad`` else d*d). As in C, each candidate
-    grid is anchored at the best ``min`` found so far, the sums of w and w*x start from the first term, and
-    a zero min has the sign of the group's first zero (the min is stored as is by Q4_1/Q5_1).
-    x, w: [n, G] float32. Returns (scale [G], the_min [G] (positive = subtract), L [n, G] int32).
+    """ggml's ``make_qkx2_quants`` / ``make_qkx3_quants``, step by step (long on purpose: restructuring would
+    reorder float operations). Fits x ~ scale*L - the_min, L in 0..nmax: the min/max grid, then ``nstep+1``
+    inverse scales ``(rmin + rdelta*is + nmax)/(max - min)``, keeping the lowest weighted error (|d| if
+    ``use_mad`` else d*d). As in C, each grid is anchored at the best ``min`` so far and a zero min has the sign
+    of the group's first zero. x, w: [n, G] -> (scale [G], the_min [G] (positive = subtract), L [n, G] int32).
     """
     x = np.ascontiguousarray(x, dtype=F32)
     w = np.ascontiguousarray(w, dtype=F32)
@@ -436,13 +400,9 @@ def make_qkx_quants(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta
 
 
 def make_qp_quants(x: np.ndarray, nmax: int, qw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """ggml's ``make_qp_quants``: a scale for non-negative values (sub-block scales or mins), L in 0..nmax.
-
-    Tries 9 inverse scales around nmax/max under weights ``qw``, then up to 5 sweeps of coordinate
-    descent moving one L at a time while the weighted fit improves. x, qw: [n, G].
-    Returns (scale [G], L [n, G] int32 holding the uint8 C stores).
-    A group whose sweep changed nothing would repeat the same sweep with the same result, so C's
-    early ``break`` needs no mask here.
+    """ggml's ``make_qp_quants`` for non-negative values (sub-block scales or mins): 9 inverse scales around
+    nmax/max under weights ``qw``, then up to 5 coordinate-descent sweeps (a sweep that changed nothing repeats
+    identically, so C's ``break`` needs no mask). x, qw: [n, G] -> (scale [G], L [n, G] int32 as C's uint8).
     """
     x = np.asarray(x, dtype=F32)
     qw = np.asarray(qw, dtype=F32)
@@ -518,10 +478,7 @@ def unpack_scale_min_k4(q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def requantize_levels(x: np.ndarray, d: np.ndarray, dm: np.ndarray, nmax: int, L: np.ndarray) -> np.ndarray:
-    """Final pass of every k-quant: L = clamp(nearest_int((x + dm)/d), 0, nmax) where d != 0, else keep L.
-
-    x, L: [n, G]; d, dm: [G] float32 (the decoded sub-block scale and min).
-    """
+    """Final pass of every k-quant: L = clamp(nearest_int((x + dm)/d), 0, nmax) where the decoded d != 0."""
     nz = d != 0
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         v = np.add(x, dm)
@@ -531,16 +488,12 @@ def requantize_levels(x: np.ndarray, d: np.ndarray, dm: np.ndarray, nmax: int, L
 
 def k4_superblocks(x_rows: np.ndarray, qw_rows: np.ndarray | None, nmax: int, ref_search: tuple[float, float, int],
                    clamp_qp: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """The part Q4_K and Q5_K share: 8 sub-blocks of 32 with 6-bit scales and mins per super-block.
+    """What Q4_K and Q5_K share: 8 sub-blocks of 32 with 6-bit scales and mins per super-block.
 
-    Without importance weights this is ``quantize_row_q{4,5}_K_ref``: per sub-block weights
-    ``rms(x) + |x|``, ``make_qkx2_quants`` with ``ref_search = (rmin, rdelta, nstep)``, then scales and
-    mins quantized linearly against their maxima. With weights it is ``quantize_row_q{4,5}_K_impl``:
-    weights ``qw * sqrt(2*mean(x^2) + x^2)``, ``make_qkx3_quants(-0.9, 0.05, 36)``, then scales and mins
-    fitted by ``make_qp_quants`` under the summed sub-block weights (``clamp_qp``: Q5_K's extra MIN(63)).
-
-    x_rows: [rows, n] float32. Returns (d bits [S] uint16, dmin bits [S] uint16, scales [S, 12] uint8,
-    L [S, 256] int32), S = number of super-blocks.
+    Without weights ``quantize_row_q{4,5}_K_ref``: weights ``rms(x) + |x|``, ``make_qkx2_quants(*ref_search)``,
+    scales and mins quantized linearly against their maxima. With them ``quantize_row_q{4,5}_K_impl``: weights
+    ``qw * sqrt(2*mean(x^2) + x^2)``, ``make_qkx3_quants(-0.9, 0.05, 36)``, scales and mins by ``make_qp_quants``
+    (``clamp_qp``: Q5_K's extra MIN(63)). Returns (d bits [S], dmin bits [S], scales [S, 12], L [S, 256]).
     """
     S = x_rows.size // QK_K
     xe = element_major(x_rows, 32)  # [32, 8S]

@@ -21,11 +21,8 @@ def _blocks(x: np.ndarray) -> np.ndarray:
 
 
 def _hi_lo(xb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-block max and min (the sign of a zero result is unspecified; callers fix it where it matters).
-
-    numpy reduces a short contiguous axis slowly, so reduce the transposed copy (element-major) instead:
-    ~5x faster including the copy on a cache-sized chunk. torch is avoided here on purpose: the GGUF
-    writer runs codecs in forked processes, where OpenMP must not be touched."""
+    """Per-block max and min (a zero's sign unspecified). Reducing the transposed copy is ~5x faster than the
+    short contiguous axis; no torch: the GGUF writer runs codecs in forked processes (OpenMP untouchable)."""
     xt = np.ascontiguousarray(xb.T)
     return np.maximum.reduce(xt, axis=0), np.minimum.reduce(xt, axis=0)
 
@@ -261,8 +258,7 @@ def decode_q5_1(data: np.ndarray) -> np.ndarray:
 # ---- blocks from a grid chosen elsewhere -------------------------------------------------------------
 
 def pack_blocks(qtype: str, codes: np.ndarray, d: np.ndarray, m: np.ndarray | None = None) -> np.ndarray | None:
-    """Q8_0 / Q4_0 / Q4_1 rows from codes [rows, n] and per-32-block d (and m) [rows, n/32]; None for
-    other types (see ggml.pack_blocks)."""
+    """Q8_0 / Q4_0 / Q4_1 rows from a given grid (see ggml.pack_blocks); None for other types."""
     d = np.asarray(d, dtype=F32).reshape(-1)
     L = np.ascontiguousarray(codes).reshape(-1, QK)
     if qtype == "Q8_0":
