@@ -1,13 +1,10 @@
 """Integer group-wise weight quantization (int4/int8), in compressed-tensors' conventions.
 
-Codes are signed: int4 in [-8, 7], int8 in [-128, 127]; ``w ≈ (q - zero) * scale`` with one scale (and, when
-asymmetric, one zero point) per output row and group of ``group_size`` input columns, or per row when the
-group is the whole row ("channel"). These are exactly the values compressed-tensors' ``pack-quantized`` and
-``int-quantized`` formats store, so what we evaluate is what vLLM and transformers will run.
-
-Written by hand (not via compressed_tensors.quantize) because the algorithms need the integer codes, the
-scales they chose and cheap batched fake-quantization over many candidate scales; packing to int32 words is
-compressed-tensors' own ``pack_to_int32``.
+Codes are signed (int4 in [-8, 7], int8 in [-128, 127]); ``w ≈ (q - zero) * scale`` with one scale (and zero
+point when asymmetric) per output row and group of ``group_size`` columns, or per row ("channel"): exactly what
+compressed-tensors' ``pack-quantized`` / ``int-quantized`` store, so what we evaluate is what vLLM runs.
+Written by hand (not compressed_tensors.quantize): the algorithms need the codes, the chosen scales and cheap
+batched fake-quantization over many candidate scales; packing uses compressed-tensors' own ``pack_to_int32``.
 """
 
 from __future__ import annotations
@@ -45,11 +42,8 @@ class QuantSpec:
 
 @dataclass
 class QuantizedWeight:
-    """Integer codes and their parameters for one ``(out, in)`` weight.
-
-    ``q`` int8 codes ``(out, in)``; ``scale`` float ``(out, groups)``; ``zero`` int8 ``(out, groups)`` or None
-    when symmetric.
-    """
+    """One ``(out, in)`` weight: int8 codes ``q``, float ``scale`` and int8 ``zero`` (None when symmetric)
+    ``(out, groups)``."""
 
     q: torch.Tensor
     scale: torch.Tensor
@@ -61,12 +55,9 @@ class QuantizedWeight:
 
 
 def choose_group_size(in_features: int, requested: int | None, smallest: int = 16) -> tuple[int | None, str]:
-    """The group size to use for a tensor with ``in_features`` columns, and why.
-
-    compressed-tensors (and vLLM) need the group size to divide the columns: a padded last group cannot be
-    represented in the ``group`` strategy. So we take the largest power-of-two group size ≤ requested that
-    divides (never below ``smallest``), else one group per row ("channel"), which every kernel supports.
-    """
+    """The group size for ``in_features`` columns, and why: compressed-tensors (and vLLM) cannot represent a
+    padded last group, so the largest power-of-two size ≤ requested that divides (at least ``smallest``),
+    else one group per row ("channel"), which every kernel supports."""
     if requested is None:
         return None, "channel"
     if requested <= 0:
@@ -156,11 +147,8 @@ def quantize_weight(w: torch.Tensor, spec: QuantSpec, clip: torch.Tensor | float
 
 
 def pack_codes(q: torch.Tensor, bits: int = 4) -> torch.Tensor:
-    """Pack signed codes (int8 tensor) 32/bits per int32 word along the last dim.
-
-    compressed-tensors' ``pack-quantized`` layout: code + 2^(bits-1), element i at bit bits·i of the row's
-    dense bit stream (int4: bits 4·(i mod 8) of word i // 8). Done by compressed-tensors' own packer.
-    """
+    """Signed codes packed 32/bits per int32 word along the last dim, by compressed-tensors' own packer
+    (``pack-quantized``: code + 2^(bits-1) at bit bits·i of the row's bit stream)."""
     from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
 
     return pack_to_int32(q.to(torch.int8).contiguous(), bits)

@@ -1,11 +1,11 @@
 """Write (and read back) checkpoints in compressed-tensors' format, exactly as vLLM and transformers load them.
 
 Per quantized Linear ``name``:
-- ``pack-quantized`` (W4A16, W8A16): ``name.weight_packed`` int32 (out, in·bits/32), ``name.weight_scale`` (out, groups),
-  ``name.weight_shape`` int64 [out, in], and when asymmetric ``name.weight_zero_point`` int32 packed along
-  the output dim (out/8, groups).
-- ``int-quantized`` (W8A8): ``name.weight`` int8 (out, in), ``name.weight_scale`` (out, 1) or
-  (out, groups); for static activations ``name.input_scale`` (1,).
+- ``pack-quantized`` (W4A16, W8A16): ``name.weight_packed`` int32 (out, in·bits/32), ``name.weight_scale``
+  (out, groups), ``name.weight_shape`` int64 [out, in], and when asymmetric ``name.weight_zero_point`` int32
+  packed along the output dim (out/8, groups).
+- ``int-quantized`` (W8A8): ``name.weight`` int8 (out, in), ``name.weight_scale`` (out, 1) or (out, groups);
+  for static activations ``name.input_scale`` (1,).
 ``config.json`` gains ``quantization_config`` built with compressed-tensors' own pydantic models. Tensors are
 written in shards as layers finish, into a temporary dir that is renamed only when complete.
 """
@@ -24,14 +24,8 @@ from safetensors.torch import save_file
 
 from slimlm.checkpoint import read_state_dict
 from slimlm.errors import SlimlmError
-from slimlm.formats.groupint import (
-    QuantizedWeight,
-    dequantize,
-    pack_codes,
-    pack_zero_points,
-    unpack_codes,
-    unpack_zero_points,
-)
+from slimlm.formats.groupint import (QuantizedWeight, dequantize, pack_codes, pack_zero_points, unpack_codes,
+                                     unpack_zero_points)
 
 MAX_SHARD_BYTES = 2 * 1024**3
 AUX_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -61,14 +55,10 @@ def compress_linear(name: str, qw: QuantizedWeight, fmt: str, scale_dtype: torch
     return out
 
 
-def quantization_config(groups: dict[tuple, list[str]], fmt: str, ignore: list[str],
-                        act: dict | None) -> dict:
-    """``quantization_config`` for config.json: one config group per distinct weight spec.
-
-    ``groups`` maps ``(bits, group_size, symmetric)`` to the Linear name suffixes (e.g. ``mlp.down_proj``)
-    that use it; with one group the target is simply ``Linear`` (minus ``ignore``), with several their targets
-    are anchored regexes, so groups never overlap.
-    """
+def quantization_config(groups: dict[tuple, list[str]], fmt: str, ignore: list[str], act: dict | None) -> dict:
+    """``quantization_config`` for config.json: one config group per ``(bits, group_size, symmetric)`` key of
+    ``groups``. One group targets ``Linear`` (minus ``ignore``); several target anchored regexes of their
+    Linear name suffixes (e.g. ``mlp.down_proj``), so groups never overlap."""
     import compressed_tensors
     from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
 
@@ -149,10 +139,8 @@ class ShardWriter:
 
 
 def args_for(qcfg: dict, module: str) -> dict | None:
-    """The config group (weights/input_activations dicts) whose targets match ``module``, unless ignored.
-
-    compressed-tensors' priority: an exact module name, then a ``re:`` pattern, then the class name ``Linear``.
-    """
+    """The config group whose targets match ``module``, unless ignored; compressed-tensors' priority: an exact
+    module name, then a ``re:`` pattern, then the class name ``Linear``."""
     for pattern in qcfg.get("ignore") or []:
         if (pattern.startswith("re:") and re.match(pattern[3:], module)) or pattern == module:
             return None
@@ -180,11 +168,8 @@ def read_codes(state: dict[str, torch.Tensor], module: str, bits: int
 
 def dequantized_state_dict(model_dir: str | Path, dtype: torch.dtype = torch.float32
                            ) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
-    """Our own reading of a compressed-tensors checkpoint (no compressed-tensors decompression code).
-
-    Returns float weights and, per Linear with quantized activations, its ``input_activations`` args (and
-    ``input_scale`` when static), used by :func:`load_reference_model`.
-    """
+    """Our own reading of a compressed-tensors checkpoint (none of its decompression code): float weights and,
+    per Linear with quantized activations, its ``input_activations`` args (+ ``input_scale`` when static)."""
     model_dir = Path(model_dir)
     config = json.loads((model_dir / "config.json").read_text())
     qcfg = config.get("quantization_config")
@@ -214,11 +199,8 @@ def dequantized_state_dict(model_dir: str | Path, dtype: torch.dtype = torch.flo
 
 
 def fake_quant_activation(x: torch.Tensor, bits: int, scale: torch.Tensor | None = None) -> torch.Tensor:
-    """Symmetric int activation quant-dequant: per token (dynamic) or with a static per-tensor ``scale``.
-
-    Same rule as compressed-tensors' dynamic path: scale = max|x| / ((2^bits - 1) / 2), codes clamped to
-    [-2^(bits-1), 2^(bits-1) - 1], round half to even.
-    """
+    """Symmetric int activation quant-dequant, per token (dynamic) or with a static per-tensor ``scale``; as
+    compressed-tensors' dynamic path: scale = max|x| / ((2^bits - 1) / 2), round half to even, then clamp."""
     qmin, qmax = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
     if scale is None:
         scale = x.abs().amax(dim=-1, keepdim=True) / ((qmax - qmin) / 2)

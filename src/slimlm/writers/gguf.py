@@ -162,18 +162,10 @@ def write_gguf_header(path: Path, arch: str, write_metadata: Callable[[gguf.GGUF
     return meta, gguf.GGUFWriter.ggml_pad(end, writer.data_alignment)
 
 
-def write_gguf(
-    out: Path,
-    arch: str,
-    write_metadata: Callable[[gguf.GGUFWriter], Any],
-    tensors: Iterable[tuple[str, tuple[int, ...], T]],
-    produce: Callable[[int], np.ndarray],
-) -> Any:
-    """Write a GGUF to ``out`` atomically.
-
-    ``tensors`` lists (name, PyTorch-order shape, type) in file order; ``produce(i)`` returns tensor i's
-    encoded data (float32/float16 values or uint8 blocks) and is called once per tensor, in order.
-    Returns whatever ``write_metadata`` returned.
+def write_gguf(out: Path, arch: str, write_metadata: Callable[[gguf.GGUFWriter], Any],
+               tensors: Iterable[tuple[str, tuple[int, ...], T]], produce: Callable[[int], np.ndarray]) -> Any:
+    """Write a GGUF to ``out`` atomically; returns what ``write_metadata`` returned. ``tensors``: (name,
+    PyTorch-order shape, type) in file order; ``produce(i)``: tensor i's encoded data, called once each, in order.
     """
     infos = list(tensors)
     with atomic_path(out) as tmp:

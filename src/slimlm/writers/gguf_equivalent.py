@@ -5,13 +5,10 @@ precision (llama.cpp stores them as fp16):
 - W4A16 asymmetric, group 32 → Q4_1: ``d = scale``, ``m = -(zero + 8)·scale``, ``q' = q + 8`` (0..15).
 - W4A16 symmetric, group 32 → Q4_0: ``d = scale``, ``q' = q + 8``; llama.cpp computes ``d·(q' − 8)``.
 - W8 per channel (W8A16/W8A8 weights) → Q8_0: the row's scale repeated in each 32-block, codes unchanged.
-Not exact: fp16 rounding of d (and m), relative error ≤ 2⁻¹¹; W8A8's per-token int8 activations are not
-what llama.cpp does (it quantizes activations to Q8_0/Q8_1 blocks of 32 for its dot products); other group
-sizes have no GGUF counterpart (Q4_K's 6-bit sub-block scales cannot hold arbitrary scales), so they are
-refused. Written forward: the GGUF plan (llama.cpp's mix rules for the chosen type, the dir's metadata and
-tokenizer) is made as for any Hugging Face dir, each Linear the plan gives the chosen type is packed from
-its codes (``ggml.pack_blocks``, rows in llama.cpp's rope order), and every other tensor (embeddings,
-norms, output) is encoded from its values by llama.cpp's rules.
+Not exact: fp16 rounding of d (and m), relative error ≤ 2⁻¹¹; W8A8's per-token int8 activations (llama.cpp
+quantizes activations to Q8_0/Q8_1 blocks of 32). Other group sizes are refused (Q4_K's 6-bit sub-block scales
+cannot hold arbitrary scales). The GGUF plan is made as for any Hugging Face dir; each Linear the plan gives the
+chosen type is packed from its codes (rows in rope order), every other tensor encoded from its values.
 """
 
 from __future__ import annotations

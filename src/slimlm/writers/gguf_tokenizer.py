@@ -61,11 +61,9 @@ def _adds_special(encode: Any, bos: int | None, eos: int | None) -> tuple[bool, 
 
 
 def _merge_rank_scores(texts: list[bytes], scores: list[float], tok_json: dict[str, Any]) -> list[float]:
-    """Scores for llama.cpp's SentencePiece-style merging from a byte-fallback BPE tokenizer.json.
-
-    llama.cpp merges the adjacent pair whose concatenation has the highest score; Hugging Face BPE merges
-    the pair with the lowest merge rank. Scoring each merge product by minus its rank makes the two agree
-    (gguf's LlamaHfVocab leaves every score at -1000, which makes llama.cpp merge in the wrong order).
+    """Scores for llama.cpp's SentencePiece-style merging from a byte-fallback BPE tokenizer.json: llama.cpp
+    merges the pair with the highest score, HF BPE the one with the lowest rank, so a merge product scores minus
+    its rank (gguf's LlamaHfVocab leaves every score at -1000, which makes llama.cpp merge in the wrong order).
     """
     rank: dict[str, int] = {}
     for i, merge in enumerate(tok_json.get("model", {}).get("merges", [])):
@@ -100,12 +98,8 @@ _PROBE_ID = 4_000_000_000
 
 
 def _post_processor_tokenizer(tok_json: dict[str, Any], tok_json_path: Path) -> Any:
-    """A tokenizer that adds special tokens exactly as ``tok_json``'s does, without its vocabulary.
-
-    Special tokens come only from the post-processor, which carries their ids itself; so its post-processor
-    over a one-word vocabulary behaves the same around a word, and builds in a millisecond instead of the
-    ~0.1 s a full vocabulary and merge list take. Anything unexpected falls back to the full tokenizer.
-    """
+    """A tokenizer that adds special tokens exactly as ``tok_json``'s does: its post-processor (which carries
+    the ids itself) over a one-word vocabulary builds in a millisecond instead of ~0.1 s for the full one."""
     from tokenizers import Tokenizer  # light: no transformers import on the quantize path
 
     probe = {"version": "1.0", "truncation": None, "padding": None, "added_tokens": [], "normalizer": None,
@@ -146,11 +140,8 @@ def _gpt2_vocab(tok_json: dict[str, Any], vocab_size: int) -> tuple[list[str], l
 
 
 def write_tokenizer(writer: gguf.GGUFWriter, model_dir: Path, vocab_size: int) -> dict[str, Any]:
-    """Write the tokenizer keys for the HF dir ``model_dir``; returns a summary for reports.
-
-    A model dir without tokenizer files gets no tokenizer keys (llama.cpp then cannot tokenize text, but
-    token ids still work); we warn rather than fail, since tiny test models and weight-only dirs are common.
-    """
+    """Write the tokenizer keys for the HF dir ``model_dir``; returns a summary for reports. Without tokenizer
+    files we warn rather than fail (token ids still work; tiny test models and weight-only dirs are common)."""
     tok_json_path = model_dir / "tokenizer.json"
     has_spm = (model_dir / "tokenizer.model").is_file()
     if not tok_json_path.is_file() and not has_spm:
@@ -169,10 +160,8 @@ def write_tokenizer(writer: gguf.GGUFWriter, model_dir: Path, vocab_size: int) -
         kind = "gpt2"
     else:
         try:
-            if has_spm:  # the SentencePiece model itself carries the scores llama.cpp merges by
-                vocab = gguf.SentencePieceVocab(model_dir)
-            else:
-                vocab = gguf.LlamaHfVocab(model_dir)
+            # the SentencePiece model itself carries the scores llama.cpp merges by
+            vocab = gguf.SentencePieceVocab(model_dir) if has_spm else gguf.LlamaHfVocab(model_dir)
         except (ImportError, FileNotFoundError, TypeError, ValueError) as exc:
             raise SlimlmError(f"cannot read the SentencePiece tokenizer in {model_dir}: {exc}") from exc
         entries = list(vocab.all_tokens())
