@@ -63,9 +63,7 @@ def kd_loss(student_logits: torch.Tensor, labels: torch.Tensor, *, teacher_logit
             alpha: float = 0.5, temperature: float = 1.0, divergence: str = "forward_kl", beta: float = 0.5,
             ) -> tuple[torch.Tensor, dict[str, float]]:
     """The combined loss over positions whose label is not -100; returns (loss, parts for logging).
-
-    ``student_logits`` [B, L, V] predict ``labels`` [B, L] (already shifted by the caller).
-    """
+    ``student_logits`` [B, L, V] predict ``labels`` [B, L] (already shifted by the caller)."""
     mask = labels != -100
     logits = student_logits[mask].float()
     if alpha >= 1.0:

@@ -1,14 +1,12 @@
 """On-policy distillation (GKD, Agarwal et al. 2024): the student writes the continuations, the teacher grades them.
 
-Training only on fixed text teaches the student the teacher's next-token distribution on text the student
-would not itself produce; at generation time its own errors lead it off that distribution. Here a share of
-the optimizer steps (``--on-policy F``, GKD's lambda) replace each sequence's second part by the student's
-own sample and minimise the divergence to the live teacher's full logits on exactly those tokens.
+Fixed text teaches the teacher's distribution on text the student would not produce, so its own errors lead
+it off that distribution at generation time. A share of the steps (``--on-policy F``, GKD's lambda) replace each
+sequence's second part by the student's sample and minimise the divergence to the live teacher's logits there.
 
-Determinism: which steps are on-policy and the random numbers of every sampled token are drawn from
-generators seeded by (seed, step) for the whole global batch, and sampling inverts the CDF with those
-numbers. So a --resume run (same weights, same step) samples the same tokens, and the samples do not depend
-on how the global batch is split over processes or gradient-accumulation micro-batches.
+Determinism: which steps are on-policy and every sampled token's uniform come from generators seeded by (seed,
+step) for the whole global batch (inverse-CDF sampling), so --resume samples the same tokens, whatever the split
+over processes or gradient-accumulation micro-batches.
 """
 
 from __future__ import annotations

@@ -67,11 +67,8 @@ def mlp_channel_importance(model: torch.nn.Module, calib_ids: torch.Tensor) -> l
 
 @torch.no_grad()
 def head_importance(model: torch.nn.Module, calib_ids: torch.Tensor) -> list[torch.Tensor]:
-    """Per layer, per query head: mean over tokens of ||o_proj[:, head] @ head_output||.
-
-    Measured at o_proj's input, so it is what the head actually adds to the residual stream (a head whose
-    output o_proj scales down counts as unimportant even if its attention output is large).
-    """
+    """Per layer, per query head: mean over tokens of ||o_proj[:, head] @ head_output||, what the head actually
+    adds to the residual stream (a head whose output o_proj scales down is unimportant, however large)."""
     scores: list[torch.Tensor] = []
     hooks = []
     for layer in _layers(model):
@@ -110,10 +107,8 @@ def _head_rows(heads: list[int], head_dim: int) -> torch.Tensor:
 def heads_to_keep(scores: torch.Tensor, n_heads: int, n_kv: int, keep: float) -> tuple[list[int], int]:
     """Which query heads of one layer survive (sorted), and the new number of KV heads.
 
-    With grouped-query attention (n_heads > n_kv) every KV group keeps the same number of its most important
-    query heads, round(group * keep) (at least one), and all KV heads stay. Why not drop whole KV groups:
-    a KV head serves several query heads of different importance, whole groups are a coarse step (SmolLM2
-    has 3 groups, so only thirds could go), and the per-group rule keeps n_heads a multiple of n_kv, as
+    With GQA every KV group keeps its round(group * keep) (>= 1) most important query heads and all KV heads
+    stay: whole groups are a coarse step (SmolLM2 has 3), and this keeps n_heads a multiple of n_kv, as
     transformers requires. Without grouping (n_heads == n_kv) a head goes with its own K and V.
     """
     group = n_heads // n_kv

@@ -56,11 +56,8 @@ def _load_student(teacher: torch.nn.Module, *, student: str | Path | None, stude
 @torch.no_grad()
 def heldout_metrics(student: torch.nn.Module, teacher: torch.nn.Module | None, eval_ids: torch.Tensor,
                     eval_labels: torch.Tensor, batch_size: int = 4, tokenizer=None) -> dict[str, float]:
-    """Held-out perplexity of the student and, with a same-vocabulary teacher, KL(teacher ‖ student) per token.
-
-    With ``tokenizer``, also bits per byte of the scored text: the measure that compares models whose
-    tokenizers differ (per-token perplexities do not).
-    """
+    """Held-out perplexity of the student and, with a same-vocabulary teacher, KL(teacher ‖ student) per token;
+    with ``tokenizer`` also bits per byte, which (unlike per-token perplexity) compares different tokenizers."""
     was_training = student.training
     student.eval()
     nll_sum, kld_sum, count = 0.0, 0.0, 0
@@ -88,11 +85,8 @@ OUTPUTS = ("student", "checkpoints", "report.json", "teacher_topk.safetensors", 
 
 
 def _prepare_out(out: Path, *, overwrite: bool, resume: bool) -> None:
-    """Refuse a non-empty OUT unless --overwrite (start over) or --resume (continue its checkpoints).
-
-    Under `accelerate launch` every process checks before any of them writes (so they all agree), and only
-    the main process clears the old outputs.
-    """
+    """Refuse a non-empty OUT unless --overwrite (start over) or --resume (continue its checkpoints). Under
+    `accelerate launch` every process checks before any writes (so they agree); only the main one clears OUT."""
     from accelerate import PartialState
 
     if out.exists() and not out.is_dir():
@@ -116,17 +110,10 @@ def _prepare_out(out: Path, *, overwrite: bool, resume: bool) -> None:
 
 def _student_tokenizer(student: str | Path | None, teacher_tokenizer):
     """The student's own tokenizer when its dir has one, else the teacher's (a pruned or config-built student)."""
-    if not student:
-        return teacher_tokenizer
-    has_tokenizer = any((Path(student) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json",
-                                                                 "tokenizer.model", "vocab.json"))
-    if not has_tokenizer:
+    files = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+    if not student or not any((Path(student) / f).is_file() for f in files):
         return teacher_tokenizer
     return load_tokenizer(student)
-
-
-def _same_tokenizer(a, b) -> bool:
-    return a is b or a.get_vocab() == b.get_vocab()
 
 
 def _eos_ids(tokenizer) -> set[int]:
@@ -172,12 +159,11 @@ def _open_run(teacher: str | Path, text: str | Path, out: Path, config: TrainCon
     teacher_model, tokenizer = load_teacher(teacher)
     train_ids, eval_ids = split_heldout(text_sequences(tokenizer, text, seq_len), eval_sequences)
     student_model, student_info = _load_student(teacher_model, student=student, student_config=student_config,
-                                                prune_layers=prune_layers, prune_mlp=prune_mlp,
-                                                prune_heads=prune_heads,
+                                                prune_layers=prune_layers, prune_mlp=prune_mlp, prune_heads=prune_heads,
                                                 calib_ids=train_ids[: min(4, train_ids.shape[0])])
     student_tok = _student_tokenizer(student, tokenizer)
     same_vocab = (int(student_model.config.vocab_size) == int(teacher_model.config.vocab_size)
-                  and _same_tokenizer(student_tok, tokenizer))
+                  and (student_tok is tokenizer or student_tok.get_vocab() == tokenizer.get_vocab()))
     report: dict[str, Any] = {"teacher": str(teacher), "method": method, "student": student_info,
                               "student_parameters": sum(p.numel() for p in student_model.parameters()),
                               "teacher_parameters": sum(p.numel() for p in teacher_model.parameters()),

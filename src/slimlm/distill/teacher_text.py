@@ -42,10 +42,9 @@ def load_verifier(spec: str | None) -> Callable[[str, str], bool] | None:
         return None
     module, _, name = spec.partition(":")
     try:
-        fn = getattr(importlib.import_module(module), name)
+        return getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError, ValueError):
         raise SlimlmError(f"cannot import verifier {spec!r} (expected module:function)") from None
-    return fn
 
 
 def chat_prompt(tokenizer, prompt: str) -> str:

@@ -171,14 +171,10 @@ def train(student: torch.nn.Module, data: TrainData, config: TrainConfig, out: P
           eos_ids: set[int] | None = None, tokenizer: Any = None) -> dict[str, Any]:
     """Train ``student`` on ``data``: CE on labels plus the divergence to the teacher (live or cached).
 
-    With ``config.on_policy`` > 0 a seeded share of the steps is on-policy (see slimlm.distill.onpolicy):
-    each sequence keeps its first tokens as the prompt, the student samples the rest, and the loss is the
-    divergence to the live ``teacher``'s full logits on the sampled tokens only (no CE: the labels would be
-    the student's own samples). ``eos_ids``: tokens after a sampled end-of-text are not scored.
-    ``tokenizer`` is saved into every checkpoint.
-
-    Runs under `accelerate launch` unchanged: the Accelerator wraps the model for DDP and each rank
-    takes its slice of every global batch.
+    With ``config.on_policy`` > 0 a seeded share of steps is on-policy (slimlm.distill.onpolicy): the student
+    samples each sequence's continuation and the loss is only the divergence to the live ``teacher`` there (no
+    CE: the labels would be its own samples); tokens after a sampled ``eos_ids`` are not scored. ``tokenizer``
+    goes into every checkpoint. Runs under `accelerate launch` unchanged (each rank slices every global batch).
     """
     from accelerate import Accelerator
 
@@ -239,8 +235,7 @@ def train(student: torch.nn.Module, data: TrainData, config: TrainConfig, out: P
         if progress and acc.is_main_process:
             progress(state.step, config.max_steps, record)
         _eval_and_save(acc, model, optimizer, scheduler, state, config, out, evaluate, tokenizer)
-    final = acc.unwrap_model(model)
-    return {"state": state, "model": final, "world_size": world, "is_main": acc.is_main_process,
+    return {"state": state, "model": acc.unwrap_model(model), "world_size": world, "is_main": acc.is_main_process,
             "seconds": time.perf_counter() - started}
 
 
