@@ -1,8 +1,7 @@
 """`slimlm demo`: the whole journey on the built-in SmolLM2-135M-Instruct, offline, in a few minutes.
 
-inspect → explain → make variants (GGUF mixes, W4A16 AWQ, W8A8 SmoothQuant) → eval + bench →
-recommend for three situations (throughput, latency, a small device) → one HTML report.
-Every figure comes from this run (or the result cache of an earlier identical run).
+inspect → explain → make and measure variants → recommend for three situations → one HTML report. Every figure
+comes from this run (or the result cache of an earlier identical run).
 """
 
 from __future__ import annotations

@@ -1,10 +1,8 @@
 """Choose a variant for a device and goal from measurements made on this machine.
 
-For one model: build the candidates (original, BF16, GGUF mixes, W4A16 AWQ, W8A8 SmoothQuant, students),
-drop what cannot fit the memory budget (the `fit` memory model), make and measure the rest (`eval`: KLD and
-top-1 against the original from one saved reference; `bench`: prefill/decode/TTFT/ITL/peak RSS) within a
-time budget, cache each measurement by model fingerprint + variant + settings, then pick per goal on the
-Pareto front (quality vs memory vs speed).
+Candidates that fit the memory budget (`fit`'s model) are made and measured (`eval` KLD against one saved
+reference, `bench` speed) within a time budget, each measurement cached by model fingerprint + variant +
+settings; the pick per goal comes from the Pareto front (quality vs memory vs speed).
 """
 
 from __future__ import annotations
@@ -99,12 +97,8 @@ class Recommendation:
 
 
 def model_fingerprint(model: Path) -> str:
-    """A content fingerprint that is cheap for large checkpoints.
-
-    Hashes config.json, every weight file's size and safetensors header, and 64 KiB read at 16 evenly
-    spaced offsets of each file: any re-export or re-quantization changes it, and it costs milliseconds
-    instead of hashing tens of GB (a deliberate trade: an in-place edit of a few bytes could slip by).
-    """
+    """Hashes the JSON files, each weight file's size and 64 KiB at 16 evenly spaced offsets: milliseconds instead
+    of hashing tens of GB (a deliberate trade: an in-place edit of a few bytes could slip by)."""
     h = hashlib.sha256()
     files = sorted(p for p in (model.iterdir() if model.is_dir() else [model])
                    if p.suffix in (".safetensors", ".gguf", ".json") and p.is_file())
@@ -260,6 +254,7 @@ def recommend(model: str | Path, *, memory: str | int, goal: str = "throughput",
     """Measure the variants of ``model`` that fit ``memory`` and pick the one that best serves ``goal``."""
     from slimlm import resources
     from slimlm.evaluate import evaluate
+    from slimlm.evaluate.bench import _llama_cpp_available
     from slimlm.inspect.fit import fit
 
     started = time.perf_counter()
@@ -274,11 +269,11 @@ def recommend(model: str | Path, *, memory: str | int, goal: str = "throughput",
     budget = parse_memory(memory) if isinstance(memory, str) else int(memory)
     data = Path(data) if data else resources.wikitext_path("test")
     calib = str(calib) if calib else None
-    settings = Settings(data=str(data), calib=calib, calib_samples=calib_samples, chunks=chunks, prompt=prompt, gen=gen, batch=batch,
-                        runs=runs, threads=threads)
+    settings = Settings(data=str(data), calib=calib, calib_samples=calib_samples, chunks=chunks, prompt=prompt,
+                        gen=gen, batch=batch, runs=runs, threads=threads)
     fingerprint = model_fingerprint(model)
     cache = ResultCache(Path(cache_dir) if cache_dir else resources.cache_dir(), fingerprint)
-    llama_cpp = _has_llama_cpp()
+    llama_cpp = not os.environ.get("SLIMLM_NO_LLAMA_CPP") and _llama_cpp_available()
     candidates = list(variants or default_variants(llama_cpp))
     for s in students:
         candidates.append(Variant(f"student {Path(s).name}", "student", None, backend="torch-fp32", path=str(s)))
@@ -346,11 +341,3 @@ def recommend(model: str | Path, *, memory: str | int, goal: str = "throughput",
            for r in rows if r["kld_mean"] > max_kld and goal != "quality"],
         skipped=skipped, reference=reference, memory=memory_rows, settings=asdict(settings),
         seconds=time.perf_counter() - started)
-
-
-def _has_llama_cpp() -> bool:
-    if os.environ.get("SLIMLM_NO_LLAMA_CPP"):
-        return False
-    import importlib.util
-
-    return importlib.util.find_spec("llama_cpp") is not None

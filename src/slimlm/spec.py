@@ -1,9 +1,7 @@
 """ModelSpec: the architecture facts of a decoder-only LLM, read from a Hugging Face config dict.
 
-Every size computation (parameter counts, weight bytes, KV cache) starts from a ModelSpec, so a model can be
-sized from its config.json alone, without a single weight. Field names follow the HF config keys loosely
-but are the same for every family (e.g. ``n_experts`` is Mixtral's ``num_local_experts``, Qwen2-MoE's
-``num_experts`` and DeepSeek's ``n_routed_experts``).
+Every size computation starts from a ModelSpec, so a model can be sized from its config.json alone. Field names
+are the same for every family (``n_experts`` is Mixtral's ``num_local_experts``, DeepSeek's ``n_routed_experts``).
 """
 
 from __future__ import annotations
@@ -120,9 +118,7 @@ def _model_type(config: dict[str, Any]) -> str:
             if arch in _ARCH_TO_TYPE:
                 return _ARCH_TO_TYPE[arch]
     if not isinstance(model_type, str) or model_type not in SUPPORTED_MODEL_TYPES:
-        raise SlimlmError(
-            f"unsupported model_type {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
-        )
+        raise SlimlmError(f"unsupported model_type {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
     return model_type
 
 
@@ -215,20 +211,11 @@ def _from_config(config: dict[str, Any]) -> ModelSpec:
     tie = _bool(config, "tie_word_embeddings", _TIE_DEFAULT[model_type])
     window = _sliding_window(config, model_type)
     common: dict[str, Any] = dict(
-        model_type=model_type,
-        n_layers=n_layers,
-        hidden_size=hidden,
-        n_heads=n_heads,
-        n_kv_heads=n_kv_heads,
-        vocab_size=vocab,
-        intermediate_size=intermediate,
-        tie_word_embeddings=tie,
-        mlp_bias=_bool(config, "mlp_bias", False),
-        sliding_window=window,
+        model_type=model_type, n_layers=n_layers, hidden_size=hidden, n_heads=n_heads, n_kv_heads=n_kv_heads,
+        vocab_size=vocab, intermediate_size=intermediate, tie_word_embeddings=tie,
+        mlp_bias=_bool(config, "mlp_bias", False), sliding_window=window,
         layer_types=_layer_types(config, model_type, n_layers, window),
-        max_position_embeddings=_int(config, "max_position_embeddings", None),
-        rope_theta=_rope_theta(config),
-    )
+        max_position_embeddings=_int(config, "max_position_embeddings", None), rope_theta=_rope_theta(config))
     if n_heads % n_kv_heads:
         raise SlimlmError(f"model config has {n_heads} attention heads, not a multiple of {n_kv_heads} KV heads")
 
@@ -256,26 +243,18 @@ def _from_config(config: dict[str, Any]) -> ModelSpec:
 
     if model_type == "mixtral":
         n_experts = _int(config, "num_local_experts", minimum=1)
-        common.update(
-            n_experts=n_experts,
-            n_experts_per_tok=_int(config, "num_experts_per_tok", 2, minimum=1),
-            moe_intermediate_size=intermediate,
-            moe_layers=tuple(range(n_layers)),
-        )
+        common.update(n_experts=n_experts, n_experts_per_tok=_int(config, "num_experts_per_tok", 2, minimum=1),
+                      moe_intermediate_size=intermediate, moe_layers=tuple(range(n_layers)))
     elif model_type == "qwen2_moe":
         n_experts = _int(config, "num_experts", minimum=1)
         step = _int(config, "decoder_sparse_step", 1, minimum=1)
         dense_only = set(config.get("mlp_only_layers") or [])
         shared = _int(config, "shared_expert_intermediate_size", 0)
         common.update(
-            n_experts=n_experts,
-            n_experts_per_tok=_int(config, "num_experts_per_tok", minimum=1),
-            moe_intermediate_size=_int(config, "moe_intermediate_size", minimum=1),
-            n_shared_experts=1 if shared else 0,
-            shared_expert_intermediate_size=shared,
-            shared_expert_gate=bool(shared),
-            moe_layers=tuple(i for i in range(n_layers) if i not in dense_only and (i + 1) % step == 0),
-        )
+            n_experts=n_experts, n_experts_per_tok=_int(config, "num_experts_per_tok", minimum=1),
+            moe_intermediate_size=_int(config, "moe_intermediate_size", minimum=1), n_shared_experts=1 if shared else 0,
+            shared_expert_intermediate_size=shared, shared_expert_gate=bool(shared),
+            moe_layers=tuple(i for i in range(n_layers) if i not in dense_only and (i + 1) % step == 0))
     return _spec(common)
 
 
@@ -294,27 +273,18 @@ def _deepseek(config: dict[str, Any], common: dict[str, Any]) -> ModelSpec:
         raise SlimlmError("model config lacks 'moe_intermediate_size'")
     bias = _bool(config, "attention_bias", False)
     common.update(
-        head_dim=nope + rope,
-        v_head_dim=_int(config, "v_head_dim", minimum=1),
-        kv_lora_rank=_int(config, "kv_lora_rank", minimum=1),
-        q_lora_rank=_int(config, "q_lora_rank", None, minimum=1),
-        qk_rope_head_dim=rope,
-        qk_nope_head_dim=nope,
-        attention_bias=bias,
-        attention_out_bias=bias,
-        n_experts=n_routed,
-        n_experts_per_tok=_int(config, "num_experts_per_tok", 0) if n_routed else 0,
-        n_shared_experts=n_shared if moe_layers else 0,
-        moe_intermediate_size=moe_inter if moe_layers else 0,
+        head_dim=nope + rope, v_head_dim=_int(config, "v_head_dim", minimum=1),
+        kv_lora_rank=_int(config, "kv_lora_rank", minimum=1), q_lora_rank=_int(config, "q_lora_rank", None, minimum=1),
+        qk_rope_head_dim=rope, qk_nope_head_dim=nope, attention_bias=bias, attention_out_bias=bias,
+        n_experts=n_routed, n_experts_per_tok=_int(config, "num_experts_per_tok", 0) if n_routed else 0,
+        n_shared_experts=n_shared if moe_layers else 0, moe_intermediate_size=moe_inter if moe_layers else 0,
         shared_expert_intermediate_size=n_shared * moe_inter if moe_layers else 0,
         # V3's aux-loss-free routing keeps a per-expert bias (e_score_correction_bias) in the checkpoint;
         # V2 has it only when its config asks for that routing.
         router_bias=bool(moe_layers) and config.get("topk_method", "noaux_tc" if common["model_type"] == "deepseek_v3"
                                                     else None) == "noaux_tc",
-        first_dense_layers=min(first_dense, n_layers),
-        moe_layers=moe_layers,
-        mtp_layers=_int(config, "num_nextn_predict_layers", 0),
-    )
+        first_dense_layers=min(first_dense, n_layers), moe_layers=moe_layers,
+        mtp_layers=_int(config, "num_nextn_predict_layers", 0))
     return _spec(common)
 
 

@@ -1,8 +1,4 @@
-"""The typer application object shared by every command module.
-
-Each module under ``slimlm.cli`` registers its commands on ``app``; command functions only parse
-arguments, call ``slimlm.api`` and render with rich. No logic lives in the CLI.
-"""
+"""The typer app every ``slimlm.cli`` module registers on; commands only parse, call the API, render with rich."""
 
 import contextlib
 import functools
@@ -15,13 +11,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-app = typer.Typer(
-    name="slimlm",
-    help="Make LLMs small enough for your hardware, and measure what each step costs.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
+app = typer.Typer(name="slimlm", help="Make LLMs small enough for your hardware, and measure what each step costs.",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 console = Console()
 err_console = Console(stderr=True)
 

@@ -81,8 +81,7 @@ def distill(
 
         report = run(teacher, data, out, method=method, student=student, student_config=student_config,
                      prune_layers=prune_layers, prune_mlp=prune_mlp, prune_heads=prune_heads, seq_len=seq_len,
-                     top_k=top_k,
-                     teacher_cache=teacher_cache, prompts=prompts, verifier=verifier,
+                     top_k=top_k, teacher_cache=teacher_cache, prompts=prompts, verifier=verifier,
                      max_new_tokens=max_new_tokens, temperature=sample_temperature, top_p=top_p, config=config,
                      resume=resume, overwrite=overwrite, progress=update)
     if not report:

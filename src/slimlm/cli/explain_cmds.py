@@ -1,8 +1,5 @@
-"""CLI commands of the explain area (`explain`, `fit`): parse, call the area's API, render with rich.
-
-They import the area's modules directly rather than slimlm.api (which loads torch for other areas), so
-both commands answer instantly.
-"""
+"""CLI: `explain` and `fit`, on the area's modules rather than slimlm.api (which loads torch), so they answer
+instantly."""
 
 from __future__ import annotations
 

@@ -7,10 +7,7 @@ from rich.table import Table
 
 from slimlm.cli.app import JSON_OPTION, app, columns_table, console, err_console, print_json  # noqa: F401
 
-_ROLE_NAMES = {
-    "embeddings": "embeddings", "attention": "attention", "mlp": "MLP (dense)", "routed_experts": "routed experts",
-    "shared_experts": "shared experts", "norms": "norms", "biases": "biases", "lm_head": "lm_head", "other": "other",
-}
+_ROLE_NAMES = {"mlp": "MLP (dense)", "routed_experts": "routed experts", "shared_experts": "shared experts"}
 
 
 def _bytes(n: int) -> str:
@@ -27,8 +24,7 @@ def inspect(
     json_out: bool = JSON_OPTION,
 ) -> None:
     """Count a model's parameters (total, by role, active per token for MoE) from headers alone, no weights loaded."""
-    # The area's function itself (re-exported as slimlm.api.inspect): importing slimlm.api would load torch
-    # for other areas, and inspecting must stay instant.
+    # Not slimlm.api (it re-exports this but loads torch for other areas): inspecting must stay instant.
     from slimlm.inspect import inspect as inspect_target
 
     report = inspect_target(target)

@@ -66,8 +66,7 @@ def emulate_llama_cpp_activations(model: torch.nn.Module, gguf_path: str | Path
                                   ) -> tuple[dict[str, int], list[torch.utils.hooks.RemovableHandle]]:
     """Round every Linear's input as llama.cpp's CPU backend does for that tensor's type in ``gguf_path``.
 
-    Returns how many Linear layers got each rounding (e.g. {"Q8_K": 91, "Q8_0": 120}) and the hook
-    handles (``handle.remove()`` restores plain fp32 evaluation).
+    Returns the Linear count per rounding ({"Q8_K": 91, ...}) and the hook handles (remove them to undo).
     """
     from slimlm.checkpoint.gguf_file import read_gguf_header
     from slimlm.checkpoint.names import TensorNames, gguf_arch

@@ -185,9 +185,8 @@ def bench(model: str | Path, *, prompt: int = 512, gen: int = 128, batches: tupl
     rows = []
     for name in names:
         backend = BACKENDS[name]()
-        label = f"{name}: loading"
         if progress:
-            progress(done, total, label)
+            progress(done, total, f"{name}: loading")
         facts = backend.load(model_path, threads)
         rng = np.random.default_rng(seed)
         try:
@@ -206,9 +205,8 @@ def bench(model: str | Path, *, prompt: int = 512, gen: int = 128, batches: tupl
                         samples.append(sample)
                     done += 1
                 rows.append({"backend": name, **facts, "batch": batch, "prompt": prompt, "gen": gen,
-                             **_median_figures(samples), "peak_rss_mb": peak_rss_mb(),
-                             "rss_before_mb": base_rss, "runs": runs,
-                             "threads": threads})
+                             **_median_figures(samples), "peak_rss_mb": peak_rss_mb(), "rss_before_mb": base_rss,
+                             "runs": runs, "threads": threads})
         finally:
             backend.close()
             del backend

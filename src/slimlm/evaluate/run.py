@@ -16,14 +16,8 @@ import torch
 from slimlm.errors import SlimlmError
 from slimlm.data.text import TokenizedText, read_text, tokenize_text
 from slimlm.evaluate.kld import RefBatch, RefReader, RefWriter, is_ref_file, kld_stats
-from slimlm.evaluate.perplexity import (
-    iter_scored_logprobs,
-    make_windows,
-    perplexity_stats,
-    scored_span,
-    token_nll,
-    window_targets,
-)
+from slimlm.evaluate.perplexity import (iter_scored_logprobs, make_windows, perplexity_stats, scored_span, token_nll,
+                                       window_targets)
 from slimlm.models import LoadedModel, load_model
 
 Progress = Callable[[int, int], None]  # (windows done, windows total)
@@ -36,11 +30,8 @@ def evaluate(model: str | Path | LoadedModel, data: str | Path, *, ref: str | Pa
              progress: Progress | None = None) -> dict[str, Any]:
     """Perplexity (± standard error) of ``model`` on ``data``; with ``ref``, KL(P_ref ‖ P_model) and top-1.
 
-    ``save_ref`` stores the reference's log-probs (``ref`` when it is a model, else ``model`` itself):
-    full float16 when ``ref_top_k`` is 0, else the top-k per token plus a tail bucket.
-    ``act_quant="llama.cpp"`` rounds the Linear inputs of GGUF models as llama.cpp's CPU kernels do
-    (see slimlm.evaluate.act_quant), to reproduce llama.cpp's numbers; the default evaluates the
-    dequantized weights exactly.
+    ``save_ref`` stores the reference's log-probs (``ref`` when it is a model, else ``model``): full float16, or
+    the top ``ref_top_k`` plus a tail bucket. ``act_quant="llama.cpp"``: see slimlm.evaluate.act_quant.
     """
     if act_quant not in ("none", "llama.cpp"):
         raise SlimlmError(f"--act-quant must be none or llama.cpp, not {act_quant!r}")
@@ -68,16 +59,10 @@ def evaluate(model: str | Path | LoadedModel, data: str | Path, *, ref: str | Pa
     seconds = time.perf_counter() - started
     n_scored_total = result["perplexity"]["n_tokens"]
     report: dict[str, Any] = {
-        "model": main.info.to_dict(),
-        "data": str(data),
-        "ctx": ctx,
-        "chunks": int(windows.shape[0]),
-        "n_text_tokens": int(tokens.ids.numel()),
-        **result,
-        "seconds": seconds,
+        "model": main.info.to_dict(), "data": str(data), "ctx": ctx, "chunks": int(windows.shape[0]),
+        "n_text_tokens": int(tokens.ids.numel()), **result, "seconds": seconds,
         "scored_tokens_per_second": n_scored_total / seconds,
-        "act_quant": {"mode": act_quant, **({"linears": emulated} if emulated else {})},
-    }
+        "act_quant": {"mode": act_quant, **({"linears": emulated} if emulated else {})}}
     if ref_model is not None:
         report["ref"] = {"kind": "model", **ref_model.info.to_dict()}
     elif ref_file is not None:

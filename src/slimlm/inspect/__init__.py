@@ -1,8 +1,7 @@
 """Inspect a model without loading its weights: parameter counts, roles, dtypes, GGUF quant mix.
 
-``inspect(target)`` takes a path (HF dir, .safetensors, .gguf, config.json) or a catalog name
-(``deepseek-r1``, ``deepseek-r1:14b``). With tensors, counts are exact from the tensor table; with a
-config alone they are computed from the architecture (ModelSpec). Both agree exactly on real checkpoints.
+Counts are exact from a checkpoint's tensor table, or computed from a config or catalog entry's ModelSpec;
+both agree exactly on real checkpoints.
 """
 
 from __future__ import annotations
@@ -80,16 +79,6 @@ def _looks_like_path(text: str) -> bool:
         or text.lower().endswith((".gguf", ".safetensors", ".json", ".bin", ".pt", ".pth", ".ckpt"))
 
 
-def _spec_or_warning(config: dict[str, Any] | None, warnings: list[str]) -> ModelSpec | None:
-    if config is None:
-        return None
-    try:
-        return ModelSpec.from_config(config)
-    except SlimlmError as exc:
-        warnings.append(f"config not understood ({exc}); counts come from the tensor table only")
-        return None
-
-
 def _inspect_checkpoint(ckpt: Checkpoint) -> InspectReport:
     warnings = list(ckpt.warnings)
     if ckpt.format == "config":
@@ -99,7 +88,12 @@ def _inspect_checkpoint(ckpt: Checkpoint) -> InspectReport:
                              warnings=warnings)
     if not ckpt.tensors:
         raise SlimlmError(f"{ckpt.path}: the checkpoint holds no tensors")
-    spec = _spec_or_warning(ckpt.config, warnings)
+    spec = None
+    if ckpt.config is not None:
+        try:
+            spec = ModelSpec.from_config(ckpt.config)
+        except SlimlmError as exc:
+            warnings.append(f"config not understood ({exc}); counts come from the tensor table only")
     params = count_tensors(ckpt.tensors, spec)
     report = InspectReport(source=str(ckpt.path), format=ckpt.format, counted_from="tensors", params=params,
                            name=_checkpoint_name(ckpt), spec=spec, file_bytes=ckpt.file_bytes,
@@ -124,20 +118,15 @@ def _inspect_checkpoint(ckpt: Checkpoint) -> InspectReport:
 
 def _gguf_summary(ckpt: Checkpoint, report: InspectReport) -> dict[str, Any]:
     stored = sum(t.numel for t in ckpt.tensors)
-    mix = []
-    for dtype, row in report.dtypes.items():
-        mix.append({"type": dtype, "tensors": row["tensors"], "params": row["params"], "bytes": row["bytes"],
-                    "share_of_params": round(row["params"] / stored, 4) if stored else 0.0,
-                    "bits_per_weight": round(row["bytes"] * 8 / row["params"], 4) if row["params"] else 0.0})
+    mix = [{"type": dtype, "tensors": row["tensors"], "params": row["params"], "bytes": row["bytes"],
+            "share_of_params": round(row["params"] / stored, 4) if stored else 0.0,
+            "bits_per_weight": round(row["bytes"] * 8 / row["params"], 4) if row["params"] else 0.0}
+           for dtype, row in report.dtypes.items()]
     meta = ckpt.gguf_metadata or {}
-    return {
-        "architecture": meta.get("general.architecture"),
-        "file_type": meta.get("general.file_type"),
-        "size_label": meta.get("general.size_label"),
-        "quant_mix": mix,
-        "bits_per_weight": round(report.tensor_bytes * 8 / stored, 4) if stored else None,
-        "file_bits_per_weight": round(ckpt.file_bytes * 8 / stored, 4) if stored else None,
-    }
+    return {"architecture": meta.get("general.architecture"), "file_type": meta.get("general.file_type"),
+            "size_label": meta.get("general.size_label"), "quant_mix": mix,
+            "bits_per_weight": round(report.tensor_bytes * 8 / stored, 4) if stored else None,
+            "file_bits_per_weight": round(ckpt.file_bytes * 8 / stored, 4) if stored else None}
 
 
 def _config_name(config: dict[str, Any] | None) -> str | None:

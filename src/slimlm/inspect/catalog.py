@@ -1,9 +1,8 @@
 """Built-in catalog of well-known models, written from their public config.json values.
 
-Each model is one JSON file in ``inspect/catalog/``: the architecture keys of its config.json, the label in
-its name, the published parameter counts (with where they come from), and for distilled models the
-student base and the teacher. Names are looked up case-insensitively, with aliases such as Ollama tags
-(``deepseek-r1:14b``) and Hub repo ids; an unknown name suggests the closest known ones.
+One JSON file per model in ``inspect/catalog/``: config keys, name label, published counts (with sources),
+and for distilled models the student base and teacher. Lookup ignores case and knows aliases (Ollama tags
+such as ``deepseek-r1:14b``, Hub repo ids); an unknown name suggests the closest known ones.
 """
 
 from __future__ import annotations

@@ -1,9 +1,8 @@
 """`slimlm fit`: which variants of a model fit a memory budget, and the best one that does.
 
-A variant fits when weights + KV cache + the stated runtime overhead (memory.RUNTIME_OVERHEAD_DOC) is at
-most the budget; its headroom is what is left. "Nothing fits" is an answer, not an error: the result says
-what the smallest variant needs (the CLI exits 0). Bad input (an unparsable memory size, an unknown
-model, a non-positive context) raises SlimlmError (CLI exit 2).
+A variant fits when weights + KV cache + the stated runtime overhead (memory.RUNTIME_OVERHEAD_DOC) is at most
+the budget. "Nothing fits" is an answer (CLI exit 0) saying what the smallest variant needs; bad input raises
+SlimlmError (CLI exit 2).
 """
 
 from __future__ import annotations
@@ -15,17 +14,9 @@ from typing import Any, Sequence
 
 from slimlm.errors import SlimlmError
 from slimlm.formats.gguf_mix import PlanTensor
-from slimlm.inspect.memory import (
-    RUNTIME_OVERHEAD_DOC,
-    VARIANTS,
-    estimate_memory,
-    metadata_bytes_of,
-    gguf_tensors_from_checkpoint,
-    gguf_tensors_from_spec,
-    kv_cache,
-    normalize_variant,
-    runtime_overhead,
-)
+from slimlm.inspect.memory import (RUNTIME_OVERHEAD_DOC, VARIANTS, estimate_memory, gguf_tensors_from_checkpoint,
+                                   gguf_tensors_from_spec, kv_cache, metadata_bytes_of, normalize_variant,
+                                   runtime_overhead)
 from slimlm.spec import ModelSpec
 
 _UNITS = {"": None, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,

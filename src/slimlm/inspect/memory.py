@@ -1,11 +1,9 @@
 """How many bytes a model needs: weights per format, GGUF file size, KV cache, runtime overhead.
 
-Weights are sized tensor by tensor with each format's true storage cost (GGML block scales included, from
-``gguf.GGML_QUANT_SIZES``; compressed-tensors scales, zero points and shape tensors as it stores them), and
-GGUF mixes (Q4_K_M, ...) use llama.cpp's per-tensor plan (formats.gguf_mix). The tensor list comes from a
-real checkpoint or is synthesized from a ModelSpec with llama.cpp's GGUF tensor names.
-
-Memory to run = weights + KV cache + a stated overhead (RUNTIME_OVERHEAD_DOC). Estimates, not measurements.
+Weights are sized tensor by tensor with each format's true storage cost (GGML block scales, compressed-tensors
+scales and zero points), GGUF mixes with llama.cpp's per-tensor plan (formats.gguf_mix), over a checkpoint's
+tensor list or one synthesized from a ModelSpec. Memory to run = weights + KV cache + a stated overhead
+(RUNTIME_OVERHEAD_DOC). Estimates, not measurements.
 """
 
 from __future__ import annotations
@@ -19,14 +17,8 @@ import gguf
 from gguf import GGMLQuantizationType as T
 
 from slimlm.errors import SlimlmError
-from slimlm.formats.gguf_mix import (
-    ArchFacts,
-    PlanTensor,
-    allows_quantization,
-    normalize_ftype,
-    plan_types,
-    tensor_bytes,
-)
+from slimlm.formats.gguf_mix import (ArchFacts, PlanTensor, allows_quantization, normalize_ftype, plan_types,
+                                      tensor_bytes)
 from slimlm.spec import ModelSpec
 
 CT_VARIANTS = ("W8A8", "W4A16")
@@ -46,11 +38,9 @@ CACHE_TYPES = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q5_1": 24 
 
 RUNTIME_FIXED_BYTES = 256 * 2**20
 MICRO_BATCH = 512
-RUNTIME_OVERHEAD_DOC = (
-    "runtime overhead = 256 MiB (runtime, scratch buffers) + the logits of one micro-batch: "
-    "min(512, context x batch) tokens x vocab x 4 bytes (flash attention assumed, so no context x context "
-    "score matrix)"
-)
+RUNTIME_OVERHEAD_DOC = ("runtime overhead = 256 MiB (runtime, scratch buffers) + the logits of one micro-batch: "
+                        "min(512, context x batch) tokens x vocab x 4 bytes (flash attention assumed, so no context "
+                        "x context score matrix)")
 
 # GGUF key-value metadata when only the vocabulary size is known. It is mostly the tokenizer: per entry the
 # token string (8-byte length + text), its type (4 bytes) and a BPE merge or a SentencePiece score. The
@@ -73,12 +63,9 @@ def arch_facts(spec: ModelSpec) -> ArchFacts:
 
 
 def gguf_tensors_from_spec(spec: ModelSpec) -> list[PlanTensor]:
-    """The tensors llama.cpp's converter writes for this architecture (names, PyTorch-order shapes).
+    """The tensors llama.cpp's converter writes for this architecture (names, PyTorch-order shapes), all F32.
 
-    1-D tensors and MoE routers are F32 as the converter writes them; matrices are listed as F32 too (the
-    source type only matters for tensors a mix never quantizes). DeepSeek's kv_b projection is split into
-    attn_k_b / attn_v_b as current llama.cpp converters do; MTP modules are left out, like the model
-    used for generation.
+    DeepSeek's kv_b is split into attn_k_b / attn_v_b as current converters do; MTP modules are left out.
     """
     h, v = spec.hidden_size, spec.vocab_size
     out = [PlanTensor("token_embd.weight", (v, h)), PlanTensor("output_norm.weight", (h,))]
@@ -236,22 +223,18 @@ def gguf_weight_estimate(tensors: Sequence[PlanTensor], arch: ArchFacts, ftype: 
     f = normalize_ftype(ftype)
     kept = sorted({plan[t.name].name for t in tensors if not allows_quantization(t)})
     high = [f"1-D tensors (norms, biases) and routers stay {'/'.join(kept) or 'F32'}"]
-    special = [t.name for t in tensors if t.name in ("output.weight", "token_embd.weight")]
-    for name in special:
-        high.append(f"{name} stored as {plan[name].name}")
+    high += [f"{t.name} stored as {plan[t.name].name}" for t in tensors
+             if t.name in ("output.weight", "token_embd.weight")]
     estimate = WeightEstimate(f, total, params, dict(sorted(counts.items(), key=lambda kv: -kv[1])), high)
     return estimate, plan
 
 
 def ct_weight_estimate(tensors: Sequence[PlanTensor], variant: str, dtype_bytes: int = 2,
                        symmetric: bool = True) -> WeightEstimate:
-    """Bytes of a compressed-tensors checkpoint (W8A8 or W4A16) made from these tensors.
+    """Bytes of a compressed-tensors (W8A8, W4A16), AWQ/GPTQ or FP8-block checkpoint made from these tensors.
 
-    Linear weights inside the decoder blocks are quantized; embeddings, lm_head, norms, biases and routers
-    stay at ``dtype_bytes`` (the checkpoint's float type). W8A8: int8 weights + one scale per output
-    channel (activations quantized dynamically at run time, nothing stored). W4A16: int4 packed 8 per
-    int32 + one scale per 128 inputs per row + a 2-value int64 weight_shape; asymmetric adds int4 zero
-    points packed along the rows.
+    Only decoder-block Linear weights are quantized; the rest stays at ``dtype_bytes``. W4A16 stores int4
+    packed 8 per int32, a scale per 128 inputs per row and a 2-value int64 weight_shape (+ packed zeros if asym).
     """
     v = variant.upper()
     total = 0
@@ -354,11 +337,10 @@ class KVCache:
 
 
 def kv_cache(spec: ModelSpec, context: int, batch: int = 1, cache_type: str = "f16") -> KVCache:
-    """KV-cache bytes for ``batch`` sequences of ``context`` tokens.
+    """KV-cache bytes for ``batch`` sequences of ``context`` tokens; sliding layers hold ``sliding_window`` at most.
 
-    GQA/MQA/MHA: K and V, n_kv_heads x head size each, per token per layer. MLA (DeepSeek-V2/V3): one
-    latent of kv_lora_rank + qk_rope_head_dim per token per layer, not doubled (K and V are both rebuilt
-    from it). Sliding-window layers hold at most ``sliding_window`` tokens.
+    MLA (DeepSeek-V2/V3) caches one latent of kv_lora_rank + qk_rope_head_dim, not doubled: K and V are rebuilt
+    from it.
     """
     if context <= 0 or batch <= 0:
         raise SlimlmError("context and batch must be positive")
@@ -416,11 +398,8 @@ class MemoryEstimate:
 def estimate_memory(spec: ModelSpec, variant: str, *, context: int = 4096, batch: int = 1,
                     cache_type: str = "f16", tensors: Sequence[PlanTensor] | None = None,
                     metadata_bytes: int | None = None, dtype_bytes: int = 2) -> MemoryEstimate:
-    """Weights + KV cache + overhead to run ``spec`` as ``variant``, and (GGUF) the file size.
-
-    ``tensors`` defaults to the list synthesized from the spec; ``metadata_bytes`` to an estimate from the
-    vocabulary size.
-    """
+    """Weights + KV cache + overhead to run ``spec`` as ``variant``, and (GGUF) the file size; ``tensors`` and
+    ``metadata_bytes`` default to what the spec implies."""
     tensors = list(tensors) if tensors is not None else gguf_tensors_from_spec(spec)
     arch = arch_facts(spec)
     v = normalize_variant(variant)

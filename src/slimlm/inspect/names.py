@@ -1,10 +1,8 @@
 """`slimlm explain`: what each part of a model name means, as people meet names on hubs and in Ollama.
 
-A name such as ``DeepSeek-R1-Distill-Qwen-7B-Q4_K_M`` is split into parts: family, variant (Zero, Distill,
-Instruct, Base), student architecture, size label, quantization, container format. Each recognized part gets
-one plain sentence; a part we do not recognize is reported as unknown, never guessed. When the model is in
-the built-in catalog, the real parameter count, the quantization's true bits per weight (llama.cpp's
-per-tensor mix for GGUF types), the file size and the memory to run it are computed.
+Each recognized part of a name (family, variant, student, size, quantization, format) gets one plain sentence;
+an unrecognized part is reported as unknown, never guessed. For catalog models the real parameter count, true
+bits per weight (llama.cpp's per-tensor mix for GGUF types), file size and memory to run are computed.
 """
 
 from __future__ import annotations
@@ -201,17 +199,14 @@ def split_name(name: str) -> tuple[str, list[Part], QuantInfo | None, list[str]]
         text, tag = text.split(":", 1)
     text = re.sub(r"(?<!\d)\.|\.(?!\d)", "-", text)  # 'Instruct.Q4_1' -> 'Instruct-Q4_1'; keep '2.5'
 
-    quant = None
-    quant_text = None
+    quant = quant_text = None
     for m in _QUANT_TOKEN.finditer(text + (f"-{tag}" if tag else "")):
         info = quant_info(m.group(1))
         if info is not None:
             quant, quant_text = info, m.group(1)
     model_text = _QUANT_TOKEN.sub("", text).strip("-_ .")
-    parts: list[Part] = []
     tokens = [t for t in re.split(r"[-_\s]+", model_text) if t]
-    for tok in tokens:
-        parts.append(_classify(tok))
+    parts = [_classify(tok) for tok in tokens]
     if tag is not None:
         tag_rest = _QUANT_TOKEN.sub("", tag).strip("-_ ")
         parts.append(Part(f":{tag}", "ollama_tag", f":{tag}: an Ollama tag; "

@@ -1,13 +1,9 @@
 """Parameter counts: exact from a checkpoint's tensor table, or computed from a ModelSpec (config alone).
 
-Both paths produce the same ParamCount: a total, a breakdown by role, MoE active parameters per token,
-and DeepSeek-V3's multi-token-prediction (MTP) module counted apart from the model.
-
-What counts as *active* for a MoE model (DeepSeek's convention, from their DeepSeek-V3 weight notes:
-"36.6B activated, including 0.9B for the output head"): every parameter that takes part in computing one
-token: attention, dense MLPs, norms, biases, the router, the shared experts, ``k`` of the ``E`` routed
-experts per MoE layer, and the lm_head. The input embedding table is not counted: a token reads a single
-row of it. ``active_with_embeddings`` adds the whole table (the convention behind Mixtral's "12.9B active").
+Both paths produce the same ParamCount: a total, a breakdown by role, MoE active parameters per token
+(ACTIVE_DEFINITION), and DeepSeek-V3's multi-token-prediction (MTP) module counted apart from the model.
+*Active* follows DeepSeek's V3 weight notes ("36.6B activated, including 0.9B for the output head");
+``active_with_embeddings`` is the convention behind Mixtral's "12.9B active".
 """
 
 from __future__ import annotations
@@ -44,12 +40,8 @@ class ParamCount:
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
-        data = {
-            "total_params": self.total,
-            "label": size_label(self.total),
-            "tied_embeddings": self.tied_embeddings,
-            "roles": dict(self.roles),
-        }
+        data = {"total_params": self.total, "label": size_label(self.total), "tied_embeddings": self.tied_embeddings,
+                "roles": dict(self.roles)}
         if self.active is not None:
             data.update(active_params=self.active, active_label=active_label(self.active),
                         active_with_embeddings=self.active_with_embeddings, router_params=self.router,

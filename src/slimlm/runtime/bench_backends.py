@@ -1,15 +1,10 @@
-"""The torch engines for ``slimlm bench``: the ``Backend`` interface, transformers in torch (``TorchBackend``),
-and the runtime's engines: fp weights quantized on load (w8a8, w8a16, w4a16) and quantized files run on their
-own kernels (native / gguf). slimlm.evaluate.bench registers them in its BACKENDS by name.
-
-Prefill/decode run slimlm's lean forward with a static KV cache (``runtime.fastpath``; transformers' forward
-for models it does not cover), loading goes through ``slimlm.runtime.open_model``. Each reports which kernels
-its layers use.
+"""The torch engines for ``slimlm bench`` (registered by name in slimlm.evaluate.bench's BACKENDS): the ``Backend``
+interface, transformers in torch, and the runtime's engines (fp weights quantized on load: w8a8, w8a16, w4a16;
+quantized files on their own kernels: native / gguf) on the lean forward with a static KV cache where it applies.
 """
 
 from __future__ import annotations
 
-import inspect
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -60,9 +55,7 @@ class TorchBackend(Backend):
 
         torch.set_num_threads(threads)
         self.loaded = load_model(model_path, self.dtype)
-        names = set(inspect.signature(self.loaded.model.forward).parameters)
-        # transformers 5 renamed past_key_values to cache; accept either.
-        self._cache_kw = "cache" if "cache" in names else "past_key_values"
+        self._cache_kw = cache_kwarg(self.loaded.model)
         self._cache = None
         return {"format": self.loaded.info.format, "dtype": self.loaded.info.dtype}
 
@@ -102,7 +95,6 @@ class RuntimeBackend(TorchBackend):
         return {"format": "slimlm runtime", "dtype": self.scheme,
                 "kernels": "; ".join(f"{n}x {k}" for k, n in counts.items()) or "torch F.linear",
                 "weight_mb": round(model_weight_bytes(net) / 2**20, 1)}
-
 
     @torch.inference_mode()
     def prefill(self, prompt: np.ndarray) -> np.ndarray:

@@ -1,9 +1,8 @@
 """Text generation with a KV cache on any transformers causal LM (quantized or not), batch 1 or batched.
 
-Written as a plain loop over the model's forward (the lean one in runtime.fastpath where it applies; not
-``model.generate``) so every step is timed: time to
-first token, inter-token latencies and tokens/s come from the same run that produced the text, and a
-callback sees each new token as it is made (streaming). Batches are left-padded, so all rows decode in step.
+A plain loop over the model's forward (the lean one in runtime.fastpath where it applies), not ``model.generate``,
+so TTFT, inter-token latencies and tokens/s come from the run that made the text, and a callback streams each
+new token. Batches are left-padded, so all rows decode in step.
 """
 
 from __future__ import annotations
@@ -108,10 +107,8 @@ def generate_ids(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask
                  lean: bool = True) -> GenerationResult:
     """Decode up to ``max_new_tokens`` per row from left-padded ``input_ids`` ``(B, T)``.
 
-    Rows that emit an id in ``eos_ids`` stop (later positions get ``pad_id`` and are not reported); the loop
-    ends when all rows stopped. ``on_step`` gets each step's ``(B,)`` new tokens (streaming). Llama-style
-    models run on the lean forward with a static KV cache (``runtime.fastpath``) unless ``lean=False``;
-    others through transformers' forward and its dynamic cache.
+    Rows that emit an id in ``eos_ids`` stop (later positions get ``pad_id`` and are not reported); ``on_step``
+    gets each step's ``(B,)`` new tokens. ``lean=False`` forces transformers' forward and its dynamic cache.
     """
     sampling = sampling or SamplingConfig()
     sampling.check()
@@ -172,10 +169,8 @@ def generate_ids(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask
 def generate(model: torch.nn.Module, tokenizer, prompts: str | list[str], max_new_tokens: int = 64,
              sampling: SamplingConfig | None = None, on_text: Callable[[str], None] | None = None,
              chat: bool = False) -> GenerationResult:
-    """Generate text for one prompt or a batch; ``on_text`` streams the first row's text as it grows.
-
-    ``chat=True`` wraps each prompt in the tokenizer's chat template (instruct models).
-    """
+    """Generate text for one prompt or a batch; ``on_text`` streams the first row's text as it grows; ``chat=True``
+    wraps each prompt in the tokenizer's chat template."""
     single = isinstance(prompts, str)
     prompts = [prompts] if single else list(prompts)
     if not prompts:
