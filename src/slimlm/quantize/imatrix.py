@@ -1,12 +1,10 @@
-"""Importance matrices exactly as llama.cpp defines them: per weight matrix, the sum over calibration tokens of
-each input column's squared activation, plus the token count.
+"""Importance matrices exactly as llama.cpp defines them: per weight matrix, the sum over calibration tokens of each
+input column's squared activation, plus the token count.
 
-Files are llama.cpp's: the GGUF form (``NAME.in_sum2`` F32 [n_mat, n_in] and ``NAME.counts`` F32 [n_mat, 1],
-keys imatrix.datasets / imatrix.chunk_count / imatrix.chunk_size) and the legacy ``.dat`` form (per entry:
-name, ncall, nval, values = sum/count*ncall; then the chunk count and the dataset name). Collection runs the
-model in transformers with the statistics collector on every Linear inside the decoder layers (llama.cpp
-skips the output matrix by default, and so do we): the importance matrix is the diagonal of their Gram matrix.
-"""
+Files are llama.cpp's: the GGUF form (``NAME.in_sum2`` F32 [n_mat, n_in] and ``NAME.counts`` F32 [n_mat, 1], keys
+imatrix.datasets / imatrix.chunk_count / imatrix.chunk_size) and the legacy ``.dat`` form (per entry: name, ncall,
+nval, values = sum/count*ncall; then the chunk count and the dataset name). Collection hooks every Linear inside the
+decoder layers in transformers (llama.cpp skips the output matrix by default too): their Gram diagonal."""
 
 from __future__ import annotations
 
@@ -174,13 +172,11 @@ def _write_dat(im: Imatrix, path: Path) -> None:
         e = im.entries[name]
         encoded = name.encode("utf-8")
         ncall = int((float(e.counts.max()) + chunk - 1) // chunk) if im.chunk_size else int(e.counts.max())
-        n_mat = e.sums.shape[0]
         counts = np.repeat(e.counts.astype(np.float32), e.sums.shape[1])
         sums = e.sums.reshape(-1).astype(np.float32)
         values = np.where(counts > 0, sums / np.where(counts > 0, counts, 1), 1.0) * np.float32(ncall)
         parts += [struct.pack("<i", len(encoded)), encoded, struct.pack("<ii", ncall, e.sums.size),
                   values.astype("<f4").tobytes()]
-        del n_mat
     dataset = (im.datasets[-1] if im.datasets else "").encode("utf-8")
     parts += [struct.pack("<i", int(im.chunk_count)), struct.pack("<i", len(dataset)), dataset]
     path.write_bytes(b"".join(parts))
@@ -221,22 +217,13 @@ def linear_gguf_names(model) -> dict[str, str]:
     return {mod_name: gname for mod_name, gname in names.items() if gname is not None and gname.startswith("blk.")}
 
 
-def collect_imatrix(
-    model_path: Path,
-    calib: Path,
-    *,
-    ctx: int = 512,
-    chunks: int | None = None,
-    progress: Callable[[int, int], None] | None = None,
-    hessians: dict[str, "np.ndarray"] | None = None,
-    hessian_chunks: int | None = None,
-) -> Imatrix:
+def collect_imatrix(model_path: Path, calib: Path, *, ctx: int = 512, chunks: int | None = None,
+                    progress: Callable[[int, int], None] | None = None, hessians: dict[str, "np.ndarray"] | None = None,
+                    hessian_chunks: int | None = None) -> Imatrix:
     """Run the model over ``calib`` (text or JSONL) in llama.cpp's ctx-token windows and sum squared Linear inputs.
-
-    With ``hessians`` (a dict to fill), also accumulate each matrix's full input covariance X^T X / tokens
-    (float32 [n_in, n_in]; matrices reading the same input share one array), for GPTQ-style searches,
-    from the first ``hessian_chunks`` windows (default: all; X^T X costs more than the forward pass).
-    """
+    With ``hessians`` (a dict to fill), also accumulate each matrix's input covariance X^T X / tokens (float32
+    [n_in, n_in], one array per distinct input) for GPTQ-style searches, from the first ``hessian_chunks`` windows
+    (default: all; X^T X costs more than the forward pass)."""
     import json
 
     import torch
