@@ -32,10 +32,8 @@ log = logging.getLogger(__name__)
 T = gguf.GGMLQuantizationType
 _FLOATS = (T.F32, T.F16, T.BF16)
 
-# Custom encoders (threads): tensors encoded ahead of the one being written; bounds memory to a few tensors.
-LOOKAHEAD = 4
-# Encoder processes for the plain codecs (at most the CPU count).
-WORKERS = 2
+LOOKAHEAD = 4  # custom encoders (threads): tensors encoded ahead of the one written; bounds memory to a few
+WORKERS = 2  # encoder processes for the plain codecs (at most the CPU count)
 
 Progress = Callable[[int, int, str], None]
 Encoder = Callable[[np.ndarray, T, np.ndarray | None, str], np.ndarray]
@@ -75,22 +73,15 @@ def file_type_of(ftype: str) -> gguf.LlamaFileType:
     return gguf.LlamaFileType.ALL_F32 if ftype == "F32" else gguf.LlamaFileType[f"MOSTLY_{ftype}"]
 
 
-def _tensor_infos(source: ModelSource) -> list[gguf_mix.PlanTensor]:
-    infos = []
-    for t in source.tensors:
-        base = t.source_type if t.source_type in _FLOATS else T.F32
-        if len(t.shape) <= 1:
-            base = T.F32  # llama.cpp keeps 1-D tensors (norms, biases) in F32
-        infos.append(gguf_mix.PlanTensor(t.name, tuple(t.shape), base))
-    return infos
-
-
 def plan_for(source: ModelSource, ftype: str, tensor_types: Sequence[str] = (), has_imatrix: bool = False
              ) -> dict[str, T]:
     facts = gguf_mix.ArchFacts(n_layers=source.facts["n_layers"], n_head=source.facts["n_head"],
                                n_head_kv=source.facts["n_head_kv"], arch=source.arch)
     overrides = gguf_mix.parse_overrides(tensor_types)
-    plan = gguf_mix.plan_types(_tensor_infos(source), facts, ftype, overrides=overrides, has_imatrix=has_imatrix)
+    # Base types: the source's float type, else F32; llama.cpp keeps 1-D tensors (norms, biases) in F32.
+    infos = [gguf_mix.PlanTensor(t.name, tuple(t.shape), t.source_type if len(t.shape) > 1 and t.source_type in _FLOATS
+                                 else T.F32) for t in source.tensors]
+    plan = gguf_mix.plan_types(infos, facts, ftype, overrides=overrides, has_imatrix=has_imatrix)
     from slimlm.formats import ggml
 
     missing = sorted({q.name for q in plan.values() if q not in ggml.REGISTRY})
@@ -349,10 +340,8 @@ def _equalize(source: ModelSource, plan: dict[str, T], importance_of: Callable[[
     scales = awq.equalization_plan(lambda n: by_name[n].load(), set(by_name), plan, source.facts["n_layers"],
                                    importance_of, hessians)
     transforms = awq.apply_equalization(scales, source.facts["n_layers"])
-    tensors = []
-    for t in source.tensors:
-        fn = transforms.get(t.name)
-        tensors.append(t if fn is None else dataclasses.replace(t, load=lambda t=t, fn=fn: fn(t.load())))
+    tensors = [t if t.name not in transforms else
+               dataclasses.replace(t, load=lambda t=t, fn=transforms[t.name]: fn(t.load())) for t in source.tensors]
     new_h = None if hessians is None else dict(hessians)
     cache: dict[tuple[int, int], np.ndarray] = {}
     overrides: dict[str, np.ndarray] = {}

@@ -49,16 +49,6 @@ class ModelSource:
 HFTensor = tuple[str, tuple[int, ...], Callable[[], np.ndarray]]  # HF name, shape, float32 loader
 
 
-def _checkpoint_tensors(ckpt) -> list[HFTensor]:
-    """The (HF name, shape, float32 loader) triples of an opened HF dir; float weights only."""
-    out = []
-    for info in ckpt.tensors:
-        if info.dtype not in _HF_DTYPES:
-            raise SlimlmError(f"{info.name} is stored as {info.dtype}; GGUF export reads F32, F16 and BF16 weights")
-        out.append((info.name, info.shape, lambda info=info: ckpt.load_array(info)))
-    return out
-
-
 def _layer_key(name: str) -> tuple[int, int, str]:
     if m := re.match(r"blk\.(\d+)\.", name):
         return (1, int(m.group(1)), name)
@@ -88,7 +78,10 @@ def open_hf_dir(model_dir: Path, tensors: Iterable[HFTensor] | None = None) -> M
     names = TensorNames(spec.gguf_arch, n_layers)
     tie = bool(config.get("tie_word_embeddings", spec.drop_lm_head))
     if tensors is None:
-        tensors = _checkpoint_tensors(ckpt)
+        for info in ckpt.tensors:
+            if info.dtype not in _HF_DTYPES:
+                raise SlimlmError(f"{info.name} is stored as {info.dtype}; GGUF export reads F32, F16 and BF16 weights")
+        tensors = [(info.name, info.shape, lambda info=info: ckpt.load_array(info)) for info in ckpt.tensors]
     out: list[SourceTensor] = []
     for hf_name, shape, load in tensors:
         if hf_name.endswith("rotary_emb.inv_freq"):
