@@ -129,7 +129,6 @@ def awq_layer(layer: torch.nn.Module, stats: LayerStats, pairs: list[SmoothPair]
 
 
 # ---------------------------------------------------------------- tensor stream: GGML codecs, GGUF names
-
 def power_scales(mean_sq: np.ndarray, alpha: float) -> np.ndarray:
     """AWQ's s = E|x|^α (here from E[x²]), normalised to geometric mean 1 so weights keep their range."""
     s = np.maximum(mean_sq.astype(np.float64), 1e-12) ** (alpha / 2)

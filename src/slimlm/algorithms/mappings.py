@@ -63,10 +63,9 @@ def smoothing_pairs(model_type: str, layer: torch.nn.Module, method: str) -> lis
             raise SlimlmError(f"{method}: model_type '{model_type}' layer lacks {', '.join(missing)} needed for the "
                               f"smoothing pair {pair.prev} → {', '.join(pair.linears)}")
         prev = modules[pair.prev]
-        if isinstance(prev, torch.nn.Linear):
-            # v → o only when o reads v's output channels one to one (no grouped-query repetition).
-            if any(modules[n].in_features != prev.out_features for n in pair.linears):
-                continue
+        # v → o only when o reads v's output channels one to one (no grouped-query repetition).
+        if isinstance(prev, torch.nn.Linear) and any(modules[n].in_features != prev.out_features for n in pair.linears):
+            continue
         chosen.append(pair)
     return chosen
 

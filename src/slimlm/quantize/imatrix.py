@@ -8,7 +8,6 @@ decoder layers in transformers (llama.cpp skips the output matrix by default too
 
 from __future__ import annotations
 
-import logging
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,8 +19,6 @@ import numpy as np
 from slimlm.checkpoint import open_checkpoint
 from slimlm.checkpoint.names import TensorNames
 from slimlm.errors import SlimlmError
-
-log = logging.getLogger(__name__)
 
 KEY_DATASETS = "imatrix.datasets"
 KEY_CHUNK_COUNT = "imatrix.chunk_count"
@@ -53,7 +50,6 @@ class Imatrix:
 
 
 # ---------------------------------------------------------------- files
-
 def read_imatrix(path: Path) -> Imatrix:
     """Read a llama.cpp imatrix file of either form (GGUF is recognised by its magic)."""
     path = Path(path)
@@ -183,7 +179,6 @@ def _write_dat(im: Imatrix, path: Path) -> None:
 
 
 # ---------------------------------------------------------------- checks
-
 def check_compatible(imatrix: Imatrix, row_lengths: dict[str, int], source: str = "imatrix") -> int:
     """Raise if the imatrix cannot be from this model; return how many of the model's tensors it covers."""
     matched = 0
@@ -192,9 +187,8 @@ def check_compatible(imatrix: Imatrix, row_lengths: dict[str, int], source: str 
         if entry is None:
             continue
         if entry.sums.shape[-1] != n:
-            raise SlimlmError(
-                f"{source} does not fit this model: {name} has rows of {n} values but the imatrix has "
-                f"{entry.sums.shape[-1]} (made for another model?)")
+            raise SlimlmError(f"{source} does not fit this model: {name} has rows of {n} values but the imatrix "
+                              f"has {entry.sums.shape[-1]} (made for another model?)")
         matched += 1
     if imatrix.entries and matched == 0:
         some = ", ".join(sorted(imatrix.entries)[:3])
@@ -204,7 +198,6 @@ def check_compatible(imatrix: Imatrix, row_lengths: dict[str, int], source: str 
 
 
 # ---------------------------------------------------------------- collection
-
 def linear_gguf_names(model) -> dict[str, str]:
     """HF module name -> GGUF tensor name (without '.weight') for every Linear inside the decoder layers."""
     from slimlm.archs import SUPPORTED_ARCHITECTURES

@@ -9,10 +9,9 @@ between layers). RTN needs no calibration and skips the forward passes."""
 from __future__ import annotations
 
 import json
-import logging
 import tempfile
 import time
-from contextlib import nullcontext
+from contextlib import nullcontext, suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -33,8 +32,6 @@ from slimlm.formats.groupint import QuantizedWeight, QuantSpec
 from slimlm.models import empty_model, load_config, load_model, load_tokenizer
 from slimlm.quantize.schemes import QuantConfig, check_method, get_scheme
 from slimlm.util.process import peak_rss_mb
-
-log = logging.getLogger(__name__)
 
 
 def _materialize(module: torch.nn.Module, prefix: str, ckpt: Checkpoint, dtype: torch.dtype) -> None:
@@ -119,14 +116,12 @@ def _run_layer(layer, acts: _Activations, kwargs_list: list[dict], n_batches: in
 
 
 def quantize_model(model: str | Path, output: str | Path, *, scheme: str | QuantConfig = "w4a16",
-                   method: str | None = None, group_size: int | str | None = "default",
-                   symmetric: bool | None = None, ignore: list[str] | None = None,
-                   calib: str | Path | torch.Tensor | None = None, samples: int = DEFAULT_SAMPLES,
-                   seq_len: int = DEFAULT_SEQ_LEN, act_dynamic: bool = True,
+                   method: str | None = None, group_size: int | str | None = "default", symmetric: bool | None = None,
+                   ignore: list[str] | None = None, calib: str | Path | torch.Tensor | None = None,
+                   samples: int = DEFAULT_SAMPLES, seq_len: int = DEFAULT_SEQ_LEN, act_dynamic: bool = True,
                    smoothing_strength: float = DEFAULT_STRENGTH, actorder: bool = True, batch_size: int = 4,
-                   spill_dir: str | Path | None = None, threads: int | None = None,
-                   uniform_groups: bool = True, overwrite: bool = False,
-                   progress: Callable[[int, int, str], None] | None = None) -> SchemeResult:
+                   spill_dir: str | Path | None = None, threads: int | None = None, uniform_groups: bool = True,
+                   overwrite: bool = False, progress: Callable[[int, int, str], None] | None = None) -> SchemeResult:
     """Quantize an HF model dir to a compressed-tensors dir in the streaming order of the module docstring;
     ``threads`` sets torch's CPU threads for the run (restored afterwards)."""
     previous = torch.get_num_threads()
@@ -251,10 +246,8 @@ def _capture_inputs(run: _Run, acts: _Activations, batch_size: int) -> list[dict
     handle = run.layers[0].register_forward_pre_hook(grab, with_kwargs=True)
     ids = run.calibration.input_ids
     for b0 in range(0, ids.shape[0], batch_size):
-        try:
+        with suppress(_Stop):
             run.decoder(input_ids=ids[b0:b0 + batch_size], use_cache=False)
-        except _Stop:
-            pass
     handle.remove()
     kwargs_list = []
     for b, (args, kwargs) in enumerate(captured):
