@@ -1,15 +1,10 @@
 """AWQ (Lin et al. 2024): protect salient input channels by scaling them up before quantization.
 
-One scale search, :func:`best_scale`, keeps the first candidate per-channel scale ``s`` whose quantized
-``W·diag(s)`` best reproduces the float outputs; candidates and quantizer are the caller's. Both callers
-score with the exact output error ``tr(ΔW H ΔWᵀ)``, ``H = XᵀX/n`` gathered once (no pass over the tokens):
-
-- layer stream (:func:`search_scale`): duo-scaling grid ``s = mean|x|^r / mean|ŵ|^(1-r)`` (llm-compressor's
-  default) under group-int fake quantization, folded into the feeding norm or Linear; then a per-group clip
-  ratio (AutoAWQ's ``auto_clip``) for every Linear except q/k.
-- GGUF tensor stream (:func:`equalization_plan`): grid ``s = E[x²]^(α/2)`` under llama.cpp's encoder round
-  trip, folded into the norms and ffn_up's rows (:func:`apply_equalization`).
-"""
+:func:`best_scale` keeps the first candidate per-channel scale ``s`` whose quantized ``W·diag(s)`` best reproduces
+the float outputs, scored by the exact output error ``tr(ΔW H ΔWᵀ)``, ``H = XᵀX/n`` gathered once. The layer stream
+(:func:`search_scale`) searches llm-compressor's duo-scaling grid ``s = mean|x|^r / mean|ŵ|^(1-r)`` under group-int
+fake quantization, then a per-group clip ratio (AutoAWQ's ``auto_clip``) for all but q/k; the GGUF tensor stream
+(:func:`equalization_plan`) searches ``s = E[x²]^(α/2)`` under llama.cpp's encoder round trip."""
 
 from __future__ import annotations
 
@@ -36,11 +31,8 @@ S = TypeVar("S")
 
 def best_scale(candidates: Sequence[S], errors: Callable[[Sequence[S]], Iterable[float]],
                batch: int = 1) -> tuple[int, list[float]]:
-    """The index of the first candidate with the least error, and every candidate's error.
-
-    ``errors`` scores a batch of (at most ``batch``) candidates: it quantizes the scaled weights its own way
-    and measures the output error.
-    """
+    """The index of the first candidate with the least error, and every candidate's error; ``errors`` scores
+    a batch of (at most ``batch``) candidates, quantizing the scaled weights its own way."""
     errs: list[float] = []
     for b0 in range(0, len(candidates), batch):
         errs.extend(float(e) for e in errors(candidates[b0:b0 + batch]))
@@ -113,10 +105,8 @@ def search_clip(weight: torch.Tensor, spec: QuantSpec, h: torch.Tensor, n_grid: 
 
 def awq_layer(layer: torch.nn.Module, stats: LayerStats, pairs: list[SmoothPair],
               specs: dict[str, QuantSpec], clip: bool = True) -> tuple[dict[str, torch.Tensor], dict]:
-    """Search and fold AWQ scales for every pair of ``layer`` (in place), then search clip ratios.
-
-    Returns the clip ratio per Linear (``(out, groups)``, 1 where unclipped) and a small report.
-    """
+    """Search and fold AWQ scales for every pair of ``layer`` (in place), then search clip ratios; returns the
+    clip ratio per Linear (``(out, groups)``, 1 where unclipped) and a small report."""
     modules = dict(layer.named_modules())
     report = {}
     for pair in pairs:
@@ -139,7 +129,6 @@ def awq_layer(layer: torch.nn.Module, stats: LayerStats, pairs: list[SmoothPair]
 
 
 # ---------------------------------------------------------------- tensor stream: GGML codecs, GGUF names
-
 def power_scales(mean_sq: np.ndarray, alpha: float) -> np.ndarray:
     """AWQ's s = E|x|^α (here from E[x²]), normalised to geometric mean 1 so weights keep their range."""
     s = np.maximum(mean_sq.astype(np.float64), 1e-12) ** (alpha / 2)

@@ -2,12 +2,10 @@
 not yet quantized through the inverse Hessian of the layer's input.
 
 One core (:func:`gptq_core`) with a rounding callback: :func:`gptq_quantize` rounds one column at a time to
-group-int codes; :func:`gptq_encode` rounds whole GGML codec blocks (32 or 256 columns) with llama.cpp's
-encoder as a black box, so the GGUF bytes are those of a normal file. For a step of k columns the error
-pushed on is E = (W_s − Q_s) U_ss⁻¹ with H⁻¹ = UᵀU (upper Cholesky): GPTQ's column recurrence for fixed Q_s.
-"Lazy batch": inside a batch of columns the updates touch only the batch; the rest of the matrix gets the
-batch's error in one matmul. Rows are independent given H, so Linears sharing an input are stacked.
-"""
+group-int codes; :func:`gptq_encode` rounds whole GGML blocks (32 or 256 columns) with llama.cpp's encoder as a
+black box, so the GGUF bytes are those of a normal file. A step of k columns pushes on E = (W_s − Q_s) U_ss⁻¹,
+H⁻¹ = UᵀU (upper Cholesky): GPTQ's column recurrence for fixed Q_s. Rows are independent given H: Linears sharing
+an input are stacked."""
 
 from __future__ import annotations
 
@@ -57,10 +55,8 @@ def inverse_hessian_factor(h: torch.Tensor, dampening: float = DEFAULT_DAMPENING
 def gptq_core(w: torch.Tensor, hinv: torch.Tensor, round_step: Rounding, *, step: int = 1,
               block: int = DEFAULT_BLOCK) -> None:
     """Round ``w`` (out, in; updated in place) ``step`` columns at a time; ``hinv`` from :func:`inverse_hessian_factor`.
-
-    ``block`` (a multiple of ``step``) is the lazy batch. A step of one column updates the batch with an outer
-    product, a wider step with a triangular solve; the dtype is the caller's (float32 or float64).
-    """
+    ``block`` (a multiple of ``step``) is the lazy batch: updates inside it touch only the batch, the rest of the
+    matrix gets the batch's error in one matmul. The dtype is the caller's (float32 or float64)."""
     n = w.shape[1]
     for i1 in range(0, n, block):
         i2 = min(i1 + block, n)
@@ -87,13 +83,10 @@ def gptq_core(w: torch.Tensor, hinv: torch.Tensor, round_step: Rounding, *, step
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec,
                   dampening: float = DEFAULT_DAMPENING, block_size: int = DEFAULT_BLOCK,
                   actorder: bool = False) -> QuantizedWeight:
-    """GPTQ-quantize ``weight`` (out, in) to group-int codes given ``hessian`` = mean x xᵀ of its inputs.
-
-    Group scales are chosen from the *updated* weights when a group starts, as in the reference implementation
-    and llm-compressor. ``actorder`` ("static" activation ordering, as llm-compressor calls it): group scales
-    are fixed up front from the original weights, then columns are quantized in order of decreasing Hessian
-    diagonal, so the most-used input channels are rounded first and the rest absorb their error.
-    """
+    """GPTQ-quantize ``weight`` (out, in) to group-int codes given ``hessian`` = mean x xᵀ of its inputs. Group
+    scales come from the *updated* weights when a group starts (reference implementation, llm-compressor).
+    ``actorder`` (llm-compressor's "static"): scales fixed up front from the original weights, columns quantized
+    by decreasing Hessian diagonal, so the most-used inputs are rounded first and the rest absorb their error."""
     w = weight.detach().float().clone()
     out_f, in_f = w.shape
     h, dead = dead_inputs_fixed(hessian.detach().float())

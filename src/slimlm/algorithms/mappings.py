@@ -1,13 +1,9 @@
 """Which op feeds which Linears inside a decoder layer: the pairs AWQ and SmoothQuant may rescale.
 
-The same pairs name GGUF tensors in the tensor stream (``blk.N.attn_norm.weight`` → ``blk.N.attn_q.weight``, ...),
-less v → o, which the tensor stream does not search.
-
-A per-input-channel scale ``s`` can move from a Linear's input to its weight (``W·diag(s)``) only if the
-op producing that input can absorb ``1/s`` exactly: a norm's weight, or the output rows of a previous
-Linear whose output feeds nothing else. These are the pairs AutoAWQ and llm-compressor use for Llama-style
-layers (norm → q/k/v, v → o when shapes match, norm → gate/up, up → down).
-"""
+A per-input-channel scale ``s`` can move from a Linear's input to its weight (``W·diag(s)``) only if the op
+producing that input absorbs ``1/s`` exactly: a norm's weight, or the output rows of a previous Linear feeding
+nothing else. These are AutoAWQ's and llm-compressor's Llama pairs (norm → q/k/v, v → o when shapes match,
+norm → gate/up, up → down); GGUF tensor names get the same pairs less v → o, which the tensor stream skips."""
 
 from __future__ import annotations
 
@@ -56,25 +52,20 @@ def gguf_pairs(n_layers: int) -> list[SmoothPair]:
 def smoothing_pairs(model_type: str, layer: torch.nn.Module, method: str) -> list[SmoothPair]:
     """The pairs valid for this layer; a clear error naming what is missing when the model has none."""
     if model_type not in LLAMA_LIKE:
-        raise SlimlmError(
-            f"{method} has no smoothing-pair mapping for model_type '{model_type}' "
-            f"(supported: {', '.join(LLAMA_LIKE)}); use --method rtn or gptq"
-        )
+        raise SlimlmError(f"{method} has no smoothing-pair mapping for model_type '{model_type}' "
+                          f"(supported: {', '.join(LLAMA_LIKE)}); use --method rtn or gptq")
     modules = dict(layer.named_modules())
     pairs = LLAMA_PAIRS if method == "awq" else LLAMA_SMOOTHQUANT_PAIRS
     chosen = []
     for pair in pairs:
         missing = [n for n in (pair.prev, *pair.linears) if n not in modules]
         if missing:
-            raise SlimlmError(
-                f"{method}: model_type '{model_type}' layer lacks {', '.join(missing)} needed for the "
-                f"smoothing pair {pair.prev} → {', '.join(pair.linears)}"
-            )
+            raise SlimlmError(f"{method}: model_type '{model_type}' layer lacks {', '.join(missing)} needed for the "
+                              f"smoothing pair {pair.prev} → {', '.join(pair.linears)}")
         prev = modules[pair.prev]
-        if isinstance(prev, torch.nn.Linear):
-            # v → o only when o reads v's output channels one to one (no grouped-query repetition).
-            if any(modules[n].in_features != prev.out_features for n in pair.linears):
-                continue
+        # v → o only when o reads v's output channels one to one (no grouped-query repetition).
+        if isinstance(prev, torch.nn.Linear) and any(modules[n].in_features != prev.out_features for n in pair.linears):
+            continue
         chosen.append(pair)
     return chosen
 
@@ -86,16 +77,14 @@ def fold_scale(layer: torch.nn.Module, pair: SmoothPair, s: torch.Tensor) -> Non
     with torch.no_grad():
         if isinstance(prev, torch.nn.Linear):
             prev.weight.div_(s.to(prev.weight.dtype)[:, None])
-            if prev.bias is not None:
-                prev.bias.div_(s.to(prev.bias.dtype))
         else:
             weight = getattr(prev, "weight", None)
             if weight is None:
                 raise SlimlmError(f"cannot fold a scale into {pair.prev} ({type(prev).__name__}): it has no weight")
             weight.div_(s.to(weight.dtype))
-            bias = getattr(prev, "bias", None)
-            if bias is not None:
-                bias.div_(s.to(bias.dtype))
+        bias = getattr(prev, "bias", None)
+        if bias is not None:
+            bias.div_(s.to(bias.dtype))
         for name in pair.linears:
             lin = modules[name]
             lin.weight.mul_(s.to(lin.weight.dtype)[None, :])

@@ -1,9 +1,7 @@
-"""Quantization methods by name, for both drivers: at most one smoothing step (scales folded in before
-rounding: AWQ's search or SmoothQuant's formula), then a rounding (nearest, or GPTQ's error compensation).
-
-The layer stream (``--scheme``) runs :meth:`Method.smooth` and :meth:`Method.round` per decoder layer; the
-GGUF tensor stream (``--to``) reads the same flags and runs the GGML forms (equalization, ``gptq_encode``).
-"""
+"""Quantization methods by name, for both drivers: at most one smoothing step (scales folded in before rounding:
+AWQ's search or SmoothQuant's formula), then a rounding (nearest, or GPTQ's error compensation). The layer stream
+(``--scheme``) runs :meth:`Method.smooth` and :meth:`Method.round` per decoder layer; the GGUF tensor stream
+(``--to``) reads the same flags and runs the GGML forms (equalization, ``gptq_encode``)."""
 
 from __future__ import annotations
 

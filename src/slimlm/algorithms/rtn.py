@@ -1,8 +1,6 @@
-"""Round-to-nearest: min/max scales per group, no calibration data. The baseline every method must beat.
-
-One rule (:func:`slimlm.formats.groupint.quantize_weight`) for files and kernels; the kernel layouts below
-only pick its runtime parameters (int8: codes ±127, a 1e-10 floor; int4: zero scales become 1e-10).
-"""
+"""Round-to-nearest: min/max scales per group, no calibration data; the baseline every method must beat. One rule
+(:func:`slimlm.formats.groupint.quantize_weight`) for files and kernels; the kernel layouts below only pick its
+runtime parameters (int8: codes ±127, a 1e-10 floor; int4: zero scales become 1e-10)."""
 
 from __future__ import annotations
 

@@ -1,9 +1,8 @@
 """SmoothQuant (Xiao et al. 2023): move activation outliers into the weights before W8A8 quantization.
 
 Per input channel j, ``s_j = max|x_j|^α / max|W_:,j|^(1-α)`` (α = smoothing strength, 0.8 by default as in
-llm-compressor); ``x/s`` is folded into the preceding norm and ``W·diag(s)`` into the Linears, so the model
-is unchanged in real arithmetic but its activations are far easier to quantize per token.
-"""
+llm-compressor); ``x/s`` is folded into the preceding norm and ``W·diag(s)`` into the Linears: the model is unchanged
+in real arithmetic, but its activations are far easier to quantize per token."""
 
 from __future__ import annotations
 

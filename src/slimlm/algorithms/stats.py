@@ -1,11 +1,9 @@
 """Input statistics of Linear modules, gathered by forward hooks in one pass.
 
-Every algorithm here needs only a few per-input-channel summaries of a Linear's input X (tokens × in):
-the Gram matrix ``H = XᵀX / n`` (GPTQ's Hessian, AWQ's and the clip search's exact output-error metric),
-the mean ``|x|`` (AWQ's activation salience), the max ``|x|`` (SmoothQuant) and the sum of ``x²`` (the Gram
-diagonal: llama.cpp's importance matrix). Linears fed the same tensor (q/k/v, gate/up) share one
-accumulator, so the Gram matrix is computed once per distinct input.
-"""
+Every algorithm here needs only a few per-input-channel summaries of a Linear's input X (tokens × in): the Gram
+matrix ``H = XᵀX / n`` (GPTQ's Hessian, AWQ's and the clip search's exact output-error metric), the mean ``|x|``
+(AWQ's activation salience), the max ``|x|`` (SmoothQuant) and the sum of ``x²`` (the Gram diagonal: llama.cpp's
+importance matrix). Linears fed the same tensor (q/k/v, gate/up) share one accumulator: one Gram per input."""
 
 from __future__ import annotations
 

@@ -1,11 +1,7 @@
-"""Streaming quantization to GGUF: read one tensor (mmap), encode it with the type the mix plan gives it,
-write it, drop it. Peak memory is a few tensors whatever the model size.
-
-Source: a Hugging Face dir (converted on the fly: names, rope permutation, metadata, tokenizer) or a GGUF
-(re-quantized, with a warning: error compounds). Plan: llama.cpp's per-tensor rules (formats.gguf_mix) plus
-``--tensor-type`` overrides. Codecs: formats.ggml (bit-exact llama.cpp blocks, importance-weighted when an
-imatrix is given).
-"""
+"""Streaming quantization to GGUF: read one tensor (mmap), encode it with the type the mix plan gives it
+(llama.cpp's per-tensor rules, formats.gguf_mix, plus ``--tensor-type`` overrides), write it, drop it: peak memory
+is a few tensors whatever the model size. Source: an HF dir (converted on the fly) or a GGUF (re-quantized, with a
+warning: error compounds). Codecs: formats.ggml (bit-exact llama.cpp blocks, importance-weighted with an imatrix)."""
 
 from __future__ import annotations
 
@@ -36,10 +32,8 @@ log = logging.getLogger(__name__)
 T = gguf.GGMLQuantizationType
 _FLOATS = (T.F32, T.F16, T.BF16)
 
-# Custom encoders (threads): tensors encoded ahead of the one being written; bounds memory to a few tensors.
-LOOKAHEAD = 4
-# Encoder processes for the plain codecs (at most the CPU count).
-WORKERS = 2
+LOOKAHEAD = 4  # custom encoders (threads): tensors encoded ahead of the one written; bounds memory to a few
+WORKERS = 2  # encoder processes for the plain codecs (at most the CPU count)
 
 Progress = Callable[[int, int, str], None]
 Encoder = Callable[[np.ndarray, T, np.ndarray | None, str], np.ndarray]
@@ -79,22 +73,15 @@ def file_type_of(ftype: str) -> gguf.LlamaFileType:
     return gguf.LlamaFileType.ALL_F32 if ftype == "F32" else gguf.LlamaFileType[f"MOSTLY_{ftype}"]
 
 
-def _tensor_infos(source: ModelSource) -> list[gguf_mix.PlanTensor]:
-    infos = []
-    for t in source.tensors:
-        base = t.source_type if t.source_type in _FLOATS else T.F32
-        if len(t.shape) <= 1:
-            base = T.F32  # llama.cpp keeps 1-D tensors (norms, biases) in F32
-        infos.append(gguf_mix.PlanTensor(t.name, tuple(t.shape), base))
-    return infos
-
-
 def plan_for(source: ModelSource, ftype: str, tensor_types: Sequence[str] = (), has_imatrix: bool = False
              ) -> dict[str, T]:
     facts = gguf_mix.ArchFacts(n_layers=source.facts["n_layers"], n_head=source.facts["n_head"],
                                n_head_kv=source.facts["n_head_kv"], arch=source.arch)
     overrides = gguf_mix.parse_overrides(tensor_types)
-    plan = gguf_mix.plan_types(_tensor_infos(source), facts, ftype, overrides=overrides, has_imatrix=has_imatrix)
+    # Base types: the source's float type, else F32; llama.cpp keeps 1-D tensors (norms, biases) in F32.
+    infos = [gguf_mix.PlanTensor(t.name, tuple(t.shape), t.source_type if len(t.shape) > 1 and t.source_type in _FLOATS
+                                 else T.F32) for t in source.tensors]
+    plan = gguf_mix.plan_types(infos, facts, ftype, overrides=overrides, has_imatrix=has_imatrix)
     from slimlm.formats import ggml
 
     missing = sorted({q.name for q in plan.values() if q not in ggml.REGISTRY})
@@ -116,35 +103,20 @@ def load_importance(imatrix: Path | Imatrix | None, calib: Path | None, model: P
     return None
 
 
-def quantize_gguf(
-    model: str | Path | ModelSource,
-    to: str,
-    out: str | Path | None = None,
-    *,
-    imatrix: str | Path | Imatrix | None = None,
-    calib: str | Path | None = None,
-    calib_chunks: int | None = 100,
-    tensor_types: Sequence[str] = (),
-    dry_run: bool = False,
-    overwrite: bool = False,
-    progress: Progress | None = None,
-    method: str = "llama.cpp",
-    hessians: dict[str, np.ndarray] | None = None,
-    gptq_damp: float = 0.01,
-    hessian_chunks: int | None = 32,
-    encoder: Encoder | None = None,
-) -> GGUFResult:
-    """Write ``model`` (HF dir, GGUF, or an opened ModelSource) as a GGUF of mix ``to`` (Q4_K_M, Q8_0, F16,
-    ...) to ``out``.
+def quantize_gguf(model: str | Path | ModelSource, to: str, out: str | Path | None = None, *,
+                  imatrix: str | Path | Imatrix | None = None, calib: str | Path | None = None,
+                  calib_chunks: int | None = 100, tensor_types: Sequence[str] = (), dry_run: bool = False,
+                  overwrite: bool = False, progress: Progress | None = None, method: str = "llama.cpp",
+                  hessians: dict[str, np.ndarray] | None = None, gptq_damp: float = 0.01,
+                  hessian_chunks: int | None = 32, encoder: Encoder | None = None) -> GGUFResult:
+    """Write ``model`` (HF dir, GGUF, or an opened ModelSource) as a GGUF of mix ``to`` (Q4_K_M, Q8_0, ...).
 
-    ``method`` (all write the same tensor types and sizes; see slimlm.algorithms.methods):
-    "llama.cpp" rounds each block on its own, as llama-quantize does; "gptq" compensates each block's
-    rounding error in the later columns using the calibration inputs' covariance; "awq" folds searched
-    per-channel scales into the norms first; "awq+gptq" does both. gptq needs ``calib`` (or, from the API,
-    ``imatrix`` plus ``hessians``); awq needs ``calib`` or ``imatrix``.
-    ``encoder(x, qtype, importance, name)`` replaces the block encoding altogether (tests, experiments).
-    With ``dry_run`` no calibration runs: the plan assumes an imatrix when one is asked for.
-    """
+    ``method`` never changes tensor types or sizes (slimlm.algorithms.methods): "llama.cpp" rounds each block on
+    its own, as llama-quantize does; "gptq" pushes each block's rounding error onto the later columns through the
+    inputs' covariance; "awq" first folds searched per-channel scales into the norms; "awq+gptq" does both. gptq
+    needs ``calib`` (or, from the API, ``imatrix`` plus ``hessians``); awq needs ``calib`` or ``imatrix``.
+    ``encoder(x, qtype, importance, name)`` replaces the block encoding (tests, experiments). ``dry_run`` runs no
+    calibration: the plan assumes an imatrix when one is asked for."""
     start = time.perf_counter()
     ftype = gguf_mix.normalize_ftype(to)
     if not dry_run:
@@ -294,18 +266,15 @@ def _write_threaded(out: Path, arch: str, metadata: Callable[[gguf.GGUFWriter], 
 
 def _write_forked(out: Path, arch: str, metadata: Callable[[gguf.GGUFWriter], Any], entries: list[Entry],
                   load: Loader, workers: int, progress: Progress | None) -> None:
-    """The plain codecs (numpy code holding the GIL) in forked processes that load their tensor themselves
-    (the source's mmap loaders are inherited through the fork) and write its bytes straight into the file
-    at its final offset: nothing but the encoded bytes of early tensors goes through a pipe, and no process
-    waits for another's tensor to finish first. The parent builds and writes the metadata (tokenizer)
-    meanwhile, then lets the workers write; tensors too small for a round trip are encoded in the parent.
-    The bytes are those of ``write_gguf``: same header, same offsets, zero padding (the file is sized at the
-    end). The most expensive tensors go first, so that neither process is left alone with a long one at the
-    end; those finished before the header is on disk come back through the pipe instead of waiting."""
+    """The plain codecs (numpy, holding the GIL) in forked processes that load their tensor (mmap loaders
+    inherited) and pwrite it at its final offset while the parent writes the metadata; tiny tensors are encoded
+    in the parent. Bytes as ``write_gguf``'s. Costliest tensors first, so no process is left alone with a long one;
+    those done before the header is on disk come back through the pipe."""
     ctx = multiprocessing.get_context("fork")
     offsets, data_bytes = data_layout(entries)
     small = [i for i, (_, shape, _) in enumerate(entries) if int(np.prod(shape, dtype=np.int64)) < 1 << 16]
-    big = sorted(set(range(len(entries))) - set(small), key=lambda i: -_encode_cost(entries[i]))
+    big = sorted(set(range(len(entries))) - set(small),
+                 key=lambda i: -(float(np.prod(entries[i][1], dtype=np.float64)) * _COST.get(entries[i][2], 50)))
     data_start = ctx.Value("q", -1, lock=False)  # the data section's file offset once the header is written
     ready = ctx.Event()  # set once data_start is final (or the parent gave up); until then workers hand back
 
@@ -359,11 +328,6 @@ _COST = {T.F32: 1, T.F16: 1, T.BF16: 1, T.Q8_0: 4, T.Q4_0: 4, T.Q4_1: 4, T.Q5_0:
          T.Q6_K: 50, T.Q3_K: 60, T.Q5_K: 65, T.Q4_K: 65, T.Q2_K: 70}
 
 
-def _encode_cost(entry: Entry) -> float:
-    _, shape, qtype = entry
-    return float(np.prod(shape, dtype=np.float64)) * _COST.get(qtype, 50)
-
-
 def _equalize(source: ModelSource, plan: dict[str, T], importance_of: Callable[[str], np.ndarray | None],
               hessians: dict[str, np.ndarray] | None):
     """Fold searched per-channel scales into the norms (AWQ-style); adjust importances and covariances to match."""
@@ -376,10 +340,8 @@ def _equalize(source: ModelSource, plan: dict[str, T], importance_of: Callable[[
     scales = awq.equalization_plan(lambda n: by_name[n].load(), set(by_name), plan, source.facts["n_layers"],
                                    importance_of, hessians)
     transforms = awq.apply_equalization(scales, source.facts["n_layers"])
-    tensors = []
-    for t in source.tensors:
-        fn = transforms.get(t.name)
-        tensors.append(t if fn is None else dataclasses.replace(t, load=lambda t=t, fn=fn: fn(t.load())))
+    tensors = [t if t.name not in transforms else
+               dataclasses.replace(t, load=lambda t=t, fn=transforms[t.name]: fn(t.load())) for t in source.tensors]
     new_h = None if hessians is None else dict(hessians)
     cache: dict[tuple[int, int], np.ndarray] = {}
     overrides: dict[str, np.ndarray] = {}

@@ -1,16 +1,13 @@
-"""Importance matrices exactly as llama.cpp defines them: per weight matrix, the sum over calibration tokens of
-each input column's squared activation, plus the token count.
+"""Importance matrices exactly as llama.cpp defines them: per weight matrix, the sum over calibration tokens of each
+input column's squared activation, plus the token count.
 
-Files are llama.cpp's: the GGUF form (``NAME.in_sum2`` F32 [n_mat, n_in] and ``NAME.counts`` F32 [n_mat, 1],
-keys imatrix.datasets / imatrix.chunk_count / imatrix.chunk_size) and the legacy ``.dat`` form (per entry:
-name, ncall, nval, values = sum/count*ncall; then the chunk count and the dataset name). Collection runs the
-model in transformers with the statistics collector on every Linear inside the decoder layers (llama.cpp
-skips the output matrix by default, and so do we): the importance matrix is the diagonal of their Gram matrix.
-"""
+Files are llama.cpp's: the GGUF form (``NAME.in_sum2`` F32 [n_mat, n_in] and ``NAME.counts`` F32 [n_mat, 1], keys
+imatrix.datasets / imatrix.chunk_count / imatrix.chunk_size) and the legacy ``.dat`` form (per entry: name, ncall,
+nval, values = sum/count*ncall; then the chunk count and the dataset name). Collection hooks every Linear inside the
+decoder layers in transformers (llama.cpp skips the output matrix by default too): their Gram diagonal."""
 
 from __future__ import annotations
 
-import logging
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,8 +19,6 @@ import numpy as np
 from slimlm.checkpoint import open_checkpoint
 from slimlm.checkpoint.names import TensorNames
 from slimlm.errors import SlimlmError
-
-log = logging.getLogger(__name__)
 
 KEY_DATASETS = "imatrix.datasets"
 KEY_CHUNK_COUNT = "imatrix.chunk_count"
@@ -55,7 +50,6 @@ class Imatrix:
 
 
 # ---------------------------------------------------------------- files
-
 def read_imatrix(path: Path) -> Imatrix:
     """Read a llama.cpp imatrix file of either form (GGUF is recognised by its magic)."""
     path = Path(path)
@@ -174,20 +168,17 @@ def _write_dat(im: Imatrix, path: Path) -> None:
         e = im.entries[name]
         encoded = name.encode("utf-8")
         ncall = int((float(e.counts.max()) + chunk - 1) // chunk) if im.chunk_size else int(e.counts.max())
-        n_mat = e.sums.shape[0]
         counts = np.repeat(e.counts.astype(np.float32), e.sums.shape[1])
         sums = e.sums.reshape(-1).astype(np.float32)
         values = np.where(counts > 0, sums / np.where(counts > 0, counts, 1), 1.0) * np.float32(ncall)
         parts += [struct.pack("<i", len(encoded)), encoded, struct.pack("<ii", ncall, e.sums.size),
                   values.astype("<f4").tobytes()]
-        del n_mat
     dataset = (im.datasets[-1] if im.datasets else "").encode("utf-8")
     parts += [struct.pack("<i", int(im.chunk_count)), struct.pack("<i", len(dataset)), dataset]
     path.write_bytes(b"".join(parts))
 
 
 # ---------------------------------------------------------------- checks
-
 def check_compatible(imatrix: Imatrix, row_lengths: dict[str, int], source: str = "imatrix") -> int:
     """Raise if the imatrix cannot be from this model; return how many of the model's tensors it covers."""
     matched = 0
@@ -196,9 +187,8 @@ def check_compatible(imatrix: Imatrix, row_lengths: dict[str, int], source: str 
         if entry is None:
             continue
         if entry.sums.shape[-1] != n:
-            raise SlimlmError(
-                f"{source} does not fit this model: {name} has rows of {n} values but the imatrix has "
-                f"{entry.sums.shape[-1]} (made for another model?)")
+            raise SlimlmError(f"{source} does not fit this model: {name} has rows of {n} values but the imatrix "
+                              f"has {entry.sums.shape[-1]} (made for another model?)")
         matched += 1
     if imatrix.entries and matched == 0:
         some = ", ".join(sorted(imatrix.entries)[:3])
@@ -208,7 +198,6 @@ def check_compatible(imatrix: Imatrix, row_lengths: dict[str, int], source: str 
 
 
 # ---------------------------------------------------------------- collection
-
 def linear_gguf_names(model) -> dict[str, str]:
     """HF module name -> GGUF tensor name (without '.weight') for every Linear inside the decoder layers."""
     from slimlm.archs import SUPPORTED_ARCHITECTURES
@@ -221,22 +210,13 @@ def linear_gguf_names(model) -> dict[str, str]:
     return {mod_name: gname for mod_name, gname in names.items() if gname is not None and gname.startswith("blk.")}
 
 
-def collect_imatrix(
-    model_path: Path,
-    calib: Path,
-    *,
-    ctx: int = 512,
-    chunks: int | None = None,
-    progress: Callable[[int, int], None] | None = None,
-    hessians: dict[str, "np.ndarray"] | None = None,
-    hessian_chunks: int | None = None,
-) -> Imatrix:
+def collect_imatrix(model_path: Path, calib: Path, *, ctx: int = 512, chunks: int | None = None,
+                    progress: Callable[[int, int], None] | None = None, hessians: dict[str, "np.ndarray"] | None = None,
+                    hessian_chunks: int | None = None) -> Imatrix:
     """Run the model over ``calib`` (text or JSONL) in llama.cpp's ctx-token windows and sum squared Linear inputs.
-
-    With ``hessians`` (a dict to fill), also accumulate each matrix's full input covariance X^T X / tokens
-    (float32 [n_in, n_in]; matrices reading the same input share one array), for GPTQ-style searches,
-    from the first ``hessian_chunks`` windows (default: all; X^T X costs more than the forward pass).
-    """
+    With ``hessians`` (a dict to fill), also accumulate each matrix's input covariance X^T X / tokens (float32
+    [n_in, n_in], one array per distinct input) for GPTQ-style searches, from the first ``hessian_chunks`` windows
+    (default: all; X^T X costs more than the forward pass)."""
     import json
 
     import torch

@@ -1,19 +1,17 @@
 """Layer-by-layer streaming quantization with calibration, writing compressed-tensors as layers finish.
 
-For each decoder layer in order: load its weights (only that layer is materialised), run the calibration
-inputs through it in float while hooks gather input statistics, let the algorithm pick scales (AWQ,
-SmoothQuant folding, GPTQ), quantize, then run the *quantized* layer (with activation fake-quant for W8A8)
-so the next layer calibrates on what it will really receive. Memory: one layer + the calibration activations
-(``spill_dir`` keeps those on disk between layers). RTN needs no calibration and skips the forward passes.
-"""
+For each decoder layer in order: load its weights (only that layer is materialised), run the calibration inputs
+through it in float while hooks gather input statistics, let the algorithm pick scales (AWQ, SmoothQuant folding,
+GPTQ), quantize, then run the *quantized* layer (with activation fake-quant for W8A8) so the next layer calibrates
+on what it will really receive. Memory: one layer + the calibration activations (``spill_dir`` keeps those on disk
+between layers). RTN needs no calibration and skips the forward passes."""
 
 from __future__ import annotations
 
 import json
-import logging
 import tempfile
 import time
-from contextlib import nullcontext
+from contextlib import nullcontext, suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -29,18 +27,11 @@ from slimlm.data.calibration import DEFAULT_SAMPLES, DEFAULT_SEQ_LEN, Calibratio
 from slimlm.checkpoint import Checkpoint, open_checkpoint
 from slimlm.checkpoint.tensor_data import torch_dtype
 from slimlm.errors import SlimlmError
-from slimlm.writers.compressed_tensors import (
-    ShardWriter,
-    attach_activation_quant,
-    compress_linear,
-    quantization_config,
-)
+from slimlm.writers.compressed_tensors import ShardWriter, attach_activation_quant, compress_linear, quantization_config
 from slimlm.formats.groupint import QuantizedWeight, QuantSpec
 from slimlm.models import empty_model, load_config, load_model, load_tokenizer
 from slimlm.quantize.schemes import QuantConfig, check_method, get_scheme
 from slimlm.util.process import peak_rss_mb
-
-log = logging.getLogger(__name__)
 
 
 def _materialize(module: torch.nn.Module, prefix: str, ckpt: Checkpoint, dtype: torch.dtype) -> None:
@@ -57,7 +48,6 @@ def _decoder(model: torch.nn.Module) -> tuple[torch.nn.Module, str]:
     raise SlimlmError(f"{type(model).__name__}: no decoder with a .layers list found; architecture not supported")
 
 
-# ---------------------------------------------------------------- activation store (memory or disk)
 class _Activations:
     """Hidden states per calibration batch; kept in memory or spilled to safetensors files."""
 
@@ -81,7 +71,6 @@ class _Stop(Exception):
     pass
 
 
-# ---------------------------------------------------------------- result
 @dataclass
 class GroupChoice:
     linear: str  # name suffix inside a layer, e.g. mlp.down_proj
@@ -127,27 +116,47 @@ def _run_layer(layer, acts: _Activations, kwargs_list: list[dict], n_batches: in
 
 
 def quantize_model(model: str | Path, output: str | Path, *, scheme: str | QuantConfig = "w4a16",
-                   method: str | None = None, group_size: int | str | None = "default",
-                   symmetric: bool | None = None, ignore: list[str] | None = None,
-                   calib: str | Path | torch.Tensor | None = None, samples: int = DEFAULT_SAMPLES,
-                   seq_len: int = DEFAULT_SEQ_LEN, act_dynamic: bool = True,
+                   method: str | None = None, group_size: int | str | None = "default", symmetric: bool | None = None,
+                   ignore: list[str] | None = None, calib: str | Path | torch.Tensor | None = None,
+                   samples: int = DEFAULT_SAMPLES, seq_len: int = DEFAULT_SEQ_LEN, act_dynamic: bool = True,
                    smoothing_strength: float = DEFAULT_STRENGTH, actorder: bool = True, batch_size: int = 4,
-                   spill_dir: str | Path | None = None, threads: int | None = None,
-                   uniform_groups: bool = True, overwrite: bool = False,
-                   progress: Callable[[int, int, str], None] | None = None) -> SchemeResult:
-    """Quantize an HF model dir to a compressed-tensors dir; see module docstring for the streaming order.
-
-    ``threads`` sets torch's CPU threads for the run (restored afterwards).
-    """
+                   spill_dir: str | Path | None = None, threads: int | None = None, uniform_groups: bool = True,
+                   overwrite: bool = False, progress: Callable[[int, int, str], None] | None = None) -> SchemeResult:
+    """Quantize an HF model dir to a compressed-tensors dir in the streaming order of the module docstring;
+    ``threads`` sets torch's CPU threads for the run (restored afterwards)."""
     previous = torch.get_num_threads()
     if threads:
         torch.set_num_threads(int(threads))
     try:
-        return _quantize_model(model, output, scheme=scheme, method=method, group_size=group_size,
-                               symmetric=symmetric, ignore=ignore, calib=calib, samples=samples, seq_len=seq_len,
-                               act_dynamic=act_dynamic, smoothing_strength=smoothing_strength, actorder=actorder,
-                               batch_size=batch_size, spill_dir=spill_dir, uniform_groups=uniform_groups,
-                               overwrite=overwrite, progress=progress)
+        start = time.perf_counter()
+        model_dir, out_dir = Path(model), Path(output)
+        if not (model_dir / "config.json").is_file():
+            raise SlimlmError(f"{model_dir} is not a Hugging Face model dir (no config.json)")
+        if out_dir.exists() and not overwrite:
+            raise SlimlmError(f"{out_dir} exists; pass --overwrite to replace it")
+        cfg = scheme if isinstance(scheme, QuantConfig) else get_scheme(
+            scheme, group_size=group_size, symmetric=symmetric, ignore=ignore, act_dynamic=act_dynamic)
+        run = _open_run(model_dir, out_dir, cfg, method, smoothing_strength, actorder)
+        if run.algo.calibration or (cfg.act_bits is not None and not cfg.act_dynamic):
+            run.calibration = _calibration(run, calib, samples, seq_len)
+        spill_ctx = tempfile.TemporaryDirectory(prefix="slimlm-spill-", dir=spill_dir) if spill_dir else nullcontext()
+        writer = ShardWriter(run.out_dir)
+        try:
+            with spill_ctx as spill_path, torch.no_grad():
+                acts = _Activations(Path(spill_path) if spill_path else None)
+                kwargs_list = _capture_inputs(run, acts, batch_size) if run.calibration is not None else []
+                widths = {m.in_features for j, lyr in enumerate(run.layers) for n, m in lyr.named_modules()
+                          if isinstance(m, torch.nn.Linear) and not cfg.is_ignored(f"{run.dprefix}layers.{j}.{n}")}
+                plan = cfg.plan_group_sizes(widths, uniform=uniform_groups)
+                for i in range(len(run.layers)):
+                    _quantize_layer(run, i, plan, acts, kwargs_list, writer)
+                    if progress is not None:
+                        progress(i + 1, len(run.layers), f"layer {i}")
+                _write_rest(run, writer, overwrite)
+        except BaseException:
+            writer.abort()
+            raise
+        return _result(run, start)
     finally:
         torch.set_num_threads(previous)
 
@@ -186,40 +195,6 @@ class _Run:
         return {"bits": self.cfg.act_bits, "dynamic": self.cfg.act_dynamic} if self.cfg.act_bits else None
 
 
-def _quantize_model(model, output, *, scheme, method, group_size, symmetric, ignore, calib, samples, seq_len,
-                    act_dynamic, smoothing_strength, actorder, batch_size, spill_dir, uniform_groups, overwrite,
-                    progress) -> SchemeResult:
-    start = time.perf_counter()
-    model_dir, out_dir = Path(model), Path(output)
-    if not (model_dir / "config.json").is_file():
-        raise SlimlmError(f"{model_dir} is not a Hugging Face model dir (no config.json)")
-    if out_dir.exists() and not overwrite:
-        raise SlimlmError(f"{out_dir} exists; pass --overwrite to replace it")
-    cfg = scheme if isinstance(scheme, QuantConfig) else get_scheme(
-        scheme, group_size=group_size, symmetric=symmetric, ignore=ignore, act_dynamic=act_dynamic)
-    run = _open_run(model_dir, out_dir, cfg, method, smoothing_strength, actorder)
-    if run.algo.calibration or (cfg.act_bits is not None and not cfg.act_dynamic):
-        run.calibration = _calibration(run, calib, samples, seq_len)
-    spill_ctx = tempfile.TemporaryDirectory(prefix="slimlm-spill-", dir=spill_dir) if spill_dir else nullcontext()
-    writer = ShardWriter(run.out_dir)
-    try:
-        with spill_ctx as spill_path, torch.no_grad():
-            acts = _Activations(Path(spill_path) if spill_path else None)
-            kwargs_list = _capture_inputs(run, acts, batch_size) if run.calibration is not None else []
-            widths = {m.in_features for j, lyr in enumerate(run.layers) for n, m in lyr.named_modules()
-                      if isinstance(m, torch.nn.Linear) and not cfg.is_ignored(f"{run.dprefix}layers.{j}.{n}")}
-            plan = cfg.plan_group_sizes(widths, uniform=uniform_groups)
-            for i in range(len(run.layers)):
-                _quantize_layer(run, i, plan, acts, kwargs_list, writer)
-                if progress is not None:
-                    progress(i + 1, len(run.layers), f"layer {i}")
-            _write_rest(run, writer, overwrite)
-    except BaseException:
-        writer.abort()
-        raise
-    return _result(run, start)
-
-
 def _open_run(model_dir: Path, out_dir: Path, cfg: QuantConfig, method: str | None, smoothing_strength: float,
               actorder: bool) -> _Run:
     """Check the request before any work (method for this scheme and architecture, float weights)."""
@@ -248,13 +223,9 @@ def _calibration(run: _Run, calib, samples: int, seq_len: int) -> Calibration:
         tokenizer = load_tokenizer(run.model_dir)
     except Exception:  # a dir without tokenizer files: only token-id / self-generated calibration works
         tokenizer = None
-
-    def full_model():
-        return load_model(run.model_dir, "fp32", tokenizer=False).model
-
     vocab = run.hf_config.vocab_size
-    calibration = load_calibration(calib, tokenizer=tokenizer, model_loader=full_model, vocab_size=vocab,
-                                   n_samples=samples, seq_len=seq_len)
+    calibration = load_calibration(calib, tokenizer=tokenizer, vocab_size=vocab, n_samples=samples, seq_len=seq_len,
+                                   model_loader=lambda: load_model(run.model_dir, "fp32", tokenizer=False).model)
     if calibration.input_ids.max() >= vocab:
         raise SlimlmError("calibration token ids exceed the model's vocabulary")
     return calibration
@@ -275,16 +246,13 @@ def _capture_inputs(run: _Run, acts: _Activations, batch_size: int) -> list[dict
     handle = run.layers[0].register_forward_pre_hook(grab, with_kwargs=True)
     ids = run.calibration.input_ids
     for b0 in range(0, ids.shape[0], batch_size):
-        try:
+        with suppress(_Stop):
             run.decoder(input_ids=ids[b0:b0 + batch_size], use_cache=False)
-        except _Stop:
-            pass
     handle.remove()
     kwargs_list = []
     for b, (args, kwargs) in enumerate(captured):
         kwargs = dict(kwargs)
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        acts.put(b, hidden)
+        acts.put(b, args[0] if args else kwargs.pop("hidden_states"))
         kwargs_list.append(kwargs)
     captured.clear()  # the store (memory or disk) now owns the hidden states
     return kwargs_list

@@ -1,27 +1,22 @@
 """The one scheme vocabulary (w4a16, w8a16, w8a8): a frozen config per scheme, shared by the compressed-tensors
 pipeline, the in-memory runtime (:func:`slimlm.runtime.swap.quantize_`), ``recommend`` and the CLI.
 
-Defaults follow llm-compressor's presets as its users know them: W4A16 int4 groups of 128, asymmetric here
-by default (as the issue asks; llm-compressor's preset is symmetric, ``--sym`` gives that); W8A16 int8
-per-channel symmetric; W8A8 int8 per-channel symmetric weights + dynamic per-token symmetric int8
-activations.
+Defaults follow llm-compressor's presets: W4A16 int4 groups of 128, but asymmetric (as the issue asks; ``--sym``
+gives the preset's symmetric); W8A16 int8 per-channel symmetric; W8A8 that plus dynamic per-token symmetric int8
+activations. Where a file and the runtime need different things, the config says so once:
 
-Where a file and the runtime need different things, the config says so once:
-
-- ``ignore=None`` means "the target's default" (:data:`DEFAULT_IGNORE`): a file keeps ``lm_head`` in
-  full precision (the compressed-tensors/vLLM convention; the pipeline writes everything outside the decoder
-  layers as stored), while the in-memory runtime quantizes every Linear, ``lm_head`` included (a small
-  model's largest Linear). An explicit tuple is used as given by both.
-- Group sizes that do not divide a width: files halve down to 16 and then fall back to one scale per row
-  (a padded group cannot be stored); the int4 kernel halves down to 32 (its smallest group) and then pads
-  (:meth:`QuantConfig.kernel_group_size`).
-- ``dtype`` is the runtime's dtype around the kernels (norms, attention, residual); files ignore it.
-"""
+- ``ignore=None`` is the target's default (:data:`DEFAULT_IGNORE`): a file keeps ``lm_head`` in full precision
+  (the compressed-tensors/vLLM convention; all outside the decoder layers is written as stored), the runtime
+  quantizes every Linear, ``lm_head`` included (a small model's largest). An explicit tuple serves both.
+- Group sizes that do not divide a width: files halve down to 16, then one scale per row (a padded group cannot
+  be stored); the int4 kernel halves down to 32, its smallest, then pads (:meth:`QuantConfig.kernel_group_size`).
+- ``dtype`` is the runtime's dtype around the kernels (norms, attention, residual); files ignore it."""
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -74,9 +69,9 @@ class QuantConfig:
         size = self.group_size // 2
         while size >= 16:
             if all(w % size == 0 for w in widths):
-                return {w: (size, "as requested") if size == self.group_size else
-                        (size, f"{self.group_size} does not divide every width ({', '.join(map(str, sorted(widths)))}); "
-                               f"{size} divides all, so one group size for the whole model") for w in widths}
+                why = (f"{self.group_size} does not divide every width ({', '.join(map(str, sorted(widths)))}); "
+                       f"{size} divides all, so one group size for the whole model")
+                return {w: (size, why) for w in widths}
             size //= 2
         return plan
 
@@ -112,11 +107,8 @@ class W8A16Config(QuantConfig):
 
 @dataclass(frozen=True, kw_only=True)
 class W8A8Config(QuantConfig):
-    """int8 per-channel symmetric weights, per-token dynamic int8 activations (throughput scheme).
-
-    At runtime the rest of the model runs in ``dtype``: bf16 by default, as fast as the bf16 model there, so
-    the int8 GEMMs' gain is not eaten by fp32 elementwise work.
-    """
+    """int8 per-channel symmetric weights, per-token dynamic int8 activations (throughput scheme). At runtime the
+    rest runs in ``dtype``, bf16 by default (as fast as the bf16 model), so fp32 work does not eat the int8 gain."""
 
     name: str = field(default="w8a8", init=False)
     weight_bits: int = field(default=8, init=False)
@@ -131,9 +123,7 @@ CONFIGS: dict[str, type[QuantConfig]] = {"w4a16": W4A16Config, "w8a16": W8A16Con
 def get_scheme(name: str, *, group_size: int | None | str = "default", symmetric: bool | None = None,
                ignore: list[str] | None = None, act_dynamic: bool = True) -> QuantConfig:
     """Build a scheme from what the user typed; ``group_size`` may be an int, "channel" or "default".
-
-    ``ignore`` patterns are added to the file default (``lm_head``), as the CLI's ``--ignore`` documents.
-    """
+    ``ignore`` patterns are added to the file default (``lm_head``), as the CLI's ``--ignore`` documents."""
     key = name.lower()
     if key not in SCHEMES:
         raise SlimlmError(f"unknown scheme '{name}'; choose one of {', '.join(SCHEMES)}")
@@ -199,12 +189,8 @@ def _tp_verdict(in_f: int, out_f: int, row: bool, tp: int, group_size: int | Non
 
 def check_model(model: str, *, group_size: int | None = 128, tp_degrees: tuple[int, ...] = TP_DEGREES) -> dict:
     """Per Linear shape of a model (from config.json only): which group sizes divide, which TP degrees work.
-
     Attention-head rules are vLLM's: heads % tp == 0; KV heads divisible by tp, or tp a multiple of them
-    (replicated). ``marlin`` says whether the one-GPU shape fits vLLM's Marlin W4A16 kernel.
-    """
-    from pathlib import Path
-
+    (replicated). ``marlin`` says whether the one-GPU shape fits vLLM's Marlin W4A16 kernel."""
     from slimlm.models.skeleton import empty_model, load_config
 
     path = Path(model)

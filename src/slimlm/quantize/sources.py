@@ -1,9 +1,6 @@
-"""Lazy tensor sources for GGUF writing: a Hugging Face dir (safetensors, mmap) or an existing GGUF file,
-both opened with slimlm.checkpoint.
-
-Each source lists its tensors under their GGUF names with shapes, and loads one tensor at a time as float32
-with llama.cpp's layout already applied (Q/K rope permutation, Gemma's norm + 1), so a writer can stream.
-"""
+"""Lazy tensor sources for GGUF writing: a Hugging Face dir (safetensors, mmap) or an existing GGUF file. Each
+lists its tensors under their GGUF names and loads one at a time as float32 with llama.cpp's layout already applied
+(Q/K rope permutation, Gemma's norm + 1), so a writer can stream."""
 
 from __future__ import annotations
 
@@ -52,19 +49,8 @@ class ModelSource:
 HFTensor = tuple[str, tuple[int, ...], Callable[[], np.ndarray]]  # HF name, shape, float32 loader
 
 
-def _checkpoint_tensors(ckpt) -> list[HFTensor]:
-    """The (HF name, shape, float32 loader) triples of an opened HF dir; float weights only."""
-    out = []
-    for info in ckpt.tensors:
-        if info.dtype not in _HF_DTYPES:
-            raise SlimlmError(f"{info.name} is stored as {info.dtype}; GGUF export reads F32, F16 and BF16 weights")
-        out.append((info.name, info.shape, lambda info=info: ckpt.load_array(info)))
-    return out
-
-
 def _layer_key(name: str) -> tuple[int, int, str]:
-    m = re.match(r"blk\.(\d+)\.", name)
-    if m:
+    if m := re.match(r"blk\.(\d+)\.", name):
         return (1, int(m.group(1)), name)
     return (0 if name.startswith("token_embd") or name == "rope_freqs.weight" else 2, 0, name)
 
@@ -73,11 +59,9 @@ _HF_DTYPES = ("F32", "F16", "BF16", "F64")
 
 
 def open_hf_dir(model_dir: Path, tensors: Iterable[HFTensor] | None = None) -> ModelSource:
-    """A lazy source over a Hugging Face model dir of a supported architecture.
-
-    ``tensors`` replaces the dir's weights with (HF name, shape, float32 loader) triples, for a caller that
-    makes the values itself (the GGUF equivalent of a compressed-tensors dir); config, tokenizer, GGUF
-    names and llama.cpp's layout still come from the dir."""
+    """A lazy source over a Hugging Face model dir of a supported architecture. ``tensors`` replaces the dir's
+    weights with (HF name, shape, float32 loader) triples from a caller that makes the values itself (the GGUF
+    equivalent of a compressed-tensors dir); config, tokenizer, GGUF names and llama.cpp's layout stay the dir's."""
     if not (model_dir / "config.json").is_file():
         raise SlimlmError(f"{model_dir} has no config.json; expected a Hugging Face model dir or a .gguf file")
     ckpt = open_checkpoint(model_dir)
@@ -94,7 +78,10 @@ def open_hf_dir(model_dir: Path, tensors: Iterable[HFTensor] | None = None) -> M
     names = TensorNames(spec.gguf_arch, n_layers)
     tie = bool(config.get("tie_word_embeddings", spec.drop_lm_head))
     if tensors is None:
-        tensors = _checkpoint_tensors(ckpt)
+        for info in ckpt.tensors:
+            if info.dtype not in _HF_DTYPES:
+                raise SlimlmError(f"{info.name} is stored as {info.dtype}; GGUF export reads F32, F16 and BF16 weights")
+        tensors = [(info.name, info.shape, lambda info=info: ckpt.load_array(info)) for info in ckpt.tensors]
     out: list[SourceTensor] = []
     for hf_name, shape, load in tensors:
         if hf_name.endswith("rotary_emb.inv_freq"):
@@ -106,13 +93,12 @@ def open_hf_dir(model_dir: Path, tensors: Iterable[HFTensor] | None = None) -> M
             raise SlimlmError(f"{hf_name} in {model_dir} has no GGUF name for {hf_arch}")
         transform = _transform(hf_name, spec, n_head, n_head_kv)
         out.append(SourceTensor(name, shape, lambda load=load, f=transform: f(load()), hf_name=hf_name))
-    tensors = out
     rope = rope_parameters(config)
     if rope.get("rope_type") == "llama3":
         factors = llama3_rope_factors(config, rope)
-        tensors.append(SourceTensor("rope_freqs.weight", factors.shape, lambda: factors))
-    tensors.sort(key=lambda t: _layer_key(t.name))
-    return ModelSource(gguf.MODEL_ARCH_NAMES[spec.gguf_arch], tensors, config, "hf", model_dir,
+        out.append(SourceTensor("rope_freqs.weight", factors.shape, lambda: factors))
+    out.sort(key=lambda t: _layer_key(t.name))
+    return ModelSource(gguf.MODEL_ARCH_NAMES[spec.gguf_arch], out, config, "hf", model_dir,
                        facts={"n_layers": n_layers, "n_head": n_head, "n_head_kv": n_head_kv})
 
 
