@@ -1,11 +1,9 @@
 """THE torch loader: ``load_model`` from a path to (torch model, tokenizer, facts about both).
 
 Dense (``kernels=False``): transformers loads HF dirs, compressed-tensors dirs (decompressed) and GGUF files
-(dequantized by its GGUF loader). ``kernels=True``: a quantized file keeps its integer weights on slimlm's
-low-bit modules (``slimlm.models.quantized``). What we add: format detection, dtype parsing, the BOS convention
-eval needs (does the tokenizer add one?) and one-line errors. Tokenizers (``load_tokenizer``) are loaded here
-and configs, meta-device skeletons and random inits in ``models.skeleton``, so no other module calls
-transformers' Auto classes.
+(dequantized). ``kernels=True``: a quantized file keeps its integer weights on ``models.quantized``'s low-bit
+modules. We add format detection, dtype parsing, the BOS convention eval needs and one-line errors. Tokenizers
+load here, configs and skeletons in ``models.skeleton``: no other module calls transformers' Auto classes.
 """
 
 from __future__ import annotations
@@ -69,9 +67,11 @@ def detect_format(path: str | Path) -> str:
     path = _existing(path)
     if is_gguf_file(path):
         return "gguf"
-    if path.is_dir() and (path / "config.json").is_file():
-        return "compressed-tensors" if _is_compressed_tensors_dir(path) else "hf"
-    raise SlimlmError(_unknown_message(path))
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return "compressed-tensors" if _is_compressed_tensors_dir(path) else "hf"
+        raise SlimlmError(f"{path}: not a model dir (no config.json)")
+    raise SlimlmError(f"{path}: not a model slimlm can load (expected an HF model dir or a .gguf file)")
 
 
 def load_model(source: str | Path, dtype: str | torch.dtype | None = None, *, kernels: bool = False,
@@ -129,9 +129,7 @@ def load_tokenizer(source: str | Path) -> Any:
 
 def tokenizer_adds_bos(tokenizer: Any) -> tuple[bool, int | None]:
     """(adds BOS, BOS id): whether encoding with special tokens puts BOS first, as llama.cpp's add_bos."""
-    if tokenizer is None:
-        return False, None
-    bos = tokenizer.bos_token_id
+    bos = None if tokenizer is None else tokenizer.bos_token_id
     if bos is None:
         return False, None
     plain = tokenizer("a b", add_special_tokens=False)["input_ids"]
@@ -209,12 +207,6 @@ def _existing(path: str | Path) -> Path:
     return p
 
 
-def _unknown_message(path: Path) -> str:
-    if path.is_dir():
-        return f"{path}: not a model dir (no config.json)"
-    return f"{path}: not a model slimlm can load (expected an HF model dir or a .gguf file)"
-
-
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
@@ -222,20 +214,16 @@ def _first_line(exc: BaseException) -> str:
 
 @contextlib.contextmanager
 def _quiet_transformers() -> Iterator[None]:
-    """Silence transformers' info logs and tqdm bars while loading; our CLI shows its own progress.
-
-    The GGUF loader's bar ignores the progress-bar switch, so its module's ``tqdm`` is swapped too.
-    """
+    """Silence transformers' info logs and tqdm bars while loading (our CLI shows its own progress); the GGUF
+    loader's bar ignores the progress-bar switch, so its module's ``tqdm`` is swapped too."""
     from transformers.utils import logging as hf_logging
 
     level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     gguf_utils = None
-    try:
+    with contextlib.suppress(ImportError):
         from transformers import modeling_gguf_pytorch_utils as gguf_utils
-    except ImportError:
-        pass
     original_tqdm = getattr(gguf_utils, "tqdm", None)
     if original_tqdm is not None:
         gguf_utils.tqdm = lambda iterable, *args, **kwargs: iterable

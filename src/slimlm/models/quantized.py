@@ -1,8 +1,5 @@
-"""``load_quantized(path)``: a transformers model whose Linear layers run on our low-bit kernels.
-
-Reached through ``slimlm.models.load_model(path, kernels=True)``, which also gives the tokenizer and facts.
-
-Reads the files directly (no fp32 round trip of the quantized weights):
+"""``load_quantized(path)``: a transformers model whose Linear layers run on our low-bit kernels (reached through
+``load_model(path, kernels=True)``), read from the files directly (no fp32 round trip of the quantized weights):
 - compressed-tensors dirs (config.json ``quantization_config``, safetensors), as slimlm, llm-compressor and
   vLLM write them: ``pack-quantized`` int4 → W4A16Linear; ``int-quantized`` int8 with dynamic int8
   activations → W8A8Linear; 8-bit weights without activation quantization → W8A16Linear.
@@ -142,12 +139,7 @@ def _gguf_module(raw: np.ndarray, qtype: str, perm: torch.Tensor | None, referen
 def _gguf_name_map(model: nn.Module) -> dict[str, str]:
     """GGUF tensor name → HF parameter name (checkpoint.names, one table build)."""
     names = TensorNames(gguf_arch(model.config.model_type), model.config.num_hidden_layers)
-    out = {}
-    for hf_name in model.state_dict():
-        gguf_name = names.tensor(hf_name)
-        if gguf_name is not None:
-            out[gguf_name] = hf_name
-    return out
+    return {g: hf_name for hf_name in model.state_dict() if (g := names.tensor(hf_name)) is not None}
 
 
 def load_gguf(path: Path, reference: bool = False, progress: Callable[[str], None] | None = None,
@@ -208,10 +200,7 @@ def _default_dtype(reference: bool) -> torch.dtype:
 
 def load_quantized(path: str | Path, reference: bool = False, progress: Callable[[str], None] | None = None,
                    dtype: torch.dtype | None = None) -> nn.Module:
-    """Model from a compressed-tensors dir or a GGUF file, its Linear layers on low-bit kernels.
-
-    ``dtype`` is the non-Linear tensors' dtype (default: see ``_default_dtype``).
-    """
+    """Model of a compressed-tensors dir or a GGUF file: Linear layers on low-bit kernels, the rest in ``dtype``."""
     path = Path(path)
     if not path.exists():
         raise SlimlmError(f"{path} does not exist")
