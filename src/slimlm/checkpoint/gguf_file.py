@@ -97,11 +97,8 @@ def read_gguf_header(path: Path) -> GGUFHeader:
     path = Path(path)
     try:
         size = path.stat().st_size
-    except OSError as exc:
-        raise SlimlmError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    if size < 24:
-        raise SlimlmError(f"{path}: not a GGUF file ({size} bytes, shorter than a GGUF header)")
-    try:
+        if size < 24:
+            raise SlimlmError(f"{path}: not a GGUF file ({size} bytes, shorter than a GGUF header)")
         with path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
             if buf[:4] != b"GGUF":
                 raise SlimlmError(f"{path}: not a GGUF file (bad magic bytes)")

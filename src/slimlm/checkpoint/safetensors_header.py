@@ -9,6 +9,7 @@ shapes, ``end - begin == numel * bits / 8``, and non-overlapping data ranges.
 from __future__ import annotations
 
 import json
+import math
 import struct
 from pathlib import Path
 from typing import Any
@@ -82,9 +83,7 @@ def _tensor_info(path: Path, name: str, entry: Any, data_start: int) -> TensorIn
             or not all(isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offsets)
             or offsets[1] < offsets[0]):
         raise bad("data_offsets is not [begin, end] with 0 <= begin <= end")
-    numel = 1
-    for dim in shape:
-        numel *= dim
+    numel = math.prod(shape)
     bits = numel * DTYPE_BITS[dtype]
     if bits % 8:
         raise bad(f"{numel} elements of {dtype} do not fill whole bytes")

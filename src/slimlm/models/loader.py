@@ -77,14 +77,11 @@ def detect_format(path: str | Path) -> str:
 def load_model(source: str | Path, dtype: str | torch.dtype | None = None, *, kernels: bool = False,
                reference: bool = False, tokenizer: str | Path | Literal[False] | None = None,
                trust_remote_code: bool = False, progress: Callable[[str], None] | None = None) -> LoadedModel:
-    """Load ``source`` (HF dir, compressed-tensors dir, GGUF file) as an eval-mode torch model.
-
-    ``kernels=False``: dense weights in ``dtype`` (default fp32). ``kernels=True``: a quantized file's Linear
-    layers on low-bit kernel modules (``reference=True``: their fp32 reference modules, same integer weights),
-    the rest in ``dtype`` (default bf16, the kernels' dtype; fp32 for the reference). ``tokenizer``: None
-    takes the source's own when it has one, a path overrides it (a model dir without one, e.g. a bare
-    safetensors export), False loads none. ``trust_remote_code`` is passed to transformers only when asked for.
-    """
+    """Load ``source`` (HF dir, compressed-tensors dir, GGUF file) as an eval-mode torch model: dense weights in
+    ``dtype`` (default fp32), or with ``kernels=True`` a quantized file's Linear layers on low-bit kernel modules
+    (``reference=True``: their fp32 references, same integer weights), the rest in ``dtype`` (default bf16, the
+    kernels' dtype; fp32 for the reference). ``tokenizer``: None takes the source's own when it has one, a path
+    overrides it (e.g. for a bare safetensors export), False loads none. ``trust_remote_code``: off unless asked."""
     path = _existing(source)
     torch_dtype = None if dtype is None else parse_dtype(dtype)
     fmt = detect_format(path)
@@ -105,11 +102,9 @@ def load_model(source: str | Path, dtype: str | torch.dtype | None = None, *, ke
             tok, tok_source = load_tokenizer(tokenizer), str(tokenizer)
     model.eval()
     add_bos, bos_id = tokenizer_adds_bos(tok)
-    info = ModelInfo(
-        path=str(path), format=fmt, dtype=str(torch_dtype or model.dtype).removeprefix("torch."),
-        n_params=sum(p.numel() for p in model.parameters()), vocab_size=_logit_width(model),
-        add_bos=add_bos, bos_token_id=bos_id, tokenizer=tok_source if tok is not None else None,
-    )
+    info = ModelInfo(path=str(path), format=fmt, dtype=str(torch_dtype or model.dtype).removeprefix("torch."),
+                     n_params=sum(p.numel() for p in model.parameters()), vocab_size=_logit_width(model),
+                     add_bos=add_bos, bos_token_id=bos_id, tokenizer=tok_source if tok is not None else None)
     return LoadedModel(model, tok, info)
 
 
@@ -183,8 +178,7 @@ def _own_tokenizer(path: Path, fmt: str) -> Any:
     try:
         return load_tokenizer(path)
     except (SlimlmError, KeyError, TypeError):
-        # transformers rebuilds tokenizers from GGUF metadata for common types only; the weights still
-        # load (bench needs no tokenizer).
+        # transformers rebuilds GGUF tokenizers for common types only; the weights still load (bench needs none)
         return None
 
 

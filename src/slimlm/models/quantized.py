@@ -23,7 +23,7 @@ from torch import nn
 from slimlm.checkpoint import open_checkpoint, read_state_dict
 from slimlm.checkpoint.names import TensorNames, gguf_arch
 from slimlm.errors import SlimlmError
-from slimlm.models.skeleton import empty_model, load_config
+from slimlm.models.skeleton import empty_model, is_gguf_file, load_config
 from slimlm.runtime import gguf_blocks
 from slimlm.runtime.linear import DequantLinear, QuantLinear, W4A16Linear, W8A8Linear, W8A16Linear
 from slimlm.runtime.swap import fuse_siblings, set_module, untie_lm_head
@@ -99,8 +99,7 @@ def load_compressed_tensors(model_dir: Path, reference: bool = False, progress: 
                                                      "weight_shape", "input_scale"))}
     for name in linears:
         group = args_for(qcfg, name)
-        quantized = f"{name}.weight_scale" in state
-        if group is None or not quantized:
+        if group is None or f"{name}.weight_scale" not in state:
             continue
         bias = state.get(f"{name}.bias")
         if name.endswith("lm_head"):
@@ -205,9 +204,8 @@ def load_quantized(path: str | Path, reference: bool = False, progress: Callable
     if not path.exists():
         raise SlimlmError(f"{path} does not exist")
     if path.is_file():
-        with path.open("rb") as f:
-            if f.read(4) != b"GGUF":
-                raise SlimlmError(f"{path} is not a GGUF file (bad magic)")
+        if not is_gguf_file(path):
+            raise SlimlmError(f"{path} is not a GGUF file (bad magic)")
         model = load_gguf(path, reference, progress, dtype)
     else:
         config_path = path / "config.json"
