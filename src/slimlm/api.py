@@ -2,8 +2,6 @@
 
     import slimlm.api as slim
     report = slim.inspect("path/or/catalog-name")
-
-Each area re-exports its entry points below (one section per area).
 """
 
 # --- inspection: lazy checkpoint reading, parameter counts, catalog (inspect) ---
@@ -34,8 +32,7 @@ from slimlm.models import LoadedModel, ModelInfo, load_model  # noqa: E402,F401
 # --- quantized runtime: the one quantize_ verb (reference="file": fake-quant), quantized files, generation ---
 from slimlm import runtime  # noqa: E402,F401
 from slimlm.runtime import (  # noqa: E402,F401
-    GenerationResult, SamplingConfig, generate, kernel_report, load_quantized, open_model, quantize_,
-    summarize_kernels,
+    GenerationResult, SamplingConfig, generate, kernel_report, load_quantized, open_model, quantize_, summarize_kernels,
 )
 
 # --- explain / memory / fit, llama.cpp GGUF type plans (inspect.names, inspect.memory, inspect.fit, formats.gguf_mix) ---

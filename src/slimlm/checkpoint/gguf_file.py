@@ -1,12 +1,10 @@
 """Read a GGUF file's header (metadata and tensor table), never its tensor data: slimlm's one GGUF parser.
 
-A raw scan over a read-only mmap, not gguf's GGUFReader: the reader builds a numpy view for every part of
-every field, seconds on a ~150k-token vocabulary, while the scan reads only lengths and keeps each metadata
-value as its encoded bytes, decoded when asked (so re-quantizing copies metadata byte for byte). Two rules
-make it safe on files from the wild: every read is bounds-checked against the file size (a corrupt count or
-length is a "truncated GGUF header", never a loop over empty reads), and the tensor table is recorded without
-touching the data, so a partial download still opens. Both byte orders are read, as GGUFReader does (a
-big-endian file's version reads as a multiple of 2^16 on a little-endian host).
+A raw scan over a read-only mmap, not gguf's GGUFReader (which builds a numpy view for every part of every
+field: seconds on a ~150k-token vocabulary); metadata values stay encoded bytes, decoded when asked, so
+re-quantizing copies them byte for byte. Every read is bounds-checked against the file size (a corrupt length is
+a "truncated GGUF header", never a loop over empty reads) and tensor data is never touched, so a partial download
+opens. Both byte orders are read, as GGUFReader does (a big-endian version reads as a multiple of 2^16).
 """
 
 from __future__ import annotations
@@ -99,11 +97,8 @@ def read_gguf_header(path: Path) -> GGUFHeader:
     path = Path(path)
     try:
         size = path.stat().st_size
-    except OSError as exc:
-        raise SlimlmError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    if size < 24:
-        raise SlimlmError(f"{path}: not a GGUF file ({size} bytes, shorter than a GGUF header)")
-    try:
+        if size < 24:
+            raise SlimlmError(f"{path}: not a GGUF file ({size} bytes, shorter than a GGUF header)")
         with path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
             if buf[:4] != b"GGUF":
                 raise SlimlmError(f"{path}: not a GGUF file (bad magic bytes)")
@@ -247,10 +242,8 @@ def _tensor_info(path: Path, name: str, raw_type: int, dims: tuple[int, ...], of
         raise SlimlmError(f"{path}: corrupt GGUF header (tensor {name[:80]!r} has unknown type {raw_type})") from None
     block, type_size = GGML_QUANT_SIZES[ggml_type]
     if dims and dims[0] % block:
-        raise SlimlmError(
-            f"{path}: corrupt GGUF header (tensor {name[:80]!r}: row of {dims[0]} is not a multiple of "
-            f"the {ggml_type.name} block of {block})"
-        )
+        raise SlimlmError(f"{path}: corrupt GGUF header (tensor {name[:80]!r}: row of {dims[0]} is not a multiple of "
+                          f"the {ggml_type.name} block of {block})")
     return TensorInfo(name=name, shape=tuple(reversed(dims)), dtype=ggml_type.name,
                       nbytes=math.prod(dims) // block * type_size, ggml_type=ggml_type.name, file=str(path),
                       offset=offset)
@@ -296,17 +289,8 @@ def _leaves(raw: bytes, pos: int, order: str) -> tuple[int, GGUFValueType, int]:
 
 # ------------------------------------------------------------------------ HF-style config from metadata
 
-_ARCH_TO_MODEL_TYPE = {
-    "llama": "llama",
-    "mistral": "mistral",
-    "qwen2": "qwen2",
-    "qwen3": "qwen3",
-    "gemma": "gemma",
-    "gemma2": "gemma2",
-    "gemma3": "gemma3_text",
-    "qwen2moe": "qwen2_moe",
-    "deepseek2": "deepseek_v2",
-}
+_ARCH_TO_MODEL_TYPE = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3", "gemma": "gemma",
+                       "gemma2": "gemma2", "gemma3": "gemma3_text", "qwen2moe": "qwen2_moe", "deepseek2": "deepseek_v2"}
 
 
 def config_from_gguf(metadata: dict[str, Any], tensors: list[TensorInfo]) -> dict[str, Any] | None:
@@ -353,19 +337,12 @@ def config_from_gguf(metadata: dict[str, Any], tensors: list[TensorInfo]) -> dic
         qk = key("attention.key_length_mla") or key("attention.key_length")
         v = key("attention.value_length_mla") or key("attention.value_length")
         has_probs_bias = any(name.endswith("exp_probs_b.bias") for name in names)
-        config.update(
-            model_type="deepseek_v3" if has_probs_bias else "deepseek_v2",
-            q_lora_rank=key("attention.q_lora_rank") or None,
-            kv_lora_rank=key("attention.kv_lora_rank"),
-            qk_rope_head_dim=rope,
-            qk_nope_head_dim=(qk - rope) if qk and rope else None,
-            v_head_dim=v,
-            n_routed_experts=n_experts or None,
-            num_experts_per_tok=key("expert_used_count"),
-            n_shared_experts=key("expert_shared_count", 0),
-            moe_intermediate_size=key("expert_feed_forward_length", 0),
-            first_k_dense_replace=key("leading_dense_block_count", 0),
-            num_nextn_predict_layers=nextn,
-            topk_method="noaux_tc" if has_probs_bias else None,
-        )
+        config.update(model_type="deepseek_v3" if has_probs_bias else "deepseek_v2",
+                      q_lora_rank=key("attention.q_lora_rank") or None, kv_lora_rank=key("attention.kv_lora_rank"),
+                      qk_rope_head_dim=rope, qk_nope_head_dim=(qk - rope) if qk and rope else None, v_head_dim=v,
+                      n_routed_experts=n_experts or None, num_experts_per_tok=key("expert_used_count"),
+                      n_shared_experts=key("expert_shared_count", 0),
+                      moe_intermediate_size=key("expert_feed_forward_length", 0),
+                      first_k_dense_replace=key("leading_dense_block_count", 0), num_nextn_predict_layers=nextn,
+                      topk_method="noaux_tc" if has_probs_bias else None)
     return {k: v for k, v in config.items() if v is not None}

@@ -30,8 +30,7 @@ class TensorNames:
         return self._table.get_name(hf_module)
 
     def tensor(self, hf_tensor: str) -> str | None:
-        """``model.layers.0.self_attn.q_proj.weight`` -> ``blk.0.attn_q.weight``: the module mapped, the
-        parameter's own name (``weight``, ``bias``, ...) kept."""
+        """``model.layers.0.self_attn.q_proj.weight`` -> ``blk.0.attn_q.weight`` (parameter name kept)."""
         base, _, suffix = hf_tensor.rpartition(".")
         name = self._table.get_name(base) if base else None
         return None if name is None else f"{name}.{suffix}"

@@ -1,16 +1,15 @@
 """Read a safetensors file's header (names, dtypes, shapes, offsets) without touching tensor data.
 
-Written by hand on purpose: the format's header is 8 bytes of little-endian length followed by that many
-bytes of JSON, so reading it ourselves is a few lines, and it lets us (1) never map or read tensor data,
-(2) inspect partial downloads whose data is cut short (the safetensors library refuses those), and
-(3) turn every malformation into a one-line SlimlmError with the exact reason.
-Validation follows the format's rules: bounded header, known dtypes, non-negative integer shapes,
-``end - begin == numel * bits / 8``, and non-overlapping data ranges.
+By hand on purpose (the header is an 8-byte little-endian length, then that much JSON): it never maps tensor
+data, inspects partial downloads (the safetensors library refuses those) and turns every malformation into a
+one-line SlimlmError. Validation follows the format's rules: bounded header, known dtypes, non-negative integer
+shapes, ``end - begin == numel * bits / 8``, and non-overlapping data ranges.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import struct
 from pathlib import Path
 from typing import Any
@@ -41,17 +40,13 @@ def read_safetensors_header(path: Path) -> tuple[list[TensorInfo], dict[str, str
                 raise SlimlmError(f"{path}: not a safetensors file (only {size} bytes, no header length)")
             (header_len,) = struct.unpack("<Q", prefix)
             if header_len > MAX_HEADER_BYTES:
-                raise SlimlmError(
-                    f"{path}: corrupt safetensors header (declared length {header_len} bytes exceeds the "
-                    f"{MAX_HEADER_BYTES} byte limit)"
-                )
+                raise SlimlmError(f"{path}: corrupt safetensors header (declared length {header_len} bytes exceeds the "
+                                  f"{MAX_HEADER_BYTES} byte limit)")
             if header_len < 2:
                 raise SlimlmError(f"{path}: corrupt safetensors header (declared length {header_len} bytes)")
             if 8 + header_len > size:
-                raise SlimlmError(
-                    f"{path}: truncated safetensors header ({size} bytes on disk, the header alone needs "
-                    f"{8 + header_len})"
-                )
+                raise SlimlmError(f"{path}: truncated safetensors header ({size} bytes on disk, the header alone needs "
+                                  f"{8 + header_len})")
             raw = f.read(header_len)
     except OSError as exc:
         raise SlimlmError(f"{path}: cannot read ({exc.strerror or exc})") from None
@@ -88,9 +83,7 @@ def _tensor_info(path: Path, name: str, entry: Any, data_start: int) -> TensorIn
             or not all(isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offsets)
             or offsets[1] < offsets[0]):
         raise bad("data_offsets is not [begin, end] with 0 <= begin <= end")
-    numel = 1
-    for dim in shape:
-        numel *= dim
+    numel = math.prod(shape)
     bits = numel * DTYPE_BITS[dtype]
     if bits % 8:
         raise bad(f"{numel} elements of {dtype} do not fill whole bytes")

@@ -22,13 +22,9 @@ CheckpointFormat = Literal["hf-dir", "safetensors", "gguf", "config"]
 
 @dataclass(frozen=True)
 class TensorInfo:
-    """One tensor as its header describes it; the data itself is never read.
-
-    ``shape`` is in PyTorch order (outermost first) for every format, so GGUF's reversed ``ne`` order is
-    undone. ``dtype`` is the storage type in the format's own words (safetensors ``BF16``, ggml ``Q4_K``);
-    ``ggml_type`` is set for GGUF tensors only. ``file`` and ``offset`` locate the data (absolute byte
-    offset in ``file``), which is how a partial download is measured.
-    """
+    """One tensor as its header describes it. ``shape`` is in PyTorch order for every format (GGUF's reversed
+    ``ne`` undone); ``dtype`` is the storage type in the format's words (``BF16``, ``Q4_K``); ``ggml_type`` is
+    set for GGUF only; ``offset`` is absolute in ``file`` (which is how a partial download is measured)."""
 
     name: str
     shape: tuple[int, ...]
@@ -45,13 +41,9 @@ class TensorInfo:
 
 @dataclass
 class Checkpoint:
-    """A model file or folder opened lazily: names, shapes, dtypes, config; tensor data loaded on demand,
-    one tensor at a time (see checkpoint.tensor_data).
-
-    ``config`` is the HF config dict (for GGUF: one derived from the GGUF metadata, see checkpoint.gguf_file),
-    ``missing_bytes`` > 0 when files are shorter than their headers promise (a partial download).
-    ``gguf_header`` keeps a GGUF's fields as stored (raw bytes), for copying them into a new file.
-    """
+    """A model file or folder opened lazily; tensor data is loaded on demand, one tensor at a time. ``config`` is
+    the HF config (for GGUF: derived from its metadata); ``missing_bytes`` > 0 for a partial download;
+    ``gguf_header`` keeps a GGUF's fields as stored (raw bytes), for copying them into a new file."""
 
     path: Path
     format: CheckpointFormat

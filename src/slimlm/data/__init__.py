@@ -1,2 +1,1 @@
-"""Text in: evaluation text sources (text) and calibration sets with llama.cpp's windows and BOS rule
-(calibration)."""
+"""Text in: evaluation text (text) and calibration sets with llama.cpp's windows and BOS rule (calibration)."""

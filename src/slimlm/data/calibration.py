@@ -1,9 +1,6 @@
 """Calibration: text (plain, JSONL, a Hugging Face dataset, or written by the model itself) → token windows →
-per-Linear input statistics.
-
-Text is tokenized once and cut into consecutive ``(n, seq_len)`` windows (the tokenizer adds BOS only if
-configured to). With no source, the model samples its own text from random first tokens (LLM-QAT's data-free
-calibration), so ``slimlm quantize`` works offline. The GGUF path cuts llama.cpp's windows
+per-Linear input statistics. With no source the model samples its own text from random first tokens (LLM-QAT's
+data-free calibration), so ``slimlm quantize`` works offline. The GGUF path cuts llama.cpp's windows
 (:func:`llama_windows`) and runs the whole model over them (:func:`linear_stats`).
 """
 
@@ -42,11 +39,8 @@ class Calibration:
 
 
 def read_jsonl(path: Path, field: str | None = None) -> list[str]:
-    """The text of every non-blank line of a JSONL file.
-
-    ``field`` None (calibration): a line is a string, or an object whose "text" field (else its first string
-    field) is taken. A field name (evaluation, ``--text-field``): every line is an object with that string field.
-    """
+    """The text of every non-blank line of a JSONL file. ``field`` None (calibration): a string, or an object's
+    "text" field (else its first string field); a field name (evaluation, ``--text-field``): that string field."""
     texts = []
     with path.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
@@ -171,10 +165,8 @@ def self_generated(model: torch.nn.Module, vocab_size: int, n_samples: int, seq_
 def load_calibration(source: str | Path | torch.Tensor | None, *, tokenizer=None, model_loader=None,
                      vocab_size: int | None = None, n_samples: int = DEFAULT_SAMPLES,
                      seq_len: int = DEFAULT_SEQ_LEN) -> Calibration:
-    """Calibration ids from ``source``: a token tensor, a .txt/.jsonl path, a dataset name, or None.
-
-    ``model_loader`` (called only for None) returns the full model for self-generated calibration.
-    """
+    """Calibration ids from ``source``: a token tensor, a .txt/.jsonl path, a dataset name, or None (then
+    ``model_loader`` returns the full model for self-generated calibration)."""
     if n_samples < 1 or seq_len < 2:
         raise SlimlmError(f"need at least 1 sample of 2 tokens, got {n_samples} × {seq_len}")
     if isinstance(source, torch.Tensor):
@@ -202,9 +194,7 @@ def llama_windows(tokenizer: Any, text: str, ctx: int, chunks: int | None) -> np
     ids = tokenizer.encode(text, add_special_tokens=False)
     if add_bos:
         ids = [bos] + ids
-    n = len(ids) // ctx
-    if chunks is not None:
-        n = min(n, chunks)
+    n = len(ids) // ctx if chunks is None else min(len(ids) // ctx, chunks)
     if n < 1:
         raise SlimlmError(f"calibration text has {len(ids)} tokens, fewer than one window of {ctx}")
     windows = np.asarray(ids[: n * ctx], dtype=np.int64).reshape(n, ctx)

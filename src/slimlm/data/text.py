@@ -29,14 +29,10 @@ class TokenizedText:
 
 
 def read_text(source: str | Path, *, field: str = "text") -> str:
-    """The evaluation text of ``source``.
-
-    - a ``.jsonl`` file: the ``field`` of every line, joined by blank lines;
-    - any other file: read as UTF-8 text;
-    - ``hf:NAME[:CONFIG][@SPLIT]`` (e.g. ``hf:Salesforce/wikitext:wikitext-2-raw-v1@test``): the
-      ``field`` column of a Hugging Face dataset (rows joined as the raw file has them); needs
-      ``datasets`` and a network (or its cache). Tests never use this.
-    """
+    """The evaluation text of ``source``: a ``.jsonl`` file's ``field`` of every line, joined by blank lines; any
+    other file as UTF-8; ``hf:NAME[:CONFIG][@SPLIT]`` (e.g. ``hf:Salesforce/wikitext:wikitext-2-raw-v1@test``): the
+    ``field`` column of a Hugging Face dataset, rows joined as the raw file has them (needs ``datasets`` and a
+    network or its cache; tests never use this)."""
     text_source = str(source)
     if text_source.startswith(HF_PREFIX):
         text = _read_hf_dataset(text_source[len(HF_PREFIX):], field)

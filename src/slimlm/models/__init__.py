@@ -3,19 +3,10 @@
     from slimlm.models import load_model
     model, tokenizer, info = load_model("path/to/model-or.gguf", dtype="bf16")
     model, tokenizer, info = load_model("path/to/model.gguf", kernels=True)  # integer weights on our kernels
-
-Formats: Hugging Face dirs (safetensors), compressed-tensors dirs (decompressed to dense, or kept on kernels),
-and GGUF files (dequantized into torch by transformers' GGUF loader, or kept on kernels).
 """
 
 from slimlm.models.loader import (
-    LoadedModel,
-    ModelInfo,
-    detect_format,
-    load_model,
-    load_tokenizer,
-    parse_dtype,
-    tokenizer_adds_bos,
+    LoadedModel, ModelInfo, detect_format, load_model, load_tokenizer, parse_dtype, tokenizer_adds_bos,
 )
 from slimlm.models.skeleton import empty_model, load_config, random_model
 

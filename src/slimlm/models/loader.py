@@ -1,11 +1,9 @@
 """THE torch loader: ``load_model`` from a path to (torch model, tokenizer, facts about both).
 
 Dense (``kernels=False``): transformers loads HF dirs, compressed-tensors dirs (decompressed) and GGUF files
-(dequantized by its GGUF loader). ``kernels=True``: a quantized file keeps its integer weights on slimlm's
-low-bit modules (``slimlm.models.quantized``). What we add: format detection, dtype parsing, the BOS convention
-eval needs (does the tokenizer add one?) and one-line errors. Tokenizers (``load_tokenizer``) are loaded here
-and configs, meta-device skeletons and random inits in ``models.skeleton``, so no other module calls
-transformers' Auto classes.
+(dequantized). ``kernels=True``: a quantized file keeps its integer weights on ``models.quantized``'s low-bit
+modules. We add format detection, dtype parsing, the BOS convention eval needs and one-line errors. Tokenizers
+load here, configs and skeletons in ``models.skeleton``: no other module calls transformers' Auto classes.
 """
 
 from __future__ import annotations
@@ -69,22 +67,21 @@ def detect_format(path: str | Path) -> str:
     path = _existing(path)
     if is_gguf_file(path):
         return "gguf"
-    if path.is_dir() and (path / "config.json").is_file():
-        return "compressed-tensors" if _is_compressed_tensors_dir(path) else "hf"
-    raise SlimlmError(_unknown_message(path))
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return "compressed-tensors" if _is_compressed_tensors_dir(path) else "hf"
+        raise SlimlmError(f"{path}: not a model dir (no config.json)")
+    raise SlimlmError(f"{path}: not a model slimlm can load (expected an HF model dir or a .gguf file)")
 
 
 def load_model(source: str | Path, dtype: str | torch.dtype | None = None, *, kernels: bool = False,
                reference: bool = False, tokenizer: str | Path | Literal[False] | None = None,
                trust_remote_code: bool = False, progress: Callable[[str], None] | None = None) -> LoadedModel:
-    """Load ``source`` (HF dir, compressed-tensors dir, GGUF file) as an eval-mode torch model.
-
-    ``kernels=False``: dense weights in ``dtype`` (default fp32). ``kernels=True``: a quantized file's Linear
-    layers on low-bit kernel modules (``reference=True``: their fp32 reference modules, same integer weights),
-    the rest in ``dtype`` (default bf16, the kernels' dtype; fp32 for the reference). ``tokenizer``: None
-    takes the source's own when it has one, a path overrides it (a model dir without one, e.g. a bare
-    safetensors export), False loads none. ``trust_remote_code`` is passed to transformers only when asked for.
-    """
+    """Load ``source`` (HF dir, compressed-tensors dir, GGUF file) as an eval-mode torch model: dense weights in
+    ``dtype`` (default fp32), or with ``kernels=True`` a quantized file's Linear layers on low-bit kernel modules
+    (``reference=True``: their fp32 references, same integer weights), the rest in ``dtype`` (default bf16, the
+    kernels' dtype; fp32 for the reference). ``tokenizer``: None takes the source's own when it has one, a path
+    overrides it (e.g. for a bare safetensors export), False loads none. ``trust_remote_code``: off unless asked."""
     path = _existing(source)
     torch_dtype = None if dtype is None else parse_dtype(dtype)
     fmt = detect_format(path)
@@ -105,11 +102,9 @@ def load_model(source: str | Path, dtype: str | torch.dtype | None = None, *, ke
             tok, tok_source = load_tokenizer(tokenizer), str(tokenizer)
     model.eval()
     add_bos, bos_id = tokenizer_adds_bos(tok)
-    info = ModelInfo(
-        path=str(path), format=fmt, dtype=str(torch_dtype or model.dtype).removeprefix("torch."),
-        n_params=sum(p.numel() for p in model.parameters()), vocab_size=_logit_width(model),
-        add_bos=add_bos, bos_token_id=bos_id, tokenizer=tok_source if tok is not None else None,
-    )
+    info = ModelInfo(path=str(path), format=fmt, dtype=str(torch_dtype or model.dtype).removeprefix("torch."),
+                     n_params=sum(p.numel() for p in model.parameters()), vocab_size=_logit_width(model),
+                     add_bos=add_bos, bos_token_id=bos_id, tokenizer=tok_source if tok is not None else None)
     return LoadedModel(model, tok, info)
 
 
@@ -129,9 +124,7 @@ def load_tokenizer(source: str | Path) -> Any:
 
 def tokenizer_adds_bos(tokenizer: Any) -> tuple[bool, int | None]:
     """(adds BOS, BOS id): whether encoding with special tokens puts BOS first, as llama.cpp's add_bos."""
-    if tokenizer is None:
-        return False, None
-    bos = tokenizer.bos_token_id
+    bos = None if tokenizer is None else tokenizer.bos_token_id
     if bos is None:
         return False, None
     plain = tokenizer("a b", add_special_tokens=False)["input_ids"]
@@ -185,8 +178,7 @@ def _own_tokenizer(path: Path, fmt: str) -> Any:
     try:
         return load_tokenizer(path)
     except (SlimlmError, KeyError, TypeError):
-        # transformers rebuilds tokenizers from GGUF metadata for common types only; the weights still
-        # load (bench needs no tokenizer).
+        # transformers rebuilds GGUF tokenizers for common types only; the weights still load (bench needs none)
         return None
 
 
@@ -209,12 +201,6 @@ def _existing(path: str | Path) -> Path:
     return p
 
 
-def _unknown_message(path: Path) -> str:
-    if path.is_dir():
-        return f"{path}: not a model dir (no config.json)"
-    return f"{path}: not a model slimlm can load (expected an HF model dir or a .gguf file)"
-
-
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
@@ -222,20 +208,16 @@ def _first_line(exc: BaseException) -> str:
 
 @contextlib.contextmanager
 def _quiet_transformers() -> Iterator[None]:
-    """Silence transformers' info logs and tqdm bars while loading; our CLI shows its own progress.
-
-    The GGUF loader's bar ignores the progress-bar switch, so its module's ``tqdm`` is swapped too.
-    """
+    """Silence transformers' info logs and tqdm bars while loading (our CLI shows its own progress); the GGUF
+    loader's bar ignores the progress-bar switch, so its module's ``tqdm`` is swapped too."""
     from transformers.utils import logging as hf_logging
 
     level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     gguf_utils = None
-    try:
+    with contextlib.suppress(ImportError):
         from transformers import modeling_gguf_pytorch_utils as gguf_utils
-    except ImportError:
-        pass
     original_tqdm = getattr(gguf_utils, "tqdm", None)
     if original_tqdm is not None:
         gguf_utils.tqdm = lambda iterable, *args, **kwargs: iterable

@@ -1,8 +1,5 @@
-"""``load_quantized(path)``: a transformers model whose Linear layers run on our low-bit kernels.
-
-Reached through ``slimlm.models.load_model(path, kernels=True)``, which also gives the tokenizer and facts.
-
-Reads the files directly (no fp32 round trip of the quantized weights):
+"""``load_quantized(path)``: a transformers model whose Linear layers run on our low-bit kernels (reached through
+``load_model(path, kernels=True)``), read from the files directly (no fp32 round trip of the quantized weights):
 - compressed-tensors dirs (config.json ``quantization_config``, safetensors), as slimlm, llm-compressor and
   vLLM write them: ``pack-quantized`` int4 → W4A16Linear; ``int-quantized`` int8 with dynamic int8
   activations → W8A8Linear; 8-bit weights without activation quantization → W8A16Linear.
@@ -26,7 +23,7 @@ from torch import nn
 from slimlm.checkpoint import open_checkpoint, read_state_dict
 from slimlm.checkpoint.names import TensorNames, gguf_arch
 from slimlm.errors import SlimlmError
-from slimlm.models.skeleton import empty_model, load_config
+from slimlm.models.skeleton import empty_model, is_gguf_file, load_config
 from slimlm.runtime import gguf_blocks
 from slimlm.runtime.linear import DequantLinear, QuantLinear, W4A16Linear, W8A8Linear, W8A16Linear
 from slimlm.runtime.swap import fuse_siblings, set_module, untie_lm_head
@@ -102,8 +99,7 @@ def load_compressed_tensors(model_dir: Path, reference: bool = False, progress: 
                                                      "weight_shape", "input_scale"))}
     for name in linears:
         group = args_for(qcfg, name)
-        quantized = f"{name}.weight_scale" in state
-        if group is None or not quantized:
+        if group is None or f"{name}.weight_scale" not in state:
             continue
         bias = state.get(f"{name}.bias")
         if name.endswith("lm_head"):
@@ -142,12 +138,7 @@ def _gguf_module(raw: np.ndarray, qtype: str, perm: torch.Tensor | None, referen
 def _gguf_name_map(model: nn.Module) -> dict[str, str]:
     """GGUF tensor name → HF parameter name (checkpoint.names, one table build)."""
     names = TensorNames(gguf_arch(model.config.model_type), model.config.num_hidden_layers)
-    out = {}
-    for hf_name in model.state_dict():
-        gguf_name = names.tensor(hf_name)
-        if gguf_name is not None:
-            out[gguf_name] = hf_name
-    return out
+    return {g: hf_name for hf_name in model.state_dict() if (g := names.tensor(hf_name)) is not None}
 
 
 def load_gguf(path: Path, reference: bool = False, progress: Callable[[str], None] | None = None,
@@ -208,17 +199,13 @@ def _default_dtype(reference: bool) -> torch.dtype:
 
 def load_quantized(path: str | Path, reference: bool = False, progress: Callable[[str], None] | None = None,
                    dtype: torch.dtype | None = None) -> nn.Module:
-    """Model from a compressed-tensors dir or a GGUF file, its Linear layers on low-bit kernels.
-
-    ``dtype`` is the non-Linear tensors' dtype (default: see ``_default_dtype``).
-    """
+    """Model of a compressed-tensors dir or a GGUF file: Linear layers on low-bit kernels, the rest in ``dtype``."""
     path = Path(path)
     if not path.exists():
         raise SlimlmError(f"{path} does not exist")
     if path.is_file():
-        with path.open("rb") as f:
-            if f.read(4) != b"GGUF":
-                raise SlimlmError(f"{path} is not a GGUF file (bad magic)")
+        if not is_gguf_file(path):
+            raise SlimlmError(f"{path} is not a GGUF file (bad magic)")
         model = load_gguf(path, reference, progress, dtype)
     else:
         config_path = path / "config.json"

@@ -65,16 +65,12 @@ def fork_available() -> bool:
 class ForkPool:
     """Run ``work(item)`` for each of ``items`` in ``workers`` forked processes, in the given order.
 
-    Why forked ``Process`` objects rather than a ProcessPoolExecutor: with the fork start method a Process's
-    target runs in the child as it is, never pickled, so ``work`` can be a closure over everything the job
-    needs (mmap loaders, the output file, shared Values/Events) and no module-level global has to carry the
-    job into the workers. Each worker takes the next item from a shared counter (so ``items`` keeps its
-    order: put the longest first) and sends ``(item, result)`` back through its own pipe; the parent is free
-    to do its own work meanwhile and collects the results in completion order with :meth:`results`. An
-    exception in a worker is re-raised in the parent; a worker that dies is reported as a RuntimeError.
-
-    Use as a context manager: the workers fork on entry (so they inherit the state of that moment) and are
-    stopped on exit, at once if the block raised.
+    Forked ``Process`` objects, not a ProcessPoolExecutor: a forked target is never pickled, so ``work`` can be a
+    closure over everything the job needs (mmap loaders, the output file, shared Values/Events). Workers take the
+    next item from a shared counter (put the longest first) and send ``(item, result)`` through their own pipes;
+    the parent does its own work meanwhile and collects results in completion order with :meth:`results` (a
+    worker's exception re-raised, a dead worker a RuntimeError). A context manager: workers fork on entry
+    (inheriting that moment's state) and are stopped on exit, at once if the block raised.
     """
 
     def __init__(self, work: Callable[[Any], Any], items: Sequence[Any], workers: int,
@@ -131,8 +127,7 @@ class ForkPool:
                 yield item, value
 
     def __exit__(self, *_: Any) -> None:
-        """Stop the workers: after :meth:`results` they have nothing left to do; after an error in the
-        block, what they are doing is abandoned."""
+        """Stop the workers: idle after :meth:`results`; after an error in the block, their work is abandoned."""
         for conn, proc in self._procs.items():
             proc.terminate()
             proc.join()
