@@ -134,3 +134,34 @@ def test_gguf_row_permutation_and_fallback():
     fallback = _gguf_module(raw5, "Q5_0", None, False, lambda: exact5)
     assert isinstance(fallback, DequantLinear) and fallback.weight.dtype == torch.bfloat16
     assert torch.equal(fallback.dense_weight(), torch.from_numpy(exact5).bfloat16())  # packed for oneDNN
+
+
+@pytest.mark.parametrize("mix", ["Q8_0", "Q4_0", "F16"])
+def test_gguf_with_qkv_biases_runs_on_kernels_like_transformers(tmp_path, mix):
+    """Qwen2's q/k/v biases reach the quantized modules (they were once dropped silently: a GGUF bias is a
+    separate tensor, and load_state_dict skips a QuantLinear's None bias buffer)."""
+    from test_gguf_tiny import make_tiny_model
+    from transformers import AutoModelForCausalLM
+
+    from slimlm.models import load_model
+    from slimlm.quantize.gguf import quantize_gguf
+
+    src = make_tiny_model(tmp_path / "m", "qwen2", tie=False)
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0.0, 0.5, generator=torch.Generator().manual_seed(len(name)))
+    model.save_pretrained(src)
+    out = tmp_path / "m.gguf"
+    quantize_gguf(src, mix, out)
+    ids = torch.arange(5, 45)[None]
+    with torch.no_grad():
+        want = load_model(out, "fp32").model(ids).logits  # transformers on the dequantized file
+        ref = load_quantized(out, reference=True, dtype=torch.float32)
+        assert ref.model.layers[0].self_attn.k_proj.bias is not None
+        # reference modules: bf16 weights (F16), per-row int8 weights and per-token int8 activations (Q8_0)
+        assert rel_err(ref(ids).logits, want) < 0.06
+        fast = load_quantized(out, dtype=torch.float32)
+        got = fast(ids).logits
+    assert rel_err(got, want) < 0.06 and (got.argmax(-1) == want.argmax(-1)).float().mean() > 0.9

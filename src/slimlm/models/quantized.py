@@ -157,6 +157,7 @@ def load_gguf(path: Path, reference: bool = False, progress: Callable[[str], Non
     ckpt.check_complete()
     linears = {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     plain: dict[str, torch.Tensor] = {}
+    biases: dict[str, torch.Tensor] = {}  # set on the quantized modules (load_state_dict skips their None buffer)
     embedding_raw = None
     for info in ckpt.tensors:
         hf_name = name_map.get(info.name)
@@ -180,7 +181,11 @@ def load_gguf(path: Path, reference: bool = False, progress: Callable[[str], Non
                 progress(module_name)
         else:
             w = torch.from_numpy(np.array(dequant(), dtype=np.float32))
-            plain[hf_name] = w if perm is None else w[perm]
+            w = w if perm is None else w[perm]
+            if hf_name.endswith(".bias") and hf_name.removesuffix(".bias") in linears:
+                biases[hf_name.removesuffix(".bias")] = w
+            else:
+                plain[hf_name] = w
             if hf_name == "model.embed_tokens.weight":
                 embedding_raw = (np.asarray(raw), info.ggml_type, dequant)
     # Tied output: llama.cpp files without output.weight reuse token_embd for lm_head.
@@ -189,6 +194,8 @@ def load_gguf(path: Path, reference: bool = False, progress: Callable[[str], Non
         untie_lm_head(model)
         set_module(model, "lm_head", _gguf_module(embedding_raw[0], embedding_raw[1], None, reference,
                                                   embedding_raw[2]))
+    for module_name, bias in biases.items():
+        model.get_submodule(module_name).bias = bias
     return _finish(model, plain, dtype)
 
 
