@@ -1,4 +1,5 @@
-"""slimlm eval against independent computations of the same protocol, on SmolLM2-135M and wikitext-2 test.
+"""slimlm eval against independent computations of the same protocol, on a test model (SmolLM2-135M, or
+Qwen2.5-Coder-0.5B with --model qwen2) and wikitext-2 test.
 
 1. Perplexity of the fp32 HF dir: slimlm eval vs a minimal plain-transformers loop (one window at a time,
    whole-window logits, torch.log_softmax) -- must agree within 0.1%.
@@ -10,7 +11,7 @@
    vs the KLD computed from llama.cpp's logits of both files -- within 5%; top-1 agreement of both.
 4. Speed: slimlm eval vs the plain loop on the same loaded model, median of runs, peak RSS of each.
 
-    flock /tmp/slimlm-heavy.lock python benchmarks/bench_eval.py [--chunks 40] [--speed-chunks 10]
+    flock /tmp/slimlm-heavy.lock python benchmarks/bench_eval.py [--model qwen2] [--chunks 40] [--speed-chunks 10]
 """
 
 from __future__ import annotations
@@ -110,16 +111,21 @@ def kld_decomposition(f16_path: Path, q_path: Path, f16_lm, q_lm, q_emu_lm, wind
     return {k: float(np.concatenate(v).mean()) for k, v in sums.items()}
 
 
-def make_ggufs() -> tuple[Path, Path]:
-    """F16 (from the shipped Q4_1) and Q4_K_M (from that F16) GGUFs, made once with llama.cpp's quantizer."""
+MODELS = {"smollm2": ("SmolLM2-135M-Instruct", resources.smollm2_gguf_path, resources.builtin_hf_dir),
+          "qwen2": ("Qwen2.5-Coder-0.5B-Instruct", resources.qwen2_gguf_path, resources.qwen2_hf_dir)}
+
+
+def make_ggufs(model: str) -> tuple[Path, Path]:
+    """F16 (from the shipped file) and Q4_K_M (from that F16) GGUFs, made once with llama.cpp's quantizer."""
     import llama_cpp
     import llama_cpp._logger as llama_logger
 
     llama_logger.set_verbose(False)
     out = resources.cache_dir() / "bench"
     out.mkdir(exist_ok=True)
-    f16, q4km = out / "SmolLM2-135M-Instruct-F16.gguf", out / "SmolLM2-135M-Instruct-Q4_K_M.gguf"
-    for src, dst, ftype in ((resources.smollm2_gguf_path(), f16, llama_cpp.LLAMA_FTYPE_MOSTLY_F16),
+    name, shipped, _ = MODELS[model]
+    f16, q4km = out / f"{name}-F16.gguf", out / f"{name}-Q4_K_M.gguf"
+    for src, dst, ftype in ((shipped(), f16, llama_cpp.LLAMA_FTYPE_MOSTLY_F16),
                             (f16, q4km, llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M)):
         if dst.is_file():
             continue
@@ -138,11 +144,13 @@ def main() -> None:
     ap.add_argument("--speed-chunks", type=int, default=10)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-append", action="store_true")
+    ap.add_argument("--model", choices=sorted(MODELS), default="smollm2")
     args = ap.parse_args()
     data = resources.wikitext_path("test")
     text = data.read_text()
-    hf_dir = resources.builtin_hf_dir()
-    f16, q4km = make_ggufs()
+    name = MODELS[args.model][0]
+    hf_dir = MODELS[args.model][2]()
+    f16, q4km = make_ggufs(args.model)
     rows = []
 
     # 1. ours vs plain transformers, fp32 HF dir
@@ -191,7 +199,7 @@ def main() -> None:
             f"Q4_K_M) = {parts['q_emu_cross']:.5f}."
             f"\n\nKLD median {k['kld_median']:.5f}, p99 {k['kld_p99']:.5f}; slimlm tokenizes with transformers, "
             f"llama.cpp with its own (identical ids over these {args.chunks} windows). The F16 GGUF is llama.cpp's "
-            "requantization of the shipped Q4_1 file (Q4_1 values rounded to f16); Q4_K_M is quantized from it.")
+            "requantization of the shipped file (its dequantized values rounded to f16); Q4_K_M is quantized from it.")
 
     # 4. speed: same loaded model, same text
     timings: dict[str, list[float]] = {"slimlm eval": [], "plain transformers loop": []}
@@ -210,7 +218,7 @@ def main() -> None:
     plain_t = statistics.median(timings["plain transformers loop"])
     speed_rows = [[name, f"{statistics.median(t):.2f}", f"{statistics.median(t) / plain_t:.3f}",
                    f"{peaks[name][1]:.0f}", f"{peaks[name][1] - peaks[name][0]:.0f}"] for name, t in timings.items()]
-    speed = markdown_table([f"fp32 SmolLM2, {args.speed_chunks} windows incl. tokenization", "median s",
+    speed = markdown_table([f"fp32 {name}, {args.speed_chunks} windows incl. tokenization", "median s",
                             "× plain loop", "peak RSS MiB", "peak above model MiB"], speed_rows)
     speed += (f"\n\nslimlm eval / plain loop = {ours_t / plain_t:.3f} (bound 1.1); median of {args.repeats} "
               f"after a warm-up. llama.cpp's own F16 pass over {args.chunks} windows took {cpp_seconds:.1f} s "
@@ -219,7 +227,7 @@ def main() -> None:
     if args.no_append:
         print(body)
     else:
-        append_section("slimlm eval vs plain transformers and llama.cpp (SmolLM2-135M, wikitext-2 test)", body)
+        append_section(f"slimlm eval vs plain transformers and llama.cpp ({name}, wikitext-2 test)", body)
 
 
 if __name__ == "__main__":

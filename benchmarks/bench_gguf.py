@@ -1,4 +1,5 @@
-"""GGUF quantization of SmolLM2-135M: slimlm vs llama.cpp, same model, same evaluator, same run.
+"""GGUF quantization of a test model (SmolLM2-135M, or Qwen2.5-Coder-0.5B with --model qwen2): slimlm vs llama.cpp,
+same model, same evaluator, same run.
 
 Stages (each appends a table to BENCHMARKS.md; intermediate files are cached in --work):
   mixes    every type mix: file size, tensor bytes identical?, KLD vs the fp32 model (wikitext-2 test, ctx 512,
@@ -36,6 +37,16 @@ from _common import append_section, markdown_table  # noqa: E402
 MIXES = ["Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q5_1", "Q5_0", "Q4_K_M", "Q4_K_S", "Q4_1", "Q4_0",
          "Q3_K_L", "Q3_K_M", "Q3_K_S", "Q2_K"]
 IMATRIX_MIXES = ["Q4_K_M", "Q3_K_M", "Q2_K"]
+# the test models: SmolLM2's reference is its shipped Q4_1 dequantized, Qwen2's its Q4_K_M-style mix dequantized
+MODEL_NAMES = {"smollm2": "SmolLM2-135M-Instruct (reference: dequantized Q4_1)",
+               "qwen2": "Qwen2.5-Coder-0.5B-Instruct (reference: dequantized Q5_0/Q4_K/Q6_K/Q8_0 file)"}
+MODEL = "smollm2"  # set once by --model
+
+
+def hf_dir() -> Path:
+    from slimlm import resources
+
+    return resources.builtin_hf_dir() if MODEL == "smollm2" else resources.qwen2_hf_dir()
 
 
 def lcpp_bin(name: str) -> Path | None:
@@ -86,7 +97,7 @@ def reference(work: Path, chunks: int) -> Path:
 
     ref = work / f"ref-{chunks}.safetensors"
     if not ref.exists():
-        r = evaluate(resources.builtin_hf_dir(), resources.wikitext_path("test"), ctx=512, chunks=chunks,
+        r = evaluate(hf_dir(), resources.wikitext_path("test"), ctx=512, chunks=chunks,
                      save_ref=ref)
         (work / "ref-eval.json").write_text(json.dumps(r))
     return ref
@@ -96,9 +107,9 @@ def f32_gguf(work: Path) -> Path:
     from slimlm import resources
     from slimlm.quantize.gguf import quantize_gguf
 
-    out = work / "smollm2-f32.gguf"
+    out = work / f"{MODEL}-f32.gguf"
     if not out.exists():
-        quantize_gguf(resources.builtin_hf_dir(), "f32", out)
+        quantize_gguf(hf_dir(), "f32", out)
     return out
 
 
@@ -116,7 +127,7 @@ def stage_mixes(work: Path, chunks: int, mixes: list[str]) -> None:
     for mix in mixes:
         ours, theirs = work / f"ours-{mix}.gguf", work / f"lcpp-{mix}.gguf"
         if not ours.exists():
-            quantize_gguf(resources.builtin_hf_dir(), mix, ours)
+            quantize_gguf(hf_dir(), mix, ours)
         if not theirs.exists():
             lcpp_quantize(f32, theirs, mix)
         a, b = tensor_bytes(ours), tensor_bytes(theirs)
@@ -130,13 +141,13 @@ def stage_mixes(work: Path, chunks: int, mixes: list[str]) -> None:
                      kld_cell(r_theirs) + (" (same bytes)" if same else ""),
                      f"{r_ours['kld']['top1_agreement']:.4f}", f"{r_ours['perplexity']['ppl']:.3f}"])
     ref_ppl = json.loads((work / "ref-eval.json").read_text())["perplexity"]["ppl"]
-    body = (f"SmolLM2-135M-Instruct (fp32 HF dir = reference, ppl {ref_ppl:.3f}); wikitext-2 test, ctx 512, "
+    body = (f"{MODEL_NAMES[MODEL]} (fp32 HF dir = reference, ppl {ref_ppl:.3f}); wikitext-2 test, ctx 512, "
             f"{chunks} windows; slimlm's evaluator for both files. slimlm quantizes from the HF dir, llama.cpp "
             "(llama-quantize, 2 threads) from slimlm's F32 GGUF.\n\n" + markdown_table(
                 ["mix", "slimlm bytes", "llama.cpp bytes", "size diff", "tensor bytes", "KLD slimlm",
                  "KLD llama.cpp", "top-1 slimlm", "ppl slimlm"], rows)
-            + "\n\nCommand: `python benchmarks/bench_gguf.py --stages mixes`")
-    append_section("GGUF type mixes: slimlm vs llama.cpp (bench_gguf.py)", body)
+            + f"\n\nCommand: `python benchmarks/bench_gguf.py --model {MODEL} --stages mixes`")
+    append_section(f"GGUF type mixes: slimlm vs llama.cpp (bench_gguf.py, {MODEL})", body)
 
 
 def stage_f16(work: Path, chunks: int) -> None:
@@ -146,7 +157,7 @@ def stage_f16(work: Path, chunks: int) -> None:
 
     out = work / "ours-F16.gguf"
     if not out.exists():
-        quantize_gguf(resources.builtin_hf_dir(), "f16", out)
+        quantize_gguf(hf_dir(), "f16", out)
     ref, f32 = reference(work, chunks), f32_gguf(work)
     r16 = evaluate_kld(out, ref, chunks, work)
     r32 = evaluate_kld(f32, ref, chunks, work)
@@ -158,8 +169,8 @@ def stage_f16(work: Path, chunks: int) -> None:
     body = (f"wikitext-2 test, ctx 512, {chunks} windows; GGUFs written by `slimlm quantize --to f32|f16` "
             "from the HF dir (rope_theta read from transformers-5 `rope_parameters`).\n\n"
             + markdown_table(["model", "perplexity", "KLD vs HF", "top-1 vs HF"], rows)
-            + "\n\nCommand: `python benchmarks/bench_gguf.py --stages f16`")
-    append_section("GGUF F32/F16 round trip (bench_gguf.py)", body)
+            + f"\n\nCommand: `python benchmarks/bench_gguf.py --model {MODEL} --stages f16`")
+    append_section(f"GGUF F32/F16 round trip (bench_gguf.py, {MODEL})", body)
 
 
 def stage_imatrix(work: Path, chunks: int, calib_chunks: int, mixes: list[str], damps: list[float],
@@ -186,7 +197,7 @@ def stage_imatrix(work: Path, chunks: int, calib_chunks: int, mixes: list[str], 
     if not ours_im.exists() or not hess_path.exists():
         hessians: dict[str, np.ndarray] = {}
         start = time.perf_counter()
-        im = collect_imatrix(resources.builtin_hf_dir(), valid, ctx=512, chunks=calib_chunks, hessians=hessians,
+        im = collect_imatrix(hf_dir(), valid, ctx=512, chunks=calib_chunks, hessians=hessians,
                              hessian_chunks=hessian_chunks)
         t_ours_im = time.perf_counter() - start
         write_imatrix(im, ours_im)
@@ -203,7 +214,7 @@ def stage_imatrix(work: Path, chunks: int, calib_chunks: int, mixes: list[str], 
         variants = [("llama.cpp + llama.cpp imatrix", work / f"lcpp-{mix}-im.gguf",
                      lambda out: lcpp_quantize(f32, out, mix, lcpp_im)),
                     ("slimlm + slimlm imatrix (llama.cpp rounding)", work / f"ours-{mix}-im.gguf",
-                     lambda out: quantize_gguf(resources.builtin_hf_dir(), mix, out, imatrix=ours_im)),
+                     lambda out: quantize_gguf(hf_dir(), mix, out, imatrix=ours_im)),
                     ("llama.cpp + slimlm imatrix file", work / f"lcpp-{mix}-oursim.gguf",
                      lambda out: lcpp_quantize(f32, out, mix, ours_im)),
                     ]
@@ -212,7 +223,7 @@ def stage_imatrix(work: Path, chunks: int, calib_chunks: int, mixes: list[str], 
                 label = f"slimlm --method {method}" + (f" (damp {damp})" if damp is not None else "")
                 variants.append((label, work / f"ours-{mix}-{method}-{damp}.gguf",
                                  lambda out, damp=damp, method=method: quantize_gguf(
-                                     resources.builtin_hf_dir(), mix, out, imatrix=im_ours, hessians=hessians,
+                                     hf_dir(), mix, out, imatrix=im_ours, hessians=hessians,
                                      method=method, gptq_damp=damp or 0.01)))
         base = None
         seen: dict[bytes, tuple[str, dict]] = {}  # identical tensor bytes -> identical KLD: evaluate once
@@ -242,8 +253,8 @@ def stage_imatrix(work: Path, chunks: int, calib_chunks: int, mixes: list[str], 
             f"gptq/awq use X^T X from the first {hessian_chunks} of those windows. KLD vs fp32 on wikitext-2 test, ctx 512, {chunks} windows, slimlm's evaluator; ratio = KLD / "
             "llama.cpp-with-its-imatrix.\n\n"
             + markdown_table(["mix", "variant", "bytes", "KLD", "ratio", "top-1", "ppl", "quantize s"], rows)
-            + "\n\nCommand: `python benchmarks/bench_gguf.py --stages imatrix`")
-    append_section("GGUF with an importance matrix: slimlm vs llama.cpp (bench_gguf.py)", body)
+            + f"\n\nCommand: `python benchmarks/bench_gguf.py --model {MODEL} --stages imatrix`")
+    append_section(f"GGUF with an importance matrix: slimlm vs llama.cpp (bench_gguf.py, {MODEL})", body)
 
 
 def stage_speed(work: Path, repeats: int) -> None:
@@ -265,7 +276,7 @@ def stage_speed(work: Path, repeats: int) -> None:
         "llama-quantize (F32 GGUF, 2 threads)": [str(tool), str(f32), str(work / "speed-lcpp.gguf"), "Q4_K_M", "2"],
         "slimlm quantize (same F32 GGUF)": cli + [str(f32), "--to", "Q4_K_M", "-o", str(work / "speed-ours-gguf.gguf"),
                                                   "--overwrite", "--json"],
-        "slimlm quantize (HF dir)": cli + [str(resources.builtin_hf_dir()), "--to", "Q4_K_M", "-o",
+        "slimlm quantize (HF dir)": cli + [str(hf_dir()), "--to", "Q4_K_M", "-o",
                                            str(work / "speed-ours-hf.gguf"), "--overwrite", "--json"],
     }
 
@@ -291,14 +302,14 @@ def stage_speed(work: Path, repeats: int) -> None:
         rows.append([name, f"{wall:.2f}", ", ".join(f"{t:.2f}" for t, _ in ts), f"{wall / base_wall:.2f}x",
                      f"{cpu:.2f}", f"{cpu / base_cpu:.2f}x"])
     load = os.getloadavg()[0]
-    body = (f"SmolLM2-135M-Instruct to Q4_K_M: whole command wall time (process start to exit), median of {repeats} "
+    body = (f"{MODEL_NAMES[MODEL]} to Q4_K_M: whole command wall time (process start to exit), median of {repeats} "
             f"rounds, the three commands interleaved in each round on the same {os.cpu_count()}-core machine "
             f"(load average {load:.1f} at the end); CPU = user + sys of the command and its children. Tensor bytes "
             f"of all three files {'identical' if same else 'DIFFER'}.\n\n"
             + markdown_table(["quantizer", "median wall s", "runs", "wall vs llama.cpp", "median CPU s",
                               "CPU vs llama.cpp"], rows)
-            + "\n\nCommand: `python benchmarks/bench_gguf.py --stages speed`")
-    append_section("GGUF quantize wall time (bench_gguf.py)", body)
+            + f"\n\nCommand: `python benchmarks/bench_gguf.py --model {MODEL} --stages speed`")
+    append_section(f"GGUF quantize wall time (bench_gguf.py, {MODEL})", body)
 
 
 def stage_greedy(work: Path, n_tokens: int = 32) -> None:
@@ -313,7 +324,7 @@ def stage_greedy(work: Path, n_tokens: int = 32) -> None:
 
     out = work / "ours-Q8_0.gguf"
     if not out.exists():
-        quantize_gguf(resources.builtin_hf_dir(), "Q8_0", out)
+        quantize_gguf(hf_dir(), "Q8_0", out)
     rows = []
     for prompt in ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,"]:
         loaded = load_model(out)
@@ -348,8 +359,8 @@ def stage_greedy(work: Path, n_tokens: int = 32) -> None:
             "but not token-for-token the same, so which prompts it matches differs from fp32's.\n\n"
             + markdown_table(["prompt", "identical leading tokens (fp32 activations)",
                               "identical leading tokens (llama.cpp activation rounding)", "slimlm continuation"], rows)
-            + "\n\nCommand: `python benchmarks/bench_gguf.py --stages greedy`")
-    append_section("GGUF Q8_0: llama.cpp vs slimlm greedy tokens (bench_gguf.py)", body)
+            + f"\n\nCommand: `python benchmarks/bench_gguf.py --model {MODEL} --stages greedy`")
+    append_section(f"GGUF Q8_0: llama.cpp vs slimlm greedy tokens (bench_gguf.py, {MODEL})", body)
 
 
 def main() -> None:
@@ -365,7 +376,10 @@ def main() -> None:
     ap.add_argument("--methods", default="gptq", help="slimlm methods beyond llama.cpp's rounding")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--scratch", action="store_true", help="append tables to WORK/BENCHMARKS.md, not the repo's")
+    ap.add_argument("--model", choices=sorted(MODEL_NAMES), default="smollm2")
     args = ap.parse_args()
+    global MODEL
+    MODEL = args.model
     if args.scratch:
         import _common
 

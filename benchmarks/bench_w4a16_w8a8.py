@@ -1,13 +1,15 @@
-"""W4A16 (RTN, AWQ, GPTQ) and W8A8 (SmoothQuant, SmoothQuant+GPTQ) on SmolLM2-135M: time and quality.
+"""W4A16 (RTN, AWQ, GPTQ) and W8A8 (SmoothQuant, SmoothQuant+GPTQ) on a test model: time and quality.
 
-Same run, same machine: each method quantizes the built-in fp32 SmolLM2-135M-Instruct with the same
+Same run, same machine: each method quantizes the fp32 test model (SmolLM2-135M-Instruct, or with --model qwen2
+Qwen2.5-Coder-0.5B-Instruct, q/k/v biases) with the same
 calibration (wikitext-2 valid, SAMPLES × 512 tokens); each output is loaded back from its compressed-tensors
 dir with our own dequantization (activation fake-quant for W8A8) and scored on wikitext-2 test with
 llama-perplexity's protocol (ctx 512, second half of each window) and KL divergence against fp32.
 One output per scheme is also loaded by transformers (compressed-tensors decompressing on CPU) and its
 perplexity compared with ours.
 
-    flock /tmp/slimlm-heavy.lock python benchmarks/bench_w4a16_w8a8.py [--chunks 40] [--samples 16] [--group 64]
+    flock /tmp/slimlm-heavy.lock python benchmarks/bench_w4a16_w8a8.py [--model qwen2] [--chunks 40] [--samples 16]
+        [--group 64]
 """
 
 from __future__ import annotations
@@ -80,12 +82,15 @@ def main() -> None:
     ap.add_argument("--group", type=int, default=64)
     ap.add_argument("--methods", default="w4a16:rtn,w4a16:awq,w4a16:gptq,w8a8:rtn,w8a8:smoothquant,w8a8:smoothquant+gptq")
     ap.add_argument("--no-append", action="store_true")
+    ap.add_argument("--model", choices=["smollm2", "qwen2"], default="smollm2")
     args = ap.parse_args()
+    name = {"smollm2": "SmolLM2-135M-Instruct (fp32 from the shipped Q4_1)",
+            "qwen2": "Qwen2.5-Coder-0.5B-Instruct (fp32 from the shipped Q5_0/Q4_K/Q6_K/Q8_0 file)"}[args.model]
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils.quantization_config import CompressedTensorsConfig
 
-    src = resources.builtin_hf_dir()
+    src = resources.builtin_hf_dir() if args.model == "smollm2" else resources.qwen2_hf_dir()
     src_mib = (src / "model.safetensors").stat().st_size / 2**20
     tok = AutoTokenizer.from_pretrained(src)
     windows = windows_of(tok, resources.wikitext_path("test"), args.chunks)
@@ -132,7 +137,7 @@ def main() -> None:
                 del hf
     table = markdown_table(["scheme", "method", "quantize s", "command wall s", "MiB", "ppl", "KLD mean",
                             "KLD p99", "top-1", "peak RSS MiB"], rows)
-    body = (f"SmolLM2-135M-Instruct (fp32 from the shipped Q4_1), W4A16 group {args.group} asymmetric, W8A8 int8 "
+    body = (f"{name}, W4A16 group {args.group} asymmetric, W8A8 int8 "
             f"per-channel weights + dynamic per-token int8 activations. Calibration: wikitext-2 valid, "
             f"{args.samples} × 512 tokens. Eval: wikitext-2 test, ctx 512, {windows.shape[0]} chunks, KLD vs fp32. "
             "Each quantization is one run of `slimlm quantize --scheme ... --json` in its own process (one run "
@@ -146,7 +151,7 @@ def main() -> None:
     if args.no_append:
         print(body)
     else:
-        append_section("W4A16 / W8A8 quantization (bench_w4a16_w8a8.py)", body)
+        append_section(f"W4A16 / W8A8 quantization (bench_w4a16_w8a8.py, {args.model})", body)
 
 
 if __name__ == "__main__":
