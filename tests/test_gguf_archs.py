@@ -1,0 +1,133 @@
+"""GGUF export per architecture, with llama.cpp as the oracle.
+
+For each family: a tiny random model (transformers, random non-trivial norms and biases) -> our F32 GGUF ->
+llama.cpp loads it and its logits match transformers'; then our Q8_0 file has the tensor types and the exact
+byte size of what llama_model_quantize writes from our F32 file, and llama.cpp loads it.
+
+Measured max |logit difference| (F32, 40 tokens, logits of magnitude ~1-5), llama-cpp-python 0.3.36:
+
+    arch      max abs diff   bound
+    llama3    see MAX_DIFF   (rope_type llama3: the rope_freqs tensor)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+llama_cpp = pytest.importorskip("llama_cpp")
+
+from test_gguf_mix_llamacpp import llama_quantize, read_types  # noqa: E402
+from test_gguf_tiny import make_tokenizer  # noqa: E402
+
+from slimlm.errors import SlimlmError  # noqa: E402
+from slimlm.evaluate.llamacpp import open_llama  # noqa: E402
+from slimlm.formats.gguf_mix import ArchFacts, PlanTensor, plan_types  # noqa: E402
+from slimlm.quantize.gguf import quantize_gguf  # noqa: E402
+
+pytestmark = pytest.mark.llamacpp
+
+
+@dataclass(frozen=True)
+class Case:
+    """A tiny model of one family: HF model_type, config overrides, and the logit bound llama.cpp must meet."""
+
+    model_type: str
+    gguf_arch: str
+    config: dict[str, Any] = field(default_factory=dict)
+    max_diff: float = 2e-3
+    gemma_norms: bool = False  # Gemma-style RMSNorm weights (1 + w): random around 0
+
+
+CASES: dict[str, Case] = {
+    "llama3": Case("llama", "llama", {"rope_parameters": {
+        "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 64}, "tie_word_embeddings": False}),
+    "mistral": Case("mistral", "llama", {"rope_parameters": {"rope_type": "default", "rope_theta": 20000.0},
+                                         "sliding_window": None, "tie_word_embeddings": False}),
+    "qwen2": Case("qwen2", "qwen2", {"rope_parameters": {"rope_type": "default", "rope_theta": 20000.0},
+                                     "tie_word_embeddings": False}),
+}
+
+IDS = list(range(5, 45))
+
+
+def make_model(path: Path, case: Case, *, hidden: int = 128, ffn: int = 256, layers: int = 2, heads: int = 4,
+               kv_heads: int = 2, seed: int = 0) -> Path:
+    """A tiny random ``case`` model with a trained tokenizer; norms and biases random so layout errors show."""
+    import transformers
+
+    tok = make_tokenizer(path)
+    config = dict(hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers, num_attention_heads=heads,
+                  num_key_value_heads=kv_heads, vocab_size=len(tok), max_position_embeddings=1024,
+                  tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    config.update(case.config)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(case.model_type, **config))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(0.3 * torch.randn_like(p) + (0.0 if case.gemma_norms else 1.0))
+            elif name.endswith("bias"):
+                p.normal_(0.0, 0.1)
+            elif p.ndim >= 2:
+                p.normal_(0.0, 0.08)
+    model.save_pretrained(path)
+    return path
+
+
+def hf_logits(src: Path) -> np.ndarray:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(torch.tensor([IDS])).logits[0].numpy()
+
+
+def llama_logits(path: Path) -> np.ndarray:
+    llm = open_llama(path, n_ctx=64, logits_all=True)
+    llm.eval(IDS)
+    return np.asarray(llm.scores[: len(IDS)])
+
+
+def plan_of(path: Path, ftype: str) -> dict:
+    """Our plan for ``ftype`` over the F32 file's tensor list (facts from its header)."""
+    import gguf
+
+    reader = gguf.GGUFReader(path)
+    arch = bytes(reader.fields["general.architecture"].parts[-1]).decode()
+
+    def u32(key: str) -> int:
+        f = reader.fields.get(f"{arch}.{key}")
+        return int(f.parts[f.data[0]][0]) if f else 0
+
+    tensors = [PlanTensor(t.name, tuple(int(d) for d in reversed(t.shape)), t.tensor_type) for t in reader.tensors]
+    facts = ArchFacts(u32("block_count"), u32("attention.head_count"), u32("attention.head_count_kv"),
+                      u32("expert_count"), arch)
+    return plan_types(tensors, facts, ftype)
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_arch_logits_and_q8_0_match_llama_cpp(name: str, tmp_path: Path) -> None:
+    case = CASES[name]
+    src = make_model(tmp_path / "m", case)
+    f32 = tmp_path / "m-f32.gguf"
+    quantize_gguf(src, "f32", f32)
+    ref, got = hf_logits(src), llama_logits(f32)
+    diff = float(np.abs(got - ref).max())
+    print(f"{name}: max abs logit diff {diff:.2e} (|logits| <= {np.abs(ref).max():.2f})")
+    assert diff < case.max_diff * max(1.0, float(np.abs(ref).max()))
+    assert (got.argmax(-1) == ref.argmax(-1)).all()
+
+    ours, theirs = tmp_path / "ours-q8_0.gguf", tmp_path / "llama-q8_0.gguf"
+    quantize_gguf(src, "q8_0", ours)
+    llama_quantize(f32, theirs, "Q8_0")
+    assert read_types(ours) == read_types(theirs) == plan_of(f32, "Q8_0")
+    assert ours.stat().st_size == theirs.stat().st_size
+    q8 = llama_logits(ours)
+    assert np.abs(q8 - ref).max() < 0.1 * max(1.0, float(np.abs(ref).max()))
