@@ -52,6 +52,12 @@ CASES: dict[str, Case] = {
                                          "sliding_window": None, "tie_word_embeddings": False}),
     "qwen2": Case("qwen2", "qwen2", {"rope_parameters": {"rope_type": "default", "rope_theta": 20000.0},
                                      "tie_word_embeddings": False}),
+    # head_dim explicit and unlike hidden / heads; q_norm / k_norm per head
+    "qwen3": Case("qwen3", "qwen3", {"head_dim": 64, "rope_parameters": {"rope_type": "default",
+                                                                         "rope_theta": 20000.0}}),
+    # 6 layers: llama.cpp's pattern makes layer 5 global; a 16-token window, shorter than the 40 tokens
+    "gemma3": Case("gemma3_text", "gemma3", {"num_hidden_layers": 6, "head_dim": 32, "query_pre_attn_scalar": 32,
+                                             "sliding_window": 16}, gemma_norms=True),
 }
 
 IDS = list(range(5, 45))
@@ -131,3 +137,42 @@ def test_arch_logits_and_q8_0_match_llama_cpp(name: str, tmp_path: Path) -> None
     assert ours.stat().st_size == theirs.stat().st_size
     q8 = llama_logits(ours)
     assert np.abs(q8 - ref).max() < 0.1 * max(1.0, float(np.abs(ref).max()))
+
+
+def test_unsupported_architecture_is_one_line_listing_the_supported(tmp_path: Path) -> None:
+    import json
+
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text(json.dumps({"architectures": ["Phi3ForCausalLM"]}))
+    from safetensors.numpy import save_file
+
+    save_file({"model.embed_tokens.weight": np.zeros((8, 4), np.float32)}, str(tmp_path / "m" / "model.safetensors"))
+    with pytest.raises(SlimlmError) as err:
+        quantize_gguf(tmp_path / "m", "f32", tmp_path / "m.gguf")
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith("unsupported architecture Phi3ForCausalLM; GGUF export supports: ")
+    for name in ("LlamaForCausalLM", "Qwen3ForCausalLM", "Gemma3ForCausalLM", "MixtralForCausalLM"):
+        assert name in msg
+
+
+@pytest.mark.parametrize("name, change, option", [
+    ("qwen3", {"attention_bias": True}, "attention_bias"),
+    ("qwen3", {"use_sliding_window": True}, "use_sliding_window"),
+    ("gemma3", {"final_logit_softcapping": 30.0}, "final_logit_softcapping"),
+    ("gemma3", {"query_pre_attn_scalar": 256}, "query_pre_attn_scalar"),
+    ("gemma3", {"layer_types": ["full_attention"] * 6}, "layer_types"),
+    ("gemma3", {"rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                                    "sliding_attention": {"rope_type": "default", "rope_theta": 20000.0}}},
+     "sliding_attention rope_theta"),
+    ("llama3", {"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}}, "rope_type"),
+])
+def test_unusual_option_is_an_error_naming_it(name: str, change: dict, option: str, tmp_path: Path) -> None:
+    """An option llama.cpp's graph for the family cannot run is refused up front, not written wrong."""
+    import json
+
+    src = make_model(tmp_path / "m", CASES[name], hidden=64, ffn=64)
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**config, **change}))
+    with pytest.raises(SlimlmError, match=option):
+        quantize_gguf(src, "f32", tmp_path / "m.gguf")
+    assert not (tmp_path / "m.gguf").exists()
