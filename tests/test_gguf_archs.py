@@ -4,10 +4,21 @@ For each family: a tiny random model (transformers, random non-trivial norms and
 llama.cpp loads it and its logits match transformers'; then our Q8_0 file has the tensor types and the exact
 byte size of what llama_model_quantize writes from our F32 file, and llama.cpp loads it.
 
-Measured max |logit difference| (F32, 40 tokens, logits of magnitude ~1-5), llama-cpp-python 0.3.36:
+Measured max |logit difference| of our F32 file under llama.cpp vs transformers (40 tokens, |logits| <= ~4.3;
+the bound is max_diff * max(1, max |logit|), 2e-3 -> ~8e-3), llama-cpp-python 0.3.36, transformers 5.24:
 
-    arch      max abs diff   bound
-    llama3    see MAX_DIFF   (rope_type llama3: the rope_freqs tensor)
+    case        llama.cpp arch   max abs diff   notes
+    llama3      llama            3.1e-3         rope_type llama3 -> rope_freqs (2.9 without it)
+    mistral     llama            3.0e-3
+    qwen2       qwen2            3.0e-3         q/k/v biases
+    qwen3       qwen3            2.7e-3         q/k norms, head_dim 64 != hidden / heads
+    gemma3      gemma3           3.1e-3         6 layers (5 sliding, window 16 < 40 tokens; 1 global)
+    mixtral     llama            5.7e-3         8 experts, top-2
+    qwen2_moe   qwen2moe         3.3e-3         4 experts + gated shared expert
+    qwen3_moe   qwen3moe         3.5e-3         4 experts, renormalized top-2
+
+Q8_0: for every case our file's tensor types, tensor bytes and file size equal llama_model_quantize's from our
+F32 file; MoE cases also compare llama.cpp's types for Q4_K_M (and Mixtral Q2_K, Q3_K_M) with our plan.
 """
 
 from __future__ import annotations
@@ -42,6 +53,7 @@ class Case:
     config: dict[str, Any] = field(default_factory=dict)
     max_diff: float = 2e-3
     gemma_norms: bool = False  # Gemma-style RMSNorm weights (1 + w): random around 0
+    mixes: tuple[str, ...] = ()  # more mixes whose tensor types must equal llama_model_quantize's (MoE rules)
 
 
 CASES: dict[str, Case] = {
@@ -58,6 +70,14 @@ CASES: dict[str, Case] = {
     # 6 layers: llama.cpp's pattern makes layer 5 global; a 16-token window, shorter than the 40 tokens
     "gemma3": Case("gemma3_text", "gemma3", {"num_hidden_layers": 6, "head_dim": 32, "query_pre_attn_scalar": 32,
                                              "sliding_window": 16}, gemma_norms=True),
+    # 8 experts: llama.cpp's mix rules special-case n_expert == 8 (attn_v / attn_k / attn_output)
+    "mixtral": Case("mixtral", "llama", {"num_local_experts": 8, "num_experts_per_tok": 2, "sliding_window": None,
+                                         "tie_word_embeddings": False}, mixes=("Q4_K_M", "Q2_K", "Q3_K_M")),
+    "qwen2_moe": Case("qwen2_moe", "qwen2moe", {"num_experts": 4, "num_experts_per_tok": 2,
+                                                "moe_intermediate_size": 64, "shared_expert_intermediate_size": 192,
+                                                "tie_word_embeddings": False}, mixes=("Q4_K_M",)),
+    "qwen3_moe": Case("qwen3_moe", "qwen3moe", {"num_experts": 4, "num_experts_per_tok": 2, "norm_topk_prob": True,
+                                                "moe_intermediate_size": 64, "head_dim": 64}, mixes=("Q4_K_M",)),
 }
 
 IDS = list(range(5, 45))
@@ -81,6 +101,8 @@ def make_model(path: Path, case: Case, *, hidden: int = 128, ffn: int = 256, lay
                 p.copy_(0.3 * torch.randn_like(p) + (0.0 if case.gemma_norms else 1.0))
             elif name.endswith("bias"):
                 p.normal_(0.0, 0.1)
+            elif name.endswith(("mlp.gate.weight", "block_sparse_moe.gate.weight")):
+                p.normal_(0.0, 0.5)  # decisive routing: a near-tie top-k flips on float noise alone
             elif p.ndim >= 2:
                 p.normal_(0.0, 0.08)
     model.save_pretrained(path)
@@ -99,6 +121,12 @@ def llama_logits(path: Path) -> np.ndarray:
     llm = open_llama(path, n_ctx=64, logits_all=True)
     llm.eval(IDS)
     return np.asarray(llm.scores[: len(IDS)])
+
+
+def tensor_bytes(path: Path) -> dict[str, bytes]:
+    import gguf
+
+    return {t.name: bytes(t.data.tobytes()) for t in gguf.GGUFReader(path).tensors}
 
 
 def plan_of(path: Path, ftype: str) -> dict:
@@ -135,8 +163,13 @@ def test_arch_logits_and_q8_0_match_llama_cpp(name: str, tmp_path: Path) -> None
     llama_quantize(f32, theirs, "Q8_0")
     assert read_types(ours) == read_types(theirs) == plan_of(f32, "Q8_0")
     assert ours.stat().st_size == theirs.stat().st_size
+    assert tensor_bytes(ours) == tensor_bytes(theirs)  # bit-exact blocks, so llama.cpp computes the same
     q8 = llama_logits(ours)
-    assert np.abs(q8 - ref).max() < 0.1 * max(1.0, float(np.abs(ref).max()))
+    assert np.array_equal(q8, llama_logits(theirs))
+    assert (q8.argmax(-1) == ref.argmax(-1)).mean() > 0.9
+    for mix in case.mixes:
+        llama_quantize(f32, tmp_path / f"{mix}.gguf", mix)
+        assert read_types(tmp_path / f"{mix}.gguf") == plan_of(f32, mix), mix
 
 
 def test_unsupported_architecture_is_one_line_listing_the_supported(tmp_path: Path) -> None:
@@ -165,6 +198,10 @@ def test_unsupported_architecture_is_one_line_listing_the_supported(tmp_path: Pa
                                     "sliding_attention": {"rope_type": "default", "rope_theta": 20000.0}}},
      "sliding_attention rope_theta"),
     ("llama3", {"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}}, "rope_type"),
+    ("mixtral", {"sliding_window": 4096}, "sliding_window"),
+    ("qwen2_moe", {"norm_topk_prob": True}, "norm_topk_prob"),
+    ("qwen3_moe", {"norm_topk_prob": False}, "norm_topk_prob"),
+    ("qwen3_moe", {"mlp_only_layers": [1]}, "mlp_only_layers"),
 ])
 def test_unusual_option_is_an_error_naming_it(name: str, change: dict, option: str, tmp_path: Path) -> None:
     """An option llama.cpp's graph for the family cannot run is refused up front, not written wrong."""

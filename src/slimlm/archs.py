@@ -41,6 +41,12 @@ def _no_sliding_window(config: Config) -> None:
         _unsupported(config, "use_sliding_window", True, "llama.cpp's graph for this family has no sliding window")
 
 
+def _no_window(config: Config) -> None:
+    """Mixtral's optional sliding window: llama.cpp's llama graph attends to the whole context."""
+    if config.get("sliding_window") is not None:
+        _unsupported(config, "sliding_window", config["sliding_window"], "llama.cpp's llama graph has no window")
+
+
 def _check_qwen3(config: Config) -> None:
     _no_sliding_window(config)
     if config.get("attention_bias"):
@@ -123,7 +129,8 @@ SUPPORTED_ARCHITECTURES: dict[str, ArchSpec] = {
     "LlamaForCausalLM": ArchSpec(gguf.MODEL_ARCH.LLAMA, "llama", permute_qk=True),
     "MistralForCausalLM": ArchSpec(gguf.MODEL_ARCH.LLAMA, "mistral", permute_qk=True),
     "MixtralForCausalLM": ArchSpec(gguf.MODEL_ARCH.LLAMA, "mixtral", permute_qk=True,
-                                   check=lambda c: _check_moe(c, norm_topk=None), hparams=_expert_hparams),
+                                   check=lambda c: (_no_window(c), _check_moe(c, norm_topk=None)),
+                                   hparams=_expert_hparams),
     "Qwen2ForCausalLM": ArchSpec(gguf.MODEL_ARCH.QWEN2, "qwen2"),
     "Qwen2MoeForCausalLM": ArchSpec(gguf.MODEL_ARCH.QWEN2MOE, "qwen2_moe",
                                     check=lambda c: (_no_sliding_window(c), _check_moe(c, norm_topk=False)),

@@ -56,6 +56,9 @@ def _layer_key(name: str) -> tuple[int, int, str]:
 
 
 _HF_DTYPES = ("F32", "F16", "BF16", "F64")
+# Vectors llama.cpp declares 1-D that HF stores as a (1, n) Linear (Qwen2-MoE's shared-expert gate); its quantizer
+# writes them 1-D too, so the file's bytes match.
+_VECTORS = ("ffn_gate_inp_shexp.weight",)
 
 
 def open_hf_dir(model_dir: Path, tensors: Iterable[HFTensor] | None = None) -> ModelSource:
@@ -94,7 +97,9 @@ def open_hf_dir(model_dir: Path, tensors: Iterable[HFTensor] | None = None) -> M
         if name is None:
             raise SlimlmError(f"{hf_name} in {model_dir} has no GGUF name for {hf_arch}")
         transform = _transform(hf_name, spec, n_head, n_head_kv)
-        out.append(SourceTensor(name, shape, lambda load=load, f=transform: f(load()), hf_name=hf_name))
+        if name.endswith(_VECTORS) and len(shape) == 2 and shape[0] == 1:
+            shape, transform = (shape[1],), lambda a, f=transform: f(a).reshape(-1)
+        out.append(SourceTensor(name, tuple(shape), lambda load=load, f=transform: f(load()), hf_name=hf_name))
     rope = rope_parameters(config)
     if rope.get("rope_type") == "llama3":
         factors = llama3_rope_factors(config, rope)
