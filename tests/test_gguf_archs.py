@@ -194,6 +194,7 @@ def test_unsupported_architecture_is_one_line_listing_the_supported(tmp_path: Pa
     ("gemma3", {"final_logit_softcapping": 30.0}, "final_logit_softcapping"),
     ("gemma3", {"query_pre_attn_scalar": 256}, "query_pre_attn_scalar"),
     ("gemma3", {"layer_types": ["full_attention"] * 6}, "layer_types"),
+    ("gemma3", {"sliding_window_pattern": 4, "layer_types": None}, "sliding_window_pattern"),
     ("gemma3", {"rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 1e6},
                                     "sliding_attention": {"rope_type": "default", "rope_theta": 20000.0}}},
      "sliding_attention rope_theta"),

@@ -102,6 +102,9 @@ def _check_gemma3(config: Config) -> None:
             _unsupported(config, key, config[key], "llama.cpp's sliding-window gemma3 graph applies no soft-capping")
     if config.get("sliding_window") is None:
         _unsupported(config, "sliding_window", None, "llama.cpp's gemma3 graph needs a window")
+    for key in ("sliding_window_pattern", "_sliding_window_pattern"):  # the transformers-4 spelling, then 5's
+        if config.get(key) is not None and int(config[key]) != GEMMA3_SWA_PERIOD:
+            _unsupported(config, key, config[key], f"llama.cpp's gemma3 makes every {GEMMA3_SWA_PERIOD}th layer global")
     expected = ["sliding_attention" if (i + 1) % GEMMA3_SWA_PERIOD else "full_attention" for i in range(n_layers)]
     if config.get("layer_types") is not None and list(config["layer_types"]) != expected:
         _unsupported(config, "layer_types", config["layer_types"],
