@@ -76,7 +76,8 @@ def file_type_of(ftype: str) -> gguf.LlamaFileType:
 def plan_for(source: ModelSource, ftype: str, tensor_types: Sequence[str] = (), has_imatrix: bool = False
              ) -> dict[str, T]:
     facts = gguf_mix.ArchFacts(n_layers=source.facts["n_layers"], n_head=source.facts["n_head"],
-                               n_head_kv=source.facts["n_head_kv"], arch=source.arch)
+                               n_head_kv=source.facts["n_head_kv"], n_expert=source.facts.get("n_expert", 0),
+                               arch=source.arch)
     overrides = gguf_mix.parse_overrides(tensor_types)
     # Base types: the source's float type, else F32; llama.cpp keeps 1-D tensors (norms, biases) in F32.
     infos = [gguf_mix.PlanTensor(t.name, tuple(t.shape), t.source_type if len(t.shape) > 1 and t.source_type in _FLOATS

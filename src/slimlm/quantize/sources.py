@@ -56,6 +56,9 @@ def _layer_key(name: str) -> tuple[int, int, str]:
 
 
 _HF_DTYPES = ("F32", "F16", "BF16", "F64")
+# Vectors llama.cpp declares 1-D that HF stores as a (1, n) Linear (Qwen2-MoE's shared-expert gate); its quantizer
+# writes them 1-D too, so the file's bytes match.
+_VECTORS = ("ffn_gate_inp_shexp.weight",)
 
 
 def open_hf_dir(model_dir: Path, tensors: Iterable[HFTensor] | None = None) -> ModelSource:
@@ -82,6 +85,8 @@ def open_hf_dir(model_dir: Path, tensors: Iterable[HFTensor] | None = None) -> M
             if info.dtype not in _HF_DTYPES:
                 raise SlimlmError(f"{info.name} is stored as {info.dtype}; GGUF export reads F32, F16 and BF16 weights")
         tensors = [(info.name, info.shape, lambda info=info: ckpt.load_array(info)) for info in ckpt.tensors]
+    n_expert = int(config.get("num_local_experts") or config.get("num_experts") or 0)
+    tensors = stack_experts(tensors, n_expert)
     out: list[SourceTensor] = []
     for hf_name, shape, load in tensors:
         if hf_name.endswith("rotary_emb.inv_freq"):
@@ -92,14 +97,48 @@ def open_hf_dir(model_dir: Path, tensors: Iterable[HFTensor] | None = None) -> M
         if name is None:
             raise SlimlmError(f"{hf_name} in {model_dir} has no GGUF name for {hf_arch}")
         transform = _transform(hf_name, spec, n_head, n_head_kv)
-        out.append(SourceTensor(name, shape, lambda load=load, f=transform: f(load()), hf_name=hf_name))
+        if name.endswith(_VECTORS) and len(shape) == 2 and shape[0] == 1:
+            shape, transform = (shape[1],), lambda a, f=transform: f(a).reshape(-1)
+        out.append(SourceTensor(name, tuple(shape), lambda load=load, f=transform: f(load()), hf_name=hf_name))
     rope = rope_parameters(config)
     if rope.get("rope_type") == "llama3":
         factors = llama3_rope_factors(config, rope)
         out.append(SourceTensor("rope_freqs.weight", factors.shape, lambda: factors))
     out.sort(key=lambda t: _layer_key(t.name))
     return ModelSource(gguf.MODEL_ARCH_NAMES[spec.gguf_arch], out, config, "hf", model_dir,
-                       facts={"n_layers": n_layers, "n_head": n_head, "n_head_kv": n_head_kv})
+                       facts={"n_layers": n_layers, "n_head": n_head, "n_head_kv": n_head_kv, "n_expert": n_expert})
+
+
+_EXPERT = re.compile(r"^(?P<prefix>.*\.experts)\.(?P<e>\d+)\.(?P<proj>\w+)\.weight$")
+
+
+def stack_experts(tensors: Iterable[HFTensor], n_expert: int) -> list[HFTensor]:
+    """Per-expert HF matrices (``...experts.{e}.w1.weight``) as one (n_expert, rows, cols) tensor per projection
+    (``...experts.w1.weight``), the layout of llama.cpp's ``ffn_*_exps``; other tensors pass through in order."""
+    out: list[HFTensor] = []
+    groups: dict[str, dict[int, HFTensor]] = {}
+    for item in tensors:
+        m = _EXPERT.match(item[0])
+        if m is None:
+            out.append(item)
+            continue
+        name = f"{m['prefix']}.{m['proj']}.weight"
+        if name not in groups:
+            groups[name] = {}
+            out.append((name, (), lambda: np.empty(0)))  # placeholder, keeps the first expert's position
+        groups[name][int(m["e"])] = item
+    for i, (name, _, _) in enumerate(out):
+        if name not in groups:
+            continue
+        experts = groups[name]
+        if sorted(experts) != list(range(n_expert)):
+            raise SlimlmError(f"{name}: found experts {sorted(experts)}, the config says {n_expert}")
+        shapes = {tuple(experts[e][1]) for e in experts}
+        if len(shapes) != 1:
+            raise SlimlmError(f"{name}: experts of different shapes {sorted(shapes)}")
+        loads = [experts[e][2] for e in range(n_expert)]
+        out[i] = (name, (n_expert, *shapes.pop()), lambda loads=loads: np.stack([f() for f in loads]))
+    return out
 
 
 def rope_heads(hf_name: str, spec: ArchSpec, n_head: int, n_head_kv: int) -> int | None:
@@ -138,7 +177,8 @@ def open_gguf(path: Path) -> ModelSource:
         return int(f.value()) if f is not None and f.type != gguf.GGUFValueType.ARRAY else default
 
     facts = {"n_layers": field_int("block_count"), "n_head": field_int("attention.head_count"),
-             "n_head_kv": field_int("attention.head_count_kv", field_int("attention.head_count"))}
+             "n_head_kv": field_int("attention.head_count_kv", field_int("attention.head_count")),
+             "n_expert": field_int("expert_count")}
     tensors = []
     for t in ckpt.tensors:
         if t.offset + t.nbytes > header.file_size:  # type: ignore[operator]
