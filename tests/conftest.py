@@ -101,3 +101,24 @@ def distill_text(tmp_path: Path, wikitext_valid: Path) -> Path:
     path = tmp_path / "train.txt"
     path.write_text(wikitext_valid.read_text()[:20000])
     return path
+
+
+def llama_cpp_ppl(path: Path, text: str, ctx: int, chunks: int) -> float:
+    """llama.cpp's perplexity of a GGUF over the first ``chunks`` windows of ``ctx`` tokens, llama-perplexity's
+    protocol (second half of each window scored), NLL in float64 numpy: the oracle the eval tests compare with."""
+    import numpy as np
+
+    from slimlm.evaluate.llamacpp import open_llama
+
+    llm = open_llama(path, n_ctx=ctx, n_batch=ctx, logits_all=True)
+    tokens = llm.tokenize(text.encode(), add_bos=True, special=False)
+    nll = []
+    for i in range(chunks):
+        window = tokens[i * ctx:(i + 1) * ctx]
+        llm.reset()
+        llm.eval(window)
+        logits = np.asarray(llm.scores[ctx // 2:ctx - 1], dtype=np.float64)
+        logits -= logits.max(1, keepdims=True)
+        logp = logits - np.log(np.exp(logits).sum(1, keepdims=True))
+        nll.append(-logp[np.arange(ctx // 2 - 1), window[ctx // 2 + 1:]])
+    return float(np.exp(np.concatenate(nll).mean()))

@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-import torch
 
 from slimlm.errors import SlimlmError
 from slimlm.writers.compressed_tensors import dequantized_state_dict

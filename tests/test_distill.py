@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
 from slimlm.distill.losses import kd_loss
 from slimlm.distill.recipe import distill
@@ -158,7 +157,6 @@ def test_sequence_method_with_verifier(tiny_lm_dir: Path, text: Path, tmp_path: 
 
 
 def test_bad_input_is_one_line_exit_2(tiny_lm_dir: Path, text: Path, tmp_path: Path):
-    from slimlm.cli import app
 
     with pytest.raises(SlimlmError, match="give exactly one student"):
         distill(tiny_lm_dir, text, tmp_path / "x", config=_cfg())

@@ -4,9 +4,9 @@ against itself through the GGUF path, and against llama.cpp on an F16 GGUF."""
 import ctypes
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
+from conftest import llama_cpp_ppl
 
 from slimlm.evaluate import evaluate
 from slimlm.models import load_model
@@ -52,16 +52,5 @@ def test_perplexity_matches_llama_cpp_on_f16_gguf(smollm2_gguf: Path, wikitext_t
     assert llama_cpp.llama_model_quantize(str(smollm2_gguf).encode(), str(f16).encode(), ctypes.byref(params)) == 0
     chunks = 1
     ours = evaluate(f16, wikitext_test, ctx=CTX, chunks=chunks)["perplexity"]["ppl"]
-    llm = llama_cpp.Llama(str(f16), n_ctx=CTX, n_batch=CTX, logits_all=True, verbose=False)
-    tokens = llm.tokenize(wikitext_test.read_text().encode(), add_bos=True, special=False)
-    nll = []
-    for i in range(chunks):
-        window = tokens[i * CTX:(i + 1) * CTX]
-        llm.reset()
-        llm.eval(window)
-        logits = np.asarray(llm.scores[CTX // 2:CTX - 1], dtype=np.float64)
-        logits -= logits.max(1, keepdims=True)
-        logp = logits - np.log(np.exp(logits).sum(1, keepdims=True))
-        nll.append(-logp[np.arange(CTX // 2 - 1), window[CTX // 2 + 1:]])
-    theirs = float(np.exp(np.concatenate(nll).mean()))
+    theirs = llama_cpp_ppl(f16, wikitext_test.read_text(), CTX, chunks)
     assert ours == pytest.approx(theirs, rel=5e-3)

@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import llama_cpp_ppl
+
 from slimlm import resources
 from slimlm.errors import SlimlmError
 
@@ -58,23 +60,6 @@ def test_runtime_kernels_keep_biases_and_match_the_dequantized_model(qwen2_gguf:
     assert float((got_lean - got).norm() / got.norm()) < 0.02
 
 
-def _llama_cpp_ppl(path: Path, text: str, chunks: int) -> float:
-    from slimlm.evaluate.llamacpp import open_llama
-
-    llm = open_llama(path, n_ctx=CTX, n_batch=CTX, logits_all=True)
-    tokens = llm.tokenize(text.encode(), add_bos=True, special=False)
-    nll = []
-    for i in range(chunks):
-        window = tokens[i * CTX:(i + 1) * CTX]
-        llm.reset()
-        llm.eval(window)
-        logits = np.asarray(llm.scores[CTX // 2:CTX - 1], dtype=np.float64)
-        logits -= logits.max(1, keepdims=True)
-        logp = logits - np.log(np.exp(logits).sum(1, keepdims=True))
-        nll.append(-logp[np.arange(CTX // 2 - 1), window[CTX // 2 + 1:]])
-    return float(np.exp(np.concatenate(nll).mean()))
-
-
 @pytest.mark.llamacpp
 def test_perplexity_agrees_with_llama_cpp(qwen2_gguf: Path, wikitext_test: Path) -> None:
     """Same GGUF, same text, same windows: slimlm's evaluator (dequantized weights, fp32) within 0.5% of
@@ -83,7 +68,7 @@ def test_perplexity_agrees_with_llama_cpp(qwen2_gguf: Path, wikitext_test: Path)
     from slimlm.evaluate.run import evaluate
 
     report = evaluate(qwen2_gguf, wikitext_test, ctx=CTX, chunks=1)
-    theirs = _llama_cpp_ppl(qwen2_gguf, wikitext_test.read_text(), 1)
+    theirs = llama_cpp_ppl(qwen2_gguf, wikitext_test.read_text(), CTX, 1)
     assert report["perplexity"]["ppl"] == pytest.approx(theirs, rel=5e-3)
 
 
