@@ -101,7 +101,8 @@ def open_gguf_model(path: str | Path) -> GGUFModelFile:
         return None if field is None else field.value()
 
     tensors = {t.name: t for t in ckpt.tensors}
-    hf_arch, spec = spec_for_gguf(arch, any(".ffn_gate_exps." in name for name in tensors) or bool(keys("expert_count")))
+    has_experts = any(".ffn_gate_exps." in name for name in tensors) or bool(keys("expert_count"))
+    hf_arch, spec = spec_for_gguf(arch, has_experts)
     try:
         config = read_hparams(keys, hf_arch, spec)
     except SlimlmError as exc:
