@@ -214,3 +214,53 @@ def test_unusual_option_is_an_error_naming_it(name: str, change: dict, option: s
     with pytest.raises(SlimlmError, match=option):
         quantize_gguf(src, "f32", tmp_path / "m.gguf")
     assert not (tmp_path / "m.gguf").exists()
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_our_gguf_loads_as_transformers_model(name: str, tmp_path: Path) -> None:
+    """Our F32 file back through load_model (and the runtime's reference loader) is the HF model exactly: config
+    and tensors are the inverse of the export (transformers' own GGUF loader got llama3 rope, qwen3 head_dim,
+    gemma3's query scale and every MoE family wrong)."""
+    from slimlm.models import load_model
+    from slimlm.runtime import load_quantized
+
+    case = CASES[name]
+    src = make_model(tmp_path / "m", case, layers=6 if name == "gemma3" else 2)
+    f32 = tmp_path / "m-f32.gguf"
+    quantize_gguf(src, "f32", f32)
+    ref = hf_logits(src)
+    ids = torch.tensor([IDS])
+    with torch.no_grad():
+        dense = load_model(f32, "fp32", tokenizer=False).model(ids).logits[0].numpy()
+    assert float(np.abs(dense - ref).max()) <= 1e-4
+    if "num_experts" in case.config or "num_local_experts" in case.config:  # the runtime has no MoE modules
+        with pytest.raises(SlimlmError, match=case.model_type) as err:
+            load_quantized(f32, reference=True, dtype=torch.float32)
+        assert "\n" not in str(err.value)
+        return
+    with torch.no_grad():
+        runtime = load_quantized(f32, reference=True, dtype=torch.float32)(ids).logits[0].numpy()
+    assert float(np.abs(runtime - ref).max()) <= 1e-4
+
+
+def test_gguf_of_unknown_architecture_is_one_line_listing_the_supported(tmp_path: Path) -> None:
+    import gguf
+
+    from slimlm.models import load_config, load_model
+
+    path = tmp_path / "phi3.gguf"
+    writer = gguf.GGUFWriter(path, "phi3")
+    writer.add_block_count(1)
+    writer.add_tensor("token_embd.weight", np.zeros((8, 4), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    for load in (load_config, lambda p: load_model(p, tokenizer=False)):
+        with pytest.raises(SlimlmError) as err:
+            load(path)
+        msg = str(err.value)
+        assert "\n" not in msg and msg.startswith("unsupported GGUF architecture 'phi3'; slimlm loads: ")
+        for arch in ("llama (LlamaForCausalLM)", "qwen3 (Qwen3ForCausalLM)", "gemma3 (Gemma3ForCausalLM)",
+                     "llama with experts (MixtralForCausalLM)", "qwen2moe with experts (Qwen2MoeForCausalLM)"):
+            assert arch in msg

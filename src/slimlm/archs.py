@@ -1,4 +1,5 @@
-"""Which Hugging Face architectures we can write as GGUF, and the hyper-parameters llama.cpp expects for each.
+"""Which Hugging Face architectures we can write as GGUF, the hyper-parameters llama.cpp expects for each, and
+the way back (GGUF keys -> HF config fields, GGUF tensor -> HF tensor) so a GGUF we write loads as the same model.
 
 The key names and their meaning follow llama.cpp's converter (convert_hf_to_gguf); the code is ours and
 reads both the old ``rope_theta``/``rope_scaling`` and the transformers-5 ``rope_parameters`` layouts.
@@ -12,10 +13,12 @@ from typing import Any, Callable
 import gguf
 import numpy as np
 
+from slimlm.checkpoint.names import permute_for_rope, unpermute_for_rope
 from slimlm.errors import SlimlmError
 
 
 Config = dict[str, Any]
+Keys = Callable[[str], Any]  # a GGUF file's ``{arch}.<name>`` value (None when absent)
 
 
 @dataclass(frozen=True)
@@ -29,6 +32,8 @@ class ArchSpec:
     drop_lm_head: bool = False  # Gemma always ties the output to the embedding
     check: Callable[[Config], None] | None = None  # raises on options of the family llama.cpp's graph lacks
     hparams: Callable[[gguf.GGUFWriter, Config], None] | None = None  # the family's own ``{arch}.*`` keys
+    read: Callable[[Keys, Config], None] | None = None  # the inverse of ``hparams``: GGUF keys -> config fields
+    experts: bool = False  # a mixture of experts (ffn_*_exps tensors); picks this entry for a GGUF with experts
 
 
 def _unsupported(config: Config, option: str, value: Any, why: str) -> None:
@@ -116,9 +121,7 @@ def _check_gemma3(config: Config) -> None:
     local = params.get("sliding_attention") if isinstance(params.get("sliding_attention"), dict) else {}
     if local.get("rope_type", "default") != "default":
         _unsupported(config, "sliding_attention rope_type", local["rope_type"], "llama.cpp scales only global layers")
-    # llama.cpp scales queries by 1/sqrt(head_dim), except the 62-layer (27B) model: 1/sqrt(hidden / heads)
-    scale_dim = (int(config["hidden_size"]) // int(config["num_attention_heads"]) if n_layers == 62
-                 else head_dim(config))
+    scale_dim = gemma_query_scale_dim(config, GEMMA3_27B_LAYERS)
     if int(config.get("query_pre_attn_scalar", scale_dim)) != scale_dim:
         _unsupported(config, "query_pre_attn_scalar", config["query_pre_attn_scalar"],
                      f"llama.cpp scales attention by 1/sqrt({scale_dim}) for this shape")
@@ -128,25 +131,69 @@ def _gemma3_hparams(writer: gguf.GGUFWriter, config: Config) -> None:
     writer.add_sliding_window(int(config["sliding_window"]))
 
 
+GEMMA2_27B_LAYERS, GEMMA3_27B_LAYERS = 46, 62  # llama.cpp recognises the 27B models by their layer count
+
+
+def gemma_query_scale_dim(config: Config, big_layers: int) -> int:
+    """llama.cpp scales Gemma queries by 1/sqrt(head_dim), except the 27B model: 1/sqrt(hidden / heads)."""
+    if int(config["num_hidden_layers"]) == big_layers:
+        return int(config["hidden_size"]) // int(config["num_attention_heads"])
+    return head_dim(config)
+
+
+def _read_gemma2(keys: Keys, config: Config) -> None:
+    config["attn_logit_softcapping"] = f32(need(keys, "attn_logit_softcapping"))
+    config["final_logit_softcapping"] = f32(need(keys, "final_logit_softcapping"))
+    config["sliding_window"] = int(need(keys, "attention.sliding_window"))
+    config["query_pre_attn_scalar"] = gemma_query_scale_dim(config, GEMMA2_27B_LAYERS)
+
+
+def _read_gemma3(keys: Keys, config: Config) -> None:
+    """The sliding-window gemma3 llama.cpp runs: its fixed layer pattern, local rope base and query scale."""
+    n_layers = int(config["num_hidden_layers"])
+    config["sliding_window"] = int(need(keys, "attention.sliding_window"))
+    config["layer_types"] = ["sliding_attention" if (i + 1) % GEMMA3_SWA_PERIOD else "full_attention"
+                             for i in range(n_layers)]
+    config["rope_parameters"] = {"full_attention": config["rope_parameters"],
+                                 "sliding_attention": {"rope_type": "default", "rope_theta": GEMMA3_LOCAL_ROPE_BASE}}
+    config["query_pre_attn_scalar"] = gemma_query_scale_dim(config, GEMMA3_27B_LAYERS)
+    config["final_logit_softcapping"] = config["attn_logit_softcapping"] = None
+
+
+def _expert_reader(*, norm_topk: bool | None) -> Callable[[Keys, Config], None]:
+    """The inverse of :func:`_expert_hparams`, with the top-k renormalization llama.cpp hard-codes per family."""
+    def read(keys: Keys, config: Config) -> None:
+        count_key = "num_local_experts" if config["model_type"] == "mixtral" else "num_experts"
+        config[count_key] = int(need(keys, "expert_count"))
+        config["num_experts_per_tok"] = int(need(keys, "expert_used_count"))
+        if keys("expert_feed_forward_length") is not None:
+            config["moe_intermediate_size"] = int(keys("expert_feed_forward_length"))
+        if keys("expert_shared_feed_forward_length") is not None:
+            config["shared_expert_intermediate_size"] = int(keys("expert_shared_feed_forward_length"))
+        if norm_topk is not None:
+            config["norm_topk_prob"] = norm_topk
+    return read
+
+
 SUPPORTED_ARCHITECTURES: dict[str, ArchSpec] = {
     "LlamaForCausalLM": ArchSpec(gguf.MODEL_ARCH.LLAMA, "llama", permute_qk=True),
     "MistralForCausalLM": ArchSpec(gguf.MODEL_ARCH.LLAMA, "mistral", permute_qk=True),
     "MixtralForCausalLM": ArchSpec(gguf.MODEL_ARCH.LLAMA, "mixtral", permute_qk=True,
                                    check=lambda c: (_no_window(c), _check_moe(c, norm_topk=None)),
-                                   hparams=_expert_hparams),
+                                   hparams=_expert_hparams, read=_expert_reader(norm_topk=None), experts=True),
     "Qwen2ForCausalLM": ArchSpec(gguf.MODEL_ARCH.QWEN2, "qwen2"),
     "Qwen2MoeForCausalLM": ArchSpec(gguf.MODEL_ARCH.QWEN2MOE, "qwen2_moe",
                                     check=lambda c: (_no_sliding_window(c), _check_moe(c, norm_topk=False)),
-                                    hparams=_expert_hparams),
+                                    hparams=_expert_hparams, read=_expert_reader(norm_topk=False), experts=True),
     "Qwen3ForCausalLM": ArchSpec(gguf.MODEL_ARCH.QWEN3, "qwen3", check=_check_qwen3),
     "Qwen3MoeForCausalLM": ArchSpec(gguf.MODEL_ARCH.QWEN3MOE, "qwen3_moe",
                                     check=lambda c: (_check_qwen3(c), _check_moe(c, norm_topk=True)),
-                                    hparams=_expert_hparams),
+                                    hparams=_expert_hparams, read=_expert_reader(norm_topk=True), experts=True),
     "GemmaForCausalLM": ArchSpec(gguf.MODEL_ARCH.GEMMA, "gemma", norm_plus_one=True, drop_lm_head=True),
     "Gemma2ForCausalLM": ArchSpec(gguf.MODEL_ARCH.GEMMA2, "gemma2", norm_plus_one=True, drop_lm_head=True,
-                                  hparams=_gemma2_hparams),
+                                  hparams=_gemma2_hparams, read=_read_gemma2),
     "Gemma3ForCausalLM": ArchSpec(gguf.MODEL_ARCH.GEMMA3, "gemma3_text", norm_plus_one=True, drop_lm_head=True,
-                                  check=_check_gemma3, hparams=_gemma3_hparams),
+                                  check=_check_gemma3, hparams=_gemma3_hparams, read=_read_gemma3),
 }
 
 
@@ -230,3 +277,101 @@ def write_hparams(writer: gguf.GGUFWriter, config: dict[str, Any], spec: ArchSpe
         raise SlimlmError(f"rope_type {rope_type!r} is not supported for GGUF export (default, linear, yarn, llama3)")
     if spec.hparams is not None:
         spec.hparams(writer, config)
+
+
+# ---- the way back: a GGUF we write -> the HF config and tensors it was written from --------------------------
+
+def f32(value: Any) -> float:
+    """A GGUF float32 as the shortest decimal that rounds to it (1e-06, not 9.99999997e-07), as configs spell it."""
+    return float(str(np.float32(value)))
+
+
+def need(keys: Keys, name: str) -> Any:
+    value = keys(name)
+    if value is None:
+        raise SlimlmError(f"the GGUF lacks the key {name!r} its architecture needs")
+    return value
+
+
+def gguf_arch_names() -> str:
+    """Every loadable (GGUF architecture, HF class) pair, for error messages."""
+    return ", ".join(f"{gguf.MODEL_ARCH_NAMES[s.gguf_arch]}{' with experts' if s.experts else ''} ({n})"
+                     for n, s in SUPPORTED_ARCHITECTURES.items() if n != "MistralForCausalLM")
+
+
+def spec_for_gguf(arch: str, has_experts: bool) -> tuple[str, ArchSpec]:
+    """The (HF architecture, spec) a GGUF of ``general.architecture`` ``arch`` is loaded as. llama.cpp's ``llama``
+    serves Llama, Mistral and (with experts) Mixtral; Llama's model is Mistral's without a window, so Llama."""
+    for name, spec in SUPPORTED_ARCHITECTURES.items():
+        if gguf.MODEL_ARCH_NAMES[spec.gguf_arch] == arch and spec.experts == has_experts:
+            return name, spec
+    got = f"{arch!r}{' with experts' if has_experts else ''}"
+    raise SlimlmError(f"unsupported GGUF architecture {got}; slimlm loads: {gguf_arch_names()}")
+
+
+def read_rope(keys: Keys) -> Config:
+    """The inverse of :func:`write_hparams`' rope keys, as transformers-5 ``rope_parameters`` (llama3's per-frequency
+    factors are a tensor, ``rope_freqs``: the loader applies them to the rotary embedding)."""
+    rope: Config = {"rope_type": "default", "rope_theta": f32(keys("rope.freq_base") or 10000.0)}
+    kind = keys("rope.scaling.type")
+    if kind in (None, "none"):
+        return rope
+    if kind not in ("linear", "yarn"):
+        raise SlimlmError(f"GGUF rope scaling {kind!r} is not supported (none, linear, yarn)")
+    rope.update(rope_type=kind, factor=f32(need(keys, "rope.scaling.factor")))
+    if kind == "yarn":
+        rope["original_max_position_embeddings"] = int(need(keys, "rope.scaling.original_context_length"))
+    return rope
+
+
+def read_hparams(keys: Keys, name: str, spec: ArchSpec) -> Config:
+    """The inverse of :func:`write_hparams`: the HF config fields (architecture ``name``) a GGUF's keys encode.
+    Token ids, vocabulary size and tying come from the tokenizer keys and the tensor table (the caller's)."""
+    n_head = int(need(keys, "attention.head_count"))
+    config: Config = {
+        "architectures": [name], "model_type": spec.model_type,
+        "num_hidden_layers": int(need(keys, "block_count")),
+        "max_position_embeddings": int(need(keys, "context_length")),
+        "hidden_size": int(need(keys, "embedding_length")),
+        "intermediate_size": int(need(keys, "feed_forward_length")),
+        "num_attention_heads": n_head,
+        "num_key_value_heads": int(keys("attention.head_count_kv") or n_head),
+        "rms_norm_eps": f32(need(keys, "attention.layer_norm_rms_epsilon")),
+        "rope_parameters": read_rope(keys),
+    }
+    if keys("attention.key_length") is not None:
+        config["head_dim"] = int(keys("attention.key_length"))
+    if keys("vocab_size") is not None:
+        config["vocab_size"] = int(keys("vocab_size"))
+    if spec.read is not None:
+        spec.read(keys, config)
+    return config
+
+
+def rope_heads(hf_name: str, spec: ArchSpec, n_head: int, n_head_kv: int) -> int | None:
+    """The head count of llama.cpp's Q/K row permutation (:func:`permute_for_rope`) for this tensor, else None."""
+    if spec.permute_qk and hf_name.endswith(("q_proj.weight", "q_proj.bias")):
+        return n_head
+    if spec.permute_qk and hf_name.endswith(("k_proj.weight", "k_proj.bias")):
+        return n_head_kv
+    return None
+
+
+def to_gguf(hf_name: str, spec: ArchSpec, n_head: int, n_head_kv: int) -> Callable[[np.ndarray], np.ndarray]:
+    """llama.cpp's layout of an HF tensor: Q/K rows permuted for its rope, Gemma norms stored as 1 + w."""
+    heads = rope_heads(hf_name, spec, n_head, n_head_kv)
+    if heads is not None:
+        return lambda a: permute_for_rope(a, heads)
+    if spec.norm_plus_one and hf_name.endswith("norm.weight"):
+        return lambda a: a + np.float32(1.0)
+    return lambda a: a
+
+
+def from_gguf(hf_name: str, spec: ArchSpec, n_head: int, n_head_kv: int) -> Callable[[np.ndarray], np.ndarray]:
+    """The inverse of :func:`to_gguf`: the GGUF tensor of HF tensor ``hf_name`` in HF's layout."""
+    heads = rope_heads(hf_name, spec, n_head, n_head_kv)
+    if heads is not None:
+        return lambda a: unpermute_for_rope(a, heads)
+    if spec.norm_plus_one and hf_name.endswith("norm.weight"):
+        return lambda a: a - np.float32(1.0)
+    return lambda a: a

@@ -54,3 +54,9 @@ def permute_for_rope(w: np.ndarray, n_head: int) -> np.ndarray:
     """llama.cpp's Q/K row order: HF keeps the two rope halves apart, GGUF interleaves them per head."""
     rows = w.shape[0]
     return (w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape))
+
+
+def unpermute_for_rope(w: np.ndarray, n_head: int) -> np.ndarray:
+    """The inverse of :func:`permute_for_rope`: a GGUF Q/K tensor back in HF's row order."""
+    rows = w.shape[0]
+    return (w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape))

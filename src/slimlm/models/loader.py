@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from slimlm.errors import SlimlmError
-from slimlm.models.skeleton import drop_gguf_mark, is_gguf_file
+from slimlm.models.skeleton import is_gguf_file
 
 _DTYPES = {
     "fp32": torch.float32, "float32": torch.float32, "f32": torch.float32,
@@ -144,16 +144,14 @@ def _is_compressed_tensors_dir(path: Path) -> bool:
 
 
 def _load_dense(path: Path, fmt: str, dtype: torch.dtype, trust_remote_code: bool) -> nn.Module:
-    """transformers' model of a GGUF file (dequantized), an HF dir or a compressed-tensors dir (decompressed)."""
+    """The model of a GGUF file (dequantized), an HF dir or a compressed-tensors dir (decompressed)."""
     from transformers import AutoModelForCausalLM
 
     if fmt == "gguf":
-        try:
-            model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
-        except (OSError, ValueError, KeyError, NotImplementedError) as exc:
-            raise SlimlmError(f"{path}: transformers cannot load this GGUF ({_first_line(exc)})") from None
-        drop_gguf_mark(model.config, model)
-        return model
+        # Not transformers' GGUF loader: it gets several families wrong (see models.from_gguf)
+        from slimlm.models.from_gguf import load_gguf_dense
+
+        return load_gguf_dense(path, dtype)
     if not any(path.glob("*.safetensors")):
         pickled = [p.name for p in path.iterdir() if p.suffix in _PICKLE_SUFFIXES]
         if pickled:

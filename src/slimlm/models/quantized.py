@@ -5,7 +5,8 @@
   activations → W8A8Linear; 8-bit weights without activation quantization → W8A16Linear.
 - GGUF files: Q4_0, Q4_1, Q4_K → W4A16Linear at group 32 (codes exact; scale and zero rounded to bf16, the
   kernel's dtype); Q8_0 → W8A8Linear after re-scaling each row to one scale (measured loss, see
-  ``MAPPINGS``); every other type is dequantized on load (gguf-py's decoder) to a bf16 DequantLinear.
+  ``MAPPINGS``); every other type is dequantized on load (gguf-py's decoder) to a bf16 DequantLinear (fp32 in
+  the reference: the file's values).
 Non-Linear tensors (norms, embeddings) are loaded in the model dtype. ``reference=True`` builds each
 module's fp32 reference instead (same integer weights), for accuracy comparisons.
 """
@@ -21,8 +22,10 @@ import torch
 from torch import nn
 
 from slimlm.checkpoint import open_checkpoint, read_state_dict
-from slimlm.checkpoint.names import TensorNames, gguf_arch
+from slimlm.archs import rope_heads
+from slimlm.checkpoint.names import unpermute_for_rope
 from slimlm.errors import SlimlmError
+from slimlm.models.from_gguf import GGUFModelFile, apply_rope_factors, open_gguf_model
 from slimlm.models.skeleton import empty_model, is_gguf_file, load_config
 from slimlm.runtime import gguf_blocks
 from slimlm.runtime.linear import DequantLinear, QuantLinear, W4A16Linear, W8A8Linear, W8A16Linear
@@ -128,60 +131,55 @@ def _gguf_module(raw: np.ndarray, qtype: str, perm: torch.Tensor | None, referen
         row_scale = w.abs().amax(1).clamp_(min=1e-10) / 127.0
         module = W8A8Linear(torch.round(w / row_scale[:, None]).to(torch.int8), row_scale)
     else:
-        w = torch.from_numpy(np.ascontiguousarray(dequant(), dtype=np.float32))
+        w = torch.from_numpy(np.array(dequant(), dtype=np.float32))
         if perm is not None:
             w = w[perm]
+        if reference:  # the file's values exactly (an F32/F16 file's reference is the model it holds)
+            return DequantLinear(w, None, torch.float32)
         module = DequantLinear(w, None, torch.bfloat16).pack_()
     return module.to_reference() if reference else module
 
 
-def _gguf_name_map(model: nn.Module) -> dict[str, str]:
-    """GGUF tensor name → HF parameter name (checkpoint.names, one table build)."""
-    names = TensorNames(gguf_arch(model.config.model_type), model.config.num_hidden_layers)
-    return {g: hf_name for hf_name in model.state_dict() if (g := names.tensor(hf_name)) is not None}
+def _row_permutation(gm: GGUFModelFile, hf_name: str, rows: int) -> torch.Tensor | None:
+    """llama.cpp stores Q/K rows permuted for its rope: the inverse as a row permutation of the codes."""
+    heads = rope_heads(hf_name, gm.spec, int(gm.config["num_attention_heads"]), int(gm.config["num_key_value_heads"]))
+    if heads is None:
+        return None
+    return torch.from_numpy(unpermute_for_rope(np.arange(rows), heads).copy())
 
 
 def load_gguf(path: Path, reference: bool = False, progress: Callable[[str], None] | None = None,
               dtype: torch.dtype | None = None) -> nn.Module:
-    import gguf
-    from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, LlamaTensorProcessor, TensorProcessor
-
-    config = load_config(path)
+    gm = open_gguf_model(path)
+    if gm.spec.experts:
+        raise SlimlmError(f"{path}: the low-bit runtime does not run {gm.spec.model_type} (mixture of experts) yet; "
+                          "load_model(path) without kernels loads it dequantized")
     dtype = dtype or _default_dtype(reference)
-    model = empty_model(config, dtype)
-    processor = TENSOR_PROCESSORS.get(config.model_type, TensorProcessor)(config=config.to_dict())
-    if type(processor) not in (TensorProcessor, LlamaTensorProcessor):
-        raise SlimlmError(f"GGUF {config.model_type} needs tensor processing slimlm's runtime does not map yet")
-    name_map = _gguf_name_map(model)
-    ckpt = open_checkpoint(path)
-    ckpt.check_complete()
+    model = empty_model(gm.hf_config(), dtype)
+    name_map = {g[0]: hf_name for hf_name in model.state_dict() if (g := gm.sources(hf_name)) is not None}
+    gm.ckpt.check_complete()
     linears = {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     plain: dict[str, torch.Tensor] = {}
     biases: dict[str, torch.Tensor] = {}  # set on the quantized modules (load_state_dict skips their None buffer)
     embedding_raw = None
-    for info in ckpt.tensors:
+    for info in gm.ckpt.tensors:
         hf_name = name_map.get(info.name)
         if hf_name is None:
             continue
         rows = int(np.prod(info.shape[:-1])) if len(info.shape) > 1 else 1
-        raw = ckpt.load_raw(info).reshape(rows, -1)
-        qtype = gguf.GGMLQuantizationType[info.ggml_type]
+        raw = gm.ckpt.load_raw(info).reshape(rows, -1)
 
-        def dequant(raw=raw, qtype=qtype, shape=info.shape):
-            return gguf.quants.dequantize(np.asarray(raw), qtype).reshape(shape)
+        def dequant(name=info.name):
+            return gm.dequantize(name)
 
-        perm = None
-        if isinstance(processor, LlamaTensorProcessor) and (".attn_q." in info.name or ".attn_k." in info.name):
-            # llama.cpp stores q/k rows permuted for its rope; undo it as a row permutation of the codes
-            perm = torch.from_numpy(processor.process(np.arange(info.shape[0])[:, None], info.name).weights[:, 0].copy())
+        perm = _row_permutation(gm, hf_name, info.shape[0])
         module_name = hf_name.removesuffix(".weight")
         if module_name in linears and hf_name.endswith(".weight"):
             set_module(model, module_name, _gguf_module(np.asarray(raw), info.ggml_type, perm, reference, dequant))
             if progress:
                 progress(module_name)
         else:
-            w = torch.from_numpy(np.array(dequant(), dtype=np.float32))
-            w = w if perm is None else w[perm]
+            w = torch.from_numpy(np.array(gm.to_hf(hf_name)(dequant()), dtype=np.float32))
             if hf_name.endswith(".bias") and hf_name.removesuffix(".bias") in linears:
                 biases[hf_name.removesuffix(".bias")] = w
             else:
@@ -196,7 +194,9 @@ def load_gguf(path: Path, reference: bool = False, progress: Callable[[str], Non
                                                   embedding_raw[2]))
     for module_name, bias in biases.items():
         model.get_submodule(module_name).bias = bias
-    return _finish(model, plain, dtype)
+    model = _finish(model, plain, dtype)
+    apply_rope_factors(model, gm.rope_factors())
+    return model
 
 
 def _default_dtype(reference: bool) -> torch.dtype:

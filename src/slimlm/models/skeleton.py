@@ -18,14 +18,15 @@ def is_gguf_file(path: Path) -> bool:
 
 
 def load_config(source: str | Path) -> Any:
-    """transformers' config of an HF dir, a config file or a GGUF file (without the GGUF loader's mark)."""
+    """transformers' config of an HF dir, a config file or a GGUF file (a GGUF's from ``models.from_gguf``: the
+    inverse of our export, which transformers' GGUF config conversion gets wrong for several families)."""
     from transformers import AutoConfig
 
     path = Path(source)
     if is_gguf_file(path):
-        config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
-        drop_gguf_mark(config)
-        return config
+        from slimlm.models.from_gguf import gguf_config
+
+        return gguf_config(path)
     return AutoConfig.from_pretrained(path)
 
 
@@ -45,12 +46,3 @@ def random_model(config: Any, dtype: torch.dtype = torch.float32) -> nn.Module:
 
     return AutoModelForCausalLM.from_config(config, dtype=dtype)
 
-
-def drop_gguf_mark(config: Any, model: nn.Module | None = None) -> None:
-    """transformers' GGUF loader marks config and model "quantized by gguf", but the weights are dense
-    (dequantized on load, or swapped for our own modules): drop the mark so casting and saving see a plain model."""
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    if model is not None:
-        model.hf_quantizer = None
-        model.is_quantized = False

@@ -14,9 +14,9 @@ import numpy as np
 
 from slimlm.checkpoint import open_checkpoint
 from slimlm.checkpoint.gguf_file import GGUFHeader
-from slimlm.checkpoint.names import TensorNames, permute_for_rope
+from slimlm.checkpoint.names import TensorNames
 from slimlm.errors import SlimlmError
-from slimlm.archs import ArchSpec, arch_spec, llama3_rope_factors, rope_parameters
+from slimlm.archs import arch_spec, llama3_rope_factors, rope_parameters, to_gguf
 
 
 @dataclass
@@ -96,7 +96,7 @@ def open_hf_dir(model_dir: Path, tensors: Iterable[HFTensor] | None = None) -> M
         name = names.tensor(hf_name) if hf_name.endswith((".weight", ".bias")) else None
         if name is None:
             raise SlimlmError(f"{hf_name} in {model_dir} has no GGUF name for {hf_arch}")
-        transform = _transform(hf_name, spec, n_head, n_head_kv)
+        transform = to_gguf(hf_name, spec, n_head, n_head_kv)
         if name.endswith(_VECTORS) and len(shape) == 2 and shape[0] == 1:
             shape, transform = (shape[1],), lambda a, f=transform: f(a).reshape(-1)
         out.append(SourceTensor(name, tuple(shape), lambda load=load, f=transform: f(load()), hf_name=hf_name))
@@ -139,24 +139,6 @@ def stack_experts(tensors: Iterable[HFTensor], n_expert: int) -> list[HFTensor]:
         loads = [experts[e][2] for e in range(n_expert)]
         out[i] = (name, (n_expert, *shapes.pop()), lambda loads=loads: np.stack([f() for f in loads]))
     return out
-
-
-def rope_heads(hf_name: str, spec: ArchSpec, n_head: int, n_head_kv: int) -> int | None:
-    """The head count of llama.cpp's Q/K row permutation (:func:`permute_for_rope`) for this tensor, else None."""
-    if spec.permute_qk and hf_name.endswith(("q_proj.weight", "q_proj.bias")):
-        return n_head
-    if spec.permute_qk and hf_name.endswith(("k_proj.weight", "k_proj.bias")):
-        return n_head_kv
-    return None
-
-
-def _transform(hf_name: str, spec: ArchSpec, n_head: int, n_head_kv: int) -> Callable[[np.ndarray], np.ndarray]:
-    heads = rope_heads(hf_name, spec, n_head, n_head_kv)
-    if heads is not None:
-        return lambda a: permute_for_rope(a, heads)
-    if spec.norm_plus_one and hf_name.endswith("norm.weight"):
-        return lambda a: a + np.float32(1.0)
-    return lambda a: a
 
 
 _FLOAT_TYPES = ("F32", "F16", "BF16")

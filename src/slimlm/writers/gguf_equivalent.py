@@ -27,9 +27,9 @@ from slimlm.errors import SlimlmError
 from slimlm.writers.compressed_tensors import args_for, read_codes
 from slimlm.formats import ggml
 from slimlm.formats.groupint import dequantize
-from slimlm.archs import arch_spec
+from slimlm.archs import arch_spec, rope_heads
 from slimlm.quantize.gguf import quantize_gguf
-from slimlm.quantize.sources import ModelSource, open_hf_dir, rope_heads
+from slimlm.quantize.sources import ModelSource, open_hf_dir
 
 
 class BlockGrid(NamedTuple):
