@@ -148,7 +148,7 @@ def main() -> None:
     args = ap.parse_args()
     data = resources.wikitext_path("test")
     text = data.read_text()
-    name = MODELS[args.model][0]
+    model_name = MODELS[args.model][0]
     hf_dir = MODELS[args.model][2]()
     f16, q4km = make_ggufs(args.model)
     rows = []
@@ -218,7 +218,7 @@ def main() -> None:
     plain_t = statistics.median(timings["plain transformers loop"])
     speed_rows = [[name, f"{statistics.median(t):.2f}", f"{statistics.median(t) / plain_t:.3f}",
                    f"{peaks[name][1]:.0f}", f"{peaks[name][1] - peaks[name][0]:.0f}"] for name, t in timings.items()]
-    speed = markdown_table([f"fp32 {name}, {args.speed_chunks} windows incl. tokenization", "median s",
+    speed = markdown_table([f"fp32 {model_name}, {args.speed_chunks} windows incl. tokenization", "median s",
                             "× plain loop", "peak RSS MiB", "peak above model MiB"], speed_rows)
     speed += (f"\n\nslimlm eval / plain loop = {ours_t / plain_t:.3f} (bound 1.1); median of {args.repeats} "
               f"after a warm-up. llama.cpp's own F16 pass over {args.chunks} windows took {cpp_seconds:.1f} s "
@@ -227,7 +227,7 @@ def main() -> None:
     if args.no_append:
         print(body)
     else:
-        append_section(f"slimlm eval vs plain transformers and llama.cpp ({name}, wikitext-2 test)", body)
+        append_section(f"slimlm eval vs plain transformers and llama.cpp ({model_name}, wikitext-2 test)", body)
 
 
 if __name__ == "__main__":
