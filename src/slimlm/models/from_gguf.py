@@ -155,19 +155,3 @@ def hf_state_dict(gm: GGUFModelFile, model: nn.Module, dtype: torch.dtype) -> di
             raise SlimlmError(f"{gm.path}: {sources[0]} has shape {value.shape}, {hf_name} needs {tuple(param.shape)}")
         state[hf_name] = torch.from_numpy(np.array(value).reshape(param.shape)).to(dtype)
     return state
-
-
-def load_gguf_dense(path: str | Path, dtype: torch.dtype) -> nn.Module:
-    """transformers' model of a GGUF's architecture with its tensors dequantized into ``dtype``."""
-    from slimlm.models.skeleton import empty_model
-
-    gm = open_gguf_model(path)
-    model = empty_model(gm.hf_config(), dtype)
-    model.load_state_dict(hf_state_dict(gm, model, dtype), strict=False, assign=True)
-    if gm.config["tie_word_embeddings"]:
-        model.tie_weights()
-    left = [name for name, p in model.named_parameters() if p.device.type == "meta"]
-    if left:
-        raise SlimlmError(f"{gm.path}: the GGUF has no tensor for {len(left)} parameters, e.g. {left[0]}")
-    apply_rope_factors(model, gm.rope_factors())
-    return model.eval()

@@ -149,8 +149,6 @@ def _load_dense(path: Path, fmt: str, dtype: torch.dtype, trust_remote_code: boo
 
     if fmt == "gguf":
         # Not transformers' GGUF loader: it gets several families wrong (see models.from_gguf)
-        from slimlm.models.from_gguf import load_gguf_dense
-
         return load_gguf_dense(path, dtype)
     if not any(path.glob("*.safetensors")):
         pickled = [p.name for p in path.iterdir() if p.suffix in _PICKLE_SUFFIXES]
@@ -230,3 +228,20 @@ def _quiet_transformers() -> Iterator[None]:
         hf_logging.set_verbosity(level)
         if bars:  # as it was: a nested load must not turn bars back on inside an outer quiet load
             hf_logging.enable_progress_bar()
+
+
+def load_gguf_dense(path: str | Path, dtype: torch.dtype) -> nn.Module:
+    """transformers' model of a GGUF's architecture with its tensors dequantized into ``dtype``."""
+    from slimlm.models.from_gguf import apply_rope_factors, hf_state_dict, open_gguf_model
+    from slimlm.models.skeleton import empty_model
+
+    gm = open_gguf_model(path)
+    model = empty_model(gm.hf_config(), dtype)
+    model.load_state_dict(hf_state_dict(gm, model, dtype), strict=False, assign=True)
+    if gm.config["tie_word_embeddings"]:
+        model.tie_weights()
+    left = [name for name, p in model.named_parameters() if p.device.type == "meta"]
+    if left:
+        raise SlimlmError(f"{gm.path}: the GGUF has no tensor for {len(left)} parameters, e.g. {left[0]}")
+    apply_rope_factors(model, gm.rope_factors())
+    return model.eval()
