@@ -11,6 +11,7 @@ Stages (each appends a table to BENCHMARKS.md; intermediate files are cached in 
   speed    wall and CPU time of `slimlm quantize --to Q4_K_M` (from the F32 GGUF and from the HF dir) vs
            `llama-quantize f32.gguf out.gguf Q4_K_M 2`, interleaved rounds (median of --repeats)
   greedy   Q8_0: llama.cpp's greedy tokens vs slimlm's runtime (transformers on the dequantized GGUF)
+  rss      peak RSS of `slimlm quantize --to Q4_K_M` against 2 × (one decoder layer + the embeddings)
 
 llama.cpp: llama-cpp-python (loading, generating, llama_model_quantize) and the llama-quantize / llama-imatrix
 tools built from the llama.cpp source vendored in llama-cpp-python's sdist ($LLAMA_CPP_BIN).
@@ -363,6 +364,34 @@ def stage_greedy(work: Path, n_tokens: int = 32) -> None:
     append_section(f"GGUF Q8_0: llama.cpp vs slimlm greedy tokens (bench_gguf.py, {MODEL})", body)
 
 
+def stage_rss(work: Path) -> None:
+    """Peak RSS of `slimlm quantize --to Q4_K_M` from the HF dir, in its own process, against the bound
+    "2 × (one decoder layer + the embeddings)", both in fp32: the tensor stream holds one tensor at a time."""
+    import resource
+
+    from safetensors import safe_open
+
+    src = hf_dir()
+    with safe_open(str(src / "model.safetensors"), "pt") as f:
+        sizes = {k: f.get_slice(k).get_shape() for k in f.keys()}
+    layer = sum(4 * int(np.prod(s)) for k, s in sizes.items() if k.startswith("model.layers.0."))
+    embed = 4 * int(np.prod(sizes["model.embed_tokens.weight"]))
+    out = work / "rss-Q4_K_M.gguf"
+    cmd = [sys.executable, "-c", "from slimlm.cli import main; main()", "quantize", str(src), "--to", "Q4_K_M",
+           "-o", str(out), "--overwrite", "--json"]
+    subprocess.run(cmd, check=True, capture_output=True)
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    mib = 2**20
+    rows = [[f"{peak / mib:.0f}", f"{layer / mib:.1f}", f"{embed / mib:.1f}", f"{2 * (layer + embed) / mib:.0f}",
+             "yes" if peak < 2 * (layer + embed) else "NO"]]
+    body = (f"{MODEL_NAMES[MODEL]}: `slimlm quantize HF_DIR --to Q4_K_M` (fp32 safetensors, memory-mapped) in its "
+            "own process; peak RSS is that process's high-water mark (getrusage of the child).\n\n"
+            + markdown_table(["peak RSS MiB", "one decoder layer MiB (fp32)", "embeddings MiB (fp32)",
+                              "bound 2×(layer+embeddings) MiB", "below"], rows)
+            + f"\n\nCommand: `python benchmarks/bench_gguf.py --model {MODEL} --stages rss`")
+    append_section(f"GGUF quantize peak memory (bench_gguf.py, {MODEL})", body)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--stages", default="mixes,f16,imatrix,speed,greedy")
@@ -393,6 +422,7 @@ def main() -> None:
                                          args.hessian_chunks),
         "speed": lambda: stage_speed(args.work, args.repeats),
         "greedy": lambda: stage_greedy(args.work),
+        "rss": lambda: stage_rss(args.work),
     }
     for stage in args.stages.split(","):  # in the order given
         runners[stage]()
