@@ -89,6 +89,7 @@ def head_importance(model: torch.nn.Module, calib_ids: torch.Tensor) -> list[tor
 
 
 def _rows(lin: torch.nn.Linear, rows: torch.Tensor) -> None:
+    """Keep output ``rows``; the bias (Qwen2's q/k/v) is sliced with them, as it belongs to those rows."""
     lin.weight = torch.nn.Parameter(lin.weight.data[rows].clone())
     if lin.bias is not None:
         lin.bias = torch.nn.Parameter(lin.bias.data[rows].clone())
@@ -96,6 +97,7 @@ def _rows(lin: torch.nn.Linear, rows: torch.Tensor) -> None:
 
 
 def _cols(lin: torch.nn.Linear, cols: torch.Tensor) -> None:
+    """Keep input ``cols``; a bias (o_proj/down_proj with attention_bias/mlp_bias) is per output and stays."""
     lin.weight = torch.nn.Parameter(lin.weight.data[:, cols].clone())
     lin.in_features = int(cols.numel())
 
@@ -156,6 +158,16 @@ def prune_heads(model: torch.nn.Module, calib_ids: torch.Tensor, keep: float) ->
             "num_attention_heads": new_heads, "num_key_value_heads": new_kv}
 
 
+def _mlp_width(width: int, keep: float) -> int:
+    """The pruned intermediate size: a multiple of 32 (kernel-friendly) for real widths, never above ``width``
+    (rounding up could ask for more channels than exist), and refused when it would remove none."""
+    new = max(1, int(round(width * keep / 32)) * 32) if width >= 64 else max(1, int(width * keep))
+    new = min(new, width)
+    if new == width:
+        raise SlimlmError(f"--prune-mlp {keep} removes no channel of {width} (widths move in steps of 32)")
+    return new
+
+
 def prune(teacher: torch.nn.Module, calib_ids: torch.Tensor, *, drop_layers: int = 0,
           mlp_keep: float = 1.0, heads_keep: float = 1.0) -> tuple[torch.nn.Module, dict]:
     """A copy of ``teacher`` with ``drop_layers`` fewest-influence layers removed, then attention narrowed to
@@ -169,6 +181,8 @@ def prune(teacher: torch.nn.Module, calib_ids: torch.Tensor, *, drop_layers: int
         raise SlimlmError("--prune-mlp keeps a fraction of MLP channels: give a value in (0, 1]")
     if not 0 < heads_keep <= 1:
         raise SlimlmError("--prune-heads keeps a fraction of attention heads: give a value in (0, 1]")
+    # checked before any layer or head is measured, so a no-op or impossible width fails at once
+    new_width = _mlp_width(int(teacher.config.intermediate_size), mlp_keep) if mlp_keep < 1 else 0
     teacher.eval()
     scores = layer_importance(teacher, calib_ids)
     drop = sorted(sorted(range(n), key=lambda i: scores[i])[:drop_layers])
@@ -182,13 +196,16 @@ def prune(teacher: torch.nn.Module, calib_ids: torch.Tensor, *, drop_layers: int
     cfg.num_hidden_layers = len(keep)
     if getattr(cfg, "layer_types", None):
         cfg.layer_types = [cfg.layer_types[i] for i in keep]
+    if drop and isinstance(getattr(cfg, "max_window_layers", None), int):
+        # Qwen2: layers at index >= max_window_layers use sliding-window attention. The kept layers keep their
+        # type (layer_types above), so the threshold moves to the number of kept layers below it; left as it was,
+        # anything that derives the layer types from it (vLLM, converters) would give the shallower model others.
+        cfg.max_window_layers = sum(1 for i in keep if i < cfg.max_window_layers)
     info = {"layer_scores": scores, "dropped_layers": drop, "mlp_keep": mlp_keep, "heads_keep": heads_keep}
     if heads_keep < 1:
         info.update(prune_heads(student, calib_ids, heads_keep))
     if mlp_keep < 1:
         channel_scores = mlp_channel_importance(student, calib_ids)
-        width = int(cfg.intermediate_size)
-        new_width = max(1, int(round(width * mlp_keep / 32)) * 32) if width >= 64 else max(1, int(width * mlp_keep))
         for layer, s in zip(student.model.layers, channel_scores):
             top = s.topk(new_width).indices.sort().values
             _rows(layer.mlp.gate_proj, top)
