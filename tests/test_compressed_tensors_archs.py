@@ -34,7 +34,6 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-
 from test_gguf_archs import CASES, IDS, make_model
 
 from slimlm.errors import SlimlmError
@@ -138,8 +137,9 @@ def test_moe_refusals_are_one_line(name: str, scheme: str, method: str, kw: dict
 def test_gemma_smoothing_folds_into_one_plus_w() -> None:
     """Gemma's norm multiplies by (1 + w): the fold must give (1 + w') = (1 + w) / s, so the layer computes the
     same function; a plain w / s would not."""
-    from slimlm.algorithms.mappings import fold_scale, smoothing_pairs
     from transformers import AutoConfig, AutoModelForCausalLM
+
+    from slimlm.algorithms.mappings import fold_scale, smoothing_pairs
 
     config = AutoConfig.for_model("gemma3_text", hidden_size=64, intermediate_size=128, num_hidden_layers=1,
                                   num_attention_heads=2, num_key_value_heads=1, head_dim=32, vocab_size=64)
