@@ -34,6 +34,9 @@ class ArchSpec:
     hparams: Callable[[gguf.GGUFWriter, Config], None] | None = None  # the family's own ``{arch}.*`` keys
     read: Callable[[Keys, Config], None] | None = None  # the inverse of ``hparams``: GGUF keys -> config fields
     experts: bool = False  # a mixture of experts (ffn_*_exps tensors); picks this entry for a GGUF with experts
+    # checkpoint modules (inside a decoder layer) a compressed-tensors file keeps in full precision: the routers and
+    # the shared-expert gate, as llm-compressor's MoE examples ignore them (tiny, and routing is precision-sensitive)
+    float_modules: tuple[str, ...] = ()
 
 
 def _unsupported(config: Config, option: str, value: Any, why: str) -> None:
@@ -180,15 +183,18 @@ SUPPORTED_ARCHITECTURES: dict[str, ArchSpec] = {
     "MistralForCausalLM": ArchSpec(gguf.MODEL_ARCH.LLAMA, "mistral", permute_qk=True),
     "MixtralForCausalLM": ArchSpec(gguf.MODEL_ARCH.LLAMA, "mixtral", permute_qk=True,
                                    check=lambda c: (_no_window(c), _check_moe(c, norm_topk=None)),
-                                   hparams=_expert_hparams, read=_expert_reader(norm_topk=None), experts=True),
+                                   hparams=_expert_hparams, read=_expert_reader(norm_topk=None), experts=True,
+                                   float_modules=("block_sparse_moe.gate",)),
     "Qwen2ForCausalLM": ArchSpec(gguf.MODEL_ARCH.QWEN2, "qwen2"),
     "Qwen2MoeForCausalLM": ArchSpec(gguf.MODEL_ARCH.QWEN2MOE, "qwen2_moe",
                                     check=lambda c: (_no_sliding_window(c), _check_moe(c, norm_topk=False)),
-                                    hparams=_expert_hparams, read=_expert_reader(norm_topk=False), experts=True),
+                                    hparams=_expert_hparams, read=_expert_reader(norm_topk=False), experts=True,
+                                    float_modules=("mlp.gate", "mlp.shared_expert_gate")),
     "Qwen3ForCausalLM": ArchSpec(gguf.MODEL_ARCH.QWEN3, "qwen3", check=_check_qwen3),
     "Qwen3MoeForCausalLM": ArchSpec(gguf.MODEL_ARCH.QWEN3MOE, "qwen3_moe",
                                     check=lambda c: (_check_qwen3(c), _check_moe(c, norm_topk=True)),
-                                    hparams=_expert_hparams, read=_expert_reader(norm_topk=True), experts=True),
+                                    hparams=_expert_hparams, read=_expert_reader(norm_topk=True), experts=True,
+                                    float_modules=("mlp.gate",)),
     "GemmaForCausalLM": ArchSpec(gguf.MODEL_ARCH.GEMMA, "gemma", norm_plus_one=True, drop_lm_head=True),
     "Gemma2ForCausalLM": ArchSpec(gguf.MODEL_ARCH.GEMMA2, "gemma2", norm_plus_one=True, drop_lm_head=True,
                                   hparams=_gemma2_hparams, read=_read_gemma2),
@@ -213,6 +219,15 @@ def arch_spec(config: dict[str, Any]) -> tuple[str, ArchSpec]:
             return name, spec
     got = ", ".join(names) if names else f"model_type={config.get('model_type')!r}"
     raise SlimlmError(f"unsupported architecture {got}; GGUF export supports: {', '.join(SUPPORTED_ARCHITECTURES)}")
+
+
+def family(config: Config) -> ArchSpec | None:
+    """The table's entry for a config (by architecture, else model_type) without the GGUF-only checks; None if absent.
+    Other formats (compressed-tensors) read the family facts they need from it."""
+    names = list(config.get("architectures") or [])
+    if config.get("model_type") in _BY_MODEL_TYPE:
+        names.append(_BY_MODEL_TYPE[config["model_type"]])
+    return next((SUPPORTED_ARCHITECTURES[n] for n in names if n in SUPPORTED_ARCHITECTURES), None)
 
 
 def rope_parameters(config: dict[str, Any]) -> dict[str, Any]:

@@ -59,6 +59,9 @@ class Checkpoint:
     def _by_name(self) -> dict[str, TensorInfo]:
         return {t.name: t for t in self.tensors}
 
+    def __contains__(self, name: str) -> bool:
+        return name in self._by_name
+
     def tensor(self, name: str) -> TensorInfo:
         """A tensor's description by name; a missing one is a user error."""
         info = self._by_name.get(name)

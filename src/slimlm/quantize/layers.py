@@ -9,6 +9,7 @@ between layers). RTN needs no calibration and skips the forward passes."""
 from __future__ import annotations
 
 import json
+import re
 import tempfile
 import time
 from contextlib import nullcontext, suppress
@@ -20,6 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from slimlm.algorithms.mappings import smoothing_pairs
+from slimlm.archs import family
 from slimlm.algorithms.methods import Method, get_method
 from slimlm.algorithms.smoothquant import DEFAULT_STRENGTH
 from slimlm.algorithms.stats import StatsCollector
@@ -37,6 +39,11 @@ from slimlm.util.process import peak_rss_mb
 def _materialize(module: torch.nn.Module, prefix: str, ckpt: Checkpoint, dtype: torch.dtype) -> None:
     state = {name: ckpt.load_torch(prefix + name).to(dtype) for name, _ in module.named_parameters()}
     module.load_state_dict(state, strict=False, assign=True)
+
+
+# A routed expert's projection as checkpoints store it (one 2-D Linear per expert; transformers 5 fuses them into
+# 3-D parameters in memory, but saves and loads this layout, as llm-compressor writes it).
+EXPERT_LINEAR = re.compile(r"^(?P<layer>.*\.layers\.\d+\.)(?P<name>.*\.experts\.\d+\.\w+)\.weight$")
 
 
 def _decoder(model: torch.nn.Module) -> tuple[torch.nn.Module, str]:
@@ -147,6 +154,7 @@ def quantize_model(model: str | Path, output: str | Path, *, scheme: str | Quant
                 kwargs_list = _capture_inputs(run, acts, batch_size) if run.calibration is not None else []
                 widths = {m.in_features for j, lyr in enumerate(run.layers) for n, m in lyr.named_modules()
                           if isinstance(m, torch.nn.Linear) and not cfg.is_ignored(f"{run.dprefix}layers.{j}.{n}")}
+                widths |= {int(shape[1]) for shape in run.experts.values()}
                 plan = cfg.plan_group_sizes(widths, uniform=uniform_groups)
                 for i in range(len(run.layers)):
                     _quantize_layer(run, i, plan, acts, kwargs_list, writer)
@@ -185,6 +193,8 @@ class _Run:
     ignored: list[str] = field(default_factory=list)
     layer_reports: list[dict] = field(default_factory=list)
     n_quantized: int = 0
+    experts: dict[str, tuple[int, ...]] = field(default_factory=dict)  # expert Linear weight -> shape (quantized)
+    float_modules: tuple[str, ...] = ()  # routers and gates kept in full precision (the family table's)
 
     @property
     def layers(self) -> torch.nn.ModuleList:
@@ -212,10 +222,31 @@ def _open_run(model_dir: Path, out_dir: Path, cfg: QuantConfig, method: str | No
     ckpt.check_complete()
     skeleton = empty_model(hf_config, torch.float32).eval()
     decoder, dprefix = _decoder(skeleton)
+    model_type = getattr(hf_config, "model_type", "?")
+    experts = {t.name: tuple(t.shape) for t in ckpt.tensors if EXPERT_LINEAR.match(t.name)}
+    if experts:
+        _check_experts(cfg, method, algo, model_type)
     if algo.smoothing:  # fail fast when the method has no mapping for this architecture
-        smoothing_pairs(getattr(hf_config, "model_type", "?"), decoder.layers[0], algo.smoothing)
+        smoothing_pairs(model_type, decoder.layers[0], algo.smoothing)
+    spec = family(hf_config.to_dict())
     return _Run(cfg, method, algo, model_dir, out_dir, hf_config, ckpt, skeleton, decoder, dprefix, store_dtype,
-                None, smoothing_strength, actorder)
+                None, smoothing_strength, actorder, experts=experts,
+                float_modules=spec.float_modules if spec is not None else ())
+
+
+def _check_experts(cfg: QuantConfig, method: str, algo: Method, model_type: str) -> None:
+    """What a mixture of experts can take: transformers keeps the experts fused (3-D parameters, not Linears), so
+    the layer stream cannot run calibration through them, and its compressed-tensors loader fuses only packed
+    symmetric experts (no zero points; neither int8 nor full-precision experts load)."""
+    if cfg.act_bits:
+        raise SlimlmError(f"{model_type}: {cfg.name} is not supported for a mixture of experts (transformers loads "
+                          f"neither int8 nor full-precision experts from compressed-tensors); use w4a16 or w8a16")
+    if algo.calibration:
+        raise SlimlmError(f"{model_type}: --method {method} needs calibration through the fused experts, which the "
+                          f"compressed-tensors export of a mixture of experts does not run; use --method rtn")
+    if cfg.format == "pack-quantized" and not cfg.symmetric:
+        raise SlimlmError(f"{model_type}: {cfg.name} experts must be symmetric (transformers decompresses MoE experts "
+                          f"without zero points); pass --sym")
 
 
 def _calibration(run: _Run, calib, samples: int, seq_len: int) -> Calibration:
@@ -263,10 +294,15 @@ def _quantize_layer(run: _Run, i: int, plan: dict, acts: _Activations, kwargs_li
     """Layer ``i``: materialise, gather statistics, smooth and round, write, then run the quantized layer so the
     next one calibrates on what it will really receive; the layer goes back to the meta device."""
     layer, prefix, cfg = run.layers[i], f"{run.dprefix}layers.{i}.", run.cfg
-    _materialize(layer, prefix, run.ckpt, torch.float32)
+    if run.experts or run.float_modules:
+        _materialize_stored(layer, prefix, run.ckpt)
+    else:
+        _materialize(layer, prefix, run.ckpt, torch.float32)
     linears = {n: m for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
-    quant_names = [n for n in linears if not cfg.is_ignored(prefix + n)]
-    run.ignored += [prefix + n for n in linears if n not in quant_names]
+    linears.update(_expert_linears(run, prefix))
+    floats = [n for n in run.float_modules if f"{prefix}{n}.weight" in run.ckpt]
+    quant_names = [n for n in linears if not cfg.is_ignored(prefix + n) and n not in floats]
+    run.ignored += [prefix + n for n in linears if n not in quant_names] + [prefix + n for n in floats]
     specs = {}
     for n in quant_names:
         gs, why = plan[linears[n].in_features]
@@ -331,11 +367,37 @@ def _layer_tensors(run: _Run, layer: torch.nn.Module, prefix: str, linears: dict
         owner = pname.rsplit(".", 1)[0]
         if owner in quant_names and pname.endswith(".weight"):
             continue
+        if p.is_meta:  # fused experts: the checkpoint's per-expert tensors are written below
+            continue
         tensors[prefix + pname] = p.detach().to(torch_dtype(run.ckpt.tensor(prefix + pname)))
     for key in [t.name for t in run.ckpt.tensors if t.name.startswith(prefix)]:
         if key not in tensors and not any(key.startswith(prefix + n + ".") for n in quant_names):
             tensors[key] = run.ckpt.load_torch(key)
     return tensors, hooks
+
+
+def _materialize_stored(module: torch.nn.Module, prefix: str, ckpt: Checkpoint) -> None:
+    """As :func:`_materialize`, for the parameters the checkpoint stores under the model's names; a MoE layer's
+    fused experts (and Mixtral's renamed router) stay on the meta device: the checkpoint's tensors go out as stored
+    or through :func:`_expert_linears`."""
+    state = {name: ckpt.load_torch(prefix + name).float() for name, _ in module.named_parameters()
+             if prefix + name in ckpt}
+    module.load_state_dict(state, strict=False, assign=True)
+
+
+def _expert_linears(run: _Run, prefix: str) -> dict[str, torch.nn.Linear]:
+    """The layer's routed experts as the checkpoint stores them, one Linear per expert projection (named as in the
+    checkpoint, e.g. ``mlp.experts.3.down_proj``), to round and write like any other Linear."""
+    out = {}
+    for key in run.experts:
+        m = EXPERT_LINEAR.match(key)
+        if m["layer"] != prefix:
+            continue
+        weight = run.ckpt.load_torch(key).float()
+        lin = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+        lin.weight = torch.nn.Parameter(weight, requires_grad=False)
+        out[m["name"]] = lin
+    return out
 
 
 def _write_rest(run: _Run, writer: ShardWriter, overwrite: bool) -> None:

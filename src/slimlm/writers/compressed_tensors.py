@@ -181,7 +181,7 @@ def dequantized_state_dict(model_dir: str | Path, dtype: torch.dtype = torch.flo
     modules = {k.rsplit(".", 1)[0] for k in raw if k.endswith((".weight_scale",))}
     for key, t in raw.items():
         mod = key.rsplit(".", 1)[0]
-        if mod not in modules:
+        if mod not in modules or key.endswith(".bias"):  # a quantized Linear's bias is stored as is (Qwen2 q/k/v)
             out[key] = t.to(dtype) if t.is_floating_point() else t
     for mod in modules:
         group = args_for(qcfg, mod)
@@ -223,6 +223,12 @@ def load_reference_model(model_dir: str | Path, dtype: torch.dtype = torch.float
 
     model_dir = Path(model_dir)
     state, acts = dequantized_state_dict(model_dir, dtype)
+    if any(_PER_EXPERT.search(k) for k in state):
+        model = _load_fused(model_dir, state, dtype)
+        modules = dict(model.named_modules())
+        for name, args in acts.items():
+            attach_activation_quant(modules[name], int(args["num_bits"]), args.get("scale"))
+        return model.eval()
     config = load_config(model_dir)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
@@ -237,3 +243,26 @@ def load_reference_model(model_dir: str | Path, dtype: torch.dtype = torch.float
     for name, args in acts.items():
         attach_activation_quant(modules[name], int(args["num_bits"]), args.get("scale"))
     return model.eval()
+
+
+_PER_EXPERT = re.compile(r"\.experts\.\d+\.")
+
+
+def _load_fused(model_dir: Path, state: dict[str, torch.Tensor], dtype: torch.dtype):
+    """A mixture of experts from our dequantized per-expert state: transformers 5 keeps the experts fused (3-D
+    parameters) under renamed modules, so the float state goes through its ordinary checkpoint conversion (renames
+    and stacking only; no compressed-tensors code) from a temporary float copy of the dir."""
+    from transformers import AutoModelForCausalLM
+
+    config = json.loads((model_dir / "config.json").read_text())
+    config.pop("quantization_config", None)
+    with tempfile.TemporaryDirectory(prefix="slimlm-ref-") as tmp:
+        (Path(tmp) / "config.json").write_text(json.dumps(config))
+        save_file({k: v.contiguous() for k, v in state.items()}, str(Path(tmp) / "model.safetensors"),
+                  metadata={"format": "pt"})
+        model, info = AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype, output_loading_info=True)
+    bad = {k: sorted(v)[:3] for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys",
+                                                                        "mismatched_keys")}
+    if bad:
+        raise SlimlmError(f"checkpoint does not fit the model: {bad}")
+    return model
