@@ -8,7 +8,7 @@ tolerance (1e-4) and stay near the float model's. Routers and gates stay in full
 Mixtures of experts: transformers 5 holds the routed experts as fused 3-D parameters, not Linears. The file keeps
 llm-compressor's per-expert layout (``experts.{e}.{proj}.weight_packed``), which transformers' loader decompresses
 and fuses, but only for pack-quantized symmetric experts: so W4A16 MoE is symmetric (asymmetric is refused), W8A8
-quantizes the Linears (attention, shared expert) and keeps the routed experts in full precision, and the calibrated
+on MoE is refused (transformers loads neither int8 nor full-precision experts from such a file), and the calibrated
 methods are refused (no calibration through fused experts). Gemma 3's AWQ/SmoothQuant fold into (1 + w) norms.
 
 Measured max |logit diff| vs the float model (40 tokens, transformers 5.24, compressed-tensors 0.20.1; W4A16 group
