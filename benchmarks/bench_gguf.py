@@ -11,6 +11,7 @@ Stages (each appends a table to BENCHMARKS.md; intermediate files are cached in 
   speed    wall and CPU time of `slimlm quantize --to Q4_K_M` (from the F32 GGUF and from the HF dir) vs
            `llama-quantize f32.gguf out.gguf Q4_K_M 2`, interleaved rounds (median of --repeats)
   greedy   Q8_0: llama.cpp's greedy tokens vs slimlm's runtime (transformers on the dequantized GGUF)
+  tokens   token ids of llama.cpp's tokenizer vs slimlm's (transformers) on the written and the shipped GGUF
   rss      peak RSS of `slimlm quantize --to Q4_K_M` against 2 × (one decoder layer + the embeddings)
 
 llama.cpp: llama-cpp-python (loading, generating, llama_model_quantize) and the llama-quantize / llama-imatrix
@@ -364,6 +365,38 @@ def stage_greedy(work: Path, n_tokens: int = 32) -> None:
     append_section(f"GGUF Q8_0: llama.cpp vs slimlm greedy tokens (bench_gguf.py, {MODEL})", body)
 
 
+def stage_tokens(work: Path) -> None:
+    """llama.cpp's tokenizer (vocab only) on the GGUF slimlm wrote from the HF dir, vs transformers' tokenizer of
+    that HF dir, over the whole wikitext-2 test text; and the same for the shipped GGUF vs transformers' reading
+    of it (what `slimlm eval` uses)."""
+    from slimlm import resources
+    from slimlm.evaluate.llamacpp import open_llama
+    from slimlm.models import load_tokenizer
+    from slimlm.quantize.gguf import quantize_gguf
+
+    ours = work / "ours-Q8_0.gguf"
+    if not ours.exists():
+        quantize_gguf(hf_dir(), "Q8_0", ours)
+    shipped = resources.smollm2_gguf_path() if MODEL == "smollm2" else resources.qwen2_gguf_path()
+    text = resources.wikitext_path("test").read_text()
+    rows = []
+    for label, path, tok_src in (("GGUF written by slimlm (Q8_0) vs HF dir tokenizer", ours, hf_dir()),
+                                 ("shipped GGUF vs transformers' GGUF tokenizer", shipped, shipped)):
+        llm = open_llama(path, n_ctx=64, vocab_only=True)
+        theirs = llm.tokenize(text.encode(), add_bos=False, special=False)
+        mine = load_tokenizer(tok_src)(text, add_special_tokens=False)["input_ids"]
+        first = next((i for i, (a, b) in enumerate(zip(mine, theirs)) if a != b), None)
+        same = first is None and len(mine) == len(theirs)
+        rows.append([label, llm.metadata.get("tokenizer.ggml.pre", "-"), f"{len(mine):,}", f"{len(theirs):,}",
+                     "identical" if same else f"first difference at token {first}"])
+        del llm
+    body = (f"{MODEL_NAMES[MODEL]}: token ids of the whole wikitext-2 test text (no BOS), llama.cpp's own tokenizer "
+            "vs the transformers tokenizer slimlm uses.\n\n"
+            + markdown_table(["files", "pre-tokenizer", "slimlm tokens", "llama.cpp tokens", "ids"], rows)
+            + f"\n\nCommand: `python benchmarks/bench_gguf.py --model {MODEL} --stages tokens`")
+    append_section(f"GGUF tokenizer vs llama.cpp (bench_gguf.py, {MODEL})", body)
+
+
 def stage_rss(work: Path) -> None:
     """Peak RSS of `slimlm quantize --to Q4_K_M` from the HF dir, in its own process, against the bound
     "2 × (one decoder layer + the embeddings)", both in fp32: the tensor stream holds one tensor at a time."""
@@ -423,6 +456,7 @@ def main() -> None:
         "speed": lambda: stage_speed(args.work, args.repeats),
         "greedy": lambda: stage_greedy(args.work),
         "rss": lambda: stage_rss(args.work),
+        "tokens": lambda: stage_tokens(args.work),
     }
     for stage in args.stages.split(","):  # in the order given
         runners[stage]()
