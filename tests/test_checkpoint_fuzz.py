@@ -90,3 +90,16 @@ def test_corrupt_array_length_is_a_truncated_header(originals, tmp_path):
     path.write_bytes(bytes(data))
     with pytest.raises(SlimlmError, match="truncated GGUF header"):
         inspect(path)
+
+
+def test_huge_block_count_is_quick(originals, tmp_path):
+    """A corrupt ``llama.block_count`` (found by the fuzzer: one flipped byte made it 587,202,562) must not
+    build per-layer tables for half a billion layers: the spec refuses over 10,000 layers, inspect goes on."""
+    import struct
+
+    data = bytearray(originals["gguf"])
+    key = b"llama.block_count"
+    at = data.index(key) + len(key)
+    assert struct.unpack_from("<I", data, at)[0] == 4  # UINT32
+    struct.pack_into("<I", data, at + 4, 2**31 - 1)  # before the fix: a 2-billion-entry tuple (minutes, ~16 GB)
+    _check(tmp_path, ".gguf", bytes(data))

@@ -122,6 +122,9 @@ def _model_type(config: dict[str, Any]) -> str:
     return model_type
 
 
+MAX_LAYERS = 10_000  # the deepest released LLMs have a few hundred
+
+
 def _int(config: dict[str, Any], key: str, default: Any = ..., *, minimum: int = 0) -> Any:
     """A non-negative int from the config; missing required keys and wrong types are user errors."""
     value = config.get(key)
@@ -203,6 +206,8 @@ def _from_config(config: dict[str, Any]) -> ModelSpec:
         config = {**config["text_config"], "model_type": "gemma3_text"}
     model_type = _model_type(config)
     n_layers = _int(config, "num_hidden_layers", minimum=1)
+    if n_layers > MAX_LAYERS:  # a corrupt header, not a model: per-layer tables would take seconds to build
+        raise SlimlmError(f"model config has num_hidden_layers={n_layers}; no real model has over {MAX_LAYERS:,}")
     hidden = _int(config, "hidden_size", minimum=1)
     n_heads = _int(config, "num_attention_heads", minimum=1)
     n_kv_heads = _int(config, "num_key_value_heads", n_heads, minimum=1)
