@@ -66,13 +66,19 @@ def onednn_int8_available() -> bool:
     where oneDNN is fine) rules it out where it is over 4x slower than ``_int_mm``."""
     if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_pointwise")):
         return False
+    return not _onednn_slower(32, 256, 256, rounds=3, slack=1e-4)
+
+
+def _onednn_slower(rows: int, k: int, n: int, rounds: int, slack: float = 0.0) -> bool:
+    """Whether oneDNN's int8 linear on random (rows, K) × (K → N) codes takes over 4x ``torch._int_mm``'s time."""
     gen = torch.Generator().manual_seed(0)
-    x = torch.randint(-127, 128, (32, 256), dtype=torch.int8, generator=gen)
-    w = torch.randint(-127, 128, (256, 256), dtype=torch.int8, generator=gen)
-    packed, scale, zero, w_kn = onednn_prepack(w), torch.ones(256), torch.zeros(256, dtype=torch.int64), w.t().contiguous()
+    w = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=gen)
+    x = torch.randint(-127, 128, (rows, k), dtype=torch.int8, generator=gen)
+    packed, scale, zero = onednn_prepack(w), torch.ones(n), torch.zeros(n, dtype=torch.int64)
+    w_kn = w.t().contiguous()
     med = _medians({"onednn": lambda: onednn_int8_linear(x, packed, scale, zero),
-                    "int_mm": lambda: torch._int_mm(x, w_kn)}, rounds=3)
-    return med["onednn"] <= 4 * med["int_mm"] + 1e-4
+                    "int_mm": lambda: torch._int_mm(x, w_kn)}, rounds=rounds)
+    return med["onednn"] > 4 * med["int_mm"] + slack
 
 
 @functools.cache
@@ -264,15 +270,7 @@ ONE_ROW_MAX = 4
 @functools.cache
 def onednn_slow_at_one_row(k: int, n: int) -> bool:
     """Whether oneDNN's int8 linear at one row is over 4x slower than ``torch._int_mm`` for (K → N)."""
-    if not onednn_int8_available():
-        return False
-    gen = torch.Generator().manual_seed(0)
-    w = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=gen)
-    x = torch.randint(-127, 128, (1, k), dtype=torch.int8, generator=gen)
-    packed, scale, zero, w_kn = onednn_prepack(w), torch.ones(n), torch.zeros(n, dtype=torch.int64), w.t().contiguous()
-    med = _medians({"onednn": lambda: onednn_int8_linear(x, packed, scale, zero),
-                    "int_mm": lambda: torch._int_mm(x, w_kn)}, rounds=5)
-    return med["onednn"] > 4 * med["int_mm"]
+    return onednn_int8_available() and _onednn_slower(1, k, n, rounds=5)
 
 
 def int8_linear(xq: torch.Tensor, xs: torch.Tensor, packed: torch.Tensor | None, w_scale: torch.Tensor,
