@@ -106,7 +106,6 @@ def reference(work: Path, chunks: int) -> Path:
 
 
 def f32_gguf(work: Path) -> Path:
-    from slimlm import resources
     from slimlm.quantize.gguf import quantize_gguf
 
     out = work / f"{MODEL}-f32.gguf"
@@ -121,7 +120,6 @@ def kld_cell(r: dict) -> str:
 
 
 def stage_mixes(work: Path, chunks: int, mixes: list[str]) -> None:
-    from slimlm import resources
     from slimlm.quantize.gguf import quantize_gguf
 
     ref, f32 = reference(work, chunks), f32_gguf(work)
@@ -153,8 +151,6 @@ def stage_mixes(work: Path, chunks: int, mixes: list[str]) -> None:
 
 
 def stage_f16(work: Path, chunks: int) -> None:
-    from slimlm import resources
-    from slimlm.evaluate.run import evaluate
     from slimlm.quantize.gguf import quantize_gguf
 
     out = work / "ours-F16.gguf"
@@ -267,7 +263,6 @@ def stage_speed(work: Path, repeats: int) -> None:
     conversion: tensor renaming, rope permutation, tokenizer metadata)."""
     import resource
 
-    from slimlm import resources
 
     f32 = f32_gguf(work)
     tool = lcpp_bin("llama-quantize")
@@ -317,7 +312,6 @@ def stage_speed(work: Path, repeats: int) -> None:
 def stage_greedy(work: Path, n_tokens: int = 32) -> None:
     import torch
 
-    from slimlm import resources
     from slimlm.quantize.gguf import quantize_gguf
     from slimlm.models import load_model
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from slimlm.checkpoint import open_checkpoint, read_state_dict
+from slimlm.checkpoint import read_state_dict
 from slimlm.archs import rope_heads
 from slimlm.checkpoint.names import unpermute_for_rope
 from slimlm.errors import SlimlmError
