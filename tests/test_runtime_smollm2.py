@@ -12,7 +12,7 @@ import torch
 from slimlm.models import load_tokenizer
 from slimlm.runtime import W4A16Config, W8A8Config, kernel_report, load_quantized, quantize_
 from slimlm.runtime.generate import generate
-from slimlm.runtime.linear import W4A16Linear, W8A8Linear
+from slimlm.runtime.linear import DequantLinear, W4A16Linear, W8A8Linear
 
 pytestmark = pytest.mark.slow
 CLI = [sys.executable, "-c", "from slimlm.cli import main; main()"]
@@ -89,9 +89,9 @@ def test_shipped_gguf_runs_on_int4_kernels(smollm2_gguf, smollm2_hf_dir):
 
     model = load_quantized(smollm2_gguf)
     kinds = kernel_report(model)
-    # 210 Q4_1 projections → int4 kernels; the Q8_0 token embedding doubles as lm_head → int8 kernel
+    # 210 Q4_1 projections → int4 kernels; the Q8_0 token embedding doubles as lm_head → bf16 dequantized
     assert sum(isinstance(model.get_submodule(n), W4A16Linear) for n in kinds) == 210
-    assert isinstance(model.lm_head, W8A8Linear)
+    assert isinstance(model.lm_head, DequantLinear)
     tok = load_tokenizer(smollm2_gguf)
     assert "Paris" in generate(model, tok, "The capital of France is", max_new_tokens=4).texts[0]
     # the fp32 dir is transformers' dequantization of the same file: logits agree to bf16-activation level

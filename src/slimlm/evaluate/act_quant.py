@@ -64,9 +64,10 @@ _ROUNDING: dict[str, Callable[[torch.Tensor], torch.Tensor] | None] = {
 
 def emulate_llama_cpp_activations(model: torch.nn.Module, gguf_path: str | Path
                                   ) -> tuple[dict[str, int], list[torch.utils.hooks.RemovableHandle]]:
-    """Round every Linear's input as llama.cpp's CPU backend does for that tensor's type in ``gguf_path``.
+    """Round every Linear's input as llama.cpp's CPU backend does for that tensor's type in ``gguf_path``, and
+    attention's operands as its f16 KV cache does (:func:`llama_cpp_attention`).
 
-    Returns the Linear count per rounding ({"Q8_K": 91, ...}) and the hook handles (remove them to undo).
+    Returns the Linear count per rounding ({"Q8_K": 91, ...}) and the handles (remove them to undo).
     """
     from slimlm.checkpoint.gguf_file import read_gguf_header
     from slimlm.checkpoint.names import TensorNames, gguf_arch
@@ -96,4 +97,55 @@ def emulate_llama_cpp_activations(model: torch.nn.Module, gguf_path: str | Path
         if rounding is not None:
             module = model.get_submodule(module_name)
             handles.append(module.register_forward_pre_hook(lambda _m, args, r=rounding: (r(args[0]), *args[1:])))
+    handles.append(emulate_llama_cpp_attention(model))
     return counts, handles
+
+
+# ---------------------------------------------------------------- attention: llama.cpp's f16 KV cache
+LLAMA_CPP_ATTENTION = "slimlm_llamacpp_f16"
+
+
+def _f16(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.float16).to(x.dtype)
+
+
+def llama_cpp_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                        attention_mask: torch.Tensor | None, scaling: float, dropout: float = 0.0,
+                        **_kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention as llama.cpp's CPU graph computes it without flash attention: K and V live in an f16 cache,
+    and each of its two matmuls rounds the other operand to f16 (Q for K·Q, the softmax weights for V·softmax);
+    the softmax itself is float32. Roped Q/K arrive here, as they do at llama.cpp's cache write."""
+    groups = query.shape[1] // key.shape[1]
+    k = _f16(key).repeat_interleave(groups, dim=1)
+    v = _f16(value).repeat_interleave(groups, dim=1)
+    scores = (_f16(query) @ k.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        if attention_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attention_mask, float("-inf"))
+        else:
+            scores = scores + attention_mask
+    probs = torch.softmax(scores.float(), dim=-1).to(query.dtype)
+    out = _f16(probs) @ v
+    return out.transpose(1, 2).contiguous(), probs
+
+
+class _AttentionSwitch:
+    """Undo handle for :func:`emulate_llama_cpp_attention` (``remove()`` like a hook handle)."""
+
+    def __init__(self, model: torch.nn.Module, previous: str):
+        self.model, self.previous = model, previous
+
+    def remove(self) -> None:
+        self.model.set_attn_implementation(self.previous)
+
+
+def emulate_llama_cpp_attention(model: torch.nn.Module) -> _AttentionSwitch:
+    """Switch a transformers model to :func:`llama_cpp_attention`; returns the handle that switches back."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+    AttentionInterface.register(LLAMA_CPP_ATTENTION, llama_cpp_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(LLAMA_CPP_ATTENTION, ALL_MASK_ATTENTION_FUNCTIONS["eager"])
+    previous = model.config._attn_implementation
+    model.set_attn_implementation(LLAMA_CPP_ATTENTION)
+    return _AttentionSwitch(model, previous)

@@ -4,9 +4,10 @@
   vLLM write them: ``pack-quantized`` int4 → W4A16Linear; ``int-quantized`` int8 with dynamic int8
   activations → W8A8Linear; 8-bit weights without activation quantization → W8A16Linear.
 - GGUF files: Q4_0, Q4_1, Q4_K → W4A16Linear at group 32 (codes exact; scale and zero rounded to bf16, the
-  kernel's dtype); Q8_0 → W8A8Linear after re-scaling each row to one scale (measured loss, see
-  ``MAPPINGS``); every other type is dequantized on load (gguf-py's decoder) to a bf16 DequantLinear (fp32 in
-  the reference: the file's values).
+  kernel's dtype); every other type, Q8_0 included, is dequantized on load to a bf16 DequantLinear (fp32 in
+  the reference: the file's values). Q8_0 once ran as W8A8 (one scale per row, per-token int8 activations):
+  llama.cpp rounds activations per 32 values, and on Qwen2's outlier channels per-token rounding moved logits
+  by up to 8.9 (bf16: 1.2) and broke greedy agreement with llama.cpp on 2 of 3 prompts (BENCHMARKS.md).
 Non-Linear tensors (norms, embeddings) are loaded in the model dtype. ``reference=True`` builds each
 module's fp32 reference instead (same integer weights), for accuracy comparisons.
 """
@@ -37,7 +38,6 @@ MAPPINGS = {
     "Q4_0": "W4A16 g32: codes exact, scale rounded to bf16 (≤ 2^-9 relative)",
     "Q4_1": "W4A16 g32: codes exact, scale and zero (8d+m) rounded to bf16",
     "Q4_K": "W4A16 g32: codes exact, scale d·sc and zero 8·d·sc−dmin·m rounded to bf16",
-    "Q8_0": "W8A8: per-32 scales re-expressed as one scale per row (codes re-rounded; error measured)",
 }
 
 
@@ -123,13 +123,6 @@ def _gguf_module(raw: np.ndarray, qtype: str, perm: torch.Tensor | None, referen
         if perm is not None:
             u, scale, zero = u[perm], scale[perm], zero[perm]
         module: QuantLinear = W4A16Linear(u, scale, zero, 32)
-    elif qtype == "Q8_0":
-        q, d = gguf_blocks.split_q8_0(raw)
-        if perm is not None:
-            q, d = q[perm], d[perm]
-        w = (q.view(q.shape[0], -1, 32).float() * d[..., None]).reshape(q.shape)
-        row_scale = w.abs().amax(1).clamp_(min=1e-10) / 127.0
-        module = W8A8Linear(torch.round(w / row_scale[:, None]).to(torch.int8), row_scale)
     else:
         w = torch.from_numpy(np.array(dequant(), dtype=np.float32))
         if perm is not None:

@@ -2,7 +2,7 @@
 
 slimlm.formats.ggml decodes blocks to floats; the runtime needs the integers themselves (to run them on
 int4/int8 kernels without re-rounding), so the few block types with a fast path are split here, vectorized
-over all blocks. Layouts follow ggml-quants.c (block_q8_0, block_q4_0, block_q4_1, block_q4_K); tests check
+over all blocks. Layouts follow ggml-quants.c (block_q4_0, block_q4_1, block_q4_K); tests check
 ``dequantize`` of our split against gguf-py's decoder. Every function takes the tensor's raw bytes as a
 ``(rows, bytes_per_row)`` uint8 array and returns torch tensors with one row per output feature.
 
@@ -27,14 +27,6 @@ def _blocks(raw: np.ndarray, block_bytes: int) -> np.ndarray:
 
 def _f16(b: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(b).view(np.float16)[..., 0].astype(np.float32)
-
-
-def split_q8_0(raw: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    """Q8_0 → int8 codes ``(N, K)`` and fp32 scales ``(N, K/32)``: ``w = q * d``."""
-    b = _blocks(raw, 34)
-    d = _f16(b[..., 0:2])
-    q = np.ascontiguousarray(b[..., 2:]).view(np.int8).reshape(b.shape[0], -1)
-    return torch.from_numpy(q.copy()), torch.from_numpy(d)
 
 
 def _nibbles_16(qs: np.ndarray) -> np.ndarray:
