@@ -16,9 +16,11 @@ the bound is max_diff * max(1, max |logit|), 2e-3 -> ~8e-3), llama-cpp-python 0.
     mixtral     llama            5.7e-3         8 experts, top-2
     qwen2_moe   qwen2moe         3.3e-3         4 experts + gated shared expert
     qwen3_moe   qwen3moe         3.5e-3         4 experts, renormalized top-2
+    deepseek_v3 deepseek2        2.5e-3         MLA (q_lora 64, kv_lora 64); dense layer + 4 experts (2 groups,
+                                                biased sigmoid top-2, scale 2.5) + shared expert
 
 Q8_0: for every case our file's tensor types, tensor bytes and file size equal llama_model_quantize's from our
-F32 file; MoE cases also compare llama.cpp's types for Q4_K_M (and Mixtral Q2_K, Q3_K_M) with our plan.
+F32 file; MoE cases also compare llama.cpp's types for Q4_K_M (and Mixtral Q2_K, Q3_K_M; DeepSeek Q2_K) with our plan.
 """
 
 from __future__ import annotations
@@ -56,6 +58,13 @@ class Case:
     mixes: tuple[str, ...] = ()  # more mixes whose tensor types must equal llama_model_quantize's (MoE rules)
 
 
+DEEPSEEK_V3 = {"n_routed_experts": 4, "num_experts_per_tok": 2, "n_group": 2, "topk_group": 1, "n_shared_experts": 1,
+               "moe_intermediate_size": 64, "first_k_dense_replace": 1, "q_lora_rank": 64, "kv_lora_rank": 64,
+               "qk_nope_head_dim": 32, "qk_rope_head_dim": 16, "v_head_dim": 32, "routed_scaling_factor": 2.5,
+               "norm_topk_prob": True, "topk_method": "noaux_tc", "scoring_func": "sigmoid", "num_key_value_heads": 4,
+               "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}, "tie_word_embeddings": False}
+MOE_KEYS = ("num_experts", "num_local_experts", "n_routed_experts")
+
 CASES: dict[str, Case] = {
     "llama3": Case("llama", "llama", {"rope_parameters": {
         "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
@@ -78,6 +87,9 @@ CASES: dict[str, Case] = {
                                                 "tie_word_embeddings": False}, mixes=("Q4_K_M",)),
     "qwen3_moe": Case("qwen3_moe", "qwen3moe", {"num_experts": 4, "num_experts_per_tok": 2, "norm_topk_prob": True,
                                                 "moe_intermediate_size": 64, "head_dim": 64}, mixes=("Q4_K_M",)),
+    # MLA (q and kv latents, kv_b split into attn_k_b / attn_v_b), a dense first layer, then 4 experts in 2 groups
+    # (top-1 group, top-2 experts) by biased sigmoid scores, renormalized and scaled, plus a shared expert
+    "deepseek_v3": Case("deepseek_v3", "deepseek2", DEEPSEEK_V3, mixes=("Q4_K_M", "Q2_K")),
 }
 
 IDS = list(range(5, 45))
@@ -233,7 +245,7 @@ def test_our_gguf_loads_as_transformers_model(name: str, tmp_path: Path) -> None
     with torch.no_grad():
         dense = load_model(f32, "fp32", tokenizer=False).model(ids).logits[0].numpy()
     assert float(np.abs(dense - ref).max()) <= 1e-4
-    if "num_experts" in case.config or "num_local_experts" in case.config:  # the runtime has no MoE modules
+    if any(key in case.config for key in MOE_KEYS):  # the runtime has no MoE modules
         with pytest.raises(SlimlmError, match=case.model_type) as err:
             load_quantized(f32, reference=True, dtype=torch.float32)
         assert "\n" not in str(err.value)
