@@ -206,8 +206,7 @@ def _deepseek_hparams(writer: gguf.GGUFWriter, config: Config) -> None:
     """MLA widths (the latent is one KV head of kv_lora_rank + rope dims), dense lead layers and the router."""
     rank, rope, nope = int(config["kv_lora_rank"]), int(config["qk_rope_head_dim"]), int(config["qk_nope_head_dim"])
     writer.add_leading_dense_block_count(int(config.get("first_k_dense_replace") or 0))
-    if config.get("q_lora_rank") is not None:
-        writer.add_q_lora_rank(int(config["q_lora_rank"]))
+    writer.add_q_lora_rank(int(config.get("q_lora_rank") or 0))  # llama.cpp needs the key; 0: attn_q, no latent
     writer.add_kv_lora_rank(rank)
     writer.add_key_length(rank + rope)
     writer.add_value_length(rank)
@@ -221,8 +220,10 @@ def _deepseek_hparams(writer: gguf.GGUFWriter, config: Config) -> None:
     writer.add_expert_weights_scale(float(config.get("routed_scaling_factor", 1.0)))
     writer.add_expert_weights_norm(bool(config.get("norm_topk_prob", False)))
     writer.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
-    writer.add_expert_group_count(int(config.get("n_group") or 1))
-    writer.add_expert_group_used_count(int(config.get("topk_group") or 1))
+    groups, used = int(config.get("n_group") or 1), int(config.get("topk_group") or 1)
+    if used < groups:  # else every group is used: no group limit (llama.cpp asserts used < groups)
+        writer.add_expert_group_count(groups)
+        writer.add_expert_group_used_count(used)
 
 
 def _read_deepseek(keys: Keys, config: Config) -> None:
@@ -231,8 +232,7 @@ def _read_deepseek(keys: Keys, config: Config) -> None:
     config.pop("head_dim", None)  # attention.key_length is the latent's width, not a head's
     config["num_key_value_heads"] = config["num_attention_heads"]
     config["first_k_dense_replace"] = int(keys("leading_dense_block_count") or 0)
-    q_rank = keys("attention.q_lora_rank")
-    config["q_lora_rank"] = None if q_rank is None else int(q_rank)
+    config["q_lora_rank"] = int(keys("attention.q_lora_rank") or 0) or None
     config["kv_lora_rank"] = int(need(keys, "attention.kv_lora_rank"))
     config["qk_rope_head_dim"] = rope
     config["qk_nope_head_dim"] = int(need(keys, "attention.key_length_mla")) - rope
