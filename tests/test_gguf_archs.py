@@ -243,6 +243,13 @@ def test_unsupported_architecture_is_one_line_listing_the_supported(tmp_path: Pa
     ("qwen2_moe", {"norm_topk_prob": True}, "norm_topk_prob"),
     ("qwen3_moe", {"norm_topk_prob": False}, "norm_topk_prob"),
     ("qwen3_moe", {"mlp_only_layers": [1]}, "mlp_only_layers"),
+    ("deepseek_v3", {"topk_method": "group_limited_greedy"}, "topk_method"),
+    ("deepseek_v3", {"scoring_func": "softmax"}, "scoring_func"),
+    ("deepseek_v3", {"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0,
+                                         "original_max_position_embeddings": 256, "mscale_all_dim": 1.0}},
+     "rope_type"),
+    ("deepseek_v3", {"rope_interleave": False}, "rope_interleave"),
+    ("deepseek_v3", {"attention_bias": True}, "attention_bias"),
 ])
 def test_unusual_option_is_an_error_naming_it(name: str, change: dict, option: str, tmp_path: Path) -> None:
     """An option llama.cpp's graph for the family cannot run is refused up front, not written wrong."""
