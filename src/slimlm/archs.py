@@ -245,7 +245,8 @@ def _read_deepseek(keys: Keys, config: Config) -> None:
     config["norm_topk_prob"] = bool(keys("expert_weights_norm"))
     gating = keys("expert_gating_func")
     if gating is not None and int(gating) != int(gguf.ExpertGatingFuncType.SIGMOID):
-        raise SlimlmError(f"expert_gating_func {gating} is not supported (sigmoid, {int(gguf.ExpertGatingFuncType.SIGMOID)})")
+        raise SlimlmError(f"GGUF expert_gating_func {gating} is not supported for deepseek2 (sigmoid: "
+                          f"{int(gguf.ExpertGatingFuncType.SIGMOID)})")
     config["n_group"] = int(keys("expert_group_count") or 1)
     config["topk_group"] = int(keys("expert_group_used_count") or 1)
     config.update(topk_method="noaux_tc", scoring_func="sigmoid", rope_interleave=True)
