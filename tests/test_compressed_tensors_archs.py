@@ -24,6 +24,12 @@ experts re-route under int4 noise) and 0.15 * max |fp logit| for W8A8; vs our re
     mixtral     3.43        refused     refused    refused            4.32
     qwen2_moe   1.40        refused     refused    refused            3.78
     qwen3_moe   1.14        refused     refused    refused            3.96
+    deepseek_v3 2.31        refused     refused    refused            3.90
+    ..._noqlora 3.10        refused     refused    refused            3.77
+
+DeepSeek-V3 keeps only the router (``mlp.gate``, with its ``e_score_correction_bias``) in full precision, as
+llm-compressor's DeepSeek examples do (``ignore=["lm_head", "re:.*mlp.gate$"]``); the MLA projections, the dense
+first layer, the shared expert and every routed expert are quantized.
 """
 
 from __future__ import annotations
@@ -40,9 +46,9 @@ from slimlm.errors import SlimlmError
 from slimlm.quantize.layers import quantize_model
 from slimlm.writers.compressed_tensors import load_reference_model
 
-MOE = ("mixtral", "qwen2_moe", "qwen3_moe")
+MOE = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "deepseek_v3_noqlora")
 ROUTERS = {"mixtral": ("block_sparse_moe.gate",), "qwen2_moe": ("mlp.gate", "mlp.shared_expert_gate"),
-           "qwen3_moe": ("mlp.gate",)}
+           "qwen3_moe": ("mlp.gate",), "deepseek_v3": ("mlp.gate",), "deepseek_v3_noqlora": ("mlp.gate",)}
 RUNS = [(name, scheme, method) for name in CASES for scheme, method in
         [("w4a16", "rtn")] + ([] if name in MOE else [("w8a8", "rtn"), ("w4a16", "awq"), ("w8a8", "smoothquant")])]
 BOUND = {"w4a16": 0.9, "w8a8": 0.15}  # max |logit diff| vs fp, relative to max |fp logit|
@@ -92,15 +98,20 @@ def test_family_exports_load_in_transformers(name: str, scheme: str, method: str
     n_layers = int(json.loads((src / "config.json").read_text())["num_hidden_layers"])
     quantized = {k.rsplit(".", 1)[0] for k in t if k.endswith(".weight_scale")}
     assert "lm_head" in qc["ignore"] and not [m for m in quantized if "lm_head" in m or "embed" in m]
+    dense = int(CASES[name].config.get("first_k_dense_replace", 0))  # DeepSeek's leading layers have no experts
     for i in range(n_layers):
-        assert f"model.layers.{i}.self_attn.q_proj" in quantized
+        assert f"model.layers.{i}.self_attn.o_proj" in quantized
+        if i < dense:
+            assert f"model.layers.{i}.mlp.gate_proj" in quantized
+            continue
         for router in ROUTERS.get(name, ()):
             module = f"model.layers.{i}.{router}"
             assert module in qc["ignore"] and module not in quantized  # routers and gates stay float
             assert t[f"{module}.weight"].is_floating_point()
         if name in MOE:
             experts = {m for m in quantized if f"model.layers.{i}." in m and ".experts." in m}
-            n_experts = CASES[name].config.get("num_local_experts") or CASES[name].config["num_experts"]
+            c = CASES[name].config
+            n_experts = c.get("num_local_experts") or c.get("num_experts") or c["n_routed_experts"]
             assert len(experts) == 3 * n_experts  # every expert projection quantized
     if name not in MOE:
         assert qc["ignore"] == ["lm_head"] and res.quantized_linears == 7 * n_layers

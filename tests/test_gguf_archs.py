@@ -16,9 +16,15 @@ the bound is max_diff * max(1, max |logit|), 2e-3 -> ~8e-3), llama-cpp-python 0.
     mixtral     llama            5.7e-3         8 experts, top-2
     qwen2_moe   qwen2moe         3.3e-3         4 experts + gated shared expert
     qwen3_moe   qwen3moe         3.5e-3         4 experts, renormalized top-2
+    deepseek_v3 deepseek2        4.3e-6 (*)     MLA (q_lora 64, kv_lora 64); dense layer + 4 experts (2 groups,
+                                                top-1 group, biased sigmoid top-2, scale 2.5) + shared expert
+    ..._noqlora deepseek2        8.9e-6 (*)     deepseek_v3 with q_lora_rank None (attn_q), 3 layers, no group limit
+
+(*) with llama.cpp's K/V cache in F32; its default F16 cache gives 2.5e-3 and 1.1e-2 (one token), so the
+DeepSeek cases run with F32 K/V and a bound of 1e-4 * max |logit|, which checks the MLA layout to float noise.
 
 Q8_0: for every case our file's tensor types, tensor bytes and file size equal llama_model_quantize's from our
-F32 file; MoE cases also compare llama.cpp's types for Q4_K_M (and Mixtral Q2_K, Q3_K_M) with our plan.
+F32 file; MoE cases also compare llama.cpp's types for Q4_K_M (and Mixtral Q2_K, Q3_K_M; DeepSeek Q2_K) with our plan.
 """
 
 from __future__ import annotations
@@ -54,7 +60,15 @@ class Case:
     max_diff: float = 2e-3
     gemma_norms: bool = False  # Gemma-style RMSNorm weights (1 + w): random around 0
     mixes: tuple[str, ...] = ()  # more mixes whose tensor types must equal llama_model_quantize's (MoE rules)
+    f32_cache: bool = False  # llama.cpp keeps K/V in F32, not F16: its logits then match to float noise
 
+
+DEEPSEEK_V3 = {"n_routed_experts": 4, "num_experts_per_tok": 2, "n_group": 2, "topk_group": 1, "n_shared_experts": 1,
+               "moe_intermediate_size": 64, "first_k_dense_replace": 1, "q_lora_rank": 64, "kv_lora_rank": 64,
+               "qk_nope_head_dim": 32, "qk_rope_head_dim": 16, "v_head_dim": 32, "routed_scaling_factor": 2.5,
+               "norm_topk_prob": True, "topk_method": "noaux_tc", "scoring_func": "sigmoid", "num_key_value_heads": 4,
+               "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}, "tie_word_embeddings": False}
+MOE_KEYS = ("num_experts", "num_local_experts", "n_routed_experts")
 
 CASES: dict[str, Case] = {
     "llama3": Case("llama", "llama", {"rope_parameters": {
@@ -78,6 +92,15 @@ CASES: dict[str, Case] = {
                                                 "tie_word_embeddings": False}, mixes=("Q4_K_M",)),
     "qwen3_moe": Case("qwen3_moe", "qwen3moe", {"num_experts": 4, "num_experts_per_tok": 2, "norm_topk_prob": True,
                                                 "moe_intermediate_size": 64, "head_dim": 64}, mixes=("Q4_K_M",)),
+    # MLA (q and kv latents, kv_b split into attn_k_b / attn_v_b), a dense first layer, then 4 experts in 2 groups
+    # (top-1 group, top-2 experts) by biased sigmoid scores, renormalized and scaled, plus a shared expert
+    # (F32 K/V cache: llama.cpp's default F16 cache alone moves these logits by up to 1.1e-2)
+    "deepseek_v3": Case("deepseek_v3", "deepseek2", DEEPSEEK_V3, max_diff=1e-4, mixes=("Q4_K_M", "Q2_K"),
+                        f32_cache=True),
+    # no query latent (q_proj -> attn_q, as DeepSeek-V2-Lite), 3 layers (2 with experts), top-2 of 2 groups
+    "deepseek_v3_noqlora": Case("deepseek_v3", "deepseek2", {**DEEPSEEK_V3, "q_lora_rank": None,
+                                                              "num_hidden_layers": 3, "topk_group": 2},
+                                max_diff=1e-4, f32_cache=True),
 }
 
 IDS = list(range(5, 45))
@@ -117,8 +140,9 @@ def hf_logits(src: Path) -> np.ndarray:
         return model(torch.tensor([IDS])).logits[0].numpy()
 
 
-def llama_logits(path: Path) -> np.ndarray:
-    llm = open_llama(path, n_ctx=64, logits_all=True)
+def llama_logits(path: Path, f32_cache: bool = False) -> np.ndarray:
+    cache = {"type_k": 0, "type_v": 0} if f32_cache else {}  # GGML_TYPE_F32
+    llm = open_llama(path, n_ctx=64, logits_all=True, **cache)
     llm.eval(IDS)
     return np.asarray(llm.scores[: len(IDS)])
 
@@ -152,7 +176,7 @@ def test_arch_logits_and_q8_0_match_llama_cpp(name: str, tmp_path: Path) -> None
     src = make_model(tmp_path / "m", case)
     f32 = tmp_path / "m-f32.gguf"
     quantize_gguf(src, "f32", f32)
-    ref, got = hf_logits(src), llama_logits(f32)
+    ref, got = hf_logits(src), llama_logits(f32, case.f32_cache)
     diff = float(np.abs(got - ref).max())
     print(f"{name}: max abs logit diff {diff:.2e} (|logits| <= {np.abs(ref).max():.2f})")
     assert diff < case.max_diff * max(1.0, float(np.abs(ref).max()))
@@ -164,10 +188,26 @@ def test_arch_logits_and_q8_0_match_llama_cpp(name: str, tmp_path: Path) -> None
     assert read_types(ours) == read_types(theirs) == plan_of(f32, "Q8_0")
     assert ours.stat().st_size == theirs.stat().st_size
     assert tensor_bytes(ours) == tensor_bytes(theirs)  # bit-exact blocks, so llama.cpp computes the same
-    q8 = llama_logits(ours)
-    assert np.array_equal(q8, llama_logits(theirs))
+    q8 = llama_logits(ours, case.f32_cache)
+    assert np.array_equal(q8, llama_logits(theirs, case.f32_cache))
     assert (q8.argmax(-1) == ref.argmax(-1)).mean() > 0.9
     for mix in case.mixes:
+        llama_quantize(f32, tmp_path / f"{mix}.gguf", mix)
+        assert read_types(tmp_path / f"{mix}.gguf") == plan_of(f32, mix), mix
+
+
+def test_deepseek_v3_mixes_at_k_quant_widths_equal_llama_cpp(tmp_path: Path) -> None:
+    """Rows of 256 (hidden, latents, nope and value heads, experts) so llama.cpp's mix rules, not its fallbacks for
+    narrow rows, pick each type; 8 experts and 8 layers reach its 8-expert and use_more_bits cases."""
+    import dataclasses
+
+    wide = {**DEEPSEEK_V3, "q_lora_rank": 256, "kv_lora_rank": 256, "qk_nope_head_dim": 256, "qk_rope_head_dim": 64,
+            "v_head_dim": 256, "moe_intermediate_size": 256, "n_routed_experts": 8, "num_key_value_heads": 2}
+    case = dataclasses.replace(CASES["deepseek_v3"], config=wide)
+    src = make_model(tmp_path / "m", case, hidden=256, ffn=512, layers=8, heads=2, kv_heads=2)
+    f32 = tmp_path / "m-f32.gguf"
+    quantize_gguf(src, "f32", f32)
+    for mix in ("Q4_K_M", "Q2_K", "Q3_K_M", "Q4_K_S"):
         llama_quantize(f32, tmp_path / f"{mix}.gguf", mix)
         assert read_types(tmp_path / f"{mix}.gguf") == plan_of(f32, mix), mix
 
@@ -203,6 +243,13 @@ def test_unsupported_architecture_is_one_line_listing_the_supported(tmp_path: Pa
     ("qwen2_moe", {"norm_topk_prob": True}, "norm_topk_prob"),
     ("qwen3_moe", {"norm_topk_prob": False}, "norm_topk_prob"),
     ("qwen3_moe", {"mlp_only_layers": [1]}, "mlp_only_layers"),
+    ("deepseek_v3", {"topk_method": "group_limited_greedy"}, "topk_method"),
+    ("deepseek_v3", {"scoring_func": "softmax"}, "scoring_func"),
+    ("deepseek_v3", {"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0,
+                                         "original_max_position_embeddings": 256, "mscale_all_dim": 1.0}},
+     "rope_type"),
+    ("deepseek_v3", {"rope_interleave": False}, "rope_interleave"),
+    ("deepseek_v3", {"attention_bias": True}, "attention_bias"),
 ])
 def test_unusual_option_is_an_error_naming_it(name: str, change: dict, option: str, tmp_path: Path) -> None:
     """An option llama.cpp's graph for the family cannot run is refused up front, not written wrong."""
@@ -233,7 +280,7 @@ def test_our_gguf_loads_as_transformers_model(name: str, tmp_path: Path) -> None
     with torch.no_grad():
         dense = load_model(f32, "fp32", tokenizer=False).model(ids).logits[0].numpy()
     assert float(np.abs(dense - ref).max()) <= 1e-4
-    if "num_experts" in case.config or "num_local_experts" in case.config:  # the runtime has no MoE modules
+    if any(key in case.config for key in MOE_KEYS):  # the runtime has no MoE modules
         with pytest.raises(SlimlmError, match=case.model_type) as err:
             load_quantized(f32, reference=True, dtype=torch.float32)
         assert "\n" not in str(err.value)

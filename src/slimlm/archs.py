@@ -37,6 +37,9 @@ class ArchSpec:
     # checkpoint modules (inside a decoder layer) a compressed-tensors file keeps in full precision: the routers and
     # the shared-expert gate, as llm-compressor's MoE examples ignore them (tiny, and routing is precision-sensitive)
     float_modules: tuple[str, ...] = ()
+    # DeepSeek's multi-head latent attention: llama.cpp sees one KV head of the latent's width (written by
+    # ``hparams``) and kv_b_proj split in two (checkpoint.mla)
+    mla: bool = False
 
 
 def _unsupported(config: Config, option: str, value: Any, why: str) -> None:
@@ -178,6 +181,77 @@ def _expert_reader(*, norm_topk: bool | None) -> Callable[[Keys, Config], None]:
     return read
 
 
+DEEPSEEK_TOPK_METHODS = ("noaux_tc", "greedy")  # what transformers' and llama.cpp's grouped sigmoid top-k compute
+
+
+def _check_deepseek(config: Config) -> None:
+    """DeepSeek-V3 options neither transformers' model nor llama.cpp's deepseek2 graph runs as the config says."""
+    method = config.get("topk_method", "noaux_tc")
+    if method not in DEEPSEEK_TOPK_METHODS:
+        _unsupported(config, "topk_method", method, "llama.cpp routes by grouped top-k of biased sigmoid scores")
+    if config.get("scoring_func", "sigmoid") != "sigmoid":
+        _unsupported(config, "scoring_func", config["scoring_func"], "transformers' DeepSeek-V3 router is sigmoid")
+    if config.get("rope_interleave", True) is not True:
+        _unsupported(config, "rope_interleave", config["rope_interleave"], "slimlm writes interleaved rope weights")
+    if config.get("attention_bias"):
+        _unsupported(config, "attention_bias", True, "llama.cpp's deepseek2 graph has no attention biases")
+    rope_type = rope_parameters(config).get("rope_type", "default")
+    if rope_type != "default":
+        _unsupported(config, "rope_type", rope_type, "DeepSeek's yarn attention scaling is not written yet")
+    if config.get("hidden_act", "silu") != "silu":
+        _unsupported(config, "hidden_act", config["hidden_act"], "llama.cpp's deepseek2 FFNs are SiLU-gated")
+
+
+def _deepseek_hparams(writer: gguf.GGUFWriter, config: Config) -> None:
+    """MLA widths (the latent is one KV head of kv_lora_rank + rope dims), dense lead layers and the router."""
+    rank, rope, nope = int(config["kv_lora_rank"]), int(config["qk_rope_head_dim"]), int(config["qk_nope_head_dim"])
+    writer.add_leading_dense_block_count(int(config.get("first_k_dense_replace") or 0))
+    writer.add_q_lora_rank(int(config.get("q_lora_rank") or 0))  # llama.cpp needs the key; 0: attn_q, no latent
+    writer.add_kv_lora_rank(rank)
+    writer.add_key_length(rank + rope)
+    writer.add_value_length(rank)
+    writer.add_key_length_mla(nope + rope)
+    writer.add_value_length_mla(int(config["v_head_dim"]))
+    writer.add_rope_dimension_count(rope)
+    writer.add_expert_count(int(config["n_routed_experts"]))
+    writer.add_expert_used_count(int(config["num_experts_per_tok"]))
+    writer.add_expert_feed_forward_length(int(config["moe_intermediate_size"]))
+    writer.add_expert_shared_count(int(config.get("n_shared_experts") or 0))
+    writer.add_expert_weights_scale(float(config.get("routed_scaling_factor", 1.0)))
+    writer.add_expert_weights_norm(bool(config.get("norm_topk_prob", False)))
+    writer.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
+    groups, used = int(config.get("n_group") or 1), int(config.get("topk_group") or 1)
+    if used < groups:  # else every group is used: no group limit (llama.cpp asserts used < groups)
+        writer.add_expert_group_count(groups)
+        writer.add_expert_group_used_count(used)
+
+
+def _read_deepseek(keys: Keys, config: Config) -> None:
+    """The inverse of :func:`_deepseek_hparams`; transformers' DeepSeek-V3 has as many KV heads as query heads."""
+    rope = int(need(keys, "rope.dimension_count"))
+    config.pop("head_dim", None)  # attention.key_length is the latent's width, not a head's
+    config["num_key_value_heads"] = config["num_attention_heads"]
+    config["first_k_dense_replace"] = int(keys("leading_dense_block_count") or 0)
+    config["q_lora_rank"] = int(keys("attention.q_lora_rank") or 0) or None
+    config["kv_lora_rank"] = int(need(keys, "attention.kv_lora_rank"))
+    config["qk_rope_head_dim"] = rope
+    config["qk_nope_head_dim"] = int(need(keys, "attention.key_length_mla")) - rope
+    config["v_head_dim"] = int(need(keys, "attention.value_length_mla"))
+    config["n_routed_experts"] = int(need(keys, "expert_count"))
+    config["num_experts_per_tok"] = int(need(keys, "expert_used_count"))
+    config["moe_intermediate_size"] = int(need(keys, "expert_feed_forward_length"))
+    config["n_shared_experts"] = int(keys("expert_shared_count") or 0)
+    config["routed_scaling_factor"] = f32(keys("expert_weights_scale") or 1.0)
+    config["norm_topk_prob"] = bool(keys("expert_weights_norm"))
+    gating = keys("expert_gating_func")
+    if gating is not None and int(gating) != int(gguf.ExpertGatingFuncType.SIGMOID):
+        raise SlimlmError(f"GGUF expert_gating_func {gating} is not supported for deepseek2 (sigmoid: "
+                          f"{int(gguf.ExpertGatingFuncType.SIGMOID)})")
+    config["n_group"] = int(keys("expert_group_count") or 1)
+    config["topk_group"] = int(keys("expert_group_used_count") or 1)
+    config.update(topk_method="noaux_tc", scoring_func="sigmoid", rope_interleave=True)
+
+
 SUPPORTED_ARCHITECTURES: dict[str, ArchSpec] = {
     "LlamaForCausalLM": ArchSpec(gguf.MODEL_ARCH.LLAMA, "llama", permute_qk=True),
     "MistralForCausalLM": ArchSpec(gguf.MODEL_ARCH.LLAMA, "mistral", permute_qk=True),
@@ -200,6 +274,10 @@ SUPPORTED_ARCHITECTURES: dict[str, ArchSpec] = {
                                   hparams=_gemma2_hparams, read=_read_gemma2),
     "Gemma3ForCausalLM": ArchSpec(gguf.MODEL_ARCH.GEMMA3, "gemma3_text", norm_plus_one=True, drop_lm_head=True,
                                   check=_check_gemma3, hparams=_gemma3_hparams, read=_read_gemma3),
+    # llm-compressor's DeepSeek examples keep the router (mlp.gate) in full precision
+    "DeepseekV3ForCausalLM": ArchSpec(gguf.MODEL_ARCH.DEEPSEEK2, "deepseek_v3", check=_check_deepseek,
+                                      hparams=_deepseek_hparams, read=_read_deepseek, experts=True,
+                                      float_modules=("mlp.gate",), mla=True),
 }
 
 
@@ -269,10 +347,10 @@ def write_hparams(writer: gguf.GGUFWriter, config: dict[str, Any], spec: ArchSpe
     writer.add_embedding_length(int(config["hidden_size"]))
     writer.add_feed_forward_length(int(config["intermediate_size"]))
     writer.add_head_count(n_head)
-    writer.add_head_count_kv(int(config.get("num_key_value_heads") or n_head))
+    writer.add_head_count_kv(1 if spec.mla else int(config.get("num_key_value_heads") or n_head))
     writer.add_layer_norm_rms_eps(float(config.get("rms_norm_eps", 1e-6)))
     writer.add_vocab_size(int(config["vocab_size"]))
-    if config.get("head_dim") is not None:
+    if config.get("head_dim") is not None and not spec.mla:
         writer.add_key_length(int(config["head_dim"]))
         writer.add_value_length(int(config["head_dim"]))
     if spec.gguf_arch == gguf.MODEL_ARCH.LLAMA:

@@ -18,6 +18,9 @@ if TYPE_CHECKING:
     import torch
 
 
+_SCORE_BIAS = ".e_score_correction_bias"
+
+
 class TensorNames:
     """HF module / tensor name -> GGUF name for one architecture and layer count."""
 
@@ -30,7 +33,10 @@ class TensorNames:
         return self._table.get_name(hf_module)
 
     def tensor(self, hf_tensor: str) -> str | None:
-        """``model.layers.0.self_attn.q_proj.weight`` -> ``blk.0.attn_q.weight`` (parameter name kept)."""
+        """``model.layers.0.self_attn.q_proj.weight`` -> ``blk.0.attn_q.weight`` (parameter name kept).
+        DeepSeek's router bias ``mlp.gate.e_score_correction_bias`` is gguf-py's ``e_score_correction`` + ``.bias``."""
+        if hf_tensor.endswith(_SCORE_BIAS):
+            hf_tensor = hf_tensor[: -len("_bias")] + ".bias"
         base, _, suffix = hf_tensor.rpartition(".")
         name = self._table.get_name(base) if base else None
         return None if name is None else f"{name}.{suffix}"

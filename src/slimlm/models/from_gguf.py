@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from slimlm.archs import ArchSpec, from_gguf, read_hparams, spec_for_gguf
-from slimlm.checkpoint import open_checkpoint
+from slimlm.checkpoint import mla, open_checkpoint
 from slimlm.checkpoint.names import TensorNames
 from slimlm.checkpoint.types import Checkpoint, TensorInfo
 from slimlm.errors import SlimlmError
@@ -72,12 +72,22 @@ class GGUFModelFile:
         """The GGUF tensors HF tensor ``hf_name`` is made of (several for fused experts); None for none."""
         if m := _FUSED.match(hf_name):
             return tuple(f"blk.{m['layer']}.{part}.weight" for part in _FUSED_EXPERTS[m["param"]])
+        if self.spec.mla and (m := mla.KV_B.match(hf_name)):  # attn_k_b and attn_v_b, joined by combine()
+            return tuple(str(self.names.tensor(f"{m['prefix']}.{part}.weight")) for part in ("k_b_proj", "v_b_proj"))
         name = self.names.tensor(hf_name)
         return None if name is None else (name,)
 
     @cached_property
     def names(self) -> TensorNames:
         return TensorNames(self.spec.gguf_arch, int(self.config["num_hidden_layers"]))
+
+    def combine(self, hf_name: str, parts: list[np.ndarray]) -> np.ndarray:
+        """HF tensor ``hf_name`` from its GGUF ``sources`` (in HF's layout): fused experts concatenate their rows."""
+        if len(parts) == 1:
+            return parts[0]
+        if self.spec.mla and mla.KV_B.match(hf_name):
+            return mla.join_kv_b(*parts)
+        return np.concatenate(parts, axis=1)
 
     def rope_factors(self) -> torch.Tensor | None:
         """llama3 rope's per-frequency divisors, which llama.cpp applies to each rope frequency."""
@@ -150,7 +160,7 @@ def hf_state_dict(gm: GGUFModelFile, model: nn.Module, dtype: torch.dtype) -> di
         if missing:
             raise SlimlmError(f"{gm.path}: the GGUF lacks {missing[0]} ({hf_name} of {gm.hf_arch})")
         parts = [gm.to_hf(hf_name)(gm.dequantize(name)) for name in sources]
-        value = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
+        value = gm.combine(hf_name, parts)
         if value.size != param.numel():
             raise SlimlmError(f"{gm.path}: {sources[0]} has shape {value.shape}, {hf_name} needs {tuple(param.shape)}")
         state[hf_name] = torch.from_numpy(np.array(value).reshape(param.shape)).to(dtype)

@@ -12,7 +12,7 @@ from typing import Any, Callable, Iterable
 import gguf
 import numpy as np
 
-from slimlm.checkpoint import open_checkpoint
+from slimlm.checkpoint import mla, open_checkpoint
 from slimlm.checkpoint.gguf_file import GGUFHeader
 from slimlm.checkpoint.names import TensorNames
 from slimlm.errors import SlimlmError
@@ -59,6 +59,7 @@ _HF_DTYPES = ("F32", "F16", "BF16", "F64")
 # Vectors llama.cpp declares 1-D that HF stores as a (1, n) Linear (Qwen2-MoE's shared-expert gate); its quantizer
 # writes them 1-D too, so the file's bytes match.
 _VECTORS = ("ffn_gate_inp_shexp.weight",)
+_NAMED = (".weight", ".bias", ".e_score_correction_bias")  # the HF tensors llama.cpp has a name for
 
 
 def open_hf_dir(model_dir: Path, tensors: Iterable[HFTensor] | None = None) -> ModelSource:
@@ -77,7 +78,7 @@ def open_hf_dir(model_dir: Path, tensors: Iterable[HFTensor] | None = None) -> M
     hf_arch, spec = arch_spec(config)
     n_layers = int(config["num_hidden_layers"])
     n_head = int(config["num_attention_heads"])
-    n_head_kv = int(config.get("num_key_value_heads") or n_head)
+    n_head_kv = 1 if spec.mla else int(config.get("num_key_value_heads") or n_head)
     names = TensorNames(spec.gguf_arch, n_layers)
     tie = bool(config.get("tie_word_embeddings", spec.drop_lm_head))
     if tensors is None:
@@ -85,15 +86,17 @@ def open_hf_dir(model_dir: Path, tensors: Iterable[HFTensor] | None = None) -> M
             if info.dtype not in _HF_DTYPES:
                 raise SlimlmError(f"{info.name} is stored as {info.dtype}; GGUF export reads F32, F16 and BF16 weights")
         tensors = [(info.name, info.shape, lambda info=info: ckpt.load_array(info)) for info in ckpt.tensors]
-    n_expert = int(config.get("num_local_experts") or config.get("num_experts") or 0)
+    n_expert = int(config.get("num_local_experts") or config.get("num_experts") or config.get("n_routed_experts") or 0)
     tensors = stack_experts(tensors, n_expert)
+    if spec.mla:
+        tensors = mla.split_tensors(tensors, config)
     out: list[SourceTensor] = []
     for hf_name, shape, load in tensors:
         if hf_name.endswith("rotary_emb.inv_freq"):
             continue
         if hf_name == "lm_head.weight" and (tie or spec.drop_lm_head):
             continue
-        name = names.tensor(hf_name) if hf_name.endswith((".weight", ".bias")) else None
+        name = names.tensor(hf_name) if hf_name.endswith(_NAMED) else None
         if name is None:
             raise SlimlmError(f"{hf_name} in {model_dir} has no GGUF name for {hf_arch}")
         transform = to_gguf(hf_name, spec, n_head, n_head_kv)
