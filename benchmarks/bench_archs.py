@@ -61,7 +61,7 @@ def _runtime(f32: Path) -> str:
     try:
         model = load_quantized(f32, reference=False, dtype=torch.float32)
     except SlimlmError as err:
-        return f"refused: {str(err)[:60]}"
+        return "refused: " + str(err).replace(f"{f32}: ", "")
     ref = hf_logits_cache[f32]
     with torch.no_grad():
         got = model(torch.tensor([IDS])).logits[0].float().numpy()
