@@ -13,6 +13,7 @@ Stages (each appends a table to BENCHMARKS.md; intermediate files are cached in 
   greedy   Q8_0: llama.cpp's greedy tokens vs slimlm's runtime (transformers on the dequantized GGUF)
   tokens   token ids of llama.cpp's tokenizer vs slimlm's (transformers) on the written and the shipped GGUF
   rss      peak RSS of `slimlm quantize --to Q4_K_M` against 2 × (one decoder layer + the embeddings)
+  imatrix-bytes  every mix with slimlm's importance matrix: tensor bytes vs llama_model_quantize given the same one
 
 llama.cpp: llama-cpp-python (loading, generating, llama_model_quantize) and the llama-quantize / llama-imatrix
 tools built from the llama.cpp source vendored in llama-cpp-python's sdist ($LLAMA_CPP_BIN).
@@ -64,14 +65,24 @@ def lcpp_quantize(src: Path, dst: Path, mix: str, imatrix: Path | None = None) -
         cmd = [str(tool)] + (["--imatrix", str(imatrix)] if imatrix else []) + [str(src), str(dst), mix, "2"]
         subprocess.run(cmd, check=True, capture_output=True)
     else:
-        if imatrix is not None:
-            raise SystemExit("llama.cpp with an imatrix needs the llama-quantize tool ($LLAMA_CPP_BIN)")
         import llama_cpp
 
         from slimlm.quantize.gguf import file_type_of
 
         params = llama_cpp.llama_model_quantize_default_params()
         params.ftype, params.nthread = int(file_type_of(mix)), 2
+        if imatrix is not None:  # what llama-quantize --imatrix hands the library: name -> importance per column
+            from slimlm.quantize.imatrix import read_imatrix
+
+            im = read_imatrix(imatrix)
+            names = sorted(im.entries)
+            keep = [np.ascontiguousarray(im.importance(n), dtype=np.float32) for n in names]
+            arr = (llama_cpp.llama_model_imatrix_data * (len(names) + 1))()
+            for k, (name, values) in enumerate(zip(names, keep)):
+                arr[k].name, arr[k].size = name.encode(), values.size
+                arr[k].data = values.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+            arr[len(names)].name = None
+            params.imatrix = ctypes.cast(arr, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
         assert llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params)) == 0
     return time.perf_counter() - start
 
@@ -437,6 +448,39 @@ def stage_rss(work: Path) -> None:
     append_section(f"GGUF quantize peak memory (bench_gguf.py, {MODEL})", body)
 
 
+def stage_imatrix_bytes(work: Path, calib_chunks: int, mixes: list[str]) -> None:
+    """Every mix with slimlm's importance matrix: our file vs llama_model_quantize given the same imatrix."""
+    from slimlm import resources
+    from slimlm.quantize.gguf import quantize_gguf
+    from slimlm.quantize.imatrix import collect_imatrix, write_imatrix
+
+    f32 = f32_gguf(work)
+    im_path = work / f"slimlm-imatrix-{calib_chunks}.gguf"
+    if not im_path.exists():
+        write_imatrix(collect_imatrix(hf_dir(), resources.wikitext_path("valid"), ctx=512, chunks=calib_chunks),
+                      im_path)
+    rows = []
+    for mix in mixes:
+        ours, theirs, plain = work / f"ours-{mix}-im.gguf", work / f"lcpp-{mix}-im.gguf", work / f"ours-{mix}.gguf"
+        quantize_gguf(hf_dir(), mix, ours, imatrix=im_path, overwrite=True)
+        lcpp_quantize(f32, theirs, mix, im_path)
+        a, b = tensor_bytes(ours), tensor_bytes(theirs)
+        same = sum(a[n] == b.get(n) for n in a)
+        moved = "-" if not plain.exists() else str(sum(a[n] != v for n, v in tensor_bytes(plain).items()))
+        rows.append([mix, f"{ours.stat().st_size:,}", f"{theirs.stat().st_size:,}",
+                     "all identical" if same == len(a) == len(b) else f"{same}/{len(b)} identical", moved])
+        for p in (ours, theirs):
+            p.unlink()
+    body = (f"{MODEL_NAMES[MODEL]}: importance matrix by slimlm (`slimlm imatrix`, wikitext-2 valid, {calib_chunks} "
+            "windows of 512 tokens); slimlm quantizes the HF dir with it, llama.cpp (`llama_model_quantize` with "
+            "the same matrix handed over as llama-quantize --imatrix does) quantizes slimlm's F32 GGUF. 'tensors "
+            "the imatrix changed': tensors whose bytes differ from the same mix without an imatrix.\n\n"
+            + markdown_table(["mix", "slimlm bytes", "llama.cpp bytes", "tensor bytes",
+                              "tensors the imatrix changed"], rows)
+            + f"\n\nCommand: `python benchmarks/bench_gguf.py --model {MODEL} --stages imatrix-bytes`")
+    append_section(f"GGUF mixes with an importance matrix: slimlm vs llama.cpp bytes (bench_gguf.py, {MODEL})", body)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--stages", default="mixes,f16,imatrix,speed,greedy")
@@ -467,6 +511,7 @@ def main() -> None:
                                          args.hessian_chunks),
         "speed": lambda: stage_speed(args.work, args.repeats),
         "greedy": lambda: stage_greedy(args.work),
+        "imatrix-bytes": lambda: stage_imatrix_bytes(args.work, args.calib_chunks, args.mixes.split(",")),
         "rss": lambda: stage_rss(args.work),
         "tokens": lambda: stage_tokens(args.work),
     }

@@ -129,9 +129,10 @@ def speed_section(models, med, args) -> tuple[str, list[str]]:
     for name, model in models.items():
         counts = summarize_kernels(kernel_report(model))
         kern.append([name, "; ".join(f"{n}× {k}" for k, n in counts.items()) or "torch F.linear (nn.Linear)"])
-    body = (f"SmolLM2-135M-Instruct (builtin fp32 dir; W8A8/W4A16 = RTN by `quantize_`, lm_head included, "
+    name = "SmolLM2-135M-Instruct (builtin fp32 dir" if args.model is None else f"{Path(args.model).name} ({args.model}"
+    body = (f"{name}; W8A8/W4A16 = RTN by `quantize_`, lm_head included, "
             f"all rows on slimlm's lean forward with a static KV cache except those marked transformers forward; "
-            f"W4A16 group 128→64 where 576 columns; '(file)' rows: compressed-tensors dirs written by `slimlm quantize`, "
+            f"W4A16 group 128, or 64 where the columns are not a multiple of 128; '(file)' rows: compressed-tensors dirs written by `slimlm quantize`, "
             f"loaded by `load_quantized`, kernels listed below), {torch.get_num_threads()} threads. Medians of {args.rounds} "
             f"interleaved rounds after a warm-up round. Prefill: one forward of {args.prompt} random tokens. "
             f"Decode: {args.gen} greedy tokens after a {args.decode_prompt}-token prompt, tokens/s over the decode "

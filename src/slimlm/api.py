@@ -24,6 +24,7 @@ from slimlm.quantize.schemes import (  # noqa: E402,F401
 )
 from slimlm.writers.compressed_tensors import load_reference_model  # noqa: E402,F401
 from slimlm.writers.gguf_equivalent import export_gguf_equivalent  # noqa: E402,F401
+from slimlm.writers.hf_dir import write_hf_dir as convert  # noqa: E402,F401
 
 # --- evaluation: model loading, perplexity / KL divergence / top-1, speed (models, evaluate) ---
 from slimlm.evaluate import BACKENDS as BENCH_BACKENDS, bench, evaluate  # noqa: E402,F401

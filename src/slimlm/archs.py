@@ -339,6 +339,26 @@ def llama3_rope_factors(config: dict[str, Any], rope: dict[str, Any]) -> np.ndar
     return out.astype(np.float32)
 
 
+def llama3_rope_from_factors(config: dict[str, Any], factors: np.ndarray) -> dict[str, Any] | None:
+    """The llama3 ``rope_parameters`` whose :func:`llama3_rope_factors` are ``factors`` (a GGUF's ``rope_freqs``),
+    or None. llama.cpp's converter keeps only the factors; they fix ``factor`` (the largest) and, over the
+    power-of-two contexts and the frequency-factor values Llama releases use, at most one combination, so a
+    config transformers runs the same way can be written back (searched: no closed form recovers all four)."""
+    rope = rope_parameters(config)
+    factor = float(np.max(factors))
+    for log_ctx in range(4, 21):
+        for low in (1.0, 2.0, 4.0):
+            for high in (2.0, 4.0, 8.0, 16.0, 32.0):
+                if high <= low:
+                    continue
+                cand = {"rope_type": "llama3", "rope_theta": float(rope.get("rope_theta", 10000.0)),
+                        "factor": factor, "low_freq_factor": low, "high_freq_factor": high,
+                        "original_max_position_embeddings": 2 ** log_ctx}
+                if np.allclose(llama3_rope_factors(config, cand), factors, rtol=1e-5, atol=0):
+                    return cand
+    return None
+
+
 def write_hparams(writer: gguf.GGUFWriter, config: dict[str, Any], spec: ArchSpec) -> None:
     """Architecture hyper-parameters under ``{arch}.*`` keys."""
     n_head = int(config["num_attention_heads"])

@@ -107,21 +107,17 @@ def _hf_dir_of(gguf: Path, name: str) -> Path:
     import shutil
     import tempfile
 
-    from slimlm.models import load_model
+    from slimlm.writers.hf_dir import write_hf_dir
 
-    model, tokenizer, _ = load_model(gguf, "fp32", tokenizer=gguf)  # an explicit tokenizer: its errors surface
-    model.config._name_or_path = name
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
     try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        done = write_hf_dir(gguf, tmp / name, name=name)
         try:
-            tmp.rename(target)
+            done.rename(target)
         except OSError:
             # Another process finished the same export first; theirs is as good as ours.
             if not (target / "model.safetensors").is_file():
                 raise
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)
     return target

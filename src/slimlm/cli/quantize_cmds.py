@@ -140,3 +140,23 @@ def imatrix_cmd(
         return
     console.print(f"wrote {result['out']}: {result['entries']} matrices, {result['chunks']} windows × "
                   f"{result['chunk_size']} tokens ({result['format']})", highlight=False)
+
+
+@app.command("convert")
+def convert_cmd(
+    model: Path = typer.Argument(..., help="A .gguf file."),
+    out: Path = typer.Option(..., "-o", "--out", help="Output Hugging Face model dir."),
+    dtype: str = typer.Option("fp32", "--dtype", help="fp32 | bf16 | fp16 weights (the file's dequantized values)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output dir."),
+    json_out: bool = JSON_OPTION,
+) -> None:
+    """Write a GGUF as a Hugging Face dir (config.json, safetensors, tokenizer): the way back from `quantize --to`."""
+    from slimlm import api
+
+    with err_console.status("converting", spinner="dots"):
+        done = api.convert(model, out, dtype=dtype, overwrite=overwrite)
+    size = sum(p.stat().st_size for p in done.iterdir())
+    if json_out:
+        print_json({"out": str(done), "dtype": dtype, "bytes": size})
+        return
+    console.print(f"wrote {done}: {dtype}, {_human(size)}", highlight=False)
