@@ -374,8 +374,9 @@ def stage_greedy(work: Path, n_tokens: int = 32) -> None:
         rows.append([repr(prompt), agree(runtime), agree(ours), agree(emulated), first,
                      f"{gaps[first]:.3f}" if first < n_tokens else "-", repr(loaded.tokenizer.decode(ours))[:44]])
     body = (f"Q8_0 GGUF written by slimlm; greedy decoding of {n_tokens} tokens by llama.cpp (llama-cpp-python) and "
-            "by slimlm: `slimlm generate`'s low-bit runtime on the file's Q8_0 blocks, and transformers on the "
-            "dequantized GGUF (slimlm.models.load_model) in fp32 activations and with llama.cpp's CPU activation rounding emulated (`--act-quant llama.cpp`: each "
+            "by slimlm: `slimlm generate`'s runtime (lean forward; Q8_0 weights dequantized to bf16), and "
+            "transformers on the dequantized GGUF (slimlm.models.load_model) in fp32 activations and with "
+            "llama.cpp's CPU activation rounding emulated (`--act-quant llama.cpp`: each "
             "Q8_0 matmul input rounded to Q8_0 blocks and attention's operands to f16, as llama.cpp's kernels and "
             "KV cache do). The last columns check llama.cpp against itself: the argmax of its batched logits "
             "(`logits_all`, prompt + its own 32 tokens in one pass) vs its token-by-token decode, and the top-2 logit "
@@ -474,7 +475,9 @@ def stage_imatrix_bytes(work: Path, calib_chunks: int, mixes: list[str]) -> None
     body = (f"{MODEL_NAMES[MODEL]}: importance matrix by slimlm (`slimlm imatrix`, wikitext-2 valid, {calib_chunks} "
             "windows of 512 tokens); slimlm quantizes the HF dir with it, llama.cpp (`llama_model_quantize` with "
             "the same matrix handed over as llama-quantize --imatrix does) quantizes slimlm's F32 GGUF. 'tensors "
-            "the imatrix changed': tensors whose bytes differ from the same mix without an imatrix.\n\n"
+            "the imatrix changed': tensors whose bytes differ from the same mix without an imatrix. File sizes differ "
+            "by the four quantize.imatrix.* metadata keys slimlm writes as the llama-quantize tool does (the library "
+            "call used here writes none).\n\n"
             + markdown_table(["mix", "slimlm bytes", "llama.cpp bytes", "tensor bytes",
                               "tensors the imatrix changed"], rows)
             + f"\n\nCommand: `python benchmarks/bench_gguf.py --model {MODEL} --stages imatrix-bytes`")

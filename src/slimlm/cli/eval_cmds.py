@@ -31,7 +31,8 @@ def eval_cmd(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --save-ref file."),
     act_quant: str = typer.Option("none", "--act-quant", help="none: evaluate a GGUF's dequantized weights "
                                   "exactly; llama.cpp: also round each matmul input as llama.cpp's CPU kernels do "
-                                  "(Q8_K / Q8_0 / f16 by weight type), to compare with llama.cpp's numbers."),
+                                  "(Q8_K / Q8_0 / f16 by weight type) and attention's operands as its f16 KV "
+                                  "cache does, to compare with llama.cpp's numbers."),
     json_out: bool = JSON_OPTION,
 ) -> None:
     """Perplexity ± standard error with llama.cpp's protocol; with --ref, KL divergence and top-1 agreement."""
