@@ -22,7 +22,6 @@ tools built from the llama.cpp source vendored in llama-cpp-python's sdist ($LLA
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
 import statistics
@@ -65,25 +64,10 @@ def lcpp_quantize(src: Path, dst: Path, mix: str, imatrix: Path | None = None) -
         cmd = [str(tool)] + (["--imatrix", str(imatrix)] if imatrix else []) + [str(src), str(dst), mix, "2"]
         subprocess.run(cmd, check=True, capture_output=True)
     else:
-        import llama_cpp
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+        from test_gguf_mix_llamacpp import llama_quantize  # the tests' llama-cpp-python call, imatrix included
 
-        from slimlm.quantize.gguf import file_type_of
-
-        params = llama_cpp.llama_model_quantize_default_params()
-        params.ftype, params.nthread = int(file_type_of(mix)), 2
-        if imatrix is not None:  # what llama-quantize --imatrix hands the library: name -> importance per column
-            from slimlm.quantize.imatrix import read_imatrix
-
-            im = read_imatrix(imatrix)
-            names = sorted(im.entries)
-            keep = [np.ascontiguousarray(im.importance(n), dtype=np.float32) for n in names]
-            arr = (llama_cpp.llama_model_imatrix_data * (len(names) + 1))()
-            for k, (name, values) in enumerate(zip(names, keep)):
-                arr[k].name, arr[k].size = name.encode(), values.size
-                arr[k].data = values.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
-            arr[len(names)].name = None
-            params.imatrix = ctypes.cast(arr, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
-        assert llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params)) == 0
+        llama_quantize(src, dst, mix, imatrix=imatrix)
     return time.perf_counter() - start
 
 

@@ -25,8 +25,10 @@ MIXES = ["Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5
 # IQ4_NL/IQ4_XS/IQ3_S/IQ3_M also agree (checked by hand) but take llama.cpp ~30 s each on SmolLM2.
 
 
-def llama_quantize(src: Path, dst: Path, ftype: str, overrides: list[tuple[str, int]] = ()) -> None:
-    """Run llama.cpp's quantizer (requantizing allowed), quietly."""
+def llama_quantize(src: Path, dst: Path, ftype: str, overrides: list[tuple[str, int]] = (),
+                   imatrix: Path | None = None) -> None:
+    """Run llama.cpp's quantizer (requantizing allowed), quietly; ``imatrix`` (either file form) is handed over
+    as llama-quantize --imatrix does: each tensor's per-column importance."""
     logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, "LLAMA_FTYPE_ALL_F32" if ftype == "F32" else f"LLAMA_FTYPE_MOSTLY_{ftype}")
@@ -38,6 +40,18 @@ def llama_quantize(src: Path, dst: Path, ftype: str, overrides: list[tuple[str, 
             arr[i].pattern, arr[i].type = pattern.encode(), int(qtype)
         arr[len(overrides)].pattern = None
         params.tt_overrides = ctypes.cast(arr, ctypes.POINTER(llama_cpp.llama_model_tensor_override))
+    if imatrix is not None:
+        from slimlm.quantize.imatrix import read_imatrix
+
+        im = read_imatrix(imatrix)
+        names = sorted(im.entries)
+        keep = [np.ascontiguousarray(im.importance(n), dtype=np.float32) for n in names]  # alive for the call
+        data = (llama_cpp.llama_model_imatrix_data * (len(names) + 1))()
+        for i, (name, values) in enumerate(zip(names, keep)):
+            data[i].name, data[i].size = name.encode(), values.size
+            data[i].data = values.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+        data[len(names)].name = None
+        params.imatrix = ctypes.cast(data, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
     rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
     assert rc == 0, f"llama.cpp failed to quantize {src} to {ftype}"
 

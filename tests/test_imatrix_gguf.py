@@ -3,7 +3,6 @@ llama.cpp given the same imatrix), and the errors for an imatrix from another mo
 
 from __future__ import annotations
 
-import ctypes
 from pathlib import Path
 
 import gguf
@@ -15,7 +14,7 @@ from test_quantize_gguf import tensor_bytes
 
 from slimlm.errors import SlimlmError
 from slimlm.quantize.imatrix import Imatrix, ImatrixEntry, collect_imatrix, read_imatrix, write_imatrix
-from slimlm.quantize.gguf import file_type_of, quantize_gguf
+from slimlm.quantize.gguf import quantize_gguf
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +73,8 @@ def test_file_round_trips(tiny: tuple[Path, Path], tmp_path: Path) -> None:
 
 
 def test_quantize_with_imatrix_same_bytes_as_llama_cpp(tiny: tuple[Path, Path], tmp_path: Path) -> None:
-    llama_cpp = pytest.importorskip("llama_cpp")
+    pytest.importorskip("llama_cpp")
+    from test_gguf_mix_llamacpp import llama_quantize
     src, calib = tiny
     im = collect_imatrix(src, calib, ctx=64, chunks=3)
     write_imatrix(im, tmp_path / "im.dat")
@@ -82,20 +82,8 @@ def test_quantize_with_imatrix_same_bytes_as_llama_cpp(tiny: tuple[Path, Path], 
     for mix in ("Q4_K_M", "Q2_K"):
         ours = quantize_gguf(src, mix, tmp_path / f"{mix}.gguf", imatrix=tmp_path / "im.dat")
         assert ours.imatrix_entries == 21
-        keep = []
-        arr = (llama_cpp.llama_model_imatrix_data * (len(im.entries) + 1))()
-        for k, name in enumerate(sorted(im.entries)):
-            values = np.ascontiguousarray(read_imatrix(tmp_path / "im.dat").importance(name), dtype=np.float32)
-            keep.append(values)
-            arr[k].name, arr[k].data, arr[k].size = name.encode(), values.ctypes.data_as(
-                ctypes.POINTER(ctypes.c_float)), values.size
-        arr[len(im.entries)].name = None
-        params = llama_cpp.llama_model_quantize_default_params()
-        params.ftype, params.nthread = int(file_type_of(mix)), 2
-        params.imatrix = ctypes.cast(arr, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
         theirs = tmp_path / f"{mix}-lcpp.gguf"
-        assert llama_cpp.llama_model_quantize(str(tmp_path / "f32.gguf").encode(), str(theirs).encode(),
-                                              ctypes.byref(params)) == 0
+        llama_quantize(tmp_path / "f32.gguf", theirs, mix, imatrix=tmp_path / "im.dat")
         assert tensor_bytes(tmp_path / f"{mix}.gguf") == tensor_bytes(theirs)
         quantize_gguf(src, mix, tmp_path / f"{mix}-plain.gguf")
         plain = tensor_bytes(tmp_path / f"{mix}-plain.gguf")

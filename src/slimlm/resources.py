@@ -104,20 +104,12 @@ def _hf_dir_of(gguf: Path, name: str) -> Path:
     target = cache_dir() / name
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
         return target
-    import shutil
-    import tempfile
-
     from slimlm.writers.hf_dir import write_hf_dir
 
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
     try:
-        done = write_hf_dir(gguf, tmp / name, name=name)
-        try:
-            done.rename(target)
-        except OSError:
-            # Another process finished the same export first; theirs is as good as ours.
-            if not (target / "model.safetensors").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        write_hf_dir(gguf, target, name=name)  # temp dir, then rename
+    except (OSError, SlimlmError):
+        # Another process finished the same export first; theirs is as good as ours.
+        if not (target / "model.safetensors").is_file():
+            raise
     return target

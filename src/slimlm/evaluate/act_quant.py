@@ -105,8 +105,7 @@ def emulate_llama_cpp_activations(model: torch.nn.Module, gguf_path: str | Path
 LLAMA_CPP_ATTENTION = "slimlm_llamacpp_f16"
 
 
-def _f16(x: torch.Tensor) -> torch.Tensor:
-    return x.to(torch.float16).to(x.dtype)
+_f16 = _via(torch.float16)
 
 
 def llama_cpp_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

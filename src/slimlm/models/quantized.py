@@ -7,7 +7,7 @@
   kernel's dtype); every other type, Q8_0 included, is dequantized on load to a bf16 DequantLinear (fp32 in
   the reference: the file's values). Q8_0 once ran as W8A8 (one scale per row, per-token int8 activations):
   llama.cpp rounds activations per 32 values, and on Qwen2's outlier channels per-token rounding moved logits
-  by up to 8.9 (bf16: 1.2) and broke greedy agreement with llama.cpp on 2 of 3 prompts (BENCHMARKS.md).
+  by up to 8.9 (bf16: 1.2) and broke greedy agreement with llama.cpp (BENCHMARKS.md, Q8_0 greedy, qwen2).
 Non-Linear tensors (norms, embeddings) are loaded in the model dtype. ``reference=True`` builds each
 module's fp32 reference instead (same integer weights), for accuracy comparisons.
 """

@@ -1,4 +1,4 @@
-"""A GGUF (or any model slimlm loads) written back as a Hugging Face dir: config.json, fp32/bf16 safetensors and
+"""A GGUF written back as a Hugging Face dir: config.json, fp32/bf16 safetensors and
 the tokenizer, so transformers, llm-compressor and ``slimlm quantize --scheme`` can start from a GGUF.
 
 The weights are the file's dequantized values. llama.cpp keeps llama3 rope only as the ``rope_freqs`` factors;
@@ -11,11 +11,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import torch
-
 from slimlm.errors import SlimlmError
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _llama3_rope(model_path: Path, config) -> None:
@@ -37,11 +33,11 @@ def write_hf_dir(model: str | Path, out: str | Path, dtype: str = "fp32", overwr
                  name: str | None = None) -> Path:
     """Write ``model`` (a GGUF file) as an HF dir at ``out`` (temp dir, then rename: never half-written)."""
     from slimlm.models import load_model
+    from slimlm.models.loader import parse_dtype
     from slimlm.models.skeleton import is_gguf_file
 
     model, out = Path(model), Path(out)
-    if dtype not in DTYPES:
-        raise SlimlmError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    parse_dtype(dtype)  # a bad dtype fails before the model loads
     if not is_gguf_file(model):
         raise SlimlmError(f"{model} is not a GGUF file (an HF dir is already one: use it as it is)")
     if out.exists() and not overwrite:
