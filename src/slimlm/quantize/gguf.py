@@ -133,6 +133,8 @@ def quantize_gguf(model: str | Path | ModelSource, to: str, out: str | Path | No
     plan = plan_for(source, ftype, tensor_types, has_imatrix=im is not None or calib is not None)
     rows = {t.name: int(t.shape[-1]) for t in source.tensors if len(t.shape) >= 2 and plan[t.name] not in _FLOATS}
     matched = check_compatible(im, rows, "the importance matrix") if im is not None else 0
+    if not dry_run:
+        gguf_mix.check_imatrix(plan, ftype, None if im is None else im.entries.keys())
     importance_of = (lambda name: im.importance(name)) if im is not None else (lambda name: None)
     if algo.smoothing == "awq" and not dry_run:
         source, importance_of, hessians = _equalize(source, plan, importance_of, hessians)
