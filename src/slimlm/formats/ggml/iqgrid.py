@@ -25,7 +25,9 @@ class Lattice(NamedTuple):
     values: np.ndarray  # [N, dim] float32 2l+1, the quantizer's units
     bits: int  # bits per coordinate in the packed key
     kmap: np.ndarray  # [2**(bits*dim)] grid index of a packed key, or -1
-    neighbours: np.ndarray  # [2**(bits*dim), M] grid indices of an off-grid key's neighbours, padded with -1
+    nb_start: np.ndarray  # [2**(bits*dim)] where a key's neighbour list starts in nb_flat
+    nb_count: np.ndarray  # [2**(bits*dim)] its length (0 for keys on the grid)
+    nb_flat: np.ndarray  # all neighbour lists, key after key, each in (distance, index) order
 
     @property
     def dim(self) -> int:
@@ -65,22 +67,34 @@ def lattice(qtype: T) -> Lattice:
         ds = np.take_along_axis(d2, order, axis=1)
         rank = np.cumsum(np.diff(ds, axis=1, prepend=ds[:, :1]) > 0, axis=1)  # distinct distances seen
         nbrs.append(np.where(rank < nwant, order, -1))
-    table = np.concatenate(nbrs) if nbrs else np.zeros((0, 1), np.int64)
-    width = int((table >= 0).sum(axis=1).max())
-    neighbours = np.full((size, width), -1, dtype=np.int32)
-    neighbours[keys] = table[:, :width]
-    return Lattice(levels, (2 * levels + 1).astype(F32), bits, kmap, neighbours)
+    count = np.zeros(size, dtype=np.int64)
+    flat = []
+    for part, start in zip(nbrs, range(0, keys.size, step)):
+        valid = part >= 0  # a prefix of each row: distances only grow along it
+        count[keys[start:start + step]] = valid.sum(axis=1)
+        flat.append(part[valid])
+    nb_flat = np.concatenate(flat).astype(np.int32)
+    nb_start = np.cumsum(count) - count
+    return Lattice(levels, (2 * levels + 1).astype(F32), bits, kmap, nb_start, count, nb_flat)
 
 
 def best_neighbour(lat: Lattice, keys: np.ndarray, xval: np.ndarray, w: np.ndarray, scale: np.ndarray) -> np.ndarray:
     """``iq{2,3}_find_best_neighbour`` for P off-grid groups at once: the neighbour minimising
-    sum_i w_i (scale*q_i - x_i)^2 (float32, C's order, first minimum wins). keys [P], xval/w [P, dim], scale [P]."""
-    nb = lat.neighbours[keys]  # [P, M]
-    q = lat.values[np.maximum(nb, 0)]  # [P, M, dim]
-    s = scale.astype(F32)[:, None]
-    d2 = np.zeros(nb.shape, dtype=F32)
+    sum_i w_i (scale*q_i - x_i)^2 (float32, C's order, first minimum wins). keys [P], xval/w [P, dim], scale [P].
+    The lists are ragged (2 to ~40 long), so all candidates are laid end to end and reduced per group."""
+    counts = lat.nb_count[keys]
+    ends = np.cumsum(counts)
+    offsets = ends - counts
+    seg = np.repeat(np.arange(keys.size), counts)
+    local = np.arange(int(ends[-1])) - offsets[seg]
+    cand = lat.nb_flat[lat.nb_start[keys][seg] + local]
+    q = lat.values[cand]  # [C, dim]
+    s = scale.astype(F32)[seg]
+    xs, ws = xval[seg], w[seg]
+    d2 = np.zeros(cand.size, dtype=F32)
     for i in range(lat.dim):
-        diff = s * q[:, :, i] - xval[:, None, i]
-        d2 += (w[:, None, i] * diff) * diff
-    d2[nb < 0] = np.inf
-    return np.take_along_axis(nb, np.argmin(d2, axis=1)[:, None], axis=1)[:, 0]
+        diff = s * q[:, i] - xs[:, i]
+        d2 += (ws[:, i] * diff) * diff
+    best = np.minimum.reduceat(d2, offsets)
+    first = np.minimum.reduceat(np.where(d2 == best[seg], local, np.iinfo(np.int64).max), offsets)
+    return cand[offsets + first]
