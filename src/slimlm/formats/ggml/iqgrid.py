@@ -41,7 +41,7 @@ class Lattice(NamedTuple):
 
 _SOURCES = {  # type -> (gguf-py class, bits per coordinate, nwant)
     T.IQ3_XXS: (gq.IQ3_XXS, 3, 2), T.IQ3_S: (gq.IQ3_S, 3, 3),
-    T.IQ2_XXS: (gq.IQ2_XXS, 2, 2), T.IQ2_XS: (gq.IQ2_XS, 2, 2), T.IQ2_S: (gq.IQ2_S, 2, 2),
+    T.IQ2_XXS: (gq.IQ2_XXS, 2, 2), T.IQ2_XS: (gq.IQ2_XS, 2, 2), T.IQ2_S: (gq.IQ2_S, 2, 1),
 }
 
 
@@ -57,22 +57,23 @@ def lattice(qtype: T) -> Lattice:
     shifts = bits * np.arange(dim)
     kmap[(levels.astype(np.int64) << shifts).sum(axis=1)] = np.arange(n, dtype=np.int32)
     keys = np.flatnonzero(kmap < 0)
-    nbrs = []
-    step = max(1, (1 << 22) // (n * dim))
-    for start in range(0, keys.size, step):  # bounded temporaries for the 65536-key IQ2 maps
-        k = keys[start:start + step]
-        pos = (k[:, None] >> shifts) & ((1 << bits) - 1)  # [K, dim]
-        d2 = ((levels[None, :, :] - pos[:, None, :]) ** 2).sum(axis=2)  # [K, N]
-        order = np.argsort(d2, axis=1, kind="stable")  # ties by index, as qsort on (d2, index)
-        ds = np.take_along_axis(d2, order, axis=1)
-        rank = np.cumsum(np.diff(ds, axis=1, prepend=ds[:, :1]) > 0, axis=1)  # distinct distances seen
-        nbrs.append(np.where(rank < nwant, order, -1))
+    lv = levels.astype(F32)
+    norms = (lv * lv).sum(axis=1)
     count = np.zeros(size, dtype=np.int64)
     flat = []
-    for part, start in zip(nbrs, range(0, keys.size, step)):
-        valid = part >= 0  # a prefix of each row: distances only grow along it
-        count[keys[start:start + step]] = valid.sum(axis=1)
-        flat.append(part[valid])
+    step = 4096
+    for start in range(0, keys.size, step):  # bounded temporaries for the 65536-key IQ2 maps
+        k = keys[start:start + step]
+        pos = ((k[:, None] >> shifts) & ((1 << bits) - 1)).astype(F32)  # [K, dim]
+        # |g - p|^2 = |g|^2 + |p|^2 - 2 g.p: small integers, exact in float32
+        d2 = (norms[None, :] + (pos * pos).sum(axis=1)[:, None] - F32(2) * (pos @ lv.T)).astype(np.int32)
+        limit = d2.min(axis=1)
+        for _ in range(nwant - 1):  # the nwant-th smallest distinct distance
+            limit = np.where(d2 > limit[:, None], d2, np.iinfo(np.int32).max).min(axis=1)
+        row, j = np.nonzero(d2 <= limit[:, None])  # row-major: index order within a row
+        order = np.lexsort((j, d2[row, j], row))  # then by distance: qsort's (d2, index) order
+        flat.append(j[order])
+        count[k] = np.bincount(row, minlength=k.size)
     nb_flat = np.concatenate(flat).astype(np.int32)
     nb_start = np.cumsum(count) - count
     return Lattice(levels, (2 * levels + 1).astype(F32), bits, kmap, nb_start, count, nb_flat)
