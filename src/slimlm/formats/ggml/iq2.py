@@ -99,4 +99,43 @@ def decode_xs(data: np.ndarray) -> np.ndarray:
     return signed(y, _ksigns()[q >> 9]).reshape(data.shape[0], -1)
 
 
-__all__ = ["encode_xxs", "decode_xxs", "encode_xs", "decode_xs", "XXS_BYTES", "XS_BYTES", "need_imatrix"]
+
+
+
+# ---- IQ2_S (82 bytes): d f16, qs[32] low 8 bits of 10-bit grid indices (one per 8 values), signs[32] (one
+# bit per value), qh[8] (2 high index bits per group, 4 groups a byte), scales[8] (4 bits per 16-block).
+# Encoding follows ``quantize_row_iq2_s_impl``: like IQ2_XS, but signs are stored whole, the weights without
+# an imatrix are 0.25*sigma2 + x^2, and d is fp16(max_scale/31 * 0.9875).
+S_BYTES = 82
+S_RECIPE = Recipe(block=16, kmax=3, steps=9, step=0.1, sigma_mul=2.0, parity=False, eps=1e-8, track_grid=True,
+                  plain_sigma=True)
+
+
+def encode_s(x: np.ndarray, imatrix: np.ndarray | None = None) -> np.ndarray:
+    rows = superblock_rows(x, "IQ2_S")
+    S = rows.size // QK_K
+    lat = lattice(T.IQ2_S)
+    scales, L, signs, empty = search(lat, S_RECIPE, rows, imatrix)
+    gidx = np.where(empty[None], 0, lat.kmap[lat.key(L)]).T.reshape(S, 32)  # group 2*ib + k
+    signs = np.where(empty[None], 0, signs).T.reshape(S, 32)
+    d_bits, ls, _ = super_scale(scales.reshape(S, 16), 0.9875)
+    out = np.empty((S, S_BYTES), dtype=np.uint8)
+    out[:, 0:2] = d_bits.astype("<u2").view(np.uint8).reshape(S, 2)
+    out[:, 2:34] = (gidx & 255).astype(np.uint8)
+    out[:, 34:66] = signs.astype(np.uint8)
+    out[:, 66:74] = ((gidx >> 8).reshape(S, 8, 4) << (2 * np.arange(4))).sum(axis=2).astype(np.uint8)
+    out[:, 74:82] = (ls[:, 0::2] | (ls[:, 1::2] << 4)).astype(np.uint8)
+    return out.reshape(rows.shape[0], -1)
+
+
+def decode_s(data: np.ndarray) -> np.ndarray:
+    b = np.ascontiguousarray(data, dtype=np.uint8).reshape(-1, S_BYTES)
+    S = b.shape[0]
+    d = fp16_value(b[:, 0:2].copy().view("<u2")[:, 0])
+    hi = (b[:, 66:74, None].astype(np.int32) >> (2 * np.arange(4))) & 3  # [S, 8, 4]
+    idx = b[:, 2:34].astype(np.int32) | (hi.reshape(S, 32) << 8)
+    sc = b[:, 74:82].astype(np.int32)
+    ls = np.stack([sc & 0xF, sc >> 4], axis=2).reshape(S, 16)
+    db = (d[:, None] * (F32(0.5) + ls.astype(F32))) * F32(0.25)
+    y = db.reshape(S, 16, 1, 1) * grid_values(gq.IQ2_S)[idx.reshape(S, 16, 2)]
+    return signed(y, b[:, 34:66].reshape(S, 16, 2)).reshape(data.shape[0], -1)

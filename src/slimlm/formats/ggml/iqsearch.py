@@ -26,6 +26,7 @@ class Recipe(NamedTuple):
     eps: float | None  # blocks with max < eps are empty (None: only max == 0)
     track_grid: bool | None  # True: redo only groups off the grid; False: redo all when any was off; None: always
     qp_start: bool = False  # IQ2_XXS: the sweep is centred on make_qp_quants' scale, not the block max
+    plain_sigma: bool = False  # IQ2_S: weights 0.25*sigma2 + x^2 without an imatrix (others: x^2)
 
 
 def _round(lat: Lattice, kmax: int, xg: np.ndarray, wg: np.ndarray, iscale: np.ndarray, scale: np.ndarray,
@@ -65,11 +66,11 @@ def search(lat: Lattice, r: Recipe, rows: np.ndarray, imatrix: np.ndarray | None
     bs, dim = r.block, lat.dim
     xe = element_major(rows, bs)  # [bs, G]
     G = xe.shape[1]
+    xs = element_major(rows, QK_K)
+    sigma2 = np.repeat((F32(r.sigma_mul) * seq_sum(xs * xs)) / F32(QK_K), QK_K // bs)
     if imatrix is None:
-        w = xe * xe
+        w = (F32(0.25) * sigma2[None] + xe * xe) if r.plain_sigma else xe * xe
     else:
-        xs = element_major(rows, QK_K)
-        sigma2 = np.repeat((F32(r.sigma_mul) * seq_sum(xs * xs)) / F32(QK_K), QK_K // bs)
         w = element_major(np.broadcast_to(np.asarray(imatrix, dtype=F32), rows.shape), bs) * np.sqrt(sigma2[None] + xe * xe)
     waux = np.sqrt(w)
     neg = ~(xe >= 0)
