@@ -15,7 +15,8 @@ from slimlm.errors import SlimlmError
 from slimlm.formats import ggml
 from slimlm.formats.gguf_mix import requires_imatrix
 
-IQ_TYPES = [T.IQ4_XS, T.IQ3_S, T.IQ3_XXS]
+IQ_TYPES = [T.IQ4_XS, T.IQ3_S, T.IQ3_XXS, T.IQ2_S, T.IQ2_XS, T.IQ2_XXS]
+ONLY_WITH_IMATRIX = {T.IQ2_XS, T.IQ2_XXS}  # ggml asserts one for these (the others can run without)
 N = 1024
 
 
@@ -53,6 +54,10 @@ def oracle():
 @pytest.mark.parametrize("with_imatrix", [False, True])
 def test_encoder_bytes_equal_llama_cpp(oracle, qt: T, with_imatrix: bool) -> None:
     im = _importance(int(qt)) if with_imatrix else None
+    if im is None and qt in ONLY_WITH_IMATRIX:
+        with pytest.raises(SlimlmError, match="needs an importance matrix"):
+            ggml.quantize(_distributions()["normal"], qt)
+        return
     for name, x in _distributions(seed=int(qt)).items():
         ref = oracle.ggml_quantize_chunk(x, qt, im)
         ours = ggml.quantize(x, qt, im)
@@ -88,15 +93,16 @@ def test_decode_equals_gguf_py(qt: T) -> None:
     np.testing.assert_array_equal(ggml.dequantize(raw, qt, (64, 256)), gguf_dequantize(raw, qt).reshape(64, 256))
 
 
-@pytest.mark.parametrize("qt,max_rel_rmse", [(T.IQ4_XS, 0.11), (T.IQ3_S, 0.22), (T.IQ3_XXS, 0.26)])
+@pytest.mark.parametrize("qt,max_rel_rmse", [(T.IQ4_XS, 0.11), (T.IQ3_S, 0.22), (T.IQ3_XXS, 0.26), (T.IQ2_S, 0.36),
+                                             (T.IQ2_XS, 0.40), (T.IQ2_XXS, 0.45)])
 def test_round_trip_error_and_imatrix_benefit(qt: T, max_rel_rmse: float) -> None:
     rng = np.random.default_rng(2)
     x = rng.standard_normal((32, N)).astype(np.float32)
-    y = ggml.dequantize(ggml.quantize(x, qt), qt, x.shape)
+    y = ggml.dequantize(ggml.quantize(x, qt, np.ones(N, np.float32)), qt, x.shape)
     assert np.sqrt(np.mean((y - x) ** 2)) / np.sqrt(np.mean(x ** 2)) < max_rel_rmse
     imp = (rng.gamma(0.3, 1.0, N) + 1e-3).astype(np.float32)
     err = {}
-    for name, im in (("plain", None), ("imatrix", imp)):
+    for name, im in (("plain", np.ones(N, np.float32)), ("imatrix", imp)):
         y = ggml.dequantize(ggml.quantize(x, qt, im), qt, x.shape)
         err[name] = float(np.sum(imp * (y - x) ** 2))
     assert err["imatrix"] < 0.9 * err["plain"]
@@ -154,11 +160,18 @@ def _same_file(tiny, tmp_path: Path, mix: str, with_imatrix: bool) -> set[str]:
     return {t for t, _ in a.values()}
 
 
-@pytest.mark.parametrize("mix,with_imatrix", [("IQ4_XS", False), ("IQ4_XS", True), ("IQ3_S", False),
-                                              ("IQ3_M", True), ("IQ3_XS", True)])
-def test_mix_file_equals_llama_cpp(tiny, tmp_path: Path, mix: str, with_imatrix: bool) -> None:
-    types = _same_file(tiny, tmp_path, mix, with_imatrix)
-    assert {"IQ4_XS": "IQ4_XS", "IQ3_S": "IQ3_S", "IQ3_M": "IQ3_S", "IQ3_XS": "IQ3_XXS"}[mix] in types
+MIX_FILES = {  # mix -> (with an imatrix, a type the file must hold)
+    "IQ4_XS": (False, "IQ4_XS"), "IQ4_XS+im": (True, "IQ4_XS"), "IQ3_S": (False, "IQ3_S"), "IQ3_M": (True, "IQ3_S"),
+    "IQ3_XS": (True, "IQ3_XXS"), "IQ3_XXS": (True, "IQ2_S"), "IQ2_M": (True, "IQ2_S"), "IQ2_S": (True, "IQ2_XS"),
+    "IQ2_XS": (True, "IQ2_XS"), "IQ2_XXS": (True, "IQ2_XXS"),
+}
+
+
+@pytest.mark.parametrize("case", MIX_FILES)
+def test_mix_file_equals_llama_cpp(tiny, tmp_path: Path, case: str) -> None:
+    with_imatrix, must_hold = MIX_FILES[case]
+    types = _same_file(tiny, tmp_path, case.split("+")[0], with_imatrix)
+    assert must_hold in types
 
 
 def test_low_bit_mix_without_imatrix_is_refused(tiny, tmp_path: Path) -> None:

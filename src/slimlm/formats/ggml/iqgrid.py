@@ -23,6 +23,7 @@ from .common import F32
 class Lattice(NamedTuple):
     levels: np.ndarray  # [N, dim] int32 level index of each coordinate
     values: np.ndarray  # [N, dim] float32 2l+1, the quantizer's units
+    columns: np.ndarray  # values transposed, [dim, N] contiguous: one coordinate of every point
     bits: int  # bits per coordinate in the packed key
     kmap: np.ndarray  # [2**(bits*dim)] grid index of a packed key, or -1
     nb_start: np.ndarray  # [2**(bits*dim)] where a key's neighbour list starts in nb_flat
@@ -76,7 +77,8 @@ def lattice(qtype: T) -> Lattice:
         count[k] = np.bincount(row, minlength=k.size)
     nb_flat = np.concatenate(flat).astype(np.int32)
     nb_start = np.cumsum(count) - count
-    return Lattice(levels, (2 * levels + 1).astype(F32), bits, kmap, nb_start, count, nb_flat)
+    values = (2 * levels + 1).astype(F32)
+    return Lattice(levels, values, np.ascontiguousarray(values.T), bits, kmap, nb_start, count, nb_flat)
 
 
 def best_neighbour(lat: Lattice, keys: np.ndarray, xval: np.ndarray, w: np.ndarray, scale: np.ndarray) -> np.ndarray:
@@ -89,13 +91,17 @@ def best_neighbour(lat: Lattice, keys: np.ndarray, xval: np.ndarray, w: np.ndarr
     seg = np.repeat(np.arange(keys.size), counts)
     local = np.arange(int(ends[-1])) - offsets[seg]
     cand = lat.nb_flat[lat.nb_start[keys][seg] + local]
-    q = lat.values[cand]  # [C, dim]
     s = scale.astype(F32)[seg]
-    xs, ws = xval[seg], w[seg]
+    xt, wt = np.ascontiguousarray(xval.T), np.ascontiguousarray(w.T)  # per-coordinate rows: contiguous gathers
     d2 = np.zeros(cand.size, dtype=F32)
+    diff = np.empty(cand.size, dtype=F32)
+    tmp = np.empty(cand.size, dtype=F32)
     for i in range(lat.dim):
-        diff = s * q[:, i] - xs[:, i]
-        d2 += (ws[:, i] * diff) * diff
+        np.multiply(s, lat.columns[i][cand], out=diff)
+        diff -= xt[i][seg]
+        np.multiply(wt[i][seg], diff, out=tmp)
+        tmp *= diff
+        d2 += tmp
     best = np.minimum.reduceat(d2, offsets)
     first = np.minimum.reduceat(np.where(d2 == best[seg], local, np.iinfo(np.int64).max), offsets)
     return cand[offsets + first]
