@@ -43,6 +43,7 @@ class Lattice(NamedTuple):
 _SOURCES = {  # type -> (gguf-py class, bits per coordinate, nwant)
     T.IQ3_XXS: (gq.IQ3_XXS, 3, 2), T.IQ3_S: (gq.IQ3_S, 3, 3),
     T.IQ2_XXS: (gq.IQ2_XXS, 2, 2), T.IQ2_XS: (gq.IQ2_XS, 2, 2), T.IQ2_S: (gq.IQ2_S, 2, 1),
+    T.IQ1_S: (gq.IQ1_S, 2, 3), T.IQ1_M: (gq.IQ1_S, 2, 3),
 }
 
 
@@ -81,10 +82,13 @@ def lattice(qtype: T) -> Lattice:
     return Lattice(levels, values, np.ascontiguousarray(values.T), bits, kmap, nb_start, count, nb_flat)
 
 
-def best_neighbour(lat: Lattice, keys: np.ndarray, xval: np.ndarray, w: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    """``iq{2,3}_find_best_neighbour`` for P off-grid groups at once: the neighbour minimising
-    sum_i w_i (scale*q_i - x_i)^2 (float32, C's order, first minimum wins). keys [P], xval/w [P, dim], scale [P].
-    The lists are ragged (2 to ~40 long), so all candidates are laid end to end and reduced per group."""
+def best_neighbour(lat: Lattice, keys: np.ndarray, xval: np.ndarray, w: np.ndarray, scale: np.ndarray,
+                   columns: np.ndarray | None = None) -> np.ndarray:
+    """``iq{2,3}_find_best_neighbour`` (and IQ1's ``iq1_find_best_neighbour2``) for P off-grid groups at once: the
+    neighbour minimising sum_i w_i (scale*q_i - x_i)^2 (float32, C's order, first minimum wins). keys [P],
+    xval/w [P, dim], scale [P]; q from ``columns`` ([dim, N], default 2l+1). The lists are ragged (1 to a few
+    hundred long), so all candidates are laid end to end and reduced per group."""
+    columns = lat.columns if columns is None else columns
     counts = lat.nb_count[keys]
     ends = np.cumsum(counts)
     offsets = ends - counts
@@ -97,7 +101,7 @@ def best_neighbour(lat: Lattice, keys: np.ndarray, xval: np.ndarray, w: np.ndarr
     diff = np.empty(cand.size, dtype=F32)
     tmp = np.empty(cand.size, dtype=F32)
     for i in range(lat.dim):
-        np.multiply(s, lat.columns[i][cand], out=diff)
+        np.multiply(s, columns[i][cand], out=diff)
         diff -= xt[i][seg]
         np.multiply(wt[i][seg], diff, out=tmp)
         tmp *= diff
