@@ -182,6 +182,7 @@ def _register() -> None:
     REGISTRY[T.IQ2_XS] = Codec(iq2.encode_xs, iq2.decode_xs)
     REGISTRY[T.IQ2_S] = Codec(iq2.encode_s, iq2.decode_s)
     REGISTRY[T.IQ1_S] = Codec(iq1.encode_s, iq1.decode_s)
+    REGISTRY[T.IQ1_M] = Codec(iq1.encode_m, iq1.decode_m)
     REGISTRY[T.Q6_K] = Codec(q6_k.encode, q6_k.decode)
     REGISTRY[T.Q3_K] = Codec(q3_k.encode, q3_k.decode, chunk=1 << 17)
     REGISTRY[T.Q2_K] = Codec(q2_k.encode, q2_k.decode)
