@@ -15,8 +15,8 @@ from slimlm.errors import SlimlmError
 from slimlm.formats import ggml
 from slimlm.formats.gguf_mix import requires_imatrix
 
-IQ_TYPES = [T.IQ4_XS, T.IQ3_S, T.IQ3_XXS, T.IQ2_S, T.IQ2_XS, T.IQ2_XXS]
-ONLY_WITH_IMATRIX = {T.IQ2_XS, T.IQ2_XXS}  # ggml asserts one for these (the others can run without)
+IQ_TYPES = [T.IQ4_XS, T.IQ3_S, T.IQ3_XXS, T.IQ2_S, T.IQ2_XS, T.IQ2_XXS, T.IQ1_M, T.IQ1_S]
+ONLY_WITH_IMATRIX = {T.IQ2_XS, T.IQ2_XXS, T.IQ1_S}  # ggml asserts one for these (the others can run without)
 N = 1024
 
 
@@ -29,6 +29,7 @@ def _distributions(seed: int = 0, rows: int = 8) -> dict[str, np.ndarray]:
         "grid_ties": rng.integers(0, 31, (rows, N)) * 0.5 - 3.0,
         "tiny": rng.standard_normal((rows, N)) * 1e-6,
         "all_zero": np.zeros((2, N)),
+        "signed_zeros": np.where(rng.random((rows, N)) < 0.3, -0.0, rng.standard_normal((rows, N))),
         # all-zero 32-blocks inside live super-blocks (IQ3_S then shifts its qs/signs writes)
         "holes": rng.standard_normal((rows, N)) * np.repeat(rng.random((rows, N // 32)) < 0.6, 32, 1),
         "sub_scales": rng.standard_normal((rows, N)) * np.repeat(10.0 ** rng.uniform(-4, 2, (rows, N // 16)), 16, 1),
@@ -94,7 +95,8 @@ def test_decode_equals_gguf_py(qt: T) -> None:
 
 
 @pytest.mark.parametrize("qt,max_rel_rmse", [(T.IQ4_XS, 0.11), (T.IQ3_S, 0.22), (T.IQ3_XXS, 0.26), (T.IQ2_S, 0.36),
-                                             (T.IQ2_XS, 0.40), (T.IQ2_XXS, 0.45)])
+                                             (T.IQ2_XS, 0.40), (T.IQ2_XXS, 0.45), (T.IQ1_M, 0.60),
+                                             (T.IQ1_S, 0.65)])
 def test_round_trip_error_and_imatrix_benefit(qt: T, max_rel_rmse: float) -> None:
     rng = np.random.default_rng(2)
     x = rng.standard_normal((32, N)).astype(np.float32)
@@ -163,7 +165,7 @@ def _same_file(tiny, tmp_path: Path, mix: str, with_imatrix: bool) -> set[str]:
 MIX_FILES = {  # mix -> (with an imatrix, a type the file must hold)
     "IQ4_XS": (False, "IQ4_XS"), "IQ4_XS+im": (True, "IQ4_XS"), "IQ3_S": (False, "IQ3_S"), "IQ3_M": (True, "IQ3_S"),
     "IQ3_XS": (True, "IQ3_XXS"), "IQ3_XXS": (True, "IQ2_S"), "IQ2_M": (True, "IQ2_S"), "IQ2_S": (True, "IQ2_XS"),
-    "IQ2_XS": (True, "IQ2_XS"), "IQ2_XXS": (True, "IQ2_XXS"),
+    "IQ2_XS": (True, "IQ2_XS"), "IQ2_XXS": (True, "IQ2_XXS"), "IQ1_S": (True, "IQ1_S"), "IQ1_M": (True, "IQ1_M"),
 }
 
 
