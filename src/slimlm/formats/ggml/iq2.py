@@ -17,9 +17,8 @@ from gguf import quants as gq
 
 from slimlm.errors import SlimlmError
 
-from .common import F32, QK_K, fp16_value, superblock_rows
-from .iqgrid import lattice
-from .iqsearch import Recipe, grid_values, search, signed, super_scale
+from .common import F32, QK_K
+from .iqsearch import Recipe, blocks_with_d, grid_values, run, signed, super_scale
 
 XXS_BYTES = 66
 XS_BYTES = 74
@@ -35,10 +34,7 @@ def need_imatrix(imatrix: np.ndarray | None, name: str) -> None:
 
 def encode_xxs(x: np.ndarray, imatrix: np.ndarray | None = None) -> np.ndarray:
     need_imatrix(imatrix, "IQ2_XXS")
-    rows = superblock_rows(x, "IQ2_XXS")
-    S = rows.size // QK_K
-    lat = lattice(T.IQ2_XXS)
-    scales, L, signs, empty = search(lat, XXS_RECIPE, rows, imatrix)
+    rows, S, lat, (scales, L, signs, empty) = run(T.IQ2_XXS, XXS_RECIPE, x, imatrix)
     gidx = np.where(empty[None], 0, lat.kmap[lat.key(L)]).astype(np.uint32)  # [4, G]
     signs = np.where(empty[None], 0, signs).astype(np.uint32)
     d_bits, ls, zero = super_scale(scales.reshape(S, 8))
@@ -55,10 +51,7 @@ def encode_xxs(x: np.ndarray, imatrix: np.ndarray | None = None) -> np.ndarray:
 
 def encode_xs(x: np.ndarray, imatrix: np.ndarray | None = None) -> np.ndarray:
     need_imatrix(imatrix, "IQ2_XS")
-    rows = superblock_rows(x, "IQ2_XS")
-    S = rows.size // QK_K
-    lat = lattice(T.IQ2_XS)
-    scales, L, signs, empty = search(lat, XS_RECIPE, rows, imatrix)
+    rows, S, lat, (scales, L, signs, empty) = run(T.IQ2_XS, XS_RECIPE, x, imatrix)
     gidx = lat.kmap[lat.key(L)].astype(np.uint16)  # [2, G]
     q = np.where(empty[None], 0, gidx | (signs.astype(np.uint16) << 9)).astype(np.uint16)  # [2, G]
     d_bits, ls, zero = super_scale(scales.reshape(S, 16))
@@ -76,9 +69,7 @@ def _ksigns() -> np.ndarray:
 
 
 def decode_xxs(data: np.ndarray) -> np.ndarray:
-    b = np.ascontiguousarray(data, dtype=np.uint8).reshape(-1, XXS_BYTES)
-    S = b.shape[0]
-    d = fp16_value(b[:, 0:2].copy().view("<u2")[:, 0])
+    b, S, d = blocks_with_d(data, XXS_BYTES)
     q = b[:, 2:].copy().view("<u4").reshape(S, 8, 2)
     db = (d[:, None] * (F32(0.5) + (q[:, :, 1] >> 28).astype(F32))) * F32(0.25)
     idx = b[:, 2:].reshape(S, 8, 8)[:, :, :4]  # the first u32's bytes
@@ -88,9 +79,7 @@ def decode_xxs(data: np.ndarray) -> np.ndarray:
 
 
 def decode_xs(data: np.ndarray) -> np.ndarray:
-    b = np.ascontiguousarray(data, dtype=np.uint8).reshape(-1, XS_BYTES)
-    S = b.shape[0]
-    d = fp16_value(b[:, 0:2].copy().view("<u2")[:, 0])
+    b, S, d = blocks_with_d(data, XS_BYTES)
     q = b[:, 2:66].copy().view("<u2").reshape(S, 16, 2)  # per 16-block: two groups of 8
     sc = b[:, 66:74].astype(np.int32)
     ls = np.stack([sc & 0xF, sc >> 4], axis=2).reshape(S, 16)
@@ -112,10 +101,7 @@ S_RECIPE = Recipe(block=16, kmax=3, steps=9, step=0.1, sigma_mul=2.0, parity=Fal
 
 
 def encode_s(x: np.ndarray, imatrix: np.ndarray | None = None) -> np.ndarray:
-    rows = superblock_rows(x, "IQ2_S")
-    S = rows.size // QK_K
-    lat = lattice(T.IQ2_S)
-    scales, L, signs, empty = search(lat, S_RECIPE, rows, imatrix)
+    rows, S, lat, (scales, L, signs, empty) = run(T.IQ2_S, S_RECIPE, x, imatrix)
     gidx = np.where(empty[None], 0, lat.kmap[lat.key(L)]).T.reshape(S, 32)  # group 2*ib + k
     signs = np.where(empty[None], 0, signs).T.reshape(S, 32)
     d_bits, ls, _ = super_scale(scales.reshape(S, 16), 0.9875)
@@ -129,9 +115,7 @@ def encode_s(x: np.ndarray, imatrix: np.ndarray | None = None) -> np.ndarray:
 
 
 def decode_s(data: np.ndarray) -> np.ndarray:
-    b = np.ascontiguousarray(data, dtype=np.uint8).reshape(-1, S_BYTES)
-    S = b.shape[0]
-    d = fp16_value(b[:, 0:2].copy().view("<u2")[:, 0])
+    b, S, d = blocks_with_d(data, S_BYTES)
     hi = (b[:, 66:74, None].astype(np.int32) >> (2 * np.arange(4))) & 3  # [S, 8, 4]
     idx = b[:, 2:34].astype(np.int32) | (hi.reshape(S, 32) << 8)
     sc = b[:, 74:82].astype(np.int32)

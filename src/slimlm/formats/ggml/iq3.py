@@ -13,12 +13,10 @@ from __future__ import annotations
 
 import numpy as np
 from gguf import GGMLQuantizationType as T
-
 from gguf import quants as gq
 
-from .common import F32, QK_K, fp16_value, superblock_rows
-from .iqgrid import lattice
-from .iqsearch import Recipe, grid_values, search, signed, super_scale
+from .common import F32, QK_K
+from .iqsearch import Recipe, blocks_with_d, grid_values, run, signed, super_scale
 
 XXS_BYTES = 98
 S_BYTES = 110
@@ -28,10 +26,7 @@ S_RECIPE = Recipe(block=32, kmax=8, steps=9, step=0.2, sigma_mul=2.0, parity=Fal
 
 
 def encode_xxs(x: np.ndarray, imatrix: np.ndarray | None = None) -> np.ndarray:
-    rows = superblock_rows(x, "IQ3_XXS")
-    S = rows.size // QK_K
-    lat = lattice(T.IQ3_XXS)
-    scales, L, signs, empty = search(lat, XXS_RECIPE, rows, imatrix)
+    rows, S, lat, (scales, L, signs, empty) = run(T.IQ3_XXS, XXS_RECIPE, x, imatrix)
     signs[:, empty] = 0  # ggml skips an all-zero block before writing its signs
     gidx = lat.kmap[lat.key(L)]  # [8, G]
     d_bits, ls, zero = super_scale(scales.reshape(S, _NB), 1.0125)
@@ -47,10 +42,7 @@ def encode_xxs(x: np.ndarray, imatrix: np.ndarray | None = None) -> np.ndarray:
 
 
 def encode_s(x: np.ndarray, imatrix: np.ndarray | None = None) -> np.ndarray:
-    rows = superblock_rows(x, "IQ3_S")
-    S = rows.size // QK_K
-    lat = lattice(T.IQ3_S)
-    scales, L, signs, empty = search(lat, S_RECIPE, rows, imatrix)
+    rows, S, lat, (scales, L, signs, empty) = run(T.IQ3_S, S_RECIPE, x, imatrix)
     gidx = lat.kmap[lat.key(L)].T.reshape(S, _NB, 8)  # [S, 8 blocks, 8 groups]
     gidx[empty.reshape(S, _NB)] = 0
     d_bits, ls, zero = super_scale(scales.reshape(S, _NB), 1.033)
@@ -73,9 +65,7 @@ def encode_s(x: np.ndarray, imatrix: np.ndarray | None = None) -> np.ndarray:
 
 
 def decode_xxs(data: np.ndarray) -> np.ndarray:
-    b = np.ascontiguousarray(data, dtype=np.uint8).reshape(-1, XXS_BYTES)
-    S = b.shape[0]
-    d = fp16_value(b[:, 0:2].copy().view("<u2")[:, 0])
+    b, S, d = blocks_with_d(data, XXS_BYTES)
     sas = b[:, 66:98].copy().view("<u4").astype(np.uint32)  # [S, 8]
     db = (d[:, None] * (F32(0.5) + (sas >> 28).astype(F32))) * F32(0.5)
     ksigns = np.frombuffer(gq.IQ2_XXS.ksigns, dtype=np.uint8)
@@ -86,9 +76,7 @@ def decode_xxs(data: np.ndarray) -> np.ndarray:
 
 
 def decode_s(data: np.ndarray) -> np.ndarray:
-    b = np.ascontiguousarray(data, dtype=np.uint8).reshape(-1, S_BYTES)
-    S = b.shape[0]
-    d = fp16_value(b[:, 0:2].copy().view("<u2")[:, 0])
+    b, S, d = blocks_with_d(data, S_BYTES)
     sc = b[:, 106:110].astype(np.int32)
     ls = np.stack([sc & 0xF, sc >> 4], axis=2).reshape(S, _NB)
     db = d[:, None] * (1 + 2 * ls).astype(F32)

@@ -12,8 +12,10 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .common import F32, QK_K, element_major, fp16_bits, make_qp_quants, nearest_int, seq_sum
-from .iqgrid import Lattice, best_neighbour
+from gguf import GGMLQuantizationType as T
+
+from .common import F32, QK_K, element_major, fp16_bits, fp16_value, make_qp_quants, nearest_int, seq_sum, superblock_rows
+from .iqgrid import Lattice, best_neighbour, lattice
 
 
 class Recipe(NamedTuple):
@@ -61,17 +63,24 @@ class Blocks(NamedTuple):
     empty: np.ndarray  # [G] blocks C skipped (nothing written for them)
 
 
+def block_weights(rows: np.ndarray, imatrix: np.ndarray | None, bs: int, sigma_mul: float = 2.0,
+                  plain_sigma: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Blocks of ``bs`` values element-major ([bs, G]) and their fit weights: imatrix * sqrt(sigma2 + x^2) with
+    sigma2 = sigma_mul * sum(x^2)/256 over the super-block, else x^2 (or 0.25*sigma2 + x^2). -> (xe, w)."""
+    xe = element_major(rows, bs)
+    xs = element_major(rows, QK_K)
+    sigma2 = np.repeat((F32(sigma_mul) * seq_sum(xs * xs)) / F32(QK_K), QK_K // bs)
+    if imatrix is None:
+        return xe, (F32(0.25) * sigma2[None] + xe * xe) if plain_sigma else xe * xe
+    qw = element_major(np.broadcast_to(np.asarray(imatrix, dtype=F32), rows.shape), bs)
+    return xe, qw * np.sqrt(sigma2[None] + xe * xe)
+
+
 def search(lat: Lattice, r: Recipe, rows: np.ndarray, imatrix: np.ndarray | None) -> Blocks:
     """Run the block search over float32 rows [R, n] (n a multiple of 256)."""
     bs, dim = r.block, lat.dim
-    xe = element_major(rows, bs)  # [bs, G]
+    xe, w = block_weights(rows, imatrix, bs, r.sigma_mul, r.plain_sigma)
     G = xe.shape[1]
-    xs = element_major(rows, QK_K)
-    sigma2 = np.repeat((F32(r.sigma_mul) * seq_sum(xs * xs)) / F32(QK_K), QK_K // bs)
-    if imatrix is None:
-        w = (F32(0.25) * sigma2[None] + xe * xe) if r.plain_sigma else xe * xe
-    else:
-        w = element_major(np.broadcast_to(np.asarray(imatrix, dtype=F32), rows.shape), bs) * np.sqrt(sigma2[None] + xe * xe)
     waux = np.sqrt(w)
     neg = ~(xe >= 0)
     xval = np.where(neg, -xe, xe).astype(F32)
@@ -158,3 +167,17 @@ def grid_values(cls) -> np.ndarray:
     """The dequantizer's grid of a gguf-py i-quant class, float32 [N, dim]."""
     cls.init_grid()
     return np.asarray(cls.grid, dtype=F32).reshape(cls.grid_shape)
+
+
+def run(qtype: T, recipe: Recipe, x: np.ndarray, imatrix: np.ndarray | None
+        ) -> tuple[np.ndarray, int, Lattice, Blocks]:
+    """Checked rows of ``x``, their super-block count, the type's lattice and the block search's result."""
+    rows = superblock_rows(x, qtype.name)
+    lat = lattice(qtype)
+    return rows, rows.size // QK_K, lat, search(lat, recipe, rows, imatrix)
+
+
+def blocks_with_d(data: np.ndarray, nbytes: int) -> tuple[np.ndarray, int, np.ndarray]:
+    """Blocks of ``nbytes`` that start with an fp16 d: (bytes [S, nbytes], S, d [S] float32)."""
+    b = np.ascontiguousarray(data, dtype=np.uint8).reshape(-1, nbytes)
+    return b, b.shape[0], fp16_value(b[:, 0:2].copy().view("<u2")[:, 0])
