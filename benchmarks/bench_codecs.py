@@ -40,6 +40,9 @@ CASES: list[tuple[T, bool]] = [
     (T.Q2_K, False), (T.Q2_K, True), (T.Q3_K, False), (T.Q3_K, True),
     (T.Q4_K, False), (T.Q4_K, True), (T.Q5_K, False), (T.Q5_K, True),
     (T.Q6_K, False), (T.Q6_K, True),
+    (T.IQ4_XS, False), (T.IQ4_XS, True), (T.IQ3_S, False), (T.IQ3_S, True), (T.IQ3_XXS, False), (T.IQ3_XXS, True),
+    (T.IQ2_S, False), (T.IQ2_S, True), (T.IQ2_XS, True), (T.IQ2_XXS, True), (T.IQ1_M, False), (T.IQ1_M, True),
+    (T.IQ1_S, True),  # llama.cpp's IQ2_XS/IQ2_XXS/IQ1_S encoders need an importance matrix
 ]
 
 
@@ -81,7 +84,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=4, help="ffn_down matrices of SmolLM2 to use")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--types", default="", help="comma-separated GGML types to run (default: all in CASES)")
     args = ap.parse_args()
+    only = {t.strip().upper() for t in args.types.split(",") if t.strip()}
 
     mats = smollm2_ffn_down(resources.smollm2_gguf_path(), layers=tuple(range(args.layers)))
     smol = np.concatenate(mats, axis=0)
@@ -95,7 +100,7 @@ def main() -> None:
     for data_name, x in datasets.items():
         rms = float(np.sqrt(np.mean(x.astype(np.float64) ** 2)))
         for qt, use_im in CASES:
-            if qt not in ggml.REGISTRY:
+            if qt not in ggml.REGISTRY or (only and qt.name not in only):
                 continue
             rows.append([data_name] + measure(x, qt, imatrix if use_im else None, rms, args.repeats))
             print(" | ".join(rows[-1]), flush=True)

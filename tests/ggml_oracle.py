@@ -33,6 +33,7 @@ from gguf.quants import dequantize
 FTYPE_FOR_TYPE: dict[T, int] = {
     T.F32: 0, T.F16: 1, T.Q4_0: 2, T.Q4_1: 3, T.Q8_0: 7, T.Q5_0: 8, T.Q5_1: 9,
     T.Q2_K: 10, T.Q3_K: 12, T.Q4_K: 15, T.Q5_K: 17, T.Q6_K: 18, T.IQ4_NL: 25, T.BF16: 32,
+    T.IQ2_XXS: 19, T.IQ2_XS: 20, T.IQ3_XXS: 23, T.IQ1_S: 24, T.IQ3_S: 26, T.IQ2_S: 29, T.IQ4_XS: 30, T.IQ1_M: 31,
 }
 
 

@@ -281,7 +281,7 @@ def test_bad_input_raises_one_line_errors():
     with pytest.raises(SlimlmError, match="needs 36"):
         ggml.dequantize(np.zeros(35, dtype=np.uint8), T.Q4_0, (2, 32))
     with pytest.raises(SlimlmError, match="no codec"):
-        ggml.quantize(np.ones((1, 256), dtype=np.float32), T.IQ2_XXS)
+        ggml.quantize(np.ones((1, 256), dtype=np.float32), T.TQ1_0)
     bad = np.ones((2, 256), dtype=np.float32)
     bad[1, 7] = np.nan
     with pytest.raises(SlimlmError, match="NaN or infinite"):

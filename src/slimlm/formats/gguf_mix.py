@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import Callable, Collection, Iterable, Mapping, Sequence
 
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
 
@@ -434,6 +434,29 @@ def plan_types(tensors: Iterable[PlanTensor], arch: ArchFacts, ftype: str, *,
             new = _fallback(tensor, new)
         plan[tensor.name] = new
     return plan
+
+
+# Types llama.cpp will not write without an importance matrix (tensor_requires_imatrix): the 1-2 bit i-quants,
+# IQ3_XXS, and Q2_K inside a Q2_K_S file; the token embedding and the output matrix are exempt.
+_NEEDS_IMATRIX = frozenset((T.IQ3_XXS, T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ1_S, T.IQ1_M))
+
+
+def requires_imatrix(name: str, qtype: T, ftype: str | None = None) -> bool:
+    """Whether llama.cpp refuses to quantize this tensor to ``qtype`` (in mix ``ftype``) without an imatrix."""
+    if name in ("token_embd.weight", "per_layer_token_embd.weight", "output.weight"):
+        return False
+    return qtype in _NEEDS_IMATRIX or (qtype == T.Q2_K and ftype is not None and normalize_ftype(ftype) == "Q2_K_S")
+
+
+def check_imatrix(plan: Mapping[str, T], ftype: str, importance_for: Collection[str] | None) -> None:
+    """Refuse, as llama-quantize does, a plan with a tensor that needs an importance matrix when none is given
+    (``importance_for`` None) or the one given has no entry for it."""
+    for name, qtype in plan.items():
+        if requires_imatrix(name, qtype, ftype) and (importance_for is None or name not in importance_for):
+            if importance_for is None:
+                raise SlimlmError(f"{normalize_ftype(ftype)} needs an importance matrix ({name} is {qtype.name}, "
+                                  "which llama.cpp only writes with one): pass --imatrix FILE or --calib TEXT")
+            raise SlimlmError(f"the importance matrix has no entry for {name}, which {qtype.name} needs")
 
 
 def tensor_bytes(tensor: PlanTensor, qtype: T) -> int:

@@ -133,6 +133,8 @@ def quantize_gguf(model: str | Path | ModelSource, to: str, out: str | Path | No
     plan = plan_for(source, ftype, tensor_types, has_imatrix=im is not None or calib is not None)
     rows = {t.name: int(t.shape[-1]) for t in source.tensors if len(t.shape) >= 2 and plan[t.name] not in _FLOATS}
     matched = check_compatible(im, rows, "the importance matrix") if im is not None else 0
+    if not dry_run:
+        gguf_mix.check_imatrix(plan, ftype, None if im is None else im.entries.keys())
     importance_of = (lambda name: im.importance(name)) if im is not None else (lambda name: None)
     if algo.smoothing == "awq" and not dry_run:
         source, importance_of, hessians = _equalize(source, plan, importance_of, hessians)
@@ -326,7 +328,8 @@ def _write_forked(out: Path, arch: str, metadata: Callable[[gguf.GGUFWriter], An
 
 # Rough single-thread encoding cost per value (ns) of the plain codecs, to schedule the longest tensors first.
 _COST = {T.F32: 1, T.F16: 1, T.BF16: 1, T.Q8_0: 4, T.Q4_0: 4, T.Q4_1: 4, T.Q5_0: 4, T.Q5_1: 4, T.IQ4_NL: 30,
-         T.Q6_K: 50, T.Q3_K: 60, T.Q5_K: 65, T.Q4_K: 65, T.Q2_K: 70}
+         T.Q6_K: 50, T.Q3_K: 60, T.Q5_K: 65, T.Q4_K: 65, T.Q2_K: 70, T.IQ4_XS: 130, T.IQ1_S: 900, T.IQ1_M: 1200,
+         T.IQ2_S: 1300, T.IQ3_S: 1900, T.IQ2_XXS: 2000, T.IQ3_XXS: 3200, T.IQ2_XS: 4300}
 
 
 def _equalize(source: ModelSource, plan: dict[str, T], importance_of: Callable[[str], np.ndarray | None],

@@ -163,7 +163,7 @@ def pack_blocks(qtype: GGMLQuantizationType | str, codes: np.ndarray, d: np.ndar
 
 
 def _register() -> None:
-    from . import floats, iq4_nl, legacy, q2_k, q3_k, q4_k, q5_k, q6_k
+    from . import floats, iq1, iq2, iq3, iq4_nl, iq4_xs, legacy, q2_k, q3_k, q4_k, q5_k, q6_k
 
     T = GGMLQuantizationType
     REGISTRY[T.F32] = Codec(floats.encode_f32, floats.decode_f32)
@@ -175,6 +175,14 @@ def _register() -> None:
     REGISTRY[T.Q5_0] = Codec(legacy.encode_q5_0, legacy.decode_q5_0)
     REGISTRY[T.Q5_1] = Codec(legacy.encode_q5_1, legacy.decode_q5_1)
     REGISTRY[T.IQ4_NL] = Codec(iq4_nl.encode, iq4_nl.decode)
+    REGISTRY[T.IQ4_XS] = Codec(iq4_xs.encode, iq4_xs.decode)
+    REGISTRY[T.IQ3_XXS] = Codec(iq3.encode_xxs, iq3.decode_xxs)
+    REGISTRY[T.IQ3_S] = Codec(iq3.encode_s, iq3.decode_s)
+    REGISTRY[T.IQ2_XXS] = Codec(iq2.encode_xxs, iq2.decode_xxs)
+    REGISTRY[T.IQ2_XS] = Codec(iq2.encode_xs, iq2.decode_xs)
+    REGISTRY[T.IQ2_S] = Codec(iq2.encode_s, iq2.decode_s)
+    REGISTRY[T.IQ1_S] = Codec(iq1.encode_s, iq1.decode_s)
+    REGISTRY[T.IQ1_M] = Codec(iq1.encode_m, iq1.decode_m)
     REGISTRY[T.Q6_K] = Codec(q6_k.encode, q6_k.decode)
     REGISTRY[T.Q3_K] = Codec(q3_k.encode, q3_k.decode, chunk=1 << 17)
     REGISTRY[T.Q2_K] = Codec(q2_k.encode, q2_k.decode)

@@ -47,14 +47,19 @@ def _fit(xe: np.ndarray, w: np.ndarray, inv_scale: np.ndarray) -> tuple[np.ndarr
     return seq_sum(np.multiply(wq, xe, out=wq)), sumq2
 
 
-def encode(x: np.ndarray, imatrix: np.ndarray | None = None) -> np.ndarray:
-    rows = x.shape[0]
-    xe = element_major(x, QK)
-    if imatrix is None:
-        w = xe * xe
-    else:
+def block_weights(xe: np.ndarray, imatrix_e: np.ndarray | None, sigma2: np.ndarray | None = None) -> np.ndarray:
+    """The fit's weights: x^2, or imatrix * sqrt(sigma2 + x^2) with sigma2 = 2*mean(x^2) over the
+    (super-)block that ggml passes to ``quantize_row_iq4_nl_impl`` (``sigma2`` [G], default: this block)."""
+    if imatrix_e is None:
+        return xe * xe
+    if sigma2 is None:
         sigma2 = seq_sum(xe * xe) * (F32(2) / F32(QK))
-        w = element_major(imatrix, QK) * np.sqrt(sigma2[None] + xe * xe)
+    return imatrix_e * np.sqrt(sigma2[None] + xe * xe)
+
+
+def block_scales(xe: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Each 32-value block's least-squares scale: the block max and 15 nudged inverse scales, keeping the best
+    weighted fit (0 for an all-zero block). xe, w: [32, G] element-major -> d [G] float32 (not fp16-rounded)."""
     amax, vmax = first_absmax(xe)
     zero = amax < GROUP_MAX_EPS
     vmax = np.where(zero, F32(1), vmax).astype(F32)
@@ -71,12 +76,23 @@ def encode(x: np.ndarray, imatrix: np.ndarray | None = None) -> np.ndarray:
             if better.any():
                 d = np.where(better, sqx / np.where(sq2 > 0, sq2, F32(1)), d).astype(F32)
                 best = np.where(better, d * sqx, best).astype(F32)
-        d = np.where(zero, F32(0), d).astype(F32)
+    return np.where(zero, F32(0), d).astype(F32)
+
+
+def pack_indices(L: np.ndarray) -> np.ndarray:
+    """[B, 32] indices -> [B, 16] bytes: index j in the low nibble, j+16 in the high one."""
+    return (L[:, :16] | (L[:, 16:] << 4)).astype(np.uint8)
+
+
+def encode(x: np.ndarray, imatrix: np.ndarray | None = None) -> np.ndarray:
+    rows = x.shape[0]
+    xe = element_major(x, QK)
+    d = block_scales(xe, block_weights(xe, None if imatrix is None else element_major(imatrix, QK)))
+    with np.errstate(divide="ignore"):
         inv = np.where(d != 0, F32(1) / np.where(d != 0, d, F32(1)), F32(0)).astype(F32)
     L = best_index(inv[None] * xe).T  # [B, 32]
-    qs = (L[:, :16] | (L[:, 16:] << 4)).astype(np.uint8)
     dbytes = fp16_bits(d).astype("<u2").view(np.uint8).reshape(-1, 2)
-    return np.concatenate([dbytes, qs], axis=1).reshape(rows, -1)
+    return np.concatenate([dbytes, pack_indices(L)], axis=1).reshape(rows, -1)
 
 
 def decode(data: np.ndarray) -> np.ndarray:
