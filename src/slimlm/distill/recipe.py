@@ -218,7 +218,7 @@ def _sequence_data(run: _Run, *, prompts: str | Path | None, verifier: str | Non
     if not gen_path.is_file():
         run.report["generation"] = generate_responses(
             run.teacher, run.tokenizer, read_prompts(Path(prompts)), gen_path, seed=run.config.seed,
-            verifier=load_verifier(verifier), **generation)
+            verifier=load_verifier(verifier, Path(prompts)), **generation)
     seq_ids, prompt_mask = sft_sequences(student_tok, gen_path, seq_len)
     eval_ids = run.eval_ids
     if not run.same_vocab:

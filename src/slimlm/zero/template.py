@@ -1,0 +1,50 @@
+"""The prompt template: the R1-Zero instruction around a task's question, as a chat turn or as plain text."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from slimlm.errors import SlimlmError
+
+TEMPLATE_STYLES = ("chat", "plain")
+
+INSTRUCTION = ("Think about the reasoning process first, then give the final answer. Enclose the reasoning in "
+               "<think> </think> tags and only the final answer in <answer> </answer> tags, i.e. "
+               "<think> reasoning here </think> <answer> answer here </answer>.")
+
+# DeepSeek-R1-Zero's template for base models (DeepSeek-R1 paper, table 1), with our instruction.
+PLAIN = ("A conversation between User and Assistant. The User asks a question, and the Assistant solves it. "
+         "{instruction}\nUser: {question}\nAssistant:")
+
+
+@dataclass(frozen=True)
+class Template:
+    """``chat``: one user turn through the tokenizer's chat template (instruct models); ``plain``: R1-Zero's
+    text template (base models). ``prefill`` starts the assistant's turn (e.g. "<think>"); rewards score
+    prefill + completion, so the format check sees the whole answer."""
+
+    style: str = "chat"
+    prefill: str = ""
+
+    def __post_init__(self) -> None:
+        if self.style not in TEMPLATE_STYLES:
+            raise SlimlmError(f"unknown template {self.style!r}; choose one of {', '.join(TEMPLATE_STYLES)}")
+
+    def user_message(self, question: str) -> str:
+        """The user's turn in chat style; also the prompt text `distill --method sequence` sends a teacher."""
+        return f"{question}\n{INSTRUCTION}"
+
+    def check(self, tokenizer, model_name: str = "the model") -> None:
+        if self.style == "chat" and not getattr(tokenizer, "chat_template", None):
+            raise SlimlmError(f"{model_name} has no chat template; use --template plain (R1-Zero's text template "
+                              "for base models)")
+
+    def render(self, tokenizer, question: str) -> str:
+        """The full prompt text the model continues."""
+        if self.style == "plain":
+            text = PLAIN.format(instruction=INSTRUCTION, question=question)
+            return text + (" " + self.prefill if self.prefill else "")
+        self.check(tokenizer)
+        text = tokenizer.apply_chat_template([{"role": "user", "content": self.user_message(question)}],
+                                             tokenize=False, add_generation_prompt=True)
+        return text + self.prefill
