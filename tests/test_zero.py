@@ -179,3 +179,20 @@ def test_cli_eval_and_errors(tiny_lm_dir: Path, tmp_path: Path) -> None:
     assert data["model"]["n"] == 4 and data["paired"]["difference"] == 0.0  # the same greedy model twice
     res = runner.invoke(app, ["zero", str(model), "--task", "sudoku", "-o", str(tmp_path / "o")])
     assert isinstance(res.exception, SlimlmError) and "known tasks" in str(res.exception)
+
+
+def test_write_prompts_feed_distill_verifier(tmp_path: Path) -> None:
+    from slimlm.distill.teacher_text import load_verifier, read_prompts
+    from slimlm.zero.prompts import write_prompts
+
+    path = tmp_path / "prompts.jsonl"
+    info = write_prompts(get_task("countdown"), path, n=5, seed=3)
+    rows = [json.loads(ln) for ln in path.read_text().splitlines()]
+    assert info["problems"] == 5 and read_prompts(path) == [r["prompt"] for r in rows]
+    verify = load_verifier("answers", path)
+    good = f"<think>try</think> <answer>{rows[0]['answer']}</answer>"
+    assert verify(rows[0]["prompt"], good)
+    assert not verify(rows[0]["prompt"], "<think>try</think> <answer>1 + 1</answer>")
+    assert not verify("a prompt not in the file", good)
+    with pytest.raises(SlimlmError, match="--prompts"):
+        load_verifier("answers", None)

@@ -39,6 +39,8 @@ def zero(
     eval_temperature: float = typer.Option(0.0, "--eval-temperature"),
     lora: bool = typer.Option(False, "--lora", help="Train LoRA adapters (needs peft), merged into model/."),
     save_every: int = typer.Option(10, "--save-every", help="Checkpoint every N steps (resume point)."),
+    max_minutes: float = typer.Option(0.0, "--max-minutes", help="Stop and save after the step that passes this "
+                                      "many minutes (0: run all --steps)."),
     vllm: bool = typer.Option(False, "--vllm", help="Generate with vLLM (colocated; GPU, vLLM installed)."),
     seed: int = typer.Option(0, "--seed"),
     resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint in --out."),
@@ -65,7 +67,8 @@ def zero(
         raise SlimlmError("slimlm zero needs -o DIR to train (or --eval to score MODEL)")
     config = slim.ZeroConfig(steps=steps, batch_size=batch_size, group_size=group_size, lr=lr, beta=beta,
                              loss_type=loss_type, max_completion=max_completion, temperature=temperature, lora=lora,
-                             save_every=save_every, seed=seed, use_vllm=vllm)
+                             save_every=save_every, seed=seed, use_vllm=vllm,
+                             max_minutes=max_minutes)
     with progress_task("GRPO", total=steps, remaining=True) as bar:
         def update(step: int, total: int, row: dict) -> None:
             bar(completed=step, description=f"acc {row.get('accuracy', 0):.2f} fmt {row.get('format', 0):.2f} "

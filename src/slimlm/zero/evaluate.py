@@ -72,6 +72,8 @@ def evaluate_task(model: str | Path, task: str | Task, *, n: int = 200, seed: in
     template = template or Template()
     loaded = load_model(model, "fp32")
     tok = loaded.tokenizer
+    if torch.cuda.is_available():
+        loaded.model.to("cuda")
     template.check(tok, str(model))
     problems = task.problems(n, "heldout", seed)
     prompts = [template.render(tok, p.question) for p in problems]

@@ -48,6 +48,7 @@ class ZeroConfig:
     save_every: int = 10
     seed: int = 0
     use_vllm: bool = False
+    max_minutes: float = 0.0  # stop (and save) after the step that passes this wall time; 0: no limit
 
     def check(self) -> None:
         if self.group_size < 2:
@@ -58,8 +59,9 @@ class ZeroConfig:
                               "completions per step (TRL's rule: every prompt's group must fit in one batch)")
         if self.loss_type not in LOSS_TYPES:
             raise SlimlmError(f"unknown --loss-type {self.loss_type!r}; choose one of {', '.join(LOSS_TYPES)}")
-        if self.steps < 1 or self.max_completion < 1 or self.lr <= 0 or self.beta < 0:
-            raise SlimlmError("--steps, --max-completion and --lr must be positive and --beta at least 0")
+        if self.steps < 1 or self.max_completion < 1 or self.lr <= 0 or self.beta < 0 or self.max_minutes < 0:
+            raise SlimlmError("--steps, --max-completion and --lr must be positive, --beta and --max-minutes "
+                              "at least 0")
 
     @property
     def prompts_per_step(self) -> int:
@@ -117,9 +119,11 @@ _LOGGED = {"accuracy": "rewards/accuracy/mean", "format": "rewards/format/mean",
            "zero_signal_groups": "frac_reward_zero_std", "entropy": "entropy", "step_seconds": "step_time"}
 
 
-def _metrics_callback(path: Path, start_step: int, progress: Callable[[int, int, dict], None] | None):
+def _metrics_callback(path: Path, start_step: int, progress: Callable[[int, int, dict], None] | None,
+                      max_minutes: float = 0.0):
     """A TRL callback appending one JSON line per step to ``path`` (rows past ``start_step`` from an interrupted
-    run are dropped first) and reporting live rewards to ``progress``; warns on steps without signal."""
+    run are dropped first) and reporting live rewards to ``progress``; warns on steps without signal; ends the
+    run after the step that passes ``max_minutes`` of this session's wall time."""
     from transformers import TrainerCallback
 
     rows = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.is_file() else []
@@ -127,7 +131,11 @@ def _metrics_callback(path: Path, start_step: int, progress: Callable[[int, int,
 
     class MetricsLog(TrainerCallback):
         def __init__(self) -> None:
-            self.no_signal_steps = 0
+            self.no_signal_steps, self.started, self.stopped_early = 0, time.time(), False
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if max_minutes and time.time() - self.started > 60 * max_minutes and state.global_step < state.max_steps:
+                control.should_training_stop = control.should_save = self.stopped_early = True
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if not logs or "reward" not in logs or not state.is_world_process_zero:
@@ -192,8 +200,9 @@ def train_zero(model: str | Path, task: str | Task, out: str | Path, *, config: 
     """Train ``model`` on ``task`` by GRPO with the accuracy and format rewards, no SFT; returns the report (also
     OUT/report.json). ``resume`` continues from OUT's last complete checkpoint, bit-identically on CPU."""
     _require_trl()
-    from trl import GRPOTrainer
     from datasets import Dataset
+    from transformers.trainer_callback import PrinterCallback
+    from trl import GRPOTrainer
 
     from slimlm.models import load_model
     from slimlm.zero.plot import plot_curves
@@ -213,11 +222,12 @@ def train_zero(model: str | Path, task: str | Task, out: str | Path, *, config: 
     dataset = Dataset.from_list([problem_row(p, template.render(tok, p.question)) for p in problems])
     out.mkdir(parents=True, exist_ok=True)
     start_step = int(ckpt.name.rsplit("-", 1)[1]) if ckpt else 0
-    callback = _metrics_callback(out / "metrics.jsonl", start_step, progress)
+    callback = _metrics_callback(out / "metrics.jsonl", start_step, progress, config.max_minutes)
     policy = loaded.model.train()
     trainer = GRPOTrainer(model=policy, reward_funcs=reward_funcs(task, template), args=_grpo_args(out, config, policy),
                           train_dataset=dataset, processing_class=tok, callbacks=[callback],
                           peft_config=_lora_config(config))
+    trainer.remove_callback(PrinterCallback)  # progress and metrics.jsonl report each step instead
     started = time.time()
     trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
     if not trainer.is_world_process_zero():
@@ -228,7 +238,8 @@ def train_zero(model: str | Path, task: str | Task, out: str | Path, *, config: 
     report = {"model": str(model), "task": task.name, "difficulty": task.difficulty, "config": asdict(config),
               "template": asdict(template), "resumed_from": str(ckpt) if ckpt else None,
               "steps": rows[-1]["step"] if rows else 0, "train_seconds": time.time() - started,
-              "no_signal_steps": callback.no_signal_steps, "model_dir": str(model_dir), "curves": str(curves),
+              "stopped_at_time_limit": callback.stopped_early, "no_signal_steps": callback.no_signal_steps,
+              "model_dir": str(model_dir), "curves": str(curves),
               "first_steps": _window(rows[:10]), "last_steps": _window(rows[-10:])}
     _write_json(out / "report.json", report)
     return report
