@@ -162,7 +162,7 @@ def test_bad_input_is_one_line_error(tiny_lm_dir: Path, tmp_path: Path) -> None:
         train_zero(tiny_lm_dir, "countdown", tmp_path / "a", config=ZeroConfig(batch_size=6, group_size=4))
     with pytest.raises(SlimlmError, match="no chat template; use --template plain"):
         train_zero(tiny_lm_dir, "countdown", tmp_path / "b", config=ZeroConfig(steps=1, batch_size=2, group_size=2))
-    assert Template("plain").render(None, "What is 1 + 1?").endswith("User: What is 1 + 1?\nAssistant:")
+    assert Template("plain").render(None, "What is 1 + 1?").endswith("User: What is 1 + 1? Assistant:")
 
 
 def test_cli_eval_and_errors(tiny_lm_dir: Path, tmp_path: Path) -> None:

@@ -8,13 +8,16 @@ from slimlm.errors import SlimlmError
 
 TEMPLATE_STYLES = ("chat", "plain")
 
-INSTRUCTION = ("Think about the reasoning process first, then give the final answer. Enclose the reasoning in "
-               "<think> </think> tags and only the final answer in <answer> </answer> tags, i.e. "
-               "<think> reasoning here </think> <answer> answer here </answer>.")
+# Short, so a small instruct model can follow it and every step's forward pass stays cheap.
+INSTRUCTION = ("Think step by step inside <think> </think> tags, then give only the final answer inside "
+               "<answer> </answer> tags.")
 
-# DeepSeek-R1-Zero's template for base models (DeepSeek-R1 paper, table 1), with our instruction.
-PLAIN = ("A conversation between User and Assistant. The User asks a question, and the Assistant solves it. "
-         "{instruction}\nUser: {question}\nAssistant:")
+# DeepSeek-R1-Zero's template for base models (DeepSeek-R1 paper, table 1).
+PLAIN = ("A conversation between User and Assistant. The user asks a question, and the Assistant solves it. The "
+         "assistant first thinks about the reasoning process in the mind and then provides the user with the answer. "
+         "The reasoning process and answer are enclosed within <think> </think> and <answer> </answer> tags, "
+         "respectively, i.e., <think> reasoning process here </think> <answer> answer here </answer>. "
+         "User: {question} Assistant:")
 
 
 @dataclass(frozen=True)
@@ -42,7 +45,7 @@ class Template:
     def render(self, tokenizer, question: str) -> str:
         """The full prompt text the model continues."""
         if self.style == "plain":
-            text = PLAIN.format(instruction=INSTRUCTION, question=question)
+            text = PLAIN.format(question=question)
             return text + (" " + self.prefill if self.prefill else "")
         self.check(tokenizer)
         text = tokenizer.apply_chat_template([{"role": "user", "content": self.user_message(question)}],
