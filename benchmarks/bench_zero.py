@@ -26,7 +26,11 @@ from pathlib import Path
 from _common import ROOT, markdown_table, publish
 
 from slimlm import resources
+from slimlm.distill.recipe import distill
+from slimlm.distill.trainer import TrainConfig
 from slimlm.zero.evaluate import evaluate_task, paired_difference
+from slimlm.zero.prompts import write_prompts, write_reference_responses
+from slimlm.zero.tasks import get_task
 from slimlm.zero.template import Template
 from slimlm.zero.train import ZeroConfig, train_zero
 
@@ -50,6 +54,13 @@ def add_recipe_args(ap: argparse.ArgumentParser, **defaults) -> None:
     ap.add_argument("--eval-batch", type=int, default=16, help="prompts per generate call in the evaluations")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--vllm", action="store_true")
+    ap.add_argument("--distill", action="store_true", help="then the R1 story: pruned students trained on the Zero "
+                    "model's verified traces vs on the reference answers, equal tokens")
+    ap.add_argument("--distill-prompts", type=int, default=128, help="training prompts the Zero teacher answers")
+    ap.add_argument("--distill-samples", type=int, default=4, help="teacher samples per prompt (kept if verified)")
+    ap.add_argument("--distill-steps", type=int, default=100, help="student steps (8 x 128 tokens each)")
+    ap.add_argument("--distill-lr", type=float, default=1e-4)
+    ap.add_argument("--prune-layers", type=int, default=10, help="student: the Zero model minus this many layers")
     ap.add_argument("--keep", type=Path, default=None, help="keep the run dir (model, metrics, report) here")
     ap.add_argument("--no-append", action="store_true", help="print the section; touch neither BENCHMARKS.md nor docs/")
     ap.set_defaults(**defaults)
@@ -109,11 +120,48 @@ def run_recipe(args: argparse.Namespace, title: str, curves_name: str) -> dict:
     return result
 
 
+def distill_stage(args: argparse.Namespace, zero_model: Path) -> dict:
+    """Two students pruned from the Zero model (same layers dropped), trained for the same steps x batch x
+    sequence length: one on the Zero model's own completions that the task verifier accepts, one on the reference
+    answers alone; both answer the same held-out problems."""
+    run_dir = zero_model.parent.parent
+    prompts = run_dir / "distill_prompts.jsonl"
+    write_prompts(get_task(args.task, args.difficulty), prompts, n=args.distill_prompts, seed=args.seed + 1)
+    reference = write_reference_responses(prompts, run_dir / "reference_responses.jsonl")["path"]
+    common = dict(method="sequence", prune_layers=args.prune_layers, seq_len=128, overwrite=True,
+                  max_new_tokens=args.max_completion)
+    text = resources.wikitext_path("valid")  # held-out text for the students' perplexity (reported, not judged)
+    students = {}
+    for name, extra in (("verified Zero traces", dict(prompts=prompts, verifier="answers", temperature=1.0,
+                                                      samples_per_prompt=args.distill_samples)),
+                        ("reference answers", dict(responses=reference))):
+        config = TrainConfig(max_steps=args.distill_steps, batch_size=8, lr=args.distill_lr, seed=args.seed)
+        rep = distill(zero_model, text, run_dir / name.replace(" ", "_"), config=config, **common, **extra)
+        ev = evaluate_task(rep["student_dir"], args.task, n=args.n, seed=args.seed, difficulty=args.difficulty,
+                           template=Template("chat", args.prefill), max_new_tokens=args.max_completion,
+                           batch_size=args.eval_batch)
+        students[name] = {"report": rep, "eval": ev}
+    a, b = students["verified Zero traces"]["eval"], students["reference answers"]["eval"]
+    d = paired_difference(a["scores"]["correct"], b["scores"]["correct"])
+    gen = students["verified Zero traces"]["report"].get("generation", {})
+    table = markdown_table(["student trained on", "correct (any format)", "format rate", "correct in format",
+                            "mean tokens"], [_row(name, s["eval"]) for name, s in students.items()])
+    body = (f"Students: the Zero model minus {args.prune_layers} layers, {args.distill_steps} steps x 8 x 128 "
+            f"tokens each (equal tokens), lr {args.distill_lr}. Teacher traces: {gen.get('kept', '?')} of "
+            f"{gen.get('generated', '?')} sampled completions on {args.distill_prompts} training prompts passed the "
+            f"verifier. Same {args.n} held-out problems as above.\n\n{table}\n\nverified traces − reference "
+            f"answers: {d['difference']:+.3f} ± {d['se']:.3f} ({d['z']:.1f} SE)\n")
+    publish("Zero → distilled student: verified traces vs reference answers (issue 16)", body, args.no_append)
+    return {"students": students, "paired": d}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_recipe_args(ap)
     args = ap.parse_args()
-    run_recipe(args, "Zero: GRPO from rewards alone on CPU (issue 16)", "zero-curves.png")
+    result = run_recipe(args, "Zero: GRPO from rewards alone on CPU (issue 16)", "zero-curves.png")
+    if args.distill:
+        distill_stage(args, Path(result["train"]["model_dir"]))
 
 
 if __name__ == "__main__":

@@ -196,3 +196,25 @@ def test_write_prompts_feed_distill_verifier(tmp_path: Path) -> None:
     assert not verify("a prompt not in the file", good)
     with pytest.raises(SlimlmError, match="--prompts"):
         load_verifier("answers", None)
+
+
+def test_distill_trains_on_reference_answers(tiny_lm_dir: Path, tmp_path: Path, wikitext_valid: Path) -> None:
+    """The baseline student of the R1 story: `distill --method sequence` on given prompt/response pairs
+    (the reference answers), with no teacher generation."""
+    from slimlm.distill.recipe import distill
+    from slimlm.distill.trainer import TrainConfig
+    from slimlm.zero.prompts import write_prompts, write_reference_responses
+
+    text = tmp_path / "text.txt"
+    text.write_text(wikitext_valid.read_text()[:6000])
+    prompts = tmp_path / "prompts.jsonl"
+    write_prompts(get_task("arithmetic"), prompts, n=40)
+    ref = write_reference_responses(prompts, tmp_path / "ref.jsonl")
+    row = json.loads((tmp_path / "ref.jsonl").read_text().splitlines()[0])
+    assert format_reward(row["response"]) == 1.0 and ref["pairs"] == 40
+    rep = distill(tiny_lm_dir, text, tmp_path / "student", method="sequence", prune_layers=1, responses=ref["path"],
+                  seq_len=64, eval_sequences=2, config=TrainConfig(max_steps=2, batch_size=2, eval_every=0))
+    assert rep["steps"] == 2 and "generation" not in rep and not (tmp_path / "student" / "teacher_data.jsonl").exists()
+    with pytest.raises(SlimlmError, match="does not exist"):
+        distill(tiny_lm_dir, text, tmp_path / "s2", method="sequence", prune_layers=1, responses=tmp_path / "no.jsonl",
+                seq_len=64, eval_sequences=2, config=TrainConfig(max_steps=1, batch_size=2))

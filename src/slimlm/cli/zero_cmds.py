@@ -76,11 +76,13 @@ def zero(
 
         report = slim.zero(model, task, out, config=config, difficulty=difficulty, verifier=verifier, template=tmpl,
                            resume=resume, overwrite=overwrite, progress=update)
-    if not report:
-        return  # a non-main process under accelerate launch
-    if json_out:
+    if report and json_out:
         print_json(report)
-        return
+    elif report:  # empty on the other processes under `accelerate launch`
+        _print_run(report, task)
+
+
+def _print_run(report: dict, task: str) -> None:
     first, last = report["first_steps"], report["last_steps"]
     console.print(f"{report['steps']} GRPO steps in {report['train_seconds']:.0f} s; training reward (first → last "
                   f"10 steps): accuracy {first['accuracy']:.2f} → {last['accuracy']:.2f}, format "

@@ -25,10 +25,7 @@ def write_prompts(task: Task, path: str | Path, *, n: int, seed: int = 0, split:
         if isinstance(task, JsonlTask):
             row.update(task="jsonl", verifier=task.verifier)
         rows.append(row)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    os.replace(tmp, path)
+    _write_jsonl(path, rows)
     return {"path": str(path), "problems": len(rows), "task": task.name, "split": split, "seed": seed}
 
 
@@ -53,3 +50,20 @@ def answers_verifier(path: str | Path) -> Callable[[str, str], bool]:
                                                                                      row.get("data", {}))
             checks[prompt] = lambda r, t=task, p=problem: accuracy_reward(t, p, r) == 1.0
     return lambda prompt, response: prompt in checks and checks[prompt](response)
+
+
+def write_reference_responses(prompts: str | Path, path: str | Path) -> dict:
+    """The task's reference answers as prompt/response pairs (an empty think block, then the answer): what a
+    student learns from the answers alone, the baseline a Zero teacher's verified traces must beat."""
+    rows = [json.loads(ln) for ln in Path(prompts).read_text(encoding="utf-8").splitlines() if ln.strip()]
+    _write_jsonl(Path(path), [{"prompt": r["prompt"], "response": f"<think> </think> <answer>{r['answer']}</answer>"}
+                              for r in rows])
+    return {"path": str(path), "pairs": len(rows)}
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    """Written beside ``path`` and renamed in: never half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    os.replace(tmp, path)

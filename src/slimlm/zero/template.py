@@ -8,9 +8,11 @@ from slimlm.errors import SlimlmError
 
 TEMPLATE_STYLES = ("chat", "plain")
 
-# Short, so a small instruct model can follow it and every step's forward pass stays cheap.
-INSTRUCTION = ("Think step by step inside <think> </think> tags, then give only the final answer inside "
-               "<answer> </answer> tags.")
+# R1-Zero's instruction as one user turn; its explicit example keeps a small instruct model's answers short
+# (with "think step by step" SmolLM2-135M rambles and scored 1/32 instead of 5/32 on arithmetic).
+INSTRUCTION = ("Think about the reasoning process first, then give the final answer. Enclose the reasoning in "
+               "<think> </think> tags and only the final answer in <answer> </answer> tags, i.e. "
+               "<think> reasoning here </think> <answer> answer here </answer>.")
 
 # DeepSeek-R1-Zero's template for base models (DeepSeek-R1 paper, table 1).
 PLAIN = ("A conversation between User and Assistant. The user asks a question, and the Assistant solves it. The "
