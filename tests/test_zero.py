@@ -218,3 +218,16 @@ def test_distill_trains_on_reference_answers(tiny_lm_dir: Path, tmp_path: Path, 
     with pytest.raises(SlimlmError, match="does not exist"):
         distill(tiny_lm_dir, text, tmp_path / "s2", method="sequence", prune_layers=1, responses=tmp_path / "no.jsonl",
                 seq_len=64, eval_sequences=2, config=TrainConfig(max_steps=1, batch_size=2))
+
+
+def test_lora_run_ships_a_merged_model(tiny_lm_dir: Path, tmp_path: Path) -> None:
+    pytest.importorskip("peft")
+    from slimlm.zero.train import ZeroConfig, train_zero
+
+    model = _tiny_chat_model(tiny_lm_dir)
+    config = ZeroConfig(steps=2, batch_size=4, group_size=4, lr=1e-2, max_completion=6, lora=True, lora_rank=4,
+                        save_every=10)
+    train_zero(model, AsciiShare(), tmp_path / "lora", config=config)
+    start, after = _weights(model), _weights(tmp_path / "lora" / "model")
+    assert set(after) == set(start)  # merged: plain weight names, no adapter tensors
+    assert any(not torch.equal(start[k], after[k]) for k in start)
