@@ -166,7 +166,7 @@ def _grpo_args(out: Path, config: ZeroConfig, model: torch.nn.Module):
         lr_scheduler_type="constant_with_warmup", warmup_steps=min(5, config.steps // 10),
         logging_steps=1, save_steps=config.save_every, save_total_limit=2, save_only_model=False,
         report_to=[], disable_tqdm=True, seed=config.seed, data_seed=config.seed, use_cpu=not cuda,
-        bf16=cuda and torch.cuda.is_bf16_supported(), fp16=False, gradient_checkpointing=False,
+        bf16=cuda and torch.cuda.is_bf16_supported(), fp16=False, activation_checkpointing=False,
         use_vllm=config.use_vllm, vllm_mode="colocate", reward_weights=[1.0, 1.0],
         remove_unused_columns=False, shuffle_dataset=True)
 
