@@ -155,7 +155,7 @@ def _metrics_callback(path: Path, start_step: int, progress: Callable[[int, int,
     return MetricsLog()
 
 
-def _grpo_args(out: Path, config: ZeroConfig, model: torch.nn.Module):
+def _grpo_args(out: Path, config: ZeroConfig):
     from trl import GRPOConfig
 
     cuda = torch.cuda.is_available()
@@ -224,7 +224,7 @@ def train_zero(model: str | Path, task: str | Task, out: str | Path, *, config: 
     start_step = int(ckpt.name.rsplit("-", 1)[1]) if ckpt else 0
     callback = _metrics_callback(out / "metrics.jsonl", start_step, progress, config.max_minutes)
     policy = loaded.model.train()
-    trainer = GRPOTrainer(model=policy, reward_funcs=reward_funcs(task, template), args=_grpo_args(out, config, policy),
+    trainer = GRPOTrainer(model=policy, reward_funcs=reward_funcs(task, template), args=_grpo_args(out, config),
                           train_dataset=dataset, processing_class=tok, callbacks=[callback],
                           peft_config=_lora_config(config))
     trainer.remove_callback(PrinterCallback)  # progress and metrics.jsonl report each step instead
