@@ -115,7 +115,7 @@ def run_recipe(args: argparse.Namespace, title: str, curves_name: str) -> dict:
             f"of answers in the required format by {fmt['difference']:+.3f}. Curves: docs/{curves_name}.\n")
     publish(title, body, args.no_append)
     result = {"before": before, "after": after, "paired_correct": correct, "paired_format": fmt,
-              "paired_correct_in_format": both, "train": report}
+              "paired_correct_in_format": both, "train": report, "run_dir": str(run_dir)}
     (run_dir / "bench_zero.json").write_text(json.dumps(result, indent=1, default=str))
     return result
 
@@ -162,6 +162,8 @@ def main() -> None:
     result = run_recipe(args, "Zero: GRPO from rewards alone on CPU (issue 16)", "zero-curves.png")
     if args.distill:
         distill_stage(args, Path(result["train"]["model_dir"]))
+    if args.keep is None:
+        shutil.rmtree(result["run_dir"])  # checkpoints with optimizer state are gigabytes
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import shutil
 
 import torch
 
@@ -29,8 +30,10 @@ def main() -> None:
         raise SystemExit("no CUDA device: run benchmarks/bench_zero.py on CPU instead")
     args.vllm = not args.no_vllm and importlib.util.find_spec("vllm") is not None
     name = torch.cuda.get_device_name(0)
-    run_recipe(args, f"Zero on GPU ({name}, {'vLLM' if args.vllm else 'transformers'} generation)",
-               "zero-curves-gpu.png")
+    result = run_recipe(args, f"Zero on GPU ({name}, {'vLLM' if args.vllm else 'transformers'} generation)",
+                        "zero-curves-gpu.png")
+    if args.keep is None:
+        shutil.rmtree(result["run_dir"])
 
 
 if __name__ == "__main__":
