@@ -50,6 +50,7 @@ def add_recipe_args(ap: argparse.ArgumentParser, **defaults) -> None:
     ap.add_argument("--beta", type=float, default=0.0)
     ap.add_argument("--loss-type", default="dapo")
     ap.add_argument("--max-completion", type=int, default=128)
+    ap.add_argument("--temperature", type=float, default=0.7, help="GRPO sampling temperature")
     ap.add_argument("--prefill", default="", help="text the answer starts with, e.g. '<think>'")
     ap.add_argument("--eval-batch", type=int, default=16, help="prompts per generate call in the evaluations")
     ap.add_argument("--seed", type=int, default=0)
@@ -84,6 +85,7 @@ def run_recipe(args: argparse.Namespace, title: str, curves_name: str) -> dict:
     t_before = time.time() - t0
     config = ZeroConfig(steps=args.steps, batch_size=args.batch, group_size=args.group, lr=args.lr, beta=args.beta,
                         loss_type=args.loss_type, max_completion=args.max_completion, seed=args.seed,
+                        temperature=args.temperature,
                         max_minutes=args.minutes, use_vllm=args.vllm, save_every=25)
     report = train_zero(model, args.task, run_dir / "run", config=config, difficulty=args.difficulty,
                         template=template, overwrite=True)
@@ -132,7 +134,7 @@ def distill_stage(args: argparse.Namespace, zero_model: Path) -> dict:
                   max_new_tokens=args.max_completion)
     text = resources.wikitext_path("valid")  # held-out text for the students' perplexity (reported, not judged)
     students = {}
-    for name, extra in (("verified Zero traces", dict(prompts=prompts, verifier="answers", temperature=1.0,
+    for name, extra in (("verified Zero traces", dict(prompts=prompts, verifier="answers", temperature=args.temperature,
                                                       samples_per_prompt=args.distill_samples)),
                         ("reference answers", dict(responses=reference))):
         config = TrainConfig(max_steps=args.distill_steps, batch_size=8, lr=args.distill_lr, seed=args.seed)

@@ -34,7 +34,7 @@ def zero(
     beta: float = typer.Option(0.0, "--beta", help="KL coefficient to the start model (0: no reference model)."),
     loss_type: str = typer.Option("dapo", "--loss-type", help="dapo | grpo | dr_grpo | bnpo (TRL's)."),
     max_completion: int = typer.Option(256, "--max-completion", help="Tokens per completion."),
-    temperature: float = typer.Option(1.0, "--temperature", help="Sampling temperature in training (--eval: "
+    temperature: float = typer.Option(0.7, "--temperature", help="Sampling temperature in training (--eval: "
                                       "greedy unless --eval-temperature)."),
     eval_temperature: float = typer.Option(0.0, "--eval-temperature"),
     lora: bool = typer.Option(False, "--lora", help="Train LoRA adapters (needs peft), merged into model/."),

@@ -33,7 +33,9 @@ class NoSignalWarning(UserWarning):
 @dataclass
 class ZeroConfig:
     """GRPO settings with small-model defaults: beta 0 (no KL term, as DAPO and Dr. GRPO), a learning rate high
-    enough to move a small model in a short run, R1-Zero's sampling temperature 1."""
+    enough to move a small model in a short run, and sampling temperature 0.7 rather than R1-Zero's 1.0: at 1.0
+    SmolLM2-135M-Instruct's sampled arithmetic answers were right 1 time in 112 (greedy: 5 in 32), so nearly
+    every group had equal rewards and no signal."""
 
     steps: int = 100
     batch_size: int = 16  # completions per optimizer step (per process)
@@ -42,7 +44,7 @@ class ZeroConfig:
     beta: float = 0.0
     loss_type: str = "dapo"
     max_completion: int = 256
-    temperature: float = 1.0
+    temperature: float = 0.7
     lora: bool = False
     lora_rank: int = 16
     save_every: int = 10
