@@ -50,3 +50,10 @@ from slimlm.report import write_report as report  # noqa: E402,F401
 # --- distillation: logits KD / teacher-generated data, pruned students (distill) ---
 from slimlm.distill.recipe import distill  # noqa: E402,F401
 from slimlm.distill.trainer import TrainConfig  # noqa: E402,F401
+
+# --- zero: GRPO from verifiable rewards alone on TRL, tasks, held-out accuracy (zero) ---
+from slimlm.zero.evaluate import evaluate_task as zero_eval, paired_difference  # noqa: E402,F401
+from slimlm.zero.prompts import write_prompts as zero_prompts  # noqa: E402,F401
+from slimlm.zero.tasks import TASKS as ZERO_TASKS, Task as ZeroTask, get_task as zero_task  # noqa: E402,F401
+from slimlm.zero.template import Template as ZeroTemplate  # noqa: E402,F401
+from slimlm.zero.train import ZeroConfig, train_zero as zero  # noqa: E402,F401

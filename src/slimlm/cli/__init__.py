@@ -7,7 +7,7 @@ from slimlm.errors import SlimlmError
 
 # Each import registers that area's commands on `app`.
 from slimlm.cli import (  # noqa: F401,E402
-    distill_cmds, eval_cmds, explain_cmds, inspect_cmds, quantize_cmds, recommend_cmds, runtime_cmds)
+    distill_cmds, eval_cmds, explain_cmds, inspect_cmds, quantize_cmds, recommend_cmds, runtime_cmds, zero_cmds)
 
 
 def main() -> None:

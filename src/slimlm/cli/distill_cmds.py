@@ -42,7 +42,9 @@ def distill(
     on_policy_temperature: float = typer.Option(1.0, "--on-policy-temperature",
                                                 help="The student's sampling temperature (0: greedy)."),
     prompts: Optional[Path] = typer.Option(None, "--prompts", help="sequence: prompts the teacher answers."),
-    verifier: Optional[str] = typer.Option(None, "--verifier", help="sequence: module:function(prompt, response) -> bool."),
+    verifier: Optional[str] = typer.Option(None, "--verifier",
+                                           help="sequence: module:function(prompt, response) -> bool, or 'answers' "
+                                                "(the task verifiers of prompts from `slimlm zero --write-prompts`)."),
     max_new_tokens: int = typer.Option(128, "--max-new-tokens"),
     sample_temperature: float = typer.Option(0.7, "--sample-temperature"),
     top_p: float = typer.Option(0.95, "--top-p"),

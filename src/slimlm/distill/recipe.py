@@ -203,22 +203,26 @@ def _logits_data(run: _Run, *, teacher_cache: str | Path | None, top_k: int) -> 
 
 
 def _sequence_data(run: _Run, *, prompts: str | Path | None, verifier: str | None, eval_text: str | Path,
-                   eval_sequences: int, **generation: Any) -> tuple[TrainData, tuple[torch.Tensor, torch.Tensor]]:
+                   eval_sequences: int, responses: str | Path | None = None,
+                   **generation: Any) -> tuple[TrainData, tuple[torch.Tensor, torch.Tensor]]:
     """--method sequence: the teacher answers the prompts (once, into OUT/teacher_data.jsonl) and the student
-    trains on that text; returns the data and the held-out ids/labels in the student's tokens."""
+    trains on that text, or on given prompt/response ``responses`` (e.g. reference answers, the baseline a
+    teacher's traces must beat); returns the data and the held-out ids/labels in the student's tokens."""
     from slimlm.distill.teacher_text import generate_responses, load_verifier, read_prompts, sft_sequences
 
     student_tok, seq_len = run.student_tok, run.seq_len
-    if not prompts:
+    if not prompts and not responses:
         raise SlimlmError("--method sequence needs --prompts FILE (the teacher answers them)")
     if int(run.student.config.vocab_size) < len(student_tok):
         raise SlimlmError(f"the student has {run.student.config.vocab_size} embeddings but its tokenizer "
                           f"{len(student_tok)} tokens; give --student a dir with its own tokenizer")
-    gen_path = run.out / "teacher_data.jsonl"
+    gen_path = Path(responses) if responses else run.out / "teacher_data.jsonl"
+    if responses and not gen_path.is_file():
+        raise SlimlmError(f"{responses} does not exist")
     if not gen_path.is_file():
         run.report["generation"] = generate_responses(
             run.teacher, run.tokenizer, read_prompts(Path(prompts)), gen_path, seed=run.config.seed,
-            verifier=load_verifier(verifier), **generation)
+            verifier=load_verifier(verifier, Path(prompts)), **generation)
     seq_ids, prompt_mask = sft_sequences(student_tok, gen_path, seq_len)
     eval_ids = run.eval_ids
     if not run.same_vocab:
@@ -281,14 +285,16 @@ def distill(teacher: str | Path, data: str | Path, out: str | Path, *, method: s
             top_k: int = 16, teacher_cache: str | Path | None = None, prompts: str | Path | None = None,
             eval_data: str | Path | None = None, verifier: str | None = None, max_new_tokens: int = 128,
             temperature: float = 0.7, top_p: float = 0.95, samples_per_prompt: int = 1,
-            config: TrainConfig | None = None, resume: bool = False, overwrite: bool = False,
+            responses: str | Path | None = None, config: TrainConfig | None = None, resume: bool = False,
+            overwrite: bool = False,
             progress: Callable[[int, int, dict[str, float]], None] | None = None) -> dict[str, Any]:
     """Distill ``teacher`` into a student; returns the report (also written to OUT/report.json).
 
     ``logits``: the student (same tokenizer) matches the teacher's next-token distributions on ``data``,
     from a top-k cache and, with ``config.on_policy``, on its own samples scored by the live teacher.
     ``sequence``: the teacher answers ``prompts`` and the student is fine-tuned on that text, so the two may
-    have different tokenizers (held-out quality is then compared in bits per byte).
+    have different tokenizers (held-out quality is then compared in bits per byte); ``responses``, a JSONL of
+    prompt/response pairs, replaces the teacher's answers.
     """
     out = Path(out)
     config = _checked_config(method, config or TrainConfig(), seq_len)
@@ -307,6 +313,6 @@ def distill(teacher: str | Path, data: str | Path, out: str | Path, *, method: s
         data_t, student_eval = _sequence_data(run, prompts=prompts, verifier=verifier, eval_text=eval_data or data,
                                               eval_sequences=eval_sequences, max_new_tokens=max_new_tokens,
                                               temperature=temperature, top_p=top_p,
-                                              samples_per_prompt=samples_per_prompt)
+                                              samples_per_prompt=samples_per_prompt, responses=responses)
         teacher_arg = None
     return _train_and_report(run, data_t, student_eval, teacher_arg=teacher_arg, resume=resume, progress=progress)

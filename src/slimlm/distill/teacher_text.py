@@ -36,10 +36,17 @@ def read_prompts(path: Path, field: str = "prompt") -> list[str]:
     return prompts
 
 
-def load_verifier(spec: str | None) -> Callable[[str, str], bool] | None:
-    """``module:function`` taking (prompt, response) -> bool; responses it rejects are dropped."""
+def load_verifier(spec: str | None, prompts: Path | None = None) -> Callable[[str, str], bool] | None:
+    """``module:function`` taking (prompt, response) -> bool; responses it rejects are dropped. ``answers``:
+    the task verifier of each prompt's row in ``prompts`` (written by `slimlm zero --write-prompts`)."""
     if not spec:
         return None
+    if spec == "answers":
+        from slimlm.zero.prompts import answers_verifier
+
+        if prompts is None:
+            raise SlimlmError("--verifier answers needs --prompts written by `slimlm zero --write-prompts`")
+        return answers_verifier(prompts)
     module, _, name = spec.partition(":")
     try:
         return getattr(importlib.import_module(module), name)

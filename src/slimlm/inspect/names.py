@@ -139,9 +139,11 @@ _FAMILY_WORDS = {
 }
 _VARIANT_WORDS = {
     "zero": ("variant", "Zero: trained by reinforcement learning alone, with no supervised fine-tuning first "
-                        "(a research model; readable answers were not the goal)"),
+                        "(a research model; readable answers were not the goal); make one with "
+                        "`slimlm zero MODEL --task NAME -o DIR`"),
     "distill": ("variant", "Distill: a smaller student model fine-tuned on answers written by a bigger teacher; "
-                           "it has the student's architecture, not the teacher's"),
+                           "it has the student's architecture, not the teacher's; make one with "
+                           "`slimlm distill --method sequence` (a Zero teacher: --verifier answers)"),
     "instruct": ("variant", "Instruct: fine-tuned to follow instructions and chat, after pretraining"),
     "chat": ("variant", "Chat: fine-tuned for conversation"),
     "it": ("variant", "it: instruction-tuned (Google's word for Instruct)"),
