@@ -7,6 +7,7 @@ one tensor is page cache the kernel can drop; so a writer streaming a 700 GB che
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -33,6 +34,10 @@ def raw_bytes(info: TensorInfo) -> np.ndarray:
         raise SlimlmError(f"tensor {info.name} has no location in a file")
     if info.nbytes == 0:
         return np.zeros(0, dtype=np.uint8)
+    size = os.path.getsize(info.file)
+    if info.offset + info.nbytes > size:
+        raise SlimlmError(f"{info.file}: truncated: tensor {info.name} needs bytes {info.offset:,} to "
+                          f"{info.offset + info.nbytes:,} but the file has {size:,} (an incomplete download?)")
     return np.memmap(info.file, dtype=np.uint8, mode="r", offset=info.offset, shape=(info.nbytes,))
 
 

@@ -105,6 +105,8 @@ def open_gguf_model(path: str | Path) -> GGUFModelFile:
     if arch_field is None or arch_field.type != gguf.GGUFValueType.STRING:
         raise SlimlmError(f"{path} has no general.architecture")
     arch = arch_field.value()
+    ckpt.check_complete()
+    ckpt.spec()  # the hyper-parameters validated and checked against the tensors
 
     def keys(name: str) -> Any:
         field = header.field(f"{arch}.{name}")

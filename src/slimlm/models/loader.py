@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterator, Literal, NamedTuple
 import torch
 from torch import nn
 
+from slimlm.checkpoint import open_checkpoint
 from slimlm.errors import SlimlmError
 from slimlm.models.skeleton import is_gguf_file
 
@@ -155,6 +156,9 @@ def _load_dense(path: Path, fmt: str, dtype: torch.dtype, trust_remote_code: boo
         if pickled:
             raise SlimlmError(f"{path} holds only pickle weights ({pickled[0]}); slimlm loads safetensors only")
         raise SlimlmError(f"{path} has a config.json but no .safetensors weights")
+    ckpt = open_checkpoint(path)
+    ckpt.check_complete()
+    ckpt.spec()  # validated once (types, bounds, heads, against the tensors) before transformers allocates
     kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code, "use_safetensors": True}
     if fmt == "compressed-tensors":
         # Decompress into dense torch weights: eval must see exactly the values the file stores.
@@ -163,7 +167,7 @@ def _load_dense(path: Path, fmt: str, dtype: torch.dtype, trust_remote_code: boo
         kwargs["quantization_config"] = CompressedTensorsConfig(run_compressed=False)
     try:
         return AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise SlimlmError(f"{path}: transformers cannot load this model ({_first_line(exc)})") from None
 
 

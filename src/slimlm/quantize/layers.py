@@ -29,6 +29,7 @@ from slimlm.data.calibration import DEFAULT_SAMPLES, DEFAULT_SEQ_LEN, Calibratio
 from slimlm.checkpoint import Checkpoint, open_checkpoint
 from slimlm.checkpoint.tensor_data import torch_dtype
 from slimlm.errors import SlimlmError
+from slimlm.writers.atomic import check_output
 from slimlm.writers.compressed_tensors import ShardWriter, attach_activation_quant, compress_linear, quantization_config
 from slimlm.formats.groupint import QuantizedWeight, QuantSpec
 from slimlm.models import empty_model, load_config, load_model, load_tokenizer
@@ -139,8 +140,8 @@ def quantize_model(model: str | Path, output: str | Path, *, scheme: str | Quant
         model_dir, out_dir = Path(model), Path(output)
         if not (model_dir / "config.json").is_file():
             raise SlimlmError(f"{model_dir} is not a Hugging Face model dir (no config.json)")
-        if out_dir.exists() and not overwrite:
-            raise SlimlmError(f"{out_dir} exists; pass --overwrite to replace it")
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        check_output(out_dir, overwrite, sources=[model_dir])
         cfg = scheme if isinstance(scheme, QuantConfig) else get_scheme(
             scheme, group_size=group_size, symmetric=symmetric, ignore=ignore, act_dynamic=act_dynamic)
         run = _open_run(model_dir, out_dir, cfg, method, smoothing_strength, actorder)

@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 
 from slimlm.checkpoint import read_state_dict
 from slimlm.errors import SlimlmError
+from slimlm.writers.atomic import publish, temp_dir
 from slimlm.formats.groupint import (QuantizedWeight, dequantize, pack_codes, pack_zero_points, unpack_codes,
                                      unpack_zero_points)
 
@@ -85,8 +86,7 @@ class ShardWriter:
 
     def __init__(self, target: Path, max_bytes: int = MAX_SHARD_BYTES):
         self.target = Path(target)
-        self.target.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.tmp-", dir=self.target.parent))
+        self.tmp = temp_dir(self.target)
         self.max_bytes = max_bytes
         self._pending: dict[str, torch.Tensor] = {}
         self._pending_bytes = 0
@@ -126,12 +126,10 @@ class ShardWriter:
             for aux in AUX_FILES:
                 if (Path(source_dir) / aux).is_file():
                     shutil.copy2(Path(source_dir) / aux, self.tmp / aux)
-        if self.target.exists():
-            if not overwrite:
-                self.abort()
-                raise SlimlmError(f"{self.target} exists; pass --overwrite to replace it")
-            shutil.rmtree(self.target)
-        os.replace(self.tmp, self.target)
+        try:
+            publish(self.tmp, self.target, overwrite)
+        finally:
+            self.abort()
         return self.target
 
     def abort(self) -> None:
