@@ -88,3 +88,20 @@ def load_torch(info: TensorInfo, big_endian: bool = False) -> torch.Tensor:
     if big_endian and width > 1:
         data = data.view(f">u{width}").astype(f"<u{width}").view(np.uint8)
     return torch.from_numpy(data).view(dtype).reshape(info.shape)
+
+
+def check_finite(values: np.ndarray | torch.Tensor, what: str) -> None:
+    """Refuse NaN and Inf (a real failure of fp16 checkpoints and of activations that overflow fp16): quantizing
+    them would write garbage scales that no later step notices. ``what`` names the tensor in the message."""
+    import torch
+
+    if isinstance(values, torch.Tensor):
+        if not values.is_floating_point() or bool(torch.isfinite(values).all()):
+            return
+        nan, inf = int(torch.isnan(values).sum()), int(torch.isinf(values).sum())
+    else:
+        if values.dtype.kind != "f" or bool(np.isfinite(values).all()):
+            return
+        nan, inf = int(np.isnan(values).sum()), int(np.isinf(values).sum())
+    raise SlimlmError(f"{what} holds {nan:,} NaN and {inf:,} Inf values; refusing to quantize it (a broken fp16 "
+                      "export or an overflow?)")

@@ -83,8 +83,12 @@ class Checkpoint:
         return self.gguf_header is not None and self.gguf_header.big_endian
 
     def load_array(self, name: str | TensorInfo) -> np.ndarray:
-        """Float32 values (GGML blocks dequantized); F32 data is a read-only view of the file."""
-        return tensor_data.load_array(self._info(name), self._big_endian)
+        """Float32 values (GGML blocks dequantized); F32 data is a read-only view of the file. NaN or Inf is a
+        SlimlmError naming the tensor."""
+        info = self._info(name)
+        values = tensor_data.load_array(info, self._big_endian)
+        tensor_data.check_finite(values, f"{info.file}: tensor {info.name}")
+        return values
 
     def load_raw(self, name: str | TensorInfo) -> np.ndarray:
         """The stored bytes (e.g. GGML blocks) as a read-only uint8 view of the file."""
@@ -92,7 +96,10 @@ class Checkpoint:
 
     def load_torch(self, name: str | TensorInfo) -> torch.Tensor:
         """A private copy in the stored dtype (safe to change in place)."""
-        return tensor_data.load_torch(self._info(name), self._big_endian)
+        info = self._info(name)
+        values = tensor_data.load_torch(info, self._big_endian)
+        tensor_data.check_finite(values, f"{info.file}: tensor {info.name}")
+        return values
 
     def spec(self) -> ModelSpec:
         """The config validated once into a ModelSpec (types, positivity, head divisibility, bounded sizes) and

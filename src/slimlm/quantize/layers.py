@@ -27,6 +27,7 @@ from slimlm.algorithms.smoothquant import DEFAULT_STRENGTH
 from slimlm.algorithms.stats import StatsCollector
 from slimlm.data.calibration import DEFAULT_SAMPLES, DEFAULT_SEQ_LEN, Calibration, load_calibration
 from slimlm.checkpoint import Checkpoint, open_checkpoint
+from slimlm.checkpoint.tensor_data import check_finite
 from slimlm.checkpoint.tensor_data import torch_dtype
 from slimlm.errors import SlimlmError
 from slimlm.writers.atomic import check_output
@@ -62,8 +63,10 @@ class _Activations:
     def __init__(self, spill_dir: Path | None):
         self.spill_dir = spill_dir
         self._mem: dict[int, torch.Tensor] = {}
+        self.stage = "entering layer 0"  # where the activations come from, for a NaN/Inf message
 
     def put(self, i: int, t: torch.Tensor) -> None:
+        check_finite(t, f"calibration activations (batch {i}, {self.stage})")
         if self.spill_dir is None:
             self._mem[i] = t
         else:
@@ -331,6 +334,7 @@ def _quantize_layer(run: _Run, i: int, plan: dict, acts: _Activations, kwargs_li
     writer.add(tensors)
     if run_next:
         t1 = time.perf_counter()
+        acts.stage = f"leaving layer {i}"
         _run_layer(layer, acts, kwargs_list, len(kwargs_list), acts)
         report["forward_s"] = round(time.perf_counter() - t1, 3)
     for h in hooks:
