@@ -60,3 +60,14 @@ def test_overflowing_activations_are_refused(model, tmp_path, capsys):
     line = _one_error(capsys)
     assert "calibration activations" in line and "leaving layer 0" in line, line
     assert not out.exists()
+
+
+def test_recommend_flags_absurd_kld_and_never_chooses_it():
+    from slimlm.recommend import choose
+
+    rows = [{"name": "ok", "kld_mean": 0.05, "prefill_tok_s": 10.0, "itl_p50_ms": 5.0, "memory_bytes": 100},
+            {"name": "broken", "kld_mean": 7.5, "prefill_tok_s": 99.0, "itl_p50_ms": 1.0, "memory_bytes": 10},
+            {"name": "nan", "kld_mean": float("nan"), "prefill_tok_s": 99.0, "itl_p50_ms": 1.0, "memory_bytes": 1}]
+    for goal in ("throughput", "latency", "size", "quality"):
+        assert choose(rows, goal, max_kld=100.0)[0]["name"] == "ok"
+    assert choose(rows[1:], "quality", max_kld=100.0)[0] is None
