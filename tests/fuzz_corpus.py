@@ -455,6 +455,14 @@ def hash_tree(path: str) -> str:
     return h.hexdigest()
 
 
+def peak_rss_kib() -> int:
+    """This process's own peak RSS (VmHWM; ru_maxrss would include the parent's peak, which survives exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
 def run_worker(jobs_path: str, results_path: str) -> None:
     """Run each job in this process (the CLI's own main, stderr captured), each under a time cap."""
     import contextlib
@@ -494,8 +502,7 @@ def run_worker(jobs_path: str, results_path: str) -> None:
             shutil.rmtree(out, ignore_errors=True)
             results.write(json.dumps(asdict(outcome)) + "\n")
             results.flush()
-        usage = resource.getrusage(resource.RUSAGE_SELF)
-        results.write(json.dumps({"peak_rss_kib": usage.ru_maxrss}) + "\n")
+        results.write(json.dumps({"peak_rss_kib": peak_rss_kib()}) + "\n")
 
 
 def run_batch(cases: list[Case], commands: tuple[str, ...], work: Path, text: Path, *, seconds: int = CASE_SECONDS,
