@@ -151,6 +151,33 @@ def _int(config: dict[str, Any], key: str, default: Any = ..., *, minimum: int =
     return value
 
 
+# GPT-2-style names of the same sizes, for configs of families ModelSpec does not read
+_ALIASES = {"n_layer": "num_hidden_layers", "n_embd": "hidden_size", "n_head": "num_attention_heads",
+            "n_inner": "intermediate_size", "ffn_dim": "intermediate_size", "num_layers": "num_hidden_layers",
+            "d_model": "hidden_size", "n_positions": "max_position_embeddings"}
+
+
+def is_supported(config: dict[str, Any]) -> bool:
+    """Whether ModelSpec reads this config's family (else only ``check_bounds`` applies)."""
+    if config.get("model_type") == "gemma3" and isinstance(config.get("text_config"), dict):
+        return True
+    try:
+        _model_type(config)
+    except SlimlmError:
+        return False
+    return True
+
+
+def check_bounds(config: dict[str, Any]) -> None:
+    """For a family ModelSpec does not read (transformers builds it): no integer size beyond ``LIMITS``, so a
+    corrupt config is refused before anything allocates for it."""
+    for key, value in config.items():
+        name = _ALIASES.get(key, key)
+        if isinstance(value, int) and not isinstance(value, bool) and value > LIMITS.get(name, DEFAULT_LIMIT):
+            raise SlimlmError(f"model config has {key}={value}; no real model has over "
+                              f"{LIMITS.get(name, DEFAULT_LIMIT):,} (a corrupt config?)")
+
+
 def _short(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."

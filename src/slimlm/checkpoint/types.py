@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from slimlm.checkpoint import tensor_data
 from slimlm.errors import SlimlmError
-from slimlm.spec import ModelSpec
+from slimlm.spec import ModelSpec, check_bounds, is_supported
 
 if TYPE_CHECKING:
     import numpy as np
@@ -105,7 +105,7 @@ class Checkpoint:
         """The config validated once into a ModelSpec (types, positivity, head divisibility, bounded sizes) and
         checked against the tensor table: the embedding's shape and the number of layers must be the config's, so
         no command plans from, allocates for or silently random-initialises what a lying config describes."""
-        where = self.path / "config.json" if self.format == "hf-dir" else self.path
+        where = self._config_file
         if self.config is None:
             raise SlimlmError(f"{where}: no model config (a GGUF without the metadata of a supported architecture?)")
         try:
@@ -115,6 +115,21 @@ class Checkpoint:
         if self.tensors and not self.config.get("quantization_config"):
             self._check_tensors(spec, where)
         return spec
+
+    @property
+    def _config_file(self) -> Path:
+        return self.path / "config.json" if self.path.is_dir() else self.path
+
+    def validate(self) -> ModelSpec | None:
+        """``spec()`` for the families ModelSpec reads; for others (transformers builds them) the config's sizes
+        bounded, and None."""
+        if self.config is not None and not is_supported(self.config):
+            try:
+                check_bounds(self.config)
+            except SlimlmError as exc:
+                raise SlimlmError(f"{self._config_file}: {exc}") from None
+            return None
+        return self.spec()
 
     def _check_tensors(self, spec: ModelSpec, where: Path) -> None:
         embed = next((t for t in self.tensors if t.name.endswith(("embed_tokens.weight", "token_embd.weight"))), None)

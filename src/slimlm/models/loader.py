@@ -158,7 +158,7 @@ def _load_dense(path: Path, fmt: str, dtype: torch.dtype, trust_remote_code: boo
         raise SlimlmError(f"{path} has a config.json but no .safetensors weights")
     ckpt = open_checkpoint(path)
     ckpt.check_complete()
-    ckpt.spec()  # validated once (types, bounds, heads, against the tensors) before transformers allocates
+    ckpt.validate()  # validated once (types, bounds, heads, against the tensors) before transformers allocates
     kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code, "use_safetensors": True}
     if fmt == "compressed-tensors":
         # Decompress into dense torch weights: eval must see exactly the values the file stores.

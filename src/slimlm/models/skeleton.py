@@ -31,7 +31,7 @@ def load_config(source: str | Path) -> Any:
         return gguf_config(path)
     from slimlm.checkpoint import open_checkpoint
 
-    open_checkpoint(path).spec()  # validated once (types, bounds, heads, against the tensors) before transformers
+    open_checkpoint(path).validate()  # validated once (types, bounds, heads, against the tensors) before transformers
     try:
         return AutoConfig.from_pretrained(path)
     except (OSError, ValueError, KeyError, TypeError) as exc:
