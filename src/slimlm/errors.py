@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import json
+import re
 import struct
 
 
@@ -32,7 +33,7 @@ def explain(exc: BaseException) -> str | None:
         return "the input is nested too deeply to parse (a corrupt or hostile file?)"
     if isinstance(exc, OSError) and exc.errno is not None:
         where = f"{exc.filename}: " if exc.filename else ""
-        return f"{where}{_OS_REASONS.get(exc.errno, exc.strerror or str(exc))}"
+        return f"{where}{os_reason(exc)}"
     if isinstance(exc, json.JSONDecodeError):
         return f"not valid JSON ({_first_line(exc)})"
     if isinstance(exc, UnicodeDecodeError):
@@ -40,8 +41,24 @@ def explain(exc: BaseException) -> str | None:
     if isinstance(exc, struct.error):
         return f"truncated or corrupt binary data ({_first_line(exc)})"
     if type(exc).__name__ == "SafetensorError":
+        if _rust_errno(exc) is not None:
+            return f"reading or writing a safetensors file failed: {os_reason(exc)}"
         return f"corrupt safetensors file ({_first_line(exc)})"
     return None
+
+
+def os_reason(exc: BaseException) -> str:
+    """Why a read or write failed, in words (the disk is full, permission denied, ...), for an OSError or the
+    Rust io::Error inside a safetensors error."""
+    code = exc.errno if isinstance(exc, OSError) else _rust_errno(exc)
+    if code in _OS_REASONS:
+        return _OS_REASONS[code]
+    return (exc.strerror if isinstance(exc, OSError) and exc.strerror else None) or _first_line(exc)
+
+
+def _rust_errno(exc: BaseException) -> int | None:
+    found = re.search(r"IoError\(Os \{ code: (\d+)|\(os error (\d+)\)", str(exc))
+    return int(found.group(1) or found.group(2)) if found else None
 
 
 def _first_line(exc: BaseException) -> str:

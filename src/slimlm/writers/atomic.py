@@ -16,7 +16,7 @@ import shutil
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from slimlm.errors import SlimlmError
+from slimlm.errors import SlimlmError, os_reason
 
 
 def check_output(out: Path, overwrite: bool, sources: Iterable[str | Path] = ()) -> None:
@@ -107,6 +107,8 @@ def atomic_path(out: Path, overwrite: bool = True) -> Iterator[Path]:
     try:
         yield tmp
         publish(tmp, out, overwrite)
+    except OSError as exc:  # a full disk, a quota, a file size limit: say which output, leave nothing
+        raise SlimlmError(f"{out}: cannot write ({os_reason(exc)}); nothing was written") from None
     finally:
         if tmp.exists():
             tmp.unlink()

@@ -20,10 +20,11 @@ import tempfile
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from slimlm.checkpoint import read_state_dict
-from slimlm.errors import SlimlmError
+from slimlm.errors import SlimlmError, os_reason
 from slimlm.writers.atomic import publish, temp_dir
 from slimlm.formats.groupint import (QuantizedWeight, dequantize, pack_codes, pack_zero_points, unpack_codes,
                                      unpack_zero_points)
@@ -103,8 +104,12 @@ class ShardWriter:
     def _flush(self) -> None:
         if not self._pending:
             return
-        save_file(self._pending, str(self.tmp / f"shard-{len(self._shards):05d}.safetensors"),
-                  metadata={"format": "pt"})
+        try:
+            save_file(self._pending, str(self.tmp / f"shard-{len(self._shards):05d}.safetensors"),
+                      metadata={"format": "pt"})
+        except (OSError, SafetensorError) as exc:  # a full disk or a size limit: name the output, keep nothing
+            self.abort()
+            raise SlimlmError(f"{self.target}: cannot write ({os_reason(exc)}); nothing was written") from None
         self._shards.append(list(self._pending))
         self.total_bytes += self._pending_bytes
         self._pending, self._pending_bytes = {}, 0
