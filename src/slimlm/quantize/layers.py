@@ -8,7 +8,6 @@ between layers). RTN needs no calibration and skips the forward passes."""
 
 from __future__ import annotations
 
-import json
 import re
 import tempfile
 import time
@@ -26,7 +25,7 @@ from slimlm.algorithms.methods import Method, get_method
 from slimlm.algorithms.smoothquant import DEFAULT_STRENGTH
 from slimlm.algorithms.stats import StatsCollector
 from slimlm.data.calibration import DEFAULT_SAMPLES, DEFAULT_SEQ_LEN, Calibration, load_calibration
-from slimlm.checkpoint import Checkpoint, open_checkpoint
+from slimlm.checkpoint import Checkpoint, open_checkpoint, read_config
 from slimlm.checkpoint.tensor_data import check_finite
 from slimlm.checkpoint.tensor_data import torch_dtype
 from slimlm.errors import SlimlmError
@@ -415,7 +414,7 @@ def _write_rest(run: _Run, writer: ShardWriter, overwrite: bool) -> None:
     if getattr(run.hf_config, "tie_word_embeddings", False) and "lm_head" not in run.ignored:
         run.ignored.append("lm_head")
     writer.add(rest)
-    config = json.loads((run.model_dir / "config.json").read_text())
+    config = read_config(run.model_dir / "config.json")
     groups = {k: sorted(v) for k, v in run.spec_groups.items()}
     config["quantization_config"] = quantization_config(groups, run.cfg.format, sorted(set(run.ignored)), run.act)
     writer.finish(config, run.model_dir, overwrite)

@@ -23,7 +23,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
-from slimlm.checkpoint import read_state_dict
+from slimlm.checkpoint import read_config, read_state_dict
 from slimlm.errors import SlimlmError, os_reason
 from slimlm.writers.atomic import publish, temp_dir
 from slimlm.formats.groupint import (QuantizedWeight, dequantize, pack_codes, pack_zero_points, unpack_codes,
@@ -174,7 +174,7 @@ def dequantized_state_dict(model_dir: str | Path, dtype: torch.dtype = torch.flo
     """Our own reading of a compressed-tensors checkpoint (none of its decompression code): float weights and,
     per Linear with quantized activations, its ``input_activations`` args (+ ``input_scale`` when static)."""
     model_dir = Path(model_dir)
-    config = json.loads((model_dir / "config.json").read_text())
+    config = read_config(model_dir / "config.json")
     qcfg = config.get("quantization_config")
     if not qcfg or qcfg.get("quant_method") != "compressed-tensors":
         raise SlimlmError(f"{model_dir} is not a compressed-tensors checkpoint")
@@ -257,7 +257,7 @@ def _load_fused(model_dir: Path, state: dict[str, torch.Tensor], dtype: torch.dt
     and stacking only; no compressed-tensors code) from a temporary float copy of the dir."""
     from transformers import AutoModelForCausalLM
 
-    config = json.loads((model_dir / "config.json").read_text())
+    config = read_config(model_dir / "config.json")
     config.pop("quantization_config", None)
     with tempfile.TemporaryDirectory(prefix="slimlm-ref-") as tmp:
         (Path(tmp) / "config.json").write_text(json.dumps(config))
