@@ -131,7 +131,7 @@ LIMITS = {"num_hidden_layers": MAX_LAYERS, "hidden_size": 1 << 20, "intermediate
           "moe_intermediate_size": 1 << 22, "shared_expert_intermediate_size": 1 << 22, "vocab_size": 1 << 24,
           "num_attention_heads": 1 << 14, "num_key_value_heads": 1 << 14, "head_dim": 1 << 16,
           "v_head_dim": 1 << 16, "qk_rope_head_dim": 1 << 16, "qk_nope_head_dim": 1 << 16, "kv_lora_rank": 1 << 20,
-          "q_lora_rank": 1 << 20, "num_local_experts": 1 << 16, "num_experts": 1 << 16, "n_routed_experts": 1 << 16}
+          "q_lora_rank": 1 << 20, "max_position_embeddings": 1 << 27, "num_local_experts": 1 << 16, "num_experts": 1 << 16, "n_routed_experts": 1 << 16}
 DEFAULT_LIMIT = 1 << 31
 
 
@@ -194,8 +194,11 @@ def _bool(config: dict[str, Any], key: str, default: bool) -> bool:
 
 def _rope_theta(config: dict[str, Any]) -> float | None:
     """rope_theta from either the classic key or transformers v5 ``rope_parameters`` (possibly per layer type)."""
-    if isinstance(config.get("rope_theta"), (int, float)):
-        return float(config["rope_theta"])
+    theta = config.get("rope_theta")
+    if theta is not None and (isinstance(theta, bool) or not isinstance(theta, (int, float)) or not 0 < theta < 1e15):
+        raise SlimlmError(f"model config has rope_theta={_short(theta)}; expected a positive number")
+    if theta is not None:
+        return float(theta)
     params = config.get("rope_parameters")
     if isinstance(params, dict):
         if isinstance(params.get("rope_theta"), (int, float)):
@@ -234,6 +237,17 @@ def _layer_types(config: dict[str, Any], model_type: str, n_layers: int,
     return ("sliding",) * n_layers
 
 
+_DTYPES = ("float32", "float16", "bfloat16", "float64", "float8_e4m3fn", "float8_e5m2", "auto")
+
+
+def _check_dtype(config: dict[str, Any]) -> None:
+    """The stored dtype a config names (``torch_dtype`` or transformers v5's ``dtype``), if any, is a real one."""
+    for key in ("torch_dtype", "dtype"):
+        value = config.get(key)
+        if value is not None and (not isinstance(value, str) or value.removeprefix("torch.") not in _DTYPES):
+            raise SlimlmError(f"model config has {key}={_short(value)}; expected one of {', '.join(_DTYPES)}")
+
+
 def _sliding_window(config: dict[str, Any], model_type: str) -> int | None:
     window = config.get("sliding_window")
     if window is None or window == 0:  # some configs write 0 for "no window"
@@ -264,7 +278,8 @@ def _from_config(config: dict[str, Any]) -> ModelSpec:
         vocab_size=vocab, intermediate_size=intermediate, tie_word_embeddings=tie,
         mlp_bias=_bool(config, "mlp_bias", False), sliding_window=window,
         layer_types=_layer_types(config, model_type, n_layers, window),
-        max_position_embeddings=_int(config, "max_position_embeddings", None), rope_theta=_rope_theta(config))
+        max_position_embeddings=_int(config, "max_position_embeddings", None, minimum=1), rope_theta=_rope_theta(config))
+    _check_dtype(config)
     if n_heads % n_kv_heads:
         raise SlimlmError(f"model config has {n_heads} attention heads, not a multiple of {n_kv_heads} KV heads")
 

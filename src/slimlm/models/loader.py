@@ -140,6 +140,8 @@ def _is_compressed_tensors_dir(path: Path) -> bool:
         config = json.loads((path / "config.json").read_text())
     except (OSError, ValueError):
         return False
+    if not isinstance(config, dict):
+        return False  # refused with the reason when the dir is opened
     qc = config.get("quantization_config") or config.get("compression_config") or {}
     return isinstance(qc, dict) and qc.get("quant_method") == "compressed-tensors"
 
