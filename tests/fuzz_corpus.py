@@ -278,7 +278,7 @@ def safetensors_cases(base_dir: Path, out: Path, rng: random.Random) -> list[Cas
         if isinstance(entry, dict) and "data_offsets" in entry:
             bounds.add(8 + n + entry["data_offsets"][0] + 1)
     for cut in sorted(bounds):
-        add(f"st-cut-{cut}", original[:cut], data_ok=cut > 8 + n)
+        add(f"st-cut-{cut}", original[:cut], data_ok=cut >= 8 + n)
     for label, length in (("0", 0), ("-1", 2**64 - 1), ("max", 2**63 - 1), ("lie", len(original)),
                           ("short", n - 5), ("1", 1)):
         add(f"st-header_len={label}", struct.pack("<Q", length) + original[8:])

@@ -69,8 +69,11 @@ def read_safetensors_header(path: Path) -> tuple[list[TensorInfo], dict[str, str
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise SlimlmError(f"{path}: corrupt safetensors header (__metadata__ is not an object of strings)")
     tensors = [_tensor_info(path, name, entry, data_start) for name, entry in header.items()]
-    _check_no_overlap(path, tensors)
+    _check_layout(path, tensors, data_start)
     data_end = max((t.offset + t.nbytes for t in tensors if t.offset is not None), default=data_start)
+    if size > data_end:
+        raise SlimlmError(f"{path}: corrupt safetensors header ({size - data_end:,} bytes after the last tensor's "
+                          "data: a header length or offsets that lie)")
     return tensors, metadata, data_end, size
 
 
@@ -119,8 +122,16 @@ def _tensor_info(path: Path, name: str, entry: Any, data_start: int) -> TensorIn
                       offset=data_start + offsets[0])
 
 
-def _check_no_overlap(path: Path, tensors: list[TensorInfo]) -> None:
+def _check_layout(path: Path, tensors: list[TensorInfo], data_start: int) -> None:
+    """Data ranges back to back from the end of the header, as the format requires (the safetensors library
+    refuses anything else): an overlap, or a gap where a tensor's entry was removed or moved, is a lie."""
     spans = sorted((t.offset, t.offset + t.nbytes, t.name) for t in tensors if t.nbytes)  # type: ignore[operator]
+    if spans and spans[0][0] != data_start:
+        raise SlimlmError(f"{path}: corrupt safetensors header ({spans[0][0] - data_start:,} bytes before the first "
+                          f"tensor {spans[0][2][:80]!r} belong to no tensor)")
     for (_, end, name), (begin, _, nxt) in zip(spans, spans[1:]):
         if begin < end:
-            raise SlimlmError(f"{path}: corrupt safetensors header (tensors {name!r} and {nxt!r} overlap)")
+            raise SlimlmError(f"{path}: corrupt safetensors header (tensors {name[:80]!r} and {nxt[:80]!r} overlap)")
+        if begin > end:
+            raise SlimlmError(f"{path}: corrupt safetensors header ({begin - end:,} bytes between tensors "
+                              f"{name[:80]!r} and {nxt[:80]!r} belong to no tensor)")

@@ -168,9 +168,13 @@ def _load_dense(path: Path, fmt: str, dtype: torch.dtype, trust_remote_code: boo
 
         kwargs["quantization_config"] = CompressedTensorsConfig(run_compressed=False)
     try:
-        return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        model, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True, **kwargs)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise SlimlmError(f"{path}: transformers cannot load this model ({_first_line(exc)})") from None
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:  # transformers would fill them with random values: evaluating that would measure noise
+        raise SlimlmError(f"{path}: the weights lack {len(missing)} of the model's tensors, e.g. {missing[0]}")
+    return model
 
 
 def _own_tokenizer(path: Path, fmt: str) -> Any:
