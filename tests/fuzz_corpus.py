@@ -162,6 +162,7 @@ def gguf_cases(base: Path, out: Path, rng: random.Random, per_field: int = 2) ->
         muts = _mutations(f.width, current, len(data))
         if f.what.endswith(" type") and not f.what.startswith("tensor "):
             del muts["+1"]  # UINT32 -> INT32 holds the same small value: a valid file
+        muts = {label: value for label, value in muts.items() if value != current}  # a no-op is no case
         for label in rng.sample(sorted(muts), per_field) if per_field < len(muts) else sorted(muts):
             blob = bytearray(data)
             blob[f.pos:f.pos + f.width] = muts[label].to_bytes(f.width, "little")
