@@ -152,7 +152,7 @@ def _scan(path: Path, buf: Any) -> GGUFHeader:
     tensors = [_tensor_info(path, name, raw_type, dims, data_offset + offset)
                for name, raw_type, dims, offset in table]
     _check_layout(path, tensors, alignment, data_offset)
-    end = max((t.offset + t.nbytes for t in tensors), default=len(buf))  # type: ignore[operator]
+    end = max((t.offset + t.nbytes for t in tensors), default=data_offset)  # type: ignore[operator]
     if len(buf) >= end + alignment:
         raise SlimlmError(f"{path}: corrupt GGUF header ({len(buf) - end:,} bytes after the last tensor's data "
                           "belong to no tensor)")

@@ -112,8 +112,8 @@ class Checkpoint:
             spec = ModelSpec.from_config(self.config)
         except SlimlmError as exc:
             raise SlimlmError(f"{where}: {exc}") from None
-        if self.format in ("hf-dir", "safetensors") and not self.tensors:
-            raise SlimlmError(f"{self.path}: its .safetensors files hold no tensors")
+        if self.format != "config" and not self.tensors:
+            raise SlimlmError(f"{self.path}: holds no tensors")
         if self.tensors and not self.config.get("quantization_config"):
             self._check_tensors(spec, where)
         return spec
