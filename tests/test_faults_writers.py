@@ -151,3 +151,23 @@ def test_read_only_target_is_one_line(model, tmp_path):
         assert proc.returncode == 2 and "not writable" in proc.stderr, proc.stderr
     finally:
         folder.chmod(0o755)
+
+
+def test_a_run_killed_while_swapping_dirs_restores_the_previous_output(tmp_path):
+    """Killed between moving the old output aside and moving the new one in: the next run puts the previous
+    complete output back (and removes the dead run's half-written temporary)."""
+    from slimlm.writers.atomic import publish, remove_stale, temp_dir
+
+    done = subprocess.Popen(["true"])
+    done.wait()  # a pid that is no longer alive
+    out = tmp_path / "out-ct"
+    old = tmp_path / f".out-ct.{done.pid}.old.tmp"
+    old.mkdir()
+    (old / "model.safetensors").write_text("previous")
+    (tmp_path / f".out-ct.{done.pid}.tmp").mkdir()
+    remove_stale(out)
+    assert (out / "model.safetensors").read_text() == "previous" and _leftovers(tmp_path, out) == []
+    new = temp_dir(out)
+    (new / "model.safetensors").write_text("new")
+    publish(new, out, overwrite=True)
+    assert (out / "model.safetensors").read_text() == "new" and _leftovers(tmp_path, out) == []

@@ -42,11 +42,18 @@ def temp_name(out: Path) -> Path:
 
 
 def remove_stale(out: Path) -> None:
-    """Delete temporaries of ``out`` left by runs that were killed (their pid is not alive)."""
-    for tmp in out.parent.glob(f".{out.name}.*.tmp"):
-        pid = tmp.name[len(out.name) + 2:-len(".tmp")]
-        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
-            shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+    """Delete temporaries of ``out`` left by runs that were killed (their pid is not alive); a previous output
+    such a run had moved aside to replace it (``.NAME.PID.old.tmp``) goes back to ``out`` if nothing replaced it."""
+    for tmp in sorted(out.parent.glob(f".{out.name}.*.tmp")):
+        pid, _, kind = tmp.name[len(out.name) + 2:-len(".tmp")].partition(".")
+        if not pid.isdigit() or int(pid) == os.getpid() or _alive(int(pid)):
+            continue
+        if kind == "old" and not out.exists():
+            os.replace(tmp, out)
+        elif tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
 
 
 def _alive(pid: int) -> bool:
