@@ -21,8 +21,8 @@ from slimlm.checkpoint.safetensors_header import read_safetensors_header
 from slimlm.errors import SlimlmError
 from slimlm.spec import ModelSpec
 
-# Commands that load weights run a seeded sample of the GGUF field mutations (inspect runs them all): the suite
-# stays within about two minutes on two cores.
+# Commands that load weights run a seeded sample of the GGUF field mutations and truncations (inspect runs every
+# case; benchmarks/bench_fuzz.py runs every case for every command): the suite stays within about two minutes.
 SAMPLE = 70
 PEAK_RSS_BOUND_MIB = 2048
 
@@ -38,9 +38,12 @@ def fuzz(tmp_path_factory):
     root = tmp_path_factory.mktemp("fuzz")
     cases, bases = fc.build_corpus(root, seed=0)
     rng = random.Random(0)
-    mutated = [c for c in cases if c.name.startswith("gguf-") and "=" in c.name]
-    keep = {c.name for c in rng.sample(mutated, min(SAMPLE, len(mutated)))}
-    heavy = [c for c in cases if not (c.name.startswith("gguf-") and "=" in c.name) or c.name in keep]
+    keep = set()
+    for kind in ("=", "gguf-cut-"):  # field mutations, truncations
+        group = [c.name for c in cases if c.name.startswith("gguf-") and kind in c.name]
+        keep |= set(rng.sample(group, min(SAMPLE, len(group))))
+    heavy = [c for c in cases if not (c.name.startswith("gguf-") and ("=" in c.name or "gguf-cut-" in c.name))
+             or c.name in keep or c.name == "gguf-cut-24"]
     outcomes, peak = fc.run_batch(cases, ("inspect",), root, bases["text"])
     more, peak2 = fc.run_batch(heavy, fc.COMMANDS[1:], root, bases["text"])
     return {"outcomes": outcomes + more, "peak_kib": max(peak, peak2), "root": root, "cases": cases}
