@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from slimlm.checkpoint.gguf_file import GGUFHeader
 
 _LAYER = re.compile(r"(?:^|\.)(?:layers|blk|h)\.(\d+)\.")
+_OTHER_TOWER = re.compile(r"vision|visual|audio|multi_modal|mm_|^v\.|^a\.")  # multimodal checkpoints' other parts
 CheckpointFormat = Literal["hf-dir", "safetensors", "gguf", "config"]
 
 
@@ -134,7 +135,8 @@ class Checkpoint:
         return self.spec()
 
     def _check_tensors(self, spec: ModelSpec, where: Path) -> None:
-        embed = next((t for t in self.tensors if t.name.endswith(("embed_tokens.weight", "token_embd.weight"))), None)
+        tensors = [t for t in self.tensors if not _OTHER_TOWER.search(t.name)]  # the language model's own
+        embed = next((t for t in tensors if t.name.endswith(("embed_tokens.weight", "token_embd.weight"))), None)
         if embed is not None and embed.ggml_type is None and embed.shape != (spec.vocab_size, spec.hidden_size):
             raise SlimlmError(f"{where}: the config says vocab_size {spec.vocab_size} x hidden_size "
                               f"{spec.hidden_size} but tensor {embed.name} is {list(embed.shape)}")
@@ -149,12 +151,12 @@ class Checkpoint:
         if not spec.is_mla:
             for suffix in ("layers.0.self_attn.q_proj.weight", "blk.0.attn_q.weight"):
                 widths[suffix] = ("num_attention_heads x head_dim", spec.n_heads * spec.head_dim, 0)
-        for t in self.tensors:
+        for t in tensors:
             for suffix, (what, size, axis) in widths.items():
                 if t.name.endswith(suffix) and len(t.shape) == 2 and t.shape[axis] != size:
                     raise SlimlmError(f"{where}: the config says {what} = {size} but tensor {t.name} is "
                                       f"{list(t.shape)}")
-        layers = {int(m.group(1)) for t in self.tensors if (m := _LAYER.search(t.name))}
+        layers = {int(m.group(1)) for t in tensors if (m := _LAYER.search(t.name))}
         if layers and max(layers) + 1 not in (spec.n_layers, spec.n_layers + spec.mtp_layers):
             raise SlimlmError(f"{where}: the config says num_hidden_layers {spec.n_layers} but the tensors hold "
                               f"{max(layers) + 1} layers")
