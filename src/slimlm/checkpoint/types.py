@@ -137,12 +137,9 @@ class Checkpoint:
     def _check_tensors(self, spec: ModelSpec, where: Path) -> None:
         tensors = [t for t in self.tensors if not _OTHER_TOWER.search(t.name)]  # the language model's own
         embed = next((t for t in tensors if t.name.endswith(("embed_tokens.weight", "token_embd.weight"))), None)
-        if embed is not None and embed.ggml_type is None and embed.shape != (spec.vocab_size, spec.hidden_size):
+        if embed is not None and embed.shape != (spec.vocab_size, spec.hidden_size):  # llama.cpp checks it too
             raise SlimlmError(f"{where}: the config says vocab_size {spec.vocab_size} x hidden_size "
                               f"{spec.hidden_size} but tensor {embed.name} is {list(embed.shape)}")
-        if embed is not None and embed.ggml_type is not None and embed.shape[-1] != spec.hidden_size:
-            raise SlimlmError(f"{where}: the config says hidden_size {spec.hidden_size} but tensor {embed.name} is "
-                              f"{list(embed.shape)}")
         # layer 0's MLP (when dense) and query projection: tensor name suffix -> (config words, size, axis)
         widths: dict[str, tuple[str, int, int]] = {}
         if 0 not in spec.moe_layers:
