@@ -77,7 +77,7 @@ def open_hf_dir(model_dir: Path, tensors: Iterable[HFTensor] | None = None) -> M
     if "text_config" in config and "num_hidden_layers" not in config:
         config = {**config, **config["text_config"]}
     hf_arch, spec = arch_spec(config)
-    ckpt.spec()  # the config validated and checked against the tensors before anything is planned from it
+    ckpt.validate()  # the config validated (and checked against the tensors) before anything is planned from it
     n_layers = int(config["num_hidden_layers"])
     n_head = int(config["num_attention_heads"])
     n_head_kv = 1 if spec.mla else int(config.get("num_key_value_heads") or n_head)
