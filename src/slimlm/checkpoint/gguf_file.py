@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGUF_DEFAULT_ALIGNMENT, GGMLQuantizationType, GGUFValueType
 
+from slimlm.checkpoint.tensor_data import packing_problem
 from slimlm.checkpoint.types import TensorInfo
 from slimlm.errors import SlimlmError
 
@@ -161,22 +162,14 @@ def _scan(path: Path, buf: Any) -> GGUFHeader:
 
 def _check_layout(path: Path, tensors: list[TensorInfo], alignment: int, data_offset: int) -> None:
     """Tensor data aligned as llama.cpp requires and packed as every GGUF writer packs it (llama.cpp's and gguf's:
-    back to back, each padded to the alignment): a dimension, type or offset that lies makes an overlap or a gap.
-    Data past the end of the file is a partial download, reported by the caller."""
+    back to back, each padded to the alignment)."""
     for t in tensors:
         if (t.offset - data_offset) % alignment:  # type: ignore[operator]
             raise SlimlmError(f"{path}: corrupt GGUF header (tensor {t.name[:80]!r}: data offset "
                               f"{t.offset - data_offset} is not a multiple of the alignment {alignment})")  # type: ignore[operator]
-    spans = sorted((t.offset, t.offset + t.nbytes, t.name) for t in tensors)  # type: ignore[operator]
-    if spans and spans[0][0] != data_offset:
-        raise SlimlmError(f"{path}: corrupt GGUF header ({spans[0][0] - data_offset:,} bytes before the first "
-                          f"tensor {spans[0][2][:80]!r} belong to no tensor)")
-    for (_, end, name), (begin, _, nxt) in zip(spans, spans[1:]):
-        if begin < end:
-            raise SlimlmError(f"{path}: corrupt GGUF header (tensors {name[:80]!r} and {nxt[:80]!r} overlap)")
-        if begin >= end + alignment:
-            raise SlimlmError(f"{path}: corrupt GGUF header ({begin - end:,} bytes between tensors {name[:80]!r} "
-                              f"and {nxt[:80]!r} belong to no tensor)")
+    problem = packing_problem(tensors, data_offset, alignment)
+    if problem:
+        raise SlimlmError(f"{path}: corrupt GGUF header ({problem})")
 
 
 def _need(buf: Any, end: int) -> None:

@@ -14,6 +14,7 @@ import struct
 from pathlib import Path
 from typing import Any
 
+from slimlm.checkpoint.tensor_data import packing_problem
 from slimlm.checkpoint.types import TensorInfo
 from slimlm.errors import SlimlmError
 
@@ -125,13 +126,6 @@ def _tensor_info(path: Path, name: str, entry: Any, data_start: int) -> TensorIn
 def _check_layout(path: Path, tensors: list[TensorInfo], data_start: int) -> None:
     """Data ranges back to back from the end of the header, as the format requires (the safetensors library
     refuses anything else): an overlap, or a gap where a tensor's entry was removed or moved, is a lie."""
-    spans = sorted((t.offset, t.offset + t.nbytes, t.name) for t in tensors if t.nbytes)  # type: ignore[operator]
-    if spans and spans[0][0] != data_start:
-        raise SlimlmError(f"{path}: corrupt safetensors header ({spans[0][0] - data_start:,} bytes before the first "
-                          f"tensor {spans[0][2][:80]!r} belong to no tensor)")
-    for (_, end, name), (begin, _, nxt) in zip(spans, spans[1:]):
-        if begin < end:
-            raise SlimlmError(f"{path}: corrupt safetensors header (tensors {name[:80]!r} and {nxt[:80]!r} overlap)")
-        if begin > end:
-            raise SlimlmError(f"{path}: corrupt safetensors header ({begin - end:,} bytes between tensors "
-                              f"{name[:80]!r} and {nxt[:80]!r} belong to no tensor)")
+    problem = packing_problem(tensors, data_start, slack=1)
+    if problem:
+        raise SlimlmError(f"{path}: corrupt safetensors header ({problem})")

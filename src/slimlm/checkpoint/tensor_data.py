@@ -28,6 +28,21 @@ _TORCH = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat1
           "F8_E5M2": "float8_e5m2"}
 
 
+def packing_problem(tensors: list[TensorInfo], start: int, slack: int) -> str | None:
+    """Why the tensors' data ranges are not packed as the format's writers pack them (from ``start``, back to back,
+    gaps under ``slack`` bytes of padding), or None: a dimension, type or offset that lies makes an overlap or a
+    gap. Data past the end of the file is a partial download, which the caller reports."""
+    spans = sorted((t.offset, t.offset + t.nbytes, t.name) for t in tensors if t.nbytes)  # type: ignore[operator]
+    if spans and spans[0][0] != start:
+        return f"{spans[0][0] - start:,} bytes before the first tensor {spans[0][2][:80]!r} belong to no tensor"
+    for (_, end, name), (begin, _, nxt) in zip(spans, spans[1:]):
+        if begin < end:
+            return f"tensors {name[:80]!r} and {nxt[:80]!r} overlap"
+        if begin >= end + slack:
+            return f"{begin - end:,} bytes between tensors {name[:80]!r} and {nxt[:80]!r} belong to no tensor"
+    return None
+
+
 def raw_bytes(info: TensorInfo) -> np.ndarray:
     """The tensor's stored bytes (uint8, read-only, mapped from the file; no copy)."""
     if info.file is None or info.offset is None:
