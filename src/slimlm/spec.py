@@ -161,6 +161,8 @@ def is_supported(config: dict[str, Any]) -> bool:
     """Whether ModelSpec reads this config's family (else only ``check_bounds`` applies)."""
     if config.get("model_type") == "gemma3" and isinstance(config.get("text_config"), dict):
         return True
+    if not isinstance(config.get("model_type", ""), str):
+        return True  # not a family name at all: ModelSpec refuses it, naming the field
     try:
         _model_type(config)
     except SlimlmError:
