@@ -208,14 +208,12 @@ def _gguf_specials(data: bytes, fields: list[Field], out: Path) -> list[Case]:
     for align in (0, 3, 2**31):
         add(f"gguf-alignment-{align}", _with_kv(data, "general.alignment", gguf.GGUFValueType.UINT32, align))
     names = [f for f in fields if f.what.endswith(" name length")]
-    # duplicate tensor names: the second tensor renamed to the first
-    first, second = names[0], names[1]
-    n1 = struct.unpack_from("<Q", data, first.pos)[0]
-    n2 = struct.unpack_from("<Q", data, second.pos)[0]
-    if n1 == n2:
-        blob = bytearray(data)
-        blob[second.pos + 8:second.pos + 8 + n2] = data[first.pos + 8:first.pos + 8 + n1]
-        add("gguf-duplicate-tensor", bytes(blob))
+    # duplicate tensor names: a tensor renamed to an earlier one of the same name length
+    lengths = [struct.unpack_from("<Q", data, f.pos)[0] for f in names]
+    i, j = next((i, j) for j in range(len(names)) for i in range(j) if lengths[i] == lengths[j])
+    blob = bytearray(data)
+    blob[names[j].pos + 8:names[j].pos + 8 + lengths[j]] = data[names[i].pos + 8:names[i].pos + 8 + lengths[i]]
+    add("gguf-duplicate-tensor", bytes(blob))
     dims = [f for f in fields if f.what.endswith("dim 1")]
     blob = bytearray(data)
     struct.pack_into("<Q", blob, dims[0].pos, 0)
