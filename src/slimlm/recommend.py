@@ -139,7 +139,7 @@ class ResultCache:
             return None
 
     def put(self, key: str, value: dict[str, Any]) -> None:
-        tmp = self.dir / f".{key}.json.tmp"
+        tmp = self.dir / f".{key}.json.{os.getpid()}.tmp"  # per process: concurrent runs never share one
         tmp.write_text(json.dumps(value, indent=1, default=str))
         tmp.replace(self.dir / f"{key}.json")
 
@@ -212,8 +212,17 @@ SPEED_KEY = {"throughput": "prefill_tok_s", "latency": "decode_tok_s", "quality"
              "size": "decode_tok_s"}
 
 
+ABSURD_KLD = 5.0  # nats: no working quantization is this far from its reference; the file or its eval is broken
+
+
+def absurd(row: dict[str, Any]) -> bool:
+    """A measured KLD that says the variant is broken (or not a number at all): flagged, never chosen."""
+    return not row["kld_mean"] <= ABSURD_KLD
+
+
 def choose(rows: list[dict[str, Any]], goal: str, max_kld: float) -> tuple[dict[str, Any] | None, str]:
     """The pick for ``goal`` among measured rows that fit, and whether quality excluded any."""
+    rows = [r for r in rows if not absurd(r)]
     usable = rows if goal == "quality" else [r for r in rows if r["kld_mean"] <= max_kld]
     if not usable:
         return None, "no measured variant that fits stays under the KLD limit"
@@ -338,6 +347,8 @@ def recommend(model: str | Path, *, memory: str | int, goal: str = "throughput",
         pareto=pareto_front(rows, SPEED_KEY[goal]),
         excluded=[{"name": v.name, "needs_bytes": r["total_bytes"], "reason": "does not fit"} for v, r in excluded]
         + [{"name": r["name"], "kld_mean": r["kld_mean"], "reason": f"KLD above {max_kld}"}
-           for r in rows if r["kld_mean"] > max_kld and goal != "quality"],
+           for r in rows if r["kld_mean"] > max_kld and goal != "quality" and not absurd(r)]
+        + [{"name": r["name"], "kld_mean": r["kld_mean"], "reason": f"KLD absurd (over {ABSURD_KLD} nats): "
+            "a broken file, flagged and never chosen"} for r in rows if absurd(r)],
         skipped=skipped, reference=reference, memory=memory_rows, settings=asdict(settings),
         seconds=time.perf_counter() - started)

@@ -114,27 +114,75 @@ class ModelSpec:
 def _model_type(config: dict[str, Any]) -> str:
     model_type = config.get("model_type")
     if not model_type:
-        for arch in config.get("architectures") or []:
-            if arch in _ARCH_TO_TYPE:
+        archs = config.get("architectures")
+        for arch in archs if isinstance(archs, list) else []:
+            if isinstance(arch, str) and arch in _ARCH_TO_TYPE:
                 return _ARCH_TO_TYPE[arch]
     if not isinstance(model_type, str) or model_type not in SUPPORTED_MODEL_TYPES:
-        raise SlimlmError(f"unsupported model_type {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+        raise SlimlmError(f"unsupported model_type {_short(model_type)}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
     return model_type
 
 
 MAX_LAYERS = 10_000  # the deepest released LLMs have a few hundred
+# The most a config may ask for: far above any released model (hidden 16k, vocab 256k, FFN 50k, 128 heads), far
+# below what would exhaust memory or time while planning from it (per-layer tables, tensor shapes); a config
+# beyond these is corrupt or hostile, not a model. Any other integer field is bounded by DEFAULT_LIMIT.
+LIMITS = {"num_hidden_layers": MAX_LAYERS, "hidden_size": 1 << 20, "intermediate_size": 1 << 22,
+          "moe_intermediate_size": 1 << 22, "shared_expert_intermediate_size": 1 << 22, "vocab_size": 1 << 24,
+          "num_attention_heads": 1 << 14, "num_key_value_heads": 1 << 14, "head_dim": 1 << 16,
+          "v_head_dim": 1 << 16, "qk_rope_head_dim": 1 << 16, "qk_nope_head_dim": 1 << 16, "kv_lora_rank": 1 << 20,
+          "q_lora_rank": 1 << 20, "max_position_embeddings": 1 << 27, "num_local_experts": 1 << 16, "num_experts": 1 << 16, "n_routed_experts": 1 << 16}
+DEFAULT_LIMIT = 1 << 31
 
 
 def _int(config: dict[str, Any], key: str, default: Any = ..., *, minimum: int = 0) -> Any:
-    """A non-negative int from the config; missing required keys and wrong types are user errors."""
+    """A bounded non-negative int from the config; missing required keys, wrong types and values beyond
+    ``LIMITS`` are user errors."""
     value = config.get(key)
     if value is None:
         if default is ...:
             raise SlimlmError(f"model config lacks {key!r}")
         return default
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise SlimlmError(f"model config has {key}={value!r}; expected an integer >= {minimum}")
+        raise SlimlmError(f"model config has {key}={_short(value)}; expected an integer >= {minimum}")
+    limit = LIMITS.get(key, DEFAULT_LIMIT)
+    if value > limit:
+        raise SlimlmError(f"model config has {key}={value}; no real model has over {limit:,} (a corrupt config?)")
     return value
+
+
+# GPT-2-style names of the same sizes, for configs of families ModelSpec does not read
+_ALIASES = {"n_layer": "num_hidden_layers", "n_embd": "hidden_size", "n_head": "num_attention_heads",
+            "n_inner": "intermediate_size", "ffn_dim": "intermediate_size", "num_layers": "num_hidden_layers",
+            "d_model": "hidden_size", "n_positions": "max_position_embeddings"}
+
+
+def is_supported(config: dict[str, Any]) -> bool:
+    """Whether ModelSpec reads this config's family (else only ``check_bounds`` applies)."""
+    if config.get("model_type") == "gemma3" and isinstance(config.get("text_config"), dict):
+        return True
+    if not isinstance(config.get("model_type", ""), str):
+        return True  # not a family name at all: ModelSpec refuses it, naming the field
+    try:
+        _model_type(config)
+    except SlimlmError:
+        return False
+    return True
+
+
+def check_bounds(config: dict[str, Any]) -> None:
+    """For a family ModelSpec does not read (transformers builds it): no integer size beyond ``LIMITS``, so a
+    corrupt config is refused before anything allocates for it."""
+    for key, value in config.items():
+        name = _ALIASES.get(key, key)
+        if isinstance(value, int) and not isinstance(value, bool) and value > LIMITS.get(name, DEFAULT_LIMIT):
+            raise SlimlmError(f"model config has {key}={value}; no real model has over "
+                              f"{LIMITS.get(name, DEFAULT_LIMIT):,} (a corrupt config?)")
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _bool(config: dict[str, Any], key: str, default: bool) -> bool:
@@ -142,14 +190,17 @@ def _bool(config: dict[str, Any], key: str, default: bool) -> bool:
     if value is None:
         return default
     if not isinstance(value, bool):
-        raise SlimlmError(f"model config has {key}={value!r}; expected true or false")
+        raise SlimlmError(f"model config has {key}={_short(value)}; expected true or false")
     return value
 
 
 def _rope_theta(config: dict[str, Any]) -> float | None:
     """rope_theta from either the classic key or transformers v5 ``rope_parameters`` (possibly per layer type)."""
-    if isinstance(config.get("rope_theta"), (int, float)):
-        return float(config["rope_theta"])
+    theta = config.get("rope_theta")
+    if theta is not None and (isinstance(theta, bool) or not isinstance(theta, (int, float)) or not 0 < theta < 1e15):
+        raise SlimlmError(f"model config has rope_theta={_short(theta)}; expected a positive number")
+    if theta is not None:
+        return float(theta)
     params = config.get("rope_parameters")
     if isinstance(params, dict):
         if isinstance(params.get("rope_theta"), (int, float)):
@@ -188,12 +239,23 @@ def _layer_types(config: dict[str, Any], model_type: str, n_layers: int,
     return ("sliding",) * n_layers
 
 
+_DTYPES = ("float32", "float16", "bfloat16", "float64", "float8_e4m3fn", "float8_e5m2", "auto")
+
+
+def _check_dtype(config: dict[str, Any]) -> None:
+    """The stored dtype a config names (``torch_dtype`` or transformers v5's ``dtype``), if any, is a real one."""
+    for key in ("torch_dtype", "dtype"):
+        value = config.get(key)
+        if value is not None and (not isinstance(value, str) or value.removeprefix("torch.") not in _DTYPES):
+            raise SlimlmError(f"model config has {key}={_short(value)}; expected one of {', '.join(_DTYPES)}")
+
+
 def _sliding_window(config: dict[str, Any], model_type: str) -> int | None:
     window = config.get("sliding_window")
     if window is None or window == 0:  # some configs write 0 for "no window"
         return None
     if isinstance(window, bool) or not isinstance(window, int) or window < 0:
-        raise SlimlmError(f"model config has sliding_window={window!r}; expected a positive integer or null")
+        raise SlimlmError(f"model config has sliding_window={_short(window)}; expected a positive integer or null")
     # Qwen configs carry a sliding_window value even when use_sliding_window is false (then it is unused).
     if model_type in ("qwen2", "qwen3", "qwen2_moe") and not config.get("use_sliding_window", False):
         return None
@@ -206,8 +268,6 @@ def _from_config(config: dict[str, Any]) -> ModelSpec:
         config = {**config["text_config"], "model_type": "gemma3_text"}
     model_type = _model_type(config)
     n_layers = _int(config, "num_hidden_layers", minimum=1)
-    if n_layers > MAX_LAYERS:  # a corrupt header, not a model: per-layer tables would take seconds to build
-        raise SlimlmError(f"model config has num_hidden_layers={n_layers}; no real model has over {MAX_LAYERS:,}")
     hidden = _int(config, "hidden_size", minimum=1)
     n_heads = _int(config, "num_attention_heads", minimum=1)
     n_kv_heads = _int(config, "num_key_value_heads", n_heads, minimum=1)
@@ -220,7 +280,8 @@ def _from_config(config: dict[str, Any]) -> ModelSpec:
         vocab_size=vocab, intermediate_size=intermediate, tie_word_embeddings=tie,
         mlp_bias=_bool(config, "mlp_bias", False), sliding_window=window,
         layer_types=_layer_types(config, model_type, n_layers, window),
-        max_position_embeddings=_int(config, "max_position_embeddings", None), rope_theta=_rope_theta(config))
+        max_position_embeddings=_int(config, "max_position_embeddings", None, minimum=1), rope_theta=_rope_theta(config))
+    _check_dtype(config)
     if n_heads % n_kv_heads:
         raise SlimlmError(f"model config has {n_heads} attention heads, not a multiple of {n_kv_heads} KV heads")
 
@@ -253,13 +314,15 @@ def _from_config(config: dict[str, Any]) -> ModelSpec:
     elif model_type == "qwen2_moe":
         n_experts = _int(config, "num_experts", minimum=1)
         step = _int(config, "decoder_sparse_step", 1, minimum=1)
-        dense_only = set(config.get("mlp_only_layers") or [])
+        dense_only = config.get("mlp_only_layers") or []
+        if not isinstance(dense_only, list) or not all(isinstance(i, int) for i in dense_only):
+            raise SlimlmError(f"model config has mlp_only_layers={_short(dense_only)}; expected a list of layer indices")
         shared = _int(config, "shared_expert_intermediate_size", 0)
         common.update(
             n_experts=n_experts, n_experts_per_tok=_int(config, "num_experts_per_tok", minimum=1),
             moe_intermediate_size=_int(config, "moe_intermediate_size", minimum=1), n_shared_experts=1 if shared else 0,
             shared_expert_intermediate_size=shared, shared_expert_gate=bool(shared),
-            moe_layers=tuple(i for i in range(n_layers) if i not in dense_only and (i + 1) % step == 0))
+            moe_layers=tuple(i for i in range(n_layers) if i not in set(dense_only) and (i + 1) % step == 0))
     return _spec(common)
 
 

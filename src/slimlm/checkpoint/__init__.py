@@ -70,6 +70,8 @@ def read_config(path: Path) -> dict[str, Any]:
         raise SlimlmError(f"{path}: cannot read ({exc.strerror or exc})") from None
     except (UnicodeDecodeError, ValueError) as exc:
         raise SlimlmError(f"{path}: not valid JSON ({str(exc).splitlines()[0][:120]})") from None
+    except RecursionError:
+        raise SlimlmError(f"{path}: JSON nested too deeply") from None
     if not isinstance(data, dict):
         raise SlimlmError(f"{path}: expected a JSON object")
     return data

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGUF_DEFAULT_ALIGNMENT, GGMLQuantizationType, GGUFValueType
 
+from slimlm.checkpoint.tensor_data import packing_problem
 from slimlm.checkpoint.types import TensorInfo
 from slimlm.errors import SlimlmError
 
@@ -29,6 +30,11 @@ _CODES = {V.UINT8: "B", V.INT8: "b", V.UINT16: "H", V.INT16: "h", V.UINT32: "I",
           V.BOOL: "?", V.UINT64: "Q", V.INT64: "q", V.FLOAT64: "d"}
 _SIZES = {vtype: struct.calcsize("<" + code) for vtype, code in _CODES.items()}
 _MAX_DIMS = 4  # GGML_MAX_DIMS
+_MAX_NESTING = 4  # arrays of arrays: llama.cpp reads none; deeper is a hostile file, not a model
+_MAX_ELEMENTS = 1 << 48  # elements of one tensor (256 T): past any real model, well inside int64 byte counts
+# The fewest bytes a metadata entry (key length, type, 1-byte value) and a tensor entry (name length, n_dims,
+# type, offset) take: the counts a header declares are checked against the file before any loop runs.
+_MIN_KV_BYTES, _MIN_TENSOR_BYTES = 8 + 4 + 1, 8 + 4 + 4 + 8
 # Metadata arrays longer than this (tokenizer vocabularies, merges) are summarised, not decoded.
 _MAX_ARRAY_ITEMS = 64
 
@@ -130,6 +136,9 @@ def _scan(path: Path, buf: Any) -> GGUFHeader:
     if version not in (2, 3):
         raise ValueError(f"GGUF version {version} is not supported (2 and 3 are)")
     n_tensors, n_kv = struct.unpack_from(order + "QQ", buf, 8)
+    if n_kv * _MIN_KV_BYTES + n_tensors * _MIN_TENSOR_BYTES > len(buf) - 24:
+        raise _Truncated(f"the header declares {n_kv} metadata entries and {n_tensors} tensors, more than "
+                         f"{len(buf)} bytes can hold")
     fields, pos = _scan_fields(buf, 24, n_kv, order)
     table, pos = _scan_tensor_table(buf, pos, n_tensors, order)
     alignment = GGUF_DEFAULT_ALIGNMENT
@@ -143,7 +152,24 @@ def _scan(path: Path, buf: Any) -> GGUFHeader:
     data_offset = (pos + alignment - 1) // alignment * alignment
     tensors = [_tensor_info(path, name, raw_type, dims, data_offset + offset)
                for name, raw_type, dims, offset in table]
+    _check_layout(path, tensors, alignment, data_offset)
+    end = max((t.offset + t.nbytes for t in tensors), default=data_offset)  # type: ignore[operator]
+    if len(buf) >= end + alignment:
+        raise SlimlmError(f"{path}: corrupt GGUF header ({len(buf) - end:,} bytes after the last tensor's data "
+                          "belong to no tensor)")
     return GGUFHeader(path, version, order == ">", fields, tensors, data_offset, len(buf))
+
+
+def _check_layout(path: Path, tensors: list[TensorInfo], alignment: int, data_offset: int) -> None:
+    """Tensor data aligned as llama.cpp requires and packed as every GGUF writer packs it (llama.cpp's and gguf's:
+    back to back, each padded to the alignment)."""
+    for t in tensors:
+        if (t.offset - data_offset) % alignment:  # type: ignore[operator]
+            raise SlimlmError(f"{path}: corrupt GGUF header (tensor {t.name[:80]!r}: data offset "
+                              f"{t.offset - data_offset} is not a multiple of the alignment {alignment})")  # type: ignore[operator]
+    problem = packing_problem(tensors, data_offset, alignment)
+    if problem:
+        raise SlimlmError(f"{path}: corrupt GGUF header ({problem})")
 
 
 def _need(buf: Any, end: int) -> None:
@@ -176,8 +202,10 @@ def _scan_fields(buf: Any, pos: int, count: int, order: str) -> tuple[list[GGUFF
     return fields, pos
 
 
-def _skip(buf: Any, pos: int, vtype: GGUFValueType, order: str) -> int:
+def _skip(buf: Any, pos: int, vtype: GGUFValueType, order: str, depth: int = 0) -> int:
     """Position just past a value of type ``vtype`` starting at ``pos`` (bounds-checked)."""
+    if depth > _MAX_NESTING:
+        raise ValueError(f"metadata arrays nested over {_MAX_NESTING} deep")
     size = _SIZES.get(vtype)
     if size is not None:
         _need(buf, pos + size)
@@ -193,6 +221,8 @@ def _skip(buf: Any, pos: int, vtype: GGUFValueType, order: str) -> int:
     if size is not None:
         _need(buf, pos + size * count)
         return pos + size * count
+    if count * (8 if itype == V.STRING else 12) > len(buf) - pos:
+        raise _Truncated(f"an array of {count} items runs past the end of the file ({len(buf)} bytes)")
     if itype == V.STRING:  # the hot loop: ~10^5 tokens in a vocabulary
         unpack = struct.Struct(order + "Q").unpack_from
         try:
@@ -203,7 +233,7 @@ def _skip(buf: Any, pos: int, vtype: GGUFValueType, order: str) -> int:
         _need(buf, pos)
         return pos
     for _ in range(count):
-        pos = _skip(buf, pos, itype, order)
+        pos = _skip(buf, pos, itype, order, depth + 1)
     return pos
 
 
@@ -241,6 +271,11 @@ def _tensor_info(path: Path, name: str, raw_type: int, dims: tuple[int, ...], of
     except ValueError:
         raise SlimlmError(f"{path}: corrupt GGUF header (tensor {name[:80]!r} has unknown type {raw_type})") from None
     block, type_size = GGML_QUANT_SIZES[ggml_type]
+    if 0 in dims:
+        raise SlimlmError(f"{path}: corrupt GGUF header (tensor {name[:80]!r} has a zero-sized dimension: {list(dims)})")
+    if math.prod(dims) > _MAX_ELEMENTS:
+        raise SlimlmError(f"{path}: corrupt GGUF header (tensor {name[:80]!r} of shape {list(dims)} has over "
+                          f"{_MAX_ELEMENTS:,} elements)")
     if dims and dims[0] % block:
         raise SlimlmError(f"{path}: corrupt GGUF header (tensor {name[:80]!r}: row of {dims[0]} is not a multiple of "
                           f"the {ggml_type.name} block of {block})")
@@ -291,6 +326,7 @@ def _leaves(raw: bytes, pos: int, order: str) -> tuple[int, GGUFValueType, int]:
 
 _ARCH_TO_MODEL_TYPE = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3", "gemma": "gemma",
                        "gemma2": "gemma2", "gemma3": "gemma3_text", "qwen2moe": "qwen2_moe", "deepseek2": "deepseek_v2"}
+GGUF_CONFIG_ARCHS = frozenset(_ARCH_TO_MODEL_TYPE)  # the architectures whose metadata make a config
 
 
 def config_from_gguf(metadata: dict[str, Any], tensors: list[TensorInfo]) -> dict[str, Any] | None:

@@ -14,11 +14,15 @@ import struct
 from pathlib import Path
 from typing import Any
 
+from slimlm.checkpoint.tensor_data import packing_problem
 from slimlm.checkpoint.types import TensorInfo
 from slimlm.errors import SlimlmError
 
 # The safetensors library refuses headers above 100 MB; a real header with a million tensors is ~100 MB.
 MAX_HEADER_BYTES = 100_000_000
+
+MAX_DIMS = 16  # real tensors have at most 5; torch refuses over 64
+MAX_TENSOR_BYTES = 1 << 50  # 1 PiB: past any real tensor, well inside int64 offsets
 
 # Bits per element of each safetensors dtype (sub-byte float formats pack elements across bytes).
 DTYPE_BITS = {
@@ -51,20 +55,41 @@ def read_safetensors_header(path: Path) -> tuple[list[TensorInfo], dict[str, str
     except OSError as exc:
         raise SlimlmError(f"{path}: cannot read ({exc.strerror or exc})") from None
     try:
-        header = json.loads(raw.decode("utf-8"))
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys)
+    except _DuplicateKey as exc:
+        raise SlimlmError(f"{path}: corrupt safetensors header (the name {str(exc)[:80]!r} appears twice)") from None
     except (UnicodeDecodeError, ValueError) as exc:
         reason = str(exc).splitlines()[0][:120]
         raise SlimlmError(f"{path}: corrupt safetensors header (not valid JSON: {reason})") from None
+    except RecursionError:
+        raise SlimlmError(f"{path}: corrupt safetensors header (JSON nested too deeply)") from None
     if not isinstance(header, dict):
         raise SlimlmError(f"{path}: corrupt safetensors header (expected a JSON object)")
     data_start = 8 + header_len
     metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict):
-        raise SlimlmError(f"{path}: corrupt safetensors header (__metadata__ is not an object)")
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise SlimlmError(f"{path}: corrupt safetensors header (__metadata__ is not an object of strings)")
     tensors = [_tensor_info(path, name, entry, data_start) for name, entry in header.items()]
-    _check_no_overlap(path, tensors)
+    _check_layout(path, tensors, data_start)
     data_end = max((t.offset + t.nbytes for t in tensors if t.offset is not None), default=data_start)
+    if size > data_end:
+        raise SlimlmError(f"{path}: corrupt safetensors header ({size - data_end:,} bytes after the last tensor's "
+                          "data: a header length or offsets that lie)")
     return tensors, metadata, data_end, size
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object's dict, refusing a name given twice (json keeps the last silently)."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
 
 
 def _tensor_info(path: Path, name: str, entry: Any, data_start: int) -> TensorInfo:
@@ -79,6 +104,8 @@ def _tensor_info(path: Path, name: str, entry: Any, data_start: int) -> TensorIn
     if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
                                               for d in shape):
         raise bad("shape is not a list of non-negative integers")
+    if len(shape) > MAX_DIMS:
+        raise bad(f"shape has {len(shape)} dimensions (at most {MAX_DIMS})")
     if (not isinstance(offsets, list) or len(offsets) != 2
             or not all(isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offsets)
             or offsets[1] < offsets[0]):
@@ -88,14 +115,17 @@ def _tensor_info(path: Path, name: str, entry: Any, data_start: int) -> TensorIn
     if bits % 8:
         raise bad(f"{numel} elements of {dtype} do not fill whole bytes")
     nbytes = bits // 8
+    if nbytes > MAX_TENSOR_BYTES:
+        raise bad(f"shape {shape[:MAX_DIMS]} of {dtype} is {nbytes:,} bytes (over the {MAX_TENSOR_BYTES:,} byte limit)")
     if offsets[1] - offsets[0] != nbytes:
         raise bad(f"data_offsets span {offsets[1] - offsets[0]} bytes but shape {shape} of {dtype} needs {nbytes}")
     return TensorInfo(name=name, shape=tuple(shape), dtype=dtype, nbytes=nbytes, file=str(path),
                       offset=data_start + offsets[0])
 
 
-def _check_no_overlap(path: Path, tensors: list[TensorInfo]) -> None:
-    spans = sorted((t.offset, t.offset + t.nbytes, t.name) for t in tensors if t.nbytes)  # type: ignore[operator]
-    for (_, end, name), (begin, _, nxt) in zip(spans, spans[1:]):
-        if begin < end:
-            raise SlimlmError(f"{path}: corrupt safetensors header (tensors {name!r} and {nxt!r} overlap)")
+def _check_layout(path: Path, tensors: list[TensorInfo], data_start: int) -> None:
+    """Data ranges back to back from the end of the header, as the format requires (the safetensors library
+    refuses anything else): an overlap, or a gap where a tensor's entry was removed or moved, is a lie."""
+    problem = packing_problem(tensors, data_start, slack=1)
+    if problem:
+        raise SlimlmError(f"{path}: corrupt safetensors header ({problem})")

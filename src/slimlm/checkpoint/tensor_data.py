@@ -7,6 +7,7 @@ one tensor is page cache the kernel can drop; so a writer streaming a 700 GB che
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -27,12 +28,31 @@ _TORCH = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat1
           "F8_E5M2": "float8_e5m2"}
 
 
+def packing_problem(tensors: list[TensorInfo], start: int, slack: int) -> str | None:
+    """Why the tensors' data ranges are not packed as the format's writers pack them (from ``start``, back to back,
+    gaps under ``slack`` bytes of padding), or None: a dimension, type or offset that lies makes an overlap or a
+    gap. Data past the end of the file is a partial download, which the caller reports."""
+    spans = sorted((t.offset, t.offset + t.nbytes, t.name) for t in tensors if t.nbytes)  # type: ignore[operator]
+    if spans and spans[0][0] != start:
+        return f"{spans[0][0] - start:,} bytes before the first tensor {spans[0][2][:80]!r} belong to no tensor"
+    for (_, end, name), (begin, _, nxt) in zip(spans, spans[1:]):
+        if begin < end:
+            return f"tensors {name[:80]!r} and {nxt[:80]!r} overlap"
+        if begin >= end + slack:
+            return f"{begin - end:,} bytes between tensors {name[:80]!r} and {nxt[:80]!r} belong to no tensor"
+    return None
+
+
 def raw_bytes(info: TensorInfo) -> np.ndarray:
     """The tensor's stored bytes (uint8, read-only, mapped from the file; no copy)."""
     if info.file is None or info.offset is None:
         raise SlimlmError(f"tensor {info.name} has no location in a file")
     if info.nbytes == 0:
         return np.zeros(0, dtype=np.uint8)
+    size = os.path.getsize(info.file)
+    if info.offset + info.nbytes > size:
+        raise SlimlmError(f"{info.file}: truncated: tensor {info.name} needs bytes {info.offset:,} to "
+                          f"{info.offset + info.nbytes:,} but the file has {size:,} (an incomplete download?)")
     return np.memmap(info.file, dtype=np.uint8, mode="r", offset=info.offset, shape=(info.nbytes,))
 
 
@@ -83,3 +103,20 @@ def load_torch(info: TensorInfo, big_endian: bool = False) -> torch.Tensor:
     if big_endian and width > 1:
         data = data.view(f">u{width}").astype(f"<u{width}").view(np.uint8)
     return torch.from_numpy(data).view(dtype).reshape(info.shape)
+
+
+def check_finite(values: np.ndarray | torch.Tensor, what: str) -> None:
+    """Refuse NaN and Inf (a real failure of fp16 checkpoints and of activations that overflow fp16): quantizing
+    them would write garbage scales that no later step notices. ``what`` names the tensor in the message."""
+    import torch
+
+    if isinstance(values, torch.Tensor):
+        if not values.is_floating_point() or bool(torch.isfinite(values).all()):
+            return
+        nan, inf = int(torch.isnan(values).sum()), int(torch.isinf(values).sum())
+    else:
+        if values.dtype.kind != "f" or bool(np.isfinite(values).all()):
+            return
+        nan, inf = int(np.isnan(values).sum()), int(np.isinf(values).sum())
+    raise SlimlmError(f"{what} holds {nan:,} NaN and {inf:,} Inf values; refusing to quantize it (a broken fp16 "
+                      "export or an overflow?)")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -10,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from slimlm.checkpoint import tensor_data
 from slimlm.errors import SlimlmError
+from slimlm.spec import ModelSpec, check_bounds, is_supported
 
 if TYPE_CHECKING:
     import numpy as np
@@ -17,6 +19,8 @@ if TYPE_CHECKING:
 
     from slimlm.checkpoint.gguf_file import GGUFHeader
 
+_LAYER = re.compile(r"(?:^|\.)(?:layers|blk|h)\.(\d+)\.")
+_OTHER_TOWER = re.compile(r"vision|visual|audio|multi_modal|mm_|^v\.|^a\.")  # multimodal checkpoints' other parts
 CheckpointFormat = Literal["hf-dir", "safetensors", "gguf", "config"]
 
 
@@ -80,8 +84,12 @@ class Checkpoint:
         return self.gguf_header is not None and self.gguf_header.big_endian
 
     def load_array(self, name: str | TensorInfo) -> np.ndarray:
-        """Float32 values (GGML blocks dequantized); F32 data is a read-only view of the file."""
-        return tensor_data.load_array(self._info(name), self._big_endian)
+        """Float32 values (GGML blocks dequantized); F32 data is a read-only view of the file. NaN or Inf is a
+        SlimlmError naming the tensor."""
+        info = self._info(name)
+        values = tensor_data.load_array(info, self._big_endian)
+        tensor_data.check_finite(values, f"{info.file}: tensor {info.name}")
+        return values
 
     def load_raw(self, name: str | TensorInfo) -> np.ndarray:
         """The stored bytes (e.g. GGML blocks) as a read-only uint8 view of the file."""
@@ -89,7 +97,66 @@ class Checkpoint:
 
     def load_torch(self, name: str | TensorInfo) -> torch.Tensor:
         """A private copy in the stored dtype (safe to change in place)."""
-        return tensor_data.load_torch(self._info(name), self._big_endian)
+        info = self._info(name)
+        values = tensor_data.load_torch(info, self._big_endian)
+        tensor_data.check_finite(values, f"{info.file}: tensor {info.name}")
+        return values
+
+    def spec(self) -> ModelSpec:
+        """The config validated once into a ModelSpec (types, positivity, head divisibility, bounded sizes) and
+        checked against the tensor table: the embedding's shape and the number of layers must be the config's, so
+        no command plans from, allocates for or silently random-initialises what a lying config describes."""
+        where = self._config_file
+        if self.config is None:
+            raise SlimlmError(f"{where}: no model config (a GGUF without the metadata of a supported architecture?)")
+        try:
+            spec = ModelSpec.from_config(self.config)
+        except SlimlmError as exc:
+            raise SlimlmError(f"{where}: {exc}") from None
+        if self.format != "config" and not self.tensors:
+            raise SlimlmError(f"{self.path}: holds no tensors")
+        if self.tensors and not self.config.get("quantization_config"):
+            self._check_tensors(spec, where)
+        return spec
+
+    @property
+    def _config_file(self) -> Path:
+        return self.path / "config.json" if self.path.is_dir() else self.path
+
+    def validate(self) -> ModelSpec | None:
+        """``spec()`` for the families ModelSpec reads; for others (transformers builds them) the config's sizes
+        bounded, and None."""
+        if self.config is not None and not is_supported(self.config):
+            try:
+                check_bounds(self.config)
+            except SlimlmError as exc:
+                raise SlimlmError(f"{self._config_file}: {exc}") from None
+            return None
+        return self.spec()
+
+    def _check_tensors(self, spec: ModelSpec, where: Path) -> None:
+        tensors = [t for t in self.tensors if not _OTHER_TOWER.search(t.name)]  # the language model's own
+        embed = next((t for t in tensors if t.name.endswith(("embed_tokens.weight", "token_embd.weight"))), None)
+        if embed is not None and embed.shape != (spec.vocab_size, spec.hidden_size):  # llama.cpp checks it too
+            raise SlimlmError(f"{where}: the config says vocab_size {spec.vocab_size} x hidden_size "
+                              f"{spec.hidden_size} but tensor {embed.name} is {list(embed.shape)}")
+        # layer 0's MLP (when dense) and query projection: tensor name suffix -> (config words, size, axis)
+        widths: dict[str, tuple[str, int, int]] = {}
+        if 0 not in spec.moe_layers:
+            for suffix in ("layers.0.mlp.down_proj.weight", "blk.0.ffn_down.weight"):
+                widths[suffix] = ("intermediate_size", spec.intermediate_size, -1)
+        if not spec.is_mla:
+            for suffix in ("layers.0.self_attn.q_proj.weight", "blk.0.attn_q.weight"):
+                widths[suffix] = ("num_attention_heads x head_dim", spec.n_heads * spec.head_dim, 0)
+        for t in tensors:
+            for suffix, (what, size, axis) in widths.items():
+                if t.name.endswith(suffix) and len(t.shape) == 2 and t.shape[axis] != size:
+                    raise SlimlmError(f"{where}: the config says {what} = {size} but tensor {t.name} is "
+                                      f"{list(t.shape)}")
+        layers = {int(m.group(1)) for t in tensors if (m := _LAYER.search(t.name))}
+        if layers and max(layers) + 1 not in (spec.n_layers, spec.n_layers + spec.mtp_layers):
+            raise SlimlmError(f"{where}: the config says num_hidden_layers {spec.n_layers} but the tensors hold "
+                              f"{max(layers) + 1} layers")
 
     def _info(self, name: str | TensorInfo) -> TensorInfo:
         return name if isinstance(name, TensorInfo) else self.tensor(name)

@@ -18,7 +18,8 @@ err_console = Console(stderr=True)
 
 
 @app.callback()
-def _root() -> None:
+def _root(debug: bool = typer.Option(False, "--debug", help="On an error, also print its traceback (for bug reports)."),
+          ) -> None:
     """slimlm: inspect, quantize, evaluate, benchmark, distill and choose LLM variants."""
 
 JSON_OPTION = typer.Option(False, "--json", help="Print machine-readable JSON instead of tables.")

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from slimlm.checkpoint.safetensors_header import read_safetensors_header
 from slimlm.errors import SlimlmError
 
 REF_FORMAT = "slimlm-ref-logprobs/1"
@@ -238,11 +239,7 @@ def is_ref_file(path: str | Path) -> bool:
     if not p.is_file() or p.suffix != ".safetensors":
         return False
     try:
-        with p.open("rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            if n > 10_000_000:
-                return False
-            header = json.loads(f.read(n))
-    except (OSError, ValueError):
+        _tensors, metadata, _expected, _actual = read_safetensors_header(p)
+    except SlimlmError:
         return False
-    return isinstance(header, dict) and (header.get("__metadata__") or {}).get("format") == REF_FORMAT
+    return metadata.get("format") == REF_FORMAT

@@ -21,6 +21,7 @@ from torch import nn
 
 from slimlm.archs import ArchSpec, from_gguf, read_hparams, spec_for_gguf
 from slimlm.checkpoint import mla, open_checkpoint
+from slimlm.checkpoint.gguf_file import GGUF_CONFIG_ARCHS
 from slimlm.checkpoint.names import TensorNames
 from slimlm.checkpoint.types import Checkpoint, TensorInfo
 from slimlm.errors import SlimlmError
@@ -105,6 +106,7 @@ def open_gguf_model(path: str | Path) -> GGUFModelFile:
     if arch_field is None or arch_field.type != gguf.GGUFValueType.STRING:
         raise SlimlmError(f"{path} has no general.architecture")
     arch = arch_field.value()
+    ckpt.check_complete()
 
     def keys(name: str) -> Any:
         field = header.field(f"{arch}.{name}")
@@ -113,6 +115,8 @@ def open_gguf_model(path: str | Path) -> GGUFModelFile:
     tensors = {t.name: t for t in ckpt.tensors}
     has_experts = any(".ffn_gate_exps." in name for name in tensors) or bool(keys("expert_count"))
     hf_arch, spec = spec_for_gguf(arch, has_experts)
+    if ckpt.config is not None or arch in GGUF_CONFIG_ARCHS:
+        ckpt.spec()  # the hyper-parameters validated and checked against the tensors
     try:
         config = read_hparams(keys, hf_arch, spec)
     except SlimlmError as exc:

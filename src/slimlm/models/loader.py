@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterator, Literal, NamedTuple
 import torch
 from torch import nn
 
+from slimlm.checkpoint import open_checkpoint
 from slimlm.errors import SlimlmError
 from slimlm.models.skeleton import is_gguf_file
 
@@ -139,6 +140,8 @@ def _is_compressed_tensors_dir(path: Path) -> bool:
         config = json.loads((path / "config.json").read_text())
     except (OSError, ValueError):
         return False
+    if not isinstance(config, dict):
+        return False  # refused with the reason when the dir is opened
     qc = config.get("quantization_config") or config.get("compression_config") or {}
     return isinstance(qc, dict) and qc.get("quant_method") == "compressed-tensors"
 
@@ -155,6 +158,9 @@ def _load_dense(path: Path, fmt: str, dtype: torch.dtype, trust_remote_code: boo
         if pickled:
             raise SlimlmError(f"{path} holds only pickle weights ({pickled[0]}); slimlm loads safetensors only")
         raise SlimlmError(f"{path} has a config.json but no .safetensors weights")
+    ckpt = open_checkpoint(path)
+    ckpt.check_complete()
+    ckpt.validate()  # validated once (types, bounds, heads, against the tensors) before transformers allocates
     kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code, "use_safetensors": True}
     if fmt == "compressed-tensors":
         # Decompress into dense torch weights: eval must see exactly the values the file stores.
@@ -162,9 +168,13 @@ def _load_dense(path: Path, fmt: str, dtype: torch.dtype, trust_remote_code: boo
 
         kwargs["quantization_config"] = CompressedTensorsConfig(run_compressed=False)
     try:
-        return AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    except (OSError, ValueError, KeyError) as exc:
+        model, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True, **kwargs)
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise SlimlmError(f"{path}: transformers cannot load this model ({_first_line(exc)})") from None
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:  # transformers would fill them with random values: evaluating that would measure noise
+        raise SlimlmError(f"{path}: the weights lack {len(missing)} of the model's tensors, e.g. {missing[0]}")
+    return model
 
 
 def _own_tokenizer(path: Path, fmt: str) -> Any:

@@ -9,6 +9,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from slimlm.errors import SlimlmError
+
 
 def is_gguf_file(path: Path) -> bool:
     if not path.is_file():
@@ -27,7 +29,13 @@ def load_config(source: str | Path) -> Any:
         from slimlm.models.from_gguf import gguf_config
 
         return gguf_config(path)
-    return AutoConfig.from_pretrained(path)
+    from slimlm.checkpoint import open_checkpoint
+
+    open_checkpoint(path).validate()  # validated once (types, bounds, heads, against the tensors) before transformers
+    try:
+        return AutoConfig.from_pretrained(path)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise SlimlmError(f"{path}: transformers cannot read this config ({str(exc).strip()[:200]})") from None
 
 
 def empty_model(config: Any, dtype: torch.dtype = torch.float32) -> nn.Module:

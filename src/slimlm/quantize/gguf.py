@@ -124,7 +124,7 @@ def quantize_gguf(model: str | Path | ModelSource, to: str, out: str | Path | No
         if out is None:
             raise SlimlmError("an output path is needed (-o out.gguf), or use --dry-run")
         out = Path(out)
-        check_output(out, overwrite)
+        check_output(out, overwrite, sources=[] if isinstance(model, ModelSource) else [model])
     source = model if isinstance(model, ModelSource) else open_source(Path(model))
     warnings = _source_warnings(source)
     algo = get_method(method, "gguf")

@@ -16,7 +16,7 @@ from typing import Callable
 import gguf
 import numpy as np
 
-from slimlm.checkpoint import open_checkpoint
+from slimlm.checkpoint import open_checkpoint, read_config
 from slimlm.checkpoint.names import TensorNames
 from slimlm.errors import SlimlmError
 
@@ -217,8 +217,6 @@ def collect_imatrix(model_path: Path, calib: Path, *, ctx: int = 512, chunks: in
     With ``hessians`` (a dict to fill), also accumulate each matrix's input covariance X^T X / tokens (float32
     [n_in, n_in], one array per distinct input) for GPTQ-style searches, from the first ``hessian_chunks`` windows
     (default: all; X^T X costs more than the forward pass)."""
-    import json
-
     import torch
 
     from slimlm.algorithms.stats import Wanted
@@ -231,7 +229,7 @@ def collect_imatrix(model_path: Path, calib: Path, *, ctx: int = 512, chunks: in
         raise SlimlmError(f"calibration file {calib} does not exist")
     config = Path(model_path) / "config.json"
     if config.is_file():
-        arch_spec(json.loads(config.read_text()))  # clear error for architectures GGUF cannot hold
+        arch_spec(read_config(config))  # clear error for architectures GGUF cannot hold
     model, tokenizer, _ = load_model(model_path)
     if tokenizer is None:
         raise SlimlmError(f"{model_path} has no usable tokenizer for calibration text")

@@ -8,7 +8,6 @@ between layers). RTN needs no calibration and skips the forward passes."""
 
 from __future__ import annotations
 
-import json
 import re
 import tempfile
 import time
@@ -26,9 +25,11 @@ from slimlm.algorithms.methods import Method, get_method
 from slimlm.algorithms.smoothquant import DEFAULT_STRENGTH
 from slimlm.algorithms.stats import StatsCollector
 from slimlm.data.calibration import DEFAULT_SAMPLES, DEFAULT_SEQ_LEN, Calibration, load_calibration
-from slimlm.checkpoint import Checkpoint, open_checkpoint
+from slimlm.checkpoint import Checkpoint, open_checkpoint, read_config
+from slimlm.checkpoint.tensor_data import check_finite
 from slimlm.checkpoint.tensor_data import torch_dtype
 from slimlm.errors import SlimlmError
+from slimlm.writers.atomic import check_output
 from slimlm.writers.compressed_tensors import ShardWriter, attach_activation_quant, compress_linear, quantization_config
 from slimlm.formats.groupint import QuantizedWeight, QuantSpec
 from slimlm.models import empty_model, load_config, load_model, load_tokenizer
@@ -61,8 +62,10 @@ class _Activations:
     def __init__(self, spill_dir: Path | None):
         self.spill_dir = spill_dir
         self._mem: dict[int, torch.Tensor] = {}
+        self.stage = "entering layer 0"  # where the activations come from, for a NaN/Inf message
 
     def put(self, i: int, t: torch.Tensor) -> None:
+        check_finite(t, f"calibration activations (batch {i}, {self.stage})")
         if self.spill_dir is None:
             self._mem[i] = t
         else:
@@ -139,8 +142,8 @@ def quantize_model(model: str | Path, output: str | Path, *, scheme: str | Quant
         model_dir, out_dir = Path(model), Path(output)
         if not (model_dir / "config.json").is_file():
             raise SlimlmError(f"{model_dir} is not a Hugging Face model dir (no config.json)")
-        if out_dir.exists() and not overwrite:
-            raise SlimlmError(f"{out_dir} exists; pass --overwrite to replace it")
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        check_output(out_dir, overwrite, sources=[model_dir])
         cfg = scheme if isinstance(scheme, QuantConfig) else get_scheme(
             scheme, group_size=group_size, symmetric=symmetric, ignore=ignore, act_dynamic=act_dynamic)
         run = _open_run(model_dir, out_dir, cfg, method, smoothing_strength, actorder)
@@ -330,6 +333,7 @@ def _quantize_layer(run: _Run, i: int, plan: dict, acts: _Activations, kwargs_li
     writer.add(tensors)
     if run_next:
         t1 = time.perf_counter()
+        acts.stage = f"leaving layer {i}"
         _run_layer(layer, acts, kwargs_list, len(kwargs_list), acts)
         report["forward_s"] = round(time.perf_counter() - t1, 3)
     for h in hooks:
@@ -410,7 +414,7 @@ def _write_rest(run: _Run, writer: ShardWriter, overwrite: bool) -> None:
     if getattr(run.hf_config, "tie_word_embeddings", False) and "lm_head" not in run.ignored:
         run.ignored.append("lm_head")
     writer.add(rest)
-    config = json.loads((run.model_dir / "config.json").read_text())
+    config = read_config(run.model_dir / "config.json")
     groups = {k: sorted(v) for k, v in run.spec_groups.items()}
     config["quantization_config"] = quantization_config(groups, run.cfg.format, sorted(set(run.ignored)), run.act)
     writer.finish(config, run.model_dir, overwrite)

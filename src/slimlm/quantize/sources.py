@@ -13,6 +13,7 @@ import gguf
 import numpy as np
 
 from slimlm.checkpoint import mla, open_checkpoint
+from slimlm.checkpoint.gguf_file import GGUF_CONFIG_ARCHS
 from slimlm.checkpoint.gguf_file import GGUFHeader
 from slimlm.checkpoint.names import TensorNames
 from slimlm.errors import SlimlmError
@@ -76,6 +77,7 @@ def open_hf_dir(model_dir: Path, tensors: Iterable[HFTensor] | None = None) -> M
     if "text_config" in config and "num_hidden_layers" not in config:
         config = {**config, **config["text_config"]}
     hf_arch, spec = arch_spec(config)
+    ckpt.validate()  # the config validated (and checked against the tensors) before anything is planned from it
     n_layers = int(config["num_hidden_layers"])
     n_head = int(config["num_attention_heads"])
     n_head_kv = 1 if spec.mla else int(config.get("num_key_value_heads") or n_head)
@@ -156,6 +158,8 @@ def open_gguf(path: Path) -> ModelSource:
     if arch_field is None or arch_field.type != gguf.GGUFValueType.STRING:
         raise SlimlmError(f"{path} has no general.architecture")
     arch = arch_field.value()
+    if ckpt.config is not None or arch in GGUF_CONFIG_ARCHS:
+        ckpt.spec()  # the hyper-parameters validated and checked against the tensors
 
     def field_int(key: str, default: int = 0) -> int:
         f = header.field(f"{arch}.{key}")

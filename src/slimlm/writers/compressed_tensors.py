@@ -20,10 +20,12 @@ import tempfile
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
-from slimlm.checkpoint import read_state_dict
-from slimlm.errors import SlimlmError
+from slimlm.checkpoint import read_config, read_state_dict
+from slimlm.errors import SlimlmError, os_reason
+from slimlm.writers.atomic import publish, temp_dir
 from slimlm.formats.groupint import (QuantizedWeight, dequantize, pack_codes, pack_zero_points, unpack_codes,
                                      unpack_zero_points)
 
@@ -85,8 +87,7 @@ class ShardWriter:
 
     def __init__(self, target: Path, max_bytes: int = MAX_SHARD_BYTES):
         self.target = Path(target)
-        self.target.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.tmp-", dir=self.target.parent))
+        self.tmp = temp_dir(self.target)
         self.max_bytes = max_bytes
         self._pending: dict[str, torch.Tensor] = {}
         self._pending_bytes = 0
@@ -103,8 +104,12 @@ class ShardWriter:
     def _flush(self) -> None:
         if not self._pending:
             return
-        save_file(self._pending, str(self.tmp / f"shard-{len(self._shards):05d}.safetensors"),
-                  metadata={"format": "pt"})
+        try:
+            save_file(self._pending, str(self.tmp / f"shard-{len(self._shards):05d}.safetensors"),
+                      metadata={"format": "pt"})
+        except (OSError, SafetensorError) as exc:  # a full disk or a size limit: name the output, keep nothing
+            self.abort()
+            raise SlimlmError(f"{self.target}: cannot write ({os_reason(exc)}); nothing was written") from None
         self._shards.append(list(self._pending))
         self.total_bytes += self._pending_bytes
         self._pending, self._pending_bytes = {}, 0
@@ -126,12 +131,10 @@ class ShardWriter:
             for aux in AUX_FILES:
                 if (Path(source_dir) / aux).is_file():
                     shutil.copy2(Path(source_dir) / aux, self.tmp / aux)
-        if self.target.exists():
-            if not overwrite:
-                self.abort()
-                raise SlimlmError(f"{self.target} exists; pass --overwrite to replace it")
-            shutil.rmtree(self.target)
-        os.replace(self.tmp, self.target)
+        try:
+            publish(self.tmp, self.target, overwrite)
+        finally:
+            self.abort()
         return self.target
 
     def abort(self) -> None:
@@ -171,7 +174,7 @@ def dequantized_state_dict(model_dir: str | Path, dtype: torch.dtype = torch.flo
     """Our own reading of a compressed-tensors checkpoint (none of its decompression code): float weights and,
     per Linear with quantized activations, its ``input_activations`` args (+ ``input_scale`` when static)."""
     model_dir = Path(model_dir)
-    config = json.loads((model_dir / "config.json").read_text())
+    config = read_config(model_dir / "config.json")
     qcfg = config.get("quantization_config")
     if not qcfg or qcfg.get("quant_method") != "compressed-tensors":
         raise SlimlmError(f"{model_dir} is not a compressed-tensors checkpoint")
@@ -254,7 +257,7 @@ def _load_fused(model_dir: Path, state: dict[str, torch.Tensor], dtype: torch.dt
     and stacking only; no compressed-tensors code) from a temporary float copy of the dir."""
     from transformers import AutoModelForCausalLM
 
-    config = json.loads((model_dir / "config.json").read_text())
+    config = read_config(model_dir / "config.json")
     config.pop("quantization_config", None)
     with tempfile.TemporaryDirectory(prefix="slimlm-ref-") as tmp:
         (Path(tmp) / "config.json").write_text(json.dumps(config))

@@ -7,17 +7,16 @@ temporary name beside the target and renamed at the end, so a crash never leaves
 
 from __future__ import annotations
 
-import contextlib
-import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable
 
 import gguf
 import numpy as np
 
 from slimlm.errors import SlimlmError
+from slimlm.writers.atomic import atomic_path, check_output  # noqa: F401 (the GGUF writers' names)
 
 T = gguf.GGMLQuantizationType
 V = gguf.GGUFValueType
@@ -102,26 +101,6 @@ def tensor_nbytes(shape: tuple[int, ...], qtype: T) -> int:
     return n // block * size
 
 
-def check_output(out: Path, overwrite: bool) -> None:
-    """Refuse to replace an existing file unless asked; fail early on a missing folder."""
-    if out.exists() and not overwrite:
-        raise SlimlmError(f"{out} already exists; pass --overwrite to replace it")
-    if not out.parent.is_dir():
-        raise SlimlmError(f"folder {out.parent} does not exist")
-
-
-@contextlib.contextmanager
-def atomic_path(out: Path) -> Iterator[Path]:
-    """Yield a temp path beside ``out``; rename onto ``out`` on success, delete it on any failure."""
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    try:
-        yield tmp
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def data_layout(tensors: Iterable[tuple[str, tuple[int, ...], T]], alignment: int = gguf.GGUF_DEFAULT_ALIGNMENT
                 ) -> tuple[list[int], int]:
     """Each tensor's offset within the data section, and the section's size (every tensor padded to
@@ -163,12 +142,13 @@ def write_gguf_header(path: Path, arch: str, write_metadata: Callable[[gguf.GGUF
 
 
 def write_gguf(out: Path, arch: str, write_metadata: Callable[[gguf.GGUFWriter], Any],
-               tensors: Iterable[tuple[str, tuple[int, ...], T]], produce: Callable[[int], np.ndarray]) -> Any:
+               tensors: Iterable[tuple[str, tuple[int, ...], T]], produce: Callable[[int], np.ndarray],
+               overwrite: bool = True) -> Any:
     """Write a GGUF to ``out`` atomically; returns what ``write_metadata`` returned. ``tensors``: (name,
     PyTorch-order shape, type) in file order; ``produce(i)``: tensor i's encoded data, called once each, in order.
     """
     infos = list(tensors)
-    with atomic_path(out) as tmp:
+    with atomic_path(out, overwrite) as tmp:
         writer = FastGGUFWriter(tmp, arch)
         try:
             meta = _write_header(writer, tmp, write_metadata, infos)

@@ -13,7 +13,6 @@ chosen type is packed from its codes (rows in rope order), every other tensor en
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import NamedTuple
 
@@ -21,7 +20,7 @@ import gguf
 import numpy as np
 import torch
 
-from slimlm.checkpoint import read_state_dict
+from slimlm.checkpoint import read_config, read_state_dict
 from slimlm.checkpoint.names import permute_for_rope
 from slimlm.errors import SlimlmError
 from slimlm.writers.compressed_tensors import args_for, read_codes
@@ -100,7 +99,7 @@ def _open_ct_source(ct_dir: Path, qcfg: dict, target: str) -> tuple[ModelSource,
 def export_gguf_equivalent(ct_dir: str | Path, out: str | Path, overwrite: bool = False) -> dict:
     """Write the GGUF equivalent of a compressed-tensors dir; returns what was carried over exactly."""
     ct_dir = Path(ct_dir)
-    config = json.loads((ct_dir / "config.json").read_text())
+    config = read_config(ct_dir / "config.json")
     qcfg = config.get("quantization_config") or {}
     if qcfg.get("quant_method") != "compressed-tensors":
         raise SlimlmError(f"{ct_dir} is not a compressed-tensors checkpoint")

@@ -14,6 +14,7 @@ from typing import Any
 
 import gguf
 
+from slimlm.checkpoint import read_config
 from slimlm.errors import SlimlmError
 
 log = logging.getLogger(__name__)
@@ -87,7 +88,7 @@ def _tokenizer_adds(model_dir: Path, tok_json_path: Path, tok_json: dict[str, An
         add_bos, add_eos = True, False  # SentencePiece models default to a leading BOS
     cfg_path = model_dir / "tokenizer_config.json"
     if cfg_path.is_file():  # slow (python) tokenizers add BOS/EOS themselves according to these flags
-        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+        cfg = read_config(cfg_path)
         add_bos = bool(cfg.get("add_bos_token", add_bos))
         add_eos = bool(cfg.get("add_eos_token", add_eos))
     return add_bos, add_eos
@@ -147,7 +148,7 @@ def write_tokenizer(writer: gguf.GGUFWriter, model_dir: Path, vocab_size: int) -
     if not tok_json_path.is_file() and not has_spm:
         log.warning("%s has no tokenizer files; the GGUF will carry no tokenizer", model_dir)
         return {"model": None}
-    tok_json = json.loads(tok_json_path.read_text(encoding="utf-8")) if tok_json_path.is_file() else {}
+    tok_json = read_config(tok_json_path) if tok_json_path.is_file() else {}
     model = tok_json.get("model", {})
     if model.get("type") == "BPE" and not model.get("byte_fallback"):
         tokens, types = _gpt2_vocab(tok_json, vocab_size)
