@@ -90,6 +90,7 @@ class Recommendation:
     max_kld: float
     choice: str | None
     why: str
+    tied: list[str] = field(default_factory=list)  # names tied with the choice on the goal's first figure
     tie: str = ""  # which candidates were tied (overlapping intervals) and what decided
     lead: dict[str, Any] | None = None  # the choice's lead over the runner-up on the goal's figure
     machine: dict[str, Any] = field(default_factory=dict)  # busy machine while timing? (noise.MachineWatch)
@@ -260,26 +261,28 @@ def interval(row: dict[str, Any], key: str) -> tuple[float, float]:
     return float(low), float(high)
 
 
-def choose(rows: list[dict[str, Any]], goal: str, max_kld: float) -> tuple[dict[str, Any] | None, str]:
-    """The pick for ``goal`` among measured rows that fit, and a note: why nothing was picked, or which
-    candidates were tied on which figure (overlapping intervals) and what decided between them."""
+def choose(rows: list[dict[str, Any]], goal: str, max_kld: float
+           ) -> tuple[dict[str, Any] | None, str, list[str]]:
+    """The pick for ``goal`` among measured rows that fit; a note (why nothing was picked, or which candidates
+    were tied on which figure, by overlapping intervals, and what decided); the names tied with the pick."""
     usable = rows if goal == "quality" else [r for r in rows if r["kld_mean"] <= max_kld]
     if not usable:
-        return None, "no measured variant that fits stays under the KLD limit"
-    pool, notes = usable, []
+        return None, "no measured variant that fits stays under the KLD limit", []
+    pool, notes, tied_names = usable, [], []
     for key, higher in CRITERIA.get(goal, CRITERIA["quality"]):
         best = (max if higher else min)(pool, key=lambda r: r[key])
         tied = [r for r in pool if r is best or overlaps(interval(r, key), interval(best, key))]
         if len(tied) == 1:
             if notes:
                 notes.append(f"{best['name']} chosen by {LABEL.get(key, key)}")
-            return best, "; ".join(notes)
+            return best, "; ".join(notes), tied_names
+        tied_names = tied_names or [r["name"] for r in tied]
         notes.append(f"tied on {LABEL.get(key, key)} (intervals overlap): "
                      + ", ".join(r["name"] for r in sorted(tied, key=lambda r: r is not best)))
         pool = tied
     best = pool[0]
     notes.append(f"{best['name']} chosen as the first of the tied")
-    return best, "; ".join(notes)
+    return best, "; ".join(notes), tied_names
 
 
 def lead(best: dict[str, Any], rows: list[dict[str, Any]], key: str, higher: bool) -> dict[str, Any] | None:
@@ -436,7 +439,7 @@ def recommend(model: str | Path, *, memory: str | int, goal: str = "throughput",
         raise SlimlmError("the time budget was too small to measure anything: skipped "
                           + ", ".join(s["name"] for s in skipped))
 
-    best, note = choose(rows, goal, max_kld)
+    best, note, tied = choose(rows, goal, max_kld)
     why = _why(best, rows, goal, budget, note) if best else note
     key, higher = CRITERIA[goal][0]
     machine = machine_summary(rows)
@@ -444,7 +447,7 @@ def recommend(model: str | Path, *, memory: str | int, goal: str = "throughput",
         why += f". Note: {BUSY_NOTE}"
     return Recommendation(
         model=str(model), fingerprint=fingerprint, goal=goal, memory_bytes=budget, context=context, batch=batch,
-        max_kld=max_kld, choice=best["name"] if best else None, why=why, tie=note if best else "",
+        max_kld=max_kld, choice=best["name"] if best else None, why=why, tie=note if best else "", tied=tied,
         lead=lead(best, rows, key, higher) if best else None, machine=machine, measured=rows,
         pareto=pareto_front(rows, SPEED_KEY[goal]),
         excluded=[{"name": v.name, "needs_bytes": r["total_bytes"], "reason": "does not fit"} for v, r in excluded]

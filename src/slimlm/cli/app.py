@@ -38,6 +38,42 @@ def columns_table(title: str, columns: Iterable[str], left: Iterable[str], **kwa
     return table
 
 
+def fitted_table(title: str, columns: list[tuple[str, int]], rows: list[list[str]], *, left: Iterable[str] = (),
+                 width: int | None = None, styles: list[str | None] | None = None, **kwargs: Any
+                 ) -> tuple[Table, list[str]]:
+    """A table whose cells are never cut: ``columns`` are (header, importance); while the table would be wider than
+    ``width`` (default: the console's), the least important column is left out. Returns the table and the headers
+    left out, for a footnote (``--json`` always has everything)."""
+    width = width or console.width
+    left = set(left)
+
+    def need(i: int, wrap_header: bool = True) -> int:  # a header may wrap between words; a cell never wraps
+        words = columns[i][0].split() if wrap_header else [columns[i][0]]
+        return max([len(w) for w in words] + [len(r[i]) for r in rows] + [0])
+
+    keep = list(range(len(columns)))
+    while len(keep) > 1 and sum(need(i) + 3 for i in keep) + 1 > width:
+        keep.remove(min(keep, key=lambda i: (columns[i][1], -i)))
+    sizes = {i: need(i) for i in keep}
+    slack = width - (sum(sizes[i] + 3 for i in keep) + 1)
+    for i in keep:  # give the room left to headers that would otherwise wrap, left to right
+        grow = min(slack, need(i, wrap_header=False) - sizes[i])
+        sizes[i] += grow
+        slack -= grow
+    table = Table(title=title, **kwargs)
+    for i in keep:
+        table.add_column(columns[i][0], justify="left" if columns[i][0] in left else "right", width=sizes[i],
+                         overflow="fold")
+    for n, row in enumerate(rows):
+        table.add_row(*(row[i] for i in keep), style=styles[n] if styles else None)
+    return table, [columns[i][0] for i in range(len(columns)) if i not in keep]
+
+
+def left_out_note(dropped: list[str]) -> str:
+    """The footnote under a table that had to leave columns out."""
+    return f"[dim]columns left out at this width: {', '.join(dropped)} (a wider terminal or --json shows them)[/]"
+
+
 @contextlib.contextmanager
 def progress_task(description: str, *, total: int | None = None, item: str | None = None, remaining: bool = False,
                   disable: bool = False) -> Iterator[Callable[..., None]]:

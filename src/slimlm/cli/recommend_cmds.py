@@ -7,33 +7,64 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.console import Console
 
-from slimlm.cli.app import JSON_OPTION, app, columns_table, console, err_console, print_json
+from slimlm.cli.app import JSON_OPTION, app, console, err_console, fitted_table, left_out_note, print_json
 
 
 def _say(message: str) -> None:
     err_console.print(f"[dim]…[/] {message}", highlight=False)
 
 
-def _render(result: dict) -> None:
+def _figure(r: dict, key: str, fmt: str, with_interval: bool) -> str:
+    text = format(r[key], fmt)
+    low, high = (r.get("intervals") or {}).get(key, (None, None))
+    if with_interval and low is not None:
+        text += f" ({format(low, fmt)}-{format(high, fmt)})"
+    return text
+
+
+def _render(result: dict, out: Console | None = None) -> None:
+    """The measured table (cells whole at any width: the least important columns go first), then the choice."""
     from slimlm.inspect.fit import format_bytes
 
-    table = columns_table(f"{Path(result['model']).name}: goal {result['goal']}, memory "
-                          f"{format_bytes(result['memory_bytes'])}",
-                          ("variant", "memory", "KLD", "top-1", "ppl", "prefill tok/s", "decode tok/s", "ITL p50 ms",
-                           "engine", ""), ("variant", "engine", ""), title_justify="left")
+    out = out or console
+
+    goal_key = {"throughput": "prefill_tok_s", "latency": "itl_p50_ms"}.get(result["goal"])
+    tied = set(result.get("tied", []))
+    columns = [("variant", 10), ("memory", 8), ("KLD", 8), ("top-1", 4), ("ppl", 3),
+               ("prefill tok/s", 9 if goal_key == "prefill_tok_s" else 5), ("decode tok/s", 5),
+               ("ITL p50 ms", 9 if goal_key == "itl_p50_ms" else 5), ("engine", 2), ("", 9)]
+    rows, styles = [], []
     for r in sorted(result["measured"], key=lambda r: r["memory_bytes"]):
-        mark = "← chosen" if r["name"] == result["choice"] else ("Pareto" if r["name"] in result["pareto"] else "")
-        table.add_row(r["name"], format_bytes(r["memory_bytes"]), f"{r['kld_mean']:.4f}", f"{100 * r['top1']:.1f}%",
-                      f"{r['ppl']:.2f}", f"{r['prefill_tok_s']:.0f}", f"{r['decode_tok_s']:.1f}",
-                      f"{r['itl_p50_ms']:.1f}", r["engine"], mark,
-                      style="bold yellow" if r["name"] == result["choice"] else None)
-    console.print(table)
+        mark = ("← chosen" if r["name"] == result["choice"] else "tied" if r["name"] in tied
+                else "Pareto" if r["name"] in result["pareto"] else "")
+        if r.get("unstable"):
+            mark += " unstable" if mark else "unstable"
+        rows.append([r["name"], format_bytes(r["memory_bytes"]), f"{r['kld_mean']:.4f}", f"{100 * r['top1']:.1f}%",
+                     f"{r['ppl']:.2f}", _figure(r, "prefill_tok_s", ".0f", goal_key == "prefill_tok_s"),
+                     _figure(r, "decode_tok_s", ".1f", False), _figure(r, "itl_p50_ms", ".1f", goal_key == "itl_p50_ms"),
+                     r["engine"], mark])
+        styles.append("bold yellow" if r["name"] == result["choice"] else None)
+    table, dropped = fitted_table(f"{Path(result['model']).name}: goal {result['goal']}, memory "
+                                  f"{format_bytes(result['memory_bytes'])}", columns, rows,
+                                  left=("variant", "engine", ""), styles=styles, width=out.width,
+                                  title_justify="left")
+    out.print(table)
+    if dropped:
+        out.print(left_out_note(dropped))
+    coverage = [r["interval_coverage"] for r in result["measured"] if "interval_coverage" in r]
+    if goal_key and coverage:
+        out.print(f"[dim]median of {result['settings']['runs']} runs, in brackets its {min(coverage):.0%} interval "
+                  "(order statistics); overlapping intervals are a tie[/]")
+    machine = result.get("machine") or {}
+    if machine.get("busy"):
+        out.print(f"[bold yellow]warning:[/] {machine['note']} ({'; '.join(machine['reasons'])})", highlight=False)
     for e in result["excluded"]:
-        console.print(f"[dim]excluded {e['name']}: {e['reason']}[/]")
+        out.print(f"[dim]excluded {e['name']}: {e['reason']}[/]")
     for s in result["skipped"]:
-        console.print(f"[dim]skipped {s['name']}: {s['reason']}[/]")
-    console.print(f"[bold green]Recommended:[/] {result['why']}")
+        out.print(f"[dim]skipped {s['name']}: {s['reason']}[/]")
+    out.print(f"[bold green]Recommended:[/] {result['why']}")
 
 
 @app.command()
