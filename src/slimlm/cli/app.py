@@ -75,14 +75,21 @@ def left_out_note(dropped: list[str]) -> str:
 
 
 @contextlib.contextmanager
-def progress_task(description: str, *, total: int | None = None, item: str | None = None, remaining: bool = False,
-                  disable: bool = False) -> Iterator[Callable[..., None]]:
+def progress_task(description: str, *, total: int | None = None, item: str | None = None, remaining: bool = True,
+                  disable: bool = False, silent: bool = False) -> Iterator[Callable[..., None]]:
     """A transient rich progress bar on stderr with one task; yields that task's ``update(completed=, total=,
-    description=, item=)``. ``item`` adds a column for the item being worked on; ``remaining`` an ETA column."""
+    description=, item=)``. ``item`` adds a column for the item being worked on; ``remaining`` an ETA column.
+    Where no bar can show (``disable``, e.g. under --json, or stderr is not a terminal) the stage still gets one
+    line on stderr, so logs say what ran; ``silent`` drops even that (nothing will run)."""
+    if disable or not err_console.is_terminal:
+        if not silent:
+            err_console.print(f"… {description}", highlight=False, soft_wrap=True)
+        yield lambda **_kw: None
+        return
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
-    columns += [TimeRemainingColumn()] if remaining else []
+    columns += [TextColumn("ETA"), TimeRemainingColumn()] if remaining else []
     columns += [TextColumn("{task.fields[item]}")] if item is not None else []
-    with Progress(*columns, console=err_console, transient=True, disable=disable) as bar:
+    with Progress(*columns, console=err_console, transient=True) as bar:
         task = bar.add_task(description, total=total, **({"item": item} if item is not None else {}))
         yield functools.partial(bar.update, task)
 

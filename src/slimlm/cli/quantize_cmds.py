@@ -89,7 +89,7 @@ def quantize(
     if to is None:
         raise SlimlmError("give --to TYPE (a GGUF mix such as Q4_K_M) or --scheme w4a16|w8a16|w8a8, or --check")
 
-    with progress_task(f"quantizing to {to}", item="", disable=json_out or dry_run) as update:
+    with progress_task(f"quantizing to {to}", item="", disable=json_out or dry_run, silent=dry_run) as update:
         from slimlm.algorithms.methods import GGUF_METHODS
         from slimlm.quantize.gguf import quantize_gguf  # = api's; lighter import
 
