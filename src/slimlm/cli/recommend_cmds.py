@@ -2,18 +2,31 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Iterator, Optional
 
 import typer
 from rich.console import Console
 
-from slimlm.cli.app import JSON_OPTION, app, console, err_console, fitted_table, left_out_note, print_json
+from slimlm.cli.app import (JSON_OPTION, app, console, err_console, fitted_table, left_out_note, print_json,
+                            progress_task)
 
 
 def _say(message: str) -> None:
     err_console.print(f"[dim]…[/] {message}", highlight=False)
+
+
+@contextlib.contextmanager
+def _steps(json_out: bool) -> Iterator[Callable[[int, int, str], None] | None]:
+    """Progress within recommend's stages (scoring windows, timing rounds) as one bar with an ETA that restarts
+    with each stage; nothing where no bar can show (the stage lines say enough there)."""
+    if json_out or not err_console.is_terminal:
+        yield None
+        return
+    with progress_task("measuring", item="") as update:
+        yield lambda done, total, what: update(completed=done, total=total, item=what)
 
 
 def _figure(r: dict, key: str, fmt: str, with_interval: bool) -> str:
@@ -86,9 +99,10 @@ def recommend(
     """Measure the variants that fit --memory on this machine and recommend one for --goal."""
     from slimlm.recommend import recommend as run
 
-    result = run(model, memory=memory, goal=goal, context=context, batch=batch, budget_minutes=budget_minutes,
-                 calib=calib, data=data, students=list(student), max_kld=max_kld, chunks=chunks,
-                 progress=_say).to_dict()
+    with _steps(json_out) as steps:
+        result = run(model, memory=memory, goal=goal, context=context, batch=batch, budget_minutes=budget_minutes,
+                     calib=calib, data=data, students=list(student), max_kld=max_kld, chunks=chunks,
+                     progress=_say, steps=steps).to_dict()
     if save:
         save.write_text(json.dumps(result, indent=1, default=str))
     if json_out:
@@ -119,13 +133,15 @@ def report(
 @app.command()
 def demo(
     out: Path = typer.Option(Path("slimlm-demo"), "--out", help="Folder for the results and the report."),
+    full: bool = typer.Option(False, "--full", help="Measure every variant (9), not the quick set of 4."),
     json_out: bool = JSON_OPTION,
 ) -> None:
     """The whole journey on the built-in SmolLM2-135M, no download: inspect, explain, quantize, evaluate,
     bench, recommend for three goals, write the report."""
     from slimlm.demo import run_demo
 
-    summary = run_demo(out, say=_say, show=None if json_out else _render)
+    with _steps(json_out) as steps:
+        summary = run_demo(out, say=_say, show=None if json_out else _render, full=full, steps=steps)
     if json_out:
         print_json(summary)
     else:
