@@ -1,7 +1,6 @@
 """The typer app every ``slimlm.cli`` module registers on; commands only parse, call the API, render with rich."""
 
 import contextlib
-import functools
 import json
 import sys
 from typing import Any, Callable, Iterable, Iterator
@@ -91,7 +90,15 @@ def progress_task(description: str, *, total: int | None = None, item: str | Non
     columns += [TextColumn("{task.fields[item]}")] if item is not None else []
     with Progress(*columns, console=err_console, transient=True) as bar:
         task = bar.add_task(description, total=total, **({"item": item} if item is not None else {}))
-        yield functools.partial(bar.update, task)
+
+        def update(**kw: Any) -> None:
+            """Like ``Progress.update``; a count that goes back (a new stage) restarts the clock and the ETA."""
+            now = bar.tasks[0]
+            if kw.get("completed", now.completed) < now.completed or kw.get("total", now.total) != now.total:
+                bar.reset(task, start=True, total=kw.get("total", now.total), completed=kw.get("completed", 0))
+            bar.update(task, **kw)
+
+        yield update
 
 
 @app.command()

@@ -137,7 +137,7 @@ class LlamaCppBackend(Backend):
         return self._run(self.decode_batch, tokens.astype(np.int32), positions, batch)
 
     def _free_context(self) -> None:
-        if self.ctx:
+        if getattr(self, "ctx", None):  # also after a load that failed before making one
             self.lib.llama_batch_free(self.prefill_batch)
             self.lib.llama_batch_free(self.decode_batch)
             self.lib.llama_free(self.ctx)
