@@ -304,15 +304,16 @@ def _why(best: dict[str, Any], rows: list[dict[str, Any]], goal: str, budget: in
     fit_text = f"fits {format_bytes(budget)} with {format_bytes(budget - best['memory_bytes'])} headroom"
     quality = f"KLD {best['kld_mean']:.4f}, top-1 {100 * best['top1']:.1f}%"
     tie_text = f" ({tie})" if tie else ""
+    cover = f"{best['interval_coverage']:.0%}" if "interval_coverage" in best else "no"
     if goal == "throughput":
         lo, hi = interval(best, "prefill_tok_s")
         ratio = best["prefill_tok_s"] / base["prefill_tok_s"] if base else float("nan")
-        return (f"{best['name']}: {best['prefill_tok_s']:.0f} prefill tok/s (95% interval {lo:.0f}–{hi:.0f}), "
+        return (f"{best['name']}: {best['prefill_tok_s']:.0f} prefill tok/s ({cover} interval {lo:.0f}–{hi:.0f}), "
                 f"{ratio:.2f}x {base['name'] if base else '-'}, at {quality}; {fit_text}{tie_text}")
     if goal == "latency":
         lo, hi = interval(best, "itl_p50_ms")
         ratio = base["itl_p50_ms"] / best["itl_p50_ms"] if base else float("nan")
-        return (f"{best['name']}: {best['itl_p50_ms']:.1f} ms per token (p50; interval {lo:.1f}–{hi:.1f}), "
+        return (f"{best['name']}: {best['itl_p50_ms']:.1f} ms per token (p50; {cover} interval {lo:.1f}–{hi:.1f}), "
                 f"{ratio:.2f}x faster than {base['name'] if base else '-'} at {quality}; {fit_text}{tie_text}")
     if goal == "size":
         return (f"{best['name']}: the smallest that stays under the KLD limit, "

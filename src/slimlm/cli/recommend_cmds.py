@@ -52,8 +52,6 @@ def _render(result: dict, out: Console | None = None) -> None:
     for r in sorted(result["measured"], key=lambda r: r["memory_bytes"]):
         mark = ("← chosen" if r["name"] == result["choice"] else "tied" if r["name"] in tied
                 else "Pareto" if r["name"] in result["pareto"] else "")
-        if r.get("unstable"):
-            mark += " unstable" if mark else "unstable"
         rows.append([r["name"], format_bytes(r["memory_bytes"]), f"{r['kld_mean']:.4f}", f"{100 * r['top1']:.1f}%",
                      f"{r['ppl']:.2f}", _figure(r, "prefill_tok_s", ".0f", goal_key == "prefill_tok_s"),
                      _figure(r, "decode_tok_s", ".1f", False), _figure(r, "itl_p50_ms", ".1f", goal_key == "itl_p50_ms"),
@@ -71,6 +69,10 @@ def _render(result: dict, out: Console | None = None) -> None:
         out.print(f"[dim]median of {result['settings']['runs']} runs, in brackets its {min(coverage):.0%} interval "
                   "(order statistics); overlapping intervals are a tie[/]")
     machine = result.get("machine") or {}
+    unstable = [r["name"] for r in result["measured"] if r.get("unstable")]
+    if unstable:
+        out.print(f"[yellow]unstable[/] (its runs disagree by more than half the median): {', '.join(unstable)}",
+                  highlight=False)
     if machine.get("busy"):
         out.print(f"[bold yellow]warning:[/] {machine['note']} ({'; '.join(machine['reasons'])})", highlight=False)
     for e in result["excluded"]:
