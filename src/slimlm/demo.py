@@ -25,9 +25,10 @@ SITUATIONS = (
     {"goal": "quality", "memory": "600MiB", "context": 4096},
 )
 QUICK = ("FP32 (original)", "W8A8 SmoothQuant", "Q8_0", "Q4_K_M")
-# Seconds the demo took on a quiet 2-core machine from a cold cache (BENCHMARKS.md, issue 19); scaled by cores
-# for the up-front estimate.
-SECONDS_ON_2_CORES = {"quick": 240, "full": 720}
+# Seconds from a cold cache on 2 cores, scaled by cores for the up-front estimate: the quick set as measured on
+# a quiet machine (190 s, BENCHMARKS.md "Issue 19"); the full set from the 9-variant run before issue 19 (657 s,
+# on a busy machine, 3-run timing; not re-measured with 6 interleaved rounds).
+SECONDS_ON_2_CORES = {"quick": 190, "full": 660}
 
 
 def plan(full: bool, cores: int | None = None) -> tuple[list[Any], str]:
