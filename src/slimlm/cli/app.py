@@ -79,11 +79,16 @@ def progress_task(description: str, *, total: int | None = None, item: str | Non
     """A transient rich progress bar on stderr with one task; yields that task's ``update(completed=, total=,
     description=, item=)``. ``item`` adds a column for the item being worked on; ``remaining`` an ETA column.
     Where no bar can show (``disable``, e.g. under --json, or stderr is not a terminal) the stage still gets one
-    line on stderr, so logs say what ran; ``silent`` drops even that (nothing will run)."""
+    line on stderr at its first report, so logs say what ran; ``silent`` drops even that (nothing will run)."""
     if disable or not err_console.is_terminal:
-        if not silent:
-            err_console.print(f"… {description}", highlight=False, soft_wrap=True)
-        yield lambda **_kw: None
+        said = silent
+
+        def once(**_kw: Any) -> None:  # on the first report: a command refused at its input prints only the error
+            nonlocal said
+            if not said:
+                err_console.print(f"… {description}", highlight=False, soft_wrap=True)
+                said = True
+        yield once
         return
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
     columns += [TextColumn("ETA"), TimeRemainingColumn()] if remaining else []
