@@ -1,8 +1,10 @@
 """Choose a variant for a device and goal from measurements made on this machine.
 
-Candidates that fit the memory budget (`fit`'s model) are made and measured (`eval` KLD against one saved
-reference, `bench` speed) within a time budget, each measurement cached by model fingerprint + variant +
-settings; the pick per goal comes from the Pareto front (quality vs memory vs speed).
+Candidates that fit the memory budget (`fit`'s model) are made and scored (`eval` KLD against one saved
+reference), then timed together round-robin in one `bench` session (medians with intervals, busy-machine watch),
+within a time budget; quality and speed are cached apart, by model fingerprint + variant + settings. The pick per
+goal goes by the goal's figure, but candidates whose intervals overlap are *tied* on it and the next figure
+decides between them (:data:`CRITERIA`), so noise never passes for a finding.
 """
 
 from __future__ import annotations
@@ -16,10 +18,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 from slimlm.errors import SlimlmError
+from slimlm.evaluate.noise import BUSY_NOTE, overlaps
 from slimlm.inspect.fit import format_bytes, parse_memory
 
 GOALS = ("throughput", "latency", "quality", "size")
-Progress = Callable[[str], None]
+Progress = Callable[[str], None]  # one line per stage
+Steps = Callable[[int, int, str], None]  # (done, total, what): progress within a stage
 
 
 @dataclass(frozen=True)
@@ -68,8 +72,11 @@ class Settings:
     prompt: int = 128
     gen: int = 32
     batch: int = 1
-    runs: int = 3
+    runs: int = 6
     threads: int | None = None
+
+
+QUALITY_SETTINGS = ("data", "calib", "calib_samples", "chunks", "ctx")  # the rest only changes speed figures
 
 
 @dataclass
@@ -83,6 +90,10 @@ class Recommendation:
     max_kld: float
     choice: str | None
     why: str
+    tied: list[str] = field(default_factory=list)  # names tied with the choice on the goal's first figure
+    tie: str = ""  # which candidates were tied (overlapping intervals) and what decided
+    lead: dict[str, Any] | None = None  # the choice's lead over the runner-up on the goal's figure
+    machine: dict[str, Any] = field(default_factory=dict)  # busy machine while timing? (noise.MachineWatch)
     measured: list[dict[str, Any]] = field(default_factory=list)
     pareto: list[str] = field(default_factory=list)
     excluded: list[dict[str, Any]] = field(default_factory=list)
@@ -175,23 +186,44 @@ def _make(variant: Variant, model: Path, cache: ResultCache, settings: Settings)
     return out, time.perf_counter() - start
 
 
-def _measure(variant: Variant, path: Path, ref_file: Path, settings: Settings) -> dict[str, Any]:
-    from slimlm.evaluate import bench, evaluate
+def _quality(variant: Variant, path: Path, ref_file: Path, settings: Settings,
+             steps: Steps | None) -> dict[str, Any]:
+    """KLD, top-1 and perplexity of one variant against the saved reference (deterministic: cached for good)."""
+    from slimlm.evaluate import evaluate
 
     start = time.perf_counter()
     dtype = "bf16" if variant.kind == "bf16" else "fp32"
-    quality = evaluate(path, settings.data, ref=ref_file, ctx=settings.ctx, chunks=settings.chunks, dtype=dtype)
-    speed = bench(path, prompt=settings.prompt, gen=settings.gen, batches=(settings.batch,),
-                  threads=settings.threads, backends=[variant.backend], runs=settings.runs)
-    row = speed["rows"][0]
+    tick = (lambda d, t: steps(d, t, f"scoring {variant.name}")) if steps else None
+    quality = evaluate(path, settings.data, ref=ref_file, ctx=settings.ctx, chunks=settings.chunks, dtype=dtype,
+                       progress=tick)
     kld = quality["kld"]
-    return {
-        "kld_mean": kld["kld_mean"], "kld_p99": kld["kld_p99"], "top1": kld["top1_agreement"],
-        "ppl": quality["perplexity"]["ppl"], "ppl_err": quality["perplexity"]["ppl_stderr"],
-        "prefill_tok_s": row["prefill_tok_s"], "decode_tok_s": row["decode_tok_s"], "ttft_ms": row["ttft_ms"],
-        "itl_p50_ms": row["itl_p50_ms"], "itl_p95_ms": row["itl_p95_ms"], "peak_rss_mb": row["peak_rss_mb"],
-        "engine": variant.backend, "measure_seconds": time.perf_counter() - start,
-    }
+    return {"kld_mean": kld["kld_mean"], "kld_p99": kld["kld_p99"], "top1": kld["top1_agreement"],
+            "ppl": quality["perplexity"]["ppl"], "ppl_err": quality["perplexity"]["ppl_stderr"],
+            "quality_seconds": time.perf_counter() - start}
+
+
+SPEED_FIGURES = ("prefill_tok_s", "decode_tok_s", "ttft_ms", "itl_p50_ms", "itl_p95_ms", "peak_rss_mb", "intervals",
+                 "interval_coverage", "spread", "unstable")
+
+
+def _speed(todo: list[tuple[Variant, Path]], settings: Settings, steps: Steps | None) -> dict[str, dict[str, Any]]:
+    """Time the variants together, round-robin, in one session; name -> its figures and the session's machine
+    load. A variant whose engine cannot load it is left out (the caller lists it as skipped)."""
+    from slimlm.evaluate.bench import Candidate, measure
+
+    started = time.perf_counter()
+    session = measure([Candidate(v.name, path, v.backend) for v, path in todo], prompt=settings.prompt,
+                      gen=settings.gen, batches=(settings.batch,), threads=settings.threads, runs=settings.runs,
+                      progress=steps, skip_failed=True)
+    seconds = time.perf_counter() - started
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
+    out = {row["label"]: {**{k: row[k] for k in SPEED_FIGURES}, "engine": row["backend"],
+                          "speed_session": {"at": stamp, "candidates": len(todo), "seconds": seconds,
+                                            "machine": session["machine"]}}
+           for row in session["rows"]}
+    for f in session["failed"]:
+        out[f["name"]] = {"error": f["reason"]}
+    return out
 
 
 def pareto_front(rows: list[dict[str, Any]], speed_key: str) -> list[str]:
@@ -211,6 +243,16 @@ def pareto_front(rows: list[dict[str, Any]], speed_key: str) -> list[str]:
 SPEED_KEY = {"throughput": "prefill_tok_s", "latency": "decode_tok_s", "quality": "decode_tok_s",
              "size": "decode_tok_s"}
 
+# goal -> what decides, in order: (figure, higher is better). A speed figure with an interval only decides when
+# the best one's interval does not overlap the others'; candidates that overlap are tied and the next figure
+# decides among them.
+CRITERIA = {
+    "throughput": (("prefill_tok_s", True), ("kld_mean", False), ("memory_bytes", False)),
+    "latency": (("itl_p50_ms", False), ("kld_mean", False), ("memory_bytes", False)),
+    "quality": (("kld_mean", False), ("memory_bytes", False)),
+    "size": (("memory_bytes", False), ("kld_mean", False)),
+}
+LABEL = {"prefill_tok_s": "prefill tok/s", "itl_p50_ms": "ITL p50", "kld_mean": "KLD", "memory_bytes": "memory"}
 
 ABSURD_KLD = 5.0  # nats: no working quantization is this far from its reference; the file or its eval is broken
 
@@ -220,46 +262,91 @@ def absurd(row: dict[str, Any]) -> bool:
     return not row["kld_mean"] <= ABSURD_KLD
 
 
-def choose(rows: list[dict[str, Any]], goal: str, max_kld: float) -> tuple[dict[str, Any] | None, str]:
-    """The pick for ``goal`` among measured rows that fit, and whether quality excluded any."""
+def interval(row: dict[str, Any], key: str) -> tuple[float, float]:
+    """A figure's interval (low, high); a figure measured without one is its own point."""
+    low, high = row.get("intervals", {}).get(key, (row[key], row[key]))
+    return float(low), float(high)
+
+
+def choose(rows: list[dict[str, Any]], goal: str, max_kld: float
+           ) -> tuple[dict[str, Any] | None, str, list[str]]:
+    """The pick for ``goal`` among measured rows that fit; a note (why nothing was picked, or which candidates
+    were tied on which figure, by overlapping intervals, and what decided); the names tied with the pick.
+    Rows with an absurd KLD are never chosen."""
     rows = [r for r in rows if not absurd(r)]
     usable = rows if goal == "quality" else [r for r in rows if r["kld_mean"] <= max_kld]
     if not usable:
-        return None, "no measured variant that fits stays under the KLD limit"
-    if goal == "throughput":
-        return max(usable, key=lambda r: r["prefill_tok_s"]), ""
-    return min(usable, key=_RANK.get(goal, _RANK["quality"])), ""
+        return None, "no measured variant that fits stays under the KLD limit", []
+    pool, notes, tied_names = usable, [], []
+    for key, higher in CRITERIA.get(goal, CRITERIA["quality"]):
+        best = (max if higher else min)(pool, key=lambda r: r[key])
+        tied = [r for r in pool if r is best or overlaps(interval(r, key), interval(best, key))]
+        if len(tied) == 1:
+            if notes:
+                notes.append(f"{best['name']} chosen by {LABEL.get(key, key)}")
+            return best, "; ".join(notes), tied_names
+        tied_names = tied_names or [r["name"] for r in tied]
+        notes.append(f"tied on {LABEL.get(key, key)} (intervals overlap): "
+                     + ", ".join(r["name"] for r in sorted(tied, key=lambda r: r is not best)))
+        pool = tied
+    best = pool[0]
+    notes.append(f"{best['name']} chosen as the first of the tied")
+    return best, "; ".join(notes), tied_names
 
 
-# goal -> the key whose smallest value choose() picks (throughput picks the highest prefill speed)
-_RANK = {"latency": lambda r: r["itl_p50_ms"], "size": lambda r: (r["memory_bytes"], r["kld_mean"]),
-         "quality": lambda r: (r["kld_mean"], r["memory_bytes"])}
+def lead(best: dict[str, Any], rows: list[dict[str, Any]], key: str, higher: bool) -> dict[str, Any] | None:
+    """How far ``best`` is ahead of the runner-up on ``key``: the difference's interval, from the two intervals."""
+    others = [r for r in rows if r is not best]
+    if not others:
+        return None
+    runner = (max if higher else min)(others, key=lambda r: r[key])
+    (bl, bh), (rl, rh) = interval(best, key), interval(runner, key)
+    low, high = (bl - rh, bh - rl) if higher else (rl - bh, rh - bl)
+    return {"runner_up": runner["name"], "figure": key, "difference": best[key] - runner[key] if higher
+            else runner[key] - best[key], "interval": [low, high], "ratio": (best[key] / runner[key] if higher
+                                                                             else runner[key] / best[key])}
 
 
-def _why(best: dict[str, Any], rows: list[dict[str, Any]], goal: str, budget: int) -> str:
+def _why(best: dict[str, Any], rows: list[dict[str, Any]], goal: str, budget: int, tie: str) -> str:
     base = next((r for r in rows if r["name"] == "BF16"), None) or next(
         (r for r in rows if r["kind"] == "original"), None)
     fit_text = f"fits {format_bytes(budget)} with {format_bytes(budget - best['memory_bytes'])} headroom"
     quality = f"KLD {best['kld_mean']:.4f}, top-1 {100 * best['top1']:.1f}%"
+    tie_text = f" ({tie})" if tie else ""
+    cover = f"{best['interval_coverage']:.0%}" if "interval_coverage" in best else "no"
     if goal == "throughput":
+        lo, hi = interval(best, "prefill_tok_s")
         ratio = best["prefill_tok_s"] / base["prefill_tok_s"] if base else float("nan")
-        return (f"{best['name']}: {ratio:.2f}x the prefill tokens/s of {base['name'] if base else '-'} "
-                f"({best['prefill_tok_s']:.0f} tok/s) at {quality}; {fit_text}")
+        return (f"{best['name']}: {best['prefill_tok_s']:.0f} prefill tok/s ({cover} interval {lo:.0f}–{hi:.0f}), "
+                f"{ratio:.2f}x {base['name'] if base else '-'}, at {quality}; {fit_text}{tie_text}")
     if goal == "latency":
+        lo, hi = interval(best, "itl_p50_ms")
         ratio = base["itl_p50_ms"] / best["itl_p50_ms"] if base else float("nan")
-        return (f"{best['name']}: {best['itl_p50_ms']:.1f} ms per token (p50), {ratio:.2f}x faster than "
-                f"{base['name'] if base else '-'} at {quality}; {fit_text}")
+        return (f"{best['name']}: {best['itl_p50_ms']:.1f} ms per token (p50; {cover} interval {lo:.1f}–{hi:.1f}), "
+                f"{ratio:.2f}x faster than {base['name'] if base else '-'} at {quality}; {fit_text}{tie_text}")
     if goal == "size":
-        return f"{best['name']}: the smallest that stays under the KLD limit, {format_bytes(best['memory_bytes'])} in memory at {quality}; {fit_text}"
-    return f"{best['name']}: the lowest KLD among the variants that fit ({quality}); {fit_text}"
+        return (f"{best['name']}: the smallest that stays under the KLD limit, "
+                f"{format_bytes(best['memory_bytes'])} in memory at {quality}; {fit_text}{tie_text}")
+    return f"{best['name']}: the lowest KLD among the variants that fit ({quality}); {fit_text}{tie_text}"
+
+
+def machine_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Were any of these rows' speed figures measured on a busy machine? (rows may come from several sessions)"""
+    sessions = {json.dumps(r["speed_session"], sort_keys=True, default=str): r["speed_session"] for r in rows
+                if r.get("speed_session")}
+    busy = [s for s in sessions.values() if (s.get("machine") or {}).get("busy")]
+    reasons = sorted({reason for s in busy for reason in s["machine"]["reasons"]})
+    unstable = [r["name"] for r in rows if r.get("unstable")]
+    return {"busy": bool(busy), "reasons": reasons, "sessions": len(sessions), "unstable": unstable,
+            "note": BUSY_NOTE if busy else ""}
 
 
 def recommend(model: str | Path, *, memory: str | int, goal: str = "throughput", context: int = 4096,
               batch: int = 1, budget_minutes: float | None = None, calib: str | Path | None = None,
               data: str | Path | None = None, students: list[str | Path] = (), variants: list[Variant] | None = None,
-              max_kld: float = 0.1, chunks: int = 4, calib_samples: int = 16, prompt: int = 128, gen: int = 32, runs: int = 3,
+              max_kld: float = 0.1, chunks: int = 4, calib_samples: int = 16, prompt: int = 128, gen: int = 32, runs: int = 6,
               threads: int | None = None, cache_dir: str | Path | None = None,
-              progress: Progress | None = None) -> Recommendation:
+              progress: Progress | None = None, steps: Steps | None = None) -> Recommendation:
     """Measure the variants of ``model`` that fit ``memory`` and pick the one that best serves ``goal``."""
     from slimlm import resources
     from slimlm.evaluate import evaluate
@@ -307,18 +394,23 @@ def recommend(model: str | Path, *, memory: str | int, goal: str = "throughput",
     ref_file = cache.dir / f"ref-{ref_key}.safetensors"
     reference = cache.get(f"ref-{ref_key}")
     if reference is None or not ref_file.is_file():
-        say("reference: scoring the original once")
-        report = evaluate(model, data, ctx=settings.ctx, chunks=settings.chunks, save_ref=ref_file, overwrite=True)
+        say(f"reference: scoring the original once ({settings.chunks} windows of {settings.ctx} tokens)")
+        tick = (lambda d, t: steps(d, t, "scoring the original")) if steps else None
+        report = evaluate(model, data, ctx=settings.ctx, chunks=settings.chunks, save_ref=ref_file, overwrite=True,
+                          progress=tick)
         reference = {"ppl": report["perplexity"]["ppl"], "ppl_err": report["perplexity"]["ppl_stderr"],
                      "chunks": report["chunks"], "ref_file": str(ref_file)}
         cache.put(f"ref-{ref_key}", reference)
 
-    rows, skipped = [], []
     deadline = started + budget_minutes * 60 if budget_minutes else None
+    quality_settings = {k: v for k, v in asdict(settings).items() if k in QUALITY_SETTINGS}
+    speed_settings = {k: v for k, v in asdict(settings).items() if k not in QUALITY_SETTINGS}
+    rows, skipped, todo = [], [], []
     for i, (v, mem) in enumerate(fitting):
-        key = cache.key("measure", v.settings(), asdict(settings), ref_key)
+        key = cache.key("quality", v.settings(), quality_settings, ref_key)
         hit = cache.get(key)
-        cached = hit is not None
+        speed = cache.get(cache.key("speed", v.settings(), speed_settings))
+        cached = hit is not None and speed is not None
         if hit is None:
             if deadline is not None and time.perf_counter() > deadline:
                 skipped.append({"name": v.name, "reason": "time budget used up"})
@@ -326,24 +418,47 @@ def recommend(model: str | Path, *, memory: str | int, goal: str = "throughput",
             say(f"[{i + 1}/{len(fitting)}] {v.name}: making")
             try:
                 path, make_seconds = _make(v, model, cache, settings)
-                say(f"[{i + 1}/{len(fitting)}] {v.name}: measuring ({v.backend})")
-                figures = _measure(v, path, ref_file, settings)
+                say(f"[{i + 1}/{len(fitting)}] {v.name}: scoring {settings.chunks} windows")
+                hit = {"file_bytes": _file_bytes(path), "make_seconds": make_seconds,
+                       **_quality(v, path, ref_file, settings, steps)}
             except SlimlmError as exc:
                 skipped.append({"name": v.name, "reason": str(exc)})
                 continue
-            hit = {"file_bytes": _file_bytes(path), "make_seconds": make_seconds, **figures}
             cache.put(key, hit)
-        rows.append({"name": v.name, "kind": v.kind, "quant": v.quant, "method": v.method, "cached": cached,
-                     "memory_bytes": mem["total_bytes"], "headroom_bytes": mem["headroom_bytes"], **hit})
+        row = {"name": v.name, "kind": v.kind, "quant": v.quant, "method": v.method, "cached": cached,
+               "memory_bytes": mem["total_bytes"], "headroom_bytes": mem["headroom_bytes"], **hit, **(speed or {})}
+        if speed is None:
+            todo.append((v, row))
+        rows.append(row)
+    if todo and deadline is not None and time.perf_counter() > deadline:
+        skipped += [{"name": v.name, "reason": "time budget used up before timing it"} for v, _ in todo]
+        rows = [r for r in rows if all(r is not t for _, t in todo)]
+    elif todo:
+        say(f"timing {len(todo)} variants together, round-robin: {settings.runs} rounds of prompt {settings.prompt} "
+            f"+ {settings.gen} new tokens")
+        timed = _speed([(v, _make(v, model, cache, settings)[0]) for v, _ in todo], settings, steps)
+        for v, row in todo:
+            figures = timed.get(v.name) or {"error": "not timed"}
+            if "error" in figures:
+                skipped.append({"name": v.name, "reason": figures["error"]})
+                rows.remove(row)
+                continue
+            cache.put(cache.key("speed", v.settings(), speed_settings), figures)
+            row.update(figures)
     if not rows:
         raise SlimlmError("the time budget was too small to measure anything: skipped "
                           + ", ".join(s["name"] for s in skipped))
 
-    best, problem = choose(rows, goal, max_kld)
-    why = _why(best, rows, goal, budget) if best else problem
+    best, note, tied = choose(rows, goal, max_kld)
+    why = _why(best, rows, goal, budget, note) if best else note
+    key, higher = CRITERIA[goal][0]
+    machine = machine_summary(rows)
+    if best and machine["busy"]:
+        why += f". Note: {BUSY_NOTE}"
     return Recommendation(
         model=str(model), fingerprint=fingerprint, goal=goal, memory_bytes=budget, context=context, batch=batch,
-        max_kld=max_kld, choice=best["name"] if best else None, why=why, measured=rows,
+        max_kld=max_kld, choice=best["name"] if best else None, why=why, tie=note if best else "", tied=tied,
+        lead=lead(best, rows, key, higher) if best else None, machine=machine, measured=rows,
         pareto=pareto_front(rows, SPEED_KEY[goal]),
         excluded=[{"name": v.name, "needs_bytes": r["total_bytes"], "reason": "does not fit"} for v, r in excluded]
         + [{"name": r["name"], "kld_mean": r["kld_mean"], "reason": f"KLD above {max_kld}"}

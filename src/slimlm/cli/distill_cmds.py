@@ -77,7 +77,7 @@ def distill(
                          grad_clip=grad_clip, dtype=dtype, eval_every=eval_every, save_every=save_every, seed=seed,
                          on_policy=on_policy, on_policy_prompt=on_policy_prompt,
                          on_policy_temperature=on_policy_temperature)
-    with progress_task("distilling", total=steps) as bar:
+    with progress_task("distilling", total=steps, disable=json_out) as bar:
         def update(step: int, total: int, rec: dict) -> None:
             bar(completed=step, description=f"loss {rec['loss']:.4f} | {rec['tokens_per_s']:.0f} tok/s")
 

@@ -7,7 +7,9 @@ from typing import Optional
 
 import typer
 
-from slimlm.cli.app import JSON_OPTION, app, columns_table, console, print_json, progress_task
+from slimlm.cli.app import (JSON_OPTION, app, columns_table, console, fitted_table, left_out_note, print_json,
+                            progress_task)
+from slimlm.evaluate.noise import BUSY_NOTE
 
 
 @app.command("eval")
@@ -38,7 +40,7 @@ def eval_cmd(
     """Perplexity ± standard error with llama.cpp's protocol; with --ref, KL divergence and top-1 agreement."""
     from slimlm import api
 
-    with progress_task("evaluating windows", remaining=True) as update:
+    with progress_task("evaluating windows", disable=json_out) as update:
         report = api.evaluate(model, data, ref=ref, ctx=ctx, chunks=chunks, batch_size=batch_size, dtype=dtype,
                               save_ref=save_ref, ref_top_k=ref_top_k, tokenizer=tokenizer, text_field=text_field,
                               overwrite=overwrite, act_quant=act_quant,
@@ -49,6 +51,7 @@ def eval_cmd(
     ppl = report["perplexity"]
     table = columns_table(f"{Path(report['model']['path']).name} on {Path(report['data']).name}",
                           ("measure", "value"), ["measure"], show_header=True)
+    table.columns[0].no_wrap = True
     table.add_row("windows x ctx", f"{report['chunks']} x {report['ctx']} ({ppl['n_tokens']} scored tokens)")
     table.add_row("perplexity", f"{ppl['ppl']:.4f} ± {ppl['ppl_stderr']:.4f}")
     if "kld" in report:
@@ -78,7 +81,8 @@ def bench_cmd(
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads (default: all cores)."),
     backend: Optional[str] = typer.Option(None, "--backend", help="Comma-separated backends (default: "
                                           "torch-fp32,torch-bf16, plus llama.cpp for GGUF files)."),
-    runs: int = typer.Option(3, "--runs", help="Timed runs after one warm-up; figures are medians."),
+    runs: int = typer.Option(6, "--runs", help="Timed rounds after one warm-up, backends taking turns; figures are "
+                             "medians with an order-statistic interval (95% from 6 runs)."),
     json_out: bool = JSON_OPTION,
 ) -> None:
     """Prefill and decode tokens/s, time to first token, inter-token latency p50/p95, peak RSS per backend."""
@@ -90,18 +94,28 @@ def bench_cmd(
     except ValueError:
         raise SlimlmError(f"--batch takes comma-separated integers, not {batch!r}") from None
     backends = [b.strip() for b in backend.split(",") if b.strip()] if backend else None
-    with progress_task("bench", remaining=True) as update:
+    with progress_task("bench: loading", disable=json_out) as update:
         report = api.bench(model, prompt=prompt, gen=gen, batches=batches, threads=threads, backends=backends,
                            runs=runs, progress=lambda done, total, label: update(completed=done, total=total,
                                                                                  description=label))
     if json_out:
         print_json(report)
         return
-    table = columns_table(f"{Path(report['model']).name}: prompt {prompt}, gen {gen}, {report['threads']} threads, "
-                          f"median of {runs}", ("backend", "batch", "prefill tok/s", "decode tok/s", "TTFT ms",
-                                                "ITL p50 ms", "ITL p95 ms", "peak RSS MiB"), ["backend"])
+    rows, coverage = [], min(r["interval_coverage"] for r in report["rows"])
     for r in report["rows"]:
-        table.add_row(r["backend"], str(r["batch"]), f"{r['prefill_tok_s']:.1f}", f"{r['decode_tok_s']:.1f}",
-                      f"{r['ttft_ms']:.1f}", f"{r['itl_p50_ms']:.2f}", f"{r['itl_p95_ms']:.2f}",
-                      f"{r['peak_rss_mb']:.0f}")
+        iv = r["intervals"]
+        rows.append([r["backend"], str(r["batch"]), f"{r['prefill_tok_s']:.1f} ({iv['prefill_tok_s'][0]:.1f}-"
+                     f"{iv['prefill_tok_s'][1]:.1f})", f"{r['decode_tok_s']:.1f} ({iv['decode_tok_s'][0]:.1f}-"
+                     f"{iv['decode_tok_s'][1]:.1f})", f"{r['ttft_ms']:.1f}", f"{r['itl_p50_ms']:.2f}",
+                     f"{r['itl_p95_ms']:.2f}", f"{r['peak_rss_mb']:.0f}", "unstable" if r["unstable"] else ""])
+    table, dropped = fitted_table(
+        f"{Path(report['model']).name}: prompt {prompt}, gen {gen}, {report['threads']} threads, median of {runs} "
+        f"runs (round-robin) and its {coverage:.0%} interval",
+        [("backend", 10), ("batch", 9), ("prefill tok/s", 8), ("decode tok/s", 8), ("TTFT ms", 5),
+         ("ITL p50 ms", 6), ("ITL p95 ms", 4), ("peak RSS MiB", 3), ("", 7)], rows, left=("backend", ""))
     console.print(table)
+    if dropped:
+        console.print(left_out_note(dropped))
+    machine = report["machine"] or {}
+    if machine.get("busy"):
+        console.print(f"[bold yellow]warning:[/] {BUSY_NOTE} ({'; '.join(machine['reasons'])})", highlight=False)

@@ -44,7 +44,7 @@ def inspect(
 
 def _print_summary(data: dict) -> None:
     table = Table(title=f"{data['name'] or data['source']}", show_header=False, title_justify="left")
-    table.add_column("", style="bold")
+    table.add_column("", style="bold", no_wrap=True)  # names whole; values wrap between words
     table.add_column("")
     table.add_row("source", f"{data['source']} ({data['format']}, counted from {data['counted_from']})")
     if data.get("model_type"):

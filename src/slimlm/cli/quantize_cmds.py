@@ -60,8 +60,8 @@ def quantize(
         "Symmetric or asymmetric weights (default: asym for w4a16, sym for w8).")),
     ignore: List[str] = typer.Option([], "--ignore", rich_help_panel=_CT, help=(
         "Module name or 're:REGEX' kept in full precision (repeatable; lm_head always kept).")),
-    samples: int = typer.Option(16, "--samples", rich_help_panel=_CT,
-                                help="Calibration sequences (of --seq-len tokens)."),
+    samples: Optional[int] = typer.Option(None, "--samples", rich_help_panel=_CT, help=(
+        "Calibration sequences of --seq-len tokens (default 16 from --calib; 8 when the model writes its own).")),
     seq_len: int = typer.Option(512, "--seq-len", rich_help_panel=_CT, help="Tokens per calibration sequence."),
     static_acts: bool = typer.Option(False, "--static-acts", rich_help_panel=_CT, help=(
         "w8a8: static per-tensor activation scales instead of dynamic per-token.")),
@@ -89,7 +89,7 @@ def quantize(
     if to is None:
         raise SlimlmError("give --to TYPE (a GGUF mix such as Q4_K_M) or --scheme w4a16|w8a16|w8a8, or --check")
 
-    with progress_task(f"quantizing to {to}", item="", disable=json_out or dry_run) as update:
+    with progress_task(f"quantizing to {to}", item="", disable=json_out or dry_run, silent=dry_run) as update:
         from slimlm.algorithms.methods import GGUF_METHODS
         from slimlm.quantize.gguf import quantize_gguf  # = api's; lighter import
 

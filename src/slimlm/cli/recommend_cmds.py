@@ -2,38 +2,84 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Iterator, Optional
 
 import typer
+from rich.console import Console
 
-from slimlm.cli.app import JSON_OPTION, app, columns_table, console, err_console, print_json
+from slimlm.cli.app import (JSON_OPTION, app, console, err_console, fitted_table, left_out_note, print_json,
+                            progress_task)
 
 
 def _say(message: str) -> None:
     err_console.print(f"[dim]…[/] {message}", highlight=False)
 
 
-def _render(result: dict) -> None:
+@contextlib.contextmanager
+def _steps(json_out: bool) -> Iterator[Callable[[int, int, str], None] | None]:
+    """Progress within recommend's stages (scoring windows, timing rounds) as one bar with an ETA that restarts
+    with each stage; nothing where no bar can show (the stage lines say enough there)."""
+    if json_out or not err_console.is_terminal:
+        yield None
+        return
+    with progress_task("measuring", item="") as update:
+        yield lambda done, total, what: update(completed=done, total=total, item=what)
+
+
+def _figure(r: dict, key: str, fmt: str, with_interval: bool) -> str:
+    text = format(r[key], fmt)
+    low, high = (r.get("intervals") or {}).get(key, (None, None))
+    if with_interval and low is not None:
+        text += f" ({format(low, fmt)}-{format(high, fmt)})"
+    return text
+
+
+def _render(result: dict, out: Console | None = None) -> None:
+    """The measured table (cells whole at any width: the least important columns go first), then the choice."""
     from slimlm.inspect.fit import format_bytes
 
-    table = columns_table(f"{Path(result['model']).name}: goal {result['goal']}, memory "
-                          f"{format_bytes(result['memory_bytes'])}",
-                          ("variant", "memory", "KLD", "top-1", "ppl", "prefill tok/s", "decode tok/s", "ITL p50 ms",
-                           "engine", ""), ("variant", "engine", ""), title_justify="left")
+    out = out or console
+
+    goal_key = {"throughput": "prefill_tok_s", "latency": "itl_p50_ms"}.get(result["goal"])
+    tied = set(result.get("tied", []))
+    columns = [("variant", 10), ("memory", 8), ("KLD", 8), ("top-1", 4), ("ppl", 3),
+               ("prefill tok/s", 9 if goal_key == "prefill_tok_s" else 5), ("decode tok/s", 5),
+               ("ITL p50 ms", 9 if goal_key == "itl_p50_ms" else 5), ("engine", 2), ("", 9)]
+    rows, styles = [], []
     for r in sorted(result["measured"], key=lambda r: r["memory_bytes"]):
-        mark = "← chosen" if r["name"] == result["choice"] else ("Pareto" if r["name"] in result["pareto"] else "")
-        table.add_row(r["name"], format_bytes(r["memory_bytes"]), f"{r['kld_mean']:.4f}", f"{100 * r['top1']:.1f}%",
-                      f"{r['ppl']:.2f}", f"{r['prefill_tok_s']:.0f}", f"{r['decode_tok_s']:.1f}",
-                      f"{r['itl_p50_ms']:.1f}", r["engine"], mark,
-                      style="bold yellow" if r["name"] == result["choice"] else None)
-    console.print(table)
+        mark = ("← chosen" if r["name"] == result["choice"] else "tied" if r["name"] in tied
+                else "Pareto" if r["name"] in result["pareto"] else "")
+        rows.append([r["name"], format_bytes(r["memory_bytes"]), f"{r['kld_mean']:.4f}", f"{100 * r['top1']:.1f}%",
+                     f"{r['ppl']:.2f}", _figure(r, "prefill_tok_s", ".0f", goal_key == "prefill_tok_s"),
+                     _figure(r, "decode_tok_s", ".1f", False), _figure(r, "itl_p50_ms", ".1f", goal_key == "itl_p50_ms"),
+                     r["engine"], mark])
+        styles.append("bold yellow" if r["name"] == result["choice"] else None)
+    table, dropped = fitted_table(f"{Path(result['model']).name}: goal {result['goal']}, memory "
+                                  f"{format_bytes(result['memory_bytes'])}", columns, rows,
+                                  left=("variant", "engine", ""), styles=styles, width=out.width,
+                                  title_justify="left")
+    out.print(table)
+    if dropped:
+        out.print(left_out_note(dropped))
+    coverage = [r["interval_coverage"] for r in result["measured"] if "interval_coverage" in r]
+    if goal_key and coverage:
+        out.print(f"[dim]median of {result['settings']['runs']} runs, in brackets its {min(coverage):.0%} interval "
+                  "(order statistics); overlapping intervals are a tie[/]")
+    machine = result.get("machine") or {}
+    unstable = [r["name"] for r in result["measured"] if r.get("unstable")]
+    if unstable:
+        out.print(f"[yellow]unstable[/] (its runs disagree by more than half the median): {', '.join(unstable)}",
+                  highlight=False)
+    if machine.get("busy"):
+        out.print(f"[bold yellow]warning:[/] {machine['note']} ({'; '.join(machine['reasons'])})", highlight=False)
     for e in result["excluded"]:
-        console.print(f"[dim]excluded {e['name']}: {e['reason']}[/]")
+        out.print(f"[dim]excluded {e['name']}: {e['reason']}[/]")
     for s in result["skipped"]:
-        console.print(f"[dim]skipped {s['name']}: {s['reason']}[/]")
-    console.print(f"[bold green]Recommended:[/] {result['why']}")
+        out.print(f"[dim]skipped {s['name']}: {s['reason']}[/]")
+    out.print(f"[bold green]Recommended:[/] {result['why']}")
 
 
 @app.command()
@@ -55,9 +101,10 @@ def recommend(
     """Measure the variants that fit --memory on this machine and recommend one for --goal."""
     from slimlm.recommend import recommend as run
 
-    result = run(model, memory=memory, goal=goal, context=context, batch=batch, budget_minutes=budget_minutes,
-                 calib=calib, data=data, students=list(student), max_kld=max_kld, chunks=chunks,
-                 progress=_say).to_dict()
+    with _steps(json_out) as steps:
+        result = run(model, memory=memory, goal=goal, context=context, batch=batch, budget_minutes=budget_minutes,
+                     calib=calib, data=data, students=list(student), max_kld=max_kld, chunks=chunks,
+                     progress=_say, steps=steps).to_dict()
     if save:
         save.write_text(json.dumps(result, indent=1, default=str))
     if json_out:
@@ -88,13 +135,15 @@ def report(
 @app.command()
 def demo(
     out: Path = typer.Option(Path("slimlm-demo"), "--out", help="Folder for the results and the report."),
+    full: bool = typer.Option(False, "--full", help="Measure every variant (9), not the quick set of 4."),
     json_out: bool = JSON_OPTION,
 ) -> None:
     """The whole journey on the built-in SmolLM2-135M, no download: inspect, explain, quantize, evaluate,
     bench, recommend for three goals, write the report."""
     from slimlm.demo import run_demo
 
-    summary = run_demo(out, say=_say, show=None if json_out else _render)
+    with _steps(json_out) as steps:
+        summary = run_demo(out, say=_say, show=None if json_out else _render, full=full, steps=steps)
     if json_out:
         print_json(summary)
     else:

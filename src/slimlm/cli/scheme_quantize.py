@@ -50,18 +50,21 @@ def run_check(model: Path, group_size: str | None, json_out: bool) -> None:
 
 
 def run_scheme(model: Path, out: Path | None, *, scheme: str, method: str | None, group_size: str | None,
-               sym: bool | None, ignore: list[str], calib: Path | None, samples: int, seq_len: int,
+               sym: bool | None, ignore: list[str], calib: Path | None, samples: int | None, seq_len: int,
                static_acts: bool, spill: Path | None, threads: int | None, overwrite: bool, json_out: bool) -> None:
     from slimlm import api
 
     if out is None:
         raise SlimlmError("give the output dir with -o DIR")
+    def say(message: str) -> None:
+        err_console.print(f"[yellow]note:[/] {message}", highlight=False, soft_wrap=True)
+
     with progress_task(f"{scheme} {method or ''}", item="calibration", disable=json_out) as update:
         result = api.quantize_model(
             model, out, scheme=scheme, method=method, group_size=_group_option(group_size), symmetric=sym,
             ignore=ignore or None, calib=str(calib) if calib is not None else None, samples=samples,
             seq_len=seq_len, act_dynamic=not static_acts, spill_dir=spill, threads=threads, overwrite=overwrite,
-            progress=lambda d, t, item: update(completed=d, total=t, item=item))
+            progress=lambda d, t, item: update(completed=d, total=t, item=item), say=say)
     if json_out:
         print_json(result.to_dict())
         return

@@ -1,30 +1,33 @@
-"""Generation speed of one model on several engines: prefill and decode tokens/s, TTFT, ITL, peak RSS.
+"""Generation speed of models on several engines: prefill and decode tokens/s, TTFT, ITL, peak RSS.
 
 Each backend is a small class with ``load`` / ``prefill`` / ``decode`` registered by name in
-``BACKENDS``; other areas add theirs with one line (``BACKENDS["w4a16"] = MyBackend``). For every
-(backend, batch) the measurement is: one warm-up run, then ``runs`` timed runs of greedy generation
-(prompt of ``prompt`` random ids, ``gen`` new tokens, EOS ignored) and the median of each figure.
+``BACKENDS``; other areas add theirs with one line (``BACKENDS["w4a16"] = MyBackend``). The candidates (a model on
+a backend) are all loaded, warmed up once each, then timed in ``runs`` rounds, round-robin (A B C A B C …: a load
+spike hits them all, not one block), with greedy generation (prompt of ``prompt`` random ids, ``gen`` new tokens,
+EOS ignored). Each figure is the median of the runs with an order-statistic interval, and the session records
+whether other processes were busy meanwhile (:mod:`slimlm.evaluate.noise`).
 
 - prefill tokens/s = batch x prompt / TTFT, TTFT = time until the first new tokens exist;
 - decode tokens/s = batch x (gen - 1) / time of the gen - 1 decode steps (KV cache);
 - ITL p50/p95 = percentiles of the per-step decode latency;
-- peak RSS = the process's resident-memory high-water mark over that batch's runs, reset before them
-  (Linux /proc/self/clear_refs), so it covers weights + KV cache + activations of that backend, on
-  top of the process's baseline (reported as ``rss_before_mb``: interpreter, libraries, the model).
+- peak RSS = the process's baseline before loading (``rss_before_mb``: interpreter, libraries) + what loading
+  that candidate added + its largest resident-memory growth during one run (Linux /proc/self/clear_refs), so it
+  covers weights + KV cache + activations of that candidate alone although the others are loaded too.
 """
 
 from __future__ import annotations
 
 import gc
 import os
-import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
 from slimlm.errors import SlimlmError
+from slimlm.evaluate.noise import SPREAD_LIMIT, MachineWatch, median_interval, spread
 from slimlm.runtime.bench_backends import (
     Backend, NativeBackend, TorchBackend, W4A16Backend, W8A8Backend, W8A16Backend,
 )
@@ -134,7 +137,7 @@ class LlamaCppBackend(Backend):
         return self._run(self.decode_batch, tokens.astype(np.int32), positions, batch)
 
     def _free_context(self) -> None:
-        if self.ctx:
+        if getattr(self, "ctx", None):  # also after a load that failed before making one
             self.lib.llama_batch_free(self.prefill_batch)
             self.lib.llama_batch_free(self.decode_batch)
             self.lib.llama_free(self.ctx)
@@ -164,56 +167,113 @@ def default_backends(model_path: Path) -> list[str]:
     return names
 
 
+@dataclass(frozen=True)
+class Candidate:
+    """One thing to time: a model file or dir on one backend, under a label for the rows."""
+
+    label: str
+    path: Path
+    backend: str
+
+
 def bench(model: str | Path, *, prompt: int = 512, gen: int = 128, batches: tuple[int, ...] | list[int] = (1, 8),
-          threads: int | None = None, backends: list[str] | None = None, runs: int = 3, warmup: int = 1,
+          threads: int | None = None, backends: list[str] | None = None, runs: int = 6, warmup: int = 1,
           seed: int = 0, progress: Progress | None = None) -> dict[str, Any]:
-    """Measure every (backend, batch); the result's ``rows`` hold one dict of figures per pair."""
+    """Measure every (backend, batch) of one model; the result's ``rows`` hold one dict of figures per pair."""
     model_path = Path(model).expanduser()
     if not model_path.exists():
         raise SlimlmError(f"{model_path} does not exist")
+    names = backends or default_backends(model_path)
+    return {"model": str(model_path), **measure([Candidate(n, model_path, n) for n in names], prompt=prompt,
+                                                 gen=gen, batches=batches, threads=threads, runs=runs,
+                                                 warmup=warmup, seed=seed, progress=progress)}
+
+
+def measure(candidates: list[Candidate], *, prompt: int, gen: int, batches: tuple[int, ...] | list[int] = (1,),
+            threads: int | None = None, runs: int = 6, warmup: int = 1, seed: int = 0,
+            progress: Progress | None = None, skip_failed: bool = False) -> dict[str, Any]:
+    """Time ``candidates`` round-robin (A B C A B C …, after one warm-up each), so a change in the machine's load
+    hits all of them alike; rows (per candidate, then batch) give each figure's median and its interval
+    (:mod:`slimlm.evaluate.noise`), and ``machine`` says whether the machine was busy meanwhile.
+
+    All candidates stay loaded together, so a row's peak RSS is rebuilt from its own parts: the process's
+    baseline before any load + what loading this candidate added + its largest growth during one of its runs.
+    ``skip_failed``: a candidate that cannot load (a SlimlmError) is listed under ``failed`` instead of raising.
+    """
     if prompt < 1 or gen < 2:
         raise SlimlmError("--prompt must be at least 1 and --gen at least 2 (one prefill token + decode steps)")
     if runs < 1 or not batches or any(b < 1 for b in batches):
         raise SlimlmError("--runs and every --batch size must be at least 1")
     threads = threads or os.cpu_count() or 1
-    names = backends or default_backends(model_path)
-    unknown = [n for n in names if n not in BACKENDS]
+    unknown = [c.backend for c in candidates if c.backend not in BACKENDS]
     if unknown:
         raise SlimlmError(f"unknown backend {unknown[0]!r}; available: {', '.join(BACKENDS)}")
-    total = len(names) * len(batches) * (runs + warmup)
-    done = 0
-    rows = []
-    for name in names:
-        backend = BACKENDS[name]()
-        if progress:
-            progress(done, total, f"{name}: loading")
-        facts = backend.load(model_path, threads)
-        rng = np.random.default_rng(seed)
-        try:
-            for batch in batches:
-                ids = rng.integers(low=min(100, backend.vocab_size() - 1), high=backend.vocab_size(),
-                                   size=(batch, prompt), dtype=np.int64)
-                backend.prepare(batch, prompt + gen)
-                base_rss = reset_peak_rss()
-                samples = []
-                for i in range(warmup + runs):
-                    if progress:
-                        step = "warm-up" if i < warmup else f"run {i - warmup + 1}"
-                        progress(done, total, f"{name} batch {batch}: {step}")
-                    sample = _one_run(backend, ids, gen if i >= warmup else min(gen, 8))
-                    if i >= warmup:
-                        samples.append(sample)
-                    done += 1
-                rows.append({"backend": name, **facts, "batch": batch, "prompt": prompt, "gen": gen,
-                             **_median_figures(samples), "peak_rss_mb": peak_rss_mb(), "rss_before_mb": base_rss,
-                             "runs": runs, "threads": threads})
-        finally:
+    total = len(candidates) * len(batches) * (runs + warmup)
+    tick = progress or (lambda _d, _t, _l: None)
+    base_rss = reset_peak_rss()
+    loaded: list[tuple[Candidate, Backend, dict[str, Any], float]] = []
+    failed: list[dict[str, str]] = []
+    rows: list[dict[str, Any]] = []
+    watch = MachineWatch()
+    try:
+        for c in candidates:
+            tick(0, total, f"loading {c.label}")
+            before = reset_peak_rss()
+            backend = BACKENDS[c.backend]()
+            try:
+                facts = backend.load(c.path, threads)
+            except SlimlmError as exc:
+                backend.close()
+                if not skip_failed:
+                    raise
+                failed.append({"name": c.label, "reason": str(exc)})
+                continue
+            loaded.append((c, backend, facts, max(0.0, reset_peak_rss() - before)))
+        total = len(loaded) * len(batches) * (runs + warmup)
+        with watch:
+            per_batch = [_rounds(loaded, batch, prompt, gen, runs, warmup, seed, tick, total, k)
+                         for k, batch in enumerate(batches)]
+        for i, (c, _backend, facts, load_mb) in enumerate(loaded):
+            for batch, (samples, growth) in zip(batches, per_batch):
+                rows.append({"backend": c.backend, "label": c.label, **facts, "batch": batch, "prompt": prompt,
+                             "gen": gen, **_figures(samples[i]), "peak_rss_mb": base_rss + load_mb + growth[i],
+                             "rss_before_mb": base_rss, "runs": runs, "threads": threads})
+    finally:
+        for _c, backend, _f, _m in loaded:
             backend.close()
-            del backend
-            gc.collect()
-    if progress:
-        progress(total, total, "done")
-    return {"model": str(model_path), "threads": threads, "rows": rows}
+        gc.collect()
+    tick(total, total, "done")
+    return {"threads": threads, "rows": rows, "machine": watch.load.to_dict() if loaded else None,
+            "order": "round-robin",
+            "interval": "order-statistic interval of the median (binomial; >= 95% from 6 runs, below that "
+                        "[min, max] at the coverage given per row)", "failed": failed}
+
+
+def _rounds(loaded: list, batch: int, prompt: int, gen: int, runs: int, warmup: int, seed: int,
+            tick: Callable[[int, int, str], None], total: int, k: int) -> tuple[list[list[dict]], list[float]]:
+    """Warm-ups, then ``runs`` rounds over all candidates at one batch size: each candidate's samples and the
+    largest RSS growth during any one of its runs."""
+    n = len(loaded)
+    done = k * n * (runs + warmup)
+    samples: list[list[dict]] = [[] for _ in loaded]
+    growth = [0.0] * n
+    prompts = []
+    for _c, backend, _f, _m in loaded:
+        rng = np.random.default_rng(seed)
+        vocab = backend.vocab_size()
+        prompts.append(rng.integers(low=min(100, vocab - 1), high=vocab, size=(batch, prompt), dtype=np.int64))
+        backend.prepare(batch, prompt + gen)
+    for r in range(warmup + runs):
+        step = "warm-up" if r < warmup else f"round {r - warmup + 1}/{runs}"
+        for i, (c, backend, _f, _m) in enumerate(loaded):
+            tick(done, total, f"{step}: {c.label}" + (f" batch {batch}" if batch > 1 else ""))
+            start_rss = reset_peak_rss()
+            sample = _one_run(backend, prompts[i], gen if r >= warmup else min(gen, 8))
+            growth[i] = max(growth[i], peak_rss_mb() - start_rss)
+            if r >= warmup:
+                samples[i].append(sample)
+            done += 1
+    return samples, growth
 
 
 def _one_run(backend: Backend, ids: np.ndarray, gen: int) -> dict[str, Any]:
@@ -229,18 +289,24 @@ def _one_run(backend: Backend, ids: np.ndarray, gen: int) -> dict[str, Any]:
     return {"ttft": ttft, "steps": steps, "batch": batch, "prompt": ids.shape[1]}
 
 
-def _median_figures(samples: list[dict[str, Any]]) -> dict[str, float]:
-    def med(values: list[float]) -> float:
-        return float(statistics.median(values))
-
+def _figures(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Each figure's median over the runs, its interval, and whether the runs disagree too much to rank on."""
     batch, prompt = samples[0]["batch"], samples[0]["prompt"]
-    return {
-        "prefill_tok_s": med([batch * prompt / s["ttft"] for s in samples]),
-        "decode_tok_s": med([batch * len(s["steps"]) / sum(s["steps"]) for s in samples]),
-        "ttft_ms": med([1000 * s["ttft"] for s in samples]),
-        "itl_p50_ms": med([1000 * float(np.percentile(s["steps"], 50)) for s in samples]),
-        "itl_p95_ms": med([1000 * float(np.percentile(s["steps"], 95)) for s in samples]),
+    per_run = {
+        "prefill_tok_s": [batch * prompt / s["ttft"] for s in samples],
+        "decode_tok_s": [batch * len(s["steps"]) / sum(s["steps"]) for s in samples],
+        "ttft_ms": [1000 * s["ttft"] for s in samples],
+        "itl_p50_ms": [1000 * float(np.percentile(s["steps"], 50)) for s in samples],
+        "itl_p95_ms": [1000 * float(np.percentile(s["steps"], 95)) for s in samples],
     }
+    out: dict[str, Any] = {}
+    intervals, coverage = {}, 0.0
+    for key, values in per_run.items():
+        out[key], low, high, coverage = median_interval(values)
+        intervals[key] = [low, high]
+    widest = max(spread(*intervals[k], out[k]) for k in ("prefill_tok_s", "decode_tok_s"))
+    return {**out, "intervals": intervals, "interval_coverage": coverage, "spread": widest,
+            "unstable": widest > SPREAD_LIMIT}
 
 
 def _llama_cpp_available() -> bool:
@@ -249,4 +315,4 @@ def _llama_cpp_available() -> bool:
     return importlib.util.find_spec("llama_cpp") is not None
 
 
-__all__ = ["BACKENDS", "Backend", "LlamaCppBackend", "TorchBackend", "bench", "default_backends"]
+__all__ = ["BACKENDS", "Backend", "Candidate", "LlamaCppBackend", "TorchBackend", "bench", "default_backends", "measure"]

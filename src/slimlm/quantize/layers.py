@@ -24,7 +24,7 @@ from slimlm.archs import family
 from slimlm.algorithms.methods import Method, get_method
 from slimlm.algorithms.smoothquant import DEFAULT_STRENGTH
 from slimlm.algorithms.stats import StatsCollector
-from slimlm.data.calibration import DEFAULT_SAMPLES, DEFAULT_SEQ_LEN, Calibration, load_calibration
+from slimlm.data.calibration import DEFAULT_SEQ_LEN, Calibration, load_calibration
 from slimlm.checkpoint import Checkpoint, open_checkpoint, read_config
 from slimlm.checkpoint.tensor_data import check_finite
 from slimlm.checkpoint.tensor_data import torch_dtype
@@ -128,12 +128,14 @@ def _run_layer(layer, acts: _Activations, kwargs_list: list[dict], n_batches: in
 def quantize_model(model: str | Path, output: str | Path, *, scheme: str | QuantConfig = "w4a16",
                    method: str | None = None, group_size: int | str | None = "default", symmetric: bool | None = None,
                    ignore: list[str] | None = None, calib: str | Path | torch.Tensor | None = None,
-                   samples: int = DEFAULT_SAMPLES, seq_len: int = DEFAULT_SEQ_LEN, act_dynamic: bool = True,
+                   samples: int | None = None, seq_len: int = DEFAULT_SEQ_LEN, act_dynamic: bool = True,
                    smoothing_strength: float = DEFAULT_STRENGTH, actorder: bool = True, batch_size: int = 4,
                    spill_dir: str | Path | None = None, threads: int | None = None, uniform_groups: bool = True,
-                   overwrite: bool = False, progress: Callable[[int, int, str], None] | None = None) -> SchemeResult:
+                   overwrite: bool = False, progress: Callable[[int, int, str], None] | None = None,
+                   say: Callable[[str], None] | None = None) -> SchemeResult:
     """Quantize an HF model dir to a compressed-tensors dir in the streaming order of the module docstring;
-    ``threads`` sets torch's CPU threads for the run (restored afterwards)."""
+    ``threads`` sets torch's CPU threads for the run (restored afterwards). ``samples`` None: 16 sequences of
+    text, fewer when the model writes its own (see ``load_calibration``); ``say`` gets one-line announcements."""
     previous = torch.get_num_threads()
     if threads:
         torch.set_num_threads(int(threads))
@@ -148,7 +150,7 @@ def quantize_model(model: str | Path, output: str | Path, *, scheme: str | Quant
             scheme, group_size=group_size, symmetric=symmetric, ignore=ignore, act_dynamic=act_dynamic)
         run = _open_run(model_dir, out_dir, cfg, method, smoothing_strength, actorder)
         if run.algo.calibration or (cfg.act_bits is not None and not cfg.act_dynamic):
-            run.calibration = _calibration(run, calib, samples, seq_len)
+            run.calibration = _calibration(run, calib, samples, seq_len, say, progress)
         spill_ctx = tempfile.TemporaryDirectory(prefix="slimlm-spill-", dir=spill_dir) if spill_dir else nullcontext()
         writer = ShardWriter(run.out_dir)
         try:
@@ -252,14 +254,16 @@ def _check_experts(cfg: QuantConfig, method: str, algo: Method, model_type: str)
                           f"without zero points); pass --sym")
 
 
-def _calibration(run: _Run, calib, samples: int, seq_len: int) -> Calibration:
+def _calibration(run: _Run, calib, samples: int | None, seq_len: int, say: Callable[[str], None] | None,
+                 steps: Callable[[int, int, str], None] | None) -> Calibration:
     try:
         tokenizer = load_tokenizer(run.model_dir)
     except Exception:  # a dir without tokenizer files: only token-id / self-generated calibration works
         tokenizer = None
     vocab = run.hf_config.vocab_size
     calibration = load_calibration(calib, tokenizer=tokenizer, vocab_size=vocab, n_samples=samples, seq_len=seq_len,
-                                   model_loader=lambda: load_model(run.model_dir, "fp32", tokenizer=False).model)
+                                   model_loader=lambda: load_model(run.model_dir, "fp32", tokenizer=False).model,
+                                   say=say, steps=steps)
     if calibration.input_ids.max() >= vocab:
         raise SlimlmError("calibration token ids exceed the model's vocabulary")
     return calibration

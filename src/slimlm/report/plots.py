@@ -22,6 +22,9 @@ def _scatter(ax: Any, rows: list[dict[str, Any]], x_key: str, x_scale: float, pa
         color = KIND_COLORS.get(r["kind"], "#9467bd")
         ax.scatter(r[x_key] / x_scale, y, s=90 if r["name"] in pareto else 40, color=color,
                    edgecolors="gold" if r["name"] == chosen else "none", linewidths=2.5, zorder=3)
+        low, high = (r.get("intervals") or {}).get(x_key, (None, None))
+        if low is not None:  # the speed's interval as a horizontal bar: overlapping bars are a tie
+            ax.plot([low / x_scale, high / x_scale], [y, y], color=color, alpha=0.5, linewidth=2, zorder=2)
         ax.annotate(r["name"], (r[x_key] / x_scale, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
     front = sorted((r for r in rows if r["name"] in pareto), key=lambda r: r[x_key])
     if len(front) > 1:
