@@ -8,6 +8,7 @@ held-out draws reject training ones.
 from __future__ import annotations
 
 import ast
+from abc import ABC, abstractmethod
 import hashlib
 import json
 import math
@@ -44,7 +45,7 @@ def split_of(task_name: str, key: str) -> str:
     return "heldout" if int.from_bytes(digest[:8], "big") % HELDOUT_ONE_IN == 0 else "train"
 
 
-class Task:
+class Task(ABC):
     """A family of problems. Subclasses define ``make`` (one random problem), ``check`` (is this answer text
     right) and, where two questions can state one problem, ``key``."""
 
@@ -57,10 +58,13 @@ class Task:
         self.difficulty = difficulty
 
     def make(self, rng: random.Random) -> Problem:
-        raise NotImplementedError
+        """One random problem of this task at its difficulty (generators override it; a fixed list, as a user's
+        JSONL, overrides ``problems`` instead)."""
+        raise SlimlmError(f"task {self.name!r} has a fixed problem list, not a generator")
 
+    @abstractmethod
     def check(self, problem: Problem, answer: str) -> bool:
-        raise NotImplementedError
+        """Whether ``answer`` (the extracted answer text) solves ``problem``."""
 
     def key(self, problem: Problem) -> str:
         return problem.question
