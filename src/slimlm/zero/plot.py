@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
+
+from slimlm.writers.atomic import atomic_path
 
 
 def _smooth(values: list[float], window: int) -> list[float]:
@@ -41,8 +42,9 @@ def plot_curves(rows: list[dict], path: str | Path, *, title: str = "") -> Path:
     bottom.set_xlabel("GRPO step")
     fig.suptitle(title or "GRPO training")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=110, format=path.suffix.lstrip(".") or "png")
+    finally:
+        plt.close(fig)
     return path

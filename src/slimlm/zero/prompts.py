@@ -4,11 +4,11 @@ JSONL, and a verifier that keeps only the teacher responses those answers confir
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Callable
 
 from slimlm.errors import SlimlmError
+from slimlm.writers.atomic import atomic_path
 from slimlm.zero.rewards import accuracy_reward, extract_answer
 from slimlm.zero.tasks import JsonlTask, Problem, Task, check_text, get_task
 from slimlm.zero.template import Template
@@ -64,6 +64,5 @@ def write_reference_responses(prompts: str | Path, path: str | Path) -> dict:
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
     """Written beside ``path`` and renamed in: never half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")

@@ -8,13 +8,13 @@ held-out draws reject training ones.
 from __future__ import annotations
 
 import ast
-from abc import ABC, abstractmethod
 import hashlib
 import json
 import math
 import operator
 import random
 import re
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path

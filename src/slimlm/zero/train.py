@@ -18,6 +18,7 @@ from typing import Any, Callable
 import torch
 
 from slimlm.errors import SlimlmError
+from slimlm.writers.atomic import atomic_path
 from slimlm.zero.rewards import problem_row, reward_funcs
 from slimlm.zero.tasks import Task, get_task
 from slimlm.zero.template import Template
@@ -190,9 +191,8 @@ def _save_model(trainer, tokenizer, out: Path) -> Path:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=str))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=1, default=str))
 
 
 def train_zero(model: str | Path, task: str | Task, out: str | Path, *, config: ZeroConfig | None = None,
