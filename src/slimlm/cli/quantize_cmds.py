@@ -28,7 +28,10 @@ def quantize(
     model: Path = typer.Argument(..., help="Hugging Face model dir, or a .gguf to re-quantize."),
     out: Optional[Path] = typer.Option(None, "-o", "--out", rich_help_panel=_OUTPUT,
                                        help="Output .gguf file (--to), or output dir (--scheme)."),
-    overwrite: bool = typer.Option(False, "--overwrite", rich_help_panel=_OUTPUT, help="Replace an existing output."),
+    overwrite: bool = typer.Option(False, "--overwrite", rich_help_panel=_OUTPUT, help=(
+        "Replace an existing output (it stays whole until the new one is complete). An output is written under a "
+        "temporary name and renamed in, so a kill or a full disk never leaves a partial one; while a run writes "
+        "it, a second run to the same output refuses at once (exit 2), with or without --overwrite.")),
     method: Optional[str] = typer.Option(None, "--method", rich_help_panel=_BOTH, help=(
         "The algorithm. --to: llama.cpp (default) | gptq | awq | awq+gptq (these need --calib; awq also works "
         "with --imatrix). --scheme: rtn | awq | gptq | smoothquant | smoothquant+gptq (default: awq for w4a16, "

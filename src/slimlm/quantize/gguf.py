@@ -143,7 +143,7 @@ def quantize_gguf(model: str | Path | ModelSource, to: str, out: str | Path | No
     result = _planned_result(source, ftype, plan, out, matched, dry_run, warnings)
     if not dry_run:
         metadata = _metadata_writer(source, ftype, plan, method, im, imatrix)
-        _write(out, source, plan, importance_of, metadata, encoder, progress)
+        _write(out, source, plan, importance_of, metadata, encoder, progress, overwrite)
         result.file_bytes = out.stat().st_size
     result.seconds = time.perf_counter() - start
     return result
@@ -215,7 +215,8 @@ def _metadata_writer(source: ModelSource, ftype: str, plan: dict[str, T], method
 
 
 def _write(out: Path, source: ModelSource, plan: dict[str, T], importance_of: Callable[[str], np.ndarray | None],
-           metadata: Callable[[gguf.GGUFWriter], Any], encoder: Encoder | None, progress: Progress | None) -> None:
+           metadata: Callable[[gguf.GGUFWriter], Any], encoder: Encoder | None, progress: Progress | None,
+           overwrite: bool = True) -> None:
     """Encode and write every tensor: the plain codecs in forked workers, custom encoders in threads."""
     tensors = source.tensors
 
@@ -231,9 +232,9 @@ def _write(out: Path, source: ModelSource, plan: dict[str, T], importance_of: Ca
     entries = [(t.name, tuple(t.shape), plan[t.name]) for t in tensors]
     workers = max(1, min(WORKERS, os.cpu_count() or 1))
     if encoder is None and workers > 1 and len(tensors) > 8 and fork_available():
-        _write_forked(out, source.arch, metadata, entries, load, workers, progress)
+        _write_forked(out, source.arch, metadata, entries, load, workers, progress, overwrite)
     else:
-        _write_threaded(out, source.arch, metadata, entries, load, encoder or _plain_encode, progress)
+        _write_threaded(out, source.arch, metadata, entries, load, encoder or _plain_encode, progress, overwrite)
 
 
 Entry = tuple[str, tuple[int, ...], T]
@@ -241,7 +242,8 @@ Loader = Callable[[int], tuple[np.ndarray, T, np.ndarray | None]]
 
 
 def _write_threaded(out: Path, arch: str, metadata: Callable[[gguf.GGUFWriter], Any], entries: list[Entry],
-                    load: Loader, encode: Callable[..., np.ndarray], progress: Progress | None) -> None:
+                    load: Loader, encode: Callable[..., np.ndarray], progress: Progress | None,
+                    overwrite: bool = True) -> None:
     """Custom encoders (closures over Hessians, test hooks) in two threads, written in order, LOOKAHEAD ahead."""
     with ThreadPoolExecutor(max_workers=2) as pool:
         pending: dict[int, Future] = {}
@@ -261,14 +263,14 @@ def _write_threaded(out: Path, arch: str, metadata: Callable[[gguf.GGUFWriter], 
 
         fill(0)  # the first tensors encode while the metadata (tokenizer) is built and written
         try:
-            write_gguf(out, arch, metadata, entries, produce_ahead)
+            write_gguf(out, arch, metadata, entries, produce_ahead, overwrite)
         finally:
             for f in pending.values():
                 f.cancel()
 
 
 def _write_forked(out: Path, arch: str, metadata: Callable[[gguf.GGUFWriter], Any], entries: list[Entry],
-                  load: Loader, workers: int, progress: Progress | None) -> None:
+                  load: Loader, workers: int, progress: Progress | None, overwrite: bool = True) -> None:
     """The plain codecs (numpy, holding the GIL) in forked processes that load their tensor (mmap loaders
     inherited) and pwrite it at its final offset while the parent writes the metadata; tiny tensors are encoded
     in the parent. Bytes as ``write_gguf``'s. Costliest tensors first, so no process is left alone with a long one;
@@ -292,7 +294,7 @@ def _write_forked(out: Path, arch: str, metadata: Callable[[gguf.GGUFWriter], An
             n = os.pwrite(fd, view, pos)
             view, pos = view[n:], pos + n
 
-    with atomic_path(out) as tmp:
+    with atomic_path(out, overwrite) as tmp:
         def encode(i: int) -> np.ndarray | None:
             """In a worker: tensor ``i`` into the file, or its bytes when the header is not on disk yet."""
             data = _plain_encode(*load(i), "", threads=1)  # the processes are the parallelism

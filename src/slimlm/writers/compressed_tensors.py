@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 
 from slimlm.checkpoint import read_config, read_state_dict
 from slimlm.errors import SlimlmError, os_reason
-from slimlm.writers.atomic import publish, temp_dir
+from slimlm.writers.atomic import Claim, publish, temp_dir
 from slimlm.formats.groupint import (QuantizedWeight, dequantize, pack_codes, pack_zero_points, unpack_codes,
                                      unpack_zero_points)
 
@@ -87,6 +87,7 @@ class ShardWriter:
 
     def __init__(self, target: Path, max_bytes: int = MAX_SHARD_BYTES):
         self.target = Path(target)
+        self.claim = Claim(self.target)  # held until finish or abort: a second run to this dir refuses
         self.tmp = temp_dir(self.target)
         self.max_bytes = max_bytes
         self._pending: dict[str, torch.Tensor] = {}
@@ -139,6 +140,7 @@ class ShardWriter:
 
     def abort(self) -> None:
         shutil.rmtree(self.tmp, ignore_errors=True)
+        self.claim.release()
 
 
 def args_for(qcfg: dict, module: str) -> dict | None:
