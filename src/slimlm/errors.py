@@ -27,6 +27,8 @@ def explain(exc: BaseException) -> str | None:
     None when ``exc`` is not such an error (then it is a bug, and should be reported as one)."""
     if isinstance(exc, SlimlmError):
         return str(exc)
+    if isinstance(exc, RuntimeError) and "file write failed" in str(exc):
+        return os_reason(exc)
     if isinstance(exc, MemoryError) or (isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)):
         return "ran out of memory: the input asks for more than this machine has (a corrupt or lying header?)"
     if isinstance(exc, RecursionError):
@@ -50,10 +52,19 @@ def explain(exc: BaseException) -> str | None:
 def os_reason(exc: BaseException) -> str:
     """Why a read or write failed, in words (the disk is full, permission denied, ...), for an OSError or the
     Rust io::Error inside a safetensors error."""
+    if isinstance(exc, RuntimeError) and "file write failed" in str(exc):  # torch.save's writer gives no errno
+        return "the write failed (is the disk full, or a file size limit reached?)"
     code = exc.errno if isinstance(exc, OSError) else _rust_errno(exc)
     if code in _OS_REASONS:
         return _OS_REASONS[code]
     return (exc.strerror if isinstance(exc, OSError) and exc.strerror else None) or _first_line(exc)
+
+
+def write_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` is the OS refusing a write (a full disk, a size limit, permissions), as Python, the Rust
+    inside safetensors or torch.save's C++ writer report it."""
+    return (isinstance(exc, OSError) and exc.errno is not None) or _rust_errno(exc) is not None or (
+        isinstance(exc, RuntimeError) and "file write failed" in str(exc))
 
 
 def _rust_errno(exc: BaseException) -> int | None:

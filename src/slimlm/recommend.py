@@ -20,6 +20,7 @@ from typing import Any, Callable
 from slimlm.errors import SlimlmError
 from slimlm.evaluate.noise import BUSY_NOTE, overlaps
 from slimlm.inspect.fit import format_bytes, parse_memory
+from slimlm.writers.atomic import Claim, atomic_path
 
 GOALS = ("throughput", "latency", "quality", "size")
 Progress = Callable[[str], None]  # one line per stage
@@ -150,9 +151,8 @@ class ResultCache:
             return None
 
     def put(self, key: str, value: dict[str, Any]) -> None:
-        tmp = self.dir / f".{key}.json.{os.getpid()}.tmp"  # per process: concurrent runs never share one
-        tmp.write_text(json.dumps(value, indent=1, default=str))
-        tmp.replace(self.dir / f"{key}.json")
+        with atomic_path(self.dir / f"{key}.json", wait=True) as tmp:  # concurrent runs: the last complete one
+            tmp.write_text(json.dumps(value, indent=1, default=str))
 
 
 def _file_bytes(path: Path) -> int:
@@ -169,20 +169,18 @@ def _make(variant: Variant, model: Path, cache: ResultCache, settings: Settings)
     if variant.kind == "student":
         return Path(variant.path or ""), 0.0
     key = cache.key("file", variant.settings(), settings.calib, settings.calib_samples)
-    if variant.kind == "gguf":
-        out = cache.files / f"{key}.gguf"
-        if not out.is_file():
+    out = cache.files / (f"{key}.gguf" if variant.kind == "gguf" else key)
+    with Claim(out, wait=True):  # a concurrent run making the same file: wait for it, then use its file
+        if variant.kind == "gguf" and not out.is_file():
             from slimlm.quantize.gguf import quantize_gguf
 
             quantize_gguf(model, variant.quant or "", out)
-        return out, time.perf_counter() - start
-    out = cache.files / key
-    if not (out / "config.json").is_file():
-        from slimlm.quantize.layers import quantize_model
-        from slimlm.quantize.schemes import get_scheme
+        elif variant.kind != "gguf" and not (out / "config.json").is_file():
+            from slimlm.quantize.layers import quantize_model
+            from slimlm.quantize.schemes import get_scheme
 
-        quantize_model(model, out, scheme=get_scheme(variant.quant or "w4a16"), method=variant.method,
-                       calib=settings.calib, samples=settings.calib_samples, overwrite=True)
+            quantize_model(model, out, scheme=get_scheme(variant.quant or "w4a16"), method=variant.method,
+                           calib=settings.calib, samples=settings.calib_samples, overwrite=True)
     return out, time.perf_counter() - start
 
 
@@ -392,15 +390,16 @@ def recommend(model: str | Path, *, memory: str | int, goal: str = "throughput",
 
     ref_key = cache.key("ref", str(data), settings.ctx, settings.chunks)
     ref_file = cache.dir / f"ref-{ref_key}.safetensors"
-    reference = cache.get(f"ref-{ref_key}")
-    if reference is None or not ref_file.is_file():
-        say(f"reference: scoring the original once ({settings.chunks} windows of {settings.ctx} tokens)")
-        tick = (lambda d, t: steps(d, t, "scoring the original")) if steps else None
-        report = evaluate(model, data, ctx=settings.ctx, chunks=settings.chunks, save_ref=ref_file, overwrite=True,
-                          progress=tick)
-        reference = {"ppl": report["perplexity"]["ppl"], "ppl_err": report["perplexity"]["ppl_stderr"],
-                     "chunks": report["chunks"], "ref_file": str(ref_file)}
-        cache.put(f"ref-{ref_key}", reference)
+    with Claim(ref_file, wait=True):  # a concurrent run scoring it: wait, then use its reference
+        reference = cache.get(f"ref-{ref_key}")
+        if reference is None or not ref_file.is_file():
+            say(f"reference: scoring the original once ({settings.chunks} windows of {settings.ctx} tokens)")
+            tick = (lambda d, t: steps(d, t, "scoring the original")) if steps else None
+            report = evaluate(model, data, ctx=settings.ctx, chunks=settings.chunks, save_ref=ref_file,
+                              overwrite=True, progress=tick)
+            reference = {"ppl": report["perplexity"]["ppl"], "ppl_err": report["perplexity"]["ppl_stderr"],
+                         "chunks": report["chunks"], "ref_file": str(ref_file)}
+            cache.put(f"ref-{ref_key}", reference)
 
     deadline = started + budget_minutes * 60 if budget_minutes else None
     quality_settings = {k: v for k, v in asdict(settings).items() if k in QUALITY_SETTINGS}

@@ -3,9 +3,9 @@ evaluate against the teacher, save the student and a report.json."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -16,6 +16,7 @@ from slimlm.distill.sequences import shifted_labels, split_heldout, text_sequenc
 from slimlm.distill.trainer import TrainConfig, TrainData, train
 from slimlm.errors import SlimlmError
 from slimlm.models import load_config, load_model, load_tokenizer, random_model
+from slimlm.writers.atomic import Claim, atomic_dir, atomic_path, refuse_inputs
 
 DISTILL_METHODS = ("logits", "sequence")
 
@@ -233,18 +234,10 @@ def _sequence_data(run: _Run, *, prompts: str | Path | None, verifier: str | Non
 
 def _save_student(model: torch.nn.Module, tokenizer, out: Path) -> Path:
     """OUT/student, written beside it first and swapped in, so a crash never leaves half a model there."""
-    import shutil
-
-    tmp = out / ".student.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    final_dir = out / "student"
-    if final_dir.exists():
-        shutil.rmtree(final_dir)
-    os.replace(tmp, final_dir)
-    return final_dir
+    with atomic_dir(out / "student") as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return out / "student"
 
 
 def _train_and_report(run: _Run, data_t: TrainData, student_eval: tuple[torch.Tensor, torch.Tensor], *,
@@ -273,9 +266,8 @@ def _train_and_report(run: _Run, data_t: TrainData, student_eval: tuple[torch.Te
                    "evals": state.evals, "before": before, "after": after, "teacher_heldout": teacher_eval,
                    "student_dir": str(final_dir), "train_seconds": result["seconds"],
                    "tokens_per_s": state.history[-1]["tokens_per_s"] if state.history else None})
-    report_tmp = out / ".report.json.tmp"
-    report_tmp.write_text(json.dumps(report, indent=1, default=float))
-    os.replace(report_tmp, out / "report.json")
+    with atomic_path(out / "report.json") as tmp:
+        tmp.write_text(json.dumps(report, indent=1, default=float))
     return report
 
 
@@ -298,6 +290,32 @@ def distill(teacher: str | Path, data: str | Path, out: str | Path, *, method: s
     """
     out = Path(out)
     config = _checked_config(method, config or TrainConfig(), seq_len)
+    refuse_inputs(out, [teacher, student, data, eval_data, prompts, responses], whole=False)
+    with _claim(out):
+        return _distill(teacher, data, out, method=method, student=student, student_config=student_config,
+                        prune_layers=prune_layers, prune_mlp=prune_mlp, prune_heads=prune_heads, seq_len=seq_len,
+                        eval_sequences=eval_sequences, top_k=top_k, teacher_cache=teacher_cache, prompts=prompts,
+                        eval_data=eval_data, verifier=verifier, max_new_tokens=max_new_tokens,
+                        temperature=temperature, top_p=top_p, samples_per_prompt=samples_per_prompt,
+                        responses=responses, config=config, resume=resume, overwrite=overwrite, progress=progress)
+
+
+def _claim(out: Path) -> contextlib.AbstractContextManager:
+    """OUT is this run's while it runs (the main process holds it; under `accelerate launch` the others share
+    it): a second run to the same OUT refuses at once instead of both writing its checkpoints."""
+    from accelerate import PartialState
+
+    if not PartialState(cpu=not torch.cuda.is_available()).is_main_process:
+        return contextlib.nullcontext()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return Claim(out)
+
+
+def _distill(teacher: str | Path, data: str | Path, out: Path, *, method: str, student, student_config,
+             prune_layers: int, prune_mlp: float, prune_heads: float, seq_len: int, eval_sequences: int, top_k: int,
+             teacher_cache, prompts, eval_data, verifier, max_new_tokens: int, temperature: float, top_p: float,
+             samples_per_prompt: int, responses, config: TrainConfig, resume: bool, overwrite: bool,
+             progress) -> dict[str, Any]:
     _prepare_out(out, overwrite=overwrite, resume=resume)
     text = (eval_data or data) if method == "sequence" else data
     run = _open_run(teacher, text, out, config, method=method, seq_len=seq_len, eval_sequences=eval_sequences,

@@ -7,7 +7,6 @@ vocabulary). Bytes per token = k * (2 or 4) + k * 2, e.g. 64 bytes for k = 16 wi
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Callable
 
@@ -16,6 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from slimlm.errors import SlimlmError
+from slimlm.writers.atomic import atomic_path
 
 
 @torch.no_grad()
@@ -39,12 +39,11 @@ def cache_teacher(teacher: torch.nn.Module, input_ids: torch.Tensor, out: Path, 
         if progress:
             progress(min(lo + batch_size, n), n)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
     meta = {"top_k": str(top_k), "vocab_size": str(vocab), "teacher": str(getattr(teacher.config, "_name_or_path", "")),
             "layout": "input_ids int32 [N,L]; topk_idx [N,L,k]; topk_logprobs float16 [N,L,k] (T=1, full-vocab log-probs)"}
-    save_file({"input_ids": input_ids.to(torch.int32).contiguous(), "topk_idx": all_idx, "topk_logprobs": all_lp},
-              str(tmp), metadata=meta)
-    os.replace(tmp, out)
+    with atomic_path(out) as tmp:
+        save_file({"input_ids": input_ids.to(torch.int32).contiguous(), "topk_idx": all_idx,
+                   "topk_logprobs": all_lp}, str(tmp), metadata=meta)
     bytes_per_token = top_k * (all_idx.element_size() + 2)
     return {"path": str(out), "sequences": n, "seq_len": length, "top_k": top_k,
             "bytes_per_token": bytes_per_token, "file_bytes": out.stat().st_size}

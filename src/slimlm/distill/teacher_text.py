@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import importlib
 import json
-import os
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
 from slimlm.errors import SlimlmError
+from slimlm.writers.atomic import atomic_path
 
 
 def read_prompts(path: Path, field: str = "prompt") -> list[str]:
@@ -97,9 +97,8 @@ def generate_responses(teacher: torch.nn.Module, tokenizer, prompts: list[str], 
         if progress:
             progress(min(lo + batch_size, len(jobs)), len(jobs))
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    os.replace(tmp, out)
+    with atomic_path(out) as tmp:
+        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     return {"path": str(out), "prompts": len(prompts), "generated": len(jobs), "kept": len(rows),
             "duplicates": duplicates, "rejected": rejected,
             "sampling": {"temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens,

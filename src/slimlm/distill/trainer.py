@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
@@ -23,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from slimlm.distill.losses import DIVERGENCES, kd_loss
 from slimlm.distill.onpolicy import is_on_policy_step, on_policy_labels, sample_continuations, step_uniforms
 from slimlm.errors import SlimlmError
+from slimlm.writers.atomic import atomic_dir
 
 
 @dataclass
@@ -105,9 +105,12 @@ def save_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
     """Weights via save_pretrained (+ the tokenizer, so the checkpoint is a usable model dir), AdamW moments in
     safetensors, counters in JSON. All of it goes to a hidden temp dir that is renamed when complete, so a
     crash leaves the previous checkpoints intact and never a half-written ``step-N`` (which --resume reads)."""
-    tmp = path.parent / f".{path.name}.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    with atomic_dir(path) as tmp:
+        _write_checkpoint(tmp, model, optimizer, scheduler, state, config, tokenizer)
+
+
+def _write_checkpoint(tmp: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+                      state: TrainState, config: TrainConfig, tokenizer: Any) -> None:
     model.save_pretrained(tmp)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
@@ -124,9 +127,6 @@ def save_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
     (tmp / "trainer_state.json").write_text(json.dumps({
         "state": asdict(state), "scheduler": scheduler.state_dict(), "optimizer_scalars": scalars,
         "config": asdict(config)}, default=float))
-    if path.exists():
-        shutil.rmtree(path)
-    tmp.rename(path)
 
 
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> TrainState:
@@ -255,15 +255,14 @@ def _eval_and_save(acc: Any, model: torch.nn.Module, optimizer: torch.optim.Opti
 
 def _optimizer_state(student: torch.nn.Module, config: TrainConfig, out: Path,
                      resume: bool) -> tuple[torch.optim.Optimizer, Any, TrainState]:
-    """AdamW with a cosine schedule, and the state to start from: fresh, or OUT's latest checkpoint (--resume)."""
+    """AdamW with a cosine schedule, and the state to start from: fresh, or OUT's latest checkpoint (--resume; a
+    run killed before its first checkpoint starts from step 0, so one command resumes whatever happened)."""
     from transformers import get_cosine_schedule_with_warmup
 
     optimizer = torch.optim.AdamW(student.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, config.warmup_steps, config.max_steps)
     state = TrainState()
     ckpt = latest_checkpoint(out) if resume else None
-    if resume and ckpt is None:
-        raise SlimlmError(f"--resume: no checkpoint under {out / 'checkpoints'}")
     if ckpt is not None:
         state = load_checkpoint(ckpt, student, optimizer, scheduler)
     return optimizer, scheduler, state

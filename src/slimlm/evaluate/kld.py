@@ -17,7 +17,6 @@ reference's per-token NLL (its perplexity) and its argmax (top-1 agreement is ex
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ import torch
 
 from slimlm.checkpoint.safetensors_header import read_safetensors_header
 from slimlm.errors import SlimlmError
+from slimlm.writers.atomic import Claim, publish, remove_stale, temp_name
 
 REF_FORMAT = "slimlm-ref-logprobs/1"
 _ROW_CHUNK = 64
@@ -140,7 +140,9 @@ class RefWriter:
         blob = json.dumps(header, separators=(",", ":")).encode()
         blob += b" " * (-len(blob) % 8)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        self._claim = Claim(self.path)  # held until finish or abort: a second run writing it refuses
+        remove_stale(self.path)
+        self._tmp = temp_name(self.path)
         self._file = self._tmp.open("wb")
         self._file.write(len(blob).to_bytes(8, "little") + blob)
         self._data_start = self._file.tell()
@@ -173,7 +175,7 @@ class RefWriter:
             self._file.close()
             if written != self._total:
                 raise SlimlmError(f"reference file incomplete: {written} of {self._total} bytes (internal error)")
-            os.replace(self._tmp, self.path)
+            publish(self._tmp, self.path, overwrite=True)  # an existing one was refused above unless --overwrite
         finally:
             self.abort()
         return self.path
@@ -183,6 +185,7 @@ class RefWriter:
         if not self._file.closed:
             self._file.close()
         self._tmp.unlink(missing_ok=True)
+        self._claim.release()
 
 
 @dataclass

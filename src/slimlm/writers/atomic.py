@@ -19,7 +19,7 @@ import shutil
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from slimlm.errors import SlimlmError, os_reason
+from slimlm.errors import SlimlmError, os_reason, write_failure
 
 
 def refuse_inputs(out: Path, sources: Iterable[str | Path | None], *, whole: bool = True) -> None:
@@ -181,8 +181,8 @@ def atomic_path(out: Path, overwrite: bool = True, *, wait: bool = False) -> Ite
         try:
             yield tmp
             publish(tmp, out, overwrite)
-        except OSError as exc:  # a full disk, a quota, a file size limit: say which output, leave nothing
-            raise SlimlmError(f"{out}: cannot write ({os_reason(exc)}); nothing was written") from None
+        except Exception as exc:  # a full disk, a quota, a file size limit: say which output, leave nothing
+            _reraise(out, exc)
         finally:
             if tmp.exists():
                 tmp.unlink()
@@ -209,7 +209,14 @@ def atomic_dir(out: Path, overwrite: bool = True) -> Iterator[Path]:
         try:
             yield tmp
             publish(tmp, out, overwrite)
-        except OSError as exc:
-            raise SlimlmError(f"{out}: cannot write ({os_reason(exc)}); nothing was written") from None
+        except Exception as exc:
+            _reraise(out, exc)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _reraise(out: Path, exc: Exception) -> None:
+    """A write the OS refused becomes one line naming the output; anything else goes on as it was."""
+    if write_failure(exc):
+        raise SlimlmError(f"{out}: cannot write ({os_reason(exc)}); nothing was written") from None
+    raise exc

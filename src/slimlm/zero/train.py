@@ -6,8 +6,8 @@ OUT holds checkpoints/ (TRL's, with optimizer and RNG state), metrics.jsonl (one
 
 from __future__ import annotations
 
+import contextlib
 import json
-import os
 import shutil
 import time
 import warnings
@@ -18,7 +18,7 @@ from typing import Any, Callable
 import torch
 
 from slimlm.errors import SlimlmError
-from slimlm.writers.atomic import atomic_path
+from slimlm.writers.atomic import Claim, atomic_dir, atomic_path, refuse_inputs
 from slimlm.zero.rewards import problem_row, reward_funcs
 from slimlm.zero.tasks import Task, get_task
 from slimlm.zero.template import Template
@@ -129,8 +129,9 @@ def _metrics_callback(path: Path, start_step: int, progress: Callable[[int, int,
     run after the step that passes ``max_minutes`` of this session's wall time."""
     from transformers import TrainerCallback
 
-    rows = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.is_file() else []
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows if r["step"] <= start_step))
+    rows = read_metrics(path)
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows if r["step"] <= start_step))
 
     class MetricsLog(TrainerCallback):
         def __init__(self) -> None:
@@ -158,6 +159,17 @@ def _metrics_callback(path: Path, start_step: int, progress: Callable[[int, int,
     return MetricsLog()
 
 
+def read_metrics(path: Path) -> list[dict]:
+    """The rows of metrics.jsonl; a last line cut short by a kill mid-append is dropped (its step is redone)."""
+    rows = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return [r for r in rows if isinstance(r, dict) and isinstance(r.get("step"), int)]
+
+
 def _grpo_args(out: Path, config: ZeroConfig):
     from trl import GRPOConfig
 
@@ -179,15 +191,10 @@ def _save_model(trainer, tokenizer, out: Path) -> Path:
     model = trainer.model
     if hasattr(model, "merge_and_unload"):  # LoRA: ship one plain model
         model = model.merge_and_unload()
-    tmp, final = out / ".model.tmp", out / "model"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    return final
+    with atomic_dir(out / "model") as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return out / "model"
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -202,6 +209,26 @@ def train_zero(model: str | Path, task: str | Task, out: str | Path, *, config: 
     """Train ``model`` on ``task`` by GRPO with the accuracy and format rewards, no SFT; returns the report (also
     OUT/report.json). ``resume`` continues from OUT's last complete checkpoint, bit-identically on CPU."""
     _require_trl()
+    config, template, out = config or ZeroConfig(), template or Template(), Path(out)
+    config.check()
+    task = get_task(task, difficulty, verifier)
+    refuse_inputs(out, [model, getattr(task, "path", None)], whole=False)
+    with _claim(out):
+        return _train(model, task, out, config, template, resume, overwrite, progress)
+
+
+def _claim(out: Path) -> contextlib.AbstractContextManager:
+    """OUT is this run's while it runs (held by the main process): a second run to it refuses at once."""
+    from accelerate import PartialState
+
+    if not PartialState(cpu=not torch.cuda.is_available()).is_main_process:
+        return contextlib.nullcontext()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return Claim(out)
+
+
+def _train(model: str | Path, task: Task, out: Path, config: ZeroConfig, template: Template, resume: bool,
+           overwrite: bool, progress: Callable[[int, int, dict], None] | None) -> dict[str, Any]:
     from datasets import Dataset
     from transformers.trainer_callback import PrinterCallback
     from trl import GRPOTrainer
@@ -209,9 +236,6 @@ def train_zero(model: str | Path, task: str | Task, out: str | Path, *, config: 
     from slimlm.models import load_model
     from slimlm.zero.plot import plot_curves
 
-    config, template, out = config or ZeroConfig(), template or Template(), Path(out)
-    config.check()
-    task = get_task(task, difficulty, verifier)
     ckpt = _prepare_out(out, resume=resume, overwrite=overwrite)
     loaded = load_model(model, "fp32")
     tok = loaded.tokenizer
@@ -235,7 +259,7 @@ def train_zero(model: str | Path, task: str | Task, out: str | Path, *, config: 
     if not trainer.is_world_process_zero():
         return {}
     model_dir = _save_model(trainer, tok, out)
-    rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+    rows = read_metrics(out / "metrics.jsonl")
     curves = plot_curves(rows, out / "curves.png", title=f"{Path(str(model)).name} on {task.name}")
     report = {"model": str(model), "task": task.name, "difficulty": task.difficulty, "config": asdict(config),
               "template": asdict(template), "resumed_from": str(ckpt) if ckpt else None,
