@@ -118,10 +118,13 @@ def cache_teacher_cmd(
     from slimlm.distill.sequences import split_heldout, text_sequences
     from slimlm.distill.recipe import load_teacher
     from slimlm.distill.teacher_cache import cache_teacher
+    from slimlm.writers.atomic import Claim, refuse_inputs
 
-    model, tok = load_teacher(teacher)
-    train_ids, _ = split_heldout(text_sequences(tok, data, seq_len), eval_sequences)
-    info = cache_teacher(model, train_ids, output, top_k=top_k)
+    refuse_inputs(output, [teacher, data])
+    with Claim(output):  # a second run to the same file refuses at once
+        model, tok = load_teacher(teacher)
+        train_ids, _ = split_heldout(text_sequences(tok, data, seq_len), eval_sequences)
+        info = cache_teacher(model, train_ids, output, top_k=top_k)
     if json_out:
         print_json(info)
     else:

@@ -194,12 +194,15 @@ def _logits_data(run: _Run, *, teacher_cache: str | Path | None, top_k: int) -> 
         # cpu=True without CUDA: a bare PartialState() would settle on "not distributed" for good.
         with PartialState(cpu=not torch.cuda.is_available()).main_process_first():
             if not cache_path.is_file():
-                run.report["teacher_cache"] = cache_teacher(run.teacher, train_ids, cache_path, top_k=top_k)
+                cache_teacher(run.teacher, train_ids, cache_path, top_k=top_k)
     ids, idx, lp, meta = load_teacher_cache(cache_path)
     if ids.shape != train_ids.shape or not torch.equal(ids, train_ids):
         raise SlimlmError(f"{cache_path} was made from other text or another sequence length")
-    run.report.setdefault("teacher_cache", {"path": str(cache_path), "top_k": int(meta["top_k"]),
-                                            "bytes_per_token": idx.shape[-1] * (2 if int(meta["vocab_size"]) <= 65536 else 4) + idx.shape[-1] * 2})
+    # the same whether this run made the cache or found it (a resumed run reports as an uninterrupted one)
+    run.report["teacher_cache"] = {"path": str(cache_path), "sequences": int(ids.shape[0]),
+                                   "seq_len": int(ids.shape[1]), "top_k": int(meta["top_k"]),
+                                   "bytes_per_token": idx.shape[-1] * (2 if int(meta["vocab_size"]) <= 65536 else 4)
+                                   + idx.shape[-1] * 2, "file_bytes": cache_path.stat().st_size}
     return TrainData(train_ids, shifted_labels(train_ids), idx, lp)
 
 

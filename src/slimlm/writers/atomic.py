@@ -204,6 +204,7 @@ def atomic_dir(out: Path, overwrite: bool = True) -> Iterator[Path]:
     """Like :func:`atomic_path` for a folder: yield a fresh temporary dir beside ``out``, published onto ``out`` in
     one rename on success, removed on any failure."""
     out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     with Claim(out):
         tmp = temp_dir(out)
         try:

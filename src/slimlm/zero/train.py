@@ -18,7 +18,7 @@ from typing import Any, Callable
 import torch
 
 from slimlm.errors import SlimlmError
-from slimlm.writers.atomic import Claim, atomic_dir, atomic_path, refuse_inputs
+from slimlm.writers.atomic import Claim, atomic_dir, atomic_path, publish, refuse_inputs, temp_dir
 from slimlm.zero.rewards import problem_row, reward_funcs
 from slimlm.zero.tasks import Task, get_task
 from slimlm.zero.template import Template
@@ -186,6 +186,31 @@ def _grpo_args(out: Path, config: ZeroConfig):
         remove_unused_columns=False, shuffle_dataset=True)
 
 
+def _atomic_checkpoints(trainer, checkpoints: Path) -> None:
+    """The Trainer writes checkpoint-N in place (trainer_state.json last); here it writes into a temporary dir
+    beside and the complete checkpoint is renamed in, so a kill never leaves a partial checkpoint-N. The
+    rotation (save_total_limit) then runs on the real folder."""
+    from transformers.trainer_utils import rotate_checkpoints
+
+    save = trainer._save_checkpoint
+
+    def atomic(model, trial):
+        final = checkpoints / f"checkpoint-{trainer.state.global_step}"
+        staging = temp_dir(final)
+        trainer._get_output_dir = lambda trial=None: str(staging)
+        try:
+            save(model, trial)
+            publish(staging / final.name, final, overwrite=True)
+        finally:
+            del trainer._get_output_dir
+            shutil.rmtree(staging, ignore_errors=True)
+        if trainer.args.should_save:
+            rotate_checkpoints(output_dir=str(checkpoints), save_total_limit=trainer.args.save_total_limit,
+                               best_model_checkpoint=trainer.state.best_model_checkpoint, use_mtime=False)
+
+    trainer._save_checkpoint = atomic
+
+
 def _save_model(trainer, tokenizer, out: Path) -> Path:
     """OUT/model, written beside it first and renamed in, so an interrupted save never leaves half a model."""
     model = trainer.model
@@ -254,6 +279,7 @@ def _train(model: str | Path, task: Task, out: Path, config: ZeroConfig, templat
                           train_dataset=dataset, processing_class=tok, callbacks=[callback],
                           peft_config=_lora_config(config))
     trainer.remove_callback(PrinterCallback)  # progress and metrics.jsonl report each step instead
+    _atomic_checkpoints(trainer, out / "checkpoints")
     started = time.time()
     trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
     if not trainer.is_world_process_zero():
