@@ -9,7 +9,7 @@ CAP_DAC_OVERRIDE in the child, so permissions apply); the output equal to an inp
 
 An output's *artifacts* are its published files with their digests. Byte-identical means every byte, except in
 JSON files, where wall-clock fields (seconds, tokens/s, timestamps, speed figures) are removed before hashing:
-those are measurements of the run, not its result. Temporaries (``.NAME.PID.tmp``) and claims (``.NAME.lock``)
+those are measurements of the run, not its result (and ``resumed_from``, zero's note of where a run resumed). Temporaries (``.NAME.PID.tmp``) and claims (``.NAME.lock``)
 are not artifacts; they count as leftovers when a run is over.
 """
 
@@ -31,7 +31,7 @@ from typing import Any, Callable
 HERE = Path(__file__).resolve().parent
 
 # Keys of wall-clock measurements inside JSON outputs (dropped before hashing); a key matching any part is dropped.
-TIMING = ("second", "time", "tok_s", "tokens_per", "_ms", "rss", "interval", "spread", "unstable", "speed_session", "flos",
+TIMING = ("resumed_from", "second", "time", "tok_s", "tokens_per", "_ms", "rss", "interval", "spread", "unstable", "speed_session", "flos",
           "runtime", "per_second")
 
 
@@ -190,14 +190,20 @@ def _normal_json(value: Any) -> Any:
 
 
 def file_digest(path: Path) -> str:
+    """sha256 of the bytes; of JSON without wall-clock fields; of a JSONL log, one digest per row (joined)."""
     data = path.read_bytes()
-    if path.suffix in (".json", ".jsonl"):
-        try:
-            rows = [json.loads(line) for line in data.decode().splitlines() if line.strip()] \
-                if path.suffix == ".jsonl" else [json.loads(data)]
-            data = json.dumps(_normal_json(rows), sort_keys=True).encode()
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            pass  # a torn file hashes as its bytes (and differs from the complete one)
+    try:
+        if path.suffix == ".jsonl":
+            return ",".join(_sha(json.dumps(_normal_json(json.loads(line)), sort_keys=True).encode())
+                            for line in data.decode().splitlines() if line.strip())
+        if path.suffix == ".json":
+            data = json.dumps(_normal_json(json.loads(data)), sort_keys=True).encode()
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        pass  # a torn file hashes as its bytes (and differs from the complete one)
+    return _sha(data)
+
+
+def _sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:16]
 
 
@@ -228,8 +234,16 @@ def leftovers(out: Path) -> list[str]:
 
 
 def partial(found: dict[str, str], reference: dict[str, str]) -> list[str]:
-    """Artifacts that exist but differ from the uninterrupted run's (a partial or corrupt output)."""
-    return sorted(k for k, v in found.items() if reference.get(k) != v)
+    """Artifacts of the uninterrupted run that exist but differ from it (a partial or corrupt output). A log
+    (JSONL) may hold the first rows only (the steps done), each whole; artifacts the finished run no longer has
+    (checkpoints its rotation removed) are not compared."""
+    bad = []
+    for name, digest in found.items():
+        want = reference.get(name)
+        if want is None or digest == want or (name.endswith(".jsonl") and (not digest or (want + ",").startswith(digest + ","))):
+            continue
+        bad.append(name)
+    return sorted(bad)
 
 
 def error_lines(stderr: str) -> list[str]:
@@ -404,7 +418,7 @@ def writers(model: Path, text: Path, root: Path) -> dict[str, Writer]:
         job = ["quantize", m, *args, "-o", str(out)]
         return Writer(f"quantize {args[0]} {args[1]}", out, job + ["--overwrite"], job + ["--overwrite"], job,
                       lambda f: ["quantize", m, *args, "-o", str(f / out.name)],
-                      [["quantize", m, *args, "-o", m, "--overwrite"]] if kind != "gguf" else [], [model])
+                      [["quantize", m, *args, "-o", m, "--overwrite"]], [model])
 
     distill_args = ["--prune-layers", "1", "--steps", "4", "--save-every", "1", "--seq-len", "32",
                     "--batch-size", "2", "--eval-every", "0", "--top-k", "4"]

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from slimlm.checkpoint.safetensors_header import read_safetensors_header
-from slimlm.errors import SlimlmError
+from slimlm.errors import SlimlmError, os_reason
 from slimlm.writers.atomic import Claim, publish, remove_stale, temp_name
 
 REF_FORMAT = "slimlm-ref-logprobs/1"
@@ -154,6 +154,13 @@ class RefWriter:
 
     def add(self, logprobs: torch.Tensor, nll: torch.Tensor, argmax: torch.Tensor) -> None:
         """Append a batch: (b, n_scored, V) float32 log-probs, and their per-token NLL and argmax."""
+        try:
+            self._add(logprobs, nll, argmax)
+        except OSError as exc:  # a full disk: name the output, leave nothing
+            self.abort()
+            raise SlimlmError(f"{self.path}: cannot write ({os_reason(exc)}); nothing was written") from None
+
+    def _add(self, logprobs: torch.Tensor, nll: torch.Tensor, argmax: torch.Tensor) -> None:
         rows = logprobs.reshape(-1, logprobs.shape[-1])
         if self.top_k:
             values, ids = rows.topk(self.top_k, dim=-1)  # small: kept in memory, written by finish()
@@ -176,6 +183,8 @@ class RefWriter:
             if written != self._total:
                 raise SlimlmError(f"reference file incomplete: {written} of {self._total} bytes (internal error)")
             publish(self._tmp, self.path, overwrite=True)  # an existing one was refused above unless --overwrite
+        except OSError as exc:
+            raise SlimlmError(f"{self.path}: cannot write ({os_reason(exc)}); nothing was written") from None
         finally:
             self.abort()
         return self.path

@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 import torch
 
-from slimlm.errors import SlimlmError
+from slimlm.errors import SlimlmError, os_reason, write_failure
 from slimlm.writers.atomic import Claim, atomic_dir, atomic_path, publish, refuse_inputs, temp_dir
 from slimlm.zero.rewards import problem_row, reward_funcs
 from slimlm.zero.tasks import Task, get_task
@@ -124,18 +124,23 @@ _LOGGED = {"accuracy": "rewards/accuracy/mean", "format": "rewards/format/mean",
 
 def _metrics_callback(path: Path, start_step: int, progress: Callable[[int, int, dict], None] | None,
                       max_minutes: float = 0.0):
-    """A TRL callback appending one JSON line per step to ``path`` (rows past ``start_step`` from an interrupted
-    run are dropped first) and reporting live rewards to ``progress``; warns on steps without signal; ends the
-    run after the step that passes ``max_minutes`` of this session's wall time."""
+    """A TRL callback adding one JSON line per step to ``path`` (rows past ``start_step`` from an interrupted
+    run are dropped first; the file is rewritten and renamed in each step, so a kill leaves whole rows) and
+    reporting live rewards to ``progress``; warns on steps without signal; ends the run after the step that
+    passes ``max_minutes`` of this session's wall time."""
     from transformers import TrainerCallback
 
-    rows = read_metrics(path)
-    with atomic_path(path) as tmp:
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows if r["step"] <= start_step))
+    kept = [r for r in read_metrics(path) if r["step"] <= start_step]
+
+    def write(rows: list[dict]) -> None:
+        with atomic_path(path) as tmp:
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    write(kept)
 
     class MetricsLog(TrainerCallback):
         def __init__(self) -> None:
-            self.no_signal_steps, self.started, self.stopped_early = 0, time.time(), False
+            self.rows, self.started, self.stopped_early = kept, time.time(), False
 
         def on_step_end(self, args, state, control, **kwargs):
             if max_minutes and time.time() - self.started > 60 * max_minutes and state.global_step < state.max_steps:
@@ -146,10 +151,9 @@ def _metrics_callback(path: Path, start_step: int, progress: Callable[[int, int,
                 return
             row = {"step": state.global_step, **{k: float(logs[v]) for k, v in _LOGGED.items() if v in logs},
                    "time": time.time()}
-            with path.open("a") as f:
-                f.write(json.dumps(row) + "\n")
+            self.rows.append(row)
+            write(self.rows)
             if row.get("zero_signal_groups", 0.0) >= 1.0:
-                self.no_signal_steps += 1
                 warnings.warn(f"step {state.global_step}: every group's rewards were equal (no learning signal); "
                               "an easier --difficulty or a larger --group-size gives signal", NoSignalWarning,
                               stacklevel=2)
@@ -281,7 +285,13 @@ def _train(model: str | Path, task: Task, out: Path, config: ZeroConfig, templat
     trainer.remove_callback(PrinterCallback)  # progress and metrics.jsonl report each step instead
     _atomic_checkpoints(trainer, out / "checkpoints")
     started = time.time()
-    trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
+    try:
+        trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
+    except Exception as exc:  # a full disk while TRL saves: one line; the last complete checkpoint stays
+        if not write_failure(exc):
+            raise
+        raise SlimlmError(f"{out}: cannot write ({os_reason(exc)}); --resume continues from the last complete "
+                          "checkpoint") from None
     if not trainer.is_world_process_zero():
         return {}
     model_dir = _save_model(trainer, tok, out)
@@ -290,7 +300,7 @@ def _train(model: str | Path, task: Task, out: Path, config: ZeroConfig, templat
     report = {"model": str(model), "task": task.name, "difficulty": task.difficulty, "config": asdict(config),
               "template": asdict(template), "resumed_from": str(ckpt) if ckpt else None,
               "steps": rows[-1]["step"] if rows else 0, "train_seconds": time.time() - started,
-              "stopped_at_time_limit": callback.stopped_early, "no_signal_steps": callback.no_signal_steps,
+              "stopped_at_time_limit": callback.stopped_early, "no_signal_steps": sum(r.get("zero_signal_groups", 0.0) >= 1.0 for r in rows),
               "model_dir": str(model_dir), "curves": str(curves),
               "first_steps": _window(rows[:10]), "last_steps": _window(rows[-10:])}
     _write_json(out / "report.json", report)
