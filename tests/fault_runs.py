@@ -74,6 +74,8 @@ def start(job: list[str] | Callable[[], None], log: Path, *, fsize: int | None =
             fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             os.dup2(fd, 2)
             os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+            sys.stderr = open(2, "w", closefd=False)  # not a test runner's capture object
+            sys.stdout = open(1, "w", closefd=False)
             if fsize is not None:
                 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes fail with EFBIG, as with ENOSPC
                 resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))

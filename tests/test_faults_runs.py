@@ -6,7 +6,8 @@ writes and the other refuses at once (a cache: waits, then both finish)."""
 
 from __future__ import annotations
 
-from pathlib import Path
+import fcntl
+import os
 
 import pytest
 
@@ -64,10 +65,14 @@ def test_a_second_quantize_to_the_same_output_refuses_at_once(setup):
     work.mkdir()
     ref, _ = fr.reference(writer, work)
     fr._clear(writer.out)
-    from slimlm.writers.atomic import Claim
-
-    with Claim(writer.out):  # another run holds the output
+    lock = writer.out.with_name(f".{writer.out.name}.lock")
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # what another run's claim holds while it writes
+    try:
         code, err, _ = fr.run(writer.concurrent, work / "second.log")
+    finally:
+        lock.unlink()
+        os.close(fd)
     assert fr.clean_refusal(code, err) and "being written by another run" in err, err
     assert not writer.out.exists() and fr.leftovers(writer.out) == []
     code, err, _ = fr.run(writer.concurrent, work / "after.log")
