@@ -224,6 +224,19 @@ def _speed(todo: list[tuple[Variant, Path]], settings: Settings, steps: Steps | 
     return out
 
 
+def _check_text(data: Path, calib: str | None) -> None:
+    """Bad --data or --calib text is refused before anything is made or measured (not met variant by variant)."""
+    from slimlm.data.calibration import check_text_path, read_text_file
+    from slimlm.data.text import read_text
+
+    read_text(data)
+    path = Path(calib) if calib else None
+    if path is not None and (path.exists() or path.suffix or "/" in str(calib)):
+        check_text_path(path, "calibration file")
+        if not read_text_file(path).strip():
+            raise SlimlmError(f"calibration file {path} is empty")
+
+
 def pareto_front(rows: list[dict[str, Any]], speed_key: str) -> list[str]:
     """Names not dominated on (lower KLD, lower memory, higher speed)."""
     front = []
@@ -363,6 +376,7 @@ def recommend(model: str | Path, *, memory: str | int, goal: str = "throughput",
     budget = parse_memory(memory) if isinstance(memory, str) else int(memory)
     data = Path(data) if data else resources.wikitext_path("test")
     calib = str(calib) if calib else None
+    _check_text(data, calib)
     settings = Settings(data=str(data), calib=calib, calib_samples=calib_samples, chunks=chunks, prompt=prompt,
                         gen=gen, batch=batch, runs=runs, threads=threads)
     fingerprint = model_fingerprint(model)

@@ -81,11 +81,34 @@ def _row_text(row: Any, field: str | None, where: str) -> str:
 def read_text_file(path: Path) -> str:
     """Calibration text of a file: JSONL rows (.jsonl, .json) joined by blank lines, else the text itself."""
     if path.suffix.lower() in (".jsonl", ".json"):
+        check_text_path(path, "calibration file")
         texts = read_jsonl(path)
         if not texts:
             raise SlimlmError(f"{path} holds no text")
         return "\n\n".join(texts)
-    return path.read_text(encoding="utf-8", errors="replace")
+    return read_utf8(path, "calibration file")
+
+
+def check_text_path(path: Path, what: str = "text file") -> None:
+    """A missing path or a folder where a text file is expected: one line saying which."""
+    if path.is_dir():
+        raise SlimlmError(f"{what} {path} is a folder: give a text file")
+    if not path.is_file():
+        raise SlimlmError(f"{what} {path} does not exist")
+
+
+def read_utf8(path: Path, what: str = "text file") -> str:
+    """A text file's contents, refusing what is not text: binary data (NUL bytes) or bytes that are not UTF-8
+    (a Latin-1 file, say) are one-line errors rather than text full of replacement characters."""
+    check_text_path(path, what)
+    data = path.read_bytes()
+    if b"\0" in data:
+        raise SlimlmError(f"{path} is binary data (NUL bytes), not text")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise SlimlmError(f"{path} is not UTF-8 text (byte {exc.start}: {data[exc.start:exc.start + 1]!r}); "
+                          "convert it, e.g. iconv -t utf-8") from None
 
 
 def load_hf_dataset(spec: str, name: str, config: str | None, split: str, streaming: bool) -> Any:
@@ -221,6 +244,8 @@ def load_calibration(source: str | Path | torch.Tensor | None, *, tokenizer=None
     path = Path(source)
     if path.is_file():
         return from_text(read_text_file(path), tokenizer, n_samples, seq_len, str(path))
+    if path.is_dir():
+        check_text_path(path, "calibration file")
     if path.suffix.lower() in (".txt", ".jsonl", ".json") or "/" in str(source) and path.parent.exists():
         raise SlimlmError(f"calibration file {source} does not exist")
     text = _read_hf_dataset(str(source), max_chars=n_samples * seq_len * 8)

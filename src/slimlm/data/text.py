@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from slimlm.data.calibration import load_hf_dataset, read_jsonl
+from slimlm.data.calibration import check_text_path, load_hf_dataset, read_jsonl, read_utf8
 from slimlm.errors import SlimlmError
 
 HF_PREFIX = "hf:"
@@ -38,15 +38,10 @@ def read_text(source: str | Path, *, field: str = "text") -> str:
         text = _read_hf_dataset(text_source[len(HF_PREFIX):], field)
     else:
         path = Path(source).expanduser()
-        if not path.is_file():
+        if not path.exists():
             raise SlimlmError(f"{path} does not exist (for a Hugging Face dataset write hf:NAME[:CONFIG][@SPLIT])")
-        if path.suffix.lower() in _JSONL_SUFFIXES:
-            text = "\n\n".join(read_jsonl(path, field))
-        else:
-            try:
-                text = path.read_text(encoding="utf-8")
-            except UnicodeDecodeError:
-                raise SlimlmError(f"{path} is not UTF-8 text") from None
+        check_text_path(path)
+        text = "\n\n".join(read_jsonl(path, field)) if path.suffix.lower() in _JSONL_SUFFIXES else read_utf8(path)
     if not text.strip():
         raise SlimlmError(f"{source}: no text to evaluate (empty)")
     return text

@@ -220,13 +220,12 @@ def collect_imatrix(model_path: Path, calib: Path, *, ctx: int = 512, chunks: in
     import torch
 
     from slimlm.algorithms.stats import Wanted
-    from slimlm.data.calibration import linear_stats, llama_windows, read_text_file
+    from slimlm.data.calibration import check_text_path, linear_stats, llama_windows, read_text_file
     from slimlm.archs import arch_spec
     from slimlm.models import load_model
 
     calib = Path(calib)
-    if not calib.is_file():
-        raise SlimlmError(f"calibration file {calib} does not exist")
+    check_text_path(calib, "calibration file")
     config = Path(model_path) / "config.json"
     if config.is_file():
         arch_spec(read_config(config))  # clear error for architectures GGUF cannot hold
