@@ -26,6 +26,10 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 COMMANDS = ("inspect", "eval", "quantize --to", "quantize --scheme", "quantize --check")
+# Commands that read calibration or evaluation text, run on the bad text files of ``data_cases``.
+DATA_COMMANDS = ("eval --data", "quantize --to --calib", "quantize --scheme --calib", "imatrix --calib",
+                 "distill --data", "distill cache-teacher --data", "recommend --data", "recommend --calib")
+WHOLE_TEXT = ("distill cache-teacher --data", "recommend --data", "recommend --calib")  # not given the huge line
 MEMORY_CAP = 6 * 2**30  # RLIMIT_AS of a worker (torch + transformers map ~3 GiB of address space on import)
 CASE_SECONDS = 20  # per-case time cap
 MARKER = "PICKLE_EXECUTED"
@@ -40,24 +44,30 @@ class Case:
     path: str
     data_ok: bool = False
     tokenizer: str | None = None
+    model: str | None = None  # data cases: the (valid) model the bad text is given to
 
 
 # ------------------------------------------------------------------------------------------ base files
 
 def make_bases(root: Path) -> dict[str, Path]:
     """The tiny HF dir (random Llama, byte tokenizer) and its Q8_0 GGUF; built by slimlm's own writers."""
-    sys.path.insert(0, str(HERE))
-    from conftest import make_byte_tokenizer, make_tiny_llama
-
     from slimlm.quantize.gguf import quantize_gguf
 
-    hf = root / "base-hf"
-    make_tiny_llama(hf, hidden=32, ffn=64, heads=4, kv_heads=2, vocab=258)
-    make_byte_tokenizer(hf)
-    (hf / "generation_config.json").unlink(missing_ok=True)
+    hf = make_tiny_model(root / "base-hf")
     gguf = root / "base.gguf"
     quantize_gguf(hf, "Q8_0", gguf)
     return {"hf": hf, "gguf": gguf, "text": _text(root)}
+
+
+def make_tiny_model(path: Path) -> Path:
+    """The tiny random Llama with a byte tokenizer every case starts from."""
+    sys.path.insert(0, str(HERE))
+    from conftest import make_byte_tokenizer, make_tiny_llama
+
+    make_tiny_llama(path, hidden=32, ffn=64, heads=4, kv_heads=2, vocab=258)
+    make_byte_tokenizer(path)
+    (path / "generation_config.json").unlink(missing_ok=True)
+    return path
 
 
 def _text(root: Path) -> Path:
@@ -415,9 +425,40 @@ def build_corpus(root: Path, seed: int = 0, per_field: int = 2) -> tuple[list[Ca
     return cases, bases
 
 
+def data_cases(model: Path, out: Path) -> list[Case]:
+    """Bad calibration/evaluation text: missing, empty, a folder, binary garbage, non-UTF-8 (Latin-1 and a UTF-16
+    file with its BOM), a JSONL that is not JSON or holds no text; and a huge single line (1 MiB, no newline),
+    which is valid text: a command may use it (exit 0, within the time cap) or refuse it in one line. Commands
+    whose work grows with the whole text by design (`recommend` measures nine variants, `cache-teacher` runs the
+    teacher over every token) are not run on it (:data:`WHOLE_TEXT`)."""
+    out.mkdir(parents=True, exist_ok=True)
+    m = str(model)
+
+    def add(name: str, content: bytes | None, suffix: str = ".txt", data_ok: bool = False) -> Case:
+        path = out / f"{name}{suffix}"
+        if content is not None:
+            path.write_bytes(content)
+        return Case(f"data-{name}{suffix}", str(path), data_ok, model=m)
+
+    folder = out / "a-folder"
+    folder.mkdir(exist_ok=True)
+    (folder / "text.txt").write_text("text inside a folder " * 20)
+    rng = random.Random(18)
+    return [add("missing", None), add("empty", b""), add("blank", b" \n\n\t \n"),
+            Case("data-folder", str(folder), model=m),
+            add("binary", bytes(rng.randrange(256) for _ in range(65536)), ".bin"),
+            add("binary-nul-ascii", b"text\0" * 4096), add("latin1", "caf\xe9 na\xefve r\xe9sum\xe9 ".encode("latin-1") * 200),
+            add("utf16", ("UTF-16 text with a BOM. " * 200).encode("utf-16")),
+            add("not-json", b"{not json\n" * 10, ".jsonl"), add("empty", b"", ".jsonl"),
+            add("no-text-field", b'{"n": 1}\n' * 10, ".jsonl"),
+            add("huge-line", b"abcdefgh" * (1 << 17), data_ok=True)]
+
+
 # ------------------------------------------------------------------------------------------- running
 
 def argv_for(command: str, case: Case, text: Path, out: Path) -> list[str]:
+    if command in DATA_COMMANDS:
+        return data_argv(command, case, text, out)
     if command == "inspect":
         return ["inspect", case.path]
     if command == "eval":
@@ -428,6 +469,27 @@ def argv_for(command: str, case: Case, text: Path, out: Path) -> list[str]:
     if command == "quantize --scheme":
         return ["quantize", case.path, "--scheme", "w8a16", "-o", str(out / "out-ct")]
     return ["quantize", case.path, "--check"]
+
+
+def data_argv(command: str, case: Case, text: Path, out: Path) -> list[str]:
+    """The bad text given to one command, with settings that keep a run on valid text to a few seconds."""
+    m, d = case.model or "", case.path
+    return {
+        "eval --data": ["eval", m, "--data", d, "--ctx", "32", "--chunks", "1"],
+        "quantize --to --calib": ["quantize", m, "--to", "Q8_0", "--calib", d, "--calib-chunks", "1", "-o",
+                                  str(out / "out.gguf")],
+        "quantize --scheme --calib": ["quantize", m, "--scheme", "w8a16", "--method", "gptq", "--calib", d,
+                                      "--samples", "2", "--seq-len", "32", "-o", str(out / "out-ct")],
+        "imatrix --calib": ["imatrix", m, "--calib", d, "--chunks", "1", "--ctx", "32", "-o", str(out / "im.gguf")],
+        "distill --data": ["distill", "--teacher", m, "--data", d, "--out", str(out / "run"), "--prune-layers", "1",
+                           "--steps", "1", "--seq-len", "32", "--batch-size", "1", "--alpha", "1",
+                           "--eval-every", "0"],
+        "distill cache-teacher --data": ["distill", "cache-teacher", "--teacher", m, "--data", d, "-o",
+                                         str(out / "cache.safetensors"), "--seq-len", "32", "--top-k", "2",
+                                         "--eval-sequences", "1"],
+        "recommend --data": ["recommend", m, "--memory", "4GiB", "--data", d, "--calib", str(text)],
+        "recommend --calib": ["recommend", m, "--memory", "4GiB", "--data", str(text), "--calib", d],
+    }[command]
 
 
 @dataclass
@@ -508,9 +570,9 @@ def run_batch(cases: list[Case], commands: tuple[str, ...], work: Path, text: Pa
               memory: int = MEMORY_CAP, total_timeout: float = 900) -> tuple[list[Outcome], int]:
     """Run every (case, command) in one subprocess capped at ``memory`` bytes of address space; returns the
     outcomes and the worker's peak RSS (KiB). Jobs a crashed worker did not reach are rerun in a new one."""
+    pairs = [(c, cmd) for cmd in commands for c in cases if not (c.data_ok and cmd in WHOLE_TEXT)]
     jobs = [{"case": asdict(c), "command": cmd, "argv": argv_for(cmd, c, text, work / "out" / f"{i}"),
-             "out": str(work / "out" / f"{i}"), "seconds": seconds}
-            for i, (c, cmd) in enumerate((c, cmd) for cmd in commands for c in cases)]
+             "out": str(work / "out" / f"{i}"), "seconds": seconds} for i, (c, cmd) in enumerate(pairs)]
     outcomes: list[Outcome] = []
     peak = 0
     while jobs:
@@ -550,6 +612,8 @@ def verdict(o: Outcome) -> str:
         errors = [line for line in o.stderr.splitlines() if line.startswith("error:")]
         return "clean" if len(errors) == 1 else "multi-line"
     if o.exit == 0:
+        if o.data_ok and o.command in DATA_COMMANDS:
+            return "accepted"  # valid (if odd) text, used within the time cap
         if o.data_ok and o.command in ("inspect", "quantize --check"):
             return "accepted"  # header-only commands on a file whose header is whole
         if o.command == "inspect" and "warning:" in o.stderr:

@@ -77,6 +77,33 @@ def test_the_issues_examples_are_clean_errors_everywhere(fuzz):
             assert fc.verdict(o) in allowed, (name, command, o.exit, o.stderr)
 
 
+@pytest.fixture(scope="module")
+def bad_text(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fuzz-data")
+    text = root / "text.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    model = root / "model"
+    fc.make_tiny_model(model)
+    cases = fc.data_cases(model, root / "data")
+    outcomes, peak = fc.run_batch(cases, fc.DATA_COMMANDS, root, text)
+    return {"outcomes": outcomes, "peak_kib": peak, "cases": cases}
+
+
+def test_bad_text_is_a_clean_error_for_every_command(bad_text):
+    """Missing, empty, a folder, binary, non-UTF-8, broken JSONL: exit 2 and one line for every command that reads
+    calibration or evaluation text; a huge single line is used (or refused) within the time cap."""
+    outcomes = bad_text["outcomes"]
+    assert {o.command for o in outcomes} == set(fc.DATA_COMMANDS) and len(outcomes) >= 90
+    bad = [(o.case, o.command, fc.verdict(o), o.exit, o.stderr[-300:]) for o in outcomes
+           if fc.verdict(o) not in ("clean", "accepted")]
+    assert bad == []
+    refused = [o for o in outcomes if not o.case.startswith("data-huge")]
+    assert all(fc.verdict(o) == "clean" for o in refused)
+    assert [(o.case, o.command, o.left_behind) for o in outcomes if o.left_behind] == []
+    assert [(o.case, o.command) for o in outcomes if o.input_changed] == []
+    assert bad_text["peak_kib"] / 1024 < PEAK_RSS_BOUND_MIB
+
+
 def test_memory_is_bounded(fuzz):
     """Lying sizes are refused before allocation: the worker's peak RSS stays far below its address-space cap."""
     assert fuzz["peak_kib"] / 1024 < PEAK_RSS_BOUND_MIB

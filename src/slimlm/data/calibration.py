@@ -86,7 +86,10 @@ def read_text_file(path: Path) -> str:
         if not texts:
             raise SlimlmError(f"{path} holds no text")
         return "\n\n".join(texts)
-    return read_utf8(path, "calibration file")
+    text = read_utf8(path, "calibration file")
+    if not text.strip():
+        raise SlimlmError(f"calibration file {path} holds no text (empty or only whitespace)")
+    return text
 
 
 def check_text_path(path: Path, what: str = "text file") -> None:
