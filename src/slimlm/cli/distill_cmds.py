@@ -19,7 +19,9 @@ def distill(
     ctx: typer.Context,
     teacher: Optional[Path] = typer.Option(None, "--teacher", help="Teacher: HF dir or GGUF file."),
     data: Optional[Path] = typer.Option(None, "--data", help="Training text (.txt or .jsonl with a text field)."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Output dir: student/, checkpoints/, report.json."),
+    out: Optional[Path] = typer.Option(None, "--out", help=(
+        "Output dir: student/, checkpoints/, report.json (each written whole, then renamed in: a kill or a full "
+        "disk leaves none or a complete one). While a run uses it, a second run to the same dir refuses at once.")),
     method: str = typer.Option("logits", "--method", help="logits | sequence"),
     student: Optional[Path] = typer.Option(None, "--student", help="An existing student checkpoint (HF dir)."),
     student_config: Optional[Path] = typer.Option(None, "--student-config", help="A config.json: random-init student."),
@@ -59,7 +61,9 @@ def distill(
     eval_every: int = typer.Option(25, "--eval-every"),
     save_every: int = typer.Option(0, "--save-every", help="Checkpoint every N steps (0: only the final student)."),
     seed: int = typer.Option(0, "--seed"),
-    resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint in --out."),
+    resume: bool = typer.Option(False, "--resume", help=(
+        "Continue from the latest checkpoint in --out (bit-identical to an uninterrupted run; a run killed before "
+        "its first checkpoint starts again, keeping the teacher cache).")),
     overwrite: bool = typer.Option(False, "--overwrite"),
     json_out: bool = JSON_OPTION,
 ) -> None:

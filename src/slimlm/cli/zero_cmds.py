@@ -15,7 +15,8 @@ def zero(
     model: Path = typer.Argument(..., help="Start model: HF dir or GGUF file (base or instruct; no SFT step)."),
     task: str = typer.Option(..., "--task", help="arithmetic | countdown | ordering | a .jsonl of prompt/answer."),
     out: Optional[Path] = typer.Option(None, "-o", "--out", help="Output dir: model/, checkpoints/, metrics.jsonl, "
-                                       "curves.png, report.json."),
+                                       "curves.png, report.json (each written whole, then renamed in); while a run "
+                                       "uses it, a second run to it refuses at once."),
     eval_: bool = typer.Option(False, "--eval", help="Score MODEL on the task's held-out split instead of training."),
     baseline: Optional[Path] = typer.Option(None, "--baseline", help="--eval: also score this model on the same "
                                             "problems and report the paired difference."),
