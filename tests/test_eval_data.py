@@ -40,8 +40,14 @@ def test_empty_and_missing_inputs(tmp_path: Path) -> None:
         read_text(tmp_path / "nope.txt")
     binary = tmp_path / "bin.txt"
     binary.write_bytes(b"\xff\xfe\x00bad")
-    with pytest.raises(SlimlmError, match="not UTF-8"):
+    with pytest.raises(SlimlmError, match="binary data"):
         read_text(binary)
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("caf\xe9".encode("latin-1"))
+    with pytest.raises(SlimlmError, match="not UTF-8"):
+        read_text(latin1)
+    with pytest.raises(SlimlmError, match="is a folder"):
+        read_text(tmp_path)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("datasets") is not None, reason="only the no-datasets error is offline")
