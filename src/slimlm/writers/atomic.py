@@ -150,6 +150,12 @@ def publish(tmp: Path, out: Path, overwrite: bool) -> None:
             os.link(tmp, out)  # fails if ``out`` appeared meanwhile: never a silent replace
         except FileExistsError:
             raise SlimlmError(f"{out} was created by another run meanwhile; pass --overwrite to replace it") from None
+        except OSError:  # a file system without hard links: the claim already keeps other slimlm runs away
+            if out.exists():
+                raise SlimlmError(f"{out} was created by another run meanwhile; pass --overwrite to replace "
+                                  "it") from None
+            os.replace(tmp, out)
+            return
         tmp.unlink()
         return
     old = None
