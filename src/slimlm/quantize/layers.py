@@ -27,7 +27,6 @@ from slimlm.algorithms.stats import StatsCollector
 from slimlm.data.calibration import DEFAULT_SEQ_LEN, Calibration, load_calibration
 from slimlm.checkpoint import Checkpoint, open_checkpoint, read_config
 from slimlm.checkpoint.tensor_data import check_finite
-from slimlm.checkpoint.tensor_data import torch_dtype
 from slimlm.errors import SlimlmError
 from slimlm.writers.atomic import check_output
 from slimlm.writers.compressed_tensors import ShardWriter, attach_activation_quant, compress_linear, quantization_config
@@ -216,19 +215,21 @@ def _open_run(model_dir: Path, out_dir: Path, cfg: QuantConfig, method: str | No
     method = check_method(cfg, method)
     algo = get_method(method)
     hf_config = load_config(model_dir)
+    ckpt = open_checkpoint(model_dir)  # tensors read one layer at a time
     if getattr(hf_config, "quantization_config", None):
-        raise SlimlmError(f"{model_dir} is already quantized; start from the float model")
+        if ckpt.fp8_block is None:
+            raise SlimlmError(f"{model_dir} is already quantized; start from the float model")
+        del hf_config.quantization_config  # DeepSeek's FP8 blocks: the reader hands out the bf16 weights
     # Read before empty_model, which overwrites config.dtype.
     store_dtype = getattr(hf_config, "dtype", None)
     store_dtype = getattr(torch, str(store_dtype).replace("torch.", "")) if store_dtype else torch.float32
-    ckpt = open_checkpoint(model_dir)  # tensors read one layer at a time
     if not ckpt.tensors:
         raise SlimlmError(f"{model_dir} holds no .safetensors weights (an HF model dir is needed)")
     ckpt.check_complete()
     skeleton = empty_model(hf_config, torch.float32).eval()
     decoder, dprefix = _decoder(skeleton)
     model_type = getattr(hf_config, "model_type", "?")
-    experts = {t.name: tuple(t.shape) for t in ckpt.tensors if EXPERT_LINEAR.match(t.name)}
+    experts = {t.name: tuple(t.shape) for t in ckpt.weight_tensors if EXPERT_LINEAR.match(t.name)}
     if experts:
         _check_experts(cfg, method, algo, model_type)
     if algo.smoothing:  # fail fast when the method has no mapping for this architecture
@@ -306,7 +307,6 @@ def _quantize_layer(run: _Run, i: int, plan: dict, acts: _Activations, kwargs_li
     else:
         _materialize(layer, prefix, run.ckpt, torch.float32)
     linears = {n: m for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
-    linears.update(_expert_linears(run, prefix))
     floats = [n for n in run.float_modules if f"{prefix}{n}.weight" in run.ckpt]
     quant_names = [n for n in linears if not cfg.is_ignored(prefix + n) and n not in floats]
     run.ignored += [prefix + n for n in linears if n not in quant_names] + [prefix + n for n in floats]
@@ -335,6 +335,8 @@ def _quantize_layer(run: _Run, i: int, plan: dict, acts: _Activations, kwargs_li
     run_next = run.calibration is not None and i + 1 < len(run.layers)
     tensors, hooks = _layer_tensors(run, layer, prefix, linears, quant_names, qws, stats, run_next)
     writer.add(tensors)
+    del tensors, qws
+    _write_experts(run, prefix, plan, writer)
     if run_next:
         t1 = time.perf_counter()
         acts.stage = f"leaving layer {i}"
@@ -377,8 +379,10 @@ def _layer_tensors(run: _Run, layer: torch.nn.Module, prefix: str, linears: dict
             continue
         if p.is_meta:  # fused experts: the checkpoint's per-expert tensors are written below
             continue
-        tensors[prefix + pname] = p.detach().to(torch_dtype(run.ckpt.tensor(prefix + pname)))
-    for key in [t.name for t in run.ckpt.tensors if t.name.startswith(prefix)]:
+        tensors[prefix + pname] = p.detach().to(run.ckpt.torch_dtype(prefix + pname))
+    for key in [t.name for t in run.ckpt.weight_tensors if t.name.startswith(prefix)]:
+        if key in run.experts:  # written one by one (_write_experts)
+            continue
         if key not in tensors and not any(key.startswith(prefix + n + ".") for n in quant_names):
             tensors[key] = run.ckpt.load_torch(key)
     return tensors, hooks
@@ -393,25 +397,37 @@ def _materialize_stored(module: torch.nn.Module, prefix: str, ckpt: Checkpoint) 
     module.load_state_dict(state, strict=False, assign=True)
 
 
-def _expert_linears(run: _Run, prefix: str) -> dict[str, torch.nn.Linear]:
+def _write_experts(run: _Run, prefix: str, plan: dict, writer: ShardWriter) -> None:
     """The layer's routed experts as the checkpoint stores them, one Linear per expert projection (named as in the
-    checkpoint, e.g. ``mlp.experts.3.down_proj``), to round and write like any other Linear."""
-    out = {}
+    checkpoint, e.g. ``mlp.experts.3.down_proj``), each loaded, rounded and handed to the writer before the next
+    loads: a DeepSeek-V3 layer's 768 expert matrices are 45 GB in float32, one is 59 MB. Experts take RTN only
+    (``_check_experts``), so nothing else needs them together."""
+    cfg = run.cfg
     for key in run.experts:
         m = EXPERT_LINEAR.match(key)
         if m["layer"] != prefix:
             continue
+        n = m["name"]
+        if cfg.is_ignored(prefix + n):
+            run.ignored.append(prefix + n)
+            writer.add({key: run.ckpt.load_torch(key)})
+            continue
         weight = run.ckpt.load_torch(key).float()
+        gs, why = plan[weight.shape[1]]
+        spec = QuantSpec(cfg.weight_bits, gs, cfg.symmetric)
+        run.group_choices.setdefault(n, GroupChoice(n, weight.shape[1], gs, why))
         lin = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
         lin.weight = torch.nn.Parameter(weight, requires_grad=False)
-        out[m["name"]] = lin
-    return out
+        qw = run.algo.round({n: lin}, [n], None, {n: spec}, run.actorder, None)[n]
+        writer.add(compress_linear(prefix + n, qw, cfg.format, run.store_dtype))
+        run.spec_groups.setdefault((qw.spec.bits, qw.spec.group_size, qw.spec.symmetric), set()).add(n)
+        run.n_quantized += 1
 
 
 def _write_rest(run: _Run, writer: ShardWriter, overwrite: bool) -> None:
     """Everything outside the decoder layers (embeddings, final norm, lm_head) as stored, then config.json."""
     layer_prefix = f"{run.dprefix}layers."
-    rest = {t.name: run.ckpt.load_torch(t) for t in run.ckpt.tensors if not t.name.startswith(layer_prefix)}
+    rest = {t.name: run.ckpt.load_torch(t) for t in run.ckpt.weight_tensors if not t.name.startswith(layer_prefix)}
     run.ignored += [k.rsplit(".", 1)[0] for k in rest
                     if k.endswith(".weight") and isinstance(_module_at(run.skeleton, k.rsplit(".", 1)[0]),
                                                             torch.nn.Linear)]

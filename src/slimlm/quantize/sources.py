@@ -84,10 +84,11 @@ def open_hf_dir(model_dir: Path, tensors: Iterable[HFTensor] | None = None) -> M
     names = TensorNames(spec.gguf_arch, n_layers)
     tie = bool(config.get("tie_word_embeddings", spec.drop_lm_head))
     if tensors is None:
-        for info in ckpt.tensors:
-            if info.dtype not in _HF_DTYPES:
-                raise SlimlmError(f"{info.name} is stored as {info.dtype}; GGUF export reads F32, F16 and BF16 weights")
-        tensors = [(info.name, info.shape, lambda info=info: ckpt.load_array(info)) for info in ckpt.tensors]
+        for info in ckpt.weight_tensors:
+            if info.dtype not in _HF_DTYPES and info.name not in ckpt.fp8_scales:
+                raise SlimlmError(f"{info.name} is stored as {info.dtype}; GGUF export reads F32, F16 and BF16 weights "
+                                  "and DeepSeek's FP8 blocks")
+        tensors = [(info.name, info.shape, lambda info=info: ckpt.load_array(info)) for info in ckpt.weight_tensors]
     n_expert = int(config.get("num_local_experts") or config.get("num_experts") or config.get("n_routed_experts") or 0)
     tensors = stack_experts(tensors, n_expert)
     if spec.mla:
