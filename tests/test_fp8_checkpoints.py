@@ -122,6 +122,14 @@ def test_fp8_to_gguf_equals_the_bf16_copy(fp8_dirs: tuple[Path, Path], tmp_path:
         quantize_gguf(src, "Q8_0", tmp_path / f"{i}.gguf")
         files.append(tmp_path / f"{i}.gguf")
     assert files[0].read_bytes() == files[1].read_bytes()
+    from slimlm.quantize.sources import open_source
+
+    assert next(t for t in open_source(fp8_dirs[0]).tensors if t.name == "blk.1.ffn_down_exps.weight").parts
+    # the stacked experts went out expert by expert; a whole-tensor encode (the threaded path) gives the same bytes
+    from slimlm.quantize.gguf import _plain_encode
+
+    quantize_gguf(fp8_dirs[0], "Q8_0", tmp_path / "whole.gguf", encoder=_plain_encode)
+    assert (tmp_path / "whole.gguf").read_bytes() == files[0].read_bytes()
     names = [t.name for t in gguf.GGUFReader(files[0]).tensors]
     assert "blk.1.ffn_down_exps.weight" in names and not any("scale" in n for n in names)
 

@@ -29,6 +29,9 @@ class SourceTensor:
     load: Callable[[], np.ndarray]
     source_type: gguf.GGMLQuantizationType = gguf.GGMLQuantizationType.F32
     hf_name: str | None = None
+    # A stacked expert tensor's slices along its first axis, each loaded alone: a writer encoding rows on their
+    # own can stream them (a DeepSeek-V3 layer's ffn_down_exps is 15 GB of float32, one expert 59 MB).
+    parts: list[Callable[[], np.ndarray]] | None = None
 
 
 @dataclass
@@ -105,7 +108,11 @@ def open_hf_dir(model_dir: Path, tensors: Iterable[HFTensor] | None = None) -> M
         transform = to_gguf(hf_name, spec, n_head, n_head_kv)
         if name.endswith(_VECTORS) and len(shape) == 2 and shape[0] == 1:
             shape, transform = (shape[1],), lambda a, f=transform: f(a).reshape(-1)
-        out.append(SourceTensor(name, tuple(shape), lambda load=load, f=transform: f(load()), hf_name=hf_name))
+        parts = getattr(load, "parts", None)
+        if parts is not None:
+            parts = [lambda part=part, f=transform: f(part()) for part in parts]
+        out.append(SourceTensor(name, tuple(shape), lambda load=load, f=transform: f(load()), hf_name=hf_name,
+                                parts=parts))
     rope = rope_parameters(config)
     if rope.get("rope_type") == "llama3":
         factors = llama3_rope_factors(config, rope)
@@ -142,9 +149,18 @@ def stack_experts(tensors: Iterable[HFTensor], n_expert: int) -> list[HFTensor]:
         shapes = {tuple(experts[e][1]) for e in experts}
         if len(shapes) != 1:
             raise SlimlmError(f"{name}: experts of different shapes {sorted(shapes)}")
-        loads = [experts[e][2] for e in range(n_expert)]
-        out[i] = (name, (n_expert, *shapes.pop()), lambda loads=loads: np.stack([f() for f in loads]))
+        out[i] = (name, (n_expert, *shapes.pop()), StackedLoad([experts[e][2] for e in range(n_expert)]))
     return out
+
+
+class StackedLoad:
+    """Loads the experts' matrices as one stacked array; ``parts`` loads them one by one."""
+
+    def __init__(self, parts: list[Callable[[], np.ndarray]]):
+        self.parts = parts
+
+    def __call__(self) -> np.ndarray:
+        return np.stack([f() for f in self.parts])
 
 
 _FLOAT_TYPES = ("F32", "F16", "BF16")
