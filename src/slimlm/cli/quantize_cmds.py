@@ -65,7 +65,7 @@ def quantize(
     seq_len: int = typer.Option(512, "--seq-len", rich_help_panel=_CT, help="Tokens per calibration sequence."),
     static_acts: bool = typer.Option(False, "--static-acts", rich_help_panel=_CT, help=(
         "w8a8: static per-tensor activation scales instead of dynamic per-token.")),
-    spill: Optional[Path] = typer.Option(None, "--spill", rich_help_panel=_CT, help=(
+    spill: Optional[Path] = typer.Option(None, "--spill", "--offload", rich_help_panel=_CT, help=(
         "Keep calibration activations in this dir between layers (bounded RAM).")),
     threads: Optional[int] = typer.Option(None, "--threads", rich_help_panel=_CT, help="CPU threads for torch."),
     check: bool = typer.Option(False, "--check", rich_help_panel=_LINT, help=(

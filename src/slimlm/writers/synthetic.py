@@ -32,14 +32,14 @@ _BYTES = {"BF16": 2, "F32": 4, "F8_E4M3": 1}
 
 def qwen2_config(*, hidden: int, layers: int, ffn: int, heads: int, kv_heads: int, vocab: int,
                  rope_theta: float = 10000.0, rms_norm_eps: float = 1e-6, max_positions: int = 131072,
-                 name: str | None = None) -> dict[str, Any]:
+                 tie: bool = False, name: str | None = None) -> dict[str, Any]:
     """A Qwen2 config.json as DeepSeek-R1-Distill-Qwen ships it (q/k/v biases, untied lm_head, bf16)."""
     config = {"architectures": ["Qwen2ForCausalLM"], "attention_dropout": 0.0,
               "bos_token_id": min(151643, vocab - 1), "eos_token_id": min(151643, vocab - 1), "hidden_act": "silu", "hidden_size": hidden, "initializer_range": 0.02,
               "intermediate_size": ffn, "max_position_embeddings": max_positions, "max_window_layers": layers,
               "model_type": "qwen2", "num_attention_heads": heads, "num_hidden_layers": layers,
               "num_key_value_heads": kv_heads, "rms_norm_eps": rms_norm_eps, "rope_theta": rope_theta,
-              "sliding_window": 4096, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+              "sliding_window": 4096, "tie_word_embeddings": tie, "torch_dtype": "bfloat16",
               "use_cache": True, "use_mrope": False, "use_sliding_window": False, "vocab_size": vocab}
     if name:
         config["_name_or_path"] = name
@@ -82,6 +82,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "r1-distill-qwen-14b": qwen2_config(hidden=5120, layers=48, ffn=13824, heads=40, kv_heads=8, vocab=152064,
                                         rope_theta=1000000.0, rms_norm_eps=1e-5,
                                         name="synthetic/DeepSeek-R1-Distill-Qwen-14B-shaped"),
+    "qwen2.5-0.5b": qwen2_config(hidden=896, layers=24, ffn=4864, heads=14, kv_heads=2, vocab=151936,
+                                 rope_theta=1000000.0, max_positions=32768, tie=True, name="synthetic/Qwen2.5-0.5B-shaped"),
     "deepseek-v3-slice": deepseek_v3_config(name="synthetic/DeepSeek-V3-slice-2-layers"),
 }
 
@@ -110,7 +112,9 @@ def _qwen2_tensors(c: dict[str, Any]) -> list[tuple[str, tuple[int, ...], str]]:
                 (p + "post_attention_layernorm.weight", (h,), "BF16"),
                 (p + "mlp.gate_proj.weight", (f, h), "BF16"), (p + "mlp.up_proj.weight", (f, h), "BF16"),
                 (p + "mlp.down_proj.weight", (h, f), "BF16")]
-    out += [("model.norm.weight", (h,), "BF16"), ("lm_head.weight", (v, h), "BF16")]
+    out.append(("model.norm.weight", (h,), "BF16"))
+    if not c["tie_word_embeddings"]:
+        out.append(("lm_head.weight", (v, h), "BF16"))
     return out
 
 
