@@ -154,3 +154,24 @@ def test_fp8_weight_without_its_scale_is_an_error(tmp_path: Path) -> None:
                                                                           "weight_block_size": [128, 128]}}))
     with pytest.raises(SlimlmError, match="w.weight has no w.weight_scale_inv"):
         open_checkpoint(src)
+
+
+def test_embedding_and_output_encoded_in_row_bands_give_the_same_gguf(tmp_path: Path, monkeypatch) -> None:
+    """The GGUF writer's processes encode the largest matrices band by band; the bytes are the whole matrix's."""
+    from slimlm.quantize import sources
+    from slimlm.quantize.gguf import _plain_encode
+
+    config = synthetic.qwen2_config(hidden=256, layers=2, ffn=512, heads=4, kv_heads=2, vocab=1000)
+    src = synthetic.write_checkpoint(tmp_path / "m", config, seed=5)
+    monkeypatch.setattr(sources, "ROW_CHUNK", 256 * 100)  # bands of 100 rows: the last one partial
+    banded = open_source_tensor(src, "output.weight")
+    assert banded.parts is not None and len(banded.parts) == 10
+    quantize_gguf(src, "Q4_K_M", tmp_path / "bands.gguf")
+    quantize_gguf(src, "Q4_K_M", tmp_path / "whole.gguf", encoder=_plain_encode)
+    assert (tmp_path / "bands.gguf").read_bytes() == (tmp_path / "whole.gguf").read_bytes()
+
+
+def open_source_tensor(src: Path, name: str):
+    from slimlm.quantize.sources import open_source
+
+    return next(t for t in open_source(src).tensors if t.name == name)

@@ -313,8 +313,8 @@ def _write_forked(out: Path, arch: str, metadata: Callable[[gguf.GGUFWriter], An
                 pos = data_start.value + offsets[i]
                 for k, part in enumerate(slices):
                     values = part()
-                    if tuple(values.shape) != tuple(shape[1:]):
-                        raise SlimlmError(f"{name}: slice {k} has shape {values.shape}, expected {shape[1:]}")
+                    if values.shape[-1] != shape[-1]:
+                        raise SlimlmError(f"{name}: slice {k} has shape {values.shape}, rows of {shape[-1]} expected")
                     view = memoryview(np.ascontiguousarray(_plain_encode(values, qtype, None, "", threads=1))).cast("B")
                     while view:
                         n = os.pwrite(fd, view, pos)
