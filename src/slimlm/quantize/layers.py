@@ -32,6 +32,7 @@ from slimlm.writers.atomic import check_output
 from slimlm.writers.compressed_tensors import ShardWriter, attach_activation_quant, compress_linear, quantization_config
 from slimlm.formats.groupint import QuantizedWeight, QuantSpec
 from slimlm.models import empty_model, load_config, load_model, load_tokenizer
+from slimlm.quantize import distributed
 from slimlm.quantize.schemes import QuantConfig, check_method, get_scheme
 from slimlm.util.process import peak_rss_mb
 
@@ -78,6 +79,16 @@ class _Activations:
 
 class _Stop(Exception):
     pass
+
+
+class _NoWriter:
+    """The writer of a rank other than 0: it computes what rank 0 writes, and drops it."""
+
+    def add(self, tensors: dict[str, torch.Tensor]) -> None:
+        pass
+
+    def abort(self) -> None:
+        pass
 
 
 @dataclass
@@ -151,7 +162,7 @@ def quantize_model(model: str | Path, output: str | Path, *, scheme: str | Quant
         if run.algo.calibration or (cfg.act_bits is not None and not cfg.act_dynamic):
             run.calibration = _calibration(run, calib, samples, seq_len, say, progress)
         spill_ctx = tempfile.TemporaryDirectory(prefix="slimlm-spill-", dir=spill_dir) if spill_dir else nullcontext()
-        writer = ShardWriter(run.out_dir)
+        writer = ShardWriter(run.out_dir) if run.share.writes else _NoWriter()
         try:
             with spill_ctx as spill_path, torch.no_grad():
                 acts = _Activations(Path(spill_path) if spill_path else None)
@@ -164,10 +175,12 @@ def quantize_model(model: str | Path, output: str | Path, *, scheme: str | Quant
                     _quantize_layer(run, i, plan, acts, kwargs_list, writer)
                     if progress is not None:
                         progress(i + 1, len(run.layers), f"layer {i}")
-                _write_rest(run, writer, overwrite)
+                if run.share.writes:
+                    _write_rest(run, writer, overwrite)
         except BaseException:
             writer.abort()
             raise
+        distributed.barrier(run.share)
         return _result(run, start)
     finally:
         torch.set_num_threads(previous)
@@ -199,6 +212,7 @@ class _Run:
     n_quantized: int = 0
     experts: dict[str, tuple[int, ...]] = field(default_factory=dict)  # expert Linear weight -> shape (quantized)
     float_modules: tuple[str, ...] = ()  # routers and gates kept in full precision (the family table's)
+    share: distributed.Share = field(default_factory=distributed.current)  # this process's calibration batches
 
     @property
     def layers(self) -> torch.nn.ModuleList:
@@ -284,7 +298,8 @@ def _capture_inputs(run: _Run, acts: _Activations, batch_size: int) -> list[dict
 
     handle = run.layers[0].register_forward_pre_hook(grab, with_kwargs=True)
     ids = run.calibration.input_ids
-    for b0 in range(0, ids.shape[0], batch_size):
+    for b in run.share.batches(-(-ids.shape[0] // batch_size)):
+        b0 = b * batch_size
         with suppress(_Stop):
             run.decoder(input_ids=ids[b0:b0 + batch_size], use_cache=False)
     handle.remove()
@@ -322,6 +337,7 @@ def _quantize_layer(run: _Run, i: int, plan: dict, acts: _Activations, kwargs_li
         with StatsCollector({n: linears[n] for n in quant_names}, need_gram=run.algo.gram) as col:
             _run_layer(layer, acts, kwargs_list, len(kwargs_list), None)
         stats = col.stats
+        distributed.reduce_stats(stats, run.share)
     report["stats_s"] = round(time.perf_counter() - t0, 3)
     clips = None
     if run.algo.smoothing:
