@@ -8,13 +8,17 @@ between layers). RTN needs no calibration and skips the forward passes."""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import re
+import shutil
 import tempfile
 import time
 from contextlib import nullcontext, suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -142,10 +146,12 @@ def quantize_model(model: str | Path, output: str | Path, *, scheme: str | Quant
                    smoothing_strength: float = DEFAULT_STRENGTH, actorder: bool = True, batch_size: int = 4,
                    spill_dir: str | Path | None = None, threads: int | None = None, uniform_groups: bool = True,
                    overwrite: bool = False, progress: Callable[[int, int, str], None] | None = None,
-                   say: Callable[[str], None] | None = None) -> SchemeResult:
+                   say: Callable[[str], None] | None = None, resume: bool = False) -> SchemeResult:
     """Quantize an HF model dir to a compressed-tensors dir in the streaming order of the module docstring;
     ``threads`` sets torch's CPU threads for the run (restored afterwards). ``samples`` None: 16 sequences of
-    text, fewer when the model writes its own (see ``load_calibration``); ``say`` gets one-line announcements."""
+    text, fewer when the model writes its own (see ``load_calibration``); ``say`` gets one-line announcements.
+    ``resume``: keep each finished layer in ``OUTPUT.partial/`` (see ``Progress``) and start after the last one a
+    killed run of the same request finished; the output is byte-identical to an uninterrupted run's."""
     previous = torch.get_num_threads()
     if threads:
         torch.set_num_threads(int(threads))
@@ -163,6 +169,8 @@ def quantize_model(model: str | Path, output: str | Path, *, scheme: str | Quant
             run.calibration = _calibration(run, calib, samples, seq_len, say, progress)
         spill_ctx = tempfile.TemporaryDirectory(prefix="slimlm-spill-", dir=spill_dir) if spill_dir else nullcontext()
         writer = ShardWriter(run.out_dir) if run.share.writes else _NoWriter()
+        saved = Progress(run, _request(run, calib, samples, seq_len, batch_size, smoothing_strength, uniform_groups))\
+            if resume and run.share.world == 1 else None
         try:
             with spill_ctx as spill_path, torch.no_grad():
                 acts = _Activations(Path(spill_path) if spill_path else None)
@@ -171,16 +179,25 @@ def quantize_model(model: str | Path, output: str | Path, *, scheme: str | Quant
                           if isinstance(m, torch.nn.Linear) and not cfg.is_ignored(f"{run.dprefix}layers.{j}.{n}")}
                 widths |= {int(shape[1]) for shape in run.experts.values()}
                 plan = cfg.plan_group_sizes(widths, uniform=uniform_groups)
-                for i in range(len(run.layers)):
-                    _quantize_layer(run, i, plan, acts, kwargs_list, writer)
+                first = saved.restore(acts, len(kwargs_list), say) if saved is not None else 0
+                for i in range(first, len(run.layers)):
+                    if saved is None:
+                        _quantize_layer(run, i, plan, acts, kwargs_list, writer)
+                    else:
+                        _quantize_layer(run, i, plan, acts, kwargs_list, saved.layer_writer(i))
+                        saved.finish_layer(i, acts, len(kwargs_list))
                     if progress is not None:
                         progress(i + 1, len(run.layers), f"layer {i}")
+                if saved is not None:
+                    saved.replay(writer)
                 if run.share.writes:
                     _write_rest(run, writer, overwrite)
         except BaseException:
             writer.abort()
             raise
         distributed.barrier(run.share)
+        if saved is not None:
+            saved.remove()
         return _result(run, start)
     finally:
         torch.set_num_threads(previous)
@@ -438,6 +455,117 @@ def _write_experts(run: _Run, prefix: str, plan: dict, writer: ShardWriter) -> N
         writer.add(compress_linear(prefix + n, qw, cfg.format, run.store_dtype))
         run.spec_groups.setdefault((qw.spec.bits, qw.spec.group_size, qw.spec.symmetric), set()).add(n)
         run.n_quantized += 1
+
+
+def _request(run: _Run, calib, samples, seq_len, batch_size, strength, uniform) -> dict:
+    """What must be equal for a saved run to be continued: the request and the source's tensor table."""
+    ids = run.calibration.input_ids if run.calibration is not None else None
+    return {"scheme": asdict(run.cfg) if hasattr(run.cfg, "__dataclass_fields__") else str(run.cfg),
+            "method": run.method, "samples": samples, "seq_len": seq_len, "batch_size": batch_size,
+            "strength": strength, "uniform": uniform, "actorder": run.actorder,
+            "calibration": None if ids is None else hashlib.sha256(ids.numpy().tobytes()).hexdigest(),
+            "tensors": hashlib.sha256(json.dumps([[t.name, list(t.shape), t.dtype, t.nbytes]
+                                                  for t in run.ckpt.tensors]).encode()).hexdigest()}
+
+
+class _LayerFile:
+    """A writer that keeps each of one layer's ``add`` calls in its own file (``layer-00007.000002.safetensors``),
+    so ``groups`` hands the tensors back in the same calls and order (the shard writer flushes between calls)."""
+
+    def __init__(self, folder: Path, layer: int):
+        self.folder, self.layer, self.calls = folder, layer, 0
+        for stale in self.files(folder, layer):  # a layer a killed run had begun
+            stale.unlink()
+
+    @staticmethod
+    def files(folder: Path, layer: int) -> list[Path]:
+        return sorted(folder.glob(f"layer-{layer:05d}.*.safetensors"))
+
+    def add(self, tensors: dict[str, torch.Tensor]) -> None:
+        _save_replacing({k: t.detach().contiguous().cpu() for k, t in tensors.items()},
+                        self.folder / f"layer-{self.layer:05d}.{self.calls:06d}.safetensors")
+        self.calls += 1
+
+    @classmethod
+    def groups(cls, folder: Path, layer: int) -> Iterator[dict[str, torch.Tensor]]:
+        from safetensors import safe_open
+
+        for path in cls.files(folder, layer):
+            with safe_open(str(path), "pt") as f:
+                yield {name: f.get_tensor(name) for name in json.loads(f.metadata()["order"])}
+
+
+class Progress:
+    """A resumable run's saved layers, in ``OUTPUT.partial/``: each finished layer's tensors
+    (``layer-00007.safetensors``), the calibration activations entering the next layer (``acts.safetensors``),
+    and ``state.json`` (the request, the last finished layer, what the layers reported), each replaced by a
+    rename so a kill at any moment leaves the last whole state. The output is assembled from the layer files in
+    order, as an uninterrupted run hands them to the writer, so both write the same bytes."""
+
+    def __init__(self, run: _Run, request: dict):
+        self.run, self.request = run, json.loads(json.dumps(request, default=str))
+        self.dir = Path(f"{run.out_dir}.partial")
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    def _state(self) -> dict | None:
+        path = self.dir / "state.json"
+        if not path.is_file():
+            return None
+        state = json.loads(path.read_text())
+        return state if state.get("request") == self.request else None
+
+    def restore(self, acts: _Activations, n_batches: int, say: Callable[[str], None] | None) -> int:
+        """The first layer still to do (0 for a fresh start); the run's records and activations restored."""
+        state = self._state()
+        if state is None:
+            for stale in self.dir.glob("*"):
+                stale.unlink()
+            return 0
+        run = self.run
+        run.ignored = state["ignored"]
+        run.n_quantized = state["n_quantized"]
+        run.layer_reports = state["layer_reports"]
+        run.group_choices = {k: GroupChoice(**v) for k, v in state["group_choices"].items()}
+        run.spec_groups = {tuple(json.loads(k)): set(v) for k, v in state["spec_groups"].items()}
+        if n_batches:
+            saved = load_file(str(self.dir / "acts.safetensors"))
+            for b in range(n_batches):
+                acts.put(b, saved[f"batch-{b}"])
+        done = state["layers_done"]
+        if say is not None:
+            say(f"resuming from {self.dir}: layers 0-{done - 1} were finished by an earlier run")
+        return done
+
+    def layer_writer(self, i: int) -> _LayerFile:
+        return _LayerFile(self.dir, i)
+
+    def finish_layer(self, i: int, acts: _Activations, n_batches: int) -> None:
+        if n_batches and i + 1 < len(self.run.layers):
+            _save_replacing({f"batch-{b}": acts.get(b).contiguous() for b in range(n_batches)},
+                            self.dir / "acts.safetensors")
+        run = self.run
+        state = {"request": self.request, "layers_done": i + 1, "ignored": run.ignored, "n_quantized": run.n_quantized,
+                 "layer_reports": run.layer_reports,
+                 "group_choices": {k: asdict(v) for k, v in run.group_choices.items()},
+                 "spec_groups": {json.dumps(list(k)): sorted(v) for k, v in run.spec_groups.items()}}
+        tmp = self.dir / "state.json.tmp"
+        tmp.write_text(json.dumps(state))
+        os.replace(tmp, self.dir / "state.json")
+
+    def replay(self, writer: ShardWriter) -> None:
+        """Every layer's tensors to the writer, layer by layer (the order and grouping of an uninterrupted run)."""
+        for i in range(len(self.run.layers)):
+            for group in _LayerFile.groups(self.dir, i):
+                writer.add(group)
+
+    def remove(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _save_replacing(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata={"order": json.dumps(list(tensors))})
+    os.replace(tmp, path)
 
 
 def _write_rest(run: _Run, writer: ShardWriter, overwrite: bool) -> None:
