@@ -166,9 +166,10 @@ def test_embedding_and_output_encoded_in_row_bands_give_the_same_gguf(tmp_path: 
     monkeypatch.setattr(sources, "ROW_CHUNK", 256 * 100)  # bands of 100 rows: the last one partial
     banded = open_source_tensor(src, "output.weight")
     assert banded.parts is not None and len(banded.parts) == 10
-    quantize_gguf(src, "Q4_K_M", tmp_path / "bands.gguf")
-    quantize_gguf(src, "Q4_K_M", tmp_path / "whole.gguf", encoder=_plain_encode)
-    assert (tmp_path / "bands.gguf").read_bytes() == (tmp_path / "whole.gguf").read_bytes()
+    for mix in ("Q4_K_M", "F16"):
+        quantize_gguf(src, mix, tmp_path / f"bands-{mix}.gguf")
+        quantize_gguf(src, mix, tmp_path / f"whole-{mix}.gguf", encoder=_plain_encode)
+        assert (tmp_path / f"bands-{mix}.gguf").read_bytes() == (tmp_path / f"whole-{mix}.gguf").read_bytes()
 
 
 def open_source_tensor(src: Path, name: str):

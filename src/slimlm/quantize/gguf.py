@@ -231,7 +231,7 @@ def _write(out: Path, source: ModelSource, plan: dict[str, T], importance_of: Ca
     def parts(i: int) -> list[Callable[[], np.ndarray]] | None:
         """Tensor ``i``'s slices to encode one at a time (stacked experts without an importance vector)."""
         t = tensors[i]
-        if t.parts is None or plan[t.name] in _FLOATS or importance_of(t.name) is not None:
+        if t.parts is None or importance_of(t.name) is not None:
             return None
         return t.parts
 
