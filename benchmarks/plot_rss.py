@@ -31,7 +31,7 @@ def main() -> None:
         xy.sort()
         ax.plot([x for x, _ in xy], [y for _, y in xy], "o-", label=name)
     xs = sorted(sizes)
-    ax.plot(xs, [2 * x for x in xs], "k--", label="bf16 weights (whole-model loader)")
+    ax.plot(xs, [2 * x * 1e9 / 2**30 for x in xs], "k--", label="bf16 weights (whole-model loader)")
     ax.set_xlabel("parameters (billions)")
     ax.set_ylabel("peak RSS (GiB)")
     ax.set_title("slimlm peak memory against model size (2-core, 23 GB machine)")
