@@ -123,7 +123,8 @@ def test_safetensors_header_matches_the_library(tmp_path):
     report = inspect(model)
     assert report.total_params == TINY_TOTAL == report.config_total_params
     assert report.params.tied_embeddings and report.params.roles["lm_head"] == 0
-    assert report.dtypes == {"F16": {"tensors": len(expected), "params": TINY_TOTAL, "bytes": 2 * TINY_TOTAL}}
+    assert report.dtypes == {"F16": {"tensors": len(expected), "params": TINY_TOTAL, "scales": 0,
+                                        "bytes": 2 * TINY_TOTAL}}
 
 
 def test_sharded_dir_equals_single_file(tmp_path):

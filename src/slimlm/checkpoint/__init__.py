@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from slimlm.checkpoint import fp8
 from slimlm.checkpoint.gguf_file import config_from_gguf, read_gguf_header
 from slimlm.checkpoint.safetensors_header import read_safetensors_header
 from slimlm.checkpoint.types import Checkpoint, TensorInfo
@@ -142,6 +143,9 @@ def _open_safetensors_files(path: Path, files: list[Path], fmt: str, config: dic
         ckpt.tensors.extend(tensors)
         ckpt.file_bytes += actual
         _note_missing(ckpt, file, expected, actual)
+    ckpt.fp8_block = fp8.block_size(config)
+    if ckpt.fp8_block is not None:
+        ckpt.fp8_scales = fp8.pair_scales(ckpt.tensors, ckpt.fp8_block, str(path))
     return ckpt
 
 

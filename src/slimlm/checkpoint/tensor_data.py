@@ -63,8 +63,10 @@ def load_array(info: TensorInfo, big_endian: bool = False) -> np.ndarray:
     if storage is not None:
         dtype = np.dtype((">" if big_endian else "<") + storage)
         raw = raw_bytes(info).view(dtype).reshape(info.shape)
-        if info.dtype == "BF16":  # bfloat16 is the top half of a float32
-            return (raw.astype(np.uint32) << 16).view(np.float32)
+        if info.dtype == "BF16":  # bfloat16 is the top half of a float32; shifted in place: one float32 copy
+            wide = raw.astype(np.uint32)
+            wide <<= 16
+            return wide.view(np.float32)
         if info.dtype == "F32" and not big_endian:
             return np.asarray(raw)
         return raw.astype(np.float32)

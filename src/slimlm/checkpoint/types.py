@@ -9,7 +9,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from slimlm.checkpoint import tensor_data
+from slimlm.checkpoint import fp8, tensor_data
 from slimlm.errors import SlimlmError
 from slimlm.spec import ModelSpec, check_bounds, is_supported
 
@@ -58,6 +58,8 @@ class Checkpoint:
     file_bytes: int = 0
     warnings: list[str] = field(default_factory=list)
     gguf_header: GGUFHeader | None = None
+    fp8_block: tuple[int, int] | None = None  # DeepSeek's FP8 block format: weights read dequantized (checkpoint.fp8)
+    fp8_scales: dict[str, TensorInfo] = field(default_factory=dict)  # FP8 weight name -> its scale_inv tensor
 
     @cached_property
     def _by_name(self) -> dict[str, TensorInfo]:
@@ -83,11 +85,31 @@ class Checkpoint:
     def _big_endian(self) -> bool:
         return self.gguf_header is not None and self.gguf_header.big_endian
 
-    def load_array(self, name: str | TensorInfo) -> np.ndarray:
-        """Float32 values (GGML blocks dequantized); F32 data is a read-only view of the file. NaN or Inf is a
-        SlimlmError naming the tensor."""
+    @cached_property
+    def weight_tensors(self) -> list[TensorInfo]:
+        """The model's tensors without FP8 block scales (which loading a weight applies): what quantizers walk."""
+        scales = {s.name for s in self.fp8_scales.values()}
+        return [t for t in self.tensors if t.name not in scales]
+
+    def torch_dtype(self, name: str | TensorInfo) -> torch.dtype:
+        """The dtype ``load_torch`` returns: the stored one, bfloat16 for an FP8 block weight."""
         info = self._info(name)
-        values = tensor_data.load_array(info, self._big_endian)
+        if info.name in self.fp8_scales:
+            import torch
+
+            return torch.bfloat16
+        return tensor_data.torch_dtype(info)
+
+    def load_array(self, name: str | TensorInfo) -> np.ndarray:
+        """Float32 values (GGML blocks and FP8 blocks dequantized); F32 data is a read-only view of the file.
+        NaN or Inf is a SlimlmError naming the tensor."""
+        info = self._info(name)
+        scale = self.fp8_scales.get(info.name)
+        if scale is not None and self.fp8_block is not None:
+            raw = tensor_data.raw_bytes(info).reshape(info.shape)
+            values = fp8.dequantize(raw, tensor_data.load_array(scale), self.fp8_block)
+        else:
+            values = tensor_data.load_array(info, self._big_endian)
         tensor_data.check_finite(values, f"{info.file}: tensor {info.name}")
         return values
 
@@ -96,8 +118,13 @@ class Checkpoint:
         return tensor_data.raw_bytes(self._info(name))
 
     def load_torch(self, name: str | TensorInfo) -> torch.Tensor:
-        """A private copy in the stored dtype (safe to change in place)."""
+        """A private copy in the stored dtype (safe to change in place); an FP8 block weight comes dequantized,
+        in bfloat16 (``torch_dtype``)."""
         info = self._info(name)
+        if info.name in self.fp8_scales:
+            import torch
+
+            return torch.from_numpy(self.load_array(info)).to(torch.bfloat16)
         values = tensor_data.load_torch(info, self._big_endian)
         tensor_data.check_finite(values, f"{info.file}: tensor {info.name}")
         return values

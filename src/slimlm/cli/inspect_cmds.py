@@ -85,10 +85,12 @@ def _print_roles(data: dict) -> None:
 
 
 def _print_dtypes(data: dict) -> None:
-    table = columns_table("storage by dtype", ("dtype", "tensors", "elements", "bytes"), ["dtype"],
-                          title_justify="left")
+    scales = any(row.get("scales") for row in data["dtypes"].values())
+    heads = ("dtype", "tensors", "params") + (("scale values",) if scales else ()) + ("bytes",)
+    table = columns_table("storage by dtype", heads, ["dtype"], title_justify="left")
     for dtype, row in data["dtypes"].items():
-        table.add_row(dtype, str(row["tensors"]), f"{row['params']:,}", f"{row['bytes']:,} ({_bytes(row['bytes'])})")
+        cells = [dtype, str(row["tensors"]), f"{row['params']:,}"] + ([f"{row['scales']:,}"] if scales else [])
+        table.add_row(*cells, f"{row['bytes']:,} ({_bytes(row['bytes'])})")
     console.print(table)
 
 

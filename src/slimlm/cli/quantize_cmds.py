@@ -68,9 +68,12 @@ def quantize(
     seq_len: int = typer.Option(512, "--seq-len", rich_help_panel=_CT, help="Tokens per calibration sequence."),
     static_acts: bool = typer.Option(False, "--static-acts", rich_help_panel=_CT, help=(
         "w8a8: static per-tensor activation scales instead of dynamic per-token.")),
-    spill: Optional[Path] = typer.Option(None, "--spill", rich_help_panel=_CT, help=(
+    spill: Optional[Path] = typer.Option(None, "--spill", "--offload", rich_help_panel=_CT, help=(
         "Keep calibration activations in this dir between layers (bounded RAM).")),
     threads: Optional[int] = typer.Option(None, "--threads", rich_help_panel=_CT, help="CPU threads for torch."),
+    resume: bool = typer.Option(False, "--resume", rich_help_panel=_CT, help=(
+        "Keep each finished layer in OUT.partial/ and, rerun after a kill, continue where it stopped "
+        "(same output bytes as an uninterrupted run).")),
     check: bool = typer.Option(False, "--check", rich_help_panel=_LINT, help=(
         "Lint only, write nothing: per layer which group sizes divide and which vLLM TP degrees (2/4/8) work.")),
     json_out: bool = JSON_OPTION,
@@ -87,7 +90,7 @@ def quantize(
             raise SlimlmError("give either --to TYPE (GGUF) or --scheme (compressed-tensors), not both")
         return scheme_quantize.run_scheme(
             model, out, scheme=scheme, method=method, group_size=group_size, sym=sym, ignore=ignore, calib=calib,
-            samples=samples, seq_len=seq_len, static_acts=static_acts, spill=spill, threads=threads,
+            samples=samples, seq_len=seq_len, static_acts=static_acts, spill=spill, threads=threads, resume=resume,
             overwrite=overwrite, json_out=json_out)
     if to is None:
         raise SlimlmError("give --to TYPE (a GGUF mix such as Q4_K_M) or --scheme w4a16|w8a16|w8a8, or --check")

@@ -51,7 +51,8 @@ def run_check(model: Path, group_size: str | None, json_out: bool) -> None:
 
 def run_scheme(model: Path, out: Path | None, *, scheme: str, method: str | None, group_size: str | None,
                sym: bool | None, ignore: list[str], calib: Path | None, samples: int | None, seq_len: int,
-               static_acts: bool, spill: Path | None, threads: int | None, overwrite: bool, json_out: bool) -> None:
+               static_acts: bool, spill: Path | None, threads: int | None, overwrite: bool, json_out: bool,
+               resume: bool = False) -> None:
     from slimlm import api
 
     if out is None:
@@ -63,7 +64,7 @@ def run_scheme(model: Path, out: Path | None, *, scheme: str, method: str | None
         result = api.quantize_model(
             model, out, scheme=scheme, method=method, group_size=_group_option(group_size), symmetric=sym,
             ignore=ignore or None, calib=str(calib) if calib is not None else None, samples=samples,
-            seq_len=seq_len, act_dynamic=not static_acts, spill_dir=spill, threads=threads, overwrite=overwrite,
+            seq_len=seq_len, act_dynamic=not static_acts, spill_dir=spill, threads=threads, overwrite=overwrite, resume=resume,
             progress=lambda d, t, item: update(completed=d, total=t, item=item), say=say)
     if json_out:
         print_json(result.to_dict())

@@ -14,7 +14,7 @@ from typing import Any
 from slimlm.checkpoint import Checkpoint, open_checkpoint
 from slimlm.errors import SlimlmError
 from slimlm.inspect import catalog
-from slimlm.inspect.params import ParamCount, count_spec, count_tensors, size_label
+from slimlm.inspect.params import ParamCount, count_spec, count_tensors, size_label, tensor_role
 from slimlm.spec import ModelSpec
 
 __all__ = ["InspectReport", "inspect", "size_label"]
@@ -98,11 +98,12 @@ def _inspect_checkpoint(ckpt: Checkpoint) -> InspectReport:
     report = InspectReport(source=str(ckpt.path), format=ckpt.format, counted_from="tensors", params=params,
                            name=_checkpoint_name(ckpt), spec=spec, file_bytes=ckpt.file_bytes,
                            missing_bytes=ckpt.missing_bytes, warnings=warnings)
-    dtypes: dict[str, dict[str, int]] = defaultdict(lambda: {"tensors": 0, "params": 0, "bytes": 0})
+    # per dtype: parameters, and apart from them the elements of quantization scales (FP8 blocks' scale_inv)
+    dtypes: dict[str, dict[str, int]] = defaultdict(lambda: {"tensors": 0, "params": 0, "scales": 0, "bytes": 0})
     for t in ckpt.tensors:
         row = dtypes[t.dtype]
         row["tensors"] += 1
-        row["params"] += t.numel
+        row["scales" if tensor_role(t.name)[0] == "quant_meta" else "params"] += t.numel
         row["bytes"] += t.nbytes
     report.dtypes = dict(sorted(dtypes.items(), key=lambda kv: -kv[1]["bytes"]))
     report.tensor_bytes = sum(t.nbytes for t in ckpt.tensors)

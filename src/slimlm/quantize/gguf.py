@@ -229,10 +229,17 @@ def _write(out: Path, source: ModelSource, plan: dict[str, T], importance_of: Ca
         importance = importance_of(t.name) if qtype not in _FLOATS else None
         return values, qtype, importance
 
+    def parts(i: int) -> list[Callable[[], np.ndarray]] | None:
+        """Tensor ``i``'s slices to encode one at a time (stacked experts without an importance vector)."""
+        t = tensors[i]
+        if t.parts is None or importance_of(t.name) is not None:
+            return None
+        return t.parts
+
     entries = [(t.name, tuple(t.shape), plan[t.name]) for t in tensors]
     workers = max(1, min(WORKERS, os.cpu_count() or 1))
     if encoder is None and workers > 1 and len(tensors) > 8 and fork_available():
-        _write_forked(out, source.arch, metadata, entries, load, workers, progress, overwrite)
+        _write_forked(out, source.arch, metadata, entries, load, workers, progress, overwrite, parts)
     else:
         _write_threaded(out, source.arch, metadata, entries, load, encoder or _plain_encode, progress, overwrite)
 
@@ -270,11 +277,14 @@ def _write_threaded(out: Path, arch: str, metadata: Callable[[gguf.GGUFWriter], 
 
 
 def _write_forked(out: Path, arch: str, metadata: Callable[[gguf.GGUFWriter], Any], entries: list[Entry],
-                  load: Loader, workers: int, progress: Progress | None, overwrite: bool = True) -> None:
+                  load: Loader, workers: int, progress: Progress | None, overwrite: bool = True,
+                  parts: Callable[[int], list[Callable[[], np.ndarray]] | None] = lambda i: None) -> None:
     """The plain codecs (numpy, holding the GIL) in forked processes that load their tensor (mmap loaders
     inherited) and pwrite it at its final offset while the parent writes the metadata; tiny tensors are encoded
     in the parent. Bytes as ``write_gguf``'s. Costliest tensors first, so no process is left alone with a long one;
-    those done before the header is on disk come back through the pipe."""
+    those done before the header is on disk come back through the pipe. A tensor with ``parts`` (stacked experts)
+    is encoded and written slice by slice once the header is on disk (blocks never cross rows, so the slices'
+    bytes back to back are the whole tensor's)."""
     ctx = multiprocessing.get_context("fork")
     offsets, data_bytes = data_layout(entries)
     small = [i for i, (_, shape, _) in enumerate(entries) if int(np.prod(shape, dtype=np.int64)) < 1 << 16]
@@ -295,8 +305,34 @@ def _write_forked(out: Path, arch: str, metadata: Callable[[gguf.GGUFWriter], An
             view, pos = view[n:], pos + n
 
     with atomic_path(out, overwrite) as tmp:
+        def encode_parts(i: int, slices: list[Callable[[], np.ndarray]]) -> None:
+            ready.wait()
+            if data_start.value < 0:
+                raise RuntimeError("the output header was not written")
+            name, shape, qtype = entries[i]
+            fd = os.open(tmp, os.O_WRONLY)
+            try:
+                pos = data_start.value + offsets[i]
+                for k, part in enumerate(slices):
+                    values = part()
+                    if values.shape[-1] != shape[-1]:
+                        raise SlimlmError(f"{name}: slice {k} has shape {values.shape}, rows of {shape[-1]} expected")
+                    view = memoryview(np.ascontiguousarray(_plain_encode(values, qtype, None, "", threads=1))).cast("B")
+                    while view:
+                        n = os.pwrite(fd, view, pos)
+                        view, pos = view[n:], pos + n
+                if pos != data_start.value + offsets[i] + tensor_nbytes(shape, qtype):
+                    raise RuntimeError(f"{name}: slices wrote {pos - data_start.value - offsets[i]} bytes, "
+                                       f"{qtype.name} needs {tensor_nbytes(shape, qtype)}")
+            finally:
+                os.close(fd)
+
         def encode(i: int) -> np.ndarray | None:
             """In a worker: tensor ``i`` into the file, or its bytes when the header is not on disk yet."""
+            slices = parts(i)
+            if slices is not None:
+                encode_parts(i, slices)
+                return None
             data = _plain_encode(*load(i), "", threads=1)  # the processes are the parallelism
             if not ready.is_set():
                 return data
@@ -347,7 +383,8 @@ def _equalize(source: ModelSource, plan: dict[str, T], importance_of: Callable[[
                                    importance_of, hessians)
     transforms = awq.apply_equalization(scales, source.facts["n_layers"])
     tensors = [t if t.name not in transforms else
-               dataclasses.replace(t, load=lambda t=t, fn=transforms[t.name]: fn(t.load())) for t in source.tensors]
+               dataclasses.replace(t, load=lambda t=t, fn=transforms[t.name]: fn(t.load()), parts=None)
+               for t in source.tensors]
     new_h = None if hessians is None else dict(hessians)
     cache: dict[tuple[int, int], np.ndarray] = {}
     overrides: dict[str, np.ndarray] = {}

@@ -8,13 +8,17 @@ between layers). RTN needs no calibration and skips the forward passes."""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import re
+import shutil
 import tempfile
 import time
 from contextlib import nullcontext, suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -27,12 +31,12 @@ from slimlm.algorithms.stats import StatsCollector
 from slimlm.data.calibration import DEFAULT_SEQ_LEN, Calibration, load_calibration
 from slimlm.checkpoint import Checkpoint, open_checkpoint, read_config
 from slimlm.checkpoint.tensor_data import check_finite
-from slimlm.checkpoint.tensor_data import torch_dtype
 from slimlm.errors import SlimlmError
 from slimlm.writers.atomic import check_output
 from slimlm.writers.compressed_tensors import ShardWriter, attach_activation_quant, compress_linear, quantization_config
 from slimlm.formats.groupint import QuantizedWeight, QuantSpec
 from slimlm.models import empty_model, load_config, load_model, load_tokenizer
+from slimlm.quantize import distributed
 from slimlm.quantize.schemes import QuantConfig, check_method, get_scheme
 from slimlm.util.process import peak_rss_mb
 
@@ -79,6 +83,16 @@ class _Activations:
 
 class _Stop(Exception):
     pass
+
+
+class _NoWriter:
+    """The writer of a rank other than 0: it computes what rank 0 writes, and drops it."""
+
+    def add(self, tensors: dict[str, torch.Tensor]) -> None:
+        pass
+
+    def abort(self) -> None:
+        pass
 
 
 @dataclass
@@ -132,10 +146,12 @@ def quantize_model(model: str | Path, output: str | Path, *, scheme: str | Quant
                    smoothing_strength: float = DEFAULT_STRENGTH, actorder: bool = True, batch_size: int = 4,
                    spill_dir: str | Path | None = None, threads: int | None = None, uniform_groups: bool = True,
                    overwrite: bool = False, progress: Callable[[int, int, str], None] | None = None,
-                   say: Callable[[str], None] | None = None) -> SchemeResult:
+                   say: Callable[[str], None] | None = None, resume: bool = False) -> SchemeResult:
     """Quantize an HF model dir to a compressed-tensors dir in the streaming order of the module docstring;
     ``threads`` sets torch's CPU threads for the run (restored afterwards). ``samples`` None: 16 sequences of
-    text, fewer when the model writes its own (see ``load_calibration``); ``say`` gets one-line announcements."""
+    text, fewer when the model writes its own (see ``load_calibration``); ``say`` gets one-line announcements.
+    ``resume``: keep each finished layer in ``OUTPUT.partial/`` (see ``Progress``) and start after the last one a
+    killed run of the same request finished; the output is byte-identical to an uninterrupted run's."""
     previous = torch.get_num_threads()
     if threads:
         torch.set_num_threads(int(threads))
@@ -152,7 +168,9 @@ def quantize_model(model: str | Path, output: str | Path, *, scheme: str | Quant
         if run.algo.calibration or (cfg.act_bits is not None and not cfg.act_dynamic):
             run.calibration = _calibration(run, calib, samples, seq_len, say, progress)
         spill_ctx = tempfile.TemporaryDirectory(prefix="slimlm-spill-", dir=spill_dir) if spill_dir else nullcontext()
-        writer = ShardWriter(run.out_dir)
+        writer = ShardWriter(run.out_dir) if run.share.writes else _NoWriter()
+        saved = Progress(run, _request(run, calib, samples, seq_len, batch_size, smoothing_strength, uniform_groups))\
+            if resume and run.share.world == 1 else None
         try:
             with spill_ctx as spill_path, torch.no_grad():
                 acts = _Activations(Path(spill_path) if spill_path else None)
@@ -161,14 +179,25 @@ def quantize_model(model: str | Path, output: str | Path, *, scheme: str | Quant
                           if isinstance(m, torch.nn.Linear) and not cfg.is_ignored(f"{run.dprefix}layers.{j}.{n}")}
                 widths |= {int(shape[1]) for shape in run.experts.values()}
                 plan = cfg.plan_group_sizes(widths, uniform=uniform_groups)
-                for i in range(len(run.layers)):
-                    _quantize_layer(run, i, plan, acts, kwargs_list, writer)
+                first = saved.restore(acts, len(kwargs_list), say) if saved is not None else 0
+                for i in range(first, len(run.layers)):
+                    if saved is None:
+                        _quantize_layer(run, i, plan, acts, kwargs_list, writer)
+                    else:
+                        _quantize_layer(run, i, plan, acts, kwargs_list, saved.layer_writer(i))
+                        saved.finish_layer(i, acts, len(kwargs_list))
                     if progress is not None:
                         progress(i + 1, len(run.layers), f"layer {i}")
-                _write_rest(run, writer, overwrite)
+                if saved is not None:
+                    saved.replay(writer)
+                if run.share.writes:
+                    _write_rest(run, writer, overwrite)
         except BaseException:
             writer.abort()
             raise
+        distributed.barrier(run.share)
+        if saved is not None:
+            saved.remove()
         return _result(run, start)
     finally:
         torch.set_num_threads(previous)
@@ -200,6 +229,7 @@ class _Run:
     n_quantized: int = 0
     experts: dict[str, tuple[int, ...]] = field(default_factory=dict)  # expert Linear weight -> shape (quantized)
     float_modules: tuple[str, ...] = ()  # routers and gates kept in full precision (the family table's)
+    share: distributed.Share = field(default_factory=distributed.current)  # this process's calibration batches
 
     @property
     def layers(self) -> torch.nn.ModuleList:
@@ -216,19 +246,21 @@ def _open_run(model_dir: Path, out_dir: Path, cfg: QuantConfig, method: str | No
     method = check_method(cfg, method)
     algo = get_method(method)
     hf_config = load_config(model_dir)
+    ckpt = open_checkpoint(model_dir)  # tensors read one layer at a time
     if getattr(hf_config, "quantization_config", None):
-        raise SlimlmError(f"{model_dir} is already quantized; start from the float model")
+        if ckpt.fp8_block is None:
+            raise SlimlmError(f"{model_dir} is already quantized; start from the float model")
+        del hf_config.quantization_config  # DeepSeek's FP8 blocks: the reader hands out the bf16 weights
     # Read before empty_model, which overwrites config.dtype.
     store_dtype = getattr(hf_config, "dtype", None)
     store_dtype = getattr(torch, str(store_dtype).replace("torch.", "")) if store_dtype else torch.float32
-    ckpt = open_checkpoint(model_dir)  # tensors read one layer at a time
     if not ckpt.tensors:
         raise SlimlmError(f"{model_dir} holds no .safetensors weights (an HF model dir is needed)")
     ckpt.check_complete()
     skeleton = empty_model(hf_config, torch.float32).eval()
     decoder, dprefix = _decoder(skeleton)
     model_type = getattr(hf_config, "model_type", "?")
-    experts = {t.name: tuple(t.shape) for t in ckpt.tensors if EXPERT_LINEAR.match(t.name)}
+    experts = {t.name: tuple(t.shape) for t in ckpt.weight_tensors if EXPERT_LINEAR.match(t.name)}
     if experts:
         _check_experts(cfg, method, algo, model_type)
     if algo.smoothing:  # fail fast when the method has no mapping for this architecture
@@ -283,7 +315,8 @@ def _capture_inputs(run: _Run, acts: _Activations, batch_size: int) -> list[dict
 
     handle = run.layers[0].register_forward_pre_hook(grab, with_kwargs=True)
     ids = run.calibration.input_ids
-    for b0 in range(0, ids.shape[0], batch_size):
+    for b in run.share.batches(-(-ids.shape[0] // batch_size)):
+        b0 = b * batch_size
         with suppress(_Stop):
             run.decoder(input_ids=ids[b0:b0 + batch_size], use_cache=False)
     handle.remove()
@@ -306,7 +339,6 @@ def _quantize_layer(run: _Run, i: int, plan: dict, acts: _Activations, kwargs_li
     else:
         _materialize(layer, prefix, run.ckpt, torch.float32)
     linears = {n: m for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
-    linears.update(_expert_linears(run, prefix))
     floats = [n for n in run.float_modules if f"{prefix}{n}.weight" in run.ckpt]
     quant_names = [n for n in linears if not cfg.is_ignored(prefix + n) and n not in floats]
     run.ignored += [prefix + n for n in linears if n not in quant_names] + [prefix + n for n in floats]
@@ -322,6 +354,7 @@ def _quantize_layer(run: _Run, i: int, plan: dict, acts: _Activations, kwargs_li
         with StatsCollector({n: linears[n] for n in quant_names}, need_gram=run.algo.gram) as col:
             _run_layer(layer, acts, kwargs_list, len(kwargs_list), None)
         stats = col.stats
+        distributed.reduce_stats(stats, run.share)
     report["stats_s"] = round(time.perf_counter() - t0, 3)
     clips = None
     if run.algo.smoothing:
@@ -335,6 +368,8 @@ def _quantize_layer(run: _Run, i: int, plan: dict, acts: _Activations, kwargs_li
     run_next = run.calibration is not None and i + 1 < len(run.layers)
     tensors, hooks = _layer_tensors(run, layer, prefix, linears, quant_names, qws, stats, run_next)
     writer.add(tensors)
+    del tensors, qws
+    _write_experts(run, prefix, plan, writer)
     if run_next:
         t1 = time.perf_counter()
         acts.stage = f"leaving layer {i}"
@@ -377,8 +412,10 @@ def _layer_tensors(run: _Run, layer: torch.nn.Module, prefix: str, linears: dict
             continue
         if p.is_meta:  # fused experts: the checkpoint's per-expert tensors are written below
             continue
-        tensors[prefix + pname] = p.detach().to(torch_dtype(run.ckpt.tensor(prefix + pname)))
-    for key in [t.name for t in run.ckpt.tensors if t.name.startswith(prefix)]:
+        tensors[prefix + pname] = p.detach().to(run.ckpt.torch_dtype(prefix + pname))
+    for key in [t.name for t in run.ckpt.weight_tensors if t.name.startswith(prefix)]:
+        if key in run.experts:  # written one by one (_write_experts)
+            continue
         if key not in tensors and not any(key.startswith(prefix + n + ".") for n in quant_names):
             tensors[key] = run.ckpt.load_torch(key)
     return tensors, hooks
@@ -393,25 +430,148 @@ def _materialize_stored(module: torch.nn.Module, prefix: str, ckpt: Checkpoint) 
     module.load_state_dict(state, strict=False, assign=True)
 
 
-def _expert_linears(run: _Run, prefix: str) -> dict[str, torch.nn.Linear]:
+def _write_experts(run: _Run, prefix: str, plan: dict, writer: ShardWriter) -> None:
     """The layer's routed experts as the checkpoint stores them, one Linear per expert projection (named as in the
-    checkpoint, e.g. ``mlp.experts.3.down_proj``), to round and write like any other Linear."""
-    out = {}
+    checkpoint, e.g. ``mlp.experts.3.down_proj``), each loaded, rounded and handed to the writer before the next
+    loads: a DeepSeek-V3 layer's 768 expert matrices are 45 GB in float32, one is 59 MB. Experts take RTN only
+    (``_check_experts``), so nothing else needs them together."""
+    cfg = run.cfg
     for key in run.experts:
         m = EXPERT_LINEAR.match(key)
         if m["layer"] != prefix:
             continue
+        n = m["name"]
+        if cfg.is_ignored(prefix + n):
+            run.ignored.append(prefix + n)
+            writer.add({key: run.ckpt.load_torch(key)})
+            continue
         weight = run.ckpt.load_torch(key).float()
+        gs, why = plan[weight.shape[1]]
+        spec = QuantSpec(cfg.weight_bits, gs, cfg.symmetric)
+        run.group_choices.setdefault(n, GroupChoice(n, weight.shape[1], gs, why))
         lin = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
         lin.weight = torch.nn.Parameter(weight, requires_grad=False)
-        out[m["name"]] = lin
-    return out
+        qw = run.algo.round({n: lin}, [n], None, {n: spec}, run.actorder, None)[n]
+        writer.add(compress_linear(prefix + n, qw, cfg.format, run.store_dtype))
+        run.spec_groups.setdefault((qw.spec.bits, qw.spec.group_size, qw.spec.symmetric), set()).add(n)
+        run.n_quantized += 1
+
+
+def _request(run: _Run, calib, samples, seq_len, batch_size, strength, uniform) -> dict:
+    """What must be equal for a saved run to be continued: the request and the source's tensor table."""
+    ids = run.calibration.input_ids if run.calibration is not None else None
+    return {"scheme": asdict(run.cfg) if hasattr(run.cfg, "__dataclass_fields__") else str(run.cfg),
+            "method": run.method, "samples": samples, "seq_len": seq_len, "batch_size": batch_size,
+            "strength": strength, "uniform": uniform, "actorder": run.actorder,
+            "calibration": None if ids is None else hashlib.sha256(ids.numpy().tobytes()).hexdigest(),
+            "tensors": hashlib.sha256(json.dumps([[t.name, list(t.shape), t.dtype, t.nbytes]
+                                                  for t in run.ckpt.tensors]).encode()).hexdigest()}
+
+
+class _LayerFile:
+    """A writer that keeps each of one layer's ``add`` calls in its own file (``layer-00007.000002.safetensors``),
+    so ``groups`` hands the tensors back in the same calls and order (the shard writer flushes between calls)."""
+
+    def __init__(self, folder: Path, layer: int):
+        self.folder, self.layer, self.calls = folder, layer, 0
+        for stale in self.files(folder, layer):  # a layer a killed run had begun
+            stale.unlink()
+
+    @staticmethod
+    def files(folder: Path, layer: int) -> list[Path]:
+        return sorted(folder.glob(f"layer-{layer:05d}.*.safetensors"))
+
+    def add(self, tensors: dict[str, torch.Tensor]) -> None:
+        _save_replacing({k: t.detach().contiguous().cpu() for k, t in tensors.items()},
+                        self.folder / f"layer-{self.layer:05d}.{self.calls:06d}.safetensors")
+        self.calls += 1
+
+    @classmethod
+    def groups(cls, folder: Path, layer: int) -> Iterator[dict[str, torch.Tensor]]:
+        from safetensors import safe_open
+
+        for path in cls.files(folder, layer):
+            with safe_open(str(path), "pt") as f:
+                yield {name: f.get_tensor(name) for name in json.loads(f.metadata()["order"])}
+
+
+class Progress:
+    """A resumable run's saved layers, in ``OUTPUT.partial/``: each finished layer's tensors
+    (``layer-00007.safetensors``), the calibration activations entering the next layer (``acts.safetensors``),
+    and ``state.json`` (the request, the last finished layer, what the layers reported), each replaced by a
+    rename so a kill at any moment leaves the last whole state. The output is assembled from the layer files in
+    order, as an uninterrupted run hands them to the writer, so both write the same bytes."""
+
+    def __init__(self, run: _Run, request: dict):
+        self.run, self.request = run, json.loads(json.dumps(request, default=str))
+        self.dir = Path(f"{run.out_dir}.partial")
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    def _state(self) -> dict | None:
+        path = self.dir / "state.json"
+        if not path.is_file():
+            return None
+        state = json.loads(path.read_text())
+        return state if state.get("request") == self.request else None
+
+    def restore(self, acts: _Activations, n_batches: int, say: Callable[[str], None] | None) -> int:
+        """The first layer still to do (0 for a fresh start); the run's records and activations restored."""
+        state = self._state()
+        if state is None:
+            for stale in self.dir.glob("*"):
+                stale.unlink()
+            return 0
+        run = self.run
+        run.ignored = state["ignored"]
+        run.n_quantized = state["n_quantized"]
+        run.layer_reports = state["layer_reports"]
+        run.group_choices = {k: GroupChoice(**v) for k, v in state["group_choices"].items()}
+        run.spec_groups = {tuple(json.loads(k)): set(v) for k, v in state["spec_groups"].items()}
+        if n_batches:
+            saved = load_file(str(self.dir / "acts.safetensors"))
+            for b in range(n_batches):
+                acts.put(b, saved[f"batch-{b}"])
+        done = state["layers_done"]
+        if say is not None:
+            say(f"resuming from {self.dir}: layers 0-{done - 1} were finished by an earlier run")
+        return done
+
+    def layer_writer(self, i: int) -> _LayerFile:
+        return _LayerFile(self.dir, i)
+
+    def finish_layer(self, i: int, acts: _Activations, n_batches: int) -> None:
+        if n_batches and i + 1 < len(self.run.layers):
+            _save_replacing({f"batch-{b}": acts.get(b).contiguous() for b in range(n_batches)},
+                            self.dir / "acts.safetensors")
+        run = self.run
+        state = {"request": self.request, "layers_done": i + 1, "ignored": run.ignored, "n_quantized": run.n_quantized,
+                 "layer_reports": run.layer_reports,
+                 "group_choices": {k: asdict(v) for k, v in run.group_choices.items()},
+                 "spec_groups": {json.dumps(list(k)): sorted(v) for k, v in run.spec_groups.items()}}
+        tmp = self.dir / "state.json.tmp"
+        tmp.write_text(json.dumps(state))
+        os.replace(tmp, self.dir / "state.json")
+
+    def replay(self, writer: ShardWriter) -> None:
+        """Every layer's tensors to the writer, layer by layer (the order and grouping of an uninterrupted run)."""
+        for i in range(len(self.run.layers)):
+            for group in _LayerFile.groups(self.dir, i):
+                writer.add(group)
+
+    def remove(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _save_replacing(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata={"order": json.dumps(list(tensors))})
+    os.replace(tmp, path)
 
 
 def _write_rest(run: _Run, writer: ShardWriter, overwrite: bool) -> None:
     """Everything outside the decoder layers (embeddings, final norm, lm_head) as stored, then config.json."""
     layer_prefix = f"{run.dprefix}layers."
-    rest = {t.name: run.ckpt.load_torch(t) for t in run.ckpt.tensors if not t.name.startswith(layer_prefix)}
+    rest = {t.name: run.ckpt.load_torch(t) for t in run.ckpt.weight_tensors if not t.name.startswith(layer_prefix)}
     run.ignored += [k.rsplit(".", 1)[0] for k in rest
                     if k.endswith(".weight") and isinstance(_module_at(run.skeleton, k.rsplit(".", 1)[0]),
                                                             torch.nn.Linear)]

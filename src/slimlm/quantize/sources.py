@@ -4,6 +4,7 @@ lists its tensors under their GGUF names and loads one at a time as float32 with
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,7 +13,7 @@ from typing import Any, Callable, Iterable
 import gguf
 import numpy as np
 
-from slimlm.checkpoint import mla, open_checkpoint
+from slimlm.checkpoint import Checkpoint, TensorInfo, mla, open_checkpoint
 from slimlm.checkpoint.gguf_file import GGUF_CONFIG_ARCHS
 from slimlm.checkpoint.gguf_file import GGUFHeader
 from slimlm.checkpoint.names import TensorNames
@@ -29,6 +30,9 @@ class SourceTensor:
     load: Callable[[], np.ndarray]
     source_type: gguf.GGMLQuantizationType = gguf.GGMLQuantizationType.F32
     hf_name: str | None = None
+    # A stacked expert tensor's slices along its first axis, each loaded alone: a writer encoding rows on their
+    # own can stream them (a DeepSeek-V3 layer's ffn_down_exps is 15 GB of float32, one expert 59 MB).
+    parts: list[Callable[[], np.ndarray]] | None = None
 
 
 @dataclass
@@ -84,10 +88,11 @@ def open_hf_dir(model_dir: Path, tensors: Iterable[HFTensor] | None = None) -> M
     names = TensorNames(spec.gguf_arch, n_layers)
     tie = bool(config.get("tie_word_embeddings", spec.drop_lm_head))
     if tensors is None:
-        for info in ckpt.tensors:
-            if info.dtype not in _HF_DTYPES:
-                raise SlimlmError(f"{info.name} is stored as {info.dtype}; GGUF export reads F32, F16 and BF16 weights")
-        tensors = [(info.name, info.shape, lambda info=info: ckpt.load_array(info)) for info in ckpt.tensors]
+        for info in ckpt.weight_tensors:
+            if info.dtype not in _HF_DTYPES and info.name not in ckpt.fp8_scales:
+                raise SlimlmError(f"{info.name} is stored as {info.dtype}; GGUF export reads F32, F16 and BF16 weights "
+                                  "and DeepSeek's FP8 blocks")
+        tensors = [(info.name, info.shape, _loader(ckpt, info)) for info in ckpt.weight_tensors]
     n_expert = int(config.get("num_local_experts") or config.get("num_experts") or config.get("n_routed_experts") or 0)
     tensors = stack_experts(tensors, n_expert)
     if spec.mla:
@@ -104,7 +109,11 @@ def open_hf_dir(model_dir: Path, tensors: Iterable[HFTensor] | None = None) -> M
         transform = to_gguf(hf_name, spec, n_head, n_head_kv)
         if name.endswith(_VECTORS) and len(shape) == 2 and shape[0] == 1:
             shape, transform = (shape[1],), lambda a, f=transform: f(a).reshape(-1)
-        out.append(SourceTensor(name, tuple(shape), lambda load=load, f=transform: f(load()), hf_name=hf_name))
+        parts = getattr(load, "parts", None)
+        if parts is not None:
+            parts = [lambda part=part, f=transform: f(part()) for part in parts]
+        out.append(SourceTensor(name, tuple(shape), lambda load=load, f=transform: f(load()), hf_name=hf_name,
+                                parts=parts))
     rope = rope_parameters(config)
     if rope.get("rope_type") == "llama3":
         factors = llama3_rope_factors(config, rope)
@@ -112,6 +121,29 @@ def open_hf_dir(model_dir: Path, tensors: Iterable[HFTensor] | None = None) -> M
     out.sort(key=lambda t: _layer_key(t.name))
     return ModelSource(gguf.MODEL_ARCH_NAMES[spec.gguf_arch], out, config, "hf", model_dir,
                        facts={"n_layers": n_layers, "n_head": n_head, "n_head_kv": n_head_kv, "n_expert": n_expert})
+
+
+ROW_CHUNK = 1 << 26  # values per slice of an embedding or output matrix (256 MB of float32)
+
+
+def _loader(ckpt: Checkpoint, info: TensorInfo) -> Callable[[], np.ndarray]:
+    """The tensor's float32 loader; the embedding and output matrices (the largest: 3.7 GB of float32 for
+    DeepSeek-V3's, two encoded at once by the GGUF writer's processes) also load by row slices (``parts``)."""
+    whole = lambda: ckpt.load_array(info)  # noqa: E731
+    if (not info.name.endswith(("embed_tokens.weight", "lm_head.weight")) or len(info.shape) != 2
+            or info.dtype not in _HF_DTYPES or info.numel <= ROW_CHUNK):
+        return whole
+    rows, cols = info.shape
+    step = max(1, ROW_CHUNK // cols)
+    width = info.nbytes // info.numel
+
+    def rows_of(r0: int) -> np.ndarray:
+        r1 = min(rows, r0 + step)
+        part = dataclasses.replace(info, shape=(r1 - r0, cols), nbytes=(r1 - r0) * cols * width,
+                                   offset=info.offset + r0 * cols * width)
+        return ckpt.load_array(part)
+
+    return StackedLoad([lambda r0=r0: rows_of(r0) for r0 in range(0, rows, step)], whole)
 
 
 _EXPERT = re.compile(r"^(?P<prefix>.*\.experts)\.(?P<e>\d+)\.(?P<proj>\w+)\.weight$")
@@ -141,9 +173,20 @@ def stack_experts(tensors: Iterable[HFTensor], n_expert: int) -> list[HFTensor]:
         shapes = {tuple(experts[e][1]) for e in experts}
         if len(shapes) != 1:
             raise SlimlmError(f"{name}: experts of different shapes {sorted(shapes)}")
-        loads = [experts[e][2] for e in range(n_expert)]
-        out[i] = (name, (n_expert, *shapes.pop()), lambda loads=loads: np.stack([f() for f in loads]))
+        out[i] = (name, (n_expert, *shapes.pop()), StackedLoad([experts[e][2] for e in range(n_expert)]))
     return out
+
+
+class StackedLoad:
+    """Loads a tensor whole (the experts' matrices stacked, by default); ``parts`` loads its slices along the
+    first axis one by one (one expert, or a band of rows)."""
+
+    def __init__(self, parts: list[Callable[[], np.ndarray]], whole: Callable[[], np.ndarray] | None = None):
+        self.parts = parts
+        self._whole = whole
+
+    def __call__(self) -> np.ndarray:
+        return self._whole() if self._whole is not None else np.stack([f() for f in self.parts])
 
 
 _FLOAT_TYPES = ("F32", "F16", "BF16")
