@@ -161,6 +161,103 @@ def render_compat(rows: list[dict], args: argparse.Namespace) -> None:
     append_section("vLLM compatibility of slimlm's outputs (bench_vllm.py compat)", body)
 
 
+def rule(args: argparse.Namespace) -> None:
+    """The seed's rule on vLLM: bf16 vs W8A8 vs W4A16, server at 1/4/16 streams and offline LLM.generate."""
+    import subprocess as sp
+
+    from slimlm.evaluate.vllm_bench import Target, offline_bench, serve_bench
+
+    targets = [Target(label, Path(path)) for label, path in (item.split("=", 1) for item in args.targets)]
+    say = lambda m: print(f"[{time.strftime('%H:%M:%S')}] {m}", flush=True)  # noqa: E731
+    before = sp.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    streams = tuple(int(c) for c in args.concurrency.split(","))
+    server = serve_bench(targets, concurrency=streams, prompt=args.prompt, gen=args.gen, runs=args.runs,
+                         requests_per_stream=args.requests_per_stream, log_dir=Path(args.log_dir), progress=say)
+    offline = offline_bench(targets, batch=max(streams), prompt=args.prompt, gen=args.gen, runs=args.runs,
+                            progress=say) if args.offline else {"rows": []}
+    after = sp.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    result = {"server": server, "offline": offline, "uptime_before": before, "uptime_after": after}
+    Path(args.json).write_text(json.dumps(result, indent=1))
+    render_rule(result, args)
+
+
+def render_rule(result: dict, args: argparse.Namespace) -> None:
+    server, offline = result["server"], result["offline"]
+    base = server["rows"][0]["label"]
+    by = {(r["label"], r["concurrency"]): r for r in server["rows"]}
+    rows = []
+    for r in server["rows"]:
+        b = by[(base, r["concurrency"])]
+        iv = r["intervals"]
+        rows.append([r["label"], r["concurrency"],
+                     f"{r['requests_per_s']:.2f} ({iv['requests_per_s'][0]:.2f}-{iv['requests_per_s'][1]:.2f})",
+                     f"{r['output_tok_s']:.1f} ({iv['output_tok_s'][0]:.1f}-{iv['output_tok_s'][1]:.1f})",
+                     f"{r['output_tok_s'] / b['output_tok_s']:.2f}x",
+                     f"{r['ttft_p50_ms']:.0f}", f"{r['ttft_p95_ms']:.0f}", f"{b['ttft_p50_ms'] / r['ttft_p50_ms']:.2f}x",
+                     f"{r['itl_p50_ms']:.1f}", f"{r['itl_p95_ms']:.1f}", f"{b['itl_p50_ms'] / r['itl_p50_ms']:.2f}x"])
+    off = []
+    obase = offline["rows"][0] if offline["rows"] else None
+    for r in offline["rows"]:
+        off.append([r["label"], r["batch"], f"{r['requests_per_s']:.2f}", f"{r['output_tok_s']:.1f}",
+                    f"{r['output_tok_s'] / obase['output_tok_s']:.2f}x", r["quantization"] or "none",
+                    "; ".join(r["kernels"]) or "unquantized (bf16)"])
+    first = server["rows"][0]
+    machine = server.get("machine") or {}
+    body = (f"vLLM CPU build, 2 cores bound to the engine (`VLLM_CPU_OMP_THREADS_BIND=0,1`, none reserved), bf16 "
+            f"activations, `enforce_eager`, one server per model all up together, rounds taking turns "
+            f"(round-robin), median of {first['runs']} rounds and its order-statistic interval; prompt "
+            f"{first['prompt']} random tokens, {first['gen']} new tokens (greedy, EOS ignored), "
+            f"{args.requests_per_stream} requests per stream per round. Speed-ups against {base} in the same run: "
+            f"output tok/s ratio (higher = faster), TTFT and ITL as {base}'s time / this time (higher = faster). "
+            f"uptime before: `{result['uptime_before']}`; after: `{result['uptime_after']}`; machine watch: "
+            f"{'busy: ' + '; '.join(machine.get('reasons', [])) if machine.get('busy') else 'not busy'}.\n\n"
+            + markdown_table(["model", "streams", "req/s", "output tok/s", "tok/s vs base", "TTFT p50 ms",
+                              "TTFT p95 ms", "TTFT speed-up", "ITL p50 ms", "ITL p95 ms", "ITL speed-up"], rows))
+    if off:
+        body += ("\n\nOffline `LLM.generate` of the same prompts in one call (one model after another, median "
+                 f"of {first['runs']} calls after a warm-up):\n\n"
+                 + markdown_table(["model", "prompts", "req/s", "output tok/s", "vs base", "quant method",
+                                   "kernels (vLLM log)"], off))
+    append_section(f"The seed's rule on vLLM (CPU): {', '.join(r['label'] for r in offline['rows']) or base} "
+                   "(bench_vllm.py rule)", body)
+
+
+def tensor_parallel(args: argparse.Namespace) -> None:
+    """Greedy tokens with tensor_parallel_size 1 and 2 on CPU (two worker processes, one core each)."""
+    from transformers import AutoTokenizer
+
+    rows = []
+    for item in args.outputs:
+        path = Path(item)
+        ids = AutoTokenizer.from_pretrained(path)(PROMPT)["input_ids"]
+        row: dict = {"output": f"{path.parent.name}/{path.name}"}
+        for tp in (1, 2):
+            print(f"== {row['output']} TP {tp}", flush=True)
+            try:
+                answer = vllm_engine.greedy_tokens(path, [ids], GEN, tensor_parallel_size=tp,
+                                                   max_model_len=CTX + 64)
+                row[f"tp{tp}"] = {"tokens": answer["tokens"][0], "kernels": answer["kernels"],
+                                  "seconds": answer["load_s"]}
+            except SlimlmError as exc:
+                row[f"tp{tp}"] = {"refusal": str(exc).split(": ", 1)[-1]}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    Path(args.json).write_text(json.dumps(rows, indent=1))
+    table = []
+    for r in rows:
+        one, two = r["tp1"], r["tp2"]
+        if "refusal" in two or "refusal" in one:
+            table.append([r["output"], "yes" if "tokens" in one else f"no: {one.get('refusal')}",
+                          "yes" if "tokens" in two else f"no: {two.get('refusal')}", "-"])
+        else:
+            table.append([r["output"], "yes", "yes", f"{leading_equal(one['tokens'], two['tokens'])}/{GEN}"])
+    append_section("vLLM tensor parallelism 2 on CPU (bench_vllm.py tp)",
+                   "vLLM CPU backend, `tensor_parallel_size=2`: two worker processes bound one core each "
+                   "(`VLLM_CPU_OMP_THREADS_BIND=0|1`, gloo), bf16, `enforce_eager`; greedy tokens of TP 2 against "
+                   f"TP 1 for the prompt \"{PROMPT}\", {GEN} new tokens (leading tokens equal).\n\n"
+                   + markdown_table(["output", "TP 1 loads", "TP 2 loads", "TP 2 tokens = TP 1"], table))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -169,6 +266,19 @@ def main() -> None:
     c.add_argument("--base", default=None, help="fp HF dir of the model (default: the built-in SmolLM2)")
     c.add_argument("--chunks", type=int, default=4)
     c.add_argument("--json", default="vllm_compat.json")
+    u = sub.add_parser("rule")
+    u.add_argument("targets", nargs="+", help="LABEL=PATH, the first is the baseline (bf16)")
+    u.add_argument("--concurrency", default="1,4,16")
+    u.add_argument("--prompt", type=int, default=128)
+    u.add_argument("--gen", type=int, default=64)
+    u.add_argument("--runs", type=int, default=5)
+    u.add_argument("--requests-per-stream", type=int, default=2)
+    u.add_argument("--no-offline", dest="offline", action="store_false")
+    u.add_argument("--log-dir", default="/tmp")
+    u.add_argument("--json", default="vllm_rule.json")
+    t = sub.add_parser("tp")
+    t.add_argument("outputs", nargs="+")
+    t.add_argument("--json", default="vllm_tp.json")
     r = sub.add_parser("render")
     r.add_argument("json")
     r.add_argument("--chunks", type=int, default=4)
@@ -179,6 +289,10 @@ def main() -> None:
         os.environ[vllm_engine.ENV_VAR] = venv
     if args.cmd == "compat":
         compat(args)
+    elif args.cmd == "rule":
+        rule(args)
+    elif args.cmd == "tp":
+        tensor_parallel(args)
     else:
         render_compat(json.loads(Path(args.json).read_text()), args)
 
