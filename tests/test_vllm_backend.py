@@ -150,3 +150,23 @@ def test_vllm_serves_slimlm_output_with_slimlms_greedy_tokens(scheme: str, smoll
     theirs = answer["tokens"][0]
     same = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), len(ours))
     assert same >= 8, (ours, theirs)  # bf16 vs slimlm's kernels: the first tokens agree exactly
+
+
+def test_recommend_measures_on_the_engine_asked_for(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from slimlm.recommend import engine_variants, engine_version
+
+    assert {v.backend for v in engine_variants("llama.cpp", True)} == {"llama.cpp"}
+    assert {v.kind for v in engine_variants("llama.cpp", True)} == {"gguf"}
+    with pytest.raises(SlimlmError, match=r"slimlm\[llama\]"):
+        engine_variants("llama.cpp", False)
+    assert {v.backend for v in engine_variants("slimlm", True)} >= {"torch-fp32", "native", "gguf"}
+    with pytest.raises(SlimlmError, match="unknown engine 'tgi'"):
+        engine_variants("tgi", True)
+    monkeypatch.setenv(vllm_engine.ENV_VAR, sys.executable)
+    on_vllm = engine_variants("vllm", False)
+    assert [v.name for v in on_vllm] == ["BF16", "W8A8 SmoothQuant", "W4A16 AWQ"]
+    assert {v.backend for v in on_vllm} == {"vllm"}
+    assert engine_version("slimlm").startswith("slimlm ")
+    monkeypatch.setenv(vllm_engine.ENV_VAR, str(tmp_path / "missing"))
+    with pytest.raises(SlimlmError, match="is not a file"):
+        engine_variants("vllm", False)

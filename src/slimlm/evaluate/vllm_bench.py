@@ -88,6 +88,20 @@ class Server:
     def kernels(self) -> list[str]:
         return vllm_engine.kernels_from_log(self.log_path.read_text(errors="replace"))
 
+    def peak_rss_mb(self) -> float:
+        """Sum of the high-water resident memory (VmHWM) of the server's processes (its own session)."""
+        total = 0
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+                if int(fields[3]) != self.proc.pid:  # field 6 of /proc/PID/stat: the session id
+                    continue
+                status = (stat.parent / "status").read_text()
+            except (OSError, IndexError, ValueError):
+                continue
+            total += sum(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:"))
+        return total / 1024
+
     def close(self) -> None:
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, 15)  # its own session: the API server and its engine process
@@ -230,10 +244,10 @@ def serve_bench(targets: list[Target], *, concurrency: tuple[int, ...] = (1, 4, 
                         say(f"round {r + 1}/{runs}: {s.target.label}, {c} streams")
                         samples.setdefault((i, c), []).append(load_round(s.port, prompts[i], c, gen))
         for i, s in enumerate(servers):
-            kernels = s.kernels()
+            kernels, rss = s.kernels(), s.peak_rss_mb()
             for c in concurrency:
                 rows.append({"label": s.target.label, "model": str(s.target.path), "dtype": s.target.dtype,
-                             "concurrency": c, "requests": c * requests_per_stream, "prompt": prompt, "gen": gen,
+                             "peak_rss_mb": rss, "concurrency": c, "requests": c * requests_per_stream, "prompt": prompt, "gen": gen,
                              "runs": runs, "kernels": kernels, **summarize(samples[(i, c)])})
     return {"engine": "vllm", "mode": "server", "order": "round-robin", "rows": rows, "tensor_parallel_size": tp,
             "machine": watch.load.to_dict()}

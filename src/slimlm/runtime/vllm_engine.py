@@ -57,6 +57,15 @@ def available() -> bool:
     return True
 
 
+def version(python: str | None = None) -> str:
+    """vLLM's version as the python that runs it reports it."""
+    proc = subprocess.run([python or vllm_python(), "-c", "import vllm; print(vllm.__version__)"],
+                          capture_output=True, text=True, timeout=300)
+    if proc.returncode != 0:
+        raise SlimlmError(f"vLLM does not import: {refusal_from_log(proc.stderr) or proc.stderr.strip()[-300:]}")
+    return proc.stdout.strip().splitlines()[-1]
+
+
 def kernels_from_log(log: str) -> list[str]:
     """'KERNEL for LAYER TYPE' for each choice vLLM logged, in order, once each."""
     seen: dict[str, None] = {}
@@ -113,5 +122,5 @@ def prompt_logprobs(model: str | Path, prompts: list[list[int]], **engine: Any) 
     return {**{k: v for k, v in answer.items() if k != "results"}, **answer["results"][0]}
 
 
-__all__ = ["DRIVER", "ENV_VAR", "HOW_TO_GET", "available", "greedy_tokens", "kernels_from_log", "prompt_logprobs",
+__all__ = ["DRIVER", "ENV_VAR", "HOW_TO_GET", "available", "version", "greedy_tokens", "kernels_from_log", "prompt_logprobs",
            "refusal_from_log", "run", "vllm_python"]
