@@ -57,9 +57,13 @@ def slimlm_greedy(path: Path, ids: list[int]) -> tuple[list[int], str]:
 
 def transformers_greedy(path: Path, ids: list[int]) -> list[int]:
     """transformers (+ compressed-tensors decompressing on load) on the same dir."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    config = json.loads((path / "config.json").read_text()).get("quantization_config") or {}
+    # pack-quantized (W4A16) loads only decompressed; int-quantized (W8A8) keeps its activation fake-quant
+    kw = {"quantization_config": CompressedTensorsConfig(dequantize=True)} if config.get("format") == "pack-quantized" \
+        else {}
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kw).eval()
     with torch.inference_mode():
         out = model.generate(torch.tensor([ids]), max_new_tokens=GEN, min_new_tokens=GEN, do_sample=False)
     return out[0, len(ids):].tolist()
@@ -91,13 +95,16 @@ def compat_row(name: str, path: Path, tokenizer_dir: Path, prompt_ids: list[int]
                vllm_tokens=answer["results"][0]["tokens"][0], vllm_text=answer["results"][0]["texts"][0])
     if windows:
         row["vllm_ppl"] = scored_ppl(answer["results"][1]["logprobs"])
-    if with_torch:
+    if with_torch:  # the other engines' failures are their own cells, never the vLLM row's
         try:
             row["slimlm_tokens"], row["slimlm_kernel"] = slimlm_greedy(path, prompt_ids)
-        except SlimlmError as exc:
-            row["slimlm_error"] = str(exc)
+        except Exception as exc:
+            row["slimlm_error"] = f"{type(exc).__name__}: {exc}"
         if path.is_dir():
-            row["hf_tokens"] = transformers_greedy(path, prompt_ids)
+            try:
+                row["hf_tokens"] = transformers_greedy(path, prompt_ids)
+            except Exception as exc:
+                row["hf_error"] = f"{type(exc).__name__}: {exc}"
     return row
 
 
@@ -143,7 +150,12 @@ def render_compat(rows: list[dict], args: argparse.Namespace) -> None:
         if not r["loads"]:
             table.append([r["output"], "no", "-", "-", "-", "-", f"refused: {r['refusal']}"])
             continue
-        eq = lambda key: f"{leading_equal(r['vllm_tokens'], r[key])}/{GEN}" if key in r else "n/a"  # noqa: E731
+        def eq(key: str) -> str:
+            if key in r:
+                return f"{leading_equal(r['vllm_tokens'], r[key])}/{GEN}"
+            error = r.get({"slimlm_tokens": "slimlm_error", "hf_tokens": "hf_error"}[key])
+            return f"failed: {error[:80]}" if error else "n/a"
+
         ppl = f"{r['vllm_ppl'][0]:.3f} ± {r['vllm_ppl'][1]:.3f}" if "vllm_ppl" in r else "n/a"
         table.append([r["output"], "yes", r["quantization"] or "none (bf16)",
                       "; ".join(r["kernels"]) or "unquantized linear (torch/oneDNN bf16)", eq("slimlm_tokens"),
@@ -279,8 +291,9 @@ def main() -> None:
     t = sub.add_parser("tp")
     t.add_argument("outputs", nargs="+")
     t.add_argument("--json", default="vllm_tp.json")
-    r = sub.add_parser("render")
-    r.add_argument("json")
+    r = sub.add_parser("render", help="append the compat table of saved JSON files (a later row of the same output "
+                                      "replaces an earlier one)")
+    r.add_argument("json", nargs="+")
     r.add_argument("--chunks", type=int, default=4)
     args = ap.parse_args()
     if not vllm_engine.available():  # the benchmark installs vLLM in its own venv when needed
@@ -294,7 +307,10 @@ def main() -> None:
     elif args.cmd == "tp":
         tensor_parallel(args)
     else:
-        render_compat(json.loads(Path(args.json).read_text()), args)
+        merged: dict[str, dict] = {}
+        for path in args.json:
+            merged.update({row["output"]: row for row in json.loads(Path(path).read_text())})
+        render_compat(list(merged.values()), args)
 
 
 if __name__ == "__main__":
