@@ -170,3 +170,12 @@ def test_recommend_measures_on_the_engine_asked_for(monkeypatch: pytest.MonkeyPa
     monkeypatch.setenv(vllm_engine.ENV_VAR, str(tmp_path / "missing"))
     with pytest.raises(SlimlmError, match="is not a file"):
         engine_variants("vllm", False)
+
+
+def test_server_processes_count_as_our_own_work_in_the_machine_watch() -> None:
+    from slimlm.evaluate.noise import MachineWatch
+
+    spent = iter([0.0, 5.0])  # our helper processes used 5 CPU seconds during the watch
+    with MachineWatch(helpers_cpu=lambda: next(spent)) as watch:
+        pass
+    assert watch.load.own_cpu_s >= 5.0

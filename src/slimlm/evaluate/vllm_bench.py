@@ -88,19 +88,29 @@ class Server:
     def kernels(self) -> list[str]:
         return vllm_engine.kernels_from_log(self.log_path.read_text(errors="replace"))
 
-    def peak_rss_mb(self) -> float:
-        """Sum of the high-water resident memory (VmHWM) of the server's processes (its own session)."""
-        total = 0
+    def _processes(self) -> Iterator[tuple[Path, list[str]]]:
+        """(/proc/PID, its stat fields after the name) of each process in the server's own session."""
         for stat in Path("/proc").glob("[0-9]*/stat"):
             try:
                 fields = stat.read_text().rsplit(")", 1)[1].split()
-                if int(fields[3]) != self.proc.pid:  # field 6 of /proc/PID/stat: the session id
-                    continue
-                status = (stat.parent / "status").read_text()
+                if int(fields[3]) == self.proc.pid:  # field 6 of /proc/PID/stat: the session id
+                    yield stat.parent, fields
             except (OSError, IndexError, ValueError):
                 continue
-            total += sum(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:"))
+
+    def peak_rss_mb(self) -> float:
+        """Sum of the high-water resident memory (VmHWM) of the server's processes."""
+        total = 0
+        for proc_dir, _fields in self._processes():
+            with contextlib.suppress(OSError):
+                status = (proc_dir / "status").read_text()
+                total += sum(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:"))
         return total / 1024
+
+    def cpu_seconds(self) -> float:
+        """CPU time (user + system) the server's processes have used so far."""
+        ticks = sum(int(f[11]) + int(f[12]) for _d, f in self._processes())  # utime, stime: fields 14, 15
+        return ticks / os.sysconf("SC_CLK_TCK")
 
     def close(self) -> None:
         if self.proc.poll() is None:
@@ -224,7 +234,7 @@ def serve_bench(targets: list[Target], *, concurrency: tuple[int, ...] = (1, 4, 
     log_dir = Path(log_dir or os.environ.get("TMPDIR", "/tmp"))
     servers: list[Server] = []
     rows: list[dict[str, Any]] = []
-    watch = MachineWatch()
+    watch = MachineWatch(helpers_cpu=lambda: sum(s.cpu_seconds() for s in servers))  # the servers work for us
     with contextlib.ExitStack() as stack:
         for t in targets:
             say(f"starting vLLM server: {t.label}")
