@@ -179,3 +179,11 @@ def test_server_processes_count_as_our_own_work_in_the_machine_watch() -> None:
     with MachineWatch(helpers_cpu=lambda: next(spent)) as watch:
         pass
     assert watch.load.own_cpu_s >= 5.0
+
+
+def test_driver_errors_come_back_as_one_line() -> None:
+    err = ValueError("1 validation error for VllmConfig\n  Value error, Total number of attention heads (9) must be "
+                     "divisible by tensor parallel size (2). [type=value_error, input_value=...]\n    For more")
+    assert vllm_driver.one_line(err) == ("ValueError: Total number of attention heads (9) must be divisible by "
+                                         "tensor parallel size (2).")
+    assert vllm_driver.one_line(RuntimeError("boom")) == "RuntimeError: boom"

@@ -87,6 +87,13 @@ def _throughput(llm, sp_cls, task: dict) -> dict:
     return {"seconds": seconds, "output_tokens": tokens, "requests": len(prompts)}
 
 
+def one_line(exc: BaseException) -> str:
+    """An exception as one line: pydantic's multi-line validation errors keep their 'Value error, ...' line."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    pick = next((ln for ln in lines if ln.startswith("Value error,")), lines[0] if lines else "")
+    return f"{type(exc).__name__}: {pick.removeprefix('Value error, ').split(' [type=')[0]}".strip()
+
+
 OPS = {"generate": _generate, "prompt_logprobs": _prompt_logprobs, "throughput": _throughput}
 
 
@@ -112,7 +119,7 @@ def main(argv: list[str]) -> int:
             for task in req.get("tasks", []):
                 out["results"].append(OPS[task["op"]](llm, SamplingParams, task))
         except Exception as exc:  # vLLM's own words go back to the caller, which shows them to the user
-            out = {"error": f"{type(exc).__name__}: {exc}".strip()}
+            out = {"error": one_line(exc)}
     with open(argv[2], "w") as f:
         json.dump(out, f)
     return 3 if "error" in out else 0
