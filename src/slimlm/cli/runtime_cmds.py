@@ -75,6 +75,7 @@ def _generate_vllm(model: str, prompt: str, max_new_tokens: int, json_out: bool)
     from slimlm.models.loader import load_tokenizer
     from slimlm.runtime.session import resolve_model_path
 
+    api.vllm_engine.vllm_python()  # say how to get vLLM before anything loads
     path = resolve_model_path(model)
     if not path.is_dir():
         raise SlimlmError("--backend vllm here runs HF / compressed-tensors dirs (vLLM's GGUF path needs its "
