@@ -30,6 +30,13 @@ from slimlm.writers.hf_dir import write_hf_dir as convert  # noqa: E402,F401
 from slimlm.evaluate import BACKENDS as BENCH_BACKENDS, bench, evaluate  # noqa: E402,F401
 from slimlm.models import LoadedModel, ModelInfo, load_model  # noqa: E402,F401
 
+# --- vLLM as an engine, out of process in its own venv (runtime.vllm_engine, evaluate.vllm_bench / vllm_eval) ---
+from slimlm.evaluate.vllm_bench import (  # noqa: E402,F401
+    Target as VllmTarget, offline_bench as vllm_offline_bench, serve_bench as vllm_serve_bench,
+)
+from slimlm.evaluate.vllm_eval import evaluate_vllm  # noqa: E402,F401
+from slimlm.runtime import vllm_engine  # noqa: E402,F401
+
 # --- quantized runtime: the one quantize_ verb (reference="file": fake-quant), quantized files, generation ---
 from slimlm import runtime  # noqa: E402,F401
 from slimlm.runtime import (  # noqa: E402,F401

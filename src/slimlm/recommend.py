@@ -13,12 +13,12 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
 from slimlm.errors import SlimlmError
-from slimlm.evaluate.noise import BUSY_NOTE, overlaps
+from slimlm.evaluate.noise import BUSY_NOTE, SPREAD_LIMIT, overlaps, spread
 from slimlm.inspect.fit import format_bytes, parse_memory
 from slimlm.writers.atomic import Claim, atomic_path
 
@@ -59,6 +59,44 @@ def default_variants(llama_cpp: bool) -> list[Variant]:
         Variant("Q3_K_M", "gguf", "Q3_K_M", "Q3_K_M", backend=gguf_engine),
         Variant("Q2_K", "gguf", "Q2_K", "Q2_K", backend=gguf_engine),
     ]
+
+
+ENGINES = ("slimlm", "llama.cpp", "vllm")
+
+
+def engine_variants(engine: str | None, llama_cpp: bool) -> list[Variant]:
+    """The candidates measured on ``engine``: None mixes engines (GGUF on llama.cpp when installed, the rest on
+    slimlm's runtime); slimlm runs every variant on its own runtime; llama.cpp runs the GGUF mixes; vllm runs
+    BF16, W8A8 and W4A16 (the compressed-tensors it serves)."""
+    if engine is None:
+        return default_variants(llama_cpp)
+    if engine not in ENGINES:
+        raise SlimlmError(f"unknown engine {engine!r}; choose one of: {', '.join(ENGINES)}")
+    if engine == "slimlm":
+        return default_variants(False)
+    if engine == "llama.cpp":
+        if not llama_cpp:
+            raise SlimlmError("--engine llama.cpp needs llama-cpp-python: pip install 'slimlm[llama]'")
+        return [v for v in default_variants(True) if v.backend == "llama.cpp"]
+    from slimlm.runtime.vllm_engine import vllm_python
+
+    vllm_python()  # says how to get vLLM before anything is made
+    return [replace(v, backend="vllm") for v in default_variants(False) if v.kind in ("bf16", "compressed-tensors")]
+
+
+def engine_version(engine: str | None, llama_cpp: bool = False) -> str:
+    """What the report names: the engine and its version."""
+    import slimlm
+
+    if engine == "vllm":
+        from slimlm.runtime.vllm_engine import version
+
+        return f"vLLM {version()}"
+    if engine == "llama.cpp":
+        import importlib.metadata
+
+        return f"llama.cpp (llama-cpp-python {importlib.metadata.version('llama-cpp-python')})"
+    return f"slimlm {slimlm.__version__}" + (" + llama.cpp for GGUF" if engine is None and llama_cpp else "")
 
 
 @dataclass
@@ -103,6 +141,7 @@ class Recommendation:
     memory: list[dict[str, Any]] = field(default_factory=list)
     settings: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
+    engine: str = ""  # the engine the speed figures come from, with its version
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -204,11 +243,40 @@ SPEED_FIGURES = ("prefill_tok_s", "decode_tok_s", "ttft_ms", "itl_p50_ms", "itl_
                  "interval_coverage", "spread", "unstable")
 
 
-def _speed(todo: list[tuple[Variant, Path]], settings: Settings, steps: Steps | None) -> dict[str, dict[str, Any]]:
+def _speed_vllm(todo: list[tuple[Variant, Path]], settings: Settings, say: Progress) -> dict[str, dict[str, Any]]:
+    """The variants on vLLM's server, round-robin, ``settings.batch`` concurrent streams. Throughput there is
+    requests served under load: ``prefill_tok_s`` is prompt tokens served per second (prompt x requests/s),
+    ``decode_tok_s`` output tokens per second, both over all streams; ``ttft_ms`` and ITL are per request."""
+    from slimlm.evaluate.vllm_bench import Target, serve_bench
+
+    started = time.perf_counter()
+    session = serve_bench([Target(v.name, path) for v, path in todo], concurrency=(settings.batch,),
+                          prompt=settings.prompt, gen=settings.gen, runs=settings.runs, progress=say)
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
+    out = {}
+    for r in session["rows"]:
+        iv = r["intervals"]
+        figures = {"prefill_tok_s": settings.prompt * r["requests_per_s"], "decode_tok_s": r["output_tok_s"],
+                   "ttft_ms": r["ttft_p50_ms"], "itl_p50_ms": r["itl_p50_ms"], "itl_p95_ms": r["itl_p95_ms"],
+                   "peak_rss_mb": r["peak_rss_mb"], "interval_coverage": r["interval_coverage"],
+                   "intervals": {"prefill_tok_s": [settings.prompt * x for x in iv["requests_per_s"]],
+                                 "decode_tok_s": iv["output_tok_s"], "ttft_ms": iv["ttft_p50_ms"],
+                                 "itl_p50_ms": iv["itl_p50_ms"], "itl_p95_ms": iv["itl_p95_ms"]}}
+        widest = max(spread(*figures["intervals"][k], figures[k]) for k in ("prefill_tok_s", "decode_tok_s"))
+        out[r["label"]] = {**figures, "spread": widest, "unstable": widest > SPREAD_LIMIT, "engine": "vllm",
+                           "speed_session": {"at": stamp, "candidates": len(todo),
+                                             "seconds": time.perf_counter() - started, "machine": session["machine"]}}
+    return out
+
+
+def _speed(todo: list[tuple[Variant, Path]], settings: Settings, steps: Steps | None,
+           say: Progress | None = None) -> dict[str, dict[str, Any]]:
     """Time the variants together, round-robin, in one session; name -> its figures and the session's machine
     load. A variant whose engine cannot load it is left out (the caller lists it as skipped)."""
     from slimlm.evaluate.bench import Candidate, measure
 
+    if todo and all(v.backend == "vllm" for v, _ in todo):
+        return _speed_vllm(todo, settings, say or (lambda _m: None))
     started = time.perf_counter()
     session = measure([Candidate(v.name, path, v.backend) for v, path in todo], prompt=settings.prompt,
                       gen=settings.gen, batches=(settings.batch,), threads=settings.threads, runs=settings.runs,
@@ -356,7 +424,7 @@ def recommend(model: str | Path, *, memory: str | int, goal: str = "throughput",
               batch: int = 1, budget_minutes: float | None = None, calib: str | Path | None = None,
               data: str | Path | None = None, students: list[str | Path] = (), variants: list[Variant] | None = None,
               max_kld: float = 0.1, chunks: int = 4, calib_samples: int = 16, prompt: int = 128, gen: int = 32, runs: int = 6,
-              threads: int | None = None, cache_dir: str | Path | None = None,
+              threads: int | None = None, cache_dir: str | Path | None = None, engine: str | None = None,
               progress: Progress | None = None, steps: Steps | None = None) -> Recommendation:
     """Measure the variants of ``model`` that fit ``memory`` and pick the one that best serves ``goal``."""
     from slimlm import resources
@@ -382,7 +450,7 @@ def recommend(model: str | Path, *, memory: str | int, goal: str = "throughput",
     fingerprint = model_fingerprint(model)
     cache = ResultCache(Path(cache_dir) if cache_dir else resources.cache_dir(), fingerprint)
     llama_cpp = not os.environ.get("SLIMLM_NO_LLAMA_CPP") and _llama_cpp_available()
-    candidates = list(variants or default_variants(llama_cpp))
+    candidates = list(variants or engine_variants(engine, llama_cpp))
     for s in students:
         candidates.append(Variant(f"student {Path(s).name}", "student", None, backend="torch-fp32", path=str(s)))
 
@@ -449,7 +517,7 @@ def recommend(model: str | Path, *, memory: str | int, goal: str = "throughput",
     elif todo:
         say(f"timing {len(todo)} variants together, round-robin: {settings.runs} rounds of prompt {settings.prompt} "
             f"+ {settings.gen} new tokens")
-        timed = _speed([(v, _make(v, model, cache, settings)[0]) for v, _ in todo], settings, steps)
+        timed = _speed([(v, _make(v, model, cache, settings)[0]) for v, _ in todo], settings, steps, say)
         for v, row in todo:
             figures = timed.get(v.name) or {"error": "not timed"}
             if "error" in figures:
@@ -479,4 +547,4 @@ def recommend(model: str | Path, *, memory: str | int, goal: str = "throughput",
         + [{"name": r["name"], "kld_mean": r["kld_mean"], "reason": f"KLD absurd (over {ABSURD_KLD} nats): "
             "a broken file, flagged and never chosen"} for r in rows if absurd(r)],
         skipped=skipped, reference=reference, memory=memory_rows, settings=asdict(settings),
-        seconds=time.perf_counter() - started)
+        seconds=time.perf_counter() - started, engine=engine_version(engine, llama_cpp))

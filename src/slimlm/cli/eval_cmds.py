@@ -7,8 +7,8 @@ from typing import Optional
 
 import typer
 
-from slimlm.cli.app import (JSON_OPTION, app, columns_table, console, fitted_table, left_out_note, print_json,
-                            progress_task)
+from slimlm.cli.app import (JSON_OPTION, app, columns_table, console, err_console, fitted_table, left_out_note,
+                            print_json, progress_task)
 from slimlm.evaluate.noise import BUSY_NOTE
 
 
@@ -35,16 +35,28 @@ def eval_cmd(
                                   "exactly; llama.cpp: also round each matmul input as llama.cpp's CPU kernels do "
                                   "(Q8_K / Q8_0 / f16 by weight type) and attention's operands as its f16 KV "
                                   "cache does, to compare with llama.cpp's numbers."),
+    backend: str = typer.Option("torch", "--backend", help="torch (slimlm's own forward) or vllm (vLLM's "
+                                "prompt log-probs, bf16; perplexity only; see `slimlm bench --backend vllm`)."),
     json_out: bool = JSON_OPTION,
 ) -> None:
     """Perplexity ± standard error with llama.cpp's protocol; with --ref, KL divergence and top-1 agreement."""
     from slimlm import api
+    from slimlm.errors import SlimlmError
 
-    with progress_task("evaluating windows", disable=json_out) as update:
-        report = api.evaluate(model, data, ref=ref, ctx=ctx, chunks=chunks, batch_size=batch_size, dtype=dtype,
-                              save_ref=save_ref, ref_top_k=ref_top_k, tokenizer=tokenizer, text_field=text_field,
-                              overwrite=overwrite, act_quant=act_quant,
-                              progress=lambda done, total: update(completed=done, total=total))
+    if backend not in ("torch", "vllm"):
+        raise SlimlmError(f"--backend must be torch or vllm, not {backend!r}")
+    if backend == "vllm":
+        if ref is not None or save_ref is not None or act_quant != "none":
+            raise SlimlmError("--backend vllm reports perplexity only: drop --ref, --save-ref and --act-quant")
+        with err_console.status("vLLM: loading and scoring", spinner="dots"):
+            report = api.evaluate_vllm(model, data, ctx=ctx, chunks=chunks, tokenizer=tokenizer,
+                                       text_field=text_field)
+    else:
+        with progress_task("evaluating windows", disable=json_out) as update:
+            report = api.evaluate(model, data, ref=ref, ctx=ctx, chunks=chunks, batch_size=batch_size, dtype=dtype,
+                                  save_ref=save_ref, ref_top_k=ref_top_k, tokenizer=tokenizer,
+                                  text_field=text_field, overwrite=overwrite, act_quant=act_quant,
+                                  progress=lambda done, total: update(completed=done, total=total))
     if json_out:
         print_json(report)
         return
@@ -66,6 +78,11 @@ def eval_cmd(
         table.add_row("top-1 agreement", f"{100 * k['top1_agreement']:.3f} ± {100 * k['top1_stderr']:.3f} %")
         if report["ref"]["kind"] == "file":
             table.add_row("reference", f"{report['ref']['path']} ({report['ref']['layout']})")
+    if report["model"].get("engine") == "vllm":
+        m = report["model"]
+        table.add_row("engine", f"vLLM {m['vllm_version']} ({m['dtype']}, quantization {m['quantization']})")
+        for kernel in m["kernels"]:
+            table.add_row("vLLM kernel", kernel)
     if "saved_ref" in report:
         table.add_row("saved reference", f"{report['saved_ref']['path']} ({report['saved_ref']['layout']})")
     table.add_row("time", f"{report['seconds']:.1f} s ({report['scored_tokens_per_second']:.0f} scored tok/s)")
@@ -83,12 +100,26 @@ def bench_cmd(
                                           "torch-fp32,torch-bf16, plus llama.cpp for GGUF files)."),
     runs: int = typer.Option(6, "--runs", help="Timed rounds after one warm-up, backends taking turns; figures are "
                              "medians with an order-statistic interval (95% from 6 runs)."),
+    concurrency: str = typer.Option("1,4,16", "--concurrency", help="--backend vllm: concurrent streams against "
+                                    "vLLM's OpenAI-compatible server, comma-separated."),
+    requests_per_stream: int = typer.Option(2, "--requests-per-stream", help="--backend vllm: requests each "
+                                            "stream sends per round."),
     json_out: bool = JSON_OPTION,
 ) -> None:
-    """Prefill and decode tokens/s, time to first token, inter-token latency p50/p95, peak RSS per backend."""
+    """Prefill and decode tokens/s, time to first token, inter-token latency p50/p95, peak RSS per backend.
+    --backend vllm: vLLM's server under concurrent streams (TTFT, ITL, requests/s, output tok/s) and offline
+    LLM.generate throughput."""
     from slimlm import api
     from slimlm.errors import SlimlmError
 
+    if backend is not None and "vllm" in [b.strip() for b in backend.split(",")]:
+        if backend.strip() != "vllm":
+            raise SlimlmError("--backend vllm runs alone (its own processes); bench the other backends separately")
+        try:
+            streams = tuple(int(c) for c in concurrency.split(",") if c.strip())
+        except ValueError:
+            raise SlimlmError(f"--concurrency takes comma-separated integers, not {concurrency!r}") from None
+        return _bench_vllm(model, prompt, gen, streams, requests_per_stream, runs, json_out)
     try:
         batches = [int(b) for b in batch.split(",") if b.strip()]
     except ValueError:
@@ -119,3 +150,33 @@ def bench_cmd(
     machine = report["machine"] or {}
     if machine.get("busy"):
         console.print(f"[bold yellow]warning:[/] {BUSY_NOTE} ({'; '.join(machine['reasons'])})", highlight=False)
+
+
+def _bench_vllm(model: Path, prompt: int, gen: int, streams: tuple[int, ...], per_stream: int, runs: int,
+                json_out: bool) -> None:
+    from slimlm import api
+
+    target = api.VllmTarget(model.name, model)
+    with err_console.status("vLLM", spinner="dots") as status:
+        say = (lambda m: status.update(f"vLLM: {m}"))
+        server = api.vllm_serve_bench([target], concurrency=streams, prompt=prompt, gen=gen, runs=runs,
+                                      requests_per_stream=per_stream, progress=say)
+        offline = api.vllm_offline_bench([target], batch=max(streams), prompt=prompt, gen=gen, runs=runs,
+                                         progress=say)
+    if json_out:
+        print_json({"server": server, "offline": offline})
+        return
+    table = columns_table(f"{model.name} on vLLM's server: prompt {prompt}, gen {gen}, median of {runs} rounds",
+                          ("streams", "req/s", "output tok/s", "TTFT p50 ms", "TTFT p95 ms", "ITL p50 ms",
+                           "ITL p95 ms"), [], show_header=True)
+    for r in server["rows"]:
+        table.add_row(str(r["concurrency"]), f"{r['requests_per_s']:.2f}", f"{r['output_tok_s']:.1f}",
+                      f"{r['ttft_p50_ms']:.0f}", f"{r['ttft_p95_ms']:.0f}", f"{r['itl_p50_ms']:.1f}",
+                      f"{r['itl_p95_ms']:.1f}")
+    console.print(table)
+    o = offline["rows"][0]
+    console.print(f"offline LLM.generate, {o['batch']} prompts: {o['requests_per_s']:.2f} req/s, "
+                  f"{o['output_tok_s']:.1f} output tok/s; vLLM {o['vllm_version']}, quantization "
+                  f"{o['quantization']}; kernels: {'; '.join(o['kernels']) or 'unquantized linear'}", highlight=False)
+    if (server.get("machine") or {}).get("busy"):
+        console.print(f"[bold yellow]warning:[/] {BUSY_NOTE}", highlight=False)

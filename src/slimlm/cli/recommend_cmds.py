@@ -79,6 +79,8 @@ def _render(result: dict, out: Console | None = None) -> None:
         out.print(f"[dim]excluded {e['name']}: {e['reason']}[/]")
     for s in result["skipped"]:
         out.print(f"[dim]skipped {s['name']}: {s['reason']}[/]")
+    if result.get("engine"):
+        out.print(f"[dim]speed measured on {result['engine']}[/]", highlight=False)
     out.print(f"[bold green]Recommended:[/] {result['why']}")
 
 
@@ -96,6 +98,10 @@ def recommend(
     max_kld: float = typer.Option(0.1, "--max-kld", help="Variants above this KLD are too lossy for speed/size goals."),
     chunks: int = typer.Option(4, "--chunks", help="Evaluation windows of 512 tokens."),
     save: Optional[Path] = typer.Option(None, "--save", help="Also write the result JSON here (input for `slimlm report`)."),
+    engine: Optional[str] = typer.Option(None, "--engine", help="Measure speed on the engine you will deploy on: "
+                                         "slimlm | llama.cpp (GGUF mixes) | vllm (BF16, W8A8, W4A16 on its server, "
+                                         "--batch concurrent streams). Default: GGUF on llama.cpp when installed, "
+                                         "the rest on slimlm's runtime."),
     json_out: bool = JSON_OPTION,
 ) -> None:
     """Measure the variants that fit --memory on this machine and recommend one for --goal."""
@@ -104,7 +110,7 @@ def recommend(
     with _steps(json_out) as steps:
         result = run(model, memory=memory, goal=goal, context=context, batch=batch, budget_minutes=budget_minutes,
                      calib=calib, data=data, students=list(student), max_kld=max_kld, chunks=chunks,
-                     progress=_say, steps=steps).to_dict()
+                     engine=engine, progress=_say, steps=steps).to_dict()
     if save:
         save.write_text(json.dumps(result, indent=1, default=str))
     if json_out:

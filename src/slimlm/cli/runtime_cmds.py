@@ -5,6 +5,8 @@ from typing import Optional
 
 import typer
 
+from slimlm.errors import SlimlmError
+
 from slimlm.cli.app import JSON_OPTION, app, console, err_console, print_json  # noqa: F401
 
 
@@ -22,6 +24,8 @@ def generate(
                                "w8a16 or w4a16 (quantized on load)."),
     chat: bool = typer.Option(False, "--chat", help="Wrap the prompt in the model's chat template."),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads (default: torch's choice)."),
+    backend: str = typer.Option("slimlm", "--backend", help="slimlm (its runtime) or vllm (greedy, bf16, the "
+                                "kernels vLLM picks for the file)."),
     json_out: bool = JSON_OPTION,
 ) -> None:
     """Generate text from PROMPT, streaming it as it is made; report speed and the kernels each layer used."""
@@ -31,6 +35,13 @@ def generate(
                                   temperature=1.0 if temperature is None else temperature,
                                   top_p=1.0 if top_p is None else top_p, seed=seed)
     sampling.check()  # bad settings fail before the model loads
+    if backend not in ("slimlm", "vllm"):
+        raise SlimlmError(f"--backend must be slimlm or vllm, not {backend!r}")
+    if backend == "vllm":
+        if not sampling.greedy or chat or scheme != "native":
+            raise SlimlmError("--backend vllm generates greedily from the file as it is: drop --temperature, "
+                              "--top-p, --chat and --scheme")
+        return _generate_vllm(model, prompt, max_new_tokens, json_out)
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -57,3 +68,28 @@ def generate(
                       f"ITL p50 {d['itl_p50_ms']:.1f} ms[/]", highlight=False, soft_wrap=True)
     for kernel, count in summary.items():
         err_console.print(f"[dim]  {count:4d} layers: {kernel}[/]", highlight=False, soft_wrap=True)
+
+
+def _generate_vllm(model: str, prompt: str, max_new_tokens: int, json_out: bool) -> None:
+    from slimlm import api
+    from slimlm.models.loader import load_tokenizer
+    from slimlm.runtime.session import resolve_model_path
+
+    api.vllm_engine.vllm_python()  # say how to get vLLM before anything loads
+    path = resolve_model_path(model)
+    if not path.is_dir():
+        raise SlimlmError("--backend vllm here runs HF / compressed-tensors dirs (vLLM's GGUF path needs its "
+                          "tokenizer dir: see benchmarks/bench_vllm.py)")
+    ids = load_tokenizer(path)(prompt)["input_ids"]
+    with err_console.status("vLLM: loading and generating", spinner="dots"):
+        out = api.vllm_engine.greedy_tokens(path, [ids], max_new_tokens)
+    if json_out:
+        print_json({"text": out["texts"][0], "new_ids": out["tokens"][0], "engine": "vllm",
+                    "vllm_version": out["vllm_version"], "quantization": out["quantization"],
+                    "kernels": out["kernels"], "load_s": out["load_s"]})
+        return
+    sys.stdout.write(out["texts"][0] + "\n")
+    err_console.print(f"[dim]{len(out['tokens'][0])} tokens · vLLM {out['vllm_version']} · quantization "
+                      f"{out['quantization']} · load {out['load_s']:.1f} s[/]", highlight=False, soft_wrap=True)
+    for kernel in out["kernels"]:
+        err_console.print(f"[dim]  {kernel}[/]", highlight=False, soft_wrap=True)

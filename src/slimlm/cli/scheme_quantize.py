@@ -47,6 +47,9 @@ def run_check(model: Path, group_size: str | None, json_out: bool) -> None:
         console.print(f"{', '.join(names)}: {note}", highlight=False)
     for t, verdict in report["tensor_parallel"].items():
         console.print(f"vLLM tensor parallel {t}: {verdict}", highlight=False)
+    if report["vllm_cpu_w4a16"] != "ok":
+        err_console.print(f"[yellow]warning:[/] vLLM's CPU build would refuse W4A16 at this group size: "
+                          f"{report['vllm_cpu_w4a16']}", highlight=False, soft_wrap=True)
 
 
 def run_scheme(model: Path, out: Path | None, *, scheme: str, method: str | None, group_size: str | None,

@@ -18,7 +18,7 @@ import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 LEVEL = 0.95
 BUSY_SHARE = 0.15  # others used ≥ 15% of all cores while we measured
@@ -94,18 +94,24 @@ class MachineLoad:
 class MachineWatch:
     """``with MachineWatch() as w: ...measure...``; afterwards ``w.load`` says whether the machine was busy."""
 
-    def __init__(self) -> None:
+    def __init__(self, helpers_cpu: Callable[[], float] | None = None) -> None:
+        """``helpers_cpu``: CPU seconds so far of processes doing our measured work (e.g. servers we started),
+        counted as ours, not as others'."""
         self.load = MachineLoad(cores=os.cpu_count() or 1)
+        self._helpers = helpers_cpu or (lambda: 0.0)
+
+    def _ours(self) -> float:
+        return _own_cpu_seconds() + self._helpers()
 
     def __enter__(self) -> "MachineWatch":
         self.load.loadavg_before = _loadavg()
-        self._sys, self._own, self._t0 = _system_busy_seconds(), _own_cpu_seconds(), time.perf_counter()
+        self._sys, self._own, self._t0 = _system_busy_seconds(), self._ours(), time.perf_counter()
         return self
 
     def __exit__(self, *_: Any) -> None:
         load = self.load
         load.wall_s = time.perf_counter() - self._t0
-        load.own_cpu_s = _own_cpu_seconds() - self._own
+        load.own_cpu_s = self._ours() - self._own
         load.own_cpu_per_wall = load.own_cpu_s / load.wall_s if load.wall_s > 0 else 0.0
         load.loadavg_after = _loadavg()
         now = _system_busy_seconds()

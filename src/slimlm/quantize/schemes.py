@@ -187,6 +187,18 @@ def _tp_verdict(in_f: int, out_f: int, row: bool, tp: int, group_size: int | Non
     return "ok"
 
 
+def vllm_cpu_w4a16_verdict(in_f: int, out_f: int, group_size: int | None) -> str:
+    """'ok' or vLLM's own refusal (vllm 0.32 kernels/linear/mixed_precision/cpu.py, CPUWNA16LinearKernel, the only
+    W4A16 kernel of its CPU build for compressed-tensors on x86 without zentorch) for one unsharded Linear."""
+    if group_size is not None and group_size % 2:
+        return (f"Group size ({group_size}) not supported by CPUWNA16, supported group sizes are multiples of 2")
+    if in_f % 32:
+        return f"Input size ({in_f}) not supported by CPUWNA16, supported sizes are multiples of 32"
+    if out_f % 32:
+        return f"Output size ({out_f}) not supported by CPUWNA16, supported sizes are multiples of 32"
+    return "ok"
+
+
 def check_model(model: str, *, group_size: int | None = 128, tp_degrees: tuple[int, ...] = TP_DEGREES) -> dict:
     """Per Linear shape of a model (from config.json only): which group sizes divide, which TP degrees work.
     Attention-head rules are vLLM's: heads % tp == 0; KV heads divisible by tp, or tp a multiple of them
@@ -220,6 +232,7 @@ def check_model(model: str, *, group_size: int | None = 128, tp_degrees: tuple[i
             "tp": {str(t): _tp_verdict(mod.in_features, mod.out_features, row_parallel, t, gs)
                    for t in tp_degrees},
             "ignored_by_default": suffix == "lm_head",
+            "vllm_cpu_w4a16": vllm_cpu_w4a16_verdict(mod.in_features, mod.out_features, gs),
         }
     heads = getattr(config, "num_attention_heads", None)
     kv = getattr(config, "num_key_value_heads", None) or heads
@@ -233,7 +246,9 @@ def check_model(model: str, *, group_size: int | None = 128, tp_degrees: tuple[i
         reasons += [f"{r['linear']}: {r['tp'][str(t)]}" for r in rows.values()
                     if r["tp"][str(t)] != "ok" and not r["ignored_by_default"]]
         model_tp[str(t)] = "ok" if not reasons else "; ".join(reasons)
+    vllm_cpu = [f"{r['linear']}: {r['vllm_cpu_w4a16']}" for r in rows.values()
+                if r["vllm_cpu_w4a16"] != "ok" and not r["ignored_by_default"]]
     return {"model": str(path), "model_type": getattr(config, "model_type", None), "attention_heads": heads,
             "kv_heads": kv, "group_size_requested": group_size, "linears": list(rows.values()),
-            "tensor_parallel": model_tp}
+            "tensor_parallel": model_tp, "vllm_cpu_w4a16": "ok" if not vllm_cpu else "; ".join(vllm_cpu)}
 
