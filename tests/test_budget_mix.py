@@ -106,6 +106,13 @@ def test_budget_file_fits_and_llama_cpp_writes_the_same_bytes(tiny_wide: tuple[P
     types = {t.name: T[t.type] for t in r.tensors}
     assert len({q for n, q in types.items() if n.startswith("blk.")} - {T.F32}) >= 2  # a real mix, not one type
 
+    from slimlm.inspect import inspect
+
+    shown = inspect(str(out)).to_dict()["gguf"]  # `slimlm inspect` names the budget and each tensor's type
+    assert shown["budget"] == "4 bits/weight"
+    assert {q for q in shown["per_tensor_kind"]["ffn_down.weight"]} == {types[f"blk.{i}.ffn_down.weight"].name
+                                                                      for i in range(2)}
+
     f32 = tmp_path / "f32.gguf"
     quantize_gguf(src, "f32", f32)
     theirs = tmp_path / "lcpp.gguf"
@@ -129,3 +136,31 @@ def test_cli_budget_options(tiny_wide: tuple[Path, Path], tmp_path: Path, capsys
     assert "smallest types" in capsys.readouterr().err
     assert run(["quantize", str(src), "--target-bpw", "4", "--fit", "1GiB", "--calib", str(calib), "-o", out]) == 2
     assert "exactly one" in capsys.readouterr().err
+
+
+def test_report_draws_quality_per_size(tmp_path: Path, capsys) -> None:
+    import json
+
+    from slimlm.cli import run
+
+    points = [{"name": "Q4_K_M", "kind": "llama.cpp", "bytes": 105_000_000, "kld_mean": 0.03},
+              {"name": "Q2_K", "kind": "llama.cpp", "bytes": 88_000_000, "kld_mean": 0.24},
+              {"name": "4.0 bpw", "kind": "slimlm budget", "bytes": 80_000_000, "kld_mean": 0.1},
+              {"name": "5.0 bpw", "kind": "slimlm budget", "bytes": 95_000_000, "kld_mean": 0.0}]
+    src = tmp_path / "q.json"
+    src.write_text(json.dumps({"kind": "quality_per_size", "model": "m", "points": points}))
+    out = tmp_path / "docs" / "q.png"
+    assert run(["report", str(src), "-o", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert run(["report", str(src), "-o", str(out)]) == 2  # exists
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"kind": "quality_per_size", "points": [{"name": "x"}]}))
+    assert run(["report", str(bad), "-o", str(tmp_path / "b.png")]) == 2
+    assert "needs name" in capsys.readouterr().err
+
+
+def test_inspect_layer_ranges() -> None:
+    from slimlm.inspect import _ranges
+
+    assert _ranges([0, 1, 2, 5, 7, 8]) == "0-2,5,7-8"
+    assert _ranges([-1]) == "-" and _ranges([3]) == "3"
