@@ -61,10 +61,19 @@ def lcpp_file(work: Path, mix: str, im: Path) -> Path:
 class Budgets:
     """slimlm's budget files for one model: the sensitivity measured once (cached), then one file per budget."""
 
-    def __init__(self, work: Path, im: Path, windows: int, per_layer: bool) -> None:
+    def __init__(self, work: Path, im: Path, windows: int, per_layer: bool, exclude: list[str]) -> None:
+        from gguf import GGMLQuantizationType as T
+
+        from slimlm.quantize.budget import CANDIDATES
+
         self.work, self.im, self.windows, self.per_layer = work, im, windows, per_layer
-        self.tag = f"w{windows}{'-layer' if per_layer else ''}"
-        self.sens_path = work / f"sensitivity-{self.tag}.pkl"
+        self.exclude = [e for e in exclude if e]
+        self.types = [q for q in CANDIDATES if q.name not in self.exclude] if self.exclude else None
+        unknown = set(self.exclude) - {q.name for q in T}
+        if unknown:
+            raise SystemExit(f"unknown types {unknown}")
+        self.sens_path = work / f"sensitivity-w{windows}{'-layer' if per_layer else ''}.pkl"
+        self.tag = f"w{windows}{'-layer' if per_layer else ''}{''.join('-no' + e for e in self.exclude)}"
         self.sens = pickle.loads(self.sens_path.read_bytes()) if self.sens_path.exists() else None
         self.seconds: float | None = None
 
@@ -80,7 +89,7 @@ class Budgets:
         start = time.perf_counter()
         r = quantize_gguf(bg.hf_dir(), None, out, imatrix=self.im, calib=resources.wikitext_path("valid"),
                           budget=Budget(target_bpw=bpw), budget_windows=self.windows, per_layer=self.per_layer,
-                          sensitivity=self.sens, overwrite=True)
+                          sensitivity=self.sens, budget_types=self.types, overwrite=True)
         if self.sens is None:
             self.sens = r.budget["sensitivity"]
             self.sens_path.write_bytes(pickle.dumps(self.sens))
@@ -117,7 +126,7 @@ def greedy_text(path: Path, n_tokens: int = 24) -> str:
 def stage_match(work: Path, chunks: int, calib_chunks: int, mixes: list[str], budgets: Budgets) -> None:
     ref = bg.reference(work, chunks)
     im = imatrix_file(work, calib_chunks)
-    rows = []
+    rows, rows_text = [], []
     for mix in mixes:
         theirs = lcpp_file(work, mix, im)
         n_params, _ = n_params_and_overhead(theirs)
@@ -143,7 +152,9 @@ def stage_match(work: Path, chunks: int, calib_chunks: int, mixes: list[str], bu
             f"matrix from wikitext-2 valid ({calib_chunks} windows of 512; slimlm's `imatrix` written as llama.cpp's "
             "GGUF imatrix file, since llama-cpp-python ships no llama-imatrix tool). slimlm: `quantize HF_DIR "
             f"--target-bpw B --imatrix (same file) --calib wikitext-2 valid --budget-windows {budgets.windows}"
-            f"{' --per-layer' if budgets.per_layer else ''}` with B the largest 4-decimal value whose file is no larger "
+            f"{' --per-layer' if budgets.per_layer else ''}`"
+            + (f" choosing among every candidate type except {', '.join(budgets.exclude)}" if budgets.exclude else "")
+            + " with B the largest 4-decimal value whose file is no larger "
             f"than llama.cpp's. KLD vs the fp32 model on wikitext-2 test, ctx 512, {chunks} windows, slimlm's "
             "evaluator for both; ratio = slimlm / llama.cpp (the issue asks ≤ 0.8)."
             + (f" Sensitivity measurement (once per model, reused by every budget): {budgets.seconds:.0f} s."
@@ -153,10 +164,10 @@ def stage_match(work: Path, chunks: int, calib_chunks: int, mixes: list[str], bu
             + f"\n\nGreedy continuation of {PROMPT!r} (24 tokens) by llama.cpp (llama-cpp-python) from each file:\n\n"
             + markdown_table(["size of", "llama.cpp's file", "slimlm's budget file"], rows_text)
             + f"\n\nCommand: `python benchmarks/bench_budget.py --model {bg.MODEL} --stages match`")
-    append_section(f"GGUF budget mixes vs llama.cpp's mixes at equal size (bench_budget.py, {bg.MODEL})", body)
-
-
-rows_text: list[list[str]] = []
+    title = "GGUF budget mixes vs llama.cpp's mixes at equal size"
+    if budgets.exclude:
+        title += f" without {', '.join(budgets.exclude)}"
+    append_section(f"{title} (bench_budget.py, {bg.MODEL})", body)
 
 
 def stage_curve(work: Path, chunks: int, calib_chunks: int, mixes: list[str], bpws: list[float],
@@ -236,6 +247,7 @@ def main() -> None:
     ap.add_argument("--no-iq-kld", action="store_true", help="iquants: hashes only")
     ap.add_argument("--budget-windows", type=int, default=4)
     ap.add_argument("--per-layer", action="store_true")
+    ap.add_argument("--exclude-types", default="", help="candidate types the budget mixes may not use (ablation)")
     ap.add_argument("--scratch", action="store_true", help="append tables to WORK/BENCHMARKS.md, not the repo's")
     args = ap.parse_args()
     bg.MODEL = args.model
@@ -245,7 +257,7 @@ def main() -> None:
 
         _common.BENCHMARKS_MD = args.work / "BENCHMARKS.md"
     im = imatrix_file(args.work, args.calib_chunks)
-    budgets = Budgets(args.work, im, args.budget_windows, args.per_layer)
+    budgets = Budgets(args.work, im, args.budget_windows, args.per_layer, args.exclude_types.split(","))
     for stage in args.stages.split(","):
         if stage == "match":
             stage_match(args.work, args.chunks, args.calib_chunks, args.mixes.split(","), budgets)

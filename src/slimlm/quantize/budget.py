@@ -368,4 +368,6 @@ def plan_budget(source, budget: Budget, calib: Path, importance_of: Callable[[st
                           f"({smallest * 8 / max(sum(t.n_elements for t in quantizable), 1):.2f} bits/weight)")
     sens = sensitivity or measure(source.path, calib, quantizable, importance_of, windows=windows,
                                   per_layer=per_layer, types=types, progress=progress)
-    return {**kept, **allocate(sens.tensors, allowed)}, sens, allowed + fixed
+    allowed_types = set(types)
+    options = [TensorOptions(t.name, [o for o in t.options if o.qtype in allowed_types]) for t in sens.tensors]
+    return {**kept, **allocate(options, allowed)}, sens, allowed + fixed
