@@ -67,21 +67,28 @@ _SERIES_STYLE = {"llama.cpp": ("#1f77b4", "o"), "slimlm budget": ("#d62728", "s"
                  "W8A8": ("#9467bd", "v")}
 
 
-def load_quality_points(paths: list[Path]) -> list[dict[str, Any]]:
-    """Read quality-per-size files: {"kind": "quality_per_size", "model": ..., "points": [{name, kind, bytes,
-    kld_mean}, ...]} (one model each)."""
+def read_json(path: Path, what: str) -> Any:
+    """A results file's JSON; a missing or unreadable file is a SlimlmError naming ``what`` it should have been."""
     import json
 
     from slimlm.errors import SlimlmError
 
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise SlimlmError(f"{path} does not exist") from None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise SlimlmError(f"{path} is not {what}: {exc}") from None
+
+
+def load_quality_points(paths: list[Path]) -> list[dict[str, Any]]:
+    """Read quality-per-size files: {"kind": "quality_per_size", "model": ..., "points": [{name, kind, bytes,
+    kld_mean}, ...]} (one model each)."""
+    from slimlm.errors import SlimlmError
+
     out = []
     for path in paths:
-        try:
-            data = json.loads(Path(path).read_text())
-        except FileNotFoundError:
-            raise SlimlmError(f"{path} does not exist") from None
-        except (OSError, json.JSONDecodeError) as exc:
-            raise SlimlmError(f"{path} is not a quality-per-size file: {exc}") from None
+        data = read_json(path, "a quality-per-size file")
         if not isinstance(data, dict) or data.get("kind") != QUALITY_PER_SIZE or not data.get("points"):
             raise SlimlmError(f"{path} is not a quality-per-size file (kind {QUALITY_PER_SIZE!r} with points)")
         for p in data["points"]:
