@@ -164,3 +164,19 @@ def test_inspect_layer_ranges() -> None:
 
     assert _ranges([0, 1, 2, 5, 7, 8]) == "0-2,5,7-8"
     assert _ranges([-1]) == "-" and _ranges([3]) == "3"
+
+
+def test_fit_budget_leaves_room_for_the_kv_cache(tiny_wide: tuple[Path, Path]) -> None:
+    """--fit MEM --context N: the tensors get MEM minus the KV cache and the runtime overhead `slimlm fit` counts."""
+    from slimlm.inspect.fit import load_model_facts
+    from slimlm.inspect.memory import kv_cache, runtime_overhead
+    from slimlm.quantize.budget import budget_tensor_bytes
+
+    src, _ = tiny_wide
+    spec = load_model_facts(src).spec
+    mem = 64 << 20
+    short = budget_tensor_bytes(Budget(fit_memory=mem, context=512), 1000, 100, src)
+    long = budget_tensor_bytes(Budget(fit_memory=mem, context=4096), 1000, 100, src)
+    assert short == mem - kv_cache(spec, 512).bytes - runtime_overhead(spec, 512) - 100
+    assert long < short
+    assert budget_tensor_bytes(Budget(target_bpw=4.0), 1000, 100) == 500 - 100
