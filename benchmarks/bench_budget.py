@@ -140,7 +140,7 @@ def stage_match(work: Path, chunks: int, calib_chunks: int, mixes: list[str], bu
             bpw = math.floor((size - (ours.stat().st_size - size) - n_params_and_overhead(ours)[1]) * 8 / n_params
                              * 1e4) / 1e4
             ours, info = budgets.make(bpw)
-        r_t, r_o = bg.evaluate_kld(theirs, ref, chunks, work), bg.evaluate_kld(ours, ref, chunks, work)
+        r_t, r_o = bg.evaluate_kld(theirs, ref, chunks, work), evaluate_once(ours, ref, chunks, work)
         k_t, k_o = r_t["kld"]["kld_mean"], r_o["kld"]["kld_mean"]
         mix_types = ", ".join(f"{k} ×{v}" for k, v in sorted(info["type_counts"].items(), key=lambda kv: -kv[1])
                               if k != "F32")
@@ -182,7 +182,7 @@ def stage_curve(work: Path, chunks: int, calib_chunks: int, mixes: list[str], bp
                        "kld_mean": r["kld"]["kld_mean"], "kld_stderr": r["kld"]["kld_stderr"]})
     for bpw in bpws:
         path, _ = budgets.make(bpw)
-        r = bg.evaluate_kld(path, ref, chunks, work)
+        r = evaluate_once(path, ref, chunks, work)
         points.append({"name": f"{bpw:g} bpw", "kind": "slimlm budget", "bytes": path.stat().st_size,
                        "kld_mean": r["kld"]["kld_mean"], "kld_stderr": r["kld"]["kld_stderr"]})
     out = work / f"quality-per-size-{bg.MODEL}.json"
@@ -202,6 +202,14 @@ def stage_curve(work: Path, chunks: int, calib_chunks: int, mixes: list[str], bp
 
 def tensor_digest(path: Path) -> str:
     return hashlib.sha256(b"".join(bg.tensor_bytes(path).values())).hexdigest()
+
+
+def evaluate_once(path: Path, ref: Path, chunks: int, work: Path) -> dict:
+    """bench_gguf.evaluate_kld, cached by tensor data: two budgets that pick the same types share one evaluation."""
+    key = work / f"kld-{tensor_digest(path)[:20]}-{chunks}.json"
+    if not key.exists():
+        key.write_text(json.dumps(bg.evaluate_kld(path, ref, chunks, work)))
+    return json.loads(key.read_text())
 
 
 def stage_iquants(work: Path, chunks: int, calib_chunks: int, mixes: list[str], evaluate: bool) -> None:
