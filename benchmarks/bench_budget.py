@@ -171,7 +171,7 @@ def stage_match(work: Path, chunks: int, calib_chunks: int, mixes: list[str], bu
 
 
 def stage_curve(work: Path, chunks: int, calib_chunks: int, mixes: list[str], bpws: list[float],
-                budgets: Budgets) -> Path:
+                budgets: Budgets, extra: Path | None = None) -> Path:
     ref = bg.reference(work, chunks)
     im = imatrix_file(work, calib_chunks)
     points = []
@@ -185,6 +185,8 @@ def stage_curve(work: Path, chunks: int, calib_chunks: int, mixes: list[str], bp
         r = evaluate_once(path, ref, chunks, work)
         points.append({"name": f"{bpw:g} bpw", "kind": "slimlm budget", "bytes": path.stat().st_size,
                        "kld_mean": r["kld"]["kld_mean"], "kld_stderr": r["kld"]["kld_stderr"]})
+    if extra is not None:  # points measured earlier with the same evaluator settings (their kind says where from)
+        points += json.loads(extra.read_text())
     out = work / f"quality-per-size-{bg.MODEL}.json"
     out.write_text(json.dumps({"kind": "quality_per_size", "model": bg.MODEL_NAMES[bg.MODEL],
                                "evaluator": f"wikitext-2 test, ctx 512, {chunks} windows, KLD vs fp32",
@@ -251,6 +253,7 @@ def main() -> None:
     ap.add_argument("--mixes", default=",".join(MIXES))
     ap.add_argument("--curve-mixes", default=",".join(CURVE_MIXES))
     ap.add_argument("--curve-bpw", default="3.6,4.0,4.3,4.6,5.0,5.5,6.5,8.0")
+    ap.add_argument("--extra-points", type=Path, help="curve: more points (JSON list) measured earlier")
     ap.add_argument("--iq-mixes", default=",".join(IQ_MIXES))
     ap.add_argument("--no-iq-kld", action="store_true", help="iquants: hashes only")
     ap.add_argument("--budget-windows", type=int, default=4)
@@ -271,7 +274,7 @@ def main() -> None:
             stage_match(args.work, args.chunks, args.calib_chunks, args.mixes.split(","), budgets)
         elif stage == "curve":
             stage_curve(args.work, args.chunks, args.calib_chunks, args.curve_mixes.split(","),
-                        [float(b) for b in args.curve_bpw.split(",")], budgets)
+                        [float(b) for b in args.curve_bpw.split(",")], budgets, args.extra_points)
         elif stage == "iquants":
             stage_iquants(args.work, args.chunks, args.calib_chunks, args.iq_mixes.split(","), not args.no_iq_kld)
         else:
