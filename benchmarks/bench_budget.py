@@ -127,19 +127,25 @@ def stage_match(work: Path, chunks: int, calib_chunks: int, mixes: list[str], bu
     ref = bg.reference(work, chunks)
     im = imatrix_file(work, calib_chunks)
     rows, rows_text = [], []
+    chosen_path = work / f"match-bpw-{budgets.tag}.json"
     for mix in mixes:
         theirs = lcpp_file(work, mix, im)
         n_params, _ = n_params_and_overhead(theirs)
         size = theirs.stat().st_size
-        # our header is a little larger (imatrix and budget keys) and each tensor pads to 32 bytes: leave room
-        probe = next(work.glob(f"budget-{budgets.tag}-*.gguf"), None)
-        overhead = n_params_and_overhead(probe)[1] if probe else 4 << 20
-        bpw = math.floor((size - overhead - 32 * 300) * 8 / n_params * 1e4) / 1e4
+        chosen = json.loads(chosen_path.read_text()) if chosen_path.exists() else {}
+        if mix not in chosen:
+            # our header is a little larger (imatrix and budget keys) and each tensor pads to 32 bytes: leave room
+            probe = next(work.glob(f"budget-{budgets.tag}-*.gguf"), None)
+            overhead = n_params_and_overhead(probe)[1] if probe else 4 << 20
+            chosen[mix] = math.floor((size - overhead - 32 * 300) * 8 / n_params * 1e4) / 1e4
+        bpw = chosen[mix]
         ours, info = budgets.make(bpw)
         if ours.stat().st_size > size:  # the overhead guess was short: step down until the file fits
             bpw = math.floor((size - (ours.stat().st_size - size) - n_params_and_overhead(ours)[1]) * 8 / n_params
                              * 1e4) / 1e4
             ours, info = budgets.make(bpw)
+        chosen[mix] = bpw
+        chosen_path.write_text(json.dumps(chosen))  # the same --target-bpw on every rerun of the stage
         r_t, r_o = bg.evaluate_kld(theirs, ref, chunks, work), evaluate_once(ours, ref, chunks, work)
         k_t, k_o = r_t["kld"]["kld_mean"], r_o["kld"]["kld_mean"]
         mix_types = ", ".join(f"{k} ×{v}" for k, v in sorted(info["type_counts"].items(), key=lambda kv: -kv[1])
