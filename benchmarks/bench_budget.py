@@ -197,7 +197,7 @@ def stage_curve(work: Path, chunks: int, calib_chunks: int, mixes: list[str], bp
     out.write_text(json.dumps({"kind": "quality_per_size", "model": bg.MODEL_NAMES[bg.MODEL],
                                "evaluator": f"wikitext-2 test, ctx 512, {chunks} windows, KLD vs fp32",
                                "points": points}, indent=1))
-    rows = [[p["name"], p["kind"], f"{p['bytes']:,}", f"{p['kld_mean']:.5f} ± {p['kld_stderr']:.5f}"]
+    rows = [[p["name"], p["kind"], f"{p['bytes']:,}", f"{p['kld_mean']:.5f}" + (f" ± {p['kld_stderr']:.5f}" if "kld_stderr" in p else "")]
             for p in sorted(points, key=lambda p: p["bytes"])]
     append_section(f"GGUF quality per size: llama.cpp mixes and slimlm budget mixes (bench_budget.py, {bg.MODEL})",
                    f"{bg.MODEL_NAMES[bg.MODEL]}; llama.cpp files with the importance matrix of the match stage; "

@@ -119,7 +119,7 @@ def plot_quality_per_size(models: list[dict[str, Any]], out: Path) -> Path:
                     env.append((x, y))
             if len(env) > 1:
                 ax.plot(*zip(*env), color=color, alpha=0.6, linewidth=1.2, zorder=2)
-            if kind == "llama.cpp" or len(pts) <= 10:
+            if kind.startswith("llama.cpp") or len(pts) <= 16:
                 for p, x, y in zip(pts, xs, ys):
                     ax.annotate(p["name"], (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7,
                                 color=color)
