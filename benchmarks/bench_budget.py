@@ -202,7 +202,7 @@ def stage_curve(work: Path, chunks: int, calib_chunks: int, mixes: list[str], bp
     append_section(f"GGUF quality per size: llama.cpp mixes and slimlm budget mixes (bench_budget.py, {bg.MODEL})",
                    f"{bg.MODEL_NAMES[bg.MODEL]}; llama.cpp files with the importance matrix of the match stage; "
                    f"KLD vs fp32, wikitext-2 test, ctx 512, {chunks} windows. Plot: `slimlm report {out.name} -o "
-                   f"docs/quality_per_size_{bg.MODEL}.png`.\n\n"
+                   f"docs/quality_per_size.png` (one panel per model file given).\n\n"
                    + markdown_table(["file", "by", "bytes", "KLD"], rows)
                    + f"\n\nCommand: `python benchmarks/bench_budget.py --model {bg.MODEL} --stages curve`")
     return out
