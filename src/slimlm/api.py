@@ -16,6 +16,7 @@ from slimlm.formats.ggml import dequantize as ggml_dequantize, quantize as ggml_
 from slimlm.quantize.imatrix import Imatrix, make_imatrix as imatrix, read_imatrix, write_imatrix  # noqa: E402,F401
 from slimlm.algorithms.methods import GGUF_METHODS  # noqa: E402,F401
 from slimlm.quantize.gguf import GGUFResult, quantize_gguf  # noqa: E402,F401
+from slimlm.quantize.budget import Budget  # noqa: E402,F401  (quantize_gguf(model, None, out, budget=Budget(...)))
 
 # --- compressed-tensors schemes W4A16/W8A16/W8A8 (RTN, AWQ, GPTQ, SmoothQuant), streaming pipeline ---
 from slimlm.quantize.layers import SchemeResult, quantize_model  # noqa: E402,F401

@@ -102,3 +102,11 @@ def _print_gguf(gguf: dict) -> None:
         table.add_row(row["type"], str(row["tensors"]), f"{100 * row['share_of_params']:.2f}%",
                       f"{row['bits_per_weight']:.2f}")
     console.print(table)
+    kinds = {k: v for k, v in (gguf.get("per_tensor_kind") or {}).items() if set(v) != {"F32"}}
+    if kinds:
+        title = "per-tensor types (layers)" + (f": a budget mix for {gguf['budget']}" if gguf.get("budget") else "")
+        table = columns_table(title, ("tensor", "types in layers"), ["tensor", "types in layers"],
+                              title_justify="left")
+        for kind, by_type in kinds.items():
+            table.add_row(kind, "; ".join(f"{t} {layers}" for t, layers in by_type.items()))
+        console.print(table)

@@ -21,6 +21,7 @@ def _human(n: float) -> str:
 # --help shows the options in these panels, so a user sees which apply to the target chosen.
 _OUTPUT, _BOTH = "Output", "Method and calibration (--to and --scheme)"
 _GGUF, _CT, _LINT = "GGUF (--to)", "compressed-tensors (--scheme)", "Lint (--check)"
+_BUDGET = "GGUF budget mix (instead of --to; needs --calib)"
 
 
 @app.command()
@@ -53,6 +54,18 @@ def quantize(
                                  help="Print the per-tensor plan and size; write nothing."),
     show_plan: bool = typer.Option(False, "--plan", rich_help_panel=_GGUF,
                                    help="List every tensor's type (implied by --dry-run)."),
+    target_bpw: Optional[float] = typer.Option(None, "--target-bpw", rich_help_panel=_BUDGET, help=(
+        "Choose a type per tensor for at most this many bits per weight (tensor bytes x 8 / parameters), "
+        "least measured output error.")),
+    target_size: Optional[str] = typer.Option(None, "--target-size", rich_help_panel=_BUDGET, help=(
+        "Same, for at most this much tensor data: 90MB, 1.5GiB.")),
+    fit_memory: Optional[str] = typer.Option(None, "--fit", rich_help_panel=_BUDGET, help=(
+        "Same, so that weights + KV cache of --context tokens + runtime overhead fit this memory: 8GiB.")),
+    context: int = typer.Option(4096, "--context", rich_help_panel=_BUDGET, help="Context length --fit plans for."),
+    budget_windows: int = typer.Option(4, "--budget-windows", rich_help_panel=_BUDGET, help=(
+        "512-token windows of --calib on which each tensor group's effect on the output (KLD) is measured.")),
+    per_layer: bool = typer.Option(False, "--per-layer", rich_help_panel=_BUDGET, help=(
+        "Measure every tensor on its own (slower, finer) instead of one scale per tensor kind.")),
     # --- compressed-tensors schemes (W4A16/W8A16/W8A8): see slimlm/cli/scheme_quantize.py ---
     scheme: Optional[str] = typer.Option(None, "--scheme", rich_help_panel=_CT, help=(
         "w4a16 | w8a16 | w8a8: write a compressed-tensors dir (vLLM/transformers) instead of GGUF.")),
@@ -92,10 +105,12 @@ def quantize(
             model, out, scheme=scheme, method=method, group_size=group_size, sym=sym, ignore=ignore, calib=calib,
             samples=samples, seq_len=seq_len, static_acts=static_acts, spill=spill, threads=threads, resume=resume,
             overwrite=overwrite, json_out=json_out)
-    if to is None:
-        raise SlimlmError("give --to TYPE (a GGUF mix such as Q4_K_M) or --scheme w4a16|w8a16|w8a8, or --check")
+    budget = _budget(target_bpw, target_size, fit_memory, context)
+    if to is None and budget is None:
+        raise SlimlmError("give --to TYPE (a GGUF mix such as Q4_K_M), a budget (--target-bpw, --target-size, "
+                          "--fit), or --scheme w4a16|w8a16|w8a8, or --check")
 
-    with progress_task(f"quantizing to {to}", item="", disable=json_out or dry_run, silent=dry_run) as update:
+    with progress_task(f"quantizing to {to or budget.describe()}", item="", disable=json_out or dry_run, silent=dry_run) as update:
         from slimlm.algorithms.methods import GGUF_METHODS
         from slimlm.quantize.gguf import quantize_gguf  # = api's; lighter import
 
@@ -104,6 +119,7 @@ def quantize(
             raise SlimlmError(f"--method {method} is for --scheme; GGUF (--to) methods: {', '.join(GGUF_METHODS)}")
         result = quantize_gguf(model, to, out, imatrix=imatrix, calib=calib, calib_chunks=calib_chunks,
                                    tensor_types=tensor_type, dry_run=dry_run, overwrite=overwrite, method=gguf_method,
+                                   budget=budget, budget_windows=budget_windows, per_layer=per_layer,
                                    progress=lambda done, total, name: update(completed=done, total=total, item=name))
     if json_out:
         print_json(result.to_dict())
@@ -123,6 +139,17 @@ def quantize(
                   f"{result.bits_per_weight:.2f} bits/weight, {result.n_params:,} params; {mix}"
                   + (f"; imatrix covers {result.imatrix_entries} tensors" if result.imatrix_entries else "")
                   + ("" if dry_run else f"; {result.seconds:.1f} s"), highlight=False)
+
+
+def _budget(target_bpw: float | None, target_size: str | None, fit_memory: str | None, context: int):
+    """The budget the options ask for (quantize.budget.Budget), or None for a fixed mix."""
+    if target_bpw is None and target_size is None and fit_memory is None:
+        return None
+    from slimlm.inspect.fit import parse_memory
+    from slimlm.quantize.budget import Budget
+
+    return Budget(target_bpw=target_bpw, target_bytes=parse_memory(target_size) if target_size else None,
+                  fit_memory=parse_memory(fit_memory) if fit_memory else None, context=context)
 
 
 @app.command("imatrix")

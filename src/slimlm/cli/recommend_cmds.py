@@ -121,14 +121,29 @@ def recommend(
 
 @app.command()
 def report(
-    results: list[Path] = typer.Argument(..., help="Result JSON files from `slimlm recommend --save` (one model)."),
-    output: Path = typer.Option(Path("report.html"), "-o", "--output", help="HTML file to write."),
+    results: list[Path] = typer.Argument(..., help=(
+        "Result JSON files from `slimlm recommend --save` (one model); or, with -o FILE.png, quality-per-size "
+        "files (benchmarks/bench_budget.py), one panel per model.")),
+    output: Path = typer.Option(Path("report.html"), "-o", "--output", help="HTML file (or .png plot) to write."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing report."),
     json_out: bool = JSON_OPTION,
 ) -> None:
-    """Write one self-contained HTML report (Pareto plots, tables, memory) plus PNG plots beside it."""
+    """Write one self-contained HTML report (Pareto plots, tables, memory) plus PNG plots beside it; or the
+    quality-per-size plot (KLD against file size of every file measured) when the output is a .png."""
     from slimlm.report.html import load_results, write_report
 
+    if output.suffix.lower() == ".png":
+        from slimlm.errors import SlimlmError
+        from slimlm.report.plots import load_quality_points, plot_quality_per_size
+
+        if output.exists() and not overwrite:
+            raise SlimlmError(f"{output} exists (use --overwrite)")
+        path = plot_quality_per_size(load_quality_points(results), output)
+        if json_out:
+            print_json({"plots": [str(path)]})
+        else:
+            console.print(f"plot:   {path}")
+        return
     written = write_report(load_results(results), output, overwrite=overwrite)
     if json_out:
         print_json(written)

@@ -126,8 +126,36 @@ def _gguf_summary(ckpt: Checkpoint, report: InspectReport) -> dict[str, Any]:
     meta = ckpt.gguf_metadata or {}
     return {"architecture": meta.get("general.architecture"), "file_type": meta.get("general.file_type"),
             "size_label": meta.get("general.size_label"), "quant_mix": mix,
+            "budget": meta.get("slimlm.quantize.budget"), "per_tensor_kind": _per_tensor_kind(ckpt.tensors),
             "bits_per_weight": round(report.tensor_bytes * 8 / stored, 4) if stored else None,
             "file_bits_per_weight": round(ckpt.file_bytes * 8 / stored, 4) if stored else None}
+
+
+def _per_tensor_kind(tensors) -> dict[str, dict[str, str]]:
+    """Which type each kind of tensor has in which layers: {'attn_v.weight': {'Q6_K': '0-3,6', 'Q4_K': '4-5'}}
+    (non-block tensors under their own name, layer '-'): the per-tensor mix of a file at a glance."""
+    import re
+
+    layers: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
+    for t in tensors:
+        m = re.match(r"blk\.(\d+)\.(.+)$", t.name)
+        kind, layer = (m.group(2), int(m.group(1))) if m else (t.name, -1)
+        layers[kind][t.dtype].append(layer)
+    return {kind: {dtype: _ranges(sorted(ls)) for dtype, ls in by_type.items()} for kind, by_type in layers.items()}
+
+
+def _ranges(values: list[int]) -> str:
+    """[0, 1, 2, 5, 7, 8] -> '0-2,5,7-8'; [-1] (a tensor outside the blocks) -> '-'."""
+    if values == [-1]:
+        return "-"
+    out, start = [], None
+    for i, v in enumerate(values):
+        if start is None:
+            start = v
+        if i + 1 == len(values) or values[i + 1] != v + 1:
+            out.append(str(start) if start == v else f"{start}-{v}")
+            start = None
+    return ",".join(out)
 
 
 def _config_name(config: dict[str, Any] | None) -> str | None:

@@ -22,6 +22,7 @@ import numpy as np
 from slimlm.algorithms.methods import get_method
 from slimlm.errors import SlimlmError
 from slimlm.formats import gguf_mix
+from slimlm.quantize.budget import Budget
 from slimlm.quantize.imatrix import Imatrix, check_compatible, collect_imatrix, read_imatrix
 from slimlm.writers.gguf_metadata import write_source_metadata
 from slimlm.quantize.sources import ModelSource, open_source
@@ -64,13 +65,23 @@ class GGUFResult:
     dry_run: bool = False
     warnings: list[str] = field(default_factory=list)
     type_counts: dict[str, int] = field(default_factory=dict)
+    budget: dict[str, Any] = field(default_factory=dict)  # a budget mix: the target and what was measured
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        out["budget"] = {k: v for k, v in self.budget.items() if k != "sensitivity"}  # the measurement object
+        return out
 
 
 def file_type_of(ftype: str) -> gguf.LlamaFileType:
     return gguf.LlamaFileType.ALL_F32 if ftype == "F32" else gguf.LlamaFileType[f"MOSTLY_{ftype}"]
+
+
+def plan_tensors(source: ModelSource) -> list[gguf_mix.PlanTensor]:
+    """The source's tensors as the planner sees them. Base types: the source's float type, else F32; llama.cpp
+    keeps 1-D tensors (norms, biases) in F32."""
+    return [gguf_mix.PlanTensor(t.name, tuple(t.shape), t.source_type if len(t.shape) > 1 and t.source_type in _FLOATS
+                                else T.F32) for t in source.tensors]
 
 
 def plan_for(source: ModelSource, ftype: str, tensor_types: Sequence[str] = (), has_imatrix: bool = False
@@ -79,10 +90,7 @@ def plan_for(source: ModelSource, ftype: str, tensor_types: Sequence[str] = (), 
                                n_head_kv=source.facts["n_head_kv"], n_expert=source.facts.get("n_expert", 0),
                                arch=source.arch)
     overrides = gguf_mix.parse_overrides(tensor_types)
-    # Base types: the source's float type, else F32; llama.cpp keeps 1-D tensors (norms, biases) in F32.
-    infos = [gguf_mix.PlanTensor(t.name, tuple(t.shape), t.source_type if len(t.shape) > 1 and t.source_type in _FLOATS
-                                 else T.F32) for t in source.tensors]
-    plan = gguf_mix.plan_types(infos, facts, ftype, overrides=overrides, has_imatrix=has_imatrix)
+    plan = gguf_mix.plan_types(plan_tensors(source), facts, ftype, overrides=overrides, has_imatrix=has_imatrix)
     from slimlm.formats import ggml
 
     missing = sorted({q.name for q in plan.values() if q not in ggml.REGISTRY})
@@ -109,7 +117,9 @@ def quantize_gguf(model: str | Path | ModelSource, to: str, out: str | Path | No
                   calib_chunks: int | None = 100, tensor_types: Sequence[str] = (), dry_run: bool = False,
                   overwrite: bool = False, progress: Progress | None = None, method: str = "llama.cpp",
                   hessians: dict[str, np.ndarray] | None = None, gptq_damp: float = 0.01,
-                  hessian_chunks: int | None = 32, encoder: Encoder | None = None) -> GGUFResult:
+                  hessian_chunks: int | None = 32, encoder: Encoder | None = None, budget: Budget | None = None,
+                  budget_windows: int = 4, per_layer: bool = False, sensitivity: Any = None,
+                  budget_types: Sequence[T] | None = None) -> GGUFResult:
     """Write ``model`` (HF dir, GGUF, or an opened ModelSource) as a GGUF of mix ``to`` (Q4_K_M, Q8_0, ...).
 
     ``method`` never changes tensor types or sizes (slimlm.algorithms.methods): "llama.cpp" rounds each block on
@@ -117,9 +127,22 @@ def quantize_gguf(model: str | Path | ModelSource, to: str, out: str | Path | No
     inputs' covariance; "awq" first folds searched per-channel scales into the norms; "awq+gptq" does both. gptq
     needs ``calib`` (or, from the API, ``imatrix`` plus ``hessians``); awq needs ``calib`` or ``imatrix``.
     ``encoder(x, qtype, importance, name)`` replaces the block encoding (tests, experiments). ``dry_run`` runs no
-    calibration: the plan assumes an imatrix when one is asked for."""
+    calibration: the plan assumes an imatrix when one is asked for.
+
+    ``budget`` (quantize.budget.Budget) makes a budget mix instead of ``to``: a type per tensor chosen from measured
+    sensitivities (``budget_windows`` windows of ``calib``; one scale per tensor with ``per_layer``, else per
+    tensor kind) to fit the budget exactly. It needs ``calib``; ``imatrix`` (else collected from ``calib``) weights
+    the errors and the encoding; ``sensitivity`` (quantize.budget.Sensitivity) reuses a measurement;
+    ``budget_types`` narrows the candidate types (default quantize.budget.CANDIDATES)."""
     start = time.perf_counter()
-    ftype = gguf_mix.normalize_ftype(to)
+    if budget is not None:
+        if to is not None and to.strip().lower() != "budget":
+            raise SlimlmError(f"a budget ({budget.describe()}) chooses every tensor's type itself; drop --to {to}")
+        if method != "llama.cpp":
+            raise SlimlmError("budget mixes use llama.cpp's rounding only (--method llama.cpp)")
+        if calib is None:
+            raise SlimlmError("a budget mix measures each tensor's effect on the output: pass --calib TEXT")
+    ftype = "F16" if budget is not None else gguf_mix.normalize_ftype(to)
     if not dry_run:
         if out is None:
             raise SlimlmError("an output path is needed (-o out.gguf), or use --dry-run")
@@ -128,9 +151,16 @@ def quantize_gguf(model: str | Path | ModelSource, to: str, out: str | Path | No
     source = model if isinstance(model, ModelSource) else open_source(Path(model))
     warnings = _source_warnings(source)
     algo = get_method(method, "gguf")
-    im, hessians = _importance(algo, method, source.path, imatrix, calib, calib_chunks, dry_run, hessians,
-                               hessian_chunks)
-    plan = plan_for(source, ftype, tensor_types, has_imatrix=im is not None or calib is not None)
+    budget_info: dict[str, Any] = {}
+    if budget is not None:
+        im = load_importance(imatrix, None if imatrix is not None else Path(calib), source.path, calib_chunks)
+        plan, budget_info = _budget_plan(source, budget, Path(calib), im, budget_windows, per_layer, progress,
+                                         sensitivity, budget_types)
+        ftype = budget_info["file_type"]
+    else:
+        im, hessians = _importance(algo, method, source.path, imatrix, calib, calib_chunks, dry_run, hessians,
+                                   hessian_chunks)
+        plan = plan_for(source, ftype, tensor_types, has_imatrix=im is not None or calib is not None)
     rows = {t.name: int(t.shape[-1]) for t in source.tensors if len(t.shape) >= 2 and plan[t.name] not in _FLOATS}
     matched = check_compatible(im, rows, "the importance matrix") if im is not None else 0
     if not dry_run:
@@ -141,12 +171,30 @@ def quantize_gguf(model: str | Path | ModelSource, to: str, out: str | Path | No
     if algo.gptq and encoder is None:
         encoder = _gptq_encoder(hessians, gptq_damp)
     result = _planned_result(source, ftype, plan, out, matched, dry_run, warnings)
+    if budget is not None:
+        result.ftype, result.budget = f"budget ({budget.describe()})", budget_info
     if not dry_run:
-        metadata = _metadata_writer(source, ftype, plan, method, im, imatrix)
+        metadata = _metadata_writer(source, ftype, plan, method, im, imatrix,
+                                    budget.describe() if budget is not None else None)
         _write(out, source, plan, importance_of, metadata, encoder, progress, overwrite)
         result.file_bytes = out.stat().st_size
     result.seconds = time.perf_counter() - start
     return result
+
+
+def _budget_plan(source: ModelSource, budget: Budget, calib: Path, im: Imatrix, windows: int, per_layer: bool,
+                 progress: Progress | None, sensitivity: Any, types: Sequence[T] | None
+                 ) -> tuple[dict[str, T], dict[str, Any]]:
+    """The budget mix's plan and, for the result, the target, the bytes allowed and the KLD of each probe group."""
+    from slimlm.quantize import budget as budget_mix
+
+    plan, sens, allowed = budget_mix.plan_budget(source, budget, calib, im.importance, windows=windows,
+                                                 per_layer=per_layer, progress=progress, sensitivity=sensitivity,
+                                                 types=types or budget_mix.CANDIDATES)
+    sizes = {t.name: tensor_nbytes(t.shape, plan[t.name]) for t in source.tensors}
+    return plan, {"target": budget.describe(), "sensitivity": sens, "allowed_tensor_bytes": allowed, "windows": sens.windows,
+                  "per_layer": per_layer, "group_kld": sens.group_kld,
+                  "file_type": budget_mix.file_type_name(plan, sizes)}
 
 
 def _source_warnings(source: ModelSource) -> list[str]:
@@ -193,13 +241,15 @@ def _planned_result(source: ModelSource, ftype: str, plan: dict[str, T], out: Pa
 
 
 def _metadata_writer(source: ModelSource, ftype: str, plan: dict[str, T], method: str, im: Imatrix | None,
-                     imatrix) -> Callable[[gguf.GGUFWriter], Any]:
+                     imatrix, budget: str | None = None) -> Callable[[gguf.GGUFWriter], Any]:
     """The header's metadata: the model's (from the source), then the encoding's and the imatrix's keys."""
     def metadata(writer: gguf.GGUFWriter) -> Any:
         meta = write_source_metadata(writer, source)
         writer.add_file_type(int(file_type_of(ftype)))
         if method != "llama.cpp":
             writer.add_string("slimlm.quantize.method", method)
+        if budget is not None:
+            writer.add_string("slimlm.quantize.budget", budget)
         if any(q not in _FLOATS for q in plan.values()):
             writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         if im is not None:

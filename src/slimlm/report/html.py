@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from slimlm.errors import SlimlmError
 from slimlm.inspect.fit import format_bytes
-from slimlm.report.plots import plot_results
+from slimlm.report.plots import plot_results, read_json
 
 CSS = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}
 table{border-collapse:collapse;margin:1em 0;font-size:13px}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}
@@ -25,12 +24,7 @@ def load_results(paths: list[Path]) -> list[dict[str, Any]]:
     """Read recommend results (JSON); refuse a mix of models, since their figures do not compare."""
     results = []
     for path in paths:
-        try:
-            data = json.loads(Path(path).read_text())
-        except FileNotFoundError:
-            raise SlimlmError(f"{path} does not exist") from None
-        except (OSError, json.JSONDecodeError) as exc:
-            raise SlimlmError(f"{path} is not a slimlm results file: {exc}") from None
+        data = read_json(path, "a slimlm results file")
         if not isinstance(data, dict) or "measured" not in data or "fingerprint" not in data:
             raise SlimlmError(f"{path} is not a slimlm recommend result (no 'measured' / 'fingerprint')")
         results.append(data)

@@ -1,0 +1,373 @@
+"""Budget mixes: a GGML type per tensor chosen to minimise the measured output error within an exact byte budget
+(``slimlm quantize --target-bpw 4.25`` / ``--target-size`` / ``--fit 8GiB --context 8192``).
+
+llama.cpp's mixes (Q4_K_M, ...) give every model the same per-tensor rules. Here each tensor's cost of every type
+llama.cpp runs is measured instead:
+
+1. *Error*: the importance-weighted squared error of the tensor's own rows quantized to each candidate type with
+   the imatrix, ``E(t, q) = sum_rows sum_j imp_j (w_ij - q(w)_ij)^2`` (the energy of the output perturbation
+   ``E||dW x||^2`` under llama.cpp's diagonal importance), on a sample of rows.
+2. *Scale*: how much of that error reaches the logits depends on where the tensor sits. For each group (a tensor
+   kind such as ``attn_v``, or with ``per_layer`` each tensor) the group is moved to a probe type in a torch copy of
+   the model and the KL divergence against the unquantized model is measured on a few calibration windows:
+   ``alpha_g = KLD_g / sum_{t in g} E(t, probe)``; the cost of a choice is ``alpha_g * E(t, q)``.
+3. *Allocation*: multiple-choice knapsack by marginal cost per byte on each tensor's lower convex hull (start
+   everything at its cheapest type, repeatedly take the upgrade that removes most cost per added byte while it
+   fits), which is optimal for the convex relaxation and within one upgrade of the exact optimum.
+
+Candidates are the types whose block divides the tensor's row length (a 576-wide row takes only 32-wide types,
+exactly llama.cpp's fallback rule); tensors llama.cpp never quantizes keep their type.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
+
+from slimlm.errors import SlimlmError
+from slimlm.formats import gguf_mix
+
+log = logging.getLogger(__name__)
+
+# Every type llama.cpp's CPU backend runs that a budget mix may pick (IQ1_* and the ternary types are left out:
+# their error is far off the curve of the others on dense models).
+CANDIDATES: tuple[T, ...] = (
+    T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.Q2_K, T.IQ3_XXS, T.IQ3_S, T.Q3_K, T.IQ4_XS, T.IQ4_NL, T.Q4_0, T.Q4_K, T.Q4_1,
+    T.Q5_0, T.Q5_K, T.Q5_1, T.Q6_K, T.Q8_0, T.F16,
+)
+PROBE_BPW = 3.5  # the bits per weight of the type a group is moved to when its scale is measured
+
+# The mix name written as general.file_type for a budget file: the one its most common quantized type heads.
+_FTYPE_OF_TYPE = {T.Q3_K: "Q3_K_M", T.Q4_K: "Q4_K_M", T.Q5_K: "Q5_K_M", T.IQ2_S: "IQ2_M", T.IQ3_S: "IQ3_S"}
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What the user asked for: exactly one of bits per weight (tensor bytes x 8 / parameters, llama.cpp's BPW),
+    tensor-data bytes, or a memory size that the weights, a KV cache of ``context`` tokens and the runtime's
+    overhead must fit together (as `slimlm fit` counts them)."""
+
+    target_bpw: float | None = None
+    target_bytes: int | None = None
+    fit_memory: int | None = None
+    context: int = 4096
+
+    def __post_init__(self) -> None:
+        given = [v for v in (self.target_bpw, self.target_bytes, self.fit_memory) if v is not None]
+        if len(given) != 1:
+            raise SlimlmError("give exactly one budget: --target-bpw, --target-size or --fit")
+        if given[0] <= 0:
+            raise SlimlmError("the budget must be positive")
+
+    def describe(self) -> str:
+        if self.target_bpw is not None:
+            return f"{self.target_bpw:g} bits/weight"
+        if self.target_bytes is not None:
+            return f"{self.target_bytes:,} bytes of tensor data"
+        from slimlm.inspect.fit import format_bytes
+
+        return f"fits {format_bytes(self.fit_memory)} at context {self.context}"
+
+
+@dataclass
+class Option:
+    qtype: T
+    bytes: int
+    cost: float
+
+
+@dataclass
+class TensorOptions:
+    """A quantizable tensor's candidate types, each with its bytes and its measured cost (expected KLD added)."""
+
+    name: str
+    options: list[Option]
+
+
+@dataclass
+class Sensitivity:
+    """Measured costs per tensor and type, plus what was measured to get them (kept in the result for reports)."""
+
+    tensors: list[TensorOptions]
+    group_kld: dict[str, float] = field(default_factory=dict)
+    windows: int = 0
+
+
+# Types whose llama.cpp encoder cannot run without importances (GGML_ASSERT(quant_weights)), even where
+# llama-quantize would allow them (the token embedding, the output matrix).
+_ENCODER_NEEDS_IMPORTANCE = frozenset((T.IQ2_XXS, T.IQ2_XS, T.IQ1_S, T.IQ1_M))
+
+
+def candidates_for(tensor: gguf_mix.PlanTensor, types: Sequence[T] = CANDIDATES, has_importance: bool = True
+                   ) -> list[T]:
+    """The types llama.cpp can store this tensor as: those whose block divides its rows and, without an importance
+    entry for it, those llama.cpp writes without one."""
+    return [q for q in types if tensor.row_length % GGML_QUANT_SIZES[q][0] == 0
+            and (has_importance or (q not in _ENCODER_NEEDS_IMPORTANCE
+                                    and not gguf_mix.requires_imatrix(tensor.name, q)))]
+
+
+def group_of(name: str, per_layer: bool) -> str:
+    """'blk.3.attn_v.weight' -> 'attn_v.weight' (or the whole name per layer); non-block tensors are their own."""
+    return name if per_layer else re.sub(r"^blk\.\d+\.", "", name)
+
+
+def budget_tensor_bytes(budget: Budget, n_params: int, fixed_bytes: int, model: Path | str | None = None) -> int:
+    """The tensor-data bytes the quantizable tensors may use together (after ``fixed_bytes`` of kept tensors)."""
+    if budget.target_bpw is not None:
+        total = int(math.floor(budget.target_bpw * n_params / 8))
+    elif budget.target_bytes is not None:
+        total = int(budget.target_bytes)
+    else:
+        from slimlm.inspect.fit import load_model_facts
+        from slimlm.inspect.memory import kv_cache, runtime_overhead
+
+        spec = load_model_facts(model).spec
+        total = budget.fit_memory - kv_cache(spec, budget.context).bytes - runtime_overhead(spec, budget.context)
+    return total - fixed_bytes
+
+
+def allocate(tensors: Sequence[TensorOptions], budget_bytes: int) -> dict[str, T]:
+    """The type per tensor with the least total cost within ``budget_bytes`` (marginal cost per byte on each
+    tensor's lower convex hull; then any remaining upgrade that still fits)."""
+    hulls = {t.name: _lower_hull(t.options) for t in tensors}
+    chosen = {name: 0 for name in hulls}
+    used = sum(h[0].bytes for h in hulls.values())
+    if used > budget_bytes:
+        raise SlimlmError(f"the budget leaves {max(budget_bytes, 0):,} bytes for the quantized tensors, but even "
+                          f"the smallest type for each needs {used:,}")
+    import heapq
+
+    def push(heap: list, name: str) -> None:
+        i, hull = chosen[name], hulls[name]
+        if i + 1 < len(hull):
+            gain = hull[i].cost - hull[i + 1].cost
+            extra = hull[i + 1].bytes - hull[i].bytes
+            heapq.heappush(heap, (-gain / max(extra, 1), name, i))
+
+    heap: list = []
+    for name in hulls:
+        push(heap, name)
+    skipped: list[str] = []
+    while heap:
+        _, name, i = heapq.heappop(heap)
+        if chosen[name] != i:
+            continue
+        hull = hulls[name]
+        extra = hull[i + 1].bytes - hull[i].bytes
+        if used + extra > budget_bytes:
+            skipped.append(name)  # this step does not fit; smaller steps of other tensors still may
+            continue
+        chosen[name] = i + 1
+        used += extra
+        push(heap, name)
+    plan = {name: hulls[name][i].qtype for name, i in chosen.items()}
+    # Off the hull: the best single change per tensor that still fits (spends what the hull steps left over).
+    by_name = {t.name: t for t in tensors}
+    while True:
+        best = None
+        for name in by_name:
+            cur = next(o for o in by_name[name].options if o.qtype == plan[name])
+            for o in by_name[name].options:
+                if o.cost < cur.cost and used - cur.bytes + o.bytes <= budget_bytes:
+                    gain = cur.cost - o.cost
+                    if best is None or gain > best[0]:
+                        best = (gain, name, o, cur)
+        if best is None:
+            return plan
+        _, name, o, cur = best
+        plan[name] = o.qtype
+        used += o.bytes - cur.bytes
+
+
+def _lower_hull(options: Sequence[Option]) -> list[Option]:
+    """The options on the lower-left convex hull of (bytes, cost): the ones a marginal-rate allocation ever picks."""
+    pts: list[Option] = []
+    for o in sorted(options, key=lambda o: (o.bytes, o.cost)):
+        if pts and o.cost >= pts[-1].cost:
+            continue  # more bytes, no less cost: never worth it
+        while len(pts) >= 2:
+            a, b = pts[-2], pts[-1]
+            # drop b if it lies on or above the segment a -> o
+            if (b.cost - a.cost) * (o.bytes - a.bytes) >= (o.cost - a.cost) * (b.bytes - a.bytes):
+                pts.pop()
+            else:
+                break
+        pts.append(o)
+    return pts
+
+
+def weighted_error(w: np.ndarray, qtype: T, importance: np.ndarray | None, rows: int) -> float:
+    """sum imp_j (w - q(w))^2 over the tensor, estimated from ``rows`` evenly spaced rows (scaled to all)."""
+    from slimlm.formats import ggml
+
+    if qtype == T.F16:
+        deq = w.astype(np.float16).astype(np.float32)
+        sub, scale = w, 1.0
+    else:
+        idx = np.unique(np.linspace(0, w.shape[0] - 1, min(rows, w.shape[0])).round().astype(np.int64))
+        sub = np.ascontiguousarray(w[idx])
+        scale = w.shape[0] / len(idx)
+        deq = ggml.dequantize(ggml.quantize(sub, qtype, importance, threads=1), qtype, sub.shape)
+    err = (sub.astype(np.float64) - deq) ** 2
+    return float((err * (1.0 if importance is None else importance.astype(np.float64))).sum() * scale)
+
+
+def dequantized(w: np.ndarray, qtype: T, importance: np.ndarray | None) -> np.ndarray:
+    """The tensor as llama.cpp will see it after quantizing to ``qtype`` with ``importance``."""
+    from slimlm.formats import ggml
+
+    if qtype == T.F16:
+        return w.astype(np.float16).astype(np.float32)
+    return ggml.dequantize(ggml.quantize(w, qtype, importance), qtype, w.shape)
+
+
+def _probe(types: Sequence[T]) -> T:
+    """The candidate nearest PROBE_BPW (the lower one on a tie): where a group's scale is measured."""
+    return min((q for q in types if q != T.F16), key=lambda q: (abs(_bpw(q) - PROBE_BPW), _bpw(q)))
+
+
+def _bpw(q: T) -> float:
+    block, size = GGML_QUANT_SIZES[q]
+    return size * 8 / block
+
+
+def measure(model_path: Path, calib: Path, tensors: Sequence[gguf_mix.PlanTensor],
+            importance_of: Callable[[str], np.ndarray | None], *, windows: int = 4, ctx: int = 512, rows: int = 128,
+            per_layer: bool = False, types: Sequence[T] = CANDIDATES,
+            progress: Callable[[int, int, str], None] | None = None) -> Sensitivity:
+    """Each tensor's cost per candidate type: its weighted error scaled by its group's measured KLD per unit of
+    error (module docstring). The torch model is ``model_path`` in float32; ``tensors`` are the quantizable ones
+    under their GGUF names (rows as llama.cpp stores them; the Q/K rope permutation moves whole rows, which
+    quantize independently, so the HF weight gives the same error)."""
+    import torch
+
+    from slimlm.data.calibration import llama_windows, read_text_file
+    from slimlm.models import load_model
+
+    model, tokenizer, _ = load_model(model_path)
+    if tokenizer is None:
+        raise SlimlmError(f"{model_path} has no usable tokenizer for the calibration text")
+    model = model.float().eval()
+    weights = _weights_by_gguf_name(model)
+    missing = [t.name for t in tensors if t.name not in weights]
+    if missing:
+        raise SlimlmError(f"budget mixes cannot measure {missing[0]} (and {len(missing) - 1} more): only dense "
+                          "decoder models whose matrices are torch Linear/Embedding weights are supported")
+    ids = torch.from_numpy(llama_windows(tokenizer, read_text_file(calib), ctx, windows))
+    half = ctx // 2
+
+    def logprobs() -> torch.Tensor:
+        with torch.inference_mode():
+            out = [torch.log_softmax(model(w[None], use_cache=False).logits[0, half:-1].float(), -1) for w in ids]
+        return torch.stack(out)
+
+    ref = logprobs().to(torch.float16)
+
+    def kld() -> float:
+        lp = logprobs()
+        r = ref.float()
+        return float((r.exp() * (r - lp)).sum(-1).mean())
+
+    groups: dict[str, list[gguf_mix.PlanTensor]] = {}
+    for t in tensors:
+        groups.setdefault(group_of(t.name, per_layer), []).append(t)
+    cands = {t.name: candidates_for(t, types, importance_of(t.name) is not None) for t in tensors}
+    errors: dict[str, dict[T, float]] = {}
+    group_kld: dict[str, float] = {}
+    alpha: dict[str, float] = {}
+    done, total = 0, len(tensors) + len(groups)
+    for g, members in groups.items():
+        probe_err = 0.0
+        originals = []
+        for t in members:
+            w_param = weights[t.name]
+            w = w_param.detach().float().numpy()
+            imp = importance_of(t.name)
+            errors[t.name] = {q: weighted_error(w, q, imp, rows) for q in cands[t.name]}
+            probe = _probe(cands[t.name])
+            probe_err += errors[t.name][probe]
+            originals.append((w_param, w_param.detach().clone()))
+            with torch.no_grad():
+                w_param.copy_(torch.from_numpy(dequantized(w, probe, imp)))
+            done += 1
+            if progress:
+                progress(done, total, t.name)
+        group_kld[g] = max(kld(), 0.0)
+        with torch.no_grad():
+            for p, orig in originals:
+                p.copy_(orig)
+        alpha[g] = group_kld[g] / probe_err if probe_err > 0 else 0.0
+        done += 1
+        if progress:
+            progress(done, total, f"{g}: KLD {group_kld[g]:.4g}")
+        log.info("budget: %s moved to its probe type: KLD %.5f", g, group_kld[g])
+    out = []
+    for t in tensors:
+        a = alpha[group_of(t.name, per_layer)]
+        out.append(TensorOptions(t.name, [Option(q, gguf_mix.tensor_bytes(t, q), a * e)
+                                          for q, e in errors[t.name].items()]))
+    return Sensitivity(out, group_kld, len(ids))
+
+
+def _weights_by_gguf_name(model) -> dict:
+    """GGUF tensor name -> the torch parameter holding it (decoder Linears, the embedding, an untied lm_head)."""
+    from slimlm.quantize.imatrix import linear_gguf_names
+
+    modules = dict(model.named_modules())
+    out = {g + ".weight": modules[m].weight for m, g in linear_gguf_names(model).items()}
+    emb = model.get_input_embeddings()
+    out["token_embd.weight"] = emb.weight
+    head = model.get_output_embeddings()
+    if head is not None and head.weight is not emb.weight:
+        out["output.weight"] = head.weight
+    return out
+
+
+def file_type_name(plan: Mapping[str, T], sizes: Mapping[str, int]) -> str:
+    """The llama.cpp mix name for general.file_type: the one headed by the type holding most of the weights."""
+    by_type: dict[T, int] = {}
+    for name, q in plan.items():
+        if q not in (T.F32,):
+            by_type[q] = by_type.get(q, 0) + sizes.get(name, 0)
+    if not by_type:
+        return "F32"
+    top = max(by_type, key=by_type.get)
+    name = _FTYPE_OF_TYPE.get(top, top.name)
+    return name if name in gguf_mix.FTYPE_DEFAULT else "F16"
+
+
+def plan_budget(source, budget: Budget, calib: Path, importance_of: Callable[[str], np.ndarray | None], *,
+                windows: int = 4, per_layer: bool = False, types: Sequence[T] = CANDIDATES,
+                progress: Callable[[int, int, str], None] | None = None, sensitivity: Sensitivity | None = None
+                ) -> tuple[dict[str, T], Sensitivity, int]:
+    """The budget mix for a ``quantize.sources.ModelSource``: (type per tensor, what was measured, the tensor-data
+    bytes allowed). Tensors llama.cpp never quantizes (norms, 1-D) keep their type and count against the budget.
+    ``sensitivity`` reuses an earlier measurement of the same model (one per model serves every budget)."""
+    from slimlm.quantize.gguf import plan_tensors
+
+    infos = plan_tensors(source)
+    kept = {t.name: t.type for t in infos if not gguf_mix.allows_quantization(t)}
+    quantizable = [t for t in infos if t.name not in kept]
+    fixed = sum(gguf_mix.tensor_bytes(t, t.type) for t in infos if t.name in kept)
+    allowed = budget_tensor_bytes(budget, sum(t.n_elements for t in infos), fixed, source.path)
+    smallest = sum(min(gguf_mix.tensor_bytes(t, q) for q in candidates_for(t, types, importance_of(t.name) is not None))
+                   for t in quantizable)
+    if smallest > allowed:
+        from slimlm.inspect.fit import format_bytes
+
+        raise SlimlmError(f"{budget.describe()} leaves {format_bytes(max(allowed, 0))} for the quantized tensors; "
+                          f"the smallest types llama.cpp runs need {format_bytes(smallest)} "
+                          f"({smallest * 8 / max(sum(t.n_elements for t in quantizable), 1):.2f} bits/weight)")
+    sens = sensitivity or measure(source.path, calib, quantizable, importance_of, windows=windows,
+                                  per_layer=per_layer, types=types, progress=progress)
+    allowed_types = set(types)
+    options = [TensorOptions(t.name, [o for o in t.options if o.qtype in allowed_types]) for t in sens.tensors]
+    return {**kept, **allocate(options, allowed)}, sens, allowed + fixed

@@ -1,0 +1,182 @@
+"""Budget mixes (quantize.budget): the allocation, the candidate types, and a tiny model end to end — the file
+fits the budget, llama.cpp loads it, and llama.cpp's own quantizer told the same per-tensor types writes the same
+tensor bytes."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as T
+
+from slimlm.errors import SlimlmError
+from slimlm.formats.gguf_mix import PlanTensor
+from slimlm.quantize.budget import Budget, Option, TensorOptions, allocate, candidates_for, group_of
+
+
+def _random_options(rng: np.random.Generator, name: str) -> TensorOptions:
+    sizes = np.sort(rng.choice(np.arange(10, 200), size=5, replace=False))
+    costs = np.sort(rng.random(5) * 10)[::-1]  # more bytes, less cost (not necessarily convex)
+    return TensorOptions(name, [Option(T.Q4_0, int(b), float(c)) for b, c in zip(sizes, costs)])
+
+
+def test_allocate_fits_and_is_near_the_exact_optimum() -> None:
+    """Against brute force on small random instances: never over budget; cost within the exact optimum plus the
+    largest single step (the greedy's known bound); more budget never costs more."""
+    rng = np.random.default_rng(0)
+    for trial in range(30):
+        tensors = [_random_options(rng, f"t{i}") for i in range(4)]
+        for t in tensors:  # distinct types so the plan names the option
+            for o, q in zip(t.options, (T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K)):
+                o.qtype = q
+        lo = sum(min(o.bytes for o in t.options) for t in tensors)
+        hi = sum(max(o.bytes for o in t.options) for t in tensors)
+        prev = None
+        for budget in np.linspace(lo, hi, 6).astype(int):
+            plan = allocate(tensors, int(budget))
+            pick = {t.name: next(o for o in t.options if o.qtype == plan[t.name]) for t in tensors}
+            used = sum(o.bytes for o in pick.values())
+            cost = sum(o.cost for o in pick.values())
+            assert used <= budget
+            best = min(sum(o.cost for o in combo) for combo in itertools.product(*(t.options for t in tensors))
+                       if sum(o.bytes for o in combo) <= budget)
+            step = max(max(o.cost for o in t.options) - min(o.cost for o in t.options) for t in tensors)
+            assert best - 1e-9 <= cost <= best + step
+            if prev is not None:
+                assert cost <= prev + 1e-9
+            prev = cost
+
+
+def test_allocate_refuses_a_budget_below_the_smallest_types() -> None:
+    t = TensorOptions("a", [Option(T.Q4_0, 100, 1.0), Option(T.Q8_0, 200, 0.1)])
+    with pytest.raises(SlimlmError, match="smallest"):
+        allocate([t], 99)
+    assert allocate([t], 100) == {"a": T.Q4_0} and allocate([t], 200) == {"a": T.Q8_0}
+
+
+def test_candidates_follow_llama_cpp_row_sizes() -> None:
+    """A 576-wide row (SmolLM2) only takes 32-wide blocks, as llama.cpp's fallback would give it."""
+    narrow = candidates_for(PlanTensor("blk.0.attn_q.weight", (576, 576)))
+    assert narrow and all(q in (T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.IQ4_NL, T.F16) for q in narrow)
+    wide = candidates_for(PlanTensor("blk.0.ffn_down.weight", (576, 1536)))
+    assert {T.IQ2_XS, T.Q3_K, T.Q4_K, T.IQ4_XS, T.Q6_K} <= set(wide)
+    assert group_of("blk.12.attn_v.weight", False) == "attn_v.weight"
+    assert group_of("blk.12.attn_v.weight", True) == "blk.12.attn_v.weight"
+
+
+def test_budget_needs_exactly_one_target() -> None:
+    with pytest.raises(SlimlmError, match="exactly one"):
+        Budget()
+    with pytest.raises(SlimlmError, match="exactly one"):
+        Budget(target_bpw=4.0, target_bytes=10)
+    with pytest.raises(SlimlmError, match="positive"):
+        Budget(target_bpw=-1.0)
+
+
+@pytest.fixture(scope="module")
+def tiny_wide(tmp_path_factory, wikitext_valid: Path) -> tuple[Path, Path]:
+    """A tiny Llama with 256-wide rows (so K- and i-quants apply) and a byte tokenizer, and calibration text."""
+    from conftest import make_byte_tokenizer, make_tiny_llama
+
+    base = tmp_path_factory.mktemp("budget")
+    src = make_byte_tokenizer(make_tiny_llama(base / "m", hidden=256, ffn=512, heads=4, kv_heads=2, vocab=258))
+    calib = base / "calib.txt"
+    calib.write_text(wikitext_valid.read_text()[:6000])
+    return src, calib
+
+
+def test_budget_file_fits_and_llama_cpp_writes_the_same_bytes(tiny_wide: tuple[Path, Path], tmp_path: Path) -> None:
+    import gguf
+
+    from test_gguf_mix_llamacpp import llama_quantize
+
+    from slimlm.quantize.gguf import quantize_gguf
+    from slimlm.quantize.imatrix import collect_imatrix, write_imatrix
+
+    src, calib = tiny_wide
+    im = tmp_path / "im.gguf"
+    write_imatrix(collect_imatrix(src, calib, ctx=512, chunks=4), im)
+    out = tmp_path / "budget.gguf"
+    r = quantize_gguf(src, None, out, imatrix=im, calib=calib, budget=Budget(target_bpw=4.0), budget_windows=2)
+    assert r.bits_per_weight <= 4.0 and r.tensor_bytes * 8 <= 4.0 * r.n_params
+    assert r.tensor_bytes * 8 > 3.7 * r.n_params  # the budget is spent, not wasted
+    assert r.budget["group_kld"] and all(v >= 0 for v in r.budget["group_kld"].values())
+    types = {t.name: T[t.type] for t in r.tensors}
+    assert len({q for n, q in types.items() if n.startswith("blk.")} - {T.F32}) >= 2  # a real mix, not one type
+
+    from slimlm.inspect import inspect
+
+    shown = inspect(str(out)).to_dict()["gguf"]  # `slimlm inspect` names the budget and each tensor's type
+    assert shown["budget"] == "4 bits/weight"
+    assert {q for q in shown["per_tensor_kind"]["ffn_down.weight"]} == {types[f"blk.{i}.ffn_down.weight"].name
+                                                                      for i in range(2)}
+
+    f32 = tmp_path / "f32.gguf"
+    quantize_gguf(src, "f32", f32)
+    theirs = tmp_path / "lcpp.gguf"
+    overrides = [(f"^{n.replace('.', '[.]')}$", q) for n, q in types.items() if q != T.F32]
+    llama_quantize(f32, theirs, "Q8_0", overrides, imatrix=im)
+    ours_t = {t.name: (t.tensor_type, np.asarray(t.data).tobytes()) for t in gguf.GGUFReader(out).tensors}
+    theirs_t = {t.name: (t.tensor_type, np.asarray(t.data).tobytes()) for t in gguf.GGUFReader(theirs).tensors}
+    assert ours_t == theirs_t
+
+
+def test_cli_budget_options(tiny_wide: tuple[Path, Path], tmp_path: Path, capsys) -> None:
+    from slimlm.cli import run
+
+    src, calib = tiny_wide
+    out = str(tmp_path / "x.gguf")
+    assert run(["quantize", str(src), "--to", "Q4_K_M", "--target-bpw", "4", "--calib", str(calib), "-o", out]) == 2
+    assert "drop --to" in capsys.readouterr().err
+    assert run(["quantize", str(src), "--target-bpw", "4", "-o", out]) == 2
+    assert "--calib" in capsys.readouterr().err
+    assert run(["quantize", str(src), "--target-bpw", "1.0", "--calib", str(calib), "-o", out]) == 2
+    assert "smallest types" in capsys.readouterr().err
+    assert run(["quantize", str(src), "--target-bpw", "4", "--fit", "1GiB", "--calib", str(calib), "-o", out]) == 2
+    assert "exactly one" in capsys.readouterr().err
+
+
+def test_report_draws_quality_per_size(tmp_path: Path, capsys) -> None:
+    import json
+
+    from slimlm.cli import run
+
+    points = [{"name": "Q4_K_M", "kind": "llama.cpp", "bytes": 105_000_000, "kld_mean": 0.03},
+              {"name": "Q2_K", "kind": "llama.cpp", "bytes": 88_000_000, "kld_mean": 0.24},
+              {"name": "4.0 bpw", "kind": "slimlm budget", "bytes": 80_000_000, "kld_mean": 0.1},
+              {"name": "5.0 bpw", "kind": "slimlm budget", "bytes": 95_000_000, "kld_mean": 0.0}]
+    src = tmp_path / "q.json"
+    src.write_text(json.dumps({"kind": "quality_per_size", "model": "m", "points": points}))
+    out = tmp_path / "docs" / "q.png"
+    assert run(["report", str(src), "-o", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert run(["report", str(src), "-o", str(out)]) == 2  # exists
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"kind": "quality_per_size", "points": [{"name": "x"}]}))
+    assert run(["report", str(bad), "-o", str(tmp_path / "b.png")]) == 2
+    assert "needs name" in capsys.readouterr().err
+
+
+def test_inspect_layer_ranges() -> None:
+    from slimlm.inspect import _ranges
+
+    assert _ranges([0, 1, 2, 5, 7, 8]) == "0-2,5,7-8"
+    assert _ranges([-1]) == "-" and _ranges([3]) == "3"
+
+
+def test_fit_budget_leaves_room_for_the_kv_cache(tiny_wide: tuple[Path, Path]) -> None:
+    """--fit MEM --context N: the tensors get MEM minus the KV cache and the runtime overhead `slimlm fit` counts."""
+    from slimlm.inspect.fit import load_model_facts
+    from slimlm.inspect.memory import kv_cache, runtime_overhead
+    from slimlm.quantize.budget import budget_tensor_bytes
+
+    src, _ = tiny_wide
+    spec = load_model_facts(src).spec
+    mem = 64 << 20
+    short = budget_tensor_bytes(Budget(fit_memory=mem, context=512), 1000, 100, src)
+    long = budget_tensor_bytes(Budget(fit_memory=mem, context=4096), 1000, 100, src)
+    assert short == mem - kv_cache(spec, 512).bytes - runtime_overhead(spec, 512) - 100
+    assert long < short
+    assert budget_tensor_bytes(Budget(target_bpw=4.0), 1000, 100) == 500 - 100
