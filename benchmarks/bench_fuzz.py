@@ -92,7 +92,7 @@ def main() -> None:
             "bytes, text with NUL bytes, Latin-1, UTF-16 with its BOM, JSONL that is not JSON, empty or without a "
             "text field, and a 1 MiB single line, which is valid text (\"text used\": the command ran on it within "
             "the cap; `cache-teacher` and `recommend`, whose work grows with the whole text by design, are not "
-            "given it); their control is the valid text file (— for `recommend`: a full run).\n\n"
+            "given it); their control is the valid text file (— for `cache-teacher` and `recommend`, not run on valid text here).\n\n"
             + markdown_table(headers, rows)
             + ("\n\nNot clean:\n" + "\n".join(notes) if notes else "")
             + "\n\nCommand: `flock /tmp/cpu.lock python benchmarks/bench_fuzz.py`")
