@@ -344,16 +344,16 @@ def file_type_name(plan: Mapping[str, T], sizes: Mapping[str, int]) -> str:
     return name if name in gguf_mix.FTYPE_DEFAULT else "F16"
 
 
-def plan_budget(source, budget: Budget, calib: Path, importance_of: Callable[[str], np.ndarray | None], *,
+def plan_budget(source, infos: Sequence[gguf_mix.PlanTensor], budget: Budget, calib: Path,
+                importance_of: Callable[[str], np.ndarray | None], *,
                 windows: int = 4, per_layer: bool = False, types: Sequence[T] = CANDIDATES,
                 progress: Callable[[int, int, str], None] | None = None, sensitivity: Sensitivity | None = None
                 ) -> tuple[dict[str, T], Sensitivity, int]:
     """The budget mix for a ``quantize.sources.ModelSource``: (type per tensor, what was measured, the tensor-data
-    bytes allowed). Tensors llama.cpp never quantizes (norms, 1-D) keep their type and count against the budget.
-    ``sensitivity`` reuses an earlier measurement of the same model (one per model serves every budget)."""
-    from slimlm.quantize.gguf import plan_tensors
-
-    infos = plan_tensors(source)
+    bytes allowed). ``infos`` are the source's tensors as the planner sees them (quantize.gguf.plan_tensors, passed
+    in so this module does not import its caller). Tensors llama.cpp never quantizes (norms, 1-D) keep their type
+    and count against the budget. ``sensitivity`` reuses an earlier measurement of the same model (one per model
+    serves every budget)."""
     kept = {t.name: t.type for t in infos if not gguf_mix.allows_quantization(t)}
     quantizable = [t for t in infos if t.name not in kept]
     fixed = sum(gguf_mix.tensor_bytes(t, t.type) for t in infos if t.name in kept)

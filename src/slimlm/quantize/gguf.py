@@ -188,8 +188,8 @@ def _budget_plan(source: ModelSource, budget: Budget, calib: Path, im: Imatrix, 
     """The budget mix's plan and, for the result, the target, the bytes allowed and the KLD of each probe group."""
     from slimlm.quantize import budget as budget_mix
 
-    plan, sens, allowed = budget_mix.plan_budget(source, budget, calib, im.importance, windows=windows,
-                                                 per_layer=per_layer, progress=progress, sensitivity=sensitivity,
+    plan, sens, allowed = budget_mix.plan_budget(source, plan_tensors(source), budget, calib, im.importance,
+                                                 windows=windows, per_layer=per_layer, progress=progress, sensitivity=sensitivity,
                                                  types=types or budget_mix.CANDIDATES)
     sizes = {t.name: tensor_nbytes(t.shape, plan[t.name]) for t in source.tensors}
     return plan, {"target": budget.describe(), "sensitivity": sens, "allowed_tensor_bytes": allowed, "windows": sens.windows,
