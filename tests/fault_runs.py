@@ -81,6 +81,12 @@ def start(job: list[str] | Callable[[], None], log: Path, *, fsize: int | None =
                 resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
             if drop_root:
                 _drop_dac_override()
+            # A forked child of a process that already ran torch's OpenMP pool hangs at its first parallel region
+            # (libgomp's pool is not fork-safe: measured, a 1M-element gelu never returns). Earlier tests in the
+            # same pytest process use that pool, so every child runs torch on one thread.
+            import torch
+
+            torch.set_num_threads(1)
             code = _run(job)
         except BaseException:  # noqa: BLE001 - reported through the log and the exit code
             import traceback
@@ -454,7 +460,7 @@ def writers(model: Path, text: Path, root: Path) -> dict[str, Writer]:
             variants = [Variant("Q8_0", "gguf", "Q8_0", "Q8_0", backend="gguf"),
                         Variant("W8A8 RTN", "compressed-tensors", "W8A8", "w8a8", "rtn", backend="native")]
             measure(model, memory="4GiB", data=text, calib=text, variants=variants, chunks=1, calib_samples=2,
-                    prompt=8, gen=2, runs=1, cache_dir=cache_dir, context=256)
+                    prompt=8, gen=2, runs=1, cache_dir=cache_dir, context=256, threads=1)  # see start()
         return job
 
     return {
