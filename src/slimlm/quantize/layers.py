@@ -161,7 +161,8 @@ def quantize_model(model: str | Path, output: str | Path, *, scheme: str | Quant
         if not (model_dir / "config.json").is_file():
             raise SlimlmError(f"{model_dir} is not a Hugging Face model dir (no config.json)")
         out_dir.parent.mkdir(parents=True, exist_ok=True)
-        check_output(out_dir, overwrite, sources=[model_dir])
+        if distributed.current().writes:  # only rank 0 writes OUT: the other ranks would see its claim as a rival
+            check_output(out_dir, overwrite, sources=[model_dir])
         cfg = scheme if isinstance(scheme, QuantConfig) else get_scheme(
             scheme, group_size=group_size, symmetric=symmetric, ignore=ignore, act_dynamic=act_dynamic)
         run = _open_run(model_dir, out_dir, cfg, method, smoothing_strength, actorder)
