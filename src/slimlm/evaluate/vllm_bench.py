@@ -100,12 +100,9 @@ class Server:
 
     def peak_rss_mb(self) -> float:
         """Sum of the high-water resident memory (VmHWM) of the server's processes."""
-        total = 0
-        for proc_dir, _fields in self._processes():
-            with contextlib.suppress(OSError):
-                status = (proc_dir / "status").read_text()
-                total += sum(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:"))
-        return total / 1024
+        from slimlm.util.process import status_mb
+
+        return sum(status_mb("VmHWM:", proc_dir) or 0.0 for proc_dir, _fields in self._processes())
 
     def cpu_seconds(self) -> float:
         """CPU time (user + system) the server's processes have used so far."""

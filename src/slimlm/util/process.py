@@ -8,21 +8,29 @@ from __future__ import annotations
 
 import gc
 import multiprocessing
+import os
 import resource
 from multiprocessing.connection import Connection, wait
 from typing import Any, Callable, Iterator, Sequence
 
 
-def _status_mb(field: str) -> float:
-    """A memory line of /proc/self/status in MiB; elsewhere the whole-process peak from getrusage."""
+def status_mb(field: str, proc_dir: str | os.PathLike[str] = "/proc/self") -> float | None:
+    """A memory line (``VmHWM:``, ``VmRSS:``) of a process's /proc status in MiB; None where it cannot be read
+    (the process is gone, or no /proc)."""
     try:
-        with open("/proc/self/status") as f:
+        with open(os.path.join(proc_dir, "status")) as f:
             for line in f:
                 if line.startswith(field):
                     return int(line.split()[1]) / 1024
-    except OSError:
+    except (OSError, IndexError, ValueError):
         pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    return None
+
+
+def _status_mb(field: str) -> float:
+    """This process's memory line in MiB; without /proc, the whole-process peak from getrusage."""
+    mb = status_mb(field)
+    return mb if mb is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def peak_rss_mb() -> float:
