@@ -157,5 +157,5 @@ def test_calibrated_methods_beat_rtn_on_a_tiny_model(tmp_path):
             lp = torch.log_softmax(load_reference_model(out)(held_out).logits, -1)
         return float((ref.exp() * (ref - lp)).sum(-1).mean())
 
-    rtn, awq, gptq = kld("rtn"), kld("awq"), kld("gptq")
-    assert awq < rtn and gptq < rtn
+    rtn, awq, gptq, both = kld("rtn"), kld("awq"), kld("gptq"), kld("awq+gptq")
+    assert awq < rtn and gptq < rtn and both < rtn

@@ -42,8 +42,9 @@ class Method:
                specs: dict[str, QuantSpec], strength: float) -> tuple[dict[str, torch.Tensor] | None, dict]:
         """Fold this method's scales into ``layer`` (in place); returns (clip ratios or None, report entries)."""
         if self.smoothing == "awq":
-            clips, report = awq_layer(layer, stats, pairs, specs)
-            return clips, {"awq": report}
+            # GPTQ rounds with its own error feedback and ignores clip ratios: no clip search then.
+            clips, report = awq_layer(layer, stats, pairs, specs, clip=not self.gptq)
+            return (None if self.gptq else clips), {"awq": report}
         if self.smoothing == "smoothquant":
             smooth_layer(layer, stats, pairs, strength)
         return None, {}
@@ -65,7 +66,7 @@ _TABLE = (
     Method("llama.cpp", None, False, ("gguf",)),
     Method("awq", "awq", False, ("layers", "gguf")),
     Method("gptq", None, True, ("layers", "gguf")),
-    Method("awq+gptq", "awq", True, ("gguf",)),
+    Method("awq+gptq", "awq", True, ("layers", "gguf")),
     Method("smoothquant", "smoothquant", False, ("layers",)),
     Method("smoothquant+gptq", "smoothquant", True, ("layers",)),
 )

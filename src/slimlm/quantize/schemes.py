@@ -163,7 +163,7 @@ def check_method(cfg: QuantConfig, method: str | None) -> str:
     if method.startswith("smoothquant") and not cfg.act_bits:
         raise SlimlmError(f"smoothquant smooths activations for 8-bit activation quantization; "
                           f"it does not apply to {cfg.name} (use awq or gptq)")
-    if method == "awq" and cfg.act_bits:
+    if method.startswith("awq") and cfg.act_bits:
         raise SlimlmError("awq is a weight-only method; for w8a8 use smoothquant or smoothquant+gptq")
     return method
 
