@@ -9,7 +9,11 @@ One output per scheme is also loaded by transformers (compressed-tensors decompr
 perplexity compared with ours.
 
     flock /tmp/slimlm-heavy.lock python benchmarks/bench_w4a16_w8a8.py [--model qwen2] [--chunks 40] [--samples 16]
-        [--group 64]
+        [--group 64] [--llmcompressor LLMC_VENV/bin/python]
+
+With --llmcompressor, method ``llm-compressor-awq`` (in --methods) runs the peer's AWQ (benchmarks/llmc_awq.py, in
+llm-compressor's own venv: ``python3 -m venv V && V/bin/pip install torch==2.13.0 llmcompressor``) on the same
+calibration token ids, and its output is scored by the same evaluator as slimlm's rows.
 """
 
 from __future__ import annotations
@@ -32,9 +36,8 @@ from slimlm import resources  # noqa: E402
 from slimlm.writers.compressed_tensors import load_reference_model  # noqa: E402
 
 CTX = 512
+ABSENT_NOTE = ("llm-compressor was not given (--llmcompressor), so this table has no llm-compressor rows. ")
 LLMCOMPRESSOR_NOTE = (
-    "llm-compressor is not installed here, so this table has no llm-compressor rows (the issue's filer measured "
-    "its AWQ at 22 min on this model with 8 calibration samples on this machine; not re-measured in this run). "
     "From its source (vllm-project/llm-compressor@ab1ba3e, modifiers/transform/awq/base.py) its AWQ searches the "
     "same 20-point duo-scaling grid s = mean|x|^r / mean|w|^(1-r), but scores every grid point by re-running the "
     "parent module (e.g. the whole attention block) over all cached calibration batches, and does no clip "
@@ -75,6 +78,59 @@ def ppl_and_kld(logp: torch.Tensor, ref_logp: torch.Tensor | None, windows: torc
     return res
 
 
+PEER_AWQ = "llm-compressor-awq"
+
+
+def slimlm_quantize(args: argparse.Namespace, src: Path, out: Path, scheme: str, method: str) -> tuple[dict, float]:
+    """The real command, in its own process: wall time and peak RSS belong to the quantization alone."""
+    cmd = [sys.executable, "-c", "from slimlm.cli import main; main()", "quantize", str(src),
+           "--scheme", scheme, "--method", method, "-o", str(out), "--calib",
+           str(resources.wikitext_path("valid")), "--samples", str(args.samples), "--json"]
+    if scheme == "w4a16":
+        cmd += ["--group-size", str(args.group)]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise SystemExit(f"{scheme} {method} failed: {proc.stderr[-2000:]}")
+    return json.loads(proc.stdout), wall
+
+
+def peer_awq(args: argparse.Namespace, src: Path, out: Path, tok, tmp: Path) -> tuple[dict, float]:
+    """llm-compressor's AWQ in its own venv on the token windows slimlm's --calib/--samples gives."""
+    from slimlm.data.calibration import load_calibration
+
+    if args.llmcompressor is None:
+        raise SystemExit(f"method {PEER_AWQ} needs --llmcompressor PYTHON (llm-compressor's venv)")
+    calib = load_calibration(resources.wikitext_path("valid"), tokenizer=tok, n_samples=args.samples)
+    ids = tmp / "calib_ids.json"
+    ids.write_text(json.dumps(calib.input_ids.tolist()))
+    cmd = [str(args.llmcompressor), str(Path(__file__).with_name("llmc_awq.py")), str(src), str(out),
+           "--ids", str(ids), "--group", str(args.group)]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise SystemExit(f"llm-compressor AWQ failed: {proc.stderr[-3000:]}")
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    res["output_bytes"] = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    return res, wall
+
+
+def transformers_crosscheck(out: Path, scheme: str, method: str, q: dict, windows: torch.Tensor) -> list[str]:
+    """transformers reading the same dir: compressed-tensors decompresses on CPU."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils.quantization_config import CompressedTensorsConfig
+
+    hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32,
+                                              quantization_config=CompressedTensorsConfig(dequantize=True))
+    if scheme == "w8a8":
+        # dequantize=True drops activation quantization; the default path keeps it.
+        hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    hf_ppl = ppl_and_kld(scored_logprobs(hf.eval(), windows), None, windows)["ppl"]
+    return [f"{scheme} {method}", f"{q['ppl']:.4f}", f"{hf_ppl:.4f}", f"{100 * abs(hf_ppl - q['ppl']) / q['ppl']:.3f}%"]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--chunks", type=int, default=40)
@@ -83,12 +139,13 @@ def main() -> None:
     ap.add_argument("--methods", default="w4a16:rtn,w4a16:awq,w4a16:gptq,w8a8:rtn,w8a8:smoothquant,w8a8:smoothquant+gptq")
     ap.add_argument("--no-append", action="store_true")
     ap.add_argument("--model", choices=["smollm2", "qwen2"], default="smollm2")
+    ap.add_argument("--llmcompressor", type=Path, default=None,
+                    help="python of llm-compressor's venv: enables method llm-compressor-awq")
     args = ap.parse_args()
     name = {"smollm2": "SmolLM2-135M-Instruct (fp32 from the shipped Q4_1)",
             "qwen2": "Qwen2.5-Coder-0.5B-Instruct (fp32 from the shipped Q5_0/Q4_K/Q6_K/Q8_0 file)"}[args.model]
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils.quantization_config import CompressedTensorsConfig
 
     src = resources.builtin_hf_dir() if args.model == "smollm2" else resources.qwen2_hf_dir()
     src_mib = (src / "model.safetensors").stat().st_size / 2**20
@@ -104,18 +161,10 @@ def main() -> None:
         for item in args.methods.split(","):
             scheme, method = item.split(":")
             out = Path(tmp) / f"{scheme}-{method}"
-            # The real command, in its own process: wall time and peak RSS belong to the quantization alone.
-            cmd = [sys.executable, "-c", "from slimlm.cli import main; main()", "quantize", str(src),
-                   "--scheme", scheme, "--method", method, "-o", str(out), "--calib",
-                   str(resources.wikitext_path("valid")), "--samples", str(args.samples), "--json"]
-            if scheme == "w4a16":
-                cmd += ["--group-size", str(args.group)]
-            t0 = time.perf_counter()
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            wall = time.perf_counter() - t0
-            if proc.returncode != 0:
-                raise SystemExit(f"{scheme} {method} failed: {proc.stderr[-2000:]}")
-            res = json.loads(proc.stdout)
+            if method == PEER_AWQ:
+                res, wall = peer_awq(args, src, out, tok, Path(tmp))
+            else:
+                res, wall = slimlm_quantize(args, src, out, scheme, method)
             model = load_reference_model(out)
             logp = scored_logprobs(model, windows)
             q = ppl_and_kld(logp, ref_logp, windows)
@@ -125,16 +174,7 @@ def main() -> None:
                          f"{q['kld']:.5f}", f"{q['kld_p99']:.4f}", f"{q['top1']:.3f}", f"{res['peak_rss_mb']:.0f}"])
             print(rows[-1], flush=True)
             if method in ("awq", "smoothquant"):
-                # transformers reading the same dir: compressed-tensors decompresses on CPU.
-                hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32,
-                                                          quantization_config=CompressedTensorsConfig(dequantize=True))
-                if scheme == "w8a8":
-                    # dequantize=True drops activation quantization; the default path keeps it.
-                    hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
-                hf_ppl = ppl_and_kld(scored_logprobs(hf.eval(), windows), None, windows)["ppl"]
-                crosscheck.append([f"{scheme} {method}", f"{q['ppl']:.4f}", f"{hf_ppl:.4f}",
-                                   f"{100 * abs(hf_ppl - q['ppl']) / q['ppl']:.3f}%"])
-                del hf
+                crosscheck.append(transformers_crosscheck(out, scheme, method, q, windows))
     table = markdown_table(["scheme", "method", "quantize s", "command wall s", "MiB", "ppl", "KLD mean",
                             "KLD p99", "top-1", "peak RSS MiB"], rows)
     body = (f"{name}, W4A16 group {args.group} asymmetric, W8A8 int8 "
@@ -147,7 +187,7 @@ def main() -> None:
             "Cross-check, same outputs loaded by transformers + compressed-tensors (W4A16: `dequantize=True`; "
             "W8A8: default path, which fake-quantizes activations per token):\n\n"
             + markdown_table(["output", "slimlm ppl", "transformers ppl", "difference"], crosscheck)
-            + "\n\n" + LLMCOMPRESSOR_NOTE)
+            + "\n\n" + ("" if args.llmcompressor else ABSENT_NOTE) + LLMCOMPRESSOR_NOTE)
     if args.no_append:
         print(body)
     else:
