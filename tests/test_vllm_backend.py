@@ -43,6 +43,18 @@ def test_engine_env_and_kwargs_from_a_request() -> None:
     kw = vllm_driver.engine_kwargs({"model": "/m", "tokenizer": "/t", "tensor_parallel_size": 2})
     assert kw == {"model": "/m", "dtype": "auto", "max_model_len": 1024, "tensor_parallel_size": 2, "seed": 0,
                   "enforce_eager": True, "tokenizer": "/t"}
+    assert vllm_driver.engine_kwargs({"model": "/m/x.gguf", "tokenizer": "/t"})["load_format"] == "gguf"
+
+
+def test_gguf_is_staged_as_a_model_dir(tmp_path: Path) -> None:
+    hf, stage = tmp_path / "hf", tmp_path / "stage"
+    hf.mkdir(), stage.mkdir()
+    for name in ("config.json", "tokenizer.json", "model.safetensors"):
+        (hf / name).write_text("{}")
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    req = vllm_driver.stage_gguf({"model": str(tmp_path / "m.gguf"), "tokenizer": str(hf)}, str(stage))
+    assert req["staged_model"] == str(stage)
+    assert sorted(p.name for p in stage.iterdir()) == ["config.json", "m.gguf", "tokenizer.json"]
 
 
 def _driver(tmp_path: Path, request: dict | None) -> tuple[int, dict]:
