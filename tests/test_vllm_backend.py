@@ -130,6 +130,14 @@ def test_check_states_vllm_cpu_w4a16_limits_in_vllms_words() -> None:
     assert vllm_cpu_w4a16_verdict(64, 64, 33).startswith("Group size (33) not supported by CPUWNA16")
 
 
+def test_check_warns_where_vllm_cpu_ignores_static_activation_scales() -> None:
+    from slimlm.quantize.schemes import vllm_cpu_static_acts_verdict
+
+    assert vllm_cpu_static_acts_verdict([(100, 48)]) == "ok"  # oneDNN path: the static scale is used
+    verdict = vllm_cpu_static_acts_verdict([(576, 576), (576, 1536), (100, 48)])
+    assert verdict.startswith("2 of 3 Linears fit vLLM's CPU SGL int8 kernel") and "ignores input_scale" in verdict
+
+
 def test_cli_refuses_vllm_options_it_cannot_honour(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
     proc = subprocess.run([sys.executable, "-m", "slimlm", "bench", str(tmp_path), "--backend", "vllm,torch-fp32"],
