@@ -98,6 +98,12 @@ def test_kernels_and_refusal_read_from_vllms_log() -> None:
     log = "Traceback (most recent call last):\n  File x\nValueError: Input size (100) not supported by CPUWNA16\n"
     assert vllm_engine.refusal_from_log(log) == "ValueError: Input size (100) not supported by CPUWNA16"
     assert vllm_engine.refusal_from_log("all fine") is None
+    tp = ("(Worker_TP1 pid=7) ERROR 12-02 20:18:57 [multiproc_executor.py:953] ValueError: Weight "
+          "input_size_per_partition=448 for layer 'o_proj' is not divisible by group_size=128.\n"
+          "(EngineCore pid=6) ERROR 12-02 20:19:00 [core.py:1510] Exception: WorkerProc initialization failed due "
+          "to an exception in a background process. See stack trace for root cause.\n"
+          "RuntimeError: Engine core initialization failed. See root cause above.\n")
+    assert vllm_engine.refusal_from_log(tp).startswith("ValueError: Weight input_size_per_partition=448")
 
 
 def test_sse_stream_timing_and_round_figures() -> None:
