@@ -61,6 +61,32 @@ def test_compressed_tensors_dir_runs_on_kernels_and_matches_transformers(tmp_pat
     assert rel_err(y_fast, y_ref) < 0.02
 
 
+def test_static_w8a8_runs_with_its_input_scales_like_transformers(tmp_path, tiny_src):
+    """A W8A8 file with static activations runs with the file's calibrated per-tensor scales (what vLLM and
+    transformers run), not per-token ones: its logits are transformers', not the dynamic reading's."""
+    from transformers import AutoModelForCausalLM
+
+    from slimlm.quantize.layers import quantize_model
+
+    out = tmp_path / "static"
+    quantize_model(tiny_src, out, scheme="w8a8", method="rtn", act_dynamic=False,
+                   calib=torch.randint(0, 320, (4, 32), generator=torch.Generator().manual_seed(1)))
+    fast, ref = load_quantized(out), load_quantized(out, reference=True)
+    assert all("static per-tensor" in k for k in kernel_report(fast).values())
+    peer = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()  # fake-quantizes with input_scale
+    ids = torch.randint(0, 320, (2, 16), generator=torch.Generator().manual_seed(0)) * 3 % 320
+    ids[:, 0] = 7
+    with torch.inference_mode():
+        y_fast, y_ref, y_peer = fast(ids).logits.float(), ref(ids).logits, peer(ids).logits
+        for m in ref.modules():  # the same reading with per-token scales: what the runtime ran before
+            if isinstance(m, DequantLinear):
+                m.input_scale = None
+        y_dyn = ref(ids).logits
+    assert rel_err(y_ref, y_peer) < 1e-4
+    assert rel_err(y_fast, y_ref) < 0.02
+    assert rel_err(y_dyn, y_peer) > 10 * rel_err(y_ref, y_peer)
+
+
 def test_load_quantized_refuses_plain_and_missing(tmp_path, tiny_src):
     with pytest.raises(SlimlmError, match="no quantization_config"):
         load_quantized(tiny_src)

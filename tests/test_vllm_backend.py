@@ -43,6 +43,18 @@ def test_engine_env_and_kwargs_from_a_request() -> None:
     kw = vllm_driver.engine_kwargs({"model": "/m", "tokenizer": "/t", "tensor_parallel_size": 2})
     assert kw == {"model": "/m", "dtype": "auto", "max_model_len": 1024, "tensor_parallel_size": 2, "seed": 0,
                   "enforce_eager": True, "tokenizer": "/t"}
+    assert vllm_driver.engine_kwargs({"model": "/m/x.gguf", "tokenizer": "/t"})["load_format"] == "gguf"
+
+
+def test_gguf_is_staged_as_a_model_dir(tmp_path: Path) -> None:
+    hf, stage = tmp_path / "hf", tmp_path / "stage"
+    hf.mkdir(), stage.mkdir()
+    for name in ("config.json", "tokenizer.json", "model.safetensors"):
+        (hf / name).write_text("{}")
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    req = vllm_driver.stage_gguf({"model": str(tmp_path / "m.gguf"), "tokenizer": str(hf)}, str(stage))
+    assert req["staged_model"] == str(stage)
+    assert sorted(p.name for p in stage.iterdir()) == ["config.json", "m.gguf", "tokenizer.json"]
 
 
 def _driver(tmp_path: Path, request: dict | None) -> tuple[int, dict]:
@@ -86,6 +98,12 @@ def test_kernels_and_refusal_read_from_vllms_log() -> None:
     log = "Traceback (most recent call last):\n  File x\nValueError: Input size (100) not supported by CPUWNA16\n"
     assert vllm_engine.refusal_from_log(log) == "ValueError: Input size (100) not supported by CPUWNA16"
     assert vllm_engine.refusal_from_log("all fine") is None
+    tp = ("(Worker_TP1 pid=7) ERROR 12-02 20:18:57 [multiproc_executor.py:953] ValueError: Weight "
+          "input_size_per_partition=448 for layer 'o_proj' is not divisible by group_size=128.\n"
+          "(EngineCore pid=6) ERROR 12-02 20:19:00 [core.py:1510] Exception: WorkerProc initialization failed due "
+          "to an exception in a background process. See stack trace for root cause.\n"
+          "RuntimeError: Engine core initialization failed. See root cause above.\n")
+    assert vllm_engine.refusal_from_log(tp).startswith("ValueError: Weight input_size_per_partition=448")
 
 
 def test_sse_stream_timing_and_round_figures() -> None:
@@ -116,6 +134,14 @@ def test_check_states_vllm_cpu_w4a16_limits_in_vllms_words() -> None:
     assert vllm_cpu_w4a16_verdict(100, 64, None).startswith("Input size (100) not supported by CPUWNA16")
     assert vllm_cpu_w4a16_verdict(64, 48, 32).startswith("Output size (48) not supported by CPUWNA16")
     assert vllm_cpu_w4a16_verdict(64, 64, 33).startswith("Group size (33) not supported by CPUWNA16")
+
+
+def test_check_warns_where_vllm_cpu_ignores_static_activation_scales() -> None:
+    from slimlm.quantize.schemes import vllm_cpu_static_acts_verdict
+
+    assert vllm_cpu_static_acts_verdict([(100, 48)]) == "ok"  # oneDNN path: the static scale is used
+    verdict = vllm_cpu_static_acts_verdict([(576, 576), (576, 1536), (100, 48)])
+    assert verdict.startswith("2 of 3 Linears fit vLLM's CPU SGL int8 kernel") and "ignores input_scale" in verdict
 
 
 def test_cli_refuses_vllm_options_it_cannot_honour(tmp_path: Path) -> None:

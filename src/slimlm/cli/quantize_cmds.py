@@ -80,7 +80,8 @@ def quantize(
         "Calibration sequences of --seq-len tokens (default 16 from --calib; 8 when the model writes its own).")),
     seq_len: int = typer.Option(512, "--seq-len", rich_help_panel=_CT, help="Tokens per calibration sequence."),
     static_acts: bool = typer.Option(False, "--static-acts", rich_help_panel=_CT, help=(
-        "w8a8: static per-tensor activation scales instead of dynamic per-token.")),
+        "w8a8: static per-tensor activation scales instead of dynamic per-token (with --check: warns where "
+        "vLLM's CPU build would ignore them).")),
     spill: Optional[Path] = typer.Option(None, "--spill", "--offload", rich_help_panel=_CT, help=(
         "Keep calibration activations in this dir between layers (bounded RAM).")),
     threads: Optional[int] = typer.Option(None, "--threads", rich_help_panel=_CT, help="CPU threads for torch."),
@@ -97,7 +98,7 @@ def quantize(
     from slimlm.errors import SlimlmError
 
     if check:
-        return scheme_quantize.run_check(model, group_size, json_out)
+        return scheme_quantize.run_check(model, group_size, json_out, static_acts)
     if scheme is not None:
         if to is not None:
             raise SlimlmError("give either --to TYPE (GGUF) or --scheme (compressed-tensors), not both")

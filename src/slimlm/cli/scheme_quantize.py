@@ -21,7 +21,7 @@ def _group_option(value: str | None) -> int | str | None:
         raise SlimlmError(f"--group-size must be 32, 64, 128 (any positive integer) or 'channel', got '{value}'") from None
 
 
-def run_check(model: Path, group_size: str | None, json_out: bool) -> None:
+def run_check(model: Path, group_size: str | None, json_out: bool, static_acts: bool = False) -> None:
     from slimlm import api
 
     gs = _group_option(group_size)
@@ -50,6 +50,9 @@ def run_check(model: Path, group_size: str | None, json_out: bool) -> None:
     if report["vllm_cpu_w4a16"] != "ok":
         err_console.print(f"[yellow]warning:[/] vLLM's CPU build would refuse W4A16 at this group size: "
                           f"{report['vllm_cpu_w4a16']}", highlight=False, soft_wrap=True)
+    if static_acts and report["vllm_cpu_static_acts"] != "ok":
+        err_console.print(f"[yellow]warning:[/] W8A8 static activations on vLLM's CPU build: "
+                          f"{report['vllm_cpu_static_acts']}", highlight=False, soft_wrap=True)
 
 
 def run_scheme(model: Path, out: Path | None, *, scheme: str, method: str | None, group_size: str | None,

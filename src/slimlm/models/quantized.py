@@ -60,6 +60,16 @@ def _finish(model: nn.Module, plain: dict[str, torch.Tensor], dtype: torch.dtype
 
 
 # ---------------------------------------------------------------- compressed-tensors
+def _static_input_scale(name: str, state: dict[str, torch.Tensor], act: dict) -> torch.Tensor | None:
+    """The calibrated per-tensor activation scale of a static-activation Linear (None when dynamic): running
+    such a file with per-token scales instead would measure another model than vLLM and transformers run."""
+    if act.get("dynamic", True) is not False:
+        return None
+    if f"{name}.input_scale" not in state:
+        raise SlimlmError(f"{name}: static activations in the config but no {name}.input_scale in the file")
+    return state[f"{name}.input_scale"]
+
+
 def _ct_module(name: str, state: dict[str, torch.Tensor], group: dict, bias: torch.Tensor | None,
                reference: bool) -> QuantLinear:
     wargs = group["weights"]
@@ -68,8 +78,10 @@ def _ct_module(name: str, state: dict[str, torch.Tensor], group: dict, bias: tor
     n, k = q.shape
     act = group.get("input_activations")
     if bits == 8 and zero is None and scale.shape[1] == 1:
-        cls = W8A8Linear if act is not None and act.get("num_bits") == 8 else W8A16Linear
-        module: QuantLinear = cls(q, scale[:, 0], bias)
+        if act is not None and act.get("num_bits") == 8:
+            module: QuantLinear = W8A8Linear(q, scale[:, 0], bias, _static_input_scale(name, state, act))
+        else:
+            module = W8A16Linear(q, scale[:, 0], bias)
     elif bits == 4:
         if gsize is None:  # channel strategy: the row's scale repeated over kernel-sized groups (exact)
             gsize = next((g for g in (128, 64, 32) if k % g == 0), 32)

@@ -199,6 +199,21 @@ def vllm_cpu_w4a16_verdict(in_f: int, out_f: int, group_size: int | None) -> str
     return "ok"
 
 
+def vllm_cpu_static_acts_verdict(shapes: list[tuple[int, int]]) -> str:
+    """'ok' or why vLLM's CPU build would not run a W8A8 file's static activation scales, for the quantized
+    Linears' (in, out) shapes. vLLM 0.32's CPUInt8ScaledMMLinearKernel (kernels/linear/scaled_mm/cpu.py) sends
+    symmetric int8 layers with K % 32 == 0 and N % 16 == 0 (check_cpu_sgl_kernel) on x86 CPUs with AMX to its
+    SGL kernel ``int8_scaled_mm_with_quant``, which quantizes activations per token and never reads
+    ``input_scale``; only its oneDNN path (no AMX, or other shapes) applies the calibrated static scale."""
+    sgl = sum(1 for k, n in shapes if k % 32 == 0 and n % 16 == 0)
+    if not sgl:
+        return "ok"
+    return (f"{sgl} of {len(shapes)} Linears fit vLLM's CPU SGL int8 kernel, which on CPUs with AMX (Sapphire Rapids "
+            f"and newer) quantizes activations per token and ignores input_scale: a static-activation file runs "
+            f"there as a dynamic one (CPUInt8ScaledMMLinearKernel, vLLM 0.32); without AMX its oneDNN path uses "
+            f"the static scales")
+
+
 def check_model(model: str, *, group_size: int | None = 128, tp_degrees: tuple[int, ...] = TP_DEGREES) -> dict:
     """Per Linear shape of a model (from config.json only): which group sizes divide, which TP degrees work.
     Attention-head rules are vLLM's: heads % tp == 0; KV heads divisible by tp, or tp a multiple of them
@@ -250,5 +265,7 @@ def check_model(model: str, *, group_size: int | None = 128, tp_degrees: tuple[i
                 if r["vllm_cpu_w4a16"] != "ok" and not r["ignored_by_default"]]
     return {"model": str(path), "model_type": getattr(config, "model_type", None), "attention_heads": heads,
             "kv_heads": kv, "group_size_requested": group_size, "linears": list(rows.values()),
-            "tensor_parallel": model_tp, "vllm_cpu_w4a16": "ok" if not vllm_cpu else "; ".join(vllm_cpu)}
+            "tensor_parallel": model_tp, "vllm_cpu_w4a16": "ok" if not vllm_cpu else "; ".join(vllm_cpu),
+            "vllm_cpu_static_acts": vllm_cpu_static_acts_verdict(
+                [(r["in"], r["out"]) for r in rows.values() if not r["ignored_by_default"] for _ in range(r["count"])])}
 

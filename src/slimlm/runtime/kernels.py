@@ -137,6 +137,14 @@ def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return scaled.round_().to(torch.int8), scale
 
 
+def quantize_static(x: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 quantization of a 2-D activation with a calibrated per-tensor ``scale`` (a file's
+    ``input_scale``): codes clamped to -128..127 (values past the calibrated range saturate, as in vLLM and
+    compressed-tensors) and the scale repeated per row, so the per-token GEMM epilogues apply unchanged."""
+    q = (x.float() / scale.float()).round_().clamp_(-128, 127).to(torch.int8)  # a new fp32 tensor: x untouched
+    return q, scale.float().reshape(1, 1).expand(x.shape[0], 1)
+
+
 class SharedInputQuantizer:
     """Per-token quantization of one activation, reused by the sibling layers that read the same tensor.
 

@@ -66,10 +66,11 @@ class DequantLinear(QuantLinear):
     scheme = "dequant"
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, dtype: torch.dtype = torch.float32,
-                 act_bits: int | None = None):
+                 act_bits: int | None = None, input_scale: torch.Tensor | None = None):
         super().__init__(weight.shape[1], weight.shape[0], bias)
         self.register_buffer("weight", weight.detach().to(dtype).contiguous())
         self.act_bits = act_bits
+        self.input_scale = input_scale  # static per-tensor activation scale (W8A8 files with static activations)
 
     @property
     def packed(self) -> bool:
@@ -77,7 +78,8 @@ class DequantLinear(QuantLinear):
 
     @property
     def kernel(self) -> str:
-        act = ", int8 per-token fake-quant activations" if self.act_bits == 8 else ""
+        act = "" if self.act_bits != 8 else (", int8 per-token fake-quant activations" if self.input_scale is None
+                                            else ", int8 static per-tensor fake-quant activations")
         if self.packed:
             return f"oneDNN linear on a prepacked bf16 weight (mkldnn._linear_pointwise){act}"
         return f"F.linear {str(self.weight.dtype).removeprefix('torch.')}{act}"
@@ -102,7 +104,9 @@ class DequantLinear(QuantLinear):
             return self._add_bias(y).to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         h = x
         if self.act_bits == 8:
-            q, s = kernels.quantize_per_token(x.reshape(-1, self.in_features).float())
+            x2 = x.reshape(-1, self.in_features).float()
+            q, s = (kernels.quantize_per_token(x2) if self.input_scale is None
+                    else kernels.quantize_static(x2, self.input_scale))
             h = (q.float() * s).reshape(x.shape)
         y = F.linear(h.to(self.weight.dtype), self.weight)
         return self._add_bias(y).to(x.dtype)
@@ -112,7 +116,7 @@ class DequantLinear(QuantLinear):
                               lambda: super(DequantLinear, self)._apply(fn, recurse))
 
     def to_reference(self) -> "DequantLinear":
-        return DequantLinear(self.dense_weight().float(), self.bias, torch.float32, self.act_bits)
+        return DequantLinear(self.dense_weight().float(), self.bias, torch.float32, self.act_bits, self.input_scale)
 
 
 class FusedInt8Group:
@@ -179,7 +183,9 @@ class FusedInt8Group:
 class W8A8Linear(QuantLinear):
     """int8 per-channel weights × dynamic per-token int8 activations, int32 accumulation.
 
-    ``w = q * scale[n]``; activations are quantized per row at run time (symmetric, absmax/127). The GEMM is
+    ``w = q * scale[n]``; activations are quantized per row at run time (symmetric, absmax/127), or with the
+    file's calibrated per-tensor ``input_scale`` where it was written with static activations (such a layer
+    quantizes its own input and joins no sibling group: its siblings' scales need not be equal). The GEMM is
     oneDNN's int8 linear (weight scales fused in its epilogue, output in the activation dtype, then one
     in-place pass for the per-token scales) or ``torch._int_mm`` (then one rescale pass), whichever
     ``kernels.int8_backend`` measured faster for this layer's shape. Siblings reading the same input may
@@ -188,9 +194,11 @@ class W8A8Linear(QuantLinear):
 
     scheme = "w8a8"
 
-    def __init__(self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None):
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,
+                 input_scale: torch.Tensor | None = None):
         n, k = q.shape
         super().__init__(k, n, bias)
+        self.input_scale = None if input_scale is None else input_scale.detach().float().reshape(())
         self.backend = kernels.int8_backend(k, n)
         q = q.to(torch.int8)
         self.w_kn: torch.Tensor | None = None  # (K, N) copy for few-row calls where oneDNN is slow
@@ -213,10 +221,13 @@ class W8A8Linear(QuantLinear):
         if self.backend == "onednn":
             few = (f"; torch._int_mm for ≤{kernels.ONE_ROW_MAX} rows (oneDNN measured slow there)"
                    if self.w_kn is not None else "")
-            return ("onednn.qlinear_pointwise int8×int8→int32 (weight scales fused), per-token int8 activations"
-                    + few)
+            return f"onednn.qlinear_pointwise int8×int8→int32 (weight scales fused), {self._acts} int8 activations{few}"
         layout = "kn" if self.backend == "int_mm_kn" else "nk"
-        return f"torch._int_mm int8×int8→int32 (B {layout}), per-token int8 activations"
+        return f"torch._int_mm int8×int8→int32 (B {layout}), {self._acts} int8 activations"
+
+    @property
+    def _acts(self) -> str:
+        return "per-token" if self.input_scale is None else "static per-tensor"
 
     def int_weight(self) -> torch.Tensor:
         """The (N, K) int8 codes, whatever the storage."""
@@ -249,7 +260,10 @@ class W8A8Linear(QuantLinear):
             start, end = self.group.slices[self.group_index]
             y = self.group(x, first=self.group_index == 0)[:, start:end]
             return self._add_bias(y).reshape(*x.shape[:-1], self.out_features)
-        xq, xs = kernels.SHARED_QUANTIZER(x, self.in_features, self.reuse_input)
+        if self.input_scale is None:
+            xq, xs = kernels.SHARED_QUANTIZER(x, self.in_features, self.reuse_input)
+        else:
+            xq, xs = kernels.quantize_static(x.reshape(-1, self.in_features), self.input_scale)
         if self.backend == "onednn":
             y = kernels.int8_linear(xq, xs, self.qweight, self.scale, self.zero, x.dtype, self.w_kn)
         else:
@@ -263,7 +277,7 @@ class W8A8Linear(QuantLinear):
 
     def to_reference(self) -> DequantLinear:
         w = self.int_weight().float() * self.scale.reshape(-1, 1)
-        return DequantLinear(w, self.bias, torch.float32, act_bits=8)
+        return DequantLinear(w, self.bias, torch.float32, act_bits=8, input_scale=self.input_scale)
 
 
 class W8A16Linear(QuantLinear):

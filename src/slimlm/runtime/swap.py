@@ -136,7 +136,7 @@ def fuse_siblings(model: nn.Module) -> int:
                     m.fused = group4
                 fused += 1
                 continue
-            if not all(isinstance(m, W8A8Linear) and m.group is None for m in members):
+            if not all(isinstance(m, W8A8Linear) and m.group is None and m.input_scale is None for m in members):
                 continue
             if len({m.in_features for m in members}) != 1:
                 continue

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import tempfile
 import time
 
 
@@ -27,7 +28,24 @@ def engine_kwargs(req: dict) -> dict:
         kw["tokenizer"] = req["tokenizer"]
     if req.get("quantization"):
         kw["quantization"] = req["quantization"]
+    if str(req["model"]).endswith(".gguf"):
+        kw["load_format"] = "gguf"
     return kw
+
+
+def stage_gguf(req: dict, tmp: str) -> dict:
+    """The request with its GGUF file as a model dir vLLM can configure: the HF dir's config and tokenizer files
+    (given as ``tokenizer``) beside a link to the file, loaded with ``load_format="gguf"``. vLLM 0.32 reads every
+    model path as an HF config before any loader runs (speculator detection), so a bare .gguf fails on that
+    read; staged, the answer is the loader's own: whether vLLM reads GGUF at all."""
+    hf_dir = req.get("tokenizer")
+    if not hf_dir:
+        return req
+    for name in os.listdir(hf_dir):
+        if not name.endswith((".safetensors", ".bin", ".gguf", ".pt")):
+            os.symlink(os.path.join(hf_dir, name), os.path.join(tmp, name))
+    os.symlink(os.path.abspath(req["model"]), os.path.join(tmp, os.path.basename(req["model"])))
+    return {**req, "staged_model": tmp}
 
 
 def cpu_binding(cores: list[int], tp: int) -> str:
@@ -113,7 +131,11 @@ def main(argv: list[str]) -> int:
             from vllm import LLM, SamplingParams
 
             start = time.perf_counter()
-            llm = LLM(**engine_kwargs(req))
+            with tempfile.TemporaryDirectory(prefix="slimlm-gguf-") as tmp:
+                staged = stage_gguf(req, tmp) if str(req["model"]).endswith(".gguf") else req
+                kw = engine_kwargs(staged)
+                kw["model"] = staged.get("staged_model", kw["model"])
+                llm = LLM(**kw)
             out = {"vllm_version": vllm.__version__, "load_s": time.perf_counter() - start,
                    "quantization": llm.llm_engine.model_config.quantization, "results": []}
             for task in req.get("tasks", []):

@@ -75,10 +75,17 @@ def kernels_from_log(log: str) -> list[str]:
     return list(seen)
 
 
+_LOG_PREFIX = re.compile(r"^\s*\(\w+ pid=\d+\)\s+[A-Z]+\s+\S+\s+\S+\s+\[[^\]]+\]\s?")
+
+
 def refusal_from_log(log: str) -> str | None:
-    """The last exception line of vLLM's log (its own words for why it would not load a model)."""
-    lines = [ln.strip() for ln in log.splitlines() if re.match(r"^\s*(\w+\.)*\w*(Error|Exception): ", ln)]
-    return lines[-1][:400] if lines else None
+    """The last exception line of vLLM's log (its own words for why it would not load a model). Worker lines
+    lose their '(Worker_TP1 pid=..) ERROR .. [file:line]' prefix, and vLLM's wrappers that only point at the
+    root cause ('See root cause above') give way to it: under tensor parallelism the cause is a worker's."""
+    lines = [_LOG_PREFIX.sub("", ln).strip() for ln in log.splitlines()]
+    lines = [ln for ln in lines if re.match(r"^(\w+\.)*\w*(Error|Exception): ", ln)]
+    causes = [ln for ln in lines if "root cause" not in ln] or lines
+    return causes[-1][:400] if causes else None
 
 
 def run(model: str | Path, tasks: list[dict[str, Any]], *, dtype: str = "bfloat16", max_model_len: int = 1024,
@@ -103,7 +110,9 @@ def run(model: str | Path, tasks: list[dict[str, Any]], *, dtype: str = "bfloat1
         log = proc.stdout + proc.stderr
         answer = json.loads(resp.read_text()) if resp.is_file() else {}
     if "error" in answer or proc.returncode != 0:
-        message = answer.get("error") or refusal_from_log(log) or f"exit status {proc.returncode}"
+        message = answer.get("error") or ""
+        if not message or "root cause" in message:
+            message = refusal_from_log(log) or message or f"exit status {proc.returncode}"
         raise SlimlmError(f"vLLM could not run {model}: {message}")
     answer["kernels"] = kernels_from_log(log)
     answer["log"] = log
