@@ -202,3 +202,25 @@ def test_w8a16_bf16_model_keeps_its_dtype_and_loads(tmp_path):
     theirs = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     with torch.no_grad():
         torch.testing.assert_close(load_reference_model(out)(ids).logits, theirs(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dynamic", [True, False])
+def test_eval_loader_keeps_w8a8_activation_quant(tmp_path, dynamic):
+    """`slimlm eval` loads compressed-tensors decompressed; a W8A8 file must still quantize its activations
+    (per token, or with its stored input_scale) or eval would score it as W8A16."""
+    from transformers import AutoModelForCausalLM
+
+    from slimlm.models import load_model
+
+    src = make_tiny_llama(tmp_path / "m")
+    out = tmp_path / "q"
+    quantize_model(src, out, scheme="w8a8", method="rtn", act_dynamic=dynamic, calib=torch.randint(0, 256, (4, 32)))
+    ids = torch.randint(0, 256, (2, 24))
+    ours = load_model(out, "fp32").model
+    theirs = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)  # compressed path: activations quantized
+    with torch.no_grad():
+        got, want = ours(ids).logits, theirs(ids).logits
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        for h in [m for m in ours.modules() if isinstance(m, torch.nn.Linear)]:
+            h._forward_pre_hooks.clear()
+        assert not torch.allclose(ours(ids).logits, want, rtol=1e-4, atol=1e-4)  # weights alone differ

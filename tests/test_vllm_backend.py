@@ -162,7 +162,7 @@ def test_vllm_serves_slimlm_output_with_slimlms_greedy_tokens(scheme: str, smoll
                                                               tmp_path: Path) -> None:
     from slimlm.quantize.layers import quantize_model
     from slimlm.runtime import open_model
-    from slimlm.runtime.generate import generate_ids
+    from slimlm.runtime.generate import forward_logits
 
     out = tmp_path / scheme
     quantize_model(smollm2_hf_dir, out, scheme=scheme, method="rtn", group_size=64 if scheme == "w4a16" else "default")
@@ -172,10 +172,15 @@ def test_vllm_serves_slimlm_output_with_slimlms_greedy_tokens(scheme: str, smoll
     kernel = "CPUWNA16LinearKernel" if scheme == "w4a16" else "Int8ScaledMM"
     assert any(kernel in k for k in answer["kernels"]), answer["kernels"]
     net, _, _ = open_model(out, "native", with_tokenizer=False)
-    ours = generate_ids(net, torch.tensor([ids]), max_new_tokens=16, eos_ids=set()).new_ids[0]
     theirs = answer["tokens"][0]
-    same = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), len(ours))
-    assert same >= 8, (ours, theirs)  # bf16 vs slimlm's kernels: the first tokens agree exactly
+    # vLLM's greedy continuation, read by slimlm's own kernels: most tokens vLLM chose are slimlm's choice too,
+    # and the rest within a bf16-sized logit margin of it (two bf16 engines: up to 0.75 logits seen on SmolLM2
+    # W8A8 with AMX). Equal token ids are not asserted: a near tie flips with the kernel, the thread count or
+    # AMX vs no AMX, and one flip changes every later token.
+    logits = forward_logits(net, torch.tensor([ids + theirs]), logits_to_keep=len(theirs) + 1)[0, :-1].float()
+    chosen = logits.gather(-1, torch.tensor(theirs)[:, None])[:, 0]
+    gap = logits.max(-1).values - chosen
+    assert float(gap.max()) <= 1.0 and int((gap == 0).sum()) >= 12, gap.tolist()
 
 
 def test_recommend_measures_on_the_engine_asked_for(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterator, Literal, NamedTuple
 import torch
 from torch import nn
 
-from slimlm.checkpoint import open_checkpoint
+from slimlm.checkpoint import open_checkpoint, read_config
 from slimlm.errors import SlimlmError
 from slimlm.models.skeleton import is_gguf_file
 
@@ -174,6 +174,13 @@ def _load_dense(path: Path, fmt: str, dtype: torch.dtype, trust_remote_code: boo
     missing = sorted(info.get("missing_keys") or [])
     if missing:  # transformers would fill them with random values: evaluating that would measure noise
         raise SlimlmError(f"{path}: the weights lack {len(missing)} of the model's tensors, e.g. {missing[0]}")
+    if fmt == "compressed-tensors":
+        from slimlm.writers.compressed_tensors import attach_stored_activation_quant
+
+        qcfg = read_config(path / "config.json").get("quantization_config") or {}
+        scales = {t.name[: -len(".input_scale")]: ckpt.load_torch(t).float()
+                  for t in ckpt.tensors if t.name.endswith(".input_scale")}
+        attach_stored_activation_quant(model, qcfg, scales)
     return model
 
 

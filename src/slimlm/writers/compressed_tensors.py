@@ -222,6 +222,24 @@ def attach_activation_quant(module: torch.nn.Linear, bits: int, scale: torch.Ten
     return module.register_forward_pre_hook(pre_hook)
 
 
+def attach_stored_activation_quant(model: torch.nn.Module, qcfg: dict, input_scales: dict[str, torch.Tensor]
+                                   ) -> int:
+    """Put back the activation quantization a checkpoint's config asks for (per token, or with the file's static
+    ``input_scale``) on a model whose weights were decompressed: transformers' ``run_compressed=False`` load keeps
+    the weights' values but drops it, and a W8A8 file scored without it would be scored as W8A16. Returns how
+    many Linears got it."""
+    hooked = 0
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear):
+            continue
+        group = args_for(qcfg, name)
+        act = group.get("input_activations") if group else None
+        if act:
+            attach_activation_quant(module, int(act["num_bits"]), input_scales.get(name))
+            hooked += 1
+    return hooked
+
+
 def load_reference_model(model_dir: str | Path, dtype: torch.dtype = torch.float32):
     """A transformers model holding our own dequantization of the checkpoint (activation quant attached)."""
     from slimlm.models.skeleton import empty_model, load_config
