@@ -168,6 +168,11 @@ def model_fingerprint(model: Path) -> str:
     return h.hexdigest()[:16]
 
 
+# Part of every quality cache key: a change to how variants are scored retires the figures cached before it.
+# 2: W8A8 files scored with their activation quantization (before: the weights alone, i.e. as W8A16).
+QUALITY_VERSION = 2
+
+
 class ResultCache:
     """JSON files under cache_dir/recommend/<fingerprint>/, one per (variant, settings)."""
 
@@ -488,7 +493,7 @@ def recommend(model: str | Path, *, memory: str | int, goal: str = "throughput",
     speed_settings = {k: v for k, v in asdict(settings).items() if k not in QUALITY_SETTINGS}
     rows, skipped, todo = [], [], []
     for i, (v, mem) in enumerate(fitting):
-        key = cache.key("quality", v.settings(), quality_settings, ref_key)
+        key = cache.key("quality", QUALITY_VERSION, v.settings(), quality_settings, ref_key)
         hit = cache.get(key)
         speed = cache.get(cache.key("speed", v.settings(), speed_settings))
         cached = hit is not None and speed is not None
