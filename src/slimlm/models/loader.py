@@ -175,12 +175,12 @@ def _load_dense(path: Path, fmt: str, dtype: torch.dtype, trust_remote_code: boo
     if missing:  # transformers would fill them with random values: evaluating that would measure noise
         raise SlimlmError(f"{path}: the weights lack {len(missing)} of the model's tensors, e.g. {missing[0]}")
     if fmt == "compressed-tensors":
-        from slimlm.writers.compressed_tensors import attach_stored_activation_quant
+        from slimlm.writers.compressed_tensors import attach_activation_quants, stored_activation_args
 
         qcfg = read_config(path / "config.json").get("quantization_config") or {}
         scales = {t.name[: -len(".input_scale")]: ckpt.load_torch(t).float()
                   for t in ckpt.tensors if t.name.endswith(".input_scale")}
-        attach_stored_activation_quant(model, qcfg, scales)
+        attach_activation_quants(model, stored_activation_args(model, qcfg, scales))
     return model
 
 

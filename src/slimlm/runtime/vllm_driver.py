@@ -12,6 +12,7 @@ RESPONSE: {"vllm_version", "quantization", "load_s", "results": [one per task]} 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -131,8 +132,9 @@ def main(argv: list[str]) -> int:
             from vllm import LLM, SamplingParams
 
             start = time.perf_counter()
-            with tempfile.TemporaryDirectory(prefix="slimlm-gguf-") as tmp:
-                staged = stage_gguf(req, tmp) if str(req["model"]).endswith(".gguf") else req
+            gguf = str(req["model"]).endswith(".gguf")
+            with tempfile.TemporaryDirectory(prefix="slimlm-gguf-") if gguf else contextlib.nullcontext() as tmp:
+                staged = stage_gguf(req, tmp) if gguf else req
                 kw = engine_kwargs(staged)
                 kw["model"] = staged.get("staged_model", kw["model"])
                 llm = LLM(**kw)

@@ -222,22 +222,28 @@ def attach_activation_quant(module: torch.nn.Linear, bits: int, scale: torch.Ten
     return module.register_forward_pre_hook(pre_hook)
 
 
-def attach_stored_activation_quant(model: torch.nn.Module, qcfg: dict, input_scales: dict[str, torch.Tensor]
-                                   ) -> int:
-    """Put back the activation quantization a checkpoint's config asks for (per token, or with the file's static
-    ``input_scale``) on a model whose weights were decompressed: transformers' ``run_compressed=False`` load keeps
-    the weights' values but drops it, and a W8A8 file scored without it would be scored as W8A16. Returns how
-    many Linears got it."""
-    hooked = 0
+def attach_activation_quants(model: torch.nn.Module, acts: dict[str, dict]) -> None:
+    """Fake-quantize the input of every Linear named in ``acts`` (its ``input_activations`` args, plus
+    ``scale`` when the file stores a static ``input_scale``)."""
+    modules = dict(model.named_modules())
+    for name, args in acts.items():
+        attach_activation_quant(modules[name], int(args["num_bits"]), args.get("scale"))
+
+
+def stored_activation_args(model: torch.nn.Module, qcfg: dict, input_scales: dict[str, torch.Tensor]
+                           ) -> dict[str, dict]:
+    """The activation quantization a checkpoint's config asks for, per Linear of ``model`` (the ``acts`` of
+    :func:`attach_activation_quants`): for a model whose weights were decompressed by transformers'
+    ``run_compressed=False`` load, which keeps the weights' values but drops it (a W8A8 file scored without it
+    would be scored as W8A16)."""
+    acts = {}
     for name, module in model.named_modules():
-        if not isinstance(module, torch.nn.Linear):
-            continue
-        group = args_for(qcfg, name)
-        act = group.get("input_activations") if group else None
-        if act:
-            attach_activation_quant(module, int(act["num_bits"]), input_scales.get(name))
-            hooked += 1
-    return hooked
+        group = args_for(qcfg, name) if isinstance(module, torch.nn.Linear) else None
+        if group and group.get("input_activations"):
+            acts[name] = dict(group["input_activations"])
+            if name in input_scales:
+                acts[name]["scale"] = input_scales[name]
+    return acts
 
 
 def load_reference_model(model_dir: str | Path, dtype: torch.dtype = torch.float32):
@@ -248,9 +254,7 @@ def load_reference_model(model_dir: str | Path, dtype: torch.dtype = torch.float
     state, acts = dequantized_state_dict(model_dir, dtype)
     if any(_PER_EXPERT.search(k) for k in state):
         model = _load_fused(model_dir, state, dtype)
-        modules = dict(model.named_modules())
-        for name, args in acts.items():
-            attach_activation_quant(modules[name], int(args["num_bits"]), args.get("scale"))
+        attach_activation_quants(model, acts)
         return model.eval()
     config = load_config(model_dir)
     if hasattr(config, "quantization_config"):
@@ -262,9 +266,7 @@ def load_reference_model(model_dir: str | Path, dtype: torch.dtype = torch.float
         raise SlimlmError(f"checkpoint does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
-    modules = dict(model.named_modules())
-    for name, args in acts.items():
-        attach_activation_quant(modules[name], int(args["num_bits"]), args.get("scale"))
+    attach_activation_quants(model, acts)
     return model.eval()
 
 
