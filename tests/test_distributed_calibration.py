@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +13,7 @@ from pathlib import Path
 import torch
 
 from slimlm.quantize.layers import quantize_model
+from slimlm.util.process import free_port
 from slimlm.writers import synthetic
 
 # GPTQ (Gram matrices), AWQ (Gram and mean |x|), SmoothQuant (max |x|): every statistic that is reduced
@@ -32,12 +32,6 @@ def _digest(folder: Path) -> str:
     return hashlib.sha256(b"".join(p.read_bytes() for p in sorted(folder.glob("*.safetensors")))).hexdigest()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_gloo_processes_write_what_one_writes(tmp_path: Path) -> None:
     config = synthetic.qwen2_config(hidden=64, layers=2, ffn=128, heads=4, kv_heads=2, vocab=256)
     src = synthetic.write_checkpoint(tmp_path / "m", config, seed=7)
@@ -46,7 +40,7 @@ def test_two_gloo_processes_write_what_one_writes(tmp_path: Path) -> None:
     for scheme, method in METHODS:
         quantize_model(src, tmp_path / f"one-{method}", scheme=scheme, method=method, calib=ids, batch_size=2,
                        threads=1)
-    env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
+    env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
            "PYTHONPATH": os.pathsep.join(sys.path)}
     procs = [subprocess.Popen([sys.executable, "-c", _RANK, str(src), str(tmp_path / "two"), str(tmp_path / "ids.pt"),
                                *(f"{s}:{m}" for s, m in METHODS)], env={**env, "RANK": str(r), "LOCAL_RANK": str(r)})

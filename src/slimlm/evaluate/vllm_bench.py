@@ -15,7 +15,6 @@ import contextlib
 import http.client
 import json
 import os
-import socket
 import subprocess
 import threading
 import time
@@ -29,6 +28,7 @@ from slimlm.errors import SlimlmError
 from slimlm.evaluate.noise import MachineWatch, median_interval
 from slimlm.runtime import vllm_engine
 from slimlm.runtime.vllm_driver import engine_env
+from slimlm.util.process import free_port
 
 Progress = Callable[[str], None]
 SERVER_FIGURES = ("requests_per_s", "output_tok_s", "ttft_p50_ms", "ttft_p95_ms", "itl_p50_ms", "itl_p95_ms")
@@ -47,12 +47,6 @@ def server_command(python: str, target: Target, port: int, max_model_len: int, t
     return [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(target.path), "--served-model-name",
             "m", "--host", "127.0.0.1", "--port", str(port), "--dtype", target.dtype, "--max-model-len",
             str(max_model_len), "--enforce-eager", "--tensor-parallel-size", str(tp), "--seed", "0"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:

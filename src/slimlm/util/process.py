@@ -10,6 +10,7 @@ import gc
 import multiprocessing
 import os
 import resource
+import socket
 from multiprocessing.connection import Connection, wait
 from typing import Any, Callable, Iterator, Sequence
 
@@ -140,3 +141,10 @@ class ForkPool:
             proc.terminate()
             proc.join()
             conn.close()
+
+
+def free_port() -> int:
+    """A TCP port free right now on 127.0.0.1: a fixed port collides when two runs (say two test suites) share a host."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
