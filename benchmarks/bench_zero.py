@@ -112,7 +112,8 @@ def run_recipe(args: argparse.Namespace, title: str, curves_name: str) -> dict:
             f"GRPOTrainer via `slimlm zero`): {report['steps']} steps in {report['train_seconds'] / 60:.1f} min "
             f"(limit {args.minutes} min), {c['batch_size']} completions per step in groups of {c['group_size']}, "
             f"lr {c['lr']}, beta {c['beta']}, loss {c['loss_type']}, temperature {c['temperature']}, prefill "
-            f"{args.prefill!r}; evaluations took {t_before / 60:.1f} and {t_after / 60:.1f} min.\n\n{table}\n\n"
+            f"{args.prefill!r}, bf16 autocast {c['bf16']}; both evaluations sample with {before['dtype']} weights and "
+            f"took {t_before / 60:.1f} and {t_after / 60:.1f} min.\n\n{table}\n\n"
             f"{diffs}\n\nCorrect answers rose by {correct['difference']:+.3f} ({correct['z']:.1f} SE); the share "
             f"of answers in the required format by {fmt['difference']:+.3f}. Curves: docs/{curves_name}.\n")
     publish(title, body, args.no_append)

@@ -43,6 +43,9 @@ def zero(
     max_minutes: float = typer.Option(0.0, "--max-minutes", help="Stop and save after the step that passes this "
                                       "many minutes (0: run all --steps)."),
     vllm: bool = typer.Option(False, "--vllm", help="Generate with vLLM (colocated; GPU, vLLM installed)."),
+    bf16: Optional[bool] = typer.Option(None, "--bf16/--no-bf16", help="Train with bf16 autocast and sample with "
+                                        "bf16 weights (default: where bf16 is fast, i.e. a GPU or a CPU with AMX / "
+                                        "AVX-512 BF16)."),
     seed: int = typer.Option(0, "--seed"),
     resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint in --out."),
     overwrite: bool = typer.Option(False, "--overwrite"),
@@ -62,14 +65,15 @@ def zero(
         return
     if eval_:
         _eval(slim, model, task, baseline, n=n, seed=seed, difficulty=difficulty, verifier=verifier, template=tmpl,
-              max_new_tokens=max_completion, temperature=eval_temperature, json_out=json_out)
+              max_new_tokens=max_completion, temperature=eval_temperature, json_out=json_out,
+              dtype=None if bf16 is None else ("bf16" if bf16 else "fp32"))
         return
     if out is None:
         raise SlimlmError("slimlm zero needs -o DIR to train (or --eval to score MODEL)")
     config = slim.ZeroConfig(steps=steps, batch_size=batch_size, group_size=group_size, lr=lr, beta=beta,
                              loss_type=loss_type, max_completion=max_completion, temperature=temperature, lora=lora,
                              save_every=save_every, seed=seed, use_vllm=vllm,
-                             max_minutes=max_minutes)
+                             max_minutes=max_minutes, bf16=bf16)
     with progress_task("GRPO", total=steps, remaining=True) as bar:
         def update(step: int, total: int, row: dict) -> None:
             bar(completed=step, description=f"acc {row.get('accuracy', 0):.2f} fmt {row.get('format', 0):.2f} "

@@ -5,6 +5,7 @@ Only text passes from teacher to student, so this works across tokenizers and ar
 
 from __future__ import annotations
 
+import copy
 import importlib
 import json
 from pathlib import Path
@@ -13,6 +14,7 @@ from typing import Any, Callable
 import torch
 
 from slimlm.errors import SlimlmError
+from slimlm.util.cpu import bf16_is_fast
 from slimlm.writers.atomic import atomic_path
 
 
@@ -64,12 +66,17 @@ def chat_prompt(tokenizer, prompt: str) -> str:
 @torch.no_grad()
 def generate_responses(teacher: torch.nn.Module, tokenizer, prompts: list[str], out: Path, *,
                        max_new_tokens: int = 128, temperature: float = 0.7, top_p: float = 0.95,
-                       samples_per_prompt: int = 1, seed: int = 0, batch_size: int = 4,
+                       samples_per_prompt: int = 1, seed: int = 0, batch_size: int = 16,
                        verifier: Callable[[str, str], bool] | None = None,
                        progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
-    """Sample responses (chat template applied), drop duplicates and rejected ones, write JSONL atomically."""
+    """Sample responses (chat template applied), drop duplicates and rejected ones, write JSONL atomically.
+    Where bf16 is fast the sampling runs on a bf16 copy of the teacher (half the time on an AMX CPU); the fp32
+    teacher stays as it is for the held-out comparison."""
     torch.manual_seed(seed)
     teacher.eval()
+    dtype = torch.bfloat16 if bf16_is_fast() else next(teacher.parameters()).dtype
+    if dtype != next(teacher.parameters()).dtype:
+        teacher = copy.deepcopy(teacher).to(dtype)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -102,7 +109,8 @@ def generate_responses(teacher: torch.nn.Module, tokenizer, prompts: list[str], 
     return {"path": str(out), "prompts": len(prompts), "generated": len(jobs), "kept": len(rows),
             "duplicates": duplicates, "rejected": rejected,
             "sampling": {"temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens,
-                         "samples_per_prompt": samples_per_prompt, "seed": seed}}
+                         "samples_per_prompt": samples_per_prompt, "seed": seed,
+                         "dtype": str(dtype).removeprefix("torch.")}}
 
 
 def sft_sequences(tokenizer, jsonl: Path, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
