@@ -132,7 +132,8 @@ def test_two_processes_match_one(tiny_lm_dir: Path, text: Path, tmp_path: Path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     # accelerate's multi-process launcher (torchrun underneath); with no GPU, Accelerator runs DDP on gloo.
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--main_process_port", str(free_port()), "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "slimlm", "distill",
+           "--num_machines", "1", "--main_process_port", str(free_port()), "--mixed_precision", "no",
+           "--dynamo_backend", "no", "-m", "slimlm", "distill",
            "--teacher", str(tiny_lm_dir), "--data", str(text), "--out", str(tmp_path / "two"), "--prune-layers", "1",
            "--seq-len", "64", "--steps", "5", "--batch-size", "4", "--lr", "2e-3", "--warmup", "2",
            "--eval-every", "0", "--alpha", "0.5"]

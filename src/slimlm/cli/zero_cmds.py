@@ -66,7 +66,7 @@ def zero(
     if eval_:
         _eval(slim, model, task, baseline, n=n, seed=seed, difficulty=difficulty, verifier=verifier, template=tmpl,
               max_new_tokens=max_completion, temperature=eval_temperature, json_out=json_out,
-              dtype=None if bf16 is None else ("bf16" if bf16 else "fp32"))
+              bf16=bf16)
         return
     if out is None:
         raise SlimlmError("slimlm zero needs -o DIR to train (or --eval to score MODEL)")

@@ -14,7 +14,7 @@ from typing import Any, Callable
 import torch
 
 from slimlm.errors import SlimlmError
-from slimlm.util.cpu import bf16_is_fast
+from slimlm.util.cpu import use_bf16
 from slimlm.writers.atomic import atomic_path
 
 
@@ -74,9 +74,9 @@ def generate_responses(teacher: torch.nn.Module, tokenizer, prompts: list[str], 
     teacher stays as it is for the held-out comparison."""
     torch.manual_seed(seed)
     teacher.eval()
-    dtype = torch.bfloat16 if bf16_is_fast() else next(teacher.parameters()).dtype
-    if dtype != next(teacher.parameters()).dtype:
-        teacher = copy.deepcopy(teacher).to(dtype)
+    dtype = next(teacher.parameters()).dtype
+    if use_bf16() and dtype != torch.bfloat16:
+        teacher, dtype = copy.deepcopy(teacher).to(torch.bfloat16), torch.bfloat16
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

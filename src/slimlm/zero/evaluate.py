@@ -9,7 +9,7 @@ from typing import Any, Callable
 
 import torch
 
-from slimlm.util.cpu import bf16_is_fast
+from slimlm.util.cpu import use_bf16
 from slimlm.zero.rewards import accuracy_reward, format_reward
 from slimlm.zero.tasks import Task, get_task
 from slimlm.zero.template import Template
@@ -63,16 +63,16 @@ def generate_completions(model: torch.nn.Module, tokenizer, prompts: list[str], 
 
 def evaluate_task(model: str | Path, task: str | Task, *, n: int = 200, seed: int = 0, difficulty: int = 1,
                   template: Template | None = None, max_new_tokens: int = 256, temperature: float = 0.0,
-                  batch_size: int = 16, verifier: str = "exact", keep: int = 3, dtype: str | None = None,
+                  batch_size: int = 16, verifier: str = "exact", keep: int = 3, bf16: bool | None = None,
                   progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """Score ``model`` on ``n`` held-out problems of ``task``: accuracy ± SE, format rate ± SE, both together,
     mean completion length, per-problem scores (for paired differences) and ``keep`` sample completions.
-    ``dtype``: the weights' dtype while sampling; None: bf16 where bf16 is fast (half the time), else fp32."""
+    ``bf16``: sample on bf16 weights (None: where bf16 is fast, about half the time there; else fp32)."""
     from slimlm.models import load_model
 
     task = get_task(task, difficulty, verifier)
     template = template or Template()
-    dtype = dtype or ("bf16" if bf16_is_fast() else "fp32")
+    dtype = "bf16" if use_bf16(bf16) else "fp32"
     loaded = load_model(model, dtype)
     tok = loaded.tokenizer
     if torch.cuda.is_available():
@@ -91,7 +91,8 @@ def evaluate_task(model: str | Path, task: str | Task, *, n: int = 200, seed: in
     fmt, fmt_se = mean_se(formatted)
     strict, strict_se = mean_se(both)
     return {"model": str(model), "task": task.name, "difficulty": task.difficulty, "split": "heldout",
-            "seed": seed, "n": len(problems), "temperature": temperature, "dtype": dtype, "max_new_tokens": max_new_tokens,
+            "seed": seed, "n": len(problems), "temperature": temperature, "dtype": dtype,
+            "max_new_tokens": max_new_tokens,
             "template": {"style": template.style, "prefill": template.prefill},
             "accuracy": acc, "accuracy_se": acc_se, "format": fmt, "format_se": fmt_se,
             "correct_and_formatted": strict, "correct_and_formatted_se": strict_se,

@@ -18,7 +18,7 @@ from typing import Any, Callable
 import torch
 
 from slimlm.errors import SlimlmError, os_reason, write_failure
-from slimlm.util.cpu import bf16_is_fast
+from slimlm.util.cpu import use_bf16
 from slimlm.writers.atomic import Claim, atomic_dir, atomic_path, publish, refuse_inputs, temp_dir
 from slimlm.zero.rewards import problem_row, reward_funcs
 from slimlm.zero.tasks import Task, get_task
@@ -53,7 +53,7 @@ class ZeroConfig:
     seed: int = 0
     use_vllm: bool = False
     max_minutes: float = 0.0  # stop (and save) after the step that passes this wall time; 0: no limit
-    bf16: bool | None = None  # bf16 autocast over fp32 master weights; None: where bf16 is fast (bf16_is_fast)
+    bf16: bool | None = None  # bf16 autocast over fp32 master weights; None: where bf16 is fast (util.cpu)
 
     def check(self) -> None:
         if self.group_size < 2:
@@ -67,10 +67,6 @@ class ZeroConfig:
         if self.steps < 1 or self.max_completion < 1 or self.lr <= 0 or self.beta < 0 or self.max_minutes < 0:
             raise SlimlmError("--steps, --max-completion and --lr must be positive, --beta and --max-minutes "
                               "at least 0")
-
-    @property
-    def use_bf16(self) -> bool:
-        return bf16_is_fast() if self.bf16 is None else self.bf16
 
     @property
     def prompts_per_step(self) -> int:
@@ -191,7 +187,7 @@ def _grpo_args(out: Path, config: ZeroConfig):
         lr_scheduler_type="constant_with_warmup", warmup_steps=min(5, config.steps // 10),
         logging_steps=1, save_steps=config.save_every, save_total_limit=2, save_only_model=False,
         report_to=[], disable_tqdm=True, seed=config.seed, data_seed=config.seed, use_cpu=not cuda,
-        bf16=config.use_bf16, fp16=False, activation_checkpointing=False,
+        bf16=use_bf16(config.bf16), fp16=False, activation_checkpointing=False,
         use_vllm=config.use_vllm, vllm_mode="colocate", reward_weights=[1.0, 1.0],
         remove_unused_columns=False, shuffle_dataset=True)
 
@@ -303,7 +299,8 @@ def _train(model: str | Path, task: Task, out: Path, config: ZeroConfig, templat
     model_dir = _save_model(trainer, tok, out)
     rows = read_metrics(out / "metrics.jsonl")
     curves = plot_curves(rows, out / "curves.png", title=f"{Path(str(model)).name} on {task.name}")
-    report = {"model": str(model), "task": task.name, "difficulty": task.difficulty, "config": {**asdict(config), "bf16": config.use_bf16},
+    report = {"model": str(model), "task": task.name, "difficulty": task.difficulty,
+              "config": {**asdict(config), "bf16": use_bf16(config.bf16)},
               "template": asdict(template), "resumed_from": str(ckpt) if ckpt else None,
               "steps": rows[-1]["step"] if rows else 0, "train_seconds": time.time() - started,
               "stopped_at_time_limit": callback.stopped_early, "no_signal_steps": sum(r.get("zero_signal_groups", 0.0) >= 1.0 for r in rows),
