@@ -213,11 +213,32 @@ def test_distill_trains_on_reference_answers(tiny_lm_dir: Path, tmp_path: Path, 
     row = json.loads((tmp_path / "ref.jsonl").read_text().splitlines()[0])
     assert format_reward(row["response"]) == 1.0 and ref["pairs"] == 40
     rep = distill(tiny_lm_dir, text, tmp_path / "student", method="sequence", prune_layers=1, responses=ref["path"],
-                  seq_len=64, eval_sequences=2, config=TrainConfig(max_steps=2, batch_size=2, eval_every=0))
+                  seq_len=320, eval_sequences=2, config=TrainConfig(max_steps=2, batch_size=2, eval_every=0))
+    assert rep["sft_data"]["pairs"] == 40 and rep["sft_data"]["truncated"] == 0  # a byte-level prompt is ~250 tokens
     assert rep["steps"] == 2 and "generation" not in rep and not (tmp_path / "student" / "teacher_data.jsonl").exists()
     with pytest.raises(SlimlmError, match="does not exist"):
         distill(tiny_lm_dir, text, tmp_path / "s2", method="sequence", prune_layers=1, responses=tmp_path / "no.jsonl",
                 seq_len=64, eval_sequences=2, config=TrainConfig(max_steps=1, batch_size=2))
+
+
+def test_sft_sequences_never_cut_a_pair_from_its_prompt(tiny_lm_dir: Path, tmp_path: Path) -> None:
+    """Packed rows hold whole pairs: every scored run of tokens sits after its own prompt in the same row, and
+    padding is never scored; a pair longer than a row is cut at the end and counted."""
+    from transformers import AutoTokenizer
+
+    from slimlm.distill.teacher_text import sft_sequences
+
+    tok = AutoTokenizer.from_pretrained(tiny_lm_dir)
+    pairs = [("2+3?", "<answer>5</answer>"), ("7*6-1?", "<answer>41</answer>"), ("Q" * 10, "A" * 100)]
+    jsonl = tmp_path / "pairs.jsonl"
+    jsonl.write_text("".join(json.dumps({"prompt": q, "response": r}) + "\n" for q, r in pairs))
+    ids, not_scored, info = sft_sequences(tok, jsonl, 64)
+    assert info == {"pairs": 3, "sequences": 2, "truncated": 1, "scored_tokens": int((~not_scored).sum())}
+    first = tok.decode(ids[0][~not_scored[0]].tolist())
+    assert first.startswith("<answer>5</answer>") and "<answer>41</answer>" in first  # both short pairs, whole
+    assert tok.decode(ids[0][:4].tolist()) == "2+3?"
+    assert bool(not_scored[0, -1]) and ids.shape == (2, 64)  # the first row ends in unscored padding
+    assert tok.decode(ids[1][~not_scored[1]].tolist()) == "A" * (64 - 10)  # the long pair keeps its first 64
 
 
 def test_lora_run_ships_a_merged_model(tiny_lm_dir: Path, tmp_path: Path) -> None:

@@ -227,7 +227,7 @@ def _sequence_data(run: _Run, *, prompts: str | Path | None, verifier: str | Non
         run.report["generation"] = generate_responses(
             run.teacher, run.tokenizer, read_prompts(Path(prompts)), gen_path, seed=run.config.seed,
             verifier=load_verifier(verifier, Path(prompts)), **generation)
-    seq_ids, prompt_mask = sft_sequences(student_tok, gen_path, seq_len)
+    seq_ids, prompt_mask, run.report["sft_data"] = sft_sequences(student_tok, gen_path, seq_len)
     eval_ids = run.eval_ids
     if not run.same_vocab:
         # The student reads the held-out text through its own tokenizer.

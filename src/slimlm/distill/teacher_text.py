@@ -113,20 +113,33 @@ def generate_responses(teacher: torch.nn.Module, tokenizer, prompts: list[str], 
                          "dtype": str(dtype).removeprefix("torch.")}}
 
 
-def sft_sequences(tokenizer, jsonl: Path, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pack (chat-formatted prompt, response + EOS) pairs into [N, seq_len]; prompt tokens are not scored."""
-    ids, scored = [], []
+def sft_sequences(tokenizer, jsonl: Path, seq_len: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, int]]:
+    """Pack whole (chat-formatted prompt, response + EOS) pairs into [N, seq_len] rows; prompt and padding tokens
+    are not scored. A pair never straddles two rows: a response cut off from its prompt teaches the student to
+    answer a question it cannot see. A pair longer than a row keeps its first ``seq_len`` tokens (counted)."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    rows: list[tuple[list[int], list[bool]]] = []
+    ids: list[int] = []
+    scored: list[bool] = []
+    pairs = truncated = 0
     for line in Path(jsonl).read_text(encoding="utf-8").splitlines():
         if not line.strip():
             continue
         row = json.loads(line)
         p = tokenizer(chat_prompt(tokenizer, row["prompt"]), add_special_tokens=False).input_ids
         r = tokenizer(row["response"], add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
-        ids += p + r
-        scored += [False] * len(p) + [True] * len(r)
-    n = len(ids) // seq_len
-    if n == 0:
-        raise SlimlmError(f"{jsonl} gives {len(ids)} tokens, fewer than one sequence of {seq_len}")
-    t = torch.tensor(ids[: n * seq_len]).view(n, seq_len)
-    prompt_mask = ~torch.tensor(scored[: n * seq_len]).view(n, seq_len)
-    return t, prompt_mask
+        pair, pair_scored = (p + r)[:seq_len], ([False] * len(p) + [True] * len(r))[:seq_len]
+        pairs += 1
+        truncated += len(p) + len(r) > seq_len
+        if len(ids) + len(pair) > seq_len:
+            rows.append((ids, scored))
+            ids, scored = [], []
+        ids, scored = ids + pair, scored + pair_scored
+    if ids:
+        rows.append((ids, scored))
+    if not any(any(s) for _, s in rows):
+        raise SlimlmError(f"{jsonl} has no response tokens to train on within sequences of {seq_len}")
+    t = torch.tensor([i + [pad] * (seq_len - len(i)) for i, _ in rows])
+    prompt_mask = ~torch.tensor([s + [False] * (seq_len - len(s)) for _, s in rows])
+    return t, prompt_mask, {"pairs": pairs, "sequences": len(rows), "truncated": truncated,
+                            "scored_tokens": int((~prompt_mask).sum())}
