@@ -60,9 +60,16 @@ def add_recipe_args(ap: argparse.ArgumentParser, **defaults) -> None:
                     "model's verified traces vs on the reference answers, equal tokens")
     ap.add_argument("--distill-prompts", type=int, default=128, help="training prompts the Zero teacher answers")
     ap.add_argument("--distill-samples", type=int, default=4, help="teacher samples per prompt (kept if verified)")
-    ap.add_argument("--distill-steps", type=int, default=100, help="student steps (8 x 128 tokens each)")
-    ap.add_argument("--distill-lr", type=float, default=1e-4)
-    ap.add_argument("--prune-layers", type=int, default=10, help="student: the Zero model minus this many layers")
+    ap.add_argument("--distill-steps", type=int, default=30, help="student steps (8 x --distill-seq-len tokens each)")
+    ap.add_argument("--distill-seq-len", type=int, default=256, help="rows of whole prompt/response pairs; a chat "
+                    "prompt is ~100 tokens on Qwen2.5, a Zero trace ~70 more")
+    ap.add_argument("--distill-lr", type=float, default=2e-5)
+    ap.add_argument("--distill-dtype", default="bf16", help="student training: bf16 autocast or fp32")
+    ap.add_argument("--prune-layers", type=int, default=4, help="student: the Zero model minus this many layers")
+    ap.add_argument("--zero-model", type=Path, default=None, help="skip GRPO: distill from this saved Zero model "
+                    "(with --distill; its run dir is two levels up)")
+    ap.add_argument("--traces", type=Path, default=None, help="reuse this teacher_data.jsonl of verified Zero traces "
+                    "from an earlier run of the same Zero model and prompts instead of sampling them again")
     ap.add_argument("--keep", type=Path, default=None, help="keep the run dir (model, metrics, report) here")
     ap.add_argument("--no-append", action="store_true", help="print the section; touch neither BENCHMARKS.md nor docs/")
     ap.set_defaults(**defaults)
@@ -132,14 +139,15 @@ def distill_stage(args: argparse.Namespace, zero_model: Path) -> dict:
     prompts = run_dir / "distill_prompts.jsonl"
     write_prompts(get_task(args.task, args.difficulty), prompts, n=args.distill_prompts, seed=args.seed + 1)
     reference = write_reference_responses(prompts, run_dir / "reference_responses.jsonl")["path"]
-    common = dict(method="sequence", prune_layers=args.prune_layers, seq_len=128, overwrite=True,
-                  max_new_tokens=args.max_completion)
+    common = dict(method="sequence", prune_layers=args.prune_layers, seq_len=args.distill_seq_len, overwrite=True)
     text = resources.wikitext_path("valid")  # held-out text for the students' perplexity (reported, not judged)
     students = {}
-    for name, extra in (("verified Zero traces", dict(prompts=prompts, verifier="answers", temperature=args.temperature,
-                                                      samples_per_prompt=args.distill_samples)),
+    sample = dict(prompts=prompts, verifier="answers", temperature=args.temperature,
+                  samples_per_prompt=args.distill_samples, max_new_tokens=args.max_completion)
+    for name, extra in (("verified Zero traces", dict(responses=args.traces) if args.traces else sample),
                         ("reference answers", dict(responses=reference))):
-        config = TrainConfig(max_steps=args.distill_steps, batch_size=8, lr=args.distill_lr, seed=args.seed)
+        config = TrainConfig(max_steps=args.distill_steps, batch_size=8, lr=args.distill_lr, seed=args.seed,
+                             dtype=args.distill_dtype, eval_every=0)
         rep = distill(zero_model, text, run_dir / name.replace(" ", "_"), config=config, **common, **extra)
         ev = evaluate_task(rep["student_dir"], args.task, n=args.n, seed=args.seed, difficulty=args.difficulty,
                            template=Template("chat", args.prefill), max_new_tokens=args.max_completion,
@@ -147,14 +155,21 @@ def distill_stage(args: argparse.Namespace, zero_model: Path) -> dict:
         students[name] = {"report": rep, "eval": ev}
     a, b = students["verified Zero traces"]["eval"], students["reference answers"]["eval"]
     d = paired_difference(a["scores"]["correct"], b["scores"]["correct"])
-    gen = students["verified Zero traces"]["report"].get("generation", {})
+    gen = students["verified Zero traces"]["report"].get("generation")
+    traces = (f"{gen['kept']} of {gen['generated']} sampled completions" if gen else
+              f"the verified completions in {args.traces} (sampled by an earlier run of this Zero model)")
+    sft = {name: s["report"]["sft_data"] for name, s in students.items()}
     table = markdown_table(["student trained on", "correct (any format)", "format rate", "correct in format",
                             "mean tokens"], [_row(name, s["eval"]) for name, s in students.items()])
-    body = (f"Students: the Zero model minus {args.prune_layers} layers, {args.distill_steps} steps x 8 x 128 "
-            f"tokens each (equal tokens), lr {args.distill_lr}. Teacher traces: {gen.get('kept', '?')} of "
-            f"{gen.get('generated', '?')} sampled completions on {args.distill_prompts} training prompts passed the "
-            f"verifier. Same {args.n} held-out problems as above.\n\n{table}\n\nverified traces − reference "
-            f"answers: {d['difference']:+.3f} ± {d['se']:.3f} ({d['z']:.1f} SE)\n")
+    data = "; ".join(f"{name}: {v['pairs']} pairs in {v['sequences']} rows, {v['scored_tokens']} scored tokens"
+                     for name, v in sft.items())
+    body = (f"Students: the Zero model minus {args.prune_layers} layers "
+            f"({students['reference answers']['report']['student_parameters']:,} parameters), "
+            f"{args.distill_steps} steps x 8 rows x {args.distill_seq_len} tokens each (equal tokens; rows hold whole "
+            f"prompt/response pairs), lr {args.distill_lr}, {args.distill_dtype}, seed {args.seed}. Teacher traces: "
+            f"{traces} on {args.distill_prompts} training prompts passed the verifier; the reference arm has the same "
+            f"prompts' reference answers. Data: {data}. Same {args.n} held-out problems as above.\n\n{table}\n\n"
+            f"verified traces − reference answers: {d['difference']:+.3f} ± {d['se']:.3f} ({d['z']:.1f} SE)\n")
     publish("Zero → distilled student: verified traces vs reference answers (issue 16)", body, args.no_append)
     return {"students": students, "paired": d}
 
@@ -163,6 +178,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_recipe_args(ap)
     args = ap.parse_args()
+    if args.zero_model:
+        if not args.distill:
+            ap.error("--zero-model needs --distill")
+        result = {"distill": distill_stage(args, args.zero_model)}
+        (args.zero_model.parent.parent / "bench_zero_distill.json").write_text(
+            json.dumps(result, indent=1, default=str))
+        return
     result = run_recipe(args, "Zero: GRPO from rewards alone on CPU (issue 16)", "zero-curves.png")
     if args.distill:
         distill_stage(args, Path(result["train"]["model_dir"]))
