@@ -50,7 +50,8 @@ def distill(
     max_new_tokens: int = typer.Option(128, "--max-new-tokens"),
     sample_temperature: float = typer.Option(0.7, "--sample-temperature"),
     top_p: float = typer.Option(0.95, "--top-p"),
-    seq_len: int = typer.Option(256, "--seq-len"),
+    seq_len: int = typer.Option(256, "--seq-len", help="Tokens per training row. --method sequence packs whole "
+                                "prompt/response pairs into rows (a pair longer than a row is cut, and counted)."),
     steps: int = typer.Option(50, "--steps"),
     batch_size: int = typer.Option(8, "--batch-size", help="Global sequences per optimizer step."),
     grad_accum: int = typer.Option(1, "--grad-accum"),
