@@ -171,7 +171,9 @@ def distill_stage(args: argparse.Namespace, zero_model: Path) -> dict:
             f"prompts' reference answers. Data: {data}. Same {args.n} held-out problems as above.\n\n{table}\n\n"
             f"verified traces − reference answers: {d['difference']:+.3f} ± {d['se']:.3f} ({d['z']:.1f} SE)\n")
     publish("Zero → distilled student: verified traces vs reference answers (issue 16)", body, args.no_append)
-    return {"students": students, "paired": d}
+    result = {"students": students, "paired": d}
+    (run_dir / "bench_zero_distill.json").write_text(json.dumps(result, indent=1, default=str))
+    return result
 
 
 def main() -> None:
@@ -181,9 +183,7 @@ def main() -> None:
     if args.zero_model:
         if not args.distill:
             ap.error("--zero-model needs --distill")
-        result = {"distill": distill_stage(args, args.zero_model)}
-        (args.zero_model.parent.parent / "bench_zero_distill.json").write_text(
-            json.dumps(result, indent=1, default=str))
+        distill_stage(args, args.zero_model)
         return
     result = run_recipe(args, "Zero: GRPO from rewards alone on CPU (issue 16)", "zero-curves.png")
     if args.distill:

@@ -32,7 +32,7 @@ def zero(
     batch_size: int = typer.Option(16, "--batch-size", help="Completions per step."),
     group_size: int = typer.Option(8, "--group-size", help="Completions per prompt; must divide --batch-size."),
     lr: float = typer.Option(1e-5, "--lr", help="Full fine-tuning of a 0.5B model: about 3e-6 (2e-5 collapsed "
-                            "Qwen2.5-0.5B in 5 steps; BENCHMARKS)."),
+                            "Qwen2.5-0.5B by step 6; BENCHMARKS)."),
     beta: float = typer.Option(0.0, "--beta", help="KL coefficient to the start model (0: no reference model)."),
     loss_type: str = typer.Option("dapo", "--loss-type", help="dapo | grpo | dr_grpo | bnpo (TRL's)."),
     max_completion: int = typer.Option(256, "--max-completion", help="Tokens per completion."),

@@ -134,12 +134,13 @@ def sft_sequences(tokenizer, jsonl: Path, seq_len: int) -> tuple[torch.Tensor, t
         if len(ids) + len(pair) > seq_len:
             rows.append((ids, scored))
             ids, scored = [], []
-        ids, scored = ids + pair, scored + pair_scored
-    if ids:
-        rows.append((ids, scored))
-    if not any(any(s) for _, s in rows):
+        ids.extend(pair)
+        scored.extend(pair_scored)
+    rows.append((ids, scored))
+    scored_tokens = sum(map(sum, (s for _, s in rows)))
+    if scored_tokens == 0:
         raise SlimlmError(f"{jsonl} has no response tokens to train on within sequences of {seq_len}")
     t = torch.tensor([i + [pad] * (seq_len - len(i)) for i, _ in rows])
     prompt_mask = ~torch.tensor([s + [False] * (seq_len - len(s)) for _, s in rows])
     return t, prompt_mask, {"pairs": pairs, "sequences": len(rows), "truncated": truncated,
-                            "scored_tokens": int((~prompt_mask).sum())}
+                            "scored_tokens": scored_tokens}
