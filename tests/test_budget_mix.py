@@ -179,4 +179,33 @@ def test_fit_budget_leaves_room_for_the_kv_cache(tiny_wide: tuple[Path, Path]) -
     long = budget_tensor_bytes(Budget(fit_memory=mem, context=4096), 1000, 100, src)
     assert short == mem - kv_cache(spec, 512).bytes - runtime_overhead(spec, 512) - 100
     assert long < short
+    two = budget_tensor_bytes(Budget(fit_memory=mem, context=512, batch=2), 1000, 100, src)
+    assert two == mem - kv_cache(spec, 512, 2).bytes - runtime_overhead(spec, 512, 2) - 100 and two < short
+    q8 = budget_tensor_bytes(Budget(fit_memory=mem, context=512, cache_type="q8_0"), 1000, 100, src)
+    assert q8 > short
     assert budget_tensor_bytes(Budget(target_bpw=4.0), 1000, 100) == 500 - 100
+
+
+def test_recommend_weighs_the_budget_mix_made_for_the_memory(tiny_wide: tuple[Path, Path], tmp_path: Path) -> None:
+    """recommend --budget-mix: the GGUF mix made for exactly --memory at --context is measured beside the fixed
+    variants, sized by the file it became, and chosen when nothing else fits."""
+    from slimlm.inspect.fit import fit
+    from slimlm.recommend import Variant, recommend
+
+    src, calib = tiny_wide
+    sizing = fit(src, 1 << 30, context=256)
+    shared = sizing["variants"][0]
+    params = 8 * shared["weights_bytes"] / shared["bits_per_weight"] if shared["bits_per_weight"] else 0
+    memory = shared["kv_cache_bytes"] + shared["overhead_bytes"] + int(params * 5 / 8)
+    assert fit(src, memory, context=256)["budget_mix"]["bits_per_weight"] == pytest.approx(5.0, abs=0.02)
+    r = recommend(src, memory=memory, goal="quality", data=calib, calib=calib, chunks=2, prompt=16, gen=4, runs=1,
+                  cache_dir=tmp_path / "cache", context=256, budget_mix=True,
+                  variants=[Variant("FP32 (original)", "original", "F32", backend="torch-fp32"),
+                            Variant("Q8_0", "gguf", "Q8_0", "Q8_0", backend="gguf")])
+    assert {e["name"] for e in r.excluded} == {"FP32 (original)", "Q8_0"}  # neither fits 5 bits/weight
+    assert r.choice == "budget mix"
+    row = next(m for m in r.measured if m["name"] == "budget mix")
+    assert 0 < row["kld_mean"] < 1 and row["memory_bytes"] <= memory
+    assert row["file_bytes"] * 8 < 5.2 * params  # the file, header included, spends the allowance, no more
+    mem = next(m for m in r.memory if m["name"] == "budget mix")
+    assert mem["weights_bytes"] == row["file_bytes"] and mem["fits"]

@@ -35,6 +35,19 @@ def test_best_variant_is_the_highest_quality_that_fits():
     assert long["best"] in ("Q5_K_M", "Q5_K_S", "Q4_K_M", "W4A16", "Q4_K_S", "Q4_0", "Q3_K_M", "Q2_K")
 
 
+def test_fit_offers_the_budget_mix_for_what_is_left():
+    """fit names the bits per weight a budget mix (quantize --fit) would spend, from the same KV cache and
+    overhead as every variant, and the command that makes it."""
+    r = fit("DeepSeek-R1-Distill-Qwen-7B", "8GiB", context=8192)
+    mix, row = r["budget_mix"], r["variants"][0]
+    assert mix["weights_bytes"] == 8 * 2**30 - row["kv_cache_bytes"] - row["overhead_bytes"]
+    params = row["weights_bytes"] * 8 / row["bits_per_weight"]
+    assert mix["bits_per_weight"] == pytest.approx(mix["weights_bytes"] * 8 / params, abs=0.02)
+    assert mix["possible"] and "--fit 8GiB --context 8192" in mix["command"]
+    assert not fit("DeepSeek-R1-Distill-Qwen-7B", "1TiB")["budget_mix"]["possible"]  # F16 fits: nothing to choose
+    assert not fit("DeepSeek-R1-Distill-Qwen-7B", "2GiB")["budget_mix"]["possible"]  # below the smallest type
+
+
 def test_f32_is_not_preferred_over_a_bf16_original():
     r = fit("SmolLM2-135M", "8GiB")  # everything fits; the catalog model is published in bf16
     assert r["best"] == "BF16"

@@ -32,12 +32,13 @@ class Variant:
     """One way to run the model: how to make it, how to size it, which engine benchmarks it."""
 
     name: str
-    kind: str  # "original" | "bf16" | "gguf" | "compressed-tensors" | "student"
+    kind: str  # "original" | "bf16" | "gguf" | "budget" (a GGUF budget mix) | "compressed-tensors" | "student"
     memory_variant: str | None  # name in slimlm.inspect.memory.VARIANTS (None: size from the files)
     quant: str | None = None  # GGUF mix or compressed-tensors scheme
     method: str | None = None
     backend: str = "torch-fp32"
     path: str | None = None  # students: their own dir
+    fit: tuple[int, int, int] | None = None  # budget mixes: (memory bytes, context, batch) the file is made to fit
 
     def settings(self) -> dict[str, Any]:
         return asdict(self)
@@ -213,19 +214,41 @@ def _make(variant: Variant, model: Path, cache: ResultCache, settings: Settings)
     if variant.kind == "student":
         return Path(variant.path or ""), 0.0
     key = cache.key("file", variant.settings(), settings.calib, settings.calib_samples)
-    out = cache.files / (f"{key}.gguf" if variant.kind == "gguf" else key)
+    gguf = variant.kind in ("gguf", "budget")
+    out = cache.files / (f"{key}.gguf" if gguf else key)
     with Claim(out, wait=True):  # a concurrent run making the same file: wait for it, then use its file
         if variant.kind == "gguf" and not out.is_file():
             from slimlm.quantize.gguf import quantize_gguf
 
             quantize_gguf(model, variant.quant or "", out)
-        elif variant.kind != "gguf" and not (out / "config.json").is_file():
+        elif variant.kind == "budget" and not out.is_file():
+            _make_budget_mix(variant, model, out, settings)
+        elif not gguf and not (out / "config.json").is_file():
             from slimlm.quantize.layers import quantize_model
             from slimlm.quantize.schemes import get_scheme
 
             quantize_model(model, out, scheme=get_scheme(variant.quant or "w4a16"), method=variant.method,
                            calib=settings.calib, samples=settings.calib_samples, overwrite=True)
     return out, time.perf_counter() - start
+
+
+def _make_budget_mix(variant: Variant, model: Path, out: Path, settings: Settings) -> None:
+    """The GGUF budget mix that fits ``variant.fit`` (quantize --fit), measured on the calibration text when it is
+    a file, else on wikitext-2 valid (a dataset name or self-generated text has no windows to measure on)."""
+    from slimlm import resources
+    from slimlm.quantize.budget import Budget
+    from slimlm.quantize.gguf import quantize_gguf
+
+    memory, context, batch = variant.fit or (0, 0, 0)
+    given = Path(settings.calib) if settings.calib else None
+    calib = given if given is not None and given.is_file() else resources.wikitext_path("valid")
+    quantize_gguf(model, None, out, calib=calib, calib_chunks=settings.calib_samples,
+                  budget=Budget(fit_memory=memory, context=context, batch=batch))
+
+
+def budget_variant(memory: int, context: int, batch: int, backend: str) -> Variant:
+    """The GGUF budget mix made for exactly this memory, context and batch (recommend --budget-mix)."""
+    return Variant("budget mix", "budget", None, "budget", backend=backend, fit=(memory, context, batch))
 
 
 def _quality(variant: Variant, path: Path, ref_file: Path, settings: Settings,
@@ -425,13 +448,28 @@ def machine_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
             "note": BUSY_NOTE if busy else ""}
 
 
+def _budget_row(sizing: dict[str, Any], memory: int, file_bytes: int | None = None) -> dict[str, Any]:
+    """fit's row for the budget mix: its file (or, before it is made, the whole allowance) + the KV cache and
+    overhead every variant shares."""
+    from slimlm.inspect.fit import fit_row
+    from slimlm.quantize.budget import SMALLEST_BPW
+
+    mix, shared = sizing["budget_mix"], sizing["variants"][0]
+    row = fit_row("budget mix", mix["bits_per_weight"], mix["weights_bytes"] if file_bytes is None else file_bytes,
+                  shared["kv_cache_bytes"], shared["overhead_bytes"], file_bytes, None, memory)
+    row["fits"] = row["fits"] and mix["bits_per_weight"] >= SMALLEST_BPW
+    return row
+
+
 def recommend(model: str | Path, *, memory: str | int, goal: str = "throughput", context: int = 4096,
               batch: int = 1, budget_minutes: float | None = None, calib: str | Path | None = None,
               data: str | Path | None = None, students: list[str | Path] = (), variants: list[Variant] | None = None,
               max_kld: float = 0.1, chunks: int = 4, calib_samples: int = 16, prompt: int = 128, gen: int = 32, runs: int = 6,
               threads: int | None = None, cache_dir: str | Path | None = None, engine: str | None = None,
-              progress: Progress | None = None, steps: Steps | None = None) -> Recommendation:
-    """Measure the variants of ``model`` that fit ``memory`` and pick the one that best serves ``goal``."""
+              budget_mix: bool = False, progress: Progress | None = None, steps: Steps | None = None
+              ) -> Recommendation:
+    """Measure the variants of ``model`` that fit ``memory`` and pick the one that best serves ``goal``.
+    ``budget_mix`` adds the GGUF mix made to fit ``memory`` at ``context`` x ``batch`` (quantize --fit)."""
     from slimlm import resources
     from slimlm.evaluate import evaluate
     from slimlm.evaluate.bench import _llama_cpp_available
@@ -458,13 +496,21 @@ def recommend(model: str | Path, *, memory: str | int, goal: str = "throughput",
     candidates = list(variants or engine_variants(engine, llama_cpp))
     for s in students:
         candidates.append(Variant(f"student {Path(s).name}", "student", None, backend="torch-fp32", path=str(s)))
+    if budget_mix:
+        if engine == "vllm":
+            raise SlimlmError("--budget-mix makes a GGUF file, which vLLM does not run; use --engine llama.cpp "
+                              "or slimlm")
+        candidates.append(budget_variant(budget, context, batch, "llama.cpp" if llama_cpp and engine != "slimlm"
+                                         else "gguf"))
 
     sizing = fit(model, budget, context=context, batch=batch,
                  variants=[v.memory_variant for v in candidates if v.memory_variant])
     need = {r["variant"]: r for r in sizing["variants"]}
     memory_rows, fitting, excluded = [], [], []
     for v in candidates:
-        if v.memory_variant is None:  # a student: size it with its own spec
+        if v.kind == "budget":  # made to fit: until it is made, it takes the whole allowance
+            row = _budget_row(sizing, budget)
+        elif v.memory_variant is None:  # a student: size it with its own spec
             row = fit(v.path, budget, context=context, batch=batch, variants=["F32"])["variants"][0]
         else:
             row = need[v.memory_variant]
@@ -511,6 +557,9 @@ def recommend(model: str | Path, *, memory: str | int, goal: str = "throughput",
                 skipped.append({"name": v.name, "reason": str(exc)})
                 continue
             cache.put(key, hit)
+        if v.kind == "budget":  # sized by the file it became
+            mem = _budget_row(sizing, budget, hit["file_bytes"])
+            next(r for r in memory_rows if r["name"] == v.name).update(mem)
         row = {"name": v.name, "kind": v.kind, "quant": v.quant, "method": v.method, "cached": cached,
                "memory_bytes": mem["total_bytes"], "headroom_bytes": mem["headroom_bytes"], **hit, **(speed or {})}
         if speed is None:

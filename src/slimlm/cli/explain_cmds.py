@@ -113,4 +113,9 @@ def fit(
     table.caption = "sizes in GiB; * = highest-quality variant that fits"
     console.print(table)
     console.print(data["message"], highlight=False)
+    mix = data["budget_mix"]
+    if mix["possible"]:
+        console.print(f"A budget mix spends all {_gib(mix['weights_bytes'])} on the weights "
+                      f"({mix['bits_per_weight']:.2f} bits/weight, a type per tensor by measured error): "
+                      f"{mix['command']}", highlight=False)
     console.print(f"[dim]{data['kv_cache']['note']}; {data['overhead_rule']}[/]", highlight=False)

@@ -62,6 +62,9 @@ def quantize(
     fit_memory: Optional[str] = typer.Option(None, "--fit", rich_help_panel=_BUDGET, help=(
         "Same, so that weights + KV cache of --context tokens + runtime overhead fit this memory: 8GiB.")),
     context: int = typer.Option(4096, "--context", rich_help_panel=_BUDGET, help="Context length --fit plans for."),
+    batch: int = typer.Option(1, "--batch", rich_help_panel=_BUDGET, help="Sequences --fit plans the KV cache for."),
+    cache_type: str = typer.Option("f16", "--cache-type", rich_help_panel=_BUDGET,
+                                   help="KV cache type --fit plans for: f16, q8_0, q4_0, f32."),
     budget_windows: int = typer.Option(4, "--budget-windows", rich_help_panel=_BUDGET, help=(
         "512-token windows of --calib on which each tensor group's effect on the output (KLD) is measured.")),
     per_layer: bool = typer.Option(False, "--per-layer", rich_help_panel=_BUDGET, help=(
@@ -106,7 +109,7 @@ def quantize(
             model, out, scheme=scheme, method=method, group_size=group_size, sym=sym, ignore=ignore, calib=calib,
             samples=samples, seq_len=seq_len, static_acts=static_acts, spill=spill, threads=threads, resume=resume,
             overwrite=overwrite, json_out=json_out)
-    budget = _budget(target_bpw, target_size, fit_memory, context)
+    budget = _budget(target_bpw, target_size, fit_memory, context, batch, cache_type)
     if to is None and budget is None:
         raise SlimlmError("give --to TYPE (a GGUF mix such as Q4_K_M), a budget (--target-bpw, --target-size, "
                           "--fit), or --scheme w4a16|w8a16|w8a8, or --check")
@@ -142,7 +145,8 @@ def quantize(
                   + ("" if dry_run else f"; {result.seconds:.1f} s"), highlight=False)
 
 
-def _budget(target_bpw: float | None, target_size: str | None, fit_memory: str | None, context: int):
+def _budget(target_bpw: float | None, target_size: str | None, fit_memory: str | None, context: int, batch: int,
+            cache_type: str):
     """The budget the options ask for (quantize.budget.Budget), or None for a fixed mix."""
     if target_bpw is None and target_size is None and fit_memory is None:
         return None
@@ -150,7 +154,8 @@ def _budget(target_bpw: float | None, target_size: str | None, fit_memory: str |
     from slimlm.quantize.budget import Budget
 
     return Budget(target_bpw=target_bpw, target_bytes=parse_memory(target_size) if target_size else None,
-                  fit_memory=parse_memory(fit_memory) if fit_memory else None, context=context)
+                  fit_memory=parse_memory(fit_memory) if fit_memory else None, context=context, batch=batch,
+                  cache_type=cache_type)
 
 
 @app.command("imatrix")

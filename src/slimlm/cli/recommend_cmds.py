@@ -102,6 +102,9 @@ def recommend(
                                          "slimlm | llama.cpp (GGUF mixes) | vllm (BF16, W8A8, W4A16 on its server, "
                                          "--batch concurrent streams). Default: GGUF on llama.cpp when installed, "
                                          "the rest on slimlm's runtime."),
+    budget_mix: bool = typer.Option(False, "--budget-mix", help="Also make and weigh the GGUF budget mix that "
+                                    "fits --memory at --context x --batch exactly (quantize --fit; its sensitivity "
+                                    "is measured on --calib when that is a text file, else wikitext-2 valid)."),
     json_out: bool = JSON_OPTION,
 ) -> None:
     """Measure the variants that fit --memory on this machine and recommend one for --goal."""
@@ -110,7 +113,7 @@ def recommend(
     with _steps(json_out) as steps:
         result = run(model, memory=memory, goal=goal, context=context, batch=batch, budget_minutes=budget_minutes,
                      calib=calib, data=data, students=list(student), max_kld=max_kld, chunks=chunks,
-                     engine=engine, progress=_say, steps=steps).to_dict()
+                     engine=engine, budget_mix=budget_mix, progress=_say, steps=steps).to_dict()
     if save:
         save.write_text(json.dumps(result, indent=1, default=str))
     if json_out:

@@ -98,6 +98,12 @@ def load_model_facts(model: str | Path) -> ModelFacts:
     return ModelFacts(entry.name, spec, gguf_tensors_from_spec(spec), source_dtype=_config_dtype(entry.config))
 
 
+def weights_allowance(spec: ModelSpec, memory: int, context: int, batch: int = 1, cache_type: str = "f16") -> int:
+    """The bytes left for the weights once the KV cache and the runtime overhead of ``context`` x ``batch`` are
+    counted: what a budget mix (``quantize --fit``) may spend, and what `fit` offers one."""
+    return memory - kv_cache(spec, context, batch, cache_type).bytes - runtime_overhead(spec, context, batch)
+
+
 def quality_rank(variant: str, source_dtype: str | None) -> int:
     """Lower is better. Converting up to F32 gains nothing over a 16-bit original, so it ties with it."""
     order = list(VARIANTS)
@@ -109,13 +115,29 @@ def quality_rank(variant: str, source_dtype: str | None) -> int:
     return rank
 
 
-def _fit_row(variant: str, bits_per_weight: float, weights: int, kv: int, overhead: int, file_bytes: int | None,
+def fit_row(variant: str, bits_per_weight: float, weights: int, kv: int, overhead: int, file_bytes: int | None,
              rank: int | None, budget: int) -> dict[str, Any]:
     """One row of fit's table: the memory to run a variant, and whether it fits ``budget``."""
     total = weights + kv + overhead
     return {"variant": variant, "bits_per_weight": bits_per_weight, "weights_bytes": weights, "kv_cache_bytes": kv,
             "overhead_bytes": overhead, "total_bytes": total, "file_bytes": file_bytes,
             "headroom_bytes": budget - total, "fits": total <= budget, "quality_rank": rank}
+
+
+def _budget_mix(facts: ModelFacts, model: str | Path, memory: int, memory_text: str | None, context: int, batch: int,
+                cache_type: str) -> dict[str, Any]:
+    """What a budget mix made for this memory would spend (quantize --fit): every byte left after the KV cache and
+    overhead, at a type per tensor chosen by measured error. ``possible``: the allowance lies between the smallest
+    type llama.cpp runs and F16 (above that, F16 everywhere fits and no choice is left to make)."""
+    from slimlm.quantize.budget import SMALLEST_BPW
+
+    allowance = weights_allowance(facts.spec, memory, context, batch, cache_type)
+    bpw = max(allowance, 0) * 8 / (sum(t.n_elements for t in facts.tensors) or 1)
+    flags = (f"--fit {memory_text or format_bytes(memory).replace(' ', '')} --context {context}"
+             + (f" --batch {batch}" if batch != 1 else "")
+             + (f" --cache-type {cache_type}" if cache_type != "f16" else ""))
+    return {"weights_bytes": allowance, "bits_per_weight": round(bpw, 2), "possible": SMALLEST_BPW <= bpw < 16,
+            "command": f"slimlm quantize {model} {flags} --calib TEXT -o OUT.gguf"}
 
 
 def fit(model: str | Path, memory: str | int, *, context: int = 4096, batch: int = 1, cache_type: str = "f16",
@@ -133,22 +155,24 @@ def fit(model: str | Path, memory: str | int, *, context: int = 4096, batch: int
         est = estimate_memory(facts.spec, v, context=context, batch=batch, cache_type=cache_type,
                               tensors=facts.tensors, metadata_bytes=facts.metadata_bytes,
                               dtype_bytes=facts.dtype_bytes)
-        rows.append(_fit_row(v, round(est.weights.bits_per_weight, 2), est.weights.bytes, est.kv.bytes,
+        rows.append(fit_row(v, round(est.weights.bits_per_weight, 2), est.weights.bytes, est.kv.bytes,
                              est.overhead, est.file_bytes, quality_rank(v, facts.source_dtype), budget))
     kv_info = kv_cache(facts.spec, context, batch, cache_type)
     if facts.stored_bytes is not None:
         params = sum(t.n_elements for t in facts.tensors) or 1
-        rows.append(_fit_row(f"as stored ({facts.stored_format})", round(facts.stored_bytes * 8 / params, 2),
+        rows.append(fit_row(f"as stored ({facts.stored_format})", round(facts.stored_bytes * 8 / params, 2),
                              facts.stored_bytes, kv_info.bytes, runtime_overhead(facts.spec, context, batch), None,
                              None, budget))
     ranked = sorted((r for r in rows if r["fits"] and r["quality_rank"] is not None),
                     key=lambda r: (r["quality_rank"], r["total_bytes"]))
     best = ranked[0]["variant"] if ranked else None
+    result_budget = _budget_mix(facts, model, budget, memory if isinstance(memory, str) else None,
+                                context, batch, cache_type)
     result: dict[str, Any] = {
         "model": facts.name, "memory_bytes": budget, "context": context, "batch": batch, "cache_type": cache_type,
         "kv_cache": kv_info.to_dict(), "variants": rows, "best": best,
         "fits_any": best is not None, "overhead_rule": RUNTIME_OVERHEAD_DOC,
-        "quality_order": [v for v in VARIANTS if v in names],
+        "quality_order": [v for v in VARIANTS if v in names], "budget_mix": result_budget,
     }
     if best is not None:
         row = next(r for r in rows if r["variant"] == best)

@@ -42,6 +42,7 @@ CANDIDATES: tuple[T, ...] = (
     T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.Q2_K, T.IQ3_XXS, T.IQ3_S, T.Q3_K, T.IQ4_XS, T.IQ4_NL, T.Q4_0, T.Q4_K, T.Q4_1,
     T.Q5_0, T.Q5_K, T.Q5_1, T.Q6_K, T.Q8_0, T.F16,
 )
+SMALLEST_BPW = min(GGML_QUANT_SIZES[q][1] * 8 / GGML_QUANT_SIZES[q][0] for q in CANDIDATES)  # IQ2_XXS: 2.06
 PROBE_BPW = 3.5  # the bits per weight of the type a group is moved to when its scale is measured
 
 # The mix name written as general.file_type for a budget file: the one its most common quantized type heads.
@@ -51,13 +52,15 @@ _FTYPE_OF_TYPE = {T.Q3_K: "Q3_K_M", T.Q4_K: "Q4_K_M", T.Q5_K: "Q5_K_M", T.IQ2_S:
 @dataclass(frozen=True)
 class Budget:
     """What the user asked for: exactly one of bits per weight (tensor bytes x 8 / parameters, llama.cpp's BPW),
-    tensor-data bytes, or a memory size that the weights, a KV cache of ``context`` tokens and the runtime's
-    overhead must fit together (as `slimlm fit` counts them)."""
+    tensor-data bytes, or a memory size that the weights, a KV cache of ``context`` tokens x ``batch`` sequences
+    and the runtime's overhead must fit together (as `slimlm fit` counts them)."""
 
     target_bpw: float | None = None
     target_bytes: int | None = None
     fit_memory: int | None = None
     context: int = 4096
+    batch: int = 1
+    cache_type: str = "f16"
 
     def __post_init__(self) -> None:
         given = [v for v in (self.target_bpw, self.target_bytes, self.fit_memory) if v is not None]
@@ -73,7 +76,9 @@ class Budget:
             return f"{self.target_bytes:,} bytes of tensor data"
         from slimlm.inspect.fit import format_bytes
 
-        return f"fits {format_bytes(self.fit_memory)} at context {self.context}"
+        return (f"fits {format_bytes(self.fit_memory)} at context {self.context}"
+                + (f" x batch {self.batch}" if self.batch != 1 else "")
+                + (f", {self.cache_type} KV cache" if self.cache_type != "f16" else ""))
 
 
 @dataclass
@@ -126,11 +131,10 @@ def budget_tensor_bytes(budget: Budget, n_params: int, fixed_bytes: int, model: 
     elif budget.target_bytes is not None:
         total = int(budget.target_bytes)
     else:
-        from slimlm.inspect.fit import load_model_facts
-        from slimlm.inspect.memory import kv_cache, runtime_overhead
+        from slimlm.inspect.fit import load_model_facts, weights_allowance
 
-        spec = load_model_facts(model).spec
-        total = budget.fit_memory - kv_cache(spec, budget.context).bytes - runtime_overhead(spec, budget.context)
+        total = weights_allowance(load_model_facts(model).spec, budget.fit_memory, budget.context, budget.batch,
+                                  budget.cache_type)
     return total - fixed_bytes
 
 
