@@ -212,6 +212,20 @@ def tensor_digest(path: Path) -> str:
     return hashlib.sha256(b"".join(bg.tensor_bytes(path).values())).hexdigest()
 
 
+def tensor_hash(path: Path) -> str:
+    """sha256 over (name, type, data) of every tensor in name order: llama_model_quantize writes the non-block
+    tensors first (output_norm before token_embd), slimlm keeps the source order, so a file-order hash would differ
+    on identical tensors."""
+    import gguf
+    import numpy as np
+
+    h = hashlib.sha256()
+    for t in sorted(gguf.GGUFReader(path).tensors, key=lambda t: t.name):
+        h.update(f"{t.name}:{t.tensor_type.name}:".encode())
+        h.update(np.asarray(t.data).tobytes())
+    return h.hexdigest()
+
+
 def evaluate_once(path: Path, ref: Path, chunks: int, work: Path) -> dict:
     """bench_gguf.evaluate_kld, cached by tensor data: two budgets that pick the same types share one evaluation."""
     key = work / f"kld-{tensor_digest(path)[:20]}-{chunks}.json"
@@ -233,16 +247,19 @@ def stage_iquants(work: Path, chunks: int, calib_chunks: int, mixes: list[str], 
         if not ours.exists():
             quantize_gguf(bg.hf_dir(), mix, ours, imatrix=im)
         seconds = time.perf_counter() - start
-        a, b = tensor_digest(ours), tensor_digest(theirs)
+        a, b = tensor_hash(ours), tensor_hash(theirs)
         kld = bg.kld_cell(bg.evaluate_kld(theirs, ref, chunks, work)) if evaluate else "-"
         rows.append([mix, f"{ours.stat().st_size:,}", f"{theirs.stat().st_size:,}", a[:16], b[:16],
                      "identical" if a == b else "DIFFER", kld, f"{seconds:.0f}"])
     append_section(f"GGUF i-quant mixes: slimlm vs llama_model_quantize tensor hashes (bench_budget.py, {bg.MODEL})",
                    f"{bg.MODEL_NAMES[bg.MODEL]}: slimlm quantizes the HF dir, llama.cpp (`llama_model_quantize`) "
                    "slimlm's F32 GGUF, both with the same importance matrix (wikitext-2 valid, "
-                   f"{calib_chunks} windows). sha256 over all tensor data in file order (first 16 hex digits). File "
+                   f"{calib_chunks} windows). sha256 (first 16 hex digits). File "
                    "sizes differ by the quantize.imatrix.* metadata keys slimlm writes as the llama-quantize tool "
-                   "does (the library call writes none), so whole-file hashes cannot match; tensor data can. KLD vs "
+                   "does (the library call writes none), and llama_model_quantize moves the non-block tensors to the "
+                   "front, so "
+                   "whole-file hashes cannot match; the hash covers every tensor's name, type and data in name order. "
+                   "KLD vs "
                    f"fp32, wikitext-2 test, ctx 512, {chunks} windows.\n\n"
                    + markdown_table(["mix", "slimlm bytes", "llama.cpp bytes", "slimlm sha256", "llama.cpp sha256",
                                      "tensor data", "KLD", "slimlm quantize s"], rows)

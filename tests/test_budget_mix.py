@@ -200,12 +200,13 @@ def test_recommend_weighs_the_budget_mix_made_for_the_memory(tiny_wide: tuple[Pa
     assert fit(src, memory, context=256)["budget_mix"]["bits_per_weight"] == pytest.approx(5.0, abs=0.02)
     r = recommend(src, memory=memory, goal="quality", data=calib, calib=calib, chunks=2, prompt=16, gen=4, runs=1,
                   cache_dir=tmp_path / "cache", context=256, budget_mix=True,
+                  engine="slimlm",  # the byte tokenizer has no merges: llama.cpp cannot load the tiny GGUFs
                   variants=[Variant("FP32 (original)", "original", "F32", backend="torch-fp32"),
                             Variant("Q8_0", "gguf", "Q8_0", "Q8_0", backend="gguf")])
     assert {e["name"] for e in r.excluded} == {"FP32 (original)", "Q8_0"}  # neither fits 5 bits/weight
     assert r.choice == "budget mix"
     row = next(m for m in r.measured if m["name"] == "budget mix")
     assert 0 < row["kld_mean"] < 1 and row["memory_bytes"] <= memory
-    assert row["file_bytes"] * 8 < 5.2 * params  # the file, header included, spends the allowance, no more
     mem = next(m for m in r.memory if m["name"] == "budget mix")
-    assert mem["weights_bytes"] == row["file_bytes"] and mem["fits"]
+    assert mem["fits"] and 4.8 * params < mem["weights_bytes"] * 8 <= 5.0 * params + 64  # spent, not exceeded
+    assert mem["weights_bytes"] < row["file_bytes"] < mem["weights_bytes"] + (1 << 20)  # tensor data + header

@@ -251,16 +251,17 @@ def budget_variant(memory: int, context: int, batch: int, backend: str) -> Varia
     return Variant("budget mix", "budget", None, "budget", backend=backend, fit=(memory, context, batch))
 
 
-def _quality(variant: Variant, path: Path, ref_file: Path, settings: Settings,
-             steps: Steps | None) -> dict[str, Any]:
-    """KLD, top-1 and perplexity of one variant against the saved reference (deterministic: cached for good)."""
+def _quality(variant: Variant, path: Path, ref_file: Path, settings: Settings, steps: Steps | None,
+             tokenizer: Path | None = None) -> dict[str, Any]:
+    """KLD, top-1 and perplexity of one variant against the saved reference (deterministic: cached for good).
+    ``tokenizer``: the original's, so a GGUF variant is scored on the reference's own token ids."""
     from slimlm.evaluate import evaluate
 
     start = time.perf_counter()
     dtype = "bf16" if variant.kind == "bf16" else "fp32"
     tick = (lambda d, t: steps(d, t, f"scoring {variant.name}")) if steps else None
     quality = evaluate(path, settings.data, ref=ref_file, ctx=settings.ctx, chunks=settings.chunks, dtype=dtype,
-                       progress=tick)
+                       tokenizer=tokenizer, progress=tick)
     kld = quality["kld"]
     return {"kld_mean": kld["kld_mean"], "kld_p99": kld["kld_p99"], "top1": kld["top1_agreement"],
             "ppl": quality["perplexity"]["ppl"], "ppl_err": quality["perplexity"]["ppl_stderr"],
@@ -448,15 +449,15 @@ def machine_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
             "note": BUSY_NOTE if busy else ""}
 
 
-def _budget_row(sizing: dict[str, Any], memory: int, file_bytes: int | None = None) -> dict[str, Any]:
-    """fit's row for the budget mix: its file (or, before it is made, the whole allowance) + the KV cache and
-    overhead every variant shares."""
+def _budget_row(sizing: dict[str, Any], memory: int, tensor_bytes: int | None = None) -> dict[str, Any]:
+    """fit's row for the budget mix: its tensor data (or, before it is made, the whole allowance) + the KV cache
+    and overhead every variant shares."""
     from slimlm.inspect.fit import fit_row
     from slimlm.quantize.budget import SMALLEST_BPW
 
     mix, shared = sizing["budget_mix"], sizing["variants"][0]
-    row = fit_row("budget mix", mix["bits_per_weight"], mix["weights_bytes"] if file_bytes is None else file_bytes,
-                  shared["kv_cache_bytes"], shared["overhead_bytes"], file_bytes, None, memory)
+    row = fit_row("budget mix", mix["bits_per_weight"], mix["weights_bytes"] if tensor_bytes is None else tensor_bytes,
+                  shared["kv_cache_bytes"], shared["overhead_bytes"], None, None, memory)
     row["fits"] = row["fits"] and mix["bits_per_weight"] >= SMALLEST_BPW
     return row
 
@@ -552,13 +553,18 @@ def recommend(model: str | Path, *, memory: str | int, goal: str = "throughput",
                 path, make_seconds = _make(v, model, cache, settings)
                 say(f"[{i + 1}/{len(fitting)}] {v.name}: scoring {settings.chunks} windows")
                 hit = {"file_bytes": _file_bytes(path), "make_seconds": make_seconds,
-                       **_quality(v, path, ref_file, settings, steps)}
+                       **_quality(v, path, ref_file, settings, steps,
+                                    model if v.kind in ("gguf", "budget") else None)}
             except SlimlmError as exc:
                 skipped.append({"name": v.name, "reason": str(exc)})
                 continue
+            if v.kind == "budget":
+                from slimlm.checkpoint.gguf_file import read_gguf
+
+                hit["weights_bytes"] = sum(t.nbytes for t in read_gguf(path)[0])  # tensor data, as fit counts
             cache.put(key, hit)
         if v.kind == "budget":  # sized by the file it became
-            mem = _budget_row(sizing, budget, hit["file_bytes"])
+            mem = _budget_row(sizing, budget, hit["weights_bytes"])
             next(r for r in memory_rows if r["name"] == v.name).update(mem)
         row = {"name": v.name, "kind": v.kind, "quant": v.quant, "method": v.method, "cached": cached,
                "memory_bytes": mem["total_bytes"], "headroom_bytes": mem["headroom_bytes"], **hit, **(speed or {})}
@@ -581,8 +587,8 @@ def recommend(model: str | Path, *, memory: str | int, goal: str = "throughput",
             cache.put(cache.key("speed", v.settings(), speed_settings), figures)
             row.update(figures)
     if not rows:
-        raise SlimlmError("the time budget was too small to measure anything: skipped "
-                          + ", ".join(s["name"] for s in skipped))
+        raise SlimlmError("nothing could be measured: skipped "
+                          + "; ".join(f"{s['name']} ({s['reason']})" for s in skipped))
 
     best, note, tied = choose(rows, goal, max_kld)
     why = _why(best, rows, goal, budget, note) if best else note
