@@ -64,11 +64,11 @@ class Budgets:
     def __init__(self, work: Path, im: Path, windows: int, per_layer: bool, exclude: list[str]) -> None:
         from gguf import GGMLQuantizationType as T
 
-        from slimlm.quantize.budget import CANDIDATES
+        from slimlm.formats.gguf_mix import BUDGET_CANDIDATES
 
         self.work, self.im, self.windows, self.per_layer = work, im, windows, per_layer
         self.exclude = [e for e in exclude if e]
-        self.types = [q for q in CANDIDATES if q.name not in self.exclude] if self.exclude else None
+        self.types = [q for q in BUDGET_CANDIDATES if q.name not in self.exclude] if self.exclude else None
         unknown = set(self.exclude) - {q.name for q in T}
         if unknown:
             raise SystemExit(f"unknown types {unknown}")

@@ -453,12 +453,12 @@ def _budget_row(sizing: dict[str, Any], memory: int, tensor_bytes: int | None = 
     """fit's row for the budget mix: its tensor data (or, before it is made, the whole allowance) + the KV cache
     and overhead every variant shares."""
     from slimlm.inspect.fit import fit_row
-    from slimlm.quantize.budget import SMALLEST_BPW
+    from slimlm.formats.gguf_mix import SMALLEST_BUDGET_BPW
 
     mix, shared = sizing["budget_mix"], sizing["variants"][0]
     row = fit_row("budget mix", mix["bits_per_weight"], mix["weights_bytes"] if tensor_bytes is None else tensor_bytes,
                   shared["kv_cache_bytes"], shared["overhead_bytes"], None, None, memory)
-    row["fits"] = row["fits"] and mix["bits_per_weight"] >= SMALLEST_BPW
+    row["fits"] = row["fits"] and mix["bits_per_weight"] >= SMALLEST_BUDGET_BPW
     return row
 
 

@@ -66,6 +66,15 @@ _NEVER_QUANTIZED = (
 )
 _NEVER_QUANTIZED_EXACT = ("position_embd.weight", "token_types.weight")
 
+# Every type llama.cpp's CPU backend runs that a budget mix may pick (IQ1_* and the ternary types are left out:
+# their error is far off the curve of the others on dense models).
+BUDGET_CANDIDATES: tuple[T, ...] = (
+    T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.Q2_K, T.IQ3_XXS, T.IQ3_S, T.Q3_K, T.IQ4_XS, T.IQ4_NL, T.Q4_0, T.Q4_K, T.Q4_1,
+    T.Q5_0, T.Q5_K, T.Q5_1, T.Q6_K, T.Q8_0, T.F16,
+)
+# Here, not in quantize.budget, because sizing (inspect.fit) needs the smallest one and budget needs sizing.
+SMALLEST_BUDGET_BPW = min(GGML_QUANT_SIZES[q][1] * 8 / GGML_QUANT_SIZES[q][0] for q in BUDGET_CANDIDATES)  # IQ2_XXS
+
 
 @dataclass(frozen=True)
 class PlanTensor:

@@ -36,13 +36,6 @@ from slimlm.formats import gguf_mix
 
 log = logging.getLogger(__name__)
 
-# Every type llama.cpp's CPU backend runs that a budget mix may pick (IQ1_* and the ternary types are left out:
-# their error is far off the curve of the others on dense models).
-CANDIDATES: tuple[T, ...] = (
-    T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.Q2_K, T.IQ3_XXS, T.IQ3_S, T.Q3_K, T.IQ4_XS, T.IQ4_NL, T.Q4_0, T.Q4_K, T.Q4_1,
-    T.Q5_0, T.Q5_K, T.Q5_1, T.Q6_K, T.Q8_0, T.F16,
-)
-SMALLEST_BPW = min(GGML_QUANT_SIZES[q][1] * 8 / GGML_QUANT_SIZES[q][0] for q in CANDIDATES)  # IQ2_XXS: 2.06
 PROBE_BPW = 3.5  # the bits per weight of the type a group is moved to when its scale is measured
 
 # The mix name written as general.file_type for a budget file: the one its most common quantized type heads.
@@ -110,7 +103,7 @@ class Sensitivity:
 _ENCODER_NEEDS_IMPORTANCE = frozenset((T.IQ2_XXS, T.IQ2_XS, T.IQ1_S, T.IQ1_M))
 
 
-def candidates_for(tensor: gguf_mix.PlanTensor, types: Sequence[T] = CANDIDATES, has_importance: bool = True
+def candidates_for(tensor: gguf_mix.PlanTensor, types: Sequence[T] = gguf_mix.BUDGET_CANDIDATES, has_importance: bool = True
                    ) -> list[T]:
     """The types llama.cpp can store this tensor as: those whose block divides its rows and, without an importance
     entry for it, those llama.cpp writes without one."""
@@ -245,7 +238,7 @@ def _bpw(q: T) -> float:
 
 def measure(model_path: Path, calib: Path, tensors: Sequence[gguf_mix.PlanTensor],
             importance_of: Callable[[str], np.ndarray | None], *, windows: int = 4, ctx: int = 512, rows: int = 128,
-            per_layer: bool = False, types: Sequence[T] = CANDIDATES,
+            per_layer: bool = False, types: Sequence[T] = gguf_mix.BUDGET_CANDIDATES,
             progress: Callable[[int, int, str], None] | None = None) -> Sensitivity:
     """Each tensor's cost per candidate type: its weighted error scaled by its group's measured KLD per unit of
     error (module docstring). The torch model is ``model_path`` in float32; ``tensors`` are the quantizable ones
@@ -350,7 +343,7 @@ def file_type_name(plan: Mapping[str, T], sizes: Mapping[str, int]) -> str:
 
 def plan_budget(source, infos: Sequence[gguf_mix.PlanTensor], budget: Budget, calib: Path,
                 importance_of: Callable[[str], np.ndarray | None], *,
-                windows: int = 4, per_layer: bool = False, types: Sequence[T] = CANDIDATES,
+                windows: int = 4, per_layer: bool = False, types: Sequence[T] = gguf_mix.BUDGET_CANDIDATES,
                 progress: Callable[[int, int, str], None] | None = None, sensitivity: Sensitivity | None = None
                 ) -> tuple[dict[str, T], Sensitivity, int]:
     """The budget mix for a ``quantize.sources.ModelSource``: (type per tensor, what was measured, the tensor-data

@@ -133,7 +133,7 @@ def quantize_gguf(model: str | Path | ModelSource, to: str, out: str | Path | No
     sensitivities (``budget_windows`` windows of ``calib``; one scale per tensor with ``per_layer``, else per
     tensor kind) to fit the budget exactly. It needs ``calib``; ``imatrix`` (else collected from ``calib``) weights
     the errors and the encoding; ``sensitivity`` (quantize.budget.Sensitivity) reuses a measurement;
-    ``budget_types`` narrows the candidate types (default quantize.budget.CANDIDATES)."""
+    ``budget_types`` narrows the candidate types (default formats.gguf_mix.BUDGET_CANDIDATES)."""
     start = time.perf_counter()
     if budget is not None:
         if to is not None and to.strip().lower() != "budget":
@@ -190,7 +190,7 @@ def _budget_plan(source: ModelSource, budget: Budget, calib: Path, im: Imatrix, 
 
     plan, sens, allowed = budget_mix.plan_budget(source, plan_tensors(source), budget, calib, im.importance,
                                                  windows=windows, per_layer=per_layer, progress=progress, sensitivity=sensitivity,
-                                                 types=types or budget_mix.CANDIDATES)
+                                                 types=types or gguf_mix.BUDGET_CANDIDATES)
     sizes = {t.name: tensor_nbytes(t.shape, plan[t.name]) for t in source.tensors}
     return plan, {"target": budget.describe(), "sensitivity": sens, "allowed_tensor_bytes": allowed, "windows": sens.windows,
                   "per_layer": per_layer, "group_kld": sens.group_kld,
