@@ -208,10 +208,6 @@ def stage_curve(work: Path, chunks: int, calib_chunks: int, mixes: list[str], bp
     return out
 
 
-def tensor_digest(path: Path) -> str:
-    return hashlib.sha256(b"".join(bg.tensor_bytes(path).values())).hexdigest()
-
-
 def tensor_hash(path: Path) -> str:
     """sha256 over (name, type, data) of every tensor in name order: llama_model_quantize writes the non-block
     tensors first (output_norm before token_embd), slimlm keeps the source order, so a file-order hash would differ
@@ -228,7 +224,7 @@ def tensor_hash(path: Path) -> str:
 
 def evaluate_once(path: Path, ref: Path, chunks: int, work: Path) -> dict:
     """bench_gguf.evaluate_kld, cached by tensor data: two budgets that pick the same types share one evaluation."""
-    key = work / f"kld-{tensor_digest(path)[:20]}-{chunks}.json"
+    key = work / f"kld-{tensor_hash(path)[:20]}-{chunks}.json"
     if not key.exists():
         key.write_text(json.dumps(bg.evaluate_kld(path, ref, chunks, work)))
     return json.loads(key.read_text())

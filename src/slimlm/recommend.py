@@ -239,7 +239,7 @@ def _make_budget_mix(variant: Variant, model: Path, out: Path, settings: Setting
     from slimlm.quantize.budget import Budget
     from slimlm.quantize.gguf import quantize_gguf
 
-    memory, context, batch = variant.fit or (0, 0, 0)
+    memory, context, batch = variant.fit
     given = Path(settings.calib) if settings.calib else None
     calib = given if given is not None and given.is_file() else resources.wikitext_path("valid")
     quantize_gguf(model, None, out, calib=calib, calib_chunks=settings.calib_samples,
@@ -452,12 +452,13 @@ def machine_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
 def _budget_row(sizing: dict[str, Any], memory: int, tensor_bytes: int | None = None) -> dict[str, Any]:
     """fit's row for the budget mix: its tensor data (or, before it is made, the whole allowance) + the KV cache
     and overhead every variant shares."""
-    from slimlm.inspect.fit import fit_row
     from slimlm.formats.gguf_mix import SMALLEST_BUDGET_BPW
+    from slimlm.inspect.fit import fit_row
 
     mix, shared = sizing["budget_mix"], sizing["variants"][0]
-    row = fit_row("budget mix", mix["bits_per_weight"], mix["weights_bytes"] if tensor_bytes is None else tensor_bytes,
-                  shared["kv_cache_bytes"], shared["overhead_bytes"], None, None, memory)
+    weights = mix["weights_bytes"] if tensor_bytes is None else tensor_bytes
+    row = fit_row("budget mix", mix["bits_per_weight"], weights, shared["kv_cache_bytes"], shared["overhead_bytes"],
+                  None, None, memory)
     row["fits"] = row["fits"] and mix["bits_per_weight"] >= SMALLEST_BUDGET_BPW
     return row
 

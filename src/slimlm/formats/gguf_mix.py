@@ -72,8 +72,18 @@ BUDGET_CANDIDATES: tuple[T, ...] = (
     T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.Q2_K, T.IQ3_XXS, T.IQ3_S, T.Q3_K, T.IQ4_XS, T.IQ4_NL, T.Q4_0, T.Q4_K, T.Q4_1,
     T.Q5_0, T.Q5_K, T.Q5_1, T.Q6_K, T.Q8_0, T.F16,
 )
-# Here, not in quantize.budget, because sizing (inspect.fit) needs the smallest one and budget needs sizing.
-SMALLEST_BUDGET_BPW = min(GGML_QUANT_SIZES[q][1] * 8 / GGML_QUANT_SIZES[q][0] for q in BUDGET_CANDIDATES)  # IQ2_XXS
+
+
+
+def type_bpw(q: T) -> float:
+    """Bits per weight of a GGML type (block bytes x 8 / block values)."""
+    block, size = GGML_QUANT_SIZES[q]
+    return size * 8 / block
+
+
+# Here, not in quantize.budget, because sizing (inspect.fit) needs them and budget needs sizing.
+SMALLEST_BUDGET_BPW = min(map(type_bpw, BUDGET_CANDIDATES))  # IQ2_XXS
+LARGEST_BUDGET_BPW = max(map(type_bpw, BUDGET_CANDIDATES))  # F16
 
 
 @dataclass(frozen=True)

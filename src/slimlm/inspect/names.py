@@ -11,10 +11,10 @@ import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
+from gguf import GGMLQuantizationType as T
 
 from slimlm.errors import SlimlmError
-from slimlm.formats.gguf_mix import FTYPE_DEFAULT
+from slimlm.formats.gguf_mix import FTYPE_DEFAULT, type_bpw
 
 if TYPE_CHECKING:
     from slimlm.inspect.catalog import CatalogEntry
@@ -86,8 +86,7 @@ class QuantInfo:
 
 
 def _bits(t: T) -> float:
-    block, size = GGML_QUANT_SIZES[t]
-    return round(size * 8 / block, 4)
+    return round(type_bpw(t), 4)
 
 
 def quant_info(token: str) -> QuantInfo | None:

@@ -103,8 +103,8 @@ class Sensitivity:
 _ENCODER_NEEDS_IMPORTANCE = frozenset((T.IQ2_XXS, T.IQ2_XS, T.IQ1_S, T.IQ1_M))
 
 
-def candidates_for(tensor: gguf_mix.PlanTensor, types: Sequence[T] = gguf_mix.BUDGET_CANDIDATES, has_importance: bool = True
-                   ) -> list[T]:
+def candidates_for(tensor: gguf_mix.PlanTensor, types: Sequence[T] = gguf_mix.BUDGET_CANDIDATES,
+                   has_importance: bool = True) -> list[T]:
     """The types llama.cpp can store this tensor as: those whose block divides its rows and, without an importance
     entry for it, those llama.cpp writes without one."""
     return [q for q in types if tensor.row_length % GGML_QUANT_SIZES[q][0] == 0
@@ -228,12 +228,8 @@ def dequantized(w: np.ndarray, qtype: T, importance: np.ndarray | None) -> np.nd
 
 def _probe(types: Sequence[T]) -> T:
     """The candidate nearest PROBE_BPW (the lower one on a tie): where a group's scale is measured."""
-    return min((q for q in types if q != T.F16), key=lambda q: (abs(_bpw(q) - PROBE_BPW), _bpw(q)))
-
-
-def _bpw(q: T) -> float:
-    block, size = GGML_QUANT_SIZES[q]
-    return size * 8 / block
+    bpw = gguf_mix.type_bpw
+    return min((q for q in types if q != T.F16), key=lambda q: (abs(bpw(q) - PROBE_BPW), bpw(q)))
 
 
 def measure(model_path: Path, calib: Path, tensors: Sequence[gguf_mix.PlanTensor],
