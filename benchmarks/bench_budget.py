@@ -61,7 +61,7 @@ def noisy_hf_dir(work: Path, alpha: float, seed: int = 0) -> Path:
     shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("*.safetensors"))
     gen = torch.Generator().manual_seed(seed)
     tensors = load_file(src / "model.safetensors")
-    for name, t in tensors.items():
+    for t in tensors.values():
         if t.ndim == 2:
             t += torch.randn(t.shape, generator=gen, dtype=t.dtype) * (alpha * t.float().std(dim=1, keepdim=True))
     save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
