@@ -12,8 +12,9 @@ import pytest
 from gguf import GGMLQuantizationType as T
 
 from slimlm.errors import SlimlmError
-from slimlm.formats.gguf_mix import PlanTensor
-from slimlm.quantize.budget import Budget, Option, TensorOptions, allocate, candidates_for, group_of
+from slimlm.formats.gguf_mix import PlanTensor, budget_bytes_range
+from slimlm.formats.gguf_mix import budget_candidates_for as candidates_for
+from slimlm.quantize.budget import Budget, Option, TensorOptions, allocate, group_of
 
 
 def _random_options(rng: np.random.Generator, name: str) -> TensorOptions:
@@ -62,6 +63,13 @@ def test_candidates_follow_llama_cpp_row_sizes() -> None:
     assert narrow and all(q in (T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.IQ4_NL, T.F16) for q in narrow)
     wide = candidates_for(PlanTensor("blk.0.ffn_down.weight", (576, 1536)))
     assert {T.IQ2_XS, T.Q3_K, T.Q4_K, T.IQ4_XS, T.Q6_K} <= set(wide)
+    # so the smallest mix of a 576-wide model is near 4.5 bits/weight, not IQ2_XXS's 2.06; norms keep F32
+    small, large = budget_bytes_range([narrow_t := PlanTensor("blk.0.attn_q.weight", (576, 576)),
+                                       PlanTensor("blk.0.attn_norm.weight", (576,))])
+    assert small == 576 * 576 // 32 * 18 + 576 * 4 and large == 576 * 576 * 2 + 576 * 4
+    assert budget_bytes_range([narrow_t, wide_t := PlanTensor("blk.0.ffn_down.weight", (576, 1536))])[0] == (
+        576 * 576 // 32 * 18 + 576 * 1536 // 256 * 66)
+    assert wide_t.row_length == 1536
     assert group_of("blk.12.attn_v.weight", False) == "attn_v.weight"
     assert group_of("blk.12.attn_v.weight", True) == "blk.12.attn_v.weight"
 

@@ -45,7 +45,9 @@ def test_fit_offers_the_budget_mix_for_what_is_left():
     assert mix["bits_per_weight"] == pytest.approx(mix["weights_bytes"] * 8 / params, abs=0.02)
     assert mix["possible"] and "--fit 8GiB --context 8192" in mix["command"]
     assert not fit("DeepSeek-R1-Distill-Qwen-7B", "1TiB")["budget_mix"]["possible"]  # F16 fits: nothing to choose
-    assert not fit("DeepSeek-R1-Distill-Qwen-7B", "2GiB")["budget_mix"]["possible"]  # below the smallest type
+    small = fit("DeepSeek-R1-Distill-Qwen-7B", "2GiB")["budget_mix"]
+    assert not small["possible"] and small["weights_bytes"] < small["smallest_bytes"]  # below the smallest mix
+    assert 2.06 <= small["smallest_bits_per_weight"] < 2.2  # 3584-wide rows take IQ2_XXS's 256-blocks
 
 
 def test_f32_is_not_preferred_over_a_bf16_original():

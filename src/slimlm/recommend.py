@@ -452,14 +452,13 @@ def machine_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
 def _budget_row(sizing: dict[str, Any], memory: int, tensor_bytes: int | None = None) -> dict[str, Any]:
     """fit's row for the budget mix: its tensor data (or, before it is made, the whole allowance) + the KV cache
     and overhead every variant shares."""
-    from slimlm.formats.gguf_mix import SMALLEST_BUDGET_BPW
     from slimlm.inspect.fit import fit_row
 
     mix, shared = sizing["budget_mix"], sizing["variants"][0]
     weights = mix["weights_bytes"] if tensor_bytes is None else tensor_bytes
     row = fit_row("budget mix", mix["bits_per_weight"], weights, shared["kv_cache_bytes"], shared["overhead_bytes"],
                   None, None, memory)
-    row["fits"] = row["fits"] and mix["bits_per_weight"] >= SMALLEST_BUDGET_BPW
+    row["fits"] = row["fits"] and mix["weights_bytes"] >= mix["smallest_bytes"]
     return row
 
 

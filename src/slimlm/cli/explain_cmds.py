@@ -118,4 +118,9 @@ def fit(
         console.print(f"A budget mix spends all {_gib(mix['weights_bytes'])} on the weights "
                       f"({mix['bits_per_weight']:.2f} bits/weight, a type per tensor by measured error): "
                       f"{mix['command']}", highlight=False)
+    elif mix["weights_bytes"] < mix["smallest_bytes"]:
+        console.print(f"No budget mix fits either: its smallest weights for this model take "
+                      f"{_gib(mix['smallest_bytes'])} ({mix['smallest_bits_per_weight']:.2f} bits/weight; row lengths "
+                      f"limit the types), and {_gib(max(mix['weights_bytes'], 0))} is left after the KV cache and "
+                      "overhead.", highlight=False)
     console.print(f"[dim]{data['kv_cache']['note']}; {data['overhead_rule']}[/]", highlight=False)

@@ -81,11 +81,6 @@ def type_bpw(q: T) -> float:
     return size * 8 / block
 
 
-# Here, not in quantize.budget, because sizing (inspect.fit) needs them and budget needs sizing.
-SMALLEST_BUDGET_BPW = min(map(type_bpw, BUDGET_CANDIDATES))  # IQ2_XXS
-LARGEST_BUDGET_BPW = max(map(type_bpw, BUDGET_CANDIDATES))  # F16
-
-
 @dataclass(frozen=True)
 class PlanTensor:
     """One tensor of a GGUF model: llama.cpp name, PyTorch-order shape, and its type before quantizing."""
@@ -484,3 +479,35 @@ def tensor_bytes(tensor: PlanTensor, qtype: T) -> int:
     if tensor.row_length % block:
         raise SlimlmError(f"{tensor.name}: rows of {tensor.row_length} do not fit {qtype.name} blocks of {block}")
     return tensor.n_elements // block * size
+
+
+# The budget's candidates per tensor live here, not in quantize.budget, because sizing (inspect.fit) needs them
+# and budget needs sizing.
+# Types whose llama.cpp encoder cannot run without importances (GGML_ASSERT(quant_weights)), even where
+# llama-quantize would allow them (the token embedding, the output matrix).
+_ENCODER_NEEDS_IMPORTANCE = frozenset((T.IQ2_XXS, T.IQ2_XS, T.IQ1_S, T.IQ1_M))
+
+
+def budget_candidates_for(tensor: PlanTensor, types: Sequence[T] = BUDGET_CANDIDATES,
+                          has_importance: bool = True) -> list[T]:
+    """The types a budget mix may store this tensor as: those whose block divides its rows and, without an
+    importance entry for it, those llama.cpp writes without one."""
+    return [q for q in types if tensor.row_length % GGML_QUANT_SIZES[q][0] == 0
+            and (has_importance or (q not in _ENCODER_NEEDS_IMPORTANCE and not requires_imatrix(tensor.name, q)))]
+
+
+def budget_bytes_range(tensors: Iterable[PlanTensor], types: Sequence[T] = BUDGET_CANDIDATES,
+                       has_importance: Callable[[str], bool] = lambda _name: True) -> tuple[int, int]:
+    """(smallest, largest) tensor-data bytes of a budget mix of these tensors. Row lengths decide it, not the
+    smallest type alone: on a model 576 or 896 wide most matrices take only 32-blocks (Q4_0 and up), so its
+    smallest mix is about 4 bits/weight, not IQ2_XXS's 2.06. Tensors llama.cpp never quantizes keep their type."""
+    small = large = 0
+    for t in tensors:
+        if not allows_quantization(t):
+            small += tensor_bytes(t, t.type)
+            large += tensor_bytes(t, t.type)
+            continue
+        sizes = [tensor_bytes(t, q) for q in budget_candidates_for(t, types, has_importance(t.name))]
+        small += min(sizes)
+        large += max(sizes)
+    return small, large

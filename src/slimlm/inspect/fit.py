@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from slimlm.errors import SlimlmError
-from slimlm.formats.gguf_mix import LARGEST_BUDGET_BPW, SMALLEST_BUDGET_BPW, PlanTensor
+from slimlm.formats.gguf_mix import PlanTensor, budget_bytes_range
 from slimlm.inspect.memory import (RUNTIME_OVERHEAD_DOC, VARIANTS, estimate_memory, gguf_tensors_from_checkpoint,
                                    gguf_tensors_from_spec, kv_cache, metadata_bytes_of, normalize_variant,
                                    runtime_overhead)
@@ -127,15 +127,18 @@ def fit_row(variant: str, bits_per_weight: float, weights: int, kv: int, overhea
 def _budget_mix(facts: ModelFacts, model: str | Path, memory: int, memory_text: str | None, context: int, batch: int,
                 cache_type: str) -> dict[str, Any]:
     """What a budget mix made for this memory would spend (quantize --fit): every byte left after the KV cache and
-    overhead, at a type per tensor chosen by measured error. ``possible``: the allowance lies between the smallest
-    and the largest candidate type (above that, the largest everywhere fits and no choice is left to make)."""
+    overhead, at a type per tensor chosen by measured error. ``possible``: the allowance lies between this model's
+    smallest and largest mix (budget_bytes_range; above the largest, no choice is left to make)."""
     allowance = weights_allowance(facts.spec, memory, context, batch, cache_type)
-    bpw = max(allowance, 0) * 8 / (sum(t.n_elements for t in facts.tensors) or 1)
+    n_params = sum(t.n_elements for t in facts.tensors) or 1
+    bpw = max(allowance, 0) * 8 / n_params
+    smallest, largest = budget_bytes_range(facts.tensors)
     flags = (f"--fit {memory_text or format_bytes(memory).replace(' ', '')} --context {context}"
              + (f" --batch {batch}" if batch != 1 else "")
              + (f" --cache-type {cache_type}" if cache_type != "f16" else ""))
     return {"weights_bytes": allowance, "bits_per_weight": round(bpw, 2),
-            "possible": SMALLEST_BUDGET_BPW <= bpw < LARGEST_BUDGET_BPW,
+            "possible": smallest <= allowance < largest, "smallest_bytes": smallest,
+            "smallest_bits_per_weight": round(smallest * 8 / n_params, 2),
             "command": f"slimlm quantize {model} {flags} --calib TEXT -o OUT.gguf"}
 
 

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
+from gguf import GGMLQuantizationType as T
 
 from slimlm.errors import SlimlmError
 from slimlm.formats import gguf_mix
@@ -96,20 +96,6 @@ class Sensitivity:
     tensors: list[TensorOptions]
     group_kld: dict[str, float] = field(default_factory=dict)
     windows: int = 0
-
-
-# Types whose llama.cpp encoder cannot run without importances (GGML_ASSERT(quant_weights)), even where
-# llama-quantize would allow them (the token embedding, the output matrix).
-_ENCODER_NEEDS_IMPORTANCE = frozenset((T.IQ2_XXS, T.IQ2_XS, T.IQ1_S, T.IQ1_M))
-
-
-def candidates_for(tensor: gguf_mix.PlanTensor, types: Sequence[T] = gguf_mix.BUDGET_CANDIDATES,
-                   has_importance: bool = True) -> list[T]:
-    """The types llama.cpp can store this tensor as: those whose block divides its rows and, without an importance
-    entry for it, those llama.cpp writes without one."""
-    return [q for q in types if tensor.row_length % GGML_QUANT_SIZES[q][0] == 0
-            and (has_importance or (q not in _ENCODER_NEEDS_IMPORTANCE
-                                    and not gguf_mix.requires_imatrix(tensor.name, q)))]
 
 
 def group_of(name: str, per_layer: bool) -> str:
@@ -272,7 +258,7 @@ def measure(model_path: Path, calib: Path, tensors: Sequence[gguf_mix.PlanTensor
     groups: dict[str, list[gguf_mix.PlanTensor]] = {}
     for t in tensors:
         groups.setdefault(group_of(t.name, per_layer), []).append(t)
-    cands = {t.name: candidates_for(t, types, importance_of(t.name) is not None) for t in tensors}
+    cands = {t.name: gguf_mix.budget_candidates_for(t, types, importance_of(t.name) is not None) for t in tensors}
     errors: dict[str, dict[T, float]] = {}
     group_kld: dict[str, float] = {}
     alpha: dict[str, float] = {}
@@ -351,8 +337,7 @@ def plan_budget(source, infos: Sequence[gguf_mix.PlanTensor], budget: Budget, ca
     quantizable = [t for t in infos if t.name not in kept]
     fixed = sum(gguf_mix.tensor_bytes(t, t.type) for t in infos if t.name in kept)
     allowed = budget_tensor_bytes(budget, sum(t.n_elements for t in infos), fixed, source.path)
-    smallest = sum(min(gguf_mix.tensor_bytes(t, q) for q in candidates_for(t, types, importance_of(t.name) is not None))
-                   for t in quantizable)
+    smallest = gguf_mix.budget_bytes_range(quantizable, types, lambda name: importance_of(name) is not None)[0]
     if smallest > allowed:
         from slimlm.inspect.fit import format_bytes
 
