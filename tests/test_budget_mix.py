@@ -64,12 +64,10 @@ def test_candidates_follow_llama_cpp_row_sizes() -> None:
     wide = candidates_for(PlanTensor("blk.0.ffn_down.weight", (576, 1536)))
     assert {T.IQ2_XS, T.Q3_K, T.Q4_K, T.IQ4_XS, T.Q6_K} <= set(wide)
     # so the smallest mix of a 576-wide model is near 4.5 bits/weight, not IQ2_XXS's 2.06; norms keep F32
-    small, large = budget_bytes_range([narrow_t := PlanTensor("blk.0.attn_q.weight", (576, 576)),
-                                       PlanTensor("blk.0.attn_norm.weight", (576,))])
+    q_proj, down = PlanTensor("blk.0.attn_q.weight", (576, 576)), PlanTensor("blk.0.ffn_down.weight", (576, 1536))
+    small, large = budget_bytes_range([q_proj, PlanTensor("blk.0.attn_norm.weight", (576,))])
     assert small == 576 * 576 // 32 * 18 + 576 * 4 and large == 576 * 576 * 2 + 576 * 4
-    assert budget_bytes_range([narrow_t, wide_t := PlanTensor("blk.0.ffn_down.weight", (576, 1536))])[0] == (
-        576 * 576 // 32 * 18 + 576 * 1536 // 256 * 66)
-    assert wide_t.row_length == 1536
+    assert budget_bytes_range([q_proj, down])[0] == 576 * 576 // 32 * 18 + 576 * 1536 // 256 * 66  # Q4_0 + IQ2_XXS
     assert group_of("blk.12.attn_v.weight", False) == "attn_v.weight"
     assert group_of("blk.12.attn_v.weight", True) == "blk.12.attn_v.weight"
 

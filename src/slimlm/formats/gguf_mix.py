@@ -74,7 +74,6 @@ BUDGET_CANDIDATES: tuple[T, ...] = (
 )
 
 
-
 def type_bpw(q: T) -> float:
     """Bits per weight of a GGML type (block bytes x 8 / block values)."""
     block, size = GGML_QUANT_SIZES[q]
@@ -482,9 +481,8 @@ def tensor_bytes(tensor: PlanTensor, qtype: T) -> int:
 
 
 # The budget's candidates per tensor live here, not in quantize.budget, because sizing (inspect.fit) needs them
-# and budget needs sizing.
-# Types whose llama.cpp encoder cannot run without importances (GGML_ASSERT(quant_weights)), even where
-# llama-quantize would allow them (the token embedding, the output matrix).
+# and budget needs sizing. These types' llama.cpp encoders cannot run without importances
+# (GGML_ASSERT(quant_weights)), even where llama-quantize would allow them (the token embedding, the output matrix).
 _ENCODER_NEEDS_IMPORTANCE = frozenset((T.IQ2_XXS, T.IQ2_XS, T.IQ1_S, T.IQ1_M))
 
 
@@ -503,11 +501,7 @@ def budget_bytes_range(tensors: Iterable[PlanTensor], types: Sequence[T] = BUDGE
     smallest mix is about 4 bits/weight, not IQ2_XXS's 2.06. Tensors llama.cpp never quantizes keep their type."""
     small = large = 0
     for t in tensors:
-        if not allows_quantization(t):
-            small += tensor_bytes(t, t.type)
-            large += tensor_bytes(t, t.type)
-            continue
-        sizes = [tensor_bytes(t, q) for q in budget_candidates_for(t, types, has_importance(t.name))]
-        small += min(sizes)
-        large += max(sizes)
+        options = budget_candidates_for(t, types, has_importance(t.name)) if allows_quantization(t) else [t.type]
+        sizes = [tensor_bytes(t, q) for q in options]
+        small, large = small + min(sizes), large + max(sizes)
     return small, large
