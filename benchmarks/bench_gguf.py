@@ -59,15 +59,17 @@ def lcpp_bin(name: str) -> Path | None:
 def lcpp_quantize(src: Path, dst: Path, mix: str, imatrix: Path | None = None) -> float:
     """llama.cpp's quantizer (the llama-quantize tool when built, else the same code via llama-cpp-python)."""
     start = time.perf_counter()
+    tmp = dst.with_name(dst.name + ".part")  # an interrupted run must not leave a file later runs take as made
     tool = lcpp_bin("llama-quantize")
     if tool is not None:
-        cmd = [str(tool)] + (["--imatrix", str(imatrix)] if imatrix else []) + [str(src), str(dst), mix, "2"]
+        cmd = [str(tool)] + (["--imatrix", str(imatrix)] if imatrix else []) + [str(src), str(tmp), mix, "2"]
         subprocess.run(cmd, check=True, capture_output=True)
     else:
         sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
         from test_gguf_mix_llamacpp import llama_quantize  # the tests' llama-cpp-python call, imatrix included
 
-        llama_quantize(src, dst, mix, imatrix=imatrix)
+        llama_quantize(src, tmp, mix, imatrix=imatrix)
+    tmp.replace(dst)
     return time.perf_counter() - start
 
 

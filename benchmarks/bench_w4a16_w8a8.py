@@ -141,6 +141,11 @@ def main() -> None:
     ap.add_argument("--methods", default="w4a16:rtn,w4a16:awq,w4a16:gptq,w8a8:rtn,w8a8:smoothquant,w8a8:smoothquant+gptq")
     ap.add_argument("--no-append", action="store_true")
     ap.add_argument("--model", choices=["smollm2", "qwen2"], default="smollm2")
+    ap.add_argument("--noise", type=float, default=0.0,
+                    help="start from the model plus seeded noise of this fraction of each row's std (reference: that "
+                         "model), as bench_budget.py --noise: takes the weights off the shipped file's grid")
+    ap.add_argument("--noise-work", type=Path, default=Path("/tmp/slimlm-noise"),
+                    help="where the noisy copy is made and kept")
     ap.add_argument("--llmcompressor", type=Path, default=None,
                     help="python of llm-compressor's venv: enables method llm-compressor-awq")
     args = ap.parse_args()
@@ -150,6 +155,13 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     src = resources.builtin_hf_dir() if args.model == "smollm2" else resources.qwen2_hf_dir()
+    if args.noise:
+        import bench_budget
+        import bench_gguf
+
+        bench_gguf.MODEL = args.model
+        src = bench_budget.noisy_hf_dir(args.noise_work / args.model, args.noise)
+        name = name.split(" (fp32")[0] + f" + seeded noise ({args.noise:g} × each row's std; reference: that model)"
     src_mib = (src / "model.safetensors").stat().st_size / 2**20
     tok = AutoTokenizer.from_pretrained(src)
     windows = windows_of(tok, resources.wikitext_path("test"), args.chunks)
@@ -193,7 +205,8 @@ def main() -> None:
     if args.no_append:
         print(body)
     else:
-        append_section(f"W4A16 / W8A8 quantization (bench_w4a16_w8a8.py, {args.model})", body)
+        append_section(f"W4A16 / W8A8 quantization (bench_w4a16_w8a8.py, {args.model}"
+                       + (f", noise {args.noise:g})" if args.noise else ")"), body)
 
 
 if __name__ == "__main__":
