@@ -40,8 +40,8 @@ IQ_MIXES = ["IQ4_XS", "IQ4_NL", "IQ3_M", "IQ3_S", "IQ3_XS", "IQ3_XXS", "IQ2_M", 
 PROMPT = "The capital of France is"
 
 
-def noisy_hf_dir(work: Path, alpha: float, seed: int = 0) -> Path:
-    """The model's HF dir with seeded Gaussian noise (std = alpha x each row's std) added to every matrix.
+def noisy_hf_dir(src: Path, work: Path, alpha: float, seed: int = 0) -> Path:
+    """The HF dir ``src`` with seeded Gaussian noise (std = alpha x each row's std) added to every matrix.
 
     The test models' fp32 weights are dequantized Q4_1 / Q4_K values: a type that reproduces that grid scores a KLD
     near zero, so a budget mix that picks it "wins" by recognising the file, not by allocating bits well. Noise of
@@ -52,7 +52,6 @@ def noisy_hf_dir(work: Path, alpha: float, seed: int = 0) -> Path:
     import torch
     from safetensors.torch import load_file, save_file
 
-    src = bg.hf_dir()
     out = work / f"hf-noise-{alpha:g}-seed{seed}"
     if (out / "model.safetensors").is_file():
         return out
@@ -318,7 +317,7 @@ def main() -> None:
 
         _common.BENCHMARKS_MD = args.work / "BENCHMARKS.md"
     if args.noise:
-        noisy = noisy_hf_dir(args.work, args.noise)
+        noisy = noisy_hf_dir(bg.hf_dir(), args.work, args.noise)
         bg.hf_dir = lambda: noisy  # every stage (and bench_gguf's helpers) now starts from the noisy weights
         bg.MODEL_NAMES[bg.MODEL] = (bg.MODEL_NAMES[bg.MODEL].split(" (reference")[0]
                                     + f" + seeded noise ({args.noise:g} × each row's std; reference: that model)")

@@ -28,7 +28,6 @@ def main() -> None:
     from gguf import GGMLQuantizationType as T
 
     from slimlm import resources
-    from slimlm.data.calibration import llama_windows, read_text_file
     from slimlm.models import load_model
     from slimlm.quantize import budget
     from slimlm.quantize.imatrix import read_imatrix
@@ -46,14 +45,7 @@ def main() -> None:
     model, tok, _ = load_model(src)
     model = model.float().eval()
     weights = budget._weights_by_gguf_name(model)
-    ids = torch.from_numpy(llama_windows(tok, read_text_file(resources.wikitext_path("valid")), 512, args.windows))
-
-    def logprobs() -> torch.Tensor:
-        with torch.inference_mode():
-            return torch.stack([torch.log_softmax(model(w[None], use_cache=False).logits[0, 256:-1].float(), -1)
-                                for w in ids])
-
-    ref = logprobs()
+    kld_now = budget.WindowKld(model, tok, resources.wikitext_path("valid"), args.windows)
     rows = []
     for kind, types in KINDS.items():
         names = [n for n in weights if f".{kind}." in n]
@@ -63,8 +55,7 @@ def main() -> None:
                 for n in names:
                     w = weights[n].detach().float().numpy()
                     weights[n].copy_(torch.from_numpy(budget.dequantized(w, q, im.importance(n))))
-            lp = logprobs()
-            kld = float((ref.exp() * (ref - lp)).sum(-1).mean())
+            kld = kld_now()
             with torch.no_grad():
                 for p, orig in saved:
                     p.copy_(orig)
@@ -72,7 +63,7 @@ def main() -> None:
             rows.append([kind, q.name, f"{kld:.5f}", f"{pred:.5f}", f"{kld / pred:.2f}"])
             print(rows[-1], flush=True)
     append_section(f"Budget cost model: predicted vs measured KLD per tensor kind (bench_budget_cost.py, {src.name})",
-                   f"Model {src} (every tensor of one kind moved to one type at a time), {len(ids)} calibration "
+                   f"Model {src} (every tensor of one kind moved to one type at a time), {len(kld_now.ids)} calibration "
                    "windows of wikitext-2 valid (those the sensitivity used), KLD vs the unquantized model; "
                    "predicted = the sum of the sensitivity's costs alpha x E for those tensors.\n\n"
                    + markdown_table(["kind", "type", "measured KLD", "predicted", "measured / predicted"], rows)

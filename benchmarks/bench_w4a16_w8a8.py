@@ -156,11 +156,9 @@ def main() -> None:
 
     src = resources.builtin_hf_dir() if args.model == "smollm2" else resources.qwen2_hf_dir()
     if args.noise:
-        import bench_budget
-        import bench_gguf
+        from bench_budget import noisy_hf_dir
 
-        bench_gguf.MODEL = args.model
-        src = bench_budget.noisy_hf_dir(args.noise_work / args.model, args.noise)
+        src = noisy_hf_dir(src, args.noise_work / args.model, args.noise)
         name = name.split(" (fp32")[0] + f" + seeded noise ({args.noise:g} × each row's std; reference: that model)"
     src_mib = (src / "model.safetensors").stat().st_size / 2**20
     tok = AutoTokenizer.from_pretrained(src)

@@ -218,6 +218,33 @@ def _probe(types: Sequence[T]) -> T:
     return min((q for q in types if q != T.F16), key=lambda q: (abs(bpw(q) - PROBE_BPW), bpw(q)))
 
 
+class WindowKld:
+    """KL divergence of ``model``'s next-token distributions from what they were at construction, on ``windows``
+    calibration windows of ``ctx`` tokens (the second half of each scored, as llama-perplexity does): the probe the
+    budget's scales are measured with, and what bench_budget_cost.py checks them against."""
+
+    def __init__(self, model, tokenizer, calib: Path, windows: int, ctx: int = 512) -> None:
+        import torch
+
+        from slimlm.data.calibration import llama_windows, read_text_file
+
+        self.model, self.half = model, ctx // 2
+        self.ids = torch.from_numpy(llama_windows(tokenizer, read_text_file(calib), ctx, windows))
+        self.ref = self._logprobs().to(torch.float16)
+
+    def _logprobs(self):
+        import torch
+
+        with torch.inference_mode():
+            out = [torch.log_softmax(self.model(w[None], use_cache=False).logits[0, self.half:-1].float(), -1)
+                   for w in self.ids]
+        return torch.stack(out)
+
+    def __call__(self) -> float:
+        lp, r = self._logprobs(), self.ref.float()
+        return float((r.exp() * (r - lp)).sum(-1).mean())
+
+
 def measure(model_path: Path, calib: Path, tensors: Sequence[gguf_mix.PlanTensor],
             importance_of: Callable[[str], np.ndarray | None], *, windows: int = 4, ctx: int = 512, rows: int = 128,
             per_layer: bool = False, types: Sequence[T] = gguf_mix.BUDGET_CANDIDATES,
@@ -228,7 +255,6 @@ def measure(model_path: Path, calib: Path, tensors: Sequence[gguf_mix.PlanTensor
     quantize independently, so the HF weight gives the same error)."""
     import torch
 
-    from slimlm.data.calibration import llama_windows, read_text_file
     from slimlm.models import load_model
 
     model, tokenizer, _ = load_model(model_path)
@@ -240,20 +266,7 @@ def measure(model_path: Path, calib: Path, tensors: Sequence[gguf_mix.PlanTensor
     if missing:
         raise SlimlmError(f"budget mixes cannot measure {missing[0]} (and {len(missing) - 1} more): only dense "
                           "decoder models whose matrices are torch Linear/Embedding weights are supported")
-    ids = torch.from_numpy(llama_windows(tokenizer, read_text_file(calib), ctx, windows))
-    half = ctx // 2
-
-    def logprobs() -> torch.Tensor:
-        with torch.inference_mode():
-            out = [torch.log_softmax(model(w[None], use_cache=False).logits[0, half:-1].float(), -1) for w in ids]
-        return torch.stack(out)
-
-    ref = logprobs().to(torch.float16)
-
-    def kld() -> float:
-        lp = logprobs()
-        r = ref.float()
-        return float((r.exp() * (r - lp)).sum(-1).mean())
+    kld = WindowKld(model, tokenizer, calib, windows, ctx)
 
     groups: dict[str, list[gguf_mix.PlanTensor]] = {}
     for t in tensors:
@@ -293,7 +306,7 @@ def measure(model_path: Path, calib: Path, tensors: Sequence[gguf_mix.PlanTensor
         a = alpha[group_of(t.name, per_layer)]
         out.append(TensorOptions(t.name, [Option(q, gguf_mix.tensor_bytes(t, q), a * e)
                                           for q, e in errors[t.name].items()]))
-    return Sensitivity(out, group_kld, len(ids))
+    return Sensitivity(out, group_kld, len(kld.ids))
 
 
 def _weights_by_gguf_name(model) -> dict:
