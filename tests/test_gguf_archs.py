@@ -19,6 +19,8 @@ the bound is max_diff * max(1, max |logit|), 2e-3 -> ~8e-3), llama-cpp-python 0.
     deepseek_v3 deepseek2        4.3e-6 (*)     MLA (q_lora 64, kv_lora 64); dense layer + 4 experts (2 groups,
                                                 top-1 group, biased sigmoid top-2, scale 2.5) + shared expert
     ..._noqlora deepseek2        8.9e-6 (*)     deepseek_v3 with q_lora_rank None (attn_q), 3 layers, no group limit
+    ..._yarn    deepseek2        3.9e-6 (*)     deepseek_v3 with DeepSeek's yarn (factor 4 over 256, mscale_all_dim 1:
+                                                softmax scale x (1 + 0.1 ln 4)^2); 2.7 if the log multiplier is dropped
 
 (*) with llama.cpp's K/V cache in F32; its default F16 cache gives 2.5e-3 and 1.1e-2 (one token), so the
 DeepSeek cases run with F32 K/V and a bound of 1e-4 * max |logit|, which checks the MLA layout to float noise.
@@ -68,6 +70,8 @@ DEEPSEEK_V3 = {"n_routed_experts": 4, "num_experts_per_tok": 2, "n_group": 2, "t
                "qk_nope_head_dim": 32, "qk_rope_head_dim": 16, "v_head_dim": 32, "routed_scaling_factor": 2.5,
                "norm_topk_prob": True, "topk_method": "noaux_tc", "scoring_func": "sigmoid", "num_key_value_heads": 4,
                "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}, "tie_word_embeddings": False}
+DEEPSEEK_YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 256,
+                 "mscale": 1.0, "mscale_all_dim": 1.0, "beta_fast": 32, "beta_slow": 1}
 MOE_KEYS = ("num_experts", "num_local_experts", "n_routed_experts")
 
 CASES: dict[str, Case] = {
@@ -101,6 +105,10 @@ CASES: dict[str, Case] = {
     "deepseek_v3_noqlora": Case("deepseek_v3", "deepseek2", {**DEEPSEEK_V3, "q_lora_rank": None,
                                                               "num_hidden_layers": 3, "topk_group": 2},
                                 max_diff=1e-4, f32_cache=True),
+    # DeepSeek-V3's own rope: yarn (factor 40 over 4096 in the real config; here 4 over 256) with mscale_all_dim,
+    # which scales the softmax by (1 + 0.1 ln 4)² and moves the low rotary frequencies
+    "deepseek_v3_yarn": Case("deepseek_v3", "deepseek2", {**DEEPSEEK_V3, "rope_parameters": DEEPSEEK_YARN},
+                             max_diff=1e-4, f32_cache=True),
 }
 
 IDS = list(range(5, 45))
@@ -245,8 +253,9 @@ def test_unsupported_architecture_is_one_line_listing_the_supported(tmp_path: Pa
     ("qwen3_moe", {"mlp_only_layers": [1]}, "mlp_only_layers"),
     ("deepseek_v3", {"topk_method": "group_limited_greedy"}, "topk_method"),
     ("deepseek_v3", {"scoring_func": "softmax"}, "scoring_func"),
-    ("deepseek_v3", {"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0,
-                                         "original_max_position_embeddings": 256, "mscale_all_dim": 1.0}},
+    ("deepseek_v3", {"rope_parameters": {**DEEPSEEK_YARN, "mscale": 0.707}}, "mscale"),
+    ("deepseek_v3", {"rope_parameters": {**DEEPSEEK_YARN, "beta_fast": 16}}, "beta_fast"),
+    ("deepseek_v3", {"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}},
      "rope_type"),
     ("deepseek_v3", {"rope_interleave": False}, "rope_interleave"),
     ("deepseek_v3", {"attention_bias": True}, "attention_bias"),

@@ -195,11 +195,31 @@ def _check_deepseek(config: Config) -> None:
         _unsupported(config, "rope_interleave", config["rope_interleave"], "slimlm writes interleaved rope weights")
     if config.get("attention_bias"):
         _unsupported(config, "attention_bias", True, "llama.cpp's deepseek2 graph has no attention biases")
-    rope_type = rope_parameters(config).get("rope_type", "default")
-    if rope_type != "default":
-        _unsupported(config, "rope_type", rope_type, "DeepSeek's yarn attention scaling is not written yet")
+    rope = rope_parameters(config)
+    rope_type = rope.get("rope_type", "default")
+    if rope_type not in ("default", "yarn"):
+        _unsupported(config, "rope_type", rope_type, "llama.cpp's deepseek2 graph runs default or yarn rope")
+    if rope_type == "yarn":
+        _check_deepseek_yarn(config, rope)
     if config.get("hidden_act", "silu") != "silu":
         _unsupported(config, "hidden_act", config["hidden_act"], "llama.cpp's deepseek2 FFNs are SiLU-gated")
+
+
+def _check_deepseek_yarn(config: Config, rope: Config) -> None:
+    """DeepSeek's yarn as llama.cpp's deepseek2 graph runs it: the softmax scale grows by
+    ``(1 + 0.1 mscale_all_dim ln factor)²`` and the rotary cos/sin are not scaled, which is transformers' rule when
+    ``mscale == mscale_all_dim`` (their ratio is its cos/sin factor); llama.cpp's yarn betas are fixed at 32 / 1."""
+    if rope.get("factor") is None or rope.get("original_max_position_embeddings") is None:
+        _unsupported(config, "rope_scaling", rope, "yarn needs factor and original_max_position_embeddings")
+    if rope.get("attention_factor") is not None:
+        _unsupported(config, "attention_factor", rope["attention_factor"],
+                     "llama.cpp's deepseek2 graph leaves the rotary cos/sin unscaled")
+    if not rope.get("mscale_all_dim") or float(rope.get("mscale") or 0.0) != float(rope["mscale_all_dim"]):
+        _unsupported(config, "mscale", rope.get("mscale"),
+                     f"llama.cpp's deepseek2 graph needs mscale == mscale_all_dim ({rope.get('mscale_all_dim')})")
+    for key, default in (("beta_fast", 32.0), ("beta_slow", 1.0)):
+        if float(rope.get(key) or default) != default:
+            _unsupported(config, key, rope[key], f"llama.cpp's deepseek2 yarn uses {key} {default:g}")
 
 
 def _deepseek_hparams(writer: gguf.GGUFWriter, config: Config) -> None:
@@ -213,6 +233,9 @@ def _deepseek_hparams(writer: gguf.GGUFWriter, config: Config) -> None:
     writer.add_key_length_mla(nope + rope)
     writer.add_value_length_mla(int(config["v_head_dim"]))
     writer.add_rope_dimension_count(rope)
+    yarn = rope_parameters(config)
+    if yarn.get("rope_type") == "yarn":  # the softmax scale's growth (write_hparams wrote factor and context)
+        writer.add_rope_scaling_yarn_log_mul(0.1 * float(yarn.get("mscale_all_dim") or 0.0))
     writer.add_expert_count(int(config["n_routed_experts"]))
     writer.add_expert_used_count(int(config["num_experts_per_tok"]))
     writer.add_expert_feed_forward_length(int(config["moe_intermediate_size"]))
@@ -238,6 +261,9 @@ def _read_deepseek(keys: Keys, config: Config) -> None:
     config["qk_nope_head_dim"] = int(need(keys, "attention.key_length_mla")) - rope
     config["v_head_dim"] = int(need(keys, "attention.value_length_mla"))
     config["n_routed_experts"] = int(need(keys, "expert_count"))
+    if config["rope_parameters"].get("rope_type") == "yarn":
+        mscale = f32(float(keys("rope.scaling.yarn_log_multiplier") or 0.0) / 0.1)
+        config["rope_parameters"].update(mscale=mscale, mscale_all_dim=mscale, beta_fast=32.0, beta_slow=1.0)
     config["num_experts_per_tok"] = int(need(keys, "expert_used_count"))
     config["moe_intermediate_size"] = int(need(keys, "expert_feed_forward_length"))
     config["n_shared_experts"] = int(keys("expert_shared_count") or 0)
