@@ -89,7 +89,8 @@ def lcpp_file(work: Path, mix: str, im: Path) -> Path:
 class Budgets:
     """slimlm's budget files for one model: the sensitivity measured once (cached), then one file per budget."""
 
-    def __init__(self, work: Path, im: Path, windows: int, per_layer: bool, exclude: list[str]) -> None:
+    def __init__(self, work: Path, im: Path, windows: int, per_layer: bool, exclude: list[str],
+                 covariance: bool = False) -> None:
         from gguf import GGMLQuantizationType as T
 
         from slimlm.formats.gguf_mix import BUDGET_CANDIDATES
@@ -100,8 +101,10 @@ class Budgets:
         unknown = set(self.exclude) - {q.name for q in T}
         if unknown:
             raise SystemExit(f"unknown types {unknown}")
-        self.sens_path = work / f"sensitivity-w{windows}{'-layer' if per_layer else ''}.pkl"
-        self.tag = f"w{windows}{'-layer' if per_layer else ''}{''.join('-no' + e for e in self.exclude)}"
+        cov = "-cov" if covariance else ""
+        self.sens_path = work / f"sensitivity-w{windows}{'-layer' if per_layer else ''}{cov}.pkl"
+        self.tag = f"w{windows}{'-layer' if per_layer else ''}{cov}{''.join('-no' + e for e in self.exclude)}"
+        self.covariance = covariance
         self.sens = pickle.loads(self.sens_path.read_bytes()) if self.sens_path.exists() else None
         self.seconds: float | None = None
 
@@ -115,6 +118,9 @@ class Budgets:
         if out.exists() and meta.exists():
             return out, json.loads(meta.read_text())
         start = time.perf_counter()
+        from slimlm.quantize import budget
+
+        budget.COVARIANCE = self.covariance
         r = quantize_gguf(bg.hf_dir(), None, out, imatrix=self.im, calib=resources.wikitext_path("valid"),
                           budget=Budget(target_bpw=bpw), budget_windows=self.windows, per_layer=self.per_layer,
                           sensitivity=self.sens, budget_types=self.types, overwrite=True)
@@ -305,6 +311,8 @@ def main() -> None:
     ap.add_argument("--no-iq-kld", action="store_true", help="iquants: hashes only")
     ap.add_argument("--budget-windows", type=int, default=4)
     ap.add_argument("--per-layer", action="store_true")
+    ap.add_argument("--covariance", action="store_true",
+                    help="price each Linear's error under its input covariance, not the imatrix diagonal")
     ap.add_argument("--exclude-types", default="", help="candidate types the budget mixes may not use (ablation)")
     ap.add_argument("--noise", type=float, default=0.0,
                     help="start from the model plus seeded noise of this fraction of each row's std (fair reference)")
@@ -322,7 +330,8 @@ def main() -> None:
         bg.MODEL_NAMES[bg.MODEL] = (bg.MODEL_NAMES[bg.MODEL].split(" (reference")[0]
                                     + f" + seeded noise ({args.noise:g} × each row's std; reference: that model)")
     im = imatrix_file(args.work, args.calib_chunks)
-    budgets = Budgets(args.work, im, args.budget_windows, args.per_layer, args.exclude_types.split(","))
+    budgets = Budgets(args.work, im, args.budget_windows, args.per_layer, args.exclude_types.split(","),
+                      args.covariance)
     for stage in args.stages.split(","):
         if stage == "match":
             stage_match(args.work, args.chunks, args.calib_chunks, args.mixes.split(","), budgets)

@@ -37,9 +37,11 @@ def main() -> None:
     ap.add_argument("--model-dir", type=Path, help="the HF dir the sensitivity was measured on (default: the "
                                                      "work dir's hf-noise-* copy)")
     ap.add_argument("--windows", type=int, default=4)
+    ap.add_argument("--covariance", action="store_true", help="the sensitivity bench_budget.py --covariance wrote")
     args = ap.parse_args()
     src = args.model_dir or next(args.work.glob("hf-noise-*"))
-    sens = pickle.loads((args.work / f"sensitivity-w{args.windows}.pkl").read_bytes())
+    sens_file = args.work / f"sensitivity-w{args.windows}{'-cov' if args.covariance else ''}.pkl"
+    sens = pickle.loads(sens_file.read_bytes())
     cost = {t.name: {o.qtype: o.cost for o in t.options} for t in sens.tensors}
     im = read_imatrix(next(args.work.glob("slimlm-imatrix-*.gguf")))
     model, tok, _ = load_model(src)
@@ -62,12 +64,16 @@ def main() -> None:
             pred = sum(cost[n][q] for n in names)
             rows.append([kind, q.name, f"{kld:.5f}", f"{pred:.5f}", f"{kld / pred:.2f}"])
             print(rows[-1], flush=True)
-    append_section(f"Budget cost model: predicted vs measured KLD per tensor kind (bench_budget_cost.py, {src.name})",
+    append_section(f"Budget cost model: predicted vs measured KLD per tensor kind (bench_budget_cost.py, {src.name}"
+                   f"{', covariance' if args.covariance else ''})",
                    f"Model {src} (every tensor of one kind moved to one type at a time), {len(kld_now.ids)} calibration "
                    "windows of wikitext-2 valid (those the sensitivity used), KLD vs the unquantized model; "
-                   "predicted = the sum of the sensitivity's costs alpha x E for those tensors.\n\n"
+                   "predicted = the sum of the sensitivity's costs alpha x E for those tensors"
+                   + (" (E: output error under the input covariance)" if args.covariance else
+                      " (E: imatrix-weighted squared error)") + ".\n\n"
                    + markdown_table(["kind", "type", "measured KLD", "predicted", "measured / predicted"], rows)
-                   + f"\n\nCommand: `python benchmarks/bench_budget_cost.py --work {args.work}`")
+                   + f"\n\nCommand: `python benchmarks/bench_budget_cost.py --work {args.work}"
+                   f"{' --covariance' if args.covariance else ''}`")
 
 
 if __name__ == "__main__":

@@ -216,3 +216,37 @@ def test_recommend_weighs_the_budget_mix_made_for_the_memory(tiny_wide: tuple[Pa
     mem = next(m for m in r.memory if m["name"] == "budget mix")
     assert mem["fits"] and 4.8 * params < mem["weights_bytes"] * 8 <= 5.0 * params + 64  # spent, not exceeded
     assert mem["weights_bytes"] < row["file_bytes"] < mem["weights_bytes"] + (1 << 20)  # tensor data + header
+
+
+def test_covariance_error_is_the_output_error_on_the_calibration_inputs() -> None:
+    """weighted_error with the input's mean x xᵀ is mean ||ΔW x||² over those inputs (all rows sampled); with only
+    the diagonal (the imatrix form) correlated inputs make it differ."""
+    from slimlm.quantize.budget import dequantized, weighted_error
+
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(16, 256)).astype(np.float32)
+    x = rng.normal(size=(300, 256)) + 2.0 * rng.normal(size=(300, 1))  # a shared component: correlated channels
+    gram = x.T @ x / len(x)
+    delta = w.astype(np.float64) - dequantized(w, T.Q4_K, None)
+    exact = float((((x @ delta.T) ** 2).sum(1)).mean())
+    assert weighted_error(w, T.Q4_K, None, 16, gram) == pytest.approx(exact, rel=1e-9)
+    diag = weighted_error(w, T.Q4_K, np.diag(gram).astype(np.float32), 16)
+    assert abs(diag - exact) > 0.01 * exact
+
+
+def test_sensitivity_with_covariance_prices_every_linear(tiny_wide: tuple[Path, Path]) -> None:
+    from slimlm.quantize import budget
+    from slimlm.quantize.sources import open_source
+    from slimlm.quantize.gguf import plan_tensors
+
+    src, calib = tiny_wide
+    infos = [t for t in plan_tensors(open_source(src)) if t.name.startswith("blk.") and len(t.shape) == 2]
+    a = budget.measure(src, calib, infos, lambda name: None, windows=2, covariance=False)
+    b = budget.measure(src, calib, infos, lambda name: None, windows=2, covariance=True)
+    assert a.group_kld == b.group_kld  # the same probes, measured the same way
+    costs_a = {t.name: [o.cost for o in t.options] for t in a.tensors}
+    costs_b = {t.name: [o.cost for o in t.options] for t in b.tensors}
+    assert costs_a.keys() == costs_b.keys()
+    # priced wherever the probe moved the KLD (a tiny random model's q/k probes may not)
+    assert all(min(costs_b[n]) >= 0 and (max(costs_b[n]) > 0) == (max(v) > 0) for n, v in costs_a.items())
+    assert costs_a != costs_b

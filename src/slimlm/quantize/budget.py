@@ -37,6 +37,7 @@ from slimlm.formats import gguf_mix
 log = logging.getLogger(__name__)
 
 PROBE_BPW = 3.5  # the bits per weight of the type a group is moved to when its scale is measured
+COVARIANCE = False  # price a Linear's error under its input's full covariance (not the imatrix diagonal)
 
 # The mix name written as general.file_type for a budget file: the one its most common quantized type heads.
 _FTYPE_OF_TYPE = {T.Q3_K: "Q3_K_M", T.Q4_K: "Q4_K_M", T.Q5_K: "Q5_K_M", T.IQ2_S: "IQ2_M", T.IQ3_S: "IQ3_S"}
@@ -187,8 +188,10 @@ def _lower_hull(options: Sequence[Option]) -> list[Option]:
     return pts
 
 
-def weighted_error(w: np.ndarray, qtype: T, importance: np.ndarray | None, rows: int) -> float:
-    """sum imp_j (w - q(w))^2 over the tensor, estimated from ``rows`` evenly spaced rows (scaled to all)."""
+def weighted_error(w: np.ndarray, qtype: T, importance: np.ndarray | None, rows: int,
+                   gram: np.ndarray | None = None) -> float:
+    """sum imp_j (w - q(w))^2 over the tensor, estimated from ``rows`` evenly spaced rows (scaled to all); with
+    ``gram`` (the input's mean x xᵀ) the output error itself, sum_rows Δ H Δᵀ, cross-channel terms included."""
     from slimlm.formats import ggml
 
     if qtype == T.F16:
@@ -199,8 +202,10 @@ def weighted_error(w: np.ndarray, qtype: T, importance: np.ndarray | None, rows:
         sub = np.ascontiguousarray(w[idx])
         scale = w.shape[0] / len(idx)
         deq = ggml.dequantize(ggml.quantize(sub, qtype, importance, threads=1), qtype, sub.shape)
-    err = (sub.astype(np.float64) - deq) ** 2
-    return float((err * (1.0 if importance is None else importance.astype(np.float64))).sum() * scale)
+    delta = sub.astype(np.float64) - deq
+    if gram is not None:
+        return float(((delta @ gram.astype(np.float64)) * delta).sum() * scale)
+    return float((delta ** 2 * (1.0 if importance is None else importance.astype(np.float64))).sum() * scale)
 
 
 def dequantized(w: np.ndarray, qtype: T, importance: np.ndarray | None) -> np.ndarray:
@@ -223,14 +228,21 @@ class WindowKld:
     calibration windows of ``ctx`` tokens (the second half of each scored, as llama-perplexity does): the probe the
     budget's scales are measured with, and what bench_budget_cost.py checks them against."""
 
-    def __init__(self, model, tokenizer, calib: Path, windows: int, ctx: int = 512) -> None:
+    def __init__(self, model, tokenizer, calib: Path, windows: int, ctx: int = 512,
+                 grams_of: dict[str, str] | None = None) -> None:
         import torch
 
+        from slimlm.algorithms.stats import StatsCollector, Wanted
         from slimlm.data.calibration import llama_windows, read_text_file
 
         self.model, self.half = model, ctx // 2
         self.ids = torch.from_numpy(llama_windows(tokenizer, read_text_file(calib), ctx, windows))
-        self.ref = self._logprobs().to(torch.float16)
+        modules = dict(model.named_modules())
+        linears = {m: modules[m] for m in (grams_of or {})}
+        with StatsCollector(linears, wanted=Wanted(gram_dtype=torch.float32, abs_stats=False)) as col:
+            self.ref = self._logprobs().to(torch.float16)
+        #: {name: mean x xᵀ of that Linear's input over the windows} for ``grams_of`` {module name: name}
+        self.grams = {name: col.stats[m].hessian.numpy() for m, name in (grams_of or {}).items()}
 
     def _logprobs(self):
         import torch
@@ -248,11 +260,13 @@ class WindowKld:
 def measure(model_path: Path, calib: Path, tensors: Sequence[gguf_mix.PlanTensor],
             importance_of: Callable[[str], np.ndarray | None], *, windows: int = 4, ctx: int = 512, rows: int = 128,
             per_layer: bool = False, types: Sequence[T] = gguf_mix.BUDGET_CANDIDATES,
-            progress: Callable[[int, int, str], None] | None = None) -> Sensitivity:
+            progress: Callable[[int, int, str], None] | None = None, covariance: bool | None = None
+            ) -> Sensitivity:
     """Each tensor's cost per candidate type: its weighted error scaled by its group's measured KLD per unit of
     error (module docstring). The torch model is ``model_path`` in float32; ``tensors`` are the quantizable ones
     under their GGUF names (rows as llama.cpp stores them; the Q/K rope permutation moves whole rows, which
-    quantize independently, so the HF weight gives the same error)."""
+    quantize independently, so the HF weight gives the same error). ``covariance`` (default :data:`COVARIANCE`): a
+    Linear's error is its output error under the calibration windows' input covariance, not the imatrix diagonal."""
     import torch
 
     from slimlm.models import load_model
@@ -266,7 +280,13 @@ def measure(model_path: Path, calib: Path, tensors: Sequence[gguf_mix.PlanTensor
     if missing:
         raise SlimlmError(f"budget mixes cannot measure {missing[0]} (and {len(missing) - 1} more): only dense "
                           "decoder models whose matrices are torch Linear/Embedding weights are supported")
-    kld = WindowKld(model, tokenizer, calib, windows, ctx)
+    grams_of = {}
+    if COVARIANCE if covariance is None else covariance:
+        from slimlm.quantize.imatrix import linear_gguf_names
+
+        wanted = {t.name for t in tensors}
+        grams_of = {m: g + ".weight" for m, g in linear_gguf_names(model).items() if g + ".weight" in wanted}
+    kld = WindowKld(model, tokenizer, calib, windows, ctx, grams_of)
 
     groups: dict[str, list[gguf_mix.PlanTensor]] = {}
     for t in tensors:
@@ -283,7 +303,8 @@ def measure(model_path: Path, calib: Path, tensors: Sequence[gguf_mix.PlanTensor
             w_param = weights[t.name]
             w = w_param.detach().float().numpy()
             imp = importance_of(t.name)
-            errors[t.name] = {q: weighted_error(w, q, imp, rows) for q in cands[t.name]}
+            gram = kld.grams.pop(t.name, None)
+            errors[t.name] = {q: weighted_error(w, q, imp, rows, gram) for q in cands[t.name]}
             probe = _probe(cands[t.name])
             probe_err += errors[t.name][probe]
             originals.append((w_param, w_param.detach().clone()))
