@@ -26,6 +26,7 @@ experts re-route under int4 noise) and 0.15 * max |fp logit| for W8A8; vs our re
     qwen3_moe   1.14        refused     refused    refused            3.96
     deepseek_v3 2.31        refused     refused    refused            3.90
     ..._noqlora 3.10        refused     refused    refused            3.77
+    ..._yarn    2.69        refused     refused    refused            4.26
 
 DeepSeek-V3 keeps only the router (``mlp.gate``, with its ``e_score_correction_bias``) in full precision, as
 llm-compressor's DeepSeek examples do (``ignore=["lm_head", "re:.*mlp.gate$"]``); the MLA projections, the dense
@@ -46,9 +47,10 @@ from slimlm.errors import SlimlmError
 from slimlm.quantize.layers import quantize_model
 from slimlm.writers.compressed_tensors import load_reference_model
 
-MOE = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "deepseek_v3_noqlora")
+MOE = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "deepseek_v3_noqlora", "deepseek_v3_yarn")
 ROUTERS = {"mixtral": ("block_sparse_moe.gate",), "qwen2_moe": ("mlp.gate", "mlp.shared_expert_gate"),
-           "qwen3_moe": ("mlp.gate",), "deepseek_v3": ("mlp.gate",), "deepseek_v3_noqlora": ("mlp.gate",)}
+           "qwen3_moe": ("mlp.gate",), "deepseek_v3": ("mlp.gate",), "deepseek_v3_noqlora": ("mlp.gate",),
+           "deepseek_v3_yarn": ("mlp.gate",)}
 RUNS = [(name, scheme, method) for name in CASES for scheme, method in
         [("w4a16", "rtn")] + ([] if name in MOE else [("w8a8", "rtn"), ("w4a16", "awq"), ("w8a8", "smoothquant")])]
 BOUND = {"w4a16": 0.9, "w8a8": 0.15}  # max |logit diff| vs fp, relative to max |fp logit|

@@ -305,9 +305,15 @@ def _calibration(run: _Run, calib, samples: int | None, seq_len: int, say: Calla
 def _capture_inputs(run: _Run, acts: _Activations, batch_size: int) -> list[dict]:
     """Run the embeddings over the calibration ids and store what the first decoder layer receives: its hidden
     states (in ``acts``) and keyword arguments (returned, one dict per batch)."""
+    embed = run.decoder.get_input_embeddings() if hasattr(run.decoder, "get_input_embeddings") else None
+    if type(embed) is not torch.nn.Embedding:  # e.g. Gemma's scaled embedding multiplies in the weight's dtype
+        embed = None
     for name, mod in run.decoder.named_children():
         if name != "layers" and any(p.is_meta for p in mod.parameters()):
-            _materialize(mod, f"{run.dprefix}{name}.", run.ckpt, torch.float32)
+            # The embedding as stored (a 14B's is 3 GB in float32): its rows are exact in float32 once looked up.
+            _materialize(mod, f"{run.dprefix}{name}.", run.ckpt, torch.float32 if mod is not embed else
+                         run.ckpt.torch_dtype(f"{run.dprefix}{name}.weight"))
+    to_f32 = embed.register_forward_hook(lambda _m, _a, out: out.float()) if embed is not None else None
     captured: list[tuple] = []
 
     def grab(_mod, args, kwargs):
@@ -321,6 +327,9 @@ def _capture_inputs(run: _Run, acts: _Activations, batch_size: int) -> list[dict
         with suppress(_Stop):
             run.decoder(input_ids=ids[b0:b0 + batch_size], use_cache=False)
     handle.remove()
+    if embed is not None:
+        to_f32.remove()
+        embed.to("meta")  # the decoder layers never look tokens up again
     kwargs_list = []
     for b, (args, kwargs) in enumerate(captured):
         kwargs = dict(kwargs)
@@ -572,13 +581,14 @@ def _save_replacing(tensors: dict[str, torch.Tensor], path: Path) -> None:
 def _write_rest(run: _Run, writer: ShardWriter, overwrite: bool) -> None:
     """Everything outside the decoder layers (embeddings, final norm, lm_head) as stored, then config.json."""
     layer_prefix = f"{run.dprefix}layers."
-    rest = {t.name: run.ckpt.load_torch(t) for t in run.ckpt.weight_tensors if not t.name.startswith(layer_prefix)}
-    run.ignored += [k.rsplit(".", 1)[0] for k in rest
-                    if k.endswith(".weight") and isinstance(_module_at(run.skeleton, k.rsplit(".", 1)[0]),
-                                                            torch.nn.Linear)]
+    rest = [t for t in run.ckpt.weight_tensors if not t.name.startswith(layer_prefix)]
+    run.ignored += [t.name.rsplit(".", 1)[0] for t in rest
+                    if t.name.endswith(".weight") and isinstance(_module_at(run.skeleton, t.name.rsplit(".", 1)[0]),
+                                                                 torch.nn.Linear)]
     if getattr(run.hf_config, "tie_word_embeddings", False) and "lm_head" not in run.ignored:
         run.ignored.append("lm_head")
-    writer.add(rest)
+    for t in rest:  # one at a time: a 7B's embedding and lm_head are 1 GB each
+        writer.add({t.name: run.ckpt.load_torch(t)})
     config = read_config(run.model_dir / "config.json")
     groups = {k: sorted(v) for k, v in run.spec_groups.items()}
     config["quantization_config"] = quantization_config(groups, run.cfg.format, sorted(set(run.ignored)), run.act)

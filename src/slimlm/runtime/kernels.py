@@ -62,18 +62,32 @@ def onednn_int8_available() -> bool:
     """oneDNN's int8 linear (brgemm; AMX/VNNI where the CPU has them), as torch's x86 inductor path uses it,
     present in this torch build and not a reference fallback. On some CPUs (seen: an AMD EPYC with
     AVX512-VNNI, torch 2.13) oneDNN picks a naive reference kernel: 0.5 s for 128×576×576 against 0.2 ms
-    on ``torch._int_mm``, turning a 7-minute test suite into an hour. One probe (32×256×256, a few ms
-    where oneDNN is fine) rules it out where it is over 4x slower than ``_int_mm``."""
+    on ``torch._int_mm``, turning a 7-minute test suite into an hour. On an AVX2-only CPU (seen: an AMD EPYC,
+    torch 2.13) its int8 kernel is inexact: off by up to 1e5 in int32 sums on random codes (16-bit saturation).
+    One probe (32×256×256, a few ms where oneDNN is fine) rules it out where it is not exact or is over 4x
+    slower than ``_int_mm``."""
     if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_pointwise")):
         return False
-    return not _onednn_slower(32, 256, 256, rounds=3, slack=1e-4)
+    return _onednn_exact(32, 256, 256) and not _onednn_slower(32, 256, 256, rounds=3, slack=1e-4)
+
+
+def _probe_codes(rows: int, k: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=gen)
+    x = torch.randint(-127, 128, (rows, k), dtype=torch.int8, generator=gen)
+    return x, w
+
+
+def _onednn_exact(rows: int, k: int, n: int) -> bool:
+    """Whether oneDNN's int8 linear gives the exact int32 sums (as ``torch._int_mm`` does) on random codes."""
+    x, w = _probe_codes(rows, k, n)
+    got = onednn_int8_linear(x, onednn_prepack(w), torch.ones(n), torch.zeros(n, dtype=torch.int64))
+    return bool(torch.equal(got.double(), (x.double() @ w.double().T)))
 
 
 def _onednn_slower(rows: int, k: int, n: int, rounds: int, slack: float = 0.0) -> bool:
     """Whether oneDNN's int8 linear on random (rows, K) × (K → N) codes takes over 4x ``torch._int_mm``'s time."""
-    gen = torch.Generator().manual_seed(0)
-    w = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=gen)
-    x = torch.randint(-127, 128, (rows, k), dtype=torch.int8, generator=gen)
+    x, w = _probe_codes(rows, k, n)
     packed, scale, zero = onednn_prepack(w), torch.ones(n), torch.zeros(n, dtype=torch.int64)
     w_kn = w.t().contiguous()
     med = _medians({"onednn": lambda: onednn_int8_linear(x, packed, scale, zero),

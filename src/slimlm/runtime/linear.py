@@ -17,6 +17,12 @@ from torch import nn
 from slimlm.runtime import int4pack, kernels
 
 
+def _onednn_bf16() -> bool:
+    """Whether oneDNN runs bf16 on this CPU (torch's own check; False where torch has none)."""
+    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return bool(check()) if check is not None else False
+
+
 def _apply_sparing(module: torch.nn.Module, buffer: str | None, apply: Callable[[], torch.nn.Module]):
     """Run ``nn.Module._apply`` (dtype/device casts) without touching ``buffer``: a packed oneDNN weight is an
     opaque tensor that casts must not convert."""
@@ -87,10 +93,11 @@ class DequantLinear(QuantLinear):
     def pack_(self) -> "DequantLinear":
         """Hold a bf16 weight in oneDNN's packed layout (CPU) instead of the plain one: at 1-8 rows its
         linear takes about half the time of ``F.linear`` on the plain weight (which repacks per call), and
-        no more at 512 rows; same values, no second copy. A no-op where oneDNN or bf16 do not apply."""
+        no more at 512 rows; same values, no second copy. A no-op where oneDNN or bf16 do not apply (oneDNN's
+        bf16 path needs AVX-512 or AVX-NE-CONVERT: an AVX2-only CPU refuses the reorder)."""
         if (self.weight.dtype == torch.bfloat16 and self.weight.device.type == "cpu" and self.act_bits is None
                 and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-                and not self.packed):
+                and _onednn_bf16() and not self.packed):
             self.weight = torch.ops.mkldnn._reorder_linear_weight(self.weight, None)
         return self
 

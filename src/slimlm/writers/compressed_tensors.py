@@ -83,7 +83,8 @@ def quantization_config(groups: dict[tuple, list[str]], fmt: str, ignore: list[s
 
 
 class ShardWriter:
-    """Accumulates tensors and writes safetensors shards of at most ``max_bytes`` into a temporary dir."""
+    """Accumulates tensors and writes safetensors shards of at most ``max_bytes`` (a bigger tensor alone in its
+    shard) into a temporary dir; at most one shard's tensors are held at a time."""
 
     def __init__(self, target: Path, max_bytes: int = MAX_SHARD_BYTES):
         self.target = Path(target)
@@ -97,10 +98,11 @@ class ShardWriter:
 
     def add(self, tensors: dict[str, torch.Tensor]) -> None:
         for name, t in tensors.items():
+            nbytes = t.numel() * t.element_size()
+            if self._pending and self._pending_bytes + nbytes > self.max_bytes:
+                self._flush()
             self._pending[name] = t.detach().contiguous().cpu()
-            self._pending_bytes += t.numel() * t.element_size()
-        if self._pending_bytes >= self.max_bytes:
-            self._flush()
+            self._pending_bytes += nbytes
 
     def _flush(self) -> None:
         if not self._pending:
