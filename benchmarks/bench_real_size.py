@@ -3,7 +3,8 @@ wall time and peak memory, saved as JSON; ``table`` renders the saved runs as on
 
 Peak memory is sampled every 0.1 s with psutil over the command's whole process tree (slimlm's GGUF writer forks
 encoder processes): ``tree`` is the largest sum of RSS seen at one instant, ``largest`` the largest single
-process. The load average (``/proc/loadavg``) is recorded before and after, since the machine is shared.
+process, ``anon`` the largest sum of private (anonymous) resident memory, without mapped file pages. The load
+average (``/proc/loadavg``) is recorded before and after.
 
     python benchmarks/bench_real_size.py run NAME RESULTS_DIR -- python -m slimlm quantize DIR --to Q4_K_M -o X
     python benchmarks/bench_real_size.py llama-quantize NAME RESULTS_DIR SRC.gguf DST.gguf Q4_K_M
@@ -34,24 +35,36 @@ def _load() -> str:
     return Path("/proc/loadavg").read_text().split()[0]
 
 
+def _rss_anon(pid: int) -> int:
+    """Private (anonymous) resident bytes: RSS without the file pages a process maps (safetensors read through
+    mmap stay resident and count in RSS until the kernel needs the memory back)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
 def measure(cmd: list[str]) -> dict:
     """Run ``cmd``; wall seconds, exit code, peak RSS (tree sum and largest process) in MB, load before/after."""
     before = _load()
     start = time.perf_counter()
     proc = subprocess.Popen(cmd)
-    peak = {"tree": 0, "largest": 0}
+    peak = {"tree": 0, "largest": 0, "anon": 0}
     done = threading.Event()
 
     def sample() -> None:
         root = psutil.Process(proc.pid)
         while not done.is_set():
             try:
-                rss = [p.memory_info().rss for p in [root, *root.children(recursive=True)]]
-            except psutil.Error:
-                rss = []
+                procs = [root, *root.children(recursive=True)]
+                rss = [p.memory_info().rss for p in procs]
+                anon = sum(_rss_anon(p.pid) for p in procs)
+            except (psutil.Error, OSError):
+                rss, anon = [], 0
             if rss:
                 peak["tree"] = max(peak["tree"], sum(rss))
                 peak["largest"] = max(peak["largest"], max(rss))
+                peak["anon"] = max(peak["anon"], anon)
             time.sleep(0.1)
 
     thread = threading.Thread(target=sample, daemon=True)
@@ -61,7 +74,8 @@ def measure(cmd: list[str]) -> dict:
     done.set()
     thread.join()
     return {"cmd": " ".join(cmd), "rc": rc, "wall_s": round(wall, 1), "peak_tree_mb": round(peak["tree"] / 2**20),
-            "peak_largest_mb": round(peak["largest"] / 2**20), "load_before": before, "load_after": _load(),
+            "peak_largest_mb": round(peak["largest"] / 2**20), "peak_anon_mb": round(peak["anon"] / 2**20),
+            "load_before": before, "load_after": _load(),
             "at": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
 
 

@@ -7,6 +7,7 @@ import argparse
 import shutil
 import sys
 import time
+from pathlib import Path
 
 from slimlm.writers import synthetic
 
@@ -20,7 +21,9 @@ def main() -> None:
     args = ap.parse_args()
     config = synthetic.PRESETS[args.preset]
     need = synthetic.total_bytes(config)
-    free = shutil.disk_usage(args.out.rsplit("/", 1)[0] or ".").free
+    parent = Path(args.out).resolve().parent
+    parent.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(parent).free
     if free - need < args.min_free_gb * 1e9:
         sys.exit(f"{args.preset} needs {need / 1e9:.1f} GB; {free / 1e9:.1f} GB free leaves less than "
                  f"{args.min_free_gb} GB")
