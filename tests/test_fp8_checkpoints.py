@@ -174,3 +174,21 @@ def open_source_tensor(src: Path, name: str):
     from slimlm.quantize.sources import open_source
 
     return next(t for t in open_source(src).tensors if t.name == name)
+
+
+def test_skeleton_of_a_model_larger_than_memory_allocates_nothing() -> None:
+    """transformers 5 allocates fused experts with torch.empty before accelerate moves them to meta: a DeepSeek
+    config whose experts need 137 GB in float32 still gives an empty skeleton (real buffers, meta parameters)."""
+    import resource
+
+    from transformers import AutoConfig
+
+    from slimlm.models.skeleton import empty_model
+
+    config = synthetic.deepseek_v3_config(**{**TINY_V3, "experts": 2**20, "experts_per_tok": 2, "n_group": 1,
+                                             "topk_group": 1})
+    config.pop("model_type")
+    model = empty_model(AutoConfig.for_model("deepseek_v3", **config))
+    assert all(p.is_meta for p in model.parameters())
+    assert not any(b.is_meta for b in model.buffers())
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss < 8 * 2**20  # KiB: far below the experts' 137 GB

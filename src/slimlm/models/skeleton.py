@@ -44,8 +44,32 @@ def empty_model(config: Any, dtype: torch.dtype = torch.float32) -> nn.Module:
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
-    with init_empty_weights(include_buffers=False):
-        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+    with init_empty_weights(include_buffers=False), _parameters_born_on_meta():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    meta = [name for name, b in model.named_buffers() if b.is_meta]
+    if meta:
+        raise SlimlmError(f"{type(model).__name__}: buffer {meta[0]} has no values in an empty skeleton")
+    return model
+
+
+class _parameters_born_on_meta:
+    """``torch.empty`` without a device makes meta tensors while a skeleton is built. accelerate moves each
+    Parameter to meta only once it is registered, after ``torch.empty`` allocated it: transformers 5's fused
+    experts allocate every expert at once (DeepSeek-V3: 30 GB per layer in float32), more than the machine has.
+    Buffers come from other constructors (arange, zeros, ...) and stay real; any left on meta is an error above."""
+
+    def __enter__(self) -> None:
+        self.real = torch.empty
+
+        def empty(*size, **kwargs):
+            if kwargs.get("device") is None and kwargs.get("out") is None:
+                kwargs["device"] = "meta"
+            return self.real(*size, **kwargs)
+
+        torch.empty = empty
+
+    def __exit__(self, *exc) -> None:
+        torch.empty = self.real
 
 
 def random_model(config: Any, dtype: torch.dtype = torch.float32) -> nn.Module:
