@@ -118,12 +118,10 @@ class Budgets:
         if out.exists() and meta.exists():
             return out, json.loads(meta.read_text())
         start = time.perf_counter()
-        from slimlm.quantize import budget
-
-        budget.COVARIANCE = self.covariance
         r = quantize_gguf(bg.hf_dir(), None, out, imatrix=self.im, calib=resources.wikitext_path("valid"),
                           budget=Budget(target_bpw=bpw), budget_windows=self.windows, per_layer=self.per_layer,
-                          sensitivity=self.sens, budget_types=self.types, overwrite=True)
+                          sensitivity=self.sens, budget_types=self.types, budget_covariance=self.covariance,
+                          overwrite=True)
         if self.sens is None:
             self.sens = r.budget["sensitivity"]
             self.sens_path.write_bytes(pickle.dumps(self.sens))

@@ -17,6 +17,7 @@ from pathlib import Path
 from safetensors.torch import save_file
 
 from slimlm.checkpoint import open_checkpoint
+from slimlm.writers.compressed_tensors import AUX_FILES
 
 
 def main() -> None:
@@ -40,7 +41,7 @@ def main() -> None:
     config = dict(ckpt.config)
     config.pop("quantization_config", None)
     (out / "config.json").write_text(json.dumps(config, indent=2))
-    for extra in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+    for extra in AUX_FILES:
         if (src / extra).is_file():
             shutil.copy(src / extra, out / extra)
 

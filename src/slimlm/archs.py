@@ -181,6 +181,7 @@ def _expert_reader(*, norm_topk: bool | None) -> Callable[[Keys, Config], None]:
     return read
 
 
+DEEPSEEK_YARN_LOG_MUL = 0.1  # llama.cpp's deepseek2: rope.scaling.yarn_log_multiplier = 0.1 x mscale_all_dim
 DEEPSEEK_TOPK_METHODS = ("noaux_tc", "greedy")  # what transformers' and llama.cpp's grouped sigmoid top-k compute
 
 
@@ -235,7 +236,7 @@ def _deepseek_hparams(writer: gguf.GGUFWriter, config: Config) -> None:
     writer.add_rope_dimension_count(rope)
     yarn = rope_parameters(config)
     if yarn.get("rope_type") == "yarn":  # the softmax scale's growth (write_hparams wrote factor and context)
-        writer.add_rope_scaling_yarn_log_mul(0.1 * float(yarn.get("mscale_all_dim") or 0.0))
+        writer.add_rope_scaling_yarn_log_mul(DEEPSEEK_YARN_LOG_MUL * float(yarn["mscale_all_dim"]))
     writer.add_expert_count(int(config["n_routed_experts"]))
     writer.add_expert_used_count(int(config["num_experts_per_tok"]))
     writer.add_expert_feed_forward_length(int(config["moe_intermediate_size"]))
@@ -262,7 +263,7 @@ def _read_deepseek(keys: Keys, config: Config) -> None:
     config["v_head_dim"] = int(need(keys, "attention.value_length_mla"))
     config["n_routed_experts"] = int(need(keys, "expert_count"))
     if config["rope_parameters"].get("rope_type") == "yarn":
-        mscale = f32(float(keys("rope.scaling.yarn_log_multiplier") or 0.0) / 0.1)
+        mscale = f32(float(need(keys, "rope.scaling.yarn_log_multiplier")) / DEEPSEEK_YARN_LOG_MUL)
         config["rope_parameters"].update(mscale=mscale, mscale_all_dim=mscale, beta_fast=32.0, beta_slow=1.0)
     config["num_experts_per_tok"] = int(need(keys, "expert_used_count"))
     config["moe_intermediate_size"] = int(need(keys, "expert_feed_forward_length"))

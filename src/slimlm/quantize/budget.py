@@ -37,7 +37,6 @@ from slimlm.formats import gguf_mix
 log = logging.getLogger(__name__)
 
 PROBE_BPW = 3.5  # the bits per weight of the type a group is moved to when its scale is measured
-COVARIANCE = False  # price a Linear's error under its input's full covariance (not the imatrix diagonal)
 
 # The mix name written as general.file_type for a budget file: the one its most common quantized type heads.
 _FTYPE_OF_TYPE = {T.Q3_K: "Q3_K_M", T.Q4_K: "Q4_K_M", T.Q5_K: "Q5_K_M", T.IQ2_S: "IQ2_M", T.IQ3_S: "IQ3_S"}
@@ -260,13 +259,13 @@ class WindowKld:
 def measure(model_path: Path, calib: Path, tensors: Sequence[gguf_mix.PlanTensor],
             importance_of: Callable[[str], np.ndarray | None], *, windows: int = 4, ctx: int = 512, rows: int = 128,
             per_layer: bool = False, types: Sequence[T] = gguf_mix.BUDGET_CANDIDATES,
-            progress: Callable[[int, int, str], None] | None = None, covariance: bool | None = None
-            ) -> Sensitivity:
+            progress: Callable[[int, int, str], None] | None = None, covariance: bool = False) -> Sensitivity:
     """Each tensor's cost per candidate type: its weighted error scaled by its group's measured KLD per unit of
     error (module docstring). The torch model is ``model_path`` in float32; ``tensors`` are the quantizable ones
     under their GGUF names (rows as llama.cpp stores them; the Q/K rope permutation moves whole rows, which
-    quantize independently, so the HF weight gives the same error). ``covariance`` (default :data:`COVARIANCE`): a
-    Linear's error is its output error under the calibration windows' input covariance, not the imatrix diagonal."""
+    quantize independently, so the HF weight gives the same error). ``covariance``: a Linear's error is its output
+    error under the calibration windows' input covariance, not the imatrix diagonal (off until the fair test shows
+    it helps)."""
     import torch
 
     from slimlm.models import load_model
@@ -281,7 +280,7 @@ def measure(model_path: Path, calib: Path, tensors: Sequence[gguf_mix.PlanTensor
         raise SlimlmError(f"budget mixes cannot measure {missing[0]} (and {len(missing) - 1} more): only dense "
                           "decoder models whose matrices are torch Linear/Embedding weights are supported")
     grams_of = {}
-    if COVARIANCE if covariance is None else covariance:
+    if covariance:
         from slimlm.quantize.imatrix import linear_gguf_names
 
         wanted = {t.name for t in tensors}
@@ -360,8 +359,8 @@ def file_type_name(plan: Mapping[str, T], sizes: Mapping[str, int]) -> str:
 def plan_budget(source, infos: Sequence[gguf_mix.PlanTensor], budget: Budget, calib: Path,
                 importance_of: Callable[[str], np.ndarray | None], *,
                 windows: int = 4, per_layer: bool = False, types: Sequence[T] = gguf_mix.BUDGET_CANDIDATES,
-                progress: Callable[[int, int, str], None] | None = None, sensitivity: Sensitivity | None = None
-                ) -> tuple[dict[str, T], Sensitivity, int]:
+                progress: Callable[[int, int, str], None] | None = None, sensitivity: Sensitivity | None = None,
+                covariance: bool = False) -> tuple[dict[str, T], Sensitivity, int]:
     """The budget mix for a ``quantize.sources.ModelSource``: (type per tensor, what was measured, the tensor-data
     bytes allowed). ``infos`` are the source's tensors as the planner sees them (quantize.gguf.plan_tensors, passed
     in so this module does not import its caller). Tensors llama.cpp never quantizes (norms, 1-D) keep their type
@@ -379,7 +378,7 @@ def plan_budget(source, infos: Sequence[gguf_mix.PlanTensor], budget: Budget, ca
                           f"the smallest types llama.cpp runs need {format_bytes(smallest)} "
                           f"({smallest * 8 / max(sum(t.n_elements for t in quantizable), 1):.2f} bits/weight)")
     sens = sensitivity or measure(source.path, calib, quantizable, importance_of, windows=windows,
-                                  per_layer=per_layer, types=types, progress=progress)
+                                  per_layer=per_layer, types=types, progress=progress, covariance=covariance)
     allowed_types = set(types)
     options = [TensorOptions(t.name, [o for o in t.options if o.qtype in allowed_types]) for t in sens.tensors]
     return {**kept, **allocate(options, allowed)}, sens, allowed + fixed

@@ -119,7 +119,7 @@ def quantize_gguf(model: str | Path | ModelSource, to: str, out: str | Path | No
                   hessians: dict[str, np.ndarray] | None = None, gptq_damp: float = 0.01,
                   hessian_chunks: int | None = 32, encoder: Encoder | None = None, budget: Budget | None = None,
                   budget_windows: int = 4, per_layer: bool = False, sensitivity: Any = None,
-                  budget_types: Sequence[T] | None = None) -> GGUFResult:
+                  budget_types: Sequence[T] | None = None, budget_covariance: bool = False) -> GGUFResult:
     """Write ``model`` (HF dir, GGUF, or an opened ModelSource) as a GGUF of mix ``to`` (Q4_K_M, Q8_0, ...).
 
     ``method`` never changes tensor types or sizes (slimlm.algorithms.methods): "llama.cpp" rounds each block on
@@ -133,7 +133,8 @@ def quantize_gguf(model: str | Path | ModelSource, to: str, out: str | Path | No
     sensitivities (``budget_windows`` windows of ``calib``; one scale per tensor with ``per_layer``, else per
     tensor kind) to fit the budget exactly. It needs ``calib``; ``imatrix`` (else collected from ``calib``) weights
     the errors and the encoding; ``sensitivity`` (quantize.budget.Sensitivity) reuses a measurement;
-    ``budget_types`` narrows the candidate types (default formats.gguf_mix.BUDGET_CANDIDATES)."""
+    ``budget_types`` narrows the candidate types (default formats.gguf_mix.BUDGET_CANDIDATES);
+    ``budget_covariance`` prices each Linear's error under its input covariance (quantize.budget.measure)."""
     start = time.perf_counter()
     if budget is not None:
         if to is not None and to.strip().lower() != "budget":
@@ -155,7 +156,7 @@ def quantize_gguf(model: str | Path | ModelSource, to: str, out: str | Path | No
     if budget is not None:
         im = load_importance(imatrix, None if imatrix is not None else Path(calib), source.path, calib_chunks)
         plan, budget_info = _budget_plan(source, budget, Path(calib), im, budget_windows, per_layer, progress,
-                                         sensitivity, budget_types)
+                                         sensitivity, budget_types, budget_covariance)
         ftype = budget_info["file_type"]
     else:
         im, hessians = _importance(algo, method, source.path, imatrix, calib, calib_chunks, dry_run, hessians,
@@ -183,14 +184,14 @@ def quantize_gguf(model: str | Path | ModelSource, to: str, out: str | Path | No
 
 
 def _budget_plan(source: ModelSource, budget: Budget, calib: Path, im: Imatrix, windows: int, per_layer: bool,
-                 progress: Progress | None, sensitivity: Any, types: Sequence[T] | None
+                 progress: Progress | None, sensitivity: Any, types: Sequence[T] | None, covariance: bool = False
                  ) -> tuple[dict[str, T], dict[str, Any]]:
     """The budget mix's plan and, for the result, the target, the bytes allowed and the KLD of each probe group."""
     from slimlm.quantize import budget as budget_mix
 
     plan, sens, allowed = budget_mix.plan_budget(source, plan_tensors(source), budget, calib, im.importance,
                                                  windows=windows, per_layer=per_layer, progress=progress, sensitivity=sensitivity,
-                                                 types=types or gguf_mix.BUDGET_CANDIDATES)
+                                                 types=types or gguf_mix.BUDGET_CANDIDATES, covariance=covariance)
     sizes = {t.name: tensor_nbytes(t.shape, plan[t.name]) for t in source.tensors}
     return plan, {"target": budget.describe(), "sensitivity": sens, "allowed_tensor_bytes": allowed, "windows": sens.windows,
                   "per_layer": per_layer, "group_kld": sens.group_kld,

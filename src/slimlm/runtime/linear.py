@@ -8,6 +8,7 @@ Tests compare the two; the fallback for formats without a fast path is the same 
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import torch
@@ -17,6 +18,7 @@ from torch import nn
 from slimlm.runtime import int4pack, kernels
 
 
+@functools.cache
 def _onednn_bf16() -> bool:
     """Whether oneDNN runs bf16 on this CPU (torch's own check; False where torch has none)."""
     check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
