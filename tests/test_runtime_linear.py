@@ -53,6 +53,19 @@ def test_w8a8_matches_reference_to_int32_exactness():
     assert rel_err(y, x @ w.t() + fast.bias) < 0.02
 
 
+@pytest.mark.parametrize("k", [1, 1024, 3000])
+def test_int8_fp32_emulation_gives_int_mm_exact_sums(k):
+    """The fp32 route for CPUs where ``torch._int_mm`` is slow: exact int32 sums, also at the extreme codes
+    (-128·-128 over K beyond the 2^24 fp32 bound, split into chunks) and for a transposed weight view."""
+    x = torch.full((5, k), -128, dtype=torch.int8)
+    x[1:] = torch.randint(-128, 128, (4, k), dtype=torch.int8)
+    w = torch.randint(-128, 128, (7, k), dtype=torch.int8)
+    w[0] = -128
+    got = kernels._int8_mm_fp32(x, w.t())
+    assert got.dtype == torch.int32 and torch.equal(got, torch._int_mm(torch.cat([x, x[:3]]), w.t())[:5])
+    assert int(got[0, 0]) == 16384 * k
+
+
 @pytest.mark.parametrize("backend", kernels.INT8_BACKENDS)
 def test_w8a8_every_int8_backend_agrees(backend, monkeypatch):
     if backend == "onednn" and not kernels.onednn_int8_available():

@@ -194,14 +194,51 @@ class SharedInputQuantizer:
 SHARED_QUANTIZER = SharedInputQuantizer()
 
 
+# int8 codes multiplied in fp32 sum exactly while every partial sum stays within 2^24: |code| ≤ 128, so
+# 1024 × 128 × 128 = 2^24 bounds K per fp32 GEMM; longer K is split and the exact chunk sums added in int32.
+EXACT_FP32_MAX_K = 1024
+
+
+def _int8_mm_fp32(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``x @ w`` for int8 (M, K) × (K, N) as exact int32 sums computed by fp32 GEMMs over K-chunks."""
+    acc = None
+    for start in range(0, x.shape[1], EXACT_FP32_MAX_K):
+        end = start + EXACT_FP32_MAX_K
+        part = torch.mm(x[:, start:end].float(), w[start:end].float()).to(torch.int32)
+        acc = part if acc is None else acc.add_(part)
+    return acc
+
+
+@functools.cache
+def int_mm_emulated() -> bool:
+    """Whether int8 GEMMs run as exact fp32 GEMMs (``_int8_mm_fp32``) instead of ``torch._int_mm``. On an
+    AVX2-only CPU without VNNI (seen: an AMD EPYC, torch 2.13) ``_int_mm`` is 25-100x slower than fp32 GEMM
+    (512×576 → 49152: 7.7 s against 0.37 s), so the int8 path would be the slowest on the machine; the
+    emulation gives the same int32 sums. One probe (128×512×512) decides: over 2x slower → emulate."""
+    x, w = _probe_codes(128, 512, 512)
+    w_kn = w.t().contiguous()
+    med = _medians({"int_mm": lambda: torch._int_mm(x, w_kn), "fp32": lambda: _int8_mm_fp32(x, w_kn)}, rounds=3)
+    return med["int_mm"] > 2 * med["fp32"]
+
+
+def int_mm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """int8 (M, K) × (K, N) → exact int32 sums: ``torch._int_mm``, or its fp32 emulation where that is faster."""
+    return _int8_mm_fp32(x, w) if int_mm_emulated() else torch._int_mm(x, w)
+
+
+def int_mm_name() -> str:
+    """How ``int_mm`` runs here, for the kernel reports."""
+    return "exact fp32 GEMM of int8 codes (torch._int_mm measured slow)" if int_mm_emulated() else "torch._int_mm"
+
+
 def int8_matmul_rescale(xq: torch.Tensor, x_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor
                         ) -> torch.Tensor:
-    """``(xq @ w) * x_scale * w_scale`` with the int8×int8→int32 product on ``torch._int_mm``.
+    """``(xq @ w) * x_scale * w_scale`` with the int8×int8→int32 product on ``int_mm``.
 
     ``w`` is (K, N) (contiguous or a transposed view). The rescale is one multiply by the outer product of
     the two scale vectors, done in place on the fp32 result (one pass over the output, no extra buffer).
     """
-    acc = torch._int_mm(xq, w)
+    acc = int_mm(xq, w)
     return torch.mul(acc, x_scale).mul_(w_scale)
 
 
@@ -313,5 +350,5 @@ def int8_gemm(xq: torch.Tensor, packed: torch.Tensor | None, w_scale: torch.Tens
     no oneDNN copy (``packed`` None) or for the few-row calls of shapes where oneDNN is pathologically slow
     (``onednn_slow_at_one_row``)."""
     if packed is None or (w_kn is not None and xq.shape[0] <= ONE_ROW_MAX):
-        return torch._int_mm(xq, w_kn).mul(w_scale).to(out_dtype)
+        return int_mm(xq, w_kn).mul(w_scale).to(out_dtype)
     return onednn_int8_linear(xq, packed, w_scale, w_zero, out_dtype)

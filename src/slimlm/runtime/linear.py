@@ -132,7 +132,7 @@ class FusedInt8Group:
     """One int8 GEMM for sibling W8A8 layers that read the same input (q/k/v, gate/up).
 
     Their weights are concatenated along N and stored once (packed for oneDNN, else a (K, N) copy for
-    ``torch._int_mm``); the first sibling's call quantizes the input
+    ``kernels.int_mm``); the first sibling's call quantizes the input
     and runs the whole GEMM, the later siblings take their column slice of the memoized output (same input
     object only, as in SharedInputQuantizer). Fewer, wider GEMMs: the k/v projections of small models cost
     almost nothing extra this way, and the activation is quantized once.
@@ -164,7 +164,7 @@ class FusedInt8Group:
 
     @property
     def kernel(self) -> str:
-        gemm = "onednn.qlinear_pointwise" if self.packed is not None else "torch._int_mm"
+        gemm = "onednn.qlinear_pointwise" if self.packed is not None else kernels.int_mm_name()
         return f"{gemm} int8×int8→int32, one GEMM with siblings ({'+'.join(self.names)}), per-token int8 activations"
 
     def weight_copies(self) -> int:
@@ -196,7 +196,7 @@ class W8A8Linear(QuantLinear):
     file's calibrated per-tensor ``input_scale`` where it was written with static activations (such a layer
     quantizes its own input and joins no sibling group: its siblings' scales need not be equal). The GEMM is
     oneDNN's int8 linear (weight scales fused in its epilogue, output in the activation dtype, then one
-    in-place pass for the per-token scales) or ``torch._int_mm`` (then one rescale pass), whichever
+    in-place pass for the per-token scales) or ``kernels.int_mm`` (then one rescale pass), whichever
     ``kernels.int8_backend`` measured faster for this layer's shape. Siblings reading the same input may
     share one GEMM (``FusedInt8Group``, set up by ``fuse_siblings``).
     """
@@ -228,11 +228,11 @@ class W8A8Linear(QuantLinear):
         if self.group is not None:
             return self.group.kernel
         if self.backend == "onednn":
-            few = (f"; torch._int_mm for ≤{kernels.ONE_ROW_MAX} rows (oneDNN measured slow there)"
+            few = (f"; {kernels.int_mm_name()} for ≤{kernels.ONE_ROW_MAX} rows (oneDNN measured slow there)"
                    if self.w_kn is not None else "")
             return f"onednn.qlinear_pointwise int8×int8→int32 (weight scales fused), {self._acts} int8 activations{few}"
         layout = "kn" if self.backend == "int_mm_kn" else "nk"
-        return f"torch._int_mm int8×int8→int32 (B {layout}), {self._acts} int8 activations"
+        return f"{kernels.int_mm_name()} int8×int8→int32 (B {layout}), {self._acts} int8 activations"
 
     @property
     def _acts(self) -> str:
