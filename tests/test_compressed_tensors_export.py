@@ -224,3 +224,36 @@ def test_eval_loader_keeps_w8a8_activation_quant(tmp_path, dynamic):
         for h in [m for m in ours.modules() if isinstance(m, torch.nn.Linear)]:
             h._forward_pre_hooks.clear()
         assert not torch.allclose(ours(ids).logits, want, rtol=1e-4, atol=1e-4)  # weights alone differ
+
+
+def test_shard_writer_streams_every_dtype_into_bounded_shards(tmp_path):
+    """The streaming safetensors writer: every dtype a checkpoint holds (empty and 0-d tensors too) read back
+    exactly by safetensors, shards no larger than the bound unless one tensor alone exceeds it, and an index."""
+    from safetensors.torch import load_file
+
+    from slimlm.writers.compressed_tensors import ShardWriter
+
+    gen = torch.Generator().manual_seed(0)
+    tensors = {"a": torch.randn(10, 7, generator=gen), "b": torch.randn(3, generator=gen).bfloat16(),
+               "c": torch.randint(-5, 5, (300,), dtype=torch.int8, generator=gen), "e": torch.zeros(0, 4),
+               "f": torch.tensor([True, False]), "g": torch.randn(5, generator=gen).to(torch.float8_e4m3fn),
+               "h": torch.arange(400, dtype=torch.int64), "i": torch.tensor(3.0).half(),
+               "j": torch.randint(0, 2**31 - 1, (9,), dtype=torch.int32, generator=gen)}
+    writer = ShardWriter(tmp_path / "out", max_bytes=1000)
+    writer.add(dict(list(tensors.items())[:4]))
+    writer.add(dict(list(tensors.items())[4:]))
+    out = writer.finish({"model_type": "llama"}, None, overwrite=False)
+    shards = sorted(out.glob("*.safetensors"))
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(shards) > 1 and set(index["weight_map"]) == set(tensors)
+    got = {}
+    for shard in shards:
+        part = load_file(shard)
+        data = sum(t.numel() * t.element_size() for t in part.values())
+        assert data <= 1000 or len(part) == 1, (shard.name, data)
+        got.update(part)
+    for name, t in tensors.items():
+        assert got[name].dtype == t.dtype and got[name].shape == t.shape
+        assert torch.equal(got[name].reshape(-1).view(torch.uint8), t.reshape(-1).view(torch.uint8))
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in tensors.values())
+    assert not list(out.glob("*.data"))

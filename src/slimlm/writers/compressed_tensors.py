@@ -20,7 +20,6 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from slimlm.checkpoint import read_config, read_state_dict
@@ -82,40 +81,85 @@ def quantization_config(groups: dict[tuple, list[str]], fmt: str, ignore: list[s
     return data
 
 
+# safetensors' dtype names (its format spec) for the dtypes a checkpoint holds
+_ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+              torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}
+
+
+class _StreamedShard:
+    """One safetensors file written a tensor at a time. safetensors' writers take every tensor of a file at once
+    (a 2 GiB shard held in memory); here each tensor's bytes go to a data file as it comes, and ``close`` writes
+    the header (the format's u64 length, JSON with ``data_offsets``, space-padded to 8 bytes) followed by that
+    data."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.data_path = path.with_name(path.name + ".data")
+        self._data = open(self.data_path, "wb")
+        self.header: dict[str, dict] = {}
+        self.nbytes = 0
+
+    def add(self, name: str, t: torch.Tensor) -> None:
+        t = t.detach().contiguous().cpu()
+        if t.dtype not in _ST_DTYPES:
+            raise SlimlmError(f"{name}: cannot store dtype {t.dtype} in safetensors")
+        raw = t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b""
+        self._data.write(memoryview(raw))
+        self.header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape),
+                             "data_offsets": [self.nbytes, self.nbytes + len(raw)]}
+        self.nbytes += len(raw)
+
+    def close(self) -> None:
+        self._data.close()
+        head = json.dumps({"__metadata__": {"format": "pt"}, **self.header}, separators=(",", ":")).encode()
+        head += b" " * (-len(head) % 8)
+        with open(self.path, "wb") as out, open(self.data_path, "rb") as data:
+            out.write(len(head).to_bytes(8, "little") + head)
+            shutil.copyfileobj(data, out, 16 * 1024**2)
+        self.data_path.unlink()
+
+    def discard(self) -> None:
+        self._data.close()
+
+
 class ShardWriter:
-    """Accumulates tensors and writes safetensors shards of at most ``max_bytes`` (a bigger tensor alone in its
-    shard) into a temporary dir; at most one shard's tensors are held at a time."""
+    """Writes tensors into safetensors shards of at most ``max_bytes`` (a bigger tensor alone in its shard) in a
+    temporary dir, each tensor streamed to disk as it is added: memory holds one tensor, not one shard."""
 
     def __init__(self, target: Path, max_bytes: int = MAX_SHARD_BYTES):
         self.target = Path(target)
         self.claim = Claim(self.target)  # held until finish or abort: a second run to this dir refuses
         self.tmp = temp_dir(self.target)
         self.max_bytes = max_bytes
-        self._pending: dict[str, torch.Tensor] = {}
-        self._pending_bytes = 0
+        self._shard: _StreamedShard | None = None
         self._shards: list[list[str]] = []
         self.total_bytes = 0
 
     def add(self, tensors: dict[str, torch.Tensor]) -> None:
-        for name, t in tensors.items():
-            nbytes = t.numel() * t.element_size()
-            if self._pending and self._pending_bytes + nbytes > self.max_bytes:
-                self._flush()
-            self._pending[name] = t.detach().contiguous().cpu()
-            self._pending_bytes += nbytes
-
-    def _flush(self) -> None:
-        if not self._pending:
-            return
         try:
-            save_file(self._pending, str(self.tmp / f"shard-{len(self._shards):05d}.safetensors"),
-                      metadata={"format": "pt"})
-        except (OSError, SafetensorError) as exc:  # a full disk or a size limit: name the output, keep nothing
+            for name, t in tensors.items():
+                nbytes = t.numel() * t.element_size()
+                if self._shard is not None and self._shard.nbytes and self._shard.nbytes + nbytes > self.max_bytes:
+                    self._flush()
+                if self._shard is None:
+                    self._shard = _StreamedShard(self.tmp / f"shard-{len(self._shards):05d}.safetensors")
+                self._shard.add(name, t)
+        except OSError as exc:  # a full disk or a size limit: name the output, keep nothing
             self.abort()
             raise SlimlmError(f"{self.target}: cannot write ({os_reason(exc)}); nothing was written") from None
-        self._shards.append(list(self._pending))
-        self.total_bytes += self._pending_bytes
-        self._pending, self._pending_bytes = {}, 0
+
+    def _flush(self) -> None:
+        if self._shard is None:
+            return
+        shard, self._shard = self._shard, None
+        try:
+            shard.close()
+        except OSError as exc:
+            self.abort()
+            raise SlimlmError(f"{self.target}: cannot write ({os_reason(exc)}); nothing was written") from None
+        self._shards.append(list(shard.header))
+        self.total_bytes += shard.nbytes
 
     def finish(self, config: dict, source_dir: Path | None, overwrite: bool) -> Path:
         """Write config.json, shard names/index and tokenizer files, then move into place atomically."""
@@ -141,6 +185,9 @@ class ShardWriter:
         return self.target
 
     def abort(self) -> None:
+        if self._shard is not None:
+            self._shard.discard()
+            self._shard = None
         shutil.rmtree(self.tmp, ignore_errors=True)
         self.claim.release()
 
