@@ -10,10 +10,7 @@ llama.cpp runs is measured instead:
 2. *Scale*: how much of that error reaches the logits depends on where the tensor sits. For each group (a tensor
    kind such as ``attn_v``, or with ``per_layer`` each tensor) the group is moved to a probe type in a torch copy of
    the model and the KL divergence against the unquantized model is measured on a few calibration windows:
-   ``alpha_g = KLD_g / sum_{t in g} E(t, probe)``; the cost of a choice is ``alpha_g * E(t, q)``. The scale is not
-   the same for every type (seeded-noise SmolLM2, ffn_down: IQ3_S's measured KLD/E is 2-2.3x below Q4_K's, Q5_K's
-   and Q6_K's), so a group is probed at the candidates nearest each of ``PROBE_BPW`` and each type is priced with
-   the scale of the probe nearest it in bits per weight.
+   ``alpha_g = KLD_g / sum_{t in g} E(t, probe)``; the cost of a choice is ``alpha_g * E(t, q)``.
 3. *Allocation*: multiple-choice knapsack by marginal cost per byte on each tensor's lower convex hull (start
    everything at its cheapest type, repeatedly take the upgrade that removes most cost per added byte while it
    fits), which is optimal for the convex relaxation and within one upgrade of the exact optimum.
@@ -39,9 +36,7 @@ from slimlm.formats import gguf_mix
 
 log = logging.getLogger(__name__)
 
-# bits per weight of the types a group is moved to when its scales are measured (one probe where the nearest
-# candidates coincide, as for 32-wide rows)
-PROBE_BPW = (3.5, 4.5)
+PROBE_BPW = 3.5  # the bits per weight of the type a group is moved to when its scale is measured
 
 # The mix name written as general.file_type for a budget file: the one its most common quantized type heads.
 _FTYPE_OF_TYPE = {T.Q3_K: "Q3_K_M", T.Q4_K: "Q4_K_M", T.Q5_K: "Q5_K_M", T.IQ2_S: "IQ2_M", T.IQ3_S: "IQ3_S"}
@@ -221,20 +216,10 @@ def dequantized(w: np.ndarray, qtype: T, importance: np.ndarray | None) -> np.nd
     return ggml.dequantize(ggml.quantize(w, qtype, importance), qtype, w.shape)
 
 
-def _probes(types: Sequence[T]) -> list[T]:
-    """The candidates nearest each of PROBE_BPW (on a tie the lower, then the wider block: Q4_K before IQ4_NL for a
-    256-divisible row): where a group's scales are measured."""
-    from gguf import GGML_QUANT_SIZES
-
+def _probe(types: Sequence[T]) -> T:
+    """The candidate nearest PROBE_BPW (the lower one on a tie): where a group's scale is measured."""
     bpw = gguf_mix.type_bpw
-    return [min((q for q in types if q != T.F16),
-                key=lambda q: (abs(bpw(q) - target), bpw(q), -GGML_QUANT_SIZES[q][0])) for target in PROBE_BPW]
-
-
-def _nearest_probe(q: T, probes: Sequence[T]) -> int:
-    """Index of the probe whose bits per weight are nearest ``q``'s (the first on a tie)."""
-    bpw = gguf_mix.type_bpw
-    return min(range(len(probes)), key=lambda k: abs(bpw(q) - bpw(probes[k])))
+    return min((q for q in types if q != T.F16), key=lambda q: (abs(bpw(q) - PROBE_BPW), bpw(q)))
 
 
 class WindowKld:
@@ -279,8 +264,8 @@ def measure(model_path: Path, calib: Path, tensors: Sequence[gguf_mix.PlanTensor
     error (module docstring). The torch model is ``model_path`` in float32; ``tensors`` are the quantizable ones
     under their GGUF names (rows as llama.cpp stores them; the Q/K rope permutation moves whole rows, which
     quantize independently, so the HF weight gives the same error). ``covariance``: a Linear's error is its output
-    error under the calibration windows' input covariance, not the imatrix diagonal (off by default: on seeded-noise
-    SmolLM2 it misprices ffn_down more, not less; BENCHMARKS.md)."""
+    error under the calibration windows' input covariance, not the imatrix diagonal (off until the fair test shows
+    it helps)."""
     import torch
 
     from slimlm.models import load_model
@@ -306,45 +291,40 @@ def measure(model_path: Path, calib: Path, tensors: Sequence[gguf_mix.PlanTensor
     for t in tensors:
         groups.setdefault(group_of(t.name, per_layer), []).append(t)
     cands = {t.name: gguf_mix.budget_candidates_for(t, types, importance_of(t.name) is not None) for t in tensors}
-    probes = {t.name: _probes(cands[t.name]) for t in tensors}
     errors: dict[str, dict[T, float]] = {}
     group_kld: dict[str, float] = {}
-    alpha: dict[str, list[float]] = {}
-    n_probes = {g: 1 if all(len(set(probes[t.name])) == 1 for t in m) else len(PROBE_BPW) for g, m in groups.items()}
-    done, total = 0, len(tensors) + sum(n_probes.values())
+    alpha: dict[str, float] = {}
+    done, total = 0, len(tensors) + len(groups)
     for g, members in groups.items():
-        dense = {}
+        probe_err = 0.0
+        originals = []
         for t in members:
-            w = weights[t.name].detach().float().numpy().copy()  # kept: the probes overwrite the weight
+            w_param = weights[t.name]
+            w = w_param.detach().float().numpy()
             imp = importance_of(t.name)
             gram = kld.grams.pop(t.name, None)
             errors[t.name] = {q: weighted_error(w, q, imp, rows, gram) for q in cands[t.name]}
-            dense[t.name] = w
+            probe = _probe(cands[t.name])
+            probe_err += errors[t.name][probe]
+            originals.append((w_param, w_param.detach().clone()))
+            with torch.no_grad():
+                w_param.copy_(torch.from_numpy(dequantized(w, probe, imp)))
             done += 1
             if progress:
                 progress(done, total, t.name)
-        alpha[g] = []
-        for k in range(n_probes[g]):
-            probe_err = sum(errors[t.name][probes[t.name][k]] for t in members)
-            with torch.no_grad():
-                for t in members:
-                    weights[t.name].copy_(torch.from_numpy(dequantized(dense[t.name], probes[t.name][k],
-                                                                       importance_of(t.name))))
-            key = f"{g}@{probes[members[0].name][k].name}"
-            group_kld[key] = max(kld(), 0.0)
-            alpha[g].append(group_kld[key] / probe_err if probe_err > 0 else 0.0)
-            done += 1
-            if progress:
-                progress(done, total, f"{key}: KLD {group_kld[key]:.4g}")
-            log.info("budget: %s moved to its probe type: KLD %.5f", key, group_kld[key])
+        group_kld[g] = max(kld(), 0.0)
         with torch.no_grad():
-            for t in members:
-                weights[t.name].copy_(torch.from_numpy(dense[t.name]))
+            for p, orig in originals:
+                p.copy_(orig)
+        alpha[g] = group_kld[g] / probe_err if probe_err > 0 else 0.0
+        done += 1
+        if progress:
+            progress(done, total, f"{g}: KLD {group_kld[g]:.4g}")
+        log.info("budget: %s moved to its probe type: KLD %.5f", g, group_kld[g])
     out = []
     for t in tensors:
         a = alpha[group_of(t.name, per_layer)]
-        out.append(TensorOptions(t.name, [Option(q, gguf_mix.tensor_bytes(t, q),
-                                                 a[_nearest_probe(q, probes[t.name][:len(a)])] * e)
+        out.append(TensorOptions(t.name, [Option(q, gguf_mix.tensor_bytes(t, q), a * e)
                                           for q, e in errors[t.name].items()]))
     return Sensitivity(out, group_kld, len(kld.ids))
 
