@@ -201,7 +201,7 @@ def stage_match(work: Path, chunks: int, calib_chunks: int, mixes: list[str], bu
                               "KLD slimlm budget", "ratio", "no larger", "slimlm's types (tensors)"], rows)
             + f"\n\nGreedy continuation of {PROMPT!r} (24 tokens) by llama.cpp (llama-cpp-python) from each file:\n\n"
             + markdown_table(["size of", "llama.cpp's file", "slimlm's budget file"], rows_text)
-            + f"\n\nCommand: `python benchmarks/bench_budget.py --model {bg.MODEL} --stages match`")
+            + f"\n\nCommand: `python benchmarks/bench_budget.py {' '.join(sys.argv[1:])}`")
     title = "GGUF budget mixes vs llama.cpp's mixes at equal size"
     if budgets.exclude:
         title += f" without {', '.join(budgets.exclude)}"
@@ -236,7 +236,7 @@ def stage_curve(work: Path, chunks: int, calib_chunks: int, mixes: list[str], bp
                    f"KLD vs fp32, wikitext-2 test, ctx 512, {chunks} windows. Plot: `slimlm report {out.name} -o "
                    f"docs/quality_per_size.png` (one panel per model file given).\n\n"
                    + markdown_table(["file", "by", "bytes", "KLD"], rows)
-                   + f"\n\nCommand: `python benchmarks/bench_budget.py --model {bg.MODEL} --stages curve`")
+                   + f"\n\nCommand: `python benchmarks/bench_budget.py {' '.join(sys.argv[1:])}`")
     return out
 
 
@@ -291,7 +291,7 @@ def stage_iquants(work: Path, chunks: int, calib_chunks: int, mixes: list[str], 
                    f"fp32, wikitext-2 test, ctx 512, {chunks} windows.\n\n"
                    + markdown_table(["mix", "slimlm bytes", "llama.cpp bytes", "slimlm sha256", "llama.cpp sha256",
                                      "tensor data", "KLD", "slimlm quantize s"], rows)
-                   + f"\n\nCommand: `python benchmarks/bench_budget.py --model {bg.MODEL} --stages iquants`")
+                   + f"\n\nCommand: `python benchmarks/bench_budget.py {' '.join(sys.argv[1:])}`")
 
 
 def main() -> None:

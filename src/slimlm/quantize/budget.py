@@ -264,8 +264,8 @@ def measure(model_path: Path, calib: Path, tensors: Sequence[gguf_mix.PlanTensor
     error (module docstring). The torch model is ``model_path`` in float32; ``tensors`` are the quantizable ones
     under their GGUF names (rows as llama.cpp stores them; the Q/K rope permutation moves whole rows, which
     quantize independently, so the HF weight gives the same error). ``covariance``: a Linear's error is its output
-    error under the calibration windows' input covariance, not the imatrix diagonal (off until the fair test shows
-    it helps)."""
+    error under the calibration windows' input covariance, not the imatrix diagonal (off by default: on seeded-noise
+    SmolLM2 it misprices ffn_down more, not less; BENCHMARKS.md)."""
     import torch
 
     from slimlm.models import load_model
