@@ -84,6 +84,28 @@ def test_awq_scale_and_clip_search_never_lose_to_rtn():
     assert _err(awq_hat, w, x) < _err(quantize_weight(w, spec).dequantize(), w, x)
 
 
+def test_awq_blocked_metric_is_the_exact_one_without_cross_group_terms():
+    """Above EXACT_MAX_MACS the scale search scores with H's group blocks: equal to the exact error when H is
+    block-diagonal, and on correlated inputs a search that still beats unscaled rounding."""
+    from slimlm.algorithms.awq import _block_output_error, _diagonal_blocks, _output_error
+
+    g = torch.Generator().manual_seed(4)
+    delta = torch.randn(3, 16, 128, generator=g)
+    blocks = [(a := torch.randn(32, 32, generator=g)) @ a.T for _ in range(4)]
+    h = torch.block_diag(*blocks)
+    torch.testing.assert_close(_block_output_error(delta, _diagonal_blocks(h, 32)), _output_error(delta, h))
+    x = _correlated_inputs(1024, 128, seed=5)
+    h = x.T @ x / 1024
+    w = torch.randn(64, 128, generator=g)
+    spec = QuantSpec(4, 32, False)
+    s, err, err_unscaled = search_scale([w], [spec], x.abs().mean(0), h, exact_max_macs=0)
+    assert err <= err_unscaled
+    exact = search_scale([w], [spec], x.abs().mean(0), h)[0]
+    # the blocked search's choice, scored exactly, is no worse than unscaled rounding
+    scored = lambda sc: float(_output_error((quantize_weight(w * sc, spec).dequantize() / sc - w)[None], h))  # noqa: E731
+    assert scored(s) <= scored(torch.ones(128)) and scored(exact) <= scored(torch.ones(128))
+
+
 def _layer_and_inputs(tmp_path: Path):
     from transformers import AutoModelForCausalLM
 

@@ -4,7 +4,11 @@
 the float outputs, scored by the exact output error ``tr(ΔW H ΔWᵀ)``, ``H = XᵀX/n`` gathered once. The layer stream
 (:func:`search_scale`) searches llm-compressor's duo-scaling grid ``s = mean|x|^r / mean|ŵ|^(1-r)`` under group-int
 fake quantization, then a per-group clip ratio (AutoAWQ's ``auto_clip``) for all but q/k; the GGUF tensor stream
-(:func:`equalization_plan`) searches ``s = E[x²]^(α/2)`` under llama.cpp's encoder round trip."""
+(:func:`equalization_plan`) searches ``s = E[x²]^(α/2)`` under llama.cpp's encoder round trip.
+
+At real width the exact metric costs ``out·in²`` per grid point (hours per 7B model on two cores): a pair whose
+Linears would cost more than ``EXACT_MAX_MACS`` is scored with the diagonal ``group×group`` blocks of ``H`` (the
+clip search's metric; cross-group terms dropped), ``out·in·group`` per grid point."""
 
 from __future__ import annotations
 
@@ -25,6 +29,10 @@ CLIP_GRID = 20
 MAX_SHRINK = 0.5
 NO_CLIP = ("q_proj", "k_proj")  # AutoAWQ leaves q/k unclipped: attention logits are sensitive to them
 ALPHAS = (0.0, 0.25, 0.5, 0.75)  # the tensor stream's grid (α = 0: no scaling)
+# Multiply-adds per grid point above which a pair is scored with H's group blocks: every pair of SmolLM2-135M and
+# Qwen2.5-0.5B (largest 2.1e10, Qwen2's down_proj) stays exact; every pair of a 7B (q/k/v: 5.9e10) is blocked.
+EXACT_MAX_MACS = 2 ** 35
+BATCH_ELEMENTS = 2 ** 26  # scaled weight copies per batch of grid points, at most (5 for small models)
 
 S = TypeVar("S")
 
@@ -44,6 +52,21 @@ def _output_error(delta: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     return ((delta @ h) * delta).sum(dim=(-1, -2))
 
 
+def _diagonal_blocks(h: torch.Tensor, group: int) -> torch.Tensor:
+    """H's (G, group, group) diagonal blocks."""
+    n = h.shape[0] // group
+    idx = torch.arange(n)
+    return h.reshape(n, group, n, group)[idx, :, idx, :]
+
+
+def _block_output_error(delta: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """``Σ_g Δ_g H_gg Δ_gᵀ`` for a batch of ΔW (B, out, in): the output error without cross-group terms."""
+    b, out_f, in_f = delta.shape
+    n, gs = blocks.shape[0], blocks.shape[1]
+    d = delta.reshape(b * out_f, n, gs).transpose(0, 1)  # (G, B·out, gs)
+    return (torch.bmm(d, blocks) * d).sum(dim=(0, 2)).reshape(b, out_f).sum(-1)
+
+
 def _weight_salience(weights: list[torch.Tensor], specs: list[QuantSpec]) -> torch.Tensor:
     """Mean over output rows of |w| normalised by its group's max |w| (AWQ's weight term)."""
     parts = []
@@ -55,9 +78,17 @@ def _weight_salience(weights: list[torch.Tensor], specs: list[QuantSpec]) -> tor
 
 
 def search_scale(weights: list[torch.Tensor], specs: list[QuantSpec], act_mean: torch.Tensor,
-                 h: torch.Tensor, n_grid: int = N_GRID, batch: int = 5) -> tuple[torch.Tensor, float, float]:
+                 h: torch.Tensor, n_grid: int = N_GRID, batch: int = 5,
+                 exact_max_macs: int | None = None) -> tuple[torch.Tensor, float, float]:
     """Best per-channel scale for Linears sharing one input; returns (s, best error, error with s = 1)."""
     ws = [w.float() for w in weights]
+    in_f = h.shape[0]
+    group = min((sp.group_size or in_f) for sp in specs)
+    block = group if group < in_f else 128  # per-channel scales: blocks of 128 columns
+    limit = EXACT_MAX_MACS if exact_max_macs is None else exact_max_macs
+    blocked = sum(w.shape[0] for w in ws) * in_f * in_f > limit and in_f % block == 0
+    blocks = _diagonal_blocks(h, block) if blocked else None
+    batch = max(1, min(batch, BATCH_ELEMENTS // max(w.numel() for w in ws)))
     w_mean = _weight_salience(ws, specs).clamp(min=1e-4)
     x_mean = act_mean.float().clamp(min=1e-4)
     cands = [torch.ones_like(x_mean)]
@@ -73,7 +104,7 @@ def search_scale(weights: list[torch.Tensor], specs: list[QuantSpec], act_mean: 
         for w, spec in zip(ws, specs):
             scaled = w[None] * s[:, None, :]
             delta = fake_quantize(scaled, spec) / s[:, None, :] - w[None]
-            total += _output_error(delta, h)
+            total += _block_output_error(delta, blocks) if blocked else _output_error(delta, h)
         return total
 
     best, errs = best_scale(cands, errors, batch)
@@ -87,8 +118,7 @@ def search_clip(weight: torch.Tensor, spec: QuantSpec, h: torch.Tensor, n_grid: 
     out_f, in_f = w.shape
     gs = in_f if spec.group_size is None else spec.group_size
     n_groups = in_f // gs
-    idx = torch.arange(n_groups)
-    h_blocks = h.reshape(n_groups, gs, n_groups, gs)[idx, :, idx, :]  # (G, gs, gs) diagonal blocks
+    h_blocks = _diagonal_blocks(h, gs)
     ratios = [1.0 - i / n_grid for i in range(int(n_grid * max_shrink))]
     best_err = torch.full((out_f, n_groups), float("inf"))
     best_ratio = torch.ones(out_f, n_groups)
