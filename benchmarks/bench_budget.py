@@ -190,7 +190,7 @@ def stage_match(work: Path, chunks: int, calib_chunks: int, mixes: list[str], bu
             f"matrix from wikitext-2 valid ({calib_chunks} windows of 512; slimlm's `imatrix` written as llama.cpp's "
             "GGUF imatrix file, since llama-cpp-python ships no llama-imatrix tool). slimlm: `quantize HF_DIR "
             f"--target-bpw B --imatrix (same file) --calib wikitext-2 valid --budget-windows {budgets.windows}"
-            f"{' --per-layer' if budgets.per_layer else ''}`"
+            f"{'' if budgets.per_layer else ' --per-kind'}`"
             + (f" choosing among every candidate type except {', '.join(budgets.exclude)}" if budgets.exclude else "")
             + " with B the largest 4-decimal value whose file is no larger "
             f"than llama.cpp's. KLD vs the fp32 model on wikitext-2 test, ctx 512, {chunks} windows, slimlm's "
@@ -308,7 +308,8 @@ def main() -> None:
     ap.add_argument("--iq-mixes", default=",".join(IQ_MIXES))
     ap.add_argument("--no-iq-kld", action="store_true", help="iquants: hashes only")
     ap.add_argument("--budget-windows", type=int, default=4)
-    ap.add_argument("--per-layer", action="store_true")
+    ap.add_argument("--per-kind", dest="per_layer", action="store_false",
+                    help="one measured scale per tensor kind (the default measures every tensor)")
     ap.add_argument("--covariance", action="store_true",
                     help="price each Linear's error under its input covariance, not the imatrix diagonal")
     ap.add_argument("--exclude-types", default="", help="candidate types the budget mixes may not use (ablation)")

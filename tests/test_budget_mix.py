@@ -250,3 +250,19 @@ def test_sensitivity_with_covariance_prices_every_linear(tiny_wide: tuple[Path, 
     # priced wherever the probe moved the KLD (a tiny random model's q/k probes may not)
     assert all(min(costs_b[n]) >= 0 and (max(costs_b[n]) > 0) == (max(v) > 0) for n, v in costs_a.items())
     assert costs_a != costs_b
+
+
+def test_pricing_caps_massive_channels_but_rounding_keeps_the_imatrix() -> None:
+    """One channel holding nearly all the importance (a massive activation) weighs PRICE_CAP median channels in
+    the price, while the rounding priced is still the one llama.cpp makes with the whole imatrix."""
+    from slimlm.quantize.budget import PRICE_CAP, dequantized, pricing_weights, weighted_error
+
+    rng = np.random.default_rng(1)
+    w = rng.normal(size=(8, 256)).astype(np.float32)
+    imp = rng.uniform(0.5, 1.5, size=256).astype(np.float32)
+    imp[3] = 1e6
+    p = pricing_weights(imp)
+    assert p[3] == pytest.approx(PRICE_CAP * np.median(imp)) and np.array_equal(np.delete(p, 3), np.delete(imp, 3))
+    delta = w.astype(np.float64) - dequantized(w, T.Q4_K, imp)
+    assert weighted_error(w, T.Q4_K, imp, 8) == pytest.approx(float((delta ** 2 * p).sum()), rel=1e-9)
+    assert not np.array_equal(dequantized(w, T.Q4_K, imp), dequantized(w, T.Q4_K, p.astype(np.float32)))

@@ -5,10 +5,15 @@ llama.cpp's mixes (Q4_K_M, ...) give every model the same per-tensor rules. Here
 llama.cpp runs is measured instead:
 
 1. *Error*: the importance-weighted squared error of the tensor's own rows quantized to each candidate type with
-   the imatrix, ``E(t, q) = sum_rows sum_j imp_j (w_ij - q(w)_ij)^2`` (the energy of the output perturbation
-   ``E||dW x||^2`` under llama.cpp's diagonal importance), on a sample of rows.
-2. *Scale*: how much of that error reaches the logits depends on where the tensor sits. For each group (a tensor
-   kind such as ``attn_v``, or with ``per_layer`` each tensor) the group is moved to a probe type in a torch copy of
+   the imatrix, ``E(t, q) = sum_rows sum_j p_j (w_ij - q(w)_ij)^2`` (the energy of the output perturbation
+   ``E||dW x||^2`` under a diagonal importance), on a sample of rows. The pricing weight ``p_j`` is the imatrix
+   capped at ``PRICE_CAP`` times the tensor's median channel (the quantizers still get the whole imatrix): where
+   a few "massive activation" channels hold most of the importance, the uncapped sum is the error of those few
+   columns alone and ranks types against their measured KLD (seeded-noise SmolLM2, blk.11.ffn_down, 88% of its
+   importance in one channel: Q2_K priced at 1/47 of IQ3_S, measured 2.5x its KLD; BENCHMARKS.md).
+2. *Scale*: how much of that error reaches the logits depends on where the tensor sits. For each group (each
+   tensor with ``per_layer``, the default; else a tensor kind such as ``attn_v``, about 4x faster but blind to the
+   few layers whose ffn_down carries massive activations) the group is moved to a probe type in a torch copy of
    the model and the KL divergence against the unquantized model is measured on a few calibration windows:
    ``alpha_g = KLD_g / sum_{t in g} E(t, probe)``; the cost of a choice is ``alpha_g * E(t, q)``.
 3. *Allocation*: multiple-choice knapsack by marginal cost per byte on each tensor's lower convex hull (start
@@ -37,6 +42,7 @@ from slimlm.formats import gguf_mix
 log = logging.getLogger(__name__)
 
 PROBE_BPW = 3.5  # the bits per weight of the type a group is moved to when its scale is measured
+PRICE_CAP = 10.0  # a channel weighs at most this many median channels in the pricing error (module docstring)
 
 # The mix name written as general.file_type for a budget file: the one its most common quantized type heads.
 _FTYPE_OF_TYPE = {T.Q3_K: "Q3_K_M", T.Q4_K: "Q4_K_M", T.Q5_K: "Q5_K_M", T.IQ2_S: "IQ2_M", T.IQ3_S: "IQ3_S"}
@@ -189,8 +195,9 @@ def _lower_hull(options: Sequence[Option]) -> list[Option]:
 
 def weighted_error(w: np.ndarray, qtype: T, importance: np.ndarray | None, rows: int,
                    gram: np.ndarray | None = None) -> float:
-    """sum imp_j (w - q(w))^2 over the tensor, estimated from ``rows`` evenly spaced rows (scaled to all); with
-    ``gram`` (the input's mean x xᵀ) the output error itself, sum_rows Δ H Δᵀ, cross-channel terms included."""
+    """sum p_j (w - q(w))^2 over the tensor (p: :func:`pricing_weights`; ``importance`` still guides the
+    rounding), estimated from ``rows`` evenly spaced rows (scaled to all); with ``gram`` (the input's mean x xᵀ)
+    the output error itself, sum_rows Δ H Δᵀ, cross-channel terms included."""
     from slimlm.formats import ggml
 
     if qtype == T.F16:
@@ -204,7 +211,13 @@ def weighted_error(w: np.ndarray, qtype: T, importance: np.ndarray | None, rows:
     delta = sub.astype(np.float64) - deq
     if gram is not None:
         return float(((delta @ gram.astype(np.float64)) * delta).sum() * scale)
-    return float((delta ** 2 * (1.0 if importance is None else importance.astype(np.float64))).sum() * scale)
+    return float((delta ** 2 * (1.0 if importance is None else pricing_weights(importance))).sum() * scale)
+
+
+def pricing_weights(importance: np.ndarray) -> np.ndarray:
+    """The imatrix with every channel capped at PRICE_CAP x the median channel (float64)."""
+    imp = importance.astype(np.float64)
+    return np.minimum(imp, PRICE_CAP * float(np.median(imp)))
 
 
 def dequantized(w: np.ndarray, qtype: T, importance: np.ndarray | None) -> np.ndarray:
@@ -258,7 +271,7 @@ class WindowKld:
 
 def measure(model_path: Path, calib: Path, tensors: Sequence[gguf_mix.PlanTensor],
             importance_of: Callable[[str], np.ndarray | None], *, windows: int = 4, ctx: int = 512, rows: int = 128,
-            per_layer: bool = False, types: Sequence[T] = gguf_mix.BUDGET_CANDIDATES,
+            per_layer: bool = True, types: Sequence[T] = gguf_mix.BUDGET_CANDIDATES,
             progress: Callable[[int, int, str], None] | None = None, covariance: bool = False) -> Sensitivity:
     """Each tensor's cost per candidate type: its weighted error scaled by its group's measured KLD per unit of
     error (module docstring). The torch model is ``model_path`` in float32; ``tensors`` are the quantizable ones
@@ -358,7 +371,7 @@ def file_type_name(plan: Mapping[str, T], sizes: Mapping[str, int]) -> str:
 
 def plan_budget(source, infos: Sequence[gguf_mix.PlanTensor], budget: Budget, calib: Path,
                 importance_of: Callable[[str], np.ndarray | None], *,
-                windows: int = 4, per_layer: bool = False, types: Sequence[T] = gguf_mix.BUDGET_CANDIDATES,
+                windows: int = 4, per_layer: bool = True, types: Sequence[T] = gguf_mix.BUDGET_CANDIDATES,
                 progress: Callable[[int, int, str], None] | None = None, sensitivity: Sensitivity | None = None,
                 covariance: bool = False) -> tuple[dict[str, T], Sensitivity, int]:
     """The budget mix for a ``quantize.sources.ModelSource``: (type per tensor, what was measured, the tensor-data

@@ -118,7 +118,7 @@ def quantize_gguf(model: str | Path | ModelSource, to: str, out: str | Path | No
                   overwrite: bool = False, progress: Progress | None = None, method: str = "llama.cpp",
                   hessians: dict[str, np.ndarray] | None = None, gptq_damp: float = 0.01,
                   hessian_chunks: int | None = 32, encoder: Encoder | None = None, budget: Budget | None = None,
-                  budget_windows: int = 4, per_layer: bool = False, sensitivity: Any = None,
+                  budget_windows: int = 4, per_layer: bool = True, sensitivity: Any = None,
                   budget_types: Sequence[T] | None = None, budget_covariance: bool = False) -> GGUFResult:
     """Write ``model`` (HF dir, GGUF, or an opened ModelSource) as a GGUF of mix ``to`` (Q4_K_M, Q8_0, ...).
 
@@ -130,8 +130,8 @@ def quantize_gguf(model: str | Path | ModelSource, to: str, out: str | Path | No
     calibration: the plan assumes an imatrix when one is asked for.
 
     ``budget`` (quantize.budget.Budget) makes a budget mix instead of ``to``: a type per tensor chosen from measured
-    sensitivities (``budget_windows`` windows of ``calib``; one scale per tensor with ``per_layer``, else per
-    tensor kind) to fit the budget exactly. It needs ``calib``; ``imatrix`` (else collected from ``calib``) weights
+    sensitivities (``budget_windows`` windows of ``calib``; one scale per tensor with ``per_layer``, the
+    default, else per tensor kind) to fit the budget exactly. It needs ``calib``; ``imatrix`` (else collected from ``calib``) weights
     the errors and the encoding; ``sensitivity`` (quantize.budget.Sensitivity) reuses a measurement;
     ``budget_types`` narrows the candidate types (default formats.gguf_mix.BUDGET_CANDIDATES);
     ``budget_covariance`` prices each Linear's error under its input covariance (quantize.budget.measure)."""
