@@ -124,8 +124,8 @@ class Budgets:
                           overwrite=True)
         if self.sens is None:
             self.sens = r.budget["sensitivity"]
-            self.sens_path.write_bytes(pickle.dumps(self.sens))
             self.seconds = time.perf_counter() - start
+        self.sens_path.write_bytes(pickle.dumps(self.sens))  # with the verification's measurements so far
         info = r.to_dict()
         info["quantize_seconds"] = time.perf_counter() - start
         meta.write_text(json.dumps(info))

@@ -266,3 +266,35 @@ def test_pricing_caps_massive_channels_but_rounding_keeps_the_imatrix() -> None:
     delta = w.astype(np.float64) - dequantized(w, T.Q4_K, imp)
     assert weighted_error(w, T.Q4_K, imp, 8) == pytest.approx(float((delta ** 2 * p).sum()), rel=1e-9)
     assert not np.array_equal(dequantized(w, T.Q4_K, imp), dequantized(w, T.Q4_K, p.astype(np.float32)))
+
+
+def test_verification_measures_what_the_allocation_picks_for_concentrated_tensors(tiny_wide: tuple[Path, Path]
+                                                                                  ) -> None:
+    """A tensor with one massive input channel gets its chosen type measured directly; the measurement replaces its
+    price (equal to moving that tensor alone), and the final plan is the allocation under those prices."""
+    from slimlm.quantize import budget
+    from slimlm.quantize.gguf import plan_tensors
+    from slimlm.quantize.sources import open_source
+
+    src, calib = tiny_wide
+    infos = [t for t in plan_tensors(open_source(src)) if t.name.startswith("blk.") and len(t.shape) == 2]
+    massive = "blk.0.ffn_down.weight"
+    imp = {t.name: np.ones(t.shape[-1], np.float32) for t in infos}
+    imp[massive][5] = 1e4
+
+    def importance_of(name):
+        return imp[name]
+
+    assert budget.concentration(imp[massive]) > budget.CONCENTRATED > budget.concentration(imp[infos[0].name])
+    sens = budget.measure(src, calib, infos, importance_of, windows=2)
+    lo, hi = budget_bytes_range(infos, budget.gguf_mix.BUDGET_CANDIDATES, lambda n: True)
+    allowed = (lo + hi) // 2
+    types = set(budget.gguf_mix.BUDGET_CANDIDATES)
+    plan = budget.verified_allocation(sens, types, allowed, src, calib, importance_of)
+    assert set(sens.measured) == {massive} and plan[massive] in sens.measured[massive]
+    assert plan == budget.allocate(sens.options(types), allowed)
+    q = next(iter(sens.measured[massive]))
+    prober = budget._Prober(src, calib, 2)
+    w = prober.weights[massive].detach().float().numpy()
+    again = prober.kld_at({massive: budget.dequantized(w, q, imp[massive])})
+    assert sens.measured[massive][q] == pytest.approx(again, rel=1e-6, abs=1e-9)

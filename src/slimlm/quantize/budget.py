@@ -19,6 +19,12 @@ llama.cpp runs is measured instead:
 3. *Allocation*: multiple-choice knapsack by marginal cost per byte on each tensor's lower convex hull (start
    everything at its cheapest type, repeatedly take the upgrade that removes most cost per added byte while it
    fits), which is optimal for the convex relaxation and within one upgrade of the exact optimum.
+4. *Verification*: a tensor whose top input channel holds over ``CONCENTRATED`` of its importance (a massive
+   activation) is priced badly by any diagonal weight for some types (Q4_0, Q5_0, Q8_0 lose that column in ways
+   its share of the error does not rank). Its chosen type is measured directly (the tensor alone at that type,
+   KLD on the same windows), the price replaced by the measurement, and the allocation rerun, until every such
+   tensor's choice is measured or ``VERIFY_ROUNDS`` pass. An underpriced type is exactly one the allocation
+   picks, so this finds the errors that matter.
 
 Candidates are the types whose block divides the tensor's row length (a 576-wide row takes only 32-wide types,
 exactly llama.cpp's fallback rule); tensors llama.cpp never quantizes keep their type.
@@ -43,6 +49,8 @@ log = logging.getLogger(__name__)
 
 PROBE_BPW = 3.5  # the bits per weight of the type a group is moved to when its scale is measured
 PRICE_CAP = 10.0  # a channel weighs at most this many median channels in the pricing error (module docstring)
+CONCENTRATED = 0.5  # top channel's share of a tensor's importance above which its choices are verified
+VERIFY_ROUNDS = 4
 
 # The mix name written as general.file_type for a budget file: the one its most common quantized type heads.
 _FTYPE_OF_TYPE = {T.Q3_K: "Q3_K_M", T.Q4_K: "Q4_K_M", T.Q5_K: "Q5_K_M", T.IQ2_S: "IQ2_M", T.IQ3_S: "IQ3_S"}
@@ -102,6 +110,14 @@ class Sensitivity:
     tensors: list[TensorOptions]
     group_kld: dict[str, float] = field(default_factory=dict)
     windows: int = 0
+    #: {tensor: {type: KLD with that tensor alone at that type}}: the verification's direct measurements
+    measured: dict[str, dict[T, float]] = field(default_factory=dict)
+
+    def options(self, types: set[T]) -> list[TensorOptions]:
+        """Every tensor's options among ``types``, a direct measurement replacing the price where there is one."""
+        got = getattr(self, "measured", {})  # (sensitivities saved before verification existed lack the field)
+        return [TensorOptions(t.name, [Option(o.qtype, o.bytes, got.get(t.name, {}).get(o.qtype, o.cost))
+                                       for o in t.options if o.qtype in types]) for t in self.tensors]
 
 
 def group_of(name: str, per_layer: bool) -> str:
@@ -269,6 +285,39 @@ class WindowKld:
         return float((r.exp() * (r - lp)).sum(-1).mean())
 
 
+class _Prober:
+    """The float32 torch model, its calibration-window KLD and its weights by GGUF name: moves one tensor (or a
+    group) to a type, measures, restores."""
+
+    def __init__(self, model_path: Path, calib: Path, windows: int, ctx: int = 512,
+                 grams_of: Callable[[object], dict[str, str]] | None = None) -> None:
+        from slimlm.models import load_model
+
+        model, tokenizer, _ = load_model(model_path)
+        if tokenizer is None:
+            raise SlimlmError(f"{model_path} has no usable tokenizer for the calibration text")
+        self.model = model.float().eval()
+        self.weights = _weights_by_gguf_name(self.model)
+        self.kld = WindowKld(self.model, tokenizer, calib, windows, ctx, grams_of(self.model) if grams_of else None)
+
+    def kld_at(self, moves: dict[str, np.ndarray]) -> float:
+        """KLD with each named tensor replaced by the given values, the others as they are."""
+        import torch
+
+        originals = []
+        with torch.no_grad():
+            for name, values in moves.items():
+                p = self.weights[name]
+                originals.append((p, p.detach().clone()))
+                p.copy_(torch.from_numpy(values))
+        try:
+            return max(self.kld(), 0.0)
+        finally:
+            with torch.no_grad():
+                for p, orig in originals:
+                    p.copy_(orig)
+
+
 def measure(model_path: Path, calib: Path, tensors: Sequence[gguf_mix.PlanTensor],
             importance_of: Callable[[str], np.ndarray | None], *, windows: int = 4, ctx: int = 512, rows: int = 128,
             per_layer: bool = True, types: Sequence[T] = gguf_mix.BUDGET_CANDIDATES,
@@ -279,26 +328,18 @@ def measure(model_path: Path, calib: Path, tensors: Sequence[gguf_mix.PlanTensor
     quantize independently, so the HF weight gives the same error). ``covariance``: a Linear's error is its output
     error under the calibration windows' input covariance, not the imatrix diagonal (off by default: on seeded-noise
     SmolLM2 it misprices ffn_down more, not less; BENCHMARKS.md)."""
-    import torch
+    def grams_of(model) -> dict[str, str]:
+        from slimlm.quantize.imatrix import linear_gguf_names
 
-    from slimlm.models import load_model
+        wanted = {t.name for t in tensors}
+        return {m: g + ".weight" for m, g in linear_gguf_names(model).items() if g + ".weight" in wanted}
 
-    model, tokenizer, _ = load_model(model_path)
-    if tokenizer is None:
-        raise SlimlmError(f"{model_path} has no usable tokenizer for the calibration text")
-    model = model.float().eval()
-    weights = _weights_by_gguf_name(model)
+    prober = _Prober(model_path, calib, windows, ctx, grams_of if covariance else None)
+    weights, kld = prober.weights, prober.kld
     missing = [t.name for t in tensors if t.name not in weights]
     if missing:
         raise SlimlmError(f"budget mixes cannot measure {missing[0]} (and {len(missing) - 1} more): only dense "
                           "decoder models whose matrices are torch Linear/Embedding weights are supported")
-    grams_of = {}
-    if covariance:
-        from slimlm.quantize.imatrix import linear_gguf_names
-
-        wanted = {t.name for t in tensors}
-        grams_of = {m: g + ".weight" for m, g in linear_gguf_names(model).items() if g + ".weight" in wanted}
-    kld = WindowKld(model, tokenizer, calib, windows, ctx, grams_of)
 
     groups: dict[str, list[gguf_mix.PlanTensor]] = {}
     for t in tensors:
@@ -310,25 +351,19 @@ def measure(model_path: Path, calib: Path, tensors: Sequence[gguf_mix.PlanTensor
     done, total = 0, len(tensors) + len(groups)
     for g, members in groups.items():
         probe_err = 0.0
-        originals = []
+        moves = {}
         for t in members:
-            w_param = weights[t.name]
-            w = w_param.detach().float().numpy()
+            w = weights[t.name].detach().float().numpy()
             imp = importance_of(t.name)
             gram = kld.grams.pop(t.name, None)
             errors[t.name] = {q: weighted_error(w, q, imp, rows, gram) for q in cands[t.name]}
             probe = _probe(cands[t.name])
             probe_err += errors[t.name][probe]
-            originals.append((w_param, w_param.detach().clone()))
-            with torch.no_grad():
-                w_param.copy_(torch.from_numpy(dequantized(w, probe, imp)))
+            moves[t.name] = dequantized(w, probe, imp)
             done += 1
             if progress:
                 progress(done, total, t.name)
-        group_kld[g] = max(kld(), 0.0)
-        with torch.no_grad():
-            for p, orig in originals:
-                p.copy_(orig)
+        group_kld[g] = prober.kld_at(moves)
         alpha[g] = group_kld[g] / probe_err if probe_err > 0 else 0.0
         done += 1
         if progress:
@@ -392,6 +427,41 @@ def plan_budget(source, infos: Sequence[gguf_mix.PlanTensor], budget: Budget, ca
                           f"({smallest * 8 / max(sum(t.n_elements for t in quantizable), 1):.2f} bits/weight)")
     sens = sensitivity or measure(source.path, calib, quantizable, importance_of, windows=windows,
                                   per_layer=per_layer, types=types, progress=progress, covariance=covariance)
-    allowed_types = set(types)
-    options = [TensorOptions(t.name, [o for o in t.options if o.qtype in allowed_types]) for t in sens.tensors]
-    return {**kept, **allocate(options, allowed)}, sens, allowed + fixed
+    plan = verified_allocation(sens, set(types), allowed, source.path, calib, importance_of, progress)
+    return {**kept, **plan}, sens, allowed + fixed
+
+
+def concentration(importance: np.ndarray | None) -> float:
+    """The top input channel's share of a tensor's importance (0 without one)."""
+    if importance is None or np.ndim(importance) != 1 or not np.any(importance > 0):
+        return 0.0
+    imp = importance.astype(np.float64)
+    return float(imp.max() / imp.sum())
+
+
+def verified_allocation(sens: Sensitivity, types: set[T], allowed: int, model_path: Path, calib: Path,
+                        importance_of: Callable[[str], np.ndarray | None],
+                        progress: Callable[[int, int, str], None] | None = None,
+                        rounds: int = VERIFY_ROUNDS) -> dict[str, T]:
+    """Allocate, then measure the chosen type of every concentrated tensor directly and reallocate (module
+    docstring, step 4); the measurements are kept in ``sens.measured`` for the next budget."""
+    if getattr(sens, "measured", None) is None:
+        sens.measured = {}
+    watched = [t.name for t in sens.tensors if concentration(importance_of(t.name)) > CONCENTRATED]
+    plan = allocate(sens.options(types), allowed)
+    prober = None
+    for r in range(rounds):
+        todo = [n for n in watched if plan[n] != T.F16 and plan[n] not in sens.measured.get(n, {})]
+        if not todo:
+            break
+        if prober is None:
+            prober = _Prober(model_path, calib, sens.windows or 4)
+        for i, name in enumerate(todo):
+            w = prober.weights[name].detach().float().numpy()
+            sens.measured.setdefault(name, {})[plan[name]] = prober.kld_at(
+                {name: dequantized(w, plan[name], importance_of(name))})
+            if progress:
+                progress(i + 1, len(todo), f"verifying {name} at {plan[name].name} (round {r + 1})")
+        log.info("budget: verified %d concentrated tensors' choices (round %d)", len(todo), r + 1)
+        plan = allocate(sens.options(types), allowed)
+    return plan
