@@ -101,8 +101,10 @@ def test_awq_blocked_metric_is_the_exact_one_without_cross_group_terms():
     s, err, err_unscaled = search_scale([w], [spec], x.abs().mean(0), h, exact_max_macs=0)
     assert err <= err_unscaled
     exact = search_scale([w], [spec], x.abs().mean(0), h)[0]
+    def scored(sc: torch.Tensor) -> float:  # exact output error of rounding with scale sc
+        return float(_output_error((quantize_weight(w * sc, spec).dequantize() / sc - w)[None], h))
+
     # the blocked search's choice, scored exactly, is no worse than unscaled rounding
-    scored = lambda sc: float(_output_error((quantize_weight(w * sc, spec).dequantize() / sc - w)[None], h))  # noqa: E731
     assert scored(s) <= scored(torch.ones(128)) and scored(exact) <= scored(torch.ones(128))
 
 

@@ -61,7 +61,7 @@ def _diagonal_blocks(h: torch.Tensor, group: int) -> torch.Tensor:
 
 def _block_output_error(delta: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
     """``Σ_g Δ_g H_gg Δ_gᵀ`` for a batch of ΔW (B, out, in): the output error without cross-group terms."""
-    b, out_f, in_f = delta.shape
+    b, out_f, _ = delta.shape
     n, gs = blocks.shape[0], blocks.shape[1]
     d = delta.reshape(b * out_f, n, gs).transpose(0, 1)  # (G, B·out, gs)
     return (torch.bmm(d, blocks) * d).sum(dim=(0, 2)).reshape(b, out_f).sum(-1)
