@@ -290,7 +290,8 @@ def test_verification_measures_what_the_allocation_picks_for_concentrated_tensor
     lo, hi = budget_bytes_range(infos, budget.gguf_mix.BUDGET_CANDIDATES, lambda n: True)
     allowed = (lo + hi) // 2
     types = set(budget.gguf_mix.BUDGET_CANDIDATES)
-    plan = budget.verified_allocation(sens, types, allowed, src, calib, importance_of)
+    used = budget._Prober(src, calib, 2)
+    plan = budget.verified_allocation(sens, types, allowed, lambda: used, importance_of)
     assert set(sens.measured) == {massive} and plan[massive] in sens.measured[massive]
     assert plan == budget.allocate(sens.options(types), allowed)
     q = next(iter(sens.measured[massive]))

@@ -68,7 +68,7 @@ def quantize(
     budget_windows: int = typer.Option(4, "--budget-windows", rich_help_panel=_BUDGET, help=(
         "512-token windows of --calib on which each tensor group's effect on the output (KLD) is measured.")),
     per_layer: bool = typer.Option(True, "--per-layer/--per-kind", rich_help_panel=_BUDGET, help=(
-        "Measure every tensor's effect on its own (default), or one scale per tensor kind (about 4x faster, "
+        "Measure every tensor's effect on its own (default), or one scale per tensor kind (faster, "
         "coarser: massive-activation layers get mispriced).")),
     # --- compressed-tensors schemes (W4A16/W8A16/W8A8): see slimlm/cli/scheme_quantize.py ---
     scheme: Optional[str] = typer.Option(None, "--scheme", rich_help_panel=_CT, help=(

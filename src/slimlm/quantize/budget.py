@@ -12,7 +12,7 @@ llama.cpp runs is measured instead:
    columns alone and ranks types against their measured KLD (seeded-noise SmolLM2, blk.11.ffn_down, 88% of its
    importance in one channel: Q2_K priced at 1/47 of IQ3_S, measured 2.5x its KLD; BENCHMARKS.md).
 2. *Scale*: how much of that error reaches the logits depends on where the tensor sits. For each group (each
-   tensor with ``per_layer``, the default; else a tensor kind such as ``attn_v``, about 4x faster but blind to the
+   tensor with ``per_layer``, the default; else a tensor kind such as ``attn_v``, faster but blind to the
    few layers whose ffn_down carries massive activations) the group is moved to a probe type in a torch copy of
    the model and the KL divergence against the unquantized model is measured on a few calibration windows:
    ``alpha_g = KLD_g / sum_{t in g} E(t, probe)``; the cost of a choice is ``alpha_g * E(t, q)``.
@@ -115,8 +115,7 @@ class Sensitivity:
 
     def options(self, types: set[T]) -> list[TensorOptions]:
         """Every tensor's options among ``types``, a direct measurement replacing the price where there is one."""
-        got = getattr(self, "measured", {})  # (sensitivities saved before verification existed lack the field)
-        return [TensorOptions(t.name, [Option(o.qtype, o.bytes, got.get(t.name, {}).get(o.qtype, o.cost))
+        return [TensorOptions(t.name, [Option(o.qtype, o.bytes, self.measured.get(t.name, {}).get(o.qtype, o.cost))
                                        for o in t.options if o.qtype in types]) for t in self.tensors]
 
 
@@ -318,23 +317,30 @@ class _Prober:
                     p.copy_(orig)
 
 
-def measure(model_path: Path, calib: Path, tensors: Sequence[gguf_mix.PlanTensor],
-            importance_of: Callable[[str], np.ndarray | None], *, windows: int = 4, ctx: int = 512, rows: int = 128,
-            per_layer: bool = True, types: Sequence[T] = gguf_mix.BUDGET_CANDIDATES,
-            progress: Callable[[int, int, str], None] | None = None, covariance: bool = False) -> Sensitivity:
-    """Each tensor's cost per candidate type: its weighted error scaled by its group's measured KLD per unit of
-    error (module docstring). The torch model is ``model_path`` in float32; ``tensors`` are the quantizable ones
-    under their GGUF names (rows as llama.cpp stores them; the Q/K rope permutation moves whole rows, which
-    quantize independently, so the HF weight gives the same error). ``covariance``: a Linear's error is its output
-    error under the calibration windows' input covariance, not the imatrix diagonal (off by default: on seeded-noise
-    SmolLM2 it misprices ffn_down more, not less; BENCHMARKS.md)."""
+def _grams_for(tensors: Sequence[gguf_mix.PlanTensor]) -> Callable[[object], dict[str, str]]:
+    """{Linear module name: GGUF name} of a model's Linears among ``tensors``: whose input covariance to gather."""
     def grams_of(model) -> dict[str, str]:
         from slimlm.quantize.imatrix import linear_gguf_names
 
         wanted = {t.name for t in tensors}
         return {m: g + ".weight" for m, g in linear_gguf_names(model).items() if g + ".weight" in wanted}
 
-    prober = _Prober(model_path, calib, windows, ctx, grams_of if covariance else None)
+    return grams_of
+
+
+def measure(model_path: Path, calib: Path, tensors: Sequence[gguf_mix.PlanTensor],
+            importance_of: Callable[[str], np.ndarray | None], *, windows: int = 4, ctx: int = 512, rows: int = 128,
+            per_layer: bool = True, types: Sequence[T] = gguf_mix.BUDGET_CANDIDATES,
+            progress: Callable[[int, int, str], None] | None = None, covariance: bool = False,
+            prober: _Prober | None = None) -> Sensitivity:
+    """Each tensor's cost per candidate type: its weighted error scaled by its group's measured KLD per unit of
+    error (module docstring). The torch model is ``model_path`` in float32; ``tensors`` are the quantizable ones
+    under their GGUF names (rows as llama.cpp stores them; the Q/K rope permutation moves whole rows, which
+    quantize independently, so the HF weight gives the same error). ``covariance``: a Linear's error is its output
+    error under the calibration windows' input covariance, not the imatrix diagonal (off by default: on seeded-noise
+    SmolLM2 it misprices ffn_down more, not less; BENCHMARKS.md). ``prober``: the loaded model to measure on
+    (plan_budget shares it with the verification), built here when not given."""
+    prober = prober or _Prober(model_path, calib, windows, ctx, _grams_for(tensors) if covariance else None)
     weights, kld = prober.weights, prober.kld
     missing = [t.name for t in tensors if t.name not in weights]
     if missing:
@@ -425,9 +431,18 @@ def plan_budget(source, infos: Sequence[gguf_mix.PlanTensor], budget: Budget, ca
         raise SlimlmError(f"{budget.describe()} leaves {format_bytes(max(allowed, 0))} for the quantized tensors; "
                           f"the smallest types llama.cpp runs need {format_bytes(smallest)} "
                           f"({smallest * 8 / max(sum(t.n_elements for t in quantizable), 1):.2f} bits/weight)")
+    probers: list[_Prober] = []  # the model is loaded once, for the measurement and the verification alike
+
+    def prober() -> _Prober:
+        if not probers:
+            probers.append(_Prober(source.path, calib, sensitivity.windows if sensitivity else windows, 512,
+                                   _grams_for(quantizable) if covariance and sensitivity is None else None))
+        return probers[0]
+
     sens = sensitivity or measure(source.path, calib, quantizable, importance_of, windows=windows,
-                                  per_layer=per_layer, types=types, progress=progress, covariance=covariance)
-    plan = verified_allocation(sens, set(types), allowed, source.path, calib, importance_of, progress)
+                                  per_layer=per_layer, types=types, progress=progress, covariance=covariance,
+                                  prober=prober())
+    plan = verified_allocation(sens, set(types), allowed, prober, importance_of, progress)
     return {**kept, **plan}, sens, allowed + fixed
 
 
@@ -439,26 +454,24 @@ def concentration(importance: np.ndarray | None) -> float:
     return float(imp.max() / imp.sum())
 
 
-def verified_allocation(sens: Sensitivity, types: set[T], allowed: int, model_path: Path, calib: Path,
+def verified_allocation(sens: Sensitivity, types: set[T], allowed: int, prober: Callable[[], _Prober],
                         importance_of: Callable[[str], np.ndarray | None],
                         progress: Callable[[int, int, str], None] | None = None,
                         rounds: int = VERIFY_ROUNDS) -> dict[str, T]:
     """Allocate, then measure the chosen type of every concentrated tensor directly and reallocate (module
-    docstring, step 4); the measurements are kept in ``sens.measured`` for the next budget."""
-    if getattr(sens, "measured", None) is None:
+    docstring, step 4); the measurements are kept in ``sens.measured`` for the next budget. ``prober()`` gives the
+    loaded model, called only when something needs measuring."""
+    if getattr(sens, "measured", None) is None:  # a sensitivity saved before verification existed
         sens.measured = {}
     watched = [t.name for t in sens.tensors if concentration(importance_of(t.name)) > CONCENTRATED]
     plan = allocate(sens.options(types), allowed)
-    prober = None
     for r in range(rounds):
         todo = [n for n in watched if plan[n] != T.F16 and plan[n] not in sens.measured.get(n, {})]
         if not todo:
             break
-        if prober is None:
-            prober = _Prober(model_path, calib, sens.windows or 4)
         for i, name in enumerate(todo):
-            w = prober.weights[name].detach().float().numpy()
-            sens.measured.setdefault(name, {})[plan[name]] = prober.kld_at(
+            w = prober().weights[name].detach().float().numpy()
+            sens.measured.setdefault(name, {})[plan[name]] = prober().kld_at(
                 {name: dequantized(w, plan[name], importance_of(name))})
             if progress:
                 progress(i + 1, len(todo), f"verifying {name} at {plan[name].name} (round {r + 1})")
