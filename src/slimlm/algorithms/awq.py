@@ -6,8 +6,8 @@ the float outputs, scored by the exact output error ``tr(ΔW H ΔWᵀ)``, ``H = 
 fake quantization, then a per-group clip ratio (AutoAWQ's ``auto_clip``) for all but q/k; the GGUF tensor stream
 (:func:`equalization_plan`) searches ``s = E[x²]^(α/2)`` under llama.cpp's encoder round trip.
 
-At real width the exact metric costs ``out·in²`` per grid point (21 points of one 7B down_proj: ~27 TFLOP): a pair whose
-Linears would cost more than ``EXACT_MAX_MACS`` is scored with the diagonal ``group×group`` blocks of ``H`` (the
+At real width the exact metric costs ``out·in²`` per grid point (21 points of one 7B down_proj: ~27 TFLOP): a
+pair whose Linears would cost more than ``EXACT_MAX_MACS`` is scored with the diagonal ``group×group`` blocks of ``H`` (the
 clip search's metric; cross-group terms dropped), ``out·in·group`` per grid point."""
 
 from __future__ import annotations
