@@ -108,6 +108,58 @@ def test_awq_blocked_metric_is_the_exact_one_without_cross_group_terms():
     assert scored(s) <= scored(torch.ones(128)) and scored(exact) <= scored(torch.ones(128))
 
 
+def test_awq_gathers_only_the_blocks_it_reads_and_rescales_them_like_the_whole_gram():
+    """A blocked input keeps only H's diagonal blocks: equal to the whole Gram's blocks, before and after
+    smoothing's rescale, and the scale search scores them as it scores the blocks cut from the whole H."""
+    from slimlm.algorithms.awq import _diagonal_blocks
+    from slimlm.algorithms.stats import InputStats
+
+    x = _correlated_inputs(512, 128, seed=6)
+    whole, blocks = InputStats.empty(128), InputStats.empty(128, block=32)
+    for part in x.split(200):
+        whole.add(part)
+        blocks.add(part)
+    assert blocks.gram.shape == (4, 32, 32)
+    torch.testing.assert_close(blocks.hessian, _diagonal_blocks(whole.hessian, 32))
+    s = torch.rand(128, generator=torch.Generator().manual_seed(7)) + 0.5
+    whole.rescale(s)
+    blocks.rescale(s)
+    torch.testing.assert_close(blocks.hessian, _diagonal_blocks(whole.hessian, 32))
+    w = torch.randn(64, 128, generator=torch.Generator().manual_seed(8))
+    spec = QuantSpec(4, 32, False)
+    a = search_scale([w], [spec], whole.abs_mean, whole.hessian, exact_max_macs=0)
+    b = search_scale([w], [spec], blocks.abs_mean, blocks.hessian)
+    assert torch.equal(a[0], b[0]) and a[1] == pytest.approx(b[1], rel=1e-5)
+    with pytest.raises(ValueError, match="blocks of 32"):
+        search_clip(w, QuantSpec(4, 64, False), blocks.hessian)
+
+
+def test_awq_row_sample_estimates_the_whole_error_and_chunks_change_nothing(monkeypatch):
+    """Above SEARCH_ELEMENTS the grid is scored on a seeded sample of rows: its scaled-up error is close to the
+    whole one and its choice still beats unscaled rounding; rounding in chunks of rows gives the same clips."""
+    import slimlm.algorithms.awq as awq
+
+    x = _correlated_inputs(1024, 128, seed=9)
+    h = x.T @ x / 1024
+    g = torch.Generator().manual_seed(10)
+    ws = [torch.randn(512, 128, generator=g), torch.randn(256, 128, generator=g)]
+    specs = [QuantSpec(4, 32, False)] * 2
+    s_all, err_all, rtn_all = search_scale(ws, specs, x.abs().mean(0), h)
+    s_few, err_few, rtn_few = search_scale(ws, specs, x.abs().mean(0), h, search_elements=96 * 128)
+    assert rtn_few == pytest.approx(rtn_all, rel=0.15) and err_few < rtn_few
+    assert not torch.equal(s_few, s_all) or err_few != err_all  # the sample really was smaller
+
+    def exact(sc: torch.Tensor) -> float:
+        return sum(float(awq._output_error((quantize_weight(w * sc, sp).dequantize() / sc - w)[None], h))
+                   for w, sp in zip(ws, specs))
+
+    assert exact(s_few) < exact(torch.ones(128))
+    whole = search_clip(ws[0], specs[0], h)
+    monkeypatch.setattr(awq, "CHUNK_ELEMENTS", 7 * 128)  # chunks of 7 rows, the last one short
+    assert torch.equal(search_clip(ws[0], specs[0], h), whole)
+    assert torch.equal(search_scale(ws, specs, x.abs().mean(0), h)[0], s_all)
+
+
 def _layer_and_inputs(tmp_path: Path):
     from transformers import AutoModelForCausalLM
 
@@ -183,3 +235,47 @@ def test_calibrated_methods_beat_rtn_on_a_tiny_model(tmp_path):
 
     rtn, awq, gptq, both = kld("rtn"), kld("awq"), kld("gptq"), kld("awq+gptq")
     assert awq < rtn and gptq < rtn and both < rtn
+
+
+def test_awq_at_real_width_settings_gathers_blocks_and_still_beats_rtn(tmp_path, monkeypatch):
+    """With every pair over the exact score's budget and sampled (what a 7B gets), the layer stream gathers H
+    only as group blocks for AWQ, whole for GPTQ, and AWQ still beats RTN."""
+    from transformers import AutoModelForCausalLM
+
+    import slimlm.algorithms.awq as awq
+    import slimlm.algorithms.stats as stats
+    from slimlm.writers.compressed_tensors import load_reference_model
+    from slimlm.quantize.layers import quantize_model
+
+    monkeypatch.setattr(awq, "EXACT_MAX_MACS", 0)
+    monkeypatch.setattr(awq, "SEARCH_ELEMENTS", 2 ** 13)
+    shapes: list[tuple[int, ...]] = []
+    real_empty = stats.InputStats.empty.__func__
+
+    def spy(cls, n, wanted=stats.Wanted(), block=None):
+        acc = real_empty(cls, n, wanted, block)
+        shapes.append(tuple(acc.gram.shape))
+        return acc
+
+    monkeypatch.setattr(stats.InputStats, "empty", classmethod(spy))
+    src = make_tiny_llama(tmp_path / "m", hidden=128, ffn=256, layers=2)
+    fp = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    calib = torch.randint(0, 256, (8, 64), generator=torch.Generator().manual_seed(0))
+    held_out = torch.randint(0, 256, (4, 64), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = torch.log_softmax(fp(held_out).logits, -1)
+
+    def kld(method):
+        out = tmp_path / method
+        quantize_model(src, out, scheme="w4a16", method=method, group_size=32, calib=calib)
+        with torch.no_grad():
+            lp = torch.log_softmax(load_reference_model(out)(held_out).logits, -1)
+        return float((ref.exp() * (ref - lp)).sum(-1).mean())
+
+    rtn = kld("rtn")
+    assert kld("awq") < rtn
+    # per layer: q/k/v, gate/up and down inputs in blocks of 32; o_proj has no pair under GQA (whole Gram)
+    assert sorted(set(shapes)) == [(4, 32, 32), (8, 32, 32), (128, 128)]
+    shapes.clear()
+    kld("gptq")
+    assert sorted(set(shapes)) == [(128, 128), (256, 256)]

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from slimlm.algorithms.awq import awq_layer
+from slimlm.algorithms.awq import awq_layer, gram_blocks
 from slimlm.algorithms.gptq import gptq_linears
 from slimlm.algorithms.mappings import SmoothPair
 from slimlm.algorithms.rtn import rtn_quantize
@@ -37,6 +37,11 @@ class Method:
     def gram(self) -> bool:
         """GPTQ's Hessian, AWQ's error metric; SmoothQuant needs only max |x|."""
         return self.gptq or self.smoothing == "awq"
+
+    def gram_blocks(self, pairs: list[SmoothPair], linears: dict[str, torch.nn.Linear],
+                    specs: dict[str, QuantSpec]) -> dict[str, int]:
+        """Linears whose Gram this method reads only as diagonal blocks (AWQ at real width; GPTQ needs it whole)."""
+        return gram_blocks(pairs, linears, specs) if self.smoothing == "awq" and not self.gptq else {}
 
     def smooth(self, layer: torch.nn.Module, stats: LayerStats, pairs: list[SmoothPair],
                specs: dict[str, QuantSpec], strength: float) -> tuple[dict[str, torch.Tensor] | None, dict]:

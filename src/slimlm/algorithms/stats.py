@@ -3,7 +3,9 @@
 Every algorithm here needs only a few per-input-channel summaries of a Linear's input X (tokens × in): the Gram
 matrix ``H = XᵀX / n`` (GPTQ's Hessian, AWQ's and the clip search's exact output-error metric), the mean ``|x|``
 (AWQ's activation salience), the max ``|x|`` (SmoothQuant) and the sum of ``x²`` (the Gram diagonal: llama.cpp's
-importance matrix). Linears fed the same tensor (q/k/v, gate/up) share one accumulator: one Gram per input."""
+importance matrix). Linears fed the same tensor (q/k/v, gate/up) share one accumulator: one Gram per input.
+A Gram may be kept as its ``block×block`` diagonal blocks only (AWQ at real width scores with nothing else): an
+18944-wide input's full Gram is 2.9 GB in float64 and ``n·in²`` multiply-adds; its blocks of 128 are 1/148 of that."""
 
 from __future__ import annotations
 
@@ -25,7 +27,8 @@ class Wanted:
 class InputStats:
     """Running sums over the tokens seen so far for one input tensor (None: not gathered)."""
 
-    gram: torch.Tensor | None  # (in, in) sum of x xᵀ over the first gram_tokens tokens
+    gram: torch.Tensor | None  # (in, in) sum of x xᵀ over the first gram_tokens tokens, or its diagonal blocks
+    #                             (in/block, block, block)
     abs_sum: torch.Tensor | None  # (in,) float64
     abs_max: torch.Tensor | None  # (in,) float32
     sq_sum: torch.Tensor | None  # (in,) float64
@@ -33,9 +36,11 @@ class InputStats:
     gram_tokens: int = 0
 
     @classmethod
-    def empty(cls, n: int, wanted: Wanted = Wanted()) -> "InputStats":
+    def empty(cls, n: int, wanted: Wanted = Wanted(), block: int | None = None) -> "InputStats":
+        """Zero sums for an ``n``-wide input; ``block``: keep only the Gram's diagonal blocks of that size."""
         f64 = torch.float64
-        return cls(torch.zeros(n, n, dtype=wanted.gram_dtype) if wanted.gram_dtype else None,
+        shape = (n, n) if block is None else (n // block, block, block)
+        return cls(torch.zeros(shape, dtype=wanted.gram_dtype) if wanted.gram_dtype else None,
                    torch.zeros(n, dtype=f64) if wanted.abs_stats else None,
                    torch.zeros(n) if wanted.abs_stats else None,
                    torch.zeros(n, dtype=f64) if wanted.squares else None)
@@ -45,7 +50,11 @@ class InputStats:
         x = x.reshape(-1, x.shape[-1]).float()
         if self.gram is not None and gram:
             # float32 matmul (fast), accumulated in the gram's dtype.
-            self.gram += (x.T @ x).to(self.gram.dtype)
+            if self.gram.ndim == 3:
+                xb = x.reshape(x.shape[0], *self.gram.shape[:2]).transpose(0, 1)  # (blocks, tokens, block)
+                self.gram += torch.bmm(xb.transpose(1, 2), xb).to(self.gram.dtype)
+            else:
+                self.gram += (x.T @ x).to(self.gram.dtype)
             self.gram_tokens += x.shape[0]
         if self.abs_sum is not None:
             a = x.abs()
@@ -68,7 +77,8 @@ class InputStats:
         """Statistics of ``x / s`` (after smoothing folded ``s`` out of this input), without re-running."""
         s64 = s.double()
         if self.gram is not None:
-            self.gram /= s64[:, None] * s64[None, :]
+            sb = s64.reshape(self.gram.shape[:-1])  # (in,) or (blocks, block)
+            self.gram /= sb[..., :, None] * sb[..., None, :]
         self.abs_sum /= s64
         self.abs_max = self.abs_max / s.float()
 
@@ -86,8 +96,11 @@ class LayerStats:
 class StatsCollector:
     """Forward hooks on a layer's Linears that accumulate :class:`InputStats`; use as a context manager."""
 
-    def __init__(self, linears: dict[str, torch.nn.Linear], need_gram: bool = True, wanted: Wanted | None = None):
+    def __init__(self, linears: dict[str, torch.nn.Linear], need_gram: bool = True, wanted: Wanted | None = None,
+                 gram_blocks: dict[str, int] | None = None):
+        """``gram_blocks``: Linears whose input's Gram is kept as diagonal blocks of the given size."""
         self.linears = linears
+        self.gram_blocks = gram_blocks or {}
         self.wanted = wanted or (Wanted() if need_gram else Wanted(gram_dtype=None))
         self.stats = LayerStats()
         self.gram_open = True  # set False to stop adding to the Gram matrices
@@ -107,7 +120,7 @@ class StatsCollector:
                 return
             acc = self.stats.by_linear.get(name)
             if acc is None:
-                acc = InputStats.empty(x.shape[-1], self.wanted)
+                acc = InputStats.empty(x.shape[-1], self.wanted, self.gram_blocks.get(name))
                 self.stats.by_linear[name] = acc
             acc.add(x, self.gram_open)
             # Holding the tensor keeps its identity meaningful (no address reuse by a later tensor).

@@ -359,18 +359,21 @@ def _quantize_layer(run: _Run, i: int, plan: dict, acts: _Activations, kwargs_li
         run.group_choices.setdefault(n, GroupChoice(n, linears[n].in_features, gs, why))
     t0 = time.perf_counter()
     report: dict = {"layer": i}
+    pairs = []
+    if run.algo.smoothing:
+        model_type = getattr(run.hf_config, "model_type", "?")
+        pairs = [p for p in smoothing_pairs(model_type, layer, run.algo.smoothing)
+                 if all(n in specs for n in p.linears)]
     stats = None
     if run.calibration is not None:
-        with StatsCollector({n: linears[n] for n in quant_names}, need_gram=run.algo.gram) as col:
+        with StatsCollector({n: linears[n] for n in quant_names}, need_gram=run.algo.gram,
+                            gram_blocks=run.algo.gram_blocks(pairs, linears, specs)) as col:
             _run_layer(layer, acts, kwargs_list, len(kwargs_list), None)
         stats = col.stats
         distributed.reduce_stats(stats, run.share)
     report["stats_s"] = round(time.perf_counter() - t0, 3)
     clips = None
     if run.algo.smoothing:
-        model_type = getattr(run.hf_config, "model_type", "?")
-        pairs = [p for p in smoothing_pairs(model_type, layer, run.algo.smoothing)
-                 if all(n in specs for n in p.linears)]
         clips, rep = run.algo.smooth(layer, stats, pairs, specs, run.smoothing_strength)
         report.update(rep)
     qws = run.algo.round(linears, quant_names, stats, specs, run.actorder, clips)
