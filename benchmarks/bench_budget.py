@@ -90,7 +90,7 @@ class Budgets:
     """slimlm's budget files for one model: the sensitivity measured once (cached), then one file per budget."""
 
     def __init__(self, work: Path, im: Path, windows: int, per_layer: bool, exclude: list[str],
-                 covariance: bool = False) -> None:
+                 covariance: bool = False, probe_bpw: float | None = None) -> None:
         from gguf import GGMLQuantizationType as T
 
         from slimlm.formats.gguf_mix import BUDGET_CANDIDATES
@@ -101,7 +101,11 @@ class Budgets:
         unknown = set(self.exclude) - {q.name for q in T}
         if unknown:
             raise SystemExit(f"unknown types {unknown}")
-        cov = "-cov" if covariance else ""
+        if probe_bpw is not None:  # ablation: each group's scale measured at the type nearest this bpw
+            import slimlm.quantize.budget as budget_mod
+
+            budget_mod.PROBE_BPW = probe_bpw
+        cov = ("-cov" if covariance else "") + (f"-p{probe_bpw:g}" if probe_bpw is not None else "")
         self.sens_path = work / f"sensitivity-w{windows}{'-layer' if per_layer else ''}{cov}.pkl"
         self.tag = f"w{windows}{'-layer' if per_layer else ''}{cov}{''.join('-no' + e for e in self.exclude)}"
         self.covariance = covariance
@@ -315,6 +319,8 @@ def main() -> None:
     ap.add_argument("--exclude-types", default="", help="candidate types the budget mixes may not use (ablation)")
     ap.add_argument("--noise", type=float, default=0.0,
                     help="start from the model plus seeded noise of this fraction of each row's std (fair reference)")
+    ap.add_argument("--probe-bpw", type=float, help="measure each group's scale at the type nearest this bpw "
+                    "(default: quantize.budget.PROBE_BPW)")
     ap.add_argument("--scratch", action="store_true", help="append tables to WORK/BENCHMARKS.md, not the repo's")
     args = ap.parse_args()
     bg.MODEL = args.model
@@ -330,7 +336,7 @@ def main() -> None:
                                     + f" + seeded noise ({args.noise:g} × each row's std; reference: that model)")
     im = imatrix_file(args.work, args.calib_chunks)
     budgets = Budgets(args.work, im, args.budget_windows, args.per_layer, args.exclude_types.split(","),
-                      args.covariance)
+                      args.covariance, args.probe_bpw)
     for stage in args.stages.split(","):
         if stage == "match":
             stage_match(args.work, args.chunks, args.calib_chunks, args.mixes.split(","), budgets)
