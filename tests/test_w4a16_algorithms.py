@@ -137,7 +137,7 @@ def test_awq_gathers_only_the_blocks_it_reads_and_rescales_them_like_the_whole_g
 def test_awq_row_sample_estimates_the_whole_error_and_chunks_change_nothing(monkeypatch):
     """Above SEARCH_ELEMENTS the grid is scored on a seeded sample of rows: its scaled-up error is close to the
     whole one and its choice still beats unscaled rounding; rounding in chunks of rows gives the same clips."""
-    import slimlm.algorithms.awq as awq
+    from slimlm.algorithms import awq
 
     x = _correlated_inputs(1024, 128, seed=9)
     h = x.T @ x / 1024
@@ -213,7 +213,8 @@ def test_awq_refuses_architectures_without_a_mapping(tmp_path):
     assert (tmp_path / "out" / "model.safetensors").is_file()
 
 
-def test_calibrated_methods_beat_rtn_on_a_tiny_model(tmp_path):
+def _tiny_kld(tmp_path: Path):
+    """KLD vs float of a tiny 2-layer Llama quantized W4A16 g32 by a method, on held-out tokens."""
     from transformers import AutoModelForCausalLM
 
     from slimlm.writers.compressed_tensors import load_reference_model
@@ -226,13 +227,18 @@ def test_calibrated_methods_beat_rtn_on_a_tiny_model(tmp_path):
     with torch.no_grad():
         ref = torch.log_softmax(fp(held_out).logits, -1)
 
-    def kld(method):
+    def kld(method: str) -> float:
         out = tmp_path / method
         quantize_model(src, out, scheme="w4a16", method=method, group_size=32, calib=calib)
         with torch.no_grad():
             lp = torch.log_softmax(load_reference_model(out)(held_out).logits, -1)
         return float((ref.exp() * (ref - lp)).sum(-1).mean())
 
+    return kld
+
+
+def test_calibrated_methods_beat_rtn_on_a_tiny_model(tmp_path):
+    kld = _tiny_kld(tmp_path)
     rtn, awq, gptq, both = kld("rtn"), kld("awq"), kld("gptq"), kld("awq+gptq")
     assert awq < rtn and gptq < rtn and both < rtn
 
@@ -240,38 +246,20 @@ def test_calibrated_methods_beat_rtn_on_a_tiny_model(tmp_path):
 def test_awq_at_real_width_settings_gathers_blocks_and_still_beats_rtn(tmp_path, monkeypatch):
     """With every pair over the exact score's budget and sampled (what a 7B gets), the layer stream gathers H
     only as group blocks for AWQ, whole for GPTQ, and AWQ still beats RTN."""
-    from transformers import AutoModelForCausalLM
-
-    import slimlm.algorithms.awq as awq
-    import slimlm.algorithms.stats as stats
-    from slimlm.writers.compressed_tensors import load_reference_model
-    from slimlm.quantize.layers import quantize_model
+    from slimlm.algorithms import awq, stats
 
     monkeypatch.setattr(awq, "EXACT_MAX_MACS", 0)
     monkeypatch.setattr(awq, "SEARCH_ELEMENTS", 2 ** 13)
     shapes: list[tuple[int, ...]] = []
     real_empty = stats.InputStats.empty.__func__
 
-    def spy(cls, n, wanted=stats.Wanted(), block=None):
-        acc = real_empty(cls, n, wanted, block)
+    def spy(cls, n, wanted=None, block=None):
+        acc = real_empty(cls, n, wanted or stats.Wanted(), block)
         shapes.append(tuple(acc.gram.shape))
         return acc
 
     monkeypatch.setattr(stats.InputStats, "empty", classmethod(spy))
-    src = make_tiny_llama(tmp_path / "m", hidden=128, ffn=256, layers=2)
-    fp = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
-    calib = torch.randint(0, 256, (8, 64), generator=torch.Generator().manual_seed(0))
-    held_out = torch.randint(0, 256, (4, 64), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        ref = torch.log_softmax(fp(held_out).logits, -1)
-
-    def kld(method):
-        out = tmp_path / method
-        quantize_model(src, out, scheme="w4a16", method=method, group_size=32, calib=calib)
-        with torch.no_grad():
-            lp = torch.log_softmax(load_reference_model(out)(held_out).logits, -1)
-        return float((ref.exp() * (ref - lp)).sum(-1).mean())
-
+    kld = _tiny_kld(tmp_path)
     rtn = kld("rtn")
     assert kld("awq") < rtn
     # per layer: q/k/v, gate/up and down inputs in blocks of 32; o_proj has no pair under GQA (whole Gram)
