@@ -149,8 +149,8 @@ def search_scale(weights: list[torch.Tensor], specs: list[QuantSpec], act_mean: 
     def errors(group: Sequence[torch.Tensor]) -> torch.Tensor:
         s = torch.stack(list(group))  # (B, in): grid points evaluated in batches
         total = torch.zeros(s.shape[0], dtype=torch.float64)
+        rows = max(1, CHUNK_ELEMENTS // (s.shape[0] * in_f))  # rows of every grid point in one chunk
         for w, spec, up in zip(ws, specs, ups):
-            rows = max(1, CHUNK_ELEMENTS // (s.shape[0] * in_f))
             for r0 in range(0, w.shape[0], rows):
                 wc = w[None, r0:r0 + rows]
                 delta = fake_quantize(wc * s[:, None, :], spec) / s[:, None, :] - wc
