@@ -90,7 +90,7 @@ class Budgets:
     """slimlm's budget files for one model: the sensitivity measured once (cached), then one file per budget."""
 
     def __init__(self, work: Path, im: Path, windows: int, per_layer: bool, exclude: list[str],
-                 covariance: bool = False, probe_bpw: float | None = None) -> None:
+                 covariance: bool = False, probe_bpw: float | None = None, method: str = "llama.cpp") -> None:
         from gguf import GGMLQuantizationType as T
 
         from slimlm.formats.gguf_mix import BUDGET_CANDIDATES
@@ -108,6 +108,10 @@ class Budgets:
         cov = ("-cov" if covariance else "") + (f"-p{probe_bpw:g}" if probe_bpw is not None else "")
         self.sens_path = work / f"sensitivity-w{windows}{'-layer' if per_layer else ''}{cov}.pkl"
         self.tag = f"w{windows}{'-layer' if per_layer else ''}{cov}{''.join('-no' + e for e in self.exclude)}"
+        # the rounding; the sensitivity (priced as llama.cpp rounds) and the sizes are the base tag's
+        self.method, self.base_tag = method, self.tag
+        if method != "llama.cpp":
+            self.tag += f"-{method}"
         self.covariance = covariance
         self.sens = pickle.loads(self.sens_path.read_bytes()) if self.sens_path.exists() else None
         self.seconds: float | None = None
@@ -125,7 +129,7 @@ class Budgets:
         r = quantize_gguf(bg.hf_dir(), None, out, imatrix=self.im, calib=resources.wikitext_path("valid"),
                           budget=Budget(target_bpw=bpw), budget_windows=self.windows, per_layer=self.per_layer,
                           sensitivity=self.sens, budget_types=self.types, budget_covariance=self.covariance,
-                          overwrite=True)
+                          overwrite=True, method=self.method)
         if self.sens is None:
             self.sens = r.budget["sensitivity"]
             self.seconds = time.perf_counter() - start
@@ -164,6 +168,9 @@ def stage_match(work: Path, chunks: int, calib_chunks: int, mixes: list[str], bu
     im = imatrix_file(work, calib_chunks)
     rows, rows_text = [], []
     chosen_path = work / f"match-bpw-{budgets.tag}.json"
+    base_path = work / f"match-bpw-{budgets.base_tag}.json"
+    if not chosen_path.exists() and base_path.exists():  # the rounding changes no size: start from its budgets
+        chosen_path.write_text(base_path.read_text())
     for mix in mixes:
         theirs = lcpp_file(work, mix, im)
         n_params, _ = n_params_and_overhead(theirs)
@@ -194,6 +201,7 @@ def stage_match(work: Path, chunks: int, calib_chunks: int, mixes: list[str], bu
             f"matrix from wikitext-2 valid ({calib_chunks} windows of 512; slimlm's `imatrix` written as llama.cpp's "
             "GGUF imatrix file, since llama-cpp-python ships no llama-imatrix tool). slimlm: `quantize HF_DIR "
             f"--target-bpw B --imatrix (same file) --calib wikitext-2 valid --budget-windows {budgets.windows}"
+            + (f" --method {budgets.method}" if budgets.method != "llama.cpp" else "")
             f"{'' if budgets.per_layer else ' --per-kind'}`"
             + (f" choosing among every candidate type except {', '.join(budgets.exclude)}" if budgets.exclude else "")
             + " with B the largest 4-decimal value whose file is no larger "
@@ -321,6 +329,8 @@ def main() -> None:
                     help="start from the model plus seeded noise of this fraction of each row's std (fair reference)")
     ap.add_argument("--probe-bpw", type=float, help="measure each group's scale at the type nearest this bpw "
                     "(default: quantize.budget.PROBE_BPW)")
+    ap.add_argument("--method", default="llama.cpp", choices=["llama.cpp", "gptq"],
+                    help="the budget files' rounding (gptq: covariances from 32 windows of the calibration text)")
     ap.add_argument("--scratch", action="store_true", help="append tables to WORK/BENCHMARKS.md, not the repo's")
     args = ap.parse_args()
     bg.MODEL = args.model
@@ -336,7 +346,7 @@ def main() -> None:
                                     + f" + seeded noise ({args.noise:g} × each row's std; reference: that model)")
     im = imatrix_file(args.work, args.calib_chunks)
     budgets = Budgets(args.work, im, args.budget_windows, args.per_layer, args.exclude_types.split(","),
-                      args.covariance, args.probe_bpw)
+                      args.covariance, args.probe_bpw, args.method)
     for stage in args.stages.split(","):
         if stage == "match":
             stage_match(args.work, args.chunks, args.calib_chunks, args.mixes.split(","), budgets)

@@ -129,6 +129,54 @@ def test_budget_file_fits_and_llama_cpp_writes_the_same_bytes(tiny_wide: tuple[P
     assert ours_t == theirs_t
 
 
+def test_budget_with_gptq_rounding_keeps_the_types_and_lowers_the_output_error(tiny_wide: tuple[Path, Path],
+                                                                               tmp_path: Path) -> None:
+    """--method gptq on a budget: the same types (priced once, shared sensitivity), other block bytes, and every
+    quantized Linear's calibration output error tr(ΔW H ΔWᵀ) no larger in total than llama.cpp's rounding gives."""
+    import gguf
+    from safetensors.numpy import load_file
+
+    from slimlm.formats import ggml
+    from slimlm.quantize.gguf import quantize_gguf
+    from slimlm.quantize.imatrix import collect_imatrix, write_imatrix
+
+    src, calib = tiny_wide
+    im = tmp_path / "im.gguf"
+    hessians: dict = {}
+    write_imatrix(collect_imatrix(src, calib, ctx=512, chunks=4, hessians=hessians), im)
+    plain = quantize_gguf(src, None, tmp_path / "plain.gguf", imatrix=im, calib=calib, budget=Budget(target_bpw=4.0),
+                          budget_windows=2)
+    gptq = quantize_gguf(src, None, tmp_path / "gptq.gguf", imatrix=im, calib=calib, budget=Budget(target_bpw=4.0),
+                         sensitivity=plain.budget["sensitivity"], method="gptq")
+    assert [(t.name, t.type, t.bytes) for t in gptq.tensors] == [(t.name, t.type, t.bytes) for t in plain.tensors]
+    reader = {k: {t.name: t for t in gguf.GGUFReader(tmp_path / f"{k}.gguf").tensors} for k in ("plain", "gptq")}
+
+    weights = {}
+    for f in src.glob("*.safetensors"):
+        weights.update(load_file(f))
+    errors = {"plain": 0.0, "gptq": 0.0}
+    differs = 0
+    for name, h in hessians.items():
+        t = reader["plain"][name]
+        if t.tensor_type in (T.F32, T.F16):
+            continue
+        differs += np.asarray(t.data).tobytes() != np.asarray(reader["gptq"][name].data).tobytes()
+        layer, kind = name.split(".")[1], name.split(".")[2]
+        hf = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+              "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+              "ffn_down": "mlp.down_proj"}[kind]
+        w = weights[f"model.layers.{layer}.{hf}.weight"].astype(np.float64)
+        if kind in ("attn_q", "attn_k"):
+            continue  # stored rope-permuted in the GGUF: compared through the other five
+        for k in errors:
+            q = reader[k][name]
+            deq = ggml.dequantize(np.asarray(q.data), q.tensor_type, w.shape).astype(np.float64)
+            d = w - deq
+            errors[k] += float(((d @ h.astype(np.float64)) * d).sum())
+    assert differs > 0
+    assert errors["gptq"] < errors["plain"]
+
+
 def test_cli_budget_options(tiny_wide: tuple[Path, Path], tmp_path: Path, capsys) -> None:
     from slimlm.cli import run
 
@@ -142,6 +190,8 @@ def test_cli_budget_options(tiny_wide: tuple[Path, Path], tmp_path: Path, capsys
     assert "smallest types" in capsys.readouterr().err
     assert run(["quantize", str(src), "--target-bpw", "4", "--fit", "1GiB", "--calib", str(calib), "-o", out]) == 2
     assert "exactly one" in capsys.readouterr().err
+    assert run(["quantize", str(src), "--target-bpw", "4", "--calib", str(calib), "--method", "awq", "-o", out]) == 2
+    assert "llama.cpp|gptq" in capsys.readouterr().err
 
 
 def test_report_draws_quality_per_size(tmp_path: Path, capsys) -> None:

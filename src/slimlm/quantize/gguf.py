@@ -125,7 +125,8 @@ def quantize_gguf(model: str | Path | ModelSource, to: str, out: str | Path | No
     ``method`` never changes tensor types or sizes (slimlm.algorithms.methods): "llama.cpp" rounds each block on
     its own, as llama-quantize does; "gptq" pushes each block's rounding error onto the later columns through the
     inputs' covariance; "awq" first folds searched per-channel scales into the norms; "awq+gptq" does both. gptq
-    needs ``calib`` (or, from the API, ``imatrix`` plus ``hessians``); awq needs ``calib`` or ``imatrix``.
+    needs ``calib`` (its covariances; an ``imatrix`` given beside it weights the blocks); awq needs ``calib`` or
+    ``imatrix``.
     ``encoder(x, qtype, importance, name)`` replaces the block encoding (tests, experiments). ``dry_run`` runs no
     calibration: the plan assumes an imatrix when one is asked for.
 
@@ -134,13 +135,15 @@ def quantize_gguf(model: str | Path | ModelSource, to: str, out: str | Path | No
     default, else per tensor kind) to fit the budget exactly. It needs ``calib``; ``imatrix`` (else collected from ``calib``) weights
     the errors and the encoding; ``sensitivity`` (quantize.budget.Sensitivity) reuses a measurement;
     ``budget_types`` narrows the candidate types (default formats.gguf_mix.BUDGET_CANDIDATES);
-    ``budget_covariance`` prices each Linear's error under its input covariance (quantize.budget.measure)."""
+    ``budget_covariance`` prices each Linear's error under its input covariance (quantize.budget.measure).
+    ``method`` "gptq" encodes the budget's types with GPTQ rounding (priced as llama.cpp rounds them)."""
     start = time.perf_counter()
     if budget is not None:
         if to is not None and to.strip().lower() != "budget":
             raise SlimlmError(f"a budget ({budget.describe()}) chooses every tensor's type itself; drop --to {to}")
-        if method != "llama.cpp":
-            raise SlimlmError("budget mixes use llama.cpp's rounding only (--method llama.cpp)")
+        if method not in ("llama.cpp", "gptq"):
+            raise SlimlmError(f"budget mixes round with llama.cpp's encoder or GPTQ (--method llama.cpp|gptq), "
+                              f"not {method}: a smoothing step would change the weights the budget measured")
         if calib is None:
             raise SlimlmError("a budget mix measures each tensor's effect on the output: pass --calib TEXT")
     ftype = "F16" if budget is not None else gguf_mix.normalize_ftype(to)
@@ -154,7 +157,11 @@ def quantize_gguf(model: str | Path | ModelSource, to: str, out: str | Path | No
     algo = get_method(method, "gguf")
     budget_info: dict[str, Any] = {}
     if budget is not None:
-        im = load_importance(imatrix, None if imatrix is not None else Path(calib), source.path, calib_chunks)
+        if algo.gptq:
+            im, hessians = _importance(algo, method, source.path, imatrix, calib, calib_chunks, False, hessians,
+                                       hessian_chunks)
+        else:
+            im = load_importance(imatrix, None if imatrix is not None else Path(calib), source.path, calib_chunks)
         plan, budget_info = _budget_plan(source, budget, Path(calib), im, budget_windows, per_layer, progress,
                                          sensitivity, budget_types, budget_covariance)
         ftype = budget_info["file_type"]
@@ -222,9 +229,11 @@ def _importance(algo, method: str, model: Path, imatrix, calib, calib_chunks: in
     if (uses_gptq or (uses_awq and calib is not None)) and hessians is None:
         if calib is None:
             raise SlimlmError(f"--method {method} needs calibration text (--calib FILE): it uses the inputs' covariance")
-        if imatrix is not None:
-            raise SlimlmError(f"--method {method} computes its own importance matrix from --calib; drop --imatrix")
         hessians = {}
+        if imatrix is not None:  # the given imatrix weights the blocks; the text gives only the covariances
+            collect_imatrix(model, Path(calib), chunks=hessian_chunks, hessians=hessians,
+                            hessian_chunks=hessian_chunks)
+            return load_importance(imatrix, None, model, calib_chunks), hessians
         im = collect_imatrix(model, Path(calib), chunks=calib_chunks, hessians=hessians, hessian_chunks=hessian_chunks)
         return im, hessians
     return load_importance(imatrix, Path(calib) if calib else None, model, calib_chunks), hessians
