@@ -28,8 +28,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_gguf as bg  # noqa: E402
-from _common import append_section, markdown_table  # noqa: E402
+import bench_gguf as bg
+from _common import append_section, markdown_table
 
 MIXES = ["Q2_K", "Q3_K_M", "Q4_K_M", "Q5_K_M"]
 CURVE_MIXES = ["Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q5_1", "Q5_0", "Q4_K_M", "Q4_K_S", "Q4_1", "Q4_0", "IQ4_NL",
@@ -201,8 +201,8 @@ def stage_match(work: Path, chunks: int, calib_chunks: int, mixes: list[str], bu
             f"matrix from wikitext-2 valid ({calib_chunks} windows of 512; slimlm's `imatrix` written as llama.cpp's "
             "GGUF imatrix file, since llama-cpp-python ships no llama-imatrix tool). slimlm: `quantize HF_DIR "
             f"--target-bpw B --imatrix (same file) --calib wikitext-2 valid --budget-windows {budgets.windows}"
-            + (f" --method {budgets.method}" if budgets.method != "llama.cpp" else "")
-            f"{'' if budgets.per_layer else ' --per-kind'}`"
+            f"{'' if budgets.per_layer else ' --per-kind'}"
+            f"{'' if budgets.method == 'llama.cpp' else ' --method ' + budgets.method}`"
             + (f" choosing among every candidate type except {', '.join(budgets.exclude)}" if budgets.exclude else "")
             + " with B the largest 4-decimal value whose file is no larger "
             f"than llama.cpp's. KLD vs the fp32 model on wikitext-2 test, ctx 512, {chunks} windows, slimlm's "
