@@ -157,7 +157,7 @@ def quantize_gguf(model: str | Path | ModelSource, to: str, out: str | Path | No
     algo = get_method(method, "gguf")
     budget_info: dict[str, Any] = {}
     if budget is not None:
-        if algo.gptq:
+        if algo.gptq and not dry_run:  # a dry run only plans: no covariances
             im, hessians = _importance(algo, method, source.path, imatrix, calib, calib_chunks, False, hessians,
                                        hessian_chunks)
         else:
