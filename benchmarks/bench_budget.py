@@ -28,8 +28,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_gguf as bg
-from _common import append_section, markdown_table
+import bench_gguf as bg  # noqa: E402
+from _common import append_section, markdown_table  # noqa: E402
 
 MIXES = ["Q2_K", "Q3_K_M", "Q4_K_M", "Q5_K_M"]
 CURVE_MIXES = ["Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q5_1", "Q5_0", "Q4_K_M", "Q4_K_S", "Q4_1", "Q4_0", "IQ4_NL",

@@ -136,6 +136,7 @@ def test_budget_with_gptq_rounding_keeps_the_types_and_lowers_the_output_error(t
     import gguf
     from safetensors.numpy import load_file
 
+    from slimlm.checkpoint.names import TensorNames, gguf_arch
     from slimlm.formats import ggml
     from slimlm.quantize.gguf import quantize_gguf
     from slimlm.quantize.imatrix import collect_imatrix, write_imatrix
@@ -154,6 +155,8 @@ def test_budget_with_gptq_rounding_keeps_the_types_and_lowers_the_output_error(t
     weights = {}
     for f in src.glob("*.safetensors"):
         weights.update(load_file(f))
+    names = TensorNames(gguf_arch("llama"), 2)
+    hf_of = {names.tensor(k): k for k in weights}
     errors = {"plain": 0.0, "gptq": 0.0}
     differs = 0
     for name, h in hessians.items():
@@ -161,17 +164,12 @@ def test_budget_with_gptq_rounding_keeps_the_types_and_lowers_the_output_error(t
         if t.tensor_type in (T.F32, T.F16):
             continue
         differs += np.asarray(t.data).tobytes() != np.asarray(reader["gptq"][name].data).tobytes()
-        layer, kind = name.split(".")[1], name.split(".")[2]
-        hf = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-              "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
-              "ffn_down": "mlp.down_proj"}[kind]
-        w = weights[f"model.layers.{layer}.{hf}.weight"].astype(np.float64)
-        if kind in ("attn_q", "attn_k"):
+        if ".attn_q." in name or ".attn_k." in name:
             continue  # stored rope-permuted in the GGUF: compared through the other five
+        w = weights[hf_of[name]].astype(np.float64)
         for k in errors:
             q = reader[k][name]
-            deq = ggml.dequantize(np.asarray(q.data), q.tensor_type, w.shape).astype(np.float64)
-            d = w - deq
+            d = w - ggml.dequantize(np.asarray(q.data), q.tensor_type, w.shape).astype(np.float64)
             errors[k] += float(((d @ h.astype(np.float64)) * d).sum())
     assert differs > 0
     assert errors["gptq"] < errors["plain"]

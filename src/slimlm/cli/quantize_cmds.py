@@ -35,8 +35,8 @@ def quantize(
         "it, a second run to the same output refuses at once (exit 2), with or without --overwrite.")),
     method: Optional[str] = typer.Option(None, "--method", rich_help_panel=_BOTH, help=(
         "The algorithm. --to: llama.cpp (default) | gptq | awq | awq+gptq (these need --calib; awq also works "
-        "with --imatrix; a budget mix takes llama.cpp or gptq). --scheme: rtn | awq | gptq | awq+gptq | smoothquant | smoothquant+gptq (default: awq "
-        "for w4a16, rtn for w8a16, smoothquant for w8a8).")),
+        "with --imatrix; a budget mix takes llama.cpp or gptq). --scheme: rtn | awq | gptq | awq+gptq | "
+        "smoothquant | smoothquant+gptq (default: awq for w4a16, rtn for w8a16, smoothquant for w8a8).")),
     calib: Optional[Path] = typer.Option(None, "--calib", rich_help_panel=_BOTH, help=(
         "Calibration text. --to: a text file the importance matrix (and for gptq/awq the inputs' covariance) "
         "is computed from first, instead of --imatrix (--calib-chunks windows of 512 tokens). --scheme: a "
