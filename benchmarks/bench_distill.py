@@ -20,7 +20,11 @@ Also measured: student A straight after pruning (no training), and what share of
 KD run closed; the stated margin (--margin, default 1.5x the teacher's test perplexity) is checked and the
 verdict printed either way.
 
-Usage: python benchmarks/bench_distill.py [--steps N --batch B --seq-len L] [--no-append]
+With --model qwen2 the teacher is Qwen2.5-Coder-0.5B-Instruct (fp32 from its shipped file) and student A may
+also be narrowed: --prune-heads keeps that share of the query heads in every KV group (14:2 GQA), --prune-mlp that
+share of the MLP channels. Student B (a fresh Llama) is sized for SmolLM2's vocabulary; run --students A there.
+
+Usage: python benchmarks/bench_distill.py [--model qwen2] [--steps N --batch B --seq-len L] [--no-append]
 Defaults (50 steps x 4 x 256 = 51,200 tokens per run, 40 test chunks) took 11 minutes on an idle 2-core CPU
 (2026-11-28: 598 s with the teacher cache reused from --keep, plus 58 s to make it): per run-token ~3.1 ms for
 student A, ~1.2 ms for B and ~1.1 ms for the one teacher-cache pass, plus about 2.6 minutes of loading,
@@ -96,7 +100,10 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=50, help="optimizer steps per run (4 runs)")
     ap.add_argument("--batch", type=int, default=4, help="sequences per step")
     ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--model", choices=("smollm2", "qwen2"), default="smollm2", help="the teacher")
     ap.add_argument("--drop-layers", type=int, default=10, help="student A: layers removed from the 30")
+    ap.add_argument("--prune-heads", type=float, default=1.0, help="student A: share of query heads kept per KV group")
+    ap.add_argument("--prune-mlp", type=float, default=1.0, help="student A: share of MLP channels kept")
     ap.add_argument("--kd-alpha", type=float, default=0.5, help="CE weight in the KD runs (1 - alpha on KL)")
     ap.add_argument("--top-k", type=int, default=16, help="teacher cache: log-probs kept per token")
     ap.add_argument("--lr-a", type=float, default=6e-4, help="learning rate, student A (pretrained weights); "
@@ -127,7 +134,9 @@ def main() -> None:
         raise SystemExit("--students takes A, B or A,B")
 
     started = time.perf_counter()
-    teacher = Path(resources.builtin_hf_dir())
+    teacher = Path(resources.builtin_hf_dir() if args.model == "smollm2" else resources.qwen2_hf_dir())
+    teacher_name = {"smollm2": "SmolLM2-135M", "qwen2": "Qwen2.5-Coder-0.5B-Instruct"}[args.model]
+    shrink = {"drop_layers": args.drop_layers, "heads_keep": args.prune_heads, "mlp_keep": args.prune_mlp}
     test_txt = resources.wikitext_path("test")
     eval_sequences = 4  # distill's own held-out (last sequences of the text, never trained on)
     train_tokens = args.steps * args.batch * args.seq_len
@@ -157,7 +166,7 @@ def main() -> None:
         before_a = None
         if "A" in students:
             # Student A before any training (the same pruning distill does: same calibration sequences).
-            pruned, _ = prune(t_model, train_ids[: min(4, train_ids.shape[0])], drop_layers=args.drop_layers)
+            pruned, _ = prune(t_model, train_ids[: min(4, train_ids.shape[0])], **shrink)
             pruned.save_pretrained(work / "A-pruned")
             AutoTokenizer.from_pretrained(teacher).save_pretrained(work / "A-pruned")
             del pruned
@@ -170,7 +179,8 @@ def main() -> None:
         cfg_path.write_text(json.dumps(student_b_config(teacher, args.hidden, args.layers, args.heads, args.kv_heads,
                                                         args.ffn)))
         runs = {}
-        for student, lr, kw in (("A", args.lr_a, {"prune_layers": args.drop_layers}),
+        for student, lr, kw in (("A", args.lr_a, {"prune_layers": args.drop_layers, "prune_heads": args.prune_heads,
+                                                  "prune_mlp": args.prune_mlp}),
                                 ("B", args.lr_b, {"student_config": cfg_path})):
             if student not in students:
                 continue
@@ -184,7 +194,8 @@ def main() -> None:
                 wall = time.perf_counter() - t0
                 ev = evaluate(out / "student", test_txt, ctx=512, chunks=args.chunks)
                 runs[(student, kind)] = {"report": rep, "wall": wall, "test": ev["perplexity"],
-                                         "eval_seconds": ev["seconds"]}
+                                         "eval_seconds": ev["seconds"],
+                                         "config": json.loads((out / "student" / "config.json").read_text())}
                 print(f"{student}-{kind}: {rep['student_parameters']:,} params, train {rep['train_seconds']:.0f} s "
                       f"({rep['tokens_per_s']:.0f} tok/s), run {wall:.0f} s, test ppl {ev['perplexity']['ppl']:.2f} "
                       f"(eval {ev['seconds']:.0f} s)", flush=True)
@@ -200,7 +211,9 @@ def main() -> None:
     first = next(iter(runs.values()))["report"]
     tokens = args.steps * args.batch * args.seq_len
     rows = []
-    names = {"A": f"A: teacher - {args.drop_layers} layers", "B": f"B: fresh Llama {args.hidden}x{args.layers}"}
+    narrowed = "".join(f", {v:g} of {k}" for k, v in (("heads", args.prune_heads), ("MLP", args.prune_mlp)) if v < 1)
+    names = {"A": f"A: teacher - {args.drop_layers} layers{narrowed}",
+             "B": f"B: fresh Llama {args.hidden}x{args.layers}"}
     if before_a is not None:
         params_a = runs[("A", "CE")]["report"]["student_parameters"]
         rows.append([names["A"], "untrained (just pruned)", f"{params_a / 1e6:.1f}M", "0", "-", "-",
@@ -211,7 +224,7 @@ def main() -> None:
         rows.append([names[student], loss, f"{rep['student_parameters'] / 1e6:.1f}M", f"{tokens:,}",
                      f"{rep['train_seconds']:.0f}", f"{rep['tokens_per_s']:.0f}",
                      f"{r['test']['ppl']:.2f} ± {r['test']['ppl_stderr']:.2f}"])
-    rows.append(["teacher SmolLM2-135M (30 layers)", "-", f"{first['teacher_parameters'] / 1e6:.1f}M", "-", "-", "-",
+    rows.append([f"teacher {teacher_name}", "-", f"{first['teacher_parameters'] / 1e6:.1f}M", "-", "-", "-",
                  f"{teacher_ppl:.2f} ± {t_ev['perplexity']['ppl_stderr']:.2f}"])
     verdicts = []
     for student in students:
@@ -229,12 +242,15 @@ def main() -> None:
                         f"({'within' if a_kd <= args.margin * teacher_ppl else 'NOT within'} the stated margin of "
                         f"{args.margin:g}x); it closed {gap:.0f}% of the gap from the untrained pruned model "
                         f"({before_a['ppl']:.2f})")
+    a_cfg = runs[("A", "CE")]["config"] if "A" in students else {}
     a_text = (f"Student A drops layers {runs[('A', 'CE')]['report']['student']['dropped_layers']} (fewest by block "
-              f"influence). " if "A" in students else "")
+              f"influence) and keeps {a_cfg.get('num_attention_heads')} query heads / "
+              f"{a_cfg.get('num_key_value_heads')} KV heads and MLP {a_cfg.get('intermediate_size')} per layer. "
+              if "A" in students else "")
     b_text = (f"Student B: Llama hidden {args.hidden}, {args.layers} layers, {args.heads} heads / {args.kv_heads} KV "
               f"heads, MLP {args.ffn}, tied 49152-token embedding, random init. " if "B" in students else "")
     body = (
-        f"Teacher: SmolLM2-135M (fp32 from the built-in GGUF). {a_text}{b_text}Training text: the first "
+        f"Teacher: {teacher_name} (fp32 from its shipped GGUF). {a_text}{b_text}Training text: the first "
         f"{text_tokens:,} tokens of wikitext-2 valid.txt ({eval_sequences} sequences held out); every run "
         f"{args.steps} steps x {args.batch} sequences x {args.seq_len} tokens = {tokens:,} tokens (one epoch), "
         f"AdamW, cosine schedule, lr {args.lr_a:g} (A) / {args.lr_b:g} (B), fp32, seed 0 (same init and data order "
@@ -245,7 +261,7 @@ def main() -> None:
         f"only; tokens/s: training throughput. Whole benchmark: {time.perf_counter() - started:.0f} s.\n\n"
         + markdown_table(["student", "loss", "parameters", "train tokens", "wall s", "tokens/s", "test ppl"], rows)
         + "\n\n" + "\n".join(f"- {v}" for v in verdicts))
-    title = "distill: KD vs CE-only at equal tokens, pruned and fresh students of SmolLM2-135M (bench_distill.py)"
+    title = f"distill: KD vs CE-only at equal tokens, pruned and fresh students of {teacher_name} (bench_distill.py)"
     if args.no_append:
         print(f"\n## {title}\n\n{body}\n")
     else:
