@@ -1,10 +1,12 @@
-"""slimlm bench on SmolLM2-135M: torch fp32 and bf16 side by side, and llama.cpp on the GGUF, batch 1 and 8.
+"""slimlm bench on a test model: torch fp32 and bf16 side by side, and llama.cpp on the GGUF, batch 1 and 8.
 
-The model is the shipped Q4_1 GGUF: torch runs its dequantized weights (fp32 / bf16), llama.cpp runs the
-Q4_1 file natively; llama.cpp on the F16 GGUF (made by bench_eval.py) is added when that file exists.
-Ratios are against torch-fp32 at the same batch size, measured in the same run.
+The model is the shipped GGUF (SmolLM2-135M: Q4_1; --model qwen2, Qwen2.5-Coder-0.5B: a Q5_0/Q4_K/Q6_K/Q8_0 mix):
+torch runs its dequantized weights (fp32 / bf16), llama.cpp runs the file natively, and --backends may add
+slimlm's runtime on the file's own types (native); llama.cpp on the F16 GGUF (made by bench_eval.py) is added
+when that file exists and --backends does not leave llama.cpp out. Ratios are against torch-fp32 at the same
+batch size, measured in the same run.
 
-    flock /tmp/slimlm-heavy.lock python benchmarks/bench_speed.py [--prompt 512] [--gen 128] [--runs 3]
+    flock /tmp/slimlm-heavy.lock python benchmarks/bench_speed.py [--model qwen2] [--prompt 512] [--gen 128]
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import append_section, markdown_table  # noqa: E402
+from bench_eval import MODELS as EVAL_MODELS  # noqa: E402
 
 from slimlm import resources  # noqa: E402
 from slimlm.evaluate.bench import bench, default_backends  # noqa: E402
@@ -27,20 +30,26 @@ def main() -> None:
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--model", choices=("smollm2", "qwen2"), default="smollm2")
+    ap.add_argument("--backends", default=None, help="comma-separated (default: slimlm bench's for a GGUF file)")
+    ap.add_argument("--no-f16", action="store_true", help="leave out llama.cpp on the F16 GGUF")
     ap.add_argument("--no-append", action="store_true")
     args = ap.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
-    gguf = resources.smollm2_gguf_path()
+    name, shipped = {"smollm2": ("SmolLM2-135M", "Q4_1 GGUF"),
+                     "qwen2": ("Qwen2.5-Coder-0.5B-Instruct", "shipped Q5_0/Q4_K/Q6_K/Q8_0 GGUF")}[args.model]
+    gguf = resources.smollm2_gguf_path() if args.model == "smollm2" else resources.qwen2_gguf_path()
+    backends = args.backends.split(",") if args.backends else default_backends(gguf)
 
     def progress(done: int, total: int, label: str) -> None:
         print(f"[{done}/{total}] {label}", file=sys.stderr, flush=True)
 
     report = bench(gguf, prompt=args.prompt, gen=args.gen, batches=batches, threads=args.threads,
-                   backends=default_backends(gguf), runs=args.runs, progress=progress)
-    rows = [(f"{r['backend']} ({'Q4_1 GGUF' if r['backend'] == 'llama.cpp' else r['dtype']})", r)
+                   backends=backends, runs=args.runs, progress=progress)
+    rows = [(f"{r['backend']} ({shipped if r['backend'] in ('llama.cpp', 'native') else r['dtype']})", r)
             for r in report["rows"]]
-    f16 = resources.cache_dir() / "bench" / "SmolLM2-135M-Instruct-F16.gguf"
-    if f16.is_file() and "llama.cpp" in default_backends(f16):
+    f16 = resources.cache_dir() / "bench" / f"{EVAL_MODELS[args.model][0]}-F16.gguf"  # bench_eval.py's file
+    if f16.is_file() and "llama.cpp" in backends and not args.no_f16:
         extra = bench(f16, prompt=args.prompt, gen=args.gen, batches=batches, threads=args.threads,
                       backends=["llama.cpp"], runs=args.runs, progress=progress)
         rows += [("llama.cpp (F16 GGUF)", r) for r in extra["rows"]]
@@ -65,7 +74,7 @@ def main() -> None:
     if args.no_append:
         print(body)
     else:
-        append_section("slimlm bench: SmolLM2-135M, torch fp32 / bf16 vs llama.cpp", body)
+        append_section(f"slimlm bench: {name}, torch fp32 / bf16 vs llama.cpp", body)
 
 
 if __name__ == "__main__":
