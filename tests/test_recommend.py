@@ -77,6 +77,22 @@ def test_choose_and_pareto_per_goal():
     assert set(pareto_front(rows, "prefill_tok_s")) == {"big", "fast", "small", "lossy"}
 
 
+def test_why_compares_with_the_runner_up_when_no_baseline_fits():
+    """A small device holds neither BF16 nor the original: the reason names the runner-up, never 'nan'."""
+    from slimlm.recommend import _why
+
+    rows = [{**_row("Q6_K", 0.0004, 90, 272), "kind": "gguf"}, {**_row("Q8_0", 0.0002, 95, 265), "kind": "gguf"}]
+    best = choose(rows, "throughput", 0.1)[0]
+    why = _why(best, rows, "throughput", 100, "")
+    assert "nan" not in why and "1.03x Q8_0 (the runner-up; BF16 and the original do not fit)" in why
+    why = _why(rows[0], rows, "latency", 100, "")
+    assert "nan" not in why and "faster than Q8_0 (the runner-up" in why
+    base = {**_row("BF16", 0.0, 99, 300), "kind": "bf16"}
+    assert "1.10x Q6_K (the runner-up)," in _why(base, [base, *rows], "throughput", 100, "")
+    assert "0.91x BF16," in _why(rows[0], [base, *rows], "throughput", 100, "")
+    assert "x" not in _why(rows[0], rows[:1], "throughput", 100, "").split("interval")[1].split(" at ")[0]
+
+
 def test_report_html_and_refuses_mixed_models(tiny_lm_dir: Path, text_file: Path, tmp_path: Path):
     result = _run(tiny_lm_dir, text_file, tmp_path / "cache", goal="throughput", max_kld=10.0).to_dict()
     a = tmp_path / "a.json"

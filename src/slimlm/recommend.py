@@ -416,26 +416,38 @@ def lead(best: dict[str, Any], rows: list[dict[str, Any]], key: str, higher: boo
 
 
 def _why(best: dict[str, Any], rows: list[dict[str, Any]], goal: str, budget: int, tie: str) -> str:
-    base = next((r for r in rows if r["name"] == "BF16"), None) or next(
-        (r for r in rows if r["kind"] == "original"), None)
     fit_text = f"fits {format_bytes(budget)} with {format_bytes(budget - best['memory_bytes'])} headroom"
     quality = f"KLD {best['kld_mean']:.4f}, top-1 {100 * best['top1']:.1f}%"
     tie_text = f" ({tie})" if tie else ""
     cover = f"{best['interval_coverage']:.0%}" if "interval_coverage" in best else "no"
     if goal == "throughput":
         lo, hi = interval(best, "prefill_tok_s")
-        ratio = best["prefill_tok_s"] / base["prefill_tok_s"] if base else float("nan")
-        return (f"{best['name']}: {best['prefill_tok_s']:.0f} prefill tok/s ({cover} interval {lo:.0f}–{hi:.0f}), "
-                f"{ratio:.2f}x {base['name'] if base else '-'}, at {quality}; {fit_text}{tie_text}")
+        return (f"{best['name']}: {best['prefill_tok_s']:.0f} prefill tok/s ({cover} interval {lo:.0f}–{hi:.0f})"
+                f"{_against(best, rows, 'prefill_tok_s', True, '')} at {quality}; {fit_text}{tie_text}")
     if goal == "latency":
         lo, hi = interval(best, "itl_p50_ms")
-        ratio = base["itl_p50_ms"] / best["itl_p50_ms"] if base else float("nan")
-        return (f"{best['name']}: {best['itl_p50_ms']:.1f} ms per token (p50; {cover} interval {lo:.1f}–{hi:.1f}), "
-                f"{ratio:.2f}x faster than {base['name'] if base else '-'} at {quality}; {fit_text}{tie_text}")
+        return (f"{best['name']}: {best['itl_p50_ms']:.1f} ms per token (p50; {cover} interval {lo:.1f}–{hi:.1f})"
+                f"{_against(best, rows, 'itl_p50_ms', False, ' faster than')} at {quality}; {fit_text}{tie_text}")
     if goal == "size":
         return (f"{best['name']}: the smallest that stays under the KLD limit, "
                 f"{format_bytes(best['memory_bytes'])} in memory at {quality}; {fit_text}{tie_text}")
     return f"{best['name']}: the lowest KLD among the variants that fit ({quality}); {fit_text}{tie_text}"
+
+
+def _against(best: dict[str, Any], rows: list[dict[str, Any]], key: str, higher: bool, verb: str) -> str:
+    """", 1.43x BF16," against the unquantized baseline when it was measured; when it does not fit the device
+    or is the pick itself, against the runner-up on the same figure; nothing when the pick was the only one."""
+    base = next((r for r in rows if r["name"] == "BF16"), None) or next(
+        (r for r in rows if r.get("kind") == "original"), None)
+    label = base["name"] if base is not None else ""
+    if base is None or base is best:
+        runner = lead(best, rows, key, higher)
+        if runner is None:
+            return ""
+        base = next(r for r in rows if r["name"] == runner["runner_up"])
+        label = f"{base['name']} (the runner-up{'' if label else '; BF16 and the original do not fit'})"
+    ratio = best[key] / base[key] if higher else base[key] / best[key]
+    return f", {ratio:.2f}x{verb} {label},"
 
 
 def machine_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
