@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from slimlm.errors import SlimlmError
-from slimlm.recommend import Variant, choose, pareto_front, recommend
+from slimlm.recommend import Variant, choose, contenders, pareto_front, recommend
 from slimlm.report.html import load_results, write_report
 
 VARIANTS = [
@@ -91,6 +91,10 @@ def test_why_compares_with_the_runner_up_when_no_baseline_fits():
     assert "1.10x Q6_K (the runner-up)," in _why(base, [base, *rows], "throughput", 100, "")
     assert "0.91x BF16," in _why(rows[0], [base, *rows], "throughput", 100, "")
     assert "x" not in _why(rows[0], rows[:1], "throughput", 100, "").split("interval")[1].split(" at ")[0]
+    lossy = {**_row("Q2_K", 0.5, 80, 280), "kind": "gguf"}  # faster, but over the KLD limit: not a rival
+    rivals = contenders([*rows, lossy], "throughput", 0.1)
+    assert "Q2_K" not in _why(rows[0], [*rows, lossy], "throughput", 100, "", rivals)
+    assert "Q2_K" in _why(rows[0], [*rows, lossy], "throughput", 100, "")
 
 
 def test_report_html_and_refuses_mixed_models(tiny_lm_dir: Path, text_file: Path, tmp_path: Path):

@@ -381,8 +381,7 @@ def choose(rows: list[dict[str, Any]], goal: str, max_kld: float
     """The pick for ``goal`` among measured rows that fit; a note (why nothing was picked, or which candidates
     were tied on which figure, by overlapping intervals, and what decided); the names tied with the pick.
     Rows with an absurd KLD are never chosen."""
-    rows = [r for r in rows if not absurd(r)]
-    usable = rows if goal == "quality" else [r for r in rows if r["kld_mean"] <= max_kld]
+    usable = contenders(rows, goal, max_kld)
     if not usable:
         return None, "no measured variant that fits stays under the KLD limit", []
     pool, notes, tied_names = usable, [], []
@@ -402,6 +401,13 @@ def choose(rows: list[dict[str, Any]], goal: str, max_kld: float
     return best, "; ".join(notes), tied_names
 
 
+def contenders(rows: list[dict[str, Any]], goal: str, max_kld: float) -> list[dict[str, Any]]:
+    """The rows ``goal`` may pick from: never an absurd KLD, and for the speed and size goals none above
+    ``max_kld`` (so a runner-up is always a variant that could have been picked)."""
+    rows = [r for r in rows if not absurd(r)]
+    return rows if goal == "quality" else [r for r in rows if r["kld_mean"] <= max_kld]
+
+
 def lead(best: dict[str, Any], rows: list[dict[str, Any]], key: str, higher: bool) -> dict[str, Any] | None:
     """How far ``best`` is ahead of the runner-up on ``key``: the difference's interval, from the two intervals."""
     others = [r for r in rows if r is not best]
@@ -415,7 +421,11 @@ def lead(best: dict[str, Any], rows: list[dict[str, Any]], key: str, higher: boo
                                                                              else runner[key] / best[key])}
 
 
-def _why(best: dict[str, Any], rows: list[dict[str, Any]], goal: str, budget: int, tie: str) -> str:
+def _why(best: dict[str, Any], rows: list[dict[str, Any]], goal: str, budget: int, tie: str,
+         rivals: list[dict[str, Any]] | None = None) -> str:
+    """The pick's reason; speed goals compare it with BF16 (or the original), else with the runner-up among
+    ``rivals`` (default: ``rows``)."""
+    rivals = rows if rivals is None else rivals
     fit_text = f"fits {format_bytes(budget)} with {format_bytes(budget - best['memory_bytes'])} headroom"
     quality = f"KLD {best['kld_mean']:.4f}, top-1 {100 * best['top1']:.1f}%"
     tie_text = f" ({tie})" if tie else ""
@@ -423,28 +433,30 @@ def _why(best: dict[str, Any], rows: list[dict[str, Any]], goal: str, budget: in
     if goal == "throughput":
         lo, hi = interval(best, "prefill_tok_s")
         return (f"{best['name']}: {best['prefill_tok_s']:.0f} prefill tok/s ({cover} interval {lo:.0f}–{hi:.0f})"
-                f"{_against(best, rows, 'prefill_tok_s', True, '')} at {quality}; {fit_text}{tie_text}")
+                f"{_against(best, rows, rivals, 'prefill_tok_s', True, '')} at {quality}; {fit_text}{tie_text}")
     if goal == "latency":
         lo, hi = interval(best, "itl_p50_ms")
         return (f"{best['name']}: {best['itl_p50_ms']:.1f} ms per token (p50; {cover} interval {lo:.1f}–{hi:.1f})"
-                f"{_against(best, rows, 'itl_p50_ms', False, ' faster than')} at {quality}; {fit_text}{tie_text}")
+                f"{_against(best, rows, rivals, 'itl_p50_ms', False, ' faster than')} at {quality}; "
+                f"{fit_text}{tie_text}")
     if goal == "size":
         return (f"{best['name']}: the smallest that stays under the KLD limit, "
                 f"{format_bytes(best['memory_bytes'])} in memory at {quality}; {fit_text}{tie_text}")
     return f"{best['name']}: the lowest KLD among the variants that fit ({quality}); {fit_text}{tie_text}"
 
 
-def _against(best: dict[str, Any], rows: list[dict[str, Any]], key: str, higher: bool, verb: str) -> str:
+def _against(best: dict[str, Any], rows: list[dict[str, Any]], rivals: list[dict[str, Any]], key: str,
+             higher: bool, verb: str) -> str:
     """", 1.43x BF16," against the unquantized baseline when it was measured; when it does not fit the device
     or is the pick itself, against the runner-up on the same figure; nothing when the pick was the only one."""
     base = next((r for r in rows if r["name"] == "BF16"), None) or next(
         (r for r in rows if r.get("kind") == "original"), None)
     label = base["name"] if base is not None else ""
     if base is None or base is best:
-        runner = lead(best, rows, key, higher)
+        runner = lead(best, rivals, key, higher)
         if runner is None:
             return ""
-        base = next(r for r in rows if r["name"] == runner["runner_up"])
+        base = next(r for r in rivals if r["name"] == runner["runner_up"])
         label = f"{base['name']} (the runner-up{'' if label else '; BF16 and the original do not fit'})"
     ratio = best[key] / base[key] if higher else base[key] / best[key]
     return f", {ratio:.2f}x{verb} {label},"
@@ -603,7 +615,8 @@ def recommend(model: str | Path, *, memory: str | int, goal: str = "throughput",
                           + "; ".join(f"{s['name']} ({s['reason']})" for s in skipped))
 
     best, note, tied = choose(rows, goal, max_kld)
-    why = _why(best, rows, goal, budget, note) if best else note
+    rivals = contenders(rows, goal, max_kld)
+    why = _why(best, rows, goal, budget, note, rivals) if best else note
     key, higher = CRITERIA[goal][0]
     machine = machine_summary(rows)
     if best and machine["busy"]:
@@ -611,7 +624,7 @@ def recommend(model: str | Path, *, memory: str | int, goal: str = "throughput",
     return Recommendation(
         model=str(model), fingerprint=fingerprint, goal=goal, memory_bytes=budget, context=context, batch=batch,
         max_kld=max_kld, choice=best["name"] if best else None, why=why, tie=note if best else "", tied=tied,
-        lead=lead(best, rows, key, higher) if best else None, machine=machine, measured=rows,
+        lead=lead(best, rivals, key, higher) if best else None, machine=machine, measured=rows,
         pareto=pareto_front(rows, SPEED_KEY[goal]),
         excluded=[{"name": v.name, "needs_bytes": r["total_bytes"], "reason": "does not fit"} for v, r in excluded]
         + [{"name": r["name"], "kld_mean": r["kld_mean"], "reason": f"KLD above {max_kld}"}
