@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 
 from _common import append_section, markdown_table
+from bench_eval import MODELS
 
 from slimlm import resources
 from slimlm.distill.recipe import distill
@@ -100,7 +101,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=50, help="optimizer steps per run (4 runs)")
     ap.add_argument("--batch", type=int, default=4, help="sequences per step")
     ap.add_argument("--seq-len", type=int, default=256)
-    ap.add_argument("--model", choices=("smollm2", "qwen2"), default="smollm2", help="the teacher")
+    ap.add_argument("--model", choices=sorted(MODELS), default="smollm2", help="the teacher")
     ap.add_argument("--drop-layers", type=int, default=10, help="student A: layers removed from the 30")
     ap.add_argument("--prune-heads", type=float, default=1.0, help="student A: share of query heads kept per KV group")
     ap.add_argument("--prune-mlp", type=float, default=1.0, help="student A: share of MLP channels kept")
@@ -137,8 +138,8 @@ def main() -> None:
         raise SystemExit("--students takes A, B or A,B")
 
     started = time.perf_counter()
-    teacher = Path(resources.builtin_hf_dir() if args.model == "smollm2" else resources.qwen2_hf_dir())
-    teacher_name = {"smollm2": "SmolLM2-135M", "qwen2": "Qwen2.5-Coder-0.5B-Instruct"}[args.model]
+    teacher_name, _, teacher_dir = MODELS[args.model]
+    teacher = Path(teacher_dir())
     shrink = {"drop_layers": args.drop_layers, "heads_keep": args.prune_heads, "mlp_keep": args.prune_mlp}
     test_txt = resources.wikitext_path("test")
     eval_sequences = 4  # distill's own held-out (last sequences of the text, never trained on)

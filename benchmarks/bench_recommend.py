@@ -14,23 +14,22 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import append_section, markdown_table  # noqa: E402
+from bench_eval import MODELS  # noqa: E402
 
-from slimlm import resources  # noqa: E402
 from slimlm.recommend import GOALS, recommend  # noqa: E402
-
-NAMES = {"smollm2": "SmolLM2-135M-Instruct", "qwen2": "Qwen2.5-Coder-0.5B-Instruct"}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", choices=sorted(NAMES), default="qwen2")
+    ap.add_argument("--model", choices=sorted(MODELS), default="qwen2")
     ap.add_argument("--memory", default="1.5GiB")
     ap.add_argument("--context", type=int, default=4096)
     ap.add_argument("--chunks", type=int, default=4)
     ap.add_argument("--runs", type=int, default=6)
     ap.add_argument("--no-append", action="store_true")
     args = ap.parse_args()
-    model = resources.builtin_hf_dir() if args.model == "smollm2" else resources.qwen2_hf_dir()
+    name, _, hf_dir = MODELS[args.model]
+    model = hf_dir()
 
     def say(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
@@ -45,7 +44,7 @@ def main() -> None:
              f"{r['make_seconds']:.0f}"] for r in first.measured]
     picks = "\n".join(f"- **{goal}**: {rec.choice or 'nothing'}. {rec.why}" for goal, rec in recs.items())
     left = [f"{x['name']} ({x.get('reason') or 'does not fit'})" for x in first.excluded + first.skipped]
-    body = (f"{NAMES[args.model]} (fp32 HF dir from the shipped GGUF), device memory {args.memory}, context "
+    body = (f"{name} (fp32 HF dir from the shipped GGUF), device memory {args.memory}, context "
             f"{args.context} x batch 1, engine {first.engine}. KLD / top-1 / ppl against the original on wikitext-2 "
             f"test ({args.chunks} windows of 512); speed: one `bench` session, {args.runs} rounds round-robin, "
             f"prompt {first.settings.get('prompt')} + {first.settings.get('gen')} new tokens, medians. "
@@ -59,7 +58,7 @@ def main() -> None:
     if args.no_append:
         print(body)
     else:
-        append_section(f"slimlm recommend: {NAMES[args.model]}, {args.memory} (bench_recommend.py)", body)
+        append_section(f"slimlm recommend: {name}, {args.memory} (bench_recommend.py)", body)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import append_section, markdown_table  # noqa: E402
-from bench_eval import MODELS as EVAL_MODELS  # noqa: E402
+from bench_eval import MODELS  # noqa: E402
 
 from slimlm import resources  # noqa: E402
 from slimlm.evaluate.bench import bench, default_backends  # noqa: E402
@@ -30,15 +30,15 @@ def main() -> None:
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--model", choices=("smollm2", "qwen2"), default="smollm2")
+    ap.add_argument("--model", choices=sorted(MODELS), default="smollm2")
     ap.add_argument("--backends", default=None, help="comma-separated (default: slimlm bench's for a GGUF file)")
     ap.add_argument("--no-f16", action="store_true", help="leave out llama.cpp on the F16 GGUF")
     ap.add_argument("--no-append", action="store_true")
     args = ap.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
-    name, shipped = {"smollm2": ("SmolLM2-135M", "Q4_1 GGUF"),
-                     "qwen2": ("Qwen2.5-Coder-0.5B-Instruct", "shipped Q5_0/Q4_K/Q6_K/Q8_0 GGUF")}[args.model]
-    gguf = resources.smollm2_gguf_path() if args.model == "smollm2" else resources.qwen2_gguf_path()
+    name, shipped_gguf, _ = MODELS[args.model]
+    shipped = {"smollm2": "Q4_1 GGUF", "qwen2": "shipped Q5_0/Q4_K/Q6_K/Q8_0 GGUF"}[args.model]
+    gguf = shipped_gguf()
     backends = args.backends.split(",") if args.backends else default_backends(gguf)
 
     def progress(done: int, total: int, label: str) -> None:
@@ -48,7 +48,7 @@ def main() -> None:
                    backends=backends, runs=args.runs, progress=progress)
     rows = [(f"{r['backend']} ({shipped if r['backend'] in ('llama.cpp', 'native') else r['dtype']})", r)
             for r in report["rows"]]
-    f16 = resources.cache_dir() / "bench" / f"{EVAL_MODELS[args.model][0]}-F16.gguf"  # bench_eval.py's file
+    f16 = resources.cache_dir() / "bench" / f"{name}-F16.gguf"  # bench_eval.py's file
     if f16.is_file() and "llama.cpp" in backends and not args.no_f16:
         extra = bench(f16, prompt=args.prompt, gen=args.gen, batches=batches, threads=args.threads,
                       backends=["llama.cpp"], runs=args.runs, progress=progress)

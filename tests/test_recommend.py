@@ -83,18 +83,18 @@ def test_why_compares_with_the_runner_up_when_no_baseline_fits():
 
     rows = [{**_row("Q6_K", 0.0004, 90, 272), "kind": "gguf"}, {**_row("Q8_0", 0.0002, 95, 265), "kind": "gguf"}]
     best = choose(rows, "throughput", 0.1)[0]
-    why = _why(best, rows, "throughput", 100, "")
+    why = _why(best, rows, rows, "throughput", 100, "")
     assert "nan" not in why and "1.03x Q8_0 (the runner-up; BF16 and the original do not fit)" in why
-    why = _why(rows[0], rows, "latency", 100, "")
+    why = _why(rows[0], rows, rows, "latency", 100, "")
     assert "nan" not in why and "faster than Q8_0 (the runner-up" in why
     base = {**_row("BF16", 0.0, 99, 300), "kind": "bf16"}
-    assert "1.10x Q6_K (the runner-up)," in _why(base, [base, *rows], "throughput", 100, "")
-    assert "0.91x BF16," in _why(rows[0], [base, *rows], "throughput", 100, "")
-    assert "x" not in _why(rows[0], rows[:1], "throughput", 100, "").split("interval")[1].split(" at ")[0]
+    assert "1.10x Q6_K (the runner-up)," in _why(base, [base, *rows], [base, *rows], "throughput", 100, "")
+    assert "0.91x BF16," in _why(rows[0], [base, *rows], [base, *rows], "throughput", 100, "")
+    assert "x" not in _why(rows[0], rows[:1], rows[:1], "throughput", 100, "").split("interval")[1].split(" at ")[0]
     lossy = {**_row("Q2_K", 0.5, 80, 280), "kind": "gguf"}  # faster, but over the KLD limit: not a rival
     rivals = contenders([*rows, lossy], "throughput", 0.1)
-    assert "Q2_K" not in _why(rows[0], [*rows, lossy], "throughput", 100, "", rivals)
-    assert "Q2_K" in _why(rows[0], [*rows, lossy], "throughput", 100, "")
+    assert "Q2_K" not in _why(rows[0], [*rows, lossy], rivals, "throughput", 100, "")
+    assert "Q2_K" in _why(rows[0], [*rows, lossy], [*rows, lossy], "throughput", 100, "")
 
 
 def test_report_html_and_refuses_mixed_models(tiny_lm_dir: Path, text_file: Path, tmp_path: Path):

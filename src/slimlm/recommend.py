@@ -421,11 +421,10 @@ def lead(best: dict[str, Any], rows: list[dict[str, Any]], key: str, higher: boo
                                                                              else runner[key] / best[key])}
 
 
-def _why(best: dict[str, Any], rows: list[dict[str, Any]], goal: str, budget: int, tie: str,
-         rivals: list[dict[str, Any]] | None = None) -> str:
+def _why(best: dict[str, Any], rows: list[dict[str, Any]], rivals: list[dict[str, Any]], goal: str, budget: int,
+         tie: str) -> str:
     """The pick's reason; speed goals compare it with BF16 (or the original), else with the runner-up among
-    ``rivals`` (default: ``rows``)."""
-    rivals = rows if rivals is None else rivals
+    ``rivals`` (:func:`contenders`)."""
     fit_text = f"fits {format_bytes(budget)} with {format_bytes(budget - best['memory_bytes'])} headroom"
     quality = f"KLD {best['kld_mean']:.4f}, top-1 {100 * best['top1']:.1f}%"
     tie_text = f" ({tie})" if tie else ""
@@ -616,7 +615,7 @@ def recommend(model: str | Path, *, memory: str | int, goal: str = "throughput",
 
     best, note, tied = choose(rows, goal, max_kld)
     rivals = contenders(rows, goal, max_kld)
-    why = _why(best, rows, goal, budget, note, rivals) if best else note
+    why = _why(best, rows, rivals, goal, budget, note) if best else note
     key, higher = CRITERIA[goal][0]
     machine = machine_summary(rows)
     if best and machine["busy"]:
