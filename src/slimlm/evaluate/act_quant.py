@@ -4,13 +4,16 @@ slimlm evaluates a GGUF file's dequantized weights in fp32: the quality the weig
 llama.cpp's CPU matmuls additionally quantize each matmul's input activations to the weight type's
 "vec_dot" type: Q8_K blocks of 256 for K-quants and IQ types, Q8_0 / Q8_1 blocks of 32 for legacy
 quants, f16 for F16 weights. The integer dot products it then computes equal dequant(W) . dequant(x)
-(up to summation order), so rounding the Linear inputs the same way in torch adds the same kind and
-amount of noise. It is an approximation, not a bit-exact replica: on a tiny Q8_0 model it removes about
-a third of the logit gap to llama.cpp, and on SmolLM2 Q4_K_M the emulated and llama.cpp outputs still
-differ by a KLD of the same size as the rounding itself (~0.0035 nats); see BENCHMARKS.md.
+(up to summation order), so rounding the Linear inputs the same way in torch adds the same noise. Op by op,
+on llama.cpp's own inputs, each emulated Linear and the f16 attention give llama.cpp's output to float32
+rounding (tests/test_eval_act_quant.py reads llama.cpp's intermediate tensors). Whole runs still differ: a
+last-bit difference from summation order now and then moves a value across a rounding boundary, that
+becomes a whole quantization step, and after a few layers the two runs carry the same amount of rounding
+noise but not the same draw (on Qwen2.5-0.5B Q4_K_M they differ by a KLD of ~0.0013 nats; see
+BENCHMARKS.md, which compares the two KLDs window by window).
 
-The roundings below follow ggml's reference quantizers (quantize_row_q8_K_ref / q8_0 / q8_1); they are
-written here because no field library exposes activation fake-quantization in these exact formats.
+The roundings below follow the quantizers ggml-cpu runs on x86 (quantize_row_q8_K_ref, the AVX2 q8_0 / q8_1);
+they are written here because no field library exposes activation fake-quantization in these exact formats.
 """
 
 from __future__ import annotations
@@ -25,24 +28,35 @@ from slimlm.errors import SlimlmError
 QK_K, QK8_0 = 256, 32
 
 
+def _over(numerator: float, x: torch.Tensor) -> torch.Tensor:
+    """numerator / x rounded once, as C's float division: torch computes ``scalar / tensor`` as
+    reciprocal(x) * scalar, which differs in the last bit for about a quarter of inputs and so flips
+    halfway roundings that llama.cpp does not flip."""
+    return torch.full_like(x, numerator) / x
+
+
 def fake_q8_K(x: torch.Tensor) -> torch.Tensor:
     """Round to Q8_K and back: per 256 values, scale -127/(signed value of largest magnitude)."""
     shape, dtype = x.shape, x.dtype
     xb = x.reshape(-1, QK_K).float()
     signed_max = xb.gather(-1, xb.abs().argmax(-1, keepdim=True))  # first largest magnitude, as ggml
     nonzero = signed_max != 0
-    iscale = torch.where(nonzero, -127.0 / torch.where(nonzero, signed_max, 1.0), 0.0)
+    iscale = torch.where(nonzero, _over(-127.0, torch.where(nonzero, signed_max, 1.0)), 0.0)
     q = torch.round(iscale * xb).clamp(max=127)
     d = torch.where(nonzero, 1.0 / torch.where(nonzero, iscale, 1.0), 0.0)
     return (q * d).reshape(shape).to(dtype)
 
 
 def fake_q8_0(x: torch.Tensor) -> torch.Tensor:
-    """Round to Q8_0 (= Q8_1's values) and back: per 32 values, d = amax/127 stored as f16."""
+    """Round to Q8_0 (= Q8_1's values) and back: per 32 values, d = amax/127 stored as f16.
+
+    The multiplier is 127/amax, as in ggml-cpu's x86 quantize_row_q8_0 (which llama.cpp runs), not the
+    reference quantizer's 1/d: the two differ in the last bit and so round some halfway values differently."""
     shape, dtype = x.shape, x.dtype
     xb = x.reshape(-1, QK8_0).float()
-    d = xb.abs().amax(-1, keepdim=True) / 127.0
-    inv = torch.where(d != 0, 1.0 / torch.where(d != 0, d, 1.0), 0.0)
+    amax = xb.abs().amax(-1, keepdim=True)
+    d = amax / 127.0
+    inv = torch.where(amax != 0, _over(127.0, torch.where(amax != 0, amax, 1.0)), 0.0)
     q = torch.round(xb * inv)
     return (q * d.half().float()).reshape(shape).to(dtype)
 
