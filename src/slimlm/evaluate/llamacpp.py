@@ -9,7 +9,8 @@ are patched for the duration of the load. Used by tests and benchmarks that take
 from __future__ import annotations
 
 import ctypes
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -22,22 +23,30 @@ def open_llama(path: str | Path, **kwargs: Any):
     """``llama_cpp.Llama(path, verbose=False, **kwargs)`` with weight repacking off."""
     try:
         import llama_cpp
-        import llama_cpp.llama_cpp as lib
     except ImportError:
         raise SlimlmError("llama.cpp as oracle needs llama-cpp-python: pip install 'slimlm[llama]'") from None
+    with _defaults("llama_model_default_params", lambda params: setattr(params, "use_extra_bufts", False)):
+        return llama_cpp.Llama(str(path), verbose=False, **kwargs)
 
-    original = lib.llama_model_default_params
 
-    def no_repack():
+@contextmanager
+def _defaults(name: str, edit: Callable[[Any], None]) -> Iterator[None]:
+    """For the block, every call of llama-cpp-python's default-params function ``name`` returns params passed
+    through ``edit``: ``Llama`` takes its model and context params from these and offers no other way in."""
+    import llama_cpp.llama_cpp as lib
+
+    original = getattr(lib, name)
+
+    def edited():
         params = original()
-        params.use_extra_bufts = False
+        edit(params)
         return params
 
-    lib.llama_model_default_params = no_repack
+    setattr(lib, name, edited)
     try:
-        return llama_cpp.Llama(str(path), verbose=False, **kwargs)
+        yield
     finally:
-        lib.llama_model_default_params = original
+        setattr(lib, name, original)
 
 
 # ggml's struct ggml_tensor up to its name (ggml.h, as in llama-cpp-python 0.3.36's llama.cpp): hand-written
@@ -76,18 +85,8 @@ def capture_tensors(path: str | Path, ids: list[int], want: Callable[[str], bool
         return True
 
     callback = lib.ggml_backend_sched_eval_callback(observe)
-    original = lib.llama_context_default_params
-
-    def with_callback():
-        params = original()
-        params.cb_eval = callback
-        return params
-
-    lib.llama_context_default_params = with_callback
-    try:
+    with _defaults("llama_context_default_params", lambda params: setattr(params, "cb_eval", callback)):
         llm = open_llama(path, n_ctx=max(64, len(ids)), n_batch=len(ids), n_ubatch=len(ids), **kwargs)
-    finally:
-        lib.llama_context_default_params = original
     llm.eval(list(ids))
     del llm
     return found
