@@ -306,7 +306,21 @@ def stage_speed(work: Path, repeats: int) -> None:
     append_section(f"GGUF quantize wall time (bench_gguf.py, {MODEL})", body)
 
 
-def stage_greedy(work: Path, n_tokens: int = 32) -> None:
+GREEDY_PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,"]
+
+
+def wikitext_prompts(count: int) -> list[str]:
+    """``count`` prompts nobody picked: the first sentence (up to 12 words) of evenly spaced wikitext-2 test
+    paragraphs, for a larger greedy sample than the three fixed prompts."""
+    from slimlm import resources
+
+    paragraphs = [line.strip() for line in resources.wikitext_path("test").read_text().splitlines()
+                  if len(line.split()) > 40 and not line.strip().startswith("=")]
+    step = max(1, len(paragraphs) // max(count, 1))
+    return [" ".join(p.split(" . ")[0].split()[:12]) for p in paragraphs[::step][:count]]
+
+
+def stage_greedy(work: Path, n_tokens: int = 32, extra_prompts: int = 0) -> None:
     import torch
 
     from slimlm.quantize.gguf import quantize_gguf
@@ -320,8 +334,8 @@ def stage_greedy(work: Path, n_tokens: int = 32) -> None:
     out = work / "ours-Q8_0.gguf"
     if not out.exists():
         quantize_gguf(hf_dir(), "Q8_0", out)
-    rows = []
-    for prompt in ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,"]:
+    rows, tally = [], {"decode": 0, "full": 0, "self": 0}
+    for prompt in GREEDY_PROMPTS + wikitext_prompts(extra_prompts):
         loaded = load_model(out)
         ids = loaded.tokenizer.encode(prompt, add_special_tokens=False)
         loaded.model.generation_config.eos_token_id = None  # like llama.cpp's generate: keep going after EOS
@@ -364,6 +378,9 @@ def stage_greedy(work: Path, n_tokens: int = 32) -> None:
             return next((i for i, (a, b) in enumerate(zip(seq, other)) if a != b), n_tokens)
 
         first = agree(batched)
+        tally["decode"] += agree(runtime) == n_tokens
+        tally["full"] += agree(runtime, full) == n_tokens
+        tally["self"] += first == n_tokens
         rows.append([repr(prompt), agree(runtime), agree(runtime, full), agree(ours), agree(emulated), first,
                      f"{gaps[first]:.3f}" if first < n_tokens else "-", repr(loaded.tokenizer.decode(runtime))[:40]])
     body = (f"Q8_0 GGUF written by slimlm; greedy decoding of {n_tokens} tokens by llama.cpp (llama-cpp-python) and "
@@ -381,7 +398,13 @@ def stage_greedy(work: Path, n_tokens: int = 32) -> None:
             + markdown_table(["prompt", "slimlm generate", "slimlm generate vs llama.cpp full-prefix",
                               "transformers fp32", "transformers, llama.cpp rounding",
                               "llama.cpp batched argmax", "top-2 gap there", "slimlm generate's text"], rows)
-            + f"\n\nCommand: `python benchmarks/bench_gguf.py --model {MODEL} --stages greedy`")
+            + f"\n\nAll {n_tokens} tokens equal, over {len(rows)} prompts: slimlm generate = llama.cpp's cached decode "
+            f"on {tally['decode']}, = llama.cpp's full-prefix greedy on {tally['full']}; llama.cpp's batched argmax = "
+            f"its own cached decode on {tally['self']}."
+            + (f" Prompts 4–{len(rows)}: the first sentence (≤ 12 words) of evenly spaced wikitext-2 test "
+               "paragraphs." if extra_prompts else "")
+            + f"\n\nCommand: `python benchmarks/bench_gguf.py --model {MODEL} --stages greedy"
+            + (f" --greedy-prompts {extra_prompts}`" if extra_prompts else "`"))
     append_section(f"GGUF Q8_0: llama.cpp vs slimlm greedy tokens (bench_gguf.py, {MODEL})", body)
 
 
@@ -494,6 +517,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--scratch", action="store_true", help="append tables to WORK/BENCHMARKS.md, not the repo's")
     ap.add_argument("--model", choices=sorted(MODEL_NAMES), default="smollm2")
+    ap.add_argument("--greedy-prompts", type=int, default=0,
+                    help="greedy stage: this many wikitext-2 prompts beyond the three fixed ones")
     args = ap.parse_args()
     global MODEL
     MODEL = args.model
@@ -509,7 +534,7 @@ def main() -> None:
                                          [float(d) for d in args.damps.split(",")], args.methods.split(","),
                                          args.hessian_chunks),
         "speed": lambda: stage_speed(args.work, args.repeats),
-        "greedy": lambda: stage_greedy(args.work),
+        "greedy": lambda: stage_greedy(args.work, extra_prompts=args.greedy_prompts),
         "imatrix-bytes": lambda: stage_imatrix_bytes(args.work, args.calib_chunks, args.mixes.split(",")),
         "rss": lambda: stage_rss(args.work),
         "tokens": lambda: stage_tokens(args.work),
