@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import append_section, markdown_table  # noqa: E402
+from _common import append_section, markdown_table, publish  # noqa: E402
 
 from slimlm import resources  # noqa: E402
 from slimlm.evaluate import evaluate  # noqa: E402
@@ -194,10 +194,7 @@ def paired_section(model_name: str, f16: Path, q4km: Path, text: str, chunks: in
              f"windows 1–{half} {halves[0]}, {half + 1}–{chunks} {halves[1]}. KLD(slimlm emulated Q4_K_M ‖ "
              f"llama.cpp Q4_K_M) = {r['cross']:.5f}: the same amount of rounding noise, a different draw. "
              f"{time.perf_counter() - started:.0f} s.")
-    if no_append:
-        print(body)
-    else:
-        append_section(f"KLD agreement with llama.cpp, window-paired ({model_name})", body)
+    publish(f"KLD agreement with llama.cpp, window-paired ({model_name})", body, no_append)
 
 
 def main() -> None:
