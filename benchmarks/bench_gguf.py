@@ -334,7 +334,7 @@ def stage_greedy(work: Path, n_tokens: int = 32, extra_prompts: int = 0) -> None
     out = work / "ours-Q8_0.gguf"
     if not out.exists():
         quantize_gguf(hf_dir(), "Q8_0", out)
-    rows, tally = [], {"decode": 0, "full": 0, "self": 0}
+    rows, tally = [], {"decode": 0, "full": 0, "self": 0, "fp32": 0, "hf": 0, "emu": 0}
     for prompt in GREEDY_PROMPTS + wikitext_prompts(extra_prompts):
         loaded = load_model(out)
         ids = loaded.tokenizer.encode(prompt, add_special_tokens=False)
@@ -354,6 +354,11 @@ def stage_greedy(work: Path, n_tokens: int = 32, extra_prompts: int = 0) -> None
         net, _, _ = open_model(str(out), "native", None)
         runtime = generate_ids(net, torch.tensor([ids]), max_new_tokens=n_tokens, sampling=SamplingConfig(greedy=True),
                                eos_ids=set()).new_ids[0]
+        # the same runtime on the file's weights dequantized to fp32 (`slimlm generate --scheme fp32`)
+        net32, _, _ = open_model(str(out), "fp32", None)
+        runtime32 = generate_ids(net32, torch.tensor([ids]), max_new_tokens=n_tokens,
+                                 sampling=SamplingConfig(greedy=True), eos_ids=set()).new_ids[0]
+        del net32
         llm = open_llama(out, n_ctx=256)
         theirs = []
         for tok in llm.generate(ids, temp=0.0, top_k=1):
@@ -381,10 +386,15 @@ def stage_greedy(work: Path, n_tokens: int = 32, extra_prompts: int = 0) -> None
         tally["decode"] += agree(runtime) == n_tokens
         tally["full"] += agree(runtime, full) == n_tokens
         tally["self"] += first == n_tokens
-        rows.append([repr(prompt), agree(runtime), agree(runtime, full), agree(ours), agree(emulated), first,
+        tally["fp32"] += agree(runtime32) == n_tokens
+        tally["hf"] += agree(ours) == n_tokens
+        tally["emu"] += agree(emulated) == n_tokens
+        rows.append([repr(prompt), agree(runtime), agree(runtime, full), agree(runtime32), agree(ours), agree(emulated),
+                     first,
                      f"{gaps[first]:.3f}" if first < n_tokens else "-", repr(loaded.tokenizer.decode(runtime))[:40]])
     body = (f"Q8_0 GGUF written by slimlm; greedy decoding of {n_tokens} tokens by llama.cpp (llama-cpp-python) and "
-            "by slimlm: `slimlm generate`'s runtime (lean forward; Q8_0 weights dequantized to bf16), and "
+            "by slimlm: `slimlm generate`'s runtime (lean forward; Q8_0 weights dequantized to bf16; and with "
+            "`--scheme fp32`, the file's weights dequantized to fp32), and "
             "transformers on the dequantized GGUF (slimlm.models.load_model) in fp32 activations and with "
             "llama.cpp's CPU activation rounding emulated (`--act-quant llama.cpp`: each "
             "Q8_0 matmul input rounded to Q8_0 blocks and attention's operands to f16, as llama.cpp's kernels and "
@@ -396,11 +406,12 @@ def stage_greedy(work: Path, n_tokens: int = 32, extra_prompts: int = 0) -> None
             f"{n_tokens} steps evaluates the whole prefix afresh, with no KV cache. Every count is of leading tokens "
             f"equal to llama.cpp's cached decode unless the column says otherwise; {n_tokens} = all.\n\n"
             + markdown_table(["prompt", "slimlm generate", "slimlm generate vs llama.cpp full-prefix",
-                              "transformers fp32", "transformers, llama.cpp rounding",
+                              "slimlm generate --scheme fp32", "transformers fp32", "transformers, llama.cpp rounding",
                               "llama.cpp batched argmax", "top-2 gap there", "slimlm generate's text"], rows)
             + f"\n\nAll {n_tokens} tokens equal, over {len(rows)} prompts: slimlm generate = llama.cpp's cached decode "
-            f"on {tally['decode']}, = llama.cpp's full-prefix greedy on {tally['full']}; llama.cpp's batched argmax = "
-            f"its own cached decode on {tally['self']}."
+            f"on {tally['decode']}, = llama.cpp's full-prefix greedy on {tally['full']}; slimlm generate --scheme fp32 "
+            f"= llama.cpp's cached decode on {tally['fp32']}; transformers fp32 on {tally['hf']}, with llama.cpp's "
+            f"rounding on {tally['emu']}; llama.cpp's batched argmax = its own cached decode on {tally['self']}."
             + (f" Prompts 4–{len(rows)}: the first sentence (≤ 12 words) of evenly spaced wikitext-2 test "
                "paragraphs." if extra_prompts else "")
             + f"\n\nCommand: `python benchmarks/bench_gguf.py --model {MODEL} --stages greedy"
