@@ -84,6 +84,11 @@ def llama_cpp_ppl(path: Path, text: str, chunks: int) -> tuple[float, float]:
     return float(np.exp(nll.mean())), seconds
 
 
+def _kl(p: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """KL(P ‖ Q) per row, from log-probabilities."""
+    return (np.exp(p) * (p - q)).sum(1)
+
+
 def kld_decomposition(f16_path: Path, q_path: Path, f16_lm, q_lm, q_emu_lm, windows: torch.Tensor, text: str,
                       chunks: int) -> dict[str, float]:
     """KLDs between four computations of the same windows: llama.cpp and slimlm (torch), F16 and Q4_K_M.
@@ -102,16 +107,16 @@ def kld_decomposition(f16_path: Path, q_path: Path, f16_lm, q_lm, q_emu_lm, wind
                   iter_scored_logprobs(q_emu_lm.model, windows[:chunks]))
     for (a, targets), (b, _), (_, _, ours_f16), (_, _, ours_q), (_, _, ours_q_emu) in streams:
         of16, oq, oqe = ours_f16[0].double().numpy(), ours_q[0].double().numpy(), ours_q_emu[0].double().numpy()
-        sums["q_emu_cross"].append((np.exp(oqe) * (oqe - b)).sum(1))
-        sums["cpp"].append((np.exp(a) * (a - b)).sum(1))
+        sums["q_emu_cross"].append(_kl(oqe, b))
+        sums["cpp"].append(_kl(a, b))
         sums["cpp_top1"].append(a.argmax(1) == b.argmax(1))
-        sums["q_cross"].append((np.exp(oq) * (oq - b)).sum(1))
-        sums["f16_cross"].append((np.exp(of16) * (of16 - a)).sum(1))
+        sums["q_cross"].append(_kl(oq, b))
+        sums["f16_cross"].append(_kl(of16, a))
     del cpp_f16, cpp_q
     return {k: float(np.concatenate(v).mean()) for k, v in sums.items()}
 
 
-def paired_kld(f16_path: Path, q_path: Path, windows: torch.Tensor, text: str, chunks: int) -> dict[str, object]:
+def paired_kld(f16_path: Path, q_path: Path, text: str, chunks: int) -> dict[str, object]:
     """Per-window KLD(F16 ‖ Q4_K_M) from llama.cpp and from slimlm with llama.cpp's rounding emulated (both
     models emulated), paired by window.
 
@@ -125,17 +130,18 @@ def paired_kld(f16_path: Path, q_path: Path, windows: torch.Tensor, text: str, c
 
     cpp_f16, cpp_q = llama_cpp_open(f16_path), llama_cpp_open(q_path)
     f16_lm, q_lm = load_model(f16_path), load_model(q_path)
+    tokens = f16_lm.tokenizer(text, add_special_tokens=False)["input_ids"]
+    windows = torch.tensor(tokens[:chunks * CTX]).view(chunks, CTX)
     emulate_llama_cpp_activations(f16_lm.model, f16_path)
     emulate_llama_cpp_activations(q_lm.model, q_path)
     cpp, ours, cross = [], [], []
     streams = zip(llama_cpp_logprobs(cpp_f16, text, chunks), llama_cpp_logprobs(cpp_q, text, chunks),
-                  iter_scored_logprobs(f16_lm.model, windows[:chunks]),
-                  iter_scored_logprobs(q_lm.model, windows[:chunks]))
+                  iter_scored_logprobs(f16_lm.model, windows), iter_scored_logprobs(q_lm.model, windows))
     for (a, _), (b, _), (_, _, of), (_, _, oq) in streams:
         of, oq = of[0].double().numpy(), oq[0].double().numpy()
-        cpp.append(float((np.exp(a) * (a - b)).sum(1).mean()))
-        ours.append(float((np.exp(of) * (of - oq)).sum(1).mean()))
-        cross.append(float((np.exp(oq) * (oq - b)).sum(1).mean()))
+        cpp.append(float(_kl(a, b).mean()))
+        ours.append(float(_kl(of, oq).mean()))
+        cross.append(float(_kl(oq, b).mean()))
     del cpp_f16, cpp_q
     cpp_a, ours_a = np.array(cpp), np.array(ours)
     diff = ours_a - cpp_a
@@ -175,10 +181,8 @@ def make_ggufs(model: str) -> tuple[Path, Path]:
 
 def paired_section(model_name: str, f16: Path, q4km: Path, text: str, chunks: int, no_append: bool) -> None:
     """Window-paired KLD agreement of `slimlm eval --act-quant llama.cpp` with llama.cpp, as a section."""
-    tokens = load_model(f16).tokenizer(text, add_special_tokens=False)["input_ids"]
-    windows = torch.tensor(tokens[:chunks * CTX]).view(chunks, CTX)
     started = time.perf_counter()
-    r = paired_kld(f16, q4km, windows, text, chunks)
+    r = paired_kld(f16, q4km, text, chunks)
     half = chunks // 2
     halves = []
     for lo, hi in ((0, half), (half, chunks)):

@@ -22,6 +22,7 @@ tools built from the llama.cpp source vendored in llama-cpp-python's sdist ($LLA
 from __future__ import annotations
 
 import argparse
+from collections import Counter
 import json
 import os
 import statistics
@@ -334,11 +335,15 @@ def stage_greedy(work: Path, n_tokens: int = 32, extra_prompts: int = 0) -> None
     out = work / "ours-Q8_0.gguf"
     if not out.exists():
         quantize_gguf(hf_dir(), "Q8_0", out)
-    rows, tally = [], {"decode": 0, "full": 0, "self": 0, "fp32": 0, "hf": 0, "emu": 0}
+    # slimlm's models load once: every generation below starts from a fresh cache, and the rounding hooks are
+    # removed after each use. llama.cpp opens afresh per prompt (its generate reuses a matching cached prefix).
+    loaded = load_model(out)
+    loaded.model.generation_config.eos_token_id = None  # like llama.cpp's generate: keep going after EOS
+    # slimlm generate's path: the low-bit runtime on the file's own types, and with --scheme fp32
+    nets = {scheme: open_model(str(out), scheme, None)[0] for scheme in ("native", "fp32")}
+    rows, tally = [], Counter()
     for prompt in GREEDY_PROMPTS + wikitext_prompts(extra_prompts):
-        loaded = load_model(out)
         ids = loaded.tokenizer.encode(prompt, add_special_tokens=False)
-        loaded.model.generation_config.eos_token_id = None  # like llama.cpp's generate: keep going after EOS
 
         def greedy() -> list[int]:
             with torch.no_grad():
@@ -350,15 +355,9 @@ def stage_greedy(work: Path, n_tokens: int = 32, extra_prompts: int = 0) -> None
         emulated = greedy()
         for h in hooks:
             h.remove()
-        # slimlm generate's path: the low-bit runtime on the file's own types
-        net, _, _ = open_model(str(out), "native", None)
-        runtime = generate_ids(net, torch.tensor([ids]), max_new_tokens=n_tokens, sampling=SamplingConfig(greedy=True),
-                               eos_ids=set()).new_ids[0]
-        # the same runtime on the file's weights dequantized to fp32 (`slimlm generate --scheme fp32`)
-        net32, _, _ = open_model(str(out), "fp32", None)
-        runtime32 = generate_ids(net32, torch.tensor([ids]), max_new_tokens=n_tokens,
-                                 sampling=SamplingConfig(greedy=True), eos_ids=set()).new_ids[0]
-        del net32
+        runtime, runtime32 = (generate_ids(nets[scheme], torch.tensor([ids]), max_new_tokens=n_tokens,
+                                           sampling=SamplingConfig(greedy=True), eos_ids=set()).new_ids[0]
+                              for scheme in ("native", "fp32"))
         llm = open_llama(out, n_ctx=256)
         theirs = []
         for tok in llm.generate(ids, temp=0.0, top_k=1):
@@ -382,15 +381,13 @@ def stage_greedy(work: Path, n_tokens: int = 32, extra_prompts: int = 0) -> None
         def agree(seq: list[int], other: list[int] = theirs) -> int:
             return next((i for i, (a, b) in enumerate(zip(seq, other)) if a != b), n_tokens)
 
-        first = agree(batched)
-        tally["decode"] += agree(runtime) == n_tokens
-        tally["full"] += agree(runtime, full) == n_tokens
-        tally["self"] += first == n_tokens
-        tally["fp32"] += agree(runtime32) == n_tokens
-        tally["hf"] += agree(ours) == n_tokens
-        tally["emu"] += agree(emulated) == n_tokens
-        rows.append([repr(prompt), agree(runtime), agree(runtime, full), agree(runtime32), agree(ours), agree(emulated),
-                     first,
+        # leading tokens equal: slimlm generate vs llama.cpp's decode and vs its full-prefix greedy, --scheme fp32,
+        # transformers fp32 and emulated, llama.cpp's batched argmax vs its own decode
+        counts = {"decode": agree(runtime), "full": agree(runtime, full), "fp32": agree(runtime32),
+                  "hf": agree(ours), "emu": agree(emulated), "self": agree(batched)}
+        tally.update(k for k, v in counts.items() if v == n_tokens)
+        first = counts["self"]
+        rows.append([repr(prompt), *counts.values(),
                      f"{gaps[first]:.3f}" if first < n_tokens else "-", repr(loaded.tokenizer.decode(runtime))[:40]])
     body = (f"Q8_0 GGUF written by slimlm; greedy decoding of {n_tokens} tokens by llama.cpp (llama-cpp-python) and "
             "by slimlm: `slimlm generate`'s runtime (lean forward; Q8_0 weights dequantized to bf16; and with "
