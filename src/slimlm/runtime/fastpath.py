@@ -271,7 +271,10 @@ def lean_model(model: nn.Module) -> LeanModel | None:
     """The model's lean forward (built once and kept on the model), or None where it does not apply.
 
     Rebuilt when the model's Linear modules were swapped since (``quantize_`` after a first use) or it was cast.
+    A model that is its own lean forward (``is_lean``: runtime.ggml_replica) is returned as it is.
     """
+    if getattr(model, "is_lean", False):
+        return model
     if unsupported_reason(model) is not None:
         return None
     from slimlm.runtime.linear import QuantLinear

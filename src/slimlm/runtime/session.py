@@ -13,7 +13,7 @@ from slimlm.models import load_model
 from slimlm.runtime.swap import kernel_report, quantize_
 from slimlm.quantize.schemes import get_scheme
 
-RUN_SCHEMES = ("native", "fp32", "bf16", "w8a8", "w8a16", "w4a16")
+RUN_SCHEMES = ("native", "fp32", "bf16", "w8a8", "w8a16", "w4a16", "llama.cpp")
 
 
 def resolve_model_path(model: str | Path) -> Path:
@@ -42,7 +42,8 @@ def open_model(model: str | Path, scheme: str | None = None, threads: int | None
 
     ``scheme`` None/"native" runs a quantized file (GGUF, compressed-tensors) on its own scheme and an fp
     model in fp32; "fp32"/"bf16" run fp weights (a quantized file dequantized); "w8a8"/"w8a16"/"w4a16"
-    quantize fp weights (or a file's dequantized weights) with round-to-nearest on load.
+    quantize fp weights (or a file's dequantized weights) with round-to-nearest on load; "llama.cpp" runs a Q8_0
+    GGUF with llama.cpp's CPU arithmetic replicated (runtime.ggml_replica): its logits and greedy text, bit for bit.
     """
     scheme = (scheme or "native").lower()
     if scheme not in RUN_SCHEMES:
@@ -52,6 +53,8 @@ def open_model(model: str | Path, scheme: str | None = None, threads: int | None
             raise SlimlmError(f"--threads must be >= 1, got {threads}")
         torch.set_num_threads(threads)
     path = resolve_model_path(model)
+    if scheme == "llama.cpp":
+        return _replica(path, with_tokenizer)
     quantized = is_quantized_file(path)
     net, tokenizer, _ = load_model(path, kernels=quantized, reference=scheme != "native", progress=progress,
                                    tokenizer=None if with_tokenizer else False)
@@ -64,6 +67,16 @@ def open_model(model: str | Path, scheme: str | None = None, threads: int | None
     elif scheme in ("w8a8", "w8a16", "w4a16"):
         quantize_(net, get_scheme(scheme), progress=progress)
     return net.eval(), tokenizer, kernel_report(net)
+
+
+def _replica(path: Path, with_tokenizer: bool) -> tuple[nn.Module, object, dict[str, str]]:
+    from slimlm.models.loader import load_tokenizer
+    from slimlm.runtime.ggml_replica import GgmlReplica
+
+    if not path.is_file():
+        raise SlimlmError(f"--scheme llama.cpp runs a GGUF file; {path} is a folder")
+    net = GgmlReplica(path)
+    return net, load_tokenizer(path) if with_tokenizer else None, net.kernel_report()
 
 
 def _plain_linears(model: nn.Module) -> None:

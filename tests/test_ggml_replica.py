@@ -1,0 +1,153 @@
+"""runtime.ggml_replica: llama.cpp's CPU arithmetic replicated, so its logits (and greedy text) match bit for bit."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from slimlm.errors import SlimlmError
+from slimlm.runtime import ggml_replica as rep
+
+
+def _avx512_llama_cpp() -> None:
+    """Skip unless llama.cpp (llama-cpp-python) is here and built with the AVX-512 kernels the replica follows."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    if "AVX512 = 1" not in llama_cpp.llama_print_system_info().decode():
+        pytest.skip("llama.cpp here is not an AVX-512 build: the replica follows AVX-512 kernels")
+
+
+def _tiny_q8_0(tmp_path: Path, arch: str, **kwargs) -> Path:
+    from test_gguf_tiny import make_tiny_model
+
+    from slimlm.quantize.gguf import quantize_gguf
+
+    path = tmp_path / f"{arch}-q8_0.gguf"
+    quantize_gguf(make_tiny_model(tmp_path / arch, arch, **kwargs), "Q8_0", path)
+    return path
+
+
+def test_expf_is_ggmls_approximation() -> None:
+    """Within about ggml_v_expf's stated 1.45 + 0.5 ulp of exp, 0 below -103.97 (masked scores), and not libm's expf."""
+    x = torch.linspace(-80.0, 80.0, 20001)
+    got = rep.expf(x).double()
+    want = torch.exp(x.double())
+    ulp = (want.float().nextafter(torch.tensor(float("inf"))) - want.float()).double()
+    assert float(((got - want).abs() / ulp).max()) < 2.5
+    assert float(rep.expf(torch.tensor([-200.0, float("-inf")])).abs().max()) == 0.0
+    libm = torch.tensor([rep._LIBM.expf(v) for v in x.tolist()])
+    assert not torch.equal(rep.expf(x), libm)  # a different function, as in llama.cpp's SIMD loops
+
+
+def test_lane_sums_keep_ggmls_order() -> None:
+    """The lane trees are not a plain sum: values chosen so the order decides the float32 result."""
+    big, small = 2.0 ** 24, 1.0
+    lanes8 = torch.tensor([big, small, small, small, -big, small, small, small])
+    assert float(rep.sum8(lanes8)) == 6.0  # (big-big) first pairs lanes i and i+4
+    running = np.float32(0.0)
+    for v in lanes8.tolist():  # the same lanes added in order: 3, not 6
+        running = np.float32(running + np.float32(v))
+    assert running == 3.0
+    lanes16 = torch.zeros(16)
+    lanes16[0], lanes16[8], lanes16[1] = big, -big, small
+    assert float(rep.sum16(lanes16)) == 1.0
+
+
+def test_fma_rounds_once() -> None:
+    a = torch.tensor(1.0 + 2.0 ** -12)
+    assert float(rep.fma(a, a, -1.0 - 2.0 ** -11)) == 2.0 ** -24  # a*a rounded first would give 0
+    assert float(a * a - (1.0 + 2.0 ** -11)) == 0.0
+
+
+def test_q8_0_matmul_is_the_dequantized_product_to_rounding() -> None:
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randint(-127, 128, (40, 3, 32), generator=gen, dtype=torch.int8)
+    d = torch.rand(40, 3, generator=gen).half()
+    raw = np.concatenate([d.numpy().view(np.uint8).reshape(40, 3, 2), q.numpy().view(np.uint8)], -1)
+    mat = rep.Q8_0Matrix(raw.reshape(40, -1), (40, 96))
+    x = torch.randn(5, 96, generator=gen)
+    qa, da = rep.quantize_q8_0(x)
+    weights = (q.double() * d.double()[..., None]).reshape(40, 96)
+    want = ((qa * da[..., None]).reshape(5, 96).double() @ weights.T).float()
+    assert float((mat(x) - want).abs().max()) < 1e-6 * float(want.abs().max())  # float32 summation
+    assert torch.equal(mat.rows(torch.tensor([3])), (q[3].float() * d[3].float()[:, None]).reshape(1, -1))
+
+
+@pytest.mark.llamacpp
+@pytest.mark.parametrize("arch, prompt_len, kwargs", [
+    ("qwen2", 19, {"hidden": 256, "heads": 4, "kv_heads": 2, "tie": False}),  # head_dim 64, q/k/v biases, NEOX rope
+    ("llama", 19, {"hidden": 256, "heads": 8, "kv_heads": 2}),  # head_dim 32: ggml_vec_dot_f16's scalar rest; tied
+    ("qwen2", 240, {"hidden": 256, "heads": 4, "kv_heads": 2, "tie": False}),  # decoding past 256 positions
+])
+def test_logits_equal_llama_cpps_bit_for_bit(tmp_path: Path, arch: str, prompt_len: int, kwargs: dict) -> None:
+    """Prefill and 24 cached decode steps: every logit equals llama.cpp's exactly (not to a tolerance)."""
+    _avx512_llama_cpp()
+    from slimlm.evaluate.llamacpp import open_llama
+
+    path = _tiny_q8_0(tmp_path, arch, **kwargs)
+    prompt = torch.randint(3, 200, (prompt_len,), generator=torch.Generator().manual_seed(1)).tolist()
+    llm = open_llama(path, n_ctx=512)
+    net = rep.GgmlReplica(path)
+    cache = net.new_cache(1, prompt_len + 25)
+    step, theirs, ours = prompt, [], []
+    for _ in range(25):
+        llm.eval(step)
+        theirs.append(np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), (net.vocab,)).copy())
+        ours.append(net.forward(torch.tensor([step]), cache=cache, logits_to_keep=1)[0, -1].numpy())
+        step = [int(np.argmax(theirs[-1]))]
+    equal = [bool(np.array_equal(a, b)) for a, b in zip(ours, theirs)]
+    assert all(equal), (equal, float(np.abs(ours[equal.index(False)] - theirs[equal.index(False)]).max()))
+
+
+@pytest.mark.llamacpp
+def test_generate_scheme_llama_cpp_gives_llama_cpps_text(tmp_path: Path) -> None:
+    """The CLI path: ``slimlm generate --scheme llama.cpp`` emits llama.cpp's greedy tokens."""
+    _avx512_llama_cpp()
+    from typer.testing import CliRunner
+
+    from slimlm.cli import app
+    from slimlm.evaluate.llamacpp import open_llama
+    from slimlm.models.loader import load_tokenizer
+
+    path = _tiny_q8_0(tmp_path, "qwen2", hidden=256, heads=4, kv_heads=2, tie=False)
+    prompt = "the quick brown fox"
+    result = CliRunner().invoke(app, ["generate", str(path), prompt, "--scheme", "llama.cpp", "-n", "20", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    ids = load_tokenizer(path).encode(prompt, add_special_tokens=False)
+    llm = open_llama(path, n_ctx=256)
+    theirs = []
+    for tok in llm.generate(ids, temp=0.0, top_k=1):
+        theirs.append(tok)
+        if len(theirs) == len(data["new_ids"][0]):
+            break
+    assert data["new_ids"][0] == theirs
+    assert data["kernel_counts"] and all("replica" in k for k in data["kernel_counts"])
+
+
+def test_unsupported_files_fail_with_one_line(tmp_path: Path) -> None:
+    from test_gguf_tiny import make_tiny_model
+
+    from slimlm.quantize.gguf import quantize_gguf
+
+    hf = make_tiny_model(tmp_path / "q", "qwen2", hidden=256, heads=4, kv_heads=2, tie=False)
+    q4 = tmp_path / "q4.gguf"
+    quantize_gguf(hf, "Q4_0", q4)
+    with pytest.raises(SlimlmError, match=r"Q8_0 matrices only; \S+ is Q\d"):
+        rep.GgmlReplica(q4)
+    gemma = tmp_path / "g.gguf"
+    quantize_gguf(make_tiny_model(tmp_path / "g", "gemma", hidden=256, heads=4, kv_heads=2), "Q8_0", gemma)
+    with pytest.raises(SlimlmError, match="llama and qwen2 graphs; .* is 'gemma'"):
+        rep.GgmlReplica(gemma)
+    q8 = tmp_path / "q8.gguf"
+    quantize_gguf(hf, "Q8_0", q8)
+    net = rep.GgmlReplica(q8)
+    with pytest.raises(SlimlmError, match="one prompt at a time"):
+        net.new_cache(2, 8)
+    with pytest.raises(SlimlmError, match="one prompt at a time"):
+        net.forward(torch.ones(1, 3, dtype=torch.long), attention_mask=torch.tensor([[0, 1, 1]]))
+    assert math.isfinite(float(net.forward(torch.ones(1, 3, dtype=torch.long))[0, -1, 0]))
