@@ -340,8 +340,8 @@ def stage_greedy(work: Path, n_tokens: int = 32, extra_prompts: int = 0) -> None
     loaded = load_model(out)
     loaded.model.generation_config.eos_token_id = None  # like llama.cpp's generate: keep going after EOS
     # slimlm generate's path: the low-bit runtime on the file's own types, and with --scheme fp32
-    nets = {scheme: open_model(str(out), scheme, None)[0] for scheme in ("native", "fp32")}
-    rows, tally = [], Counter()
+    nets = {scheme: open_model(str(out), scheme, None)[0] for scheme in ("native", "fp32", "llama.cpp")}
+    rows, tally, seconds = [], Counter(), {"replica": [], "llama.cpp": []}
     for prompt in GREEDY_PROMPTS + wikitext_prompts(extra_prompts):
         ids = loaded.tokenizer.encode(prompt, add_special_tokens=False)
 
@@ -355,15 +355,18 @@ def stage_greedy(work: Path, n_tokens: int = 32, extra_prompts: int = 0) -> None
         emulated = greedy()
         for h in hooks:
             h.remove()
-        runtime, runtime32 = (generate_ids(nets[scheme], torch.tensor([ids]), max_new_tokens=n_tokens,
-                                           sampling=SamplingConfig(greedy=True), eos_ids=set()).new_ids[0]
-                              for scheme in ("native", "fp32"))
+        runtime, runtime32, replica = (generate_ids(nets[scheme], torch.tensor([ids]), max_new_tokens=n_tokens,
+                                                    sampling=SamplingConfig(greedy=True), eos_ids=set())
+                                       for scheme in ("native", "fp32", "llama.cpp"))
+        runtime, runtime32 = runtime.new_ids[0], runtime32.new_ids[0]
+        seconds["replica"].append(replica.ttft_s + sum(replica.step_s))
         llm = open_llama(out, n_ctx=256)
-        theirs = []
+        theirs, start = [], time.perf_counter()
         for tok in llm.generate(ids, temp=0.0, top_k=1):
             theirs.append(tok)
             if len(theirs) == n_tokens:
                 break
+        seconds["llama.cpp"].append(time.perf_counter() - start)
         # llama.cpp's other path: its batched logits over prompt + its own tokens, argmax per position
         scorer = open_llama(out, n_ctx=256, logits_all=True)
         scorer.eval(ids + theirs)
@@ -383,15 +386,18 @@ def stage_greedy(work: Path, n_tokens: int = 32, extra_prompts: int = 0) -> None
 
         # leading tokens equal: slimlm generate vs llama.cpp's decode and vs its full-prefix greedy, --scheme fp32,
         # transformers fp32 and emulated, llama.cpp's batched argmax vs its own decode
-        counts = {"decode": agree(runtime), "full": agree(runtime, full), "fp32": agree(runtime32),
+        counts = {"replica": agree(replica.new_ids[0]), "decode": agree(runtime), "full": agree(runtime, full),
+                  "fp32": agree(runtime32),
                   "hf": agree(ours), "emu": agree(emulated), "self": agree(batched)}
         tally.update(k for k, v in counts.items() if v == n_tokens)
         first = counts["self"]
         rows.append([repr(prompt), *counts.values(),
                      f"{gaps[first]:.3f}" if first < n_tokens else "-", repr(loaded.tokenizer.decode(runtime))[:40]])
+    replica_s, lcpp_s = statistics.median(seconds["replica"]), statistics.median(seconds["llama.cpp"])
     body = (f"Q8_0 GGUF written by slimlm; greedy decoding of {n_tokens} tokens by llama.cpp (llama-cpp-python) and "
-            "by slimlm: `slimlm generate`'s runtime (lean forward; Q8_0 weights dequantized to bf16; and with "
-            "`--scheme fp32`, the file's weights dequantized to fp32), and "
+            "by slimlm: `slimlm generate --scheme llama.cpp` (runtime.ggml_replica: llama.cpp's CPU arithmetic "
+            "replicated, operation order included), `slimlm generate`'s runtime (lean forward; Q8_0 weights "
+            "dequantized to bf16; and with `--scheme fp32`, the file's weights dequantized to fp32), and "
             "transformers on the dequantized GGUF (slimlm.models.load_model) in fp32 activations and with "
             "llama.cpp's CPU activation rounding emulated (`--act-quant llama.cpp`: each "
             "Q8_0 matmul input rounded to Q8_0 blocks and attention's operands to f16, as llama.cpp's kernels and "
@@ -402,15 +408,20 @@ def stage_greedy(work: Path, n_tokens: int = 32, extra_prompts: int = 0) -> None
             "full-prefix' compares slimlm generate with llama.cpp's greedy text on its batched path: each of the "
             f"{n_tokens} steps evaluates the whole prefix afresh, with no KV cache. Every count is of leading tokens "
             f"equal to llama.cpp's cached decode unless the column says otherwise; {n_tokens} = all.\n\n"
-            + markdown_table(["prompt", "slimlm generate", "slimlm generate vs llama.cpp full-prefix",
+            + markdown_table(["prompt", "slimlm generate --scheme llama.cpp", "slimlm generate",
+                              "slimlm generate vs llama.cpp full-prefix",
                               "slimlm generate --scheme fp32", "transformers fp32", "transformers, llama.cpp rounding",
                               "llama.cpp batched argmax", "top-2 gap there", "slimlm generate's text"], rows)
-            + f"\n\nAll {n_tokens} tokens equal, over {len(rows)} prompts: slimlm generate = llama.cpp's cached decode "
+            + f"\n\nAll {n_tokens} tokens equal, over {len(rows)} prompts: slimlm generate --scheme llama.cpp = "
+            f"llama.cpp's cached decode on {tally['replica']}; slimlm generate = llama.cpp's cached decode "
             f"on {tally['decode']}, = llama.cpp's full-prefix greedy on {tally['full']}; slimlm generate --scheme fp32 "
             f"= llama.cpp's cached decode on {tally['fp32']}; transformers fp32 on {tally['hf']}, with llama.cpp's "
             f"rounding on {tally['emu']}; llama.cpp's batched argmax = its own cached decode on {tally['self']}."
             + (f" Prompts 4–{len(rows)}: the first sentence (≤ 12 words) of evenly spaced wikitext-2 test "
                "paragraphs." if extra_prompts else "")
+            + f" Time for prompt + {n_tokens} tokens, median over prompts: the replica {replica_s:.1f} s, llama.cpp "
+            f"{lcpp_s:.2f} s ({replica_s / lcpp_s:.0f}× slower: float64 per-lane arithmetic, for agreement, not "
+            "speed)."
             + f"\n\nCommand: `python benchmarks/bench_gguf.py --model {MODEL} --stages greedy"
             + (f" --greedy-prompts {extra_prompts}`" if extra_prompts else "`"))
     append_section(f"GGUF Q8_0: llama.cpp vs slimlm greedy tokens (bench_gguf.py, {MODEL})", body)

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from slimlm.errors import SlimlmError
+from slimlm.evaluate.act_quant import q8_0_blocks
 from slimlm.runtime import ggml_replica as rep
 
 
@@ -22,12 +23,18 @@ def _avx512_llama_cpp() -> None:
 
 
 def _tiny_q8_0(tmp_path: Path, arch: str, **kwargs) -> Path:
+    """A tiny random model of ``arch`` as a Q8_0 GGUF (llama3/qwen3: test_gguf_archs' cases, hidden 256)."""
+    from test_gguf_archs import CASES, make_model
     from test_gguf_tiny import make_tiny_model
 
     from slimlm.quantize.gguf import quantize_gguf
 
     path = tmp_path / f"{arch}-q8_0.gguf"
-    quantize_gguf(make_tiny_model(tmp_path / arch, arch, **kwargs), "Q8_0", path)
+    if arch in ("llama3", "qwen3"):
+        hf = make_model(tmp_path / arch, CASES[arch], hidden=256, ffn=512, heads=4, kv_heads=2)
+    else:
+        hf = make_tiny_model(tmp_path / arch, arch, **kwargs)
+    quantize_gguf(hf, "Q8_0", path)
     return path
 
 
@@ -70,7 +77,7 @@ def test_q8_0_matmul_is_the_dequantized_product_to_rounding() -> None:
     raw = np.concatenate([d.numpy().view(np.uint8).reshape(40, 3, 2), q.numpy().view(np.uint8)], -1)
     mat = rep.Q8_0Matrix(raw.reshape(40, -1), (40, 96))
     x = torch.randn(5, 96, generator=gen)
-    qa, da = rep.quantize_q8_0(x)
+    qa, da = q8_0_blocks(x)
     weights = (q.double() * d.double()[..., None]).reshape(40, 96)
     want = ((qa * da[..., None]).reshape(5, 96).double() @ weights.T).float()
     assert float((mat(x) - want).abs().max()) < 1e-6 * float(want.abs().max())  # float32 summation
@@ -82,6 +89,8 @@ def test_q8_0_matmul_is_the_dequantized_product_to_rounding() -> None:
     ("qwen2", 19, {"hidden": 256, "heads": 4, "kv_heads": 2, "tie": False}),  # head_dim 64, q/k/v biases, NEOX rope
     ("llama", 19, {"hidden": 256, "heads": 8, "kv_heads": 2}),  # head_dim 32: ggml_vec_dot_f16's scalar rest; tied
     ("qwen2", 240, {"hidden": 256, "heads": 4, "kv_heads": 2, "tie": False}),  # decoding past 256 positions
+    ("llama3", 19, {}),  # rope_freqs: Llama 3's per-pair rope factors
+    ("qwen3", 19, {}),  # per-head q/k RMSNorm
 ])
 def test_logits_equal_llama_cpps_bit_for_bit(tmp_path: Path, arch: str, prompt_len: int, kwargs: dict) -> None:
     """Prefill and 24 cached decode steps: every logit equals llama.cpp's exactly (not to a tolerance)."""
@@ -141,7 +150,7 @@ def test_unsupported_files_fail_with_one_line(tmp_path: Path) -> None:
         rep.GgmlReplica(q4)
     gemma = tmp_path / "g.gguf"
     quantize_gguf(make_tiny_model(tmp_path / "g", "gemma", hidden=256, heads=4, kv_heads=2), "Q8_0", gemma)
-    with pytest.raises(SlimlmError, match="llama and qwen2 graphs; .* is 'gemma'"):
+    with pytest.raises(SlimlmError, match="llama, qwen2, qwen3 graphs; .* is 'gemma'"):
         rep.GgmlReplica(gemma)
     q8 = tmp_path / "q8.gguf"
     quantize_gguf(hf, "Q8_0", q8)

@@ -47,18 +47,22 @@ def fake_q8_K(x: torch.Tensor) -> torch.Tensor:
     return (q * d).reshape(shape).to(dtype)
 
 
-def fake_q8_0(x: torch.Tensor) -> torch.Tensor:
-    """Round to Q8_0 (= Q8_1's values) and back: per 32 values, d = amax/127 stored as f16.
+def q8_0_blocks(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values ``(..., n/32, 32)``, f16 scales ``(..., n/32)``, both as float32) of ``x`` ``(..., n)`` in Q8_0
+    blocks of 32: d = amax/127 stored as f16, values round-half-even(x * 127/amax).
 
     The multiplier is 127/amax, as in ggml-cpu's x86 quantize_row_q8_0 (which llama.cpp runs), not the
     reference quantizer's 1/d: the two differ in the last bit and so round some halfway values differently."""
-    shape, dtype = x.shape, x.dtype
-    xb = x.reshape(-1, QK8_0).float()
+    xb = x.reshape(*x.shape[:-1], -1, QK8_0).float()
     amax = xb.abs().amax(-1, keepdim=True)
-    d = amax / 127.0
     inv = torch.where(amax != 0, _over(127.0, torch.where(amax != 0, amax, 1.0)), 0.0)
-    q = torch.round(xb * inv)
-    return (q * d.half().float()).reshape(shape).to(dtype)
+    return torch.round(xb * inv), (amax / 127.0).half().float()[..., 0]
+
+
+def fake_q8_0(x: torch.Tensor) -> torch.Tensor:
+    """Round to Q8_0 (= Q8_1's values) and back."""
+    q, d = q8_0_blocks(x)
+    return (q * d[..., None]).reshape(x.shape).to(x.dtype)
 
 
 def _via(dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -13,7 +13,8 @@ float operations of the kernel ggml-cpu runs for it:
   f16 scales; the lanes summed as ``hsum_float_8``. ``ggml_vec_dot_q8_0_q8_0`` (one token) and llamafile's
   ``tinyBLAS_Q0_AVX`` (batches) compute exactly this.
 - RMSNorm: f32 squares summed in double, in order; ``1.0f/sqrtf(mean + eps)``.
-- RoPE: the C library's ``cosf``/``sinf`` of theta iterated by ``theta *= powf(base, -2/n_rot)``; the rotation
+- RoPE: the C library's ``cosf``/``sinf`` of theta (divided by Llama 3's per-pair factor, where the file has
+  ``rope_freqs``) iterated by ``theta *= powf(base, -2/n_rot)``; the rotation
   as the compiler contracts it: ``fma(x0, cos, -(x1*sin))``, ``fma(x0, sin, x1*cos)``.
 - Attention on the f16 KV cache (no flash attention): Q rounded to f16; a batch (n >= 2) through tinyBLAS's
   16-lane fused multiply-adds, one token through ``ggml_vec_dot_f16``'s four 16-lane accumulators (llamafile_sgemm
@@ -26,7 +27,8 @@ Float32 results whose torch kernel is not correctly rounded (``sqrt``) or whose 
 
 What is replicated: ggml-cpu built for AVX-512 (F, DQ, VNNI; llama-cpp-python's ``-march=native`` build on such a
 CPU), as in llama-cpp-python 0.3.36; an AVX2-only build uses other lane widths and exp code, and would differ in
-the last bit. Files: GGUF with every matrix Q8_0, llama.cpp's ``llama`` and ``qwen2`` graphs, batch 1.
+the last bit. Files: GGUF with every matrix Q8_0, llama.cpp's ``llama`` (Llama 3's rope factors included; Mistral),
+``qwen2`` and ``qwen3`` (per-head q/k norms) graphs, batch 1.
 tests/test_ggml_replica.py compares the logits with llama.cpp's, bit for bit, on tiny models; BENCHMARKS.md has
 the greedy text on Qwen2.5-Coder-0.5B. Slow by design (float64 per-lane arithmetic, about a second per token
 on a 0.5B): it is for agreement, not speed. Hand-written: no library exposes ggml's order of float operations.
@@ -44,10 +46,10 @@ import torch
 from torch import nn
 
 from slimlm.errors import SlimlmError
+from slimlm.evaluate.act_quant import QK8_0, q8_0_blocks
 
 REPLICATED = "ggml-cpu AVX-512 (llama-cpp-python 0.3.36), Q8_0"
-ARCHS = ("llama", "qwen2")
-QK8_0 = 32
+ARCHS = ("llama", "qwen2", "qwen3")
 KV_PAD = 256  # llama.cpp pads its context and the attended KV length to multiples of 256
 ROWS_PER_CHUNK = 1 << 22  # lane products computed at once (floats) in a Q8_0 matmul
 
@@ -89,17 +91,6 @@ def sum16(acc: torch.Tensor) -> torch.Tensor:
     return x[..., 0] + x[..., 1]
 
 
-def quantize_q8_0(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(int8 values as float ``(..., blocks, 32)``, f16 scale as float ``(..., blocks)``) of float32 ``x``, as
-    x86 quantize_row_q8_0: d = amax/127 stored as f16, values round-half-even(x * (127/amax))."""
-    xb = x.reshape(*x.shape[:-1], -1, QK8_0)
-    amax = xb.abs().amax(-1, keepdim=True)
-    safe = torch.where(amax != 0, amax, 1.0).double()
-    d = _f32(amax.double() / 127.0).half().float()[..., 0]
-    inv = torch.where(amax != 0, _f32(127.0 / safe), 0.0)
-    return torch.round(xb * inv), d
-
-
 class Q8_0Matrix:
     """One Q8_0 weight matrix ``(out, in)``: int8 values and f32 scales, multiplied the ggml way."""
 
@@ -116,7 +107,7 @@ class Q8_0Matrix:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ W.T`` for float32 ``x`` ``(T, in)``, as ggml_vec_dot_q8_0_q8_0 / tinyBLAS_Q0_AVX."""
-        qa, da = quantize_q8_0(x)  # (T, nb, 32), (T, nb)
+        qa, da = q8_0_blocks(x)  # (T, nb, 32), (T, nb): as x86 quantize_row_q8_0
         tokens, nb = da.shape
         xa = qa.reshape(tokens, 1, nb * 8, 4)
         out = torch.empty(tokens, self.shape[0])
@@ -241,11 +232,10 @@ class GgmlReplica(nn.Module):
         tensors, meta, _, _ = read_gguf(Path(path))
         arch = meta.get("general.architecture")
         if arch not in ARCHS:
-            raise SlimlmError(f"--scheme llama.cpp replicates llama.cpp's {' and '.join(ARCHS)} graphs; "
+            raise SlimlmError(f"--scheme llama.cpp replicates llama.cpp's {', '.join(ARCHS)} graphs; "
                               f"{path} is {arch!r}")
         self.arch = arch
         self.path = Path(path)
-        infos = {t.name: t for t in tensors}
 
         def key(name: str, default=None):
             value = meta.get(f"{arch}.{name}", default)
@@ -262,11 +252,10 @@ class GgmlReplica(nn.Module):
         self.n_rot = int(key("rope.dimension_count", self.head_dim))
         for option, value, plain in (("rope.dimension_count", self.n_rot, self.head_dim),
                                      ("rope.scaling.type", meta.get(f"{arch}.rope.scaling.type", "none"), "none"),
-                                     ("attention.scale", meta.get(f"{arch}.attention.scale", 0.0), 0.0),
-                                     ("rope_freqs.weight", "rope_freqs.weight" in infos, False)):
+                                     ("attention.scale", meta.get(f"{arch}.attention.scale", 0.0), 0.0)):
             if value != plain:
                 raise SlimlmError(f"--scheme llama.cpp does not replicate {arch}.{option} = {value!r}")
-        self.neox = not spec_for_gguf(arch, False)[1].permute_qk  # llama: adjacent pairs; qwen2: halves
+        self.neox = not spec_for_gguf(arch, False)[1].permute_qk  # llama: adjacent pairs; qwen2/3: halves
         root = _f32(torch.sqrt(torch.tensor(float(np.float32(self.head_dim)), dtype=torch.float64)))
         self.kq_scale = float(_f32(1.0 / root.double()))  # 1.0f/sqrtf(float(n_embd_head))
         self.mats: dict[str, Q8_0Matrix] = {}
@@ -280,6 +269,7 @@ class GgmlReplica(nn.Module):
             else:
                 self.vecs[info.name] = torch.from_numpy(np.asarray(load_array(info), dtype=np.float32).copy())
         self.output = self.mats.get("output.weight", self.mats["token_embd.weight"])  # tied: the embedding
+        self.freq_factors = self.vecs.get("rope_freqs.weight")  # Llama 3's rope scaling, per pair
         self.vocab = self.output.shape[0]
         self._rope: dict[int, torch.Tensor] = {}
 
@@ -295,8 +285,9 @@ class GgmlReplica(nn.Module):
         if pos not in self._rope:
             step = np.float32(_LIBM.powf(float(self.rope_base), float(np.float32(-2.0) / np.float32(self.n_rot))))
             theta, table = np.float32(pos), []
-            for _ in range(self.n_rot // 2):
-                table.append((_LIBM.cosf(float(theta)), _LIBM.sinf(float(theta))))
+            for i in range(self.n_rot // 2):
+                angle = theta if self.freq_factors is None else np.float32(theta / self.freq_factors[i].numpy())
+                table.append((_LIBM.cosf(float(angle)), _LIBM.sinf(float(angle))))
                 theta = np.float32(theta * step)
             self._rope[pos] = torch.tensor(table, dtype=torch.float32)
         return self._rope[pos]
@@ -313,6 +304,11 @@ class GgmlReplica(nn.Module):
         if self.neox:
             return torch.cat([a, b], -1)
         return torch.stack([a, b], -1).reshape(x.shape)
+
+    def _head_norm(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """Qwen3's RMSNorm of each head's query / key (where the file has the weight), before rope."""
+        weight = self.vecs.get(name)
+        return x if weight is None else rms_norm(x, weight, self.eps)
 
     def _linear(self, name: str, x: torch.Tensor) -> torch.Tensor:
         y = self.mats[name + ".weight"](x)
@@ -341,8 +337,9 @@ class GgmlReplica(nn.Module):
         for i in range(self.layers):
             p = f"blk.{i}."
             h = rms_norm(x, self.vecs[p + "attn_norm.weight"], self.eps)
-            q = self._rotate(self._linear(p + "attn_q", h).reshape(tokens, heads, dim), positions)
-            k = self._rotate(self._linear(p + "attn_k", h).reshape(tokens, kv, dim), positions)
+            q = self._head_norm(p + "attn_q_norm.weight", self._linear(p + "attn_q", h).reshape(tokens, heads, dim))
+            k = self._head_norm(p + "attn_k_norm.weight", self._linear(p + "attn_k", h).reshape(tokens, kv, dim))
+            q, k = self._rotate(q, positions), self._rotate(k, positions)
             cache.k[i, start:start + tokens] = k.half()
             cache.v[i, start:start + tokens] = self._linear(p + "attn_v", h).reshape(tokens, kv, dim).half()
             keys = cache.k[i, :used].float().permute(1, 0, 2).repeat_interleave(heads // kv, 0)  # (H, S, D)
