@@ -89,6 +89,7 @@ def test_q8_0_matmul_is_the_dequantized_product_to_rounding() -> None:
     ("qwen2", 19, {"hidden": 256, "heads": 4, "kv_heads": 2, "tie": False}),  # head_dim 64, q/k/v biases, NEOX rope
     ("llama", 19, {"hidden": 256, "heads": 8, "kv_heads": 2}),  # head_dim 32: ggml_vec_dot_f16's scalar rest; tied
     ("qwen2", 240, {"hidden": 256, "heads": 4, "kv_heads": 2, "tie": False}),  # decoding past 256 positions
+    ("llama", 513, {"hidden": 256, "heads": 8, "kv_heads": 2}),  # a prompt in batches of 512 and 1, as llama.cpp
     ("llama3", 19, {}),  # rope_freqs: Llama 3's per-pair rope factors
     ("qwen3", 19, {}),  # per-head q/k RMSNorm
 ])
@@ -99,7 +100,7 @@ def test_logits_equal_llama_cpps_bit_for_bit(tmp_path: Path, arch: str, prompt_l
 
     path = _tiny_q8_0(tmp_path, arch, **kwargs)
     prompt = torch.randint(3, 200, (prompt_len,), generator=torch.Generator().manual_seed(1)).tolist()
-    llm = open_llama(path, n_ctx=512)
+    llm = open_llama(path, n_ctx=1024)
     net = rep.GgmlReplica(path)
     cache = net.new_cache(1, prompt_len + 25)
     step, theirs, ours = prompt, [], []

@@ -51,6 +51,7 @@ from slimlm.evaluate.act_quant import QK8_0, q8_0_blocks
 REPLICATED = "ggml-cpu AVX-512 (llama-cpp-python 0.3.36), Q8_0"
 ARCHS = ("llama", "qwen2", "qwen3")
 KV_PAD = 256  # llama.cpp pads its context and the attended KV length to multiples of 256
+UBATCH = 512  # llama.cpp's default batch: a longer prompt is evaluated in batches of this many tokens
 ROWS_PER_CHUNK = 1 << 22  # lane products computed at once (floats) in a Q8_0 matmul
 
 
@@ -323,6 +324,12 @@ class GgmlReplica(nn.Module):
         if input_ids.shape[0] != 1 or (attention_mask is not None and not bool(attention_mask.all())):
             raise SlimlmError("--scheme llama.cpp runs one prompt at a time, without padding")
         cache = cache or self.new_cache(1, input_ids.shape[1])
+        if input_ids.shape[1] > UBATCH:  # batch by batch, as llama.cpp: a 1-token batch takes the decode kernels
+            parts = [self.forward(input_ids[:, s:s + UBATCH], cache=cache, logits_to_keep=0 if logits_to_keep == 0
+                                  else min(logits_to_keep, UBATCH))
+                     for s in range(0, input_ids.shape[1], UBATCH)]
+            logits = torch.cat(parts, 1)
+            return logits if logits_to_keep == 0 else logits[:, -logits_to_keep:]
         ids = input_ids[0]
         tokens, start = len(ids), cache.length
         if start + tokens > cache.k.shape[1]:
