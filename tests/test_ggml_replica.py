@@ -22,19 +22,19 @@ def _avx512_llama_cpp() -> None:
         pytest.skip("llama.cpp here is not an AVX-512 build: the replica follows AVX-512 kernels")
 
 
-def _tiny_q8_0(tmp_path: Path, arch: str, **kwargs) -> Path:
-    """A tiny random model of ``arch`` as a Q8_0 GGUF (llama3/qwen3: test_gguf_archs' cases, hidden 256)."""
+def _tiny_gguf(tmp_path: Path, arch: str, mix: str = "Q8_0", **kwargs) -> Path:
+    """A tiny random model of ``arch`` as a GGUF (llama3/qwen3: test_gguf_archs' cases, hidden 256)."""
     from test_gguf_archs import CASES, make_model
     from test_gguf_tiny import make_tiny_model
 
     from slimlm.quantize.gguf import quantize_gguf
 
-    path = tmp_path / f"{arch}-q8_0.gguf"
+    path = tmp_path / f"{arch}-{mix}.gguf"
     if arch in ("llama3", "qwen3"):
         hf = make_model(tmp_path / arch, CASES[arch], hidden=256, ffn=512, heads=4, kv_heads=2)
     else:
         hf = make_tiny_model(tmp_path / arch, arch, **kwargs)
-    quantize_gguf(hf, "Q8_0", path)
+    quantize_gguf(hf, mix, path)
     return path
 
 
@@ -84,21 +84,28 @@ def test_q8_0_matmul_is_the_dequantized_product_to_rounding() -> None:
     assert torch.equal(mat.rows(torch.tensor([3])), (q[3].float() * d[3].float()[:, None]).reshape(1, -1))
 
 
+QWEN2 = {"hidden": 256, "heads": 4, "kv_heads": 2, "tie": False}  # head_dim 64, q/k/v biases, NEOX rope
+LLAMA = {"hidden": 256, "heads": 8, "kv_heads": 2}  # head_dim 32: ggml_vec_dot_f16's scalar rest; tied output
+
+
 @pytest.mark.llamacpp
-@pytest.mark.parametrize("arch, prompt_len, kwargs", [
-    ("qwen2", 19, {"hidden": 256, "heads": 4, "kv_heads": 2, "tie": False}),  # head_dim 64, q/k/v biases, NEOX rope
-    ("llama", 19, {"hidden": 256, "heads": 8, "kv_heads": 2}),  # head_dim 32: ggml_vec_dot_f16's scalar rest; tied
-    ("qwen2", 240, {"hidden": 256, "heads": 4, "kv_heads": 2, "tie": False}),  # decoding past 256 positions
-    ("llama", 513, {"hidden": 256, "heads": 8, "kv_heads": 2}),  # a prompt in batches of 512 and 1, as llama.cpp
-    ("llama3", 19, {}),  # rope_freqs: Llama 3's per-pair rope factors
-    ("qwen3", 19, {}),  # per-head q/k RMSNorm
+@pytest.mark.parametrize("arch, mix, prompt_len, kwargs", [
+    ("qwen2", "Q8_0", 19, QWEN2),
+    ("llama", "Q8_0", 19, LLAMA),
+    ("qwen2", "Q8_0", 240, QWEN2),  # decoding past 256 positions
+    ("llama", "Q8_0", 513, LLAMA),  # a prompt in batches of 512 and 1, as llama.cpp
+    ("llama3", "Q8_0", 19, {}),  # rope_freqs: Llama 3's per-pair rope factors
+    ("qwen3", "Q8_0", 19, {}),  # per-head q/k RMSNorm
+    ("qwen2", "F16", 19, QWEN2),  # F16 matrices: tinyBLAS / ggml_vec_dot_f16 with f16-rounded inputs
+    ("llama", "F16", 19, LLAMA),  # ... and a prompt's last FFN on one row (llama.cpp's out_ids)
 ])
-def test_logits_equal_llama_cpps_bit_for_bit(tmp_path: Path, arch: str, prompt_len: int, kwargs: dict) -> None:
+def test_logits_equal_llama_cpps_bit_for_bit(tmp_path: Path, arch: str, mix: str, prompt_len: int,
+                                             kwargs: dict) -> None:
     """Prefill and 24 cached decode steps: every logit equals llama.cpp's exactly (not to a tolerance)."""
     _avx512_llama_cpp()
     from slimlm.evaluate.llamacpp import open_llama
 
-    path = _tiny_q8_0(tmp_path, arch, **kwargs)
+    path = _tiny_gguf(tmp_path, arch, mix, **kwargs)
     prompt = torch.randint(3, 200, (prompt_len,), generator=torch.Generator().manual_seed(1)).tolist()
     llm = open_llama(path, n_ctx=1024)
     net = rep.GgmlReplica(path)
@@ -123,7 +130,7 @@ def test_generate_scheme_llama_cpp_gives_llama_cpps_text(tmp_path: Path) -> None
     from slimlm.evaluate.llamacpp import open_llama
     from slimlm.models.loader import load_tokenizer
 
-    path = _tiny_q8_0(tmp_path, "qwen2", hidden=256, heads=4, kv_heads=2, tie=False)
+    path = _tiny_gguf(tmp_path, "qwen2", hidden=256, heads=4, kv_heads=2, tie=False)
     prompt = "the quick brown fox"
     result = CliRunner().invoke(app, ["generate", str(path), prompt, "--scheme", "llama.cpp", "-n", "20", "--json"])
     assert result.exit_code == 0, result.output
@@ -147,7 +154,7 @@ def test_unsupported_files_fail_with_one_line(tmp_path: Path) -> None:
     hf = make_tiny_model(tmp_path / "q", "qwen2", hidden=256, heads=4, kv_heads=2, tie=False)
     q4 = tmp_path / "q4.gguf"
     quantize_gguf(hf, "Q4_0", q4)
-    with pytest.raises(SlimlmError, match=r"Q8_0 matrices only; \S+ is Q\d"):
+    with pytest.raises(SlimlmError, match=r"Q8_0 and F16 matrices only; \S+ is Q\d"):
         rep.GgmlReplica(q4)
     gemma = tmp_path / "g.gguf"
     quantize_gguf(make_tiny_model(tmp_path / "g", "gemma", hidden=256, heads=4, kv_heads=2), "Q8_0", gemma)

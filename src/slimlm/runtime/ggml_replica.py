@@ -12,26 +12,29 @@ float operations of the kernel ggml-cpu runs for it:
   of 4-byte dot products (exact); per lane a fused multiply-add over the blocks with the f32 product of the two
   f16 scales; the lanes summed as ``hsum_float_8``. ``ggml_vec_dot_q8_0_q8_0`` (one token) and llamafile's
   ``tinyBLAS_Q0_AVX`` (batches) compute exactly this.
+- F16 matmuls: the input rounded to f16, then the f16 dot products described for attention below.
 - RMSNorm: f32 squares summed in double, in order; ``1.0f/sqrtf(mean + eps)``.
 - RoPE: the C library's ``cosf``/``sinf`` of theta (divided by Llama 3's per-pair factor, where the file has
-  ``rope_freqs``) iterated by ``theta *= powf(base, -2/n_rot)``; the rotation
-  as the compiler contracts it: ``fma(x0, cos, -(x1*sin))``, ``fma(x0, sin, x1*cos)``.
+  ``rope_freqs``) iterated by ``theta *= powf(base, -2/n_rot)``; the rotation as the compiler contracts it:
+  ``fma(x0, cos, -(x1*sin))``, ``fma(x0, sin, x1*cos)``.
 - Attention on the f16 KV cache (no flash attention): Q rounded to f16; a batch (n >= 2) through tinyBLAS's
   16-lane fused multiply-adds, one token through ``ggml_vec_dot_f16``'s four 16-lane accumulators (llamafile_sgemm
   declines n < 2); softmax with ``ggml_v_expf`` and its per-16 sums added in double; the probabilities rounded
   to f16 for the product with V.
 - SwiGLU: ``x / (1 + ggml_v_expf(-x)) * up``.
+- The graph: in the last layer only the rows whose logits are wanted go on to the FFN (llama.cpp's out_ids), so
+  a prompt's last FFN runs as one-token matmuls; prompts over 512 tokens run in llama.cpp's batches of 512.
 
 Float32 results whose torch kernel is not correctly rounded (``sqrt``) or whose operation has no torch kernel
 (fused multiply-add) are computed in float64 and rounded once: a product of two float32 is exact there.
 
 What is replicated: ggml-cpu built for AVX-512 (F, DQ, VNNI; llama-cpp-python's ``-march=native`` build on such a
 CPU), as in llama-cpp-python 0.3.36; an AVX2-only build uses other lane widths and exp code, and would differ in
-the last bit. Files: GGUF with every matrix Q8_0, llama.cpp's ``llama`` (Llama 3's rope factors included; Mistral),
-``qwen2`` and ``qwen3`` (per-head q/k norms) graphs, batch 1.
-tests/test_ggml_replica.py compares the logits with llama.cpp's, bit for bit, on tiny models; BENCHMARKS.md has
-the greedy text on Qwen2.5-Coder-0.5B. Slow by design (float64 per-lane arithmetic, about a second per token
-on a 0.5B): it is for agreement, not speed. Hand-written: no library exposes ggml's order of float operations.
+the last bit. Files: GGUF with every matrix Q8_0 or F16; llama.cpp's ``llama`` (Llama 3's rope factors included;
+Mistral), ``qwen2`` and ``qwen3`` (per-head q/k norms) graphs; batch 1. tests/test_ggml_replica.py compares the
+logits with llama.cpp's, bit for bit, on tiny models; BENCHMARKS.md has the greedy text on Qwen2.5-Coder-0.5B and
+SmolLM2. Slow by design (float64 per-lane arithmetic, about a second per token on a 0.5B): it is for agreement,
+not speed. Hand-written: no library exposes ggml's order of float operations.
 """
 
 from __future__ import annotations
@@ -48,7 +51,7 @@ from torch import nn
 from slimlm.errors import SlimlmError
 from slimlm.evaluate.act_quant import QK8_0, q8_0_blocks
 
-REPLICATED = "ggml-cpu AVX-512 (llama-cpp-python 0.3.36), Q8_0"
+REPLICATED = "ggml-cpu AVX-512 (llama-cpp-python 0.3.36)"
 ARCHS = ("llama", "qwen2", "qwen3")
 KV_PAD = 256  # llama.cpp pads its context and the attended KV length to multiples of 256
 UBATCH = 512  # llama.cpp's default batch: a longer prompt is evaluated in batches of this many tokens
@@ -209,6 +212,24 @@ def f16_dots(rows: torch.Tensor, vecs: torch.Tensor, batched: bool) -> torch.Ten
     return _f32(total)
 
 
+class F16Matrix:
+    """One F16 weight matrix ``(out, in)``: its input rounded to f16 (ggml's vec_dot_type for F16), then the f16
+    dot products of :func:`f16_dots` (tinyBLAS for batches, ggml_vec_dot_f16 for one token)."""
+
+    def __init__(self, raw: np.ndarray, shape: tuple[int, int]):
+        self.w = torch.from_numpy(np.asarray(raw).view(np.float16).reshape(shape).astype(np.float32))
+        self.shape = shape
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.w[ids]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return f16_dots(self.w[None], x.half().float()[None], x.shape[0] > 1)[0]
+
+
+MATRICES = {"Q8_0": Q8_0Matrix, "F16": F16Matrix}  # GGML type of a weight matrix -> its replica
+
+
 @dataclass
 class ReplicaCache:
     """The f16 K and V cache, ``(layers, positions, kv_heads, head_dim)``; ``length`` positions are filled."""
@@ -231,6 +252,7 @@ class GgmlReplica(nn.Module):
         from slimlm.checkpoint.tensor_data import load_array, raw_bytes
 
         tensors, meta, _, _ = read_gguf(Path(path))
+        self.infos = tensors
         arch = meta.get("general.architecture")
         if arch not in ARCHS:
             raise SlimlmError(f"--scheme llama.cpp replicates llama.cpp's {', '.join(ARCHS)} graphs; "
@@ -259,14 +281,14 @@ class GgmlReplica(nn.Module):
         self.neox = not spec_for_gguf(arch, False)[1].permute_qk  # llama: adjacent pairs; qwen2/3: halves
         root = _f32(torch.sqrt(torch.tensor(float(np.float32(self.head_dim)), dtype=torch.float64)))
         self.kq_scale = float(_f32(1.0 / root.double()))  # 1.0f/sqrtf(float(n_embd_head))
-        self.mats: dict[str, Q8_0Matrix] = {}
+        self.mats: dict[str, Q8_0Matrix | F16Matrix] = {}
         self.vecs: dict[str, torch.Tensor] = {}
         for info in tensors:
             if len(info.shape) == 2:
-                if info.ggml_type != "Q8_0":
-                    raise SlimlmError(f"--scheme llama.cpp replicates Q8_0 matrices only; {info.name} is "
-                                      f"{info.ggml_type} (requantize: slimlm quantize {path} --to Q8_0)")
-                self.mats[info.name] = Q8_0Matrix(raw_bytes(info), info.shape)
+                if info.ggml_type not in MATRICES:
+                    raise SlimlmError(f"--scheme llama.cpp replicates {' and '.join(MATRICES)} matrices only; "
+                                      f"{info.name} is {info.ggml_type} (requantize: slimlm quantize {path} --to Q8_0)")
+                self.mats[info.name] = MATRICES[info.ggml_type](raw_bytes(info), info.shape)
             else:
                 self.vecs[info.name] = torch.from_numpy(np.asarray(load_array(info), dtype=np.float32).copy())
         self.output = self.mats.get("output.weight", self.mats["token_embd.weight"])  # tied: the embedding
@@ -335,6 +357,7 @@ class GgmlReplica(nn.Module):
         if start + tokens > cache.k.shape[1]:
             raise SlimlmError(f"--scheme llama.cpp: the cache holds {cache.k.shape[1]} positions")
         positions = list(range(start, start + tokens))
+        keep = tokens if logits_to_keep == 0 else min(logits_to_keep, tokens)
         used = -(-(start + tokens) // KV_PAD) * KV_PAD  # llama.cpp's n_kv: the masked rest adds exact zeros
         mask = torch.full((tokens, used), float("-inf"))
         for i, p in enumerate(positions):
@@ -354,14 +377,16 @@ class GgmlReplica(nn.Module):
             kq = f16_dots(keys, q.half().float().transpose(0, 1), tokens > 1)  # (H, T, S)
             probs = softmax(kq, self.kq_scale, mask)
             att = f16_dots(values, probs.half().float(), tokens > 1)  # (H, T, D)
-            x = self._linear(p + "attn_output", att.transpose(0, 1).reshape(tokens, heads * dim)) + x
+            out = self._linear(p + "attn_output", att.transpose(0, 1).reshape(tokens, heads * dim))
+            if i == self.layers - 1:  # llama.cpp keeps only the rows whose logits are wanted (its out_ids) here,
+                out, x = out[-keep:], x[-keep:]  # so the last FFN of a prompt runs as one-token matmuls
+            x = out + x
             h = rms_norm(x, self.vecs[p + "ffn_norm.weight"], self.eps)
             act = swiglu(self._linear(p + "ffn_gate", h), self._linear(p + "ffn_up", h))
             x = self._linear(p + "ffn_down", act) + x
         cache.length = start + tokens
-        keep = tokens if logits_to_keep == 0 else min(logits_to_keep, tokens)
-        h = rms_norm(x[-keep:], self.vecs["output_norm.weight"], self.eps)
-        return self.output(h)[None]
+        return self.output(rms_norm(x, self.vecs["output_norm.weight"], self.eps))[None]
 
     def kernel_report(self) -> dict[str, str]:
-        return {f"model.layers.{i}": f"replica of {REPLICATED}" for i in range(self.layers)}
+        types = "/".join(sorted({info.ggml_type for info in self.infos if len(info.shape) == 2}))
+        return {f"model.layers.{i}": f"replica of {REPLICATED}, {types}" for i in range(self.layers)}
