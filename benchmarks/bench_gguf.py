@@ -11,6 +11,7 @@ Stages (each appends a table to BENCHMARKS.md; intermediate files are cached in 
   speed    wall and CPU time of `slimlm quantize --to Q4_K_M` (from the F32 GGUF and from the HF dir) vs
            `llama-quantize f32.gguf out.gguf Q4_K_M 2`, interleaved rounds (median of --repeats)
   greedy   Q8_0: llama.cpp's greedy tokens vs slimlm's runtime (transformers on the dequantized GGUF)
+  replica  --replica-mix (F16): slimlm generate --scheme llama.cpp's greedy tokens vs llama.cpp's
   tokens   token ids of llama.cpp's tokenizer vs slimlm's (transformers) on the written and the shipped GGUF
   rss      peak RSS of `slimlm quantize --to Q4_K_M` against 2 × (one decoder layer + the embeddings)
   imatrix-bytes  every mix with slimlm's importance matrix: tensor bytes vs llama_model_quantize given the same one
@@ -427,6 +428,51 @@ def stage_greedy(work: Path, n_tokens: int = 32, extra_prompts: int = 0) -> None
     append_section(f"GGUF Q8_0: llama.cpp vs slimlm greedy tokens (bench_gguf.py, {MODEL})", body)
 
 
+def stage_replica(work: Path, mix: str, n_tokens: int = 32, extra_prompts: int = 0) -> None:
+    """`slimlm generate --scheme llama.cpp` alone against llama.cpp's cached decode, on a GGUF of ``mix`` (the
+    greedy stage covers Q8_0 with every other runtime beside it)."""
+    import torch
+
+    from slimlm.evaluate.llamacpp import open_llama
+    from slimlm.quantize.gguf import quantize_gguf
+    from slimlm.runtime import SamplingConfig, open_model
+    from slimlm.runtime.generate import generate_ids
+
+    out = work / f"ours-{mix}.gguf"
+    if not out.exists():
+        quantize_gguf(hf_dir(), mix, out)
+    net, tokenizer, kernels = open_model(str(out), "llama.cpp", None)
+    rows, same, seconds = [], 0, {"replica": [], "llama.cpp": []}
+    for prompt in GREEDY_PROMPTS + wikitext_prompts(extra_prompts):
+        ids = tokenizer.encode(prompt, add_special_tokens=False)
+        ours = generate_ids(net, torch.tensor([ids]), max_new_tokens=n_tokens, sampling=SamplingConfig(greedy=True),
+                            eos_ids=set())
+        seconds["replica"].append(ours.ttft_s + sum(ours.step_s))
+        llm = open_llama(out, n_ctx=256)
+        theirs, start = [], time.perf_counter()
+        for tok in llm.generate(ids, temp=0.0, top_k=1):
+            theirs.append(tok)
+            if len(theirs) == n_tokens:
+                break
+        seconds["llama.cpp"].append(time.perf_counter() - start)
+        del llm
+        agree = next((i for i, (a, b) in enumerate(zip(ours.new_ids[0], theirs)) if a != b), n_tokens)
+        same += agree == n_tokens
+        rows.append([repr(prompt), agree, f"{seconds['replica'][-1]:.1f}", f"{seconds['llama.cpp'][-1]:.2f}",
+                     repr(tokenizer.decode(theirs))[:40]])
+    replica_s, lcpp_s = statistics.median(seconds["replica"]), statistics.median(seconds["llama.cpp"])
+    body = (f"{MODEL_NAMES[MODEL]} as a {mix} GGUF written by slimlm; greedy decoding of {n_tokens} tokens by "
+            f"`slimlm generate --scheme llama.cpp` ({next(iter(set(kernels.values())))}) and by llama.cpp "
+            "(llama-cpp-python's generate: the prompt in one batch, then cached decode). Leading tokens equal; "
+            f"{n_tokens} = all. Times: prompt + {n_tokens} tokens.\n\n"
+            + markdown_table(["prompt", "tokens equal", "replica s", "llama.cpp s", "llama.cpp's text"], rows)
+            + f"\n\nAll {n_tokens} tokens equal on {same} of {len(rows)} prompts. Median time: the replica "
+            f"{replica_s:.1f} s, llama.cpp {lcpp_s:.2f} s ({replica_s / lcpp_s:.0f}× slower)."
+            + f"\n\nCommand: `python benchmarks/bench_gguf.py --model {MODEL} --stages replica --replica-mix {mix}"
+            + (f" --greedy-prompts {extra_prompts}`" if extra_prompts else "`"))
+    append_section(f"GGUF {mix}: slimlm generate --scheme llama.cpp vs llama.cpp (bench_gguf.py, {MODEL})", body)
+
+
 def stage_tokens(work: Path) -> None:
     """llama.cpp's tokenizer (vocab only) on the GGUF slimlm wrote from the HF dir, vs transformers' tokenizer of
     that HF dir, over the whole wikitext-2 test text; and the same for the shipped GGUF vs transformers' reading
@@ -537,7 +583,8 @@ def main() -> None:
     ap.add_argument("--scratch", action="store_true", help="append tables to WORK/BENCHMARKS.md, not the repo's")
     ap.add_argument("--model", choices=sorted(MODEL_NAMES), default="smollm2")
     ap.add_argument("--greedy-prompts", type=int, default=0,
-                    help="greedy stage: this many wikitext-2 prompts beyond the three fixed ones")
+                    help="greedy / replica stages: this many wikitext-2 prompts beyond the three fixed ones")
+    ap.add_argument("--replica-mix", default="F16", help="replica stage: the GGUF type (Q8_0 or F16)")
     args = ap.parse_args()
     global MODEL
     MODEL = args.model
@@ -554,6 +601,7 @@ def main() -> None:
                                          args.hessian_chunks),
         "speed": lambda: stage_speed(args.work, args.repeats),
         "greedy": lambda: stage_greedy(args.work, extra_prompts=args.greedy_prompts),
+        "replica": lambda: stage_replica(args.work, args.replica_mix, extra_prompts=args.greedy_prompts),
         "imatrix-bytes": lambda: stage_imatrix_bytes(args.work, args.calib_chunks, args.mixes.split(",")),
         "rss": lambda: stage_rss(args.work),
         "tokens": lambda: stage_tokens(args.work),
