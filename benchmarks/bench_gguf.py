@@ -322,6 +322,20 @@ def wikitext_prompts(count: int) -> list[str]:
     return [" ".join(p.split(" . ")[0].split()[:12]) for p in paragraphs[::step][:count]]
 
 
+def llama_cpp_greedy(path: Path, ids: list[int], n_tokens: int) -> tuple[list[int], float]:
+    """llama.cpp's greedy tokens (llama-cpp-python's generate: the prompt in one batch, then cached decode) from a
+    fresh context, and the seconds they took."""
+    from slimlm.evaluate.llamacpp import open_llama
+
+    llm = open_llama(path, n_ctx=256)
+    tokens, start = [], time.perf_counter()
+    for tok in llm.generate(ids, temp=0.0, top_k=1):
+        tokens.append(tok)
+        if len(tokens) == n_tokens:
+            break
+    return tokens, time.perf_counter() - start
+
+
 def stage_greedy(work: Path, n_tokens: int = 32, extra_prompts: int = 0) -> None:
     import torch
 
@@ -361,13 +375,8 @@ def stage_greedy(work: Path, n_tokens: int = 32, extra_prompts: int = 0) -> None
                                        for scheme in ("native", "fp32", "llama.cpp"))
         runtime, runtime32 = runtime.new_ids[0], runtime32.new_ids[0]
         seconds["replica"].append(replica.ttft_s + sum(replica.step_s))
-        llm = open_llama(out, n_ctx=256)
-        theirs, start = [], time.perf_counter()
-        for tok in llm.generate(ids, temp=0.0, top_k=1):
-            theirs.append(tok)
-            if len(theirs) == n_tokens:
-                break
-        seconds["llama.cpp"].append(time.perf_counter() - start)
+        theirs, took = llama_cpp_greedy(out, ids, n_tokens)
+        seconds["llama.cpp"].append(took)
         # llama.cpp's other path: its batched logits over prompt + its own tokens, argmax per position
         scorer = open_llama(out, n_ctx=256, logits_all=True)
         scorer.eval(ids + theirs)
@@ -433,7 +442,6 @@ def stage_replica(work: Path, mix: str, n_tokens: int = 32, extra_prompts: int =
     greedy stage covers Q8_0 with every other runtime beside it)."""
     import torch
 
-    from slimlm.evaluate.llamacpp import open_llama
     from slimlm.quantize.gguf import quantize_gguf
     from slimlm.runtime import SamplingConfig, open_model
     from slimlm.runtime.generate import generate_ids
@@ -448,14 +456,8 @@ def stage_replica(work: Path, mix: str, n_tokens: int = 32, extra_prompts: int =
         ours = generate_ids(net, torch.tensor([ids]), max_new_tokens=n_tokens, sampling=SamplingConfig(greedy=True),
                             eos_ids=set())
         seconds["replica"].append(ours.ttft_s + sum(ours.step_s))
-        llm = open_llama(out, n_ctx=256)
-        theirs, start = [], time.perf_counter()
-        for tok in llm.generate(ids, temp=0.0, top_k=1):
-            theirs.append(tok)
-            if len(theirs) == n_tokens:
-                break
-        seconds["llama.cpp"].append(time.perf_counter() - start)
-        del llm
+        theirs, took = llama_cpp_greedy(out, ids, n_tokens)
+        seconds["llama.cpp"].append(took)
         agree = next((i for i, (a, b) in enumerate(zip(ours.new_ids[0], theirs)) if a != b), n_tokens)
         same += agree == n_tokens
         rows.append([repr(prompt), agree, f"{seconds['replica'][-1]:.1f}", f"{seconds['llama.cpp'][-1]:.2f}",
