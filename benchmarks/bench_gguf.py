@@ -322,6 +322,11 @@ def wikitext_prompts(count: int) -> list[str]:
     return [" ".join(p.split(" . ")[0].split()[:12]) for p in paragraphs[::step][:count]]
 
 
+def leading_equal(seq: list[int], other: list[int], n_tokens: int) -> int:
+    """How many leading tokens two greedy texts share (``n_tokens`` = all)."""
+    return next((i for i, (a, b) in enumerate(zip(seq, other)) if a != b), n_tokens)
+
+
 def llama_cpp_greedy(path: Path, ids: list[int], n_tokens: int) -> tuple[list[int], float]:
     """llama.cpp's greedy tokens (llama-cpp-python's generate: the prompt in one batch, then cached decode) from a
     fresh context, and the seconds they took."""
@@ -354,7 +359,7 @@ def stage_greedy(work: Path, n_tokens: int = 32, extra_prompts: int = 0) -> None
     # removed after each use. llama.cpp opens afresh per prompt (its generate reuses a matching cached prefix).
     loaded = load_model(out)
     loaded.model.generation_config.eos_token_id = None  # like llama.cpp's generate: keep going after EOS
-    # slimlm generate's path: the low-bit runtime on the file's own types, and with --scheme fp32
+    # slimlm generate's paths: the low-bit runtime on the file's own types, --scheme fp32, and the replica
     nets = {scheme: open_model(str(out), scheme, None)[0] for scheme in ("native", "fp32", "llama.cpp")}
     rows, tally, seconds = [], Counter(), {"replica": [], "llama.cpp": []}
     for prompt in GREEDY_PROMPTS + wikitext_prompts(extra_prompts):
@@ -392,7 +397,7 @@ def stage_greedy(work: Path, n_tokens: int = 32, extra_prompts: int = 0) -> None
         full = prefix[len(ids):]
 
         def agree(seq: list[int], other: list[int] = theirs) -> int:
-            return next((i for i, (a, b) in enumerate(zip(seq, other)) if a != b), n_tokens)
+            return leading_equal(seq, other, n_tokens)
 
         # leading tokens equal: slimlm generate vs llama.cpp's decode and vs its full-prefix greedy, --scheme fp32,
         # transformers fp32 and emulated, llama.cpp's batched argmax vs its own decode
@@ -458,7 +463,7 @@ def stage_replica(work: Path, mix: str, n_tokens: int = 32, extra_prompts: int =
         seconds["replica"].append(ours.ttft_s + sum(ours.step_s))
         theirs, took = llama_cpp_greedy(out, ids, n_tokens)
         seconds["llama.cpp"].append(took)
-        agree = next((i for i, (a, b) in enumerate(zip(ours.new_ids[0], theirs)) if a != b), n_tokens)
+        agree = leading_equal(ours.new_ids[0], theirs, n_tokens)
         same += agree == n_tokens
         rows.append([repr(prompt), agree, f"{seconds['replica'][-1]:.1f}", f"{seconds['llama.cpp'][-1]:.2f}",
                      repr(tokenizer.decode(theirs))[:40]])

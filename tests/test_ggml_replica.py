@@ -70,12 +70,15 @@ def test_fma_rounds_once() -> None:
     assert float(a * a - (1.0 + 2.0 ** -11)) == 0.0
 
 
-def test_q8_0_matmul_is_the_dequantized_product_to_rounding() -> None:
+def test_q8_0_matmul_is_the_dequantized_product_to_rounding(tmp_path: Path) -> None:
+    from slimlm.checkpoint.types import TensorInfo
+
     gen = torch.Generator().manual_seed(0)
     q = torch.randint(-127, 128, (40, 3, 32), generator=gen, dtype=torch.int8)
     d = torch.rand(40, 3, generator=gen).half()
     raw = np.concatenate([d.numpy().view(np.uint8).reshape(40, 3, 2), q.numpy().view(np.uint8)], -1)
-    mat = rep.Q8_0Matrix(raw.reshape(40, -1), (40, 96))
+    (tmp_path / "w.bin").write_bytes(raw.tobytes())
+    mat = rep.Q8_0Matrix(TensorInfo("w", (40, 96), "Q8_0", raw.size, "Q8_0", str(tmp_path / "w.bin"), 0))
     x = torch.randn(5, 96, generator=gen)
     qa, da = q8_0_blocks(x)
     weights = (q.double() * d.double()[..., None]).reshape(40, 96)

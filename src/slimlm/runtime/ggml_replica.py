@@ -33,8 +33,9 @@ CPU), as in llama-cpp-python 0.3.36; an AVX2-only build uses other lane widths a
 the last bit. Files: GGUF with every matrix Q8_0 or F16; llama.cpp's ``llama`` (Llama 3's rope factors included;
 Mistral), ``qwen2`` and ``qwen3`` (per-head q/k norms) graphs; batch 1. tests/test_ggml_replica.py compares the
 logits with llama.cpp's, bit for bit, on tiny models; BENCHMARKS.md has the greedy text on Qwen2.5-Coder-0.5B and
-SmolLM2. Slow by design (float64 per-lane arithmetic, about a second per token on a 0.5B): it is for agreement,
-not speed. Hand-written: no library exposes ggml's order of float operations.
+SmolLM2. Slow by design (float64 per-lane arithmetic: 37 s for a prompt and 32 tokens of Qwen2.5-Coder-0.5B Q8_0,
+31x llama.cpp's time, BENCHMARKS.md): it is for agreement, not speed. Hand-written: no library exposes ggml's
+order of float operations.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from slimlm.checkpoint.types import TensorInfo
 from slimlm.errors import SlimlmError
 from slimlm.evaluate.act_quant import QK8_0, q8_0_blocks
 
@@ -100,12 +102,14 @@ def sum16(acc: torch.Tensor) -> torch.Tensor:
 class Q8_0Matrix:
     """One Q8_0 weight matrix ``(out, in)``: int8 values and f32 scales, multiplied the ggml way."""
 
-    def __init__(self, raw: np.ndarray, shape: tuple[int, int]):
-        out, cols = shape
-        blocks = np.asarray(raw).reshape(out, cols // QK8_0, 2 + QK8_0)
-        self.d = torch.from_numpy(blocks[..., :2].copy().view(np.float16)[..., 0].astype(np.float32))
-        self.q = torch.from_numpy(blocks[..., 2:].copy().view(np.int8))  # (out, blocks, 32)
-        self.shape = shape
+    def __init__(self, info: TensorInfo):
+        from slimlm.checkpoint.tensor_data import raw_bytes
+        from slimlm.formats.ggml.legacy import q8_0_fields
+
+        out, cols = self.shape = info.shape
+        d, q = q8_0_fields(raw_bytes(info))
+        self.d = torch.from_numpy(d.reshape(out, cols // QK8_0))
+        self.q = torch.from_numpy(q.reshape(out, cols // QK8_0, QK8_0).copy())  # (out, blocks, 32)
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """get_rows: dequantized rows (float(q) * d)."""
@@ -218,15 +222,21 @@ class F16Matrix:
     """One F16 weight matrix ``(out, in)``: its input rounded to f16 (ggml's vec_dot_type for F16), then the f16
     dot products of :func:`f16_dots` (tinyBLAS for batches, ggml_vec_dot_f16 for one token)."""
 
-    def __init__(self, raw: np.ndarray, shape: tuple[int, int]):
-        self.w = torch.from_numpy(np.asarray(raw).view(np.float16).reshape(shape).astype(np.float32))
-        self.shape = shape
+    def __init__(self, info: TensorInfo):
+        from slimlm.checkpoint.tensor_data import load_array
+
+        self.shape = info.shape
+        self.w = torch.from_numpy(load_array(info))  # f16 values, exact in float32
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         return self.w[ids]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return f16_dots(self.w[None], x.half().float()[None], x.shape[0] > 1)[0]
+
+
+def _padded(positions: int) -> int:
+    return -(-positions // KV_PAD) * KV_PAD
 
 
 MATRICES = {"Q8_0": Q8_0Matrix, "F16": F16Matrix}  # GGML type of a weight matrix -> its replica
@@ -249,37 +259,31 @@ class GgmlReplica(nn.Module):
 
     def __init__(self, path: str | Path):
         super().__init__()
-        from slimlm.archs import spec_for_gguf
+        from slimlm.archs import need, spec_for_gguf
         from slimlm.checkpoint.gguf_file import read_gguf
-        from slimlm.checkpoint.tensor_data import load_array, raw_bytes
+        from slimlm.checkpoint.tensor_data import load_array
 
         tensors, meta, _, _ = read_gguf(Path(path))
-        self.infos = tensors
         arch = meta.get("general.architecture")
         if arch not in ARCHS:
             raise SlimlmError(f"--scheme llama.cpp replicates llama.cpp's {', '.join(ARCHS)} graphs; "
                               f"{path} is {arch!r}")
-        self.arch = arch
-        self.path = Path(path)
 
-        def key(name: str, default=None):
-            value = meta.get(f"{arch}.{name}", default)
-            if value is None:
-                raise SlimlmError(f"{path}: no {arch}.{name}")
-            return value
+        def keys(name: str):
+            return meta.get(f"{arch}.{name}")
 
-        self.layers = int(key("block_count"))
-        self.heads, self.kv_heads = int(key("attention.head_count")), int(key("attention.head_count_kv"))
-        hidden = int(key("embedding_length"))
-        self.head_dim = int(key("attention.key_length", hidden // self.heads))
-        self.eps = float(key("attention.layer_norm_rms_epsilon"))
-        self.rope_base = np.float32(key("rope.freq_base", 10000.0))
-        self.n_rot = int(key("rope.dimension_count", self.head_dim))
-        for option, value, plain in (("rope.dimension_count", self.n_rot, self.head_dim),
-                                     ("rope.scaling.type", meta.get(f"{arch}.rope.scaling.type", "none"), "none"),
-                                     ("attention.scale", meta.get(f"{arch}.attention.scale", 0.0), 0.0)):
-            if value != plain:
-                raise SlimlmError(f"--scheme llama.cpp does not replicate {arch}.{option} = {value!r}")
+        self.layers = int(need(keys, "block_count"))
+        self.heads, self.kv_heads = int(need(keys, "attention.head_count")), int(need(keys, "attention.head_count_kv"))
+        self.head_dim = int(keys("attention.key_length") or int(need(keys, "embedding_length")) // self.heads)
+        self.eps = float(need(keys, "attention.layer_norm_rms_epsilon"))
+        self.n_rot = int(keys("rope.dimension_count") or self.head_dim)
+        for option, plain in (("rope.dimension_count", self.head_dim), ("rope.scaling.type", "none"),
+                              ("attention.scale", 0.0)):
+            if keys(option) not in (None, plain):
+                raise SlimlmError(f"--scheme llama.cpp does not replicate {arch}.{option} = {keys(option)!r}")
+        base = np.float32(keys("rope.freq_base") or 10000.0)
+        # ggml_rope_cache_init's theta_scale = powf(freq_base, -2.0f/n_dims)
+        self.rope_step = np.float32(_LIBM.powf(float(base), float(np.float32(-2.0) / np.float32(self.n_rot))))
         self.neox = not spec_for_gguf(arch, False)[1].permute_qk  # llama: adjacent pairs; qwen2/3: halves
         root = _f32(torch.sqrt(torch.tensor(float(np.float32(self.head_dim)), dtype=torch.float64)))
         self.kq_scale = float(_f32(1.0 / root.double()))  # 1.0f/sqrtf(float(n_embd_head))
@@ -290,30 +294,29 @@ class GgmlReplica(nn.Module):
                 if info.ggml_type not in MATRICES:
                     raise SlimlmError(f"--scheme llama.cpp replicates {' and '.join(MATRICES)} matrices only; "
                                       f"{info.name} is {info.ggml_type} (requantize: slimlm quantize {path} --to Q8_0)")
-                self.mats[info.name] = MATRICES[info.ggml_type](raw_bytes(info), info.shape)
+                self.mats[info.name] = MATRICES[info.ggml_type](info)
             else:
                 self.vecs[info.name] = torch.from_numpy(np.asarray(load_array(info), dtype=np.float32).copy())
         self.output = self.mats.get("output.weight", self.mats["token_embd.weight"])  # tied: the embedding
         self.freq_factors = self.vecs.get("rope_freqs.weight")  # Llama 3's rope scaling, per pair
         self.vocab = self.output.shape[0]
+        self.matrix_types = "/".join(sorted({info.ggml_type for info in tensors if len(info.shape) == 2}))
         self._rope: dict[int, torch.Tensor] = {}
 
     def new_cache(self, batch: int, max_len: int) -> ReplicaCache:
         if batch != 1:
             raise SlimlmError("--scheme llama.cpp runs one prompt at a time")
-        size = -(-max_len // KV_PAD) * KV_PAD
-        shape = (self.layers, size, self.kv_heads, self.head_dim)
+        shape = (self.layers, _padded(max_len), self.kv_heads, self.head_dim)
         return ReplicaCache(torch.zeros(shape, dtype=torch.float16), torch.zeros(shape, dtype=torch.float16))
 
     def _cos_sin(self, pos: int) -> torch.Tensor:
         """ggml_rope_cache_init for one position: (cos, sin) per pair, theta iterated in float32."""
         if pos not in self._rope:
-            step = np.float32(_LIBM.powf(float(self.rope_base), float(np.float32(-2.0) / np.float32(self.n_rot))))
             theta, table = np.float32(pos), []
             for i in range(self.n_rot // 2):
                 angle = theta if self.freq_factors is None else np.float32(theta / self.freq_factors[i].numpy())
                 table.append((_LIBM.cosf(float(angle)), _LIBM.sinf(float(angle))))
-                theta = np.float32(theta * step)
+                theta = np.float32(theta * self.rope_step)
             self._rope[pos] = torch.tensor(table, dtype=torch.float32)
         return self._rope[pos]
 
@@ -360,7 +363,7 @@ class GgmlReplica(nn.Module):
             raise SlimlmError(f"--scheme llama.cpp: the cache holds {cache.k.shape[1]} positions")
         positions = list(range(start, start + tokens))
         keep = tokens if logits_to_keep == 0 else min(logits_to_keep, tokens)
-        used = -(-(start + tokens) // KV_PAD) * KV_PAD  # llama.cpp's n_kv: the masked rest adds exact zeros
+        used = _padded(start + tokens)  # llama.cpp's n_kv: the masked rest adds exact zeros
         mask = torch.full((tokens, used), float("-inf"))
         for i, p in enumerate(positions):
             mask[i, : p + 1] = 0.0
@@ -390,5 +393,4 @@ class GgmlReplica(nn.Module):
         return self.output(rms_norm(x, self.vecs["output_norm.weight"], self.eps))[None]
 
     def kernel_report(self) -> dict[str, str]:
-        types = "/".join(sorted({info.ggml_type for info in self.infos if len(info.shape) == 2}))
-        return {f"model.layers.{i}": f"replica of {REPLICATED}, {types}" for i in range(self.layers)}
+        return {f"model.layers.{i}": f"replica of {REPLICATED}, {self.matrix_types}" for i in range(self.layers)}

@@ -142,11 +142,15 @@ def _q8_0_out(d: np.ndarray, q: np.ndarray) -> np.ndarray:
     return out
 
 
-def decode_q8_0(data: np.ndarray) -> np.ndarray:
+def q8_0_fields(data: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(d as float32 [B], codes as int8 [B, 32]) of Q8_0 blocks: x = d·q."""
     b = np.ascontiguousarray(data).reshape(-1, 34)
-    d = b[:, :2].copy().view("<f2").astype(F32)
-    q = b[:, 2:].view(np.int8).astype(F32)
-    return (q * d).reshape(data.shape[0], -1)
+    return b[:, :2].copy().view("<f2")[:, 0].astype(F32), b[:, 2:].view(np.int8)
+
+
+def decode_q8_0(data: np.ndarray) -> np.ndarray:
+    d, q = q8_0_fields(data)
+    return (q.astype(F32) * d[:, None]).reshape(data.shape[0], -1)
 
 
 # ---- Q4_0 / Q5_0 (symmetric) -------------------------------------------------------------------------
