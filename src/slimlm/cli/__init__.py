@@ -9,6 +9,7 @@ from rich.text import Text
 
 from slimlm.cli.app import app, err_console
 from slimlm.errors import explain
+from slimlm.util.process import destroy_process_group_at_exit
 
 # Each import registers that area's commands on `app`.
 from slimlm.cli import (  # noqa: F401,E402
@@ -52,7 +53,9 @@ def _one_line(exc: BaseException) -> str:
 
 
 def main() -> None:
-    """The ``slimlm`` console script."""
+    """The ``slimlm`` console script (also each process of ``accelerate launch -m slimlm``: any process group a
+    command set up is torn down before exit)."""
+    destroy_process_group_at_exit()
     sys.exit(run())
 
 

@@ -16,6 +16,7 @@ import torch
 
 from slimlm.algorithms.stats import LayerStats
 from slimlm.errors import SlimlmError
+from slimlm.util.process import destroy_process_group_at_exit
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,7 @@ def current() -> Share:
         return Share()
     if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        destroy_process_group_at_exit()
     if dist.is_initialized():
         return Share(dist.get_rank(), dist.get_world_size())
     return Share()

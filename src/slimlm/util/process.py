@@ -6,11 +6,13 @@ reports a parent's peak in a freshly started child; elsewhere they fall back to 
 
 from __future__ import annotations
 
+import atexit
 import gc
 import multiprocessing
 import os
 import resource
 import socket
+import sys
 from multiprocessing.connection import Connection, wait
 from typing import Any, Callable, Iterator, Sequence
 
@@ -148,3 +150,17 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _destroy_process_group() -> None:
+    dist = sys.modules.get("torch.distributed")  # never imports torch: a run that did not use it has no group
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def destroy_process_group_at_exit() -> None:
+    """Tear torch.distributed's default group down when the process exits (torchrun / ``accelerate launch``): a
+    gloo group left to the interpreter's own exit aborts the process ("terminate called without an active
+    exception", exit -6) in about one run in four once its peer has gone, after all the work was done."""
+    atexit.unregister(_destroy_process_group)  # once, however often it is asked for
+    atexit.register(_destroy_process_group)
