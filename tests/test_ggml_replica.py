@@ -78,7 +78,7 @@ def test_q8_0_matmul_is_the_dequantized_product_to_rounding(tmp_path: Path) -> N
     d = torch.rand(40, 3, generator=gen).half()
     raw = np.concatenate([d.numpy().view(np.uint8).reshape(40, 3, 2), q.numpy().view(np.uint8)], -1)
     (tmp_path / "w.bin").write_bytes(raw.tobytes())
-    mat = rep.Q8_0Matrix(TensorInfo("w", (40, 96), "Q8_0", raw.size, "Q8_0", str(tmp_path / "w.bin"), 0))
+    mat = rep.Q0Matrix(TensorInfo("w", (40, 96), "Q8_0", raw.size, "Q8_0", str(tmp_path / "w.bin"), 0))
     x = torch.randn(5, 96, generator=gen)
     qa, da = q8_0_blocks(x)
     weights = (q.double() * d.double()[..., None]).reshape(40, 96)
@@ -87,7 +87,53 @@ def test_q8_0_matmul_is_the_dequantized_product_to_rounding(tmp_path: Path) -> N
     assert torch.equal(mat.rows(torch.tensor([3])), (q[3].float() * d[3].float()[:, None]).reshape(1, -1))
 
 
+@pytest.mark.parametrize("qtype, tokens", [("Q4_K", 3), ("Q4_K", 9), ("Q6_K", 3), ("Q6_K", 9), ("Q5_0", 3),
+                                           ("Q4_0", 3)])
+def test_block_matmuls_are_the_dequantized_product_to_rounding(tmp_path: Path, qtype: str, tokens: int) -> None:
+    """Q4_K/Q6_K against Q8_K inputs (the mins included; 9 rows take the tiled kernel), Q5_0/Q4_0 against Q8_0:
+    the integer sums and scales add up to dequant(W) . dequant(x) to float32 summation; rows are the
+    dequantized rows."""
+    from slimlm.checkpoint.types import TensorInfo
+    from slimlm.evaluate.act_quant import q8_K_blocks
+    from slimlm.formats.ggml import dequantize, quantize
+
+    gen = torch.Generator().manual_seed(0)
+    w = (torch.randn(24, 512, generator=gen) + 0.3).numpy()  # an offset so Q4_K's mins matter
+    raw = quantize(w, qtype)
+    (tmp_path / "w.bin").write_bytes(raw.tobytes())
+    info = TensorInfo("w", (24, 512), qtype, raw.size, qtype, str(tmp_path / "w.bin"), 0)
+    mat = rep.MATRICES[qtype](info)
+    x = torch.randn(tokens, 512, generator=gen)
+    qa, da = (q8_K_blocks if qtype.endswith("_K") else q8_0_blocks)(x)
+    weights = torch.from_numpy(dequantize(raw, qtype, (24, 512))).double()
+    want = (qa.double() * da.double()[..., None]).reshape(tokens, 512) @ weights.T
+    assert float((mat(x).double() - want).abs().max()) < 1e-5 * float(want.abs().max())
+    assert torch.equal(mat.rows(torch.tensor([5, 2])), weights[[5, 2]].float())
+
+
+def test_tiled_k_quant_kernel_follows_ggmls_switch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """From 8 rows ggml-cpu takes its tiled kernel unless GGML_CPU_TILED_MM=0: then batches sum as one row does."""
+    from slimlm.checkpoint.types import TensorInfo
+    from slimlm.formats.ggml import quantize
+
+    gen = torch.Generator().manual_seed(2)
+    raw = quantize((torch.randn(64, 512, generator=gen) + 0.3).numpy(), "Q4_K")
+    (tmp_path / "w.bin").write_bytes(raw.tobytes())
+    mat = rep.KMatrix(TensorInfo("w", (64, 512), "Q4_K", raw.size, "Q4_K", str(tmp_path / "w.bin"), 0))
+    x = torch.randn(8, 512, generator=gen)
+    one_by_one = torch.cat([mat(x[i:i + 1]) for i in range(8)])
+    assert not torch.equal(mat(x), one_by_one)  # the tiled kernel rounds differently
+    for off in ("0", " 0", "no"):
+        monkeypatch.setenv("GGML_CPU_TILED_MM", off)
+        assert torch.equal(mat(x), one_by_one)
+    monkeypatch.setenv("GGML_CPU_TILED_MM", "1")
+    assert not torch.equal(mat(x), one_by_one)
+
+
 QWEN2 = {"hidden": 256, "heads": 4, "kv_heads": 2, "tie": False}  # head_dim 64, q/k/v biases, NEOX rope
+# hidden 128 (not a multiple of 256), ffn 512: Q4_K_M falls back to Q5_0/Q8_0 except ffn_down (Q4_K, Q6_K), as in
+# Qwen2.5-Coder-0.5B's shipped file
+QWEN2_NARROW = {"hidden": 128, "ffn": 512, "heads": 4, "kv_heads": 2, "tie": False}
 LLAMA = {"hidden": 256, "heads": 8, "kv_heads": 2}  # head_dim 32: ggml_vec_dot_f16's scalar rest; tied output
 
 
@@ -101,6 +147,9 @@ LLAMA = {"hidden": 256, "heads": 8, "kv_heads": 2}  # head_dim 32: ggml_vec_dot_
     ("qwen3", "Q8_0", 19, {}),  # per-head q/k RMSNorm
     ("qwen2", "F16", 19, QWEN2),  # F16 matrices: tinyBLAS / ggml_vec_dot_f16 with f16-rounded inputs
     ("llama", "F16", 19, LLAMA),  # ... and a prompt's last FFN on one row (llama.cpp's out_ids)
+    ("qwen2", "Q4_K_M", 19, QWEN2_NARROW),  # Q5_0, Q8_0, Q4_K and Q6_K matrices; Q5_0 embedding rows
+    ("llama", "Q4_K_M", 19, LLAMA),  # every matrix a K-quant: Q4_K embedding rows, tied Q4_K output
+    ("qwen2", "Q4_0", 19, QWEN2),
 ])
 def test_logits_equal_llama_cpps_bit_for_bit(tmp_path: Path, arch: str, mix: str, prompt_len: int,
                                              kwargs: dict) -> None:
@@ -156,8 +205,8 @@ def test_unsupported_files_fail_with_one_line(tmp_path: Path) -> None:
 
     hf = make_tiny_model(tmp_path / "q", "qwen2", hidden=256, heads=4, kv_heads=2, tie=False)
     q4 = tmp_path / "q4.gguf"
-    quantize_gguf(hf, "Q4_0", q4)
-    with pytest.raises(SlimlmError, match=r"Q8_0 and F16 matrices only; \S+ is Q\d"):
+    quantize_gguf(hf, "Q4_1", q4)
+    with pytest.raises(SlimlmError, match=r"Q8_0, Q5_0, Q4_0, Q4_K, Q6_K, F16 matrices only; \S+ is Q4_1"):
         rep.GgmlReplica(q4)
     gemma = tmp_path / "g.gguf"
     quantize_gguf(make_tiny_model(tmp_path / "g", "gemma", hidden=256, heads=4, kv_heads=2), "Q8_0", gemma)

@@ -35,16 +35,22 @@ def _over(numerator: float, x: torch.Tensor) -> torch.Tensor:
     return torch.full_like(x, numerator) / x
 
 
-def fake_q8_K(x: torch.Tensor) -> torch.Tensor:
-    """Round to Q8_K and back: per 256 values, scale -127/(signed value of largest magnitude)."""
-    shape, dtype = x.shape, x.dtype
-    xb = x.reshape(-1, QK_K).float()
+def q8_K_blocks(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values ``(..., n/256, 256)``, float32 scales ``(..., n/256)``, both as float32) of ``x`` ``(..., n)`` in
+    Q8_K blocks of 256, as quantize_row_q8_K_ref: iscale = -127/(signed value of the first largest magnitude),
+    values round-half-even(iscale * x) capped at 127, d = 1/iscale (0 for an all-zero block)."""
+    xb = x.reshape(*x.shape[:-1], -1, QK_K).float()
     signed_max = xb.gather(-1, xb.abs().argmax(-1, keepdim=True))  # first largest magnitude, as ggml
     nonzero = signed_max != 0
     iscale = torch.where(nonzero, _over(-127.0, torch.where(nonzero, signed_max, 1.0)), 0.0)
-    q = torch.round(iscale * xb).clamp(max=127)
-    d = torch.where(nonzero, 1.0 / torch.where(nonzero, iscale, 1.0), 0.0)
-    return (q * d).reshape(shape).to(dtype)
+    d = torch.where(nonzero, _over(1.0, torch.where(nonzero, iscale, 1.0)), 0.0)
+    return torch.round(iscale * xb).clamp(max=127), d[..., 0]
+
+
+def fake_q8_K(x: torch.Tensor) -> torch.Tensor:
+    """Round to Q8_K and back."""
+    q, d = q8_K_blocks(x)
+    return (q * d[..., None]).reshape(x.shape).to(x.dtype)
 
 
 def q8_0_blocks(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

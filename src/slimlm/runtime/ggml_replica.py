@@ -12,6 +12,11 @@ float operations of the kernel ggml-cpu runs for it:
   of 4-byte dot products (exact); per lane a fused multiply-add over the blocks with the f32 product of the two
   f16 scales; the lanes summed as ``hsum_float_8``. ``ggml_vec_dot_q8_0_q8_0`` (one token) and llamafile's
   ``tinyBLAS_Q0_AVX`` (batches) compute exactly this.
+- Q5_0 and Q4_0 matmuls: as Q8_0, with the 5- and 4-bit codes (``ggml_vec_dot_q5_0_q8_0``, tinyBLAS).
+- Q4_K and Q6_K matmuls: the input rounded to Q8_K blocks of 256 (``quantize_row_q8_K_ref``); one row at a time
+  (up to 7 rows) the AVX2 ``ggml_vec_dot_q{4,6}_K_q8_K`` lanes, 8 rows or more ggml-cpu's tiled K-quant kernel,
+  which rounds differently (:class:`KMatrix`). With Q5_0 and Q8_0 fallbacks these cover the Q4_K_M files
+  people download (Qwen2.5-Coder-0.5B's shipped file among them).
 - F16 matmuls: the input rounded to f16, then the f16 dot products described for attention below.
 - RMSNorm: f32 squares summed in double, in order; ``1.0f/sqrtf(mean + eps)``.
 - RoPE: the C library's ``cosf``/``sinf`` of theta (divided by Llama 3's per-pair factor, where the file has
@@ -30,7 +35,8 @@ Float32 results whose torch kernel is not correctly rounded (``sqrt``) or whose 
 
 What is replicated: ggml-cpu built for AVX-512 (F, DQ, VNNI; llama-cpp-python's ``-march=native`` build on such a
 CPU), as in llama-cpp-python 0.3.36; an AVX2-only build uses other lane widths and exp code, and would differ in
-the last bit. Files: GGUF with every matrix Q8_0 or F16; llama.cpp's ``llama`` (Llama 3's rope factors included;
+the last bit. Files: GGUF with every matrix Q8_0, Q5_0, Q4_0, Q4_K, Q6_K or F16 (not Q5_K, Q2_K/Q3_K,
+Q4_1/Q5_1 or the i-quants); llama.cpp's ``llama`` (Llama 3's rope factors included;
 Mistral), ``qwen2`` and ``qwen3`` (per-head q/k norms) graphs; batch 1. tests/test_ggml_replica.py compares the
 logits with llama.cpp's, bit for bit, on tiny models; BENCHMARKS.md has the greedy text on Qwen2.5-Coder-0.5B and
 SmolLM2. Slow by design (float64 per-lane arithmetic: 37 s for a prompt and 32 tokens of Qwen2.5-Coder-0.5B Q8_0,
@@ -42,6 +48,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,7 +58,7 @@ from torch import nn
 
 from slimlm.checkpoint.types import TensorInfo
 from slimlm.errors import SlimlmError
-from slimlm.evaluate.act_quant import QK8_0, q8_0_blocks
+from slimlm.evaluate.act_quant import QK8_0, QK_K, q8_0_blocks, q8_K_blocks
 
 REPLICATED = "ggml-cpu AVX-512 (llama-cpp-python 0.3.36)"
 ARCHS = ("llama", "qwen2", "qwen3")
@@ -99,38 +106,163 @@ def sum16(acc: torch.Tensor) -> torch.Tensor:
     return x[..., 0] + x[..., 1]
 
 
-class Q8_0Matrix:
-    """One Q8_0 weight matrix ``(out, in)``: int8 values and f32 scales, multiplied the ggml way."""
+def lane_fma(lanes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``(T, R)`` dot products from per-block int32 lane sums ``lanes`` ``(T, R, blocks, 8)`` (float64 holding
+    integers) and per-block float32 scales ``scale`` ``(T, R, blocks)``: each lane sum converted to float32
+    (``_mm256_cvtepi32_ps``), a fused multiply-add per lane block after block, then ``hsum_float_8``."""
+    lanes = lanes.float().double()
+    acc = torch.zeros(lanes.shape[:2] + (8,), dtype=torch.float64)
+    for b in range(lanes.shape[2]):  # _mm256_fmadd_ps(d, q, acc): both factors float32, so the product is exact
+        acc = acc.add_(scale[:, :, b, None].double() * lanes[:, :, b]).float().double()
+    return sum8(acc.float())
+
+
+def _row_chunks(rows: int, tokens: int, values: int) -> range:
+    """Starts of row chunks whose lane products (``tokens`` x rows x ``values``) stay near ROWS_PER_CHUNK."""
+    return range(0, rows, max(1, ROWS_PER_CHUNK // max(1, tokens * values)))
+
+
+def _block_rows(info: TensorInfo, block_bytes: int) -> np.ndarray:
+    """The matrix's stored blocks, ``(out * blocks, block_bytes)`` uint8 (mapped, no copy)."""
+    from slimlm.checkpoint.tensor_data import raw_bytes
+
+    return raw_bytes(info).reshape(-1, block_bytes)
+
+
+class Q0Matrix:
+    """A Q8_0, Q5_0 or Q4_0 weight matrix ``(out, in)``: int8 codes and f32 scales per block of 32, against
+    Q8_0 input blocks. ggml_vec_dot_q{8,5,4}_0_q8_0 (one token) and llamafile's tinyBLAS_Q0_AVX (batches)
+    compute the same: per block, eight int32 lanes of 4-byte dot products, then :func:`lane_fma` with the
+    f32 product of the two f16 scales."""
 
     def __init__(self, info: TensorInfo):
-        from slimlm.checkpoint.tensor_data import raw_bytes
-        from slimlm.formats.ggml.legacy import q8_0_fields
+        from slimlm.formats.ggml import legacy
 
+        fields, block_bytes = {"Q8_0": (legacy.q8_0_fields, 34), "Q5_0": (legacy.q5_0_fields, 22),
+                               "Q4_0": (legacy.q4_0_fields, 18)}[info.ggml_type]
         out, cols = self.shape = info.shape
-        d, q = q8_0_fields(raw_bytes(info))
+        d, q = fields(_block_rows(info, block_bytes))
         self.d = torch.from_numpy(d.reshape(out, cols // QK8_0))
         self.q = torch.from_numpy(q.reshape(out, cols // QK8_0, QK8_0).copy())  # (out, blocks, 32)
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
-        """get_rows: dequantized rows (float(q) * d)."""
+        """get_rows: dequantized rows (float(q) * d, exact)."""
         return (self.q[ids].float() * self.d[ids][..., None]).reshape(len(ids), -1)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """``x @ W.T`` for float32 ``x`` ``(T, in)``, as ggml_vec_dot_q8_0_q8_0 / tinyBLAS_Q0_AVX."""
+        """``x @ W.T`` for float32 ``x`` ``(T, in)``."""
         qa, da = q8_0_blocks(x)  # (T, nb, 32), (T, nb): as x86 quantize_row_q8_0
         tokens, nb = da.shape
         xa = qa.reshape(tokens, 1, nb * 8, 4)
         out = torch.empty(tokens, self.shape[0])
-        step = max(1, ROWS_PER_CHUNK // (tokens * nb * QK8_0))
-        for r0 in range(0, self.shape[0], step):
-            qw = self.q[r0:r0 + step].float().reshape(1, -1, nb * 8, 4)
-            lanes = (qw * xa).sum(-1).reshape(tokens, -1, nb, 8).double()  # int sums, exact in float32
-            scale = (self.d[None, r0:r0 + step] * da[:, None, :]).double()  # f32 product of the two scales
-            acc = torch.zeros(tokens, lanes.shape[1], 8, dtype=torch.float64)
-            for b in range(nb):  # _mm256_fmadd_ps(d, q, acc) block after block
-                acc = acc.add_(scale[:, :, b, None] * lanes[:, :, b]).float().double()
-            out[:, r0:r0 + step] = sum8(acc.float())
+        rows = _row_chunks(self.shape[0], tokens, nb * QK8_0)
+        for r0 in rows:
+            r1 = r0 + rows.step
+            qw = self.q[r0:r1].float().reshape(1, -1, nb * 8, 4)
+            lanes = (qw * xa).sum(-1).reshape(tokens, -1, nb, 8)  # int sums, exact in float32
+            out[:, r0:r1] = lane_fma(lanes, self.d[None, r0:r1] * da[:, None, :])  # f32 product of the scales
         return out
+
+
+def _tiled_enabled() -> bool:
+    """ggml-cpu's switch for its tiled K-quant matmul, read from the same environment variable (default on)."""
+    value = os.environ.get("GGML_CPU_TILED_MM")
+    try:
+        return value is None or int(value.strip() or "0") != 0  # C's atoi(env) != 0
+    except ValueError:
+        return False  # atoi of a non-number is 0
+
+
+class KMatrix:
+    """A Q4_K or Q6_K weight matrix ``(out, in)`` against Q8_K input blocks of 256 (quantize_row_q8_K_ref). ggml-cpu
+    has two kernels for it, both replicated; each starts from exact integer sums per super-block.
+
+    - Fewer than 8 input rows: the AVX2 ggml_vec_dot_q4_K_q8_K / ggml_vec_dot_q6_K_q8_K. Int32 lane ``l`` sums
+      sub-block scale x unsigned code x input over the values ``v`` with ``(v % 32) // 4 == l``, then
+      :func:`lane_fma` with d = y.d * x.d. The zero points change the lanes, so they are kept where ggml puts
+      them: Q6_K's codes are stored + 32, and lane ``l`` loses 32 x (scale x input sum) of the 16-value
+      sub-blocks 2l and 2l+1 (Q8_K's bsums), not of its own values. Q4_K's mins go to a second accumulator: per
+      super-block, four int32 sums of min x (input sum of a 32-value sub-block) over pairs of sub-blocks,
+      fused-multiply-added with -y.d * x.dmin, reduced as (0+2)+(1+3) and added after the lanes.
+    - 8 rows or more: ggml-cpu's tiled K-quant matmul (tiled/, AVX-512 VNNI microtiles; on unless
+      GGML_CPU_TILED_MM=0). Per super-block one int32 sum per output, s1 (scale x signed code x input) and,
+      for Q4_K, s2 (min x input sum per sub-block); result = fnmadd(x.dmin, float(s2), float(s1) * x.d); the
+      output accumulates fma(result, y.d, acc) super-block after super-block."""
+
+    TILED_MIN_ROWS = 8
+
+    def __init__(self, info: TensorInfo):
+        from slimlm.formats.ggml import q4_k, q6_k
+        from slimlm.formats.ggml.common import fp16_value, unpack_scale_min_k4
+
+        out, cols = self.shape = info.shape
+        nb = cols // QK_K
+        if info.ggml_type == "Q4_K":
+            blocks = _block_rows(info, q4_k.BLOCK_BYTES)
+            d = fp16_value(blocks[:, 0:2].copy().view("<u2")[:, 0])
+            dmin = fp16_value(blocks[:, 2:4].copy().view("<u2")[:, 0])
+            sc, mins = unpack_scale_min_k4(blocks[:, 4:16])  # [S, 8] each, one per sub-block of 32
+            weighted = sc[:, :, None].astype(np.int16) * q4_k.codes(blocks)  # [S, 8, 32]
+            self.dmin = torch.from_numpy(dmin.reshape(out, nb))
+            self.mins = torch.from_numpy(mins.astype(np.float64).reshape(out, nb, 4, 2))
+            self.scales16 = None
+        else:
+            d, sc, q = q6_k.fields(_block_rows(info, 210))  # scales per 16 values
+            weighted = sc[:, :, None].astype(np.int16) * (q + np.int16(32))  # [S, 16, 16]: the unsigned codes
+            self.scales16 = torch.from_numpy(sc.astype(np.float64).reshape(out, nb, 8, 2))
+            self.dmin = self.mins = None
+        self.d = torch.from_numpy(d.reshape(out, nb))
+        self.w = torch.from_numpy(weighted.reshape(out, nb, QK_K))  # int16: |scale x code| <= 128 x 63
+        self.info = info
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """get_rows: dequantize_row_q4_K / _q6_K of the rows (ggml-base's float order)."""
+        from slimlm.formats.ggml import dequantize, row_bytes
+
+        raw = _block_rows(self.info, row_bytes(self.info.ggml_type, self.shape[1]))
+        return torch.from_numpy(dequantize(raw[ids.numpy()], self.info.ggml_type, (len(ids), self.shape[1])))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ W.T`` for float32 ``x`` ``(T, in)``."""
+        qa, da = q8_K_blocks(x)  # (T, nb, 256), (T, nb)
+        tokens, nb = da.shape
+        tiled = tokens >= self.TILED_MIN_ROWS and _tiled_enabled()
+        xa = qa.double().reshape(tokens, nb, 8, 8, 4)  # (sub-block of 32, lane, 4 values)
+        sums16 = qa.double().reshape(tokens, nb, 8, 2, 16).sum(-1)  # Q8_K's bsums, by lane
+        out = torch.empty(tokens, self.shape[0])
+        s1 = torch.empty(tokens, self.shape[0], nb, dtype=torch.float64) if tiled else None
+        rows = _row_chunks(self.shape[0], tokens, nb * QK_K)
+        for r0 in rows:
+            r1 = r0 + rows.step
+            w = self.w[r0:r1].double().reshape(-1, nb, 8, 8, 4)
+            lanes = torch.einsum("tbgli,rbgli->trbl", xa, w)  # integers below 2**31: exact in float64
+            if self.scales16 is not None:  # Q6_K's -32: lane l loses 32 x (scale x input sum) of sub-blocks 2l, 2l+1
+                lanes -= 32 * (self.scales16[None, r0:r1] * sums16[:, None]).sum(-1)
+            if tiled:
+                s1[:, r0:r1] = lanes.sum(-1)
+            else:
+                out[:, r0:r1] = lane_fma(lanes, self.d[None, r0:r1] * da[:, None, :])  # y.d * x.d in float32
+        s2 = None
+        if self.mins is not None:
+            sums32 = qa.double().reshape(tokens, 1, nb, 4, 2, 32).sum(-1)  # input sums of the 32-value sub-blocks
+            s2 = (self.mins[None] * sums32).sum(-1)  # (T, out, nb, 4): _mm_madd_epi16 of mins and pair sums
+        return self._tiled(s1, s2, da) if tiled else out if s2 is None else out + self._vec_dot_mins(s2, da)
+
+    def _vec_dot_mins(self, pairs: torch.Tensor, da: torch.Tensor) -> torch.Tensor:
+        scale = -(da[:, None, :] * self.dmin[None])  # dmin = -y.d * x.dmin: the product, negated
+        acc = torch.zeros(pairs.shape[0], self.shape[0], 4, dtype=torch.float64)
+        for b in range(pairs.shape[2]):
+            acc = acc.add_(scale[:, :, b, None].double() * pairs[:, :, b].float().double()).float().double()
+        return (acc[..., 0] + acc[..., 2]).float() + (acc[..., 1] + acc[..., 3]).float()
+
+    def _tiled(self, s1: torch.Tensor, s2: torch.Tensor | None, da: torch.Tensor) -> torch.Tensor:
+        result = (s1.float() * self.d[None]).double()  # _mm512_mul_ps(cvtepi32_ps(s1), x.d)
+        if s2 is not None:  # _mm512_fnmadd_ps(x.dmin, cvtepi32_ps(s2), result)
+            result = fma(-self.dmin[None], s2.sum(-1).float(), result.float()).double()
+        acc = torch.zeros(s1.shape[:2])
+        for b in range(s1.shape[2]):  # buf += result * y.d, contracted to an FMA
+            acc = fma(result[:, :, b].float(), da[:, None, b], acc)
+        return acc
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -239,7 +371,9 @@ def _padded(positions: int) -> int:
     return -(-positions // KV_PAD) * KV_PAD
 
 
-MATRICES = {"Q8_0": Q8_0Matrix, "F16": F16Matrix}  # GGML type of a weight matrix -> its replica
+# GGML type of a weight matrix -> its replica
+MATRICES = {"Q8_0": Q0Matrix, "Q5_0": Q0Matrix, "Q4_0": Q0Matrix, "Q4_K": KMatrix, "Q6_K": KMatrix,
+            "F16": F16Matrix}
 
 
 @dataclass
@@ -287,13 +421,14 @@ class GgmlReplica(nn.Module):
         self.neox = not spec_for_gguf(arch, False)[1].permute_qk  # llama: adjacent pairs; qwen2/3: halves
         root = _f32(torch.sqrt(torch.tensor(float(np.float32(self.head_dim)), dtype=torch.float64)))
         self.kq_scale = float(_f32(1.0 / root.double()))  # 1.0f/sqrtf(float(n_embd_head))
-        self.mats: dict[str, Q8_0Matrix | F16Matrix] = {}
+        self.mats: dict[str, Q0Matrix | KMatrix | F16Matrix] = {}
         self.vecs: dict[str, torch.Tensor] = {}
         for info in tensors:
             if len(info.shape) == 2:
                 if info.ggml_type not in MATRICES:
-                    raise SlimlmError(f"--scheme llama.cpp replicates {' and '.join(MATRICES)} matrices only; "
-                                      f"{info.name} is {info.ggml_type} (requantize: slimlm quantize {path} --to Q8_0)")
+                    raise SlimlmError(f"--scheme llama.cpp replicates {', '.join(MATRICES)} matrices only; "
+                                      f"{info.name} is {info.ggml_type} (requantize: slimlm quantize {path} --to "
+                                      "Q4_K_M or Q8_0)")
                 self.mats[info.name] = MATRICES[info.ggml_type](info)
             else:
                 self.vecs[info.name] = torch.from_numpy(np.asarray(load_array(info), dtype=np.float32).copy())

@@ -190,18 +190,27 @@ def _unpack_high(qh: np.ndarray) -> np.ndarray:
     return (((u >> np.arange(32, dtype=np.uint32)) & 1) << 4).astype(np.int32)
 
 
-def decode_q4_0(data: np.ndarray) -> np.ndarray:
+def q4_0_fields(data: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(d as float32 [B], codes as int8 [B, 32] in -8..7) of Q4_0 blocks: x = d·q."""
     b = np.ascontiguousarray(data).reshape(-1, 18)
-    d = b[:, :2].copy().view("<f2").astype(F32)
-    q = (_unpack_nibbles(b[:, 2:]) - 8).astype(F32)
-    return (q * d).reshape(data.shape[0], -1)
+    return b[:, :2].copy().view("<f2")[:, 0].astype(F32), (_unpack_nibbles(b[:, 2:]) - 8).astype(np.int8)
+
+
+def q5_0_fields(data: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(d as float32 [B], codes as int8 [B, 32] in -16..15) of Q5_0 blocks: x = d·q."""
+    b = np.ascontiguousarray(data).reshape(-1, 22)
+    q = (_unpack_nibbles(b[:, 6:]) | _unpack_high(b[:, 2:6])) - 16
+    return b[:, :2].copy().view("<f2")[:, 0].astype(F32), q.astype(np.int8)
+
+
+def decode_q4_0(data: np.ndarray) -> np.ndarray:
+    d, q = q4_0_fields(data)
+    return (q.astype(F32) * d[:, None]).reshape(data.shape[0], -1)
 
 
 def decode_q5_0(data: np.ndarray) -> np.ndarray:
-    b = np.ascontiguousarray(data).reshape(-1, 22)
-    d = b[:, :2].copy().view("<f2").astype(F32)
-    q = ((_unpack_nibbles(b[:, 6:]) | _unpack_high(b[:, 2:6])) - 16).astype(F32)
-    return (q * d).reshape(data.shape[0], -1)
+    d, q = q5_0_fields(data)
+    return (q.astype(F32) * d[:, None]).reshape(data.shape[0], -1)
 
 
 # ---- Q4_1 / Q5_1 (scale + min) -----------------------------------------------------------------------

@@ -30,14 +30,17 @@ def encode(x: np.ndarray, imatrix: np.ndarray | None = None) -> np.ndarray:
     return out.reshape(rows.shape[0], -1)
 
 
+def codes(blocks: np.ndarray) -> np.ndarray:
+    """The 256 4-bit codes of each super-block ``[S, 144]`` in value order, as uint8 ``[S, 8, 32]``."""
+    qs = blocks[:, 16:].reshape(-1, 4, 1, 32)
+    return np.concatenate([qs & 0xF, qs >> 4], axis=2).reshape(-1, 8, 32)
+
+
 def decode(data: np.ndarray) -> np.ndarray:
     blocks = np.ascontiguousarray(data, dtype=np.uint8).reshape(-1, BLOCK_BYTES)
-    S = blocks.shape[0]
     d, m = k4_dequantize_scales(blocks)
-    qs = blocks[:, 16:].reshape(S, 4, 1, 32)
-    q = np.concatenate([qs & 0xF, qs >> 4], axis=2).astype(F32).reshape(S, 8, 32)
-    y = d[:, :, None] * q - m[:, :, None]
+    y = d[:, :, None] * codes(blocks).astype(F32) - m[:, :, None]
     return y.reshape(*data.shape[:-1], -1)
 
 
-__all__ = ["encode", "decode", "BLOCK_BYTES", "QK_K"]
+__all__ = ["encode", "decode", "codes", "BLOCK_BYTES", "QK_K"]

@@ -48,15 +48,20 @@ def encode(x: np.ndarray, imatrix: np.ndarray | None = None) -> np.ndarray:
     return out.reshape(rows, -1)
 
 
-def decode(data: np.ndarray) -> np.ndarray:
+def fields(data: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(d as float32 [S], the 16 int8 scales [S, 16], codes - 32 as int8 [S, 16, 16]) of Q6_K super-blocks,
+    in value order: x = d·sc·q per 16 values."""
     b = np.ascontiguousarray(data).reshape(-1, 210)
     nb = b.shape[0]
     ql = b[:, :128].reshape(nb, 2, 2, 32)
     qh = b[:, 128:192].reshape(nb, 2, 1, 32)
-    sc = b[:, 192:208].view(np.int8).astype(F32).reshape(nb, 2, 4, 2, 1)
-    d = b[:, 208:210].copy().view("<f2").astype(F32).reshape(nb, 1, 1, 1, 1)
     low = np.stack([ql[:, :, 0] & 0xF, ql[:, :, 1] & 0xF, ql[:, :, 0] >> 4, ql[:, :, 1] >> 4], axis=2)
     high = (qh >> (2 * np.arange(4, dtype=np.uint8)).reshape(1, 1, 4, 1)) & 3
-    q = ((low | (high << 4)).astype(np.int32) - 32).astype(F32).reshape(nb, 2, 4, 2, 16)
-    return ((d * sc) * q).reshape(data.shape[0], -1)
+    q = ((low | (high << 4)).astype(np.int16) - 32).astype(np.int8).reshape(nb, 16, 16)
+    return b[:, 208:210].copy().view("<f2")[:, 0].astype(F32), b[:, 192:208].view(np.int8), q
+
+
+def decode(data: np.ndarray) -> np.ndarray:
+    d, sc, q = fields(data)
+    return ((d[:, None, None] * sc.astype(F32)[:, :, None]) * q.astype(F32)).reshape(data.shape[0], -1)
 
