@@ -87,8 +87,8 @@ def test_q8_0_matmul_is_the_dequantized_product_to_rounding(tmp_path: Path) -> N
     assert torch.equal(mat.rows(torch.tensor([3])), (q[3].float() * d[3].float()[:, None]).reshape(1, -1))
 
 
-@pytest.mark.parametrize("qtype, tokens", [("Q4_K", 3), ("Q4_K", 9), ("Q6_K", 3), ("Q6_K", 9), ("Q5_0", 3),
-                                           ("Q4_0", 3)])
+@pytest.mark.parametrize("qtype, tokens", [("Q4_K", 3), ("Q4_K", 9), ("Q5_K", 3), ("Q5_K", 9), ("Q6_K", 3),
+                                           ("Q6_K", 9), ("Q5_0", 3), ("Q4_0", 3)])
 def test_block_matmuls_are_the_dequantized_product_to_rounding(tmp_path: Path, qtype: str, tokens: int) -> None:
     """Q4_K/Q6_K against Q8_K inputs (the mins included; 9 rows take the tiled kernel), Q5_0/Q4_0 against Q8_0:
     the integer sums and scales add up to dequant(W) . dequant(x) to float32 summation; rows are the
@@ -149,6 +149,7 @@ LLAMA = {"hidden": 256, "heads": 8, "kv_heads": 2}  # head_dim 32: ggml_vec_dot_
     ("llama", "F16", 19, LLAMA),  # ... and a prompt's last FFN on one row (llama.cpp's out_ids)
     ("qwen2", "Q4_K_M", 19, QWEN2_NARROW),  # Q5_0, Q8_0, Q4_K and Q6_K matrices; Q5_0 embedding rows
     ("llama", "Q4_K_M", 19, LLAMA),  # every matrix a K-quant: Q4_K embedding rows, tied Q4_K output
+    ("llama", "Q5_K_M", 19, LLAMA),
     ("qwen2", "Q4_0", 19, QWEN2),
 ])
 def test_logits_equal_llama_cpps_bit_for_bit(tmp_path: Path, arch: str, mix: str, prompt_len: int,
@@ -206,7 +207,7 @@ def test_unsupported_files_fail_with_one_line(tmp_path: Path) -> None:
     hf = make_tiny_model(tmp_path / "q", "qwen2", hidden=256, heads=4, kv_heads=2, tie=False)
     q4 = tmp_path / "q4.gguf"
     quantize_gguf(hf, "Q4_1", q4)
-    with pytest.raises(SlimlmError, match=r"Q8_0, Q5_0, Q4_0, Q4_K, Q6_K, F16 matrices only; \S+ is Q4_1"):
+    with pytest.raises(SlimlmError, match=r"Q8_0, Q5_0, Q4_0, Q4_K, Q5_K, Q6_K, F16 matrices only; \S+ is Q4_1"):
         rep.GgmlReplica(q4)
     gemma = tmp_path / "g.gguf"
     quantize_gguf(make_tiny_model(tmp_path / "g", "gemma", hidden=256, heads=4, kv_heads=2), "Q8_0", gemma)

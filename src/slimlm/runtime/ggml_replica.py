@@ -13,10 +13,10 @@ float operations of the kernel ggml-cpu runs for it:
   f16 scales; the lanes summed as ``hsum_float_8``. ``ggml_vec_dot_q8_0_q8_0`` (one token) and llamafile's
   ``tinyBLAS_Q0_AVX`` (batches) compute exactly this.
 - Q5_0 and Q4_0 matmuls: as Q8_0, with the 5- and 4-bit codes (``ggml_vec_dot_q5_0_q8_0``, tinyBLAS).
-- Q4_K and Q6_K matmuls: the input rounded to Q8_K blocks of 256 (``quantize_row_q8_K_ref``); one row at a time
-  (up to 7 rows) the AVX2 ``ggml_vec_dot_q{4,6}_K_q8_K`` lanes, 8 rows or more ggml-cpu's tiled K-quant kernel,
-  which rounds differently (:class:`KMatrix`). With Q5_0 and Q8_0 fallbacks these cover the Q4_K_M files
-  people download (Qwen2.5-Coder-0.5B's shipped file among them).
+- Q4_K, Q5_K and Q6_K matmuls: the input rounded to Q8_K blocks of 256 (``quantize_row_q8_K_ref``); up to 7
+  rows the AVX2 ``ggml_vec_dot_q{4,5,6}_K_q8_K`` lanes, 8 rows or more ggml-cpu's tiled K-quant kernel, which
+  rounds differently (:class:`KMatrix`). With the Q5_0 and Q8_0 fallbacks these cover the Q4_K_M and Q5_K_M
+  files people download (Qwen2.5-Coder-0.5B's shipped file among them).
 - F16 matmuls: the input rounded to f16, then the f16 dot products described for attention below.
 - RMSNorm: f32 squares summed in double, in order; ``1.0f/sqrtf(mean + eps)``.
 - RoPE: the C library's ``cosf``/``sinf`` of theta (divided by Llama 3's per-pair factor, where the file has
@@ -35,7 +35,7 @@ Float32 results whose torch kernel is not correctly rounded (``sqrt``) or whose 
 
 What is replicated: ggml-cpu built for AVX-512 (F, DQ, VNNI; llama-cpp-python's ``-march=native`` build on such a
 CPU), as in llama-cpp-python 0.3.36; an AVX2-only build uses other lane widths and exp code, and would differ in
-the last bit. Files: GGUF with every matrix Q8_0, Q5_0, Q4_0, Q4_K, Q6_K or F16 (not Q5_K, Q2_K/Q3_K,
+the last bit. Files: GGUF with every matrix Q8_0, Q5_0, Q4_0, Q4_K, Q5_K, Q6_K or F16 (not Q2_K/Q3_K,
 Q4_1/Q5_1 or the i-quants); llama.cpp's ``llama`` (Llama 3's rope factors included;
 Mistral), ``qwen2`` and ``qwen3`` (per-head q/k norms) graphs; batch 1. tests/test_ggml_replica.py compares the
 logits with llama.cpp's, bit for bit, on tiny models; BENCHMARKS.md has the greedy text on Qwen2.5-Coder-0.5B and
@@ -174,35 +174,38 @@ def _tiled_enabled() -> bool:
 
 
 class KMatrix:
-    """A Q4_K or Q6_K weight matrix ``(out, in)`` against Q8_K input blocks of 256 (quantize_row_q8_K_ref). ggml-cpu
-    has two kernels for it, both replicated; each starts from exact integer sums per super-block.
+    """A Q4_K, Q5_K or Q6_K weight matrix ``(out, in)`` against Q8_K input blocks of 256 (quantize_row_q8_K_ref).
+    ggml-cpu has two kernels for it, both replicated; each starts from exact integer sums per super-block.
 
-    - Fewer than 8 input rows: the AVX2 ggml_vec_dot_q4_K_q8_K / ggml_vec_dot_q6_K_q8_K. Int32 lane ``l`` sums
+    - Fewer than 8 input rows: the AVX2 ggml_vec_dot_q{4,5,6}_K_q8_K. Int32 lane ``l`` sums
       sub-block scale x unsigned code x input over the values ``v`` with ``(v % 32) // 4 == l``, then
       :func:`lane_fma` with d = y.d * x.d. The zero points change the lanes, so they are kept where ggml puts
       them: Q6_K's codes are stored + 32, and lane ``l`` loses 32 x (scale x input sum) of the 16-value
       sub-blocks 2l and 2l+1 (Q8_K's bsums), not of its own values. Q4_K's mins go to a second accumulator: per
       super-block, four int32 sums of min x (input sum of a 32-value sub-block) over pairs of sub-blocks,
-      fused-multiply-added with -y.d * x.dmin, reduced as (0+2)+(1+3) and added after the lanes.
+      fused-multiply-added with -y.d * x.dmin, reduced as (0+2)+(1+3) and added after the lanes. Q5_K (Q4_K's
+      layout with 5-bit codes) sums its mins to one int per super-block instead: summs = fma(-y.d * x.dmin,
+      sum, summs), added after the lanes.
     - 8 rows or more: ggml-cpu's tiled K-quant matmul (tiled/, AVX-512 VNNI microtiles; on unless
       GGML_CPU_TILED_MM=0). Per super-block one int32 sum per output, s1 (scale x signed code x input) and,
-      for Q4_K, s2 (min x input sum per sub-block); result = fnmadd(x.dmin, float(s2), float(s1) * x.d); the
+      for Q4_K and Q5_K, s2 (min x input sum per sub-block); result = fnmadd(x.dmin, float(s2), float(s1) * x.d); the
       output accumulates fma(result, y.d, acc) super-block after super-block."""
 
     TILED_MIN_ROWS = 8
 
     def __init__(self, info: TensorInfo):
-        from slimlm.formats.ggml import q4_k, q6_k
+        from slimlm.formats.ggml import q4_k, q5_k, q6_k
         from slimlm.formats.ggml.common import fp16_value, unpack_scale_min_k4
 
         out, cols = self.shape = info.shape
         nb = cols // QK_K
-        if info.ggml_type == "Q4_K":
-            blocks = _block_rows(info, q4_k.BLOCK_BYTES)
+        if info.ggml_type in ("Q4_K", "Q5_K"):
+            fmt = q4_k if info.ggml_type == "Q4_K" else q5_k
+            blocks = _block_rows(info, fmt.BLOCK_BYTES)
             d = fp16_value(blocks[:, 0:2].copy().view("<u2")[:, 0])
             dmin = fp16_value(blocks[:, 2:4].copy().view("<u2")[:, 0])
             sc, mins = unpack_scale_min_k4(blocks[:, 4:16])  # [S, 8] each, one per sub-block of 32
-            weighted = sc[:, :, None].astype(np.int16) * q4_k.codes(blocks)  # [S, 8, 32]
+            weighted = sc[:, :, None].astype(np.int16) * fmt.codes(blocks)  # [S, 8, 32]
             self.dmin = torch.from_numpy(dmin.reshape(out, nb))
             self.mins = torch.from_numpy(mins.astype(np.float64).reshape(out, nb, 4, 2))
             self.scales16 = None
@@ -250,6 +253,11 @@ class KMatrix:
 
     def _vec_dot_mins(self, pairs: torch.Tensor, da: torch.Tensor) -> torch.Tensor:
         scale = -(da[:, None, :] * self.dmin[None])  # dmin = -y.d * x.dmin: the product, negated
+        if self.info.ggml_type == "Q5_K":  # one int sum per super-block, summs += dmin * sum, contracted to an FMA
+            summs = torch.zeros(pairs.shape[:2])
+            for b in range(pairs.shape[2]):
+                summs = fma(scale[:, :, b], pairs[:, :, b].sum(-1).float(), summs)
+            return summs
         acc = torch.zeros(pairs.shape[0], self.shape[0], 4, dtype=torch.float64)
         for b in range(pairs.shape[2]):
             acc = acc.add_(scale[:, :, b, None].double() * pairs[:, :, b].float().double()).float().double()
@@ -372,8 +380,8 @@ def _padded(positions: int) -> int:
 
 
 # GGML type of a weight matrix -> its replica
-MATRICES = {"Q8_0": Q0Matrix, "Q5_0": Q0Matrix, "Q4_0": Q0Matrix, "Q4_K": KMatrix, "Q6_K": KMatrix,
-            "F16": F16Matrix}
+MATRICES = {"Q8_0": Q0Matrix, "Q5_0": Q0Matrix, "Q4_0": Q0Matrix, "Q4_K": KMatrix, "Q5_K": KMatrix,
+            "Q6_K": KMatrix, "F16": F16Matrix}
 
 
 @dataclass

@@ -43,4 +43,4 @@ def decode(data: np.ndarray) -> np.ndarray:
     return y.reshape(*data.shape[:-1], -1)
 
 
-__all__ = ["encode", "decode", "codes", "BLOCK_BYTES", "QK_K"]
+__all__ = ["BLOCK_BYTES", "QK_K", "codes", "decode", "encode"]

@@ -34,16 +34,20 @@ def encode(x: np.ndarray, imatrix: np.ndarray | None = None) -> np.ndarray:
     return out.reshape(rows.shape[0], -1)
 
 
-def decode(data: np.ndarray) -> np.ndarray:
-    blocks = np.ascontiguousarray(data, dtype=np.uint8).reshape(-1, BLOCK_BYTES)
+def codes(blocks: np.ndarray) -> np.ndarray:
+    """The 256 5-bit codes of each super-block ``[S, 176]`` in value order, as uint8 ``[S, 8, 32]``."""
     S = blocks.shape[0]
-    d, m = k4_dequantize_scales(blocks)
     qh = blocks[:, 16:48].astype(np.int32).reshape(S, 1, 32)
     qs = blocks[:, 48:].reshape(S, 4, 1, 32)
     low = np.concatenate([qs & 0xF, qs >> 4], axis=2).astype(np.int32).reshape(S, 8, 32)
-    q = (low | (((qh & _BIT) != 0) << 4)).astype(F32)
-    y = d[:, :, None] * q - m[:, :, None]
+    return (low | (((qh & _BIT) != 0) << 4)).astype(np.uint8)
+
+
+def decode(data: np.ndarray) -> np.ndarray:
+    blocks = np.ascontiguousarray(data, dtype=np.uint8).reshape(-1, BLOCK_BYTES)
+    d, m = k4_dequantize_scales(blocks)
+    y = d[:, :, None] * codes(blocks).astype(F32) - m[:, :, None]
     return y.reshape(*data.shape[:-1], -1)
 
 
-__all__ = ["encode", "decode", "BLOCK_BYTES", "QK_K"]
+__all__ = ["BLOCK_BYTES", "QK_K", "codes", "decode", "encode"]
