@@ -88,14 +88,15 @@ def test_q8_0_matmul_is_the_dequantized_product_to_rounding(tmp_path: Path) -> N
 
 
 @pytest.mark.parametrize("qtype, tokens", [("Q4_K", 3), ("Q4_K", 9), ("Q5_K", 3), ("Q5_K", 9), ("Q6_K", 3),
-                                           ("Q6_K", 9), ("Q5_0", 3), ("Q4_0", 3)])
+                                           ("Q6_K", 9), ("Q5_0", 3), ("Q4_0", 3), ("Q4_1", 3)])
 def test_block_matmuls_are_the_dequantized_product_to_rounding(tmp_path: Path, qtype: str, tokens: int) -> None:
-    """Q4_K/Q6_K against Q8_K inputs (the mins included; 9 rows take the tiled kernel), Q5_0/Q4_0 against Q8_0:
-    the integer sums and scales add up to dequant(W) . dequant(x) to float32 summation; rows are the
-    dequantized rows."""
+    """Q4_K/Q5_K/Q6_K against Q8_K inputs (the mins included; 9 rows take the tiled kernel), Q5_0/Q4_0 against
+    Q8_0, Q4_1 against Q8_1: the integer sums and scales add up to dequant(W) . dequant(x) to float32 summation
+    (Q4_1's offsets meet the input through Q8_1's f16 block sums); rows are the dequantized rows."""
     from slimlm.checkpoint.types import TensorInfo
     from slimlm.evaluate.act_quant import q8_K_blocks
     from slimlm.formats.ggml import dequantize, quantize
+    from slimlm.formats.ggml.legacy import q4_1_fields
 
     gen = torch.Generator().manual_seed(0)
     w = (torch.randn(24, 512, generator=gen) + 0.3).numpy()  # an offset so Q4_K's mins matter
@@ -107,6 +108,11 @@ def test_block_matmuls_are_the_dequantized_product_to_rounding(tmp_path: Path, q
     qa, da = (q8_K_blocks if qtype.endswith("_K") else q8_0_blocks)(x)
     weights = torch.from_numpy(dequantize(raw, qtype, (24, 512))).double()
     want = (qa.double() * da.double()[..., None]).reshape(tokens, 512) @ weights.T
+    if qtype == "Q4_1":  # the offsets x the input's f16 block sums, in place of x the exact sums
+        _, m, _ = q4_1_fields(raw)
+        m = torch.from_numpy(m).double().reshape(24, 16)
+        _, _, sums = rep.q8_1_blocks(x)
+        want += sums.double() @ m.T - (qa.double() * da.double()[..., None]).sum(-1) @ m.T
     assert float((mat(x).double() - want).abs().max()) < 1e-5 * float(want.abs().max())
     assert torch.equal(mat.rows(torch.tensor([5, 2])), weights[[5, 2]].float())
 
@@ -151,6 +157,7 @@ LLAMA = {"hidden": 256, "heads": 8, "kv_heads": 2}  # head_dim 32: ggml_vec_dot_
     ("llama", "Q4_K_M", 19, LLAMA),  # every matrix a K-quant: Q4_K embedding rows, tied Q4_K output
     ("llama", "Q5_K_M", 19, LLAMA),
     ("qwen2", "Q4_0", 19, QWEN2),
+    ("llama", "Q4_1", 19, LLAMA),  # Q8_1 inputs and the offsets' f16 sums (SmolLM2's shipped file is Q4_1)
 ])
 def test_logits_equal_llama_cpps_bit_for_bit(tmp_path: Path, arch: str, mix: str, prompt_len: int,
                                              kwargs: dict) -> None:
@@ -206,8 +213,8 @@ def test_unsupported_files_fail_with_one_line(tmp_path: Path) -> None:
 
     hf = make_tiny_model(tmp_path / "q", "qwen2", hidden=256, heads=4, kv_heads=2, tie=False)
     q4 = tmp_path / "q4.gguf"
-    quantize_gguf(hf, "Q4_1", q4)
-    with pytest.raises(SlimlmError, match=r"Q8_0, Q5_0, Q4_0, Q4_K, Q5_K, Q6_K, F16 matrices only; \S+ is Q4_1"):
+    quantize_gguf(hf, "Q5_1", q4)
+    with pytest.raises(SlimlmError, match=r"Q8_0, Q5_0, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K, F16 matrices only; \S+ is Q5_1"):
         rep.GgmlReplica(q4)
     gemma = tmp_path / "g.gguf"
     quantize_gguf(make_tiny_model(tmp_path / "g", "gemma", hidden=256, heads=4, kv_heads=2), "Q8_0", gemma)

@@ -65,6 +65,14 @@ def q8_0_blocks(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.round(xb * inv), (amax / 127.0).half().float()[..., 0]
 
 
+def q8_1_blocks(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Q8_1 blocks of 32 (the vec_dot type of Q4_1 / Q5_1): Q8_0's values and f16 scale, plus the f16 block
+    sum ``s = d * sum(values)`` with the unrounded float32 d = amax/127, as x86 quantize_row_q8_1."""
+    q, d16 = q8_0_blocks(x)
+    amax = x.reshape(*x.shape[:-1], -1, QK8_0).float().abs().amax(-1)
+    return q, d16, ((amax / 127.0) * q.sum(-1)).half().float()
+
+
 def fake_q8_0(x: torch.Tensor) -> torch.Tensor:
     """Round to Q8_0 (= Q8_1's values) and back."""
     q, d = q8_0_blocks(x)

@@ -12,7 +12,8 @@ float operations of the kernel ggml-cpu runs for it:
   of 4-byte dot products (exact); per lane a fused multiply-add over the blocks with the f32 product of the two
   f16 scales; the lanes summed as ``hsum_float_8``. ``ggml_vec_dot_q8_0_q8_0`` (one token) and llamafile's
   ``tinyBLAS_Q0_AVX`` (batches) compute exactly this.
-- Q5_0 and Q4_0 matmuls: as Q8_0, with the 5- and 4-bit codes (``ggml_vec_dot_q5_0_q8_0``, tinyBLAS).
+- Q5_0 and Q4_0 matmuls: as Q8_0, with the 5- and 4-bit codes (``ggml_vec_dot_q5_0_q8_0``, tinyBLAS). Q4_1:
+  against Q8_1 inputs, the unsigned codes' lanes as Q8_0's, its offsets added after them (:class:`Q0Matrix`).
 - Q4_K, Q5_K and Q6_K matmuls: the input rounded to Q8_K blocks of 256 (``quantize_row_q8_K_ref``); up to 7
   rows the AVX2 ``ggml_vec_dot_q{4,5,6}_K_q8_K`` lanes, 8 rows or more ggml-cpu's tiled K-quant kernel, which
   rounds differently (:class:`KMatrix`). With the Q5_0 and Q8_0 fallbacks these cover the Q4_K_M and Q5_K_M
@@ -35,8 +36,8 @@ Float32 results whose torch kernel is not correctly rounded (``sqrt``) or whose 
 
 What is replicated: ggml-cpu built for AVX-512 (F, DQ, VNNI; llama-cpp-python's ``-march=native`` build on such a
 CPU), as in llama-cpp-python 0.3.36; an AVX2-only build uses other lane widths and exp code, and would differ in
-the last bit. Files: GGUF with every matrix Q8_0, Q5_0, Q4_0, Q4_K, Q5_K, Q6_K or F16 (not Q2_K/Q3_K,
-Q4_1/Q5_1 or the i-quants); llama.cpp's ``llama`` (Llama 3's rope factors included;
+the last bit. Files: GGUF with every matrix Q8_0, Q5_0, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K or F16 (not Q2_K/Q3_K,
+Q5_1 or the i-quants); llama.cpp's ``llama`` (Llama 3's rope factors included;
 Mistral), ``qwen2`` and ``qwen3`` (per-head q/k norms) graphs; batch 1. tests/test_ggml_replica.py compares the
 logits with llama.cpp's, bit for bit, on tiny models; BENCHMARKS.md has the greedy text on Qwen2.5-Coder-0.5B and
 SmolLM2. Slow by design (float64 per-lane arithmetic: 37 s for a prompt and 32 tokens of Qwen2.5-Coder-0.5B Q8_0,
@@ -58,7 +59,7 @@ from torch import nn
 
 from slimlm.checkpoint.types import TensorInfo
 from slimlm.errors import SlimlmError
-from slimlm.evaluate.act_quant import QK8_0, QK_K, q8_0_blocks, q8_K_blocks
+from slimlm.evaluate.act_quant import QK8_0, QK_K, q8_0_blocks, q8_1_blocks, q8_K_blocks
 
 REPLICATED = "ggml-cpu AVX-512 (llama-cpp-python 0.3.36)"
 ARCHS = ("llama", "qwen2", "qwen3")
@@ -130,28 +131,38 @@ def _block_rows(info: TensorInfo, block_bytes: int) -> np.ndarray:
 
 
 class Q0Matrix:
-    """A Q8_0, Q5_0 or Q4_0 weight matrix ``(out, in)``: int8 codes and f32 scales per block of 32, against
-    Q8_0 input blocks. ggml_vec_dot_q{8,5,4}_0_q8_0 (one token) and llamafile's tinyBLAS_Q0_AVX (batches)
-    compute the same: per block, eight int32 lanes of 4-byte dot products, then :func:`lane_fma` with the
-    f32 product of the two f16 scales."""
+    """A Q8_0, Q5_0, Q4_0 or Q4_1 weight matrix ``(out, in)``: int8 codes and f32 scales per block of 32, against
+    Q8_0 input blocks (Q8_1 for Q4_1). ggml_vec_dot_q{8,5,4}_0_q8_0 (one token) and llamafile's tinyBLAS_Q0_AVX
+    (batches) compute the same: per block, eight int32 lanes of 4-byte dot products, then :func:`lane_fma`
+    with the f32 product of the two f16 scales. ggml_vec_dot_q4_1_q8_1 does the same with unsigned codes and
+    adds its offsets after the lanes: ``summs += m * s`` (the input block's f16 sum), contracted to an FMA."""
 
     def __init__(self, info: TensorInfo):
         from slimlm.formats.ggml import legacy
 
-        fields, block_bytes = {"Q8_0": (legacy.q8_0_fields, 34), "Q5_0": (legacy.q5_0_fields, 22),
-                               "Q4_0": (legacy.q4_0_fields, 18)}[info.ggml_type]
         out, cols = self.shape = info.shape
-        d, q = fields(_block_rows(info, block_bytes))
+        if info.ggml_type == "Q4_1":
+            d, m, q = legacy.q4_1_fields(_block_rows(info, 20))
+            self.m = torch.from_numpy(m.reshape(out, cols // QK8_0))
+        else:
+            fields, block_bytes = {"Q8_0": (legacy.q8_0_fields, 34), "Q5_0": (legacy.q5_0_fields, 22),
+                                   "Q4_0": (legacy.q4_0_fields, 18)}[info.ggml_type]
+            d, q = fields(_block_rows(info, block_bytes))
+            self.m = None
         self.d = torch.from_numpy(d.reshape(out, cols // QK8_0))
         self.q = torch.from_numpy(q.reshape(out, cols // QK8_0, QK8_0).copy())  # (out, blocks, 32)
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
-        """get_rows: dequantized rows (float(q) * d, exact)."""
-        return (self.q[ids].float() * self.d[ids][..., None]).reshape(len(ids), -1)
+        """get_rows: dequantized rows (float(q) * d, exact; + m in a second rounding for Q4_1)."""
+        rows = self.q[ids].float() * self.d[ids][..., None]
+        return (rows if self.m is None else rows + self.m[ids][..., None]).reshape(len(ids), -1)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ W.T`` for float32 ``x`` ``(T, in)``."""
-        qa, da = q8_0_blocks(x)  # (T, nb, 32), (T, nb): as x86 quantize_row_q8_0
+        if self.m is None:
+            qa, da = q8_0_blocks(x)  # (T, nb, 32), (T, nb): as x86 quantize_row_q8_0
+        else:
+            qa, da, sa = q8_1_blocks(x)  # ... and the block sums, as x86 quantize_row_q8_1
         tokens, nb = da.shape
         xa = qa.reshape(tokens, 1, nb * 8, 4)
         out = torch.empty(tokens, self.shape[0])
@@ -161,7 +172,12 @@ class Q0Matrix:
             qw = self.q[r0:r1].float().reshape(1, -1, nb * 8, 4)
             lanes = (qw * xa).sum(-1).reshape(tokens, -1, nb, 8)  # int sums, exact in float32
             out[:, r0:r1] = lane_fma(lanes, self.d[None, r0:r1] * da[:, None, :])  # f32 product of the scales
-        return out
+        if self.m is None:
+            return out
+        summs = torch.zeros(tokens, self.shape[0])
+        for b in range(nb):
+            summs = fma(self.m[None, :, b], sa[:, None, b], summs)
+        return out + summs
 
 
 def _tiled_enabled() -> bool:
@@ -380,8 +396,8 @@ def _padded(positions: int) -> int:
 
 
 # GGML type of a weight matrix -> its replica
-MATRICES = {"Q8_0": Q0Matrix, "Q5_0": Q0Matrix, "Q4_0": Q0Matrix, "Q4_K": KMatrix, "Q5_K": KMatrix,
-            "Q6_K": KMatrix, "F16": F16Matrix}
+MATRICES = {"Q8_0": Q0Matrix, "Q5_0": Q0Matrix, "Q4_0": Q0Matrix, "Q4_1": Q0Matrix, "Q4_K": KMatrix,
+            "Q5_K": KMatrix, "Q6_K": KMatrix, "F16": F16Matrix}
 
 
 @dataclass
