@@ -88,7 +88,7 @@ def test_q8_0_matmul_is_the_dequantized_product_to_rounding(tmp_path: Path) -> N
 
 
 @pytest.mark.parametrize("qtype, tokens", [("Q4_K", 3), ("Q4_K", 9), ("Q5_K", 3), ("Q5_K", 9), ("Q6_K", 3),
-                                           ("Q6_K", 9), ("Q5_0", 3), ("Q4_0", 3), ("Q4_1", 3)])
+                                           ("Q6_K", 9), ("Q5_0", 3), ("Q4_0", 3), ("Q4_1", 3), ("Q5_1", 3)])
 def test_block_matmuls_are_the_dequantized_product_to_rounding(tmp_path: Path, qtype: str, tokens: int) -> None:
     """Q4_K/Q5_K/Q6_K against Q8_K inputs (the mins included; 9 rows take the tiled kernel), Q5_0/Q4_0 against
     Q8_0, Q4_1 against Q8_1: the integer sums and scales add up to dequant(W) . dequant(x) to float32 summation
@@ -96,7 +96,7 @@ def test_block_matmuls_are_the_dequantized_product_to_rounding(tmp_path: Path, q
     from slimlm.checkpoint.types import TensorInfo
     from slimlm.evaluate.act_quant import q8_K_blocks
     from slimlm.formats.ggml import dequantize, quantize
-    from slimlm.formats.ggml.legacy import q4_1_fields
+    from slimlm.formats.ggml.legacy import q4_1_fields, q5_1_fields
 
     gen = torch.Generator().manual_seed(0)
     w = (torch.randn(24, 512, generator=gen) + 0.3).numpy()  # an offset so Q4_K's mins matter
@@ -108,8 +108,8 @@ def test_block_matmuls_are_the_dequantized_product_to_rounding(tmp_path: Path, q
     qa, da = (q8_K_blocks if qtype.endswith("_K") else q8_0_blocks)(x)
     weights = torch.from_numpy(dequantize(raw, qtype, (24, 512))).double()
     want = (qa.double() * da.double()[..., None]).reshape(tokens, 512) @ weights.T
-    if qtype == "Q4_1":  # the offsets x the input's f16 block sums, in place of x the exact sums
-        _, m, _ = q4_1_fields(raw)
+    if qtype in ("Q4_1", "Q5_1"):  # the offsets x the input's f16 block sums, in place of x the exact sums
+        _, m, _ = (q4_1_fields if qtype == "Q4_1" else q5_1_fields)(raw)
         m = torch.from_numpy(m).double().reshape(24, 16)
         _, _, sums = rep.q8_1_blocks(x)
         want += sums.double() @ m.T - (qa.double() * da.double()[..., None]).sum(-1) @ m.T
@@ -156,6 +156,7 @@ LLAMA = {"hidden": 256, "heads": 8, "kv_heads": 2}  # head_dim 32: ggml_vec_dot_
     ("qwen2", "Q4_K_M", 19, QWEN2_NARROW),  # Q5_0, Q8_0, Q4_K and Q6_K matrices; Q5_0 embedding rows
     ("llama", "Q4_K_M", 19, LLAMA),  # every matrix a K-quant: Q4_K embedding rows, tied Q4_K output
     ("llama", "Q5_K_M", 19, LLAMA),
+    ("qwen2", "Q5_K_M", 19, QWEN2_NARROW),  # Q5_1 fallbacks beside Q5_K/Q6_K
     ("qwen2", "Q4_0", 19, QWEN2),
     ("llama", "Q4_1", 19, LLAMA),  # Q8_1 inputs and the offsets' f16 sums (SmolLM2's shipped file is Q4_1)
 ])
@@ -213,8 +214,8 @@ def test_unsupported_files_fail_with_one_line(tmp_path: Path) -> None:
 
     hf = make_tiny_model(tmp_path / "q", "qwen2", hidden=256, heads=4, kv_heads=2, tie=False)
     q4 = tmp_path / "q4.gguf"
-    quantize_gguf(hf, "Q5_1", q4)
-    with pytest.raises(SlimlmError, match=r"Q8_0, Q5_0, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K, F16 matrices only; \S+ is Q5_1"):
+    quantize_gguf(hf, "Q2_K", q4)
+    with pytest.raises(SlimlmError, match=r"Q4_1, Q5_1, Q4_K, Q5_K, Q6_K, F16 matrices only; \S+ is Q[23]_K"):
         rep.GgmlReplica(q4)
     gemma = tmp_path / "g.gguf"
     quantize_gguf(make_tiny_model(tmp_path / "g", "gemma", hidden=256, heads=4, kv_heads=2), "Q8_0", gemma)

@@ -12,12 +12,13 @@ float operations of the kernel ggml-cpu runs for it:
   of 4-byte dot products (exact); per lane a fused multiply-add over the blocks with the f32 product of the two
   f16 scales; the lanes summed as ``hsum_float_8``. ``ggml_vec_dot_q8_0_q8_0`` (one token) and llamafile's
   ``tinyBLAS_Q0_AVX`` (batches) compute exactly this.
-- Q5_0 and Q4_0 matmuls: as Q8_0, with the 5- and 4-bit codes (``ggml_vec_dot_q5_0_q8_0``, tinyBLAS). Q4_1:
-  against Q8_1 inputs, the unsigned codes' lanes as Q8_0's, its offsets added after them (:class:`Q0Matrix`).
+- Q5_0 and Q4_0 matmuls: as Q8_0, with the 5- and 4-bit codes (``ggml_vec_dot_q5_0_q8_0``, tinyBLAS). Q4_1
+  and Q5_1: against Q8_1 inputs, the unsigned codes' lanes as Q8_0's, the offsets added after them
+  (:class:`Q0Matrix`).
 - Q4_K, Q5_K and Q6_K matmuls: the input rounded to Q8_K blocks of 256 (``quantize_row_q8_K_ref``); up to 7
   rows the AVX2 ``ggml_vec_dot_q{4,5,6}_K_q8_K`` lanes, 8 rows or more ggml-cpu's tiled K-quant kernel, which
-  rounds differently (:class:`KMatrix`). With the Q5_0 and Q8_0 fallbacks these cover the Q4_K_M and Q5_K_M
-  files people download (Qwen2.5-Coder-0.5B's shipped file among them).
+  rounds differently (:class:`KMatrix`). With the Q5_0, Q5_1 and Q8_0 fallbacks these cover the Q4_K_M and
+  Q5_K_M files people download (Qwen2.5-Coder-0.5B's shipped file among them).
 - F16 matmuls: the input rounded to f16, then the f16 dot products described for attention below.
 - RMSNorm: f32 squares summed in double, in order; ``1.0f/sqrtf(mean + eps)``.
 - RoPE: the C library's ``cosf``/``sinf`` of theta (divided by Llama 3's per-pair factor, where the file has
@@ -36,8 +37,8 @@ Float32 results whose torch kernel is not correctly rounded (``sqrt``) or whose 
 
 What is replicated: ggml-cpu built for AVX-512 (F, DQ, VNNI; llama-cpp-python's ``-march=native`` build on such a
 CPU), as in llama-cpp-python 0.3.36; an AVX2-only build uses other lane widths and exp code, and would differ in
-the last bit. Files: GGUF with every matrix Q8_0, Q5_0, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K or F16 (not Q2_K/Q3_K,
-Q5_1 or the i-quants); llama.cpp's ``llama`` (Llama 3's rope factors included;
+the last bit. Files: GGUF with every matrix Q8_0, Q5_0, Q4_0, Q4_1, Q5_1, Q4_K, Q5_K, Q6_K or F16 (not
+Q2_K/Q3_K or the i-quants); llama.cpp's ``llama`` (Llama 3's rope factors included;
 Mistral), ``qwen2`` and ``qwen3`` (per-head q/k norms) graphs; batch 1. tests/test_ggml_replica.py compares the
 logits with llama.cpp's, bit for bit, on tiny models; BENCHMARKS.md has the greedy text on Qwen2.5-Coder-0.5B and
 SmolLM2. Slow by design (float64 per-lane arithmetic: 37 s for a prompt and 32 tokens of Qwen2.5-Coder-0.5B Q8_0,
@@ -131,18 +132,20 @@ def _block_rows(info: TensorInfo, block_bytes: int) -> np.ndarray:
 
 
 class Q0Matrix:
-    """A Q8_0, Q5_0, Q4_0 or Q4_1 weight matrix ``(out, in)``: int8 codes and f32 scales per block of 32, against
-    Q8_0 input blocks (Q8_1 for Q4_1). ggml_vec_dot_q{8,5,4}_0_q8_0 (one token) and llamafile's tinyBLAS_Q0_AVX
-    (batches) compute the same: per block, eight int32 lanes of 4-byte dot products, then :func:`lane_fma`
-    with the f32 product of the two f16 scales. ggml_vec_dot_q4_1_q8_1 does the same with unsigned codes and
-    adds its offsets after the lanes: ``summs += m * s`` (the input block's f16 sum), contracted to an FMA."""
+    """A Q8_0, Q5_0, Q4_0, Q4_1 or Q5_1 weight matrix ``(out, in)``: int8 codes and f32 scales per block of 32,
+    against Q8_0 input blocks (Q8_1 for Q4_1/Q5_1). ggml_vec_dot_q{8,5,4}_0_q8_0 (one token) and llamafile's
+    tinyBLAS_Q0_AVX (batches) compute the same: per block, eight int32 lanes of 4-byte dot products, then
+    :func:`lane_fma` with the f32 product of the two f16 scales. ggml_vec_dot_q{4,5}_1_q8_1 do the same with
+    unsigned codes and add the offsets after the lanes: ``summs += m * s`` (the input block's f16 sum),
+    contracted to an FMA."""
 
     def __init__(self, info: TensorInfo):
         from slimlm.formats.ggml import legacy
 
         out, cols = self.shape = info.shape
-        if info.ggml_type == "Q4_1":
-            d, m, q = legacy.q4_1_fields(_block_rows(info, 20))
+        if info.ggml_type in ("Q4_1", "Q5_1"):
+            fields, block_bytes = {"Q4_1": (legacy.q4_1_fields, 20), "Q5_1": (legacy.q5_1_fields, 24)}[info.ggml_type]
+            d, m, q = fields(_block_rows(info, block_bytes))
             self.m = torch.from_numpy(m.reshape(out, cols // QK8_0))
         else:
             fields, block_bytes = {"Q8_0": (legacy.q8_0_fields, 34), "Q5_0": (legacy.q5_0_fields, 22),
@@ -396,8 +399,8 @@ def _padded(positions: int) -> int:
 
 
 # GGML type of a weight matrix -> its replica
-MATRICES = {"Q8_0": Q0Matrix, "Q5_0": Q0Matrix, "Q4_0": Q0Matrix, "Q4_1": Q0Matrix, "Q4_K": KMatrix,
-            "Q5_K": KMatrix, "Q6_K": KMatrix, "F16": F16Matrix}
+MATRICES = {"Q8_0": Q0Matrix, "Q5_0": Q0Matrix, "Q4_0": Q0Matrix, "Q4_1": Q0Matrix, "Q5_1": Q0Matrix,
+            "Q4_K": KMatrix, "Q5_K": KMatrix, "Q6_K": KMatrix, "F16": F16Matrix}
 
 
 @dataclass

@@ -266,11 +266,16 @@ def decode_q4_1(data: np.ndarray) -> np.ndarray:
     return (q.astype(F32) * d[:, None] + m[:, None]).reshape(data.shape[0], -1)
 
 
-def decode_q5_1(data: np.ndarray) -> np.ndarray:
+def q5_1_fields(data: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(d, m as float32 [B], codes as int8 [B, 32] in 0..31) of Q5_1 blocks: x = d·q + m."""
     b = np.ascontiguousarray(data).reshape(-1, 24)
     dm = b[:, :4].copy().view("<f2").astype(F32)
-    q = (_unpack_nibbles(b[:, 8:]) | _unpack_high(b[:, 4:8])).astype(F32)
-    return (q * dm[:, :1] + dm[:, 1:]).reshape(data.shape[0], -1)
+    return dm[:, 0], dm[:, 1], (_unpack_nibbles(b[:, 8:]) | _unpack_high(b[:, 4:8])).astype(np.int8)
+
+
+def decode_q5_1(data: np.ndarray) -> np.ndarray:
+    d, m, q = q5_1_fields(data)
+    return (q.astype(F32) * d[:, None] + m[:, None]).reshape(data.shape[0], -1)
 
 
 # ---- blocks from a grid chosen elsewhere -------------------------------------------------------------
