@@ -143,20 +143,16 @@ class Q0Matrix:
         from slimlm.formats.ggml import legacy
 
         out, cols = self.shape = info.shape
-        if info.ggml_type in ("Q4_1", "Q5_1"):
-            fields, block_bytes = {"Q4_1": (legacy.q4_1_fields, 20), "Q5_1": (legacy.q5_1_fields, 24)}[info.ggml_type]
-            d, m, q = fields(_block_rows(info, block_bytes))
-            self.m = torch.from_numpy(m.reshape(out, cols // QK8_0))
-        else:
-            fields, block_bytes = {"Q8_0": (legacy.q8_0_fields, 34), "Q5_0": (legacy.q5_0_fields, 22),
-                                   "Q4_0": (legacy.q4_0_fields, 18)}[info.ggml_type]
-            d, q = fields(_block_rows(info, block_bytes))
-            self.m = None
-        self.d = torch.from_numpy(d.reshape(out, cols // QK8_0))
-        self.q = torch.from_numpy(q.reshape(out, cols // QK8_0, QK8_0).copy())  # (out, blocks, 32)
+        fields, block_bytes = {"Q8_0": (legacy.q8_0_fields, 34), "Q5_0": (legacy.q5_0_fields, 22),
+                               "Q4_0": (legacy.q4_0_fields, 18), "Q4_1": (legacy.q4_1_fields, 20),
+                               "Q5_1": (legacy.q5_1_fields, 24)}[info.ggml_type]
+        parts = fields(_block_rows(info, block_bytes))  # (d, codes) or (d, m, codes)
+        self.d = torch.from_numpy(parts[0].reshape(out, cols // QK8_0))
+        self.m = torch.from_numpy(parts[1].reshape(out, cols // QK8_0)) if len(parts) == 3 else None
+        self.q = torch.from_numpy(parts[-1].reshape(out, cols // QK8_0, QK8_0).copy())  # (out, blocks, 32)
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
-        """get_rows: dequantized rows (float(q) * d, exact; + m in a second rounding for Q4_1)."""
+        """get_rows: dequantized rows (float(q) * d, exact; + m in a second rounding for Q4_1/Q5_1)."""
         rows = self.q[ids].float() * self.d[ids][..., None]
         return (rows if self.m is None else rows + self.m[ids][..., None]).reshape(len(ids), -1)
 
