@@ -87,10 +87,12 @@ def test_q8_0_matmul_is_the_dequantized_product_to_rounding(tmp_path: Path) -> N
     assert torch.equal(mat.rows(torch.tensor([3])), (q[3].float() * d[3].float()[:, None]).reshape(1, -1))
 
 
-@pytest.mark.parametrize("qtype, tokens", [("Q4_K", 3), ("Q4_K", 9), ("Q5_K", 3), ("Q5_K", 9), ("Q6_K", 3),
-                                           ("Q6_K", 9), ("Q5_0", 3), ("Q4_0", 3), ("Q4_1", 3), ("Q5_1", 3)])
+@pytest.mark.parametrize("qtype, tokens", [("Q2_K", 3), ("Q2_K", 9), ("Q3_K", 3), ("Q3_K", 9),
+                                           ("Q4_K", 3), ("Q4_K", 9), ("Q5_K", 3), ("Q5_K", 9), ("Q6_K", 3),
+                                           ("Q6_K", 9), ("Q5_0", 3), ("Q4_0", 3), ("Q4_1", 3), ("Q5_1", 3),
+                                           ("IQ4_NL", 1), ("IQ4_NL", 3)])
 def test_block_matmuls_are_the_dequantized_product_to_rounding(tmp_path: Path, qtype: str, tokens: int) -> None:
-    """Q4_K/Q5_K/Q6_K against Q8_K inputs (the mins included; 9 rows take the tiled kernel), Q5_0/Q4_0 against
+    """Q2_K…Q6_K against Q8_K inputs (the mins included; 9 rows take the tiled kernel), Q5_0/Q4_0 against
     Q8_0, Q4_1 against Q8_1: the integer sums and scales add up to dequant(W) . dequant(x) to float32 summation
     (Q4_1's offsets meet the input through Q8_1's f16 block sums); rows are the dequantized rows."""
     from slimlm.checkpoint.types import TensorInfo
@@ -140,6 +142,7 @@ QWEN2 = {"hidden": 256, "heads": 4, "kv_heads": 2, "tie": False}  # head_dim 64,
 # hidden 128 (not a multiple of 256), ffn 512: Q4_K_M falls back to Q5_0/Q8_0 except ffn_down (Q4_K, Q6_K), as in
 # Qwen2.5-Coder-0.5B's shipped file
 QWEN2_NARROW = {"hidden": 128, "ffn": 512, "heads": 4, "kv_heads": 2, "tie": False}
+ODD = {"hidden": 96, "ffn": 160, "heads": 3, "kv_heads": 1}  # rows of 3 and 5 blocks of 32
 LLAMA = {"hidden": 256, "heads": 8, "kv_heads": 2}  # head_dim 32: ggml_vec_dot_f16's scalar rest; tied output
 
 
@@ -157,6 +160,9 @@ LLAMA = {"hidden": 256, "heads": 8, "kv_heads": 2}  # head_dim 32: ggml_vec_dot_
     ("llama", "Q4_K_M", 19, LLAMA),  # every matrix a K-quant: Q4_K embedding rows, tied Q4_K output
     ("llama", "Q5_K_M", 19, LLAMA),
     ("qwen2", "Q5_K_M", 19, QWEN2_NARROW),  # Q5_1 fallbacks beside Q5_K/Q6_K
+    ("llama", "Q3_K_M", 19, LLAMA),  # Q3_K, Q4_K, Q5_K, Q6_K
+    ("llama", "Q2_K", 19, LLAMA),  # Q2_K's mins lanes, Q3_K, Q4_K, Q6_K
+    ("llama", "IQ4_NL", 19, ODD),
     ("qwen2", "Q4_0", 19, QWEN2),
     ("llama", "Q4_1", 19, LLAMA),  # Q8_1 inputs and the offsets' f16 sums (SmolLM2's shipped file is Q4_1)
 ])
@@ -179,6 +185,23 @@ def test_logits_equal_llama_cpps_bit_for_bit(tmp_path: Path, arch: str, mix: str
         step = [int(np.argmax(theirs[-1]))]
     equal = [bool(np.array_equal(a, b)) for a, b in zip(ours, theirs)]
     assert all(equal), (equal, float(np.abs(ours[equal.index(False)] - theirs[equal.index(False)]).max()))
+
+
+@pytest.mark.llamacpp
+def test_iq4_nl_one_row_equals_llama_cpps_op(tmp_path: Path) -> None:
+    """IQ4_NL's one-row kernel (two accumulators, an unfused odd last block), op by op on llama.cpp's own input:
+    the last layer's FFN runs on one row. The logits alone would not show it (a quarter of these outputs moved
+    by one ulp when the last block was fused, and the greedy logits still matched)."""
+    _avx512_llama_cpp()
+    from slimlm.evaluate.llamacpp import capture_tensors
+
+    path = _tiny_gguf(tmp_path, "llama", "IQ4_NL", **ODD)
+    ids = torch.randint(3, 200, (19,), generator=torch.Generator().manual_seed(1)).tolist()
+    caps = capture_tensors(path, ids, lambda name: name in ("ffn_norm-1", "ffn_up-1", "ffn_swiglu-1", "ffn_out-1"))
+    net = rep.GgmlReplica(path)
+    for src, dst, weight in (("ffn_norm-1", "ffn_up-1", "ffn_up"), ("ffn_swiglu-1", "ffn_out-1", "ffn_down")):
+        x = torch.from_numpy(caps[src][0].reshape(1, -1))
+        assert np.array_equal(net.mats[f"blk.1.{weight}.weight"](x).numpy(), caps[dst][0].reshape(1, -1)), weight
 
 
 @pytest.mark.llamacpp
@@ -214,8 +237,8 @@ def test_unsupported_files_fail_with_one_line(tmp_path: Path) -> None:
 
     hf = make_tiny_model(tmp_path / "q", "qwen2", hidden=256, heads=4, kv_heads=2, tie=False)
     q4 = tmp_path / "q4.gguf"
-    quantize_gguf(hf, "Q2_K", q4)
-    with pytest.raises(SlimlmError, match=r"Q4_1, Q5_1, Q4_K, Q5_K, Q6_K, F16 matrices only; \S+ is Q[23]_K"):
+    quantize_gguf(hf, "IQ4_XS", q4)
+    with pytest.raises(SlimlmError, match=r"IQ4_NL, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, F16 matrices only; \S+ is IQ4_XS"):
         rep.GgmlReplica(q4)
     gemma = tmp_path / "g.gguf"
     quantize_gguf(make_tiny_model(tmp_path / "g", "gemma", hidden=256, heads=4, kv_heads=2), "Q8_0", gemma)

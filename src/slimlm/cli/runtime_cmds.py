@@ -21,9 +21,9 @@ def generate(
     top_p: Optional[float] = typer.Option(None, "--top-p", help="Sample from the smallest set with this mass."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed for sampling (reproducible text)."),
     scheme: str = typer.Option("native", "--scheme", help="native (the file's own scheme), fp32, bf16, w8a8, "
-                               "w8a16 or w4a16 (quantized on load), or llama.cpp (a Q4_K_M, Q5_K_M, Q4_0, Q4_1, "
-                               "Q8_0 or F16 GGUF with llama.cpp's CPU arithmetic replicated: its greedy text token for "
-                               "token; slow)."),
+                               "w8a16 or w4a16 (quantized on load), or llama.cpp (a Q2_K…Q6_K mix, Q4_0, Q4_1, "
+                               "IQ4_NL, Q8_0 or F16 GGUF with llama.cpp's CPU arithmetic replicated: its greedy "
+                               "text token for token; slow)."),
     chat: bool = typer.Option(False, "--chat", help="Wrap the prompt in the model's chat template."),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads (default: torch's choice)."),
     backend: str = typer.Option("slimlm", "--backend", help="slimlm (its runtime) or vllm (greedy, bf16, the "

@@ -12,13 +12,14 @@ float operations of the kernel ggml-cpu runs for it:
   of 4-byte dot products (exact); per lane a fused multiply-add over the blocks with the f32 product of the two
   f16 scales; the lanes summed as ``hsum_float_8``. ``ggml_vec_dot_q8_0_q8_0`` (one token) and llamafile's
   ``tinyBLAS_Q0_AVX`` (batches) compute exactly this.
-- Q5_0 and Q4_0 matmuls: as Q8_0, with the 5- and 4-bit codes (``ggml_vec_dot_q5_0_q8_0``, tinyBLAS). Q4_1
-  and Q5_1: against Q8_1 inputs, the unsigned codes' lanes as Q8_0's, the offsets added after them
-  (:class:`Q0Matrix`).
-- Q4_K, Q5_K and Q6_K matmuls: the input rounded to Q8_K blocks of 256 (``quantize_row_q8_K_ref``); up to 7
-  rows the AVX2 ``ggml_vec_dot_q{4,5,6}_K_q8_K`` lanes, 8 rows or more ggml-cpu's tiled K-quant kernel, which
-  rounds differently (:class:`KMatrix`). With the Q5_0, Q5_1 and Q8_0 fallbacks these cover the Q4_K_M and
-  Q5_K_M files people download (Qwen2.5-Coder-0.5B's shipped file among them).
+- Q5_0, Q4_0 and IQ4_NL matmuls: as Q8_0, with the 5- and 4-bit codes or IQ4_NL's table values
+  (``ggml_vec_dot_q5_0_q8_0``, tinyBLAS; one IQ4_NL row alternates two accumulators). Q4_1 and Q5_1: against
+  Q8_1 inputs, the unsigned codes' lanes as Q8_0's, the offsets added after them (:class:`Q0Matrix`).
+- Q2_K to Q6_K matmuls: the input rounded to Q8_K blocks of 256 (``quantize_row_q8_K_ref``); up to 7 rows the
+  AVX2 ``ggml_vec_dot_q{2..6}_K_q8_K`` lanes, 8 rows or more ggml-cpu's tiled K-quant kernel, which rounds
+  differently (:class:`KMatrix`). With the Q4_0, Q5_0, Q5_1, IQ4_NL and Q8_0 fallbacks for rows that are not a
+  multiple of 256, these cover the Q2_K…Q6_K mixes people download (Qwen2.5-Coder-0.5B's shipped file among
+  them).
 - F16 matmuls: the input rounded to f16, then the f16 dot products described for attention below.
 - RMSNorm: f32 squares summed in double, in order; ``1.0f/sqrtf(mean + eps)``.
 - RoPE: the C library's ``cosf``/``sinf`` of theta (divided by Llama 3's per-pair factor, where the file has
@@ -37,8 +38,8 @@ Float32 results whose torch kernel is not correctly rounded (``sqrt``) or whose 
 
 What is replicated: ggml-cpu built for AVX-512 (F, DQ, VNNI; llama-cpp-python's ``-march=native`` build on such a
 CPU), as in llama-cpp-python 0.3.36; an AVX2-only build uses other lane widths and exp code, and would differ in
-the last bit. Files: GGUF with every matrix Q8_0, Q5_0, Q4_0, Q4_1, Q5_1, Q4_K, Q5_K, Q6_K or F16 (not
-Q2_K/Q3_K or the i-quants); llama.cpp's ``llama`` (Llama 3's rope factors included;
+the last bit. Files: GGUF with every matrix Q8_0, Q5_0, Q4_0, Q4_1, Q5_1, IQ4_NL, Q2_K…Q6_K or F16 (not the
+other i-quants); llama.cpp's ``llama`` (Llama 3's rope factors included;
 Mistral), ``qwen2`` and ``qwen3`` (per-head q/k norms) graphs; batch 1. tests/test_ggml_replica.py compares the
 logits with llama.cpp's, bit for bit, on tiny models; BENCHMARKS.md has the greedy text on Qwen2.5-Coder-0.5B and
 SmolLM2. Slow by design (float64 per-lane arithmetic: 37 s for a prompt and 32 tokens of Qwen2.5-Coder-0.5B Q8_0,
@@ -132,20 +133,21 @@ def _block_rows(info: TensorInfo, block_bytes: int) -> np.ndarray:
 
 
 class Q0Matrix:
-    """A Q8_0, Q5_0, Q4_0, Q4_1 or Q5_1 weight matrix ``(out, in)``: int8 codes and f32 scales per block of 32,
-    against Q8_0 input blocks (Q8_1 for Q4_1/Q5_1). ggml_vec_dot_q{8,5,4}_0_q8_0 (one token) and llamafile's
-    tinyBLAS_Q0_AVX (batches) compute the same: per block, eight int32 lanes of 4-byte dot products, then
-    :func:`lane_fma` with the f32 product of the two f16 scales. ggml_vec_dot_q{4,5}_1_q8_1 do the same with
-    unsigned codes and add the offsets after the lanes: ``summs += m * s`` (the input block's f16 sum),
-    contracted to an FMA."""
+    """A Q8_0, Q5_0, Q4_0, IQ4_NL, Q4_1 or Q5_1 weight matrix ``(out, in)``: int8 codes and f32 scales per block
+    of 32, against Q8_0 input blocks (Q8_1 for Q4_1/Q5_1). ggml_vec_dot_q{8,5,4}_0_q8_0 (one token) and
+    llamafile's tinyBLAS_Q0_AVX (batches) compute the same: per block, eight int32 lanes of 4-byte dot
+    products, then :func:`lane_fma` with the f32 product of the two f16 scales. ggml_vec_dot_iq4_nl_q8_0 takes
+    one row through :func:`_two_accumulators`. ggml_vec_dot_q{4,5}_1_q8_1 compute Q8_0's lanes with unsigned
+    codes and add the offsets after them: ``summs += m * s`` (the input block's f16 sum), contracted to an FMA."""
 
     def __init__(self, info: TensorInfo):
-        from slimlm.formats.ggml import legacy
+        from slimlm.formats.ggml import iq4_nl, legacy
 
         out, cols = self.shape = info.shape
+        self.type = info.ggml_type
         fields, block_bytes = {"Q8_0": (legacy.q8_0_fields, 34), "Q5_0": (legacy.q5_0_fields, 22),
                                "Q4_0": (legacy.q4_0_fields, 18), "Q4_1": (legacy.q4_1_fields, 20),
-                               "Q5_1": (legacy.q5_1_fields, 24)}[info.ggml_type]
+                               "Q5_1": (legacy.q5_1_fields, 24), "IQ4_NL": (iq4_nl.fields, 18)}[self.type]
         parts = fields(_block_rows(info, block_bytes))  # (d, codes) or (d, m, codes)
         self.d = torch.from_numpy(parts[0].reshape(out, cols // QK8_0))
         self.m = torch.from_numpy(parts[1].reshape(out, cols // QK8_0)) if len(parts) == 3 else None
@@ -170,13 +172,32 @@ class Q0Matrix:
             r1 = r0 + rows.step
             qw = self.q[r0:r1].float().reshape(1, -1, nb * 8, 4)
             lanes = (qw * xa).sum(-1).reshape(tokens, -1, nb, 8)  # int sums, exact in float32
-            out[:, r0:r1] = lane_fma(lanes, self.d[None, r0:r1] * da[:, None, :])  # f32 product of the scales
+            scale = self.d[None, r0:r1] * da[:, None, :]  # f32 product of the scales
+            if self.type == "IQ4_NL" and tokens == 1:
+                out[:, r0:r1] = _two_accumulators(lanes, scale)
+            else:
+                out[:, r0:r1] = lane_fma(lanes, scale)
         if self.m is None:
             return out
         summs = torch.zeros(tokens, self.shape[0])
         for b in range(nb):
             summs = fma(self.m[None, :, b], sa[:, None, b], summs)
         return out + summs
+
+
+def _two_accumulators(lanes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The AVX2 ggml_vec_dot_iq4_nl_q8_0: blocks in pairs, the even ones into one 8-lane FMA accumulator and the
+    odd ones into another; the two added, ``hsum_float_8``; an odd last block then added as ``s += d * sum``
+    (not contracted: an FMA there differs from llama.cpp on a quarter of the outputs)."""
+    nb = lanes.shape[2]
+    lanes = lanes.float().double()
+    acc = torch.zeros((2,) + lanes.shape[:2] + (8,), dtype=torch.float64)
+    for b in range(nb - nb % 2):
+        acc[b % 2] = (acc[b % 2] + scale[:, :, b, None].double() * lanes[:, :, b]).float().double()
+    total = sum8((acc[0] + acc[1]).float())
+    if nb % 2:
+        total = total + scale[:, :, -1] * lanes[:, :, -1].sum(-1).float()
+    return total
 
 
 def _tiled_enabled() -> bool:
@@ -189,56 +210,66 @@ def _tiled_enabled() -> bool:
 
 
 class KMatrix:
-    """A Q4_K, Q5_K or Q6_K weight matrix ``(out, in)`` against Q8_K input blocks of 256 (quantize_row_q8_K_ref).
-    ggml-cpu has two kernels for it, both replicated; each starts from exact integer sums per super-block.
+    """A Q2_K…Q6_K weight matrix ``(out, in)`` against Q8_K input blocks of 256 (quantize_row_q8_K_ref). ggml-cpu
+    has two kernels for it, both replicated; each starts from exact integer sums per super-block.
 
-    - Fewer than 8 input rows: the AVX2 ggml_vec_dot_q{4,5,6}_K_q8_K. Int32 lane ``l`` sums
-      sub-block scale x unsigned code x input over the values ``v`` with ``(v % 32) // 4 == l``, then
-      :func:`lane_fma` with d = y.d * x.d. The zero points change the lanes, so they are kept where ggml puts
-      them: Q6_K's codes are stored + 32, and lane ``l`` loses 32 x (scale x input sum) of the 16-value
-      sub-blocks 2l and 2l+1 (Q8_K's bsums), not of its own values. Q4_K's mins go to a second accumulator: per
-      super-block, four int32 sums of min x (input sum of a 32-value sub-block) over pairs of sub-blocks,
-      fused-multiply-added with -y.d * x.dmin, reduced as (0+2)+(1+3) and added after the lanes. Q5_K (Q4_K's
-      layout with 5-bit codes) sums its mins to one int per super-block instead: summs = fma(-y.d * x.dmin,
-      sum, summs), added after the lanes.
+    - Fewer than 8 input rows: the AVX2 ggml_vec_dot_q{2,3,4,5,6}_K_q8_K. Int32 lane ``l`` sums sub-block scale x
+      code x input over the values ``v`` with ``(v % 32) // 4 == l``, then :func:`lane_fma` with d = y.d * x.d.
+      The zero points and mins change the lanes, so they are kept where ggml puts them:
+      - Q6_K's codes are stored + 32, and lane ``l`` loses 32 x (scale x bsum) of the 16-value sub-blocks 2l and
+        2l+1 (Q8_K's bsums), not of its own values. Q3_K's codes are signed in the lanes.
+      - Q2_K's mins are a second set of lanes, min x bsum of the sub-blocks 2l and 2l+1, fused-multiply-added
+        with -y.d * x.dmin before the codes' lanes in each super-block.
+      - Q4_K's mins go to a 4-lane accumulator: min x (input sum of a 32-value sub-block) over pairs of
+        sub-blocks, fused-multiply-added with -y.d * x.dmin, reduced as (0+2)+(1+3) and added after the lanes.
+      - Q5_K sums its mins to one int per super-block: summs = fma(-y.d * x.dmin, sum, summs), added after.
     - 8 rows or more: ggml-cpu's tiled K-quant matmul (tiled/, AVX-512 VNNI microtiles; on unless
       GGML_CPU_TILED_MM=0). Per super-block one int32 sum per output, s1 (scale x signed code x input) and,
-      for Q4_K and Q5_K, s2 (min x input sum per sub-block); result = fnmadd(x.dmin, float(s2), float(s1) * x.d); the
-      output accumulates fma(result, y.d, acc) super-block after super-block."""
+      where there are mins, s2 (min x input sum per sub-block); result = fnmadd(x.dmin, float(s2),
+      float(s1) * x.d); the output accumulates fma(result, y.d, acc) super-block after super-block."""
 
     TILED_MIN_ROWS = 8
 
     def __init__(self, info: TensorInfo):
-        from slimlm.formats.ggml import q4_k, q5_k, q6_k
+        from slimlm.formats.ggml import q2_k, q3_k, q4_k, q5_k, q6_k
         from slimlm.formats.ggml.common import fp16_value, unpack_scale_min_k4
 
         out, cols = self.shape = info.shape
         nb = cols // QK_K
-        if info.ggml_type in ("Q4_K", "Q5_K"):
-            fmt = q4_k if info.ggml_type == "Q4_K" else q5_k
+        self.type = info.ggml_type
+        self.dmin = self.mins = self.offsets = None  # mins: (out, nb, 8 lanes or 4 pairs, 2) with their dmin
+        if self.type in ("Q4_K", "Q5_K"):
+            fmt = q4_k if self.type == "Q4_K" else q5_k
             blocks = _block_rows(info, fmt.BLOCK_BYTES)
             d = fp16_value(blocks[:, 0:2].copy().view("<u2")[:, 0])
             dmin = fp16_value(blocks[:, 2:4].copy().view("<u2")[:, 0])
             sc, mins = unpack_scale_min_k4(blocks[:, 4:16])  # [S, 8] each, one per sub-block of 32
             weighted = sc[:, :, None].astype(np.int16) * fmt.codes(blocks)  # [S, 8, 32]
-            self.dmin = torch.from_numpy(dmin.reshape(out, nb))
-            self.mins = torch.from_numpy(mins.astype(np.float64).reshape(out, nb, 4, 2))
-            self.scales16 = None
+            self.mins = mins.reshape(out, nb, 4, 2)
+        elif self.type == "Q2_K":
+            d, dmin, sc, mins, q = q2_k.fields(_block_rows(info, q2_k.BLOCK_BYTES))  # one per 16 values
+            weighted = sc[:, :, None].astype(np.int16) * q
+            self.mins = mins.reshape(out, nb, 8, 2)
+        elif self.type == "Q3_K":
+            d, sc, q = q3_k.fields(_block_rows(info, 110))
+            weighted = sc[:, :, None].astype(np.int16) * q  # signed codes: exact in the lanes
         else:
             d, sc, q = q6_k.fields(_block_rows(info, 210))  # scales per 16 values
             weighted = sc[:, :, None].astype(np.int16) * (q + np.int16(32))  # [S, 16, 16]: the unsigned codes
-            self.scales16 = torch.from_numpy(sc.astype(np.float64).reshape(out, nb, 8, 2))
-            self.dmin = self.mins = None
+            self.offsets = torch.from_numpy(32 * sc.astype(np.float64).reshape(out, nb, 8, 2))
+        if self.mins is not None:
+            self.mins = torch.from_numpy(self.mins.astype(np.float64))
+            self.dmin = torch.from_numpy(dmin.reshape(out, nb))
         self.d = torch.from_numpy(d.reshape(out, nb))
         self.w = torch.from_numpy(weighted.reshape(out, nb, QK_K))  # int16: |scale x code| <= 128 x 63
         self.info = info
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
-        """get_rows: dequantize_row_q4_K / _q6_K of the rows (ggml-base's float order)."""
+        """get_rows: dequantize_row_q*_K of the rows (ggml-base's float order)."""
         from slimlm.formats.ggml import dequantize, row_bytes
 
-        raw = _block_rows(self.info, row_bytes(self.info.ggml_type, self.shape[1]))
-        return torch.from_numpy(dequantize(raw[ids.numpy()], self.info.ggml_type, (len(ids), self.shape[1])))
+        raw = _block_rows(self.info, row_bytes(self.type, self.shape[1]))
+        return torch.from_numpy(dequantize(raw[ids.numpy()], self.type, (len(ids), self.shape[1])))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ W.T`` for float32 ``x`` ``(T, in)``."""
@@ -247,6 +278,7 @@ class KMatrix:
         tiled = tokens >= self.TILED_MIN_ROWS and _tiled_enabled()
         xa = qa.double().reshape(tokens, nb, 8, 8, 4)  # (sub-block of 32, lane, 4 values)
         sums16 = qa.double().reshape(tokens, nb, 8, 2, 16).sum(-1)  # Q8_K's bsums, by lane
+        sums32 = sums16.sum(-1).reshape(tokens, nb, 4, 2)  # input sums of the 32-value sub-blocks, by pair
         out = torch.empty(tokens, self.shape[0])
         s1 = torch.empty(tokens, self.shape[0], nb, dtype=torch.float64) if tiled else None
         rows = _row_chunks(self.shape[0], tokens, nb * QK_K)
@@ -254,24 +286,45 @@ class KMatrix:
             r1 = r0 + rows.step
             w = self.w[r0:r1].double().reshape(-1, nb, 8, 8, 4)
             lanes = torch.einsum("tbgli,rbgli->trbl", xa, w)  # integers below 2**31: exact in float64
-            if self.scales16 is not None:  # Q6_K's -32: lane l loses 32 x (scale x input sum) of sub-blocks 2l, 2l+1
-                lanes -= 32 * (self.scales16[None, r0:r1] * sums16[:, None]).sum(-1)
+            if self.offsets is not None:  # Q6_K's -32
+                lanes -= (self.offsets[None, r0:r1] * sums16[:, None]).sum(-1)
             if tiled:
                 s1[:, r0:r1] = lanes.sum(-1)
+            elif self.type == "Q2_K":
+                min_lanes = (self.mins[None, r0:r1] * sums16[:, None]).sum(-1)  # _mm256_madd_epi16(mins, bsums)
+                out[:, r0:r1] = self._q2_k_lanes(lanes, min_lanes, da, r0, r1)
             else:
                 out[:, r0:r1] = lane_fma(lanes, self.d[None, r0:r1] * da[:, None, :])  # y.d * x.d in float32
-        s2 = None
-        if self.mins is not None:
-            sums32 = qa.double().reshape(tokens, 1, nb, 4, 2, 32).sum(-1)  # input sums of the 32-value sub-blocks
-            s2 = (self.mins[None] * sums32).sum(-1)  # (T, out, nb, 4): _mm_madd_epi16 of mins and pair sums
-        return self._tiled(s1, s2, da) if tiled else out if s2 is None else out + self._vec_dot_mins(s2, da)
+        if self.mins is None:
+            return self._tiled(s1, None, da) if tiled else out
+        by_min = sums16 if self.type == "Q2_K" else sums32
+        s2 = (self.mins[None] * by_min[:, None]).sum(-1).sum(-1)  # (T, out, nb): min x input sum, all sub-blocks
+        if tiled:
+            return self._tiled(s1, s2, da)
+        if self.type == "Q2_K":
+            return out
+        pairs = (self.mins[None] * sums32[:, None]).sum(-1)  # (T, out, nb, 4): _mm_madd_epi16(mins, pair sums)
+        return out + self._vec_dot_mins(pairs, s2, da)
 
-    def _vec_dot_mins(self, pairs: torch.Tensor, da: torch.Tensor) -> torch.Tensor:
-        scale = -(da[:, None, :] * self.dmin[None])  # dmin = -y.d * x.dmin: the product, negated
-        if self.info.ggml_type == "Q5_K":  # one int sum per super-block, summs += dmin * sum, contracted to an FMA
+    def _scale_min(self, da: torch.Tensor, r0: int = 0, r1: int | None = None) -> torch.Tensor:
+        return -(da[:, None, :] * self.dmin[None, r0:r1])  # dmin = -y.d * x.dmin: the product, negated
+
+    def _q2_k_lanes(self, lanes: torch.Tensor, min_lanes: torch.Tensor, da: torch.Tensor, r0: int, r1: int
+                    ) -> torch.Tensor:
+        """Q2_K's vec_dot: per super-block fma(dmin, mins' lanes, acc), then fma(d, codes' lanes, acc)."""
+        scale, scale_min = self.d[None, r0:r1] * da[:, None, :], self._scale_min(da, r0, r1)
+        acc = torch.zeros(lanes.shape[:2] + (8,))
+        for b in range(lanes.shape[2]):
+            acc = fma(scale_min[:, :, b, None], min_lanes[:, :, b].float(), acc)
+            acc = fma(scale[:, :, b, None], lanes[:, :, b].float(), acc)
+        return sum8(acc)
+
+    def _vec_dot_mins(self, pairs: torch.Tensor, sums: torch.Tensor, da: torch.Tensor) -> torch.Tensor:
+        scale = self._scale_min(da)
+        if self.type == "Q5_K":  # one int sum per super-block, summs += dmin * sum, contracted to an FMA
             summs = torch.zeros(pairs.shape[:2])
             for b in range(pairs.shape[2]):
-                summs = fma(scale[:, :, b], pairs[:, :, b].sum(-1).float(), summs)
+                summs = fma(scale[:, :, b], sums[:, :, b].float(), summs)
             return summs
         acc = torch.zeros(pairs.shape[0], self.shape[0], 4, dtype=torch.float64)
         for b in range(pairs.shape[2]):
@@ -281,7 +334,7 @@ class KMatrix:
     def _tiled(self, s1: torch.Tensor, s2: torch.Tensor | None, da: torch.Tensor) -> torch.Tensor:
         result = (s1.float() * self.d[None]).double()  # _mm512_mul_ps(cvtepi32_ps(s1), x.d)
         if s2 is not None:  # _mm512_fnmadd_ps(x.dmin, cvtepi32_ps(s2), result)
-            result = fma(-self.dmin[None], s2.sum(-1).float(), result.float()).double()
+            result = fma(-self.dmin[None], s2.float(), result.float()).double()
         acc = torch.zeros(s1.shape[:2])
         for b in range(s1.shape[2]):  # buf += result * y.d, contracted to an FMA
             acc = fma(result[:, :, b].float(), da[:, None, b], acc)
@@ -396,7 +449,8 @@ def _padded(positions: int) -> int:
 
 # GGML type of a weight matrix -> its replica
 MATRICES = {"Q8_0": Q0Matrix, "Q5_0": Q0Matrix, "Q4_0": Q0Matrix, "Q4_1": Q0Matrix, "Q5_1": Q0Matrix,
-            "Q4_K": KMatrix, "Q5_K": KMatrix, "Q6_K": KMatrix, "F16": F16Matrix}
+            "IQ4_NL": Q0Matrix, "Q2_K": KMatrix, "Q3_K": KMatrix, "Q4_K": KMatrix, "Q5_K": KMatrix, "Q6_K": KMatrix,
+            "F16": F16Matrix}
 
 
 @dataclass

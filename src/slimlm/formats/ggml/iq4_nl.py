@@ -95,9 +95,14 @@ def encode(x: np.ndarray, imatrix: np.ndarray | None = None) -> np.ndarray:
     return np.concatenate([dbytes, pack_indices(L)], axis=1).reshape(rows, -1)
 
 
-def decode(data: np.ndarray) -> np.ndarray:
+def fields(data: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(d as float32 [B], codes as int8 [B, 32]: the table values, -127..113) of IQ4_NL blocks: x = d·q."""
     b = np.ascontiguousarray(data).reshape(-1, 18)
-    d = b[:, :2].copy().view("<f2").astype(F32)
     qs = b[:, 2:]
     idx = np.concatenate([qs & 0xF, qs >> 4], axis=1)
-    return (d * _VALUES_F[idx]).reshape(data.shape[0], -1)
+    return b[:, :2].copy().view("<f2")[:, 0].astype(F32), VALUES.astype(np.int8)[idx]
+
+
+def decode(data: np.ndarray) -> np.ndarray:
+    d, q = fields(data)
+    return (d[:, None] * q.astype(F32)).reshape(data.shape[0], -1)

@@ -72,18 +72,24 @@ def encode(x: np.ndarray, imatrix: np.ndarray | None = None) -> np.ndarray:
     return out.reshape(rows.shape[0], -1)
 
 
-def decode(data: np.ndarray) -> np.ndarray:
+def fields(data: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(d, dmin as float32 [S], scales and mins [S, 16] (0..15, one per 16 values), codes [S, 16, 16] uint8 in
+    0..3, in value order) of Q2_K super-blocks: x = d·sc·q - dmin·m per 16 values."""
     blocks = np.ascontiguousarray(data, dtype=np.uint8).reshape(-1, BLOCK_BYTES)
     S = blocks.shape[0]
     sc = blocks[:, 0:16]
     d = fp16_value(blocks[:, 80:82].copy().view("<u2")[:, 0])
     dmin = fp16_value(blocks[:, 82:84].copy().view("<u2")[:, 0])
-    dl = (d[:, None] * (sc & 0xF).astype(F32))[:, :, None]
-    ml = (dmin[:, None] * (sc >> 4).astype(F32))[:, :, None]
     qs = blocks[:, 16:80].reshape(S, 2, 1, 32)
-    q = ((qs >> (2 * np.arange(4, dtype=np.uint8)).reshape(1, 1, 4, 1)) & 3).astype(F32).reshape(S, 16, 16)
-    y = dl * q - ml
-    return y.reshape(*data.shape[:-1], -1)
+    q = ((qs >> (2 * np.arange(4, dtype=np.uint8)).reshape(1, 1, 4, 1)) & 3).reshape(S, 16, 16)
+    return d, dmin, sc & 0xF, sc >> 4, q
 
 
-__all__ = ["encode", "decode", "BLOCK_BYTES", "QK_K"]
+def decode(data: np.ndarray) -> np.ndarray:
+    d, dmin, sc, m, q = fields(data)
+    dl = (d[:, None] * sc.astype(F32))[:, :, None]
+    ml = (dmin[:, None] * m.astype(F32))[:, :, None]
+    return (dl * q.astype(F32) - ml).reshape(*data.shape[:-1], -1)
+
+
+__all__ = ["BLOCK_BYTES", "QK_K", "decode", "encode", "fields"]

@@ -78,14 +78,22 @@ def encode(x: np.ndarray, imatrix: np.ndarray | None = None) -> np.ndarray:
     return out.reshape(rows, -1)
 
 
-def decode(data: np.ndarray) -> np.ndarray:
+def fields(data: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(d as float32 [S], the 16 signed scales [S, 16] (-32..31), signed codes [S, 16, 16] int8 in -4..3, in value
+    order) of Q3_K super-blocks: x = d·sc·q per 16 values."""
     b = np.ascontiguousarray(data).reshape(-1, 110)
     nb = b.shape[0]
     hmask = b[:, :32]
     qs = b[:, 32:96].reshape(nb, 2, 1, 32)
-    sc = _unpack_scales(b[:, 96:108]).astype(F32).reshape(nb, 2, 4, 2, 1)
-    d = b[:, 108:110].copy().view("<f2").astype(F32).reshape(nb, 1, 1, 1, 1)
     low = (qs >> (2 * np.arange(4, dtype=np.uint8)).reshape(1, 1, 4, 1)) & 3  # [B, half, k, l]
     hi = (hmask[:, None, :] >> np.arange(8, dtype=np.uint8)[None, :, None]) & 1  # [B, 8, 32]
-    q = low.astype(np.int32) - np.where(hi.reshape(nb, 2, 4, 32) != 0, 0, 4)
-    return ((d * sc) * q.astype(F32).reshape(nb, 2, 4, 2, 16)).reshape(data.shape[0], -1)
+    q = low.astype(np.int8) - np.where(hi.reshape(nb, 2, 4, 32) != 0, 0, 4).astype(np.int8)
+    d = b[:, 108:110].copy().view("<f2")[:, 0].astype(F32)
+    return d, _unpack_scales(b[:, 96:108]), q.reshape(nb, 16, 16)
+
+
+def decode(data: np.ndarray) -> np.ndarray:
+    d, sc, q = fields(data)
+    return ((d[:, None, None] * sc.astype(F32)[:, :, None]) * q.astype(F32)).reshape(data.shape[0], -1)
+
+
