@@ -11,7 +11,8 @@ Stages (each appends a table to BENCHMARKS.md; intermediate files are cached in 
   speed    wall and CPU time of `slimlm quantize --to Q4_K_M` (from the F32 GGUF and from the HF dir) vs
            `llama-quantize f32.gguf out.gguf Q4_K_M 2`, interleaved rounds (median of --repeats)
   greedy   Q8_0: llama.cpp's greedy tokens vs slimlm's runtime (transformers on the dequantized GGUF)
-  replica  --replica-mix (F16): slimlm generate --scheme llama.cpp's greedy tokens vs llama.cpp's
+  replica  --replica-mix (F16, Q5_K_M..., or shipped): slimlm generate --scheme llama.cpp's greedy tokens vs
+           llama.cpp's
   tokens   token ids of llama.cpp's tokenizer vs slimlm's (transformers) on the written and the shipped GGUF
   rss      peak RSS of `slimlm quantize --to Q4_K_M` against 2 × (one decoder layer + the embeddings)
   imatrix-bytes  every mix with slimlm's importance matrix: tensor bytes vs llama_model_quantize given the same one
@@ -458,7 +459,7 @@ def stage_replica(work: Path, mix: str, n_tokens: int = 32, extra_prompts: int =
     from slimlm.runtime import SamplingConfig, open_model
     from slimlm.runtime.generate import generate_ids
 
-    if mix == "shipped":  # the model's own GGUF as it ships (Qwen2.5-Coder-0.5B: Q5_0/Q8_0/Q4_K/Q6_K)
+    if mix == "shipped":
         out = shipped_gguf()
         what = f"{MODEL_NAMES[MODEL]}'s shipped GGUF ({out.name})"
     else:

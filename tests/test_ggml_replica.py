@@ -70,15 +70,20 @@ def test_fma_rounds_once() -> None:
     assert float(a * a - (1.0 + 2.0 ** -11)) == 0.0
 
 
-def test_q8_0_matmul_is_the_dequantized_product_to_rounding(tmp_path: Path) -> None:
+def _matrix(tmp_path: Path, raw: np.ndarray, shape: tuple[int, int], qtype: str):
+    """The replica's matrix for GGML blocks ``raw`` of ``qtype`` written to a file (as the loader maps them)."""
     from slimlm.checkpoint.types import TensorInfo
 
+    (tmp_path / "w.bin").write_bytes(raw.tobytes())
+    return rep.MATRICES[qtype](TensorInfo("w", shape, qtype, raw.size, qtype, str(tmp_path / "w.bin"), 0))
+
+
+def test_q8_0_matmul_is_the_dequantized_product_to_rounding(tmp_path: Path) -> None:
     gen = torch.Generator().manual_seed(0)
     q = torch.randint(-127, 128, (40, 3, 32), generator=gen, dtype=torch.int8)
     d = torch.rand(40, 3, generator=gen).half()
     raw = np.concatenate([d.numpy().view(np.uint8).reshape(40, 3, 2), q.numpy().view(np.uint8)], -1)
-    (tmp_path / "w.bin").write_bytes(raw.tobytes())
-    mat = rep.Q0Matrix(TensorInfo("w", (40, 96), "Q8_0", raw.size, "Q8_0", str(tmp_path / "w.bin"), 0))
+    mat = _matrix(tmp_path, raw, (40, 96), "Q8_0")
     x = torch.randn(5, 96, generator=gen)
     qa, da = q8_0_blocks(x)
     weights = (q.double() * d.double()[..., None]).reshape(40, 96)
@@ -95,17 +100,14 @@ def test_block_matmuls_are_the_dequantized_product_to_rounding(tmp_path: Path, q
     """Q2_K…Q6_K against Q8_K inputs (the mins included; 9 rows take the tiled kernel), Q5_0/Q4_0 against
     Q8_0, Q4_1 against Q8_1: the integer sums and scales add up to dequant(W) . dequant(x) to float32 summation
     (Q4_1's offsets meet the input through Q8_1's f16 block sums); rows are the dequantized rows."""
-    from slimlm.checkpoint.types import TensorInfo
-    from slimlm.evaluate.act_quant import q8_K_blocks
+    from slimlm.evaluate.act_quant import q8_1_blocks, q8_K_blocks
     from slimlm.formats.ggml import dequantize, quantize
     from slimlm.formats.ggml.legacy import q4_1_fields, q5_1_fields
 
     gen = torch.Generator().manual_seed(0)
     w = (torch.randn(24, 512, generator=gen) + 0.3).numpy()  # an offset so Q4_K's mins matter
     raw = quantize(w, qtype)
-    (tmp_path / "w.bin").write_bytes(raw.tobytes())
-    info = TensorInfo("w", (24, 512), qtype, raw.size, qtype, str(tmp_path / "w.bin"), 0)
-    mat = rep.MATRICES[qtype](info)
+    mat = _matrix(tmp_path, raw, (24, 512), qtype)
     x = torch.randn(tokens, 512, generator=gen)
     qa, da = (q8_K_blocks if qtype.endswith("_K") else q8_0_blocks)(x)
     weights = torch.from_numpy(dequantize(raw, qtype, (24, 512))).double()
@@ -113,7 +115,7 @@ def test_block_matmuls_are_the_dequantized_product_to_rounding(tmp_path: Path, q
     if qtype in ("Q4_1", "Q5_1"):  # the offsets x the input's f16 block sums, in place of x the exact sums
         _, m, _ = (q4_1_fields if qtype == "Q4_1" else q5_1_fields)(raw)
         m = torch.from_numpy(m).double().reshape(24, 16)
-        _, _, sums = rep.q8_1_blocks(x)
+        _, _, sums = q8_1_blocks(x)
         want += sums.double() @ m.T - (qa.double() * da.double()[..., None]).sum(-1) @ m.T
     assert float((mat(x).double() - want).abs().max()) < 1e-5 * float(want.abs().max())
     assert torch.equal(mat.rows(torch.tensor([5, 2])), weights[[5, 2]].float())
@@ -121,13 +123,10 @@ def test_block_matmuls_are_the_dequantized_product_to_rounding(tmp_path: Path, q
 
 def test_tiled_k_quant_kernel_follows_ggmls_switch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """From 8 rows ggml-cpu takes its tiled kernel unless GGML_CPU_TILED_MM=0: then batches sum as one row does."""
-    from slimlm.checkpoint.types import TensorInfo
     from slimlm.formats.ggml import quantize
 
     gen = torch.Generator().manual_seed(2)
-    raw = quantize((torch.randn(64, 512, generator=gen) + 0.3).numpy(), "Q4_K")
-    (tmp_path / "w.bin").write_bytes(raw.tobytes())
-    mat = rep.KMatrix(TensorInfo("w", (64, 512), "Q4_K", raw.size, "Q4_K", str(tmp_path / "w.bin"), 0))
+    mat = _matrix(tmp_path, quantize((torch.randn(64, 512, generator=gen) + 0.3).numpy(), "Q4_K"), (64, 512), "Q4_K")
     x = torch.randn(8, 512, generator=gen)
     one_by_one = torch.cat([mat(x[i:i + 1]) for i in range(8)])
     assert not torch.equal(mat(x), one_by_one)  # the tiled kernel rounds differently

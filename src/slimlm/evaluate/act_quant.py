@@ -53,24 +53,29 @@ def fake_q8_K(x: torch.Tensor) -> torch.Tensor:
     return (q * d[..., None]).reshape(x.shape).to(x.dtype)
 
 
+def _q8_blocks(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values, unrounded float32 scale amax/127) of ``x`` in blocks of 32, as x86 quantize_row_q8_0 / _q8_1."""
+    xb = x.reshape(*x.shape[:-1], -1, QK8_0).float()
+    amax = xb.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax != 0, _over(127.0, torch.where(amax != 0, amax, 1.0)), 0.0)
+    return torch.round(xb * inv), (amax / 127.0)[..., 0]
+
+
 def q8_0_blocks(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(values ``(..., n/32, 32)``, f16 scales ``(..., n/32)``, both as float32) of ``x`` ``(..., n)`` in Q8_0
     blocks of 32: d = amax/127 stored as f16, values round-half-even(x * 127/amax).
 
     The multiplier is 127/amax, as in ggml-cpu's x86 quantize_row_q8_0 (which llama.cpp runs), not the
     reference quantizer's 1/d: the two differ in the last bit and so round some halfway values differently."""
-    xb = x.reshape(*x.shape[:-1], -1, QK8_0).float()
-    amax = xb.abs().amax(-1, keepdim=True)
-    inv = torch.where(amax != 0, _over(127.0, torch.where(amax != 0, amax, 1.0)), 0.0)
-    return torch.round(xb * inv), (amax / 127.0).half().float()[..., 0]
+    q, d = _q8_blocks(x)
+    return q, d.half().float()
 
 
 def q8_1_blocks(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Q8_1 blocks of 32 (the vec_dot type of Q4_1 / Q5_1): Q8_0's values and f16 scale, plus the f16 block
     sum ``s = d * sum(values)`` with the unrounded float32 d = amax/127, as x86 quantize_row_q8_1."""
-    q, d16 = q8_0_blocks(x)
-    amax = x.reshape(*x.shape[:-1], -1, QK8_0).float().abs().amax(-1)
-    return q, d16, ((amax / 127.0) * q.sum(-1)).half().float()
+    q, d = _q8_blocks(x)
+    return q, d.half().float(), (d * q.sum(-1)).half().float()
 
 
 def fake_q8_0(x: torch.Tensor) -> torch.Tensor:

@@ -52,6 +52,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,15 +110,22 @@ def sum16(acc: torch.Tensor) -> torch.Tensor:
     return x[..., 0] + x[..., 1]
 
 
+def fma_chain(values: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The float32 accumulators ``(T, R, L)`` of ``acc = fma(scale_b, float32(values_b), acc)`` block after block,
+    as ggml's ``_mm256_fmadd_ps`` loops and their contracted scalar ``s += d * x`` compute them. ``values``
+    ``(T, R, blocks, L)``: int sums held in float64 (converted as ``_mm256_cvtepi32_ps``) or float32 values;
+    ``scale``: float32, broadcastable to ``(T, R, blocks)``. Both factors are float32, so the product is exact."""
+    values = values.float().double()
+    acc = torch.zeros(values.shape[:2] + values.shape[3:], dtype=torch.float64)
+    for b in range(values.shape[2]):
+        acc = (acc + scale[:, :, b, None].double() * values[:, :, b]).float().double()
+    return acc.float()
+
+
 def lane_fma(lanes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """``(T, R)`` dot products from per-block int32 lane sums ``lanes`` ``(T, R, blocks, 8)`` (float64 holding
-    integers) and per-block float32 scales ``scale`` ``(T, R, blocks)``: each lane sum converted to float32
-    (``_mm256_cvtepi32_ps``), a fused multiply-add per lane block after block, then ``hsum_float_8``."""
-    lanes = lanes.float().double()
-    acc = torch.zeros(lanes.shape[:2] + (8,), dtype=torch.float64)
-    for b in range(lanes.shape[2]):  # _mm256_fmadd_ps(d, q, acc): both factors float32, so the product is exact
-        acc = acc.add_(scale[:, :, b, None].double() * lanes[:, :, b]).float().double()
-    return sum8(acc.float())
+    """``(T, R)`` dot products from per-block int32 lane sums ``lanes`` ``(T, R, blocks, 8)`` and per-block
+    float32 scales ``scale`` ``(T, R, blocks)``: :func:`fma_chain`, then ``hsum_float_8``."""
+    return sum8(fma_chain(lanes, scale))
 
 
 def _row_chunks(rows: int, tokens: int, values: int) -> range:
@@ -179,10 +187,7 @@ class Q0Matrix:
                 out[:, r0:r1] = lane_fma(lanes, scale)
         if self.m is None:
             return out
-        summs = torch.zeros(tokens, self.shape[0])
-        for b in range(nb):
-            summs = fma(self.m[None, :, b], sa[:, None, b], summs)
-        return out + summs
+        return out + fma_chain(self.m[None, :, :, None], sa[:, None, :])[..., 0]  # summs += m * s
 
 
 def _two_accumulators(lanes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -190,11 +195,9 @@ def _two_accumulators(lanes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     odd ones into another; the two added, ``hsum_float_8``; an odd last block then added as ``s += d * sum``
     (not contracted: an FMA there differs from llama.cpp on a quarter of the outputs)."""
     nb = lanes.shape[2]
-    lanes = lanes.float().double()
-    acc = torch.zeros((2,) + lanes.shape[:2] + (8,), dtype=torch.float64)
-    for b in range(nb - nb % 2):
-        acc[b % 2] = (acc[b % 2] + scale[:, :, b, None].double() * lanes[:, :, b]).float().double()
-    total = sum8((acc[0] + acc[1]).float())
+    pairs = nb - nb % 2
+    even, odd = (fma_chain(lanes[:, :, first:pairs:2], scale[:, :, first:pairs:2]) for first in (0, 1))
+    total = sum8(even + odd)
     if nb % 2:
         total = total + scale[:, :, -1] * lanes[:, :, -1].sum(-1).float()
     return total
@@ -203,10 +206,10 @@ def _two_accumulators(lanes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 def _tiled_enabled() -> bool:
     """ggml-cpu's switch for its tiled K-quant matmul, read from the same environment variable (default on)."""
     value = os.environ.get("GGML_CPU_TILED_MM")
-    try:
-        return value is None or int(value.strip() or "0") != 0  # C's atoi(env) != 0
-    except ValueError:
-        return False  # atoi of a non-number is 0
+    if value is None:
+        return True
+    digits = re.match(r"\s*([+-]?\d+)", value)  # C's atoi: leading digits, 0 when there are none
+    return digits is not None and int(digits.group(1)) != 0
 
 
 class KMatrix:
@@ -278,7 +281,6 @@ class KMatrix:
         tiled = tokens >= self.TILED_MIN_ROWS and _tiled_enabled()
         xa = qa.double().reshape(tokens, nb, 8, 8, 4)  # (sub-block of 32, lane, 4 values)
         sums16 = qa.double().reshape(tokens, nb, 8, 2, 16).sum(-1)  # Q8_K's bsums, by lane
-        sums32 = sums16.sum(-1).reshape(tokens, nb, 4, 2)  # input sums of the 32-value sub-blocks, by pair
         out = torch.empty(tokens, self.shape[0])
         s1 = torch.empty(tokens, self.shape[0], nb, dtype=torch.float64) if tiled else None
         rows = _row_chunks(self.shape[0], tokens, nb * QK_K)
@@ -297,14 +299,13 @@ class KMatrix:
                 out[:, r0:r1] = lane_fma(lanes, self.d[None, r0:r1] * da[:, None, :])  # y.d * x.d in float32
         if self.mins is None:
             return self._tiled(s1, None, da) if tiled else out
-        by_min = sums16 if self.type == "Q2_K" else sums32
-        s2 = (self.mins[None] * by_min[:, None]).sum(-1).sum(-1)  # (T, out, nb): min x input sum, all sub-blocks
-        if tiled:
-            return self._tiled(s1, s2, da)
-        if self.type == "Q2_K":
-            return out
-        pairs = (self.mins[None] * sums32[:, None]).sum(-1)  # (T, out, nb, 4): _mm_madd_epi16(mins, pair sums)
-        return out + self._vec_dot_mins(pairs, s2, da)
+        if self.type == "Q2_K" and not tiled:
+            return out  # its mins were lanes of their own
+        # min x input sum per pair of sub-blocks (_mm_madd_epi16 of the mins and the sub-block sums), and in all
+        sums = sums16 if self.type == "Q2_K" else sums16.sum(-1).reshape(tokens, nb, 4, 2)  # 16- or 32-value
+        pairs = (self.mins[None] * sums[:, None]).sum(-1)  # (T, out, nb, pairs)
+        s2 = pairs.sum(-1)
+        return self._tiled(s1, s2, da) if tiled else out + self._vec_dot_mins(pairs, s2, da)
 
     def _scale_min(self, da: torch.Tensor, r0: int = 0, r1: int | None = None) -> torch.Tensor:
         return -(da[:, None, :] * self.dmin[None, r0:r1])  # dmin = -y.d * x.dmin: the product, negated
@@ -312,33 +313,22 @@ class KMatrix:
     def _q2_k_lanes(self, lanes: torch.Tensor, min_lanes: torch.Tensor, da: torch.Tensor, r0: int, r1: int
                     ) -> torch.Tensor:
         """Q2_K's vec_dot: per super-block fma(dmin, mins' lanes, acc), then fma(d, codes' lanes, acc)."""
-        scale, scale_min = self.d[None, r0:r1] * da[:, None, :], self._scale_min(da, r0, r1)
-        acc = torch.zeros(lanes.shape[:2] + (8,))
-        for b in range(lanes.shape[2]):
-            acc = fma(scale_min[:, :, b, None], min_lanes[:, :, b].float(), acc)
-            acc = fma(scale[:, :, b, None], lanes[:, :, b].float(), acc)
-        return sum8(acc)
+        scale = torch.stack([self._scale_min(da, r0, r1), self.d[None, r0:r1] * da[:, None, :]], -1)
+        both = torch.stack([min_lanes, lanes], 3)  # (T, R, nb, 2, 8): the mins' lanes first in each super-block
+        return sum8(fma_chain(both.flatten(2, 3), scale.flatten(2, 3)))
 
     def _vec_dot_mins(self, pairs: torch.Tensor, sums: torch.Tensor, da: torch.Tensor) -> torch.Tensor:
         scale = self._scale_min(da)
         if self.type == "Q5_K":  # one int sum per super-block, summs += dmin * sum, contracted to an FMA
-            summs = torch.zeros(pairs.shape[:2])
-            for b in range(pairs.shape[2]):
-                summs = fma(scale[:, :, b], sums[:, :, b].float(), summs)
-            return summs
-        acc = torch.zeros(pairs.shape[0], self.shape[0], 4, dtype=torch.float64)
-        for b in range(pairs.shape[2]):
-            acc = acc.add_(scale[:, :, b, None].double() * pairs[:, :, b].float().double()).float().double()
-        return (acc[..., 0] + acc[..., 2]).float() + (acc[..., 1] + acc[..., 3]).float()
+            return fma_chain(sums[..., None], scale)[..., 0]
+        acc = fma_chain(pairs, scale)  # Q4_K: a 4-lane accumulator, reduced as (0+2)+(1+3)
+        return (acc[..., 0] + acc[..., 2]) + (acc[..., 1] + acc[..., 3])
 
     def _tiled(self, s1: torch.Tensor, s2: torch.Tensor | None, da: torch.Tensor) -> torch.Tensor:
-        result = (s1.float() * self.d[None]).double()  # _mm512_mul_ps(cvtepi32_ps(s1), x.d)
+        result = s1.float() * self.d[None]  # _mm512_mul_ps(cvtepi32_ps(s1), x.d)
         if s2 is not None:  # _mm512_fnmadd_ps(x.dmin, cvtepi32_ps(s2), result)
-            result = fma(-self.dmin[None], s2.float(), result.float()).double()
-        acc = torch.zeros(s1.shape[:2])
-        for b in range(s1.shape[2]):  # buf += result * y.d, contracted to an FMA
-            acc = fma(result[:, :, b].float(), da[:, None, b], acc)
-        return acc
+            result = fma(-self.dmin[None], s2.float(), result)
+        return fma_chain(result[..., None], da[:, None, :])[..., 0]  # buf += result * y.d, contracted to an FMA
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -42,8 +42,9 @@ def open_model(model: str | Path, scheme: str | None = None, threads: int | None
 
     ``scheme`` None/"native" runs a quantized file (GGUF, compressed-tensors) on its own scheme and an fp
     model in fp32; "fp32"/"bf16" run fp weights (a quantized file dequantized); "w8a8"/"w8a16"/"w4a16"
-    quantize fp weights (or a file's dequantized weights) with round-to-nearest on load; "llama.cpp" runs a Q8_0
-    or F16 GGUF with llama.cpp's CPU arithmetic replicated (runtime.ggml_replica): its logits and greedy text, bit for bit.
+    quantize fp weights (or a file's dequantized weights) with round-to-nearest on load; "llama.cpp" runs a GGUF
+    whose matrix types runtime.ggml_replica.MATRICES lists with llama.cpp's CPU arithmetic replicated: its logits
+    and greedy text, bit for bit.
     """
     scheme = (scheme or "native").lower()
     if scheme not in RUN_SCHEMES:

@@ -142,10 +142,15 @@ def _q8_0_out(d: np.ndarray, q: np.ndarray) -> np.ndarray:
     return out
 
 
+def _f16_head(blocks: np.ndarray, count: int) -> np.ndarray:
+    """The ``count`` f16 values each block ``[B, bytes]`` starts with (d, then m), as float32 ``[B, count]``."""
+    return blocks[:, :2 * count].copy().view("<f2").astype(F32)
+
+
 def q8_0_fields(data: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(d as float32 [B], codes as int8 [B, 32]) of Q8_0 blocks: x = d·q."""
     b = np.ascontiguousarray(data).reshape(-1, 34)
-    return b[:, :2].copy().view("<f2")[:, 0].astype(F32), b[:, 2:].view(np.int8)
+    return _f16_head(b, 1)[:, 0], b[:, 2:].view(np.int8)
 
 
 def decode_q8_0(data: np.ndarray) -> np.ndarray:
@@ -193,14 +198,14 @@ def _unpack_high(qh: np.ndarray) -> np.ndarray:
 def q4_0_fields(data: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(d as float32 [B], codes as int8 [B, 32] in -8..7) of Q4_0 blocks: x = d·q."""
     b = np.ascontiguousarray(data).reshape(-1, 18)
-    return b[:, :2].copy().view("<f2")[:, 0].astype(F32), (_unpack_nibbles(b[:, 2:]) - 8).astype(np.int8)
+    return _f16_head(b, 1)[:, 0], (_unpack_nibbles(b[:, 2:]) - 8).astype(np.int8)
 
 
 def q5_0_fields(data: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(d as float32 [B], codes as int8 [B, 32] in -16..15) of Q5_0 blocks: x = d·q."""
     b = np.ascontiguousarray(data).reshape(-1, 22)
     q = (_unpack_nibbles(b[:, 6:]) | _unpack_high(b[:, 2:6])) - 16
-    return b[:, :2].copy().view("<f2")[:, 0].astype(F32), q.astype(np.int8)
+    return _f16_head(b, 1)[:, 0], q.astype(np.int8)
 
 
 def decode_q4_0(data: np.ndarray) -> np.ndarray:
@@ -257,7 +262,7 @@ def encode_q5_1(x: np.ndarray, imatrix: np.ndarray | None = None) -> np.ndarray:
 def q4_1_fields(data: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(d, m as float32 [B], codes as int8 [B, 32] in 0..15) of Q4_1 blocks: x = d·q + m."""
     b = np.ascontiguousarray(data).reshape(-1, 20)
-    dm = b[:, :4].copy().view("<f2").astype(F32)
+    dm = _f16_head(b, 2)
     return dm[:, 0], dm[:, 1], _unpack_nibbles(b[:, 4:]).astype(np.int8)
 
 
@@ -269,7 +274,7 @@ def decode_q4_1(data: np.ndarray) -> np.ndarray:
 def q5_1_fields(data: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(d, m as float32 [B], codes as int8 [B, 32] in 0..31) of Q5_1 blocks: x = d·q + m."""
     b = np.ascontiguousarray(data).reshape(-1, 24)
-    dm = b[:, :4].copy().view("<f2").astype(F32)
+    dm = _f16_head(b, 2)
     return dm[:, 0], dm[:, 1], (_unpack_nibbles(b[:, 8:]) | _unpack_high(b[:, 4:8])).astype(np.int8)
 
 

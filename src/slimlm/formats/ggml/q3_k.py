@@ -95,5 +95,3 @@ def fields(data: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def decode(data: np.ndarray) -> np.ndarray:
     d, sc, q = fields(data)
     return ((d[:, None, None] * sc.astype(F32)[:, :, None]) * q.astype(F32)).reshape(data.shape[0], -1)
-
-
