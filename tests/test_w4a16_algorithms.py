@@ -191,6 +191,8 @@ def test_awq_folding_keeps_the_float_layer_exact(tmp_path):
     assert set(report) == {"input_layernorm", "post_attention_layernorm", "mlp.up_proj"}  # no v→o under GQA
     assert not torch.equal(ref.input_layernorm.weight, layer.input_layernorm.weight)
     assert bool((clips["self_attn.q_proj"] == 1).all())  # q/k are never clipped (AutoAWQ's rule)
+    assert bool((clips["mlp.gate_proj"] == 1).all())  # nor gate (its output error misjudges SiLU·up)
+    assert bool((clips["mlp.up_proj"] < 1).any())  # the others are searched
     # the statistics followed the folding: q/k/v share one accumulator, rescaled once
     assert col.stats["self_attn.q_proj"] is col.stats["self_attn.v_proj"]
 

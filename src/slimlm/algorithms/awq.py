@@ -3,8 +3,8 @@
 :func:`best_scale` keeps the first candidate per-channel scale ``s`` whose quantized ``W·diag(s)`` best reproduces
 the float outputs, scored by the exact output error ``tr(ΔW H ΔWᵀ)``, ``H = XᵀX/n`` gathered once. The layer stream
 (:func:`search_scale`) searches llm-compressor's duo-scaling grid ``s = mean|x|^r / mean|ŵ|^(1-r)`` under group-int
-fake quantization, then a per-group clip ratio (AutoAWQ's ``auto_clip``) for all but q/k; the GGUF tensor stream
-(:func:`equalization_plan`) searches ``s = E[x²]^(α/2)`` under llama.cpp's encoder round trip.
+fake quantization, then a per-group clip ratio (AutoAWQ's ``auto_clip``) for all but q/k and gate (:data:`NO_CLIP`);
+the GGUF tensor stream (:func:`equalization_plan`) searches ``s = E[x²]^(α/2)`` under llama.cpp's encoder round trip.
 
 At real width the exact metric costs ``out·in²`` per grid point (21 points of one 7B down_proj: ~27 TFLOP): a
 pair whose Linears would cost more than ``EXACT_MAX_MACS`` is scored with the diagonal ``group×group`` blocks of ``H`` (the
@@ -31,7 +31,12 @@ from slimlm.formats.groupint import QuantSpec, fake_quantize, minmax_params, qua
 N_GRID = 20
 CLIP_GRID = 20
 MAX_SHRINK = 0.5
-NO_CLIP = ("q_proj", "k_proj")  # AutoAWQ leaves q/k unclipped: attention logits are sensitive to them
+# Linears the clip search leaves alone. q/k: AutoAWQ's rule (attention logits are sensitive to them). gate_proj: its
+# output goes through SiLU and multiplies up_proj's, so its own output error misjudges which rounding matters: clipped
+# by that score, Qwen2.5-0.5B's layer-8 gate/up rounding alone gave 2.15× RTN's KLD while its output error fell 15%;
+# left unclipped, AWQ's KLD went from 1.012× to 0.919× RTN's on that model, and from 0.411× to 0.416× on SmolLM2
+# (fp32 statistics, 6 test windows; BENCHMARKS.md, "AWQ's clip search and gate_proj").
+NO_CLIP = ("q_proj", "k_proj", "gate_proj")
 ALPHAS = (0.0, 0.25, 0.5, 0.75)  # the tensor stream's grid (α = 0: no scaling)
 # Multiply-adds per grid point above which a pair is scored with H's group blocks: every pair of SmolLM2-135M and
 # Qwen2.5-0.5B (largest 2.1e10, Qwen2's down_proj) stays exact; every pair of a 7B (q/k/v: 5.9e10) is blocked.
