@@ -42,7 +42,8 @@ LLMCOMPRESSOR_NOTE = (
     "same 20-point duo-scaling grid s = mean|x|^r / mean|w|^(1-r), but scores every grid point by re-running the "
     "parent module (e.g. the whole attention block) over all cached calibration batches, and does no clip "
     "search; slimlm scores each grid point exactly for the Linears with tr(ΔW·H·ΔWᵀ) from one Gram matrix "
-    "(5 grid points per batched matmul, no forward passes) and adds AutoAWQ's per-group clip search. Its GPTQ "
+    "(5 grid points per batched matmul, no forward passes) and adds AutoAWQ's per-group clip search (since "
+    "2026-12-05 on every Linear but q/k, as AutoAWQ, and gate_proj). Its GPTQ "
     "defaults (block 128, dampening 0.01, static activation order) are ours. Its SmoothQuant default strength "
     "in that version is 0.5; slimlm uses 0.8.")
 

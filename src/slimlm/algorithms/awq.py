@@ -32,10 +32,9 @@ N_GRID = 20
 CLIP_GRID = 20
 MAX_SHRINK = 0.5
 # Linears the clip search leaves alone. q/k: AutoAWQ's rule (attention logits are sensitive to them). gate_proj: its
-# output goes through SiLU and multiplies up_proj's, so its own output error misjudges which rounding matters: clipped
-# by that score, Qwen2.5-0.5B's layer-8 gate/up rounding alone gave 2.15× RTN's KLD while its output error fell 15%;
-# left unclipped, AWQ's KLD went from 1.012× to 0.919× RTN's on that model, and from 0.411× to 0.416× on SmolLM2
-# (fp32 statistics, 6 test windows; BENCHMARKS.md, "AWQ's clip search and gate_proj").
+# output goes through SiLU and multiplies up_proj's, so its own output error misjudges which rounding matters. With
+# gate clipped by that score, AWQ scored 1.015× RTN's KLD on Qwen2.5-0.5B; left unclipped, 0.922× (SmolLM2: 0.411× →
+# 0.416×). Fp32 statistics, 6 test windows: benchmarks/awq_ablation.py, BENCHMARKS.md 2026-12-05.
 NO_CLIP = ("q_proj", "k_proj", "gate_proj")
 ALPHAS = (0.0, 0.25, 0.5, 0.75)  # the tensor stream's grid (α = 0: no scaling)
 # Multiply-adds per grid point above which a pair is scored with H's group blocks: every pair of SmolLM2-135M and
