@@ -149,14 +149,14 @@ class Q0Matrix:
     codes and add the offsets after them: ``summs += m * s`` (the input block's f16 sum), contracted to an FMA."""
 
     def __init__(self, info: TensorInfo):
+        from slimlm.checkpoint.tensor_data import raw_bytes
         from slimlm.formats.ggml import iq4_nl, legacy
 
         out, cols = self.shape = info.shape
         self.type = info.ggml_type
-        fields, block_bytes = {"Q8_0": (legacy.q8_0_fields, 34), "Q5_0": (legacy.q5_0_fields, 22),
-                               "Q4_0": (legacy.q4_0_fields, 18), "Q4_1": (legacy.q4_1_fields, 20),
-                               "Q5_1": (legacy.q5_1_fields, 24), "IQ4_NL": (iq4_nl.fields, 18)}[self.type]
-        parts = fields(_block_rows(info, block_bytes))  # (d, codes) or (d, m, codes)
+        fields = {"Q8_0": legacy.q8_0_fields, "Q5_0": legacy.q5_0_fields, "Q4_0": legacy.q4_0_fields,
+                  "Q4_1": legacy.q4_1_fields, "Q5_1": legacy.q5_1_fields, "IQ4_NL": iq4_nl.fields}[self.type]
+        parts = fields(raw_bytes(info))  # (d, codes) or (d, m, codes)
         self.d = torch.from_numpy(parts[0].reshape(out, cols // QK8_0))
         self.m = torch.from_numpy(parts[1].reshape(out, cols // QK8_0)) if len(parts) == 3 else None
         self.q = torch.from_numpy(parts[-1].reshape(out, cols // QK8_0, QK8_0).copy())  # (out, blocks, 32)
@@ -234,8 +234,9 @@ class KMatrix:
     TILED_MIN_ROWS = 8
 
     def __init__(self, info: TensorInfo):
+        from slimlm.checkpoint.tensor_data import raw_bytes
         from slimlm.formats.ggml import q2_k, q3_k, q4_k, q5_k, q6_k
-        from slimlm.formats.ggml.common import fp16_value, unpack_scale_min_k4
+        from slimlm.formats.ggml.common import k4_scale_fields
 
         out, cols = self.shape = info.shape
         nb = cols // QK_K
@@ -244,20 +245,18 @@ class KMatrix:
         if self.type in ("Q4_K", "Q5_K"):
             fmt = q4_k if self.type == "Q4_K" else q5_k
             blocks = _block_rows(info, fmt.BLOCK_BYTES)
-            d = fp16_value(blocks[:, 0:2].copy().view("<u2")[:, 0])
-            dmin = fp16_value(blocks[:, 2:4].copy().view("<u2")[:, 0])
-            sc, mins = unpack_scale_min_k4(blocks[:, 4:16])  # [S, 8] each, one per sub-block of 32
+            d, dmin, sc, mins = k4_scale_fields(blocks)  # scales and mins [S, 8], one per sub-block of 32
             weighted = sc[:, :, None].astype(np.int16) * fmt.codes(blocks)  # [S, 8, 32]
             self.mins = mins.reshape(out, nb, 4, 2)
         elif self.type == "Q2_K":
-            d, dmin, sc, mins, q = q2_k.fields(_block_rows(info, q2_k.BLOCK_BYTES))  # one per 16 values
+            d, dmin, sc, mins, q = q2_k.fields(raw_bytes(info))  # one per 16 values
             weighted = sc[:, :, None].astype(np.int16) * q
             self.mins = mins.reshape(out, nb, 8, 2)
         elif self.type == "Q3_K":
-            d, sc, q = q3_k.fields(_block_rows(info, 110))
+            d, sc, q = q3_k.fields(raw_bytes(info))
             weighted = sc[:, :, None].astype(np.int16) * q  # signed codes: exact in the lanes
         else:
-            d, sc, q = q6_k.fields(_block_rows(info, 210))  # scales per 16 values
+            d, sc, q = q6_k.fields(raw_bytes(info))  # scales per 16 values
             weighted = sc[:, :, None].astype(np.int16) * (q + np.int16(32))  # [S, 16, 16]: the unsigned codes
             self.offsets = torch.from_numpy(32 * sc.astype(np.float64).reshape(out, nb, 8, 2))
         if self.mins is not None:

@@ -537,9 +537,16 @@ def k4_superblocks(x_rows: np.ndarray, qw_rows: np.ndarray | None, nmax: int, re
     return d_bits, dmin_bits, packed, np.ascontiguousarray(L.T).reshape(S, QK_K)
 
 
-def k4_dequantize_scales(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Decoded sub-block scale and min ([S, 8] float32 each) of Q4_K/Q5_K blocks (d, dmin, scales[12] first)."""
+def k4_scale_fields(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(d, dmin as float32 [S]; 6-bit sub-block scales, mins as uint8 [S, 8]) of Q4_K/Q5_K blocks (d, dmin,
+    scales[12] first)."""
     d = fp16_value(blocks[:, 0:2].copy().view("<u2")[:, 0])
     dmin = fp16_value(blocks[:, 2:4].copy().view("<u2")[:, 0])
     sc, m = unpack_scale_min_k4(blocks[:, 4:16])
+    return d, dmin, sc, m
+
+
+def k4_dequantize_scales(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Decoded sub-block scale and min ([S, 8] float32 each) of Q4_K/Q5_K blocks."""
+    d, dmin, sc, m = k4_scale_fields(blocks)
     return d[:, None] * sc.astype(F32), dmin[:, None] * m.astype(F32)
